@@ -1,0 +1,44 @@
+# EditForge — two commands do all the set-up: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+# Everything runs offline, with Prefect's state kept under the project.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
+export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
+export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+# (Re)create the virtualenv when it is missing or pyproject.toml changed.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m flows.generate --preset demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not flow and not integration"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
+
+bench: $(STAMP)
+	$(PY) bench/render_throughput.py
+
+clean:
+	rm -rf runs .prefect .cache
