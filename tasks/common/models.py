@@ -1,0 +1,214 @@
+"""One registry for every model the pipeline loads: diffusion, CLIP (filtering) and the caption LM.
+
+Presets:
+- `tiny`      random-init small models built offline (`tasks.common.tiny`), loaded through the same
+              `from_pretrained` / open_clip path as real weights;
+- `sd15`      Stable Diffusion 1.5 (hub id or local folder in diffusers layout);
+- `sdxl`      Stable Diffusion XL base 1.0 (two text encoders);
+- `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
+              where weights cannot be downloaded;
+- CLIP: `tiny`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
+- LM: `tiny`, or a hub id / local folder of a causal LM.
+
+A preset's weights can always be pointed at a local folder (`models.<kind>_path` in the config). When
+the weights are not available offline the error names the preset and that setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.common.tiny import ensure_tiny
+
+DIFFUSION_HUB_IDS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+}
+CLIP_PRESETS = {"vit-l-14": ("ViT-L-14", "openai")}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """Weights for a preset could not be found locally (and the network is off)."""
+
+
+@dataclass
+class DiffusionComponents:
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    preset: str = ""
+    source: str = ""
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusionComponents:
+        for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
+        return self
+
+
+@dataclass
+class ClipComponents:
+    model: Any
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    preset: str = ""
+    source: str = ""
+
+
+def _not_available(preset: str, setting: str, source: str, err: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"model preset {preset!r}: weights {source!r} are not available offline ({type(err).__name__}: {err}). "
+        f"Download them on a connected machine and set `{setting}` to the local folder "
+        f"(e.g. --set {setting}=/models/...), or use the 'tiny' preset."
+    )
+
+
+def _sd15_arch_components():
+    """Full-size SD 1.5 UNet/VAE/text-encoder with random weights (no download)."""
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tasks.common.tiny import build_clip_tokenizer, cache_root
+
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                       projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
+    )
+    tok_dir = cache_root() / "sd15-arch-tokenizer"
+    if not tok_dir.exists():
+        build_clip_tokenizer(tok_dir)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, preset="sd15-arch", source="random-init")
+
+
+def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral") -> DiffusionComponents:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if preset == "sd15-arch":
+        comps = _sd15_arch_components()
+    else:
+        if preset == "tiny":
+            source = str(path or ensure_tiny("diffusion"))
+        elif preset in DIFFUSION_HUB_IDS:
+            source = path or DIFFUSION_HUB_IDS[preset]
+        else:
+            raise ValueError(
+                f"unknown diffusion preset {preset!r}; expected one of tiny, sd15, sdxl, sd15-arch"
+            )
+        local = Path(source).exists()
+        kw: dict[str, Any] = {"local_files_only": True} if not local else {}
+        try:
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", use_safetensors=True, **kw)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True, **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+            te_cls = CLIPTextModel
+            text_encoder = te_cls.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
+            text_encoder_2 = tokenizer_2 = None
+            if preset == "sdxl":
+                tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", use_safetensors=True, **kw
+                )
+        except (OSError, ValueError) as err:
+            raise _not_available(preset, "models.diffusion_path", source, err) from err
+        comps = DiffusionComponents(unet, vae, text_encoder, tokenizer, None, text_encoder_2, tokenizer_2,
+                                    preset=preset, source=source)
+        comps.scheduler = make_scheduler(scheduler, source, local_files_only=not local)
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+        if module is not None:
+            module.eval().requires_grad_(False)
+    return comps
+
+
+SCHEDULERS = {
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+
+def make_scheduler(name: str, source: str | None = None, local_files_only: bool = True):
+    """A diffusers scheduler by short name, configured from the model's scheduler config when given."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if source is None:
+        return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return cls.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
+
+
+def load_clip(preset: str, path: str | None = None) -> ClipComponents:
+    """Load an open_clip model for filtering. `path` may be a local-dir folder or a checkpoint file."""
+    import open_clip
+
+    if preset == "tiny":
+        name, pretrained = f"local-dir:{path or ensure_tiny('clip')}", None
+    elif preset in CLIP_PRESETS:
+        name, pretrained = CLIP_PRESETS[preset]
+        if path:
+            name, pretrained = (f"local-dir:{path}", None) if Path(path).is_dir() else (name, path)
+    else:
+        name, pretrained = preset, path
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as err:  # open_clip raises many kinds (RuntimeError, OSError, HF errors) when offline
+        raise _not_available(preset, "models.clip_path", path or f"{name}:{pretrained}", err) from err
+    model.eval().requires_grad_(False)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=name)
+
+
+def load_lm(preset: str, path: str | None = None):
+    """Load a causal LM and its tokenizer (tiny preset, hub id or local folder)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(path or ensure_tiny("lm")) if preset == "tiny" else (path or preset)
+    local = Path(source).exists()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local)
+        model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, local_files_only=not local)
+    except (OSError, ValueError) as err:
+        raise _not_available(preset, "models.lm_path", source, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

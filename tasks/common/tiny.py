@@ -1,0 +1,224 @@
+"""Build the `tiny` model preset offline: small random-init models saved in the libraries' own formats.
+
+Every model is created from a small config with a fixed seed, written with `save_pretrained`
+(safetensors) or, for open_clip, as an `open_clip_config.json` + `open_clip_model.safetensors`
+folder, and then loaded back by `tasks.common.models` through exactly the same code path that
+loads real weights (`from_pretrained(path, subfolder=...)`, `open_clip.create_model('local-dir:…')`).
+
+The CLIP tokenizer uses the real CLIP BPE vocabulary that ships inside open_clip_torch, converted
+to the vocab.json/merges.txt pair that transformers' `CLIPTokenizer` reads. The tiny causal LM
+uses a byte-level BPE trained (deterministically, in milliseconds) on the seed annotations, so it
+keeps newlines — the paper's completion format depends on them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+TINY_BUILD_VERSION = "3"  # bump when a tiny config changes: the cache folder name follows it
+
+TINY_IMAGE_SIZE = 64
+CLIP_VOCAB_SIZE = 49408
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a folder under a temporary name, then rename it into place (safe across processes)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race: keep theirs
+            if not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def clip_bpe_path() -> Path:
+    import open_clip
+
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP BPE vocabulary and merges, derived from open_clip's bundled BPE file."""
+    from open_clip.tokenizer import bytes_to_unicode
+
+    lines = gzip.open(clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def build_clip_tokenizer(dest: Path):
+    """A transformers CLIPTokenizer over the real CLIP vocabulary, saved with `save_pretrained`."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = 77
+    tok.save_pretrained(dest)
+    return tok
+
+
+def _build_diffusion(root: Path) -> None:
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        sample_size=TINY_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    scheduler = EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    scheduler.save_pretrained(root / "scheduler")
+    build_clip_tokenizer(root / "tokenizer")
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+    )
+
+
+TINY_OPEN_CLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": CLIP_VOCAB_SIZE, "width": 64, "heads": 2, "layers": 2},
+    },
+    "preprocess_cfg": {
+        "mean": [0.48145466, 0.4578275, 0.40821073],
+        "std": [0.26862954, 0.26130258, 0.27577711],
+    },
+}
+
+
+def _build_open_clip(root: Path) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = TINY_OPEN_CLIP_CONFIG["model_cfg"]
+    model = open_clip.CLIP(**cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "open_clip_model.safetensors")
+
+
+def _lm_corpus() -> list[str]:
+    from prompts.templates import finetune_completion, finetune_prompt
+
+    path = resources.files("seed_annotations").joinpath("triplets.jsonl")
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            texts.append(finetune_prompt(row.get("input") or row.get("caption", "")) + finetune_completion(row["edit"], row["output"]))
+    return texts
+
+
+def _build_lm(root: Path) -> None:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_lm_corpus(), vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
+    tok.model_max_length = 256
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_positions=256,
+            n_embd=96,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+    )
+    tok.save_pretrained(root)
+    model.save_pretrained(root, safe_serialization=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDITFORGE_CACHE", Path.home() / ".cache" / "editforge"))
+
+
+def ensure_tiny(kind: str) -> Path:
+    """Return the folder of the tiny `kind` model ('diffusion', 'clip' or 'lm'), building it once."""
+    builders = {"diffusion": _build_diffusion, "clip": _build_open_clip, "lm": _build_lm}
+    if kind not in builders:
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(builders)}")
+    return _atomic_dir(cache_root() / f"tiny-v{TINY_BUILD_VERSION}" / kind, builders[kind])
