@@ -1,0 +1,146 @@
+"""Schema of the hand-written seed triplets and a JSONL loader with precise error messages.
+
+A seed triplet is the paper's fine-tuning unit (arXiv 2211.09800, Sec. 3.1.1): an input caption
+sampled from LAION-Aesthetics, an edit instruction, and the output caption that the edit yields.
+The file format is JSON Lines with exactly the keys ``input``, ``edit`` and ``output`` -- the field
+names of the paper's released ``human-written-prompts.jsonl``. The reference image script read
+``prompt["caption"]`` instead of ``input``; that alias is accepted too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+__all__ = [
+    "SeedAnnotationError",
+    "Triplet",
+    "comparable_caption",
+    "default_triplets_path",
+    "load_triplets",
+    "split_train_val",
+]
+
+TRIPLETS_FILENAME = "triplets.jsonl"
+_KNOWN_KEYS = frozenset({"input", "caption", "edit", "output"})
+
+
+class SeedAnnotationError(ValueError):
+    """A seed-annotation file is malformed; the message names the file, line and field."""
+
+
+def comparable_caption(text: str) -> str:
+    """The form in which two captions are compared: case-folded, trailing ``.!?`` and spaces removed."""
+    return text.strip().rstrip(".!?").strip().casefold()
+
+
+class Triplet(BaseModel):
+    """One (input caption, edit instruction, output caption) example."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, frozen=True)
+
+    input: str = Field(min_length=1, validation_alias=AliasChoices("input", "caption"))
+    edit: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+
+    @field_validator("output")
+    @classmethod
+    def _output_differs_from_input(cls, output: str, info: ValidationInfo) -> str:
+        source = info.data.get("input")
+        if source is not None and comparable_caption(output) == comparable_caption(source):
+            raise ValueError("output caption equals the input caption (case and trailing .!? ignored)")
+        return output
+
+
+def default_triplets_path() -> Path:
+    """Path of the ``triplets.jsonl`` shipped inside this package."""
+    resource = files(__package__ or "seed_annotations") / TRIPLETS_FILENAME
+    if not isinstance(resource, Path):  # e.g. a zipped install: there is no plain file to hand out
+        raise FileNotFoundError(f"{TRIPLETS_FILENAME} is not available as a file: {resource!r}")
+    return resource
+
+
+def _describe_validation_error(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        field = ".".join(str(loc) for loc in item["loc"]) or "<object>"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"field '{field}': {message}")
+    return "; ".join(parts)
+
+
+def _parse_line(raw: str, where: str, strict: bool) -> Triplet:
+    try:
+        record: Any = json.loads(raw.strip())
+    except json.JSONDecodeError as exc:
+        raise SeedAnnotationError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise SeedAnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "input" in record and "caption" in record:
+        raise SeedAnnotationError(
+            f"{where}: field 'caption': give either 'input' or its alias 'caption', not both"
+        )
+    if not strict:
+        record = {key: value for key, value in record.items() if key in _KNOWN_KEYS}
+    try:
+        return Triplet.model_validate(record)
+    except ValidationError as exc:
+        raise SeedAnnotationError(f"{where}: {_describe_validation_error(exc)}") from None
+
+
+def load_triplets(
+    path: str | os.PathLike[str], *, strict: bool = True, source: str | None = None
+) -> list[Triplet]:
+    """Read and validate a JSONL file of triplets (a local path or any fsspec URL).
+
+    Blank lines are skipped. Any malformed line raises :class:`SeedAnnotationError` whose message
+    reads ``"<file> line <n>: field '<name>': <problem>"``. With ``strict=False`` keys other than
+    ``input``/``caption``/``edit``/``output`` are ignored instead of rejected (for third-party files
+    such as the paper's release). ``source`` overrides the file name used in messages.
+    """
+    name = source if source is not None else os.fspath(path)
+    triplets: list[Triplet] = []
+    try:
+        with fsspec.open(os.fspath(path), "rt", encoding="utf-8-sig") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if raw.strip():
+                    triplets.append(_parse_line(raw, f"{name} line {number}", strict))
+    except UnicodeDecodeError as exc:
+        raise SeedAnnotationError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not triplets:
+        raise SeedAnnotationError(f"{name}: contains no triplets")
+    return triplets
+
+
+def split_train_val(
+    triplets: Sequence[Triplet], val_fraction: float, seed: int
+) -> tuple[list[Triplet], list[Triplet]]:
+    """Split deterministically: the same (triplets, fraction, seed) always give the same split.
+
+    ``round(len * val_fraction)`` triplets, chosen by a seeded shuffle, go to validation; both
+    parts keep the original order.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    indices = list(range(len(triplets)))
+    random.Random(seed).shuffle(indices)
+    val_indices = set(indices[: round(len(triplets) * val_fraction)])
+    train = [t for i, t in enumerate(triplets) if i not in val_indices]
+    val = [t for i, t in enumerate(triplets) if i in val_indices]
+    return train, val
