@@ -1,0 +1,28 @@
+"""Environment defaults for the embedded Prefect, set before `prefect` is imported.
+
+Prefect state (SQLite database, logs) lives under the project's `.prefect/`, never `~/.prefect`;
+analytics are off (no network); the ephemeral server gets a longer start-up timeout because a fresh
+SQLite database takes longer than Prefect's default 20 s to migrate on a small machine. Anything
+already set in the environment wins, so a real Prefect server (PREFECT_API_URL) is used as is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULTS = {
+    "PREFECT_HOME": str(PROJECT_ROOT / ".prefect"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "EDITFORGE_CACHE": str(PROJECT_ROOT / ".cache" / "editforge"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+for _key, _value in DEFAULTS.items():
+    os.environ.setdefault(_key, _value)

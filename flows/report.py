@@ -1,0 +1,64 @@
+"""The end-of-run summary: counts per stage, rejections by reason, where the shards are."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from tasks.captions.stage import source_stats_url
+from tasks.common import storage
+from tasks.common.config import PipelineConfig
+
+
+def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
+    """One row per stage: partitions run/skipped, items in/out, rejections by reason."""
+    rows = []
+    for stage, items in manifests.items():
+        counts: Counter = Counter()
+        rejected: Counter = Counter()
+        for m in items:
+            counts.update(m.get("counts", {}))
+            rejected.update(m.get("rejected", {}))
+        rows.append({
+            "stage": stage,
+            "partitions": len(items),
+            "skipped": sum(bool(m.get("skipped")) for m in items),
+            "in": counts.get("in", counts.get("finetune_examples", 0)),
+            "out": counts.get("out", 0),
+            "rejected": dict(sorted(rejected.items())),
+            "counts": dict(counts),
+        })
+    return rows
+
+
+def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: dict | None,
+                  console: Console | None = None) -> list[dict]:
+    console = console or Console()
+    rows = summarise(manifests)
+    src_url = source_stats_url(cfg.output_root)
+    source = storage.read_json(src_url) if storage.exists(src_url) else {}
+    table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}")
+    for col in ("stage", "partitions", "skipped", "in", "out", "rejected (reason: count)"):
+        table.add_column(col)
+    for r in rows:
+        rejected = dict(r["rejected"])
+        if r["stage"] == "captions":
+            rejected = source.get("rejected", {})
+            r["in"] = source.get("counts", {}).get("rows_read", r["in"])
+        table.add_row(r["stage"], str(r["partitions"]), str(r["skipped"]), str(r["in"]), str(r["out"]),
+                      ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-")
+    console.print(table)
+    render = next((r for r in rows if r["stage"] == "render"), None)
+    if render:
+        c = render["counts"]
+        console.print(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
+                      f"{c.get('out', 0)} kept; {c.get('unet_calls', 0)} UNet calls")
+    if cfg.filter.note:
+        console.print(f"[yellow]note:[/yellow] {cfg.filter.note}")
+    if index:
+        for split, info in index["splits"].items():
+            console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+        console.print(f"shards index: {storage.url_join(cfg.output_root, 'pack', 'index.json')}")
+    return rows

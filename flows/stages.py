@@ -1,0 +1,119 @@
+"""One Prefect flow per stage; each maps a thin task over the stage's partitions.
+
+The work itself lives in `tasks/<stage>/` (plain Python); these wrappers add Prefect's retries,
+logging and a keyed table artifact per stage (shown on the dashboard's Artifacts page). Every stage
+flow takes `partitions` (default: all), so several workers can split one stage between them.
+"""
+
+from __future__ import annotations
+
+import flows._env  # noqa: F401  (must precede prefect)
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_table_artifact
+
+from tasks.captions.stage import run_captions
+from tasks.common.config import PipelineConfig, load_config
+from tasks.filter.stage import run_filter_partition
+from tasks.pack.shards import run_pack_partition, write_index
+from tasks.render.stage import run_render_partition
+from tasks.text.stage import run_finetune, run_text_partition
+
+
+def _config(preset: str, overrides: list[str] | None) -> PipelineConfig:
+    return load_config(preset, overrides or [])
+
+
+def _partitions(cfg: PipelineConfig, partitions: list[int] | None) -> list[int]:
+    ids = list(range(cfg.captions.num_partitions)) if partitions is None else sorted(set(partitions))
+    bad = [i for i in ids if not 0 <= i < cfg.captions.num_partitions]
+    if bad:
+        raise ValueError(f"partitions {bad} out of range 0..{cfg.captions.num_partitions - 1}")
+    return ids
+
+
+def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
+    """A keyed table artifact for the dashboard: one row per partition with counts and rejections."""
+    rows = [
+        {"partition": m["partition_id"], "skipped": m.get("skipped", False),
+         **{f"n_{k}": v for k, v in m.get("counts", {}).items()},
+         **{f"rejected_{k}": v for k, v in m.get("rejected", {}).items()},
+         "wall_time_s": m.get("wall_time_s")}
+        for m in manifests
+    ]
+    key = f"editforge-{cfg.name}-{stage}".lower().replace("_", "-").replace(".", "-")
+    create_table_artifact(rows, key=key, description=f"EditForge `{cfg.name}` — {stage} stage, per partition")
+
+
+@task(name="captions", retries=1)
+def captions_task(cfg: PipelineConfig) -> list[dict]:
+    return run_captions(cfg, get_run_logger())
+
+
+@task(name="finetune-lm", retries=1)
+def finetune_task(cfg: PipelineConfig) -> dict:
+    return run_finetune(cfg, logger=get_run_logger())
+
+
+@task(name="text-partition", retries=2, retry_delay_seconds=5)
+def text_task(cfg: PipelineConfig, partition_id: int) -> dict:
+    return run_text_partition(cfg, partition_id, get_run_logger())
+
+
+@task(name="render-partition", retries=2, retry_delay_seconds=5)
+def render_task(cfg: PipelineConfig, partition_id: int) -> dict:
+    return run_render_partition(cfg, partition_id, logger=get_run_logger())
+
+
+@task(name="filter-partition", retries=1)
+def filter_task(cfg: PipelineConfig, partition_id: int) -> dict:
+    return run_filter_partition(cfg, partition_id, get_run_logger())
+
+
+@task(name="pack-partition", retries=1)
+def pack_task(cfg: PipelineConfig, partition_id: int) -> dict:
+    return run_pack_partition(cfg, partition_id, get_run_logger())
+
+
+@flow(name="editforge-captions")
+def captions_flow(preset: str = "demo", overrides: list[str] | None = None) -> list[dict]:
+    cfg = _config(preset, overrides)
+    manifests = captions_task(cfg)
+    publish(cfg, "captions", manifests)
+    return manifests
+
+
+@flow(name="editforge-text")
+def text_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
+    cfg = _config(preset, overrides)
+    finetune = finetune_task(cfg)
+    publish(cfg, "finetune", [finetune])
+    manifests = [text_task(cfg, pid) for pid in _partitions(cfg, partitions)]
+    publish(cfg, "text", manifests)
+    return manifests
+
+
+@flow(name="editforge-render")
+def render_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
+    cfg = _config(preset, overrides)
+    manifests = [render_task(cfg, pid) for pid in _partitions(cfg, partitions)]
+    publish(cfg, "render", manifests)
+    return manifests
+
+
+@flow(name="editforge-filter")
+def filter_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
+    cfg = _config(preset, overrides)
+    manifests = filter_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
+    publish(cfg, "filter", manifests)
+    return manifests
+
+
+@flow(name="editforge-pack")
+def pack_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
+    cfg = _config(preset, overrides)
+    manifests = pack_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
+    publish(cfg, "pack", manifests)
+    if partitions is None:
+        write_index(cfg, manifests)
+    return manifests

@@ -1,0 +1,190 @@
+"""One pydantic config for the whole pipeline, with named YAML presets and dotted CLI overrides.
+
+    cfg = load_config("demo", overrides=["render.steps=10", "captions.num_captions=64"])
+
+Unknown keys and wrong types are errors that name the key (`render.stepz: Extra inputs are not
+permitted`). Each stage has a stable hash over the config sections it reads plus the hash of the
+stage before it, so changing the filter thresholds re-runs filter and pack but not render.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("captions", "text", "render", "filter", "pack")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsConfig(Section):
+    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch"] = "tiny"
+    diffusion_path: str | None = None
+    clip: str = "tiny"
+    clip_path: str | None = None
+    lm: str = "tiny"
+    lm_path: str | None = None
+
+
+class CaptionsConfig(Section):
+    source: str | list[str] = "builtin:demo"
+    num_captions: int = Field(64, ge=1)
+    num_partitions: int = Field(2, ge=1)
+    seed: int = 0
+    min_aesthetic_score: float = 6.5
+    max_punsafe: float = 1.0
+    max_pwatermark: float = 1.0
+    min_side: int = Field(0, ge=0)
+    max_caption_chars: int = Field(500, ge=1)
+
+
+class TextConfig(Section):
+    backend: Literal["local"] = "local"
+    finetune_steps: int = Field(300, ge=0)
+    finetune_batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    frequency_penalty: float = 0.1
+    max_new_tokens: int = Field(256, ge=1)
+    stop: str = "\nEND"
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class RenderConfig(Section):
+    samples_per_triplet: int = Field(100, ge=1)
+    batch_samples: int = Field(4, ge=1, description="samples per UNet call (UNet batch = 4 x this)")
+    steps: int = Field(100, ge=1)
+    height: int = Field(512, ge=8)
+    width: int = Field(512, ge=8)
+    cfg_range: tuple[float, float] = (7.5, 15.0)
+    p_range: tuple[float, float] = (0.1, 0.9)
+    attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = "ip2p"
+    scheduler: str = "euler_ancestral"
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    base_seed: int = 0
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RenderConfig:
+        for name in ("cfg_range", "p_range"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: lower bound {lo} is above upper bound {hi}")
+        return self
+
+
+class FilterConfig(Section):
+    clip_image_threshold: float = 0.75
+    clip_caption_threshold: float = 0.2
+    clip_direction_threshold: float = 0.2
+    top_k: int = Field(4, ge=1)
+    note: str = ""
+
+
+class PackConfig(Section):
+    shard_max_samples: int = Field(1000, ge=1)
+    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    val_fraction: float = Field(0.05, ge=0, lt=1)
+
+
+class PipelineConfig(Section):
+    name: str = "demo"
+    output_root: str = "runs/demo"
+    models: ModelsConfig = ModelsConfig()
+    captions: CaptionsConfig = CaptionsConfig()
+    text: TextConfig = TextConfig()
+    render: RenderConfig = RenderConfig()
+    filter: FilterConfig = FilterConfig()
+    pack: PackConfig = PackConfig()
+
+    def stage_hash(self, stage: str) -> str:
+        """Stable hash of what `stage` reads: its own sections, the models it uses, and the stage before."""
+        reads = {
+            "captions": ["captions"],
+            "text": ["text", "models.lm", "models.lm_path"],
+            # render stores the images of samples passing the thresholds, so loosening them re-renders;
+            # top_k and stricter thresholds are re-selected by `filter` from samples.parquet alone.
+            "render": ["render", "filter.clip_image_threshold", "filter.clip_caption_threshold",
+                       "filter.clip_direction_threshold", "models.diffusion", "models.diffusion_path", "models.clip",
+                       "models.clip_path"],
+            "filter": ["filter"],
+            "pack": ["pack"],
+        }[stage]
+        data = self.model_dump(mode="json")
+        picked = {}
+        for key in reads:
+            node: Any = data
+            for part in key.split("."):
+                node = node[part]
+            picked[key] = node
+        idx = STAGES.index(stage)
+        if stage == "text":
+            from prompts.templates import templates_hash
+
+            picked["templates"] = templates_hash()
+        if idx > 0:
+            picked["upstream"] = self.stage_hash(STAGES[idx - 1])
+        blob = json.dumps({"stage": stage, **picked}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("tasks.common").joinpath("presets")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _preset_text(preset: str) -> tuple[str, str]:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path.read_text(encoding="utf-8"), str(path)
+    res = resources.files("tasks.common").joinpath("presets", f"{preset}.yaml")
+    if not res.is_file():
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a path to a YAML file")
+    return res.read_text(encoding="utf-8"), f"preset {preset}"
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. render.steps=20")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(preset: str = "demo", overrides: list[str] | None = None) -> PipelineConfig:
+    text, origin = _preset_text(preset)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: invalid YAML: {err}") from err
+    for item in overrides or []:
+        _set_dotted(data, *parse_override(item))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()]
+        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None

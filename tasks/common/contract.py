@@ -1,0 +1,200 @@
+"""The stage contract: partitions, idempotent items, in-partition checkpoints and `_SUCCESS.json`.
+
+A stage's work for one partition is a function `work(run: PartitionRun) -> None` that reads its
+inputs, writes its outputs under `run.dir` with the atomic writers of `tasks.common.storage`, and
+counts what it did on `run.stats`. `execute_partition` wraps it:
+
+- a partition whose `_SUCCESS.json` carries the same config hash is skipped whole (its manifest is
+  returned with `skipped=True`);
+- otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
+  under `_progress/`, each written atomically), so a crash loses at most the batch in flight;
+- on success `_SUCCESS.json` is written last: counts, rejections by reason, config hash, code
+  version, wall time and the sha256 of every output file.
+
+The manifest returned is small (paths and counts): Prefect results never hold the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from tasks.common import storage
+
+SUCCESS = "_SUCCESS.json"
+PROGRESS = "_progress"
+log = logging.getLogger("editforge")
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("editforge")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{pkg}+g{sha}" if sha else pkg
+
+
+def partition_dir(output_root: str, stage: str, partition_id: int) -> str:
+    return storage.url_join(output_root, stage, f"part-{partition_id:05d}")
+
+
+@dataclass
+class Stats:
+    """Counts, rejection reasons, timings and value distributions of one partition run (one mechanism)."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + int(n)
+
+    def reject(self, reason: str, n: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + int(n)
+
+    def observe(self, name: str, values) -> None:
+        self.values.setdefault(name, []).extend(float(v) for v in np.atleast_1d(values) if np.isfinite(v))
+
+    def timer(self, name: str) -> _Timer:
+        return _Timer(self, name)
+
+    def summary(self) -> dict[str, Any]:
+        quantiles = {
+            name: {f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
+            | {"mean": float(np.mean(v)), "n": len(v)}
+            for name, v in sorted(self.values.items()) if v
+        }
+        return {"counts": dict(sorted(self.counts.items())), "rejected": dict(sorted(self.rejected.items())),
+                "timings_s": {k: round(v, 3) for k, v in sorted(self.timings.items())}, "quantiles": quantiles}
+
+
+class _Timer:
+    def __init__(self, stats: Stats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.stats.timings[self.name] = self.stats.timings.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+class Checkpoint:
+    """Append-only parquet chunks for one partition: `done_keys()`, `append()`, `collect()`.
+
+    Each chunk is written atomically under a name derived from its first key, so a re-run that
+    rewrites the same batch overwrites the same chunk (no duplicates) and a crash loses at most the
+    batch in flight.
+    """
+
+    def __init__(self, progress_dir: str, key_column: str):
+        self.dir = progress_dir
+        self.key_column = key_column
+
+    def chunks(self) -> list[str]:
+        return storage.list_files(self.dir, "chunk-*.parquet")
+
+    def load(self) -> pd.DataFrame:
+        frames = [storage.read_parquet(u) for u in self.chunks()]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def done_keys(self) -> set[str]:
+        df = self.load()
+        return set(df[self.key_column].astype(str)) if len(df) else set()
+
+    def append(self, batch_id: str, df: pd.DataFrame) -> None:
+        name = hashlib.sha1(batch_id.encode()).hexdigest()[:16]
+        storage.write_parquet_atomic(storage.url_join(self.dir, f"chunk-{name}.parquet"), df)
+
+
+@dataclass
+class PartitionRun:
+    stage: str
+    partition_id: int
+    output_root: str
+    config_hash: str
+    stats: Stats = field(default_factory=Stats)
+    outputs: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dir(self) -> str:
+        return partition_dir(self.output_root, self.stage, self.partition_id)
+
+    def path(self, name: str) -> str:
+        return storage.url_join(self.dir, name)
+
+    def input_dir(self, stage: str) -> str:
+        return partition_dir(self.output_root, stage, self.partition_id)
+
+    def checkpoint(self, key_column: str) -> Checkpoint:
+        # keyed by config hash: chunks written under another config are never reused
+        return Checkpoint(storage.url_join(self.dir, PROGRESS, self.config_hash), key_column)
+
+    def output(self, name: str) -> str:
+        """Register `name` as an output of this run (hashed into `_SUCCESS.json`) and return its URL."""
+        if name not in self.outputs:
+            self.outputs.append(name)
+        return self.path(name)
+
+
+def read_success(run_dir: str) -> dict[str, Any] | None:
+    url = storage.url_join(run_dir, SUCCESS)
+    return storage.read_json(url) if storage.exists(url) else None
+
+
+def execute_partition(
+    stage: str, partition_id: int, output_root: str, config_hash: str, work: Callable[[PartitionRun], None],
+    logger: logging.Logger | None = None,
+) -> dict[str, Any]:
+    """Run `work` for one (stage, partition) under the contract; return the small manifest."""
+    logger = logger or log
+    run = PartitionRun(stage, partition_id, output_root, config_hash)
+    done = read_success(run.dir)
+    if done and done.get("config_hash") == config_hash:
+        logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)
+        return {**done, "skipped": True}
+    if done:
+        logger.info("%s part-%05d: config changed (%s -> %s) — re-running", stage, partition_id,
+                    done.get("config_hash"), config_hash)
+        storage.remove(run.path(SUCCESS))
+    t0 = time.perf_counter()
+    work(run)
+    sha = {name: hashlib.sha256(storage.read_bytes(run.path(name))).hexdigest() for name in run.outputs}
+    manifest = {
+        "stage": stage,
+        "partition_id": partition_id,
+        "path": run.dir,
+        "config_hash": config_hash,
+        "code_version": code_version(),
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+        "outputs": sha,
+        **run.stats.summary(),
+        **run.extra,
+    }
+    storage.write_json_atomic(run.path(SUCCESS), manifest)
+    storage.remove(run.path(PROGRESS), recursive=True)
+    logger.info("%s part-%05d: done in %.1fs %s rejected=%s", stage, partition_id, manifest["wall_time_s"],
+                manifest["counts"], manifest["rejected"])
+    return {**manifest, "skipped": False}

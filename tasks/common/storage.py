@@ -1,0 +1,104 @@
+"""Storage through fsspec: local paths, file://, s3://, gs://, memory:// all work the same way.
+
+Writes are atomic: on a local filesystem the bytes go to a temporary name in the same folder and are
+renamed into place; on object stores a single PUT is already all-or-nothing. A reader therefore sees
+either the whole file or no file — never a partial one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+def url_join(*parts: str) -> str:
+    head, *rest = parts
+    return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(parent or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.pipe_file(path, data)
+
+
+def write_json_atomic(url: str, obj: Any) -> None:
+    write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def table_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def write_parquet_atomic(url: str, df: pd.DataFrame, schema: pa.Schema | None = None) -> None:
+    write_bytes_atomic(url, table_bytes(df, schema))
+
+
+def read_parquet(url: str) -> pd.DataFrame:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as fh:
+        return pq.read_table(fh).to_pandas()
+
+
+def list_files(url: str, pattern: str = "*") -> list[str]:
+    """Sorted full URLs of files matching `pattern` directly under `url` (empty if the folder is missing)."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    found = sorted(fs.glob(f"{path.rstrip('/')}/{pattern}"))
+    if isinstance(fs, LocalFileSystem):
+        return found
+    return [f"{protocol}://{p}" for p in found]
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)

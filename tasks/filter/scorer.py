@@ -1,0 +1,59 @@
+"""CLIP scoring on decoded image tensors (no JPEG round trip), batched, with open_clip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tasks.common.models import ClipComponents
+from tasks.filter.metrics import clip_metrics
+
+
+class ClipScorer:
+    """Embeds images in [0, 1] (N, 3, H, W) and captions, and computes the filter's metrics."""
+
+    def __init__(self, clip: ClipComponents, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.clip = clip
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.model = clip.model.to(self.device)
+        self._mean = torch.tensor(clip.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(clip.std, device=self.device).view(1, 3, 1, 1)
+        self._text_cache: dict[str, torch.Tensor] = {}
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize the short side to the model's size (bicubic, antialiased), centre-crop, normalise."""
+        size = self.clip.image_size
+        x = images.to(self.device, torch.float32)
+        h, w = x.shape[-2:]
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top: top + size, left: left + size]
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        out = [self.model.encode_image(self.preprocess(images[i: i + self.batch_size]))
+               for i in range(0, len(images), self.batch_size)]
+        return F.normalize(torch.cat(out).float(), dim=-1)
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i: i + self.batch_size]
+            emb = F.normalize(self.model.encode_text(self.clip.tokenizer(chunk).to(self.device)).float(), dim=-1)
+            self._text_cache.update(zip(chunk, emb))
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def score_pairs(self, before: torch.Tensor, after: torch.Tensor, input_captions: Sequence[str],
+                    output_captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The four filter metrics for N (before, after) pairs and their captions."""
+        images = self.embed_images(torch.cat([before, after]))
+        i0, i1 = images[: len(before)], images[len(before):]
+        return clip_metrics(i0, i1, self.embed_texts(input_captions), self.embed_texts(output_captions))

@@ -1,0 +1,122 @@
+"""Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`) plus a global `index.json`.
+
+Sample layout (DESIGN.md): key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
+`instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, url, model versions).
+
+Each shard is built in memory with `webdataset.TarWriter` (mtime fixed, so identical input gives
+byte-identical shards) and written atomically under its final name — unlike `ShardWriter`, a crash
+never leaves a partial shard and no empty shard is ever created. The split is decided per triplet
+(hash of caption_id), so all samples of one edit land in the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+
+import webdataset as wds
+from PIL import Image
+
+from tasks.common import storage
+from tasks.common.config import PackConfig, PipelineConfig
+from tasks.common.contract import PartitionRun, execute_partition
+from tasks.render.stage import image_name
+
+STAGE = "pack"
+PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def split_of(caption_id: str, val_fraction: float) -> str:
+    bucket = int(hashlib.sha1(caption_id.encode()).hexdigest()[:8], 16) % 10_000
+    return "val" if bucket < val_fraction * 10_000 else "train"
+
+
+def encode_image(png_bytes: bytes, fmt: str) -> bytes:
+    if fmt == "png":
+        return png_bytes
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes)).convert("RGB").save(buf, format=PIL_FORMAT[fmt], quality=95)
+    return buf.getvalue()
+
+
+def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
+    key = row["sample_key"]
+    ext = cfg.image_format
+    record = {
+        "input": row["input"], "edit": row["edit"], "output": row["output"], "caption_id": row["caption_id"],
+        "seed": int(row["seed"]), "p2p_p": float(row["p2p_p"]), "cfg_scale": float(row["cfg_scale"]),
+        **{k: float(row[k]) for k in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")},
+        **meta.get(row["caption_id"], {}),
+    }
+    return {
+        "__key__": key,
+        f"input.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "input"))), ext),
+        f"edited.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "edited"))), ext),
+        "instruction.txt": row["edit"].encode("utf-8"),
+        "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+    }
+
+
+def write_shard(url: str, samples: list[dict]) -> None:
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
+        for sample in samples:
+            sink.write(sample)
+    storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def _caption_meta(cfg: PipelineConfig, partition_id: int) -> dict:
+    captions = storage.read_parquet(storage.url_join(cfg.output_root, "captions", f"part-{partition_id:05d}",
+                                                     "captions.parquet"))
+    models = {"diffusion": cfg.models.diffusion_path or cfg.models.diffusion,
+              "clip": cfg.models.clip_path or cfg.models.clip, "lm": cfg.models.lm_path or cfg.models.lm}
+    return {r.caption_id: {"url": r.url, "aesthetic_score": r.aesthetic_score, "models": models}
+            for r in captions.itertuples()}
+
+
+def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.Logger | None = None) -> dict:
+    p = cfg.pack
+
+    def work(run: PartitionRun) -> None:
+        kept = storage.read_parquet(storage.url_join(run.input_dir("filter"), "kept.parquet"))
+        run.stats.add("in", len(kept))
+        meta = _caption_meta(cfg, partition_id)
+        kept = kept.sort_values("sample_key").reset_index(drop=True)
+        kept["split"] = kept["caption_id"].map(lambda c: split_of(c, p.val_fraction))
+        shards = []
+        for split in ("train", "val"):
+            rows = kept[kept["split"] == split]
+            for n, start in enumerate(range(0, len(rows), p.shard_max_samples)):
+                chunk = rows.iloc[start: start + p.shard_max_samples]
+                name = f"{split}-{n:06d}.tar"
+                write_shard(run.output(name), [sample_dict(r, r["render_dir"], p, meta) for _, r in chunk.iterrows()])
+                shards.append({"name": name, "split": split, "samples": len(chunk)})
+                run.stats.add(f"{split}_samples", len(chunk))
+        run.stats.add("out", len(kept))
+        run.stats.add("shards", len(shards))
+        run.extra["shards"] = shards
+
+    return execute_partition(STAGE, partition_id, cfg.output_root, cfg.stage_hash(STAGE), work, logger)
+
+
+def write_index(cfg: PipelineConfig, manifests: list[dict]) -> dict:
+    """`pack/index.json`: every shard's URL, split and sample count across partitions."""
+    shards = [
+        {"url": storage.url_join(m["path"], s["name"]), "split": s["split"], "samples": s["samples"],
+         "partition_id": m["partition_id"]}
+        for m in sorted(manifests, key=lambda m: m["partition_id"]) for s in m.get("shards", [])
+    ]
+    index = {
+        "format": "webdataset",
+        "sample_layout": {"image_format": cfg.pack.image_format, "keys": ["input", "edited", "instruction.txt", "json"]},
+        "splits": {split: {"shards": [s["url"] for s in shards if s["split"] == split],
+                           "samples": sum(s["samples"] for s in shards if s["split"] == split)}
+                   for split in ("train", "val")},
+        "shards": shards,
+        "config_hash": cfg.stage_hash(STAGE),
+    }
+    storage.write_json_atomic(storage.url_join(cfg.output_root, STAGE, "index.json"), index)
+    return index
+

@@ -1,0 +1,138 @@
+"""Local LLM backend (transformers): fine-tune a causal LM on the seed triplets, then generate.
+
+Fine-tuning uses the paper's format — prompt `"{input}\\n##\\n"`, completion
+`"{edit}\\n%%\\n{output}\\nEND"` — with the loss on completion tokens only. Generation uses the paper's
+sampling settings: temperature 0.7, top_p 1.0, frequency penalty 0.1 (OpenAI semantics: logits minus
+penalty x count of the token in the completion so far; transformers has no such processor), at most
+256 new tokens, stop at `"\\nEND"`.
+
+Generation of a batch is seeded from the batch's first caption id, and batches have fixed
+boundaries within a partition, so a resumed run regenerates exactly what an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from prompts.templates import STOP_SEQUENCE, finetune_completion, finetune_prompt
+from tasks.common.contract import Stats
+
+
+class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
+    """OpenAI-style frequency penalty over the generated tokens (not the prompt)."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self.penalty = penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length:]
+        if self.penalty == 0 or generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.penalty * counts
+
+
+def _encode_example(tokenizer, input_caption: str, edit: str, output: str, max_length: int):
+    prompt_ids = tokenizer(finetune_prompt(input_caption), add_special_tokens=False).input_ids
+    completion_ids = tokenizer(finetune_completion(edit, output), add_special_tokens=False).input_ids
+    completion_ids = completion_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+    return ids, labels
+
+
+def _collate(batch, pad_id: int):
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return input_ids, attention, labels
+
+
+def finetune(
+    model, tokenizer, train: Sequence, val: Sequence, steps: int, batch_size: int, lr: float, seed: int,
+    stats: Stats, progress: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Train `model` in place on (input, edit, output) triplets; return train/val loss figures."""
+    max_length = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+    examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in train]
+    val_examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in val]
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+    )
+    model.train()
+    order: list[int] = []
+    losses = []
+    for step in range(steps):
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        idx, order = order[:batch_size], order[batch_size:]
+        input_ids, attention, labels = _collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        if progress:
+            progress(step, float(loss))
+    model.eval()
+    val_loss = None
+    if val_examples:
+        with torch.inference_mode():
+            input_ids, attention, labels = _collate(val_examples, tokenizer.pad_token_id)
+            val_loss = float(model(input_ids=input_ids, attention_mask=attention, labels=labels).loss)
+    stats.add("finetune_steps", steps)
+    stats.add("finetune_examples", len(examples))
+    first = sum(losses[:10]) / max(1, len(losses[:10])) if losses else None
+    last = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
+    return {"train_loss_first10": first, "train_loss_last10": last, "val_loss": val_loss,
+            "train_examples": len(examples), "val_examples": len(val_examples)}
+
+
+def batch_seed(seed: int, first_key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
+
+
+@torch.inference_mode()
+def generate(
+    model, tokenizer, captions: Sequence[str], *, temperature: float, top_p: float, frequency_penalty: float,
+    max_new_tokens: int, seed: int, stop: str = STOP_SEQUENCE,
+) -> list[str]:
+    """Sample one completion per caption with the paper's settings; return the raw completions."""
+    tokenizer.padding_side = "left"
+    prompts = [finetune_prompt(c) for c in captions]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    room = max(1, (getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048))
+               - enc.input_ids.shape[1])
+    torch.manual_seed(seed)
+    out = model.generate(
+        **enc,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=min(max_new_tokens, room),
+        logits_processor=LogitsProcessorList([FrequencyPenaltyLogitsProcessor(frequency_penalty, enc.input_ids.shape[1])]),
+        stop_strings=[stop],
+        tokenizer=tokenizer,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    return [t.split(stop)[0] for t in texts]

@@ -1,0 +1,93 @@
+import json
+
+import pandas as pd
+import pytest
+
+from tasks.common import storage
+from tasks.common.contract import SUCCESS, Stats, execute_partition
+
+
+def _work_writing(rows, fail_after_write=False):
+    def work(run):
+        storage.write_parquet_atomic(run.output("out.parquet"), pd.DataFrame({"x": rows}))
+        run.stats.add("out", len(rows))
+        run.stats.reject("too_small", 2)
+        if fail_after_write:
+            raise RuntimeError("crash")
+    return work
+
+
+def test_success_manifest_and_skip(tmp_path):
+    root = str(tmp_path)
+    m = execute_partition("stage", 3, root, "h1", _work_writing([1, 2, 3]))
+    assert not m["skipped"] and m["counts"]["out"] == 3 and m["rejected"] == {"too_small": 2}
+    success = json.loads((tmp_path / "stage" / "part-00003" / SUCCESS).read_text())
+    assert success["config_hash"] == "h1" and set(success["outputs"]) == {"out.parquet"}
+    assert len(success["outputs"]["out.parquet"]) == 64  # sha256
+    calls = []
+    m2 = execute_partition("stage", 3, root, "h1", lambda run: calls.append(run))
+    assert m2["skipped"] and calls == []
+
+
+def test_changed_config_reruns(tmp_path):
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    m = execute_partition("stage", 0, str(tmp_path), "h2", _work_writing([1, 2]))
+    assert not m["skipped"] and m["counts"]["out"] == 2
+
+
+def test_crash_leaves_no_success_marker(tmp_path):
+    with pytest.raises(RuntimeError):
+        execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1], fail_after_write=True))
+    assert not (tmp_path / "stage" / "part-00000" / SUCCESS).exists()
+    m = execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    assert not m["skipped"]
+
+
+def test_atomic_write_never_leaves_temp_files(tmp_path, monkeypatch):
+    target = tmp_path / "a" / "file.bin"
+    storage.write_bytes_atomic(str(target), b"one")
+    real_replace = __import__("os").replace
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", boom)
+    with pytest.raises(OSError):
+        storage.write_bytes_atomic(str(target), b"two")
+    monkeypatch.setattr("os.replace", real_replace)
+    assert target.read_bytes() == b"one"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]
+
+
+def test_storage_works_on_memory_filesystem():
+    url = "memory://editforge-test/x/y.json"
+    storage.write_json_atomic(url, {"a": 1})
+    assert storage.read_json(url) == {"a": 1}
+    found = storage.list_files("memory://editforge-test/x", "*.json")
+    assert len(found) == 1 and found[0].startswith("memory://") and found[0].endswith("/x/y.json")
+    assert storage.read_json(found[0]) == {"a": 1}
+
+
+def test_checkpoint_append_is_idempotent(tmp_path):
+    def work(run):
+        ck = run.checkpoint("k")
+        ck.append("batch-a", pd.DataFrame({"k": ["a", "b"]}))
+        ck.append("batch-a", pd.DataFrame({"k": ["a", "b"]}))  # the same batch again: overwritten
+        ck.append("batch-c", pd.DataFrame({"k": ["c"]}))
+        assert ck.done_keys() == {"a", "b", "c"}
+        assert len(ck.load()) == 3
+        storage.write_bytes_atomic(run.output("x"), b"x")
+
+    execute_partition("s", 0, str(tmp_path), "h", work)
+    # progress chunks are removed once the partition is done
+    assert not (tmp_path / "s" / "part-00000" / "_progress").exists()
+
+
+def test_stats_summary_quantiles():
+    s = Stats()
+    s.observe("v", [0.0, 1.0, 2.0, 3.0, 4.0])
+    s.add("n", 2)
+    s.add("n")
+    out = s.summary()
+    assert out["counts"]["n"] == 3
+    assert out["quantiles"]["v"]["q50"] == 2.0 and out["quantiles"]["v"]["n"] == 5

@@ -1,0 +1,69 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from tasks.common.config import FilterConfig
+from tasks.filter.metrics import clip_metrics, cosine, directional_similarity
+from tasks.filter.select import failure_reason, passes, select_top_k
+
+
+def test_cosine_known_values():
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, -1.0]])
+    assert cosine(a, b).tolist() == pytest.approx([1.0, 0.0, -1.0])
+
+
+def test_directional_similarity_known_values():
+    i0 = torch.tensor([[1.0, 0.0, 0.0]])
+    i1 = torch.tensor([[1.0, 1.0, 0.0]])       # image moved along +y
+    t0 = torch.tensor([[0.0, 0.0, 1.0]])
+    t_same = torch.tensor([[0.0, 2.0, 1.0]])   # caption moved along +y: aligned
+    t_orth = torch.tensor([[3.0, 0.0, 1.0]])   # caption moved along +x: orthogonal
+    t_opp = torch.tensor([[0.0, -1.0, 1.0]])   # opposite
+    assert directional_similarity(i0, i1, t0, t_same).item() == pytest.approx(1.0)
+    assert directional_similarity(i0, i1, t0, t_orth).item() == pytest.approx(0.0)
+    assert directional_similarity(i0, i1, t0, t_opp).item() == pytest.approx(-1.0)
+    t45 = torch.tensor([[1.0, 1.0, 1.0]])      # caption moved along (+x, +y): 45 degrees
+    assert directional_similarity(i0, i1, t0, t45).item() == pytest.approx(math.cos(math.pi / 4))
+
+
+def test_clip_metrics_batch():
+    i0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    i1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    t0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t1 = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    m = clip_metrics(i0, i1, t0, t1)
+    assert m["clip_sim_image"].tolist() == pytest.approx([1.0, 0.0])
+    assert m["clip_sim_0"].tolist() == pytest.approx([1.0, 1.0])
+    assert m["clip_sim_1"].tolist() == pytest.approx([0.0, 1.0])
+    assert m["clip_sim_dir"][1].item() == pytest.approx(1.0)
+
+
+def _samples():
+    rows = []
+    for cid, dirs in {"a": [0.5, 0.4, 0.3, 0.25, 0.9], "b": [0.1, 0.6]}.items():
+        for seed, d in enumerate(dirs):
+            rows.append({"caption_id": cid, "seed": seed, "clip_sim_dir": d, "clip_sim_0": 0.3, "clip_sim_1": 0.3,
+                         "clip_sim_image": 0.8})
+    rows[4]["clip_sim_image"] = 0.5  # a/4 has the best direction but fails the image-image threshold
+    return pd.DataFrame(rows)
+
+
+def test_paper_thresholds_and_top_k():
+    cfg = FilterConfig()  # paper defaults: 0.75 / 0.2 / 0.2, top 4
+    df = _samples()
+    assert passes(df, cfg).tolist() == [True, True, True, True, False, False, True]
+    kept = select_top_k(df, cfg)
+    assert df[kept]["seed"].tolist() == [0, 1, 2, 3, 1]
+    top2 = select_top_k(df, FilterConfig(top_k=2))
+    assert df[top2].groupby("caption_id")["seed"].apply(list).to_dict() == {"a": [0, 1], "b": [1]}
+    assert failure_reason(df, cfg).tolist() == [None, None, None, None, "clip_image", "clip_direction", None]
+
+
+def test_top_k_respects_eligibility():
+    df = _samples()
+    eligible = pd.Series([False] + [True] * 6)
+    kept = select_top_k(df, FilterConfig(top_k=1), eligible)
+    assert df[kept]["seed"].tolist() == [1, 1]
