@@ -1,0 +1,291 @@
+"""Attention processors that make the two images of a pair share attention (Prompt-to-Prompt).
+
+Reference behaviour (instruct-pix2pix ``stable_diffusion/ldm/modules/attention.py``): while the
+sampler's flag ``prompt_to_prompt`` is on, every *self*-attention layer of the UNet takes a batch of
+exactly four, ``[uncond-before, uncond-after, cond-before, cond-after]``, and does
+``sims = sim.chunk(4); sim = cat(sims[0], sims[0], sims[2], sims[2])`` before the softmax: the after
+image attends with the before image's attention map (queries *and* keys of the before image) over
+its own values, in both CFG halves; the before image is untouched; cross-attention is untouched.
+
+Here many samples share one UNet batch. The layout is ``[uncond, cond] x samples x [before, after]``
+flattened cfg-major, pair-minor: ``index = cfg * 2N + 2 * sample + pair`` (:func:`batch_index`); with
+``N = 1`` it is the reference's batch of four. The processors read an :class:`AttentionControl`
+shared by all layers, whose ``active`` mask says which samples share attention at the current step.
+
+- :class:`SharedSelfAttnProcessor` (mode ``"ip2p"``) computes the shared attention with
+  ``scaled_dot_product_attention`` by substituting the before image's queries and keys into the
+  after rows: ``softmax(q_b k_b^T / sqrt(d)) v_a``; no attention matrix is materialised.
+- :class:`ExplicitSharedSelfAttnProcessor` (mode ``"ip2p-explicit"``) builds the probabilities with
+  ``attn.get_attention_scores`` and copies the before rows to the after rows, like the reference;
+  it exists to test the first one.
+- :class:`PromptToPromptProcessor` (modes ``"p2p-replace"`` / ``"p2p-refine"``): classic
+  Prompt-to-Prompt (Hertz et al.). Self-attention is shared as in ``ip2p``; in cross-attention the
+  after image takes the before image's probabilities (conditional half only, as the original: the
+  unconditional prompts are both ""), by position (replace) or through a token alignment (refine:
+  ``mapped * alpha + own * (1 - alpha)``, alpha = 1 for tokens common to both prompts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+MODES = ("none", "ip2p", "ip2p-explicit", "p2p-replace", "p2p-refine")
+
+
+def batch_index(cfg: int, sample: int, pair: int, n_samples: int) -> int:
+    """Position in the UNet batch of (cfg half: 0 uncond / 1 cond, sample, pair: 0 before / 1 after)."""
+    if cfg not in (0, 1) or pair not in (0, 1) or not 0 <= sample < n_samples:
+        raise IndexError(f"bad layout position cfg={cfg} sample={sample} pair={pair} n_samples={n_samples}")
+    return cfg * 2 * n_samples + 2 * sample + pair
+
+
+def split_layout(tensor: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """View a UNet-batch-first tensor as ``(2 cfg, n_samples, 2 pair, ...)``."""
+    if tensor.shape[0] != 4 * n_samples:
+        raise ValueError(f"batch of {tensor.shape[0]} does not hold 2 x {n_samples} samples x 2 images")
+    return tensor.unflatten(0, (2, n_samples, 2))
+
+
+def _after_rows(active: torch.Tensor) -> torch.Tensor:
+    """Bool (4N,) mask of the after rows, both CFG halves, of the samples marked in ``active``."""
+    mask = torch.zeros(2, active.shape[0], 2, dtype=torch.bool, device=active.device)
+    mask[:, :, 1] = active
+    return mask.flatten()
+
+
+def _before_everywhere(tensor: torch.Tensor, n_samples: int) -> torch.Tensor:
+    """The tensor with every row replaced by its pair's before row (same shape, a copy)."""
+    split = split_layout(tensor, n_samples)
+    return split[:, :, :1].expand_as(split).reshape(tensor.shape)
+
+
+@dataclass
+class AttentionControl:
+    """Mutable state shared by all processors of a UNet: the layout and the per-step flags.
+
+    ``self_fraction[i]``: sample i shares self-attention while ``step < self_fraction[i] * num_steps``
+    (``p_i`` in mode ip2p; the reference writes ``p > step / (num_steps - 1)``, which differs only on
+    the boundary). ``cross_fraction`` does the same for cross-attention (p2p modes);
+    ``cross_index[i, j]`` is the before-prompt token that after-prompt token j takes its attention
+    from, weighted by ``cross_alpha[i, j]`` (1 replace, 0 keep its own).
+    """
+
+    n_samples: int
+    self_fraction: torch.Tensor
+    cross_fraction: torch.Tensor
+    cross_index: torch.Tensor | None = None
+    cross_alpha: torch.Tensor | None = None
+    active: torch.Tensor = field(init=False)
+    cross_active: torch.Tensor = field(init=False)
+    step: int = field(init=False, default=-1)
+
+    def __post_init__(self) -> None:
+        for name in ("self_fraction", "cross_fraction"):
+            value = torch.as_tensor(getattr(self, name), dtype=torch.float64).reshape(-1)
+            if value.shape[0] != self.n_samples:
+                raise ValueError(f"{name} has {value.shape[0]} entries for {self.n_samples} samples")
+            setattr(self, name, value)
+        self.active = torch.zeros(self.n_samples, dtype=torch.bool)
+        self.cross_active = torch.zeros(self.n_samples, dtype=torch.bool)
+
+    @classmethod
+    def for_samples(cls, self_fractions: Sequence[float], cross_fractions: Sequence[float] | None = None,
+                    cross_index: torch.Tensor | None = None, cross_alpha: torch.Tensor | None = None
+                    ) -> AttentionControl:
+        n = len(self_fractions)
+        cross = torch.zeros(n) if cross_fractions is None else torch.as_tensor(list(cross_fractions))
+        return cls(n, torch.as_tensor(list(self_fractions)), cross, cross_index, cross_alpha)
+
+    def begin_step(self, step: int, num_steps: int, device: torch.device | str = "cpu") -> None:
+        """Set ``active`` / ``cross_active`` for denoising step ``step`` of ``num_steps``."""
+        self.step = step
+        self.active = (step < self.self_fraction * num_steps).to(device)
+        self.cross_active = (step < self.cross_fraction * num_steps).to(device)
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size != 4 * self.n_samples:
+            raise ValueError(
+                f"attention batch of {batch_size}, expected 4 x {self.n_samples} "
+                "([uncond, cond] x samples x [before, after])"
+            )
+
+
+class SharedSelfAttnProcessor:
+    """ip2p: the after image's self-attention uses the before image's queries and keys (SDPA)."""
+
+    def __init__(self, control: AttentionControl) -> None:
+        self.control = control
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Same structure as diffusers' AttnProcessor2_0; only the attention core (`attend`) differs.
+        is_self = encoder_hidden_states is None
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = hidden_states.shape if is_self else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if is_self:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        hidden_states = self.attend(attn, query, key, value, attention_mask, is_self)
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def sharing(self, is_self: bool, batch_size: int) -> bool:
+        """Whether self-attention sharing applies to this call (and the batch has the layout)."""
+        if not is_self or not bool(self.control.active.any()):
+            return False
+        self.control.check_batch(batch_size)
+        return True
+
+    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+        """(B, heads, S, d) tensors in, (B, heads, S, d) out."""
+        if self.sharing(is_self, query.shape[0]):
+            n = self.control.n_samples
+            rows = _after_rows(self.control.active.to(query.device)).view(-1, 1, 1, 1)
+            query = torch.where(rows, _before_everywhere(query, n), query)
+            key = torch.where(rows, _before_everywhere(key, n), key)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+
+def _explicit_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities (B, heads, S, S_k) through ``attn.get_attention_scores``."""
+    b, h, s, d = query.shape
+    if mask is not None:
+        mask = mask.reshape(b * h, -1, mask.shape[-1])
+    probs = attn.get_attention_scores(query.reshape(b * h, s, d), key.reshape(b * h, -1, d), mask)
+    return probs.view(b, h, s, -1)
+
+
+class ExplicitSharedSelfAttnProcessor(SharedSelfAttnProcessor):
+    """Reference-style ip2p: explicit attention matrix, before rows copied to after rows (tests only)."""
+
+    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+        probs = _explicit_probs(attn, query, key, mask)
+        if self.sharing(is_self, query.shape[0]):
+            rows = _after_rows(self.control.active.to(query.device)).view(-1, 1, 1, 1)
+            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples), probs)
+        return probs @ value
+
+
+class PromptToPromptProcessor(SharedSelfAttnProcessor):
+    """Classic Prompt-to-Prompt: shared self-attention plus cross-attention replace / refine."""
+
+    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+        control = self.control
+        out = super().attend(attn, query, key, value, mask, is_self)
+        if is_self or not bool(control.cross_active.any()):
+            return out
+        control.check_batch(query.shape[0])
+        if control.cross_index is None or control.cross_alpha is None:
+            raise ValueError("p2p cross-attention editing needs cross_index and cross_alpha in the control")
+        n = control.n_samples
+        # Only the conditional after rows change; every other row keeps the SDPA result bit for bit.
+        q, k, v = (split_layout(t, n)[1] for t in (query, key, value))  # (N, 2, H, S, d)
+        m = None if mask is None else split_layout(mask, n)[1, :, 0]
+        base = _explicit_probs(attn, q[:, 0], k[:, 0], m)  # before image's probabilities (N, H, S, L)
+        own = _explicit_probs(attn, q[:, 1], k[:, 1], m)
+        if control.cross_index.shape[-1] != base.shape[-1]:
+            raise ValueError(f"token alignment has {control.cross_index.shape[-1]} tokens, keys have {base.shape[-1]}")
+        index = control.cross_index.to(base.device).view(n, 1, 1, -1).expand_as(base)
+        alpha = control.cross_alpha.to(base.device, base.dtype).view(n, 1, 1, -1)
+        edited = (base.gather(-1, index) * alpha + own * (1 - alpha)) @ v[:, 1]
+        active = control.cross_active.to(out.device).view(n, 1, 1, 1)
+        out = split_layout(out, n).clone()
+        out[1, :, 1] = torch.where(active, edited.to(out.dtype), out[1, :, 1])
+        return out.flatten(0, 2)
+
+
+def token_alignment(tokenizer: Any, before: str, after: str, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, alpha) over the tokenizer's ``model_max_length`` positions for the after prompt.
+
+    ``replace``: position j takes position j (alpha 1). ``refine``: the two prompts' tokens are
+    aligned (longest common blocks, difflib); a token of the after prompt found in the before
+    prompt takes that token's attention (alpha 1), a new token keeps its own (alpha 0); padding
+    positions follow the before prompt's padding, as in the original ``get_refinement_mapper``.
+    """
+    length = int(tokenizer.model_max_length)
+    index = torch.arange(length)
+    alpha = torch.ones(length)
+    if mode == "replace":
+        return index, alpha
+    if mode != "refine":
+        raise ValueError(f"unknown alignment mode {mode!r}; expected 'replace' or 'refine'")
+    ids_b = tokenizer(before, truncation=True, max_length=length).input_ids
+    ids_a = tokenizer(after, truncation=True, max_length=length).input_ids
+    alpha[: len(ids_a)] = 0.0
+    matcher = SequenceMatcher(None, ids_b, ids_a, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            index[block.b + k] = block.a + k
+            alpha[block.b + k] = 1.0
+    for j in range(len(ids_a), length):
+        index[j] = min(len(ids_b) + j - len(ids_a), length - 1)
+    return index, alpha
+
+
+def make_processor(mode: str, control: AttentionControl | None) -> Any:
+    """The processor instance (shared by all layers) for ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; expected one of {MODES}")
+    if mode == "none":
+        return AttnProcessor2_0()
+    if control is None:
+        raise ValueError(f"attention mode {mode!r} needs an AttentionControl")
+    if mode == "ip2p":
+        return SharedSelfAttnProcessor(control)
+    if mode == "ip2p-explicit":
+        return ExplicitSharedSelfAttnProcessor(control)
+    return PromptToPromptProcessor(control)
+
+
+def install_attention(unet: Any, mode: str, control: AttentionControl | None = None) -> None:
+    """Install the processor for ``mode`` in every attention layer of ``unet``."""
+    unet.set_attn_processor(make_processor(mode, control))
+
+
+def remove_attention(unet: Any) -> None:
+    """Restore diffusers' default ``AttnProcessor2_0`` everywhere."""
+    unet.set_attn_processor(AttnProcessor2_0())

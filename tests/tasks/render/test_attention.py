@@ -1,0 +1,176 @@
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from tasks.render.attention import (
+    AttentionControl,
+    ExplicitSharedSelfAttnProcessor,
+    PromptToPromptProcessor,
+    SharedSelfAttnProcessor,
+    batch_index,
+    install_attention,
+    remove_attention,
+    split_layout,
+    token_alignment,
+)
+
+N = 3
+HEADS, DIM_HEAD, SEQ, CTX, CTX_DIM = 2, 8, 10, 7, 12
+
+
+@pytest.fixture(scope="module")
+def self_attn():
+    torch.manual_seed(0)
+    return Attention(query_dim=HEADS * DIM_HEAD, heads=HEADS, dim_head=DIM_HEAD).eval()
+
+
+@pytest.fixture(scope="module")
+def cross_attn():
+    torch.manual_seed(1)
+    return Attention(query_dim=HEADS * DIM_HEAD, cross_attention_dim=CTX_DIM, heads=HEADS, dim_head=DIM_HEAD).eval()
+
+
+def _control(active):
+    control = AttentionControl.for_samples([0.5] * len(active))
+    control.active = torch.tensor(active)
+    return control
+
+
+def _heads(attn, x):
+    return x.view(x.shape[0], -1, HEADS, DIM_HEAD).transpose(1, 2)
+
+
+def test_layout_helpers():
+    flat = torch.arange(4 * N)
+    split = split_layout(flat, N)
+    assert split.shape == (2, N, 2)
+    for cfg in range(2):
+        for sample in range(N):
+            for pair in range(2):
+                assert split[cfg, sample, pair] == batch_index(cfg, sample, pair, N)
+    # N = 1 is the reference batch [uncond-before, uncond-after, cond-before, cond-after]
+    assert [batch_index(c, 0, p, 1) for c in (0, 1) for p in (0, 1)] == [0, 1, 2, 3]
+    assert batch_index(1, 2, 1, N) == 11
+    with pytest.raises(ValueError):
+        split_layout(torch.zeros(5), N)
+    with pytest.raises(IndexError):
+        batch_index(0, N, 0, N)
+
+
+def test_control_schedule():
+    control = AttentionControl.for_samples([0.0, 0.25, 0.9], [0.5, 0.5, 0.5])
+    control.begin_step(0, 8)
+    assert control.active.tolist() == [False, True, True]
+    control.begin_step(2, 8)  # 2 < 0.25 * 8 is False
+    assert control.active.tolist() == [False, False, True]
+    assert control.cross_active.tolist() == [True] * 3
+    control.begin_step(7, 8)  # 7 < 0.9 * 8 = 7.2
+    assert control.active.tolist() == [False, False, True] and not control.cross_active.any()
+    control.begin_step(8, 8)
+    assert not control.active.any()
+
+
+def test_sdpa_processor_matches_explicit_and_definition(self_attn):
+    torch.manual_seed(2)
+    x = torch.randn(4 * N, SEQ, HEADS * DIM_HEAD)
+    control = _control([True, False, True])
+    with torch.inference_mode():
+        default = AttnProcessor2_0()(self_attn, x)
+        shared = SharedSelfAttnProcessor(control)(self_attn, x)
+        explicit = ExplicitSharedSelfAttnProcessor(control)(self_attn, x)
+        q, k, v = (_heads(self_attn, f(x)) for f in (self_attn.to_q, self_attn.to_k, self_attn.to_v))
+    torch.testing.assert_close(shared, explicit, atol=1e-6, rtol=1e-5)
+    for cfg in range(2):
+        for sample in range(N):
+            before, after = batch_index(cfg, sample, 0, N), batch_index(cfg, sample, 1, N)
+            torch.testing.assert_close(shared[before], default[before], atol=1e-6, rtol=1e-5)
+            if not control.active[sample]:
+                torch.testing.assert_close(shared[after], default[after], atol=1e-6, rtol=1e-5)
+                continue
+            probs = (q[before] @ k[before].transpose(-1, -2) / DIM_HEAD**0.5).softmax(-1)
+            out = (probs @ v[after]).transpose(0, 1).reshape(SEQ, -1)
+            expected = self_attn.to_out[0](out)
+            torch.testing.assert_close(shared[after], expected, atol=1e-6, rtol=1e-5)
+            assert not torch.allclose(shared[after], default[after], atol=1e-4)
+
+
+def test_inactive_and_cross_attention_untouched(self_attn, cross_attn):
+    torch.manual_seed(3)
+    x = torch.randn(4 * N, SEQ, HEADS * DIM_HEAD)
+    ctx = torch.randn(4 * N, CTX, CTX_DIM)
+    with torch.inference_mode():
+        assert torch.equal(SharedSelfAttnProcessor(_control([False] * N))(self_attn, x), AttnProcessor2_0()(self_attn, x))
+        assert torch.equal(
+            SharedSelfAttnProcessor(_control([True] * N))(cross_attn, x, ctx), AttnProcessor2_0()(cross_attn, x, ctx)
+        )
+        with pytest.raises(ValueError):
+            SharedSelfAttnProcessor(_control([True] * N))(self_attn, x[:8])
+
+
+def test_prompt_to_prompt_replace_cross(cross_attn):
+    torch.manual_seed(4)
+    x = torch.randn(4 * N, SEQ, HEADS * DIM_HEAD)
+    ctx = torch.randn(4 * N, CTX, CTX_DIM)
+    index = torch.arange(CTX).repeat(N, 1)
+    control = AttentionControl.for_samples([0.0] * N, [1.0] * N, cross_index=index, cross_alpha=torch.ones(N, CTX))
+    control.begin_step(0, 4)
+    control.cross_active = torch.tensor([True, False, True])
+    with torch.inference_mode():
+        edited = PromptToPromptProcessor(control)(cross_attn, x, ctx)
+        default = AttnProcessor2_0()(cross_attn, x, ctx)
+        q = _heads(cross_attn, cross_attn.to_q(x))
+        k, v = (_heads(cross_attn, f(ctx)) for f in (cross_attn.to_k, cross_attn.to_v))
+    changed = {batch_index(1, 0, 1, N), batch_index(1, 2, 1, N)}
+    for row in range(4 * N):
+        if row not in changed:
+            torch.testing.assert_close(edited[row], default[row], atol=1e-6, rtol=1e-5)
+    before, after = batch_index(1, 2, 0, N), batch_index(1, 2, 1, N)
+    probs = (q[before] @ k[before].transpose(-1, -2) / DIM_HEAD**0.5).softmax(-1)
+    expected = cross_attn.to_out[0]((probs @ v[after]).transpose(0, 1).reshape(SEQ, -1))
+    torch.testing.assert_close(edited[after], expected, atol=1e-6, rtol=1e-5)
+
+
+class _WordTokenizer:
+    """Whitespace tokenizer with BOS=0/EOS=1, enough to test the alignment."""
+
+    model_max_length = 12
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, truncation=True, max_length=12):
+        ids = [0] + [self.vocab.setdefault(w, 2 + len(self.vocab)) for w in text.split()] + [1]
+        return type("Encoding", (), {"input_ids": ids[:max_length]})()
+
+
+def test_token_alignment():
+    tok = _WordTokenizer()
+    index, alpha = token_alignment(tok, "a photo of a cat", "a photo of a big cat", "replace")
+    assert index.tolist() == list(range(12)) and alpha.tolist() == [1.0] * 12
+    index, alpha = token_alignment(tok, "a photo of a cat", "a photo of a big cat", "refine")
+    # after tokens: BOS a photo of a big cat EOS pad...; "big" (5) is new, "cat" (6) takes before's 5
+    assert alpha[:8].tolist() == [1, 1, 1, 1, 1, 0, 1, 1]
+    assert index[:8].tolist()[:5] == [0, 1, 2, 3, 4] and index[6] == 5 and index[7] == 6
+    assert index[8] == 7 and index[11] == 10 and alpha[8:].tolist() == [1.0] * 4
+
+
+def test_install_and_remove(self_attn):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    control = AttentionControl.for_samples([0.5])
+    install_attention(unet, "ip2p", control)
+    procs = unet.attn_processors.values()
+    assert all(isinstance(p, SharedSelfAttnProcessor) and p.control is control for p in procs)
+    install_attention(unet, "p2p-refine", control)
+    assert all(isinstance(p, PromptToPromptProcessor) for p in unet.attn_processors.values())
+    remove_attention(unet)
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    with pytest.raises(ValueError):
+        install_attention(unet, "bogus", control)
+    with pytest.raises(ValueError):
+        install_attention(unet, "ip2p", None)

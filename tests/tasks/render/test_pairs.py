@@ -1,0 +1,168 @@
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from tasks.common.models import load_diffusion, make_scheduler
+from tasks.render.pairs import PairRequest, RenderSettings, encode_prompts, render_pairs
+
+pytestmark = pytest.mark.component
+
+STEPS = 6
+SIZE = 64
+ATOL = 2e-5
+
+REQUESTS = [
+    PairRequest("cat", "a photo of a cat on a sofa", "a photo of a dog on a sofa", 1234),
+    PairRequest("house", "a red house by the sea", "a red house by the sea at night", 77),
+    PairRequest("girl", "portrait of a girl", "portrait of a girl wearing a hat", 2**32 - 5),
+]
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_diffusion("tiny")
+
+
+def settings(**kw):
+    return RenderSettings(steps=STEPS, height=SIZE, width=SIZE, **kw)
+
+
+def close(a, b, atol=ATOL):
+    return torch.allclose(a, b, atol=atol, rtol=0)
+
+
+def pipeline(components, scheduler=None):
+    """diffusers' own StableDiffusionPipeline over the same modules (it normalises the scheduler's config)."""
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline(
+            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+            unet=components.unet, scheduler=copy.deepcopy(scheduler or components.scheduler),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_image(pipe, prompt, seed, cfg_scale):
+    """An independent generation of `prompt` from the noise of `seed`."""
+    out = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=cfg_scale,
+               generator=torch.Generator().manual_seed(seed), output_type="pt")
+    return out.images[0]
+
+
+def test_output_shape_and_range(components):
+    calls = []
+    batch = render_pairs(components, REQUESTS[:2], settings(), step_callback=lambda i, t, x: calls.append(i))
+    assert batch.before.shape == batch.after.shape == (2, 3, SIZE, SIZE)
+    assert batch.before.dtype == torch.float32 and batch.before.device.type == "cpu"
+    assert 0 <= batch.before.min() and batch.after.max() <= 1
+    assert [p.seed for p in batch.params] == [1234, 77]
+    assert all(0.1 <= p.p2p_p <= 0.9 and 7.5 <= p.cfg_scale <= 15 for p in batch.params)
+    assert calls == list(range(STEPS))
+    assert encode_prompts(components, ["a", "b"]).shape == (2, 77, 32)
+    empty = render_pairs(components, [], settings())
+    assert empty.params == [] and empty.before.shape == (0, 3, SIZE, SIZE)
+
+
+def test_sdpa_equals_explicit_reference(components):
+    fast = render_pairs(components, REQUESTS, settings(attention="ip2p", p_range=(0.5, 0.9)))
+    explicit = render_pairs(components, REQUESTS, settings(attention="ip2p-explicit", p_range=(0.5, 0.9)))
+    assert close(fast.before, explicit.before, 1e-5) and close(fast.after, explicit.after, 1e-5)
+
+
+def test_identical_captions_give_identical_images(components):
+    same = [dataclasses.replace(r, output_caption=r.input_caption) for r in REQUESTS]
+    for p_range in [(0.0, 0.0), (0.3, 0.9), (1.0, 1.0)]:
+        batch = render_pairs(components, same, settings(p_range=p_range))
+        assert close(batch.before, batch.after, 1e-6)
+
+
+def test_p0_after_is_independent_generation_of_output_caption(components):
+    batch = render_pairs(components, REQUESTS[:2], settings(p_range=(0.0, 0.0)))
+    none = render_pairs(components, REQUESTS[:2], settings(attention="none"))
+    pipe = pipeline(components)
+    for i, req in enumerate(REQUESTS[:2]):
+        cfg = batch.params[i].cfg_scale
+        assert close(batch.after[i], pipeline_image(pipe, req.output_caption, req.seed, cfg))
+        assert close(batch.before[i], pipeline_image(pipe, req.input_caption, req.seed, cfg))
+    assert close(batch.after, none.after, 1e-6) and close(batch.before, none.before, 1e-6)
+
+
+def test_sharing_changes_after_but_not_before(components):
+    shared = render_pairs(components, REQUESTS, settings(p_range=(0.5, 0.9)))
+    unshared = render_pairs(components, REQUESTS, settings(p_range=(0.0, 0.0)))
+    assert close(shared.before, unshared.before, 1e-6)  # the before image is never modified
+    for i in range(len(REQUESTS)):
+        assert (shared.after[i] - unshared.after[i]).abs().max() > 1e-3
+
+
+def test_batched_equals_unbatched(components):
+    batched = render_pairs(components, REQUESTS, settings())
+    for i, req in enumerate(REQUESTS):
+        single = render_pairs(components, [req], settings())
+        assert single.params[0] == batched.params[i]
+        assert close(single.before[0], batched.before[i], 1e-5)
+        assert close(single.after[0], batched.after[i], 1e-5)
+    reordered = render_pairs(components, REQUESTS[::-1], settings())
+    assert close(reordered.after.flip(0), batched.after, 1e-5)
+
+
+def test_seed_determinism(components):
+    a = render_pairs(components, REQUESTS[:1], settings())
+    b = render_pairs(components, REQUESTS[:1], settings())
+    assert torch.equal(a.before, b.before) and torch.equal(a.after, b.after)
+    other = render_pairs(components, [dataclasses.replace(REQUESTS[0], seed=4321)], settings())
+    assert (other.before - a.before).abs().max() > 1e-3 and (other.after - a.after).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_other_schedulers(components, name):
+    pipe = pipeline(components, make_scheduler(name, components.source))
+    comps = dataclasses.replace(components, scheduler=pipe.scheduler)
+    batch = render_pairs(comps, REQUESTS[:2], settings())
+    assert torch.isfinite(batch.after).all() and batch.after.shape == (2, 3, SIZE, SIZE)
+    same = render_pairs(comps, [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)], settings())
+    assert close(same.before, same.after, 1e-6)
+    unshared = render_pairs(comps, REQUESTS[:1], settings(p_range=(0.0, 0.0)))
+    expected = pipeline_image(pipe, REQUESTS[0].output_caption, REQUESTS[0].seed, unshared.params[0].cfg_scale)
+    assert close(unshared.after[0], expected)
+
+
+@pytest.mark.parametrize("mode", ["p2p-replace", "p2p-refine"])
+def test_prompt_to_prompt_modes(components, mode):
+    none = render_pairs(components, REQUESTS, settings(attention="none"))
+    off = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=0.0, self_replace_steps=0.0))
+    assert close(off.before, none.before, 1e-6) and close(off.after, none.after, 1e-6)
+    on = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=0.8, self_replace_steps=0.4))
+    assert close(on.before, none.before, 1e-6)
+    assert (on.after - none.after).abs().max() > 1e-3
+    cross_only = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=1.0,
+                                                             self_replace_steps=0.0))
+    assert (cross_only.after - none.after).abs().max() > 1e-4
+
+
+def test_processors_restored(components):
+    before = {k: type(v) for k, v in components.unet.attn_processors.items()}
+    render_pairs(components, REQUESTS[:1], settings(attention="p2p-refine"))
+    assert {k: type(v) for k, v in components.unet.attn_processors.items()} == before
+    with pytest.raises(ValueError):
+        render_pairs(components, REQUESTS[:1], settings(attention="bogus"))
+    assert {k: type(v) for k, v in components.unet.attn_processors.items()} == before
+
+
+def test_refine_alignment_with_clip_tokenizer(components):
+    from tasks.render.attention import token_alignment
+
+    tok = components.tokenizer
+    index, alpha = token_alignment(tok, "a photo of a cat", "a photo of a fluffy cat", "refine")
+    after = tok("a photo of a fluffy cat").input_ids  # BOS a photo of a fluffy cat EOS
+    new = after.index(tok.convert_tokens_to_ids("fluffy</w>"))
+    assert alpha[new] == 0 and alpha[:new].tolist() == [1.0] * new
+    assert index[: new].tolist() == list(range(new)) and index[new + 1] == new  # "cat" takes before's "cat"
+    assert index[len(after)] == len(after) - 1 and bool((alpha[new + 1 :] == 1).all())
