@@ -58,7 +58,8 @@ class DiffusionComponents:
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusionComponents:
         for module in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if module is not None:
-                module.to(device=device, dtype=dtype)
+                same_dtype = dtype is None or next(module.parameters()).dtype == dtype
+                module.to(device=device) if same_dtype else module.to(device=device, dtype=dtype)
         return self
 
 
