@@ -82,6 +82,10 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
     def work(run: PartitionRun) -> None:
         kept = storage.read_parquet(storage.url_join(run.input_dir("filter"), "kept.parquet"))
         run.stats.add("in", len(kept))
+        run.extra["shards"] = []
+        if kept.empty:
+            run.stats.add("out", 0)
+            return
         meta = _caption_meta(cfg, partition_id)
         kept = kept.sort_values("sample_key").reset_index(drop=True)
         kept["split"] = kept["caption_id"].map(lambda c: split_of(c, p.val_fraction))

@@ -1,0 +1,86 @@
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from tasks.common import storage
+from tasks.common.config import load_config
+from tasks.pack.shards import run_pack_partition, split_of, write_index
+from tasks.render.stage import image_name
+
+
+def _png(value: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _prepare(root, n=5):
+    render_dir = f"{root}/render/part-00000"
+    rows = []
+    for i in range(n):
+        cid, seed = f"{i:016x}", 1000 + i
+        key = f"{cid}_{seed}"
+        storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'input')}", _png(10 * i))
+        storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'edited')}", _png(10 * i + 5))
+        rows.append({"caption_id": cid, "render_dir": render_dir, "sample_key": key, "seed": seed, "p2p_p": 0.5,
+                     "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
+                     "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
+    storage.write_parquet_atomic(f"{root}/filter/part-00000/kept.parquet", pd.DataFrame(rows))
+    storage.write_parquet_atomic(f"{root}/captions/part-00000/captions.parquet", pd.DataFrame(
+        {"caption_id": [r["caption_id"] for r in rows], "url": [f"https://x/{i}.jpg" for i in range(n)],
+         "aesthetic_score": [7.0] * n}))
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.shard_max_samples=2",
+                                "pack.val_fraction=0.0"])
+
+
+def test_shards_are_readable_by_webdataset(cfg, tmp_path):
+    _prepare(str(tmp_path))
+    manifest = run_pack_partition(cfg, 0)
+    assert manifest["counts"]["out"] == 5 and manifest["counts"]["shards"] == 3
+    index = write_index(cfg, [manifest])
+    urls = index["splits"]["train"]["shards"]
+    assert len(urls) == 3 and index["splits"]["train"]["samples"] == 5
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))
+    assert len(samples) == 5
+    s = samples[0]
+    assert "." not in s["__key__"]
+    assert {"input.jpg", "edited.jpg", "instruction.txt", "json"} <= set(s)
+    assert s["input.jpg"].size == (8, 8)
+    meta = s["json"]
+    assert meta["input"] == "a house 0" and meta["output"] == "a red house 0" and meta["seed"] == 1000
+    assert meta["url"] == "https://x/0.jpg" and "models" in meta and "clip_sim_dir" in meta
+    assert s["instruction.txt"] == "make it red"
+
+
+def test_reruns_are_byte_identical(cfg, tmp_path):
+    _prepare(str(tmp_path))
+    run_pack_partition(cfg, 0)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "pack" / "part-00000").glob("*.tar")}
+    (tmp_path / "pack" / "part-00000" / "_SUCCESS.json").unlink()
+    run_pack_partition(cfg, 0)
+    second = {p.name: p.read_bytes() for p in (tmp_path / "pack" / "part-00000").glob("*.tar")}
+    assert first == second
+
+
+def test_no_empty_shard_when_nothing_kept(cfg, tmp_path):
+    _prepare(str(tmp_path), n=0)
+    manifest = run_pack_partition(cfg, 0)
+    assert manifest["counts"].get("shards", 0) == 0
+    assert list((tmp_path / "pack" / "part-00000").glob("*.tar")) == []
+
+
+def test_split_is_per_triplet_and_deterministic():
+    assert split_of("abc", 0.0) == "train" and split_of("abc", 0.9999) == "val"
+    ids = [f"{i:016x}" for i in range(2000)]
+    frac = sum(split_of(c, 0.1) == "val" for c in ids) / len(ids)
+    assert 0.07 < frac < 0.13
+    assert json.dumps([split_of(c, 0.1) for c in ids]) == json.dumps([split_of(c, 0.1) for c in ids])
