@@ -10,6 +10,7 @@ from rich.table import Table
 from tasks.captions.stage import source_stats_url
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
+from tasks.common.contract import partition_dir, read_success
 
 
 def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
@@ -50,6 +51,14 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         table.add_row(r["stage"], str(r["partitions"]), str(r["skipped"]), str(r["in"]), str(r["out"]),
                       ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-")
     console.print(table)
+    finetune = read_success(partition_dir(cfg.output_root, "finetune", 0))
+    if finetune and "finetune" in finetune:
+        f = finetune["finetune"]
+        loss = (f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
+                if f.get("train_loss_first10") is not None else "")
+        val = f", val loss {f['val_loss']:.2f}" if f.get("val_loss") is not None else ""
+        console.print(f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
+                      f"({f.get('val_examples')} held out); {loss}{val}")
     render = next((r for r in rows if r["stage"] == "render"), None)
     if render:
         c = render["counts"]
