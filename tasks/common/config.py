@@ -96,6 +96,7 @@ class PackConfig(Section):
     shard_max_samples: int = Field(1000, ge=1)
     image_format: Literal["jpg", "png", "webp"] = "jpg"
     val_fraction: float = Field(0.05, ge=0, lt=1)
+    hf_export: bool = Field(False, description="also write Hugging Face parquet with the released columns")
 
 
 class PipelineConfig(Section):

@@ -22,6 +22,7 @@ from PIL import Image
 from tasks.common import storage
 from tasks.common.config import PackConfig, PipelineConfig
 from tasks.common.contract import PartitionRun, execute_partition
+from tasks.pack.hf_export import write_hf_parquet
 from tasks.render.stage import image_name
 
 STAGE = "pack"
@@ -95,7 +96,10 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
             for n, start in enumerate(range(0, len(rows), p.shard_max_samples)):
                 chunk = rows.iloc[start: start + p.shard_max_samples]
                 name = f"{split}-{n:06d}.tar"
-                write_shard(run.output(name), [sample_dict(r, r["render_dir"], p, meta) for _, r in chunk.iterrows()])
+                samples = [sample_dict(r, r["render_dir"], p, meta) for _, r in chunk.iterrows()]
+                write_shard(run.output(name), samples)
+                if p.hf_export:
+                    write_hf_parquet(run.output(f"hf/{split}-{n:06d}.parquet"), samples, p.image_format)
                 shards.append({"name": name, "split": split, "samples": len(chunk)})
                 run.stats.add(f"{split}_samples", len(chunk))
         run.stats.add("out", len(kept))
@@ -112,6 +116,8 @@ def write_index(cfg: PipelineConfig, manifests: list[dict]) -> dict:
          "partition_id": m["partition_id"]}
         for m in sorted(manifests, key=lambda m: m["partition_id"]) for s in m.get("shards", [])
     ]
+    hf = [storage.url_join(s["url"].rsplit("/", 1)[0], "hf", s["url"].rsplit("/", 1)[1].replace(".tar", ".parquet"))
+          for s in shards] if cfg.pack.hf_export else []
     index = {
         "format": "webdataset",
         "sample_layout": {"image_format": cfg.pack.image_format, "keys": ["input", "edited", "instruction.txt", "json"]},
@@ -119,6 +125,7 @@ def write_index(cfg: PipelineConfig, manifests: list[dict]) -> dict:
                            "samples": sum(s["samples"] for s in shards if s["split"] == split)}
                    for split in ("train", "val")},
         "shards": shards,
+        "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
         "config_hash": cfg.stage_hash(STAGE),
     }
     storage.write_json_atomic(storage.url_join(cfg.output_root, STAGE, "index.json"), index)

@@ -84,3 +84,19 @@ def test_split_is_per_triplet_and_deterministic():
     frac = sum(split_of(c, 0.1) == "val" for c in ids) / len(ids)
     assert 0.07 < frac < 0.13
     assert json.dumps([split_of(c, 0.1) for c in ids]) == json.dumps([split_of(c, 0.1) for c in ids])
+
+
+def test_hugging_face_export_has_the_released_columns(tmp_path):
+    import pyarrow.parquet as pq
+
+    cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.hf_export=true",
+                               "pack.val_fraction=0.0"])
+    _prepare(str(tmp_path), n=3)
+    index = write_index(cfg, [run_pack_partition(cfg, 0)])
+    (url,) = index["hf_parquet"]["train"]
+    table = pq.read_table(url)
+    assert table.column_names == ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"]
+    assert b"huggingface" in table.schema.metadata
+    row = table.to_pylist()[0]
+    assert row["original_prompt"] == "a house 0" and row["edit_prompt"] == "make it red"
+    assert Image.open(io.BytesIO(row["edited_image"]["bytes"])).size == (8, 8)
