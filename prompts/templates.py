@@ -1,21 +1,28 @@
 """Prompt templates live as text files beside this module; variables are named `{like_this}`.
 
 The same templates render the fine-tune data and the generation requests, so a change to a template
-changes both (and the config hash of every stage that uses it).
+changes both (and the config hash of every stage that uses it):
+
+- completion format (the paper's GPT-3 fine-tune): prompt `finetune_prompt.txt` = `"{input}\\n##\\n"`,
+  completion `finetune_completion.txt` = `"{edit}\\n%%\\n{output}\\nEND"`;
+- chat format (today's fine-tuning APIs and instruct models): system `chat_system.txt`, user
+  `chat_user.txt` (`{input}`), assistant = the paper's completion, so one parser reads both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import string
-from functools import lru_cache
+from functools import cache
 from importlib import resources
+from typing import Any
 
 STOP_SEQUENCE = "\nEND"
 EDIT_OUTPUT_SEPARATOR = "\n%%\n"
+TEMPLATE_NAMES = ("finetune_prompt", "finetune_completion", "chat_system", "chat_user")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_template(name: str) -> str:
     """Return the text of `prompts/{name}.txt`."""
     return resources.files("prompts").joinpath(f"{name}.txt").read_text(encoding="utf-8")
@@ -44,6 +51,27 @@ def finetune_completion(edit: str, output: str) -> str:
     return render("finetune_completion", edit=edit, output=output)
 
 
+def chat_messages(input_caption: str, edit: str | None = None, output: str | None = None) -> list[dict[str, str]]:
+    """Chat messages for one caption: [system, user] for a request, plus the assistant's answer
+    (the paper's completion) when `edit` and `output` are given (a fine-tune example)."""
+    messages = [
+        {"role": "system", "content": render("chat_system")},
+        {"role": "user", "content": render("chat_user", input=input_caption)},
+    ]
+    if edit is not None and output is not None:
+        messages.append({"role": "assistant", "content": finetune_completion(edit, output)})
+    return messages
+
+
+def completion_example(input_caption: str, edit: str, output: str) -> dict[str, Any]:
+    """One line of a completion-format fine-tune file: {"prompt", "completion"}."""
+    return {"prompt": finetune_prompt(input_caption), "completion": finetune_completion(edit, output)}
+
+
+def chat_example(input_caption: str, edit: str, output: str) -> dict[str, Any]:
+    """One line of a chat-format fine-tune file: {"messages": [system, user, assistant]}."""
+    return {"messages": chat_messages(input_caption, edit, output)}
+
+
 def templates_hash() -> str:
-    names = ["finetune_prompt", "finetune_completion", "chat_system"]
-    return hashlib.sha1("\0".join(load_template(n) for n in names).encode()).hexdigest()[:12]
+    return hashlib.sha1("\0".join(load_template(n) for n in TEMPLATE_NAMES).encode()).hexdigest()[:12]

@@ -13,7 +13,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -46,19 +46,82 @@ class CaptionsConfig(Section):
     max_caption_chars: int = Field(500, ge=1)
 
 
+class OpenAITextConfig(Section):
+    """The `openai` text backend: the OpenAI API or any OpenAI-compatible server (vLLM, TGI, a proxy).
+
+    The API key is never part of the config: `api_key_env` names the environment variable that holds
+    it, or `api_key_secret` names a Prefect Secret block.
+    """
+
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    api_key_secret: str | None = None
+    endpoint: Literal["chat", "completions"] = "chat"
+    base_model: str = "gpt-4o-mini-2024-07-18"
+    model: str | None = None  # use this model id as is (no fine-tune job): a served open model or an earlier fine-tune
+    finetune_epochs: int | None = Field(None, ge=1)
+    finetune_suffix: str = "editforge"
+    mode: Literal["online", "batch"] = "online"
+    concurrency: int = Field(64, ge=1)
+    max_retries: int = Field(8, ge=0)
+    backoff_initial_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    request_timeout_s: float = Field(120.0, gt=0)
+    poll_interval_s: float = Field(30.0, ge=0)
+    poll_timeout_s: float = Field(86400.0, gt=0)
+    checkpoint_every: int = Field(32, ge=1)
+    checkpoint_interval_s: float = Field(5.0, ge=0)
+    moderation: bool = True
+    moderation_model: str = "omni-moderation-latest"
+    moderation_batch: int = Field(32, ge=1)
+
+    # Settings that change how fast or how robustly the stage runs, never what it writes: a resumed
+    # run may change them without invalidating its checkpoints.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = (
+        "api_key_env", "api_key_secret", "concurrency", "max_retries", "backoff_initial_s", "backoff_max_s",
+        "request_timeout_s", "poll_interval_s", "poll_timeout_s", "checkpoint_every", "checkpoint_interval_s",
+        "moderation_batch",
+    )
+
+
 class TextConfig(Section):
-    backend: Literal["local"] = "local"
+    """The text stage: fine-tune an LM on the seed triplets, then write one triplet per caption.
+
+    Sampling defaults are the paper's (temperature 0.7, top_p 1.0, frequency penalty 0.1, at most 256
+    tokens, stop at "\\nEND"). `backend: local` runs transformers (+ peft LoRA when
+    `finetune_method: lora`); `backend: openai` runs `text.openai`.
+    """
+
+    backend: Literal["local", "openai"] = "local"
+    finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: tuple[str, ...] = ()  # empty: peft's default target modules for the architecture
     val_fraction: float = Field(0.1, ge=0, lt=1)
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     frequency_penalty: float = 0.1
     max_new_tokens: int = Field(256, ge=1)
     stop: str = "\nEND"
+    max_edit_words: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
+    openai: OpenAITextConfig = OpenAITextConfig()
+
+    # dotted keys (under `text.`) that never change the stage's output; see OpenAITextConfig.OPERATIONAL
+    OPERATIONAL: ClassVar[tuple[str, ...]] = tuple(f"openai.{k}" for k in OpenAITextConfig.OPERATIONAL)
+
+    def output_fields(self) -> dict[str, Any]:
+        """The settings that determine the stage's output (operational knobs left out), for hashing."""
+        data = self.model_dump(mode="json")
+        for key in self.OPERATIONAL:
+            head, _, tail = key.partition(".")
+            data[head].pop(tail, None)
+        return data
 
 
 class RenderConfig(Section):

@@ -6,22 +6,40 @@ sampling settings: temperature 0.7, top_p 1.0, frequency penalty 0.1 (OpenAI sem
 penalty x count of the token in the completion so far; transformers has no such processor), at most
 256 new tokens, stop at `"\\nEND"`.
 
+Fine-tuning is `full` (every weight; the tiny CPU default) or `lora` (peft: rank `lora_r`, scale
+`lora_alpha`, on `lora_targets` or peft's default modules for the architecture): only the adapter
+weights train and only the adapter is saved; it is merged into the base model for generation. This
+is the path for an open 0.5-3B instruct model on one GPU (`models.lm=<hub id or folder>`).
+
 Generation of a batch is seeded from the batch's first caption id, and batches have fixed
 boundaries within a partition, so a resumed run regenerates exactly what an uninterrupted run would.
+
+Serving instead of generating in-process: put the model (or base model + LoRA adapter) behind vLLM
+or any OpenAI-compatible server and use `text.backend=openai` with `text.openai.base_url` and
+`text.openai.model` (see `tasks.text.openai_api`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from prompts.templates import STOP_SEQUENCE, finetune_completion, finetune_prompt
-from tasks.common.contract import Stats
+from tasks.common.config import PipelineConfig, TextConfig
+from tasks.common.contract import Checkpoint, Stats
+from tasks.common.models import load_lm
+from tasks.text.format import TRIPLET_COLUMNS, triplet_row
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
@@ -71,7 +89,8 @@ def finetune(
     val_examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in val]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
     )
@@ -85,13 +104,13 @@ def finetune(
         input_ids, attention, labels = _collate([examples[i] for i in idx], tokenizer.pad_token_id)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if progress:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     model.eval()
     val_loss = None
     if val_examples:
@@ -104,6 +123,34 @@ def finetune(
     last = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
     return {"train_loss_first10": first, "train_loss_last10": last, "val_loss": val_loss,
             "train_examples": len(examples), "val_examples": len(val_examples)}
+
+
+def apply_lora(model, t: TextConfig):
+    """Wrap `model` with LoRA adapters (peft); the base weights are frozen, only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, task_type="CAUSAL_LM",
+        target_modules=list(t.lora_targets) or None,
+        fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # GPT-2 uses Conv1D layers
+    )
+    return get_peft_model(model, config)
+
+
+def load_finetuned(cfg: PipelineConfig, model_dir: Path):
+    """Load what `finetune` saved: a whole model, or a LoRA adapter merged into its base model."""
+    if (model_dir / ADAPTER_CONFIG).exists():
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        base, _ = load_lm(cfg.models.lm, cfg.models.lm_path)
+        model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model.eval(), tokenizer
+    model, tokenizer = load_lm(cfg.models.lm, str(model_dir))
+    return model.eval(), tokenizer
 
 
 def batch_seed(seed: int, first_key: str) -> int:
@@ -136,3 +183,30 @@ def generate(
     )
     texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     return [t.split(stop)[0] for t in texts]
+
+
+def generate_partition(
+    cfg: PipelineConfig, captions: pd.DataFrame, checkpoint: Checkpoint, stats: Stats, model_dir: Path,
+    partition_id: int, logger: logging.Logger,
+) -> None:
+    """Generate every batch of the partition not yet in `checkpoint`, one checkpoint chunk per batch."""
+    t = cfg.text
+    done = checkpoint.done_keys()
+    batches = [captions.iloc[i: i + t.batch_size] for i in range(0, len(captions), t.batch_size)]
+    pending = [b for b in batches if not set(b["caption_id"]).issubset(done)]
+    if len(pending) < len(batches):
+        logger.info("text part-%05d: resuming, %d of %d batches already generated",
+                    partition_id, len(batches) - len(pending), len(batches))
+    if not pending:
+        return
+    model, tokenizer = load_finetuned(cfg, model_dir)
+    model_name = f"{cfg.models.lm_path or cfg.models.lm}+{t.finetune_method}-finetune"
+    for batch in tqdm(pending, desc=f"generate triplets p{partition_id}", unit="batch", leave=False):
+        with stats.timer("generate"):
+            raws = generate(model, tokenizer, list(batch["text"]), temperature=t.temperature, top_p=t.top_p,
+                            frequency_penalty=t.frequency_penalty, max_new_tokens=t.max_new_tokens,
+                            seed=batch_seed(t.seed, batch["caption_id"].iloc[0]), stop=t.stop)
+        rows = [triplet_row(cid, text, raw, model_name, t.max_edit_words)
+                for cid, text, raw in zip(batch["caption_id"], batch["text"], raws)]
+        checkpoint.append(batch["caption_id"].iloc[0], pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+        stats.add("batches_generated")

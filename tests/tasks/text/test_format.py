@@ -1,8 +1,14 @@
 import pytest
 
 from tasks.text.format import (
-    REJECT_EDIT_HAS_CAPTION, REJECT_EMPTY, REJECT_LONG_EDIT, REJECT_SAME, REJECT_UNPARSEABLE, comparable,
-    parse_completion, validate_triplet,
+    REJECT_EDIT_HAS_CAPTION,
+    REJECT_EMPTY,
+    REJECT_LONG_EDIT,
+    REJECT_SAME,
+    REJECT_UNPARSEABLE,
+    comparable,
+    parse_completion,
+    validate_triplet,
 )
 
 
@@ -44,3 +50,33 @@ def test_other_validation_reasons():
     assert validate_triplet("a cat", " ".join(["word"] * 50), "a dog") == REJECT_LONG_EDIT
     caption = "a photograph of a mountain lake at dawn"
     assert validate_triplet(caption, f"turn {caption} into night", "x") == REJECT_EDIT_HAS_CAPTION
+
+
+def test_triplet_row_keeps_or_rejects_with_one_reason():
+    from tasks.text.format import REJECT_MODERATION, triplet_row
+
+    ok = triplet_row("a", "a cat", "make it a dog\n%%\na dog", "m")
+    assert (ok["status"], ok["reject_reason"], ok["edit"], ok["output"]) == ("ok", None, "make it a dog", "a dog")
+    bad = triplet_row("b", "a cat", "make it a dog", "m")
+    assert (bad["status"], bad["reject_reason"], bad["edit"]) == ("rejected", REJECT_UNPARSEABLE, None)
+    same = triplet_row("c", "a cat.", "do nothing\n%%\nA cat", "m")
+    assert same["reject_reason"] == REJECT_SAME
+    flagged = triplet_row("d", "a cat", None, "m", reject_reason=REJECT_MODERATION)
+    assert flagged["reject_reason"] == REJECT_MODERATION and flagged["raw_completion"] is None
+
+
+def test_duplicate_input_edit_pairs_are_rejected_independently_of_order():
+    import pandas as pd
+
+    from tasks.text.format import REJECT_DUPLICATE, TRIPLET_COLUMNS, mark_duplicates, triplet_row
+
+    rows = [
+        triplet_row("c3", "A cat on a mat.", "Make it snow\n%%\na cat on a mat in snow", "m"),
+        triplet_row("a1", "a cat on a mat", "make it snow!\n%%\na cat on a mat, snowing", "m"),
+        triplet_row("b2", "a cat on a mat", "make it night\n%%\na cat on a mat at night", "m"),
+        triplet_row("d4", "a cat on a mat", "make it snow\n%%\nx", "m") | {"status": "rejected", "reject_reason": "x"},
+    ]
+    for order in (rows, rows[::-1]):
+        df = mark_duplicates(pd.DataFrame(order, columns=TRIPLET_COLUMNS))
+        assert list(df["caption_id"]) == ["a1", "b2", "c3", "d4"]
+        assert list(df["reject_reason"].fillna("")) == ["", "", REJECT_DUPLICATE, "x"]

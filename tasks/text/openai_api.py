@@ -1,0 +1,214 @@
+"""The OpenAI-compatible API as the text stage uses it: client, API key, retries, request bodies.
+
+Any server that speaks the OpenAI HTTP API works through `text.openai.base_url`: the OpenAI API itself,
+or an open model served by vLLM (`vllm serve Qwen/Qwen2.5-1.5B-Instruct --enable-lora ...`, then
+`text.openai.base_url=http://host:8000/v1`, `text.openai.model=<served name>`), TGI, or a proxy.
+
+Retries are ours, not the SDK's (`max_retries=0`): 429, 408, 409, 5xx, timeouts and dropped
+connections are retried with exponential backoff and jitter, and a `Retry-After` (or
+`retry-after-ms`) header from the server is honoured. Every retry is counted by reason.
+
+The API key is read from the environment variable named by `text.openai.api_key_env` or from a
+Prefect Secret block (`text.openai.api_key_secret`); it is handed to the SDK only, never logged and
+never written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import os
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import openai
+
+from prompts.templates import chat_messages, finetune_prompt
+from tasks.common.config import OpenAITextConfig, TextConfig
+
+T = TypeVar("T")
+ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+
+
+class MissingAPIKeyError(RuntimeError):
+    """No API key was found where the config says to look (the message names the place, not a key)."""
+
+
+def resolve_api_key(cfg: OpenAITextConfig) -> str:
+    """The API key from a Prefect Secret block or the environment (never logged)."""
+    if cfg.api_key_secret:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(cfg.api_key_secret).get()
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise MissingAPIKeyError(
+            f"text backend 'openai': environment variable {cfg.api_key_env} is not set. Set it, point "
+            f"text.openai.api_key_env at another variable, or name a Prefect Secret block in "
+            f"text.openai.api_key_secret (a local server without authentication takes any value, e.g. EMPTY)."
+        )
+    return key
+
+
+def make_client(cfg: OpenAITextConfig, api_key: str) -> openai.AsyncOpenAI:
+    """An async client with the SDK's own retries off (the retry loop below does them)."""
+    return openai.AsyncOpenAI(api_key=api_key, base_url=cfg.base_url, max_retries=0, timeout=cfg.request_timeout_s)
+
+
+def redacted_endpoint(cfg: OpenAITextConfig) -> str:
+    """Where requests go, for manifests and logs (a base URL never holds the key; userinfo is dropped)."""
+    url = cfg.base_url or "https://api.openai.com/v1"
+    if "@" in url.split("//", 1)[-1].split("/", 1)[0]:
+        scheme, rest = url.split("//", 1)
+        url = f"{scheme}//{rest.split('@', 1)[1]}"
+    return url
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: attempt k waits U(0.5, 1) x min(max_s, initial_s x 2^k);
+    a server's Retry-After replaces that wait (plus up to 25 % jitter, so a storm does not return at once)."""
+
+    max_retries: int = 8
+    initial_s: float = 1.0
+    max_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, cfg: OpenAITextConfig) -> RetryPolicy:
+        return cls(cfg.max_retries, cfg.backoff_initial_s, cfg.backoff_max_s)
+
+    def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
+        if retry_after is not None and retry_after >= 0:
+            return retry_after * (1.0 + 0.25 * rng.random())
+        cap = min(self.max_s, self.initial_s * 2.0 ** attempt)
+        return cap * (0.5 + 0.5 * rng.random())
+
+
+def retry_reason(err: BaseException) -> str | None:
+    """Why a failed request is worth retrying ('429', '5xx', 'timeout', ...), or None when it is not."""
+    if isinstance(err, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(err, openai.APIConnectionError):
+        return "connection"
+    if isinstance(err, openai.APIStatusError):
+        code = err.status_code
+        if code == 429:
+            return "429"
+        if code >= 500:
+            return "5xx"
+        if code in (408, 409):
+            return str(code)
+    return None
+
+
+def retry_after_seconds(err: BaseException) -> float | None:
+    """Seconds the server asked us to wait (`retry-after-ms`, `retry-after` as seconds or HTTP date)."""
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        parsed = email.utils.parsedate_tz(value)
+        return max(0.0, email.utils.mktime_tz(parsed) - time.time()) if parsed else None
+
+
+async def call_with_retries(
+    call: Callable[[], Awaitable[T]], policy: RetryPolicy, rng: random.Random,
+    on_retry: Callable[[str], None] | None = None,
+) -> T:
+    """Await `call()` until it succeeds; retry retryable errors up to `policy.max_retries` times."""
+    attempt = 0
+    while True:
+        try:
+            return await call()
+        except openai.APIError as err:
+            reason = retry_reason(err)
+            if reason is None or attempt >= policy.max_retries:
+                raise
+            if on_retry:
+                on_retry(reason)
+            await asyncio.sleep(policy.delay(attempt, retry_after_seconds(err), rng))
+            attempt += 1
+
+
+def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from sync code, also when the caller already runs an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(make_coro())
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = asyncio.run(make_coro())
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+            result["error"] = err
+
+    thread = threading.Thread(target=target, name="editforge-openai")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def caption_seed(seed: int, caption_id: str) -> int:
+    """The per-caption sampling seed sent with every request, so a resumed run asks the same question."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{caption_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def request_body(t: TextConfig, model: str, caption_id: str, caption: str) -> dict[str, Any]:
+    """The generation request for one caption, with the paper's sampling settings.
+
+    The prompt comes from the same templates as the fine-tune files (completion or chat format).
+    """
+    body: dict[str, Any] = {
+        "model": model, "temperature": t.temperature, "top_p": t.top_p, "frequency_penalty": t.frequency_penalty,
+        "stop": [t.stop], "seed": caption_seed(t.seed, caption_id),
+    }
+    if t.openai.endpoint == "chat":
+        return body | {"messages": chat_messages(caption), "max_completion_tokens": t.max_new_tokens}
+    return body | {"prompt": finetune_prompt(caption), "max_tokens": t.max_new_tokens}
+
+
+def completion_text(endpoint: str, response: dict[str, Any]) -> str | None:
+    """The generated text of a (chat) completion response body, or None when it has none."""
+    choices = response.get("choices") or []
+    if not choices:
+        return None
+    if endpoint == "chat":
+        return (choices[0].get("message") or {}).get("content")
+    return choices[0].get("text")
+
+
+async def create_completion(client: openai.AsyncOpenAI, endpoint: str, body: dict[str, Any]) -> str | None:
+    if endpoint == "chat":
+        response = await client.chat.completions.create(**body)
+    else:
+        response = await client.completions.create(**body)
+    return completion_text(endpoint, response.model_dump())
+
+
+async def moderate(client: openai.AsyncOpenAI, model: str, texts: list[str]) -> list[bool]:
+    """Whether the moderation endpoint flags each text (one request for the whole list)."""
+    response = await client.moderations.create(model=model, input=texts)
+    flags = [bool(r.flagged) for r in response.results]
+    if len(flags) != len(texts):
+        raise RuntimeError(f"moderation endpoint returned {len(flags)} results for {len(texts)} inputs")
+    return flags

@@ -1,0 +1,187 @@
+"""Online generation against an OpenAI-compatible API: many requests in flight, results checkpointed.
+
+The reference code asked GPT-3 for one completion at a time. Here `concurrency` requests (default
+64) are in flight at once; each caption is one request, retried on 429/5xx/timeouts (see
+`openai_api`). Answers are parsed and validated as they arrive and appended to the partition's
+checkpoint in chunks (every `checkpoint_every` rows or `checkpoint_interval_s` seconds); when the
+run stops on an error or is cancelled, the answers already received are flushed before it ends, so
+only a hard kill loses answers, and then at most one unflushed chunk plus the requests in flight.
+A re-run skips every caption in the checkpoint: no caption that was answered is requested again.
+
+Each request carries a seed derived from its caption id, and the final table is sorted by caption id
+(duplicates are marked afterwards), so the rows do not depend on the order answers arrived in.
+
+Moderation (`text.openai.moderation`), as the reference did: captions are checked before any
+generation request (flagged ones are rejected with `moderation_flag` and never sent), and the
+generated edit and output caption are checked before their chunk is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import openai
+import pandas as pd
+
+from tasks.common.config import TextConfig
+from tasks.common.contract import Checkpoint, Stats
+from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, triplet_row
+from tasks.text.openai_api import RetryPolicy, call_with_retries, create_completion, moderate, request_body
+
+log = logging.getLogger("editforge")
+Caption = tuple[str, str]  # (caption_id, text)
+
+
+class ChunkWriter:
+    """Buffers finished rows; moderates their generated text and appends them as one checkpoint chunk."""
+
+    def __init__(self, client: openai.AsyncOpenAI, t: TextConfig, checkpoint: Checkpoint, stats: Stats,
+                 rng: random.Random, on_chunk: Callable[[int], None] | None = None):
+        self.client, self.t, self.checkpoint, self.stats, self.rng = client, t, checkpoint, stats, rng
+        self.on_chunk = on_chunk
+        self.rows: list[dict] = []
+        self.oldest: float | None = None
+        self.chunks_written = 0
+
+    def add(self, row: dict) -> None:
+        if not self.rows:
+            self.oldest = time.monotonic()
+        self.rows.append(row)
+
+    def due(self) -> bool:
+        o = self.t.openai
+        return len(self.rows) >= o.checkpoint_every or (
+            bool(self.rows) and self.oldest is not None and time.monotonic() - self.oldest >= o.checkpoint_interval_s)
+
+    async def flush(self, moderate_output: bool = True) -> None:
+        rows, self.rows, self.oldest = self.rows, [], None
+        if not rows:
+            return
+        if moderate_output and self.t.openai.moderation:
+            await self._moderate_outputs(rows)
+        ids = sorted(r["caption_id"] for r in rows)
+        chunk_id = hashlib.sha1("\n".join(ids).encode()).hexdigest()
+        self.checkpoint.append(chunk_id, pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+        self.chunks_written += 1
+        self.stats.add("checkpoint_chunks")
+        if self.on_chunk:
+            self.on_chunk(self.chunks_written)
+
+    async def _moderate_outputs(self, rows: list[dict]) -> None:
+        o = self.t.openai
+        kept = [r for r in rows if r["status"] == "ok"]
+        policy = RetryPolicy.from_config(o)
+        for i in range(0, len(kept), o.moderation_batch):
+            group = kept[i: i + o.moderation_batch]
+            texts = [f"{r['edit']}\n{r['output']}" for r in group]
+            flags = await call_with_retries(partial(moderate, self.client, o.moderation_model, texts), policy,
+                                            self.rng, self._count_retry)
+            self.stats.add("moderation_requests")
+            for row, flagged in zip(group, flags):
+                if flagged:
+                    row["status"], row["reject_reason"] = "rejected", REJECT_MODERATION
+
+    def _count_retry(self, reason: str) -> None:
+        self.stats.add(f"retries_{reason}")
+
+
+async def moderate_captions(client: openai.AsyncOpenAI, t: TextConfig, captions: Sequence[Caption], stats: Stats,
+                            rng: random.Random) -> set[str]:
+    """Caption ids whose caption the moderation endpoint flags (groups of `moderation_batch`, concurrently)."""
+    o = t.openai
+    policy = RetryPolicy.from_config(o)
+    limit = asyncio.Semaphore(o.concurrency)
+    flagged: set[str] = set()
+
+    async def one(group: Sequence[Caption]) -> None:
+        async with limit:
+            flags = await call_with_retries(lambda: moderate(client, o.moderation_model, [c for _, c in group]),
+                                            policy, rng, lambda r: stats.add(f"retries_{r}"))
+        stats.add("moderation_requests")
+        flagged.update(cid for (cid, _), f in zip(group, flags) if f)
+
+    groups = [captions[i: i + o.moderation_batch] for i in range(0, len(captions), o.moderation_batch)]
+    await asyncio.gather(*(one(g) for g in groups))
+    return flagged
+
+
+async def generate_online(
+    client: openai.AsyncOpenAI, t: TextConfig, model: str, captions: Sequence[Caption], writer: ChunkWriter,
+    stats: Stats, rng: random.Random, logger: logging.Logger = log,
+) -> None:
+    """Generate one triplet per caption with `concurrency` requests in flight; rows go to `writer`.
+
+    A request refused for good (4xx other than 408/409/429) gives a row rejected as `api_error`; a
+    retryable error that outlives `max_retries` stops the run (after flushing what was answered) so
+    Prefect's task retry, or a re-run, resumes it.
+    """
+    o = t.openai
+    policy = RetryPolicy.from_config(o)
+    queue: asyncio.Queue[Caption] = asyncio.Queue()
+    for item in captions:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                caption_id, caption = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            body = request_body(t, model, caption_id, caption)
+            reason = raw = None
+            try:
+                raw = await call_with_retries(partial(create_completion, client, o.endpoint, body), policy, rng,
+                                              lambda r: stats.add(f"retries_{r}"))
+                stats.add("requests_answered")
+            except openai.APIStatusError as err:
+                if err.status_code >= 500 or err.status_code in (408, 409, 429):
+                    raise
+                logger.warning("text: request for caption %s refused (HTTP %s): %s", caption_id, err.status_code,
+                               str(err)[:300])
+                reason = REJECT_API
+            writer.add(triplet_row(caption_id, caption, raw, model, t.max_edit_words, reason))
+            if writer.due():
+                await writer.flush()
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(max(0.05, o.checkpoint_interval_s / 2))
+            if writer.due():
+                await writer.flush()
+
+    workers = [asyncio.create_task(worker()) for _ in range(min(o.concurrency, len(captions)))]
+    tick = asyncio.create_task(ticker())
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+    finally:
+        tick.cancel()
+        await asyncio.gather(tick, return_exceptions=True)
+        await _final_flush(writer, logger)
+
+
+async def _final_flush(writer: ChunkWriter, logger: logging.Logger) -> None:
+    """Write the answers still buffered (also when the run is failing or cancelled)."""
+    if not writer.rows:
+        return
+    try:
+        await asyncio.shield(writer.flush())
+    except Exception as err:  # noqa: BLE001  (the run is already failing; these answers are requested again)
+        logger.warning("text: could not checkpoint %d buffered answers (%s); they will be requested again",
+                       len(writer.rows), type(err).__name__)
+
+
+def moderation_rows(t: TextConfig, captions: Sequence[Caption], flagged: set[str], model: str) -> list[dict]:
+    """Rejected rows for captions flagged by moderation (no generation request is sent for them)."""
+    return [triplet_row(cid, text, None, model, t.max_edit_words, REJECT_MODERATION)
+            for cid, text in captions if cid in flagged]

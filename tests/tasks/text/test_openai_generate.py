@@ -1,0 +1,142 @@
+"""Online and Batch API generation against the fake: faults, malformed answers, moderation, resume."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from fakes.openai_server import fake_completion
+from text_helpers import make_captions, openai_config, write_captions
+
+from tasks.common import storage
+from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, mark_duplicates, triplet_row
+from tasks.text.openai_api import caption_seed
+from tasks.text.openai_batch import BatchJobError
+from tasks.text.stage import run_text_partition
+
+MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
+
+
+def _triplets(root) -> pd.DataFrame:
+    return storage.read_parquet(str(root / "text/part-00000/triplets.parquet"))
+
+
+def expected_rows(cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag_words=(), refuse_words=()) -> pd.DataFrame:
+    """What the stage must write for `captions`, computed without any request."""
+    rows = []
+    for cid, text in zip(captions["caption_id"], captions["text"]):
+        if any(w in text for w in flag_words):
+            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION))
+        elif any(w in text for w in refuse_words):
+            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_API))
+        else:
+            row = triplet_row(cid, text, fake_completion(text, caption_seed(cfg.text.seed, cid), malformed_rate), MODEL)
+            if row["status"] == "ok" and any(w in f"{row['edit']}\n{row['output']}" for w in flag_words):
+                row |= {"status": "rejected", "reject_reason": REJECT_MODERATION}
+            rows.append(row)
+    return mark_duplicates(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+
+
+def _assert_same(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(actual.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
+
+
+def test_429_storm_and_500s_still_complete_with_correct_rows(fake, tmp_path):
+    fake.knobs.rate_429, fake.knobs.rate_500, fake.knobs.retry_after = 0.3, 0.3, 0.0
+    fake.knobs.latency = (0.0, 0.01)
+    captions = make_captions(120)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.concurrency=16",
+                        "text.openai.checkpoint_every=16")
+    manifest = run_text_partition(cfg, 0)
+    counts = manifest["counts"]
+    assert counts["in"] == 120 and counts["out"] + sum(manifest["rejected"].values()) == 120
+    assert counts["retries_429"] > 20 and counts["retries_5xx"] > 20 and counts["requests_answered"] == 120
+    assert fake.state.count("/v1/chat/completions", 429) == counts["retries_429"] - _moderation_retries(fake, 429)
+    _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
+    assert max(fake.state.answered().values()) == 1  # no caption answered twice
+
+
+def _moderation_retries(fake, status: int) -> int:
+    return fake.state.count("/v1/moderations", status)
+
+
+def test_malformed_completions_are_counted_by_reason(fake, tmp_path):
+    fake.knobs.malformed_rate = 0.5
+    captions = make_captions(60)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.endpoint=completions")
+    manifest = run_text_partition(cfg, 0)
+    expected = expected_rows(cfg, captions, malformed_rate=0.5)
+    _assert_same(_triplets(tmp_path), expected)
+    want = expected["reject_reason"].value_counts().to_dict()
+    assert manifest["rejected"] == want and {"unparseable", "empty_part", "output_equals_input"} <= set(want)
+    assert manifest["counts"]["out"] == (expected["status"] == "ok").sum()
+    assert fake.state.count("/v1/completions", 200) == 60 and fake.state.count("/v1/chat/completions") == 0
+
+
+def test_moderation_of_captions_and_of_generated_text(fake, tmp_path):
+    fake.knobs.flag_words = ("FLAGGED", "fireworks")  # "fireworks" appears in some generated edits
+    captions = make_captions(40, ["a FLAGGED scene in the park", "a REFUSED scene by the lake"])
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}")
+    manifest = run_text_partition(cfg, 0)
+    expected = expected_rows(cfg, captions, flag_words=fake.knobs.flag_words, refuse_words=("REFUSED",))
+    _assert_same(_triplets(tmp_path), expected)
+    assert manifest["rejected"][REJECT_MODERATION] >= 2 and manifest["rejected"][REJECT_API] == 1
+    assert "a FLAGGED scene in the park" not in fake.state.answered()  # a flagged caption is never sent
+
+
+def test_moderation_can_be_switched_off(fake, tmp_path):
+    captions = make_captions(10, ["a FLAGGED scene in the park"])
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
+    run_text_partition(cfg, 0)
+    assert fake.state.count("/v1/moderations") == 0 and len(fake.state.answered()) == 11
+
+
+def test_batch_api_round_trip_equals_online(fake, tmp_path):
+    fake.knobs.batch_polls = 2
+    fake.knobs.malformed_rate = 0.2
+    captions = make_captions(50, ["a FLAGGED scene in the park"])
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
+    manifest = run_text_partition(cfg, 0)
+    assert fake.state.count("/v1/batches") == 1 and fake.state.count("/v1/chat/completions") == 0
+    batch_input = [f for f in fake.state.files.values() if f.get("purpose") == "batch"]
+    assert len(batch_input) == 1 and b'"custom_id"' in batch_input[0]["data"]
+    assert manifest["counts"]["batch_answered"] == 50
+    _assert_same(_triplets(tmp_path), expected_rows(cfg, captions, 0.2, flag_words=("FLAGGED",)))
+
+
+def test_batch_errors_fall_back_to_online_requests(fake, tmp_path):
+    fake.knobs.batch_error_rate = 0.3
+    captions = make_captions(40)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
+    manifest = run_text_partition(cfg, 0)
+    fallback = manifest["counts"]["batch_fallback_online"]
+    assert 0 < fallback < 40 and fake.state.count("/v1/chat/completions", 200) == fallback
+    assert max(fake.state.answered().values()) == 1
+    _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
+
+
+def test_a_failed_batch_surfaces_its_errors(fake, tmp_path):
+    fake.knobs.batch_fail = True
+    write_captions(str(tmp_path), 0, make_captions(5))
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
+    with pytest.raises(BatchJobError, match="invalid_request: line 1: unknown model"):
+        run_text_partition(cfg, 0)
+
+
+def test_a_recorded_batch_is_polled_not_created_again(fake, tmp_path):
+    fake.knobs.batch_polls = 10_000
+    captions = make_captions(20)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch",
+                        "text.openai.poll_timeout_s=0.2")
+    with pytest.raises(TimeoutError, match="re-run to keep polling"):
+        run_text_partition(cfg, 0)
+    fake.knobs.batch_polls = 1
+    manifest = run_text_partition(cfg, 0)
+    assert manifest["counts"]["batch_jobs_resumed"] == 1 and fake.state.count("/v1/batches") == 1
+    _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))

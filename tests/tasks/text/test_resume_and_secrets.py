@@ -1,0 +1,137 @@
+"""Kill-and-resume of online generation (a crash inside the run, and a SIGKILL of the process), and the
+API key never leaving the process: not in logs, manifests, checkpoints or parquet."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from text_helpers import (
+    API_KEY,
+    KEY_ENV,
+    checkpointed_ids,
+    make_captions,
+    openai_config,
+    openai_overrides,
+    write_captions,
+)
+
+from tasks.common import storage
+from tasks.text.stage import run_finetune, run_text_partition
+
+MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _triplets(root: Path) -> pd.DataFrame:
+    return storage.read_parquet(str(root / "text/part-00000/triplets.parquet"))
+
+
+def _answers_since(fake, start: int) -> Counter:
+    return Counter(r["caption"] for r in fake.state.requests[start:] if r["caption"] is not None and r["status"] == 200)
+
+
+def _uninterrupted(fake, tmp_path: Path, captions: pd.DataFrame, *overrides: str) -> pd.DataFrame:
+    root = tmp_path / "uninterrupted"
+    write_captions(str(root), 0, captions)
+    run_text_partition(openai_config(fake, root, *overrides), 0)
+    return _triplets(root)
+
+
+def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_path):
+    fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.002, 0.02), 0.1, 0.2
+    captions = make_captions(80)
+    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=8", "text.openai.checkpoint_every=8")
+    reference = _uninterrupted(fake, tmp_path, captions, *settings)
+
+    root = tmp_path / "crashed"
+    write_captions(str(root), 0, captions)
+    cfg = openai_config(fake, root, *settings)
+
+    def crash_after_three_chunks(n: int) -> None:
+        if n == 3:
+            raise Crash("simulated crash")
+
+    start = len(fake.state.requests)
+    with pytest.raises(Crash):
+        run_text_partition(cfg, 0, on_chunk=crash_after_three_chunks)
+    kept = checkpointed_ids(root)
+    assert 24 <= len(kept) < 80
+    texts = dict(zip(captions["caption_id"], captions["text"]))
+    lost = set(_answers_since(fake, start)) - {texts[c] for c in kept}
+    assert len(lost) <= 8  # at most the requests in flight when the crash came
+
+    resumed_from = len(fake.state.requests)
+    manifest = run_text_partition(cfg, 0)
+    again = _answers_since(fake, resumed_from)
+    assert not set(again) & {texts[c] for c in kept}  # no answered caption is requested twice
+    assert len(again) == 80 - len(kept) and max(again.values()) == 1
+    pd.testing.assert_frame_equal(_triplets(root), reference)
+    assert manifest["counts"]["in"] == 80 and manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 80
+
+
+KILLED_RUN = """
+import json, sys
+from tasks.common.config import load_config
+from tasks.text.stage import run_text_partition
+run_text_partition(load_config("demo", json.loads(sys.argv[1])), 0)
+"""
+
+
+def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_rows(fake, tmp_path):
+    fake.knobs.latency = (0.04, 0.08)
+    captions = make_captions(64)
+    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=4", "text.openai.checkpoint_every=4",
+                "text.openai.moderation=false")
+    reference = _uninterrupted(fake, tmp_path, captions, *settings)
+
+    root = tmp_path / "killed"
+    write_captions(str(root), 0, captions)
+    start = len(fake.state.requests)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(openai_overrides(fake, root, *settings))],
+                            cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while len(checkpointed_ids(root)) < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    assert proc.wait() == -9, "the run finished before it could be killed"
+    time.sleep(0.2)  # the fake still answers the dead client's requests in flight (they count as lost)
+    kept = checkpointed_ids(root)
+    texts = dict(zip(captions["caption_id"], captions["text"]))
+    lost = set(_answers_since(fake, start)) - {texts[c] for c in kept}
+    assert 8 <= len(kept) < 64 and len(lost) <= 4 + 4  # in flight + one unflushed chunk at most
+
+    resumed_from = len(fake.state.requests)
+    run_text_partition(openai_config(fake, root, *settings), 0)
+    again = _answers_since(fake, resumed_from)
+    assert not set(again) & {texts[c] for c in kept} and max(again.values()) == 1
+    pd.testing.assert_frame_equal(_triplets(root), reference)
+
+
+def test_the_api_key_never_appears_in_logs_manifests_or_files(fake, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)  # every logger, the SDK's and the HTTP client's included
+    fake.knobs.rate_429, fake.knobs.rate_500 = 0.2, 0.1
+    write_captions(str(tmp_path), 0, make_captions(20, ["a REFUSED scene by the lake"]))
+    write_captions(str(tmp_path), 1, make_captions(10))
+    cfg = openai_config(fake, tmp_path)
+    manifests = [run_finetune(cfg), run_text_partition(cfg, 0),
+                 run_text_partition(openai_config(fake, tmp_path, "text.openai.mode=batch"), 1)]
+    assert manifests[1]["counts"]["requests_answered"] == 20  # the fake checks the key: it was sent
+    assert manifests[2]["counts"]["batch_answered"] == 10
+    blobs = {"log": caplog.text, "manifests": json.dumps(manifests), "config": cfg.model_dump_json()}
+    blobs |= {str(p): p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(name.endswith("triplets.parquet") for name in blobs) and any("_SUCCESS" in n for n in blobs)
+    for name, text in blobs.items():
+        assert API_KEY not in text and API_KEY[-10:] not in text, f"API key found in {name}"
