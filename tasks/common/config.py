@@ -125,8 +125,22 @@ class TextConfig(Section):
 
 
 class RenderConfig(Section):
+    """The render stage. Defaults are the reference's algorithm; every compute saver is a switch, off.
+
+    Sampling: `samples_per_triplet` seeds per triplet (100 in the reference), `steps` of `scheduler`,
+    cfg ~ U(`cfg_range`), p ~ U(`p_range`). Batching (output-preserving up to float rounding):
+    `batch_samples` samples per UNet batch (4 x that images), or `auto` (free GPU memory, at most
+    `batch_samples_max`; 8 on CPU); halved on CUDA out-of-memory. Savers (see `tasks/render/scheduling.py`
+    and `tasks/render/early.py`): `adaptive` draws samples in rounds of `round_size` and stops a triplet
+    once `target_passed` (default: `filter.top_k`) passed; `give_up_after` stops a triplet after that
+    many samples without a pass; `early_reject_at` (a fraction of the steps) scores the x0 prediction
+    and drops samples whose `early_reject_metrics` are below the filter thresholds minus
+    `early_reject_margin`. `dtype` float16/bfloat16 and `compile` act on CUDA only.
+    """
+
     samples_per_triplet: int = Field(100, ge=1)
-    batch_samples: int = Field(4, ge=1, description="samples per UNet call (UNet batch = 4 x this)")
+    batch_samples: int | Literal["auto"] = Field(4, description="samples per UNet call (UNet batch = 4 x this), or 'auto'")
+    batch_samples_max: int = Field(64, ge=1)
     steps: int = Field(100, ge=1)
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
@@ -136,10 +150,21 @@ class RenderConfig(Section):
     scheduler: str = "euler_ancestral"
     device: str = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
     base_seed: int = 0
+    adaptive: bool = False
+    round_size: int = Field(8, ge=1)
+    target_passed: int | None = Field(None, ge=1)
+    give_up_after: int | None = Field(None, ge=1)
+    early_reject_at: float | None = Field(None, gt=0, lt=1)
+    early_reject_margin: float = 0.05
+    early_reject_metrics: tuple[Literal["clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"], ...] = (
+        "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 
     @model_validator(mode="after")
     def _ranges(self) -> RenderConfig:
+        if self.batch_samples != "auto" and self.batch_samples < 1:
+            raise ValueError(f"batch_samples must be >= 1 or 'auto', got {self.batch_samples}")
         for name in ("cfg_range", "p_range"):
             lo, hi = getattr(self, name)
             if lo > hi:

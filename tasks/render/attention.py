@@ -70,11 +70,25 @@ def _before_everywhere(tensor: torch.Tensor, n_samples: int) -> torch.Tensor:
 class AttentionControl:
     """Mutable state shared by all processors of a UNet: the layout and the per-step flags.
 
-    ``self_fraction[i]``: sample i shares self-attention while ``step < self_fraction[i] * num_steps``
-    (``p_i`` in mode ip2p; the reference writes ``p > step / (num_steps - 1)``, which differs only on
-    the boundary). ``cross_fraction`` does the same for cross-attention (p2p modes);
-    ``cross_index[i, j]`` is the before-prompt token that after-prompt token j takes its attention
-    from, weighted by ``cross_alpha[i, j]`` (1 replace, 0 keep its own).
+    ``self_fraction[i]``: the sharing threshold of sample i (``p_i`` in mode ip2p);
+    ``cross_fraction`` the cross-attention one (p2p modes); ``cross_index[i, j]`` is the
+    before-prompt token that after-prompt token j takes its attention from, weighted by
+    ``cross_alpha[i, j]`` (1 replace, 0 keep its own).
+
+    When a sample shares attention at step ``i`` of ``n`` (:meth:`begin_step`) depends on ``schedule``:
+
+    - ``"ip2p"`` (the reference): the k-diffusion loop of instruct-pix2pix runs
+      ``for i in range(len(sigmas) - 1)`` and sets ``prompt_to_prompt = prompt2prompt_threshold >
+      i / (len(sigmas) - 2)``, i.e. ``p > i / (n - 1)`` with ``n`` denoising steps (``n = 1``: the
+      reference divides by zero; here the single step shares iff ``p > 0``). Compared with
+      ``i < p * n`` this shares one step more or less near the boundary: p = 0.5, n = 10 shares
+      steps 0-4 (4/9 < 0.5 < 5/9), p = 0.25, n = 8 shares steps 0-1 (1/7 < 0.25 < 2/7).
+    - ``"p2p"`` (Hertz et al.'s Prompt-to-Prompt code): self-attention while
+      ``i < int(self_fraction * n)`` (``num_self_replace``), cross-attention while
+      ``i < int(cross_fraction * (n + 1))`` (``get_time_words_attention_alpha`` builds ``n + 1`` rows).
+
+    ``active`` / ``cross_active`` are device masks over samples; ``any_active`` / ``any_cross_active``
+    are the same facts as Python bools, so processors never synchronise with the device to test them.
     """
 
     n_samples: int
@@ -82,11 +96,17 @@ class AttentionControl:
     cross_fraction: torch.Tensor
     cross_index: torch.Tensor | None = None
     cross_alpha: torch.Tensor | None = None
-    active: torch.Tensor = field(init=False)
-    cross_active: torch.Tensor = field(init=False)
+    schedule: str = "ip2p"
     step: int = field(init=False, default=-1)
+    any_active: bool = field(init=False, default=False)
+    any_cross_active: bool = field(init=False, default=False)
+    _active: torch.Tensor = field(init=False, repr=False)
+    _cross_active: torch.Tensor = field(init=False, repr=False)
+    _after_rows: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("ip2p", "p2p"):
+            raise ValueError(f"unknown sharing schedule {self.schedule!r}; expected 'ip2p' or 'p2p'")
         for name in ("self_fraction", "cross_fraction"):
             value = torch.as_tensor(getattr(self, name), dtype=torch.float64).reshape(-1)
             if value.shape[0] != self.n_samples:
@@ -97,17 +117,82 @@ class AttentionControl:
 
     @classmethod
     def for_samples(cls, self_fractions: Sequence[float], cross_fractions: Sequence[float] | None = None,
-                    cross_index: torch.Tensor | None = None, cross_alpha: torch.Tensor | None = None
-                    ) -> AttentionControl:
+                    cross_index: torch.Tensor | None = None, cross_alpha: torch.Tensor | None = None,
+                    schedule: str = "ip2p") -> AttentionControl:
         n = len(self_fractions)
-        cross = torch.zeros(n) if cross_fractions is None else torch.as_tensor(list(cross_fractions))
-        return cls(n, torch.as_tensor(list(self_fractions)), cross, cross_index, cross_alpha)
+        # float64: p is a Python float compared with i / (n - 1); float32 would move the boundary
+        cross = [0.0] * n if cross_fractions is None else list(cross_fractions)
+        return cls(n, torch.tensor(list(self_fractions), dtype=torch.float64),
+                   torch.tensor(cross, dtype=torch.float64), cross_index, cross_alpha, schedule)
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Bool (N,): which samples share self-attention at the current step."""
+        return self._active
+
+    @active.setter
+    def active(self, value: torch.Tensor) -> None:
+        self._active = torch.as_tensor(value, dtype=torch.bool)
+        self.any_active = bool(self._active.any())
+        self._after_rows = _after_rows(self._active)
+
+    @property
+    def cross_active(self) -> torch.Tensor:
+        """Bool (N,): which samples take the before image's cross-attention at the current step."""
+        return self._cross_active
+
+    @cross_active.setter
+    def cross_active(self, value: torch.Tensor) -> None:
+        self._cross_active = torch.as_tensor(value, dtype=torch.bool)
+        self.any_cross_active = bool(self._cross_active.any())
+
+    def after_rows(self, device: torch.device) -> torch.Tensor:
+        """Bool (4N,) mask of the after rows (both CFG halves) of the sharing samples, on ``device``."""
+        if self._after_rows.device != device:
+            self._after_rows = self._after_rows.to(device)
+        return self._after_rows
+
+    def sharing_at(self, step: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self, cross) bool masks over samples for step ``step`` of ``num_steps`` (see the class doc)."""
+        if num_steps < 1 or not 0 <= step:
+            raise ValueError(f"bad step {step} of {num_steps}")
+        if self.schedule == "ip2p":
+            position = step / (num_steps - 1) if num_steps > 1 else 0.0
+            return self.self_fraction > position, self.cross_fraction > position
+        self_steps = (self.self_fraction * num_steps).floor()
+        cross_steps = (self.cross_fraction * (num_steps + 1)).floor()
+        return step < self_steps, step < cross_steps
 
     def begin_step(self, step: int, num_steps: int, device: torch.device | str = "cpu") -> None:
-        """Set ``active`` / ``cross_active`` for denoising step ``step`` of ``num_steps``."""
+        """Set ``active`` / ``cross_active`` for denoising step ``step`` (0-based) of ``num_steps``."""
         self.step = step
-        self.active = (step < self.self_fraction * num_steps).to(device)
-        self.cross_active = (step < self.cross_fraction * num_steps).to(device)
+        active, cross = self.sharing_at(step, num_steps)
+        self.active, self.cross_active = active, cross  # flags computed on the CPU: no device sync
+        self._to(torch.device(device))
+
+    def _to(self, device: torch.device) -> None:
+        self._active, self._cross_active = self._active.to(device), self._cross_active.to(device)
+        self._after_rows = self._after_rows.to(device)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the samples marked in the bool (N,) ``keep`` (in place: processors hold this object)."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+        if keep.shape != (self.n_samples,):
+            raise ValueError(f"keep mask of shape {tuple(keep.shape)} for {self.n_samples} samples")
+        self.n_samples = int(keep.sum())
+        self.self_fraction = self.self_fraction[keep]
+        self.cross_fraction = self.cross_fraction[keep]
+        if self.cross_index is not None:
+            self.cross_index = self.cross_index[keep.to(self.cross_index.device)]
+        if self.cross_alpha is not None:
+            self.cross_alpha = self.cross_alpha[keep.to(self.cross_alpha.device)]
+        device = self._active.device
+        self.active, self.cross_active = self._active.cpu()[keep], self._cross_active.cpu()[keep]
+        self._to(device)
+
+    def load(self, other: AttentionControl) -> None:
+        """Take over ``other``'s schedule and state (processors installed once keep this object)."""
+        self.__dict__.update(other.__dict__)
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size != 4 * self.n_samples:
@@ -172,7 +257,7 @@ class SharedSelfAttnProcessor:
 
     def sharing(self, is_self: bool, batch_size: int) -> bool:
         """Whether self-attention sharing applies to this call (and the batch has the layout)."""
-        if not is_self or not bool(self.control.active.any()):
+        if not is_self or not self.control.any_active:
             return False
         self.control.check_batch(batch_size)
         return True
@@ -182,7 +267,7 @@ class SharedSelfAttnProcessor:
         """(B, heads, S, d) tensors in, (B, heads, S, d) out."""
         if self.sharing(is_self, query.shape[0]):
             n = self.control.n_samples
-            rows = _after_rows(self.control.active.to(query.device)).view(-1, 1, 1, 1)
+            rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
             query = torch.where(rows, _before_everywhere(query, n), query)
             key = torch.where(rows, _before_everywhere(key, n), key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
@@ -204,7 +289,7 @@ class ExplicitSharedSelfAttnProcessor(SharedSelfAttnProcessor):
                mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
         probs = _explicit_probs(attn, query, key, mask)
         if self.sharing(is_self, query.shape[0]):
-            rows = _after_rows(self.control.active.to(query.device)).view(-1, 1, 1, 1)
+            rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
             probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples), probs)
         return probs @ value
 
@@ -216,7 +301,7 @@ class PromptToPromptProcessor(SharedSelfAttnProcessor):
                mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
         control = self.control
         out = super().attend(attn, query, key, value, mask, is_self)
-        if is_self or not bool(control.cross_active.any()):
+        if is_self or not control.any_cross_active:
             return out
         control.check_batch(query.shape[0])
         if control.cross_index is None or control.cross_alpha is None:

@@ -15,20 +15,32 @@ order ``[before_0, after_0, before_1, ...]``, one generator per latent (the two 
 alike, so every noise draw is the same for both), per-sample CFG scales and per-sample sharing
 flags. Every sample depends only on its own request, so the result does not depend on how requests
 are batched (up to floating-point reassociation in the UNet, ~1e-6 on CPU float32).
+
+Beyond the reference: SDXL conditioning (:mod:`tasks.render.conditioning`), and early rejection
+(:mod:`tasks.render.early`): after a given number of steps the x0 predictions are scored and the
+samples that cannot pass leave the batch, which is compacted for the remaining steps.
+
+UNet calls are counted per sample: one sample x one denoising step = one call of a four-image UNet
+batch (the reference's unit: 100 samples x 100 steps = 10,000 calls per triplet), whatever the
+number of samples sharing the physical call. :attr:`PairBatch.unet_steps` holds them per sample.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from tasks.common.models import DiffusionComponents
-from tasks.render.attention import AttentionControl, install_attention, token_alignment
+from tasks.render.attention import AttentionControl, make_processor, token_alignment
+from tasks.render.conditioning import Conditioning, build_conditioning, encode_prompts  # noqa: F401 (re-export)
+from tasks.render.early import METRICS, EarlyRejection, predict_x0, select_scheduler_rows
 from tasks.render.sampling import SampleParams, batch_generators, sample_params
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -52,7 +64,8 @@ class RenderSettings:
     ``"ip2p-explicit"`` (the same with explicit attention maps, for tests), ``"p2p-replace"`` /
     ``"p2p-refine"`` (classic Prompt-to-Prompt: cross-attention for the first ``cross_replace_steps``,
     self-attention for the first ``self_replace_steps``; the drawn p is recorded but unused), or
-    ``"none"`` (two independent generations from the same noise).
+    ``"none"`` (two independent generations from the same noise). ``decode_batch``: images per VAE
+    decode call (memory only).
     """
 
     steps: int = 100
@@ -63,26 +76,28 @@ class RenderSettings:
     attention: str = "ip2p"
     cross_replace_steps: float = 0.8
     self_replace_steps: float = 0.4
+    decode_batch: int = 8
 
 
 @dataclass
 class PairBatch:
-    """Rendered pairs, in request order: ``before``/``after`` are (N, 3, H, W) float32 in [0, 1] on CPU."""
+    """Rendered pairs, in request order: ``before``/``after`` are (N, 3, H, W) float32 in [0, 1] on CPU.
+
+    ``unet_steps[i]``: denoising steps sample i ran (UNet calls, see the module doc);
+    ``early_rejected[i]``: dropped by early rejection (its ``before``/``after`` rows are NaN);
+    ``early_metrics``: the early CLIP metrics of every sample scored early, NaN elsewhere.
+    """
 
     params: list[SampleParams]
     before: torch.Tensor
     after: torch.Tensor
+    unet_steps: list[int] = field(default_factory=list)
+    early_rejected: list[bool] = field(default_factory=list)
+    early_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
-
-def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states (len(prompts), 77, D), as diffusers' Stable Diffusion pipeline."""
-    if components.is_sdxl:
-        raise NotImplementedError("render_pairs supports SD 1.x/2.x-style models; SDXL needs pooled embeddings")
-    tokenizer, encoder = components.tokenizer, components.text_encoder
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        return encoder(ids.to(encoder.device))[0]
+    @property
+    def unet_calls(self) -> int:
+        return sum(self.unet_steps)
 
 
 def build_control(components: DiffusionComponents, requests: Sequence[PairRequest],
@@ -98,13 +113,78 @@ def build_control(components: DiffusionComponents, requests: Sequence[PairReques
         [settings.cross_replace_steps] * n,
         cross_index=torch.stack([a[0] for a in aligned]),
         cross_alpha=torch.stack([a[1] for a in aligned]),
+        schedule="p2p",
     )
+
+
+_PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def attention_installed(unet, mode: str, control: AttentionControl,
+                        persistent: bool = False) -> Iterator[AttentionControl]:
+    """Install ``mode``'s processor for the duration (then restore the previous ones); yield its control.
+
+    ``persistent``: install once per (UNet, mode) and keep it installed; later calls load their
+    schedule into the installed control (the yielded object). A compiled UNet (``torch.compile``) then
+    sees the same processor objects on every call instead of new ones that would invalidate its guards.
+    """
+    if persistent:
+        installed = _PERSISTENT.get(unet)
+        if installed is None or installed[0] != mode:
+            unet.set_attn_processor(make_processor(mode, control))
+            installed = _PERSISTENT[unet] = (mode, control)
+        installed[1].load(control)
+        yield installed[1]
+        return
+    previous = unet.attn_processors
+    unet.set_attn_processor(make_processor(mode, control))
+    try:
+        yield control
+    finally:
+        unet.set_attn_processor(previous)
 
 
 def _initial_latents(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device,
                      dtype: torch.dtype) -> torch.Tensor:
     """One (1, C, h, w) draw per generator, concatenated (as diffusers' ``prepare_latents``)."""
     return torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
+
+
+def decode_latents(vae, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """VAE-decode latents to images in [0, 1] (float32, on the latents' device), ``batch`` at a time."""
+    scaled = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift is not None:
+        scaled = scaled + shift
+    scaled = scaled.to(vae.dtype)
+    out = [vae.decode(scaled[i: i + batch], return_dict=False)[0] for i in range(0, len(scaled), max(1, batch))]
+    images = torch.cat(out) if out else scaled.new_empty(0, 3, 0, 0)
+    return (images / 2 + 0.5).clamp(0, 1).float()
+
+
+@dataclass
+class _Batch:
+    """The rows still in the denoising loop: ``alive[j]`` is the request index of batch sample j."""
+
+    alive: torch.Tensor
+    latents: torch.Tensor
+    generators: list[torch.Generator]
+    cfg: torch.Tensor
+    conditioning: Conditioning
+    control: AttentionControl
+
+    def select(self, keep: torch.Tensor, scheduler) -> None:
+        """Drop the samples not in the bool (n,) ``keep``: latents, noise streams, CFG, text, sharing."""
+        rows = keep.repeat_interleave(2)
+        index = rows.nonzero().flatten()
+        select_scheduler_rows(scheduler, index.to(self.latents.device), len(rows))
+        self.latents = self.latents[rows.to(self.latents.device)]
+        self.generators = [g for g, k in zip(self.generators, rows.tolist()) if k]
+        self.cfg = self.cfg[rows.to(self.cfg.device)]
+        self.conditioning = self.conditioning.select(keep)
+        self.control.select(keep)
+        self.alive = self.alive[keep]
 
 
 def render_pairs(
@@ -114,14 +194,17 @@ def render_pairs(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     step_callback: StepCallback | None = None,
+    early: EarlyRejection | None = None,
+    persistent_attention: bool = False,
 ) -> PairBatch:
     """Render one before/after pair per request in a single denoising loop (UNet batch 4N).
 
     ``step_callback(step_index, timestep, latents)`` is called after every scheduler step with the
-    (2N, C, h, w) latents in pair order. The components must already be on ``device``.
-    A scheduler whose ``step`` takes no ``generator`` is called without one: deterministic ones
-    (Heun, ...) are unaffected; one drawing its own noise (e.g. DPMSolverSDE's Brownian tree) would
-    not give the two images of a pair the same noise.
+    latents of the samples still in the batch, in pair order. ``early``: score after
+    ``early.after_steps`` steps and drop the samples its judge rejects. The components must already
+    be on ``device``. A scheduler whose ``step`` takes no ``generator`` is called without one:
+    deterministic ones (Heun, ...) are unaffected; one drawing its own noise (e.g. DPMSolverSDE's
+    Brownian tree) would not give the two images of a pair the same noise.
     """
     device = torch.device(device)
     factor = components.vae_scale_factor
@@ -129,49 +212,66 @@ def render_pairs(
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.height % factor or settings.width % factor:
         raise ValueError(f"height and width must be multiples of {factor}, got {settings.height}x{settings.width}")
+    if early is not None and not 1 <= early.after_steps < settings.steps:
+        raise ValueError(f"early rejection after {early.after_steps} of {settings.steps} steps: need 1 <= it < steps")
     params = [sample_params(r.seed, settings.cfg_range, settings.p_range) for r in requests]
     n = len(requests)
+    nan = torch.full((n,), float("nan"))
+    early_metrics = {k: nan.clone() for k in METRICS} if early is not None else {}
     if n == 0:
         empty = torch.empty(0, 3, settings.height, settings.width)
-        return PairBatch(params, empty, empty.clone())
+        return PairBatch(params, empty, empty.clone(), [], [], early_metrics)
     control = build_control(components, requests, params, settings)
     unet, vae = components.unet, components.vae
+    unet_steps = torch.zeros(n, dtype=torch.long)
 
     with torch.inference_mode():
         scheduler = copy.deepcopy(components.scheduler)
         scheduler.set_timesteps(settings.steps, device=device)
         timesteps = scheduler.timesteps
-
-        uncond = encode_prompts(components, [""]).to(device, dtype)
-        cond = encode_prompts(components, [c for r in requests for c in (r.input_caption, r.output_caption)])
-        embeddings = torch.cat([uncond.expand(2 * n, -1, -1), cond.to(device, dtype)])
-
+        conditioning = build_conditioning(components, [(r.input_caption, r.output_caption) for r in requests],
+                                          settings.height, settings.width, device, dtype)
         generators = batch_generators([r.seed for r in requests], device)
         shape = (1, unet.config.in_channels, settings.height // factor, settings.width // factor)
         latents = _initial_latents(generators, shape, device, dtype) * scheduler.init_noise_sigma
         cfg = torch.tensor([p.cfg_scale for p in params], device=device, dtype=dtype).repeat_interleave(2)
-        cfg = cfg.view(-1, 1, 1, 1)
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
 
-        previous = unet.attn_processors
-        install_attention(unet, settings.attention, control)
-        try:
+        with attention_installed(unet, settings.attention, control, persistent_attention) as control:
+            batch = _Batch(torch.arange(n), latents, generators, cfg.view(-1, 1, 1, 1), conditioning, control)
             for i, t in enumerate(timesteps):
                 control.begin_step(i, len(timesteps), device)
-                model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-                eps = unet(model_input, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+                model_input = scheduler.scale_model_input(torch.cat([batch.latents, batch.latents]), t)
+                eps = unet(model_input, t, **batch.conditioning.unet_kwargs(), return_dict=False)[0]
                 eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + cfg * (eps_cond - eps_uncond)
-                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                eps = eps_uncond + batch.cfg * (eps_cond - eps_uncond)
+                step_kwargs = {"generator": batch.generators} if takes_generator else {}
+                out = scheduler.step(eps, t, batch.latents, **step_kwargs, return_dict=True)
+                unet_steps[batch.alive] += 1
+                if early is not None and i + 1 == early.after_steps:
+                    x0 = predict_x0(scheduler, out, eps, batch.latents, t)
+                    preview = decode_latents(vae, x0, settings.decode_batch)
+                    keep, metrics = early.judge(batch.alive.tolist(), preview[0::2], preview[1::2])
+                    for name in METRICS:
+                        early_metrics[name][batch.alive] = metrics[name].detach().float().cpu()
+                    batch.latents = out.prev_sample
+                    keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+                    if not bool(keep.all()):
+                        batch.select(keep, scheduler)
+                else:
+                    batch.latents = out.prev_sample
                 if step_callback is not None:
-                    step_callback(i, t, latents)
-        finally:
-            unet.set_attn_processor(previous)
+                    step_callback(i, t, batch.latents)
+                if len(batch.alive) == 0:
+                    break
 
-        scaled = latents / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            scaled = scaled + shift
-        images = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        images = (images / 2 + 0.5).clamp(0, 1).float().cpu()
-    return PairBatch(params=params, before=images[0::2].contiguous(), after=images[1::2].contiguous())
+        before = torch.full((n, 3, settings.height, settings.width), float("nan"))
+        after = before.clone()
+        if len(batch.alive):
+            images = decode_latents(vae, batch.latents, settings.decode_batch).cpu()
+            before[batch.alive], after[batch.alive] = images[0::2], images[1::2]
+    rejected = torch.ones(n, dtype=torch.bool)
+    rejected[batch.alive] = False
+    return PairBatch(params=params, before=before, after=after, unet_steps=unet_steps.tolist(),
+                     early_rejected=rejected.tolist() if early is not None else [False] * n,
+                     early_metrics=early_metrics)

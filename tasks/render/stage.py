@@ -1,15 +1,27 @@
 """Render stage: Prompt-to-Prompt pairs for every kept triplet, CLIP-scored in the same pass.
 
-Per partition: every (triplet, sample) request is rendered in fixed batches of `render.batch_samples`
-samples (UNet batch 4 x that), the pairs are scored with CLIP on the decoded tensors, and every
-sample's metrics go to a checkpoint chunk. Images of samples that pass the thresholds are written
-as lossless PNG under `images/`; at the end the top-k per triplet are marked `kept` and
-`samples.parquet` is written. Because each sample is a pure function of (triplet, seed), a resumed
-run produces exactly the rows and images of an uninterrupted one.
+Per partition, a :class:`~tasks.render.scheduling.RenderPlan` decides which samples of which
+triplets to render (all ``samples_per_triplet`` in the reference; rounds with adaptive stopping /
+giving up when switched on), and groups them into cohorts of ``batch_samples`` (UNet batch 4 x that,
+triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
+the decoded tensors, and its rows go to a checkpoint chunk; images of samples passing the thresholds
+are written as lossless PNG under ``images/``. At the end the top-k per triplet are marked ``kept``
+and ``samples.parquet`` is written.
+
+Resume: the checkpoint chunks hold every finished sample's row (with its ``sample_index``); a
+restarted run replays them into the plan, which rebuilds each triplet's state (rounds, passes,
+decision) and forms the next cohorts exactly as an uninterrupted run would — each sample is a pure
+function of (triplet, seed), so the final rows are the same and none is duplicated.
+
+Manifest counts: ``unet_calls`` (one sample x one denoising step = one call of a 4-image UNet batch,
+the reference's unit: 100 samples x 100 steps = 10,000 per triplet; summed over the rows, so a
+resumed run reports the cost of its output), ``unet_calls_reference`` (the reference's cost for the
+same triplets), ``early_rejected``, ``triplets_satisfied`` / ``_gave_up`` / ``_exhausted``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 
@@ -21,16 +33,18 @@ from tqdm.auto import tqdm
 
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import PartitionRun, execute_partition
-from tasks.common.models import load_clip, load_diffusion
-from tasks.filter.scorer import ClipScorer
+from tasks.common.contract import Checkpoint, PartitionRun, execute_partition
 from tasks.filter.select import failure_reason, passes, select_top_k
-from tasks.render.pairs import PairRequest, RenderSettings, render_pairs
-from tasks.render.sampling import sample_seeds
+from tasks.render.early import METRICS, early_step_count
+from tasks.render.pairs import PairRequest
+from tasks.render.renderer import BatchSizer, Renderer, ScoredBatch, get_renderer, is_oom, settings_from
+from tasks.render.scheduling import PlannedSample, RenderPlan, SamplingPolicy
 
 STAGE = "render"
 SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", "clip_sim_0", "clip_sim_1",
-                  "clip_sim_dir", "clip_sim_image", "passed", "image_stored", "kept", "input", "edit", "output"]
+                  "clip_sim_dir", "clip_sim_image", "passed", "image_stored", "kept", "input", "edit", "output",
+                  "sample_index", "round", "unet_steps", "early_rejected",
+                  *(f"early_{m}" for m in METRICS)]
 
 
 def sample_key(caption_id: str, seed: int) -> str:
@@ -42,12 +56,6 @@ def image_name(key: str, which: str) -> str:
     return f"images/{key}_{which}.png"
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def to_png(image: torch.Tensor) -> bytes:
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     buf = io.BytesIO()
@@ -55,106 +63,163 @@ def to_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def settings_from(cfg: PipelineConfig) -> RenderSettings:
+def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
+    """The plan's rules from the config: one round of ``samples_per_triplet`` unless a saver is on."""
     r = cfg.render
-    return RenderSettings(steps=r.steps, height=r.height, width=r.width, cfg_range=tuple(r.cfg_range),
-                          p_range=tuple(r.p_range), attention=r.attention)
+    rounds = r.adaptive or r.give_up_after is not None
+    return SamplingPolicy(
+        max_samples=r.samples_per_triplet,
+        round_size=r.round_size if rounds else None,
+        target_passed=(r.target_passed or cfg.filter.top_k) if r.adaptive else None,
+        give_up_after=r.give_up_after,
+    )
 
 
-class Renderer:
-    """Models loaded once per process and reused across partitions."""
-
-    def __init__(self, cfg: PipelineConfig):
-        self.device = resolve_device(cfg.render.device)
-        dtype = getattr(torch, cfg.render.dtype)
-        self.dtype = dtype if self.device.type == "cuda" else torch.float32
-        self.diffusion = load_diffusion(cfg.models.diffusion, cfg.models.diffusion_path, cfg.render.scheduler)
-        self.diffusion.to(self.device, self.dtype)
-        self.scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), self.device)
+def render_config_hash(cfg: PipelineConfig) -> str:
+    """The stage hash, plus ``filter.top_k`` when adaptive sampling takes its target from it."""
+    base = cfg.stage_hash(STAGE)
+    if not (cfg.render.adaptive and cfg.render.target_passed is None):
+        return base
+    return hashlib.sha256(f"{base}:top_k={cfg.filter.top_k}".encode()).hexdigest()[:16]
 
 
-_RENDERERS: dict[str, Renderer] = {}
+def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: ScoredBatch,
+                cfg: PipelineConfig) -> pd.DataFrame:
+    """One row per rendered sample (``kept`` is decided at the end of the partition)."""
+    pairs = scored.pairs
+    info = [triplets.loc[s.caption_id] for s in cohort]
+    rows = pd.DataFrame({
+        "caption_id": [s.caption_id for s in cohort],
+        "sample_key": [sample_key(s.caption_id, s.seed) for s in cohort],
+        "seed": [s.seed for s in cohort],
+        "p2p_p": [p.p2p_p for p in pairs.params],
+        "cfg_scale": [p.cfg_scale for p in pairs.params],
+        **{k: scored.metrics[k].numpy().astype(float) for k in METRICS},
+        "input": [t["input"] for t in info],
+        "edit": [t["edit"] for t in info],
+        "output": [t["output"] for t in info],
+        "sample_index": [s.index for s in cohort],
+        "round": [s.round for s in cohort],
+        "unet_steps": pairs.unet_steps,
+        "early_rejected": pairs.early_rejected,
+        **{f"early_{k}": (pairs.early_metrics[k].numpy().astype(float) if pairs.early_metrics
+                          else np.full(len(cohort), np.nan)) for k in METRICS},
+    })
+    rows["passed"] = passes(rows, cfg.filter).to_numpy()
+    rows["image_stored"] = rows["passed"]
+    return rows
 
 
-def get_renderer(cfg: PipelineConfig) -> Renderer:
-    """One Renderer (models on device) per process and render config, reused across partitions."""
-    key = cfg.stage_hash(STAGE)
-    if key not in _RENDERERS:
-        _RENDERERS.clear()
-        _RENDERERS[key] = Renderer(cfg)
-    return _RENDERERS[key]
+def load_rows(checkpoint: Checkpoint, logger: logging.Logger) -> pd.DataFrame:
+    """Rows of the chunks written so far, one per sample (a duplicate sample key is dropped, logged)."""
+    rows = checkpoint.load()
+    if not len(rows):
+        return rows
+    duplicated = rows["sample_key"].duplicated()
+    if duplicated.any():
+        logger.warning("render: %d duplicate sample rows in the checkpoint dropped", int(duplicated.sum()))
+        rows = rows[~duplicated]
+    return rows.reset_index(drop=True)
+
+
+def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, triplets: pd.DataFrame,
+                   renderer: Renderer, checkpoint: Checkpoint, logger: logging.Logger) -> dict[str, int]:
+    """Render the plan's cohorts until every triplet is finished; return this run's own counts."""
+    r = cfg.render
+    settings = settings_from(cfg)
+    size = r.batch_samples if r.batch_samples != "auto" else renderer.auto_batch_samples(settings, r.batch_samples_max)
+    sizer = BatchSizer(size, logger)
+    early_after = early_step_count(r.early_reject_at, r.steps)
+    done = {"unet_calls_this_run": 0, "samples_this_run": 0, "cohorts": 0}
+    progress = tqdm(desc=f"render p{run.partition_id}", unit="sample", leave=False)
+    while cohort := plan.next_cohort(sizer.size):
+        requests = [PairRequest(s.caption_id, triplets.at[s.caption_id, "input"],
+                                triplets.at[s.caption_id, "output"], s.seed) for s in cohort]
+        try:
+            with run.stats.timer("render"):
+                scored = renderer.render_scored(requests, settings, cfg.filter, early_after,
+                                                r.early_reject_margin, r.early_reject_metrics)
+        except Exception as err:
+            if not is_oom(err):
+                raise
+            sizer.shrink(err)
+            continue
+        rows = cohort_rows(cohort, triplets, scored, cfg)
+        for i in np.flatnonzero(rows["passed"].to_numpy()):
+            key = rows["sample_key"].iloc[i]
+            storage.write_bytes_atomic(run.path(image_name(key, "input")), to_png(scored.pairs.before[i]))
+            storage.write_bytes_atomic(run.path(image_name(key, "edited")), to_png(scored.pairs.after[i]))
+        checkpoint.append(rows["sample_key"].iloc[0], rows)
+        plan.record(zip(rows["caption_id"], rows["sample_index"], rows["passed"]))
+        done["unet_calls_this_run"] += int(rows["unet_steps"].sum())
+        done["samples_this_run"] += len(rows)
+        done["cohorts"] += 1
+        progress.update(len(cohort))
+    progress.close()
+    done["batch_samples"] = sizer.size
+    done["oom_halvings"] = sizer.halvings
+    return done
 
 
 def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Renderer | None = None,
                          logger: logging.Logger | None = None) -> dict:
     r = cfg.render
     logger = logger or logging.getLogger("editforge")
+    config_hash = render_config_hash(cfg)
 
     def work(run: PartitionRun) -> None:
         triplets = storage.read_parquet(storage.url_join(run.input_dir("text"), "triplets.parquet"))
         run.stats.add("in", len(triplets))
-        triplets = triplets[triplets["status"] == "ok"].sort_values("caption_id").reset_index(drop=True)
-        requests = [
-            (PairRequest(row.caption_id, row.input, row.output, seed), row.edit)
-            for row in triplets.itertuples()
-            for seed in sample_seeds(row.caption_id, r.samples_per_triplet, r.base_seed)
-        ]
-        batches = [requests[i: i + r.batch_samples] for i in range(0, len(requests), r.batch_samples)]
+        triplets = triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
+        triplets = triplets.set_index("caption_id", drop=False)
+        plan = RenderPlan(triplets["caption_id"].tolist(), sampling_policy(cfg), r.base_seed)
         checkpoint = run.checkpoint("sample_key")
-        done = checkpoint.done_keys()
-        pending = [b for b in batches if not {sample_key(q.key, q.seed) for q, _ in b} <= done]
-        if len(pending) < len(batches):
-            logger.info("render part-%05d: resuming, %d of %d batches already rendered",
-                        partition_id, len(batches) - len(pending), len(batches))
-        if pending:
+        previous = load_rows(checkpoint, logger)
+        if len(previous):
+            plan.record(zip(previous["caption_id"], previous["sample_index"], previous["passed"]))
+            logger.info("render part-%05d: resuming with %d samples already rendered", partition_id, len(previous))
+        if not plan.finished:
             nonlocal renderer
-            renderer = renderer or get_renderer(cfg)
-            settings = settings_from(cfg)
-            for batch in tqdm(pending, desc=f"render pairs p{partition_id}", unit="batch", leave=False):
-                reqs = [q for q, _ in batch]
-                with run.stats.timer("render"):
-                    pairs = render_pairs(renderer.diffusion, reqs, settings, device=renderer.device,
-                                         dtype=renderer.dtype)
-                with run.stats.timer("clip"):
-                    m = renderer.scorer.score_pairs(pairs.before, pairs.after, [q.input_caption for q in reqs],
-                                                    [q.output_caption for q in reqs])
-                rows = pd.DataFrame({
-                    "caption_id": [q.key for q in reqs],
-                    "sample_key": [sample_key(q.key, q.seed) for q in reqs],
-                    "seed": [q.seed for q in reqs],
-                    "p2p_p": [p.p2p_p for p in pairs.params],
-                    "cfg_scale": [p.cfg_scale for p in pairs.params],
-                    **{k: v.cpu().numpy().astype(float) for k, v in m.items()},
-                    "input": [q.input_caption for q in reqs],
-                    "edit": [e for _, e in batch],
-                    "output": [q.output_caption for q in reqs],
-                })
-                rows["passed"] = passes(rows, cfg.filter).to_numpy()
-                rows["image_stored"] = rows["passed"]
-                for i in np.flatnonzero(rows["passed"].to_numpy()):
-                    key = rows["sample_key"].iloc[i]
-                    storage.write_bytes_atomic(run.path(image_name(key, "input")), to_png(pairs.before[i]))
-                    storage.write_bytes_atomic(run.path(image_name(key, "edited")), to_png(pairs.after[i]))
-                checkpoint.append(rows["sample_key"].iloc[0], rows)
-        samples = checkpoint.load()
+            renderer = renderer or get_renderer(cfg, config_hash, logger)
+            run.extra.update(render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger))
+
+        samples = load_rows(checkpoint, logger)
         if not len(samples):
             samples = pd.DataFrame(columns=SAMPLE_COLUMNS)
-        samples = samples.sort_values(["caption_id", "seed"]).reset_index(drop=True)
+        samples = samples.sort_values(["caption_id", "sample_index"]).reset_index(drop=True)
         samples["kept"] = select_top_k(samples, cfg.filter, samples["image_stored"].astype(bool)).to_numpy()
         storage.write_parquet_atomic(run.output("samples.parquet"), samples[SAMPLE_COLUMNS])
         for key in samples.loc[samples["image_stored"].astype(bool), "sample_key"]:
             run.output(image_name(key, "input"))
             run.output(image_name(key, "edited"))
-        run.stats.add("samples", len(samples))
-        run.stats.add("unet_calls", len(batches) * r.steps)
-        run.stats.add("passed", int(samples["passed"].sum()))
-        run.stats.add("out", int(samples["kept"].sum()))
-        run.stats.add("triplets_with_kept_pair", int(samples.loc[samples["kept"].astype(bool), "caption_id"].nunique()))
-        for reason, n in failure_reason(samples, cfg.filter).dropna().value_counts().items():
-            run.stats.reject(reason, n)
-        for col in ("clip_sim_dir", "clip_sim_image", "clip_sim_0", "clip_sim_1"):
-            run.stats.observe(col, samples[col].to_numpy(dtype=float))
-        if "render" in run.stats.timings and len(samples):
-            run.extra["samples_per_s"] = round(len(samples) / max(run.stats.timings["render"], 1e-9), 3)
+        record_stats(run, cfg, plan, samples)
 
-    return execute_partition(STAGE, partition_id, cfg.output_root, cfg.stage_hash(STAGE), work, logger)
+    return execute_partition(STAGE, partition_id, cfg.output_root, config_hash, work, logger)
+
+
+def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, samples: pd.DataFrame) -> None:
+    """Counts, rejections, quantiles and throughput of the partition for the manifest and dashboard."""
+    kept = samples["kept"].astype(bool)
+    early = samples["early_rejected"].astype(bool)
+    unet_calls = int(samples["unet_steps"].sum())
+    run.stats.add("samples", len(samples))
+    run.stats.add("unet_calls", unet_calls)
+    run.stats.add("unet_calls_reference", len(plan.triplets) * cfg.render.samples_per_triplet * cfg.render.steps)
+    run.stats.add("passed", int(samples["passed"].sum()))
+    run.stats.add("early_rejected", int(early.sum()))
+    run.stats.add("out", int(kept.sum()))
+    run.stats.add("triplets_with_kept_pair", int(samples.loc[kept, "caption_id"].nunique()))
+    for status, n in plan.status_counts().items():
+        run.stats.add(f"triplets_{status}", n)
+    if early.any():
+        run.stats.reject("early_rejected", int(early.sum()))
+    for reason, n in failure_reason(samples[~early], cfg.filter).dropna().value_counts().items():
+        run.stats.reject(reason, n)
+    for col in METRICS:
+        run.stats.observe(col, samples[col].to_numpy(dtype=float))
+    if kept.any():
+        run.extra["unet_calls_per_kept_pair"] = round(unet_calls / int(kept.sum()), 2)
+    seconds = run.stats.timings.get("render", 0.0)
+    if seconds > 0 and run.extra.get("samples_this_run"):
+        run.extra["samples_per_s"] = round(run.extra["samples_this_run"] / seconds, 3)
+        run.extra["unet_calls_per_s"] = round(run.extra["unet_calls_this_run"] / seconds, 3)

@@ -57,17 +57,62 @@ def test_layout_helpers():
         batch_index(0, N, 0, N)
 
 
-def test_control_schedule():
+def test_control_schedule_is_the_reference_rule():
+    """instruct-pix2pix k-diffusion loop: share while p > i / (len(sigmas) - 2) = i / (steps - 1)."""
     control = AttentionControl.for_samples([0.0, 0.25, 0.9], [0.5, 0.5, 0.5])
     control.begin_step(0, 8)
+    assert control.active.tolist() == [False, True, True] and control.any_active
+    control.begin_step(1, 8)  # 1/7 = 0.143 < 0.25
     assert control.active.tolist() == [False, True, True]
-    control.begin_step(2, 8)  # 2 < 0.25 * 8 is False
+    control.begin_step(2, 8)  # 2/7 = 0.286 > 0.25 (the old `i < p * n` rule also stopped here)
     assert control.active.tolist() == [False, False, True]
-    assert control.cross_active.tolist() == [True] * 3
-    control.begin_step(7, 8)  # 7 < 0.9 * 8 = 7.2
-    assert control.active.tolist() == [False, False, True] and not control.cross_active.any()
-    control.begin_step(8, 8)
-    assert not control.active.any()
+    assert control.cross_active.tolist() == [True] * 3 and control.any_cross_active
+    control.begin_step(6, 8)  # 6/7 = 0.857 < 0.9
+    assert control.active.tolist() == [False, False, True]
+    control.begin_step(7, 8)  # the last step: 7/7 = 1
+    assert not control.active.any() and not control.any_active and not control.cross_active.any()
+    # the boundary, against the formula, for many (p, n)
+    for n in (1, 2, 5, 10, 11, 100):
+        for p in (0.0, 0.1, 0.25, 0.5, 0.55, 0.9, 1.0):
+            control = AttentionControl.for_samples([p])
+            shared = []
+            for i in range(n):
+                control.begin_step(i, n)
+                shared.append(bool(control.active[0]))
+            expected = [p > (i / (n - 1) if n > 1 else 0.0) for i in range(n)]
+            assert shared == expected, (n, p)
+    # p = 0.55 over 10 steps: the reference shares 0-4 (4/9 = 0.444, 5/9 = 0.556), `i < p * n` shares 0-5
+    control = AttentionControl.for_samples([0.55])
+    control.begin_step(5, 10)
+    assert not control.any_active
+
+
+def test_control_schedule_p2p_rule():
+    """Prompt-to-Prompt: self while i < int(f * n), cross while i < int(f * (n + 1))."""
+    control = AttentionControl.for_samples([0.4], [0.8], schedule="p2p")
+    flags = []
+    for i in range(10):
+        control.begin_step(i, 10)
+        flags.append((bool(control.active[0]), bool(control.cross_active[0])))
+    assert [f[0] for f in flags] == [True] * 4 + [False] * 6
+    assert [f[1] for f in flags] == [True] * 8 + [False] * 2  # int(0.8 * 11) = 8
+    with pytest.raises(ValueError):
+        AttentionControl.for_samples([0.4], schedule="bogus")
+
+
+def test_control_select_compacts_in_place():
+    control = AttentionControl.for_samples([0.2, 0.9, 0.5], [0.1, 0.2, 0.3],
+                                           cross_index=torch.arange(12).view(3, 4), cross_alpha=torch.ones(3, 4))
+    control.begin_step(1, 5)  # 1/4 = 0.25: samples 1 and 2 share
+    assert control.active.tolist() == [False, True, True]
+    control.select(torch.tensor([True, False, True]))
+    assert control.n_samples == 2 and control.self_fraction.tolist() == [0.2, 0.5]
+    assert control.active.tolist() == [False, True] and control.any_active
+    assert control.cross_index.tolist() == [[0, 1, 2, 3], [8, 9, 10, 11]]
+    assert control.after_rows(torch.device("cpu")).tolist() == [False, False, False, True] * 2
+    control.check_batch(8)
+    control.select(torch.tensor([True, False]))
+    assert not control.any_active and control.n_samples == 1
 
 
 def test_sdpa_processor_matches_explicit_and_definition(self_attn):

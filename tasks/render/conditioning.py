@@ -1,0 +1,111 @@
+"""Text conditioning of the UNet batch for Stable Diffusion 1.x/2.x and SDXL.
+
+The UNet batch is ``[uncond, cond] x samples x [before, after]`` (:mod:`tasks.render.attention`):
+rows ``0 .. 2N-1`` are unconditional, rows ``2N .. 4N-1`` hold each sample's input caption (before)
+then output caption (after).
+
+- SD 1.x/2.x (the reference): one CLIP text encoder, last hidden state; the unconditional prompt is
+  ``""`` (the reference's ``model.get_learned_conditioning([""])``).
+- SDXL (diffusers' ``StableDiffusionXLPipeline.encode_prompt``): the penultimate hidden states of
+  both text encoders concatenated on the feature axis, the pooled projection of the second encoder
+  as ``text_embeds``, and ``time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) =
+  (H, W, 0, 0, H, W)``; the unconditional embeddings are zeros (``force_zeros_for_empty_prompt``, the
+  SDXL base default when no negative prompt is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tasks.common.models import DiffusionComponents
+
+
+def _token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch.Tensor:
+    """SD 1.x/2.x text-encoder hidden states (len(prompts), 77, D), as diffusers' SD pipeline."""
+    if components.is_sdxl:
+        raise ValueError("encode_prompts is the SD 1.x/2.x encoder; SDXL goes through encode_prompts_sdxl")
+    encoder = components.text_encoder
+    with torch.inference_mode():
+        return encoder(_token_ids(components.tokenizer, prompts).to(encoder.device))[0]
+
+
+def encode_prompts_sdxl(components: DiffusionComponents, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL (hidden states (n, 77, D1 + D2), pooled (n, P)) exactly as ``StableDiffusionXLPipeline``."""
+    hidden, pooled = [], None
+    pairs = ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2))
+    with torch.inference_mode():
+        for tokenizer, encoder in pairs:
+            out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:  # the projection model's text_embeds
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2")
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(components: DiffusionComponents, height: int, width: int) -> torch.Tensor:
+    """(1, 6) ``add_time_ids`` for an uncropped ``height x width`` render; checks the UNet's embedding size."""
+    ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32)
+    unet_config = components.unet.config
+    projection = components.text_encoder_2.config.projection_dim
+    expected = getattr(unet_config, "projection_class_embeddings_input_dim", None)
+    got = unet_config.addition_time_embed_dim * ids.shape[1] + projection
+    if expected is not None and expected != got:
+        raise ValueError(f"SDXL UNet expects added embeddings of {expected}, time ids and pooled text give {got}")
+    return ids
+
+
+@dataclass
+class Conditioning:
+    """What the UNet needs besides latents and timestep, for a batch of N samples (4N rows)."""
+
+    embeddings: torch.Tensor
+    text_embeds: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @property
+    def n_samples(self) -> int:
+        return self.embeddings.shape[0] // 4
+
+    def unet_kwargs(self) -> dict:
+        kwargs: dict = {"encoder_hidden_states": self.embeddings}
+        if self.text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+        return kwargs
+
+    def select(self, keep: torch.Tensor) -> Conditioning:
+        """Keep the samples marked in the bool (N,) ``keep`` (all four rows of each)."""
+        rows = keep.to(self.embeddings.device).view(1, -1, 1).expand(2, -1, 2).reshape(-1)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids))
+
+
+def build_conditioning(components: DiffusionComponents, pairs: Sequence[tuple[str, str]], height: int, width: int,
+                       device: torch.device, dtype: torch.dtype) -> Conditioning:
+    """Conditioning for N (input caption, output caption) pairs in the UNet batch layout."""
+    n = len(pairs)
+    captions = [c for pair in pairs for c in pair]
+    if not components.is_sdxl:
+        uncond = encode_prompts(components, [""]).to(device, dtype)
+        cond = encode_prompts(components, captions).to(device, dtype)
+        return Conditioning(torch.cat([uncond.expand(2 * n, -1, -1), cond]))
+    cond, pooled = encode_prompts_sdxl(components, captions)
+    cond, pooled = cond.to(device, dtype), pooled.to(device, dtype)
+    time_ids = sdxl_time_ids(components, height, width).to(device, dtype).expand(4 * n, -1)
+    return Conditioning(
+        embeddings=torch.cat([torch.zeros_like(cond), cond]),
+        text_embeds=torch.cat([torch.zeros_like(pooled), pooled]),
+        time_ids=time_ids.contiguous(),
+    )

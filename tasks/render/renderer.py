@@ -1,0 +1,175 @@
+"""The render stage's engine: models on the device, precision and compilation, batch size, CLIP scoring.
+
+:class:`Renderer` loads the diffusion model and the CLIP filter model once per process and turns a
+list of :class:`~tasks.render.pairs.PairRequest` into scored pairs (:meth:`Renderer.render_scored`):
+render (with early rejection when asked), CLIP-score the decoded tensors (no JPEG round trip, as the
+issue asks; the reference scored after saving). Speed switches, all faithful-off by default:
+
+- ``render.dtype``: float16 / bfloat16 on CUDA (autocast for CLIP); on CPU float32 with a log line;
+  an SDXL VAE that needs it (``force_upcast``) stays float32 in float16 runs, like diffusers does;
+- ``render.compile``: ``torch.compile`` of the UNet on CUDA, attention processors installed once
+  (:func:`tasks.render.pairs.attention_installed`); on CPU a log line and nothing else;
+- ``render.batch_samples: auto``: on CUDA, the batch that fits the free memory, measured by probing
+  one- and two-sample renders (peak memory difference = the marginal cost of a sample); on CPU
+  :data:`CPU_AUTO_BATCH`. On CUDA out-of-memory the stage halves the batch and goes on
+  (:class:`BatchSizer`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from tasks.common.config import FilterConfig, PipelineConfig
+from tasks.common.models import load_clip, load_diffusion
+from tasks.filter.scorer import ClipScorer
+from tasks.render.early import METRICS, EarlyRejection, early_keep
+from tasks.render.pairs import PairBatch, PairRequest, RenderSettings, render_pairs
+
+CPU_AUTO_BATCH = 8
+log = logging.getLogger("editforge")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def is_oom(err: BaseException) -> bool:
+    """A CUDA (or other accelerator) out-of-memory error."""
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class BatchSizer:
+    """The number of samples per UNet batch; :meth:`shrink` halves it after an out-of-memory error."""
+
+    def __init__(self, size: int, logger: logging.Logger | None = None):
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        self.size = size
+        self.halvings = 0
+        self.logger = logger or log
+
+    def shrink(self, err: BaseException) -> None:
+        """Halve the batch after ``err`` (an OOM); re-raise it when the batch is already one sample."""
+        if self.size == 1:
+            raise err
+        self.size //= 2
+        self.halvings += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.logger.warning("render: out of memory (%s) — batch halved to %d samples", str(err)[:120], self.size)
+
+
+@dataclass
+class ScoredBatch:
+    """Rendered pairs and their final CLIP metrics (NaN for early-rejected samples)."""
+
+    pairs: PairBatch
+    metrics: dict[str, torch.Tensor]
+
+
+def settings_from(cfg: PipelineConfig) -> RenderSettings:
+    r = cfg.render
+    return RenderSettings(steps=r.steps, height=r.height, width=r.width, cfg_range=tuple(r.cfg_range),
+                          p_range=tuple(r.p_range), attention=r.attention)
+
+
+class Renderer:
+    """Models loaded once per process and reused across partitions."""
+
+    def __init__(self, cfg: PipelineConfig, logger: logging.Logger | None = None):
+        logger = logger or log
+        r = cfg.render
+        self.device = resolve_device(r.device)
+        requested = getattr(torch, r.dtype)
+        self.dtype = requested if self.device.type == "cuda" else torch.float32
+        if requested != self.dtype:
+            logger.info("render: dtype %s applies on CUDA only; running float32 on %s", r.dtype, self.device)
+        self.diffusion = load_diffusion(cfg.models.diffusion, cfg.models.diffusion_path, r.scheduler)
+        self.diffusion.to(self.device, self.dtype)
+        vae = self.diffusion.vae
+        if self.diffusion.is_sdxl and self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)  # the SDXL VAE overflows in float16 (diffusers upcasts it too)
+        self.compiled = False
+        if r.compile and self.device.type == "cuda":
+            self.diffusion.unet = torch.compile(self.diffusion.unet)
+            self.compiled = True
+        elif r.compile:
+            logger.info("render: torch.compile applies on CUDA only; not compiling on %s", self.device)
+        self.scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), self.device)
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def score(self, before: torch.Tensor, after: torch.Tensor, input_captions: Sequence[str],
+              output_captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The filter's four CLIP metrics for N pairs (CPU float tensors)."""
+        with self._autocast():
+            metrics = self.scorer.score_pairs(before, after, input_captions, output_captions)
+        return {k: v.detach().float().cpu() for k, v in metrics.items()}
+
+    def render(self, requests: Sequence[PairRequest], settings: RenderSettings,
+               early: EarlyRejection | None = None) -> PairBatch:
+        return render_pairs(self.diffusion, requests, settings, device=self.device, dtype=self.dtype, early=early,
+                            persistent_attention=self.compiled)
+
+    def render_scored(self, requests: Sequence[PairRequest], settings: RenderSettings, filter_cfg: FilterConfig,
+                      early_after: int | None = None, early_margin: float = 0.05,
+                      early_metrics: Sequence[str] = METRICS) -> ScoredBatch:
+        """Render and CLIP-score N samples; with ``early_after``, reject early at thresholds - margin."""
+        early = None
+        if early_after is not None:
+            def judge(indices: list[int], before: torch.Tensor, after: torch.Tensor):
+                metrics = self.score(before, after, [requests[i].input_caption for i in indices],
+                                     [requests[i].output_caption for i in indices])
+                return early_keep(metrics, filter_cfg, early_margin, early_metrics), metrics
+
+            early = EarlyRejection(early_after, judge)
+        pairs = self.render(requests, settings, early)
+        n = len(requests)
+        metrics = {k: torch.full((n,), float("nan")) for k in METRICS}
+        alive = [i for i in range(n) if not pairs.early_rejected[i]]
+        if alive:
+            final = self.score(pairs.before[alive], pairs.after[alive], [requests[i].input_caption for i in alive],
+                               [requests[i].output_caption for i in alive])
+            for k in METRICS:
+                metrics[k][alive] = final[k]
+        return ScoredBatch(pairs, metrics)
+
+    def auto_batch_samples(self, settings: RenderSettings, cap: int) -> int:
+        """Samples per UNet batch that fit the free accelerator memory (at most ``cap``)."""
+        if self.device.type != "cuda":
+            return max(1, min(cap, CPU_AUTO_BATCH))
+        probe = replace(settings, steps=1)
+        peaks = []
+        for n in (1, 2):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            self.render([PairRequest(f"probe{i}", "a photo", "a photo", i) for i in range(n)], probe)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_sample = max(peaks[1] - peaks[0], 1)
+        fixed = max(peaks[0] - per_sample, 0)
+        size = int((0.85 * free - fixed) // per_sample)
+        log.info("render: auto batch — %.0f MiB free, %.0f MiB per sample, %.0f MiB fixed -> %d samples (cap %d)",
+                 free / 2**20, per_sample / 2**20, fixed / 2**20, size, cap)
+        return max(1, min(cap, size))
+
+
+_RENDERERS: dict[str, Renderer] = {}
+
+
+def get_renderer(cfg: PipelineConfig, key: str, logger: logging.Logger | None = None) -> Renderer:
+    """One Renderer (models on device) per process and render config ``key``, reused across partitions."""
+    if key not in _RENDERERS:
+        _RENDERERS.clear()
+        _RENDERERS[key] = Renderer(cfg, logger)
+    return _RENDERERS[key]

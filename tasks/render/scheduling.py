@@ -1,0 +1,184 @@
+"""Which samples to render next: per-triplet rounds (adaptive sampling, giving up) and cross-triplet cohorts.
+
+The reference renders exactly 100 samples per triplet and keeps at most 4. Here a triplet's samples
+are drawn in **rounds** of ``round_size`` (sample indexes ``0 .. max_samples - 1``, each with its
+stable seed); when a round is complete the triplet's own results so far decide what happens next:
+
+- ``satisfied``: at least ``target_passed`` samples passed the filter (adaptive sampling);
+- ``gave_up``: ``give_up_after`` samples were drawn and none passed;
+- ``exhausted``: all ``max_samples`` were drawn;
+- otherwise the next round opens.
+
+``give_up_after`` and ``max_samples`` are always round boundaries, so the counts are exact. With
+neither switch on there is a single round of ``max_samples`` (the reference). Decisions use only the
+triplet's own samples, in sample-index order, and each sample is a pure function of (triplet, seed):
+the set of rows a triplet ends with does not depend on batching, on the other triplets, or on where
+a run was interrupted — a resumed run recomputes every triplet's state from the rows already written
+(:meth:`RenderPlan.record`) and continues exactly where an uninterrupted run would be.
+
+A **cohort** is one UNet batch: :meth:`RenderPlan.next_cohort` fills it with the open rounds' pending
+samples, triplets in ``caption_id`` order, sample indexes ascending — several triplets share a batch
+whenever a round is smaller than the batch. The composition is a function of the recorded rows and
+the batch size only, so a resumed run forms the same cohorts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from tasks.render.sampling import sample_seed
+
+STATUSES = ("satisfied", "gave_up", "exhausted")
+
+
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """How many samples a triplet gets (see the module doc); ``None`` disables a rule."""
+
+    max_samples: int
+    round_size: int | None = None
+    target_passed: int | None = None
+    give_up_after: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "round_size", "target_passed", "give_up_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+
+    def round_end(self, done: int) -> int:
+        """The end (exclusive sample index) of the round that starts at ``done``."""
+        if self.round_size is None:
+            end = self.max_samples
+        else:
+            end = min(self.max_samples, (done // self.round_size + 1) * self.round_size)
+        if self.give_up_after is not None and done < self.give_up_after < end:
+            end = self.give_up_after
+        return end
+
+    def decide(self, drawn: int, passed: int) -> str | None:
+        """The triplet's status after ``drawn`` samples of which ``passed`` passed, at a round end."""
+        if self.target_passed is not None and passed >= self.target_passed:
+            return "satisfied"
+        if self.give_up_after is not None and passed == 0 and drawn >= self.give_up_after:
+            return "gave_up"
+        if drawn >= self.max_samples:
+            return "exhausted"
+        return None
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    """One sample to render: triplet position in the plan, sample index, its seed and round number."""
+
+    triplet: int
+    caption_id: str
+    index: int
+    seed: int
+    round: int
+
+
+@dataclass
+class TripletState:
+    """What was done for one triplet: sample index -> passed, the open round, the final status."""
+
+    caption_id: str
+    base_seed: int
+    policy: SamplingPolicy
+    results: dict[int, bool] = field(default_factory=dict)
+    round_start: int = 0
+    round_end: int = 0
+    round: int = 0
+    status: str | None = None
+    _seeds: list[int] = field(default_factory=list)
+    _seen: set[int] = field(default_factory=set)
+    _draws: int = 0
+
+    def __post_init__(self) -> None:
+        self.round_end = self.policy.round_end(0)
+
+    def seed(self, index: int) -> int:
+        """Seed of sample ``index``: the ``index``-th distinct value of ``sample_seed(caption_id, j)``.
+
+        Distinct because the reference never renders a seed twice for a triplet (a 32-bit collision
+        is rare, but it would duplicate a sample key).
+        """
+        while len(self._seeds) <= index:
+            candidate = sample_seed(self.caption_id, self._draws, self.base_seed)
+            self._draws += 1
+            if candidate not in self._seen:
+                self._seen.add(candidate)
+                self._seeds.append(candidate)
+        return self._seeds[index]
+
+    @property
+    def drawn(self) -> int:
+        return len(self.results)
+
+    @property
+    def passed(self) -> int:
+        return sum(self.results.values())
+
+    def pending(self) -> list[int]:
+        """Sample indexes of the open round not rendered yet (empty when the triplet is finished)."""
+        if self.status is not None:
+            return []
+        return [i for i in range(self.round_start, self.round_end) if i not in self.results]
+
+    def record(self, index: int, passed: bool) -> None:
+        """Add one sample's result, then close every complete round (deciding after each)."""
+        if not 0 <= index < self.policy.max_samples:
+            raise ValueError(f"{self.caption_id}: sample index {index} outside 0..{self.policy.max_samples - 1}")
+        self.results[index] = bool(passed)
+        self._advance()
+
+    def _advance(self) -> None:
+        while self.status is None and all(i in self.results for i in range(self.round_start, self.round_end)):
+            done = self.round_end
+            self.status = self.policy.decide(done, sum(self.results.get(i, False) for i in range(done)))
+            if self.status is None:
+                self.round_start, self.round_end, self.round = done, self.policy.round_end(done), self.round + 1
+
+
+class RenderPlan:
+    """The per-triplet states of one partition and the cohorts (UNet batches) still to render."""
+
+    def __init__(self, caption_ids: Sequence[str], policy: SamplingPolicy, base_seed: int = 0):
+        if len(set(caption_ids)) != len(caption_ids):
+            raise ValueError("caption_ids must be distinct")
+        self.policy = policy
+        self.triplets = [TripletState(cid, base_seed, policy) for cid in caption_ids]
+        self._by_id = {cid: i for i, cid in enumerate(caption_ids)}
+        self._first_open = 0
+
+    def record(self, results: Iterable[tuple[str, int, bool]]) -> None:
+        """Record (caption_id, sample index, passed) results, e.g. the rows of earlier chunks."""
+        for caption_id, index, passed in results:
+            self.triplets[self._by_id[caption_id]].record(int(index), bool(passed))
+
+    def next_cohort(self, size: int) -> list[PlannedSample]:
+        """Up to ``size`` pending samples of the open rounds, triplets in order (empty when all finished)."""
+        if size < 1:
+            raise ValueError(f"cohort size must be >= 1, got {size}")
+        while self._first_open < len(self.triplets) and self.triplets[self._first_open].status is not None:
+            self._first_open += 1
+        cohort: list[PlannedSample] = []
+        for t in range(self._first_open, len(self.triplets)):
+            state = self.triplets[t]
+            for index in state.pending():
+                cohort.append(PlannedSample(t, state.caption_id, index, state.seed(index), state.round))
+                if len(cohort) == size:
+                    return cohort
+        return cohort
+
+    @property
+    def finished(self) -> bool:
+        return all(t.status is not None for t in self.triplets)
+
+    def status_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for t in self.triplets:
+            if t.status is not None:
+                counts[t.status] += 1
+        return counts

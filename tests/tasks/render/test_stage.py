@@ -1,0 +1,162 @@
+"""The render stage on tiny models: contract, UNet-call accounting, savers, resume after a crash, OOM halving."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tasks.common import storage
+from tasks.common.config import load_config
+from tasks.common.contract import Checkpoint
+from tasks.render.early import early_step_count
+from tasks.render.renderer import BatchSizer, Renderer, is_oom
+from tasks.render.stage import SAMPLE_COLUMNS, image_name, run_render_partition
+
+pytestmark = pytest.mark.component
+
+STEPS, SAMPLES = 4, 6
+TRIPLETS = pd.DataFrame([
+    {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
+     "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
+# adaptive rounds of 2 (target: filter.top_k = 2 in the demo), give up after 4, early rejection at half the
+# steps without margin; a stricter direction threshold than the demo's so that some samples fail
+SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4", "render.early_reject_at=0.5",
+          "render.early_reject_margin=0.0", "filter.clip_direction_threshold=0.15"]
+
+
+def config(root, *overrides):
+    storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
+    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}",
+                                f"render.samples_per_triplet={SAMPLES}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return Renderer(load_config("demo"))
+
+
+class Flaky:
+    """Wraps a Renderer; ``fail(call_number, n_samples)`` may return an exception to raise instead."""
+
+    def __init__(self, inner, fail):
+        self.inner, self.fail, self.sizes = inner, fail, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def render_scored(self, requests, *args, **kwargs):
+        self.sizes.append(len(requests))
+        err = self.fail(len(self.sizes), len(requests))
+        if err is not None:
+            raise err
+        return self.inner.render_scored(requests, *args, **kwargs)
+
+
+def samples(root) -> pd.DataFrame:
+    return storage.read_parquet(f"{root}/render/part-00000/samples.parquet")
+
+
+def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
+    cfg = config(tmp_path)
+    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    df = samples(tmp_path)
+    assert list(df.columns) == SAMPLE_COLUMNS and len(df) == 4 * SAMPLES and df["sample_key"].is_unique
+    assert df.groupby("caption_id")["sample_index"].apply(list).tolist() == [list(range(SAMPLES))] * 4
+    assert (df["unet_steps"] == STEPS).all() and not df["early_rejected"].any()
+    counts = manifest["counts"]
+    assert counts["unet_calls"] == counts["unet_calls_reference"] == 4 * SAMPLES * STEPS
+    assert counts["triplets_exhausted"] == 4 and counts["samples"] == len(df)
+    assert df.groupby("caption_id")["kept"].sum().max() <= cfg.filter.top_k
+    for key in df.loc[df["image_stored"], "sample_key"]:
+        assert (tmp_path / "render/part-00000" / image_name(key, "input")).exists()
+        assert f"{image_name(key, 'edited')}" in manifest["outputs"]
+    assert run_render_partition(cfg, 0, renderer=renderer)["skipped"]
+
+
+def test_savers_counts_and_accounting(tmp_path, renderer):
+    cfg = config(tmp_path, *SAVERS)
+    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    df = samples(tmp_path)
+    early = df["early_rejected"]
+    assert early.any() and df["passed"].any(), "the tiny models should give a mix of outcomes here"
+    after = early_step_count(0.5, STEPS)
+    assert (df.loc[early, "unet_steps"] == after).all() and (df.loc[~early, "unet_steps"] == STEPS).all()
+    assert df.loc[early, "clip_sim_dir"].isna().all() and not df.loc[early, "passed"].any()
+    assert df["early_clip_sim_dir"].notna().all()  # every sample was scored early
+    assert (df.loc[early, "early_clip_sim_dir"] < 0.15).all()  # rejected ones were below threshold - 0 margin
+    counts = manifest["counts"]
+    assert counts["unet_calls"] == int(df["unet_steps"].sum()) < counts["unet_calls_reference"]
+    assert counts["early_rejected"] == int(early.sum()) == manifest["rejected"]["early_rejected"]
+    for cid, rows in df.groupby("caption_id"):
+        n, passed = len(rows), int(rows["passed"].sum())
+        assert rows["sample_index"].tolist() == list(range(n)) and n % 2 == 0  # whole rounds
+        assert passed >= 2 or n == 4 and passed == 0 or n == SAMPLES, cid  # satisfied / gave up / exhausted
+        assert passed < 2 or rows["passed"].iloc[: n - 2].sum() < 2  # stopped at the first round reaching 2
+    statuses = [counts[f"triplets_{s}"] for s in ("satisfied", "gave_up", "exhausted")]
+    assert sum(statuses) == 4 and min(statuses) > 0, statuses  # each rule fired on these tiny-model scores
+
+
+def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch):
+    clean = tmp_path / "clean"
+    run_render_partition(config(clean, *SAVERS), 0, renderer=renderer)
+    crashed = tmp_path / "crashed"
+    cfg = config(crashed, *SAVERS)
+    append, calls = Checkpoint.append, []
+
+    def dying_append(self, batch_id, df):
+        calls.append(batch_id)
+        if len(calls) == 3:  # images of this cohort are written, its rows are not
+            raise KeyboardInterrupt("killed")
+        append(self, batch_id, df)
+
+    monkeypatch.setattr(Checkpoint, "append", dying_append)
+    with pytest.raises(KeyboardInterrupt):
+        run_render_partition(cfg, 0, renderer=renderer)
+    monkeypatch.setattr(Checkpoint, "append", append)
+    assert not (crashed / "render/part-00000/samples.parquet").exists()
+    flaky = Flaky(renderer, lambda call, n: None)
+    manifest = run_render_partition(cfg, 0, renderer=flaky)
+    resumed, reference = samples(crashed), samples(clean)
+    assert resumed["sample_key"].is_unique
+    pd.testing.assert_frame_equal(resumed, reference)
+    assert (crashed / "render/part-00000/samples.parquet").read_bytes() == (clean / "render/part-00000/samples.parquet").read_bytes()
+    assert sum(flaky.sizes) == len(reference) - 2 * cfg.render.batch_samples  # only the lost cohorts re-rendered
+    assert manifest["counts"]["unet_calls"] == int(reference["unet_steps"].sum())
+    stored = sorted(p.name for p in (crashed / "render/part-00000/images").iterdir())
+    assert stored == sorted(p.name for p in (clean / "render/part-00000/images").iterdir())
+
+
+def test_oom_halves_the_batch_and_continues(tmp_path, renderer):
+    small = tmp_path / "small"
+    run_render_partition(config(small, "render.batch_samples=2"), 0, renderer=renderer)
+    big = tmp_path / "big"
+    oom = Flaky(renderer, lambda call, n: torch.OutOfMemoryError("CUDA out of memory (fake)") if n > 2 else None)
+    manifest = run_render_partition(config(big, "render.batch_samples=8"), 0, renderer=oom)
+    assert oom.sizes[:3] == [8, 4, 2] and set(oom.sizes[3:]) == {2}
+    assert manifest["batch_samples"] == 2 and manifest["oom_halvings"] == 2
+    pd.testing.assert_frame_equal(samples(big), samples(small))
+    broken = Flaky(renderer, lambda call, n: ValueError("not an OOM"))
+    with pytest.raises(ValueError):
+        run_render_partition(config(tmp_path / "broken"), 0, renderer=broken)
+
+
+def test_batch_sizer():
+    sizer = BatchSizer(5)
+    err = torch.OutOfMemoryError("CUDA out of memory")
+    assert is_oom(err) and is_oom(RuntimeError("CUDA error: out of memory")) and not is_oom(ValueError("x"))
+    sizer.shrink(err)
+    sizer.shrink(err)
+    assert sizer.size == 1 and sizer.halvings == 2
+    with pytest.raises(torch.OutOfMemoryError):
+        sizer.shrink(err)
+
+
+def test_auto_batch_on_cpu_and_dtype_noop(renderer):
+    from tasks.render.renderer import CPU_AUTO_BATCH, settings_from
+
+    cfg = load_config("demo", ["render.dtype=float16", "render.compile=true", "render.batch_samples=auto"])
+    assert renderer.auto_batch_samples(settings_from(cfg), 64) == CPU_AUTO_BATCH
+    assert renderer.auto_batch_samples(settings_from(cfg), 3) == 3
+    cpu = Renderer(cfg)
+    assert cpu.dtype == torch.float32 and not cpu.compiled
+    assert np.isfinite(cpu.score(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), ["a"], ["b"])["clip_sim_0"]).all()
