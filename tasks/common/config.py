@@ -187,6 +187,58 @@ class PackConfig(Section):
     hf_export: bool = Field(False, description="also write Hugging Face parquet with the released columns")
 
 
+class TrainConfig(Section):
+    """The training flow (`flows/train.py`, `tasks/train/`): the editing model on the packed shards.
+
+    Defaults are the paper's (arXiv 2211.09800, sec. 4 / appendix) and its reference `configs/train.yaml`:
+    SD 1.5 UNet widened to 8 input channels, 256² crops from a random 256–288 resize, horizontal flip,
+    AdamW lr 1e-4 without warm-up, batch 32 x 4 accumulation per GPU (x 8 GPUs = 1024), EMA weights,
+    conditioning dropout 5 % (text only / both / image only), sampled with text 7.5 / image 1.5 guidance.
+    Not part of the generation chain: its hash is `tasks.train.stage.train_hash` (config + the shards).
+    """
+
+    steps: int = Field(10_000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="samples per device per micro-batch")
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = Field(1e-2, ge=0)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="0 disables gradient clipping")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    use_ema: bool = True
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    resolution: int = Field(256, ge=8, description="square crop size (a multiple of the VAE downsampling)")
+    max_resize_ratio: float = Field(288 / 256, ge=1, description="resize to a random size in [res, res*ratio]")
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    conditioning_dropout: float = Field(0.05, ge=0, le=1 / 3, description="5%: text only, both, image only")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
+    num_workers: int = Field(4, ge=0, description="DataLoader workers (part of the data order)")
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = Field(500, ge=1)
+    checkpoints_total_limit: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1)
+    sample_steps: int = Field(50, ge=1, description="denoising steps of the sample edit on a val example")
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+
+    # Settings that never change the trained weights or outputs: a resumed run may change them freely.
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("device", "checkpoint_every", "checkpoints_total_limit", "log_every")
+    # Settings of the sample edit only: changing them re-samples from the final checkpoint, no re-training.
+    SAMPLING: ClassVar[tuple[str, ...]] = ("sample_steps", "guidance_scale", "image_guidance_scale")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.lr_warmup_steps > 0 and self.lr_scheduler == "constant":
+            raise ValueError("lr_warmup_steps > 0 needs lr_scheduler constant_with_warmup, linear or cosine")
+        return self
+
+
 class PipelineConfig(Section):
     name: str = "demo"
     output_root: str = "runs/demo"
@@ -196,6 +248,7 @@ class PipelineConfig(Section):
     render: RenderConfig = RenderConfig()
     filter: FilterConfig = FilterConfig()
     pack: PackConfig = PackConfig()
+    train: TrainConfig = TrainConfig()
 
     def stage_hash(self, stage: str) -> str:
         """Stable hash of what `stage` reads: its own sections, the models it uses, and the stage before."""

@@ -1,0 +1,275 @@
+"""The InstructPix2Pix training loop on `accelerate` (paper sec. 3.2 and 4; reference `ddpm_edit.py`).
+
+Per micro-batch, as the reference `LatentDiffusion` with `conditioning_key: hybrid`:
+
+- target latent z = E(edited) sampled from the VAE posterior, times the VAE's `scaling_factor`;
+- image conditioning c_I = E(original).mode(), *unscaled* — the reference's `encode_first_stage(...).mode()`
+  and exactly what `StableDiffusionInstructPix2PixPipeline.prepare_image_latents` feeds at inference;
+- text conditioning c_T = CLIP text encoder's last hidden state of the instruction;
+- t ~ U{0..T-1}, z_t = DDPM q(z_t | z) (noise scheduler built from the model's scheduler config);
+- conditioning dropout (`tasks.train.conditioning`), UNet input cat([z_t, c_I], dim=1) (8 channels);
+- loss = MSE(ε̂, ε) (or the velocity when the scheduler is v-prediction).
+
+AdamW, lr 1e-4 without warm-up, gradient accumulation and clipping, optional EMA (diffusers `EMAModel`,
+decay warm-up (1+n)/(10+n) like the SD code base's LitEma). All randomness of a step (VAE sample, noise,
+timesteps, dropout) comes from a generator seeded by (seed, process, micro-batch index), and the data
+stream is a pure function of the seed (`tasks.train.data`), so a run resumed from a checkpoint
+(`accelerator.save_state`, every `checkpoint_every` steps and at the end) continues exactly as the
+uninterrupted run would. The final weights (EMA weights when `use_ema`) are saved as an
+InstructPix2Pix pipeline folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tasks.common.config import ModelsConfig, TrainConfig
+from tasks.train.conditioning import apply_dropout, dropout_masks, null_text_embedding
+from tasks.train.data import Augment, make_train_loader
+from tasks.train.model import load_editing_model, save_pipeline
+
+log = logging.getLogger("editforge")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    resumed_from: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps_per_s: float = 0.0
+    wall_time_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        losses = [h["loss"] for h in self.history]
+        return {"steps": self.steps, "resumed_from": self.resumed_from, "steps_per_s": round(self.steps_per_s, 4),
+                "wall_time_s": round(self.wall_time_s, 3), "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+                "samples_seen": self.history[-1]["samples"] if self.history else 0}
+
+
+def micro_seed(seed: int, rank: int, micro_index: int) -> int:
+    """The seed of one micro-batch's random draws: independent of when the run was (re)started."""
+    return int(hashlib.sha256(f"{seed}/{rank}/{micro_index}".encode()).hexdigest()[:15], 16)
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (`checkpoint-<step>` with a trainer state) under `folder`, by step."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path, run_key: str) -> Path | None:
+    """The newest checkpoint written under `run_key`; checkpoints of another config are removed."""
+    latest = None
+    for _, path in list_checkpoints(folder):
+        state = json.loads((path / STATE_FILE).read_text())
+        if state.get("run_key") != run_key:
+            log.info("train: removing checkpoint %s of another config (%s)", path.name, state.get("run_key"))
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            latest = path
+    return latest
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """`accelerator.save_state` into a temporary folder, trainer state last, then rename; keep the newest."""
+    final = folder / f"checkpoint-{step:08d}"
+    tmp = folder / f".tmp-checkpoint-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    # accelerate keeps process-wide singletons; a second training in one process (a retry, a test) with
+    # other settings must start from a clean state (single process only: a launched job trains once).
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       cpu=cfg.device == "cpu")
+
+
+def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], workdir: str | Path,
+                        run_key: str = "", logger: logging.Logger | None = None,
+                        on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train for `cfg.steps` optimizer steps (resuming from `workdir/checkpoints`), save `workdir/model`."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    logger = logger or log
+    workdir = Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    accelerator = _make_accelerator(cfg)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    comps = load_editing_model(models.diffusion, models.diffusion_path)
+    factor = comps.vae_scale_factor
+    if cfg.resolution % factor:
+        raise ValueError(f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}")
+    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+    vae, text_encoder, unet = comps.vae, comps.text_encoder, comps.unet
+    for frozen in (vae, text_encoder):  # `to(dtype=...)` only when it changes: diffusers warns on any cast
+        frozen.to(device) if frozen.dtype == weight_dtype else frozen.to(device, dtype=weight_dtype)
+    unet.to(device).train().requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    ema = None
+    if cfg.use_ema:
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=cfg.steps * accelerator.num_processes)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+
+    step, history = 0, []
+    latest = latest_checkpoint(ckpt_dir, run_key) if accelerator.is_main_process else None
+    latest = _broadcast_path(accelerator, latest)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        state = json.loads((latest / STATE_FILE).read_text())
+        step, history = int(state["step"]), list(state["history"])[: int(state["step"])]
+        logger.info("train: resumed from %s (step %d of %d)", latest.name, step, cfg.steps)
+    resumed_from = step
+
+    null_text = null_text_embedding(comps.tokenizer, text_encoder)
+    accum, batch = cfg.gradient_accumulation_steps, cfg.batch_size
+    loader = make_train_loader(
+        train_urls, comps.tokenizer, Augment(cfg.resolution, cfg.max_resize_ratio, cfg.flip_prob), batch, cfg.seed,
+        cfg.shuffle_buffer, cfg.num_workers, skip_batches=step * accum,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    samples_per_step = batch * accum * accelerator.num_processes
+    t0 = time.perf_counter()
+    micro_losses: list[torch.Tensor] = []
+    micro, epoch = step * accum, 0
+    while step < cfg.steps:
+        data = next(loader)
+        epoch = max(epoch, *data["epochs"])
+        gen = torch.Generator(device=device).manual_seed(micro_seed(cfg.seed, accelerator.process_index, micro))
+        micro += 1
+        with accelerator.accumulate(unet):
+            loss = _micro_batch_loss(data, gen, cfg, vae, text_encoder, unet, noise_scheduler, null_text, weight_dtype)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_losses.append(accelerator.reduce(loss.detach(), reduction="mean"))
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(unet.parameters())
+        record = {"step": step, "loss": float(torch.stack(micro_losses).mean()), "lr": lr_scheduler.get_last_lr()[0],
+                  "epoch": epoch, "samples": step * samples_per_step,
+                  "time_s": round(time.perf_counter() - t0, 4)}
+        micro_losses = []
+        history.append(record)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = (step - resumed_from) / max(time.perf_counter() - t0, 1e-9)
+            logger.info("train: step %d/%d loss %.4f lr %.2e %.2f steps/s", step, cfg.steps, record["loss"],
+                        record["lr"], rate)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            save_checkpoint(accelerator, ckpt_dir, step, {"step": step, "run_key": run_key, "history": history},
+                            cfg.checkpoints_total_limit)
+        if on_step is not None:
+            on_step(record)
+    train_time = time.perf_counter() - t0
+
+    accelerator.wait_for_everyone()
+    model_dir = workdir / "model"
+    final_unet = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.copy_to(final_unet.parameters())
+    if accelerator.is_main_process:
+        comps.unet = final_unet.eval()
+        for module in (comps.unet, comps.vae, comps.text_encoder):
+            if module.dtype != torch.float32:
+                module.to(dtype=torch.float32)
+        save_pipeline(comps, model_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    done = step - resumed_from
+    return TrainResult(model_dir, step, resumed_from, history, done / train_time if done else 0.0, train_time)
+
+
+def _micro_batch_loss(data: dict[str, Any], gen: torch.Generator, cfg: TrainConfig, vae, text_encoder, unet,
+                      noise_scheduler, null_text: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
+    device = gen.device
+    edited = data["edited_pixel_values"].to(device, dtype=weight_dtype)
+    original = data["original_pixel_values"].to(device, dtype=weight_dtype)
+    with torch.no_grad():
+        latents = vae.encode(edited).latent_dist.sample(generator=gen) * vae.config.scaling_factor
+        image_latents = vae.encode(original).latent_dist.mode()
+        text = text_encoder(data["input_ids"].to(device))[0]
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen, device=device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    drop_text, drop_image = dropout_masks(n, cfg.conditioning_dropout, gen, device)
+    text, image_latents = apply_dropout(text, image_latents, null_text, drop_text, drop_image)
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+
+
+def _broadcast_path(accelerator, path: Path | None) -> Path | None:
+    """The main process's choice of checkpoint, shared with every process."""
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    box = [str(path) if path else None]
+    broadcast_object_list(box, from_process=0)
+    return Path(box[0]) if box[0] else None

@@ -1,0 +1,142 @@
+"""The WebDataset training pipeline: shapes, range, paired augmentation, seeded order, resume, epochs."""
+
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from tasks.common.tiny import ensure_tiny
+from tasks.pack.shards import write_shard
+from tasks.train.data import (
+    Augment,
+    augment_pair,
+    center_pair,
+    make_train_loader,
+    read_examples,
+    shard_urls,
+    to_tensor,
+)
+from tasks.train.synthetic import write_synthetic_shards
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(ensure_tiny("diffusion"), subfolder="tokenizer")
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory):
+    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=20, val_samples=3, per_shard=6)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _half_and_half(size: int = 72) -> Image.Image:
+    """Left half black, right half white, with a grey marker row: any flip or crop mismatch shows."""
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    img.paste((255, 255, 255), (size // 2, 0, size, size))
+    img.paste((128, 128, 128), (0, size // 3, size, size // 3 + 2))
+    return img
+
+
+def test_batches_have_the_right_shapes_range_and_tokens(index, tokenizer):
+    loader = make_train_loader(shard_urls(index), tokenizer, Augment(64), batch_size=4, seed=0, shuffle_buffer=8)
+    batch = next(loader)
+    for name in ("original_pixel_values", "edited_pixel_values"):
+        x = batch[name]
+        assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.5 and x.max() > 0.5
+    assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == torch.long
+    assert batch["input_ids"][0, 0] == tokenizer.bos_token_id
+    assert all(i.startswith("make the ") for i in batch["instructions"])
+    assert len(set(batch["keys"])) == 4
+
+
+def test_both_images_get_the_same_resize_crop_and_flip(tmp_path, tokenizer):
+    img = _png(_half_and_half())
+    samples = [{"__key__": f"k{i:03d}", "input.png": img, "edited.png": img, "instruction.txt": b"same", "json": b"{}"}
+               for i in range(8)]
+    write_shard(str(tmp_path / "train-000000.tar"), samples)
+    urls = [str(tmp_path / "train-000000.tar")]
+    for flip_prob, left_is_dark in ((0.0, True), (1.0, False)):
+        batch = next(make_train_loader(urls, tokenizer, Augment(64, 288 / 256, flip_prob), 8, seed=3, shuffle_buffer=4))
+        original, edited = batch["original_pixel_values"], batch["edited_pixel_values"]
+        assert torch.equal(original, edited)
+        left, right = original[..., :16].mean().item(), original[..., -16:].mean().item()
+        assert (left < right) == left_is_dark
+
+
+def test_augment_pair_resizes_within_range_crops_and_flips():
+    img = _half_and_half(64)
+    same = augment_pair(img, img, Augment(64, 1.0, 0.0), random.Random(0))
+    assert torch.equal(same[0], to_tensor(img)) and torch.equal(same[1], to_tensor(img))
+    flipped = augment_pair(img, img, Augment(64, 1.0, 1.0), random.Random(0))
+    assert torch.equal(flipped[0], torch.flip(to_tensor(img), dims=[-1]))
+    calls = []
+
+    class Spy(random.Random):
+        def randint(self, a, b):
+            calls.append((a, b))
+            return super().randint(a, b)
+
+    for seed in range(20):
+        a, b = augment_pair(img, img, Augment(256), Spy(seed))
+        assert a.shape == b.shape == (3, 256, 256)
+    assert calls[0] == (256, 288)  # the paper's 256-288 resize range for 256 crops, drawn first
+
+
+def test_order_is_seeded_and_resume_skips_exactly(index, tokenizer):
+    urls = shard_urls(index)
+
+    def keys(seed, n, skip=0):
+        loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=seed, shuffle_buffer=8, skip_batches=skip)
+        return [next(loader) for _ in range(n)]
+
+    full = keys(0, 7)
+    assert [b["keys"] for b in keys(0, 7)] == [b["keys"] for b in full]
+    assert [b["keys"] for b in keys(1, 7)] != [b["keys"] for b in full]
+    resumed = keys(0, 3, skip=4)
+    for a, b in zip(resumed, full[4:]):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(a["original_pixel_values"], b["original_pixel_values"])
+        assert torch.equal(a["edited_pixel_values"], b["edited_pixel_values"])
+
+
+def test_epochs_cover_every_sample_once_and_reshuffle(index, tokenizer):
+    loader = make_train_loader(shard_urls(index), tokenizer, Augment(64), 5, seed=0, shuffle_buffer=8)
+    batches = [next(loader) for _ in range(8)]  # 40 samples = 2 epochs of 20
+    keys = [k for b in batches for k in b["keys"]]
+    epochs = [e for b in batches for e in b["epochs"]]
+    first, second = keys[:20], keys[20:]
+    assert sorted(first) == sorted(second) and len(set(first)) == 20
+    assert first != second
+    assert epochs == [0] * 20 + [1] * 20
+
+
+def test_workers_split_shards_deterministically(index, tokenizer):
+    urls = shard_urls(index)
+
+    def run():
+        loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=0, shuffle_buffer=4, num_workers=2)
+        return [next(loader)["keys"] for _ in range(5)]
+
+    first = run()
+    assert first == run()
+    assert len({k for b in first for k in b}) == 20  # 20 samples, each seen once in the first epoch
+
+
+def test_val_examples_and_index_errors(index):
+    examples = read_examples(shard_urls(index, "val"), 2)
+    assert len(examples) == 2 and examples[0].original.size == (64, 64)
+    view = center_pair(examples[0], 32)
+    assert view.original.size == view.edited.size == (32, 32)
+    with pytest.raises(ValueError, match="no split 'test'"):
+        shard_urls(index, "test")
