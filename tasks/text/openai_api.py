@@ -39,6 +39,10 @@ class MissingAPIKeyError(RuntimeError):
     """No API key was found where the config says to look (the message names the place, not a key)."""
 
 
+class ModerationUnavailableError(RuntimeError):
+    """Moderation is on but the server has no moderation endpoint."""
+
+
 def resolve_api_key(cfg: OpenAITextConfig) -> str:
     """The API key from a Prefect Secret block or the environment (never logged)."""
     if cfg.api_key_secret:
@@ -207,7 +211,13 @@ async def create_completion(client: openai.AsyncOpenAI, endpoint: str, body: dic
 
 async def moderate(client: openai.AsyncOpenAI, model: str, texts: list[str]) -> list[bool]:
     """Whether the moderation endpoint flags each text (one request for the whole list)."""
-    response = await client.moderations.create(model=model, input=texts)
+    try:
+        response = await client.moderations.create(model=model, input=texts)
+    except openai.NotFoundError as err:
+        raise ModerationUnavailableError(
+            f"the server at {client.base_url} has no moderation endpoint ({err.status_code}); servers such as "
+            f"vLLM do not implement /v1/moderations: set text.openai.moderation=false"
+        ) from err
     flags = [bool(r.flagged) for r in response.results]
     if len(flags) != len(texts):
         raise RuntimeError(f"moderation endpoint returned {len(flags)} results for {len(texts)} inputs")

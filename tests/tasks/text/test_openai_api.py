@@ -94,3 +94,19 @@ def test_run_sync_works_inside_a_running_loop():
 
     assert run_sync(value) == 42
     assert asyncio.run(outer()) == 42
+
+
+def test_key_from_a_prefect_secret_block(monkeypatch):
+    from types import SimpleNamespace
+
+    from prefect.blocks.system import Secret
+
+    loaded: list[str] = []
+
+    def load(name: str, *args, **kwargs):
+        loaded.append(name)
+        return SimpleNamespace(get=lambda: "sk-from-block")
+
+    monkeypatch.setattr(Secret, "load", staticmethod(load))
+    assert resolve_api_key(OpenAITextConfig(api_key_secret="editforge-openai")) == "sk-from-block"
+    assert loaded == ["editforge-openai"]

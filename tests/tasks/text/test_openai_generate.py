@@ -140,3 +140,13 @@ def test_a_recorded_batch_is_polled_not_created_again(fake, tmp_path):
     manifest = run_text_partition(cfg, 0)
     assert manifest["counts"]["batch_jobs_resumed"] == 1 and fake.state.count("/v1/batches") == 1
     _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
+
+
+def test_a_server_without_moderation_gives_a_clear_error(fake, tmp_path):
+    from tasks.text import openai_api
+
+    write_captions(str(tmp_path), 0, make_captions(3))
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}",
+                        f"text.openai.base_url={fake.base_url.removesuffix('/v1')}/no-such-prefix/v1")
+    with pytest.raises(openai_api.ModerationUnavailableError, match="text.openai.moderation=false"):
+        run_text_partition(cfg, 0)

@@ -67,6 +67,7 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
     start = len(fake.state.requests)
     with pytest.raises(Crash):
         run_text_partition(cfg, 0, on_chunk=crash_after_three_chunks)
+    time.sleep(0.1)  # the fake still answers the requests the crash abandoned (they count as lost)
     kept = checkpointed_ids(root)
     assert 24 <= len(kept) < 80
     texts = dict(zip(captions["caption_id"], captions["text"]))
