@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# The data pipeline, then the separate training flow on the shards it wrote.
 demo: $(STAMP)
 	$(PY) -m flows.generate --preset demo
+	$(PY) -m flows.train --preset demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

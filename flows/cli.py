@@ -2,6 +2,7 @@
 
     editforge run --preset demo --set render.steps=20
     editforge stage render --preset paper --partitions 0-9
+    editforge train --preset demo
     editforge config --preset paper
     editforge report --preset demo
 """
@@ -69,6 +70,17 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}"
         flows[name](preset, overrides or [])
     else:
         flows[name](preset, overrides or [], parse_partitions(partitions))
+
+
+@app.command()
+def train(preset: Preset = "demo", overrides: Overrides = None,
+          index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None
+          ) -> None:
+    """Train the editing model on the shards of a run (the separate training flow)."""
+    _load(preset, overrides)
+    from flows.train import train as train_flow
+
+    train_flow(preset, overrides or [], index)
 
 
 @app.command()
