@@ -95,7 +95,8 @@ def run_finetune(cfg: PipelineConfig, seed_path: str | None = None, logger: logg
         else:
             figures = _finetune_openai(cfg, run, logger)
             storage.write_json_atomic(run.output(OPENAI_MODEL_FILE), figures)
-        run.extra["finetune"] = figures | {"seed_annotations": seed_path, "backend": t.backend}
+        run.extra["finetune"] = figures | {"seed_annotations": seed_path, "backend": t.backend,
+                                           "train_examples": len(train), "val_examples": len(val)}
         run.stats.add("out", 1)
 
     return execute_partition(FINETUNE_STAGE, 0, cfg.output_root, finetune_hash(cfg, seed_path), work, logger)

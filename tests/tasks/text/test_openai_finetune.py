@@ -19,6 +19,7 @@ def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplo
     ft = manifest["finetune"]
     assert ft["model"].startswith("ft:gpt-4o-mini-2024-07-18:") and ft["status"] == "succeeded"
     assert ft["job_id"].startswith("ftjob-") and ft["trained_tokens"] and not ft["resumed"]
+    assert ft["train_examples"] > ft["val_examples"] > 0
     assert finetuned_model_id(cfg) == ft["model"]
     done = read_success(partition_dir(str(tmp_path), "finetune", 0))
     assert done["finetune"]["job_id"] == ft["job_id"]
