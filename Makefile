@@ -40,6 +40,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 
 bench: $(STAMP)
+	$(PY) bench/text_throughput.py
 	$(PY) bench/render_throughput.py
 
 clean:

@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.common import storage
+
 STAGES = ("captions", "text", "render", "filter", "pack")
 
 
@@ -93,6 +95,8 @@ class TextConfig(Section):
     """
 
     backend: Literal["local", "openai"] = "local"
+    seed_annotations: str | None = Field(
+        None, description="JSONL of (input, edit, output) seed triplets; default: the project's own")
     finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
@@ -114,6 +118,11 @@ class TextConfig(Section):
 
     # dotted keys (under `text.`) that never change the stage's output; see OpenAITextConfig.OPERATIONAL
     OPERATIONAL: ClassVar[tuple[str, ...]] = tuple(f"openai.{k}" for k in OpenAITextConfig.OPERATIONAL)
+
+    def seed_annotations_path(self) -> str:
+        from seed_annotations.schema import default_triplets_path
+
+        return self.seed_annotations or str(default_triplets_path())
 
     def output_fields(self) -> dict[str, Any]:
         """The settings that determine the stage's output (operational knobs left out), for hashing."""
@@ -274,7 +283,12 @@ class PipelineConfig(Section):
         if stage == "text":
             from prompts.templates import templates_hash
 
+            # operational knobs (concurrency, retries, timeouts) may change on a resumed run
+            picked["text"] = self.text.output_fields()
             picked["templates"] = templates_hash()
+            # new seed triplets -> a new fine-tune -> new triplets downstream
+            picked["seed_annotations_sha"] = hashlib.sha256(
+                storage.read_bytes(self.text.seed_annotations_path())).hexdigest()
         if idx > 0:
             picked["upstream"] = self.stage_hash(STAGES[idx - 1])
         blob = json.dumps({"stage": stage, **picked}, sort_keys=True).encode()

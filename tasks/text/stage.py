@@ -30,7 +30,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from prompts.templates import templates_hash
-from seed_annotations.schema import default_triplets_path, load_triplets, split_train_val
+from seed_annotations.schema import load_triplets, split_train_val
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import (
@@ -81,7 +81,7 @@ def _progress_url(run: PartitionRun, name: str) -> str:
 def run_finetune(cfg: PipelineConfig, seed_path: str | None = None, logger: logging.Logger | None = None) -> dict:
     """Fine-tune the LM on the seed annotations unless already done for this config (see module doc)."""
     logger = logger or log
-    seed_path = seed_path or str(default_triplets_path())
+    seed_path = seed_path or cfg.text.seed_annotations_path()
     train, val = split_train_val(load_triplets(seed_path), cfg.text.val_fraction, cfg.text.seed)
     t = cfg.text
 

@@ -58,3 +58,14 @@ def test_unknown_preset(tmp_path):
     bad.write_text("render:\n  steps: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(str(bad))
+
+
+def test_text_hash_ignores_operational_knobs_but_follows_seed_triplets(tmp_path):
+    base = load_config("demo")
+    faster = load_config("demo", ["text.openai.concurrency=8", "text.openai.max_retries=2"])
+    assert base.stage_hash("text") == faster.stage_hash("text")
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"input": "a cat", "edit": "make it a dog", "output": "a dog"}\n')
+    other = load_config("demo", [f"text.seed_annotations={seeds}"])
+    assert other.stage_hash("text") != base.stage_hash("text")
+    assert other.stage_hash("render") != base.stage_hash("render")
