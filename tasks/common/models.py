@@ -119,6 +119,7 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
 
     if preset == "sd15-arch":
         comps = _sd15_arch_components()
+        comps.scheduler = make_scheduler(scheduler)  # SD 1.5's betas; honour the requested sampler
     else:
         if preset == "tiny":
             source = str(path or ensure_tiny("diffusion"))

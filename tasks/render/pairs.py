@@ -131,7 +131,10 @@ def attention_installed(unet, mode: str, control: AttentionControl,
     """
     if persistent:
         installed = _PERSISTENT.get(unet)
-        if installed is None or installed[0] != mode:
+        current = next(iter(unet.attn_processors.values()), None)
+        still_ours = installed is not None and installed[0] == mode and (
+            mode == "none" or getattr(current, "control", None) is installed[1])
+        if not still_ours:
             unet.set_attn_processor(make_processor(mode, control))
             installed = _PERSISTENT[unet] = (mode, control)
         installed[1].load(control)

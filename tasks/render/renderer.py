@@ -147,13 +147,15 @@ class Renderer:
         if self.device.type != "cuda":
             return max(1, min(cap, CPU_AUTO_BATCH))
         probe = replace(settings, steps=1)
+        eager = replace(self.diffusion, unet=getattr(self.diffusion.unet, "_orig_mod", self.diffusion.unet))
         peaks = []
-        for n in (1, 2):
+        for n in (1, 2):  # eager UNet: probing must not trigger compilations
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            self.render([PairRequest(f"probe{i}", "a photo", "a photo", i) for i in range(n)], probe)
+            requests = [PairRequest(f"probe{i}", "a photo", "a photo", i) for i in range(n)]
+            render_pairs(eager, requests, probe, device=self.device, dtype=self.dtype)
             peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
         free, _ = torch.cuda.mem_get_info(self.device)
         per_sample = max(peaks[1] - peaks[0], 1)

@@ -94,6 +94,7 @@ class TripletState:
     _seeds: list[int] = field(default_factory=list)
     _seen: set[int] = field(default_factory=set)
     _draws: int = 0
+    _in_round: int = 0
 
     def __post_init__(self) -> None:
         self.round_end = self.policy.round_end(0)
@@ -127,18 +128,26 @@ class TripletState:
         return [i for i in range(self.round_start, self.round_end) if i not in self.results]
 
     def record(self, index: int, passed: bool) -> None:
-        """Add one sample's result, then close every complete round (deciding after each)."""
+        """Add one sample's result, then close every complete round (deciding after each).
+
+        Results may arrive in any order (checkpoint chunks are read back by name, not by time).
+        """
         if not 0 <= index < self.policy.max_samples:
             raise ValueError(f"{self.caption_id}: sample index {index} outside 0..{self.policy.max_samples - 1}")
+        if index in self.results:
+            return
         self.results[index] = bool(passed)
-        self._advance()
+        if self.round_start <= index < self.round_end:
+            self._in_round += 1
+            self._advance()
 
     def _advance(self) -> None:
-        while self.status is None and all(i in self.results for i in range(self.round_start, self.round_end)):
+        while self.status is None and self._in_round == self.round_end - self.round_start:
             done = self.round_end
             self.status = self.policy.decide(done, sum(self.results.get(i, False) for i in range(done)))
             if self.status is None:
                 self.round_start, self.round_end, self.round = done, self.policy.round_end(done), self.round + 1
+                self._in_round = sum(1 for i in range(self.round_start, self.round_end) if i in self.results)
 
 
 class RenderPlan:

@@ -166,3 +166,19 @@ def test_refine_alignment_with_clip_tokenizer(components):
     assert alpha[new] == 0 and alpha[:new].tolist() == [1.0] * new
     assert index[: new].tolist() == list(range(new)) and index[new + 1] == new  # "cat" takes before's "cat"
     assert index[len(after)] == len(after) - 1 and bool((alpha[new + 1 :] == 1).all())
+
+
+def test_persistent_attention_same_results(components):
+    """Processors installed once (the torch.compile path) give the same pairs as per-call installs."""
+    from tasks.render.attention import remove_attention
+
+    try:
+        for mode in ("ip2p", "p2p-refine", "ip2p"):
+            expected = render_pairs(components, REQUESTS[:2], settings(attention=mode))
+            first = next(iter(components.unet.attn_processors.values()))
+            got = render_pairs(components, REQUESTS[:2], settings(attention=mode), persistent_attention=True)
+            again = render_pairs(components, REQUESTS[1:], settings(attention=mode), persistent_attention=True)
+            assert next(iter(components.unet.attn_processors.values())) is not first  # left installed
+            assert torch.equal(got.after, expected.after) and close(again.after[0], expected.after[1], 1e-5)
+    finally:
+        remove_attention(components.unet)
