@@ -36,17 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EDITFORGE_CACHE", str(ROOT / ".cache" / "editforge"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from tasks.common.config import load_config  # noqa: E402
-from tasks.render.attention import AttentionControl, install_attention  # noqa: E402
-from tasks.render.conditioning import build_conditioning  # noqa: E402
-from tasks.render.early import early_step_count  # noqa: E402
-from tasks.render.pairs import PairRequest, decode_latents  # noqa: E402
-from tasks.render.renderer import Renderer, settings_from  # noqa: E402
-from tasks.render.sampling import sample_params, sample_seeds  # noqa: E402
-from tasks.render.scheduling import RenderPlan, SamplingPolicy  # noqa: E402
+from tasks.common.config import load_config
+from tasks.render.attention import AttentionControl, install_attention
+from tasks.render.conditioning import build_conditioning
+from tasks.render.early import early_step_count
+from tasks.render.pairs import PairRequest, decode_latents
+from tasks.render.renderer import Renderer, settings_from
+from tasks.render.sampling import sample_params, sample_seeds
+from tasks.render.scheduling import RenderPlan, SamplingPolicy
 
 CAPTIONS = [
     ("a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"),

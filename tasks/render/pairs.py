@@ -190,6 +190,16 @@ class _Batch:
         self.alive = self.alive[keep]
 
 
+def _judge(early: EarlyRejection, vae, x0: torch.Tensor, alive: torch.Tensor, decode_batch: int,
+           early_metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Decode the x0 predictions, let ``early.judge`` score them; record its metrics; return keep (n,)."""
+    preview = decode_latents(vae, x0, decode_batch)
+    keep, metrics = early.judge(alive.tolist(), preview[0::2], preview[1::2])
+    for name in METRICS:
+        early_metrics[name][alive] = metrics[name].detach().float().cpu()
+    return torch.as_tensor(keep, dtype=torch.bool).cpu()
+
+
 def render_pairs(
     components: DiffusionComponents,
     requests: Sequence[PairRequest],
@@ -251,18 +261,13 @@ def render_pairs(
                 step_kwargs = {"generator": batch.generators} if takes_generator else {}
                 out = scheduler.step(eps, t, batch.latents, **step_kwargs, return_dict=True)
                 unet_steps[batch.alive] += 1
-                if early is not None and i + 1 == early.after_steps:
-                    x0 = predict_x0(scheduler, out, eps, batch.latents, t)
-                    preview = decode_latents(vae, x0, settings.decode_batch)
-                    keep, metrics = early.judge(batch.alive.tolist(), preview[0::2], preview[1::2])
-                    for name in METRICS:
-                        early_metrics[name][batch.alive] = metrics[name].detach().float().cpu()
-                    batch.latents = out.prev_sample
-                    keep = torch.as_tensor(keep, dtype=torch.bool).cpu()
+                scoring = early is not None and i + 1 == early.after_steps
+                x0 = predict_x0(scheduler, out, eps, batch.latents, t) if scoring else None
+                batch.latents = out.prev_sample
+                if scoring:
+                    keep = _judge(early, vae, x0, batch.alive, settings.decode_batch, early_metrics)
                     if not bool(keep.all()):
                         batch.select(keep, scheduler)
-                else:
-                    batch.latents = out.prev_sample
                 if step_callback is not None:
                     step_callback(i, t, batch.latents)
                 if len(batch.alive) == 0:

@@ -10,6 +10,7 @@ from tasks.common.config import load_config
 from tasks.common.contract import Checkpoint
 from tasks.render.early import early_step_count
 from tasks.render.renderer import BatchSizer, Renderer, is_oom
+from tasks.render.scheduling import SamplingPolicy
 from tasks.render.stage import SAMPLE_COLUMNS, image_name, run_render_partition
 
 pytestmark = pytest.mark.component
@@ -160,3 +161,18 @@ def test_auto_batch_on_cpu_and_dtype_noop(renderer):
     cpu = Renderer(cfg)
     assert cpu.dtype == torch.float32 and not cpu.compiled
     assert np.isfinite(cpu.score(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), ["a"], ["b"])["clip_sim_0"]).all()
+
+
+def test_policy_and_hash_from_config():
+    from tasks.render.stage import render_config_hash, sampling_policy
+
+    paper = load_config("paper")
+    assert sampling_policy(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
+    fast = load_config("fast")
+    assert sampling_policy(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
+    # adaptive with the target taken from filter.top_k: top_k changes what render writes
+    assert render_config_hash(fast) != render_config_hash(load_config("fast", ["filter.top_k=2"]))
+    pinned = load_config("fast", ["render.target_passed=4"])
+    assert render_config_hash(pinned) == render_config_hash(load_config("fast", ["render.target_passed=4",
+                                                                                  "filter.top_k=2"]))
+    assert render_config_hash(paper) == paper.stage_hash("render")
