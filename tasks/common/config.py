@@ -280,6 +280,8 @@ class PipelineConfig(Section):
                 node = node[part]
             picked[key] = node
         idx = STAGES.index(stage)
+        if stage == "render" and self.render.adaptive and self.render.target_passed is None:
+            picked["filter.top_k"] = self.filter.top_k  # adaptive sampling stops at top_k passed samples
         if stage == "text":
             from prompts.templates import templates_hash
 

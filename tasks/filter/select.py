@@ -28,6 +28,8 @@ def failure_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     ]
     for name, failed in reversed(checks):
         reason[failed.to_numpy()] = name
+    if "early_rejected" in df:  # dropped mid-denoising by render's early rejection: final metrics are NaN
+        reason[df["early_rejected"].fillna(False).astype(bool).to_numpy()] = "early_rejected"
     return reason
 
 

@@ -21,7 +21,6 @@ same triplets), ``early_rejected``, ``triplets_satisfied`` / ``_gave_up`` / ``_e
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 
@@ -76,11 +75,8 @@ def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
 
 
 def render_config_hash(cfg: PipelineConfig) -> str:
-    """The stage hash, plus ``filter.top_k`` when adaptive sampling takes its target from it."""
-    base = cfg.stage_hash(STAGE)
-    if not (cfg.render.adaptive and cfg.render.target_passed is None):
-        return base
-    return hashlib.sha256(f"{base}:top_k={cfg.filter.top_k}".encode()).hexdigest()[:16]
+    """The stage hash (it includes ``filter.top_k`` when adaptive sampling takes its target from it)."""
+    return cfg.stage_hash(STAGE)
 
 
 def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: ScoredBatch,

@@ -69,3 +69,13 @@ def test_text_hash_ignores_operational_knobs_but_follows_seed_triplets(tmp_path)
     other = load_config("demo", [f"text.seed_annotations={seeds}"])
     assert other.stage_hash("text") != base.stage_hash("text")
     assert other.stage_hash("render") != base.stage_hash("render")
+
+
+def test_adaptive_render_hash_follows_top_k_it_stops_at():
+    adaptive = ["render.adaptive=true"]
+    a = load_config("demo", adaptive)
+    b = load_config("demo", [*adaptive, "filter.top_k=1"])
+    assert a.stage_hash("render") != b.stage_hash("render")
+    fixed = load_config("demo", [*adaptive, "render.target_passed=2"])
+    fixed_k = load_config("demo", [*adaptive, "render.target_passed=2", "filter.top_k=1"])
+    assert fixed.stage_hash("render") == fixed_k.stage_hash("render")

@@ -67,3 +67,12 @@ def test_top_k_respects_eligibility():
     eligible = pd.Series([False] + [True] * 6)
     kept = select_top_k(df, FilterConfig(top_k=1), eligible)
     assert df[kept]["seed"].tolist() == [1, 1]
+
+
+def test_early_rejected_samples_are_counted_as_such():
+    df = _samples()
+    df["early_rejected"] = [False] * 6 + [True]
+    df.loc[6, ["clip_sim_dir", "clip_sim_0", "clip_sim_1", "clip_sim_image"]] = float("nan")
+    cfg = FilterConfig()
+    assert failure_reason(df, cfg).tolist()[-1] == "early_rejected"
+    assert not select_top_k(df, cfg)[6]
