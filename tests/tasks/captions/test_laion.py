@@ -100,3 +100,17 @@ def test_glob_source(tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in resolve_sources(str(tmp_path / "*.parquet"))] == ["a.parquet", "b.parquet"]
     with pytest.raises(CaptionSourceError, match="matched no file"):
         resolve_sources(str(tmp_path / "*.nothing"))
+
+
+def test_reads_fsspec_urls_and_globs_across_files(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name, texts in {"a": ["a cat", "a dog"], "b": ["A CAT", "a bird"]}.items():
+        local = _write(tmp_path / f"{name}.parquet", TEXT=texts, URL=[f"https://{name}/{i}" for i in range(2)])
+        fs.pipe(f"/laion-test/{name}.parquet", open(local, "rb").read())
+    sources = resolve_sources("memory://laion-test/*.parquet")
+    assert len(sources) == 2 and all(s.startswith("memory://") for s in sources)
+    stats = Stats()
+    df = read_captions(sources, CaptionsConfig(), stats)
+    assert sorted(df["text"]) == ["a bird", "a cat", "a dog"] and stats.rejected == {"duplicate_caption": 1}
