@@ -7,7 +7,7 @@
     editforge report --preset demo
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
 
 import flows._env  # noqa: F401  (must precede prefect)
 

@@ -5,20 +5,20 @@
     python -m flows.generate --preset demo [--set render.steps=20 ...]
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
 
 import flows._env  # noqa: F401  (must precede prefect)
 
-import argparse
 import sys
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from flows.args import config_ok, preset_parser
 from flows.report import render_report
 from flows.stages import captions_flow, filter_flow, pack_flow, render_flow, text_flow
 from tasks.common import storage
-from tasks.common.config import ConfigError, load_config
+from tasks.common.config import load_config
 
 
 @flow(name="editforge-generate", log_prints=True)
@@ -46,16 +46,9 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", help="preset name (demo, paper, ...) or a YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set render.steps=20 (repeatable)")
+    parser = preset_parser("python -m flows.generate", __doc__)
     args = parser.parse_args(argv)
-    try:
-        load_config(args.preset, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not config_ok(args):
         return 2
     generate(args.preset, args.overrides)
     return 0

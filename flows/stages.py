@@ -5,7 +5,7 @@ logging and a keyed table artifact per stage (shown on the dashboard's Artifacts
 flow takes `partitions` (default: all), so several workers can split one stage between them.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
 
 import flows._env  # noqa: F401  (must precede prefect)
 

@@ -14,13 +14,13 @@ from __future__ import annotations  # noqa: I001  (flows._env must be imported b
 
 import flows._env  # noqa: F401  (must precede prefect)
 
-import argparse
 import sys
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from tasks.common.config import ConfigError, PipelineConfig, load_config
+from flows.args import config_ok, preset_parser
+from tasks.common.config import PipelineConfig, load_config
 from tasks.train.stage import default_index_url, run_train
 
 
@@ -54,17 +54,10 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="demo", help="preset name (demo, paper, ...) or a YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    parser = preset_parser("python -m flows.train", __doc__)
     parser.add_argument("--index", default=None, help="shard index (default: {output_root}/pack/index.json)")
     args = parser.parse_args(argv)
-    try:
-        load_config(args.preset, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not config_ok(args):
         return 2
     train(args.preset, args.overrides, args.index)
     return 0

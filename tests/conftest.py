@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test harness (temporary database, ephemeral API) for the whole pytest session (~15 s)."""
-    import flows._env  # noqa: F401
+    import flows._env  # noqa: F401, I001  (environment defaults before prefect)
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 
+from tasks.captions.laion import read_captions, resolve_sources, sample_captions, split_partitions
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import PartitionRun, Stats, execute_partition, partition_dir, read_success
-from tasks.captions.laion import read_captions, resolve_sources, sample_captions, split_partitions
 
 STAGE = "captions"
 

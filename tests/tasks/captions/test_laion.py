@@ -4,7 +4,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.captions.laion import (
-    CaptionSourceError, caption_id, normalise_caption, read_captions, resolve_sources, sample_captions,
+    CaptionSourceError,
+    caption_id,
+    normalise_caption,
+    read_captions,
+    resolve_sources,
+    sample_captions,
     split_partitions,
 )
 from tasks.common.config import CaptionsConfig
