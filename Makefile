@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(PY) -m flows.train --preset demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
