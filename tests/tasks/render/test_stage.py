@@ -27,8 +27,9 @@ SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4
 
 def config(root, *overrides):
     storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
-    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}",
-                                f"render.samples_per_triplet={SAMPLES}", *overrides])
+    # the reference's policy (every saver off) unless a test turns one on
+    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
+                                "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *overrides])
 
 
 @pytest.fixture(scope="module")
