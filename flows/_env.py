@@ -22,6 +22,10 @@ DEFAULTS = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "EDITFORGE_CACHE": str(PROJECT_ROOT / ".cache" / "editforge"),
     "TOKENIZERS_PARALLELISM": "false",
+    # keep the demo's output readable: our own tqdm bars show progress, not every weight-loading bar
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
     # On a small shared CPU, OpenMP spin-waiting across 2 threads made the tiny LM's training step 20x
     # slower (1.5 s vs 0.07 s) whenever another process was busy; one thread is the robust default.
     "OMP_NUM_THREADS": "1",
