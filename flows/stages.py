@@ -14,10 +14,22 @@ from prefect.artifacts import create_table_artifact
 
 from tasks.captions.stage import run_captions
 from tasks.common.config import PipelineConfig, load_config
+from tasks.common.contract import MissingInputError
 from tasks.filter.stage import run_filter_partition
 from tasks.pack.shards import run_pack_partition, write_index
 from tasks.render.stage import run_render_partition
 from tasks.text.stage import run_finetune, run_text_partition
+
+
+def _retry_unless_missing_input(task, task_run, state) -> bool:
+    """Retry transient failures, not a stage started before its input stage finished."""
+    try:
+        state.result()
+    except MissingInputError:
+        return False
+    except Exception:
+        return True
+    return True
 
 
 def _config(preset: str, overrides: list[str] | None) -> PipelineConfig:
@@ -55,22 +67,22 @@ def finetune_task(cfg: PipelineConfig) -> dict:
     return run_finetune(cfg, logger=get_run_logger())
 
 
-@task(name="text-partition", retries=2, retry_delay_seconds=5)
+@task(name="text-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
 def text_task(cfg: PipelineConfig, partition_id: int) -> dict:
     return run_text_partition(cfg, partition_id, get_run_logger())
 
 
-@task(name="render-partition", retries=2, retry_delay_seconds=5)
+@task(name="render-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
 def render_task(cfg: PipelineConfig, partition_id: int) -> dict:
     return run_render_partition(cfg, partition_id, logger=get_run_logger())
 
 
-@task(name="filter-partition", retries=1)
+@task(name="filter-partition", retries=1, retry_condition_fn=_retry_unless_missing_input)
 def filter_task(cfg: PipelineConfig, partition_id: int) -> dict:
     return run_filter_partition(cfg, partition_id, get_run_logger())
 
 
-@task(name="pack-partition", retries=1)
+@task(name="pack-partition", retries=1, retry_condition_fn=_retry_unless_missing_input)
 def pack_task(cfg: PipelineConfig, partition_id: int) -> dict:
     return run_pack_partition(cfg, partition_id, get_run_logger())
 

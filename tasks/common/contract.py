@@ -58,6 +58,10 @@ def partition_dir(output_root: str, stage: str, partition_id: int) -> str:
     return storage.url_join(output_root, stage, f"part-{partition_id:05d}")
 
 
+class MissingInputError(FileNotFoundError):
+    """A stage was run before the stage it reads from; retrying cannot help."""
+
+
 @dataclass
 class Stats:
     """Counts, rejection reasons, timings and value distributions of one partition run (one mechanism)."""
@@ -148,6 +152,22 @@ class PartitionRun:
 
     def input_dir(self, stage: str) -> str:
         return partition_dir(self.output_root, stage, self.partition_id)
+
+    def input_path(self, stage: str, name: str, expected_hash: str | None = None) -> str:
+        """URL of `name` in the same partition of an earlier `stage`, which must have finished
+        (under `expected_hash`, when given: outputs of another config are never read silently)."""
+        upstream = self.input_dir(stage)
+        part = f"part-{self.partition_id:05d}"
+        done = read_success(upstream)
+        if done is None:
+            raise MissingInputError(
+                f"{self.stage} {part} needs {stage} {part} to be finished first "
+                f"({storage.url_join(upstream, SUCCESS)} is missing): run the {stage} stage for this config")
+        if expected_hash is not None and done.get("config_hash") != expected_hash:
+            raise MissingInputError(
+                f"{self.stage} {part} reads {stage} {part}, which was produced under another config "
+                f"(hash {done.get('config_hash')}, this config expects {expected_hash}): run the {stage} stage first")
+        return storage.url_join(upstream, name)
 
     def checkpoint(self, key_column: str) -> Checkpoint:
         # keyed by config hash: chunks written under another config are never reused

@@ -21,7 +21,7 @@ def run_filter_partition(cfg: PipelineConfig, partition_id: int, logger: logging
     f = cfg.filter
 
     def work(run: PartitionRun) -> None:
-        samples = storage.read_parquet(storage.url_join(run.input_dir("render"), "samples.parquet"))
+        samples = storage.read_parquet(run.input_path("render", "samples.parquet", cfg.stage_hash("render")))
         run.stats.add("in", len(samples))
         samples["passed"] = passes(samples, f).to_numpy() if len(samples) else []
         samples["kept"] = select_top_k(samples, f, samples["image_stored"].astype(bool)).to_numpy()

@@ -81,7 +81,7 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
     p = cfg.pack
 
     def work(run: PartitionRun) -> None:
-        kept = storage.read_parquet(storage.url_join(run.input_dir("filter"), "kept.parquet"))
+        kept = storage.read_parquet(run.input_path("filter", "kept.parquet", cfg.stage_hash("filter")))
         run.stats.add("in", len(kept))
         run.extra["shards"] = []
         if kept.empty:

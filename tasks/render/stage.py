@@ -164,7 +164,7 @@ def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Rende
     config_hash = render_config_hash(cfg)
 
     def work(run: PartitionRun) -> None:
-        triplets = storage.read_parquet(storage.url_join(run.input_dir("text"), "triplets.parquet"))
+        triplets = storage.read_parquet(run.input_path("text", "triplets.parquet", cfg.stage_hash("text")))
         run.stats.add("in", len(triplets))
         triplets = triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
         triplets = triplets.set_index("caption_id", drop=False)

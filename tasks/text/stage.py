@@ -169,7 +169,7 @@ def run_text_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
     logger = logger or log
 
     def work(run: PartitionRun) -> None:
-        captions = storage.read_parquet(storage.url_join(run.input_dir("captions"), "captions.parquet"))
+        captions = storage.read_parquet(run.input_path("captions", "captions.parquet", cfg.stage_hash("captions")))
         run.stats.add("in", len(captions))
         checkpoint = run.checkpoint("caption_id")
         if cfg.text.backend == "local":

@@ -91,3 +91,18 @@ def test_stats_summary_quantiles():
     out = s.summary()
     assert out["counts"]["n"] == 3
     assert out["quantiles"]["v"]["q50"] == 2.0 and out["quantiles"]["v"]["n"] == 5
+
+
+def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_path):
+    from tasks.common.contract import MissingInputError
+
+    def reader(run):
+        run.input_path("up", "data.parquet", expected_hash="h-up")
+
+    with pytest.raises(MissingInputError, match=r"needs up part-00000 to be finished first"):
+        execute_partition("down", 0, str(tmp_path), "h", reader)
+    execute_partition("up", 0, str(tmp_path), "h-other", _work_writing([1]))
+    with pytest.raises(MissingInputError, match=r"produced under another config \(hash h-other.*expects h-up"):
+        execute_partition("down", 0, str(tmp_path), "h", reader)
+    execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
+    execute_partition("down", 0, str(tmp_path), "h", reader)  # now fine

@@ -19,7 +19,7 @@ def _png(value: int) -> bytes:
     return buf.getvalue()
 
 
-def _prepare(root, n=5):
+def _prepare(root, cfg, n=5):
     render_dir = f"{root}/render/part-00000"
     rows = []
     for i in range(n):
@@ -31,6 +31,8 @@ def _prepare(root, n=5):
                      "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
                      "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
     storage.write_parquet_atomic(f"{root}/filter/part-00000/kept.parquet", pd.DataFrame(rows))
+    # the filter partition finished under this config (pack refuses unfinished or stale inputs)
+    storage.write_json_atomic(f"{root}/filter/part-00000/_SUCCESS.json", {"config_hash": cfg.stage_hash("filter")})
     storage.write_parquet_atomic(f"{root}/captions/part-00000/captions.parquet", pd.DataFrame(
         {"caption_id": [r["caption_id"] for r in rows], "url": [f"https://x/{i}.jpg" for i in range(n)],
          "aesthetic_score": [7.0] * n}))
@@ -43,7 +45,7 @@ def cfg(tmp_path):
 
 
 def test_shards_are_readable_by_webdataset(cfg, tmp_path):
-    _prepare(str(tmp_path))
+    _prepare(str(tmp_path), cfg)
     manifest = run_pack_partition(cfg, 0)
     assert manifest["counts"]["out"] == 5 and manifest["counts"]["shards"] == 3
     index = write_index(cfg, [manifest])
@@ -62,7 +64,7 @@ def test_shards_are_readable_by_webdataset(cfg, tmp_path):
 
 
 def test_reruns_are_byte_identical(cfg, tmp_path):
-    _prepare(str(tmp_path))
+    _prepare(str(tmp_path), cfg)
     run_pack_partition(cfg, 0)
     first = {p.name: p.read_bytes() for p in (tmp_path / "pack" / "part-00000").glob("*.tar")}
     (tmp_path / "pack" / "part-00000" / "_SUCCESS.json").unlink()
@@ -72,7 +74,7 @@ def test_reruns_are_byte_identical(cfg, tmp_path):
 
 
 def test_no_empty_shard_when_nothing_kept(cfg, tmp_path):
-    _prepare(str(tmp_path), n=0)
+    _prepare(str(tmp_path), cfg, n=0)
     manifest = run_pack_partition(cfg, 0)
     assert manifest["counts"].get("shards", 0) == 0
     assert list((tmp_path / "pack" / "part-00000").glob("*.tar")) == []
@@ -91,7 +93,7 @@ def test_hugging_face_export_has_the_released_columns(tmp_path):
 
     cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.hf_export=true",
                                "pack.val_fraction=0.0"])
-    _prepare(str(tmp_path), n=3)
+    _prepare(str(tmp_path), cfg, n=3)
     index = write_index(cfg, [run_pack_partition(cfg, 0)])
     (url,) = index["hf_parquet"]["train"]
     table = pq.read_table(url)

@@ -27,6 +27,8 @@ SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4
 
 def config(root, *overrides):
     storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
+    storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json",
+                              {"config_hash": load_config("demo").stage_hash("text")})
     # the reference's policy (every saver off) unless a test turns one on
     return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
                                 "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *overrides])

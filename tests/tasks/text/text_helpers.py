@@ -30,9 +30,14 @@ def make_captions(n: int, extra: list[str] | None = None) -> pd.DataFrame:
     return pd.DataFrame({"caption_id": [caption_id(t) for t in texts], "text": texts})
 
 
-def write_captions(root: str, partition_id: int, df: pd.DataFrame) -> None:
-    url = storage.url_join(partition_dir(root, "captions", partition_id), "captions.parquet")
-    storage.write_parquet_atomic(url, df)
+def write_captions(root: str, partition_id: int, df: pd.DataFrame, preset: str = "demo") -> None:
+    """A finished captions partition (data + `_SUCCESS.json` under the preset's captions hash)."""
+    from tasks.common.config import load_config
+
+    folder = partition_dir(root, "captions", partition_id)
+    storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
+    storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"),
+                              {"config_hash": load_config(preset).stage_hash("captions")})
 
 
 def openai_overrides(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> list[str]:
