@@ -9,12 +9,15 @@ from __future__ import annotations  # noqa: I001  (flows._env must be imported b
 
 import flows._env  # noqa: F401  (must precede prefect)
 
+import time
+from contextlib import contextmanager
+
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from tasks.captions.stage import run_captions
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.contract import MissingInputError
+from tasks.common.contract import PROGRESS_HOOK, MissingInputError
 from tasks.filter.stage import run_filter_partition
 from tasks.pack.shards import run_pack_partition, write_index
 from tasks.render.stage import run_render_partition
@@ -44,6 +47,28 @@ def _partitions(cfg: PipelineConfig, partitions: list[int] | None) -> list[int]:
     return ids
 
 
+@contextmanager
+def dashboard_progress(stage: str, partition_id: int, min_interval_s: float = 2.0):
+    """A progress artifact on the task run, updated (at most every `min_interval_s`) as work is checkpointed."""
+    artifact_id = create_progress_artifact(0.0, description=f"{stage} part-{partition_id:05d}")
+    last = {"t": 0.0, "pct": 0.0}
+
+    def hook(fraction: float) -> None:
+        pct = round(100 * fraction, 1)
+        now = time.monotonic()
+        if pct > last["pct"] and (pct >= 100 or now - last["t"] >= min_interval_s):
+            update_progress_artifact(artifact_id, pct)
+            last.update(t=now, pct=pct)
+
+    token = PROGRESS_HOOK.set(hook)
+    try:
+        yield
+    finally:
+        PROGRESS_HOOK.reset(token)
+    if last["pct"] < 100:  # finished (or skipped as already done)
+        update_progress_artifact(artifact_id, 100.0)
+
+
 def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
     """A keyed table artifact for the dashboard: one row per partition with counts and rejections."""
     rows = [
@@ -69,12 +94,14 @@ def finetune_task(cfg: PipelineConfig) -> dict:
 
 @task(name="text-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
 def text_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    return run_text_partition(cfg, partition_id, get_run_logger())
+    with dashboard_progress("text", partition_id):
+        return run_text_partition(cfg, partition_id, get_run_logger())
 
 
 @task(name="render-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
 def render_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    return run_render_partition(cfg, partition_id, logger=get_run_logger())
+    with dashboard_progress("render", partition_id):
+        return run_render_partition(cfg, partition_id, logger=get_run_logger())
 
 
 @task(name="filter-partition", retries=1, retry_condition_fn=_retry_unless_missing_input)

@@ -21,6 +21,7 @@ import logging
 import subprocess
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,10 @@ from tasks.common import storage
 SUCCESS = "_SUCCESS.json"
 PROGRESS = "_progress"
 log = logging.getLogger("editforge")
+
+# Set by the orchestration layer (flows/stages.py) to show a partition's progress on the dashboard;
+# stage code only calls `PartitionRun.report_progress`, so it stays free of Prefect.
+PROGRESS_HOOK: ContextVar[Callable[[float], None] | None] = ContextVar("editforge_progress_hook", default=None)
 
 
 @lru_cache(maxsize=1)
@@ -113,9 +118,13 @@ class Checkpoint:
     batch in flight.
     """
 
-    def __init__(self, progress_dir: str, key_column: str):
+    def __init__(self, progress_dir: str, key_column: str, expected: int | None = None,
+                 on_progress: Callable[[float], None] | None = None):
         self.dir = progress_dir
         self.key_column = key_column
+        self.expected = expected
+        self.on_progress = on_progress
+        self._keys: set[str] | None = None
 
     def chunks(self) -> list[str]:
         return storage.list_files(self.dir, "chunk-*.parquet")
@@ -131,6 +140,11 @@ class Checkpoint:
     def append(self, batch_id: str, df: pd.DataFrame) -> None:
         name = hashlib.sha1(batch_id.encode()).hexdigest()[:16]
         storage.write_parquet_atomic(storage.url_join(self.dir, f"chunk-{name}.parquet"), df)
+        if self.expected and self.on_progress:
+            if self._keys is None:
+                self._keys = self.done_keys()
+            self._keys.update(df[self.key_column].astype(str))
+            self.on_progress(len(self._keys) / self.expected)
 
 
 @dataclass
@@ -169,9 +183,17 @@ class PartitionRun:
                 f"(hash {done.get('config_hash')}, this config expects {expected_hash}): run the {stage} stage first")
         return storage.url_join(upstream, name)
 
-    def checkpoint(self, key_column: str) -> Checkpoint:
+    def checkpoint(self, key_column: str, expected: int | None = None) -> Checkpoint:
+        """Append-only chunks for this run; with `expected` keys, each append reports progress."""
         # keyed by config hash: chunks written under another config are never reused
-        return Checkpoint(storage.url_join(self.dir, PROGRESS, self.config_hash), key_column)
+        return Checkpoint(storage.url_join(self.dir, PROGRESS, self.config_hash), key_column, expected,
+                          self.report_progress)
+
+    def report_progress(self, fraction: float) -> None:
+        """Tell the dashboard (if one listens) how far this partition is, 0..1."""
+        hook = PROGRESS_HOOK.get()
+        if hook is not None:
+            hook(min(max(float(fraction), 0.0), 1.0))
 
     def output(self, name: str) -> str:
         """Register `name` as an output of this run (hashed into `_SUCCESS.json`) and return its URL."""

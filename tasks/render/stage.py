@@ -147,6 +147,7 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
             storage.write_bytes_atomic(run.path(image_name(key, "edited")), to_png(scored.pairs.after[i]))
         checkpoint.append(rows["sample_key"].iloc[0], rows)
         plan.record(zip(rows["caption_id"], rows["sample_index"], rows["passed"]))
+        run.report_progress(sum(plan.status_counts().values()) / max(1, len(plan.triplets)))
         done["unet_calls_this_run"] += int(rows["unet_steps"].sum())
         done["samples_this_run"] += len(rows)
         done["cohorts"] += 1

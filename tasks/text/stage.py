@@ -171,7 +171,7 @@ def run_text_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
     def work(run: PartitionRun) -> None:
         captions = storage.read_parquet(run.input_path("captions", "captions.parquet", cfg.stage_hash("captions")))
         run.stats.add("in", len(captions))
-        checkpoint = run.checkpoint("caption_id")
+        checkpoint = run.checkpoint("caption_id", expected=len(captions))
         if cfg.text.backend == "local":
             with tempfile.TemporaryDirectory() as tmp:
                 generate_partition(cfg, captions, checkpoint, run.stats, _local_copy(finetuned_model_dir(cfg),

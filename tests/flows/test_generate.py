@@ -19,7 +19,7 @@ def _shard_hashes(root):
 
 def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, ArtifactFilterType
 
     from flows.generate import generate
 
@@ -49,3 +49,7 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         keys = {a.key for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="editforge-flowtest")))}
     assert {"editforge-flowtest-render", "editforge-flowtest-pack", "editforge-flowtest-summary"} <= keys
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    described = {a.description: a.data for a in progress}
+    assert described.get("render part-00000") == 100.0 and described.get("text part-00001") == 100.0

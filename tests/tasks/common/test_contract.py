@@ -106,3 +106,23 @@ def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_
         execute_partition("down", 0, str(tmp_path), "h", reader)
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
     execute_partition("down", 0, str(tmp_path), "h", reader)  # now fine
+
+
+def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
+    from tasks.common.contract import PROGRESS_HOOK
+
+    seen = []
+
+    def work(run):
+        ck = run.checkpoint("k", expected=4)
+        ck.append("a", pd.DataFrame({"k": ["a", "b"]}))
+        ck.append("a", pd.DataFrame({"k": ["a", "b"]}))  # a rewritten batch does not count twice
+        ck.append("c", pd.DataFrame({"k": ["c", "d"]}))
+        storage.write_bytes_atomic(run.output("x"), b"x")
+
+    token = PROGRESS_HOOK.set(seen.append)
+    try:
+        execute_partition("s", 0, str(tmp_path), "h", work)
+    finally:
+        PROGRESS_HOOK.reset(token)
+    assert seen == [0.5, 0.5, 1.0]
