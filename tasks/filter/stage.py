@@ -26,7 +26,6 @@ def run_filter_partition(cfg: PipelineConfig, partition_id: int, logger: logging
         samples["passed"] = passes(samples, f).to_numpy() if len(samples) else []
         samples["kept"] = select_top_k(samples, f, samples["image_stored"].astype(bool)).to_numpy()
         kept = samples[samples["kept"].astype(bool)].reset_index(drop=True)
-        kept.insert(1, "render_dir", run.input_dir("render"))
         storage.write_parquet_atomic(run.output("kept.parquet"), kept)
         run.stats.add("out", len(kept))
         run.stats.add("triplets_in", samples["caption_id"].nunique())

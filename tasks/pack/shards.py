@@ -88,6 +88,7 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
             run.stats.add("out", 0)
             return
         meta = _caption_meta(cfg, partition_id)
+        render_dir = run.input_dir("render")  # kept pairs' images (relative layout: the run can move)
         kept = kept.sort_values("sample_key").reset_index(drop=True)
         kept["split"] = kept["caption_id"].map(lambda c: split_of(c, p.val_fraction))
         shards = []
@@ -96,7 +97,7 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
             for n, start in enumerate(range(0, len(rows), p.shard_max_samples)):
                 chunk = rows.iloc[start: start + p.shard_max_samples]
                 name = f"{split}-{n:06d}.tar"
-                samples = [sample_dict(r, r["render_dir"], p, meta) for _, r in chunk.iterrows()]
+                samples = [sample_dict(r, render_dir, p, meta) for _, r in chunk.iterrows()]
                 write_shard(run.output(name), samples)
                 if p.hf_export:
                     write_hf_parquet(run.output(f"hf/{split}-{n:06d}.parquet"), samples, p.image_format)

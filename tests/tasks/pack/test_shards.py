@@ -27,7 +27,7 @@ def _prepare(root, cfg, n=5):
         key = f"{cid}_{seed}"
         storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'input')}", _png(10 * i))
         storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'edited')}", _png(10 * i + 5))
-        rows.append({"caption_id": cid, "render_dir": render_dir, "sample_key": key, "seed": seed, "p2p_p": 0.5,
+        rows.append({"caption_id": cid, "sample_key": key, "seed": seed, "p2p_p": 0.5,
                      "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
                      "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
     storage.write_parquet_atomic(f"{root}/filter/part-00000/kept.parquet", pd.DataFrame(rows))
