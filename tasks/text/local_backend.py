@@ -186,10 +186,12 @@ def generate(
 
 
 def generate_partition(
-    cfg: PipelineConfig, captions: pd.DataFrame, checkpoint: Checkpoint, stats: Stats, model_dir: Path,
-    partition_id: int, logger: logging.Logger,
+    cfg: PipelineConfig, captions: pd.DataFrame, checkpoint: Checkpoint, stats: Stats,
+    load_model: Callable[[], tuple], partition_id: int, logger: logging.Logger,
 ) -> None:
-    """Generate every batch of the partition not yet in `checkpoint`, one checkpoint chunk per batch."""
+    """Generate every batch of the partition not yet in `checkpoint`, one checkpoint chunk per batch.
+
+    `load_model()` returns (model, tokenizer); it is called only when there is something to generate."""
     t = cfg.text
     done = checkpoint.done_keys()
     batches = [captions.iloc[i: i + t.batch_size] for i in range(0, len(captions), t.batch_size)]
@@ -199,7 +201,7 @@ def generate_partition(
                     partition_id, len(batches) - len(pending), len(batches))
     if not pending:
         return
-    model, tokenizer = load_finetuned(cfg, model_dir)
+    model, tokenizer = load_model()
     model_name = f"{cfg.models.lm_path or cfg.models.lm}+{t.finetune_method}-finetune"
     for batch in tqdm(pending, desc=f"generate triplets p{partition_id}", unit="batch", leave=False):
         with stats.timer("generate"):

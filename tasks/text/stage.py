@@ -44,7 +44,7 @@ from tasks.common.contract import (
 from tasks.common.models import load_lm
 from tasks.text.finetune_data import finetune_files
 from tasks.text.format import TRIPLET_COLUMNS, mark_duplicates
-from tasks.text.local_backend import apply_lora, finetune, generate_partition
+from tasks.text.local_backend import apply_lora, finetune, generate_partition, load_finetuned
 
 STAGE = "text"
 FINETUNE_STAGE = "finetune"
@@ -173,9 +173,8 @@ def run_text_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
         run.stats.add("in", len(captions))
         checkpoint = run.checkpoint("caption_id", expected=len(captions))
         if cfg.text.backend == "local":
-            with tempfile.TemporaryDirectory() as tmp:
-                generate_partition(cfg, captions, checkpoint, run.stats, _local_copy(finetuned_model_dir(cfg),
-                                   Path(tmp) / "m"), partition_id, logger)
+            generate_partition(cfg, captions, checkpoint, run.stats, lambda: finetuned_model(cfg), partition_id,
+                               logger)
         else:
             _generate_openai(cfg, run, captions, checkpoint, partition_id, logger, on_chunk)
         _assemble(run, checkpoint)
@@ -232,6 +231,20 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint) -> None:
         run.stats.reject(reason, n)
     if len(ok):
         run.stats.observe("edit_words", ok["edit"].str.split().str.len().to_numpy())
+
+
+_LOADED: dict[str, tuple] = {}
+
+
+def finetuned_model(cfg: PipelineConfig) -> tuple:
+    """The fine-tuned (model, tokenizer), loaded once per process and fine-tune, reused across partitions."""
+    done = read_success(partition_dir(cfg.output_root, FINETUNE_STAGE, 0)) or {}
+    key = f"{finetuned_model_dir(cfg)}@{done.get('config_hash')}"
+    if key not in _LOADED:
+        _LOADED.clear()
+        with tempfile.TemporaryDirectory() as tmp:
+            _LOADED[key] = load_finetuned(cfg, _local_copy(finetuned_model_dir(cfg), Path(tmp) / "m"))
+    return _LOADED[key]
 
 
 def _local_copy(model_url: str, dest: Path) -> Path:
