@@ -127,10 +127,10 @@ def throughput(args: argparse.Namespace) -> dict:
         renderer.diffusion.unet.set_attn_processor(previous)
 
     batch = min(args.batch or renderer.auto_batch_samples(settings, 64), args.batched_samples)
-    renderer.render_scored(requests[-1:], settings, cfg.filter)  # warm-up
+    renderer.render_scored(requests[-1:], settings, cfg.render.keep)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    outputs = [renderer.render_scored(requests[i: i + batch], settings, cfg.filter)
+    outputs = [renderer.render_scored(requests[i: i + batch], settings, cfg.render.keep)
                for i in range(0, args.batched_samples, batch)]
     sync(device)
     batched_seconds = time.perf_counter() - t0

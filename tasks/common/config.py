@@ -133,6 +133,17 @@ class TextConfig(Section):
         return data
 
 
+class Selection(Section):
+    """The paper's CLIP filter and top-k: a sample passes when image-image >= ``clip_image_threshold``,
+    each image vs its caption >= ``clip_caption_threshold`` and the directional similarity >=
+    ``clip_direction_threshold``; per triplet the ``top_k`` passing samples by direction are kept."""
+
+    clip_image_threshold: float = 0.75
+    clip_caption_threshold: float = 0.2
+    clip_direction_threshold: float = 0.2
+    top_k: int = Field(4, ge=1)
+
+
 class RenderConfig(Section):
     """The render stage. Defaults are the reference's algorithm; every compute saver is a switch, off.
 
@@ -141,10 +152,17 @@ class RenderConfig(Section):
     `batch_samples` samples per UNet batch (4 x that images), or `auto` (free GPU memory, at most
     `batch_samples_max`; 8 on CPU); halved on CUDA out-of-memory. Savers (see `tasks/render/scheduling.py`
     and `tasks/render/early.py`): `adaptive` draws samples in rounds of `round_size` and stops a triplet
-    once `target_passed` (default: `filter.top_k`) passed; `give_up_after` stops a triplet after that
+    once `target_passed` (default: `keep.top_k`) passed; `give_up_after` stops a triplet after that
     many samples without a pass; `early_reject_at` (a fraction of the steps) scores the x0 prediction
     and drops samples whose `early_reject_metrics` are below the filter thresholds minus
-    `early_reject_margin`. `dtype` float16/bfloat16 and `compile` act on CUDA only.
+    `early_reject_margin` (`early_reject_dry_run`: score and record, drop nothing — to calibrate the
+    margin with `editforge calibrate-early`). `dtype` float16/bfloat16 and `compile` act on CUDA only.
+
+    `keep` is the render-time selection (the paper's thresholds and top 4): it decides which samples
+    passed (and so adaptive stopping, giving up and early rejection) and which are kept. Which images
+    are written: `save_images: kept` (the reference: only the kept pairs'), `passed` (every passing
+    sample's, so the filter stage can re-select a larger top-k) or `all` (every fully rendered sample's,
+    so it can also loosen the thresholds).
     """
 
     samples_per_triplet: int = Field(100, ge=1)
@@ -167,6 +185,9 @@ class RenderConfig(Section):
     give_up_after: int | None = Field(None, ge=1)
     early_reject_at: float | None = Field(None, gt=0, lt=1)
     early_reject_margin: float = 0.05
+    early_reject_dry_run: bool = False
+    keep: Selection = Selection()
+    save_images: Literal["kept", "passed", "all"] = "kept"
     early_reject_metrics: tuple[Literal["clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"], ...] = (
         "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 
@@ -182,11 +203,24 @@ class RenderConfig(Section):
 
 
 class FilterConfig(Section):
-    clip_image_threshold: float = 0.75
-    clip_caption_threshold: float = 0.2
-    clip_direction_threshold: float = 0.2
-    top_k: int = Field(4, ge=1)
+    """The filter stage: re-select the kept pairs from ``samples.parquet``, no re-rendering.
+
+    Every field left unset (null) is ``render.keep``'s, so by default the filter stage keeps exactly what
+    render kept. Set a stricter threshold or a smaller ``top_k`` here to re-select; a pair the new
+    selection wants whose images render did not store (see ``render.save_images``) is counted as
+    ``image_not_stored``, never silently replaced.
+    """
+
+    clip_image_threshold: float | None = None
+    clip_caption_threshold: float | None = None
+    clip_direction_threshold: float | None = None
+    top_k: int | None = Field(None, ge=1)
     note: str = ""
+
+    def resolve(self, base: Selection) -> Selection:
+        """The effective selection: ``base`` (``render.keep``) overridden by the fields set here."""
+        overrides = {k: v for k, v in self.model_dump(exclude={"note"}).items() if v is not None}
+        return base.model_copy(update=overrides)
 
 
 class PackConfig(Section):
@@ -259,16 +293,16 @@ class PipelineConfig(Section):
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
 
+    def selection(self) -> Selection:
+        """The filter stage's effective selection (``filter`` over ``render.keep``)."""
+        return self.filter.resolve(self.render.keep)
+
     def stage_hash(self, stage: str) -> str:
         """Stable hash of what `stage` reads: its own sections, the models it uses, and the stage before."""
         reads = {
             "captions": ["captions"],
             "text": ["text", "models.lm", "models.lm_path"],
-            # render stores the images of samples passing the thresholds, so loosening them re-renders;
-            # top_k and stricter thresholds are re-selected by `filter` from samples.parquet alone.
-            "render": ["render", "filter.clip_image_threshold", "filter.clip_caption_threshold",
-                       "filter.clip_direction_threshold", "models.diffusion", "models.diffusion_path", "models.clip",
-                       "models.clip_path"],
+            "render": ["render", "models.diffusion", "models.diffusion_path", "models.clip", "models.clip_path"],
             "filter": ["filter"],
             "pack": ["pack"],
         }[stage]
@@ -280,8 +314,9 @@ class PipelineConfig(Section):
                 node = node[part]
             picked[key] = node
         idx = STAGES.index(stage)
-        if stage == "render" and self.render.adaptive and self.render.target_passed is None:
-            picked["filter.top_k"] = self.filter.top_k  # adaptive sampling stops at top_k passed samples
+        if stage == "filter":
+            # the effective selection: setting a field to the value it inherits changes nothing
+            picked["filter"] = {**self.selection().model_dump(), "note": self.filter.note}
         if stage == "text":
             from prompts.templates import templates_hash
 

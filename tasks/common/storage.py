@@ -98,6 +98,17 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     return [f"{protocol}://{p}" for p in found]
 
 
+def move(src: str, dst: str) -> None:
+    """Move one file (same filesystem): a rename on local disk, copy + delete on object stores."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(dst_path) or ".", exist_ok=True)
+        os.replace(src_path, dst_path)
+    else:
+        fs.mv(src_path, dst_path)
+
+
 def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks.common.config import FilterConfig
+from tasks.common.config import Selection
 
 
-def passes(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
+def passes(df: pd.DataFrame, cfg: Selection) -> pd.Series:
     """The paper's filter: image-image >= t_img, each image vs its caption >= t_cap, direction >= t_dir."""
     return (
         (df["clip_sim_image"] >= cfg.clip_image_threshold)
@@ -18,7 +18,7 @@ def passes(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     )
 
 
-def failure_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
+def failure_reason(df: pd.DataFrame, cfg: Selection) -> pd.Series:
     """The first threshold each sample fails (None for passing samples), for counted rejections."""
     reason = pd.Series([None] * len(df), index=df.index, dtype=object)
     checks = [
@@ -33,7 +33,7 @@ def failure_reason(df: pd.DataFrame, cfg: FilterConfig) -> pd.Series:
     return reason
 
 
-def select_top_k(df: pd.DataFrame, cfg: FilterConfig, eligible: pd.Series | None = None) -> pd.Series:
+def select_top_k(df: pd.DataFrame, cfg: Selection, eligible: pd.Series | None = None) -> pd.Series:
     """Boolean `kept`: per caption_id, the top-k passing samples by directional similarity.
 
     Ties are broken by seed so the choice is deterministic. `eligible` further restricts the
@@ -55,5 +55,5 @@ def triplets_with_keep(df: pd.DataFrame, kept: pd.Series) -> int:
     return int(df.loc[kept.to_numpy(), "caption_id"].nunique()) if len(df) else 0
 
 
-def pass_rate(df: pd.DataFrame, cfg: FilterConfig) -> float:
+def pass_rate(df: pd.DataFrame, cfg: Selection) -> float:
     return float(np.mean(passes(df, cfg))) if len(df) else 0.0

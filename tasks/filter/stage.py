@@ -1,8 +1,12 @@
-"""Filter stage: re-select kept pairs from `samples.parquet` with the configured thresholds and top-k.
+"""Filter stage: re-select the kept pairs from `samples.parquet` with new thresholds or top-k, no re-rendering.
 
-No re-rendering: render stored the images of every sample that passed its (render-time) thresholds,
-so top-k and stricter thresholds can be changed here freely. Loosening the thresholds below the
-render-time ones changes the render stage's config hash and re-renders.
+The selection is ``filter`` over ``render.keep`` (:meth:`PipelineConfig.selection`): left unset, the filter
+keeps what render kept. Render wrote the images ``render.save_images`` asked for — by default only the
+kept pairs' (the reference), ``passed`` for every passing sample, ``all`` for every rendered one — so
+re-selection works within those: stricter thresholds and a smaller top-k always do; a larger top-k needs
+``passed``, looser thresholds ``all``. A pair the selection wants whose images were not written is not
+replaced by the next best: it is counted as ``image_not_stored`` (and logged with the setting to change),
+so the output is always exactly "the selection, minus what render did not keep".
 """
 
 from __future__ import annotations
@@ -15,28 +19,40 @@ from tasks.common.contract import PartitionRun, execute_partition
 from tasks.filter.select import failure_reason, passes, select_top_k
 
 STAGE = "filter"
+log = logging.getLogger("editforge")
 
 
 def run_filter_partition(cfg: PipelineConfig, partition_id: int, logger: logging.Logger | None = None) -> dict:
-    f = cfg.filter
+    selection = cfg.selection()
+    logger = logger or log
 
     def work(run: PartitionRun) -> None:
         samples = storage.read_parquet(run.input_path("render", "samples.parquet", cfg.stage_hash("render")))
         run.stats.add("in", len(samples))
-        samples["passed"] = passes(samples, f).to_numpy() if len(samples) else []
-        samples["kept"] = select_top_k(samples, f, samples["image_stored"].astype(bool)).to_numpy()
-        kept = samples[samples["kept"].astype(bool)].reset_index(drop=True)
+        samples["passed"] = passes(samples, selection).to_numpy() if len(samples) else []
+        wanted = select_top_k(samples, selection)
+        stored = samples["image_stored"].astype(bool)
+        samples["kept"] = (wanted & stored).to_numpy()
+        kept = samples[samples["kept"]].reset_index(drop=True)
         storage.write_parquet_atomic(run.output("kept.parquet"), kept)
         run.stats.add("out", len(kept))
         run.stats.add("triplets_in", samples["caption_id"].nunique())
         run.stats.add("triplets_kept", kept["caption_id"].nunique())
-        for reason, n in failure_reason(samples, f).dropna().value_counts().items():
+        for reason, n in failure_reason(samples, selection).dropna().value_counts().items():
             run.stats.reject(reason, n)
-        not_top_k = int((samples["passed"] & ~samples["kept"].astype(bool)).sum())
+        not_top_k = int((samples["passed"] & ~wanted).sum())
         if not_top_k:
             run.stats.reject("not_in_top_k", not_top_k)
+        missing = int((wanted & ~stored).sum())
+        if missing:
+            run.stats.reject("image_not_stored", missing)
+            logger.warning(
+                "filter part-%05d: %d selected pairs have no images (render.save_images=%s stored only those "
+                "render kept under render.keep); to re-select beyond them re-render with "
+                "render.save_images=passed (larger top_k) or all (looser thresholds)",
+                partition_id, missing, cfg.render.save_images)
         run.stats.observe("kept_clip_sim_dir", kept["clip_sim_dir"].to_numpy(dtype=float))
-        if f.note:
-            run.extra["note"] = f.note
+        if cfg.filter.note:
+            run.extra["note"] = cfg.filter.note
 
     return execute_partition(STAGE, partition_id, cfg.output_root, cfg.stage_hash(STAGE), work, logger)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tasks.common.config import FilterConfig
+from tasks.common.config import Selection
 
 METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 
@@ -97,7 +97,7 @@ def select_scheduler_rows(scheduler: Any, rows: torch.Tensor, n_rows: int) -> No
             setattr(scheduler, name, [v[rows.to(v.device)] if _is_rows(v, n_rows) else v for v in value])
 
 
-def thresholds(cfg: FilterConfig) -> dict[str, float]:
+def thresholds(cfg: Selection) -> dict[str, float]:
     """The filter's threshold for each metric column."""
     return {
         "clip_sim_0": cfg.clip_caption_threshold,
@@ -107,7 +107,7 @@ def thresholds(cfg: FilterConfig) -> dict[str, float]:
     }
 
 
-def early_keep(metrics: Mapping[str, torch.Tensor], cfg: FilterConfig, margin: float,
+def early_keep(metrics: Mapping[str, torch.Tensor], cfg: Selection, margin: float,
                used: Sequence[str] = METRICS) -> torch.Tensor:
     """Bool (n,): keep a sample unless one of the ``used`` early metrics is below threshold - margin."""
     limits = thresholds(cfg)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from tasks.common.config import FilterConfig, PipelineConfig
+from tasks.common.config import PipelineConfig, Selection
 from tasks.common.models import load_clip, load_diffusion
 from tasks.filter.scorer import ClipScorer
 from tasks.render.early import METRICS, EarlyRejection, early_keep
@@ -119,16 +119,18 @@ class Renderer:
         return render_pairs(self.diffusion, requests, settings, device=self.device, dtype=self.dtype, early=early,
                             persistent_attention=self.compiled)
 
-    def render_scored(self, requests: Sequence[PairRequest], settings: RenderSettings, filter_cfg: FilterConfig,
+    def render_scored(self, requests: Sequence[PairRequest], settings: RenderSettings, selection: Selection,
                       early_after: int | None = None, early_margin: float = 0.05,
-                      early_metrics: Sequence[str] = METRICS) -> ScoredBatch:
-        """Render and CLIP-score N samples; with ``early_after``, reject early at thresholds - margin."""
+                      early_metrics: Sequence[str] = METRICS, early_drop: bool = True) -> ScoredBatch:
+        """Render and CLIP-score N samples; with ``early_after``, reject early at thresholds - margin
+        (``early_drop=False``: score and record the early metrics, drop nothing)."""
         early = None
         if early_after is not None:
             def judge(indices: list[int], before: torch.Tensor, after: torch.Tensor):
                 metrics = self.score(before, after, [requests[i].input_caption for i in indices],
                                      [requests[i].output_caption for i in indices])
-                return early_keep(metrics, filter_cfg, early_margin, early_metrics), metrics
+                keep = early_keep(metrics, selection, early_margin, early_metrics)
+                return (keep if early_drop else torch.ones_like(keep)), metrics
 
             early = EarlyRejection(early_after, judge)
         pairs = self.render(requests, settings, early)

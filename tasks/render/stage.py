@@ -4,9 +4,12 @@ Per partition, a :class:`~tasks.render.scheduling.RenderPlan` decides which samp
 triplets to render (all ``samples_per_triplet`` in the reference; rounds with adaptive stopping /
 giving up when switched on), and groups them into cohorts of ``batch_samples`` (UNet batch 4 x that,
 triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
-the decoded tensors, and its rows go to a checkpoint chunk; images of samples passing the thresholds
-are written as lossless PNG under ``images/``. At the end the top-k per triplet are marked ``kept``
-and ``samples.parquet`` is written.
+the decoded tensors against ``render.keep`` (the paper's thresholds), and its rows go to a checkpoint
+chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
+are staged as lossless PNG beside the checkpoint. At the end the top-k per triplet are marked
+``kept``, the images ``render.save_images`` asks for (by default only the kept pairs', as in the
+reference) move to ``images/``, and ``samples.parquet`` is written; the staging area goes with the
+checkpoint when the partition completes.
 
 Resume: the checkpoint chunks hold every finished sample's row (with its ``sample_index``); a
 restarted run replays them into the plan, which rebuilds each triplet's state (rounds, passes,
@@ -69,13 +72,13 @@ def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
     return SamplingPolicy(
         max_samples=r.samples_per_triplet,
         round_size=r.round_size if rounds else None,
-        target_passed=(r.target_passed or cfg.filter.top_k) if r.adaptive else None,
+        target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
         give_up_after=r.give_up_after,
     )
 
 
 def render_config_hash(cfg: PipelineConfig) -> str:
-    """The stage hash (it includes ``filter.top_k`` when adaptive sampling takes its target from it)."""
+    """The stage hash: the render section (with ``keep`` and ``save_images``), the models and the text stage."""
     return cfg.stage_hash(STAGE)
 
 
@@ -101,9 +104,43 @@ def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: Sco
         **{f"early_{k}": (pairs.early_metrics[k].numpy().astype(float) if pairs.early_metrics
                           else np.full(len(cohort), np.nan)) for k in METRICS},
     })
-    rows["passed"] = passes(rows, cfg.filter).to_numpy()
-    rows["image_stored"] = rows["passed"]
+    rows["passed"] = passes(rows, cfg.render.keep).to_numpy()
     return rows
+
+
+def staged(checkpoint: Checkpoint, key: str, which: str) -> str:
+    """Where a sample's image waits (beside the checkpoint chunks) until the partition decides on it."""
+    return storage.url_join(checkpoint.dir, image_name(key, which))
+
+
+def to_stage(rows: pd.DataFrame, cfg: PipelineConfig) -> np.ndarray:
+    """Positions of the rows whose images may end up stored: passing ones, or all rendered ones."""
+    if cfg.render.save_images == "all":
+        return np.flatnonzero(~rows["early_rejected"].astype(bool).to_numpy())
+    return np.flatnonzero(rows["passed"].to_numpy())
+
+
+def stored_images(samples: pd.DataFrame, cfg: PipelineConfig) -> pd.Series:
+    """Which samples' images the partition writes, per ``render.save_images``."""
+    mode = cfg.render.save_images
+    if mode == "kept":
+        return samples["kept"].astype(bool)
+    if mode == "passed":
+        return samples["passed"].astype(bool)
+    return ~samples["early_rejected"].astype(bool)
+
+
+def publish_images(run: PartitionRun, checkpoint: Checkpoint, keys: list[str]) -> None:
+    """Move the staged images of ``keys`` to ``images/`` and register them (idempotent after a crash)."""
+    for key in keys:
+        for which in ("input", "edited"):
+            source, target = staged(checkpoint, key, which), run.output(image_name(key, which))
+            if storage.exists(source):
+                storage.move(source, target)
+            elif not storage.exists(target):
+                raise FileNotFoundError(
+                    f"render part-{run.partition_id:05d}: the {which} image of sample {key} is neither staged "
+                    f"({source}) nor stored ({target}); delete {checkpoint.dir} to re-render the partition")
 
 
 def load_rows(checkpoint: Checkpoint, logger: logging.Logger) -> pd.DataFrame:
@@ -133,18 +170,19 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
                                 triplets.at[s.caption_id, "output"], s.seed) for s in cohort]
         try:
             with run.stats.timer("render"):
-                scored = renderer.render_scored(requests, settings, cfg.filter, early_after,
-                                                r.early_reject_margin, r.early_reject_metrics)
+                scored = renderer.render_scored(requests, settings, r.keep, early_after,
+                                                r.early_reject_margin, r.early_reject_metrics,
+                                                early_drop=not r.early_reject_dry_run)
         except Exception as err:
             if not is_oom(err):
                 raise
             sizer.shrink(err)
             continue
         rows = cohort_rows(cohort, triplets, scored, cfg)
-        for i in np.flatnonzero(rows["passed"].to_numpy()):
+        for i in to_stage(rows, cfg):  # images first, then the chunk: a recorded row's image exists
             key = rows["sample_key"].iloc[i]
-            storage.write_bytes_atomic(run.path(image_name(key, "input")), to_png(scored.pairs.before[i]))
-            storage.write_bytes_atomic(run.path(image_name(key, "edited")), to_png(scored.pairs.after[i]))
+            storage.write_bytes_atomic(staged(checkpoint, key, "input"), to_png(scored.pairs.before[i]))
+            storage.write_bytes_atomic(staged(checkpoint, key, "edited"), to_png(scored.pairs.after[i]))
         checkpoint.append(rows["sample_key"].iloc[0], rows)
         plan.record(zip(rows["caption_id"], rows["sample_index"], rows["passed"]))
         run.report_progress(sum(plan.status_counts().values()) / max(1, len(plan.triplets)))
@@ -184,11 +222,10 @@ def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Rende
         if not len(samples):
             samples = pd.DataFrame(columns=SAMPLE_COLUMNS)
         samples = samples.sort_values(["caption_id", "sample_index"]).reset_index(drop=True)
-        samples["kept"] = select_top_k(samples, cfg.filter, samples["image_stored"].astype(bool)).to_numpy()
+        samples["kept"] = select_top_k(samples, r.keep).to_numpy()
+        samples["image_stored"] = stored_images(samples, cfg).to_numpy()
+        publish_images(run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist())
         storage.write_parquet_atomic(run.output("samples.parquet"), samples[SAMPLE_COLUMNS])
-        for key in samples.loc[samples["image_stored"].astype(bool), "sample_key"]:
-            run.output(image_name(key, "input"))
-            run.output(image_name(key, "edited"))
         record_stats(run, cfg, plan, samples)
 
     return execute_partition(STAGE, partition_id, cfg.output_root, config_hash, work, logger)
@@ -210,7 +247,8 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
         run.stats.add(f"triplets_{status}", n)
     if early.any():
         run.stats.reject("early_rejected", int(early.sum()))
-    for reason, n in failure_reason(samples[~early], cfg.filter).dropna().value_counts().items():
+    run.stats.add("images_stored", int(samples["image_stored"].sum()))
+    for reason, n in failure_reason(samples[~early], cfg.render.keep).dropna().value_counts().items():
         run.stats.reject(reason, n)
     for col in METRICS:
         run.stats.observe(col, samples[col].to_numpy(dtype=float))

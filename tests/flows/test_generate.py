@@ -8,8 +8,8 @@ import webdataset as wds
 pytestmark = pytest.mark.flow
 
 SMALL = ["captions.num_captions=8", "text.finetune_steps=150", "text.batch_size=4", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=3", "filter.clip_image_threshold=-1",
-         "filter.clip_direction_threshold=-1", "filter.clip_caption_threshold=-1"]
+         "render.batch_samples=2", "render.steps=3", "render.keep.clip_image_threshold=-1",
+         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
 def _shard_hashes(root):

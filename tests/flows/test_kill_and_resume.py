@@ -16,8 +16,8 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["captions.num_captions=12", "text.finetune_steps=150", "text.batch_size=4", "render.samples_per_triplet=4",
-         "render.batch_samples=2", "render.steps=4", "filter.clip_image_threshold=-1",
-         "filter.clip_direction_threshold=-1", "filter.clip_caption_threshold=-1"]
+         "render.batch_samples=2", "render.steps=4", "render.keep.clip_image_threshold=-1",
+         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
 def _generate(root: Path, home: Path) -> subprocess.Popen:

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=3", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=2", "filter.clip_image_threshold=-1",
-         "filter.clip_direction_threshold=-1", "filter.clip_caption_threshold=-1"]
+         "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
+         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
 def _free_port() -> int:

@@ -7,7 +7,8 @@ def test_presets_load_and_differ():
     assert {"demo", "paper"} <= set(preset_names())
     demo, paper = load_config("demo"), load_config("paper")
     assert paper.render.steps == 100 and paper.render.samples_per_triplet == 100
-    assert paper.filter.clip_image_threshold == 0.75 and paper.filter.top_k == 4
+    assert paper.render.keep.clip_image_threshold == 0.75 and paper.render.keep.top_k == 4
+    assert paper.selection() == paper.render.keep and paper.render.save_images == "kept"
     assert demo.models.diffusion == "tiny"
 
 
@@ -73,11 +74,20 @@ def test_text_hash_ignores_operational_knobs_but_follows_seed_triplets(tmp_path)
     assert other.stage_hash("render") != base.stage_hash("render")
 
 
-def test_adaptive_render_hash_follows_top_k_it_stops_at():
+def test_render_keep_owns_render_time_selection_and_filter_re_selects():
     adaptive = ["render.adaptive=true"]
-    a = load_config("demo", adaptive)
-    b = load_config("demo", [*adaptive, "filter.top_k=1"])
-    assert a.stage_hash("render") != b.stage_hash("render")
-    fixed = load_config("demo", [*adaptive, "render.target_passed=2"])
-    fixed_k = load_config("demo", [*adaptive, "render.target_passed=2", "filter.top_k=1"])
-    assert fixed.stage_hash("render") == fixed_k.stage_hash("render")
+    base = load_config("demo", adaptive)
+    # render.keep decides what render passes, stops at and keeps: it is part of the render hash
+    assert base.stage_hash("render") != load_config("demo", [*adaptive, "render.keep.top_k=1"]).stage_hash("render")
+    assert base.stage_hash("render") != load_config("demo", ["render.keep.clip_direction_threshold=0.3"]).stage_hash("render")
+    # filter.* only re-selects, whatever the savers: render is untouched, the filter follows
+    stricter = load_config("demo", [*adaptive, "filter.top_k=1", "filter.clip_image_threshold=0.9"])
+    assert stricter.stage_hash("render") == base.stage_hash("render")
+    assert stricter.stage_hash("filter") != base.stage_hash("filter")
+    assert stricter.selection().top_k == 1 and stricter.selection().clip_image_threshold == 0.9
+    assert stricter.selection().clip_direction_threshold == base.render.keep.clip_direction_threshold
+    # setting a filter field to the value it inherits is no change
+    same = load_config("demo", [*adaptive, f"filter.top_k={base.render.keep.top_k}"])
+    assert same.stage_hash("filter") == base.stage_hash("filter")
+    with pytest.raises(ConfigError, match="save_images"):
+        load_config("demo", ["render.save_images=some"])

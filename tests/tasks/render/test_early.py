@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tasks.common.config import FilterConfig
+from tasks.common.config import Selection
 from tasks.common.models import load_diffusion, make_scheduler
 from tasks.render.early import (
     METRICS,
@@ -53,7 +53,7 @@ def test_early_step_count():
 
 
 def test_early_keep_is_threshold_minus_margin():
-    cfg = FilterConfig(clip_image_threshold=0.75, clip_caption_threshold=0.2, clip_direction_threshold=0.2)
+    cfg = Selection(clip_image_threshold=0.75, clip_caption_threshold=0.2, clip_direction_threshold=0.2)
     metrics = {
         "clip_sim_image": torch.tensor([0.80, 0.71, 0.69, 0.90]),
         "clip_sim_0": torch.tensor([0.30, 0.30, 0.30, 0.14]),

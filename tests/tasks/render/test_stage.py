@@ -19,10 +19,10 @@ STEPS, SAMPLES = 4, 6
 TRIPLETS = pd.DataFrame([
     {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
      "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
-# adaptive rounds of 2 (target: filter.top_k = 2 in the demo), give up after 4, early rejection at half the
+# adaptive rounds of 2 (target: render.keep.top_k = 2 in the demo), give up after 4, early rejection at half the
 # steps without margin; a stricter direction threshold than the demo's so that some samples fail
 SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4", "render.early_reject_at=0.5",
-          "render.early_reject_margin=0.0", "filter.clip_direction_threshold=0.15"]
+          "render.early_reject_margin=0.0", "render.keep.clip_direction_threshold=0.15"]
 
 
 def config(root, *overrides):
@@ -60,6 +60,36 @@ def samples(root) -> pd.DataFrame:
     return storage.read_parquet(f"{root}/render/part-00000/samples.parquet")
 
 
+def stored_keys(root) -> set[str]:
+    """Sample keys with both images under render's images/ folder."""
+    names = [p.name for p in (root / "render/part-00000/images").iterdir()]
+    inputs = {n.removesuffix("_input.png") for n in names if n.endswith("_input.png")}
+    assert inputs == {n.removesuffix("_edited.png") for n in names if n.endswith("_edited.png")}
+    return inputs
+
+
+@pytest.mark.parametrize("mode", ["passed", "all"])
+def test_save_images_passed_or_all(tmp_path, renderer, mode):
+    cfg = config(tmp_path, f"render.save_images={mode}", *SAVERS)
+    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    df = samples(tmp_path)
+    expected = df["passed"] if mode == "passed" else ~df["early_rejected"]
+    assert df["image_stored"].equals(expected) and expected.sum() > df["kept"].sum()
+    assert stored_keys(tmp_path) == set(df.loc[expected, "sample_key"])
+    assert manifest["counts"]["images_stored"] == int(expected.sum())
+
+
+def test_early_reject_dry_run_scores_but_drops_nothing(tmp_path, renderer):
+    dropping = run_render_partition(config(tmp_path / "drop", *SAVERS), 0, renderer=renderer)
+    assert dropping["counts"]["early_rejected"] > 0
+    cfg = config(tmp_path / "dry", *SAVERS, "render.early_reject_dry_run=true")
+    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    df = samples(tmp_path / "dry")
+    assert not df["early_rejected"].any() and manifest["counts"]["early_rejected"] == 0
+    assert (df["unet_steps"] == STEPS).all()
+    assert df["early_clip_sim_dir"].notna().all() and df["clip_sim_dir"].notna().all()
+
+
 def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
     cfg = config(tmp_path)
     manifest = run_render_partition(cfg, 0, renderer=renderer)
@@ -70,10 +100,14 @@ def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
     counts = manifest["counts"]
     assert counts["unet_calls"] == counts["unet_calls_reference"] == 4 * SAMPLES * STEPS
     assert counts["triplets_exhausted"] == 4 and counts["samples"] == len(df)
-    assert df.groupby("caption_id")["kept"].sum().max() <= cfg.filter.top_k
-    for key in df.loc[df["image_stored"], "sample_key"]:
-        assert (tmp_path / "render/part-00000" / image_name(key, "input")).exists()
-        assert f"{image_name(key, 'edited')}" in manifest["outputs"]
+    assert df.groupby("caption_id")["kept"].sum().max() <= cfg.render.keep.top_k
+    # like the reference, only the kept pairs' images are written (the passing rest were only staged)
+    assert df["kept"].any() and (df["passed"] & ~df["kept"]).any(), "need passing samples that are not kept"
+    assert df["image_stored"].equals(df["kept"])
+    assert stored_keys(tmp_path) == set(df.loc[df["kept"], "sample_key"])
+    for key in df.loc[df["kept"], "sample_key"]:
+        assert image_name(key, "edited") in manifest["outputs"]
+    assert not (tmp_path / "render/part-00000/_progress").exists()  # staging went with the checkpoint
     assert run_render_partition(cfg, 0, renderer=renderer)["skipped"]
 
 
@@ -173,9 +207,8 @@ def test_policy_and_hash_from_config():
     assert sampling_policy(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
     fast = load_config("fast")
     assert sampling_policy(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
-    # adaptive with the target taken from filter.top_k: top_k changes what render writes
-    assert render_config_hash(fast) != render_config_hash(load_config("fast", ["filter.top_k=2"]))
-    pinned = load_config("fast", ["render.target_passed=4"])
-    assert render_config_hash(pinned) == render_config_hash(load_config("fast", ["render.target_passed=4",
-                                                                                  "filter.top_k=2"]))
+    # adaptive with the target taken from render.keep.top_k; the filter's top_k is a re-selection only
+    assert render_config_hash(fast) != render_config_hash(load_config("fast", ["render.keep.top_k=2"]))
+    assert render_config_hash(fast) == render_config_hash(load_config("fast", ["filter.top_k=2"]))
+    assert sampling_policy(load_config("fast", ["render.keep.top_k=2"])).target_passed == 2
     assert render_config_hash(paper) == paper.stage_hash("render")
