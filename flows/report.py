@@ -65,7 +65,9 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         ref = c.get("unet_calls_reference")
         versus = f" (the reference loop: {ref}, {c.get('unet_calls', 0) / ref:.0%})" if ref else ""
         console.print(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
-                      f"{c.get('out', 0)} kept; {c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
+                      f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
+                      f"render.save_images={cfg.render.save_images}); "
+                      f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
     if cfg.filter.note:
         console.print(f"[yellow]note:[/yellow] {cfg.filter.note}")
     if index:
