@@ -15,7 +15,9 @@
     synthetic: each triplet gets a pass rate (uniform, or a mixture where a fraction of triplets never
     pass — the paper's release kept nothing for ~31% of its triplets) and each sample passes with it.
     Early rejection is modelled by two stated, settable numbers: `--er-recall` (share of failing samples
-    it catches) and `--er-false-reject` (share of passing samples it wrongly drops). The samples are
+    it catches) and `--er-false-reject` (share of passing samples it wrongly drops), or both measured:
+    `--er-calibration FILE` reads them (and the step fraction) at the recommended margin from `editforge calibrate-early --json
+    FILE` (dry-run samples of real models). The samples are
     planned by the render stage's own `RenderPlan` / `SamplingPolicy`.
 
 Writes bench/results/render_throughput.json and prints one summary line.
@@ -221,6 +223,7 @@ def calls_curve(args: argparse.Namespace) -> dict:
             "steps": steps, "fast_preset_steps": args.fast_steps, "round_size": args.round_size,
             "give_up_after": args.give_up_after, "early_reject_at": args.er_at,
             "early_reject_recall_on_failing": args.er_recall, "early_reject_false_reject_on_passing": args.er_false_reject,
+            "early_reject_source": args.er_calibration or "assumed (--er-recall / --er-false-reject)",
             "early_decode_cost_in_unet_calls": args.decode_cost,
             "hopeless_fractions": args.hopeless,
             "note": "synthetic outcomes: each sample passes independently with its triplet's rate; early-rejection "
@@ -228,6 +231,17 @@ def calls_curve(args: argparse.Namespace) -> dict:
         },
         "curves": curves,
     }
+
+
+def calibrated_early_rejection(path: Path) -> tuple[float, float, float]:
+    """(step fraction, recall, false drop) at the recommended margin of an `editforge calibrate-early --json` file."""
+    report = json.loads(path.read_text())
+    margin = report.get("recommended_margin")
+    if margin is None:
+        raise SystemExit(f"{path}: no recommended margin (no margin kept false drops within "
+                         f"{report.get('max_false_drop')}); pass --er-recall / --er-false-reject instead")
+    row = next(r for r in report["table"] if r["margin"] == margin)
+    return float(report["early_reject_at"]), float(row["recall"]), float(row["false_drop"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--er-at", type=float, default=0.4)
     parser.add_argument("--er-recall", type=float, default=0.5)
     parser.add_argument("--er-false-reject", type=float, default=0.05)
+    parser.add_argument("--er-calibration", default=None,
+                        help="JSON of `editforge calibrate-early --json`: take recall / false drops at its recommended margin")
     parser.add_argument("--decode-cost", type=float, default=1.5,
                         help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "render_throughput.json"))
     args = parser.parse_args(argv)
+    if args.er_calibration:
+        args.er_at, args.er_recall, args.er_false_reject = calibrated_early_rejection(Path(args.er_calibration))
     args.clip = args.clip or ("ViT-L-14" if args.preset in ("sd15-arch", "sd15", "sdxl") else "tiny")
     torch.manual_seed(args.seed)
     if args.threads:

@@ -5,6 +5,7 @@
     editforge train --preset demo
     editforge config --preset paper
     editforge report --preset demo
+    editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -17,6 +18,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from flows.calibrate_cli import calibrate_early
 from tasks.common.config import STAGES, ConfigError, PipelineConfig, load_config, preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EditForge: regenerate an InstructPix2Pix dataset")
@@ -113,6 +115,8 @@ def report(preset: Preset = "demo", overrides: Overrides = None) -> None:
     index_url = storage.url_join(cfg.output_root, "pack", "index.json")
     render_report(cfg, manifests, storage.read_json(index_url) if storage.exists(index_url) else None)
 
+
+app.command("calibrate-early")(calibrate_early)
 
 if __name__ == "__main__":
     app()
