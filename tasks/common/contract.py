@@ -217,6 +217,8 @@ def execute_partition(
     done = read_success(run.dir)
     if done and done.get("config_hash") == config_hash:
         logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)
+        # a crash between the marker and the clean-up below leaves the checkpoint behind: finish the job
+        storage.remove(run.path(PROGRESS), recursive=True)
         return {**done, "skipped": True}
     if done:
         logger.info("%s part-%05d: config changed (%s -> %s) — re-running", stage, partition_id,

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tasks.common import storage
-from tasks.common.contract import SUCCESS, Stats, execute_partition
+from tasks.common.contract import PROGRESS, SUCCESS, Stats, execute_partition
 
 
 def _work_writing(rows, fail_after_write=False):
@@ -27,6 +27,20 @@ def test_success_manifest_and_skip(tmp_path):
     calls = []
     m2 = execute_partition("stage", 3, root, "h1", lambda run: calls.append(run))
     assert m2["skipped"] and calls == []
+
+
+def test_checkpoint_left_by_a_crash_after_the_marker_is_removed_on_skip(tmp_path):
+    def work(run):
+        run.checkpoint("x").append("b0", pd.DataFrame({"x": [1]}))
+        storage.write_parquet_atomic(run.output("out.parquet"), pd.DataFrame({"x": [1]}))
+
+    execute_partition("stage", 0, str(tmp_path), "h1", work)
+    progress = tmp_path / "stage" / "part-00000" / PROGRESS
+    assert not progress.exists()
+    (progress / "h1").mkdir(parents=True)
+    (progress / "h1" / "chunk-0.parquet").write_bytes(b"left by a crash")
+    assert execute_partition("stage", 0, str(tmp_path), "h1", work)["skipped"]
+    assert not progress.exists()
 
 
 def test_changed_config_reruns(tmp_path):
