@@ -225,8 +225,11 @@ def execute_partition(
                     done.get("config_hash"), config_hash)
         storage.remove(run.path(SUCCESS))
     t0 = time.perf_counter()
-    work(run)
-    sha = {name: hashlib.sha256(storage.read_bytes(run.path(name))).hexdigest() for name in run.outputs}
+    with storage.recording_writes() as written:
+        work(run)
+    # hashed as written; an output this run did not write (a resumed run's earlier files) is read back
+    sha = {name: written.get(run.path(name)) or hashlib.sha256(storage.read_bytes(run.path(name))).hexdigest()
+           for name in run.outputs}
     manifest = {
         "stage": stage,
         "partition_id": partition_id,

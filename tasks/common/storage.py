@@ -7,10 +7,14 @@ either the whole file or no file — never a partial one.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import fsspec
@@ -18,6 +22,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+# url -> sha256 of the bytes this process wrote there, while a `recording_writes()` block is open
+_WRITTEN: ContextVar[dict[str, str] | None] = ContextVar("editforge_written", default=None)
+
+
+@contextmanager
+def recording_writes() -> Iterator[dict[str, str]]:
+    """Record the sha256 of every file written (or moved) through this module inside the block.
+
+    The stage contract hashes a partition's outputs for `_SUCCESS.json` from this record instead of
+    reading every file back; files it did not see written (an earlier, interrupted run's) are read.
+    Writes from other threads are not recorded (a context variable), so they are read back too.
+    """
+    record: dict[str, str] = {}
+    token = _WRITTEN.set(record)
+    try:
+        yield record
+    finally:
+        _WRITTEN.reset(token)
 
 
 def url_join(*parts: str) -> str:
@@ -41,6 +64,9 @@ def read_bytes(url: str) -> bytes:
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
+    record = _WRITTEN.get()
+    if record is not None:
+        record.pop(url, None)  # a failed write must not leave an old hash behind
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if isinstance(fs, LocalFileSystem):
@@ -59,6 +85,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         if parent:
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
+    if record is not None:
+        record[url] = hashlib.sha256(data).hexdigest()
 
 
 def write_json_atomic(url: str, obj: Any) -> None:
@@ -100,6 +128,10 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
 
 def move(src: str, dst: str) -> None:
     """Move one file (same filesystem): a rename on local disk, copy + delete on object stores."""
+    record = _WRITTEN.get()
+    known = record.pop(src, None) if record is not None else None
+    if record is not None:
+        record.pop(dst, None)
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
     if isinstance(fs, LocalFileSystem):
@@ -107,6 +139,8 @@ def move(src: str, dst: str) -> None:
         os.replace(src_path, dst_path)
     else:
         fs.mv(src_path, dst_path)
+    if known is not None:
+        record[dst] = known
 
 
 def remove(url: str, recursive: bool = False) -> None:

@@ -43,6 +43,29 @@ def test_checkpoint_left_by_a_crash_after_the_marker_is_removed_on_skip(tmp_path
     assert not progress.exists()
 
 
+def test_outputs_are_hashed_as_written_not_read_back(tmp_path, monkeypatch):
+    import hashlib
+
+    earlier = tmp_path / "stage" / "part-00000" / "earlier.bin"  # left by an interrupted run
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"from before")
+
+    def work(run):
+        storage.write_bytes_atomic(run.output("a.bin"), b"first")
+        storage.write_bytes_atomic(run.output("a.bin"), b"second")  # the last write counts
+        storage.write_bytes_atomic(run.path("staged.bin"), b"moved")
+        storage.move(run.path("staged.bin"), run.output("b.bin"))
+        run.output("earlier.bin")
+
+    read = []
+    real_read = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda url: read.append(url) or real_read(url))
+    outputs = execute_partition("stage", 0, str(tmp_path), "h1", work)["outputs"]
+    assert outputs == {name: hashlib.sha256(data).hexdigest()
+                       for name, data in [("a.bin", b"second"), ("b.bin", b"moved"), ("earlier.bin", b"from before")]}
+    assert [url.rsplit("/", 1)[-1] for url in read] == ["earlier.bin"]
+
+
 def test_changed_config_reruns(tmp_path):
     execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
     m = execute_partition("stage", 0, str(tmp_path), "h2", _work_writing([1, 2]))
