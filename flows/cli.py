@@ -94,9 +94,13 @@ def presets() -> None:
 
 @app.command()
 def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Print the resolved config and each stage's config hash."""
+    """Print the resolved config, each stage's resources and config hash."""
+    from tasks.common.resources import stage_resources
+
     cfg = _load(preset, overrides)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    typer.echo("# per-partition resources (Prefect task tags: editforge-gpu where gpus = 1)")
+    typer.echo(yaml.safe_dump({"resources": {s: r.as_dict() for s, r in stage_resources(cfg).items()}}, sort_keys=False))
     typer.echo(json.dumps({s: cfg.stage_hash(s) for s in STAGES}, indent=2))
 
 

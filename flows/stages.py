@@ -12,12 +12,13 @@ import flows._env  # noqa: F401  (must precede prefect)
 import time
 from contextlib import contextmanager
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from tasks.captions.stage import run_captions
 from tasks.common.config import PipelineConfig, load_config
 from tasks.common.contract import PROGRESS_HOOK, MissingInputError
+from tasks.common.resources import stage_resources
 from tasks.filter.stage import run_filter_partition
 from tasks.pack.shards import run_pack_partition, write_index
 from tasks.render.stage import run_render_partition
@@ -69,6 +70,13 @@ def dashboard_progress(stage: str, partition_id: int, min_interval_s: float = 2.
         update_progress_artifact(artifact_id, 100.0)
 
 
+@contextmanager
+def declared(cfg: PipelineConfig, stage: str):
+    """Task runs created inside carry the stage's resource tags (`editforge-gpu` when it holds a GPU)."""
+    with tags(*stage_resources(cfg)[stage].tags(stage)):
+        yield
+
+
 def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
     """A keyed table artifact for the dashboard: one row per partition with counts and rejections."""
     rows = [
@@ -79,7 +87,9 @@ def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
         for m in manifests
     ]
     key = f"editforge-{cfg.name}-{stage}".lower().replace("_", "-").replace(".", "-")
-    create_table_artifact(rows, key=key, description=f"EditForge `{cfg.name}` — {stage} stage, per partition")
+    res = stage_resources(cfg).get(stage)
+    needs = f" (per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch})" if res else ""
+    create_table_artifact(rows, key=key, description=f"EditForge `{cfg.name}` — {stage} stage, per partition{needs}")
 
 
 @task(name="captions", retries=1)
@@ -117,7 +127,8 @@ def pack_task(cfg: PipelineConfig, partition_id: int) -> dict:
 @flow(name="editforge-captions")
 def captions_flow(preset: str = "demo", overrides: list[str] | None = None) -> list[dict]:
     cfg = _config(preset, overrides)
-    manifests = captions_task(cfg)
+    with declared(cfg, "captions"):
+        manifests = captions_task(cfg)
     publish(cfg, "captions", manifests)
     return manifests
 
@@ -125,9 +136,11 @@ def captions_flow(preset: str = "demo", overrides: list[str] | None = None) -> l
 @flow(name="editforge-text")
 def text_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
     cfg = _config(preset, overrides)
-    finetune = finetune_task(cfg)
+    with declared(cfg, "finetune"):
+        finetune = finetune_task(cfg)
     publish(cfg, "finetune", [finetune])
-    manifests = [text_task(cfg, pid) for pid in _partitions(cfg, partitions)]
+    with declared(cfg, "text"):  # one partition at a time: the worker's GPU (or API quota) is shared
+        manifests = [text_task(cfg, pid) for pid in _partitions(cfg, partitions)]
     publish(cfg, "text", manifests)
     return manifests
 
@@ -135,7 +148,8 @@ def text_flow(preset: str = "demo", overrides: list[str] | None = None, partitio
 @flow(name="editforge-render")
 def render_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
     cfg = _config(preset, overrides)
-    manifests = [render_task(cfg, pid) for pid in _partitions(cfg, partitions)]
+    with declared(cfg, "render"):  # one partition at a time on the worker's GPU; workers split partitions
+        manifests = [render_task(cfg, pid) for pid in _partitions(cfg, partitions)]
     publish(cfg, "render", manifests)
     return manifests
 
@@ -143,7 +157,8 @@ def render_flow(preset: str = "demo", overrides: list[str] | None = None, partit
 @flow(name="editforge-filter")
 def filter_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
     cfg = _config(preset, overrides)
-    manifests = filter_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
+    with declared(cfg, "filter"):
+        manifests = filter_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
     publish(cfg, "filter", manifests)
     return manifests
 
@@ -151,7 +166,8 @@ def filter_flow(preset: str = "demo", overrides: list[str] | None = None, partit
 @flow(name="editforge-pack")
 def pack_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
     cfg = _config(preset, overrides)
-    manifests = pack_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
+    with declared(cfg, "pack"):
+        manifests = pack_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
     publish(cfg, "pack", manifests)
     if partitions is None:
         write_index(cfg, manifests)

@@ -16,11 +16,12 @@ import flows._env  # noqa: F401  (must precede prefect)
 
 import sys
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 
 from flows.args import config_ok, preset_parser
 from tasks.common.config import PipelineConfig, load_config
+from tasks.common.resources import stage_resources
 from tasks.train.stage import default_index_url, run_train
 
 
@@ -44,7 +45,8 @@ def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
 def train(preset: str = "demo", overrides: list[str] | None = None, index: str | None = None) -> dict:
     """Train on `index` (default `{output_root}/pack/index.json`); returns the small manifest."""
     cfg = load_config(preset, overrides or [])
-    manifest = train_task(cfg, index or default_index_url(cfg))
+    with tags(*stage_resources(cfg)["train"].tags("train")):
+        manifest = train_task(cfg, index or default_index_url(cfg))
     publish_training(cfg, manifest)
     summary = manifest.get("train", {})
     print(f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "

@@ -114,6 +114,9 @@ class TextConfig(Section):
     max_edit_words: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
+    device: str = Field("auto", description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="local backend: the LM's dtype on CUDA (float32 on CPU)")
     openai: OpenAITextConfig = OpenAITextConfig()
 
     # dotted keys (under `text.`) that never change the stage's output; see OpenAITextConfig.OPERATIONAL

@@ -200,6 +200,18 @@ def load_clip(preset: str, path: str | None = None) -> ClipComponents:
     return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=name)
 
 
+def torch_device(name: str, setting: str):
+    """``auto`` -> CUDA when visible, else CPU; an explicit CUDA device that is not there is a clear error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting}={name}, but no CUDA device is visible here (use auto or cpu)")
+    return device
+
+
 def load_lm(preset: str, path: str | None = None):
     """Load a causal LM and its tokenizer (tiny preset, hub id or local folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

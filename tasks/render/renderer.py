@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from tasks.common.config import PipelineConfig, Selection
-from tasks.common.models import load_clip, load_diffusion
+from tasks.common.models import load_clip, load_diffusion, torch_device
 from tasks.filter.scorer import ClipScorer
 from tasks.render.early import METRICS, EarlyRejection, early_keep
 from tasks.render.pairs import PairBatch, PairRequest, RenderSettings, render_pairs
@@ -34,9 +34,7 @@ log = logging.getLogger("editforge")
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch_device(device, "render.device")
 
 
 def is_oom(err: BaseException) -> bool:

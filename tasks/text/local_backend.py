@@ -36,7 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from prompts.templates import STOP_SEQUENCE, finetune_completion, finetune_prompt
 from tasks.common.config import PipelineConfig, TextConfig
 from tasks.common.contract import Checkpoint, Stats
-from tasks.common.models import load_lm
+from tasks.common.models import load_lm, torch_device
 from tasks.text.format import TRIPLET_COLUMNS, triplet_row
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -87,6 +87,7 @@ def finetune(
     max_length = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
     examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in train]
     val_examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in val]
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
     rng = random.Random(seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -101,7 +102,7 @@ def finetune(
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         idx, order = order[:batch_size], order[batch_size:]
-        input_ids, attention, labels = _collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        input_ids, attention, labels = (x.to(device) for x in _collate([examples[i] for i in idx], tokenizer.pad_token_id))
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -115,7 +116,7 @@ def finetune(
     val_loss = None
     if val_examples:
         with torch.inference_mode():
-            input_ids, attention, labels = _collate(val_examples, tokenizer.pad_token_id)
+            input_ids, attention, labels = (x.to(device) for x in _collate(val_examples, tokenizer.pad_token_id))
             val_loss = float(model(input_ids=input_ids, attention_mask=attention, labels=labels).loss)
     stats.add("finetune_steps", steps)
     stats.add("finetune_examples", len(examples))
@@ -137,20 +138,27 @@ def apply_lora(model, t: TextConfig):
     return get_peft_model(model, config)
 
 
+def place(model, t: TextConfig):
+    """Move the LM to ``text.device`` in ``text.dtype`` (float32 on CPU, where half precision is slow)."""
+    device = torch_device(t.device, "text.device")
+    dtype = getattr(torch, t.dtype) if device.type == "cuda" else torch.float32
+    return model.to(device=device, dtype=dtype)
+
+
 def load_finetuned(cfg: PipelineConfig, model_dir: Path):
-    """Load what `finetune` saved: a whole model, or a LoRA adapter merged into its base model."""
+    """Load what `finetune` saved (a whole model, or a LoRA adapter merged into its base) on ``text.device``."""
     if (model_dir / ADAPTER_CONFIG).exists():
         from peft import PeftModel
         from transformers import AutoTokenizer
 
         base, _ = load_lm(cfg.models.lm, cfg.models.lm_path)
-        model = PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
+        model = PeftModel.from_pretrained(place(base, cfg.text), str(model_dir)).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer
     model, tokenizer = load_lm(cfg.models.lm, str(model_dir))
-    return model.eval(), tokenizer
+    return place(model, cfg.text).eval(), tokenizer
 
 
 def batch_seed(seed: int, first_key: str) -> int:
@@ -165,7 +173,7 @@ def generate(
     """Sample one completion per caption with the paper's settings; return the raw completions."""
     tokenizer.padding_side = "left"
     prompts = [finetune_prompt(c) for c in captions]
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     room = max(1, (getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048))
                - enc.input_ids.shape[1])
     torch.manual_seed(seed)

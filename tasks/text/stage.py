@@ -44,7 +44,7 @@ from tasks.common.contract import (
 from tasks.common.models import load_lm
 from tasks.text.finetune_data import finetune_files
 from tasks.text.format import TRIPLET_COLUMNS, mark_duplicates
-from tasks.text.local_backend import apply_lora, finetune, generate_partition, load_finetuned
+from tasks.text.local_backend import apply_lora, finetune, generate_partition, load_finetuned, place
 
 STAGE = "text"
 FINETUNE_STAGE = "finetune"
@@ -61,7 +61,8 @@ def finetune_hash(cfg: PipelineConfig, seed_path: str) -> str:
     }
     if t.backend == "local":
         picked |= {"lm": cfg.models.lm, "lm_path": cfg.models.lm_path, "method": t.finetune_method,
-                   "steps": t.finetune_steps, "bs": t.finetune_batch_size, "lr": t.learning_rate}
+                   "steps": t.finetune_steps, "bs": t.finetune_batch_size, "lr": t.learning_rate,
+                   "device": t.device, "dtype": t.dtype}
         if t.finetune_method == "lora":
             picked |= {"lora": [t.lora_r, t.lora_alpha, t.lora_dropout, list(t.lora_targets)]}
     else:
@@ -105,6 +106,7 @@ def run_finetune(cfg: PipelineConfig, seed_path: str | None = None, logger: logg
 def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
     t = cfg.text
     model, tokenizer = load_lm(cfg.models.lm, cfg.models.lm_path)
+    model = place(model, t)
     if t.finetune_method == "lora":
         model = apply_lora(model, t)
     bar = tqdm(total=t.finetune_steps, desc=f"fine-tune LM ({t.finetune_method})", unit="step", leave=False)

@@ -53,3 +53,10 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     described = {a.description: a.data for a in progress}
     assert described.get("render part-00000") == 100.0 and described.get("text part-00001") == 100.0
+    # each partition task run carries its stage's resource tags (the demo renders on the CPU: no GPU tag)
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition")))
+    assert runs and all({"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags
+                        for r in runs)

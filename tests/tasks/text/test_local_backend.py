@@ -52,3 +52,13 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     assert manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 6
     assert set(df["status"]) <= {"ok", "rejected"} and df.loc[df.status == "rejected", "reject_reason"].notna().all()
     assert json.loads(json.dumps(manifest))["counts"]["batches_generated"] == 2
+
+
+def test_place_puts_the_lm_on_text_device_in_float32_on_cpu():
+    from tasks.common.config import TextConfig
+    from tasks.text.local_backend import place
+
+    model, _ = load_lm("tiny")
+    placed = place(model, TextConfig(device="cpu", dtype="bfloat16"))  # half precision applies on CUDA only
+    assert {p.device.type for p in placed.parameters()} == {"cpu"}
+    assert {p.dtype for p in placed.parameters()} == {torch.float32}
