@@ -83,6 +83,10 @@ def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
         {"partition": m["partition_id"], "skipped": m.get("skipped", False),
          **{f"n_{k}": v for k, v in m.get("counts", {}).items()},
          **{f"rejected_{k}": v for k, v in m.get("rejected", {}).items()},
+         # the stage's own figures (render: samples_per_s, unet_calls_per_kept_pair, batch_samples, ...)
+         **{k: v for k, v in m.items() if k not in ("partition_id", "wall_time_s")
+            and isinstance(v, int | float) and not isinstance(v, bool)},
+         **{f"median_{k}": round(q["q50"], 4) for k, q in m.get("quantiles", {}).items()},
          "wall_time_s": m.get("wall_time_s")}
         for m in manifests
     ]

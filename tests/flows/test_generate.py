@@ -1,6 +1,7 @@
 """Flow tier: the whole DAG on the tiny preset under the Prefect test harness."""
 
 import hashlib
+import json
 
 import pytest
 import webdataset as wds
@@ -49,6 +50,13 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         keys = {a.key for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="editforge-flowtest")))}
     assert {"editforge-flowtest-render", "editforge-flowtest-pack", "editforge-flowtest-summary"} <= keys
+    with get_client(sync_client=True) as client:
+        render_table = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["editforge-flowtest-render"])))[0]
+    rows = json.loads(render_table.data) if isinstance(render_table.data, str) else render_table.data
+    # per partition on the dashboard: counts, and the stage's own figures and medians
+    assert {"n_unet_calls", "unet_calls_per_kept_pair", "samples_per_s", "batch_samples",
+            "median_clip_sim_dir"} <= set(rows[0])
     with get_client(sync_client=True) as client:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     described = {a.description: a.data for a in progress}
