@@ -229,6 +229,7 @@ class FilterConfig(Section):
 class PackConfig(Section):
     shard_max_samples: int = Field(1000, ge=1)
     image_format: Literal["jpg", "png", "webp"] = "jpg"
+    quality: int = Field(100, ge=1, le=100, description="JPEG/WebP quality (the reference saves JPEG at 100)")
     val_fraction: float = Field(0.05, ge=0, lt=1)
     hf_export: bool = Field(False, description="also write Hugging Face parquet with the released columns")
 

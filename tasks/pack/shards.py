@@ -34,11 +34,12 @@ def split_of(caption_id: str, val_fraction: float) -> str:
     return "val" if bucket < val_fraction * 10_000 else "train"
 
 
-def encode_image(png_bytes: bytes, fmt: str) -> bytes:
+def encode_image(png_bytes: bytes, fmt: str, quality: int = 100) -> bytes:
+    """Render's lossless PNG as the shard format (JPEG at quality 100, as the reference saves its pairs)."""
     if fmt == "png":
         return png_bytes
     buf = io.BytesIO()
-    Image.open(io.BytesIO(png_bytes)).convert("RGB").save(buf, format=PIL_FORMAT[fmt], quality=95)
+    Image.open(io.BytesIO(png_bytes)).convert("RGB").save(buf, format=PIL_FORMAT[fmt], quality=quality)
     return buf.getvalue()
 
 
@@ -53,8 +54,8 @@ def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
     }
     return {
         "__key__": key,
-        f"input.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "input"))), ext),
-        f"edited.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "edited"))), ext),
+        f"input.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "input"))), ext, cfg.quality),
+        f"edited.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "edited"))), ext, cfg.quality),
         "instruction.txt": row["edit"].encode("utf-8"),
         "json": json.dumps(record, sort_keys=True).encode("utf-8"),
     }

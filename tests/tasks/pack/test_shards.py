@@ -102,3 +102,20 @@ def test_hugging_face_export_has_the_released_columns(tmp_path):
     row = table.to_pylist()[0]
     assert row["original_prompt"] == "a house 0" and row["edit_prompt"] == "make it red"
     assert Image.open(io.BytesIO(row["edited_image"]["bytes"])).size == (8, 8)
+
+
+def test_jpeg_quality_defaults_to_the_reference_100():
+    from tasks.pack.shards import encode_image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+
+    def error(data: bytes) -> float:
+        return float(np.abs(np.asarray(Image.open(io.BytesIO(data)), dtype=float) - pixels).mean())
+
+    assert load_config("paper").pack.quality == 100
+    best, default, low = encode_image(buf.getvalue(), "jpg", 100), encode_image(buf.getvalue(), "jpg"), encode_image(buf.getvalue(), "jpg", 50)
+    assert best == default and error(best) < error(low)
+    assert encode_image(buf.getvalue(), "png") == buf.getvalue()  # lossless stays byte-identical
