@@ -191,6 +191,8 @@ class RenderConfig(Section):
     early_reject_dry_run: bool = False
     keep: Selection = Selection()
     save_images: Literal["kept", "passed", "all"] = "kept"
+    clip_resize: Literal["reference", "antialias"] = Field(
+        "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or antialiased + centre crop")
     early_reject_metrics: tuple[Literal["clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"], ...] = (
         "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 

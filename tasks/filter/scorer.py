@@ -10,23 +10,36 @@ import torch.nn.functional as F
 from tasks.common.models import ClipComponents
 from tasks.filter.metrics import clip_metrics
 
+# reference: the whole image bicubic-resized to the CLIP input size, no antialiasing, no crop — the
+#   reference's ClipSimilarity.encode_image, which the paper's thresholds were set with;
+# antialias: short side resized with antialiasing, centre crop (closer to CLIP's own PIL preprocessing).
+RESIZE_MODES = ("reference", "antialias")
+
 
 class ClipScorer:
     """Embeds images in [0, 1] (N, 3, H, W) and captions, and computes the filter's metrics."""
 
-    def __init__(self, clip: ClipComponents, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(self, clip: ClipComponents, device: str | torch.device = "cpu", batch_size: int = 64,
+                 resize: str = "reference"):
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown CLIP resize {resize!r}; expected one of {RESIZE_MODES}")
         self.clip = clip
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.resize = resize
         self.model = clip.model.to(self.device)
         self._mean = torch.tensor(clip.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(clip.std, device=self.device).view(1, 3, 1, 1)
         self._text_cache: dict[str, torch.Tensor] = {}
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize the short side to the model's size (bicubic, antialiased), centre-crop, normalise."""
+        """Images in [0, 1] to CLIP's input: resized (see ``RESIZE_MODES``) and normalised."""
         size = self.clip.image_size
         x = images.to(self.device, torch.float32)
+        if self.resize == "reference":
+            if x.shape[-2:] != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+            return (x - self._mean) / self._std
         h, w = x.shape[-2:]
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))

@@ -99,7 +99,8 @@ class Renderer:
             self.compiled = True
         elif r.compile:
             logger.info("render: torch.compile applies on CUDA only; not compiling on %s", self.device)
-        self.scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), self.device)
+        self.scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), self.device,
+                                 resize=cfg.render.clip_resize)
 
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.dtype != torch.float32
