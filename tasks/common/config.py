@@ -4,7 +4,7 @@
 
 Unknown keys and wrong types are errors that name the key (`render.stepz: Extra inputs are not
 permitted`). Each stage has a stable hash over the config sections it reads plus the hash of the
-stage before it, so changing the filter thresholds re-runs filter and pack but not render.
+stage before it, so changing `filter.*` (a re-selection) re-runs filter and pack but not render.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class RenderConfig(Section):
     and `tasks/render/early.py`): `adaptive` draws samples in rounds of `round_size` and stops a triplet
     once `target_passed` (default: `keep.top_k`) passed; `give_up_after` stops a triplet after that
     many samples without a pass; `early_reject_at` (a fraction of the steps) scores the x0 prediction
-    and drops samples whose `early_reject_metrics` are below the filter thresholds minus
+    and drops samples whose `early_reject_metrics` are below `keep`'s thresholds minus
     `early_reject_margin` (`early_reject_dry_run`: score and record, drop nothing — to calibrate the
     margin with `editforge calibrate-early`). `dtype` float16/bfloat16 and `compile` act on CUDA only.
 

@@ -2,7 +2,7 @@
 
 Not in the reference, which always runs all steps of all 100 samples and filters at the end. Here,
 after ``after_steps`` denoising steps, the x0 prediction of both images of every sample still in the
-batch is decoded with the VAE and CLIP-scored; a sample whose early metrics fall below the filter's
+batch is decoded with the VAE and CLIP-scored; a sample whose early metrics fall below ``render.keep``'s
 thresholds minus a margin is dropped: its rows leave the UNet batch (the batch is compacted), so it
 stops costing UNet calls. Surviving samples are untouched — every sample's computation depends only
 on its own rows, so their images equal those of a run without early rejection (up to float
@@ -98,7 +98,7 @@ def select_scheduler_rows(scheduler: Any, rows: torch.Tensor, n_rows: int) -> No
 
 
 def thresholds(cfg: Selection) -> dict[str, float]:
-    """The filter's threshold for each metric column."""
+    """The selection's threshold for each metric column."""
     return {
         "clip_sim_0": cfg.clip_caption_threshold,
         "clip_sim_1": cfg.clip_caption_threshold,
