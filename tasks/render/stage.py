@@ -132,10 +132,12 @@ def stored_images(samples: pd.DataFrame, cfg: PipelineConfig) -> pd.Series:
 
 def publish_images(run: PartitionRun, checkpoint: Checkpoint, keys: list[str]) -> None:
     """Move the staged images of ``keys`` to ``images/`` and register them (idempotent after a crash)."""
+    # one listing, not a lookup per image (a round trip each on an object store)
+    waiting = {url.rsplit("/", 1)[-1] for url in storage.list_files(storage.url_join(checkpoint.dir, "images"))}
     for key in keys:
         for which in ("input", "edited"):
             source, target = staged(checkpoint, key, which), run.output(image_name(key, which))
-            if storage.exists(source):
+            if source.rsplit("/", 1)[-1] in waiting:
                 storage.move(source, target)
             elif not storage.exists(target):
                 raise FileNotFoundError(
