@@ -46,6 +46,7 @@ os.environ.setdefault("EDITFORGE_CACHE", str(ROOT / ".cache" / "editforge"))
 
 import torch
 
+from bench.render_throughput import CAPTIONS  # the same caption pairs as the throughput benchmark
 from tasks.common.config import load_config
 from tasks.render.pairs import PairRequest
 from tasks.render.renderer import BatchSizer, Renderer, is_oom, settings_from
@@ -53,12 +54,6 @@ from tasks.render.sampling import sample_seeds
 
 CHECKS = ("env", "dtype", "auto_batch", "oom", "compile")
 DTYPES = ("float32", "float16", "bfloat16")
-CAPTIONS = [
-    ("a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"),
-    ("a red house by the sea", "a red house by the sea at night"),
-    ("portrait of a girl, oil painting", "portrait of a girl wearing a hat, oil painting"),
-    ("a mountain lake in summer", "a mountain lake in winter"),
-]
 GIB = 2**30
 UNCAPPED = 2048  # "uncapped" auto batch: a cap that bounds the renders at that size if the estimate runs away
 OOM_START_MAX = 8192
