@@ -3,7 +3,7 @@
 Both talk to the OpenAI-compatible fake (`tests/fakes/openai_server.py`, run as a separate process on
 127.0.0.1) with an injected latency of 300-800 ms per generation request, about what a fine-tuned
 model's completion takes. The reference code asked for one completion at a time; the concurrent run
-is the text stage itself (`run_text_partition`, `text.backend=openai`, 64 requests in flight,
+is the text stage itself (`tasks.text.stage.run`, `text.backend=openai`, 64 requests in flight,
 checkpointing included). Moderation is off on both sides (the reference loop has none here), so the
 figures compare generation alone.
 
@@ -39,8 +39,10 @@ from tasks.captions.laion import caption_id
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.contract import partition_dir
+from tasks.registry import stage_hash
+from tasks.text.finetune import run as run_finetune
 from tasks.text.format import parse_completion
-from tasks.text.stage import run_text_partition
+from tasks.text.stage import run as run_text_partition
 
 KEY_ENV = "EDITFORGE_BENCH_OPENAI_KEY"
 API_KEY = "bench-key"
@@ -84,12 +86,16 @@ def sequential_reference(base_url: str, df: pd.DataFrame) -> tuple[float, int]:
 
 
 def concurrent_stage(base_url: str, df: pd.DataFrame, concurrency: int, root: str) -> tuple[float, dict]:
-    storage.write_parquet_atomic(storage.url_join(partition_dir(root, "captions", 0), "captions.parquet"), df)
     cfg = load_config("demo", [
         f"output_root={root}", "text.backend=openai", f"text.openai.base_url={base_url}",
         f"text.openai.api_key_env={KEY_ENV}", f"text.openai.model={MODEL}", "text.openai.endpoint=completions",
         f"text.openai.concurrency={concurrency}", "text.openai.moderation=false", "text.max_new_tokens=256",
     ])
+    # the text stage's inputs: a finished captions partition and the (no-job) fine-tune
+    folder = partition_dir(root, "captions", 0)
+    storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
+    storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"), {"config_hash": stage_hash(cfg, "captions")})
+    run_finetune(cfg)
     start = time.perf_counter()
     manifest = run_text_partition(cfg, 0)
     return time.perf_counter() - start, manifest

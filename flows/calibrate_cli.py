@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.options import load_or_exit, parse_partitions
+
 if TYPE_CHECKING:
     from tasks.common.config import PipelineConfig
     from tasks.render.calibrate import CalibrationSamples
@@ -83,11 +85,11 @@ def calibrate_early(
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table and recommendation here")] = None,
 ) -> None:
     """Calibrate render.early_reject_margin on render partitions rendered with render.early_reject_dry_run=true."""
-    from flows.cli import _load, parse_partitions  # here, not at the top: flows.cli registers this command
+    from tasks.common.selection import thresholds
+    from tasks.registry import stage_hash
     from tasks.render.calibrate import CalibrationError, calibrate, calibration_settings, recommend
-    from tasks.render.early import thresholds
 
-    cfg = _load(preset, overrides)
+    cfg = load_or_exit(preset, overrides)
     try:
         grid = parse_margins(margins)
     except ValueError as err:
@@ -107,7 +109,7 @@ def calibrate_early(
         report = {
             "config": cfg.name,
             "output_root": cfg.output_root,
-            "render_hash": cfg.stage_hash("render"),
+            "render_hash": stage_hash(cfg, "render"),
             "partitions": data.partitions,
             "skipped_partitions": data.skipped,
             "early_reject_at": cfg.render.early_reject_at,
@@ -130,7 +132,7 @@ def calibrate_early(
 
 def _print(cfg: PipelineConfig, table: pd.DataFrame, data: CalibrationSamples, best: float | None, max_false_drop: float,
            current: float) -> None:
-    from tasks.render.early import thresholds
+    from tasks.common.selection import thresholds
 
     console = Console()
     r = cfg.render

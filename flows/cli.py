@@ -19,70 +19,32 @@ import typer
 import yaml
 
 from flows.calibrate_cli import calibrate_early
-from tasks.common.config import STAGES, ConfigError, PipelineConfig, load_config, preset_names
+from flows.generate import run
+from flows.options import Overrides, Partitions, Preset, load_or_exit, parse_partitions
+from flows.train import train_command
+from tasks import registry
+from tasks.common.config import preset_names
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EditForge: regenerate an InstructPix2Pix dataset")
+app.command("run")(run)
+app.command("train")(train_command)
+app.command("calibrate-early")(calibrate_early)
 
-Preset = Annotated[str, typer.Option("--preset", "-p", help="preset name or YAML file")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override (repeatable)")]
-
-
-def _load(preset: str, overrides: list[str] | None) -> PipelineConfig:
-    try:
-        return load_config(preset, overrides or [])
-    except ConfigError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-
-
-def parse_partitions(spec: str | None) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> all."""
-    if not spec:
-        return None
-    ids: list[int] = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        ids += list(range(int(lo), int(hi or lo) + 1))
-    return ids
+CHAIN = [s.name for s in registry.chain()]
 
 
 @app.command()
-def run(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Run the whole DAG; finished partitions are skipped."""
-    _load(preset, overrides)
-    from flows.generate import generate
-
-    generate(preset, overrides or [])
-
-
-@app.command()
-def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(STAGES)}")], preset: Preset = "demo",
-          overrides: Overrides = None,
-          partitions: Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: all)")] = None) -> None:
+def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")], preset: Preset = "demo",
+          overrides: Overrides = None, partitions: Partitions = None) -> None:
     """Run one stage (optionally on some partitions only)."""
-    _load(preset, overrides)
-    from flows import stages
+    load_or_exit(preset, overrides)
+    from flows.stages import FLOWS
 
-    flows = {"captions": stages.captions_flow, "text": stages.text_flow, "render": stages.render_flow,
-             "filter": stages.filter_flow, "pack": stages.pack_flow}
-    if name not in flows:
-        typer.echo(f"error: unknown stage {name!r}; expected one of {', '.join(STAGES)}", err=True)
+    if name not in FLOWS:
+        hint = " (the training flow: editforge train)" if name in registry.STAGES else ""
+        typer.echo(f"error: unknown stage {name!r}{hint}; expected one of {', '.join(CHAIN)}", err=True)
         raise typer.Exit(2)
-    if name == "captions":
-        flows[name](preset, overrides or [])
-    else:
-        flows[name](preset, overrides or [], parse_partitions(partitions))
-
-
-@app.command()
-def train(preset: Preset = "demo", overrides: Overrides = None,
-          index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None
-          ) -> None:
-    """Train the editing model on the shards of a run (the separate training flow)."""
-    _load(preset, overrides)
-    from flows.train import train as train_flow
-
-    train_flow(preset, overrides or [], index)
+    FLOWS[name](preset, overrides or [], parse_partitions(partitions))
 
 
 @app.command()
@@ -95,32 +57,28 @@ def presets() -> None:
 @app.command()
 def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
     """Print the resolved config, each stage's resources and config hash."""
-    from tasks.common.resources import stage_resources
-
-    cfg = _load(preset, overrides)
+    cfg = load_or_exit(preset, overrides)
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo("# per-partition resources (Prefect task tags: editforge-gpu where gpus = 1)")
-    typer.echo(yaml.safe_dump({"resources": {s: r.as_dict() for s, r in stage_resources(cfg).items()}}, sort_keys=False))
-    typer.echo(json.dumps({s: cfg.stage_hash(s) for s in STAGES}, indent=2))
+    resources = {s: r.as_dict() for s, r in registry.stage_resources(cfg).items()}
+    typer.echo(yaml.safe_dump({"resources": resources}, sort_keys=False))
+    typer.echo("# config hashes of the chain (train's also covers the shards it trains on)")
+    typer.echo(json.dumps({s: registry.stage_hash(cfg, s) for s in CHAIN}, indent=2))
 
 
 @app.command()
 def report(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Summarise what is on disk for this config (no Prefect needed)."""
-    from flows.report import render_report
-    from tasks.common import storage
-    from tasks.common.contract import partition_dir, read_success
+    """Summarise what is on disk for this config: partitions finished under its hashes (no Prefect needed)."""
+    from flows.report import current_manifests, render_report
+    from tasks.common import layout, storage
 
-    cfg = _load(preset, overrides)
-    manifests = {}
-    for s in STAGES:
-        found = [read_success(partition_dir(cfg.output_root, s, i)) for i in range(cfg.captions.num_partitions)]
-        manifests[s] = [m for m in found if m]
-    index_url = storage.url_join(cfg.output_root, "pack", "index.json")
-    render_report(cfg, manifests, storage.read_json(index_url) if storage.exists(index_url) else None)
+    cfg = load_or_exit(preset, overrides)
+    index_url = layout.index_url(cfg.output_root)
+    index = storage.read_json(index_url) if storage.exists(index_url) else None
+    if index and index.get("config_hash") != registry.stage_hash(cfg, "pack"):
+        index = None  # the shards of another config
+    render_report(cfg, current_manifests(cfg), index)
 
-
-app.command("calibrate-early")(calibrate_early)
 
 if __name__ == "__main__":
     app()

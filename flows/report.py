@@ -1,4 +1,9 @@
-"""The end-of-run summary: counts per stage, rejections by reason, where the shards are."""
+"""The end-of-run summary: counts per stage, rejections by reason, where the shards are.
+
+One row per partitioned stage of the chain; the fine-tune (one partition) gets its own line. Only
+manifests of the config being reported count: :func:`current_manifests` reads the partitions
+finished under this config's hashes, never those another config left in the same output root.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,28 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from tasks.captions.stage import source_stats_url
-from tasks.common import storage
+from tasks import registry
+from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import partition_dir, read_success
+from tasks.common.contract import read_success
+
+
+def current_manifests(cfg: PipelineConfig) -> dict[str, list[dict]]:
+    """Per chain stage, the `_SUCCESS.json` of its partitions finished under this config's hash."""
+    found: dict[str, list[dict]] = {}
+    for stage in registry.chain():
+        expected = registry.stage_hash(cfg, stage.name)
+        manifests = [read_success(layout.partition_dir(cfg.output_root, stage.name, i)) for i in stage.partition_ids(cfg)]
+        found[stage.name] = [m for m in manifests if m and m.get("config_hash") == expected]
+    return found
 
 
 def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
     """One row per stage: partitions run/skipped, items in/out, rejections by reason."""
     rows = []
     for stage, items in manifests.items():
+        if registry.get(stage).partitions != "all":
+            continue
         counts: Counter = Counter()
         rejected: Counter = Counter()
         for m in items:
@@ -38,7 +55,7 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
                   console: Console | None = None) -> list[dict]:
     console = console or Console()
     rows = summarise(manifests)
-    src_url = source_stats_url(cfg.output_root)
+    src_url = layout.source_stats_url(cfg.output_root)
     source = storage.read_json(src_url) if storage.exists(src_url) else {}
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}")
     for col in ("stage", "partitions", "skipped", "in", "out", "rejected (reason: count)"):
@@ -51,7 +68,7 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         table.add_row(r["stage"], str(r["partitions"]), str(r["skipped"]), str(r["in"]), str(r["out"]),
                       ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-")
     console.print(table)
-    finetune = read_success(partition_dir(cfg.output_root, "finetune", 0))
+    finetune = next(iter(manifests.get("finetune", [])), None)
     if finetune and "finetune" in finetune:
         f = finetune["finetune"]
         loss = (f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
@@ -73,5 +90,5 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
     if index:
         for split, info in index["splits"].items():
             console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
-        console.print(f"shards index: {storage.url_join(cfg.output_root, 'pack', 'index.json')}")
+        console.print(f"shards index: {layout.index_url(cfg.output_root)}")
     return rows

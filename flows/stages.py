@@ -1,8 +1,12 @@
-"""One Prefect flow per stage; each maps a thin task over the stage's partitions.
+"""One Prefect flow per stage, all made from the stage registry (`tasks/registry.py`).
 
-The work itself lives in `tasks/<stage>/` (plain Python); these wrappers add Prefect's retries,
-logging and a keyed table artifact per stage (shown on the dashboard's Artifacts page). Every stage
-flow takes `partitions` (default: all), so several workers can split one stage between them.
+Each stage flow runs the stage's `prepare` (if any), maps one task per partition over the
+partitions asked for (default: all) — one after another for stages that share the worker's GPU or
+API quota, concurrently otherwise — publishes a keyed table artifact (one row per partition) and
+runs the stage's `finalize` (if any) when it covered every partition. Several workers can split one
+stage between them by `partitions`. The work itself is the stage's `run(cfg, partition_id)`; these
+wrappers add Prefect's retries (never for a missing or stale input), resource tags, progress
+artifacts and the dashboard table.
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -15,14 +19,11 @@ from contextlib import contextmanager
 from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
-from tasks.captions.stage import run_captions
+from tasks import registry
 from tasks.common.config import PipelineConfig, load_config
 from tasks.common.contract import PROGRESS_HOOK, MissingInputError
-from tasks.common.resources import stage_resources
-from tasks.filter.stage import run_filter_partition
-from tasks.pack.shards import run_pack_partition, write_index
-from tasks.render.stage import run_render_partition
-from tasks.text.stage import run_finetune, run_text_partition
+from tasks.common.layout import artifact_key, partition_name
+from tasks.common.stage import Stage
 
 
 def _retry_unless_missing_input(task, task_run, state) -> bool:
@@ -36,22 +37,19 @@ def _retry_unless_missing_input(task, task_run, state) -> bool:
     return True
 
 
-def _config(preset: str, overrides: list[str] | None) -> PipelineConfig:
-    return load_config(preset, overrides or [])
-
-
-def _partitions(cfg: PipelineConfig, partitions: list[int] | None) -> list[int]:
-    ids = list(range(cfg.captions.num_partitions)) if partitions is None else sorted(set(partitions))
-    bad = [i for i in ids if not 0 <= i < cfg.captions.num_partitions]
+def partition_ids(cfg: PipelineConfig, stage: Stage, partitions: list[int] | None) -> list[int]:
+    every = stage.partition_ids(cfg)
+    ids = every if partitions is None else sorted(set(partitions))
+    bad = [i for i in ids if i not in every]
     if bad:
-        raise ValueError(f"partitions {bad} out of range 0..{cfg.captions.num_partitions - 1}")
+        raise ValueError(f"{stage.name}: partitions {bad} out of range {every[0]}..{every[-1]}")
     return ids
 
 
 @contextmanager
 def dashboard_progress(stage: str, partition_id: int, min_interval_s: float = 2.0):
     """A progress artifact on the task run, updated (at most every `min_interval_s`) as work is checkpointed."""
-    artifact_id = create_progress_artifact(0.0, description=f"{stage} part-{partition_id:05d}")
+    artifact_id = create_progress_artifact(0.0, description=f"{stage} {partition_name(partition_id)}")
     last = {"t": 0.0, "pct": 0.0}
 
     def hook(fraction: float) -> None:
@@ -70,13 +68,6 @@ def dashboard_progress(stage: str, partition_id: int, min_interval_s: float = 2.
         update_progress_artifact(artifact_id, 100.0)
 
 
-@contextmanager
-def declared(cfg: PipelineConfig, stage: str):
-    """Task runs created inside carry the stage's resource tags (`editforge-gpu` when it holds a GPU)."""
-    with tags(*stage_resources(cfg)[stage].tags(stage)):
-        yield
-
-
 def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
     """A keyed table artifact for the dashboard: one row per partition with counts and rejections."""
     rows = [
@@ -90,89 +81,67 @@ def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
          "wall_time_s": m.get("wall_time_s")}
         for m in manifests
     ]
-    key = f"editforge-{cfg.name}-{stage}".lower().replace("_", "-").replace(".", "-")
-    res = stage_resources(cfg).get(stage)
-    needs = f" (per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch})" if res else ""
-    create_table_artifact(rows, key=key, description=f"EditForge `{cfg.name}` — {stage} stage, per partition{needs}")
+    res = registry.get(stage).resources(cfg)
+    needs = f" (per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch})"
+    create_table_artifact(rows, key=artifact_key(cfg.name, stage),
+                          description=f"EditForge `{cfg.name}` — {stage} stage, per partition{needs}")
 
 
-@task(name="captions", retries=1)
-def captions_task(cfg: PipelineConfig) -> list[dict]:
-    return run_captions(cfg, get_run_logger())
+def _run_partition(cfg: PipelineConfig, stage: str, partition_id: int) -> dict:
+    run = registry.entry(stage)
+    if registry.get(stage).progress:
+        with dashboard_progress(stage, partition_id):
+            return run(cfg, partition_id, logger=get_run_logger())
+    return run(cfg, partition_id, logger=get_run_logger())
 
 
-@task(name="finetune-lm", retries=1)
-def finetune_task(cfg: PipelineConfig) -> dict:
-    return run_finetune(cfg, logger=get_run_logger())
+def _prepare(cfg: PipelineConfig, stage: str) -> None:
+    registry.prepare(cfg, stage, get_run_logger())
 
 
-@task(name="text-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
-def text_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    with dashboard_progress("text", partition_id):
-        return run_text_partition(cfg, partition_id, get_run_logger())
+def _finalize(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
+    registry.finalize(cfg, stage, manifests, get_run_logger())
 
 
-@task(name="render-partition", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_missing_input)
-def render_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    with dashboard_progress("render", partition_id):
-        return run_render_partition(cfg, partition_id, logger=get_run_logger())
+def _tasks(stage: Stage) -> tuple:
+    retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_missing_input}
+    return (task(name=f"{stage.name}-prepare", **retry)(_prepare),
+            task(name=f"{stage.name}-partition", **retry)(_run_partition),
+            task(name=f"{stage.name}-finalize", retries=1)(_finalize))
 
 
-@task(name="filter-partition", retries=1, retry_condition_fn=_retry_unless_missing_input)
-def filter_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    return run_filter_partition(cfg, partition_id, get_run_logger())
+TASKS = {name: _tasks(stage) for name, stage in registry.STAGES.items()}
 
 
-@task(name="pack-partition", retries=1, retry_condition_fn=_retry_unless_missing_input)
-def pack_task(cfg: PipelineConfig, partition_id: int) -> dict:
-    return run_pack_partition(cfg, partition_id, get_run_logger())
-
-
-@flow(name="editforge-captions")
-def captions_flow(preset: str = "demo", overrides: list[str] | None = None) -> list[dict]:
-    cfg = _config(preset, overrides)
-    with declared(cfg, "captions"):
-        manifests = captions_task(cfg)
-    publish(cfg, "captions", manifests)
+def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: list[int] | None) -> list[dict]:
+    """One stage over some (default: all) partitions, inside a flow run; returns the manifests."""
+    cfg = load_config(preset, overrides or [])
+    stage = registry.get(name)
+    ids = partition_ids(cfg, stage, partitions)
+    prepare_task, partition_task, finalize_task = TASKS[name]
+    with tags(*stage.resources(cfg).tags(name)):  # `editforge-gpu` on the task runs that hold a GPU
+        if stage.prepare:
+            prepare_task(cfg, name)
+        if stage.one_at_a_time:
+            manifests = [partition_task(cfg, name, pid) for pid in ids]
+        else:
+            manifests = partition_task.map(unmapped(cfg), unmapped(name), ids).result()
+        publish(cfg, name, manifests)
+        if stage.finalize and ids == stage.partition_ids(cfg):
+            finalize_task(cfg, name, manifests)
     return manifests
 
 
-@flow(name="editforge-text")
-def text_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
-    cfg = _config(preset, overrides)
-    with declared(cfg, "finetune"):
-        finetune = finetune_task(cfg)
-    publish(cfg, "finetune", [finetune])
-    with declared(cfg, "text"):  # one partition at a time: the worker's GPU (or API quota) is shared
-        manifests = [text_task(cfg, pid) for pid in _partitions(cfg, partitions)]
-    publish(cfg, "text", manifests)
-    return manifests
+def stage_flow(name: str):
+    """The Prefect flow `editforge-<name>` of a registry stage."""
+
+    def run(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None) -> list[dict]:
+        return run_stage(name, preset, overrides, partitions)
+
+    run.__doc__ = f"The {name} stage: {registry.get(name).summary}."
+    return flow(name=f"editforge-{name}")(run)
 
 
-@flow(name="editforge-render")
-def render_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
-    cfg = _config(preset, overrides)
-    with declared(cfg, "render"):  # one partition at a time on the worker's GPU; workers split partitions
-        manifests = [render_task(cfg, pid) for pid in _partitions(cfg, partitions)]
-    publish(cfg, "render", manifests)
-    return manifests
-
-
-@flow(name="editforge-filter")
-def filter_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
-    cfg = _config(preset, overrides)
-    with declared(cfg, "filter"):
-        manifests = filter_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
-    publish(cfg, "filter", manifests)
-    return manifests
-
-
-@flow(name="editforge-pack")
-def pack_flow(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None):
-    cfg = _config(preset, overrides)
-    with declared(cfg, "pack"):
-        manifests = pack_task.map(unmapped(cfg), _partitions(cfg, partitions)).result()
-    publish(cfg, "pack", manifests)
-    if partitions is None:
-        write_index(cfg, manifests)
-    return manifests
+FLOWS = {s.name: stage_flow(s.name) for s in registry.chain()}
+# `captions_flow`, ..., `pack_flow`: the deployments' entrypoints (`flows/stages.py:render_flow`, infra/prefect.yaml)
+globals().update({f"{name}_flow": f for name, f in FLOWS.items()})

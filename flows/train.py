@@ -4,7 +4,7 @@
                                                                                       model/ (IP2P pipeline)
                                                                                       sample_edit.png
 
-    python -m flows.train --preset demo [--set train.steps=100 ...] [--index path/to/index.json]
+    python -m flows.train --preset demo [--set train.steps=100 ...] [--index path/to/index.json]   (= editforge train)
 
 A finished training (same config and shards) is skipped; a killed or failed one resumes from its latest
 checkpoint — the task's retry does exactly that.
@@ -15,24 +15,28 @@ from __future__ import annotations  # noqa: I001  (flows._env must be imported b
 import flows._env  # noqa: F401  (must precede prefect)
 
 import sys
+from typing import Annotated
 
+import typer
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 
-from flows.args import config_ok, preset_parser
+from flows.options import Overrides, Preset, load_or_exit, run_command
+from tasks import registry
+from tasks.common import layout
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.resources import stage_resources
-from tasks.train.stage import default_index_url, run_train
+
+STAGE = registry.get("train")
 
 
-@task(name="train-editing-model", retries=1, retry_delay_seconds=5)
-def train_task(cfg: PipelineConfig, index_url: str) -> dict:
-    return run_train(cfg, index_url, logger=get_run_logger())
+@task(name="train-partition", retries=STAGE.retries, retry_delay_seconds=5)
+def train_task(cfg: PipelineConfig, index_url: str | None) -> dict:
+    return registry.entry(STAGE.name)(cfg, 0, index_url=index_url, logger=get_run_logger())
 
 
 def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
     """The loss curve as a keyed table artifact (`editforge-<name>-train`) for the dashboard."""
-    key = f"editforge-{cfg.name}-train".lower().replace("_", "-").replace(".", "-")
+    key = layout.artifact_key(cfg.name, STAGE.name)
     summary = manifest.get("train", {})
     sample = manifest.get("sample", {})
     description = (f"EditForge `{cfg.name}` — editing-model training: {summary.get('steps')} steps, loss "
@@ -45,8 +49,8 @@ def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
 def train(preset: str = "demo", overrides: list[str] | None = None, index: str | None = None) -> dict:
     """Train on `index` (default `{output_root}/pack/index.json`); returns the small manifest."""
     cfg = load_config(preset, overrides or [])
-    with tags(*stage_resources(cfg)["train"].tags("train")):
-        manifest = train_task(cfg, index or default_index_url(cfg))
+    with tags(*STAGE.resources(cfg).tags(STAGE.name)):
+        manifest = train_task(cfg, index)
     publish_training(cfg, manifest)
     summary = manifest.get("train", {})
     print(f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
@@ -55,14 +59,16 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     return {k: manifest.get(k) for k in ("path", "model_dir", "config_hash", "skipped", "train", "sample", "index")}
 
 
+def train_command(preset: Preset = "demo", overrides: Overrides = None,
+                  index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None
+                  ) -> None:
+    """Train the editing model on the shards of a run (the separate training flow)."""
+    load_or_exit(preset, overrides)
+    train(preset, overrides or [], index)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = preset_parser("python -m flows.train", __doc__)
-    parser.add_argument("--index", default=None, help="shard index (default: {output_root}/pack/index.json)")
-    args = parser.parse_args(argv)
-    if not config_ok(args):
-        return 2
-    train(args.preset, args.overrides, args.index)
-    return 0
+    return run_command(train_command, argv, "python -m flows.train", __doc__)
 
 
 if __name__ == "__main__":

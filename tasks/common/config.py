@@ -3,28 +3,45 @@
     cfg = load_config("demo", overrides=["render.steps=10", "captions.num_captions=64"])
 
 Unknown keys and wrong types are errors that name the key (`render.stepz: Extra inputs are not
-permitted`). Each stage has a stable hash over the config sections it reads plus the hash of the
-stage before it, so changing `filter.*` (a re-selection) re-runs filter and pack but not render.
+permitted`); the run's `name` must be usable in dashboard keys. Fields made with :func:`operational`
+change how fast or how robustly a stage runs, never what it writes: the stage hashes
+(`tasks.registry.stage_hash`) leave them out, so a resumed run may change them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.common import storage
+from tasks.common.layout import check_name
+from tasks.common.selection import METRICS
 
-STAGES = ("captions", "text", "render", "filter", "pack")
+OPERATIONAL_KEY = "operational"
+
+
+def operational(default: Any, **kwargs: Any) -> Any:
+    """A field that never changes a stage's output (device, concurrency, retries, checkpoint cadence)."""
+    return Field(default, json_schema_extra={OPERATIONAL_KEY: True}, **kwargs)
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def output_fields(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The settings that determine the output, for hashing: every field but the operational ones
+        (recursively) and those named in ``drop``."""
+        dumped = self.model_dump(mode="json")
+        data: dict[str, Any] = {}
+        for name, info in type(self).model_fields.items():
+            if name in drop or (info.json_schema_extra or {}).get(OPERATIONAL_KEY):
+                continue
+            value = getattr(self, name)
+            data[name] = value.output_fields() if isinstance(value, Section) else dumped[name]
+        return data
 
 
 class ModelsConfig(Section):
@@ -56,34 +73,26 @@ class OpenAITextConfig(Section):
     """
 
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    api_key_secret: str | None = None
+    api_key_env: str = operational("OPENAI_API_KEY")
+    api_key_secret: str | None = operational(None)
     endpoint: Literal["chat", "completions"] = "chat"
     base_model: str = "gpt-4o-mini-2024-07-18"
     model: str | None = None  # use this model id as is (no fine-tune job): a served open model or an earlier fine-tune
     finetune_epochs: int | None = Field(None, ge=1)
     finetune_suffix: str = "editforge"
     mode: Literal["online", "batch"] = "online"
-    concurrency: int = Field(64, ge=1)
-    max_retries: int = Field(8, ge=0)
-    backoff_initial_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
-    request_timeout_s: float = Field(120.0, gt=0)
-    poll_interval_s: float = Field(30.0, ge=0)
-    poll_timeout_s: float = Field(86400.0, gt=0)
-    checkpoint_every: int = Field(32, ge=1)
-    checkpoint_interval_s: float = Field(5.0, ge=0)
+    concurrency: int = operational(64, ge=1)
+    max_retries: int = operational(8, ge=0)
+    backoff_initial_s: float = operational(1.0, ge=0)
+    backoff_max_s: float = operational(60.0, ge=0)
+    request_timeout_s: float = operational(120.0, gt=0)
+    poll_interval_s: float = operational(30.0, ge=0)
+    poll_timeout_s: float = operational(86400.0, gt=0)
+    checkpoint_every: int = operational(32, ge=1)
+    checkpoint_interval_s: float = operational(5.0, ge=0)
     moderation: bool = True
     moderation_model: str = "omni-moderation-latest"
-    moderation_batch: int = Field(32, ge=1)
-
-    # Settings that change how fast or how robustly the stage runs, never what it writes: a resumed
-    # run may change them without invalidating its checkpoints.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = (
-        "api_key_env", "api_key_secret", "concurrency", "max_retries", "backoff_initial_s", "backoff_max_s",
-        "request_timeout_s", "poll_interval_s", "poll_timeout_s", "checkpoint_every", "checkpoint_interval_s",
-        "moderation_batch",
-    )
+    moderation_batch: int = operational(32, ge=1)
 
 
 class TextConfig(Section):
@@ -114,26 +123,15 @@ class TextConfig(Section):
     max_edit_words: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
-    device: str = Field("auto", description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
+    device: str = operational("auto", description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="local backend: the LM's dtype on CUDA (float32 on CPU)")
     openai: OpenAITextConfig = OpenAITextConfig()
-
-    # dotted keys (under `text.`) that never change the stage's output; see OpenAITextConfig.OPERATIONAL
-    OPERATIONAL: ClassVar[tuple[str, ...]] = tuple(f"openai.{k}" for k in OpenAITextConfig.OPERATIONAL)
 
     def seed_annotations_path(self) -> str:
         from seed_annotations.schema import default_triplets_path
 
         return self.seed_annotations or str(default_triplets_path())
-
-    def output_fields(self) -> dict[str, Any]:
-        """The settings that determine the stage's output (operational knobs left out), for hashing."""
-        data = self.model_dump(mode="json")
-        for key in self.OPERATIONAL:
-            head, _, tail = key.partition(".")
-            data[head].pop(tail, None)
-        return data
 
 
 class Selection(Section):
@@ -169,8 +167,8 @@ class RenderConfig(Section):
     """
 
     samples_per_triplet: int = Field(100, ge=1)
-    batch_samples: int | Literal["auto"] = Field(4, description="samples per UNet call (UNet batch = 4 x this), or 'auto'")
-    batch_samples_max: int = Field(64, ge=1)
+    batch_samples: int | Literal["auto"] = operational(4, description="samples per UNet call (UNet batch = 4 x this), or 'auto'")
+    batch_samples_max: int = operational(64, ge=1)
     steps: int = Field(100, ge=1)
     height: int = Field(512, ge=8)
     width: int = Field(512, ge=8)
@@ -178,9 +176,9 @@ class RenderConfig(Section):
     p_range: tuple[float, float] = (0.1, 0.9)
     attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = "ip2p"
     scheduler: str = "euler_ancestral"
-    device: str = "auto"
+    device: str = operational("auto")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    compile: bool = False
+    compile: bool = operational(False, description="torch.compile the UNet on CUDA (same images up to float rounding)")
     base_seed: int = 0
     adaptive: bool = False
     round_size: int = Field(8, ge=1)
@@ -193,8 +191,7 @@ class RenderConfig(Section):
     save_images: Literal["kept", "passed", "all"] = "kept"
     clip_resize: Literal["reference", "antialias"] = Field(
         "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or antialiased + centre crop")
-    early_reject_metrics: tuple[Literal["clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"], ...] = (
-        "clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+    early_reject_metrics: tuple[Literal[METRICS], ...] = METRICS
 
     @model_validator(mode="after")
     def _ranges(self) -> RenderConfig:
@@ -243,7 +240,7 @@ class TrainConfig(Section):
     SD 1.5 UNet widened to 8 input channels, 256² crops from a random 256–288 resize, horizontal flip,
     AdamW lr 1e-4 without warm-up, batch 32 x 4 accumulation per GPU (x 8 GPUs = 1024), EMA weights,
     conditioning dropout 5 % (text only / both / image only), sampled with text 7.5 / image 1.5 guidance.
-    Not part of the generation chain: its hash is `tasks.train.stage.train_hash` (config + the shards).
+    Not part of the generation chain: its hash covers this section, the diffusion model and the shards it trains on.
     """
 
     steps: int = Field(10_000, ge=1, description="optimizer steps")
@@ -268,16 +265,14 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
     num_workers: int = Field(4, ge=0, description="DataLoader workers (part of the data order)")
     seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = Field(500, ge=1)
-    checkpoints_total_limit: int = Field(2, ge=1)
-    log_every: int = Field(50, ge=1)
+    device: str = operational("auto")
+    checkpoint_every: int = operational(500, ge=1)
+    checkpoints_total_limit: int = operational(2, ge=1)
+    log_every: int = operational(50, ge=1)
     sample_steps: int = Field(50, ge=1, description="denoising steps of the sample edit on a val example")
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
-    # Settings that never change the trained weights or outputs: a resumed run may change them freely.
-    OPERATIONAL: ClassVar[tuple[str, ...]] = ("device", "checkpoint_every", "checkpoints_total_limit", "log_every")
     # Settings of the sample edit only: changing them re-samples from the final checkpoint, no re-training.
     SAMPLING: ClassVar[tuple[str, ...]] = ("sample_steps", "guidance_scale", "image_guidance_scale")
 
@@ -289,7 +284,7 @@ class TrainConfig(Section):
 
 
 class PipelineConfig(Section):
-    name: str = "demo"
+    name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
     output_root: str = "runs/demo"
     models: ModelsConfig = ModelsConfig()
     captions: CaptionsConfig = CaptionsConfig()
@@ -303,39 +298,10 @@ class PipelineConfig(Section):
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""
         return self.filter.resolve(self.render.keep)
 
-    def stage_hash(self, stage: str) -> str:
-        """Stable hash of what `stage` reads: its own sections, the models it uses, and the stage before."""
-        reads = {
-            "captions": ["captions"],
-            "text": ["text", "models.lm", "models.lm_path"],
-            "render": ["render", "models.diffusion", "models.diffusion_path", "models.clip", "models.clip_path"],
-            "filter": ["filter"],
-            "pack": ["pack"],
-        }[stage]
-        data = self.model_dump(mode="json")
-        picked = {}
-        for key in reads:
-            node: Any = data
-            for part in key.split("."):
-                node = node[part]
-            picked[key] = node
-        idx = STAGES.index(stage)
-        if stage == "filter":
-            # the effective selection: setting a field to the value it inherits changes nothing
-            picked["filter"] = {**self.selection().model_dump(), "note": self.filter.note}
-        if stage == "text":
-            from prompts.templates import templates_hash
-
-            # operational knobs (concurrency, retries, timeouts) may change on a resumed run
-            picked["text"] = self.text.output_fields()
-            picked["templates"] = templates_hash()
-            # new seed triplets -> a new fine-tune -> new triplets downstream
-            picked["seed_annotations_sha"] = hashlib.sha256(
-                storage.read_bytes(self.text.seed_annotations_path())).hexdigest()
-        if idx > 0:
-            picked["upstream"] = self.stage_hash(STAGES[idx - 1])
-        blob = json.dumps({"stage": stage, **picked}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
 
 
 class ConfigError(ValueError):

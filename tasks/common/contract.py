@@ -2,10 +2,13 @@
 
 A stage's work for one partition is a function `work(run: PartitionRun) -> None` that reads its
 inputs, writes its outputs under `run.dir` with the atomic writers of `tasks.common.storage`, and
-counts what it did on `run.stats`. `execute_partition` wraps it:
+counts what it did on `run.stats`. `execute_partition` wraps it (stages call it through
+`tasks.registry.execute`, which supplies the hash and the inputs from the stage's record):
 
 - a partition whose `_SUCCESS.json` carries the same config hash is skipped whole (its manifest is
   returned with `skipped=True`);
+- every input partition must be finished under the hash this config expects, or
+  `MissingInputError` (not retried) names it and the stage to run;
 - otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
   under `_progress/`, each written atomically), so a crash loses at most the batch in flight;
 - on success `_SUCCESS.json` is written last: counts, rejections by reason, config hash, code
@@ -31,9 +34,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.common import storage
+from tasks.common.layout import PROGRESS, SUCCESS, partition_dir, partition_name, progress_dir
 
-SUCCESS = "_SUCCESS.json"
-PROGRESS = "_progress"
 log = logging.getLogger("editforge")
 
 # Set by the orchestration layer (flows/stages.py) to show a partition's progress on the dashboard;
@@ -57,10 +59,6 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{pkg}+g{sha}" if sha else pkg
-
-
-def partition_dir(output_root: str, stage: str, partition_id: int) -> str:
-    return storage.url_join(output_root, stage, f"part-{partition_id:05d}")
 
 
 class MissingInputError(FileNotFoundError):
@@ -156,6 +154,8 @@ class PartitionRun:
     stats: Stats = field(default_factory=Stats)
     outputs: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # upstream stage -> (its partition this run reads, the config hash it must be finished under)
+    inputs: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @property
     def dir(self) -> str:
@@ -165,29 +165,19 @@ class PartitionRun:
         return storage.url_join(self.dir, name)
 
     def input_dir(self, stage: str) -> str:
-        return partition_dir(self.output_root, stage, self.partition_id)
+        """The partition of upstream ``stage`` this run reads (checked finished before ``work`` ran)."""
+        if stage not in self.inputs:
+            raise KeyError(f"{self.stage} does not declare {stage!r} among the stages it reads")
+        return partition_dir(self.output_root, stage, self.inputs[stage][0])
 
-    def input_path(self, stage: str, name: str, expected_hash: str | None = None) -> str:
-        """URL of `name` in the same partition of an earlier `stage`, which must have finished
-        (under `expected_hash`, when given: outputs of another config are never read silently)."""
-        upstream = self.input_dir(stage)
-        part = f"part-{self.partition_id:05d}"
-        done = read_success(upstream)
-        if done is None:
-            raise MissingInputError(
-                f"{self.stage} {part} needs {stage} {part} to be finished first "
-                f"({storage.url_join(upstream, SUCCESS)} is missing): run the {stage} stage for this config")
-        if expected_hash is not None and done.get("config_hash") != expected_hash:
-            raise MissingInputError(
-                f"{self.stage} {part} reads {stage} {part}, which was produced under another config "
-                f"(hash {done.get('config_hash')}, this config expects {expected_hash}): run the {stage} stage first")
-        return storage.url_join(upstream, name)
+    def input_path(self, stage: str, name: str) -> str:
+        """URL of ``name`` in the partition of upstream ``stage`` this run reads."""
+        return storage.url_join(self.input_dir(stage), name)
 
     def checkpoint(self, key_column: str, expected: int | None = None) -> Checkpoint:
         """Append-only chunks for this run; with `expected` keys, each append reports progress."""
         # keyed by config hash: chunks written under another config are never reused
-        return Checkpoint(storage.url_join(self.dir, PROGRESS, self.config_hash), key_column, expected,
-                          self.report_progress)
+        return Checkpoint(progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress)
 
     def report_progress(self, fraction: float) -> None:
         """Tell the dashboard (if one listens) how far this partition is, 0..1."""
@@ -202,24 +192,56 @@ class PartitionRun:
         return self.path(name)
 
 
+PartitionWork = Callable[[PartitionRun], None]
+
+
 def read_success(run_dir: str) -> dict[str, Any] | None:
     url = storage.url_join(run_dir, SUCCESS)
     return storage.read_json(url) if storage.exists(url) else None
 
 
+def is_done(output_root: str, stage: str, partition_id: int, config_hash: str) -> bool:
+    """The partition is finished under ``config_hash`` (its `_SUCCESS.json` says so)."""
+    done = read_success(partition_dir(output_root, stage, partition_id))
+    return bool(done) and done.get("config_hash") == config_hash
+
+
+def incomplete(output_root: str, stage: str, partition_ids: list[int], config_hash: str) -> list[int]:
+    """The partitions of ``partition_ids`` not finished under ``config_hash``."""
+    return [i for i in partition_ids if not is_done(output_root, stage, i, config_hash)]
+
+
+def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[str, tuple[int, str]]) -> None:
+    """Every input partition is finished under the hash expected, or MissingInputError naming it."""
+    part = partition_name(partition_id)
+    for upstream, (upstream_id, expected) in inputs.items():
+        upstream_dir = partition_dir(output_root, upstream, upstream_id)
+        done = read_success(upstream_dir)
+        theirs = partition_name(upstream_id)
+        if done is None:
+            raise MissingInputError(
+                f"{stage} {part} needs {upstream} {theirs} to be finished first "
+                f"({storage.url_join(upstream_dir, SUCCESS)} is missing): run the {upstream} stage for this config")
+        if done.get("config_hash") != expected:
+            raise MissingInputError(
+                f"{stage} {part} reads {upstream} {theirs}, which was produced under another config "
+                f"(hash {done.get('config_hash')}, this config expects {expected}): run the {upstream} stage first")
+
+
 def execute_partition(
-    stage: str, partition_id: int, output_root: str, config_hash: str, work: Callable[[PartitionRun], None],
-    logger: logging.Logger | None = None,
+    stage: str, partition_id: int, output_root: str, config_hash: str, work: PartitionWork,
+    logger: logging.Logger | None = None, inputs: dict[str, tuple[int, str]] | None = None,
 ) -> dict[str, Any]:
     """Run `work` for one (stage, partition) under the contract; return the small manifest."""
     logger = logger or log
-    run = PartitionRun(stage, partition_id, output_root, config_hash)
+    run = PartitionRun(stage, partition_id, output_root, config_hash, inputs=dict(inputs or {}))
     done = read_success(run.dir)
     if done and done.get("config_hash") == config_hash:
         logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)
         # a crash between the marker and the clean-up below leaves the checkpoint behind: finish the job
         storage.remove(run.path(PROGRESS), recursive=True)
         return {**done, "skipped": True}
+    check_inputs(stage, partition_id, output_root, run.inputs)  # before anything finished is touched
     if done:
         logger.info("%s part-%05d: config changed (%s -> %s) — re-running", stage, partition_id,
                     done.get("config_hash"), config_hash)

@@ -12,13 +12,20 @@ Presets:
 
 A preset's weights can always be pointed at a local folder (`models.<kind>_path` in the config). When
 the weights are not available offline the error names the preset and that setting.
+
+:data:`MODELS` holds what a process has loaded, keyed by model identity (preset, path, scheduler,
+device, dtype, compile — never a stage hash), one model per kind: render, early rejection and the
+text stage's fine-tuned LM fetch from it, so a change of a selection or sampling setting between two
+partitions reuses the loaded weights, and a change of model frees the old one before loading.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -200,18 +207,6 @@ def load_clip(preset: str, path: str | None = None) -> ClipComponents:
     return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=name)
 
 
-def torch_device(name: str, setting: str):
-    """``auto`` -> CUDA when visible, else CPU; an explicit CUDA device that is not there is a clear error."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={name}, but no CUDA device is visible here (use auto or cpu)")
-    return device
-
-
 def load_lm(preset: str, path: str | None = None):
     """Load a causal LM and its tokenizer (tiny preset, hub id or local folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,3 +221,29 @@ def load_lm(preset: str, path: str | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+T = TypeVar("T")
+
+
+class ModelCache:
+    """Loaded models by kind (``diffusion``, ``clip``, ``lm``): one per kind, keyed by its identity."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[Hashable, Any]] = {}
+        self.loads: Counter[str] = Counter()
+
+    def get(self, kind: str, identity: Hashable, load: Callable[[], T]) -> T:
+        """The ``kind`` model with this ``identity``, loaded by ``load()`` unless it is the one held."""
+        held = self._held.get(kind)
+        if held is None or held[0] != identity:
+            self._held.pop(kind, None)  # let the old weights go before the new ones arrive (GPU memory)
+            self._held[kind] = (identity, load())
+            self.loads[kind] += 1
+        return self._held[kind][1]
+
+    def clear(self) -> None:
+        self._held.clear()
+
+
+MODELS = ModelCache()

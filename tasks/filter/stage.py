@@ -15,26 +15,29 @@ import logging
 
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import PartitionRun, execute_partition
-from tasks.filter.select import failure_reason, passes, select_top_k
+from tasks.common.contract import PartitionRun
+from tasks.common.layout import KEPT_FILE, SAMPLES_FILE
+from tasks.common.selection import RANK_BY, failure_reason, passes, select_top_k
+from tasks.registry import execute
 
 STAGE = "filter"
 log = logging.getLogger("editforge")
 
 
-def run_filter_partition(cfg: PipelineConfig, partition_id: int, logger: logging.Logger | None = None) -> dict:
+def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None) -> dict:
+    """Re-select one partition's kept pairs from its render samples (see module doc)."""
     selection = cfg.selection()
     logger = logger or log
 
     def work(run: PartitionRun) -> None:
-        samples = storage.read_parquet(run.input_path("render", "samples.parquet", cfg.stage_hash("render")))
+        samples = storage.read_parquet(run.input_path("render", SAMPLES_FILE))
         run.stats.add("in", len(samples))
         samples["passed"] = passes(samples, selection).to_numpy() if len(samples) else []
         wanted = select_top_k(samples, selection)
         stored = samples["image_stored"].astype(bool)
         samples["kept"] = (wanted & stored).to_numpy()
         kept = samples[samples["kept"]].reset_index(drop=True)
-        storage.write_parquet_atomic(run.output("kept.parquet"), kept)
+        storage.write_parquet_atomic(run.output(KEPT_FILE), kept)
         run.stats.add("out", len(kept))
         run.stats.add("triplets_in", samples["caption_id"].nunique())
         run.stats.add("triplets_kept", kept["caption_id"].nunique())
@@ -51,8 +54,8 @@ def run_filter_partition(cfg: PipelineConfig, partition_id: int, logger: logging
                 "render kept under render.keep); to re-select beyond them re-render with "
                 "render.save_images=passed (larger top_k) or all (looser thresholds)",
                 partition_id, missing, cfg.render.save_images)
-        run.stats.observe("kept_clip_sim_dir", kept["clip_sim_dir"].to_numpy(dtype=float))
+        run.stats.observe(f"kept_{RANK_BY}", kept[RANK_BY].to_numpy(dtype=float))
         if cfg.filter.note:
             run.extra["note"] = cfg.filter.note
 
-    return execute_partition(STAGE, partition_id, cfg.output_root, cfg.stage_hash(STAGE), work, logger)
+    return execute(cfg, STAGE, partition_id, work, logger)

@@ -1,6 +1,6 @@
 """Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`) plus a global `index.json`.
 
-Sample layout (DESIGN.md): key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
+Sample layout: key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
 `instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, url, model versions).
 
 Each shard is built in memory with `webdataset.TarWriter` (mtime fixed, so identical input gives
@@ -16,14 +16,15 @@ import io
 import json
 import logging
 
-import webdataset as wds
 from PIL import Image
 
-from tasks.common import storage
+from tasks.common import layout, storage
 from tasks.common.config import PackConfig, PipelineConfig
-from tasks.common.contract import PartitionRun, execute_partition
+from tasks.common.contract import PartitionRun
+from tasks.common.layout import image_name
+from tasks.common.selection import METRICS
 from tasks.pack.hf_export import write_hf_parquet
-from tasks.render.stage import image_name
+from tasks.registry import execute, stage_hash
 
 STAGE = "pack"
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -49,7 +50,7 @@ def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
     record = {
         "input": row["input"], "edit": row["edit"], "output": row["output"], "caption_id": row["caption_id"],
         "seed": int(row["seed"]), "p2p_p": float(row["p2p_p"]), "cfg_scale": float(row["cfg_scale"]),
-        **{k: float(row[k]) for k in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")},
+        **{k: float(row[k]) for k in METRICS},
         **meta.get(row["caption_id"], {}),
     }
     return {
@@ -62,6 +63,8 @@ def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
 
 
 def write_shard(url: str, samples: list[dict]) -> None:
+    import webdataset as wds  # here: the package imports torch (webdataset.pytorch), the rest of pack needs none
+
     buf = io.BytesIO()
     with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
         for sample in samples:
@@ -69,26 +72,26 @@ def write_shard(url: str, samples: list[dict]) -> None:
     storage.write_bytes_atomic(url, buf.getvalue())
 
 
-def _caption_meta(cfg: PipelineConfig, partition_id: int) -> dict:
-    captions = storage.read_parquet(storage.url_join(cfg.output_root, "captions", f"part-{partition_id:05d}",
-                                                     "captions.parquet"))
+def _caption_meta(cfg: PipelineConfig, captions_url: str) -> dict:
+    captions = storage.read_parquet(captions_url)
     models = {"diffusion": cfg.models.diffusion_path or cfg.models.diffusion,
               "clip": cfg.models.clip_path or cfg.models.clip, "lm": cfg.models.lm_path or cfg.models.lm}
     return {r.caption_id: {"url": r.url, "aesthetic_score": r.aesthetic_score, "models": models}
             for r in captions.itertuples()}
 
 
-def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.Logger | None = None) -> dict:
+def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None) -> dict:
+    """Write one partition's kept pairs as shards (see module doc)."""
     p = cfg.pack
 
     def work(run: PartitionRun) -> None:
-        kept = storage.read_parquet(run.input_path("filter", "kept.parquet", cfg.stage_hash("filter")))
+        kept = storage.read_parquet(run.input_path("filter", layout.KEPT_FILE))
         run.stats.add("in", len(kept))
         run.extra["shards"] = []
         if kept.empty:
             run.stats.add("out", 0)
             return
-        meta = _caption_meta(cfg, partition_id)
+        meta = _caption_meta(cfg, run.input_path("captions", layout.CAPTIONS_FILE))
         render_dir = run.input_dir("render")  # kept pairs' images (relative layout: the run can move)
         kept = kept.sort_values("sample_key").reset_index(drop=True)
         kept["split"] = kept["caption_id"].map(lambda c: split_of(c, p.val_fraction))
@@ -108,11 +111,11 @@ def run_pack_partition(cfg: PipelineConfig, partition_id: int, logger: logging.L
         run.stats.add("shards", len(shards))
         run.extra["shards"] = shards
 
-    return execute_partition(STAGE, partition_id, cfg.output_root, cfg.stage_hash(STAGE), work, logger)
+    return execute(cfg, STAGE, partition_id, work, logger)
 
 
-def write_index(cfg: PipelineConfig, manifests: list[dict]) -> dict:
-    """`pack/index.json`: every shard's URL, split and sample count across partitions."""
+def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logger | None = None) -> dict:
+    """`pack/index.json`: every shard's URL, split and sample count across partitions (the stage's finalize)."""
     shards = [
         {"url": storage.url_join(m["path"], s["name"]), "split": s["split"], "samples": s["samples"],
          "partition_id": m["partition_id"]}
@@ -128,8 +131,8 @@ def write_index(cfg: PipelineConfig, manifests: list[dict]) -> dict:
                    for split in ("train", "val")},
         "shards": shards,
         "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
-        "config_hash": cfg.stage_hash(STAGE),
+        "config_hash": stage_hash(cfg, STAGE),
     }
-    storage.write_json_atomic(storage.url_join(cfg.output_root, STAGE, "index.json"), index)
+    storage.write_json_atomic(layout.index_url(cfg.output_root), index)
     return index
 

@@ -29,9 +29,11 @@ import torch
 
 from tasks.common import storage
 from tasks.common.config import PipelineConfig, Selection
-from tasks.common.contract import partition_dir, read_success
-from tasks.filter.select import passes
-from tasks.render.early import METRICS, early_keep, early_step_count
+from tasks.common.contract import is_done
+from tasks.common.layout import SAMPLES_FILE, partition_file
+from tasks.common.selection import METRICS, passes
+from tasks.registry import stage_hash
+from tasks.render.early import early_keep, early_step_count
 
 DEFAULT_MARGINS = tuple(round(-0.05 + 0.025 * i, 6) for i in range(15))  # -0.05, -0.025, ..., 0.30
 
@@ -67,7 +69,7 @@ def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequenc
     """One row per margin (see the module docstring and :data:`TABLE_COLUMNS`).
 
     ``samples`` holds ``early_clip_sim_*`` and ``clip_sim_*`` columns; rows without both (for the
-    ``used`` metrics) are left out. Final pass is :func:`tasks.filter.select.passes` under
+    ``used`` metrics) are left out. Final pass is :func:`tasks.common.selection.passes` under
     ``selection``. Shares with an empty denominator are NaN; ``cost_per_pass`` is inf when every
     passing sample would be dropped.
     """
@@ -145,23 +147,21 @@ def calibration_settings(cfg: PipelineConfig) -> tuple[int, int]:
 
 
 def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -> CalibrationSamples:
-    """``samples.parquet`` of the render partitions finished under ``cfg.stage_hash("render")``.
+    """``samples.parquet`` of the render partitions finished under this config's render hash.
 
     ``partitions``: the partition ids to read (default: all of the config's). Raises
     CalibrationError when early rejection is off, when no partition is finished under this config,
     or when no row has both early and final metrics.
     """
     calibration_settings(cfg)
-    expected = cfg.stage_hash("render")
+    expected = stage_hash(cfg, "render")
     ids = list(partitions) if partitions is not None else list(range(cfg.captions.num_partitions))
     frames, read, skipped = [], [], []
     for i in ids:
-        run_dir = partition_dir(cfg.output_root, "render", i)
-        done = read_success(run_dir)
-        if done is None or done.get("config_hash") != expected:
+        if not is_done(cfg.output_root, "render", i, expected):
             skipped.append(i)
             continue
-        frames.append(storage.read_parquet(storage.url_join(run_dir, "samples.parquet")))
+        frames.append(storage.read_parquet(partition_file(cfg.output_root, "render", i, SAMPLES_FILE)))
         read.append(i)
     if not read:
         raise CalibrationError(

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from tasks.common.config import Selection
-
-METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+from tasks.common.selection import METRICS, thresholds
 
 # judge(sample indices in the request list, before images, after images) -> (keep (n,) bool, metrics)
 Judge = Callable[[list[int], torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -95,16 +94,6 @@ def select_scheduler_rows(scheduler: Any, rows: torch.Tensor, n_rows: int) -> No
             setattr(scheduler, name, value[rows.to(value.device)])
         elif isinstance(value, list) and any(_is_rows(v, n_rows) for v in value):
             setattr(scheduler, name, [v[rows.to(v.device)] if _is_rows(v, n_rows) else v for v in value])
-
-
-def thresholds(cfg: Selection) -> dict[str, float]:
-    """The selection's threshold for each metric column."""
-    return {
-        "clip_sim_0": cfg.clip_caption_threshold,
-        "clip_sim_1": cfg.clip_caption_threshold,
-        "clip_sim_dir": cfg.clip_direction_threshold,
-        "clip_sim_image": cfg.clip_image_threshold,
-    }
 
 
 def early_keep(metrics: Mapping[str, torch.Tensor], cfg: Selection, margin: float,

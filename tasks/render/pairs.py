@@ -38,9 +38,10 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from tasks.common.models import DiffusionComponents
+from tasks.common.selection import METRICS
 from tasks.render.attention import AttentionControl, make_processor, token_alignment
 from tasks.render.conditioning import Conditioning, build_conditioning, encode_prompts  # noqa: F401 (re-export)
-from tasks.render.early import METRICS, EarlyRejection, predict_x0, select_scheduler_rows
+from tasks.render.early import EarlyRejection, predict_x0, select_scheduler_rows
 from tasks.render.sampling import SampleParams, batch_generators, sample_params
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]

@@ -24,17 +24,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from tasks.common.config import PipelineConfig, Selection
-from tasks.common.models import load_clip, load_diffusion, torch_device
+from tasks.common.devices import compute_dtype, torch_device
+from tasks.common.models import MODELS, ClipComponents, DiffusionComponents, load_clip, load_diffusion
+from tasks.common.selection import METRICS
 from tasks.filter.scorer import ClipScorer
-from tasks.render.early import METRICS, EarlyRejection, early_keep
+from tasks.render.early import EarlyRejection, early_keep
 from tasks.render.pairs import PairBatch, PairRequest, RenderSettings, render_pairs
 
 CPU_AUTO_BATCH = 8
 log = logging.getLogger("editforge")
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch_device(device, "render.device")
 
 
 def is_oom(err: BaseException) -> bool:
@@ -77,30 +75,45 @@ def settings_from(cfg: PipelineConfig) -> RenderSettings:
                           p_range=tuple(r.p_range), attention=r.attention)
 
 
+def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dtype, compiled: bool,
+                     logger: logging.Logger) -> DiffusionComponents:
+    """The diffusion model on ``device`` in ``dtype`` (compiled UNet when asked), from the model cache."""
+    m, r = cfg.models, cfg.render
+
+    def load() -> DiffusionComponents:
+        comps = load_diffusion(m.diffusion, m.diffusion_path, r.scheduler).to(device, dtype)
+        if comps.is_sdxl and dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
+            comps.vae.to(torch.float32)  # the SDXL VAE overflows in float16 (diffusers upcasts it too)
+        if compiled:
+            comps.unet = torch.compile(comps.unet)
+        return comps
+
+    return MODELS.get("diffusion", (m.diffusion, m.diffusion_path, r.scheduler, str(device), str(dtype), compiled),
+                      load)
+
+
+def placed_clip(cfg: PipelineConfig, device: torch.device) -> ClipComponents:
+    """The CLIP filter model (the scorer moves it to ``device``), from the model cache."""
+    m = cfg.models
+
+    return MODELS.get("clip", (m.clip, m.clip_path, str(device)), lambda: load_clip(m.clip, m.clip_path))
+
+
 class Renderer:
-    """Models loaded once per process and reused across partitions."""
+    """The render engine over the process's cached models (see :data:`tasks.common.models.MODELS`)."""
 
     def __init__(self, cfg: PipelineConfig, logger: logging.Logger | None = None):
         logger = logger or log
         r = cfg.render
-        self.device = resolve_device(r.device)
-        requested = getattr(torch, r.dtype)
-        self.dtype = requested if self.device.type == "cuda" else torch.float32
-        if requested != self.dtype:
+        self.device = torch_device(r.device, "render.device")
+        self.dtype = compute_dtype(self.device, r.dtype)
+        if r.dtype != str(self.dtype).removeprefix("torch."):
             logger.info("render: dtype %s applies on CUDA only; running float32 on %s", r.dtype, self.device)
-        self.diffusion = load_diffusion(cfg.models.diffusion, cfg.models.diffusion_path, r.scheduler)
-        self.diffusion.to(self.device, self.dtype)
-        vae = self.diffusion.vae
-        if self.diffusion.is_sdxl and self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            vae.to(torch.float32)  # the SDXL VAE overflows in float16 (diffusers upcasts it too)
-        self.compiled = False
-        if r.compile and self.device.type == "cuda":
-            self.diffusion.unet = torch.compile(self.diffusion.unet)
-            self.compiled = True
-        elif r.compile:
+        self.compiled = r.compile and self.device.type == "cuda"
+        if r.compile and not self.compiled:
             logger.info("render: torch.compile applies on CUDA only; not compiling on %s", self.device)
-        self.scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), self.device,
-                                 resize=cfg.render.clip_resize)
+        self.diffusion = placed_diffusion(cfg, self.device, self.dtype, self.compiled, logger)
+        self.scorer = ClipScorer(placed_clip(cfg, self.device), self.device, resize=cfg.render.clip_resize)
 
     def _autocast(self):
         enabled = self.device.type == "cuda" and self.dtype != torch.float32
@@ -167,12 +180,7 @@ class Renderer:
         return max(1, min(cap, size))
 
 
-_RENDERERS: dict[str, Renderer] = {}
-
-
-def get_renderer(cfg: PipelineConfig, key: str, logger: logging.Logger | None = None) -> Renderer:
-    """One Renderer (models on device) per process and render config ``key``, reused across partitions."""
-    if key not in _RENDERERS:
-        _RENDERERS.clear()
-        _RENDERERS[key] = Renderer(cfg, logger)
-    return _RENDERERS[key]
+def get_renderer(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Renderer:
+    """A Renderer for ``cfg`` over the cached models: a new selection, top-k or sampling setting reuses
+    the loaded weights; only another model, device, dtype or compile setting loads again."""
+    return Renderer(cfg, logger)

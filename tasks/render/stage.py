@@ -35,27 +35,19 @@ from tqdm.auto import tqdm
 
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import Checkpoint, PartitionRun, execute_partition
-from tasks.filter.select import failure_reason, passes, select_top_k
-from tasks.render.early import METRICS, early_step_count
+from tasks.common.contract import Checkpoint, PartitionRun
+from tasks.common.layout import SAMPLES_FILE, TRIPLETS_FILE, image_name, sample_key
+from tasks.common.selection import METRICS, failure_reason, passes, select_top_k
+from tasks.registry import execute
+from tasks.render.early import early_step_count
 from tasks.render.pairs import PairRequest
 from tasks.render.renderer import BatchSizer, Renderer, ScoredBatch, get_renderer, is_oom, settings_from
 from tasks.render.scheduling import PlannedSample, RenderPlan, SamplingPolicy
 
 STAGE = "render"
-SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", "clip_sim_0", "clip_sim_1",
-                  "clip_sim_dir", "clip_sim_image", "passed", "image_stored", "kept", "input", "edit", "output",
-                  "sample_index", "round", "unet_steps", "early_rejected",
+SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, "passed", "image_stored",
+                  "kept", "input", "edit", "output", "sample_index", "round", "unet_steps", "early_rejected",
                   *(f"early_{m}" for m in METRICS)]
-
-
-def sample_key(caption_id: str, seed: int) -> str:
-    """WebDataset-safe key (no dots): `{caption_id}_{seed}`."""
-    return f"{caption_id}_{seed}"
-
-
-def image_name(key: str, which: str) -> str:
-    return f"images/{key}_{which}.png"
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -75,11 +67,6 @@ def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
         target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
         give_up_after=r.give_up_after,
     )
-
-
-def render_config_hash(cfg: PipelineConfig) -> str:
-    """The stage hash: the render section (with ``keep`` and ``save_images``), the models and the text stage."""
-    return cfg.stage_hash(STAGE)
 
 
 def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: ScoredBatch,
@@ -198,14 +185,14 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
     return done
 
 
-def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Renderer | None = None,
-                         logger: logging.Logger | None = None) -> dict:
+def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = None,
+        logger: logging.Logger | None = None) -> dict:
+    """Render one partition's triplets (see module doc); ``renderer`` replaces the models (tests)."""
     r = cfg.render
     logger = logger or logging.getLogger("editforge")
-    config_hash = render_config_hash(cfg)
 
     def work(run: PartitionRun) -> None:
-        triplets = storage.read_parquet(run.input_path("text", "triplets.parquet", cfg.stage_hash("text")))
+        triplets = storage.read_parquet(run.input_path("text", TRIPLETS_FILE))
         run.stats.add("in", len(triplets))
         triplets = triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
         triplets = triplets.set_index("caption_id", drop=False)
@@ -217,7 +204,7 @@ def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Rende
             logger.info("render part-%05d: resuming with %d samples already rendered", partition_id, len(previous))
         if not plan.finished:
             nonlocal renderer
-            renderer = renderer or get_renderer(cfg, config_hash, logger)
+            renderer = renderer or get_renderer(cfg, logger)
             run.extra.update(render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger))
 
         samples = load_rows(checkpoint, logger)
@@ -227,10 +214,10 @@ def run_render_partition(cfg: PipelineConfig, partition_id: int, renderer: Rende
         samples["kept"] = select_top_k(samples, r.keep).to_numpy()
         samples["image_stored"] = stored_images(samples, cfg).to_numpy()
         publish_images(run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist())
-        storage.write_parquet_atomic(run.output("samples.parquet"), samples[SAMPLE_COLUMNS])
+        storage.write_parquet_atomic(run.output(SAMPLES_FILE), samples[SAMPLE_COLUMNS])
         record_stats(run, cfg, plan, samples)
 
-    return execute_partition(STAGE, partition_id, cfg.output_root, config_hash, work, logger)
+    return execute(cfg, STAGE, partition_id, work, logger)
 
 
 def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, samples: pd.DataFrame) -> None:

@@ -36,7 +36,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from prompts.templates import STOP_SEQUENCE, finetune_completion, finetune_prompt
 from tasks.common.config import PipelineConfig, TextConfig
 from tasks.common.contract import Checkpoint, Stats
-from tasks.common.models import load_lm, torch_device
+from tasks.common.devices import compute_dtype, torch_device
+from tasks.common.models import load_lm
 from tasks.text.format import TRIPLET_COLUMNS, triplet_row
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -141,8 +142,7 @@ def apply_lora(model, t: TextConfig):
 def place(model, t: TextConfig):
     """Move the LM to ``text.device`` in ``text.dtype`` (float32 on CPU, where half precision is slow)."""
     device = torch_device(t.device, "text.device")
-    dtype = getattr(torch, t.dtype) if device.type == "cuda" else torch.float32
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=compute_dtype(device, t.dtype))
 
 
 def load_finetuned(cfg: PipelineConfig, model_dir: Path):

@@ -6,7 +6,9 @@ or an open model served by vLLM (`vllm serve Qwen/Qwen2.5-1.5B-Instruct --enable
 
 Retries are ours, not the SDK's (`max_retries=0`): 429, 408, 409, 5xx, timeouts and dropped
 connections are retried with exponential backoff and jitter, and a `Retry-After` (or
-`retry-after-ms`) header from the server is honoured. Every retry is counted by reason.
+`retry-after-ms`) header from the server is honoured. Every retry is counted by reason. Long-running
+jobs (batch, fine-tune) are polled with `poll_until`, which gives up after a timeout with a message
+that says how to resume.
 
 The API key is read from the environment variable named by `text.openai.api_key_env` or from a
 Prefect Secret block (`text.openai.api_key_secret`); it is handed to the SDK only, never logged and
@@ -24,12 +26,13 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import openai
 
 from prompts.templates import chat_messages, finetune_prompt
 from tasks.common.config import OpenAITextConfig, TextConfig
+from tasks.common.contract import Stats
 
 T = TypeVar("T")
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -148,6 +151,50 @@ async def call_with_retries(
                 on_retry(reason)
             await asyncio.sleep(policy.delay(attempt, retry_after_seconds(err), rng))
             attempt += 1
+
+
+def retrying(
+    policy: RetryPolicy, rng: random.Random, stats: Stats,
+) -> Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]:
+    """`call_with_retries` bound to one policy and RNG, counting each retry as `retries_<reason>` in `stats`."""
+
+    def retried(call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        return call_with_retries(call, policy, rng, lambda reason: stats.add(f"retries_{reason}"))
+
+    return retried
+
+
+class HasStatus(Protocol):
+    """A polled job as the SDK returns it (batch, fine-tuning job): it has a status."""
+
+    status: str
+
+
+Job = TypeVar("Job", bound=HasStatus)
+
+
+async def poll_until(
+    fetch: Callable[[], Awaitable[Job]], is_done: Callable[[Job], bool], on_update: Callable[[Job], Awaitable[None]],
+    interval_s: float, timeout_s: float, what: str, first: Job | None = None,
+) -> Job:
+    """Poll a long-running job until `is_done(job)`; return its last state.
+
+    Each state (`first` when given, else a `fetch()`) is passed to `on_update` (progress logging) before
+    it is checked; between fetches the poller sleeps `interval_s`. After `timeout_s` it raises
+    `TimeoutError` naming the job (`what`, e.g. "batch job batch_123") and its status: the job keeps
+    running on the server and its id is recorded by the caller, so a re-run resumes polling it.
+    """
+    start = time.monotonic()
+    job = first if first is not None else await fetch()
+    while True:
+        await on_update(job)
+        if is_done(job):
+            return job
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what} still {job.status} after {timeout_s:.0f}s; "
+                               f"re-run to keep polling it (its id is recorded)")
+        await asyncio.sleep(interval_s)
+        job = await fetch()
 
 
 def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:

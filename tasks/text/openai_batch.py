@@ -10,13 +10,12 @@ or missing when it expired) are sent online, with the usual retries.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
 import random
-import time
 from collections.abc import Sequence
+from typing import Any
 
 import openai
 
@@ -27,9 +26,10 @@ from tasks.text.format import triplet_row
 from tasks.text.openai_api import (
     ENDPOINT_PATHS,
     RetryPolicy,
-    call_with_retries,
     completion_text,
+    poll_until,
     request_body,
+    retrying,
 )
 from tasks.text.openai_generate import Caption, ChunkWriter, generate_online
 
@@ -66,11 +66,7 @@ async def generate_batch(
 ) -> None:
     """Answer `captions` through one batch job (resumed when recorded in `state_url`), rows to `writer`."""
     o = t.openai
-    policy = RetryPolicy.from_config(o)
-
-    def retried(call):
-        return call_with_retries(call, policy, rng, lambda r: stats.add(f"retries_{r}"))
-
+    retried = retrying(RetryPolicy.from_config(o), rng, stats)
     if not captions:
         return
     state = storage.read_json(state_url) if storage.exists(state_url) else None
@@ -118,20 +114,20 @@ async def generate_batch(
     storage.remove(state_url)
 
 
-async def _poll(client, retried, batch_id: str, interval: float, timeout: float, partition_id: int,
-                logger: logging.Logger):
-    start, last = time.monotonic(), None
-    while True:
-        batch = await retried(lambda: client.batches.retrieve(batch_id))
+async def _poll(client: openai.AsyncOpenAI, retried, batch_id: str, interval: float, timeout: float,
+                partition_id: int, logger: logging.Logger) -> Any:
+    """Poll the batch job until it ends, logging its status and request counts whenever they change."""
+    last = None
+
+    async def report(batch: Any) -> None:
+        nonlocal last
         counts = batch.request_counts
         progress = (batch.status, counts.completed if counts else None, counts.failed if counts else None)
         if progress != last:
             logger.info("text part-%05d: batch %s %s (%s done, %s failed of %s)", partition_id, batch_id,
                         batch.status, *progress[1:], counts.total if counts else "?")
             last = progress
-        if batch.status in TERMINAL:
-            return batch
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"batch job {batch_id} still {batch.status} after {timeout:.0f}s; "
-                               f"re-run to keep polling it (its id is recorded)")
-        await asyncio.sleep(interval)
+
+    return await poll_until(lambda: retried(lambda: client.batches.retrieve(batch_id)),
+                            lambda batch: batch.status in TERMINAL, report, interval, timeout,
+                            f"batch job {batch_id}")

@@ -18,11 +18,9 @@ cancelled is forgotten, so the next run starts a fresh one.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import random
-import time
 from functools import partial
 from typing import Any
 
@@ -32,7 +30,7 @@ from tasks.common import storage
 from tasks.common.config import TextConfig
 from tasks.common.contract import Stats
 from tasks.text.finetune_data import finetune_file_name
-from tasks.text.openai_api import RetryPolicy, call_with_retries, redacted_endpoint
+from tasks.text.openai_api import RetryPolicy, poll_until, redacted_endpoint, retrying
 
 log = logging.getLogger("editforge")
 ACTIVE = {"validating_files", "queued", "running", "pending"}
@@ -56,12 +54,7 @@ async def finetune_openai(
 ) -> dict[str, Any]:
     """Run (or resume) the fine-tuning job; return the model id and job metadata for the manifest."""
     o = t.openai
-    rng = random.Random(t.seed)
-    policy = RetryPolicy.from_config(o)
-
-    def retried(call):
-        return call_with_retries(call, policy, rng, lambda r: stats.add(f"retries_{r}"))
-
+    retried = retrying(RetryPolicy.from_config(o), random.Random(t.seed), stats)
     fmt = "chat" if o.endpoint == "chat" else "completion"
     job, resumed = None, False
     state = storage.read_json(state_url) if storage.exists(state_url) else None
@@ -113,8 +106,10 @@ async def finetune_openai(
 async def _poll(client: openai.AsyncOpenAI, retried, job: Any, interval: float, timeout: float,
                 logger: logging.Logger) -> Any:
     """Poll until the job ends, logging status changes and new events (step, loss) as progress."""
-    start, last_status, seen_events = time.monotonic(), None, set()
-    while True:
+    last_status, seen_events = None, set()
+
+    async def report(job: Any) -> None:
+        nonlocal last_status
         if job.status != last_status:
             logger.info("fine-tune: job %s %s (trained tokens: %s)", job.id, job.status, job.trained_tokens)
             last_status = job.status
@@ -126,10 +121,7 @@ async def _poll(client: openai.AsyncOpenAI, retried, job: Any, interval: float, 
                     logger.info("fine-tune: job %s: %s", job.id, event.message)
         except openai.NotFoundError:
             pass  # a server without the events endpoint: status changes are the progress
-        if job.status not in ACTIVE:
-            return job
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"fine-tuning job {job.id} still {job.status} after {timeout:.0f}s; "
-                               f"re-run to keep polling it (its id is recorded)")
-        await asyncio.sleep(interval)
-        job = await retried(partial(client.fine_tuning.jobs.retrieve, job.id))
+
+    return await poll_until(partial(retried, partial(client.fine_tuning.jobs.retrieve, job.id)),
+                            lambda job: job.status not in ACTIVE, report, interval, timeout,
+                            f"fine-tuning job {job.id}", first=job)

@@ -127,17 +127,48 @@ def _make_accelerator(cfg: TrainConfig):
                        cpu=cfg.device == "cpu")
 
 
+@dataclass
+class _Prepared:
+    """What `_prepare` sets up: `unet` is the prepared (wrapped) UNet, `comps.unet` the bare one."""
+    accelerator: Any
+    comps: Any
+    noise_scheduler: Any
+    unet: Any
+    ema: Any  # diffusers `EMAModel`, or None
+    optimizer: Any
+    lr_scheduler: Any
+    weight_dtype: torch.dtype
+
+
 def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], workdir: str | Path,
                         run_key: str = "", logger: logging.Logger | None = None,
                         on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train for `cfg.steps` optimizer steps (resuming from `workdir/checkpoints`), save `workdir/model`."""
+    logger, workdir = logger or log, Path(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    # 1. prepare: accelerator, models on the device, EMA, optimizer + LR schedule, `accelerator.prepare`
+    prep = _prepare(cfg, models)
+    # 2. resume: step and history from the newest checkpoint of this run_key, if any
+    step, history = _resume(prep.accelerator, ckpt_dir, run_key, logger, cfg.steps)
+    resumed_from = step
+    # 3. data: the null-text embedding for dropout, the data stream past the micro-batches already seen
+    null_text = null_text_embedding(prep.comps.tokenizer, prep.comps.text_encoder)
+    loader = _make_loader(cfg, prep, train_urls, step)
+    # 4. train up to `cfg.steps`, checkpointing on the way
+    step, train_time = _train_steps(cfg, prep, loader, null_text, step, history, ckpt_dir, run_key, logger,
+                                    on_step)
+    # 5. save the final (EMA) weights as a pipeline folder
+    model_dir = _save_final(prep, workdir)
+    done = step - resumed_from
+    return TrainResult(model_dir, step, resumed_from, history, done / train_time if done else 0.0, train_time)
+
+
+def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
+    """Accelerator, models on its device, EMA, AdamW + LR schedule, the trained pieces `prepare`d."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    logger = logger or log
-    workdir = Path(workdir)
-    ckpt_dir = workdir / "checkpoints"
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -165,7 +196,12 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    return _Prepared(accelerator, comps, noise_scheduler, unet, ema, optimizer, lr_scheduler, weight_dtype)
 
+
+def _resume(accelerator, ckpt_dir: Path, run_key: str, logger: logging.Logger,
+            total_steps: int) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest checkpoint of `run_key` into the accelerator: its (step, history), else (0, [])."""
     step, history = 0, []
     latest = latest_checkpoint(ckpt_dir, run_key) if accelerator.is_main_process else None
     latest = _broadcast_path(accelerator, latest)
@@ -173,17 +209,27 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
         accelerator.load_state(str(latest))
         state = json.loads((latest / STATE_FILE).read_text())
         step, history = int(state["step"]), list(state["history"])[: int(state["step"])]
-        logger.info("train: resumed from %s (step %d of %d)", latest.name, step, cfg.steps)
-    resumed_from = step
+        logger.info("train: resumed from %s (step %d of %d)", latest.name, step, total_steps)
+    return step, history
 
-    null_text = null_text_embedding(comps.tokenizer, text_encoder)
-    accum, batch = cfg.gradient_accumulation_steps, cfg.batch_size
-    loader = make_train_loader(
-        train_urls, comps.tokenizer, Augment(cfg.resolution, cfg.max_resize_ratio, cfg.flip_prob), batch, cfg.seed,
-        cfg.shuffle_buffer, cfg.num_workers, skip_batches=step * accum,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
-    )
-    samples_per_step = batch * accum * accelerator.num_processes
+
+def _make_loader(cfg: TrainConfig, prep: _Prepared, train_urls: list[str], step: int):
+    """This process's batch stream, past the micro-batches of the `step` optimizer steps already done."""
+    accum, accelerator = cfg.gradient_accumulation_steps, prep.accelerator
+    augment = Augment(cfg.resolution, cfg.max_resize_ratio, cfg.flip_prob)
+    return make_train_loader(train_urls, prep.comps.tokenizer, augment, cfg.batch_size, cfg.seed,
+                             cfg.shuffle_buffer, cfg.num_workers, skip_batches=step * accum,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null_text: torch.Tensor, step: int,
+                 history: list[dict[str, Any]], ckpt_dir: Path, run_key: str, logger: logging.Logger,
+                 on_step: Callable[[dict[str, Any]], None] | None) -> tuple[int, float]:
+    """Steps `step`..`cfg.steps`, each appended to `history`, checkpointed; returns (step, seconds)."""
+    accelerator, device, unet, ema = prep.accelerator, prep.accelerator.device, prep.unet, prep.ema
+    optimizer, lr_scheduler = prep.optimizer, prep.lr_scheduler
+    accum, resumed_from = cfg.gradient_accumulation_steps, step
+    samples_per_step = cfg.batch_size * accum * accelerator.num_processes
     t0 = time.perf_counter()
     micro_losses: list[torch.Tensor] = []
     micro, epoch = step * accum, 0
@@ -193,7 +239,8 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
         gen = torch.Generator(device=device).manual_seed(micro_seed(cfg.seed, accelerator.process_index, micro))
         micro += 1
         with accelerator.accumulate(unet):
-            loss = _micro_batch_loss(data, gen, cfg, vae, text_encoder, unet, noise_scheduler, null_text, weight_dtype)
+            loss = _micro_batch_loss(data, gen, cfg, prep.comps.vae, prep.comps.text_encoder, unet,
+                                     prep.noise_scheduler, null_text, prep.weight_dtype)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
@@ -220,13 +267,17 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
                             cfg.checkpoints_total_limit)
         if on_step is not None:
             on_step(record)
-    train_time = time.perf_counter() - t0
+    return step, time.perf_counter() - t0
 
+
+def _save_final(prep: _Prepared, workdir: Path) -> Path:
+    """The trained (EMA, when used) UNet with the VAE and text encoder, in float32, as `workdir/model`."""
+    accelerator, comps = prep.accelerator, prep.comps
     accelerator.wait_for_everyone()
     model_dir = workdir / "model"
-    final_unet = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.copy_to(final_unet.parameters())
+    final_unet = accelerator.unwrap_model(prep.unet)
+    if prep.ema is not None:
+        prep.ema.copy_to(final_unet.parameters())
     if accelerator.is_main_process:
         comps.unet = final_unet.eval()
         for module in (comps.unet, comps.vae, comps.text_encoder):
@@ -235,8 +286,7 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
         save_pipeline(comps, model_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    done = step - resumed_from
-    return TrainResult(model_dir, step, resumed_from, history, done / train_time if done else 0.0, train_time)
+    return model_dir
 
 
 def _micro_batch_loss(data: dict[str, Any], gen: torch.Generator, cfg: TrainConfig, vae, text_encoder, unet,

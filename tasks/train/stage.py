@@ -6,10 +6,13 @@
     checkpoints/       accelerate states (newest `checkpoints_total_limit`), for resuming
     _SUCCESS.json      the contract's manifest (config hash, sha256 of outputs, summary, loss curve)
 
-Training is not part of the generation chain's `stage_hash`: `train_hash` covers the `train` section
-(minus operational knobs), the diffusion model and the shards of `index.json` (whose own hash covers
-the chain up to pack). Checkpoints are keyed by `weights_key` — the same without the sample-edit
-settings — so changing only those re-samples from the final checkpoint without re-training.
+Training is not part of the generation chain: its hash (the registry's one recipe, `train_hash`)
+covers the `train` section (minus operational knobs), the diffusion model and the shards of the
+index it trains on, with the index's own pack hash standing for the chain up to pack. Checkpoints
+are keyed by `weights_key` — the same without the sample-edit settings and the val shards — so
+changing only those re-samples from the final checkpoint without re-training. The run's own index
+(`{output_root}/pack/index.json`) must be the pack stage's under this config; another index is
+taken as given (`--index`).
 
 `accelerate` checkpoints need a local folder: for an object-store `output_root` the run trains in
 `$EDITFORGE_CACHE/train-work/<key>/` (resumable on the same machine) and uploads the outputs at the end.
@@ -17,7 +20,6 @@ settings — so changing only those re-samples from the final checkpoint without
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -26,39 +28,36 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.common import storage
+from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, TrainConfig
-from tasks.common.contract import PartitionRun, execute_partition
+from tasks.common.contract import MissingInputError, PartitionRun
+from tasks.common.devices import torch_device
 from tasks.common.tiny import cache_root
+from tasks.registry import execute, stage_hash
 
 STAGE = "train"
 MAX_CURVE_POINTS = 200
 
 
-def _train_fields(cfg: TrainConfig, drop: tuple[str, ...]) -> dict[str, Any]:
-    data = cfg.model_dump(mode="json")
-    for key in drop:
-        data.pop(key, None)
-    return data
+def _pack_hash(index: dict[str, Any]) -> dict[str, str]:
+    """The index's own pack hash stands for the chain that wrote the shards (upstream of the hash)."""
+    return {"pack": index.get("config_hash")}
 
 
-def _hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+def _shards(index: dict[str, Any]) -> dict[str, list[str]]:
+    return {"train_shards": index["splits"]["train"]["shards"],
+            "val_shards": index["splits"].get("val", {}).get("shards", [])}
 
 
 def weights_key(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """Hash of everything that determines the trained weights (keys the checkpoints)."""
-    return _hash({
-        "stage": STAGE, "train": _train_fields(cfg.train, TrainConfig.OPERATIONAL + TrainConfig.SAMPLING),
-        "models.diffusion": cfg.models.diffusion, "models.diffusion_path": cfg.models.diffusion_path,
-        "train_shards": index["splits"]["train"]["shards"], "data": index.get("config_hash"),
-    })
+    return stage_hash(cfg, STAGE, upstream=_pack_hash(index), extra={
+        "train": cfg.train.output_fields(drop=TrainConfig.SAMPLING), "train_shards": _shards(index)["train_shards"]})
 
 
 def train_hash(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """The stage's config hash for `_SUCCESS.json`: the weights plus the sample-edit settings and val shards."""
-    return _hash({"weights": weights_key(cfg, index), "sampling": {k: getattr(cfg.train, k) for k in TrainConfig.SAMPLING},
-                  "val_shards": index["splits"].get("val", {}).get("shards", [])})
+    return stage_hash(cfg, STAGE, upstream=_pack_hash(index), extra=_shards(index))
 
 
 def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:
@@ -74,10 +73,6 @@ def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS
     return rows
 
 
-def default_index_url(cfg: PipelineConfig) -> str:
-    return storage.url_join(cfg.output_root, "pack", "index.json")
-
-
 def read_index(index_url: str) -> dict[str, Any]:
     if not storage.exists(index_url):
         raise FileNotFoundError(f"no shard index at {index_url}: run the generate flow first "
@@ -88,12 +83,6 @@ def read_index(index_url: str) -> dict[str, Any]:
     return index
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path) -> dict[str, Any]:
     """Edit the first example of `urls` with the trained model; save input | target | edit as a PNG."""
     from tasks.train.data import center_pair, read_examples
@@ -101,7 +90,7 @@ def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path)
     from tasks.train.model import load_pipeline
 
     example = center_pair(read_examples(urls, 1)[0], cfg.resolution)
-    pipe = load_pipeline(model_dir, device=_device(cfg.device))
+    pipe = load_pipeline(model_dir, device=torch_device(cfg.device, "train.device"))
     edited = edit_image(pipe, example.original, example.instruction, guidance_scale=cfg.guidance_scale,
                         image_guidance_scale=cfg.image_guidance_scale, steps=cfg.sample_steps, seed=cfg.seed)
     side_by_side(example.original, example.edited, edited).save(dest)
@@ -109,13 +98,20 @@ def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path)
             "image_guidance_scale": cfg.image_guidance_scale, "steps": cfg.sample_steps}
 
 
-def run_train(cfg: PipelineConfig, index_url: str | None = None, logger: logging.Logger | None = None,
-              on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = None,
+        logger: logging.Logger | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
+        ) -> dict[str, Any]:
     """Train the editing model on the shards of `index_url` (default `{output_root}/pack/index.json`)."""
     from tasks.train.loop import train_editing_model
 
-    index_url = index_url or default_index_url(cfg)
+    own = index_url is None
+    index_url = index_url or layout.index_url(cfg.output_root)
     index = read_index(index_url)
+    if own and index.get("config_hash") != stage_hash(cfg, "pack"):
+        raise MissingInputError(
+            f"train reads {index_url}, which the pack stage wrote under another config (hash "
+            f"{index.get('config_hash')}, this config expects {stage_hash(cfg, 'pack')}): run the pack stage "
+            "(editforge run) for this config first, or pass its index explicitly to train on those shards")
     train_urls = list(index["splits"]["train"]["shards"])
     val_urls = list(index["splits"].get("val", {}).get("shards", [])) or train_urls
     key = weights_key(cfg, index)
@@ -142,4 +138,6 @@ def run_train(cfg: PipelineConfig, index_url: str | None = None, logger: logging
         run.extra.update({"index": index_url, "model_dir": run.path("model"), "weights_key": key, "train": summary,
                           "loss_curve": loss_curve(result.history), "sample": {**sample, "png": run.path("sample_edit.png")}})
 
-    return execute_partition(STAGE, 0, cfg.output_root, train_hash(cfg, index), work, logger)
+    # the index was checked above; its shards, not pack's partitions, are what training reads
+    return execute(cfg, STAGE, partition_id, work, logger, upstream=_pack_hash(index), extra=_shards(index),
+                   check_upstream=False)

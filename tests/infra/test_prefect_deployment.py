@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.registry import stage_hash
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,7 +111,7 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     from tasks.common.config import load_config
     from tasks.common.contract import partition_dir, read_success
 
-    want = load_config("demo", changed).stage_hash("render")
+    want = stage_hash(load_config("demo", changed), "render")
     assert [read_success(partition_dir(str(tmp_path), "render", pid))["config_hash"] for pid in (0, 1)] == [want] * 2
     # both workers are registered with the pool and polling (either may pick up either run)
     listing = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", "editforge-cpu"], env=env,

@@ -1,6 +1,7 @@
 import pytest
 
 from tasks.common.config import ConfigError, load_config, preset_names
+from tasks.registry import stage_hash
 
 
 def test_presets_load_and_differ():
@@ -16,22 +17,22 @@ def test_override_changes_value_and_hash():
     base = load_config("demo")
     changed = load_config("demo", ["render.steps=3"])
     assert changed.render.steps == 3
-    assert changed.stage_hash("render") != base.stage_hash("render")
+    assert stage_hash(changed, "render") != stage_hash(base, "render")
     # upstream stages are unaffected, downstream ones follow
-    assert changed.stage_hash("text") == base.stage_hash("text")
-    assert changed.stage_hash("pack") != base.stage_hash("pack")
+    assert stage_hash(changed, "text") == stage_hash(base, "text")
+    assert stage_hash(changed, "pack") != stage_hash(base, "pack")
 
 
 def test_hash_is_stable_across_loads():
-    assert load_config("demo").stage_hash("pack") == load_config("demo").stage_hash("pack")
+    assert stage_hash(load_config("demo"), "pack") == stage_hash(load_config("demo"), "pack")
 
 
 def test_top_k_does_not_invalidate_render():
     # with fixed-N sampling (the paper's), top-k is a pure re-selection from samples.parquet
     base = load_config("demo", ["render.adaptive=false"])
     other = load_config("demo", ["render.adaptive=false", "filter.top_k=1"])
-    assert base.stage_hash("render") == other.stage_hash("render")
-    assert base.stage_hash("filter") != other.stage_hash("filter")
+    assert stage_hash(base, "render") == stage_hash(other, "render")
+    assert stage_hash(base, "filter") != stage_hash(other, "filter")
 
 
 @pytest.mark.parametrize(
@@ -66,28 +67,28 @@ def test_unknown_preset(tmp_path):
 def test_text_hash_ignores_operational_knobs_but_follows_seed_triplets(tmp_path):
     base = load_config("demo")
     faster = load_config("demo", ["text.openai.concurrency=8", "text.openai.max_retries=2"])
-    assert base.stage_hash("text") == faster.stage_hash("text")
+    assert stage_hash(base, "text") == stage_hash(faster, "text")
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text('{"input": "a cat", "edit": "make it a dog", "output": "a dog"}\n')
     other = load_config("demo", [f"text.seed_annotations={seeds}"])
-    assert other.stage_hash("text") != base.stage_hash("text")
-    assert other.stage_hash("render") != base.stage_hash("render")
+    assert stage_hash(other, "text") != stage_hash(base, "text")
+    assert stage_hash(other, "render") != stage_hash(base, "render")
 
 
 def test_render_keep_owns_render_time_selection_and_filter_re_selects():
     adaptive = ["render.adaptive=true"]
     base = load_config("demo", adaptive)
     # render.keep decides what render passes, stops at and keeps: it is part of the render hash
-    assert base.stage_hash("render") != load_config("demo", [*adaptive, "render.keep.top_k=1"]).stage_hash("render")
-    assert base.stage_hash("render") != load_config("demo", ["render.keep.clip_direction_threshold=0.3"]).stage_hash("render")
+    assert stage_hash(base, "render") != stage_hash(load_config("demo", [*adaptive, "render.keep.top_k=1"]), "render")
+    assert stage_hash(base, "render") != stage_hash(load_config("demo", ["render.keep.clip_direction_threshold=0.3"]), "render")
     # filter.* only re-selects, whatever the savers: render is untouched, the filter follows
     stricter = load_config("demo", [*adaptive, "filter.top_k=1", "filter.clip_image_threshold=0.9"])
-    assert stricter.stage_hash("render") == base.stage_hash("render")
-    assert stricter.stage_hash("filter") != base.stage_hash("filter")
+    assert stage_hash(stricter, "render") == stage_hash(base, "render")
+    assert stage_hash(stricter, "filter") != stage_hash(base, "filter")
     assert stricter.selection().top_k == 1 and stricter.selection().clip_image_threshold == 0.9
     assert stricter.selection().clip_direction_threshold == base.render.keep.clip_direction_threshold
     # setting a filter field to the value it inherits is no change
     same = load_config("demo", [*adaptive, f"filter.top_k={base.render.keep.top_k}"])
-    assert same.stage_hash("filter") == base.stage_hash("filter")
+    assert stage_hash(same, "filter") == stage_hash(base, "filter")
     with pytest.raises(ConfigError, match="save_images"):
         load_config("demo", ["render.save_images=some"])

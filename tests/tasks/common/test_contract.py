@@ -134,15 +134,16 @@ def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_
     from tasks.common.contract import MissingInputError
 
     def reader(run):
-        run.input_path("up", "data.parquet", expected_hash="h-up")
+        run.input_path("up", "data.parquet")
 
+    inputs = {"up": (0, "h-up")}
     with pytest.raises(MissingInputError, match=r"needs up part-00000 to be finished first"):
-        execute_partition("down", 0, str(tmp_path), "h", reader)
+        execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
     execute_partition("up", 0, str(tmp_path), "h-other", _work_writing([1]))
     with pytest.raises(MissingInputError, match=r"produced under another config \(hash h-other.*expects h-up"):
-        execute_partition("down", 0, str(tmp_path), "h", reader)
+        execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
-    execute_partition("down", 0, str(tmp_path), "h", reader)  # now fine
+    execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)  # now fine
 
 
 def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):

@@ -7,8 +7,9 @@ import pytest
 
 from tasks.common import storage
 from tasks.common.config import load_config
-from tasks.filter.select import select_top_k
-from tasks.filter.stage import run_filter_partition
+from tasks.common.selection import select_top_k
+from tasks.filter.stage import run as run_filter_partition
+from tasks.registry import stage_hash
 
 # one triplet, six fully rendered samples with hand-made metrics (paper thresholds: 0.75 / 0.2 / 0.2)
 DIRS = [0.50, 0.40, 0.35, 0.30, 0.25, 0.10]  # the last fails the direction threshold
@@ -22,13 +23,13 @@ def render_output(root, save_images: str, overrides=()):
         "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": DIRS, "clip_sim_image": IMAGE,
         "early_rejected": False,
     })
-    from tasks.filter.select import passes
+    from tasks.common.selection import passes
 
     df["passed"] = passes(df, cfg.render.keep)
     df["kept"] = select_top_k(df, cfg.render.keep)
     df["image_stored"] = {"kept": df["kept"], "passed": df["passed"], "all": pd.Series(True, index=df.index)}[save_images]
     storage.write_parquet_atomic(f"{root}/render/part-00000/samples.parquet", df)
-    storage.write_json_atomic(f"{root}/render/part-00000/_SUCCESS.json", {"config_hash": cfg.stage_hash("render")})
+    storage.write_json_atomic(f"{root}/render/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
     return cfg
 
 
@@ -46,7 +47,7 @@ def test_default_keeps_what_render_kept(tmp_path):
 def test_smaller_top_k_and_stricter_threshold_re_select(tmp_path):
     render = render_output(tmp_path, "kept")
     cfg = load_config("paper", [f"output_root={tmp_path}", "filter.top_k=2"])
-    assert cfg.stage_hash("render") == render.stage_hash("render")  # no re-render
+    assert stage_hash(cfg, "render") == stage_hash(render, "render")  # no re-render
     run_filter_partition(cfg, 0)
     assert kept(tmp_path) == ["c0_0", "c0_1"]
 

@@ -9,8 +9,10 @@ from PIL import Image
 
 from tasks.common import storage
 from tasks.common.config import load_config
-from tasks.pack.shards import run_pack_partition, split_of, write_index
-from tasks.render.stage import image_name
+from tasks.common.layout import image_name
+from tasks.pack.shards import run as run_pack_partition
+from tasks.pack.shards import split_of, write_index
+from tasks.registry import stage_hash
 
 
 def _png(value: int) -> bytes:
@@ -31,11 +33,12 @@ def _prepare(root, cfg, n=5):
                      "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
                      "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
     storage.write_parquet_atomic(f"{root}/filter/part-00000/kept.parquet", pd.DataFrame(rows))
-    # the filter partition finished under this config (pack refuses unfinished or stale inputs)
-    storage.write_json_atomic(f"{root}/filter/part-00000/_SUCCESS.json", {"config_hash": cfg.stage_hash("filter")})
     storage.write_parquet_atomic(f"{root}/captions/part-00000/captions.parquet", pd.DataFrame(
         {"caption_id": [r["caption_id"] for r in rows], "url": [f"https://x/{i}.jpg" for i in range(n)],
          "aesthetic_score": [7.0] * n}))
+    # the partitions pack reads finished under this config (pack refuses unfinished or stale inputs)
+    for stage in ("filter", "render", "captions"):
+        storage.write_json_atomic(f"{root}/{stage}/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, stage)})
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from flows.calibrate_cli import calibrate_early, parse_margins
 from tasks.common import storage
 from tasks.common.config import Selection, load_config
-from tasks.filter.select import passes
+from tasks.common.selection import METRICS, passes, thresholds
+from tasks.registry import stage_hash
 from tasks.render.calibrate import (
     DEFAULT_MARGINS,
     TABLE_COLUMNS,
@@ -25,9 +26,9 @@ from tasks.render.calibrate import (
     load_calibration_samples,
     recommend,
 )
-from tasks.render.early import METRICS, early_keep, early_step_count, thresholds
+from tasks.render.early import early_keep, early_step_count
 from tasks.render.renderer import Renderer
-from tasks.render.stage import run_render_partition
+from tasks.render.stage import run as run_render_partition
 
 SELECTION = Selection(clip_image_threshold=0.75, clip_caption_threshold=0.2, clip_direction_threshold=0.2)
 STEPS, AFTER = 10, 2
@@ -112,7 +113,7 @@ DRY = ["render.early_reject_at=0.5", "render.early_reject_dry_run=true", "render
 def overrides(root, *extra) -> list[str]:
     storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json",
-                              {"config_hash": load_config("demo").stage_hash("text")})
+                              {"config_hash": stage_hash(load_config("demo"), "text")})
     return [f"output_root={root}", f"render.steps={RENDER_STEPS}", "render.adaptive=false",
             "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *extra]
 
@@ -184,7 +185,7 @@ def test_errors(tmp_path):
     # a finished partition whose samples were all dropped early (real rejection): no final metrics at all
     dropped = hand_samples().iloc[[8, 8]].assign(early_rejected=True)
     storage.write_parquet_atomic(f"{tmp_path}/render/part-00000/samples.parquet", dropped)
-    storage.write_json_atomic(f"{tmp_path}/render/part-00000/_SUCCESS.json", {"config_hash": cfg.stage_hash("render")})
+    storage.write_json_atomic(f"{tmp_path}/render/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
     with pytest.raises(CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject_dry_run=true"):
         load_calibration_samples(cfg)
 

@@ -8,10 +8,13 @@ import torch
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.contract import Checkpoint
+from tasks.common.layout import image_name
+from tasks.registry import stage_hash
 from tasks.render.early import early_step_count
 from tasks.render.renderer import BatchSizer, Renderer, is_oom
 from tasks.render.scheduling import SamplingPolicy
-from tasks.render.stage import SAMPLE_COLUMNS, image_name, run_render_partition
+from tasks.render.stage import SAMPLE_COLUMNS
+from tasks.render.stage import run as run_render_partition
 
 pytestmark = pytest.mark.component
 
@@ -28,7 +31,7 @@ SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4
 def config(root, *overrides):
     storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json",
-                              {"config_hash": load_config("demo").stage_hash("text")})
+                              {"config_hash": stage_hash(load_config("demo"), "text")})
     # the reference's policy (every saver off) unless a test turns one on
     return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
                                 "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *overrides])
@@ -201,24 +204,23 @@ def test_auto_batch_on_cpu_and_dtype_noop(renderer):
 
 
 def test_policy_and_hash_from_config():
-    from tasks.render.stage import render_config_hash, sampling_policy
+    from tasks.render.stage import sampling_policy
 
     paper = load_config("paper")
     assert sampling_policy(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
     fast = load_config("fast")
     assert sampling_policy(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
     # adaptive with the target taken from render.keep.top_k; the filter's top_k is a re-selection only
-    assert render_config_hash(fast) != render_config_hash(load_config("fast", ["render.keep.top_k=2"]))
-    assert render_config_hash(fast) == render_config_hash(load_config("fast", ["filter.top_k=2"]))
+    assert stage_hash(fast, "render") != stage_hash(load_config("fast", ["render.keep.top_k=2"]), "render")
+    assert stage_hash(fast, "render") == stage_hash(load_config("fast", ["filter.top_k=2"]), "render")
     assert sampling_policy(load_config("fast", ["render.keep.top_k=2"])).target_passed == 2
-    assert render_config_hash(paper) == paper.stage_hash("render")
 
 
 def test_render_and_filter_on_an_object_store(renderer):
     """fsspec all the way: staged images move to images/ and the checkpoint goes, on memory:// too."""
     import uuid
 
-    from tasks.filter.stage import run_filter_partition
+    from tasks.filter.stage import run as run_filter_partition
 
     root = f"memory://editforge-test-{uuid.uuid4().hex[:8]}/run"
     cfg = config(root)

@@ -35,7 +35,8 @@ def test_lora_changes_only_the_adapter_weights():
 
 
 def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
-    from tasks.text.stage import run_finetune, run_text_partition
+    from tasks.text.finetune import run as run_finetune
+    from tasks.text.stage import run as run_text_partition
 
     cfg = load_config("demo", [f"output_root={tmp_path}", "text.finetune_method=lora", "text.finetune_steps=2",
                                "text.finetune_batch_size=4", "text.max_new_tokens=16", "text.batch_size=4"])

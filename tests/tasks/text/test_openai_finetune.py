@@ -7,8 +7,10 @@ from text_helpers import openai_config
 
 from tasks.common import storage
 from tasks.common.contract import partition_dir, read_success
+from tasks.common.layout import OPENAI_MODEL_FILE
+from tasks.text.finetune import finetuned_model_id
+from tasks.text.finetune import run as run_finetune
 from tasks.text.openai_finetune import FineTuneJobError
-from tasks.text.stage import OPENAI_MODEL_FILE, finetuned_model_id, run_finetune
 
 
 def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplog):

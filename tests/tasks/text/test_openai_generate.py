@@ -11,7 +11,7 @@ from tasks.common import storage
 from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, mark_duplicates, triplet_row
 from tasks.text.openai_api import caption_seed
 from tasks.text.openai_batch import BatchJobError
-from tasks.text.stage import run_text_partition
+from tasks.text.stage import run as run_text_partition
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
 

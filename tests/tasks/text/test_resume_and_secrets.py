@@ -25,7 +25,8 @@ from text_helpers import (
 )
 
 from tasks.common import storage
-from tasks.text.stage import run_finetune, run_text_partition
+from tasks.text.finetune import run as run_finetune
+from tasks.text.stage import run as run_text_partition
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
 ROOT = Path(__file__).resolve().parents[3]
@@ -86,7 +87,7 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
 KILLED_RUN = """
 import json, sys
 from tasks.common.config import load_config
-from tasks.text.stage import run_text_partition
+from tasks.text.stage import run as run_text_partition
 run_text_partition(load_config("demo", json.loads(sys.argv[1])), 0)
 """
 
@@ -100,6 +101,7 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_rows(fake, tmp_
 
     root = tmp_path / "killed"
     write_captions(str(root), 0, captions)
+    openai_config(fake, root, *settings)  # its (no-job) fine-tune finished, as the text stage needs
     start = len(fake.state.requests)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(openai_overrides(fake, root, *settings))],
                             cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)})

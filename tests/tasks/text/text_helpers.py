@@ -15,6 +15,7 @@ from tasks.captions.laion import caption_id
 from tasks.common import storage
 from tasks.common.config import PipelineConfig, load_config
 from tasks.common.contract import partition_dir
+from tasks.registry import stage_hash
 
 API_KEY = "sk-editforge-test-DO-NOT-LEAK-4f9c2a"
 KEY_ENV = "EDITFORGE_TEST_OPENAI_KEY"
@@ -37,7 +38,7 @@ def write_captions(root: str, partition_id: int, df: pd.DataFrame, preset: str =
     folder = partition_dir(root, "captions", partition_id)
     storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
     storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"),
-                              {"config_hash": load_config(preset).stage_hash("captions")})
+                              {"config_hash": stage_hash(load_config(preset), "captions")})
 
 
 def openai_overrides(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> list[str]:
@@ -51,7 +52,14 @@ def openai_overrides(fake: FakeOpenAIServer, root: Path | str, *overrides: str) 
 
 
 def openai_config(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> PipelineConfig:
-    return load_config("demo", openai_overrides(fake, root, *overrides))
+    """The config; with `text.openai.model` given (a model used as is, no fine-tuning job) its finetune
+    partition — which the text stage reads — is finished too, as `editforge run` would (no request)."""
+    cfg = load_config("demo", openai_overrides(fake, root, *overrides))
+    if cfg.text.openai.model:
+        from tasks.text.finetune import run as run_finetune
+
+        run_finetune(cfg)
+    return cfg
 
 
 def checkpointed_ids(root: Path, partition_id: int = 0) -> set[str]:

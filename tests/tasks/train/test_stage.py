@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 from tasks.common.config import load_config
-from tasks.train.stage import loss_curve, run_train, train_hash, weights_key
+from tasks.registry import stage_hash
+from tasks.train.stage import loss_curve, train_hash, weights_key
+from tasks.train.stage import run as run_train
 from tasks.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.component
@@ -34,12 +36,12 @@ def test_hashes_ignore_operational_settings_and_split_sampling_from_weights(inde
     other = {**idx, "config_hash": "other-data"}
     assert weights_key(base, other) != weights_key(base, idx)
     # the generation chain's hashes do not depend on the train section
-    assert weights.stage_hash("pack") == base.stage_hash("pack")
+    assert stage_hash(weights, "pack") == stage_hash(base, "pack")
 
 
 def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_path):
     cfg = load_config("demo", [f"output_root={tmp_path}", *SMALL])
-    manifest = run_train(cfg, index)
+    manifest = run_train(cfg, index_url=index)
     part = tmp_path / "train" / "part-00000"
     assert not manifest["skipped"] and manifest["train"]["steps"] == 2
     success = json.loads((part / "_SUCCESS.json").read_text())
@@ -51,10 +53,10 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     assert [h["step"] for h in metrics["history"]] == [1, 2]
     assert [r["step"] for r in manifest["loss_curve"]] == [1, 2]
 
-    assert run_train(cfg, index)["skipped"]
+    assert run_train(cfg, index_url=index)["skipped"]
 
     # only the sample-edit settings changed: re-sampled from the final checkpoint, no new training step
-    resampled = run_train(load_config("demo", [f"output_root={tmp_path}", *SMALL, "train.guidance_scale=3.0"]), index)
+    resampled = run_train(load_config("demo", [f"output_root={tmp_path}", *SMALL, "train.guidance_scale=3.0"]), index_url=index)
     assert not resampled["skipped"] and resampled["train"]["resumed_from"] == 2
     assert resampled["train"]["steps"] == 2 and resampled["sample"]["guidance_scale"] == 3.0
 

@@ -1,11 +1,8 @@
-"""Stages declare what one partition needs; the flows turn it into Prefect tags."""
-
-import pytest
-import torch
+"""The stage registry: every stage once, what a partition needs, one hash recipe."""
 
 from tasks.common.config import load_config
-from tasks.common.models import torch_device
-from tasks.common.resources import GPU_TAG, stage_resources
+from tasks.common.stage import GPU_TAG
+from tasks.registry import stage_resources
 
 
 def test_paper_holds_a_gpu_where_the_models_run():
@@ -22,10 +19,3 @@ def test_resources_follow_the_config():
     assert demo["render"].batch.startswith("4 samples")
     api = stage_resources(load_config("paper", ["text.backend=openai", "text.openai.concurrency=32"]))
     assert api["text"].gpus == api["finetune"].gpus == 0 and api["text"].batch == "32 requests in flight"
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_asking_for_cuda_without_one_names_the_setting():
-    assert torch_device("auto", "text.device").type == "cpu"
-    with pytest.raises(ValueError, match=r"text\.device=cuda.*no CUDA device"):
-        torch_device("cuda", "text.device")

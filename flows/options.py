@@ -1,0 +1,56 @@
+"""The command-line options every EditForge command shares, and the one place config is validated.
+
+`editforge run|stage|train|config|report|calibrate-early` and `python -m flows.generate` /
+`python -m flows.train` all take `--preset` and `--set KEY=VALUE` through these definitions and load
+the config through :func:`load_or_exit`, so a bad key or a bad `name` fails at once, before Prefect
+starts, with one message naming it and exit code 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import click
+import typer
+
+from tasks.common.config import ConfigError, PipelineConfig, load_config
+
+Preset = Annotated[str, typer.Option("--preset", "-p", help="preset name (demo, paper, fast, ...) or a YAML file")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override, e.g. render.steps=20 "
+                                                                           "(repeatable)")]
+Partitions = Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: all)")]
+
+
+def load_or_exit(preset: str, overrides: list[str] | None) -> PipelineConfig:
+    """The validated config, or the error naming the key on stderr and exit code 2."""
+    try:
+        return load_config(preset, overrides or [])
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+def parse_partitions(spec: str | None) -> list[int] | None:
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> all."""
+    if not spec:
+        return None
+    ids: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        ids += list(range(int(lo), int(hi or lo) + 1))
+    return ids
+
+
+def run_command(command: Callable[..., None], argv: list[str] | None, prog: str, doc: str | None = None) -> int:
+    """Run one typer command as a program (`python -m flows.<name>`); return its exit code."""
+    app = typer.Typer(add_completion=False, help=doc, rich_markup_mode=None)
+    app.command()(command)
+    try:
+        app(args=argv, prog_name=prog, standalone_mode=False)
+    except typer.Exit as done:
+        return done.exit_code
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    return 0

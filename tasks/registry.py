@@ -1,0 +1,98 @@
+"""The stage registry: every stage of EditForge, in DAG order, and what is derived from the records.
+
+    captions ─┐
+    finetune ─┴► text ─► render ─► filter ─► pack ─► (train: its own flow)
+
+Flows (:mod:`flows.stages`, :mod:`flows.generate`), the CLI, the report and the contract conformance
+test read this module; a new stage is one record in its package's ``spec.py`` and one name below.
+Nothing here imports torch: entries are named by strings and loaded when a partition runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tasks.captions.spec import STAGE as CAPTIONS
+from tasks.common.config import PipelineConfig
+from tasks.common.contract import PartitionWork, execute_partition, incomplete
+from tasks.common.stage import Resources, Stage, config_hash, load
+from tasks.filter.spec import STAGE as FILTER
+from tasks.pack.spec import STAGE as PACK
+from tasks.render.spec import STAGE as RENDER
+from tasks.text.spec import FINETUNE, TEXT
+from tasks.train.spec import STAGE as TRAIN
+
+STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, FILTER, PACK, TRAIN)}
+
+
+class UnknownStageError(KeyError):
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def get(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise UnknownStageError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}") from None
+
+
+def chain() -> list[Stage]:
+    """The stages of the generation DAG (`editforge run`), in order."""
+    return [s for s in STAGES.values() if s.in_chain]
+
+
+def stage_hash(cfg: PipelineConfig, name: str, *, upstream: Mapping[str, str] | None = None,
+               extra: Mapping[str, Any] | None = None) -> str:
+    """The config hash of ``name`` (one recipe, :func:`tasks.common.stage.config_hash`): its sections
+    and the hashes of the stages it reads, recursively (``upstream`` overrides them)."""
+    stage = get(name)
+    if upstream is None:
+        upstream = {u: stage_hash(cfg, u) for u in stage.reads}
+    return config_hash(stage, cfg, upstream, extra)
+
+
+def stage_resources(cfg: PipelineConfig) -> dict[str, Resources]:
+    """What one partition of every stage needs under ``cfg``."""
+    return {name: s.resources(cfg) for name, s in STAGES.items()}
+
+
+def execute(cfg: PipelineConfig, name: str, partition_id: int, work: PartitionWork,
+            logger: logging.Logger | None = None, *, upstream: Mapping[str, str] | None = None,
+            extra: Mapping[str, Any] | None = None, check_upstream: bool = True) -> dict[str, Any]:
+    """Run ``work`` for one partition of ``name`` under the stage contract, with the registry's hash
+    and the upstream partitions it must find finished (under their hashes) before it starts
+    (``check_upstream=False``: the stage checked its inputs itself)."""
+    stage = get(name)
+    upstream = dict(upstream) if upstream is not None else {u: stage_hash(cfg, u) for u in stage.reads}
+    inputs = {u: (stage.upstream_partition(get(u), partition_id), h) for u, h in upstream.items()
+              if check_upstream}
+    return execute_partition(name, partition_id, cfg.output_root, stage_hash(cfg, name, upstream=upstream, extra=extra),
+                             work, logger, inputs=inputs)
+
+
+def entry(name: str) -> Callable[..., dict[str, Any]]:
+    """The stage's ``run(cfg, partition_id, *, logger=None, ...)``."""
+    return load(get(name).entry)
+
+
+def prepare(cfg: PipelineConfig, name: str, logger: logging.Logger | None = None) -> None:
+    stage = get(name)
+    if stage.prepare:
+        load(stage.prepare)(cfg, logger=logger)
+
+
+def finalize(cfg: PipelineConfig, name: str, manifests: list[dict[str, Any]],
+             logger: logging.Logger | None = None) -> Any:
+    stage = get(name)
+    return load(stage.finalize)(cfg, manifests, logger=logger) if stage.finalize else None
+
+
+def unfinished(cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None) -> list[int]:
+    """The partitions of ``name`` not finished under this config's hash."""
+    stage = get(name)
+    ids = stage.partition_ids(cfg) if partition_ids is None else partition_ids
+    return incomplete(cfg.output_root, name, ids, stage_hash(cfg, name))
+

@@ -1,0 +1,25 @@
+"""The render stage's record (see :mod:`tasks.common.stage`)."""
+
+from tasks.common.layout import SAMPLES_FILE
+from tasks.common.stage import Resources, Stage, gpus_for
+
+
+def resources(cfg) -> Resources:
+    r = cfg.render
+    batch = "auto (free GPU memory)" if r.batch_samples == "auto" else str(r.batch_samples)
+    return Resources(1, gpus_for(r.device), f"{batch} samples per UNet call (x4 images)",
+                     f"{cfg.models.diffusion} + CLIP {cfg.models.clip}, {r.dtype}")
+
+
+STAGE = Stage(
+    name="render",
+    entry="tasks.render.stage:run",
+    summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass; top-k kept",
+    reads=("text",),
+    hashes=("render", "models.diffusion", "models.diffusion_path", "models.clip", "models.clip_path"),
+    outputs=(SAMPLES_FILE, "images/<key>_{input,edited}.png"),
+    resources=resources,
+    retries=2,
+    one_at_a_time=True,  # one partition at a time on the worker's GPU; workers split partitions
+    progress=True,
+)

@@ -1,0 +1,26 @@
+"""The training stage's record (see :mod:`tasks.common.stage`): its own flow, not part of the chain.
+
+Its hash covers the ``train`` section, the diffusion model and the shards it trains on, which come
+from the index it is given (the run's ``pack/index.json`` by default): see :mod:`tasks.train.stage`.
+"""
+
+from tasks.common.stage import Resources, Stage, gpus_for
+
+
+def resources(cfg) -> Resources:
+    t = cfg.train
+    return Resources(1, gpus_for(t.device), f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation",
+                     "one process; multi-GPU through `accelerate launch`")
+
+
+STAGE = Stage(
+    name="train",
+    entry="tasks.train.stage:run",
+    summary="the InstructPix2Pix editing model (8-channel conv_in) on the shards",
+    reads=("pack",),
+    hashes=("train", "models.diffusion", "models.diffusion_path"),
+    outputs=("model/", "metrics.json", "sample_edit.png"),
+    resources=resources,
+    partitions="one",
+    in_chain=False,
+)
