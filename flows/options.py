@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-import click
 import typer
 
 from tasks.common.config import ConfigError, PipelineConfig, load_config
@@ -46,11 +45,8 @@ def run_command(command: Callable[..., None], argv: list[str] | None, prog: str,
     """Run one typer command as a program (`python -m flows.<name>`); return its exit code."""
     app = typer.Typer(add_completion=False, help=doc, rich_markup_mode=None)
     app.command()(command)
-    try:
-        app(args=argv, prog_name=prog, standalone_mode=False)
-    except typer.Exit as done:
-        return done.exit_code
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
+    try:  # standalone: usage errors print as usual; every outcome ends in SystemExit with its code
+        app(args=argv, prog_name=prog)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     return 0

@@ -32,7 +32,7 @@ import pandas as pd
 from tasks.common.config import TextConfig
 from tasks.common.contract import Checkpoint, Stats
 from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, triplet_row
-from tasks.text.openai_api import RetryPolicy, call_with_retries, create_completion, moderate, request_body
+from tasks.text.openai_api import RetryPolicy, create_completion, moderate, request_body, retrying
 
 log = logging.getLogger("editforge")
 Caption = tuple[str, str]  # (caption_id, text)
@@ -76,33 +76,28 @@ class ChunkWriter:
     async def _moderate_outputs(self, rows: list[dict]) -> None:
         o = self.t.openai
         kept = [r for r in rows if r["status"] == "ok"]
-        policy = RetryPolicy.from_config(o)
+        retried = retrying(RetryPolicy.from_config(o), self.rng, self.stats)
         for i in range(0, len(kept), o.moderation_batch):
             group = kept[i: i + o.moderation_batch]
             texts = [f"{r['edit']}\n{r['output']}" for r in group]
-            flags = await call_with_retries(partial(moderate, self.client, o.moderation_model, texts), policy,
-                                            self.rng, self._count_retry)
+            flags = await retried(partial(moderate, self.client, o.moderation_model, texts))
             self.stats.add("moderation_requests")
             for row, flagged in zip(group, flags):
                 if flagged:
                     row["status"], row["reject_reason"] = "rejected", REJECT_MODERATION
-
-    def _count_retry(self, reason: str) -> None:
-        self.stats.add(f"retries_{reason}")
 
 
 async def moderate_captions(client: openai.AsyncOpenAI, t: TextConfig, captions: Sequence[Caption], stats: Stats,
                             rng: random.Random) -> set[str]:
     """Caption ids whose caption the moderation endpoint flags (groups of `moderation_batch`, concurrently)."""
     o = t.openai
-    policy = RetryPolicy.from_config(o)
+    retried = retrying(RetryPolicy.from_config(o), rng, stats)
     limit = asyncio.Semaphore(o.concurrency)
     flagged: set[str] = set()
 
     async def one(group: Sequence[Caption]) -> None:
         async with limit:
-            flags = await call_with_retries(lambda: moderate(client, o.moderation_model, [c for _, c in group]),
-                                            policy, rng, lambda r: stats.add(f"retries_{r}"))
+            flags = await retried(lambda: moderate(client, o.moderation_model, [c for _, c in group]))
         stats.add("moderation_requests")
         flagged.update(cid for (cid, _), f in zip(group, flags) if f)
 
@@ -122,7 +117,7 @@ async def generate_online(
     Prefect's task retry, or a re-run, resumes it.
     """
     o = t.openai
-    policy = RetryPolicy.from_config(o)
+    retried = retrying(RetryPolicy.from_config(o), rng, stats)
     queue: asyncio.Queue[Caption] = asyncio.Queue()
     for item in captions:
         queue.put_nowait(item)
@@ -136,8 +131,7 @@ async def generate_online(
             body = request_body(t, model, caption_id, caption)
             reason = raw = None
             try:
-                raw = await call_with_retries(partial(create_completion, client, o.endpoint, body), policy, rng,
-                                              lambda r: stats.add(f"retries_{r}"))
+                raw = await retried(partial(create_completion, client, o.endpoint, body))
                 stats.add("requests_answered")
             except openai.APIStatusError as err:
                 if err.status_code >= 500 or err.status_code in (408, 409, 429):

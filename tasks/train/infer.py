@@ -3,7 +3,7 @@
 Paper eq. 3: e = e(z, ∅, ∅) + s_I (e(z, c_I, ∅) − e(z, ∅, ∅)) + s_T (e(z, c_I, c_T) − e(z, c_I, ∅)), with
 s_T = 7.5 (`guidance_scale`) and s_I = 1.5 (`image_guidance_scale`) as defaults. The pipeline applies
 guidance only when `guidance_scale > 1 and image_guidance_scale >= 1`; otherwise it silently runs the
-fully conditioned prediction alone (DESIGN.md pitfall) — here that is an error unless `allow_unguided`.
+fully conditioned prediction alone (a known pitfall) — here that is an error unless `allow_unguided`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Paper sec. 3.2: "To support image conditioning, we add additional input channels
 convolutional layer, concatenating z_t and E(c_I). All available weights of the diffusion model are
 initialized from the pretrained checkpoints, and weights that operate on the newly added input channels
 are initialized to zero." The pretrained bias is part of "all available weights" and is kept — the
-diffusers training example builds a fresh `conv_in` and never copies the bias (DESIGN.md pitfall), which
+diffusers training example builds a fresh `conv_in` and never copies the bias (a known pitfall), which
 shifts every activation of the initial model. With the bias kept and the new weights zero, the widened
 UNet computes exactly the pretrained UNet's output for any image latent, so training starts from SD.
 

@@ -44,3 +44,31 @@ def test_parse_partitions(spec, ids):
 def test_report_on_an_empty_output_root(tmp_path):
     result = runner.invoke(app, ["report", "--set", f"output_root={tmp_path}"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_bad_run_name_fails_at_once_naming_name():
+    from flows.generate import main
+
+    result = runner.invoke(app, ["run", "--set", "name=my_run"])
+    assert result.exit_code == 2 and "name" in result.output and "'my-run'" in result.output
+    assert main(["--set", "name=My.Run"]) == 2  # `python -m flows.generate` is the same command
+
+
+def test_report_counts_only_partitions_of_this_config(tmp_path):
+    from flows.report import current_manifests
+    from tasks.common import storage
+    from tasks.common.layout import success_url
+
+    ours = load_config("demo", [f"output_root={tmp_path}"])
+    other = load_config("demo", [f"output_root={tmp_path}", "render.steps=3"])  # render, filter, pack differ
+    for cfg, stage, pid, out in ((ours, "captions", 0, 20), (ours, "captions", 1, 20), (other, "render", 0, 9),
+                                 (ours, "render", 1, 5)):
+        storage.write_json_atomic(success_url(str(tmp_path), stage, pid),
+                                  {"partition_id": pid, "config_hash": stage_hash(cfg, stage), "counts": {"out": out}})
+    found = current_manifests(ours)
+    assert [m["partition_id"] for m in found["captions"]] == [0, 1]
+    assert [m["partition_id"] for m in found["render"]] == [1]  # render part-00000 is another config's
+    result = runner.invoke(app, ["report", "--set", f"output_root={tmp_path}"])
+    assert result.exit_code == 0, result.output
+    render_row = next(line for line in result.output.splitlines() if "render" in line and "│" in line)
+    assert render_row.split("│")[2].strip() == "1" and render_row.split("│")[5].strip() == "5"

@@ -230,3 +230,27 @@ def test_render_and_filter_on_an_object_store(renderer):
     assert len(images) == 2 * int(df["kept"].sum()) == 2 * manifest["counts"]["images_stored"] > 0
     assert not storage.exists(f"{root}/render/part-00000/_progress")
     assert run_filter_partition(cfg, 0)["counts"]["out"] == int(df["kept"].sum())
+
+
+def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
+    """Two renders in one process with another top-k or text temperature load no model twice (the
+    cache is keyed by model identity, not by the stage hash); another scheduler does load again."""
+    from tasks.common.models import MODELS
+
+    def render(root, *overrides):
+        cfg = load_config("demo", [f"output_root={root}", "render.steps=2", "render.samples_per_triplet=2",
+                                   "render.adaptive=false", "render.early_reject_at=null", *overrides])
+        storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
+        storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
+        return run_render_partition(cfg, 0)  # no renderer given: the stage's own, from the model cache
+
+    MODELS.clear()
+    MODELS.loads.clear()
+    first = render(tmp_path / "a")
+    second = render(tmp_path / "b", "render.keep.top_k=1")
+    third = render(tmp_path / "c", "text.temperature=0.9")
+    assert not any(m["skipped"] for m in (first, second, third))
+    assert second["counts"]["out"] < first["counts"]["out"]
+    assert MODELS.loads == {"diffusion": 1, "clip": 1}
+    render(tmp_path / "d", "render.scheduler=ddim")
+    assert MODELS.loads == {"diffusion": 2, "clip": 1}
