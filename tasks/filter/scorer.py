@@ -1,4 +1,8 @@
-"""CLIP scoring on decoded image tensors (no JPEG round trip), batched, with open_clip."""
+"""CLIP scoring on decoded image tensors (no JPEG round trip), batched, with open_clip.
+
+Images are embedded in batches of the cohort rendered together; captions one at a time (cached), so
+that a caption's embedding is the same whichever cohort first needs it.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from tasks.filter.metrics import clip_metrics
 #   reference's ClipSimilarity.encode_image, which the paper's thresholds were set with;
 # antialias: short side resized with antialiasing, centre crop (closer to CLIP's own PIL preprocessing).
 RESIZE_MODES = ("reference", "antialias")
+TEXT_CACHE_SIZE = 4096  # caption embeddings kept per process (one partition's captions, a few MB)
 
 
 class ClipScorer:
@@ -57,11 +62,14 @@ class ClipScorer:
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i: i + self.batch_size]
-            emb = F.normalize(self.model.encode_text(self.clip.tokenizer(chunk).to(self.device)).float(), dim=-1)
-            self._text_cache.update(zip(chunk, emb))
+        """Caption embeddings, each computed alone: a caption's floats never depend on which others
+        shared its batch, so a resumed run (new process, empty cache) scores exactly as before."""
+        for text in dict.fromkeys(texts):
+            if text not in self._text_cache:
+                if len(self._text_cache) >= TEXT_CACHE_SIZE:
+                    self._text_cache.pop(next(iter(self._text_cache)))  # the oldest
+                tokens = self.clip.tokenizer([text]).to(self.device)
+                self._text_cache[text] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]
         return torch.stack([self._text_cache[t] for t in texts])
 
     def score_pairs(self, before: torch.Tensor, after: torch.Tensor, input_captions: Sequence[str],

@@ -254,3 +254,29 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
     assert MODELS.loads == {"diffusion": 1, "clip": 1}
     render(tmp_path / "d", "render.scheduler=ddim")
     assert MODELS.loads == {"diffusion": 2, "clip": 1}
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 4])
+def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path, renderer, monkeypatch, kill_at):
+    """Killed after `kill_at` chunks, resumed with new models' caches (as a new process has): the same bytes."""
+    clean = tmp_path / "clean"
+    run_render_partition(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
+    crashed = tmp_path / "crashed"
+    cfg = config(crashed, *SAVERS)
+    append, calls = Checkpoint.append, []
+
+    def dying_append(self, batch_id, df):
+        calls.append(batch_id)
+        if len(calls) > kill_at:
+            raise KeyboardInterrupt("killed")
+        append(self, batch_id, df)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoint, "append", dying_append)
+        with pytest.raises(KeyboardInterrupt):
+            run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
+    run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
+    part = "render/part-00000"
+    assert (crashed / part / "samples.parquet").read_bytes() == (clean / part / "samples.parquet").read_bytes()
+    images = {p.name: p.read_bytes() for p in (clean / part / "images").iterdir()}
+    assert {p.name: p.read_bytes() for p in (crashed / part / "images").iterdir()} == images
