@@ -296,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "render_throughput.json"))
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.ref_samples, args.batched_samples, args.batch = 2, 2, 4, 2
+        args.sim_triplets, args.reference_attention = 20, "sdpa"
     if args.er_calibration:
         args.er_at, args.er_recall, args.er_false_reject = calibrated_early_rejection(Path(args.er_calibration))
     args.clip = args.clip or ("ViT-L-14" if args.preset in ("sd15-arch", "sd15", "sdxl") else "tiny")

@@ -101,14 +101,17 @@ def concurrent_stage(base_url: str, df: pd.DataFrame, concurrency: int, root: st
     return time.perf_counter() - start, manifest
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=768, help="captions for the concurrent run")
     parser.add_argument("--sequential", type=int, default=24, help="captions for the sequential reference")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, nargs=2, default=(0.3, 0.8), metavar=("LO", "HI"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/text_throughput.json"))
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.captions, args.sequential, args.concurrency, args.latency = 32, 4, 8, (0.02, 0.05)
     os.environ[KEY_ENV] = API_KEY
 
     proc, base_url = start_fake(tuple(args.latency))

@@ -5,6 +5,7 @@
     editforge train --preset demo
     editforge config --preset paper
     editforge report --preset demo
+    editforge verify --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
 """
 
@@ -20,7 +21,7 @@ import yaml
 
 from flows.calibrate_cli import calibrate_early
 from flows.generate import run
-from flows.options import Overrides, Partitions, Preset, load_or_exit, parse_partitions
+from flows.options import Overrides, Partitions, Preset, Verify, load_or_exit, parse_partitions, with_verify
 from flows.train import train_command
 from tasks import registry
 from tasks.common.config import preset_names
@@ -35,16 +36,58 @@ CHAIN = [s.name for s in registry.chain()]
 
 @app.command()
 def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")], preset: Preset = "demo",
-          overrides: Overrides = None, partitions: Partitions = None) -> None:
+          overrides: Overrides = None, partitions: Partitions = None, verify: Verify = False) -> None:
     """Run one stage (optionally on some partitions only)."""
-    load_or_exit(preset, overrides)
-    from flows.stages import FLOWS
+    overrides = with_verify(overrides, verify)
+    cfg = load_or_exit(preset, overrides)
+    from flows.stages import FLOWS, partition_ids
 
     if name not in FLOWS:
         hint = " (the training flow: editforge train)" if name in registry.STAGES else ""
         typer.echo(f"error: unknown stage {name!r}{hint}; expected one of {', '.join(CHAIN)}", err=True)
         raise typer.Exit(2)
-    FLOWS[name](preset, overrides or [], parse_partitions(partitions))
+    ids = parse_partitions(partitions)
+    try:
+        partition_ids(cfg, registry.get(name), ids)
+    except ValueError as err:
+        typer.echo(f"error: --partitions {partitions}: {err}", err=True)
+        raise typer.Exit(2) from None
+    FLOWS[name](preset, overrides, ids)
+
+
+@app.command()
+def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
+    """Check every finished partition of this config against its manifest (sizes and sha256); exit 1 on damage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tasks.common.contract import output_problems, read_success
+    from tasks.common.layout import partition_dir
+
+    cfg = load_or_exit(preset, overrides)
+    table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}: outputs against their manifests")
+    for column in ("stage", "partitions", "finished", "verified", "damaged"):
+        table.add_column(column)
+    damaged: list[str] = []
+    for s in registry.chain():
+        expected, ids = registry.stage_hash(cfg, s.name), s.partition_ids(cfg)
+        finished = ok = 0
+        for pid in ids:
+            folder = partition_dir(cfg.output_root, s.name, pid)
+            done = read_success(folder)
+            if not done or done.get("config_hash") != expected:
+                continue
+            finished += 1
+            problems = output_problems(folder, done, "sha256")
+            ok += not problems
+            damaged += [f"{s.name} part-{pid:05d}: {p}" for p in problems]
+        table.add_row(s.name, str(len(ids)), str(finished), str(ok), str(finished - ok))
+    Console().print(table)
+    for line in damaged:
+        typer.echo(f"damaged: {line}")
+    if damaged:
+        typer.echo("re-run the stages above (editforge run): each damaged partition is done again", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

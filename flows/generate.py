@@ -15,7 +15,7 @@ import sys
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.options import Overrides, Preset, load_or_exit, run_command
+from flows.options import Overrides, Preset, Verify, load_or_exit, run_command, with_verify
 from flows.report import render_report
 from flows.stages import FLOWS
 from tasks import registry
@@ -41,10 +41,11 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
                                     "rejected": r["rejected"]} for r in rows}}
 
 
-def run(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Run the whole DAG; finished partitions are skipped."""
+def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False) -> None:
+    """Run the whole DAG; finished partitions (outputs checked) are skipped."""
+    overrides = with_verify(overrides, verify)
     load_or_exit(preset, overrides)
-    generate(preset, overrides or [])
+    generate(preset, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

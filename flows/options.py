@@ -30,14 +30,27 @@ def load_or_exit(preset: str, overrides: list[str] | None) -> PipelineConfig:
         raise typer.Exit(2) from None
 
 
+Verify = Annotated[bool, typer.Option("--verify", help="before skipping a finished partition, check its outputs' "
+                                                       "sha256 too (sets verify=sha256; sizes are always checked)")]
+
+
+def with_verify(overrides: list[str] | None, verify: bool) -> list[str]:
+    return [*(overrides or []), *(["verify=sha256"] if verify else [])]
+
+
 def parse_partitions(spec: str | None) -> list[int] | None:
-    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> all."""
+    """'0,2,5-7' -> [0, 2, 5, 6, 7]; None -> all. A malformed spec is a BadParameter naming it."""
     if not spec:
         return None
     ids: list[int] = []
     for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        ids += list(range(int(lo), int(hi or lo) + 1))
+        lo, sep, hi = part.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise typer.BadParameter(f"{spec!r}: expected partition ids and ranges such as 0,3,10-19", param_hint="--partitions")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first:
+            raise typer.BadParameter(f"{spec!r}: the range {part.strip()} ends before it starts", param_hint="--partitions")
+        ids += list(range(first, last + 1))
     return ids
 
 

@@ -70,7 +70,7 @@ def execute(cfg: PipelineConfig, name: str, partition_id: int, work: PartitionWo
     inputs = {u: (stage.upstream_partition(get(u), partition_id), h) for u, h in upstream.items()
               if check_upstream}
     return execute_partition(name, partition_id, cfg.output_root, stage_hash(cfg, name, upstream=upstream, extra=extra),
-                             work, logger, inputs=inputs)
+                             work, logger, inputs=inputs, verify=cfg.verify)
 
 
 def entry(name: str) -> Callable[..., dict[str, Any]]:

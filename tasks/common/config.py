@@ -286,6 +286,8 @@ class TrainConfig(Section):
 class PipelineConfig(Section):
     name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
     output_root: str = "runs/demo"
+    verify: Literal["size", "sha256"] = Field(
+        "size", description="before skipping a finished partition, check its outputs' sizes, or also their sha256")
     models: ModelsConfig = ModelsConfig()
     captions: CaptionsConfig = CaptionsConfig()
     text: TextConfig = TextConfig()

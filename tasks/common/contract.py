@@ -5,14 +5,21 @@ inputs, writes its outputs under `run.dir` with the atomic writers of `tasks.com
 counts what it did on `run.stats`. `execute_partition` wraps it (stages call it through
 `tasks.registry.execute`, which supplies the hash and the inputs from the stage's record):
 
+- one process at a time works on a partition (:class:`tasks.common.lease.PartitionLease`): a second
+  one waits for the first, then finds the partition done and skips it;
 - a partition whose `_SUCCESS.json` carries the same config hash is skipped whole (its manifest is
-  returned with `skipped=True`);
+  returned with `skipped=True`) — if its outputs are all there with the recorded sizes (and, with
+  ``verify="sha256"``, the recorded sha256s); otherwise it is done again, with a warning naming the
+  file. A `_SUCCESS.json` that cannot be read is reported by path and counts as not done;
 - every input partition must be finished under the hash this config expects, or
   `MissingInputError` (not retried) names it and the stage to run;
 - otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
   under `_progress/`, each written atomically), so a crash loses at most the batch in flight;
 - on success `_SUCCESS.json` is written last: counts, rejections by reason, config hash, code
-  version, wall time and the sha256 of every output file.
+  version, wall time and the sha256 and size of every output file. A finished partition of another
+  config keeps its marker and outputs until then (a failed attempt destroys nothing); after it, the
+  old outputs the new run did not rewrite are removed. Temporary files a killed write left are
+  removed when a run starts.
 
 The manifest returned is small (paths and counts): Prefect results never hold the data.
 """
@@ -34,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.common import storage
-from tasks.common.layout import PROGRESS, SUCCESS, partition_dir, partition_name, progress_dir
+from tasks.common.layout import PROGRESS, SUCCESS, lease_url, partition_dir, partition_name, progress_dir
+from tasks.common.lease import PartitionLease
 
 log = logging.getLogger("editforge")
 
@@ -195,9 +203,39 @@ class PartitionRun:
 PartitionWork = Callable[[PartitionRun], None]
 
 
-def read_success(run_dir: str) -> dict[str, Any] | None:
+class CorruptMarkerError(ValueError):
+    """A `_SUCCESS.json` that cannot be read."""
+
+
+def read_success(run_dir: str, logger: logging.Logger | None = None) -> dict[str, Any] | None:
+    """The partition's manifest; None when there is none, or when it cannot be read (warned by path)."""
     url = storage.url_join(run_dir, SUCCESS)
-    return storage.read_json(url) if storage.exists(url) else None
+    if not storage.exists(url):
+        return None
+    try:
+        done = storage.read_json(url)
+        if not isinstance(done, dict):
+            raise CorruptMarkerError(f"not a JSON object: {type(done).__name__}")
+        return done
+    except (ValueError, UnicodeDecodeError) as err:
+        (logger or log).warning("%s cannot be read (%s): the partition counts as not done", url, err)
+        return None
+
+
+def output_problems(run_dir: str, manifest: dict[str, Any], verify: str = "size") -> list[str]:
+    """What is wrong with a finished partition's outputs: missing files, other sizes, (sha256) other bytes."""
+    on_disk = storage.file_sizes(run_dir)
+    sizes = manifest.get("sizes") or {}
+    problems = []
+    for name, sha in (manifest.get("outputs") or {}).items():
+        url = storage.url_join(run_dir, name)
+        if name not in on_disk:
+            problems.append(f"{url} is missing")
+        elif name in sizes and on_disk[name] != sizes[name]:
+            problems.append(f"{url} has {on_disk[name]} bytes, {sizes[name]} recorded")
+        elif verify == "sha256" and storage.sha256_of(url) != sha:
+            problems.append(f"{url} does not have the recorded sha256")
+    return problems
 
 
 def is_done(output_root: str, stage: str, partition_id: int, config_hash: str) -> bool:
@@ -212,7 +250,8 @@ def incomplete(output_root: str, stage: str, partition_ids: list[int], config_ha
 
 
 def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[str, tuple[int, str]]) -> None:
-    """Every input partition is finished under the hash expected, or MissingInputError naming it."""
+    """Every input partition is finished under the hash expected, its outputs there with their recorded
+    sizes, or MissingInputError naming it."""
     part = partition_name(partition_id)
     for upstream, (upstream_id, expected) in inputs.items():
         upstream_dir = partition_dir(output_root, upstream, upstream_id)
@@ -226,32 +265,49 @@ def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[s
             raise MissingInputError(
                 f"{stage} {part} reads {upstream} {theirs}, which was produced under another config "
                 f"(hash {done.get('config_hash')}, this config expects {expected}): run the {upstream} stage first")
+        problems = output_problems(upstream_dir, done)
+        if problems:
+            raise MissingInputError(f"{stage} {part} reads {upstream} {theirs}, whose outputs are damaged "
+                                    f"({'; '.join(problems[:3])}): run the {upstream} stage again to redo it")
 
 
 def execute_partition(
     stage: str, partition_id: int, output_root: str, config_hash: str, work: PartitionWork,
     logger: logging.Logger | None = None, inputs: dict[str, tuple[int, str]] | None = None,
+    verify: str = "size",
 ) -> dict[str, Any]:
     """Run `work` for one (stage, partition) under the contract; return the small manifest."""
     logger = logger or log
     run = PartitionRun(stage, partition_id, output_root, config_hash, inputs=dict(inputs or {}))
-    done = read_success(run.dir)
+    with PartitionLease(lease_url(output_root, stage, partition_id), logger):
+        return _execute(run, work, logger, verify)
+
+
+def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, verify: str) -> dict[str, Any]:
+    stage, partition_id, config_hash = run.stage, run.partition_id, run.config_hash
+    done = read_success(run.dir, logger)
     if done and done.get("config_hash") == config_hash:
-        logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)
-        # a crash between the marker and the clean-up below leaves the checkpoint behind: finish the job
-        storage.remove(run.path(PROGRESS), recursive=True)
-        return {**done, "skipped": True}
-    check_inputs(stage, partition_id, output_root, run.inputs)  # before anything finished is touched
-    if done:
-        logger.info("%s part-%05d: config changed (%s -> %s) — re-running", stage, partition_id,
-                    done.get("config_hash"), config_hash)
-        storage.remove(run.path(SUCCESS))
+        problems = output_problems(run.dir, done, verify)
+        if not problems:
+            logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)
+            # a crash between the marker and the clean-up below leaves the checkpoint behind: finish the job
+            storage.remove(run.path(PROGRESS), recursive=True)
+            return {**done, "skipped": True}
+        logger.warning("%s part-%05d: finished, but %s — doing it again", stage, partition_id, "; ".join(problems))
+    check_inputs(stage, partition_id, run.output_root, run.inputs)  # before anything is written
+    if done and done.get("config_hash") != config_hash:
+        logger.info("%s part-%05d: config changed (%s -> %s) — re-running; the finished outputs stay until "
+                    "the new ones are complete", stage, partition_id, done.get("config_hash"), config_hash)
+    left = storage.remove_temp_files(run.dir)
+    if left:
+        logger.info("%s part-%05d: removed %d temporary file(s) of an interrupted write", stage, partition_id,
+                    len(left))
     t0 = time.perf_counter()
     with storage.recording_writes() as written:
         work(run)
     # hashed as written; an output this run did not write (a resumed run's earlier files) is read back
-    sha = {name: written.get(run.path(name)) or hashlib.sha256(storage.read_bytes(run.path(name))).hexdigest()
-           for name in run.outputs}
+    sha = {name: written.get(run.path(name)) or storage.sha256_of(run.path(name)) for name in run.outputs}
+    on_disk = storage.file_sizes(run.dir)
     manifest = {
         "stage": stage,
         "partition_id": partition_id,
@@ -260,11 +316,14 @@ def execute_partition(
         "code_version": code_version(),
         "wall_time_s": round(time.perf_counter() - t0, 3),
         "outputs": sha,
+        "sizes": {name: on_disk[name] for name in run.outputs},
         **run.stats.summary(),
         **run.extra,
     }
     storage.write_json_atomic(run.path(SUCCESS), manifest)
     storage.remove(run.path(PROGRESS), recursive=True)
+    for name in sorted(set((done or {}).get("outputs") or {}) - set(run.outputs)):
+        storage.remove(run.path(name))  # the previous config's outputs this run did not write again
     logger.info("%s part-%05d: done in %.1fs %s rejected=%s", stage, partition_id, manifest["wall_time_s"],
                 manifest["counts"], manifest["rejected"])
     return {**manifest, "skipped": False}

@@ -3,6 +3,7 @@
     {output_root}/{stage}/part-{id:05d}/            one partition of a stage (the stage contract)
         _SUCCESS.json                                its manifest, written last
         _progress/<config hash>/                     in-partition checkpoints of an unfinished run
+    {output_root}/{stage}/_leases/part-{id:05d}.json the lease of the process working on a partition
     {output_root}/captions/_plan/<hash>.parquet      the captions stage's global plan (all partitions)
     {output_root}/captions/_source_stats.json        rejections while reading the sources
     {output_root}/finetune/part-00000/model/         the fine-tuned caption LM
@@ -58,6 +59,11 @@ def success_url(output_root: str, stage: str, partition_id: int) -> str:
 def progress_dir(run_dir: str, config_hash: str) -> str:
     """A partition's checkpoints, keyed by config hash: chunks of another config are never reused."""
     return storage.url_join(run_dir, PROGRESS, config_hash)
+
+
+def lease_url(output_root: str, stage: str, partition_id: int) -> str:
+    """Who is working on a partition (outside it, so that nothing the partition holds is the lease)."""
+    return storage.url_join(output_root, stage, "_leases", f"{partition_name(partition_id)}.json")
 
 
 def captions_plan_url(output_root: str, config_hash: str) -> str:

@@ -147,3 +147,57 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+TEMP_MARK = ".tmp-"  # write_bytes_atomic's temporary names: `<name>.tmp-<8 hex>`
+
+
+def file_sizes(url: str) -> dict[str, int]:
+    """Every file below ``url`` (recursively) by its path relative to ``url``, with its size in bytes."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return {}
+    root = path.rstrip("/")
+    found = fs.find(root, detail=True)
+    return {name[len(root) + 1:]: int(info.get("size") or 0) for name, info in found.items()
+            if info.get("type", "file") == "file"}
+
+
+def sha256_of(url: str) -> str:
+    return hashlib.sha256(read_bytes(url)).hexdigest()
+
+
+def remove_temp_files(url: str) -> list[str]:
+    """Delete the temporary files a killed atomic write left below ``url``; return their relative paths."""
+    left = [name for name in file_sizes(url) if TEMP_MARK in name.rsplit("/", 1)[-1]]
+    for name in left:
+        remove(url_join(url, name))
+    return left
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write ``data`` at ``url`` only if nothing is there; False when the file already exists.
+
+    Atomic on a local filesystem (``O_EXCL``). On object stores it uses the filesystem's exclusive
+    mode (``xb``) where it has one, else an existence check before the write (a small race window).
+    """
+    fs, path = filesystem(url)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        return True
+    if fs.exists(path):
+        return False
+    try:
+        with fs.open(path, "xb") as fh:
+            fh.write(data)
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):  # no exclusive mode on this filesystem
+        fs.pipe_file(path, data)
+    return True

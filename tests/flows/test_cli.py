@@ -41,6 +41,14 @@ def test_parse_partitions(spec, ids):
     assert parse_partitions(spec) == ids
 
 
+@pytest.mark.parametrize("spec, needle", [("5-2", "ends before it starts"), ("x", "expected partition ids"),
+                                          ("-1", "expected partition ids"), ("7", "out of range 0..1")])
+def test_bad_partitions_exit_2_before_any_work(tmp_path, spec, needle):
+    result = runner.invoke(app, ["stage", "render", "--set", f"output_root={tmp_path}", "--partitions", spec])
+    assert result.exit_code == 2 and needle in result.output, result.output
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing was written
+
+
 def test_report_on_an_empty_output_root(tmp_path):
     result = runner.invoke(app, ["report", "--set", f"output_root={tmp_path}"])
     assert result.exit_code == 0, result.output
@@ -72,3 +80,17 @@ def test_report_counts_only_partitions_of_this_config(tmp_path):
     assert result.exit_code == 0, result.output
     render_row = next(line for line in result.output.splitlines() if "render" in line and "│" in line)
     assert render_row.split("│")[2].strip() == "1" and render_row.split("│")[5].strip() == "5"
+
+
+def test_verify_finds_flipped_bytes_by_name(tmp_path):
+    from tasks.common import storage
+    from tasks.common.contract import execute_partition
+
+    cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1"])
+    execute_partition("captions", 0, str(tmp_path), stage_hash(cfg, "captions"),
+                      lambda run: storage.write_bytes_atomic(run.output("captions.parquet"), b"0123456789"))
+    args = ["verify", "--set", f"output_root={tmp_path}", "--set", "captions.num_partitions=1"]
+    assert runner.invoke(app, args).exit_code == 0
+    (tmp_path / "captions/part-00000/captions.parquet").write_bytes(b"0123456780")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "captions part-00000:" in result.output and "captions.parquet" in result.output

@@ -1,4 +1,5 @@
-"""Integration tier: `kill -9` the whole DAG mid-render, run it again, get exactly the uninterrupted output."""
+"""Integration tier: `kill -9` the whole DAG mid-render, run it again, get exactly the uninterrupted output;
+two whole runs at once on one output root end with it too."""
 
 from __future__ import annotations
 
@@ -34,13 +35,30 @@ def _digests(root: Path, pattern: str) -> dict[str, str]:
             for p in sorted(root.rglob(pattern))}
 
 
-def test_kill_during_render_then_rerun_equals_uninterrupted(tmp_path):
-    home = tmp_path / "prefect-home"
-    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    proc = _generate(clean, home)
+STAGE_FILES = ("text/part-00000/triplets.parquet", "render/part-00000/samples.parquet", "filter/part-00000/kept.parquet",
+               "render/part-00001/samples.parquet", "filter/part-00001/kept.parquet")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory) -> Path:
+    """One uninterrupted run: what every other run must end with."""
+    root = tmp_path_factory.mktemp("clean")
+    proc = _generate(root, root.parent / "prefect-home-clean")
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
+    return root
 
+
+def _assert_same_outputs(run: Path, clean: Path) -> None:
+    assert _digests(run, "*.tar") == _digests(clean, "*.tar") != {}
+    assert _digests(run, "*.png") == _digests(clean, "*.png")
+    for stage_file in STAGE_FILES:
+        assert (run / stage_file).read_bytes() == (clean / stage_file).read_bytes(), stage_file
+
+
+def test_kill_during_render_then_rerun_equals_uninterrupted(tmp_path, clean):
+    home = tmp_path / "prefect-home"
+    crashed = tmp_path / "crashed"
     proc = _generate(crashed, home)
     progress = crashed / "render" / "part-00000" / "_progress"
     deadline = time.time() + 600
@@ -56,8 +74,15 @@ def test_kill_during_render_then_rerun_equals_uninterrupted(tmp_path):
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
     assert "render part-00000: resuming with" in out
-    assert _digests(crashed, "*.tar") == _digests(clean, "*.tar") != {}
-    for stage_file in ("text/part-00000/triplets.parquet", "render/part-00000/samples.parquet",
-                       "filter/part-00000/kept.parquet"):
-        assert hashlib.sha256((crashed / stage_file).read_bytes()).digest() == \
-            hashlib.sha256((clean / stage_file).read_bytes()).digest(), stage_file
+    _assert_same_outputs(crashed, clean)
+
+
+def test_two_runs_at_once_on_one_root_end_with_complete_identical_outputs(tmp_path, clean):
+    shared = tmp_path / "shared"
+    runs = [_generate(shared, tmp_path / f"prefect-home-{i}") for i in range(2)]  # two servers, one root
+    outs = [r.communicate(timeout=900)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [o[-3000:] for o in outs]
+    assert "waiting for" in "".join(outs)  # one of them found a partition in the other's hands
+    _assert_same_outputs(shared, clean)
+    assert not list(shared.rglob("_progress")) and not list(shared.rglob("*.tmp-*"))
+    assert not [p for p in shared.rglob("_leases/*") if p.is_file()]

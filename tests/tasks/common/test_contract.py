@@ -164,3 +164,138 @@ def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
     finally:
         PROGRESS_HOOK.reset(token)
     assert seen == [0.5, 0.5, 1.0]
+
+
+def _partition(tmp_path, pid=0):
+    return tmp_path / "stage" / f"part-{pid:05d}"
+
+
+def test_a_deleted_or_resized_output_is_detected_and_the_partition_redone(tmp_path, caplog):
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]))
+    out = _partition(tmp_path) / "out.parquet"
+    good = out.read_bytes()
+    out.unlink()
+    m = execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]))
+    assert not m["skipped"] and out.read_bytes() == good
+    assert f"{out} is missing" in caplog.text
+    out.write_bytes(good[:-10])  # truncated
+    assert not execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]))["skipped"]
+    assert "bytes, " in caplog.text and out.read_bytes() == good
+
+
+def test_flipped_bytes_are_found_with_sha256_verification(tmp_path, caplog):
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]))
+    out = _partition(tmp_path) / "out.parquet"
+    good = bytearray(out.read_bytes())
+    good[len(good) // 2] ^= 0xFF
+    out.write_bytes(bytes(good))  # same size: the cheap check cannot see it
+    assert execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]))["skipped"]
+    m = execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1, 2]), verify="sha256")
+    assert not m["skipped"] and "does not have the recorded sha256" in caplog.text
+    assert bytes(good) != out.read_bytes()
+
+
+def test_a_failed_attempt_under_another_config_keeps_the_finished_partition(tmp_path):
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    before = {p.name: p.read_bytes() for p in _partition(tmp_path).iterdir()}
+
+    def broken(run):
+        raise ValueError("a missing model")
+
+    with pytest.raises(ValueError):
+        execute_partition("stage", 0, str(tmp_path), "h2", broken)
+    assert {p.name: p.read_bytes() for p in _partition(tmp_path).iterdir()} == before
+    assert execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
+
+
+def test_outputs_of_the_previous_config_not_written_again_are_removed(tmp_path):
+    def writes(*names):
+        def work(run):
+            for name in names:
+                storage.write_bytes_atomic(run.output(name), name.encode())
+        return work
+
+    execute_partition("stage", 0, str(tmp_path), "h1", writes("a.bin", "shards/b.bin"))
+    m = execute_partition("stage", 0, str(tmp_path), "h2", writes("a.bin"))
+    assert set(m["outputs"]) == set(m["sizes"]) == {"a.bin"}
+    assert not (_partition(tmp_path) / "shards" / "b.bin").exists() and (_partition(tmp_path) / "a.bin").exists()
+
+
+def test_an_unreadable_marker_is_reported_by_path_and_counts_as_not_done(tmp_path, caplog):
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    marker = _partition(tmp_path) / SUCCESS
+    marker.write_text('{"config_hash": "h1", "outp')  # cut short
+    assert not execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
+    assert f"{marker} cannot be read" in caplog.text and json.loads(marker.read_text())["config_hash"] == "h1"
+
+
+def test_temporary_files_of_a_killed_write_are_removed_when_the_partition_runs(tmp_path):
+    left = _partition(tmp_path) / "_progress" / "h1" / "chunk-0.parquet.tmp-0a1b2c3d"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half a chunk")
+    execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    assert not list(_partition(tmp_path).rglob("*.tmp-*"))
+
+
+def test_damaged_upstream_outputs_are_a_clear_error(tmp_path):
+    from tasks.common.contract import MissingInputError
+
+    execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
+    (tmp_path / "up" / "part-00000" / "out.parquet").unlink()
+    with pytest.raises(MissingInputError, match=r"up part-00000, whose outputs are damaged .*out.parquet is missing"):
+        execute_partition("down", 0, str(tmp_path), "h", lambda run: None, inputs={"up": (0, "h-up")})
+
+
+HOLDER = """
+import sys, time
+import pandas as pd
+from tasks.common import storage
+from tasks.common.contract import execute_partition
+
+def work(run):
+    run.checkpoint("k").append("a", pd.DataFrame({"k": ["a"]}))
+    print("working", flush=True)
+    time.sleep(3)
+    storage.write_bytes_atomic(run.output("out.bin"), b"from the first process")
+
+execute_partition("stage", 0, sys.argv[1], "h1", work)
+"""
+
+
+def test_a_second_process_waits_for_the_partition_then_skips_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
+                             text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert first.stdout.readline().strip() == "working"
+    chunks = list(_partition(tmp_path).rglob("chunk-*.parquet"))
+    calls = []
+    t0 = time.monotonic()
+    second = execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run))
+    assert first.wait(timeout=60) == 0
+    assert second["skipped"] and not calls and time.monotonic() - t0 > 1  # it waited, then found it done
+    assert chunks and (_partition(tmp_path) / "out.bin").read_bytes() == b"from the first process"
+    assert not (tmp_path / "stage" / "_leases" / "part-00000.json").exists()
+
+
+def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import time
+
+    lease = tmp_path / "stage" / "_leases" / "part-00000.json"
+    lease.parent.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()}))
+    assert not execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
+    # another host's lease: taken over once its heartbeat is older than the TTL
+    monkeypatch.setenv("EDITFORGE_LEASE_TTL_S", "1")
+    lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time()}))
+    t0 = time.monotonic()
+    assert not execute_partition("stage", 0, str(tmp_path), "h2", _work_writing([1]))["skipped"]
+    assert 0.5 < time.monotonic() - t0 < 30 and not lease.exists()
