@@ -21,7 +21,17 @@ import yaml
 
 from flows.calibrate_cli import calibrate_early
 from flows.generate import run
-from flows.options import Overrides, Partitions, Preset, Verify, load_or_exit, parse_partitions, with_verify
+from flows.options import (
+    Debug,
+    Overrides,
+    Partitions,
+    Preset,
+    Verify,
+    load_or_exit,
+    parse_partitions,
+    reported,
+    with_verify,
+)
 from flows.train import train_command
 from tasks import registry
 from tasks.common.config import preset_names
@@ -36,7 +46,8 @@ CHAIN = [s.name for s in registry.chain()]
 
 @app.command()
 def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")], preset: Preset = "demo",
-          overrides: Overrides = None, partitions: Partitions = None, verify: Verify = False) -> None:
+          overrides: Overrides = None, partitions: Partitions = None, verify: Verify = False,
+          debug: Debug = False) -> None:
     """Run one stage (optionally on some partitions only)."""
     overrides = with_verify(overrides, verify)
     cfg = load_or_exit(preset, overrides)
@@ -52,7 +63,8 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")
     except ValueError as err:
         typer.echo(f"error: --partitions {partitions}: {err}", err=True)
         raise typer.Exit(2) from None
-    FLOWS[name](preset, overrides, ids)
+    with reported(debug):
+        FLOWS[name](preset, overrides, ids)
 
 
 @app.command()

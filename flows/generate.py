@@ -15,7 +15,7 @@ import sys
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.options import Overrides, Preset, Verify, load_or_exit, run_command, with_verify
+from flows.options import Debug, Overrides, Preset, Verify, load_or_exit, reported, run_command, with_verify
 from flows.report import render_report
 from flows.stages import FLOWS
 from tasks import registry
@@ -41,11 +41,12 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
                                     "rejected": r["rejected"]} for r in rows}}
 
 
-def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False) -> None:
+def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False, debug: Debug = False) -> None:
     """Run the whole DAG; finished partitions (outputs checked) are skipped."""
     overrides = with_verify(overrides, verify)
     load_or_exit(preset, overrides)
-    generate(preset, overrides)
+    with reported(debug):
+        generate(preset, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,22 +3,28 @@
 `editforge run|stage|train|config|report|calibrate-early` and `python -m flows.generate` /
 `python -m flows.train` all take `--preset` and `--set KEY=VALUE` through these definitions and load
 the config through :func:`load_or_exit`, so a bad key or a bad `name` fails at once, before Prefect
-starts, with one message naming it and exit code 2.
+starts, with one message naming it and exit code 2; :func:`reported` does the same for a failure
+during the run (one `error:` line, exit 2 when a retry cannot fix it, else 1; `--debug` shows the
+tracebacks instead).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
 
 from tasks.common.config import ConfigError, PipelineConfig, load_config
+from tasks.common.errors import is_permanent
 
 Preset = Annotated[str, typer.Option("--preset", "-p", help="preset name (demo, paper, fast, ...) or a YAML file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override, e.g. render.steps=20 "
                                                                            "(repeatable)")]
 Partitions = Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: all)")]
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks (Prefect's and the error's) instead of one line")]
 
 
 def load_or_exit(preset: str, overrides: list[str] | None) -> PipelineConfig:
@@ -52,6 +58,42 @@ def parse_partitions(spec: str | None) -> list[int] | None:
             raise typer.BadParameter(f"{spec!r}: the range {part.strip()} ends before it starts", param_hint="--partitions")
         ids += list(range(first, last + 1))
     return ids
+
+
+class _OneLine(logging.Filter):
+    """Drops the traceback from a log record (its message line stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+@contextmanager
+def reported(debug: bool) -> Iterator[None]:
+    """A failure inside the block as a person reads it: one message, exit 2 (permanent) or 1."""
+    if debug:
+        yield
+        return
+    quiet = _OneLine()
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        yield
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as err:
+        permanent = is_permanent(err)
+        typer.echo(f"error: {err}" if str(err) else f"error: {type(err).__name__}", err=True)
+        if not permanent:
+            typer.echo(f"({type(err).__name__}, not a setting or input problem: run again with --debug for the "
+                       "traceback)", err=True)
+        raise typer.Exit(2 if permanent else 1) from None
+    finally:
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 def run_command(command: Callable[..., None], argv: list[str] | None, prog: str, doc: str | None = None) -> int:

@@ -5,7 +5,7 @@ partitions asked for (default: all) — one after another for stages that share 
 API quota, concurrently otherwise — publishes a keyed table artifact (one row per partition) and
 runs the stage's `finalize` (if any) when it covered every partition. Several workers can split one
 stage between them by `partitions`. The work itself is the stage's `run(cfg, partition_id)`; these
-wrappers add Prefect's retries (never for a missing or stale input), resource tags, progress
+wrappers add Prefect's retries (never for an error a retry cannot fix), resource tags, progress
 artifacts and the dashboard table.
 """
 
@@ -21,19 +21,18 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 
 from tasks import registry
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.contract import PROGRESS_HOOK, MissingInputError
+from tasks.common.contract import PROGRESS_HOOK
+from tasks.common.errors import is_permanent
 from tasks.common.layout import artifact_key, partition_name
 from tasks.common.stage import Stage
 
 
-def _retry_unless_missing_input(task, task_run, state) -> bool:
-    """Retry transient failures, not a stage started before its input stage finished."""
+def _retry_unless_permanent(task, task_run, state) -> bool:
+    """Retry transient failures only: not a missing or stale input, a bad setting or a refused key."""
     try:
         state.result()
-    except MissingInputError:
-        return False
-    except Exception:
-        return True
+    except Exception as err:
+        return not is_permanent(err)
     return True
 
 
@@ -104,7 +103,7 @@ def _finalize(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
 
 
 def _tasks(stage: Stage) -> tuple:
-    retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_missing_input}
+    retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_permanent}
     return (task(name=f"{stage.name}-prepare", **retry)(_prepare),
             task(name=f"{stage.name}-partition", **retry)(_run_partition),
             task(name=f"{stage.name}-finalize", retries=1)(_finalize))

@@ -21,7 +21,7 @@ import typer
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 
-from flows.options import Overrides, Preset, load_or_exit, run_command
+from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_command
 from tasks import registry
 from tasks.common import layout
 from tasks.common.config import PipelineConfig, load_config
@@ -60,11 +60,12 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
 
 
 def train_command(preset: Preset = "demo", overrides: Overrides = None,
-                  index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None
-                  ) -> None:
+                  index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None,
+                  debug: Debug = False) -> None:
     """Train the editing model on the shards of a run (the separate training flow)."""
     load_or_exit(preset, overrides)
-    train(preset, overrides or [], index)
+    with reported(debug):
+        train(preset, overrides or [], index)
 
 
 def main(argv: list[str] | None = None) -> int:

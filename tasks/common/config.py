@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.common.errors import PermanentError
 from tasks.common.layout import check_name
 from tasks.common.selection import METRICS
 
@@ -306,7 +307,7 @@ class PipelineConfig(Section):
         return check_name(value)
 
 
-class ConfigError(ValueError):
+class ConfigError(PermanentError, ValueError):
     """A config file or override is invalid; the message names the key."""
 
 

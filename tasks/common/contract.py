@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common import storage
+from tasks.common.errors import PermanentError
 from tasks.common.layout import PROGRESS, SUCCESS, lease_url, partition_dir, partition_name, progress_dir
 from tasks.common.lease import PartitionLease
 
@@ -69,7 +70,7 @@ def code_version() -> str:
     return f"{pkg}+g{sha}" if sha else pkg
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(PermanentError, FileNotFoundError):
     """A stage was run before the stage it reads from; retrying cannot help."""
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from tasks.common.errors import PermanentError
 from tasks.common.tiny import ensure_tiny
 
 DIFFUSION_HUB_IDS = {
@@ -38,7 +39,7 @@ DIFFUSION_HUB_IDS = {
 CLIP_PRESETS = {"vit-l-14": ("ViT-L-14", "openai")}
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(PermanentError, RuntimeError):
     """Weights for a preset could not be found locally (and the network is off)."""
 
 

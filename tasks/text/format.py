@@ -8,7 +8,9 @@ Rejection reasons (every row of `triplets.parquet` is `ok` or carries exactly on
 unparseable, empty_part, output_equals_input, instruction_too_long, instruction_contains_caption,
 duplicate_input_edit (a later caption repeating an earlier (input, edit) pair, case and trailing
 punctuation ignored), moderation_flag (the caption or the generated text was flagged by the
-moderation endpoint) and api_error (the API refused the request for good, e.g. a 400).
+moderation endpoint), api_error (the API refused the request for good, e.g. a 400), truncated (the
+answer stopped at the token limit, `finish_reason: length`) and content_filter (the server's filter
+cut it, `finish_reason: content_filter`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ REJECT_EDIT_HAS_CAPTION = "instruction_contains_caption"
 REJECT_DUPLICATE = "duplicate_input_edit"
 REJECT_MODERATION = "moderation_flag"
 REJECT_API = "api_error"
+REJECT_TRUNCATED = "truncated"
+REJECT_CONTENT_FILTER = "content_filter"
+# an answer's finish_reason -> its rejection (`stop`, or none given: parsed as usual)
+FINISH_REJECTIONS = {"length": REJECT_TRUNCATED, "content_filter": REJECT_CONTENT_FILTER}
 
 TRIPLET_COLUMNS = ["caption_id", "input", "edit", "output", "model", "raw_completion", "status", "reject_reason"]
 

@@ -4,9 +4,13 @@ Any server that speaks the OpenAI HTTP API works through `text.openai.base_url`:
 or an open model served by vLLM (`vllm serve Qwen/Qwen2.5-1.5B-Instruct --enable-lora ...`, then
 `text.openai.base_url=http://host:8000/v1`, `text.openai.model=<served name>`), TGI, or a proxy.
 
-Retries are ours, not the SDK's (`max_retries=0`): 429, 408, 409, 5xx, timeouts and dropped
-connections are retried with exponential backoff and jitter, and a `Retry-After` (or
-`retry-after-ms`) header from the server is honoured. Every retry is counted by reason. Long-running
+Retries are ours, not the SDK's (`max_retries=0`): 429, 408, 409, 5xx, timeouts, dropped connections,
+a request past its deadline (`request_timeout_s` for the whole request, not per read) and an answer
+that is not valid JSON are retried with exponential backoff and jitter, and a `Retry-After` (or
+`retry-after-ms`) header from the server is honoured. Every retry is counted by reason. 401, 403
+and 404 are the server telling us the key, the permission or the URL / model is wrong: they stop the
+stage at once (:class:`PermanentAPIError`, not retried, nothing marked done); other 4xx refuse one
+request (the caller rejects that caption as `api_error`). Long-running
 jobs (batch, fine-tune) are polled with `poll_until`, which gives up after a timeout with a message
 that says how to resume.
 
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import hashlib
+import json
 import os
 import random
 import threading
@@ -28,22 +33,45 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import httpx
 import openai
 
 from prompts.templates import chat_messages, finetune_prompt
 from tasks.common.config import OpenAITextConfig, TextConfig
 from tasks.common.contract import Stats
+from tasks.common.errors import PermanentError
 
 T = TypeVar("T")
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 
 
-class MissingAPIKeyError(RuntimeError):
+class MissingAPIKeyError(PermanentError, RuntimeError):
     """No API key was found where the config says to look (the message names the place, not a key)."""
 
 
-class ModerationUnavailableError(RuntimeError):
+class ModerationUnavailableError(PermanentError, RuntimeError):
     """Moderation is on but the server has no moderation endpoint."""
+
+
+class PermanentAPIError(PermanentError, RuntimeError):
+    """The server refuses every request (wrong key, no permission, wrong URL or model): stop the stage."""
+
+
+FIX_HINTS = {
+    401: "the API key was refused: check the variable text.openai.api_key_env names (or the Prefect Secret "
+         "block in text.openai.api_key_secret)",
+    403: "the key has no access to this model or endpoint: check the account's permissions or text.openai.model",
+    404: "no such endpoint or model on this server: check text.openai.base_url (it usually ends in /v1) and "
+         "text.openai.model / the fine-tuned model id",
+}
+
+
+class DeadlineExceeded(openai.APITimeoutError):
+    """A request took longer than ``request_timeout_s`` in all (a server trickling its answer)."""
+
+
+class MalformedResponse(openai.APIError):
+    """The server's answer was not valid JSON (cut short)."""
 
 
 def resolve_api_key(cfg: OpenAITextConfig) -> str:
@@ -98,6 +126,10 @@ class RetryPolicy:
 
 def retry_reason(err: BaseException) -> str | None:
     """Why a failed request is worth retrying ('429', '5xx', 'timeout', ...), or None when it is not."""
+    if isinstance(err, DeadlineExceeded):
+        return "deadline"
+    if isinstance(err, MalformedResponse):
+        return "malformed"
     if isinstance(err, openai.APITimeoutError):
         return "timeout"
     if isinstance(err, openai.APIConnectionError):
@@ -145,6 +177,10 @@ async def call_with_retries(
             return await call()
         except openai.APIError as err:
             reason = retry_reason(err)
+            if isinstance(err, openai.APIStatusError) and err.status_code in FIX_HINTS:
+                raise PermanentAPIError(
+                    f"text: {err.request.url} answered HTTP {err.status_code} "
+                    f"({(err.message or '')[:160]}): {FIX_HINTS[err.status_code]}") from None
             if reason is None or attempt >= policy.max_retries:
                 raise
             if on_retry:
@@ -238,22 +274,36 @@ def request_body(t: TextConfig, model: str, caption_id: str, caption: str) -> di
     return body | {"prompt": finetune_prompt(caption), "max_tokens": t.max_new_tokens}
 
 
-def completion_text(endpoint: str, response: dict[str, Any]) -> str | None:
-    """The generated text of a (chat) completion response body, or None when it has none."""
+@dataclass(frozen=True)
+class Completion:
+    """A generated text and why generation stopped (``stop``, ``length``, ``content_filter``, ...)."""
+
+    text: str | None
+    finish_reason: str | None = None
+
+
+def completion_of(endpoint: str, response: dict[str, Any]) -> Completion:
+    """The generated text and finish reason of a (chat) completion response body."""
     choices = response.get("choices") or []
     if not choices:
-        return None
-    if endpoint == "chat":
-        return (choices[0].get("message") or {}).get("content")
-    return choices[0].get("text")
+        return Completion(None)
+    choice = choices[0]
+    text = (choice.get("message") or {}).get("content") if endpoint == "chat" else choice.get("text")
+    return Completion(text, choice.get("finish_reason"))
 
 
-async def create_completion(client: openai.AsyncOpenAI, endpoint: str, body: dict[str, Any]) -> str | None:
-    if endpoint == "chat":
-        response = await client.chat.completions.create(**body)
-    else:
-        response = await client.completions.create(**body)
-    return completion_text(endpoint, response.model_dump())
+async def create_completion(client: openai.AsyncOpenAI, endpoint: str, body: dict[str, Any],
+                            deadline_s: float) -> Completion:
+    """One generation request, abandoned (:class:`DeadlineExceeded`) after ``deadline_s`` in all."""
+    create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+    try:
+        response = await asyncio.wait_for(create(**body), deadline_s)
+    except TimeoutError:
+        raise DeadlineExceeded(request=httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}")) from None
+    except json.JSONDecodeError as err:
+        raise MalformedResponse(f"the answer was not valid JSON ({err})",
+                                httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}"), body=None) from None
+    return completion_of(endpoint, response.model_dump())
 
 
 async def moderate(client: openai.AsyncOpenAI, model: str, texts: list[str]) -> list[bool]:

@@ -22,11 +22,13 @@ import openai
 from tasks.common import storage
 from tasks.common.config import TextConfig
 from tasks.common.contract import Stats
-from tasks.text.format import triplet_row
+from tasks.common.errors import PermanentError
+from tasks.text.format import FINISH_REJECTIONS, triplet_row
 from tasks.text.openai_api import (
     ENDPOINT_PATHS,
+    Completion,
     RetryPolicy,
-    completion_text,
+    completion_of,
     poll_until,
     request_body,
     retrying,
@@ -37,7 +39,7 @@ log = logging.getLogger("editforge")
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-class BatchJobError(RuntimeError):
+class BatchJobError(PermanentError, RuntimeError):
     """The batch job failed as a whole (e.g. its input file did not validate); the message has its errors."""
 
 
@@ -47,16 +49,16 @@ def batch_input_jsonl(t: TextConfig, model: str, captions: Sequence[Caption]) ->
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def parse_batch_output(endpoint: str, data: bytes) -> dict[str, str | None]:
-    """custom_id -> generated text for every request the job answered with HTTP 200."""
-    answers: dict[str, str | None] = {}
+def parse_batch_output(endpoint: str, data: bytes) -> dict[str, Completion]:
+    """custom_id -> generated text and finish reason for every request the job answered with HTTP 200."""
+    answers: dict[str, Completion] = {}
     for line in data.decode("utf-8").splitlines():
         if not line.strip():
             continue
         item = json.loads(line)
         response = item.get("response") or {}
         if response.get("status_code") == 200 and not item.get("error"):
-            answers[item["custom_id"]] = completion_text(endpoint, response.get("body") or {})
+            answers[item["custom_id"]] = completion_of(endpoint, response.get("body") or {})
     return answers
 
 
@@ -94,14 +96,16 @@ async def generate_batch(
         storage.remove(state_url)
         errors = [f"{e.code}: {e.message}" for e in (getattr(batch.errors, "data", None) or [])]
         raise BatchJobError(f"batch job {batch_id} failed: {'; '.join(errors) or 'no error given'}")
-    answers: dict[str, str | None] = {}
+    answers: dict[str, Completion] = {}
     if batch.output_file_id:
         content = await retried(lambda: client.files.content(batch.output_file_id))
         answers = parse_batch_output(o.endpoint, content.read())
     stats.add("batch_answered", len(answers))
     for cid, text in captions:
         if cid in answers:
-            writer.add(triplet_row(cid, text, answers[cid], model, t.max_edit_words))
+            answer = answers[cid]
+            writer.add(triplet_row(cid, text, answer.text, model, t.max_edit_words,
+                                   FINISH_REJECTIONS.get(answer.finish_reason)))
             if len(writer.rows) >= o.checkpoint_every:
                 await writer.flush()
     await writer.flush()

@@ -29,6 +29,7 @@ import openai
 from tasks.common import storage
 from tasks.common.config import TextConfig
 from tasks.common.contract import Stats
+from tasks.common.errors import PermanentError
 from tasks.text.finetune_data import finetune_file_name
 from tasks.text.openai_api import RetryPolicy, poll_until, redacted_endpoint, retrying
 
@@ -36,7 +37,7 @@ log = logging.getLogger("editforge")
 ACTIVE = {"validating_files", "queued", "running", "pending"}
 
 
-class FineTuneJobError(RuntimeError):
+class FineTuneJobError(PermanentError, RuntimeError):
     """The fine-tuning job failed or was cancelled; the message carries the job's error."""
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 
 from tasks.common.config import TextConfig
 from tasks.common.contract import Checkpoint, Stats
-from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, triplet_row
+from tasks.text.format import FINISH_REJECTIONS, REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, triplet_row
 from tasks.text.openai_api import RetryPolicy, create_completion, moderate, request_body, retrying
 
 log = logging.getLogger("editforge")
@@ -131,8 +131,9 @@ async def generate_online(
             body = request_body(t, model, caption_id, caption)
             reason = raw = None
             try:
-                raw = await retried(partial(create_completion, client, o.endpoint, body))
+                answer = await retried(partial(create_completion, client, o.endpoint, body, o.request_timeout_s))
                 stats.add("requests_answered")
+                raw, reason = answer.text, FINISH_REJECTIONS.get(answer.finish_reason)
             except openai.APIStatusError as err:
                 if err.status_code >= 500 or err.status_code in (408, 409, 429):
                     raise

@@ -39,7 +39,7 @@ from typing import Any, Self
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 EDITS = [
@@ -64,6 +64,10 @@ class Knobs:
     malformed_rate: float = 0.0
     flag_words: tuple[str, ...] = ("FLAGGED",)
     refuse_words: tuple[str, ...] = ("REFUSED",)
+    truncate_words: tuple[str, ...] = ("TRUNCATED",)  # answered with finish_reason "length"
+    filter_words: tuple[str, ...] = ("FILTERED",)  # answered with finish_reason "content_filter"
+    trickle_s: float = 0.0  # send each answer in 8 pieces this far apart (a slow server)
+    cut_json_rate: float = 0.0  # answer with a JSON body cut in half
     job_polls_per_status: int = 1
     job_error: dict[str, Any] | None = None
     batch_polls: int = 1
@@ -166,19 +170,34 @@ def build_app(state: FakeState) -> Starlette:
         if any(w in caption for w in state.knobs.refuse_words):
             state.log(request.url.path, 400, None, refused=caption)
             return _error(400, "This request was refused (fake content policy).", "content_policy_violation")
-        state.log(request.url.path, 200, caption, seed=body.get("seed"))
-        return JSONResponse(_answer(request.url.path, body))
+        with state.lock:
+            cut = state.rng.random() < state.knobs.cut_json_rate
+        state.log(request.url.path, 200 if not cut else 299, caption, seed=body.get("seed"))
+        data = json.dumps(_answer(request.url.path, body)).encode()
+        if cut:
+            return Response(data[: len(data) // 2], media_type="application/json")
+        if state.knobs.trickle_s > 0:
+            async def pieces():
+                step = -(-len(data) // 8)
+                for i in range(0, len(data), step):
+                    yield data[i: i + step]
+                    await asyncio.sleep(state.knobs.trickle_s)
+            return StreamingResponse(pieces(), media_type="application/json")
+        return Response(data, media_type="application/json")
 
     def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
-        text = fake_completion(caption_of(body), body.get("seed"), state.knobs.malformed_rate)
+        caption = caption_of(body)
+        text = fake_completion(caption, body.get("seed"), state.knobs.malformed_rate)
+        finish = ("length" if any(w in caption for w in state.knobs.truncate_words) else
+                  "content_filter" if any(w in caption for w in state.knobs.filter_words) else "stop")
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
         if path.endswith("chat/completions"):
             return {"id": state.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
                     "model": body.get("model"), "usage": usage, "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]}
         return {"id": state.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
                 "model": body.get("model"), "usage": usage,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}]}
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
 
     async def moderations(request: Request) -> Response:
         body = await request.json()

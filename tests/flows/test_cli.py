@@ -94,3 +94,13 @@ def test_verify_finds_flipped_bytes_by_name(tmp_path):
     (tmp_path / "captions/part-00000/captions.parquet").write_bytes(b"0123456780")
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "captions part-00000:" in result.output and "captions.parquet" in result.output
+
+
+@pytest.mark.flow
+def test_a_run_that_cannot_succeed_prints_one_line_exits_2_and_is_not_retried(prefect_harness, tmp_path):
+    result = runner.invoke(app, ["stage", "captions", "--set", f"output_root={tmp_path}",
+                                 "--set", f"captions.source={tmp_path}/none-*.parquet"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: captions.source '{tmp_path}/none-*.parquet' matched no file"], result.output
+    assert "Traceback" not in result.output and "Retrying" not in result.output

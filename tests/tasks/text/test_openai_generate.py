@@ -150,3 +150,57 @@ def test_a_server_without_moderation_gives_a_clear_error(fake, tmp_path):
                         f"text.openai.base_url={fake.base_url.removesuffix('/v1')}/no-such-prefix/v1")
     with pytest.raises(openai_api.ModerationUnavailableError, match="text.openai.moderation=false"):
         run_text_partition(cfg, 0)
+
+
+@pytest.mark.parametrize("setting, status, fix", [
+    ("text.openai.api_key_env=EDITFORGE_WRONG_KEY", 401, "text.openai.api_key_env"),
+    ("text.openai.base_url={base}/no-such-prefix/v1", 404, "text.openai.base_url"),
+])
+def test_auth_and_not_found_stop_the_stage_and_nothing_is_marked_done(fake, tmp_path, monkeypatch, setting, status, fix):
+    """The documented vLLM set-up (moderation off): a wrong key or URL must not turn into a finished partition."""
+    from tasks.text.openai_api import PermanentAPIError
+
+    monkeypatch.setenv("EDITFORGE_WRONG_KEY", "sk-wrong")
+    captions = make_captions(12)
+    write_captions(str(tmp_path), 0, captions)
+    base = fake.base_url.removesuffix("/v1")
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
+                        setting.format(base=base))
+    with pytest.raises(PermanentAPIError, match=rf"HTTP {status} .*{fix}"):
+        run_text_partition(cfg, 0)
+    assert not (tmp_path / "text/part-00000/_SUCCESS.json").exists()
+    assert fake.state.count("/v1/chat/completions", 200) == 0
+    fixed = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
+    manifest = run_text_partition(fixed, 0)  # once fixed, every caption is asked and answered
+    assert not manifest["skipped"] and manifest["counts"]["requests_answered"] == 12
+
+
+def test_truncated_and_filtered_answers_are_rejected_with_their_reason(fake, tmp_path):
+    captions = make_captions(6, ["a TRUNCATED tale of a lighthouse", "a FILTERED scene at night"])
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
+    manifest = run_text_partition(cfg, 0)
+    rows = _triplets(tmp_path).set_index("input")
+    assert rows.loc["a TRUNCATED tale of a lighthouse", "reject_reason"] == "truncated"
+    assert rows.loc["a FILTERED scene at night", "reject_reason"] == "content_filter"
+    assert manifest["rejected"]["truncated"] == manifest["rejected"]["content_filter"] == 1
+
+
+def test_a_trickling_server_hits_the_request_deadline(fake, tmp_path):
+    fake.knobs.trickle_s = 0.4  # 8 pieces: ~3 s an answer, each piece well inside a per-read timeout
+    write_captions(str(tmp_path), 0, make_captions(2))
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
+                        "text.openai.request_timeout_s=1", "text.openai.max_retries=1")
+    with pytest.raises(Exception, match="timed out"):
+        run_text_partition(cfg, 0)
+    assert not (tmp_path / "text/part-00000/_SUCCESS.json").exists()
+
+
+def test_an_answer_cut_short_is_retried(fake, tmp_path):
+    fake.knobs.cut_json_rate = 0.3
+    captions = make_captions(30)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
+    manifest = run_text_partition(cfg, 0)
+    assert manifest["counts"]["retries_malformed"] > 0 and manifest["counts"]["requests_answered"] == 30
+    _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
