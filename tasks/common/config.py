@@ -10,18 +10,49 @@ change how fast or how robustly a stage runs, never what it writes: the stage ha
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks.common.errors import PermanentError
 from tasks.common.layout import check_name
 from tasks.common.selection import METRICS
 
 OPERATIONAL_KEY = "operational"
+# where a model runs: auto (CUDA when visible), cpu, cuda, cuda:N, mps
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?|mps)$")
+
+
+def _device(value: str) -> str:
+    if not _DEVICE_RE.match(value):
+        raise ValueError(f"unknown device {value!r}: use auto (CUDA when visible), cpu, cuda, cuda:N or mps")
+    return value
+
+
+Device = Annotated[str, AfterValidator(_device)]
+# render.scheduler -> the diffusers class (tasks.common.models.make_scheduler)
+SCHEDULER_CLASSES = {
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+SchedulerName = Literal[tuple(SCHEDULER_CLASSES)]
+# the VAE of SD 1.x / SDXL downsamples 8x: image sizes are multiples of it
+SIZE_MULTIPLE = 8
 
 
 def operational(default: Any, **kwargs: Any) -> Any:
@@ -124,7 +155,8 @@ class TextConfig(Section):
     max_edit_words: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
-    device: str = operational("auto", description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
+    device: Device = operational("auto",
+                                 description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="local backend: the LM's dtype on CUDA (float32 on CPU)")
     openai: OpenAITextConfig = OpenAITextConfig()
@@ -140,9 +172,9 @@ class Selection(Section):
     each image vs its caption >= ``clip_caption_threshold`` and the directional similarity >=
     ``clip_direction_threshold``; per triplet the ``top_k`` passing samples by direction are kept."""
 
-    clip_image_threshold: float = 0.75
-    clip_caption_threshold: float = 0.2
-    clip_direction_threshold: float = 0.2
+    clip_image_threshold: float = Field(0.75, ge=-1, le=1)
+    clip_caption_threshold: float = Field(0.2, ge=-1, le=1)
+    clip_direction_threshold: float = Field(0.2, ge=-1, le=1)
     top_k: int = Field(4, ge=1)
 
 
@@ -171,13 +203,13 @@ class RenderConfig(Section):
     batch_samples: int | Literal["auto"] = operational(4, description="samples per UNet call (UNet batch = 4 x this), or 'auto'")
     batch_samples_max: int = operational(64, ge=1)
     steps: int = Field(100, ge=1)
-    height: int = Field(512, ge=8)
-    width: int = Field(512, ge=8)
+    height: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    width: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
     cfg_range: tuple[float, float] = (7.5, 15.0)
     p_range: tuple[float, float] = (0.1, 0.9)
     attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = "ip2p"
-    scheduler: str = "euler_ancestral"
-    device: str = operational("auto")
+    scheduler: SchedulerName = "euler_ancestral"
+    device: Device = operational("auto")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = operational(False, description="torch.compile the UNet on CUDA (same images up to float rounding)")
     base_seed: int = 0
@@ -202,6 +234,10 @@ class RenderConfig(Section):
             lo, hi = getattr(self, name)
             if lo > hi:
                 raise ValueError(f"{name}: lower bound {lo} is above upper bound {hi}")
+        if not 0 <= self.p_range[0] <= self.p_range[1] <= 1:
+            raise ValueError(f"p_range {list(self.p_range)}: p is the share of steps with shared attention, within [0, 1]")
+        if self.cfg_range[0] < 1:
+            raise ValueError(f"cfg_range {list(self.cfg_range)}: classifier-free guidance scales start at 1")
         return self
 
 
@@ -214,9 +250,9 @@ class FilterConfig(Section):
     ``image_not_stored``, never silently replaced.
     """
 
-    clip_image_threshold: float | None = None
-    clip_caption_threshold: float | None = None
-    clip_direction_threshold: float | None = None
+    clip_image_threshold: float | None = Field(None, ge=-1, le=1)
+    clip_caption_threshold: float | None = Field(None, ge=-1, le=1)
+    clip_direction_threshold: float | None = Field(None, ge=-1, le=1)
     top_k: int | None = Field(None, ge=1)
     note: str = ""
 
@@ -259,14 +295,15 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     use_ema: bool = True
     ema_decay: float = Field(0.9999, gt=0, lt=1)
-    resolution: int = Field(256, ge=8, description="square crop size (a multiple of the VAE downsampling)")
+    resolution: int = Field(256, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
+                            description="square crop size (a multiple of the VAE downsampling)")
     max_resize_ratio: float = Field(288 / 256, ge=1, description="resize to a random size in [res, res*ratio]")
     flip_prob: float = Field(0.5, ge=0, le=1)
     conditioning_dropout: float = Field(0.05, ge=0, le=1 / 3, description="5%: text only, both, image only")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
     num_workers: int = Field(4, ge=0, description="DataLoader workers (part of the data order)")
     seed: int = 0
-    device: str = operational("auto")
+    device: Device = operational("auto")
     checkpoint_every: int = operational(500, ge=1)
     checkpoints_total_limit: int = operational(2, ge=1)
     log_every: int = operational(50, ge=1)
@@ -305,6 +342,14 @@ class PipelineConfig(Section):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _own_folder(cls, data: Any) -> Any:
+        """A config that names no `output_root` writes under `runs/<name>`, never into another run's folder."""
+        if isinstance(data, dict) and "output_root" not in data:
+            data = {**data, "output_root": f"runs/{data.get('name', 'demo')}"}
+        return data
 
 
 class ConfigError(PermanentError, ValueError):
@@ -349,10 +394,16 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Pip
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{origin}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections (name, output_root, render, ...), "
+                          f"got {type(data).__name__}")
+    if not origin.startswith("preset ") and "name" not in data:  # a YAML file: named after it
+        data["name"] = re.sub("[^a-z0-9-]+", "-", Path(preset).stem.lower()).strip("-") or "run"
     for item in overrides or []:
         _set_dotted(data, *parse_override(item))
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()]
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 + ("" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})") for e in err.errors()]
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from tasks.common.config import SCHEDULER_CLASSES
 from tasks.common.errors import PermanentError
 from tasks.common.tiny import ensure_tiny
 
@@ -82,9 +83,19 @@ class ClipComponents:
     source: str = ""
 
 
-def _not_available(preset: str, setting: str, source: str, err: Exception) -> ModelNotAvailableError:
+def _not_available(preset: str, setting: str, source: str, err: Exception,
+                   path: str | None = None) -> ModelNotAvailableError:
+    """One message that tells a missing folder, an unreadable one and weights never downloaded apart."""
+    why = f"{type(err).__name__}: {str(err)[:300]}"
+    if path and not Path(path).exists():
+        return ModelNotAvailableError(f"model preset {preset!r}: {setting}={path} does not exist; point it at the "
+                                      "folder (or file) holding the weights")
+    if path or Path(source).exists():
+        return ModelNotAvailableError(
+            f"model preset {preset!r}: the weights at {path or source} could not be loaded ({why}); the folder is "
+            f"incomplete or a file is corrupt: copy it again, or fix {setting}")
     return ModelNotAvailableError(
-        f"model preset {preset!r}: weights {source!r} are not available offline ({type(err).__name__}: {err}). "
+        f"model preset {preset!r}: weights {source!r} are not available offline ({why}). "
         f"Download them on a connected machine and set `{setting}` to the local folder "
         f"(e.g. --set {setting}=/models/...), or use the 'tiny' preset."
     )
@@ -151,8 +162,8 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                     source, subfolder="text_encoder_2", use_safetensors=True, **kw
                 )
-        except (OSError, ValueError) as err:
-            raise _not_available(preset, "models.diffusion_path", source, err) from err
+        except Exception as err:  # OSError, ValueError, a corrupt safetensors file (SafetensorError), ...
+            raise _not_available(preset, "models.diffusion_path", source, err, path) from err
         comps = DiffusionComponents(unet, vae, text_encoder, tokenizer, None, text_encoder_2, tokenizer_2,
                                     preset=preset, source=source)
         comps.scheduler = make_scheduler(scheduler, source, local_files_only=not local)
@@ -162,22 +173,13 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
     return comps
 
 
-SCHEDULERS = {
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "unipc": "UniPCMultistepScheduler",
-}
-
-
 def make_scheduler(name: str, source: str | None = None, local_files_only: bool = True):
     """A diffusers scheduler by short name, configured from the model's scheduler config when given."""
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
-    cls = getattr(diffusers, SCHEDULERS[name])
+    if name not in SCHEDULER_CLASSES:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULER_CLASSES)}")
+    cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     if source is None:
         return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     return cls.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
@@ -199,7 +201,7 @@ def load_clip(preset: str, path: str | None = None) -> ClipComponents:
         model = open_clip.create_model(name, pretrained=pretrained)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # open_clip raises many kinds (RuntimeError, OSError, HF errors) when offline
-        raise _not_available(preset, "models.clip_path", path or f"{name}:{pretrained}", err) from err
+        raise _not_available(preset, "models.clip_path", path or f"{name}:{pretrained}", err, path) from err
     model.eval().requires_grad_(False)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -217,8 +219,8 @@ def load_lm(preset: str, path: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local)
         model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, local_files_only=not local)
-    except (OSError, ValueError) as err:
-        raise _not_available(preset, "models.lm_path", source, err) from err
+    except Exception as err:  # OSError, ValueError, a corrupt safetensors file, ...
+        raise _not_available(preset, "models.lm_path", source, err, path) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -93,8 +93,15 @@ def write_json_atomic(url: str, obj: Any) -> None:
     write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
 
+class UnreadableFileError(ValueError):
+    """A file that is there but cannot be parsed (cut short, or not what its name says); names the file."""
+
+
 def read_json(url: str) -> Any:
-    return json.loads(read_bytes(url))
+    try:
+        return json.loads(read_bytes(url))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UnreadableFileError(f"{url} is not valid JSON ({err})") from None
 
 
 def table_bytes(df: pd.DataFrame, schema: pa.Schema | None = None) -> bytes:
@@ -111,7 +118,11 @@ def write_parquet_atomic(url: str, df: pd.DataFrame, schema: pa.Schema | None = 
 def read_parquet(url: str) -> pd.DataFrame:
     fs, path = filesystem(url)
     with fs.open(path, "rb") as fh:
-        return pq.read_table(fh).to_pandas()
+        try:
+            return pq.read_table(fh).to_pandas()
+        except pa.ArrowException as err:
+            raise UnreadableFileError(f"{url} is not a readable parquet file ({err}); if an EditForge stage wrote "
+                                      "it, run that stage again to redo the partition") from None
 
 
 def list_files(url: str, pattern: str = "*") -> list[str]:

@@ -92,3 +92,32 @@ def test_render_keep_owns_render_time_selection_and_filter_re_selects():
     assert stage_hash(same, "filter") == stage_hash(base, "filter")
     with pytest.raises(ConfigError, match="save_images"):
         load_config("demo", ["render.save_images=some"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("render.keep.clip_image_threshold=1.5", "render.keep.clip_image_threshold: Input should be less than or equal to 1"),
+    ("filter.clip_direction_threshold=-7", "filter.clip_direction_threshold: Input should be greater than or equal to -1"),
+    ("render.p_range=[-0.5, 1.7]", "p_range [-0.5, 1.7]: p is the share of steps"),
+    ("render.cfg_range=[0.5, 2]", "cfg_range [0.5, 2.0]: classifier-free guidance scales start at 1"),
+    ("render.height=60", "render.height: Input should be a multiple of 8"),
+    ("train.resolution=66", "train.resolution: Input should be a multiple of 8"),
+    ("render.scheduler=eulr", "render.scheduler: Input should be 'euler_ancestral'"),
+    ("render.device=gpu", "render.device: Value error, unknown device 'gpu'"),
+    ("text.device=cuda0", "text.device: Value error, unknown device 'cuda0'"),
+    ("name=my_run", "name: Value error, 'my_run' is not a valid run name"),
+])
+def test_settings_out_of_bounds_fail_at_load_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert needle in str(err.value)
+
+
+def test_a_preset_file_without_output_root_writes_under_its_own_name(tmp_path):
+    preset = tmp_path / "My_Experiment.yaml"
+    preset.write_text("render:\n  steps: 3\n")
+    cfg = load_config(str(preset))
+    assert cfg.name == "my-experiment" and cfg.output_root == "runs/my-experiment"
+    assert load_config(str(preset), ["name=other"]).output_root == "runs/other"
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        (tmp_path / "list.yaml").write_text("- 1\n")
+        load_config(str(tmp_path / "list.yaml"))

@@ -69,3 +69,20 @@ def test_unavailable_real_weights_name_preset_and_setting(loader, preset, settin
 def test_unknown_diffusion_preset():
     with pytest.raises(ValueError, match="unknown diffusion preset"):
         load_diffusion("sd99")
+
+
+def test_model_path_errors_tell_missing_corrupt_and_not_downloaded_apart(tmp_path):
+    import shutil
+
+    with pytest.raises(ModelNotAvailableError, match=r"models.diffusion_path=/no/such/sd15 does not exist"):
+        load_diffusion("sd15", "/no/such/sd15")
+    broken = tmp_path / "sd15"
+    shutil.copytree(ensure_tiny("diffusion"), broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short
+    with pytest.raises(ModelNotAvailableError, match=r"could not be loaded .*incomplete or a file is corrupt"):
+        load_diffusion("sd15", str(broken))
+    with pytest.raises(ModelNotAvailableError, match="not available offline"):
+        load_diffusion("sd15")
+    with pytest.raises(ModelNotAvailableError, match=r"models.lm_path=/no/such/lm does not exist"):
+        load_lm("some-org/some-lm", "/no/such/lm")
