@@ -23,7 +23,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_command
 from tasks import registry
-from tasks.common import layout
+from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, load_config
 
 STAGE = registry.get("train")
@@ -55,7 +55,8 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     summary = manifest.get("train", {})
     print(f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
           f"{summary.get('steps_per_s')} steps/s{' (already done, skipped)' if manifest.get('skipped') else ''}")
-    print(f"model: {manifest.get('model_dir')}  sample edit: {manifest.get('sample', {}).get('png')}")
+    model, png = (storage.url_join(cfg.output_root, p) for p in (manifest.get("model_dir"), manifest.get("sample", {}).get("png")))
+    print(f"model: {model}  sample edit: {png}")
     return {k: manifest.get(k) for k in ("path", "model_dir", "config_hash", "skipped", "train", "sample", "index")}
 
 

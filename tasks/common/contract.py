@@ -173,6 +173,11 @@ class PartitionRun:
     def path(self, name: str) -> str:
         return storage.url_join(self.dir, name)
 
+    def relative(self, name: str = "") -> str:
+        """``name`` in this partition, relative to the output root (what manifests record: a run can move)."""
+        return storage.url_join(self.stage, partition_name(self.partition_id), name) if name else \
+            storage.url_join(self.stage, partition_name(self.partition_id))
+
     def input_dir(self, stage: str) -> str:
         """The partition of upstream ``stage`` this run reads (checked finished before ``work`` ran)."""
         if stage not in self.inputs:
@@ -312,7 +317,7 @@ def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, ver
     manifest = {
         "stage": stage,
         "partition_id": partition_id,
-        "path": run.dir,
+        "path": run.relative(),
         "config_hash": config_hash,
         "code_version": code_version(),
         "wall_time_s": round(time.perf_counter() - t0, 3),

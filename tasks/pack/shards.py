@@ -1,4 +1,4 @@
-"""Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`) plus a global `index.json`.
+"""Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`); the run's index is `tasks.pack.index`.
 
 Sample layout: key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
 `instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, url, model versions).
@@ -24,7 +24,7 @@ from tasks.common.contract import PartitionRun
 from tasks.common.layout import image_name
 from tasks.common.selection import METRICS
 from tasks.pack.hf_export import write_hf_parquet
-from tasks.registry import execute, stage_hash
+from tasks.registry import execute
 
 STAGE = "pack"
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -112,27 +112,4 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         run.extra["shards"] = shards
 
     return execute(cfg, STAGE, partition_id, work, logger)
-
-
-def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logger | None = None) -> dict:
-    """`pack/index.json`: every shard's URL, split and sample count across partitions (the stage's finalize)."""
-    shards = [
-        {"url": storage.url_join(m["path"], s["name"]), "split": s["split"], "samples": s["samples"],
-         "partition_id": m["partition_id"]}
-        for m in sorted(manifests, key=lambda m: m["partition_id"]) for s in m.get("shards", [])
-    ]
-    hf = [storage.url_join(s["url"].rsplit("/", 1)[0], "hf", s["url"].rsplit("/", 1)[1].replace(".tar", ".parquet"))
-          for s in shards] if cfg.pack.hf_export else []
-    index = {
-        "format": "webdataset",
-        "sample_layout": {"image_format": cfg.pack.image_format, "keys": ["input", "edited", "instruction.txt", "json"]},
-        "splits": {split: {"shards": [s["url"] for s in shards if s["split"] == split],
-                           "samples": sum(s["samples"] for s in shards if s["split"] == split)}
-                   for split in ("train", "val")},
-        "shards": shards,
-        "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
-        "config_hash": stage_hash(cfg, STAGE),
-    }
-    storage.write_json_atomic(layout.index_url(cfg.output_root), index)
-    return index
 

@@ -10,5 +10,5 @@ STAGE = Stage(
     hashes=("pack",),
     outputs=("{train,val}-NNNNNN.tar", "hf/{train,val}-NNNNNN.parquet (pack.hf_export)"),
     resources=lambda cfg: Resources(1, 0, f"{cfg.pack.shard_max_samples} samples per shard", "JPEG/PNG encoding"),
-    finalize="tasks.pack.shards:write_index",
+    finalize="tasks.pack.index:write_index",
 )

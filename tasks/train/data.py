@@ -60,8 +60,10 @@ class EditExample:
 
 
 def shard_urls(index_url: str, split: str = "train") -> list[str]:
-    """The shard URLs of `split` listed by the pack stage's `index.json`."""
-    index = storage.read_json(index_url)
+    """The shard URLs of `split` listed by an `index.json` (the pack stage's, or any of that format)."""
+    from tasks.pack.index import resolve
+
+    index = resolve(storage.read_json(index_url), index_url)
     try:
         return list(index["splits"][split]["shards"])
     except KeyError as err:

@@ -33,6 +33,7 @@ from tasks.common.config import PipelineConfig, TrainConfig
 from tasks.common.contract import MissingInputError, PartitionRun
 from tasks.common.devices import torch_device
 from tasks.common.tiny import cache_root
+from tasks.pack.index import read_index
 from tasks.registry import execute, stage_hash
 
 STAGE = "train"
@@ -73,16 +74,6 @@ def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS
     return rows
 
 
-def read_index(index_url: str) -> dict[str, Any]:
-    if not storage.exists(index_url):
-        raise FileNotFoundError(f"no shard index at {index_url}: run the generate flow first "
-                                "(python -m flows.generate --preset ...) or pass the index of existing shards")
-    index = storage.read_json(index_url)
-    if not index.get("splits", {}).get("train", {}).get("shards"):
-        raise ValueError(f"{index_url}: the train split has no shards")
-    return index
-
-
 def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path) -> dict[str, Any]:
     """Edit the first example of `urls` with the trained model; save input | target | edit as a PNG."""
     from tasks.train.data import center_pair, read_examples
@@ -106,14 +97,15 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
 
     own = index_url is None
     index_url = index_url or layout.index_url(cfg.output_root)
-    index = read_index(index_url)
+    index = read_index(index_url, resolved=False)  # the entries as stored: what the hashes cover
     if own and index.get("config_hash") != stage_hash(cfg, "pack"):
         raise MissingInputError(
             f"train reads {index_url}, which the pack stage wrote under another config (hash "
             f"{index.get('config_hash')}, this config expects {stage_hash(cfg, 'pack')}): run the pack stage "
             "(editforge run) for this config first, or pass its index explicitly to train on those shards")
-    train_urls = list(index["splits"]["train"]["shards"])
-    val_urls = list(index["splits"].get("val", {}).get("shards", [])) or train_urls
+    urls = read_index(index_url)["splits"]
+    train_urls = list(urls["train"]["shards"])
+    val_urls = list(urls.get("val", {}).get("shards", [])) or train_urls
     key = weights_key(cfg, index)
 
     def work(run: PartitionRun) -> None:
@@ -135,8 +127,9 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update({"index": index_url, "model_dir": run.path("model"), "weights_key": key, "train": summary,
-                          "loss_curve": loss_curve(result.history), "sample": {**sample, "png": run.path("sample_edit.png")}})
+        run.extra.update({"index": "pack/index.json" if own else index_url, "model_dir": run.relative("model"),
+                          "weights_key": key, "train": summary, "loss_curve": loss_curve(result.history),
+                          "sample": {**sample, "png": run.relative("sample_edit.png")}})
 
     # the index was checked above; its shards, not pack's partitions, are what training reads
     return execute(cfg, STAGE, partition_id, work, logger, upstream=_pack_hash(index), extra=_shards(index),

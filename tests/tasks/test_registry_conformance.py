@@ -57,7 +57,7 @@ def finished(tmp_path_factory) -> Path:
 @pytest.fixture
 def copy(finished, tmp_path) -> Path:
     root = tmp_path / "run"
-    shutil.copytree(finished, root)  # its index still lists the original's shards: training reads those
+    shutil.copytree(finished, root)
     return root
 
 
@@ -128,3 +128,14 @@ def test_a_stale_upstream_is_a_clear_error_before_anything_is_touched(copy, name
     with pytest.raises(MissingInputError, match=rf"{upstream}.*another config.*{STALE}"):
         run_partition(config(copy), name)
     assert (own.read_bytes(), output_bytes(copy, name)) == before  # the finished work is still there
+
+
+def test_a_copied_run_is_whole_where_it_lands(finished, copy):
+    """Manifests and the shard index hold paths relative to the run: a copy (or a move) needs nothing redone."""
+    from tasks.pack.index import read_index
+
+    recorded = [p for p in copy.rglob("*.json") if str(finished) in p.read_text()]
+    assert not recorded, f"absolute paths of the original run in {recorded}"
+    assert all(run_partition(config(copy), name)["skipped"] for name in STAGES)
+    shards = read_index(index_url(str(copy)))["splits"]["train"]["shards"]
+    assert shards and all(url.startswith(str(copy)) and Path(url).is_file() for url in shards)

@@ -10,8 +10,9 @@ from PIL import Image
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.layout import image_name
+from tasks.pack.index import write_index
 from tasks.pack.shards import run as run_pack_partition
-from tasks.pack.shards import split_of, write_index
+from tasks.pack.shards import split_of
 from tasks.registry import stage_hash
 
 
