@@ -141,6 +141,7 @@ class TextConfig(Section):
     finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
+    finetune_checkpoint_every: int = operational(100, ge=1, description="local fine-tune: save its state every N steps")
     learning_rate: float = Field(1e-3, gt=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)

@@ -27,7 +27,7 @@ from tasks.common.contract import PartitionRun, read_success
 from tasks.common.models import MODELS, load_lm
 from tasks.registry import execute, stage_hash
 from tasks.text.finetune_data import finetune_files
-from tasks.text.local_backend import apply_lora, finetune, load_finetuned, place
+from tasks.text.local_backend import FinetuneCheckpoint, apply_lora, finetune, load_finetuned, place
 
 STAGE = "finetune"
 log = logging.getLogger("editforge")
@@ -71,7 +71,9 @@ def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
 
     with run.stats.timer("finetune"):
         figures = finetune(model, tokenizer, train, val, t.finetune_steps, t.finetune_batch_size,
-                           t.learning_rate, t.seed, run.stats, progress)
+                           t.learning_rate, t.seed, run.stats, progress,
+                           FinetuneCheckpoint(storage.url_join(layout.progress_dir(run.dir, run.config_hash), "finetune"),
+                                              t.finetune_checkpoint_every))
     bar.close()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,6 +22,7 @@ or any OpenAI-compatible server and use `text.backend=openai` with `text.openai.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import random
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from prompts.templates import STOP_SEQUENCE, finetune_completion, finetune_prompt
+from tasks.common import storage
 from tasks.common.config import PipelineConfig, TextConfig
 from tasks.common.contract import Checkpoint, Stats
 from tasks.common.devices import compute_dtype, torch_device
@@ -80,11 +82,77 @@ def _collate(batch, pad_id: int):
     return input_ids, attention, labels
 
 
+class FinetuneCheckpoint:
+    """The fine-tune's state every ``every`` steps in ``folder`` (safetensors + JSON, newest only), so a
+    killed fine-tune resumes where it stopped and ends with the weights of an uninterrupted one: the
+    trainable weights, the optimizer's moments, the schedule, the example order and both RNGs."""
+
+    def __init__(self, folder: str, every: int):
+        self.folder, self.every = folder, every
+        self.tensors_url, self.state_url = (storage.url_join(folder, n) for n in ("state.safetensors", "state.json"))
+
+    def save(self, step: int, model, optimizer, schedule, rng: random.Random, order: list[int], losses: list[float]) -> None:
+        from safetensors.torch import save
+
+        tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        scalars: dict[str, dict] = {}
+        for i, state in optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"optim.{i}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(i), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        state = {"step": step, "order": order, "losses": losses, "py_rng": _jsonable(rng.getstate()),
+                 "optim_scalars": scalars, "param_groups": optimizer.state_dict()["param_groups"],
+                 "schedule": {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"}}
+        storage.write_bytes_atomic(self.tensors_url, save(tensors))  # tensors first, the state names the step
+        storage.write_bytes_atomic(self.state_url, json.dumps(state).encode())
+
+    def restore(self, model, optimizer, schedule, rng: random.Random) -> tuple[int, list[int], list[float]] | None:
+        """Load the newest state into the objects; (step, order, losses), or None when there is none."""
+        if not storage.exists(self.state_url) or not storage.exists(self.tensors_url):
+            return None
+        from safetensors.torch import load
+
+        state = json.loads(storage.read_bytes(self.state_url))
+        tensors = load(storage.read_bytes(self.tensors_url))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(tensors[f"model.{name}"])
+        moments: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, i, name = key.split(".", 2)
+                moments.setdefault(int(i), {})[name] = value
+        for i, extra in state["optim_scalars"].items():
+            moments.setdefault(int(i), {}).update(extra)
+        optimizer.load_state_dict({"state": moments, "param_groups": state["param_groups"]})
+        schedule.load_state_dict({**state["schedule"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        version, internal, gauss = state["py_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        return state["step"], state["order"], state["losses"]
+
+
+def _jsonable(value):
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
 def finetune(
     model, tokenizer, train: Sequence, val: Sequence, steps: int, batch_size: int, lr: float, seed: int,
     stats: Stats, progress: Callable[[int, float], None] | None = None,
+    checkpoint: FinetuneCheckpoint | None = None,
 ) -> dict:
-    """Train `model` in place on (input, edit, output) triplets; return train/val loss figures."""
+    """Train `model` in place on (input, edit, output) triplets; return train/val loss figures.
+
+    With `checkpoint`, the state is saved every `checkpoint.every` steps and a saved state is resumed.
+    """
     max_length = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
     examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in train]
     val_examples = [_encode_example(tokenizer, t.input, t.edit, t.output, max_length) for t in val]
@@ -98,8 +166,13 @@ def finetune(
     )
     model.train()
     order: list[int] = []
-    losses = []
-    for step in range(steps):
+    losses: list[float] = []
+    start = 0
+    resumed = checkpoint.restore(model, optimizer, schedule, rng) if checkpoint else None
+    if resumed:
+        start, order, losses = resumed
+        stats.add("finetune_resumed_at", start)
+    for step in range(start, steps):
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         idx, order = order[:batch_size], order[batch_size:]
@@ -111,6 +184,8 @@ def finetune(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if checkpoint and (step + 1) % checkpoint.every == 0 and step + 1 < steps:
+            checkpoint.save(step + 1, model, optimizer, schedule, rng, order, losses)
         if progress:
             progress(step, losses[-1])
     model.eval()

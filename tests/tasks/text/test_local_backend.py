@@ -63,3 +63,34 @@ def test_place_puts_the_lm_on_text_device_in_float32_on_cpu():
     placed = place(model, TextConfig(device="cpu", dtype="bfloat16"))  # half precision applies on CUDA only
     assert {p.device.type for p in placed.parameters()} == {"cpu"}
     assert {p.dtype for p in placed.parameters()} == {torch.float32}
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
+    from tasks.text.local_backend import FinetuneCheckpoint
+
+    seeds = load_triplets(default_triplets_path())[:24]
+
+    def tune(folder, kill_at=None):
+        torch.manual_seed(123)  # whatever the process did before: the fine-tune seeds itself
+        model, tokenizer = load_lm("tiny")
+
+        def progress(step, loss):
+            if step == kill_at:
+                raise Killed(step)
+
+        figures = finetune(model, tokenizer, seeds, seeds[:4], steps=12, batch_size=4, lr=1e-3, seed=0, stats=Stats(),
+                           progress=progress, checkpoint=FinetuneCheckpoint(str(folder), every=5))
+        return model, figures
+
+    reference, ref_figures = tune(tmp_path / "clean")
+    with pytest.raises(Killed):
+        tune(tmp_path / "killed", kill_at=7)  # after the checkpoint at step 5
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["step"] == 5
+    resumed, figures = tune(tmp_path / "killed")
+    assert figures == ref_figures
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
