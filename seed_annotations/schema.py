@@ -39,6 +39,9 @@ __all__ = [
 
 TRIPLETS_FILENAME = "triplets.jsonl"
 _KNOWN_KEYS = frozenset({"input", "caption", "edit", "output"})
+# the fine-tune format's delimiters ("{input}\n##\n", "{edit}\n%%\n{output}\nEND"): a field holding one
+# trains the model on an example the completion parser rejects
+_EDIT_OUTPUT_SEPARATOR = "%%"
 
 
 class SeedAnnotationError(ValueError):
@@ -58,6 +61,16 @@ class Triplet(BaseModel):
     input: str = Field(min_length=1, validation_alias=AliasChoices("input", "caption"))
     edit: str = Field(min_length=1)
     output: str = Field(min_length=1)
+
+    @field_validator("input", "edit", "output")
+    @classmethod
+    def _no_format_delimiters(cls, value: str, info: ValidationInfo) -> str:
+        if "\n" in value or "\r" in value:
+            raise ValueError("contains a line break, which the fine-tune format uses as a delimiter (\\n##\\n, "
+                             "\\n%%\\n, \\nEND); write it on one line")
+        if info.field_name != "input" and _EDIT_OUTPUT_SEPARATOR in value:
+            raise ValueError("contains '%%', the fine-tune format's separator of edit and output")
+        return value
 
     @field_validator("output")
     @classmethod
@@ -110,19 +123,34 @@ def load_triplets(
     """Read and validate a JSONL file of triplets (a local path or any fsspec URL).
 
     Blank lines are skipped. Any malformed line raises :class:`SeedAnnotationError` whose message
-    reads ``"<file> line <n>: field '<name>': <problem>"``. With ``strict=False`` keys other than
+    reads ``"<file> line <n>: field '<name>': <problem>"``: invalid JSON or UTF-8, a missing or empty
+    field, a field with a line break (or ``%%`` in edit / output: the fine-tune format's delimiters),
+    an output equal to its input, a repeat of an earlier line's input and edit. With ``strict=False`` keys other than
     ``input``/``caption``/``edit``/``output`` are ignored instead of rejected (for third-party files
     such as the paper's release). ``source`` overrides the file name used in messages.
     """
     name = source if source is not None else os.fspath(path)
     triplets: list[Triplet] = []
-    try:
-        with fsspec.open(os.fspath(path), "rt", encoding="utf-8-sig") as handle:
-            for number, raw in enumerate(handle, start=1):
-                if raw.strip():
-                    triplets.append(_parse_line(raw, f"{name} line {number}", strict))
-    except UnicodeDecodeError as exc:
-        raise SeedAnnotationError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    first_seen: dict[tuple[str, str], int] = {}
+    with fsspec.open(os.fspath(path), "rb") as handle:
+        data = handle.read()
+    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark
+    for number, raw_bytes in enumerate(data[offset:].splitlines(keepends=True), start=1):
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SeedAnnotationError(f"{name} line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} of "
+                                      f"the line, byte {offset + exc.start} of the file)") from None
+        offset += len(raw_bytes)
+        if not raw.strip():
+            continue
+        triplet = _parse_line(raw, f"{name} line {number}", strict)
+        key = (comparable_caption(triplet.input), comparable_caption(triplet.edit))
+        if key in first_seen:
+            raise SeedAnnotationError(f"{name} line {number}: the same input and edit as line {first_seen[key]} "
+                                      "(case and trailing .!? ignored); keep one of them")
+        first_seen[key] = number
+        triplets.append(triplet)
     if not triplets:
         raise SeedAnnotationError(f"{name}: contains no triplets")
     return triplets
