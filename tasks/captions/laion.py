@@ -5,7 +5,10 @@ Input columns: `URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark, AESTH
 with pyarrow through fsspec, so local paths, globs and `s3://…` URLs work alike.
 
 Every row is either accepted or counted under a rejection reason; a file that cannot be read, or
-lacks a required column, is an error naming the file (and the column).
+lacks a required column, is an error naming the file (and the column). Cleaning is counted too:
+control characters removed from a caption (`cleaned_control_chars`), numbers read from strings
+(`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
+whitespace and trailing punctuation ignored).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "A
 OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
                   "source_file", "source_row"]
 _WS = re.compile(r"\s+")
+# C0 and C1 control characters except the whitespace ones (tab, newlines: collapsed to a space)
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_TRAILING_PUNCT = re.compile(r"[\s.,;:!?…]+$")
 
 
 class CaptionSourceError(ValueError):
@@ -45,6 +51,12 @@ def normalise_caption(text: str) -> str:
 def caption_key(text: str) -> str:
     """The dedup key: the normalised caption, case-folded."""
     return normalise_caption(text).casefold()
+
+
+def dedup_key(text: str) -> str:
+    """The form two captions are compared in: the caption key without trailing punctuation
+    ("A cat." and "a cat" are one caption)."""
+    return _TRAILING_PUNCT.sub("", caption_key(text))
 
 
 def caption_id(text: str) -> str:
@@ -71,7 +83,9 @@ def resolve_sources(source: str | list[str]) -> list[str]:
     return urls
 
 
-def _float(value) -> float:
+def _float(value, stats: Stats | None = None, column: str = "") -> float:
+    if isinstance(value, str) and stats is not None:
+        stats.add(f"coerced_{column}")  # a number given as text: read, and counted
     try:
         return float(value) if value is not None else math.nan
     except (TypeError, ValueError):
@@ -103,38 +117,41 @@ def _accept_row(row: dict, cfg: CaptionsConfig, seen: _Seen, stats: Stats) -> di
     if url is None or not str(url).strip():
         stats.reject("null_url")
         return None
-    text = normalise_caption(str(text))
+    text, control = _CONTROL.subn("", str(text))
+    if control:
+        stats.add("cleaned_control_chars")
+    text = normalise_caption(text)
     if not text:
         stats.reject("empty_caption")
         return None
     if len(text) > cfg.max_caption_chars:
         stats.reject("caption_too_long")
         return None
-    score = _float(row.get("AESTHETIC_SCORE"))
+    score = _float(row.get("AESTHETIC_SCORE"), stats, "AESTHETIC_SCORE")
     if "AESTHETIC_SCORE" in row and math.isnan(score):
         stats.reject("nan_aesthetic_score")
         return None
     if not math.isnan(score) and score < cfg.min_aesthetic_score:
         stats.reject("low_aesthetic_score")
         return None
-    if _float(row.get("punsafe")) > cfg.max_punsafe:
+    if _float(row.get("punsafe"), stats, "punsafe") > cfg.max_punsafe:
         stats.reject("unsafe")
         return None
-    if _float(row.get("pwatermark")) > cfg.max_pwatermark:
+    if _float(row.get("pwatermark"), stats, "pwatermark") > cfg.max_pwatermark:
         stats.reject("watermark")
         return None
-    width, height = _float(row.get("WIDTH")), _float(row.get("HEIGHT"))
+    width, height = _float(row.get("WIDTH"), stats, "WIDTH"), _float(row.get("HEIGHT"), stats, "HEIGHT")
     if cfg.min_side and (math.isnan(width) or math.isnan(height) or min(width, height) < cfg.min_side):
         stats.reject("too_small")
         return None
     key, url = caption_key(text), str(url).strip()
-    if key in seen.keys:
+    if dedup_key(text) in seen.keys:
         stats.reject("duplicate_caption")
         return None
     if url in seen.urls:
         stats.reject("duplicate_url")
         return None
-    seen.keys.add(key)
+    seen.keys.add(dedup_key(text))
     seen.urls.add(url)
     return {
         "caption_id": hashlib.sha1(key.encode("utf-8")).hexdigest()[:16],

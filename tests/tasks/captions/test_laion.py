@@ -119,3 +119,15 @@ def test_reads_fsspec_urls_and_globs_across_files(tmp_path):
     stats = Stats()
     df = read_captions(sources, CaptionsConfig(), stats)
     assert sorted(df["text"]) == ["a bird", "a cat", "a dog"] and stats.rejected == {"duplicate_caption": 1}
+
+
+def test_cleaning_dedups_punctuation_variants_strips_control_chars_and_counts_coercions(tmp_path):
+    f = _write(tmp_path / "a.parquet", TEXT=["A cat.", "a cat", "a\x00 dog\x07", "a bird!!", "A BIRD"],
+               AESTHETIC_SCORE=["7.5", "7.0", "7.0", "7.0", "7.0"])
+    stats = Stats()
+    df = read_captions([f], CaptionsConfig(), stats)
+    assert list(df["text"]) == ["A cat.", "a dog", "a bird!!"]
+    assert stats.rejected == {"duplicate_caption": 2}
+    assert stats.counts["cleaned_control_chars"] == 1 and stats.counts["coerced_AESTHETIC_SCORE"] == 5
+    assert df["aesthetic_score"].tolist() == [7.5, 7.0, 7.0]
+    assert len(df) + sum(stats.rejected.values()) == stats.counts["rows_read"] == 5
