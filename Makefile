@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench reliability clean
 
 install: $(STAMP)
 
@@ -43,6 +43,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/text_throughput.py
 	$(PY) bench/render_throughput.py
+
+# Kill every stage at 20 seeded points, resume, compare every output byte (bench/reliability.py).
+reliability: $(STAMP)
+	$(PY) bench/reliability.py
 
 clean:
 	rm -rf runs .prefect .cache

@@ -71,7 +71,8 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if isinstance(fs, LocalFileSystem):
         os.makedirs(parent or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        _remove_dead_temps(path)
+        tmp = f"{path}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -160,7 +161,30 @@ def remove(url: str, recursive: bool = False) -> None:
         fs.rm(path, recursive=recursive)
 
 
-TEMP_MARK = ".tmp-"  # write_bytes_atomic's temporary names: `<name>.tmp-<8 hex>`
+TEMP_MARK = ".tmp-"  # write_bytes_atomic's temporary names: `<name>.tmp-<pid>-<8 hex>`
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_temps(path: str) -> None:
+    """Temporary files of earlier writes of ``path`` whose process is gone (killed mid-write)."""
+    import glob
+
+    for left in glob.glob(f"{glob.escape(path)}{TEMP_MARK}*"):
+        pid = left.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            try:
+                os.remove(left)
+            except FileNotFoundError:
+                pass
 
 
 def file_sizes(url: str) -> dict[str, int]:

@@ -24,3 +24,17 @@ def test_benchmark_smoke(tmp_path, bench, keys):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert any(line.startswith(f"{bench}: ") for line in proc.stdout.splitlines()), proc.stdout
     assert keys <= set(json.loads(out.read_text()))
+
+
+@pytest.mark.component
+def test_reliability_smoke_resumes_every_stage_byte_identical(tmp_path):
+    out = tmp_path / "reliability.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "reliability.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert proc.returncode == 0 and report["all_identical"], proc.stdout[-3000:]
+    from tasks import registry
+
+    assert [s["stage"] for s in report["stages"]] == list(registry.STAGES)
+    assert all(s["kills"] == s["identical"] == 2 for s in report["stages"])
