@@ -50,8 +50,8 @@ SMALL = ["captions.num_captions=10", "text.finetune_steps=60", "text.finetune_ch
          "render.keep.clip_caption_threshold=-1", "train.steps=6", "train.batch_size=2", "train.sample_steps=2",
          "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=2"]
 # the full size: 10 partitions and fine checkpoints, so that every stage has at least 20 kill points
-FULL = ["captions.num_captions=24", "captions.num_partitions=10", "text.finetune_steps=60",
-        "text.finetune_checkpoint_every=5", "text.batch_size=1", "render.samples_per_triplet=2", "render.batch_samples=1",
+FULL = ["captions.num_captions=24", "captions.num_partitions=10", "text.finetune_steps=150",
+        "text.finetune_checkpoint_every=10", "text.batch_size=1", "render.samples_per_triplet=2", "render.batch_samples=1",
         "render.steps=2", "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
         "render.keep.clip_caption_threshold=-1", "pack.shard_max_samples=1", "train.steps=24", "train.batch_size=2",
         "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=2"]

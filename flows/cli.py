@@ -113,12 +113,14 @@ def presets() -> None:
 def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
     """Print the resolved config, each stage's resources and config hash."""
     cfg = load_or_exit(preset, overrides)
+    with reported(False):
+        hashes = {s: registry.stage_hash(cfg, s) for s in CHAIN}
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     typer.echo("# per-partition resources (Prefect task tags: editforge-gpu where gpus = 1)")
     resources = {s: r.as_dict() for s, r in registry.stage_resources(cfg).items()}
     typer.echo(yaml.safe_dump({"resources": resources}, sort_keys=False))
     typer.echo("# config hashes of the chain (train's also covers the shards it trains on)")
-    typer.echo(json.dumps({s: registry.stage_hash(cfg, s) for s in CHAIN}, indent=2))
+    typer.echo(json.dumps(hashes, indent=2))
 
 
 @app.command()

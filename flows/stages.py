@@ -27,7 +27,7 @@ from tasks.common.layout import artifact_key, partition_name
 from tasks.common.stage import Stage
 
 
-def _retry_unless_permanent(task, task_run, state) -> bool:
+def retry_unless_permanent(task, task_run, state) -> bool:
     """Retry transient failures only: not a missing or stale input, a bad setting or a refused key."""
     try:
         state.result()
@@ -103,7 +103,7 @@ def _finalize(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
 
 
 def _tasks(stage: Stage) -> tuple:
-    retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_permanent}
+    retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_permanent}
     return (task(name=f"{stage.name}-prepare", **retry)(_prepare),
             task(name=f"{stage.name}-partition", **retry)(_run_partition),
             task(name=f"{stage.name}-finalize", retries=1)(_finalize))

@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 
 from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_command
+from flows.stages import retry_unless_permanent
 from tasks import registry
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, load_config
@@ -29,7 +30,7 @@ from tasks.common.config import PipelineConfig, load_config
 STAGE = registry.get("train")
 
 
-@task(name="train-partition", retries=STAGE.retries, retry_delay_seconds=5)
+@task(name="train-partition", retries=STAGE.retries, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
 def train_task(cfg: PipelineConfig, index_url: str | None) -> dict:
     return registry.entry(STAGE.name)(cfg, 0, index_url=index_url, logger=get_run_logger())
 

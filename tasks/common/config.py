@@ -162,6 +162,13 @@ class TextConfig(Section):
         "float32", description="local backend: the LM's dtype on CUDA (float32 on CPU)")
     openai: OpenAITextConfig = OpenAITextConfig()
 
+    @field_validator("seed_annotations")
+    @classmethod
+    def _seed_file_exists(cls, value: str | None) -> str | None:
+        if value and "://" not in value and not Path(value).is_file():
+            raise ValueError(f"no such file: {value} (a JSONL file of input/edit/output triplets)")
+        return value
+
     def seed_annotations_path(self) -> str:
         from seed_annotations.schema import default_triplets_path
 
