@@ -89,7 +89,10 @@ class FinetuneCheckpoint:
 
     def __init__(self, folder: str, every: int):
         self.folder, self.every = folder, every
-        self.tensors_url, self.state_url = (storage.url_join(folder, n) for n in ("state.safetensors", "state.json"))
+        self.state_url = storage.url_join(folder, "state.json")  # written last: names the step's tensors
+
+    def _tensors_url(self, step: int) -> str:
+        return storage.url_join(self.folder, f"step-{step:08d}.safetensors")
 
     def save(self, step: int, model, optimizer, schedule, rng: random.Random, order: list[int], losses: list[float]) -> None:
         from safetensors.torch import save
@@ -107,18 +110,23 @@ class FinetuneCheckpoint:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         state = {"step": step, "order": order, "losses": losses, "py_rng": _jsonable(rng.getstate()),
                  "optim_scalars": scalars, "param_groups": optimizer.state_dict()["param_groups"],
-                 "schedule": {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"}}
-        storage.write_bytes_atomic(self.tensors_url, save(tensors))  # tensors first, the state names the step
+                 "schedule": {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"},
+                 "tensors": self._tensors_url(step).rsplit("/", 1)[-1]}
+        previous = json.loads(storage.read_bytes(self.state_url))["tensors"] if storage.exists(self.state_url) else None
+        # the tensors first, then the state that names them: a kill in between leaves the previous pair whole
+        storage.write_bytes_atomic(self._tensors_url(step), save(tensors))
         storage.write_bytes_atomic(self.state_url, json.dumps(state).encode())
+        if previous and previous != state["tensors"]:
+            storage.remove(storage.url_join(self.folder, previous))
 
     def restore(self, model, optimizer, schedule, rng: random.Random) -> tuple[int, list[int], list[float]] | None:
         """Load the newest state into the objects; (step, order, losses), or None when there is none."""
-        if not storage.exists(self.state_url) or not storage.exists(self.tensors_url):
+        if not storage.exists(self.state_url):
             return None
         from safetensors.torch import load
 
         state = json.loads(storage.read_bytes(self.state_url))
-        tensors = load(storage.read_bytes(self.tensors_url))
+        tensors = load(storage.read_bytes(storage.url_join(self.folder, state["tensors"])))
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if param.requires_grad:
