@@ -128,3 +128,15 @@ from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as c:
     print(json.dumps([w.name for w in c.read_workers_for_work_pool("editforge-cpu") if w.status.value == "ONLINE"]))
 """
+
+
+def test_every_work_pool_template_is_created_on_the_server(server):
+    env, _ = server
+    for path in sorted((ROOT / "infra" / "work-pools").glob("*.json")):
+        kind = "kubernetes" if "kubernetes" in path.name else "process"
+        out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", f"template-{path.stem}", "--type", kind,
+                              "--base-job-template", str(path)], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, path.name + out.stdout + out.stderr
+        shown = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", f"template-{path.stem}"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and kind in shown.stdout
