@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install demo test test-fast lint bench reliability clean
+.PHONY: install demo test test-fast lint bench reliability server deploy worker clean
 
 install: $(STAMP)
 
@@ -47,6 +47,24 @@ bench: $(STAMP)
 # Kill every stage at 20 seeded points, resume, compare every output byte (bench/reliability.py).
 reliability: $(STAMP)
 	$(PY) bench/reliability.py
+
+# A trial cluster on one box (README "Run on a cluster"): a Prefect server, the pools and deployments, workers.
+PREFECT_URL ?= http://127.0.0.1:4200/api
+server: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.prefect-server $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect work-pool create editforge-cpu --type process \
+		--base-job-template infra/work-pools/process.json --overwrite
+	PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect work-pool create editforge-gpu --type process \
+		--base-job-template infra/work-pools/process.json --overwrite
+	-PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect concurrency-limit create editforge-gpu 1
+	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all \
+		--prefect-file infra/prefect.yaml
+
+worker: $(STAMP)
+	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect worker start \
+		--pool $(or $(POOL),editforge-cpu) --limit 1
 
 clean:
 	rm -rf runs .prefect .cache

@@ -4,6 +4,9 @@
     finetune ─┴► text (triplets) ──► render (P2P pairs + CLIP) ──► filter ──► pack (shards)
 
     python -m flows.generate --preset demo [--set render.steps=20 ...]    (= editforge run)
+
+With `--set run.mode=fan-out` (as a deployment on a cluster) the stages run as child flow runs of
+their own deployments, in blocks of partitions, on the pools those deployments name (flows/fanout.py).
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -12,9 +15,10 @@ import flows._env  # noqa: F401  (must precede prefect)
 
 import sys
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.fanout import fan_out
 from flows.options import Debug, Overrides, Preset, Verify, load_or_exit, reported, run_command, with_verify
 from flows.report import render_report
 from flows.stages import FLOWS
@@ -27,7 +31,10 @@ from tasks.common.config import load_config
 def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
     """Run every stage of the chain in order; finished partitions are skipped, so a re-run resumes."""
     cfg = load_config(preset, overrides or [])
-    manifests = {stage.name: FLOWS[stage.name](preset, overrides) for stage in registry.chain()}
+    if cfg.run.mode == "fan-out":  # every block a child flow run of its stage's deployment
+        manifests = fan_out(cfg, preset, overrides or [], get_run_logger())
+    else:
+        manifests = {stage.name: FLOWS[stage.name](preset, overrides) for stage in registry.chain()}
     index_url = layout.index_url(cfg.output_root)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     rows = render_report(cfg, manifests, index)

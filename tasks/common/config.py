@@ -329,6 +329,23 @@ class TrainConfig(Section):
         return self
 
 
+class RunConfig(Section):
+    """How `editforge-generate` runs the chain (never part of a stage hash).
+
+    ``in-process``: every stage in this flow run (the demo, a single box). ``fan-out``: each stage's
+    partitions in blocks of ``block_size``, each block a child flow run of the stage's deployment
+    (``deployments``: its name, ``{preset}`` and ``{stage}`` filled in), on the work pool that
+    deployment names; a failed block is submitted again up to ``max_block_attempts`` times in all
+    (see `flows/fanout.py`).
+    """
+
+    mode: Literal["in-process", "fan-out"] = operational("in-process")
+    block_size: int = operational(8, ge=1)
+    max_block_attempts: int = operational(3, ge=1)
+    deployments: str = operational("{preset}-{stage}")
+    poll_s: float = operational(5.0, gt=0)
+
+
 class PipelineConfig(Section):
     name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
     output_root: str = "runs/demo"
@@ -341,6 +358,7 @@ class PipelineConfig(Section):
     filter: FilterConfig = FilterConfig()
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
 
     def selection(self) -> Selection:
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""

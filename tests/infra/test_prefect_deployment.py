@@ -1,8 +1,9 @@
-"""Integration tier: a real `prefect server`, a process work pool, two workers, `prefect deployment run`.
+"""Integration tier: a real `prefect server`, a process work pool, three workers, `prefect deployment run`.
 
 Deploys from `infra/prefect.yaml` (so the shipped deployment file is what is tested), runs the whole
 DAG through a deployment, then two render runs on different partitions at once — split between the
-two workers — and checks their outputs. Everything listens on 127.0.0.1 only.
+workers — and checks their outputs; then ONE deployment run that fans the DAG out over the stage
+deployments and the workers. Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ BIN = Path(sys.executable).parent
 SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=3", "render.samples_per_triplet=2",
          "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
+
+
+STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
 
 
 def _free_port() -> int:
@@ -65,11 +69,12 @@ def server(tmp_path_factory):
         subprocess.run([str(BIN / "prefect"), "work-pool", "create", "editforge-cpu", "--type", "process",
                         "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
                        env=env, check=True, capture_output=True, timeout=120)
-        for i in range(2):
+        for i in range(3):
             procs.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "editforge-cpu", "--name", f"worker-{i}"],
+                [str(BIN / "prefect"), "worker", "start", "--pool", "editforge-cpu", "--name", f"worker-{i}",
+                 "--limit", "1"],
                 env=env, cwd=ROOT, stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT))
-        for name in ("demo", "paper-render"):
+        for name in ("demo", "paper-render", *(f"demo-{s}" for s in STAGES)):
             out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
                                   str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
@@ -119,7 +124,7 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     assert listing.returncode == 0
     workers = subprocess.run([str(BIN / "python"), "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True,
                              timeout=60)
-    assert sorted(json.loads(workers.stdout)) == ["worker-0", "worker-1"], workers.stderr
+    assert sorted(json.loads(workers.stdout)) == ["worker-0", "worker-1", "worker-2"], workers.stderr
 
 
 WORKERS_SCRIPT = """
@@ -140,3 +145,53 @@ def test_every_work_pool_template_is_created_on_the_server(server):
         shown = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", f"template-{path.stem}"], env=env,
                                capture_output=True, text=True, timeout=60)
         assert shown.returncode == 0 and kind in shown.stdout
+
+
+FLOW_RUNS_SCRIPT = """
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    runs = c.read_flow_runs(limit=200)
+    flows = {f.id: f.name for f in c.read_flows(limit=200)}
+print(json.dumps([{"id": str(r.id), "flow": flows.get(r.flow_id), "parameters": r.parameters, "state": r.state_type.value,
+                   "start": r.start_time.timestamp() if r.start_time else None,
+                   "end": r.end_time.timestamp() if r.end_time else None} for r in runs]))
+"""
+
+
+def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path):
+    env, logs = server
+    four = ["captions.num_partitions=4", "captions.num_captions=12"]
+    base = [f"output_root={tmp_path / 'fan'}", "name=fanout", *SMALL, *four]
+    fan = [*base, "run.mode=fan-out", "run.block_size=2", "run.poll_s=1"]
+    out = _run(env, "editforge-generate/demo", {"preset": "demo", "overrides": fan}, timeout=900)
+    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:] + \
+        "".join(p.read_text()[-3000:] for p in logs.iterdir())
+
+    listed = subprocess.run([str(BIN / "python"), "-c", FLOW_RUNS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
+    runs = [r for r in json.loads(listed.stdout) if "name=fanout" in (r["parameters"].get("overrides") or [])
+            and r["flow"] != "editforge-generate"]
+    by_stage = {s: [r for r in runs if r["flow"] == f"editforge-{s}"] for s in STAGES}
+    assert all(r["state"] == "COMPLETED" for r in runs), runs
+    assert len(by_stage["finetune"]) == 1  # the LM is fine-tuned once
+    for stage in ("captions", "text", "render", "filter", "pack"):  # every partition exactly once, in 2 blocks
+        blocks = sorted(sorted(r["parameters"]["partitions"]) for r in by_stage[stage])
+        assert blocks == [[0, 1], [2, 3]], (stage, blocks)
+    worker_logs = {p.name: p.read_text() for p in logs.iterdir() if p.name.startswith("worker-")}
+    ran_on = {r["id"]: [w for w, text in worker_logs.items() if r["id"] in text] for r in runs}
+    assert len({w for ws in ran_on.values() for w in ws}) >= 2, ran_on  # the children spread over the workers
+    overlapped = [s for s, rs in by_stage.items() if len(rs) == 2 and rs[0]["start"] < rs[1]["end"]
+                  and rs[1]["start"] < rs[0]["end"]]
+    assert overlapped, by_stage  # two blocks of one stage ran at the same time
+
+    reference = tmp_path / "in-process"
+    proc = subprocess.run([sys.executable, "-m", "flows.generate", "--set", f"output_root={reference}",
+                           *[a for item in [*SMALL, *four] for a in ("--set", item)]],
+                          cwd=ROOT, env={**os.environ, "PREFECT_HOME": str(tmp_path / "home")}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    digests = {root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
+               for root in (tmp_path / "fan", reference)}
+    assert digests[tmp_path / "fan"] == digests[reference] != {}
+    assert (tmp_path / "fan" / "pack" / "index.json").exists()

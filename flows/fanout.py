@@ -1,0 +1,107 @@
+"""Fan-out: one `editforge-generate` flow run drives the whole cluster through Prefect deployments.
+
+With ``run.mode: fan-out`` the generate flow does not run the stages itself. It splits each stage's
+partitions into blocks of ``run.block_size`` and submits every block as a child flow run of that
+stage's deployment (``run.deployments``, e.g. ``demo-render`` → `editforge-render/demo-render`) with
+`run_deployment`, so the work pool the deployment names (GPU for render, CPU for filter, ...) and
+its workers do the work. A block is submitted as soon as the blocks it reads are finished — render
+block 3 does not wait for text block 7 — and the stages that are one partition (the fine-tune) run
+once, before anything that reads them. A block that fails is submitted again, at most
+``run.max_block_attempts`` times in all; a block whose error a retry cannot fix stops the run. The
+captions plan is computed here once, and the shard index is written here at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from tasks import registry
+from tasks.common.config import PipelineConfig
+from tasks.common.contract import read_success
+from tasks.common.layout import partition_dir
+
+
+@dataclass
+class Block:
+    stage: str
+    partitions: list[int]
+    attempts: int = 0
+    flow_run_id: object | None = None
+    done: bool = False
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}[{self.partitions[0]}-{self.partitions[-1]}]"
+
+
+class BlockFailedError(RuntimeError):
+    """A block failed ``run.max_block_attempts`` times."""
+
+
+def plan_blocks(cfg: PipelineConfig) -> list[Block]:
+    """Every chain stage's partitions in blocks of ``run.block_size``, stages in registry order."""
+    size = cfg.run.block_size
+    blocks = []
+    for stage in registry.chain():
+        ids = stage.partition_ids(cfg)
+        blocks += [Block(stage.name, ids[i: i + size]) for i in range(0, len(ids), size)]
+    return blocks
+
+
+def inputs_ready(cfg: PipelineConfig, block: Block) -> bool:
+    """Every partition this block reads is finished under the hash this config expects."""
+    stage = registry.get(block.stage)
+    for upstream in stage.reads:
+        up = registry.get(upstream)
+        wanted = sorted({stage.upstream_partition(up, pid) for pid in block.partitions})
+        if registry.unfinished(cfg, upstream, wanted):
+            return False
+    return True
+
+
+def deployment_name(cfg: PipelineConfig, preset: str, stage: str) -> str:
+    return f"editforge-{stage}/{cfg.run.deployments.format(preset=preset, stage=stage)}"
+
+
+def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logging.Logger) -> dict[str, list[dict]]:
+    """Run the chain as child flow runs of the stage deployments (see module doc); return the manifests."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    registry.prepare(cfg, "captions", logger)  # the global plan, once, before any captions block
+    blocks = plan_blocks(cfg)
+    with get_client(sync_client=True) as client:
+        while not all(b.done for b in blocks):
+            for block in blocks:
+                if block.done or block.flow_run_id is not None or not inputs_ready(cfg, block):
+                    continue
+                block.attempts += 1
+                run = run_deployment(deployment_name(cfg, preset, block.stage), timeout=0, as_subflow=True,
+                                     parameters={"preset": preset, "overrides": overrides,
+                                                 "partitions": block.partitions})
+                block.flow_run_id = run.id
+                logger.info("fan-out: %s submitted as flow run %s (attempt %d)", block.label, run.name, block.attempts)
+            for block in blocks:
+                if block.done or block.flow_run_id is None:
+                    continue
+                state = client.read_flow_run(block.flow_run_id).state
+                if state is None or not state.is_final():
+                    continue
+                block.history.append(state.type.value)
+                if state.is_completed() and not registry.unfinished(cfg, block.stage, block.partitions):
+                    block.done = True
+                    continue
+                if block.attempts >= cfg.run.max_block_attempts:
+                    raise BlockFailedError(f"fan-out: {block.label} failed {block.attempts} times "
+                                           f"({', '.join(block.history)}): {state.message}")
+                logger.warning("fan-out: %s ended %s (%s): submitting it again", block.label, state.type.value,
+                               state.message)
+                block.flow_run_id = None
+            time.sleep(cfg.run.poll_s)
+    manifests = {s.name: [read_success(partition_dir(cfg.output_root, s.name, pid)) for pid in s.partition_ids(cfg)]
+                 for s in registry.chain()}
+    registry.finalize(cfg, "pack", manifests["pack"], logger)
+    return manifests
