@@ -9,6 +9,11 @@ block 3 does not wait for text block 7 — and the stages that are one partition
 once, before anything that reads them. A block that fails is submitted again, at most
 ``run.max_block_attempts`` times in all; a block whose error a retry cannot fix stops the run. The
 captions plan is computed here once, and the shard index is written here at the end.
+
+A block whose flow run is still running but whose worker is gone — the lease of a partition it
+holds belongs to a process that no longer exists, or has had no heartbeat for `EDITFORGE_LEASE_TTL_S`
+(:mod:`tasks.common.lease`) — is marked crashed and submitted again; the new run takes the lease
+over and resumes the partition from its checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from dataclasses import dataclass, field
 from tasks import registry
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import read_success
-from tasks.common.layout import partition_dir
+from tasks.common.layout import lease_url, partition_dir
+from tasks.common.lease import is_stale, read_lease
 
 
 @dataclass
@@ -62,6 +68,16 @@ def inputs_ready(cfg: PipelineConfig, block: Block) -> bool:
     return True
 
 
+def abandoned(cfg: PipelineConfig, block: Block) -> list[str]:
+    """The partitions of a running block whose lease's owner is gone (see module doc)."""
+    gone = []
+    for pid in block.partitions:
+        held = read_lease(lease_url(cfg.output_root, block.stage, pid))
+        if held and is_stale(held):
+            gone.append(f"part-{pid:05d} (pid {held.get('pid')} on {held.get('host')})")
+    return gone
+
+
 def deployment_name(cfg: PipelineConfig, preset: str, stage: str) -> str:
     return f"editforge-{stage}/{cfg.run.deployments.format(preset=preset, stage=stage)}"
 
@@ -88,6 +104,11 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
                 if block.done or block.flow_run_id is None:
                     continue
                 state = client.read_flow_run(block.flow_run_id).state
+                if state is not None and state.is_running() and (gone := abandoned(cfg, block)):
+                    from prefect.states import Crashed
+
+                    state = Crashed(message=f"its worker is gone: {', '.join(gone)} left behind")
+                    client.set_flow_run_state(block.flow_run_id, state, force=True)
                 if state is None or not state.is_final():
                     continue
                 block.history.append(state.type.value)

@@ -39,6 +39,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def read_lease(url: str) -> dict[str, Any] | None:
+    """The lease at ``url`` (None when nobody holds it; ``{}`` when it cannot be read)."""
+    fs, path = storage.filesystem(url)
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
+
+
+def is_stale(held: dict[str, Any], ttl_s: float | None = None) -> bool:
+    """Its owner is gone: a process of this host that no longer exists, or no heartbeat for ``ttl_s``."""
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+        return True
+    return time.time() - float(held.get("heartbeat", 0)) > (lease_ttl_s() if ttl_s is None else ttl_s)
+
+
 class PartitionLease:
     """``with PartitionLease(url): ...`` — hold the lease at ``url`` (:func:`layout.lease_url`) for the block."""
 
@@ -55,18 +73,10 @@ class PartitionLease:
         return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
 
     def _read(self) -> dict[str, Any] | None:
-        fs, path = storage.filesystem(self.url)
-        try:
-            return json.loads(fs.cat_file(path))
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError):
-            return {}  # being written, or damaged: judged by its age below
+        return read_lease(self.url)  # {} while being written or damaged: judged by its age
 
     def _stale(self, held: dict[str, Any]) -> bool:
-        if held.get("host") == self.owner["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
-            return True
-        return time.time() - float(held.get("heartbeat", 0)) > self.ttl_s
+        return is_stale(held, self.ttl_s)
 
     def acquire(self) -> None:
         announced = False

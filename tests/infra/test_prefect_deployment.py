@@ -29,6 +29,7 @@ SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
+WORKERS: list[subprocess.Popen] = []
 STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
 
 
@@ -79,6 +80,7 @@ def server(tmp_path_factory):
                                   str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
             assert out.returncode == 0, out.stdout + out.stderr
+        WORKERS[:] = procs[1:]  # (the worker processes, for the node-loss test)
         yield env, logs
     finally:
         for p in procs:
@@ -159,19 +161,45 @@ print(json.dumps([{"id": str(r.id), "flow": flows.get(r.flow_id), "parameters": 
 """
 
 
-def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path):
+FOUR = ["captions.num_partitions=4", "captions.num_captions=12"]
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> dict[str, bytes]:
+    """The shards of an in-process run of the fan-out tests' config: what every fan-out must end with."""
+    root = tmp_path_factory.mktemp("in-process")
+    proc = subprocess.run([sys.executable, "-m", "flows.generate", "--set", f"output_root={root}",
+                           *[a for item in [*SMALL, *FOUR] for a in ("--set", item)]],
+                          cwd=ROOT, env={**os.environ, "PREFECT_HOME": str(root / "home")}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return _shards(root)
+
+
+def _shards(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
+
+
+def _fan_out_args(root: Path, name: str) -> dict:
+    overrides = [f"output_root={root}", f"name={name}", *SMALL, *FOUR, "run.mode=fan-out", "run.block_size=2",
+                 "run.poll_s=1"]
+    return {"preset": "demo", "overrides": overrides}
+
+
+def _child_runs(env, name: str) -> list[dict]:
+    listed = subprocess.run([str(BIN / "python"), "-c", FLOW_RUNS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
+    return [r for r in json.loads(listed.stdout) if f"name={name}" in (r["parameters"].get("overrides") or [])
+            and r["flow"] != "editforge-generate"]
+
+
+def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path, in_process):
     env, logs = server
-    four = ["captions.num_partitions=4", "captions.num_captions=12"]
-    base = [f"output_root={tmp_path / 'fan'}", "name=fanout", *SMALL, *four]
-    fan = [*base, "run.mode=fan-out", "run.block_size=2", "run.poll_s=1"]
-    out = _run(env, "editforge-generate/demo", {"preset": "demo", "overrides": fan}, timeout=900)
+    out = _run(env, "editforge-generate/demo", _fan_out_args(tmp_path / "fan", "fanout"), timeout=900)
     assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:] + \
         "".join(p.read_text()[-3000:] for p in logs.iterdir())
 
-    listed = subprocess.run([str(BIN / "python"), "-c", FLOW_RUNS_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
-    runs = [r for r in json.loads(listed.stdout) if "name=fanout" in (r["parameters"].get("overrides") or [])
-            and r["flow"] != "editforge-generate"]
+    runs = _child_runs(env, "fanout")
     by_stage = {s: [r for r in runs if r["flow"] == f"editforge-{s}"] for s in STAGES}
     assert all(r["state"] == "COMPLETED" for r in runs), runs
     assert len(by_stage["finetune"]) == 1  # the LM is fine-tuned once
@@ -184,14 +212,48 @@ def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path):
     overlapped = [s for s, rs in by_stage.items() if len(rs) == 2 and rs[0]["start"] < rs[1]["end"]
                   and rs[1]["start"] < rs[0]["end"]]
     assert overlapped, by_stage  # two blocks of one stage ran at the same time
-
-    reference = tmp_path / "in-process"
-    proc = subprocess.run([sys.executable, "-m", "flows.generate", "--set", f"output_root={reference}",
-                           *[a for item in [*SMALL, *four] for a in ("--set", item)]],
-                          cwd=ROOT, env={**os.environ, "PREFECT_HOME": str(tmp_path / "home")}, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    digests = {root: {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.tar"))}
-               for root in (tmp_path / "fan", reference)}
-    assert digests[tmp_path / "fan"] == digests[reference] != {}
+    assert _shards(tmp_path / "fan") == in_process != {}
     assert (tmp_path / "fan" / "pack" / "index.json").exists()
+
+
+def _ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        found.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_output(server, tmp_path, in_process):
+    import signal
+
+    env, logs = server
+    root = tmp_path / "lost"
+    watch = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "editforge-generate/demo", "--params",
+                              json.dumps(_fan_out_args(root, "lostworker")), "--watch", "--watch-interval", "3",
+                              "--watch-timeout", "900"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline, lease, held = time.time() + 600, None, None
+    while time.time() < deadline and lease is None:
+        for path in (root / "render" / "_leases").glob("part-*.json") if (root / "render" / "_leases").exists() else []:
+            try:
+                lease, held = json.loads(path.read_text()), int(path.stem.removeprefix("part-"))
+            except ValueError:
+                continue
+        time.sleep(0.2)
+    assert lease, "no render partition started"
+    owner = lease["pid"]
+    (worker,) = [w for w in WORKERS if w.pid in _ancestors(owner)]
+    os.kill(owner, signal.SIGKILL)  # the machine is gone: the flow run's process and its worker
+    worker.kill()
+    output = watch.communicate(timeout=1200)[0]
+    assert watch.returncode == 0 and "Completed" in output, output[-3000:]
+    renders = [r for r in _child_runs(env, "lostworker") if r["flow"] == "editforge-render"]
+    blocks = {(0, 1), (2, 3)}
+    assert {tuple(sorted(r["parameters"]["partitions"])) for r in renders if r["state"] == "COMPLETED"} == blocks
+    lost = next(b for b in blocks if held in b)
+    assert len([r for r in renders if tuple(sorted(r["parameters"]["partitions"])) == lost]) >= 2, renders  # ran again
+    assert _shards(root) == in_process
