@@ -51,17 +51,21 @@ def _wait(check, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
+def postgres():
     """A PostgreSQL cluster in a temporary folder, owned by the `postgres` user; yields its URL."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl and shutil.which("runuser")):
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL binaries are missing: .ci/run installs Debian's postgresql")
         pytest.skip("PostgreSQL is not installed here (apt-get install postgresql)")
-    data = tmp_path_factory.mktemp("pg") / "data"
+    import tempfile
+
+    # outside pytest's own temp tree: its folders are private to root, and the server runs as `postgres`
+    base = Path(tempfile.mkdtemp(prefix="editforge-pg-"))
+    base.chmod(0o755)
+    data = base / "data"
     data.mkdir()
     shutil.chown(data, "postgres")
-    data.parent.chmod(0o755)
     port = _free_port()
     as_pg = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*as_pg, initdb, "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
@@ -74,6 +78,7 @@ def postgres(tmp_path_factory):
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
     finally:
         subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_fan_out_run_on_a_postgresql_backed_server(postgres, tmp_path):
