@@ -29,16 +29,6 @@ def lease_ttl_s() -> float:
     return float(os.environ.get("EDITFORGE_LEASE_TTL_S", "600"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_lease(url: str) -> dict[str, Any] | None:
     """The lease at ``url`` (None when nobody holds it; ``{}`` when it cannot be read)."""
     fs, path = storage.filesystem(url)
@@ -52,7 +42,7 @@ def read_lease(url: str) -> dict[str, Any] | None:
 
 def is_stale(held: dict[str, Any], ttl_s: float | None = None) -> bool:
     """Its owner is gone: a process of this host that no longer exists, or no heartbeat for ``ttl_s``."""
-    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not _alive(held["pid"]):
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not storage.pid_alive(held["pid"]):
         return True
     return time.time() - float(held.get("heartbeat", 0)) > (lease_ttl_s() if ttl_s is None else ttl_s)
 

@@ -164,7 +164,8 @@ def remove(url: str, recursive: bool = False) -> None:
 TEMP_MARK = ".tmp-"  # write_bytes_atomic's temporary names: `<name>.tmp-<pid>-<8 hex>`
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with this pid exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -180,7 +181,7 @@ def _remove_dead_temps(path: str) -> None:
 
     for left in glob.glob(f"{glob.escape(path)}{TEMP_MARK}*"):
         pid = left.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
+        if not pid.isdigit() or not pid_alive(int(pid)):
             try:
                 os.remove(left)
             except FileNotFoundError:

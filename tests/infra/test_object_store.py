@@ -6,9 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 
 import pytest
+from prefect_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -18,18 +18,12 @@ SMALL = ["captions.num_captions=8", "text.finetune_steps=150", "text.batch_size=
          "train.batch_size=2", "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback, the process pointed at it (AWS_ENDPOINT_URL), one bucket."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -10,86 +10,32 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from prefect_cluster import BIN, ROOT, STAGES, prefect_cluster
 
 from tasks.registry import stage_hash
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=3", "render.samples_per_triplet=2",
          "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
 WORKERS: list[subprocess.Popen] = []
-STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout: float) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "EDITFORGE_HOME": str(ROOT), "PYTHONUNBUFFERED": "1",
-           "PREFECT_UI_ENABLED": "false"}
-    logs = home / "logs"
-    logs.mkdir()
-    procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)]
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", 180)
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "editforge-cpu", "--type", "process",
-                        "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
-                       env=env, check=True, capture_output=True, timeout=120)
-        for i in range(3):
-            procs.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "editforge-cpu", "--name", f"worker-{i}",
-                 "--limit", "1"],
-                env=env, cwd=ROOT, stdout=open(logs / f"worker-{i}.log", "w"), stderr=subprocess.STDOUT))
-        for name in ("demo", "paper-render", *(f"demo-{s}" for s in STAGES)):
-            out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
-                                  str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
-                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-            assert out.returncode == 0, out.stdout + out.stderr
-        WORKERS[:] = procs[1:]  # (the worker processes, for the node-loss test)
-        yield env, logs
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3,
+                         deployments=("demo", "paper-render", *(f"demo-{s}" for s in STAGES))) as cluster:
+        WORKERS[:] = cluster.workers  # (the worker processes, for the node-loss test)
+        yield cluster.env, cluster.logs
 
 
 def _run(env, deployment: str, params: dict, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,0 +1,86 @@
+"""A Prefect cluster on 127.0.0.1 for the integration tests: a real `prefect server`, a process work
+pool from infra/work-pools/process.json, workers (`--limit 1`) and deployments from infra/prefect.yaml."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    logs: Path
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+
+@contextmanager
+def prefect_cluster(home: Path, workers: int, deployments: tuple[str, ...],
+                    extra_env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Start the server (state under ``home``), the pool, ``workers`` workers; deploy ``deployments``."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "EDITFORGE_HOME": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "PREFECT_UI_ENABLED": "false", **(extra_env or {})}
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)]
+    cluster = Cluster(env, logs)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 180)
+        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "editforge-cpu", "--type", "process",
+                        "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
+                       env=env, check=True, capture_output=True, timeout=120)
+        for i in range(workers):
+            cluster.workers.append(subprocess.Popen(
+                [str(BIN / "prefect"), "worker", "start", "--pool", "editforge-cpu", "--name", f"worker-{i}",
+                 "--limit", "1"], env=env, cwd=ROOT, stdout=open(logs / f"worker-{i}.log", "w"),
+                stderr=subprocess.STDOUT))
+        procs += cluster.workers
+        for name in deployments:
+            out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
+                                  str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
+                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0, out.stdout + out.stderr
+        yield cluster
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
