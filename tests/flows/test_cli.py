@@ -17,7 +17,7 @@ runner = CliRunner()
 def test_config_prints_resolved_values_and_hashes():
     result = runner.invoke(app, ["config", "--preset", "paper", "--set", "filter.top_k=2"])
     assert result.exit_code == 0, result.output
-    hashes = json.loads(result.output[result.output.index("{"):])
+    hashes = json.loads(result.output[result.output.index("# config hashes"):].split("\n", 1)[1])
     cfg = load_config("paper", ["filter.top_k=2"])
     assert hashes == {s.name: stage_hash(cfg, s.name) for s in registry.chain()}
     assert hashes["render"] == stage_hash(load_config("paper"), "render")  # a re-selection only
