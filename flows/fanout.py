@@ -7,8 +7,8 @@ stage's deployment (``run.deployments``, e.g. ``demo-render`` → `editforge-ren
 its workers do the work. A block is submitted as soon as the blocks it reads are finished — render
 block 3 does not wait for text block 7 — and the stages that are one partition (the fine-tune) run
 once, before anything that reads them. A block that fails is submitted again, at most
-``run.max_block_attempts`` times in all; a block whose error a retry cannot fix stops the run. The
-captions plan is computed here once, and the shard index is written here at the end.
+``run.max_block_attempts`` times in all, then the run stops naming it. The captions plan is computed
+here once, and the shard index is written here at the end.
 
 A block whose flow run is still running but whose worker is gone — the lease of a partition it
 holds belongs to a process that no longer exists, or has had no heartbeat for `EDITFORGE_LEASE_TTL_S`
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from tasks import registry
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import read_success
+from tasks.common.contract import is_done, read_success
 from tasks.common.layout import lease_url, partition_dir
 from tasks.common.lease import is_stale, read_lease
 
@@ -57,15 +57,32 @@ def plan_blocks(cfg: PipelineConfig) -> list[Block]:
     return blocks
 
 
-def inputs_ready(cfg: PipelineConfig, block: Block) -> bool:
-    """Every partition this block reads is finished under the hash this config expects."""
-    stage = registry.get(block.stage)
-    for upstream in stage.reads:
-        up = registry.get(upstream)
-        wanted = sorted({stage.upstream_partition(up, pid) for pid in block.partitions})
-        if registry.unfinished(cfg, upstream, wanted):
-            return False
-    return True
+class Progress:
+    """Which partitions are finished under this config (a finished one stays so: it is read once)."""
+
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.hashes = {s.name: registry.stage_hash(cfg, s.name) for s in registry.chain()}
+        self.finished: set[tuple[str, int]] = set()
+
+    def pending(self, stage: str, partitions: list[int]) -> list[int]:
+        left = []
+        for pid in partitions:
+            if (stage, pid) not in self.finished:
+                if is_done(self.cfg.output_root, stage, pid, self.hashes[stage]):
+                    self.finished.add((stage, pid))
+                else:
+                    left.append(pid)
+        return left
+
+    def inputs_ready(self, block: Block) -> bool:
+        """Every partition this block reads is finished under the hash this config expects."""
+        stage = registry.get(block.stage)
+        for upstream in stage.reads:
+            wanted = sorted({stage.upstream_partition(registry.get(upstream), pid) for pid in block.partitions})
+            if self.pending(upstream, wanted):
+                return False
+        return True
 
 
 def abandoned(cfg: PipelineConfig, block: Block) -> list[str]:
@@ -88,11 +105,11 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
     from prefect.deployments import run_deployment
 
     registry.prepare(cfg, "captions", logger)  # the global plan, once, before any captions block
-    blocks = plan_blocks(cfg)
+    blocks, progress = plan_blocks(cfg), Progress(cfg)
     with get_client(sync_client=True) as client:
         while not all(b.done for b in blocks):
             for block in blocks:
-                if block.done or block.flow_run_id is not None or not inputs_ready(cfg, block):
+                if block.done or block.flow_run_id is not None or not progress.inputs_ready(block):
                     continue
                 block.attempts += 1
                 run = run_deployment(deployment_name(cfg, preset, block.stage), timeout=0, as_subflow=True,
@@ -112,7 +129,7 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
                 if state is None or not state.is_final():
                     continue
                 block.history.append(state.type.value)
-                if state.is_completed() and not registry.unfinished(cfg, block.stage, block.partitions):
+                if state.is_completed() and not progress.pending(block.stage, block.partitions):
                     block.done = True
                     continue
                 if block.attempts >= cfg.run.max_block_attempts:
