@@ -6,6 +6,7 @@
     editforge config --preset paper
     editforge report --preset demo
     editforge verify --preset demo
+    editforge index --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
 """
 
@@ -65,6 +66,25 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")
         raise typer.Exit(2) from None
     with reported(debug):
         FLOWS[name](preset, overrides, ids)
+
+
+@app.command()
+def index(preset: Preset = "demo", overrides: Overrides = None) -> None:
+    """Rebuild pack/index.json from every pack partition finished under this config (after partial runs)."""
+    from tasks.common.contract import read_success
+    from tasks.common.layout import index_url, partition_dir
+    from tasks.pack.index import write_index
+
+    cfg = load_or_exit(preset, overrides)
+    pack = registry.get("pack")
+    expected = registry.stage_hash(cfg, "pack")
+    found = [read_success(partition_dir(cfg.output_root, "pack", pid)) for pid in pack.partition_ids(cfg)]
+    manifests = [m for m in found if m and m.get("config_hash") == expected]
+    with reported(False):
+        written = write_index(cfg, manifests)
+    missing = len(found) - len(manifests)
+    typer.echo(f"{index_url(cfg.output_root)}: {len(written['shards'])} shards from {len(manifests)} pack "
+               f"partition(s)" + (f"; {missing} not finished under this config left out" if missing else ""))
 
 
 @app.command()

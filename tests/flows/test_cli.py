@@ -104,3 +104,19 @@ def test_a_run_that_cannot_succeed_prints_one_line_exits_2_and_is_not_retried(pr
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert errors == [f"error: captions.source '{tmp_path}/none-*.parquet' matched no file"], result.output
     assert "Traceback" not in result.output and "Retrying" not in result.output
+
+
+def test_index_is_rebuilt_from_the_finished_pack_partitions(tmp_path):
+    import json
+
+    from tasks.common import storage
+    from tasks.common.layout import success_url
+
+    cfg = load_config("demo", [f"output_root={tmp_path}"])
+    shards = [{"name": "train-000000.tar", "split": "train", "samples": 3}]
+    storage.write_json_atomic(success_url(str(tmp_path), "pack", 1), {"partition_id": 1, "shards": shards,
+                                                                     "config_hash": stage_hash(cfg, "pack")})
+    result = runner.invoke(app, ["index", "--set", f"output_root={tmp_path}"])
+    assert result.exit_code == 0 and "1 shards from 1 pack partition(s); 1 not finished" in result.output, result.output
+    index = json.loads((tmp_path / "pack" / "index.json").read_text())
+    assert index["splits"]["train"] == {"shards": ["part-00001/train-000000.tar"], "samples": 3}
