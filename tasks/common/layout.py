@@ -40,10 +40,6 @@ def partition_name(partition_id: int) -> str:
     return f"part-{partition_id:05d}"
 
 
-def stage_dir(output_root: str, stage: str) -> str:
-    return storage.url_join(output_root, stage)
-
-
 def partition_dir(output_root: str, stage: str, partition_id: int) -> str:
     return storage.url_join(output_root, stage, partition_name(partition_id))
 
