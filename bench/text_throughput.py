@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from tasks.captions.laion import caption_id
 from tasks.common import storage
 from tasks.common.config import load_config
-from tasks.common.contract import partition_dir
+from tasks.common.layout import partition_dir
 from tasks.registry import stage_hash
 from tasks.text.finetune import run as run_finetune
 from tasks.text.format import parse_completion
@@ -92,7 +92,7 @@ def concurrent_stage(base_url: str, df: pd.DataFrame, concurrency: int, root: st
         f"text.openai.concurrency={concurrency}", "text.openai.moderation=false", "text.max_new_tokens=256",
     ])
     # the text stage's inputs: a finished captions partition and the (no-job) fine-tune
-    folder = partition_dir(root, "captions", 0)
+    folder = partition_dir(root, "captions", stage_hash(cfg, "captions"), 0)
     storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
     storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"), {"config_hash": stage_hash(cfg, "captions")})
     run_finetune(cfg)

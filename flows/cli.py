@@ -70,20 +70,16 @@ def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")
 
 @app.command()
 def index(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Rebuild pack/index.json from every pack partition finished under this config (after partial runs)."""
-    from tasks.common.contract import read_success
-    from tasks.common.layout import index_url, partition_dir
+    """Rebuild pack/<hash>/index.json from every pack partition finished under this config (after partial runs)."""
     from tasks.pack.index import write_index
 
     cfg = load_or_exit(preset, overrides)
-    pack = registry.get("pack")
-    expected = registry.stage_hash(cfg, "pack")
-    found = [read_success(partition_dir(cfg.output_root, "pack", pid)) for pid in pack.partition_ids(cfg)]
-    manifests = [m for m in found if m and m.get("config_hash") == expected]
+    found = registry.manifests(cfg, "pack")
+    manifests = [m for m in found.values() if m]
     with reported(False):
         written = write_index(cfg, manifests)
     missing = len(found) - len(manifests)
-    typer.echo(f"{index_url(cfg.output_root)}: {len(written['shards'])} shards from {len(manifests)} pack "
+    typer.echo(f"{registry.index_url(cfg)}: {len(written['shards'])} shards from {len(manifests)} pack "
                f"partition(s)" + (f"; {missing} not finished under this config left out" if missing else ""))
 
 
@@ -94,7 +90,6 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
     from rich.table import Table
 
     from tasks.common.contract import output_problems, read_success
-    from tasks.common.layout import partition_dir
 
     cfg = load_or_exit(preset, overrides)
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}: outputs against their manifests")
@@ -105,7 +100,7 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
         expected, ids = registry.stage_hash(cfg, s.name), s.partition_ids(cfg)
         finished = ok = 0
         for pid in ids:
-            folder = partition_dir(cfg.output_root, s.name, pid)
+            folder = registry.partition_url(cfg, s.name, pid, config_hash=expected)
             done = read_success(folder)
             if not done or done.get("config_hash") != expected:
                 continue
@@ -147,13 +142,11 @@ def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
 def report(preset: Preset = "demo", overrides: Overrides = None) -> None:
     """Summarise what is on disk for this config: partitions finished under its hashes (no Prefect needed)."""
     from flows.report import current_manifests, render_report
-    from tasks.common import layout, storage
+    from tasks.common import storage
 
     cfg = load_or_exit(preset, overrides)
-    index_url = layout.index_url(cfg.output_root)
+    index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
-    if index and index.get("config_hash") != registry.stage_hash(cfg, "pack"):
-        index = None  # the shards of another config
     render_report(cfg, current_manifests(cfg), index)
 
 

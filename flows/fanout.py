@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from tasks import registry
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import is_done, read_success
-from tasks.common.layout import lease_url, partition_dir
+from tasks.common.contract import is_done
+from tasks.common.layout import lease_url
 from tasks.common.lease import is_stale, read_lease
 
 
@@ -89,7 +89,7 @@ def abandoned(cfg: PipelineConfig, block: Block) -> list[str]:
     """The partitions of a running block whose lease's owner is gone (see module doc)."""
     gone = []
     for pid in block.partitions:
-        held = read_lease(lease_url(cfg.output_root, block.stage, pid))
+        held = read_lease(lease_url(cfg.output_root, block.stage, registry.stage_hash(cfg, block.stage), pid))
         if held and is_stale(held):
             gone.append(f"part-{pid:05d} (pid {held.get('pid')} on {held.get('host')})")
     return gone
@@ -104,7 +104,7 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    registry.prepare(cfg, "captions", logger)  # the global plan, once, before any captions block
+    registry.prepare(cfg, "captions", logger)  # the captions ledger, once, before any captions block
     blocks, progress = plan_blocks(cfg), Progress(cfg)
     with get_client(sync_client=True) as client:
         while not all(b.done for b in blocks):
@@ -139,7 +139,6 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
                                state.message)
                 block.flow_run_id = None
             time.sleep(cfg.run.poll_s)
-    manifests = {s.name: [read_success(partition_dir(cfg.output_root, s.name, pid)) for pid in s.partition_ids(cfg)]
-                 for s in registry.chain()}
+    manifests = {s.name: list(registry.manifests(cfg, s.name).values()) for s in registry.chain()}
     registry.finalize(cfg, "pack", manifests["pack"], logger)
     return manifests

@@ -35,13 +35,13 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
         manifests = fan_out(cfg, preset, overrides or [], get_run_logger())
     else:
         manifests = {stage.name: FLOWS[stage.name](preset, overrides) for stage in registry.chain()}
-    index_url = layout.index_url(cfg.output_root)
+    index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     rows = render_report(cfg, manifests, index)
     create_table_artifact(
         [{"stage": r["stage"], "partitions": r["partitions"], "skipped": r["skipped"], "in": r["in"], "out": r["out"],
           "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items())} for r in rows],
-        key=layout.artifact_key(cfg.name, "summary"), description=f"EditForge `{cfg.name}` run summary",
+        key=layout.artifact_key(cfg.name, "summary", registry.stage_hash(cfg, "pack")), description=f"EditForge `{cfg.name}` run summary",
     )
     return {"output_root": cfg.output_root, "index": index_url if index else None,
             "stages": {r["stage"]: {"in": r["in"], "out": r["out"], "skipped": r["skipped"],

@@ -13,19 +13,27 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks import registry
-from tasks.common import layout, storage
+from tasks.common import layout
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import read_success
 
 
 def current_manifests(cfg: PipelineConfig) -> dict[str, list[dict]]:
     """Per chain stage, the `_SUCCESS.json` of its partitions finished under this config's hash."""
     found: dict[str, list[dict]] = {}
     for stage in registry.chain():
-        expected = registry.stage_hash(cfg, stage.name)
-        manifests = [read_success(layout.partition_dir(cfg.output_root, stage.name, i)) for i in stage.partition_ids(cfg)]
-        found[stage.name] = [m for m in manifests if m and m.get("config_hash") == expected]
+        found[stage.name] = [m for m in registry.manifests(cfg, stage.name).values() if m]
     return found
+
+
+def source_stats(cfg: PipelineConfig) -> dict:
+    """Rows read and rejections by reason in the latest read of the sources (the ledger's last generation:
+    each generation reads every source file), and how many generations the ledger holds."""
+    from tasks.captions.generations import ledger
+
+    gens = ledger(cfg)
+    last = gens[-1].record if gens else {}
+    return {"counts": last.get("counts", {}), "rejected": last.get("rejected", {}), "generations": len(gens),
+            "captions_taken": last.get("total_taken", 0)}
 
 
 def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
@@ -55,8 +63,7 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
                   console: Console | None = None) -> list[dict]:
     console = console or Console()
     rows = summarise(manifests)
-    src_url = layout.source_stats_url(cfg.output_root)
-    source = storage.read_json(src_url) if storage.exists(src_url) else {}
+    source = source_stats(cfg)
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}")
     for col in ("stage", "partitions", "skipped", "in", "out", "rejected (reason: count)"):
         table.add_column(col)
@@ -85,10 +92,18 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
                       f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
                       f"render.save_images={cfg.render.save_images}); "
                       f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
+    others = {stage.name: [v for v in layout.versions(cfg.output_root, stage.name)
+                           if v != registry.stage_hash(cfg, stage.name)] for stage in registry.chain()}
+    others = {k: v for k, v in others.items() if v}
+    if others:
+        console.print("other versions on disk (other configs): " +
+                      "; ".join(f"{k}: {', '.join(v)}" for k, v in others.items()))
+    if source.get("generations", 0) > 1:
+        console.print(f"captions: {source['generations']} generations, {source['captions_taken']} captions taken in all")
     if cfg.filter.note:
         console.print(f"[yellow]note:[/yellow] {cfg.filter.note}")
     if index:
         for split, info in index["splits"].items():
             console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
-        console.print(f"shards index: {layout.index_url(cfg.output_root)}")
+        console.print(f"shards index: {registry.index_url(cfg)}")
     return rows

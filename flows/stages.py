@@ -82,7 +82,7 @@ def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
     ]
     res = registry.get(stage).resources(cfg)
     needs = f" (per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch})"
-    create_table_artifact(rows, key=artifact_key(cfg.name, stage),
+    create_table_artifact(rows, key=artifact_key(cfg.name, stage, registry.stage_hash(cfg, stage)),
                           description=f"EditForge `{cfg.name}` — {stage} stage, per partition{needs}")
 
 
@@ -116,11 +116,11 @@ def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: l
     """One stage over some (default: all) partitions, inside a flow run; returns the manifests."""
     cfg = load_config(preset, overrides or [])
     stage = registry.get(name)
-    ids = partition_ids(cfg, stage, partitions)
     prepare_task, partition_task, finalize_task = TASKS[name]
     with tags(*stage.resources(cfg).tags(name)):  # `editforge-gpu` on the task runs that hold a GPU
         if stage.prepare:
             prepare_task(cfg, name)
+        ids = partition_ids(cfg, stage, partitions)  # after prepare: a new captions generation adds partitions
         if stage.one_at_a_time:
             manifests = [partition_task(cfg, name, pid) for pid in ids]
         else:

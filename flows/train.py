@@ -1,6 +1,6 @@
 """The training flow (paper sec. 3.2): train the InstructPix2Pix editing model on the packed shards.
 
-    pack/index.json ──► train (one resumable task: accelerate loop, checkpoints) ──► train/part-00000/
+    pack/<hash>/index.json ──► train (one resumable task: accelerate loop, checkpoints) ──► train/<hash>/part-00000/
                                                                                       model/ (IP2P pipeline)
                                                                                       sample_edit.png
 
@@ -37,7 +37,7 @@ def train_task(cfg: PipelineConfig, index_url: str | None) -> dict:
 
 def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
     """The loss curve as a keyed table artifact (`editforge-<name>-train`) for the dashboard."""
-    key = layout.artifact_key(cfg.name, STAGE.name)
+    key = layout.artifact_key(cfg.name, STAGE.name, manifest["config_hash"])
     summary = manifest.get("train", {})
     sample = manifest.get("sample", {})
     description = (f"EditForge `{cfg.name}` — editing-model training: {summary.get('steps')} steps, loss "
@@ -48,7 +48,7 @@ def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
 
 @flow(name="editforge-train", log_prints=True)
 def train(preset: str = "demo", overrides: list[str] | None = None, index: str | None = None) -> dict:
-    """Train on `index` (default `{output_root}/pack/index.json`); returns the small manifest."""
+    """Train on `index` (default `{output_root}/pack/<hash>/index.json`); returns the small manifest."""
     cfg = load_config(preset, overrides or [])
     with tags(*STAGE.resources(cfg).tags(STAGE.name)):
         manifest = train_task(cfg, index)
@@ -62,7 +62,7 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
 
 
 def train_command(preset: Preset = "demo", overrides: Overrides = None,
-                  index: Annotated[str | None, typer.Option(help="pack/index.json to train on (default: the run's)")] = None,
+                  index: Annotated[str | None, typer.Option(help="pack/<hash>/index.json to train on (default: the run's)")] = None,
                   debug: Debug = False) -> None:
     """Train the editing model on the shards of a run (the separate training flow)."""
     load_or_exit(preset, overrides)

@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from tasks.captions.spec import STAGE as CAPTIONS
+from tasks.common import layout
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import PartitionWork, execute_partition, incomplete
+from tasks.common.contract import PartitionWork, execute_partition, incomplete, read_success
 from tasks.common.stage import Resources, Stage, config_hash, load
 from tasks.filter.spec import STAGE as FILTER
 from tasks.pack.spec import STAGE as PACK
@@ -96,3 +97,30 @@ def unfinished(cfg: PipelineConfig, name: str, partition_ids: list[int] | None =
     ids = stage.partition_ids(cfg) if partition_ids is None else partition_ids
     return incomplete(cfg.output_root, name, ids, stage_hash(cfg, name))
 
+
+
+def partition_ids(cfg: PipelineConfig, name: str) -> list[int]:
+    """The partitions of ``name`` under ``cfg`` (the captions generations decide how many)."""
+    return get(name).partition_ids(cfg)
+
+
+def partition_url(cfg: PipelineConfig, name: str, partition_id: int = 0, *, config_hash: str | None = None) -> str:
+    """The folder of one partition of ``name``, in the stage's version for this config (or ``config_hash``)."""
+    return layout.partition_dir(cfg.output_root, name, config_hash or stage_hash(cfg, name), partition_id)
+
+
+def manifests(cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None,
+              config_hash: str | None = None) -> dict[int, dict[str, Any] | None]:
+    """Partition id -> its `_SUCCESS.json` under this config's hash (None when not finished)."""
+    expected = config_hash or stage_hash(cfg, name)
+    ids = get(name).partition_ids(cfg) if partition_ids is None else partition_ids
+    found = {}
+    for pid in ids:
+        done = read_success(layout.partition_dir(cfg.output_root, name, expected, pid))
+        found[pid] = done if done and done.get("config_hash") == expected else None
+    return found
+
+
+def index_url(cfg: PipelineConfig) -> str:
+    """This config's shard index (the pack stage's version)."""
+    return layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))

@@ -20,7 +20,6 @@ import unicodedata
 from dataclasses import dataclass
 from importlib import resources
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,23 +198,3 @@ def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_s
         stats.add("files_read")
     stats.add("rows_accepted", len(rows))
     return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
-
-
-def sample_captions(df: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """A seeded uniform sample of `n` rows (all rows when fewer), independent of input order."""
-    ordered = df.sort_values("caption_id", kind="stable").reset_index(drop=True)
-    if n >= len(ordered):
-        return ordered
-    rng = np.random.default_rng(seed)
-    picked = np.sort(rng.choice(len(ordered), size=n, replace=False))
-    return ordered.iloc[picked].reset_index(drop=True)
-
-
-def partition_of(cid: str, num_partitions: int) -> int:
-    """Stable partition of a caption id (its leading 64 bits modulo N)."""
-    return int(cid, 16) % num_partitions
-
-
-def split_partitions(df: pd.DataFrame, num_partitions: int) -> list[pd.DataFrame]:
-    part = df["caption_id"].map(lambda c: partition_of(c, num_partitions))
-    return [df[part == i].sort_values("caption_id").reset_index(drop=True) for i in range(num_partitions)]

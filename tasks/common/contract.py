@@ -16,10 +16,11 @@ counts what it did on `run.stats`. `execute_partition` wraps it (stages call it 
 - otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
   under `_progress/`, each written atomically), so a crash loses at most the batch in flight;
 - on success `_SUCCESS.json` is written last: counts, rejections by reason, config hash, code
-  version, wall time and the sha256 and size of every output file. A finished partition of another
-  config keeps its marker and outputs until then (a failed attempt destroys nothing); after it, the
-  old outputs the new run did not rewrite are removed. Temporary files a killed write left are
-  removed when a run starts.
+  version, wall time and the sha256 and size of every output file. A partition lives in its stage's
+  folder for its config hash (:mod:`tasks.common.layout`), so another config writes next to it, never
+  over it; a marker of another hash found in the folder (copied there by hand) keeps its outputs until
+  the new ones are complete, then the old outputs not rewritten are removed. Temporary files a killed
+  write left are removed when a run starts.
 
 The manifest returned is small (paths and counts): Prefect results never hold the data.
 """
@@ -42,7 +43,15 @@ import pandas as pd
 
 from tasks.common import storage
 from tasks.common.errors import PermanentError
-from tasks.common.layout import PROGRESS, SUCCESS, lease_url, partition_dir, partition_name, progress_dir
+from tasks.common.layout import (
+    PROGRESS,
+    SUCCESS,
+    lease_url,
+    partition_dir,
+    partition_name,
+    partition_relative,
+    progress_dir,
+)
 from tasks.common.lease import PartitionLease
 
 log = logging.getLogger("editforge")
@@ -168,21 +177,21 @@ class PartitionRun:
 
     @property
     def dir(self) -> str:
-        return partition_dir(self.output_root, self.stage, self.partition_id)
+        return partition_dir(self.output_root, self.stage, self.config_hash, self.partition_id)
 
     def path(self, name: str) -> str:
         return storage.url_join(self.dir, name)
 
     def relative(self, name: str = "") -> str:
         """``name`` in this partition, relative to the output root (what manifests record: a run can move)."""
-        return storage.url_join(self.stage, partition_name(self.partition_id), name) if name else \
-            storage.url_join(self.stage, partition_name(self.partition_id))
+        return partition_relative(self.stage, self.config_hash, self.partition_id, name)
 
     def input_dir(self, stage: str) -> str:
         """The partition of upstream ``stage`` this run reads (checked finished before ``work`` ran)."""
         if stage not in self.inputs:
             raise KeyError(f"{self.stage} does not declare {stage!r} among the stages it reads")
-        return partition_dir(self.output_root, stage, self.inputs[stage][0])
+        upstream_id, upstream_hash = self.inputs[stage]
+        return partition_dir(self.output_root, stage, upstream_hash, upstream_id)
 
     def input_path(self, stage: str, name: str) -> str:
         """URL of ``name`` in the partition of upstream ``stage`` this run reads."""
@@ -246,7 +255,7 @@ def output_problems(run_dir: str, manifest: dict[str, Any], verify: str = "size"
 
 def is_done(output_root: str, stage: str, partition_id: int, config_hash: str) -> bool:
     """The partition is finished under ``config_hash`` (its `_SUCCESS.json` says so)."""
-    done = read_success(partition_dir(output_root, stage, partition_id))
+    done = read_success(partition_dir(output_root, stage, config_hash, partition_id))
     return bool(done) and done.get("config_hash") == config_hash
 
 
@@ -260,7 +269,7 @@ def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[s
     sizes, or MissingInputError naming it."""
     part = partition_name(partition_id)
     for upstream, (upstream_id, expected) in inputs.items():
-        upstream_dir = partition_dir(output_root, upstream, upstream_id)
+        upstream_dir = partition_dir(output_root, upstream, expected, upstream_id)
         done = read_success(upstream_dir)
         theirs = partition_name(upstream_id)
         if done is None:
@@ -285,7 +294,7 @@ def execute_partition(
     """Run `work` for one (stage, partition) under the contract; return the small manifest."""
     logger = logger or log
     run = PartitionRun(stage, partition_id, output_root, config_hash, inputs=dict(inputs or {}))
-    with PartitionLease(lease_url(output_root, stage, partition_id), logger):
+    with PartitionLease(lease_url(output_root, stage, config_hash, partition_id), logger):
         return _execute(run, work, logger, verify)
 
 

@@ -1,16 +1,23 @@
 """Where everything of a run lives: one module owns the paths, file names and keys (torch-free).
 
-    {output_root}/{stage}/part-{id:05d}/            one partition of a stage (the stage contract)
-        _SUCCESS.json                                its manifest, written last
-        _progress/<config hash>/                     in-partition checkpoints of an unfinished run
-    {output_root}/{stage}/_leases/part-{id:05d}.json the lease of the process working on a partition
-    {output_root}/captions/_plan/<hash>.parquet      the captions stage's global plan (all partitions)
-    {output_root}/captions/_source_stats.json        rejections while reading the sources
-    {output_root}/finetune/part-00000/model/         the fine-tuned caption LM
-    {output_root}/render/part-N/images/<key>_{input,edited}.png
-    {output_root}/pack/index.json                    every shard of the run, per split
+Every stage writes into a folder named by its config hash, so a run whose config changes what a
+stage outputs (an override, a new model, a threshold) writes a new version next to the old one and
+never over it, and what did not change is reused (a new filter threshold reads the same renders)::
 
-Stages and flows ask this module for a path instead of spelling it, so a name is written once.
+    {output_root}/{stage}/{hash}/part-{id:05d}/           one partition of a stage (the stage contract)
+        _SUCCESS.json                                   its manifest, written last
+        _progress/<hash>/                               in-partition checkpoints of an unfinished run
+    {output_root}/{stage}/{hash}/_leases/part-{id:05d}.json  the process working on a partition
+    {output_root}/captions/{hash}/_generations/gen-{g:05d}.{parquet,json}
+                                                        the captions taken by each generation (append-only)
+    {output_root}/finetune/{hash}/part-00000/model/     the fine-tuned caption LM
+    {output_root}/render/{hash}/part-N/images/<key>_{input,edited}.png
+    {output_root}/pack/{hash}/index.json                every shard of that version, per split
+    {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
+                                                        differ only in the sample-edit settings)
+
+Stages and flows ask this module for a path instead of spelling it, so a name is written once;
+:func:`tasks.registry.partition_url` fills in the hash a config gives a stage.
 """
 
 from __future__ import annotations
@@ -34,22 +41,42 @@ OPENAI_MODEL_FILE = "openai_model.json"
 # a run's name is part of its dashboard keys; Prefect allows lowercase letters, digits and dashes there
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 _NAME_RE = re.compile(NAME_PATTERN)
+_HASH_RE = re.compile(r"^[0-9a-f]{16}$")  # a version folder (tasks.common.stage.config_hash)
 
 
 def partition_name(partition_id: int) -> str:
     return f"part-{partition_id:05d}"
 
 
-def partition_dir(output_root: str, stage: str, partition_id: int) -> str:
-    return storage.url_join(output_root, stage, partition_name(partition_id))
+def stage_dir(output_root: str, stage: str, config_hash: str) -> str:
+    """One version of a stage: everything it wrote under ``config_hash``."""
+    return storage.url_join(output_root, stage, config_hash)
 
 
-def partition_file(output_root: str, stage: str, partition_id: int, name: str) -> str:
-    return storage.url_join(partition_dir(output_root, stage, partition_id), name)
+def versions(output_root: str, stage: str) -> list[str]:
+    """The config hashes a stage has folders for under ``output_root`` (sorted)."""
+    fs, path = storage.filesystem(storage.url_join(output_root, stage))
+    if not fs.exists(path):
+        return []
+    names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)]
+    return sorted(n for n in names if _HASH_RE.match(n))
 
 
-def success_url(output_root: str, stage: str, partition_id: int) -> str:
-    return partition_file(output_root, stage, partition_id, SUCCESS)
+def partition_dir(output_root: str, stage: str, config_hash: str, partition_id: int) -> str:
+    return storage.url_join(stage_dir(output_root, stage, config_hash), partition_name(partition_id))
+
+
+def partition_relative(stage: str, config_hash: str, partition_id: int, name: str = "") -> str:
+    """A partition (or a file in it) relative to the output root: what manifests record, so a run can move."""
+    return storage.url_join(stage, config_hash, partition_name(partition_id), *([name] if name else []))
+
+
+def partition_file(output_root: str, stage: str, config_hash: str, partition_id: int, name: str) -> str:
+    return storage.url_join(partition_dir(output_root, stage, config_hash, partition_id), name)
+
+
+def success_url(output_root: str, stage: str, config_hash: str, partition_id: int) -> str:
+    return partition_file(output_root, stage, config_hash, partition_id, SUCCESS)
 
 
 def progress_dir(run_dir: str, config_hash: str) -> str:
@@ -57,26 +84,34 @@ def progress_dir(run_dir: str, config_hash: str) -> str:
     return storage.url_join(run_dir, PROGRESS, config_hash)
 
 
-def lease_url(output_root: str, stage: str, partition_id: int) -> str:
-    """Who is working on a partition (outside it, so that nothing the partition holds is the lease)."""
-    return storage.url_join(output_root, stage, "_leases", f"{partition_name(partition_id)}.json")
+def lease_url(output_root: str, stage: str, config_hash: str, partition_id: int | str) -> str:
+    """Who is working on a partition (outside it, so that nothing the partition holds is the lease);
+    ``partition_id`` may be a name for a stage-wide step (the captions generations)."""
+    name = partition_name(partition_id) if isinstance(partition_id, int) else partition_id
+    return storage.url_join(stage_dir(output_root, stage, config_hash), "_leases", f"{name}.json")
 
 
-def captions_plan_url(output_root: str, config_hash: str) -> str:
-    return storage.url_join(output_root, "captions", "_plan", f"{config_hash}.parquet")
+def generations_dir(output_root: str, config_hash: str) -> str:
+    """The captions ledger: one parquet (the captions taken) and one JSON (its record) per generation."""
+    return storage.url_join(stage_dir(output_root, "captions", config_hash), "_generations")
 
 
-def source_stats_url(output_root: str) -> str:
-    return storage.url_join(output_root, "captions", "_source_stats.json")
+def generation_url(output_root: str, config_hash: str, generation: int, ext: str) -> str:
+    return storage.url_join(generations_dir(output_root, config_hash), f"gen-{generation:05d}.{ext}")
 
 
-def finetuned_model_dir(output_root: str) -> str:
-    return partition_file(output_root, "finetune", 0, FINETUNED_MODEL)
+def finetuned_model_dir(output_root: str, config_hash: str) -> str:
+    return partition_file(output_root, "finetune", config_hash, 0, FINETUNED_MODEL)
 
 
-def index_url(output_root: str) -> str:
-    """`pack/index.json`: the shards of every pack partition."""
-    return storage.url_join(output_root, "pack", INDEX_FILE)
+def train_work_dir(output_root: str, weights_key: str) -> str:
+    """Training's checkpoints, by weights key: shared by the versions that differ only in how they sample."""
+    return storage.url_join(output_root, "train", "_work", weights_key)
+
+
+def index_url(output_root: str, pack_hash: str) -> str:
+    """`pack/<hash>/index.json`: the shards of every pack partition of that version."""
+    return storage.url_join(stage_dir(output_root, "pack", pack_hash), INDEX_FILE)
 
 
 def sample_key(caption_id: str, seed: int) -> str:
@@ -98,6 +133,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def artifact_key(name: str, topic: str) -> str:
-    """The dashboard key of a run's artifact: `editforge-<name>-<topic>` (stage name or `summary`)."""
-    return f"editforge-{check_name(name)}-{topic}"
+def artifact_key(name: str, topic: str, config_hash: str) -> str:
+    """The dashboard key of a run's artifact: `editforge-<name>-<topic>-<hash>` (topic: a stage name or
+    `summary`; the hash: the stage's, or the run's for the summary), so an experiment's history is its own."""
+    return f"editforge-{check_name(name)}-{topic}-{config_hash[:8]}"

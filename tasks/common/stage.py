@@ -12,7 +12,8 @@ adding a stage is one record.
 - ``hashes``: the config sections (dotted keys) the stage's output depends on — operational fields
   left out (:func:`tasks.common.config.operational`) — or a function of the config giving them;
 - ``resources``: what one partition holds (CPUs, GPUs, batch), as NeMo Curator's stages declare;
-- ``partitions``: ``all`` (``captions.num_partitions`` of them) or ``one`` (``part-00000``);
+- ``partitions``: ``all`` (every partition of the captions ledger: ``captions.num_partitions`` in its
+  first generation, more as it grows) or ``one`` (``part-00000``);
 - ``prepare`` / ``finalize``: ``"module:function"`` run once before / after the partitions
   (the captions plan; the shard index).
 
@@ -75,7 +76,11 @@ class Stage:
     progress: bool = False
 
     def partition_ids(self, cfg: PipelineConfig) -> list[int]:
-        return [0] if self.partitions == "one" else list(range(cfg.captions.num_partitions))
+        if self.partitions == "one":
+            return [0]
+        from tasks.captions.generations import partition_count  # the ledger decides (lazy: no cycle)
+
+        return list(range(partition_count(cfg)))
 
     def sections(self, cfg: PipelineConfig) -> tuple[str, ...]:
         return self.hashes(cfg) if callable(self.hashes) else self.hashes

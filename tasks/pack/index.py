@@ -1,10 +1,10 @@
-"""`pack/index.json`: every shard of a run, per split — the pack stage's finalize, and how it is read.
+"""`pack/<hash>/index.json`: every shard of a run, per split — the pack stage's finalize, and how it is read.
 
 Shard entries are relative to the index's folder (`part-00000/train-000000.tar`), so a run copied or
 moved elsewhere (another disk, a bucket) still finds its shards; an absolute URL in an index is
 taken as is. Read it with :func:`read_index`, which resolves them::
 
-    index = read_index("runs/demo/pack/index.json")
+    index = read_index(registry.index_url(cfg))  # runs/demo/pack/<hash>/index.json
     webdataset.WebDataset(index["splits"]["train"]["shards"])
 """
 
@@ -42,7 +42,7 @@ def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logg
         "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
         "config_hash": stage_hash(cfg, "pack"),
     }
-    url = layout.index_url(cfg.output_root)
+    url = layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
     storage.write_json_atomic(url, index)
     return resolve(index, url)
 

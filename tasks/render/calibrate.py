@@ -32,7 +32,7 @@ from tasks.common.config import PipelineConfig, Selection
 from tasks.common.contract import is_done
 from tasks.common.layout import SAMPLES_FILE, partition_file
 from tasks.common.selection import METRICS, passes
-from tasks.registry import stage_hash
+from tasks.registry import partition_ids, stage_hash
 from tasks.render.early import early_keep, early_step_count
 
 DEFAULT_MARGINS = tuple(round(-0.05 + 0.025 * i, 6) for i in range(15))  # -0.05, -0.025, ..., 0.30
@@ -155,13 +155,13 @@ def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | No
     """
     calibration_settings(cfg)
     expected = stage_hash(cfg, "render")
-    ids = list(partitions) if partitions is not None else list(range(cfg.captions.num_partitions))
+    ids = list(partitions) if partitions is not None else partition_ids(cfg, "render")
     frames, read, skipped = [], [], []
     for i in ids:
         if not is_done(cfg.output_root, "render", i, expected):
             skipped.append(i)
             continue
-        frames.append(storage.read_parquet(partition_file(cfg.output_root, "render", i, SAMPLES_FILE)))
+        frames.append(storage.read_parquet(partition_file(cfg.output_root, "render", expected, i, SAMPLES_FILE)))
         read.append(i)
     if not read:
         raise CalibrationError(

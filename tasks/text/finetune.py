@@ -1,8 +1,8 @@
 """The fine-tune: the caption LM trained once on the seed triplets, read by every text partition.
 
-    run(cfg, 0)  -> manifest of `finetune/part-00000/`
+    run(cfg, 0)  -> manifest of `finetune/<hash>/part-00000/`
 
-`finetune/part-00000/` always holds the fine-tune files (`{train,val}.{completion,chat}.jsonl`, the
+`finetune/<hash>/part-00000/` always holds the fine-tune files (`{train,val}.{completion,chat}.jsonl`, the
 paper's format and the chat format, same split) and, per backend:
 - `local`: the fine-tuned model (`model/`: whole model, or the LoRA adapter) trained in-process;
 - `openai`: `openai_model.json` with the fine-tuned model id and the job's metadata (also in the
@@ -111,7 +111,7 @@ def finetuned_model_id(cfg: PipelineConfig) -> str:
     """The model id the openai backend generates with (recorded by `run_finetune`)."""
     if cfg.text.openai.model:
         return cfg.text.openai.model
-    done = read_success(layout.partition_dir(cfg.output_root, STAGE, 0))
+    done = read_success(layout.partition_dir(cfg.output_root, STAGE, stage_hash(cfg, STAGE), 0))
     if not done or "finetune" not in done or not done["finetune"].get("model"):
         raise RuntimeError(f"text: no fine-tuned model recorded under {cfg.output_root}/{STAGE}; "
                            f"run the finetune stage first (editforge stage finetune)")
@@ -122,8 +122,8 @@ def finetuned_model(cfg: PipelineConfig) -> tuple:
     """The fine-tuned (model, tokenizer) on ``text.device``, from the process's model cache: loaded once
     per fine-tune (its hash) and reused across partitions and sampling settings."""
     t = cfg.text
-    model_url = layout.finetuned_model_dir(cfg.output_root)
-    identity = (model_url, stage_hash(cfg, STAGE), t.device, t.dtype)
+    model_url = layout.finetuned_model_dir(cfg.output_root, stage_hash(cfg, STAGE))
+    identity = (model_url, t.device, t.dtype)
 
     def load() -> tuple:
         with tempfile.TemporaryDirectory() as tmp:

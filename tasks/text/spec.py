@@ -1,6 +1,6 @@
 """The records of the fine-tune and the text stage (see :mod:`tasks.common.stage`).
 
-The fine-tune is one partition (``finetune/part-00000``) that every text partition reads. Its hash
+The fine-tune is one partition (``finetune/<hash>/part-00000``) that every text partition reads. Its hash
 covers only what the fine-tuned model depends on — the settings of the backend in use, the seed
 triplets and the prompt templates — so sampling settings (``text.temperature``) re-generate triplets
 without re-training, and an ``openai`` run never pays for a new job over a local-only setting.

@@ -5,6 +5,6 @@
 - `conditioning`: the paper's conditioning dropout (5 % text only, 5 % both, 5 % image only);
 - `loop`:         the `accelerate` training loop (checkpoints, resume, EMA, metrics);
 - `infer`:        editing with the two guidance scales, guarded against silently disabled guidance;
-- `stage`:        the stage contract around it (`train/part-00000/_SUCCESS.json`), the hash, the sample edit;
+- `stage`:        the stage contract around it (`train/<hash>/part-00000/_SUCCESS.json`), the hash, the sample edit;
 - `synthetic`:    small learnable shards for tests and smoke runs without the generation pipeline.
 """

@@ -1,6 +1,6 @@
 """The training data: WebDataset shards → augmented (original, edited, instruction) batches.
 
-Shards are the pack stage's (`pack/index.json` lists their URLs per split; samples carry `input.<ext>`,
+Shards are the pack stage's (`pack/<hash>/index.json` lists their URLs per split; samples carry `input.<ext>`,
 `edited.<ext>`, `instruction.txt`, `json`). They are opened through fsspec, so local paths, `s3://`,
 `gs://` and `memory://` all work, and read with webdataset's own tar expander and key grouping.
 

@@ -1,7 +1,7 @@
 """The training stage's record (see :mod:`tasks.common.stage`): its own flow, not part of the chain.
 
 Its hash covers the ``train`` section, the diffusion model and the shards it trains on, which come
-from the index it is given (the run's ``pack/index.json`` by default): see :mod:`tasks.train.stage`.
+from the index it is given (the run's ``pack/<hash>/index.json`` by default): see :mod:`tasks.train.stage`.
 """
 
 from tasks.common.stage import Resources, Stage, gpus_for

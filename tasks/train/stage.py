@@ -1,4 +1,4 @@
-"""The training stage under the stage contract: `{output_root}/train/part-00000/`.
+"""The training stage under the stage contract: `{output_root}/train/<hash>/part-00000/`.
 
     model/             StableDiffusionInstructPix2PixPipeline folder (safetensors)
     metrics.json       per-step loss, lr, epoch, samples seen; the run's summary
@@ -11,11 +11,13 @@ covers the `train` section (minus operational knobs), the diffusion model and th
 index it trains on, with the index's own pack hash standing for the chain up to pack. Checkpoints
 are keyed by `weights_key` — the same without the sample-edit settings and the val shards — so
 changing only those re-samples from the final checkpoint without re-training. The run's own index
-(`{output_root}/pack/index.json`) must be the pack stage's under this config; another index is
+(`{output_root}/pack/<hash>/index.json`) must be the pack stage's under this config; another index is
 taken as given (`--index`).
 
-`accelerate` checkpoints need a local folder: for an object-store `output_root` the run trains in
-`$EDITFORGE_CACHE/train-work/<key>/` (resumable on the same machine) and uploads the outputs at the end.
+Checkpoints are kept by weights key in `{output_root}/train/_work/<weights key>/checkpoints/`, beside the
+versions, and the outputs are moved into the version's partition at the end. `accelerate` checkpoints need
+a local folder: for an object-store `output_root` the run trains in `$EDITFORGE_CACHE/train-work/<key>/`
+(resumable on the same machine) and uploads the outputs at the end.
 """
 
 from __future__ import annotations
@@ -92,11 +94,11 @@ def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path)
 def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = None,
         logger: logging.Logger | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
         ) -> dict[str, Any]:
-    """Train the editing model on the shards of `index_url` (default `{output_root}/pack/index.json`)."""
+    """Train the editing model on the shards of `index_url` (default `{output_root}/pack/<hash>/index.json`)."""
     from tasks.train.loop import train_editing_model
 
     own = index_url is None
-    index_url = index_url or layout.index_url(cfg.output_root)
+    index_url = index_url or layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
     index = read_index(index_url, resolved=False)  # the entries as stored: what the hashes cover
     if own and index.get("config_hash") != stage_hash(cfg, "pack"):
         raise MissingInputError(
@@ -110,7 +112,9 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
 
     def work(run: PartitionRun) -> None:
         local = isinstance(storage.filesystem(run.dir)[0], LocalFileSystem)
-        workdir = Path(run.dir) if local else cache_root() / "train-work" / key
+        # checkpoints live by weights key, beside the versions: a new sample-edit setting (a new version)
+        # resumes from the final checkpoint instead of training again
+        workdir = Path(layout.train_work_dir(cfg.output_root, key)) if local else cache_root() / "train-work" / key
         result = train_editing_model(cfg.train, cfg.models, train_urls, workdir, run_key=key, logger=logger,
                                      on_step=on_step)
         summary = result.summary()
@@ -119,7 +123,9 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         names = sorted(p.relative_to(workdir).as_posix() for p in result.model_dir.rglob("*") if p.is_file())
         names += ["metrics.json", "sample_edit.png"]
         for name in names:
-            if not local:
+            if local:
+                storage.move(str(workdir / name), run.path(name))
+            else:
                 storage.write_bytes_atomic(run.path(name), (workdir / name).read_bytes())
             run.output(name)
         run.stats.add("in", int(index["splits"]["train"].get("samples", 0)))
@@ -127,7 +133,7 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update({"index": "pack/index.json" if own else index_url, "model_dir": run.relative("model"),
+        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, "pack"), "index.json") if own else index_url, "model_dir": run.relative("model"),
                           "weights_key": key, "train": summary, "loss_curve": loss_curve(result.history),
                           "sample": {**sample, "png": run.relative("sample_edit.png")}})
 

@@ -3,7 +3,7 @@
 Each sample is a coloured square on a plain background (input) and the same scene after a simple,
 learnable edit (edited), with the instruction that describes it ("make the square red", "make the
 background blue"). Shards are written with the pack stage's own `write_shard` (TarWriter, mtime 0,
-atomic) and listed in an `index.json` of the same format as `pack/index.json`, so the training flow reads
+atomic) and listed in an `index.json` of the same format as `pack/<hash>/index.json`, so the training flow reads
 them exactly as it reads real shards.
 """
 

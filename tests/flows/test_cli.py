@@ -71,7 +71,7 @@ def test_report_counts_only_partitions_of_this_config(tmp_path):
     other = load_config("demo", [f"output_root={tmp_path}", "render.steps=3"])  # render, filter, pack differ
     for cfg, stage, pid, out in ((ours, "captions", 0, 20), (ours, "captions", 1, 20), (other, "render", 0, 9),
                                  (ours, "render", 1, 5)):
-        storage.write_json_atomic(success_url(str(tmp_path), stage, pid),
+        storage.write_json_atomic(success_url(str(tmp_path), stage, stage_hash(cfg, stage), pid),
                                   {"partition_id": pid, "config_hash": stage_hash(cfg, stage), "counts": {"out": out}})
     found = current_manifests(ours)
     assert [m["partition_id"] for m in found["captions"]] == [0, 1]
@@ -80,6 +80,7 @@ def test_report_counts_only_partitions_of_this_config(tmp_path):
     assert result.exit_code == 0, result.output
     render_row = next(line for line in result.output.splitlines() if "render" in line and "│" in line)
     assert render_row.split("│")[2].strip() == "1" and render_row.split("│")[5].strip() == "5"
+    assert "other versions on disk" in result.output and stage_hash(other, "render") in result.output
 
 
 def test_verify_finds_flipped_bytes_by_name(tmp_path):
@@ -91,7 +92,7 @@ def test_verify_finds_flipped_bytes_by_name(tmp_path):
                       lambda run: storage.write_bytes_atomic(run.output("captions.parquet"), b"0123456789"))
     args = ["verify", "--set", f"output_root={tmp_path}", "--set", "captions.num_partitions=1"]
     assert runner.invoke(app, args).exit_code == 0
-    (tmp_path / "captions/part-00000/captions.parquet").write_bytes(b"0123456780")
+    (tmp_path / "captions" / stage_hash(cfg, "captions") / "part-00000/captions.parquet").write_bytes(b"0123456780")
     result = runner.invoke(app, args)
     assert result.exit_code == 1 and "captions part-00000:" in result.output and "captions.parquet" in result.output
 
@@ -114,9 +115,9 @@ def test_index_is_rebuilt_from_the_finished_pack_partitions(tmp_path):
 
     cfg = load_config("demo", [f"output_root={tmp_path}"])
     shards = [{"name": "train-000000.tar", "split": "train", "samples": 3}]
-    storage.write_json_atomic(success_url(str(tmp_path), "pack", 1), {"partition_id": 1, "shards": shards,
+    storage.write_json_atomic(success_url(str(tmp_path), "pack", stage_hash(cfg, "pack"), 1), {"partition_id": 1, "shards": shards,
                                                                      "config_hash": stage_hash(cfg, "pack")})
     result = runner.invoke(app, ["index", "--set", f"output_root={tmp_path}"])
     assert result.exit_code == 0 and "1 shards from 1 pack partition(s); 1 not finished" in result.output, result.output
-    index = json.loads((tmp_path / "pack" / "index.json").read_text())
+    index = json.loads((tmp_path / "pack" / stage_hash(cfg, "pack") / "index.json").read_text())
     assert index["splits"]["train"] == {"shards": ["part-00001/train-000000.tar"], "samples": 3}

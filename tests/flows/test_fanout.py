@@ -7,7 +7,7 @@ from tasks.registry import stage_hash
 
 
 def _done(cfg, stage, pid):
-    storage.write_json_atomic(success_url(cfg.output_root, stage, pid), {"config_hash": stage_hash(cfg, stage),
+    storage.write_json_atomic(success_url(cfg.output_root, stage, stage_hash(cfg, stage), pid), {"config_hash": stage_hash(cfg, stage),
                                                                          "outputs": {}})
 
 

@@ -2,9 +2,16 @@
 
 import hashlib
 import json
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import webdataset as wds
+
+from tasks import registry
+from tasks.common.config import load_config
+from tasks.common.layout import artifact_key
+from tasks.registry import stage_hash
 
 pytestmark = pytest.mark.flow
 
@@ -35,7 +42,8 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     assert all(s["skipped"] == 0 for s in stages.values())
 
     index = result["index"]
-    assert index and (tmp_path / "pack" / "index.json").exists()
+    cfg = load_config("demo", overrides)
+    assert index == registry.index_url(cfg) and Path(index).exists()
     shards = sorted(str(p) for p in (tmp_path / "pack").rglob("*.tar"))
     samples = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
     assert len(samples) == stages["pack"]["out"]
@@ -49,10 +57,11 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="editforge-flowtest")))}
-    assert {"editforge-flowtest-render", "editforge-flowtest-pack", "editforge-flowtest-summary"} <= keys
+    key = {s: artifact_key("flowtest", s, stage_hash(cfg, s)) for s in ("render", "pack")}
+    assert {key["render"], key["pack"], artifact_key("flowtest", "summary", stage_hash(cfg, "pack"))} <= keys
     with get_client(sync_client=True) as client:
         render_table = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["editforge-flowtest-render"])))[0]
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key["render"]])))[0]
     rows = json.loads(render_table.data) if isinstance(render_table.data, str) else render_table.data
     # per partition on the dashboard: counts, and the stage's own figures and medians
     assert {"n_unet_calls", "unet_calls_per_kept_pair", "samples_per_s", "batch_samples",
@@ -68,3 +77,66 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition")))
     assert runs and all({"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags
                         for r in runs)
+
+
+
+def _laion(path, start, n):
+    pd.DataFrame({"URL": [f"https://example.com/{i}.jpg" for i in range(start, start + n)],
+                  "TEXT": [f"a watercolor painting of a lighthouse number {i}" for i in range(start, start + n)],
+                  "AESTHETIC_SCORE": [7.0] * n}).to_parquet(path)
+
+
+def _files(root, stage):
+    """Every file of ``stage`` (all versions) with its bytes."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / stage).rglob("*"))
+            if p.is_file() and "_leases" not in p.parts}
+
+
+def test_a_grown_source_adds_partitions_and_an_experiment_writes_its_own_version(prefect_harness, tmp_path):
+    from flows.generate import generate
+    from tasks.captions.generations import ledger
+
+    source = tmp_path / "source"
+    source.mkdir()
+    _laion(source / "week-1.parquet", 0, 40)
+    root = tmp_path / "run"
+    base = [f"output_root={root}", "name=grow", f"captions.source={source}/*.parquet", *SMALL]
+    first = generate("demo", base)
+    assert first["stages"]["captions"]["out"] == 8
+    cfg = load_config("demo", base)
+    before = {stage: _files(root, stage) for stage in ("captions", "text", "render", "filter", "pack")}
+    markers = {p: b for stage in before.values() for p, b in stage.items() if p.endswith("_SUCCESS.json")}
+
+    # a week later the source has grown: only the new captions are processed, into new partitions
+    _laion(source / "week-2.parquet", 1000, 40)
+    second = generate("demo", base)
+    gens = ledger(cfg)
+    assert len(gens) == 2 and gens[1].first_partition == 2
+    new_parts = list(gens[1].partitions)
+    assert 0 < gens[1].record["taken"] < 40  # sampled at the first week's rate, not all taken
+    for name, stage in second["stages"].items():
+        if name != "pack" or stage["out"]:  # pack may keep nothing new from a handful of captions
+            assert stage["skipped"] == 2, (name, stage)  # the first week's partitions
+    assert second["stages"]["captions"]["out"] == 8 + gens[1].record["taken"]
+    text_in = sum(m["counts"]["in"] for m in registry.manifests(cfg, "text", new_parts).values())
+    assert text_in == gens[1].record["taken"]
+    after = {stage: _files(root, stage) for stage in before}
+    for stage, files in before.items():  # every earlier file, marker and shard byte for byte
+        assert {p: b for p, b in after[stage].items() if p in files and not p.endswith("index.json")} == \
+            {p: b for p, b in files.items() if not p.endswith("index.json")}, stage
+    assert all(after[p.split("/")[0]][p] == b for p, b in markers.items())
+    index = json.loads(Path(registry.index_url(cfg)).read_text())
+    assert {s["partition_id"] for s in index["shards"]} >= {0, 1}
+
+    base_index = Path(registry.index_url(cfg)).read_bytes()
+    # an experiment (another top-k) reuses captions, text and render, and writes filter and pack apart
+    experiment = [*base, "filter.top_k=1"]
+    third = generate("demo", experiment)
+    parts = registry.partition_ids(cfg, "render")
+    assert all(third["stages"][s]["skipped"] == len(parts) for s in ("captions", "text", "render"))
+    assert third["stages"]["filter"]["skipped"] == 0
+    exp = load_config("demo", experiment)
+    assert stage_hash(exp, "filter") != stage_hash(cfg, "filter")
+    assert third["index"] == registry.index_url(exp) != registry.index_url(cfg)
+    assert {p: b for p, b in _files(root, "pack").items() if p in after["pack"]} == after["pack"]  # base untouched
+    assert Path(registry.index_url(cfg)).read_bytes() == base_index

@@ -20,7 +20,7 @@ def test_train_flow_trains_publishes_and_skips_on_rerun(prefect_harness, tmp_pat
                  "train.checkpoint_every=2", "train.sample_steps=2", "train.shuffle_buffer=4"]
     result = train("demo", overrides, index)
     assert not result["skipped"] and result["train"]["steps"] == 3
-    part = tmp_path / "out" / "train" / "part-00000"
+    part = tmp_path / "out" / result["path"]
     assert json.loads((part / "_SUCCESS.json").read_text())["config_hash"] == result["config_hash"]
     assert (part / "sample_edit.png").is_file() and result["sample"]["png"].endswith("sample_edit.png")
     assert load_pipeline(part / "model").unet.config.in_channels == 8
@@ -29,7 +29,7 @@ def test_train_flow_trains_publishes_and_skips_on_rerun(prefect_harness, tmp_pat
     assert again["skipped"] and again["train"] == result["train"]
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["editforge-trainflow-train"])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"editforge-trainflow-train-{result['config_hash'][:8]}"])))
     assert artifacts and artifacts[0].type == "table"
     rows = json.loads(artifacts[0].data) if isinstance(artifacts[0].data, str) else artifacts[0].data
     assert [r["step"] for r in rows] == [1, 2, 3]

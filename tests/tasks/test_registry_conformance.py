@@ -19,7 +19,7 @@ import pytest
 from tasks import registry
 from tasks.common.config import load_config
 from tasks.common.contract import MissingInputError, PartitionRun
-from tasks.common.layout import SUCCESS, index_url, partition_dir
+from tasks.common.layout import SUCCESS
 
 pytestmark = pytest.mark.component
 
@@ -50,7 +50,7 @@ def finished(tmp_path_factory) -> Path:
         manifests = [registry.entry(name)(cfg, pid) for pid in stage.partition_ids(cfg)]
         assert all(not m["skipped"] for m in manifests)
         registry.finalize(cfg, name, manifests)
-    assert json.loads((root / "pack/part-00000/_SUCCESS.json").read_text())["counts"]["out"] > 0
+    assert json.loads(marker(root, "pack").read_text())["counts"]["out"] > 0
     return root
 
 
@@ -62,7 +62,10 @@ def copy(finished, tmp_path) -> Path:
 
 
 def marker(root: Path, name: str) -> Path:
-    return Path(partition_dir(str(root), name, 0)) / SUCCESS
+    if name == "train":  # its version follows from the index it trained on
+        (found,) = (root / "train").glob("*/part-00000")
+        return found / SUCCESS
+    return Path(registry.partition_url(config(root), name)) / SUCCESS
 
 
 def output_bytes(root: Path, name: str) -> dict[str, str]:
@@ -120,7 +123,7 @@ def test_a_stale_upstream_is_a_clear_error_before_anything_is_touched(copy, name
     stage = registry.get(name)
     upstream = stage.reads[0]
     # training reads the run's shard index (the pack stage's finalize), the others their upstream partition
-    stale = Path(index_url(str(copy))) if name == "train" else marker(copy, upstream)
+    stale = Path(registry.index_url(config(copy))) if name == "train" else marker(copy, upstream)
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "config_hash": STALE}))
     own = marker(copy, name)
     own.write_text(json.dumps({**json.loads(own.read_text()), "config_hash": "0000older0000000"}))
@@ -137,5 +140,5 @@ def test_a_copied_run_is_whole_where_it_lands(finished, copy):
     recorded = [p for p in copy.rglob("*.json") if str(finished) in p.read_text()]
     assert not recorded, f"absolute paths of the original run in {recorded}"
     assert all(run_partition(config(copy), name)["skipped"] for name in STAGES)
-    shards = read_index(index_url(str(copy)))["splits"]["train"]["shards"]
+    shards = read_index(registry.index_url(config(copy)))["splits"]["train"]["shards"]
     assert shards and all(url.startswith(str(copy)) and Path(url).is_file() for url in shards)

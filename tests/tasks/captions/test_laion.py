@@ -1,4 +1,3 @@
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -9,8 +8,6 @@ from tasks.captions.laion import (
     normalise_caption,
     read_captions,
     resolve_sources,
-    sample_captions,
-    split_partitions,
 )
 from tasks.common.config import CaptionsConfig
 from tasks.common.contract import Stats
@@ -77,18 +74,6 @@ def test_invalid_utf8_is_counted(tmp_path):
     stats = Stats()
     df = read_captions([str(path)], CaptionsConfig(), stats)
     assert list(df["text"]) == ["ok"] and stats.rejected == {"invalid_utf8": 1}
-
-
-def test_sampling_is_seeded_and_order_independent():
-    df = pd.DataFrame({"caption_id": [caption_id(f"c{i}") for i in range(100)], "text": [f"c{i}" for i in range(100)]})
-    a = sample_captions(df, 10, seed=1)
-    b = sample_captions(df.sample(frac=1, random_state=3), 10, seed=1)
-    c = sample_captions(df, 10, seed=2)
-    assert list(a["caption_id"]) == list(b["caption_id"])
-    assert list(a["caption_id"]) != list(c["caption_id"])
-    parts = split_partitions(a, 3)
-    assert sum(len(p) for p in parts) == 10
-    assert set().union(*[set(p["caption_id"]) for p in parts]) == set(a["caption_id"])
 
 
 def test_builtin_demo_source_resolves_and_reads():

@@ -21,7 +21,7 @@ def test_success_manifest_and_skip(tmp_path):
     root = str(tmp_path)
     m = execute_partition("stage", 3, root, "h1", _work_writing([1, 2, 3]))
     assert not m["skipped"] and m["counts"]["out"] == 3 and m["rejected"] == {"too_small": 2}
-    success = json.loads((tmp_path / "stage" / "part-00003" / SUCCESS).read_text())
+    success = json.loads((tmp_path / "stage" / "h1" / "part-00003" / SUCCESS).read_text())
     assert success["config_hash"] == "h1" and set(success["outputs"]) == {"out.parquet"}
     assert len(success["outputs"]["out.parquet"]) == 64  # sha256
     calls = []
@@ -35,7 +35,7 @@ def test_checkpoint_left_by_a_crash_after_the_marker_is_removed_on_skip(tmp_path
         storage.write_parquet_atomic(run.output("out.parquet"), pd.DataFrame({"x": [1]}))
 
     execute_partition("stage", 0, str(tmp_path), "h1", work)
-    progress = tmp_path / "stage" / "part-00000" / PROGRESS
+    progress = tmp_path / "stage" / "h1" / "part-00000" / PROGRESS
     assert not progress.exists()
     (progress / "h1").mkdir(parents=True)
     (progress / "h1" / "chunk-0.parquet").write_bytes(b"left by a crash")
@@ -46,7 +46,7 @@ def test_checkpoint_left_by_a_crash_after_the_marker_is_removed_on_skip(tmp_path
 def test_outputs_are_hashed_as_written_not_read_back(tmp_path, monkeypatch):
     import hashlib
 
-    earlier = tmp_path / "stage" / "part-00000" / "earlier.bin"  # left by an interrupted run
+    earlier = tmp_path / "stage" / "h1" / "part-00000" / "earlier.bin"  # left by an interrupted run
     earlier.parent.mkdir(parents=True)
     earlier.write_bytes(b"from before")
 
@@ -66,16 +66,19 @@ def test_outputs_are_hashed_as_written_not_read_back(tmp_path, monkeypatch):
     assert [url.rsplit("/", 1)[-1] for url in read] == ["earlier.bin"]
 
 
-def test_changed_config_reruns(tmp_path):
+def test_a_changed_config_writes_a_new_version_next_to_the_old(tmp_path):
     execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
+    before = {p.name: p.read_bytes() for p in _partition(tmp_path).iterdir()}
     m = execute_partition("stage", 0, str(tmp_path), "h2", _work_writing([1, 2]))
-    assert not m["skipped"] and m["counts"]["out"] == 2
+    assert not m["skipped"] and m["counts"]["out"] == 2 and m["path"] == "stage/h2/part-00000"
+    assert {p.name: p.read_bytes() for p in _partition(tmp_path).iterdir()} == before  # h1 untouched
+    assert execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
 
 
 def test_crash_leaves_no_success_marker(tmp_path):
     with pytest.raises(RuntimeError):
         execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1], fail_after_write=True))
-    assert not (tmp_path / "stage" / "part-00000" / SUCCESS).exists()
+    assert not (_partition(tmp_path) / SUCCESS).exists()
     m = execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))
     assert not m["skipped"]
 
@@ -117,7 +120,7 @@ def test_checkpoint_append_is_idempotent(tmp_path):
 
     execute_partition("s", 0, str(tmp_path), "h", work)
     # progress chunks are removed once the partition is done
-    assert not (tmp_path / "s" / "part-00000" / "_progress").exists()
+    assert not (tmp_path / "s" / "h" / "part-00000" / "_progress").exists()
 
 
 def test_stats_summary_quantiles():
@@ -139,9 +142,15 @@ def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_
     inputs = {"up": (0, "h-up")}
     with pytest.raises(MissingInputError, match=r"needs up part-00000 to be finished first"):
         execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
-    execute_partition("up", 0, str(tmp_path), "h-other", _work_writing([1]))
+    execute_partition("up", 0, str(tmp_path), "h-other", _work_writing([1]))  # another version: not this one
+    with pytest.raises(MissingInputError, match=r"needs up part-00000 to be finished first .*h-up"):
+        execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
+    import shutil  # a marker of another config where this one's should be (copied by hand)
+
+    shutil.copytree(tmp_path / "up" / "h-other", tmp_path / "up" / "h-up")
     with pytest.raises(MissingInputError, match=r"produced under another config \(hash h-other.*expects h-up"):
         execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
+    shutil.rmtree(tmp_path / "up" / "h-up")
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
     execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)  # now fine
 
@@ -166,8 +175,8 @@ def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
     assert seen == [0.5, 0.5, 1.0]
 
 
-def _partition(tmp_path, pid=0):
-    return tmp_path / "stage" / f"part-{pid:05d}"
+def _partition(tmp_path, pid=0, config_hash="h1"):
+    return tmp_path / "stage" / config_hash / f"part-{pid:05d}"
 
 
 def test_a_deleted_or_resized_output_is_detected_and_the_partition_redone(tmp_path, caplog):
@@ -208,17 +217,22 @@ def test_a_failed_attempt_under_another_config_keeps_the_finished_partition(tmp_
     assert execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
 
 
-def test_outputs_of_the_previous_config_not_written_again_are_removed(tmp_path):
+def test_a_marker_of_another_config_in_the_folder_keeps_its_outputs_until_replaced(tmp_path):
     def writes(*names):
         def work(run):
             for name in names:
                 storage.write_bytes_atomic(run.output(name), name.encode())
         return work
 
+    import shutil
+
     execute_partition("stage", 0, str(tmp_path), "h1", writes("a.bin", "shards/b.bin"))
+    shutil.copytree(_partition(tmp_path), _partition(tmp_path, config_hash="h2"))  # copied there by hand
     m = execute_partition("stage", 0, str(tmp_path), "h2", writes("a.bin"))
     assert set(m["outputs"]) == set(m["sizes"]) == {"a.bin"}
-    assert not (_partition(tmp_path) / "shards" / "b.bin").exists() and (_partition(tmp_path) / "a.bin").exists()
+    copied = _partition(tmp_path, config_hash="h2")
+    assert not (copied / "shards" / "b.bin").exists() and (copied / "a.bin").exists()
+    assert (_partition(tmp_path) / "shards" / "b.bin").exists()
 
 
 def test_an_unreadable_marker_is_reported_by_path_and_counts_as_not_done(tmp_path, caplog):
@@ -241,7 +255,7 @@ def test_damaged_upstream_outputs_are_a_clear_error(tmp_path):
     from tasks.common.contract import MissingInputError
 
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
-    (tmp_path / "up" / "part-00000" / "out.parquet").unlink()
+    (tmp_path / "up" / "h-up" / "part-00000" / "out.parquet").unlink()
     with pytest.raises(MissingInputError, match=r"up part-00000, whose outputs are damaged .*out.parquet is missing"):
         execute_partition("down", 0, str(tmp_path), "h", lambda run: None, inputs={"up": (0, "h-up")})
 
@@ -279,7 +293,7 @@ def test_a_second_process_waits_for_the_partition_then_skips_it(tmp_path):
     assert first.wait(timeout=60) == 0
     assert second["skipped"] and not calls and time.monotonic() - t0 > 1  # it waited, then found it done
     assert chunks and (_partition(tmp_path) / "out.bin").read_bytes() == b"from the first process"
-    assert not (tmp_path / "stage" / "_leases" / "part-00000.json").exists()
+    assert not (tmp_path / "stage" / "h1" / "_leases" / "part-00000.json").exists()
 
 
 def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
@@ -287,7 +301,7 @@ def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
     import subprocess
     import time
 
-    lease = tmp_path / "stage" / "_leases" / "part-00000.json"
+    lease = tmp_path / "stage" / "h1" / "_leases" / "part-00000.json"
     lease.parent.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -295,7 +309,8 @@ def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
     assert not execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
     # another host's lease: taken over once its heartbeat is older than the TTL
     monkeypatch.setenv("EDITFORGE_LEASE_TTL_S", "1")
-    lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time()}))
     t0 = time.monotonic()
-    assert not execute_partition("stage", 0, str(tmp_path), "h2", _work_writing([1]))["skipped"]
+    lease = lease.with_name("part-00001.json")
+    lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time()}))
+    assert not execute_partition("stage", 1, str(tmp_path), "h1", _work_writing([1]))["skipped"]
     assert 0.5 < time.monotonic() - t0 < 30 and not lease.exists()

@@ -9,7 +9,7 @@ from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.selection import select_top_k
 from tasks.filter.stage import run as run_filter_partition
-from tasks.registry import stage_hash
+from tasks.registry import partition_url, stage_hash
 
 # one triplet, six fully rendered samples with hand-made metrics (paper thresholds: 0.75 / 0.2 / 0.2)
 DIRS = [0.50, 0.40, 0.35, 0.30, 0.25, 0.10]  # the last fails the direction threshold
@@ -28,19 +28,19 @@ def render_output(root, save_images: str, overrides=()):
     df["passed"] = passes(df, cfg.render.keep)
     df["kept"] = select_top_k(df, cfg.render.keep)
     df["image_stored"] = {"kept": df["kept"], "passed": df["passed"], "all": pd.Series(True, index=df.index)}[save_images]
-    storage.write_parquet_atomic(f"{root}/render/part-00000/samples.parquet", df)
-    storage.write_json_atomic(f"{root}/render/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
+    storage.write_parquet_atomic(f"{partition_url(cfg, 'render')}/samples.parquet", df)
+    storage.write_json_atomic(f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
     return cfg
 
 
-def kept(root) -> list[str]:
-    return storage.read_parquet(f"{root}/filter/part-00000/kept.parquet")["sample_key"].tolist()
+def kept(cfg) -> list[str]:
+    return storage.read_parquet(f"{partition_url(cfg, 'filter')}/kept.parquet")["sample_key"].tolist()
 
 
 def test_default_keeps_what_render_kept(tmp_path):
     cfg = render_output(tmp_path, "kept")
     manifest = run_filter_partition(cfg, 0)
-    assert kept(tmp_path) == ["c0_0", "c0_1", "c0_2", "c0_3"]  # the paper's top 4 by direction
+    assert kept(cfg) == ["c0_0", "c0_1", "c0_2", "c0_3"]  # the paper's top 4 by direction
     assert manifest["rejected"] == {"clip_direction": 1, "not_in_top_k": 1}
 
 
@@ -49,7 +49,7 @@ def test_smaller_top_k_and_stricter_threshold_re_select(tmp_path):
     cfg = load_config("paper", [f"output_root={tmp_path}", "filter.top_k=2"])
     assert stage_hash(cfg, "render") == stage_hash(render, "render")  # no re-render
     run_filter_partition(cfg, 0)
-    assert kept(tmp_path) == ["c0_0", "c0_1"]
+    assert kept(cfg) == ["c0_0", "c0_1"]
 
 
 def test_selection_beyond_stored_images_is_counted_not_replaced(tmp_path, caplog):
@@ -58,7 +58,7 @@ def test_selection_beyond_stored_images_is_counted_not_replaced(tmp_path, caplog
     cfg = load_config("paper", [f"output_root={tmp_path}", "filter.clip_image_threshold=0.8"])
     with caplog.at_level(logging.WARNING, logger="editforge"):
         manifest = run_filter_partition(cfg, 0)
-    assert kept(tmp_path) == ["c0_0", "c0_2", "c0_3"]
+    assert kept(cfg) == ["c0_0", "c0_2", "c0_3"]
     assert manifest["rejected"]["image_not_stored"] == 1 and manifest["rejected"]["clip_image"] == 1
     assert "render.save_images=passed" in caplog.text
 
@@ -73,4 +73,4 @@ def test_stored_headroom_allows_larger_selections(tmp_path, save_images, expecte
                                 "filter.clip_direction_threshold=0.0"])
     manifest = run_filter_partition(cfg, 0)
     missing = {"passed": 1, "all": 0}[save_images]  # c0_5 failed render's threshold: no image under `passed`
-    assert kept(tmp_path) == expected[: 6 - missing] and manifest["rejected"].get("image_not_stored", 0) == missing
+    assert kept(cfg) == expected[: 6 - missing] and manifest["rejected"].get("image_not_stored", 0) == missing

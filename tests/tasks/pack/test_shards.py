@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from tasks.common.layout import image_name
 from tasks.pack.index import write_index
 from tasks.pack.shards import run as run_pack_partition
 from tasks.pack.shards import split_of
-from tasks.registry import stage_hash
+from tasks.registry import partition_url, stage_hash
 
 
 def _png(value: int) -> bytes:
@@ -23,7 +24,7 @@ def _png(value: int) -> bytes:
 
 
 def _prepare(root, cfg, n=5):
-    render_dir = f"{root}/render/part-00000"
+    render_dir = partition_url(cfg, "render")
     rows = []
     for i in range(n):
         cid, seed = f"{i:016x}", 1000 + i
@@ -33,13 +34,13 @@ def _prepare(root, cfg, n=5):
         rows.append({"caption_id": cid, "sample_key": key, "seed": seed, "p2p_p": 0.5,
                      "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
                      "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
-    storage.write_parquet_atomic(f"{root}/filter/part-00000/kept.parquet", pd.DataFrame(rows))
-    storage.write_parquet_atomic(f"{root}/captions/part-00000/captions.parquet", pd.DataFrame(
+    storage.write_parquet_atomic(f"{partition_url(cfg, 'filter')}/kept.parquet", pd.DataFrame(rows))
+    storage.write_parquet_atomic(f"{partition_url(cfg, 'captions')}/captions.parquet", pd.DataFrame(
         {"caption_id": [r["caption_id"] for r in rows], "url": [f"https://x/{i}.jpg" for i in range(n)],
          "aesthetic_score": [7.0] * n}))
     # the partitions pack reads finished under this config (pack refuses unfinished or stale inputs)
     for stage in ("filter", "render", "captions"):
-        storage.write_json_atomic(f"{root}/{stage}/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, stage)})
+        storage.write_json_atomic(f"{partition_url(cfg, stage)}/_SUCCESS.json", {"config_hash": stage_hash(cfg, stage)})
 
 
 @pytest.fixture
@@ -70,10 +71,10 @@ def test_shards_are_readable_by_webdataset(cfg, tmp_path):
 def test_reruns_are_byte_identical(cfg, tmp_path):
     _prepare(str(tmp_path), cfg)
     run_pack_partition(cfg, 0)
-    first = {p.name: p.read_bytes() for p in (tmp_path / "pack" / "part-00000").glob("*.tar")}
-    (tmp_path / "pack" / "part-00000" / "_SUCCESS.json").unlink()
+    first = {p.name: p.read_bytes() for p in Path(partition_url(cfg, "pack")).glob("*.tar")}
+    (Path(partition_url(cfg, "pack")) / "_SUCCESS.json").unlink()
     run_pack_partition(cfg, 0)
-    second = {p.name: p.read_bytes() for p in (tmp_path / "pack" / "part-00000").glob("*.tar")}
+    second = {p.name: p.read_bytes() for p in Path(partition_url(cfg, "pack")).glob("*.tar")}
     assert first == second
 
 
@@ -81,7 +82,7 @@ def test_no_empty_shard_when_nothing_kept(cfg, tmp_path):
     _prepare(str(tmp_path), cfg, n=0)
     manifest = run_pack_partition(cfg, 0)
     assert manifest["counts"].get("shards", 0) == 0
-    assert list((tmp_path / "pack" / "part-00000").glob("*.tar")) == []
+    assert list(Path(partition_url(cfg, "pack")).glob("*.tar")) == []
 
 
 def test_split_is_per_triplet_and_deterministic():

@@ -15,7 +15,8 @@ from flows.calibrate_cli import calibrate_early, parse_margins
 from tasks.common import storage
 from tasks.common.config import Selection, load_config
 from tasks.common.selection import METRICS, passes, thresholds
-from tasks.registry import stage_hash
+from tasks.common.layout import partition_dir
+from tasks.registry import partition_url, stage_hash
 from tasks.render.calibrate import (
     DEFAULT_MARGINS,
     TABLE_COLUMNS,
@@ -111,9 +112,9 @@ DRY = ["render.early_reject_at=0.5", "render.early_reject_dry_run=true", "render
 
 
 def overrides(root, *extra) -> list[str]:
-    storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
-    storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json",
-                              {"config_hash": stage_hash(load_config("demo"), "text")})
+    text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
+    storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
+    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
     return [f"output_root={root}", f"render.steps={RENDER_STEPS}", "render.adaptive=false",
             "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *extra]
 
@@ -139,7 +140,7 @@ def dry_run(tmp_path_factory, renderer):
 def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, renderer):
     root, sets = dry_run
     cfg = load_config("demo", sets)
-    rendered = storage.read_parquet(f"{root}/render/part-00000/samples.parquet")
+    rendered = storage.read_parquet(f"{partition_url(cfg, 'render')}/samples.parquet")
     assert not rendered["early_rejected"].any() and (~rendered["passed"]).any() and rendered["passed"].any()
     data = load_calibration_samples(cfg)
     assert len(data.samples) == len(rendered) and data.partitions == [0] and data.skipped == [1]
@@ -166,8 +167,8 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     # a real early rejection at margin 0 drops exactly the samples the dry run's table drops at margin 0
     real = tmp_path / "real"
     dropping = [s for s in DRY if "dry_run" not in s]
-    run_render_partition(config(real, *dropping), 0, renderer=renderer)
-    real_rows = storage.read_parquet(f"{real}/render/part-00000/samples.parquet")
+    real_manifest = run_render_partition(config(real, *dropping), 0, renderer=renderer)
+    real_rows = storage.read_parquet(f"{real}/{real_manifest['path']}/samples.parquet")
     assert real_rows["sample_key"].tolist() == rendered["sample_key"].tolist()
     assert real_rows["early_rejected"].to_numpy().tolist() == early_drops(rendered, keep, used, 0.0).tolist()
     # calibrating on it uses the survivors only and counts the rest as left out
@@ -184,8 +185,8 @@ def test_errors(tmp_path):
         load_calibration_samples(cfg)
     # a finished partition whose samples were all dropped early (real rejection): no final metrics at all
     dropped = hand_samples().iloc[[8, 8]].assign(early_rejected=True)
-    storage.write_parquet_atomic(f"{tmp_path}/render/part-00000/samples.parquet", dropped)
-    storage.write_json_atomic(f"{tmp_path}/render/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
+    storage.write_parquet_atomic(f"{partition_url(cfg, 'render')}/samples.parquet", dropped)
+    storage.write_json_atomic(f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
     with pytest.raises(CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject_dry_run=true"):
         load_calibration_samples(cfg)
 

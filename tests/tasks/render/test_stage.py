@@ -1,5 +1,7 @@
 """The render stage on tiny models: contract, UNet-call accounting, savers, resume after a crash, OOM halving."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,7 @@ import torch
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.contract import Checkpoint
-from tasks.common.layout import image_name
+from tasks.common.layout import image_name, partition_dir
 from tasks.registry import stage_hash
 from tasks.render.early import early_step_count
 from tasks.render.renderer import BatchSizer, Renderer, is_oom
@@ -29,9 +31,9 @@ SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4
 
 
 def config(root, *overrides):
-    storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
-    storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json",
-                              {"config_hash": stage_hash(load_config("demo"), "text")})
+    text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
+    storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
+    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
     # the reference's policy (every saver off) unless a test turns one on
     return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
                                 "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *overrides])
@@ -59,13 +61,19 @@ class Flaky:
         return self.inner.render_scored(requests, *args, **kwargs)
 
 
+def render_dir(root) -> Path:
+    """The one render version a test wrote under ``root``."""
+    (found,) = Path(root).glob("render/*/part-00000")
+    return found
+
+
 def samples(root) -> pd.DataFrame:
-    return storage.read_parquet(f"{root}/render/part-00000/samples.parquet")
+    return storage.read_parquet(str(render_dir(root) / "samples.parquet"))
 
 
 def stored_keys(root) -> set[str]:
     """Sample keys with both images under render's images/ folder."""
-    names = [p.name for p in (root / "render/part-00000/images").iterdir()]
+    names = [p.name for p in (render_dir(root) / "images").iterdir()]
     inputs = {n.removesuffix("_input.png") for n in names if n.endswith("_input.png")}
     assert inputs == {n.removesuffix("_edited.png") for n in names if n.endswith("_edited.png")}
     return inputs
@@ -110,7 +118,7 @@ def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
     assert stored_keys(tmp_path) == set(df.loc[df["kept"], "sample_key"])
     for key in df.loc[df["kept"], "sample_key"]:
         assert image_name(key, "edited") in manifest["outputs"]
-    assert not (tmp_path / "render/part-00000/_progress").exists()  # staging went with the checkpoint
+    assert not (render_dir(tmp_path) / "_progress").exists()  # staging went with the checkpoint
     assert run_render_partition(cfg, 0, renderer=renderer)["skipped"]
 
 
@@ -154,17 +162,17 @@ def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_render_partition(cfg, 0, renderer=renderer)
     monkeypatch.setattr(Checkpoint, "append", append)
-    assert not (crashed / "render/part-00000/samples.parquet").exists()
+    assert not list(crashed.glob("render/*/part-00000/samples.parquet"))
     flaky = Flaky(renderer, lambda call, n: None)
     manifest = run_render_partition(cfg, 0, renderer=flaky)
     resumed, reference = samples(crashed), samples(clean)
     assert resumed["sample_key"].is_unique
     pd.testing.assert_frame_equal(resumed, reference)
-    assert (crashed / "render/part-00000/samples.parquet").read_bytes() == (clean / "render/part-00000/samples.parquet").read_bytes()
+    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
     assert sum(flaky.sizes) == len(reference) - 2 * cfg.render.batch_samples  # only the lost cohorts re-rendered
     assert manifest["counts"]["unet_calls"] == int(reference["unet_steps"].sum())
-    stored = sorted(p.name for p in (crashed / "render/part-00000/images").iterdir())
-    assert stored == sorted(p.name for p in (clean / "render/part-00000/images").iterdir())
+    stored = sorted(p.name for p in (render_dir(crashed) / "images").iterdir())
+    assert stored == sorted(p.name for p in (render_dir(clean) / "images").iterdir())
 
 
 def test_oom_halves_the_batch_and_continues(tmp_path, renderer):
@@ -225,10 +233,11 @@ def test_render_and_filter_on_an_object_store(renderer):
     root = f"memory://editforge-test-{uuid.uuid4().hex[:8]}/run"
     cfg = config(root)
     manifest = run_render_partition(cfg, 0, renderer=renderer)
-    df = storage.read_parquet(f"{root}/render/part-00000/samples.parquet")
-    images = storage.list_files(f"{root}/render/part-00000/images")
+    part = f"{root}/{manifest['path']}"
+    df = storage.read_parquet(f"{part}/samples.parquet")
+    images = storage.list_files(f"{part}/images")
     assert len(images) == 2 * int(df["kept"].sum()) == 2 * manifest["counts"]["images_stored"] > 0
-    assert not storage.exists(f"{root}/render/part-00000/_progress")
+    assert not storage.exists(f"{part}/_progress")
     assert run_filter_partition(cfg, 0)["counts"]["out"] == int(df["kept"].sum())
 
 
@@ -240,8 +249,9 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
     def render(root, *overrides):
         cfg = load_config("demo", [f"output_root={root}", "render.steps=2", "render.samples_per_triplet=2",
                                    "render.adaptive=false", "render.early_reject_at=null", *overrides])
-        storage.write_parquet_atomic(f"{root}/text/part-00000/triplets.parquet", TRIPLETS)
-        storage.write_json_atomic(f"{root}/text/part-00000/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
+        text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
+        storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
+        storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
         return run_render_partition(cfg, 0)  # no renderer given: the stage's own, from the model cache
 
     MODELS.clear()
@@ -276,7 +286,6 @@ def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path,
         with pytest.raises(KeyboardInterrupt):
             run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
     run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
-    part = "render/part-00000"
-    assert (crashed / part / "samples.parquet").read_bytes() == (clean / part / "samples.parquet").read_bytes()
-    images = {p.name: p.read_bytes() for p in (clean / part / "images").iterdir()}
-    assert {p.name: p.read_bytes() for p in (crashed / part / "images").iterdir()} == images
+    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
+    images = {p.name: p.read_bytes() for p in (render_dir(clean) / "images").iterdir()}
+    assert {p.name: p.read_bytes() for p in (render_dir(crashed) / "images").iterdir()} == images

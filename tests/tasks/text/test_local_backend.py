@@ -43,12 +43,12 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     captions = make_captions(6)
     write_captions(str(tmp_path), 0, captions)
     ft = run_finetune(cfg)
-    model_dir = tmp_path / "finetune/part-00000/model"
+    model_dir = tmp_path / ft["path"] / "model"
     assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
     assert ft["finetune"]["method"] == "lora" and ft["finetune"]["trainable_parameters"] < 50_000
     assert {"train.chat.jsonl", "val.completion.jsonl"} <= set(ft["outputs"])
     manifest = run_text_partition(cfg, 0)
-    df = storage.read_parquet(str(tmp_path / "text/part-00000/triplets.parquet"))
+    df = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
     assert sorted(df["caption_id"]) == sorted(captions["caption_id"]) and list(df["caption_id"]) == sorted(df["caption_id"])
     assert manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 6
     assert set(df["status"]) <= {"ok", "rejected"} and df.loc[df.status == "rejected", "reject_reason"].notna().all()

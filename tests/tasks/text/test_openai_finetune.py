@@ -6,8 +6,9 @@ import pytest
 from text_helpers import openai_config
 
 from tasks.common import storage
-from tasks.common.contract import partition_dir, read_success
+from tasks.common.contract import read_success
 from tasks.common.layout import OPENAI_MODEL_FILE
+from tasks.registry import partition_url
 from tasks.text.finetune import finetuned_model_id
 from tasks.text.finetune import run as run_finetune
 from tasks.text.openai_finetune import FineTuneJobError
@@ -23,9 +24,9 @@ def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplo
     assert ft["job_id"].startswith("ftjob-") and ft["trained_tokens"] and not ft["resumed"]
     assert ft["train_examples"] > ft["val_examples"] > 0
     assert finetuned_model_id(cfg) == ft["model"]
-    done = read_success(partition_dir(str(tmp_path), "finetune", 0))
+    done = read_success(partition_url(cfg, "finetune"))
     assert done["finetune"]["job_id"] == ft["job_id"]
-    assert json.loads(storage.read_bytes(str(tmp_path / "finetune/part-00000" / OPENAI_MODEL_FILE)))["model"] == ft["model"]
+    assert json.loads(storage.read_bytes(str(tmp_path / manifest["path"] / OPENAI_MODEL_FILE)))["model"] == ft["model"]
     statuses = [line for line in caplog.messages if line.startswith(f"fine-tune: job {ft['job_id']} ")]
     assert [s.split()[3] for s in statuses if "trained tokens" in s] == ["validating_files", "queued", "running",
                                                                           "succeeded"]
@@ -50,7 +51,7 @@ def test_failed_job_surfaces_its_error_and_is_not_resumed(fake, tmp_path):
     cfg = openai_config(fake, tmp_path)
     with pytest.raises(FineTuneJobError, match="failed: invalid_training_file: 3 lines are malformed"):
         run_finetune(cfg)
-    assert read_success(partition_dir(str(tmp_path), "finetune", 0)) is None
+    assert read_success(partition_url(cfg, "finetune")) is None
     fake.knobs.job_error = None
     assert run_finetune(cfg)["finetune"]["status"] == "succeeded"
     assert fake.state.count("/v1/fine_tuning/jobs") == 2  # the failed job is not polled again: a new one

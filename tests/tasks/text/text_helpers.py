@@ -14,7 +14,7 @@ from fakes.openai_server import FakeOpenAIServer
 from tasks.captions.laion import caption_id
 from tasks.common import storage
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.contract import partition_dir
+from tasks.common.layout import partition_dir
 from tasks.registry import stage_hash
 
 API_KEY = "sk-editforge-test-DO-NOT-LEAK-4f9c2a"
@@ -35,10 +35,10 @@ def write_captions(root: str, partition_id: int, df: pd.DataFrame, preset: str =
     """A finished captions partition (data + `_SUCCESS.json` under the preset's captions hash)."""
     from tasks.common.config import load_config
 
-    folder = partition_dir(root, "captions", partition_id)
+    expected = stage_hash(load_config(preset), "captions")
+    folder = partition_dir(root, "captions", expected, partition_id)
     storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
-    storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"),
-                              {"config_hash": stage_hash(load_config(preset), "captions")})
+    storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"), {"config_hash": expected})
 
 
 def openai_overrides(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> list[str]:
@@ -64,5 +64,5 @@ def openai_config(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> 
 
 def checkpointed_ids(root: Path, partition_id: int = 0) -> set[str]:
     """Caption ids in the text partition's checkpoint chunks (what a crashed run kept)."""
-    chunks = sorted(Path(root).glob(f"text/part-{partition_id:05d}/_progress/*/chunk-*.parquet"))
+    chunks = sorted(Path(root).glob(f"text/*/part-{partition_id:05d}/_progress/*/chunk-*.parquet"))
     return {cid for c in chunks for cid in storage.read_parquet(str(c))["caption_id"]}

@@ -42,7 +42,7 @@ def test_hashes_ignore_operational_settings_and_split_sampling_from_weights(inde
 def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_path):
     cfg = load_config("demo", [f"output_root={tmp_path}", *SMALL])
     manifest = run_train(cfg, index_url=index)
-    part = tmp_path / "train" / "part-00000"
+    part = tmp_path / manifest["path"]
     assert not manifest["skipped"] and manifest["train"]["steps"] == 2
     success = json.loads((part / "_SUCCESS.json").read_text())
     assert success["config_hash"] == manifest["config_hash"] and success["counts"]["steps"] == 2

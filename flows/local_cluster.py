@@ -1,5 +1,9 @@
-"""A Prefect cluster on 127.0.0.1 for the integration tests: a real `prefect server`, a process work
-pool from infra/work-pools/process.json, workers (`--limit 1`) and deployments from infra/prefect.yaml."""
+"""A Prefect cluster on one box, on 127.0.0.1: a real `prefect server`, the process work pool of
+infra/work-pools/process.json, workers (`--limit 1`) and deployments from infra/prefect.yaml.
+
+What the integration tests and `bench/fanout.py` run against (the manual equivalent is `make server`,
+`make deploy`, `make worker`); everything it starts is stopped when the context ends.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
 
@@ -74,7 +78,8 @@ def prefect_cluster(home: Path, workers: int, deployments: tuple[str, ...],
             out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
                                   str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-            assert out.returncode == 0, out.stdout + out.stderr
+            if out.returncode != 0:
+                raise RuntimeError(f"prefect deploy --name {name} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
         yield cluster
     finally:
         for p in procs:
