@@ -61,6 +61,7 @@ deploy: $(STAMP)
 	-PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect concurrency-limit create editforge-gpu 1
 	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all \
 		--prefect-file infra/prefect.yaml
+	PREFECT_API_URL=$(PREFECT_URL) $(PY) -m flows.automations
 
 worker: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect worker start \

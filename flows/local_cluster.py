@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
+CPU_POOL, GPU_POOL = "editforge-cpu", "editforge-gpu"
 
 
 def free_port() -> int:
@@ -50,9 +51,10 @@ class Cluster:
 
 
 @contextmanager
-def prefect_cluster(home: Path, workers: int, deployments: tuple[str, ...],
+def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0,
                     extra_env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """Start the server (state under ``home``), the pool, ``workers`` workers; deploy ``deployments``."""
+    """Start the server (state under ``home``), both pools (process type), ``workers`` workers on the CPU
+    pool and ``gpu_workers`` on the GPU one, and deploy everything in infra/prefect.yaml in one command."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -65,21 +67,26 @@ def prefect_cluster(home: Path, workers: int, deployments: tuple[str, ...],
     cluster = Cluster(env, logs)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180)
-        subprocess.run([str(BIN / "prefect"), "work-pool", "create", "editforge-cpu", "--type", "process",
-                        "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
-                       env=env, check=True, capture_output=True, timeout=120)
-        for i in range(workers):
-            cluster.workers.append(subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "editforge-cpu", "--name", f"worker-{i}",
-                 "--limit", "1"], env=env, cwd=ROOT, stdout=open(logs / f"worker-{i}.log", "w"),
-                stderr=subprocess.STDOUT))
+        for pool in (CPU_POOL, GPU_POOL):  # a single box: the GPU pool is a process pool too (README)
+            subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process",
+                            "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
+                           env=env, check=True, capture_output=True, timeout=120)
+        for pool, count, prefix in ((CPU_POOL, workers, "worker"), (GPU_POOL, gpu_workers, "gpu-worker")):
+            for i in range(count):
+                cluster.workers.append(subprocess.Popen(
+                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{prefix}-{i}",
+                     "--limit", "1"], env=env, cwd=ROOT, stdout=open(logs / f"{prefix}-{i}.log", "w"),
+                    stderr=subprocess.STDOUT))
         procs += cluster.workers
-        for name in deployments:
-            out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file",
-                                  str(ROOT / "infra/prefect.yaml"), "--name", name, "--pool", "editforge-cpu"],
-                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
-            if out.returncode != 0:
-                raise RuntimeError(f"prefect deploy --name {name} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
+                              str(ROOT / "infra/prefect.yaml")], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"prefect deploy --all failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        out = subprocess.run([str(BIN / "python"), "-m", "flows.automations"], env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"creating the automations failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
         yield cluster
     finally:
         for p in procs:

@@ -62,7 +62,7 @@ def postgres():
 
 
 def test_the_fan_out_run_on_a_postgresql_backed_server(postgres, tmp_path):
-    with prefect_cluster(tmp_path / "prefect-home", workers=2, deployments=("demo", *(f"demo-{s}" for s in STAGES)),
+    with prefect_cluster(tmp_path / "prefect-home", workers=2,
                          extra_env={"PREFECT_API_DATABASE_CONNECTION_URL": postgres}) as cluster:
         root = tmp_path / "run"
         params = {"preset": "demo", "overrides": [f"output_root={root}", "name=pg", *SMALL, "run.mode=fan-out",

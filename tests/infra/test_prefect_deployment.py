@@ -32,8 +32,7 @@ WORKERS: list[subprocess.Popen] = []
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3,
-                         deployments=("demo", "paper-render", *(f"demo-{s}" for s in STAGES))) as cluster:
+    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3, gpu_workers=1) as cluster:
         WORKERS[:] = cluster.workers  # (the worker processes, for the node-loss test)
         yield cluster.env, cluster.logs
 
@@ -75,6 +74,36 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     workers = subprocess.run([str(BIN / "python"), "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True,
                              timeout=60)
     assert sorted(json.loads(workers.stdout)) == ["worker-0", "worker-1", "worker-2"], workers.stderr
+    # everything in infra/prefect.yaml was deployed by one `prefect deploy --all`, each on its pool
+    listed = subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=60)
+    pools = json.loads(listed.stdout)
+    assert pools["editforge-generate/paper"] == "editforge-cpu" and pools["editforge-render/paper-render"] == "editforge-gpu"
+    assert pools["editforge-filter/paper-filter"] == "editforge-cpu" and len(pools) >= 15, pools
+    # the deploy step's automation that crashes flow runs whose heartbeats stopped (a lost worker)
+    zombie = subprocess.run([str(BIN / "python"), "-c", AUTOMATIONS_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert json.loads(zombie.stdout) == {"posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
+                                         "action": "CRASHED", "enabled": True}, zombie.stderr
+
+
+DEPLOYMENTS_SCRIPT = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    flows = {f.id: f.name for f in c.read_flows(limit=200)}
+    print(json.dumps({f"{flows[d.flow_id]}/{d.name}": d.work_pool_name for d in c.read_deployments(limit=200)}))
+"""
+
+
+AUTOMATIONS_SCRIPT = """
+import json
+from prefect.automations import Automation
+from flows.automations import ZOMBIE
+a = Automation.read(name=ZOMBIE)
+print(json.dumps({"posture": a.trigger.posture.value, "after": sorted(a.trigger.after),
+                  "action": a.actions[0].state.value, "enabled": a.enabled}))
+"""
 
 
 WORKERS_SCRIPT = """
