@@ -79,6 +79,9 @@ class Section(BaseModel):
 class ModelsConfig(Section):
     diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch"] = "tiny"
     diffusion_path: str | None = None
+    # an AutoencoderKL folder (diffusers layout, safetensors) to decode with instead of the diffusion
+    # model's own VAE (None): the reference used sd-vae-ft-mse with SD 1.5; render and training read it
+    vae_path: str | None = None
     clip: str = "tiny"
     clip_path: str | None = None
     lm: str = "tiny"

@@ -130,8 +130,50 @@ def _sd15_arch_components():
     return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, preset="sd15-arch", source="random-init")
 
 
-def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral") -> DiffusionComponents:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`."""
+def _vae_source(path: str) -> tuple[str, dict[str, Any]]:
+    """(source, from_pretrained kwargs) of a VAE: an AutoencoderKL folder, a pipeline folder (its vae/), or a hub id."""
+    root = Path(path)
+    if root.is_dir() and not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
+        return path, {"subfolder": "vae"}
+    return path, ({} if root.exists() else {"local_files_only": True})
+
+
+def load_vae_from(path: str, latent_channels: int | None = None):
+    """An ``AutoencoderKL`` from ``models.vae_path`` (safetensors), checked against the UNet's latent channels."""
+    from diffusers import AutoencoderKL
+
+    source, kw = _vae_source(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(source, use_safetensors=True, **kw)
+    except Exception as err:  # OSError, ValueError, a corrupt safetensors file, ...
+        raise _not_available("vae", "models.vae_path", source, err, path) from err
+    if latent_channels is not None and vae.config.latent_channels != latent_channels:
+        raise ModelNotAvailableError(
+            f"models.vae_path={path}: this VAE has {vae.config.latent_channels} latent channels, the diffusion "
+            f"model's UNet works on {latent_channels}; point models.vae_path at a VAE of that model family "
+            "(or unset it to use the model's own)")
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae(cfg: Any, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """The VAE ``models.vae_path`` names (``cfg``: the pipeline config or its ``models`` section), on
+    ``device`` in ``dtype``; None when unset (the diffusion model's own VAE is used)."""
+    models = getattr(cfg, "models", cfg)
+    if not models.vae_path:
+        return None
+    vae = load_vae_from(models.vae_path)
+    if device is not None or dtype is not None:
+        vae.to(device=device, dtype=dtype)
+    return vae
+
+
+def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral",
+                   vae_path: str | None = None) -> DiffusionComponents:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`.
+
+    ``vae_path`` (``models.vae_path``): decode with that ``AutoencoderKL`` instead of the model's own
+    (the reference decoded SD 1.5 with ``sd-vae-ft-mse``; SDXL in float16 wants ``sdxl-vae-fp16-fix``).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -166,6 +208,8 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
         comps = DiffusionComponents(unet, vae, text_encoder, tokenizer, None, text_encoder_2, tokenizer_2,
                                     preset=preset, source=source)
         comps.scheduler = make_scheduler(scheduler, source, local_files_only=not local)
+    if vae_path:
+        comps.vae = load_vae_from(vae_path, comps.unet.config.out_channels)
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)
