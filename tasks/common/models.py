@@ -5,6 +5,9 @@ Presets:
               `from_pretrained` / open_clip path as real weights;
 - `sd15`      Stable Diffusion 1.5 (hub id or local folder in diffusers layout);
 - `sdxl`      Stable Diffusion XL base 1.0 (two text encoders);
+- `sdxl-turbo` SDXL-Turbo (adversarially distilled SDXL: 1-4 steps, no classifier-free guidance —
+              render with `render.guidance: none`, the `turbo` preset);
+- `tiny-sdxl` a random-init SDXL-shaped model built offline (two text encoders, added time ids);
 - `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
               where weights cannot be downloaded;
 - CLIP: `tiny`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
@@ -36,7 +39,10 @@ from tasks.common.tiny import ensure_tiny
 DIFFUSION_HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
+# presets in SDXL's layout: a second text encoder with a projection (tokenizer_2, text_encoder_2)
+SDXL_PRESETS = ("sdxl", "sdxl-turbo", "tiny-sdxl")
 
 
 class ModelNotAvailableError(PermanentError, RuntimeError):
@@ -181,13 +187,14 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
         comps = _sd15_arch_components()
         comps.scheduler = make_scheduler(scheduler)  # SD 1.5's betas; honour the requested sampler
     else:
-        if preset == "tiny":
-            source = str(path or ensure_tiny("diffusion"))
+        if preset in ("tiny", "tiny-sdxl"):
+            source = str(path or ensure_tiny("diffusion" if preset == "tiny" else "diffusion-sdxl"))
         elif preset in DIFFUSION_HUB_IDS:
             source = path or DIFFUSION_HUB_IDS[preset]
         else:
             raise ValueError(
-                f"unknown diffusion preset {preset!r}; expected one of tiny, sd15, sdxl, sd15-arch"
+                f"unknown diffusion preset {preset!r}; expected one of tiny, tiny-sdxl, sd15, sdxl, sdxl-turbo, "
+                "sd15-arch"
             )
         local = Path(source).exists()
         kw: dict[str, Any] = {"local_files_only": True} if not local else {}
@@ -198,7 +205,7 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
             te_cls = CLIPTextModel
             text_encoder = te_cls.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
             text_encoder_2 = tokenizer_2 = None
-            if preset == "sdxl":
+            if preset in SDXL_PRESETS:
                 tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                     source, subfolder="text_encoder_2", use_safetensors=True, **kw

@@ -72,7 +72,7 @@ class ScoredBatch:
 def settings_from(cfg: PipelineConfig) -> RenderSettings:
     r = cfg.render
     return RenderSettings(steps=r.steps, height=r.height, width=r.width, cfg_range=tuple(r.cfg_range),
-                          p_range=tuple(r.p_range), attention=r.attention)
+                          p_range=tuple(r.p_range), attention=r.attention, guidance=r.guidance == "cfg")
 
 
 def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dtype, compiled: bool,
