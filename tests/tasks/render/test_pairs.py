@@ -274,3 +274,38 @@ def test_a_guidance_embedding_unet_is_refused_without_guidance(components):
     lcm = dataclasses.replace(components, unet=UNet2DConditionModel.from_config(config))
     with pytest.raises(ValueError, match="guidance-scale embedding"):
         render_pairs(lcm, REQUESTS[:1], settings(guidance=False))
+
+
+def test_lcm_scheduler_without_guidance(components):
+    """LCM-LoRA style: LCMScheduler, no guidance; the pair shares its noise, p = 0 is diffusers' generation,
+    and early rejection reads the scheduler's own x0 (``denoised``)."""
+    from tasks.render.early import EarlyRejection
+
+    def lcm_settings(**kw):
+        return RenderSettings(steps=4, height=SIZE, width=SIZE, **kw)
+
+    pipe = pipeline(components, make_scheduler("lcm", components.source))
+    comps = dataclasses.replace(components, scheduler=pipe.scheduler)
+    same = render_pairs(comps, [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)],
+                        lcm_settings(guidance=False))
+    assert close(same.before, same.after, 1e-6)
+    unshared = render_pairs(comps, REQUESTS[:1], lcm_settings(p_range=(0.0, 0.0), guidance=False))
+    out = pipe(REQUESTS[0].output_caption, height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(REQUESTS[0].seed), output_type="pt").images[0]
+    assert close(unshared.after[0], out)
+    scored = []
+
+    def judge(indices, before, after):
+        scored.append(before)
+        return torch.ones(len(indices), dtype=torch.bool), {k: torch.zeros(len(indices)) for k in
+                                                            ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")}
+
+    kept = render_pairs(comps, REQUESTS[:1], lcm_settings(guidance=False), early=EarlyRejection(2, judge))
+    assert scored and torch.isfinite(scored[0]).all() and torch.isfinite(kept.after).all()
+    from tasks.render.early import predict_x0
+
+    scheduler = make_scheduler("lcm", components.source)
+    scheduler.set_timesteps(4)
+    x, eps = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    step = scheduler.step(eps, scheduler.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(predict_x0(scheduler, step, eps, x, scheduler.timesteps[0]), step.denoised)
