@@ -49,6 +49,7 @@ SCHEDULER_CLASSES = {
     "dpmpp_2m": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",  # latent consistency models (LCM, LCM-LoRA): few steps, render.guidance none
 }
 SchedulerName = Literal[tuple(SCHEDULER_CLASSES)]
 # the VAE of SD 1.x / SDXL downsamples 8x: image sizes are multiples of it
@@ -77,8 +78,11 @@ class Section(BaseModel):
 
 
 class ModelsConfig(Section):
-    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch"] = "tiny"
+    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch", "tiny-sdxl", "sdxl-turbo"] = "tiny"
     diffusion_path: str | None = None
+    # an AutoencoderKL folder (diffusers layout, safetensors) to decode with instead of the diffusion
+    # model's own VAE (None): the reference used sd-vae-ft-mse with SD 1.5; render and training read it
+    vae_path: str | None = None
     clip: str = "tiny"
     clip_path: str | None = None
     lm: str = "tiny"
@@ -200,6 +204,11 @@ class RenderConfig(Section):
     `early_reject_margin` (`early_reject_dry_run`: score and record, drop nothing — to calibrate the
     margin with `editforge calibrate-early`). `dtype` float16/bfloat16 and `compile` act on CUDA only.
 
+    `guidance`: `cfg` (the reference: classifier-free guidance, UNet batch 4 x samples, cfg ~ U(`cfg_range`))
+    or `none` for few-step distilled models (SDXL-Turbo, LCM-LoRA merged; see the `turbo` preset): the
+    conditional half only, UNet batch 2 x samples, `cfg_range` unused (cfg recorded as 1); the pair still
+    shares attention for the first p of the steps.
+
     `keep` is the render-time selection (the paper's thresholds and top 4): it decides which samples
     passed (and so adaptive stopping, giving up and early rejection) and which are kept. Which images
     are written: `save_images: kept` (the reference: only the kept pairs'), `passed` (every passing
@@ -208,12 +217,15 @@ class RenderConfig(Section):
     """
 
     samples_per_triplet: int = Field(100, ge=1)
-    batch_samples: int | Literal["auto"] = operational(4, description="samples per UNet call (UNet batch = 4 x this), or 'auto'")
+    batch_samples: int | Literal["auto"] = operational(
+        4, description="samples per UNet call (UNet batch = 4 x this, 2 x with guidance none), or 'auto'")
     batch_samples_max: int = operational(64, ge=1)
     steps: int = Field(100, ge=1)
     height: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
     width: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
     cfg_range: tuple[float, float] = (7.5, 15.0)
+    guidance: Literal["cfg", "none"] = Field(
+        "cfg", description="cfg: classifier-free guidance (UNet batch 4 per sample); none: distilled models (2 per sample)")
     p_range: tuple[float, float] = (0.1, 0.9)
     attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = "ip2p"
     scheduler: SchedulerName = "euler_ancestral"

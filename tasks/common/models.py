@@ -5,6 +5,9 @@ Presets:
               `from_pretrained` / open_clip path as real weights;
 - `sd15`      Stable Diffusion 1.5 (hub id or local folder in diffusers layout);
 - `sdxl`      Stable Diffusion XL base 1.0 (two text encoders);
+- `sdxl-turbo` SDXL-Turbo (adversarially distilled SDXL: 1-4 steps, no classifier-free guidance —
+              render with `render.guidance: none`, the `turbo` preset);
+- `tiny-sdxl` a random-init SDXL-shaped model built offline (two text encoders, added time ids);
 - `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
               where weights cannot be downloaded;
 - CLIP: `tiny`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
@@ -36,8 +39,10 @@ from tasks.common.tiny import ensure_tiny
 DIFFUSION_HUB_IDS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sdxl-turbo": "stabilityai/sdxl-turbo",
 }
-CLIP_PRESETS = {"vit-l-14": ("ViT-L-14", "openai")}
+# presets in SDXL's layout: a second text encoder with a projection (tokenizer_2, text_encoder_2)
+SDXL_PRESETS = ("sdxl", "sdxl-turbo", "tiny-sdxl")
 
 
 class ModelNotAvailableError(PermanentError, RuntimeError):
@@ -131,8 +136,50 @@ def _sd15_arch_components():
     return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, preset="sd15-arch", source="random-init")
 
 
-def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral") -> DiffusionComponents:
-    """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`."""
+def _vae_source(path: str) -> tuple[str, dict[str, Any]]:
+    """(source, from_pretrained kwargs) of a VAE: an AutoencoderKL folder, a pipeline folder (its vae/), or a hub id."""
+    root = Path(path)
+    if root.is_dir() and not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
+        return path, {"subfolder": "vae"}
+    return path, ({} if root.exists() else {"local_files_only": True})
+
+
+def load_vae_from(path: str, latent_channels: int | None = None):
+    """An ``AutoencoderKL`` from ``models.vae_path`` (safetensors), checked against the UNet's latent channels."""
+    from diffusers import AutoencoderKL
+
+    source, kw = _vae_source(path)
+    try:
+        vae = AutoencoderKL.from_pretrained(source, use_safetensors=True, **kw)
+    except Exception as err:  # OSError, ValueError, a corrupt safetensors file, ...
+        raise _not_available("vae", "models.vae_path", source, err, path) from err
+    if latent_channels is not None and vae.config.latent_channels != latent_channels:
+        raise ModelNotAvailableError(
+            f"models.vae_path={path}: this VAE has {vae.config.latent_channels} latent channels, the diffusion "
+            f"model's UNet works on {latent_channels}; point models.vae_path at a VAE of that model family "
+            "(or unset it to use the model's own)")
+    return vae.eval().requires_grad_(False)
+
+
+def load_vae(cfg: Any, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """The VAE ``models.vae_path`` names (``cfg``: the pipeline config or its ``models`` section), on
+    ``device`` in ``dtype``; None when unset (the diffusion model's own VAE is used)."""
+    models = getattr(cfg, "models", cfg)
+    if not models.vae_path:
+        return None
+    vae = load_vae_from(models.vae_path)
+    if device is not None or dtype is not None:
+        vae.to(device=device, dtype=dtype)
+    return vae
+
+
+def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral",
+                   vae_path: str | None = None) -> DiffusionComponents:
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`.
+
+    ``vae_path`` (``models.vae_path``): decode with that ``AutoencoderKL`` instead of the model's own
+    (the reference decoded SD 1.5 with ``sd-vae-ft-mse``; SDXL in float16 wants ``sdxl-vae-fp16-fix``).
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -140,13 +187,14 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
         comps = _sd15_arch_components()
         comps.scheduler = make_scheduler(scheduler)  # SD 1.5's betas; honour the requested sampler
     else:
-        if preset == "tiny":
-            source = str(path or ensure_tiny("diffusion"))
+        if preset in ("tiny", "tiny-sdxl"):
+            source = str(path or ensure_tiny("diffusion" if preset == "tiny" else "diffusion-sdxl"))
         elif preset in DIFFUSION_HUB_IDS:
             source = path or DIFFUSION_HUB_IDS[preset]
         else:
             raise ValueError(
-                f"unknown diffusion preset {preset!r}; expected one of tiny, sd15, sdxl, sd15-arch"
+                f"unknown diffusion preset {preset!r}; expected one of tiny, tiny-sdxl, sd15, sdxl, sdxl-turbo, "
+                "sd15-arch"
             )
         local = Path(source).exists()
         kw: dict[str, Any] = {"local_files_only": True} if not local else {}
@@ -157,7 +205,7 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
             te_cls = CLIPTextModel
             text_encoder = te_cls.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
             text_encoder_2 = tokenizer_2 = None
-            if preset == "sdxl":
+            if preset in SDXL_PRESETS:
                 tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                     source, subfolder="text_encoder_2", use_safetensors=True, **kw
@@ -167,6 +215,8 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
         comps = DiffusionComponents(unet, vae, text_encoder, tokenizer, None, text_encoder_2, tokenizer_2,
                                     preset=preset, source=source)
         comps.scheduler = make_scheduler(scheduler, source, local_files_only=not local)
+    if vae_path:
+        comps.vae = load_vae_from(vae_path, comps.unet.config.out_channels)
     for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
         if module is not None:
             module.eval().requires_grad_(False)
@@ -185,29 +235,150 @@ def make_scheduler(name: str, source: str | None = None, local_files_only: bool 
     return cls.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only)
 
 
-def load_clip(preset: str, path: str | None = None) -> ClipComponents:
-    """Load an open_clip model for filtering. `path` may be a local-dir folder or a checkpoint file."""
+class ClipConfigMismatchError(ModelNotAvailableError):
+    """A CLIP checkpoint folder's own config contradicts the preset it is loaded for."""
+
+
+@dataclass(frozen=True)
+class ClipPreset:
+    """An open_clip architecture, the pretrained tag of its weights, and the activation they were trained with.
+
+    OpenAI's CLIP weights were trained with QuickGELU (``x * sigmoid(1.702 x)``); open_clip 3.x builds
+    its plain configs (``ViT-L-14``) with ``nn.GELU``. The activation has no parameters, so a
+    checkpoint file cannot tell which one it needs: the preset says it.
+    """
+
+    arch: str
+    tag: str
+    quick_gelu: bool
+
+
+# `vit-l-14` is OpenAI's ViT-L/14 (the paper's filter): open_clip's `ViT-L-14-quickgelu` config, tag `openai`
+CLIP_PRESETS = {"vit-l-14": ClipPreset("ViT-L-14-quickgelu", "openai", quick_gelu=True)}
+
+
+@dataclass(frozen=True)
+class ClipBuild:
+    """How :func:`load_clip` calls ``open_clip.create_model``: name, pretrained (tag or file), QuickGELU."""
+
+    name: str
+    pretrained: str | None
+    quick_gelu: bool | None  # None: the folder's own open_clip_config.json decides
+
+
+def _tag_quick_gelu(arch: str, tag: str) -> bool | None:
     import open_clip
 
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    return bool(cfg.get("quick_gelu", False)) if cfg else None
+
+
+def clip_build(preset: str, path: str | None = None) -> ClipBuild:
+    """Resolve a CLIP preset (+ ``models.clip_path``) to an open_clip name, weights and activation.
+
+    - a named preset (``vit-l-14``): its architecture and activation, weights from its tag or ``path``
+      (a safetensors checkpoint file, or an ``open_clip_config.json`` folder whose ``quick_gelu`` must
+      agree with the preset: see :func:`check_clip_folder`);
+    - ``tiny``: the project's folder (its config says QuickGELU);
+    - any other open_clip name: with a pretrained tag as ``path``, the activation that tag was trained
+      with (open_clip's pretrained table, e.g. ``ViT-B-32`` + ``openai`` -> QuickGELU); with a file, the
+      name's own config (pick a ``-quickgelu`` name for QuickGELU weights).
+    """
     if preset == "tiny":
-        name, pretrained = f"local-dir:{path or ensure_tiny('clip')}", None
-    elif preset in CLIP_PRESETS:
-        name, pretrained = CLIP_PRESETS[preset]
-        if path:
-            name, pretrained = (f"local-dir:{path}", None) if Path(path).is_dir() else (name, path)
-    else:
-        name, pretrained = preset, path
+        return ClipBuild(f"local-dir:{path or ensure_tiny('clip')}", None, None)
+    if preset in CLIP_PRESETS:
+        spec = CLIP_PRESETS[preset]
+        if path and Path(path).is_dir():
+            return ClipBuild(f"local-dir:{path}", None, None)
+        return ClipBuild(spec.arch, path or spec.tag, spec.quick_gelu)
+    if path and Path(path).is_dir():
+        return ClipBuild(f"local-dir:{path}", None, None)
+    if path and not Path(path).exists():  # a pretrained tag of that architecture (or a missing file)
+        return ClipBuild(preset, path, _tag_quick_gelu(preset, path))
+    return ClipBuild(preset, path, None)
+
+
+def check_clip_folder(preset: str, folder: str) -> None:
+    """A checkpoint folder loaded for a named preset must declare the preset's activation.
+
+    The one disagreement that is detectable: the weights themselves carry no activation, but an
+    ``open_clip_config.json`` does (``model_cfg.quick_gelu``, false when absent).
+    """
+    spec = CLIP_PRESETS.get(preset)
+    config = Path(folder) / "open_clip_config.json"
+    if spec is None or not config.is_file():
+        return
+    import json
+
     try:
-        model = open_clip.create_model(name, pretrained=pretrained)
-        tokenizer = open_clip.get_tokenizer(name)
+        declared = bool(json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("quick_gelu", False))
+    except (OSError, ValueError):
+        return  # open_clip reports an unreadable config itself
+    if declared != spec.quick_gelu:
+        act = "QuickGELU" if spec.quick_gelu else "GELU"
+        raise ClipConfigMismatchError(
+            f"models.clip_path={folder}: its open_clip_config.json says quick_gelu={str(declared).lower()}, but "
+            f"models.clip={preset} is {spec.arch}/{spec.tag}, trained with {act}; set \"quick_gelu\": "
+            f"{str(spec.quick_gelu).lower()} in model_cfg if these are those weights, or set models.clip to the "
+            "open_clip name of the weights in the folder")
+
+
+def _clip_checkpoint_error(preset: str, build: ClipBuild, path: str, err: Exception) -> ModelNotAvailableError | None:
+    """A checkpoint whose tensors do not fit the preset's architecture (open_clip's strict load)."""
+    text = str(err)
+    # torch's strict load_state_dict, or open_clip's positional-embedding resize asserting on another width
+    if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text or isinstance(err, AssertionError):
+        return ClipConfigMismatchError(
+            f"models.clip_path={path}: the checkpoint does not fit models.clip={preset} ({build.name}): "
+            f"{text.splitlines()[0][:200]} ...; point models.clip_path at {build.name} weights, or set models.clip "
+            "to the open_clip name of this checkpoint")
+    return None
+
+
+def load_clip(preset: str, path: str | None = None) -> ClipComponents:
+    """Load an open_clip model for filtering. `path` may be a local-dir folder or a safetensors checkpoint file.
+
+    Built with the activation its weights were trained with (:func:`clip_build`): ``vit-l-14`` is
+    OpenAI's ViT-L/14 with QuickGELU, from the hub tag or from a checkpoint file.
+    """
+    import open_clip
+
+    if path and Path(path).is_file() and not path.endswith(".safetensors"):
+        raise ModelNotAvailableError(
+            f"models.clip_path={path}: CLIP checkpoints are loaded from safetensors only; convert it "
+            "(safetensors.torch.save_file(state_dict, 'model.safetensors')) and point models.clip_path at that file")
+    build = clip_build(preset, path)
+    if build.name.startswith("local-dir:"):
+        check_clip_folder(preset, build.name.removeprefix("local-dir:"))
+    try:
+        model = open_clip.create_model(build.name, pretrained=build.pretrained,
+                                       force_quick_gelu=bool(build.quick_gelu))
+        if build.quick_gelu is False and model_uses_quick_gelu(model):
+            raise ClipConfigMismatchError(
+                f"models.clip={preset}: open_clip's {build.name} config builds QuickGELU, but its weights "
+                f"{build.pretrained!r} were trained with GELU; use the name without -quickgelu")
+        tokenizer = open_clip.get_tokenizer(build.name)
+    except ClipConfigMismatchError:
+        raise
     except Exception as err:  # open_clip raises many kinds (RuntimeError, OSError, HF errors) when offline
-        raise _not_available(preset, "models.clip_path", path or f"{name}:{pretrained}", err, path) from err
+        mismatch = _clip_checkpoint_error(preset, build, path, err) if path else None
+        if mismatch is not None:
+            raise mismatch from err
+        raise _not_available(preset, "models.clip_path", path or f"{build.name}:{build.pretrained}", err,
+                             path) from err
     model.eval().requires_grad_(False)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=name)
+    return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=build.name)
+
+
+def model_uses_quick_gelu(model) -> bool:
+    """Whether an open_clip model's transformer MLPs use open_clip's QuickGELU."""
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
 
 
 def load_lm(preset: str, path: str | None = None):

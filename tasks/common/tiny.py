@@ -147,6 +147,54 @@ def _build_diffusion(root: Path) -> None:
     )
 
 
+def _build_diffusion_sdxl(root: Path) -> None:
+    """A tiny SDXL-shaped model in diffusers' StableDiffusionXLPipeline layout: two text encoders (the
+    second with a projection: pooled text embeddings), a UNet with SDXL's added text/time embeddings and
+    cross-attention over both encoders' features, the tiny VAE (downsampling 4x) and tokenizers."""
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    def text_config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              projection_dim=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+    torch.manual_seed(0)
+    text_encoder, text_encoder_2 = CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(24))
+    unet = UNet2DConditionModel(
+        sample_size=TINY_IMAGE_SIZE // 4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24, attention_head_dim=(4, 8), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+    )
+    vae = AutoencoderKL(
+        sample_size=TINY_IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4, layers_per_block=1, norm_num_groups=16, scaling_factor=0.13025, force_upcast=True,
+    )
+    scheduler = EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                                beta_schedule="scaled_linear", timestep_spacing="leading",
+                                                steps_offset=1)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
+    scheduler.save_pretrained(root / "scheduler")
+    build_clip_tokenizer(root / "tokenizer")
+    build_clip_tokenizer(root / "tokenizer_2")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+        "force_zeros_for_empty_prompt": True,
+    }, indent=2))
+
+
 TINY_OPEN_CLIP_CONFIG = {
     "model_cfg": {
         "embed_dim": 32,
@@ -217,8 +265,9 @@ def cache_root() -> Path:
 
 
 def ensure_tiny(kind: str) -> Path:
-    """Return the folder of the tiny `kind` model ('diffusion', 'clip' or 'lm'), building it once."""
-    builders = {"diffusion": _build_diffusion, "clip": _build_open_clip, "lm": _build_lm}
+    """Return the folder of the tiny `kind` model ('diffusion', 'diffusion-sdxl', 'clip' or 'lm'), building it once."""
+    builders = {"diffusion": _build_diffusion, "diffusion-sdxl": _build_diffusion_sdxl, "clip": _build_open_clip,
+                "lm": _build_lm}
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(builders)}")
     return _atomic_dir(cache_root() / f"tiny-v{TINY_BUILD_VERSION}" / kind, builders[kind])

@@ -9,7 +9,9 @@ its own values, in both CFG halves; the before image is untouched; cross-attenti
 
 Here many samples share one UNet batch. The layout is ``[uncond, cond] x samples x [before, after]``
 flattened cfg-major, pair-minor: ``index = cfg * 2N + 2 * sample + pair`` (:func:`batch_index`); with
-``N = 1`` it is the reference's batch of four. The processors read an :class:`AttentionControl`
+``N = 1`` it is the reference's batch of four. Without classifier-free guidance (few-step distilled
+models: SDXL-Turbo, LCM) there is only the conditional half, ``index = 2 * sample + pair`` (batch 2N);
+the control's ``cfg_halves`` (2 or 1) says which. The processors read an :class:`AttentionControl`
 shared by all layers, whose ``active`` mask says which samples share attention at the current step.
 
 - :class:`SharedSelfAttnProcessor` (mode ``"ip2p"``) computes the shared attention with
@@ -39,30 +41,35 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 MODES = ("none", "ip2p", "ip2p-explicit", "p2p-replace", "p2p-refine")
 
 
-def batch_index(cfg: int, sample: int, pair: int, n_samples: int) -> int:
-    """Position in the UNet batch of (cfg half: 0 uncond / 1 cond, sample, pair: 0 before / 1 after)."""
-    if cfg not in (0, 1) or pair not in (0, 1) or not 0 <= sample < n_samples:
-        raise IndexError(f"bad layout position cfg={cfg} sample={sample} pair={pair} n_samples={n_samples}")
-    return cfg * 2 * n_samples + 2 * sample + pair
+def batch_index(cfg: int, sample: int, pair: int, n_samples: int, cfg_halves: int = 2) -> int:
+    """Position in the UNet batch of (cfg half: 0 uncond / 1 cond, sample, pair: 0 before / 1 after).
+
+    ``cfg_halves=1`` (no classifier-free guidance): the batch holds the conditional half only (cfg = 1).
+    """
+    first = 2 - cfg_halves  # the cfg index of the first half in the batch
+    if cfg_halves not in (1, 2) or not first <= cfg <= 1 or pair not in (0, 1) or not 0 <= sample < n_samples:
+        raise IndexError(f"bad layout position cfg={cfg} sample={sample} pair={pair} n_samples={n_samples} "
+                         f"cfg_halves={cfg_halves}")
+    return (cfg - first) * 2 * n_samples + 2 * sample + pair
 
 
-def split_layout(tensor: torch.Tensor, n_samples: int) -> torch.Tensor:
-    """View a UNet-batch-first tensor as ``(2 cfg, n_samples, 2 pair, ...)``."""
-    if tensor.shape[0] != 4 * n_samples:
-        raise ValueError(f"batch of {tensor.shape[0]} does not hold 2 x {n_samples} samples x 2 images")
-    return tensor.unflatten(0, (2, n_samples, 2))
+def split_layout(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2) -> torch.Tensor:
+    """View a UNet-batch-first tensor as ``(cfg_halves, n_samples, 2 pair, ...)`` (the last half: conditional)."""
+    if tensor.shape[0] != 2 * cfg_halves * n_samples:
+        raise ValueError(f"batch of {tensor.shape[0]} does not hold {cfg_halves} x {n_samples} samples x 2 images")
+    return tensor.unflatten(0, (cfg_halves, n_samples, 2))
 
 
-def _after_rows(active: torch.Tensor) -> torch.Tensor:
-    """Bool (4N,) mask of the after rows, both CFG halves, of the samples marked in ``active``."""
-    mask = torch.zeros(2, active.shape[0], 2, dtype=torch.bool, device=active.device)
+def _after_rows(active: torch.Tensor, cfg_halves: int = 2) -> torch.Tensor:
+    """Bool (2 * cfg_halves * N,) mask of the after rows, every CFG half, of the samples marked in ``active``."""
+    mask = torch.zeros(cfg_halves, active.shape[0], 2, dtype=torch.bool, device=active.device)
     mask[:, :, 1] = active
     return mask.flatten()
 
 
-def _before_everywhere(tensor: torch.Tensor, n_samples: int) -> torch.Tensor:
+def _before_everywhere(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2) -> torch.Tensor:
     """The tensor with every row replaced by its pair's before row (same shape, a copy)."""
-    split = split_layout(tensor, n_samples)
+    split = split_layout(tensor, n_samples, cfg_halves)
     return split[:, :, :1].expand_as(split).reshape(tensor.shape)
 
 
@@ -89,6 +96,7 @@ class AttentionControl:
 
     ``active`` / ``cross_active`` are device masks over samples; ``any_active`` / ``any_cross_active``
     are the same facts as Python bools, so processors never synchronise with the device to test them.
+    ``cfg_halves``: 2 with classifier-free guidance (batch 4N), 1 without (batch 2N, conditional only).
     """
 
     n_samples: int
@@ -97,6 +105,7 @@ class AttentionControl:
     cross_index: torch.Tensor | None = None
     cross_alpha: torch.Tensor | None = None
     schedule: str = "ip2p"
+    cfg_halves: int = 2
     step: int = field(init=False, default=-1)
     any_active: bool = field(init=False, default=False)
     any_cross_active: bool = field(init=False, default=False)
@@ -107,6 +116,8 @@ class AttentionControl:
     def __post_init__(self) -> None:
         if self.schedule not in ("ip2p", "p2p"):
             raise ValueError(f"unknown sharing schedule {self.schedule!r}; expected 'ip2p' or 'p2p'")
+        if self.cfg_halves not in (1, 2):
+            raise ValueError(f"cfg_halves must be 2 (classifier-free guidance) or 1 (none), got {self.cfg_halves}")
         for name in ("self_fraction", "cross_fraction"):
             value = torch.as_tensor(getattr(self, name), dtype=torch.float64).reshape(-1)
             if value.shape[0] != self.n_samples:
@@ -118,12 +129,12 @@ class AttentionControl:
     @classmethod
     def for_samples(cls, self_fractions: Sequence[float], cross_fractions: Sequence[float] | None = None,
                     cross_index: torch.Tensor | None = None, cross_alpha: torch.Tensor | None = None,
-                    schedule: str = "ip2p") -> AttentionControl:
+                    schedule: str = "ip2p", cfg_halves: int = 2) -> AttentionControl:
         n = len(self_fractions)
         # float64: p is a Python float compared with i / (n - 1); float32 would move the boundary
         cross = [0.0] * n if cross_fractions is None else list(cross_fractions)
         return cls(n, torch.tensor(list(self_fractions), dtype=torch.float64),
-                   torch.tensor(cross, dtype=torch.float64), cross_index, cross_alpha, schedule)
+                   torch.tensor(cross, dtype=torch.float64), cross_index, cross_alpha, schedule, cfg_halves)
 
     @property
     def active(self) -> torch.Tensor:
@@ -134,7 +145,7 @@ class AttentionControl:
     def active(self, value: torch.Tensor) -> None:
         self._active = torch.as_tensor(value, dtype=torch.bool)
         self.any_active = bool(self._active.any())
-        self._after_rows = _after_rows(self._active)
+        self._after_rows = _after_rows(self._active, self.cfg_halves)
 
     @property
     def cross_active(self) -> torch.Tensor:
@@ -147,7 +158,7 @@ class AttentionControl:
         self.any_cross_active = bool(self._cross_active.any())
 
     def after_rows(self, device: torch.device) -> torch.Tensor:
-        """Bool (4N,) mask of the after rows (both CFG halves) of the sharing samples, on ``device``."""
+        """Bool (batch,) mask of the after rows (every CFG half) of the sharing samples, on ``device``."""
         if self._after_rows.device != device:
             self._after_rows = self._after_rows.to(device)
         return self._after_rows
@@ -194,11 +205,17 @@ class AttentionControl:
         """Take over ``other``'s schedule and state (processors installed once keep this object)."""
         self.__dict__.update(other.__dict__)
 
+    @property
+    def batch_size(self) -> int:
+        """UNet batch rows for the current samples: 4N with classifier-free guidance, 2N without."""
+        return 2 * self.cfg_halves * self.n_samples
+
     def check_batch(self, batch_size: int) -> None:
-        if batch_size != 4 * self.n_samples:
+        if batch_size != self.batch_size:
+            halves = "[uncond, cond]" if self.cfg_halves == 2 else "[cond]"
             raise ValueError(
-                f"attention batch of {batch_size}, expected 4 x {self.n_samples} "
-                "([uncond, cond] x samples x [before, after])"
+                f"attention batch of {batch_size}, expected {2 * self.cfg_halves} x {self.n_samples} "
+                f"({halves} x samples x [before, after])"
             )
 
 
@@ -268,8 +285,9 @@ class SharedSelfAttnProcessor:
         if self.sharing(is_self, query.shape[0]):
             n = self.control.n_samples
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
-            query = torch.where(rows, _before_everywhere(query, n), query)
-            key = torch.where(rows, _before_everywhere(key, n), key)
+            halves = self.control.cfg_halves
+            query = torch.where(rows, _before_everywhere(query, n, halves), query)
+            key = torch.where(rows, _before_everywhere(key, n, halves), key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
@@ -290,7 +308,7 @@ class ExplicitSharedSelfAttnProcessor(SharedSelfAttnProcessor):
         probs = _explicit_probs(attn, query, key, mask)
         if self.sharing(is_self, query.shape[0]):
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
-            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples), probs)
+            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples, self.control.cfg_halves), probs)
         return probs @ value
 
 
@@ -306,10 +324,10 @@ class PromptToPromptProcessor(SharedSelfAttnProcessor):
         control.check_batch(query.shape[0])
         if control.cross_index is None or control.cross_alpha is None:
             raise ValueError("p2p cross-attention editing needs cross_index and cross_alpha in the control")
-        n = control.n_samples
+        n, halves = control.n_samples, control.cfg_halves
         # Only the conditional after rows change; every other row keeps the SDPA result bit for bit.
-        q, k, v = (split_layout(t, n)[1] for t in (query, key, value))  # (N, 2, H, S, d)
-        m = None if mask is None else split_layout(mask, n)[1, :, 0]
+        q, k, v = (split_layout(t, n, halves)[-1] for t in (query, key, value))  # (N, 2, H, S, d)
+        m = None if mask is None else split_layout(mask, n, halves)[-1, :, 0]
         base = _explicit_probs(attn, q[:, 0], k[:, 0], m)  # before image's probabilities (N, H, S, L)
         own = _explicit_probs(attn, q[:, 1], k[:, 1], m)
         if control.cross_index.shape[-1] != base.shape[-1]:
@@ -318,8 +336,8 @@ class PromptToPromptProcessor(SharedSelfAttnProcessor):
         alpha = control.cross_alpha.to(base.device, base.dtype).view(n, 1, 1, -1)
         edited = (base.gather(-1, index) * alpha + own * (1 - alpha)) @ v[:, 1]
         active = control.cross_active.to(out.device).view(n, 1, 1, 1)
-        out = split_layout(out, n).clone()
-        out[1, :, 1] = torch.where(active, edited.to(out.dtype), out[1, :, 1])
+        out = split_layout(out, n, halves).clone()
+        out[-1, :, 1] = torch.where(active, edited.to(out.dtype), out[-1, :, 1])
         return out.flatten(0, 2)
 
 

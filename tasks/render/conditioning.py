@@ -11,6 +11,10 @@ then output caption (after).
   as ``text_embeds``, and ``time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) =
   (H, W, 0, 0, H, W)``; the unconditional embeddings are zeros (``force_zeros_for_empty_prompt``, the
   SDXL base default when no negative prompt is given).
+
+Without classifier-free guidance (``guidance=False``: few-step distilled models) the batch is the
+conditional half alone, ``samples x [before, after]`` (2N rows), as diffusers' pipelines build it when
+``guidance_scale <= 1``.
 """
 
 from __future__ import annotations
@@ -71,10 +75,11 @@ class Conditioning:
     embeddings: torch.Tensor
     text_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    cfg_halves: int = 2  # 2: [uncond, cond] (4N rows); 1: cond only (2N rows)
 
     @property
     def n_samples(self) -> int:
-        return self.embeddings.shape[0] // 4
+        return self.embeddings.shape[0] // (2 * self.cfg_halves)
 
     def unet_kwargs(self) -> dict:
         kwargs: dict = {"encoder_hidden_states": self.embeddings}
@@ -83,27 +88,33 @@ class Conditioning:
         return kwargs
 
     def select(self, keep: torch.Tensor) -> Conditioning:
-        """Keep the samples marked in the bool (N,) ``keep`` (all four rows of each)."""
-        rows = keep.to(self.embeddings.device).view(1, -1, 1).expand(2, -1, 2).reshape(-1)
+        """Keep the samples marked in the bool (N,) ``keep`` (all rows of each)."""
+        rows = keep.to(self.embeddings.device).view(1, -1, 1).expand(self.cfg_halves, -1, 2).reshape(-1)
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows.to(t.device)]
 
-        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids))
+        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves)
 
 
 def build_conditioning(components: DiffusionComponents, pairs: Sequence[tuple[str, str]], height: int, width: int,
-                       device: torch.device, dtype: torch.dtype) -> Conditioning:
-    """Conditioning for N (input caption, output caption) pairs in the UNet batch layout."""
+                       device: torch.device, dtype: torch.dtype, guidance: bool = True) -> Conditioning:
+    """Conditioning for N (input caption, output caption) pairs in the UNet batch layout
+    (``guidance=False``: the conditional half only)."""
     n = len(pairs)
     captions = [c for pair in pairs for c in pair]
     if not components.is_sdxl:
-        uncond = encode_prompts(components, [""]).to(device, dtype)
         cond = encode_prompts(components, captions).to(device, dtype)
+        if not guidance:
+            return Conditioning(cond, cfg_halves=1)
+        uncond = encode_prompts(components, [""]).to(device, dtype)
         return Conditioning(torch.cat([uncond.expand(2 * n, -1, -1), cond]))
     cond, pooled = encode_prompts_sdxl(components, captions)
     cond, pooled = cond.to(device, dtype), pooled.to(device, dtype)
-    time_ids = sdxl_time_ids(components, height, width).to(device, dtype).expand(4 * n, -1)
+    time_ids = sdxl_time_ids(components, height, width).to(device, dtype)
+    if not guidance:
+        return Conditioning(cond, pooled, time_ids.expand(2 * n, -1).contiguous(), cfg_halves=1)
+    time_ids = time_ids.expand(4 * n, -1)
     return Conditioning(
         embeddings=torch.cat([torch.zeros_like(cond), cond]),
         text_embeds=torch.cat([torch.zeros_like(pooled), pooled]),

@@ -55,11 +55,13 @@ def predict_x0(scheduler: Any, step_output: Any, model_output: torch.Tensor, sam
     """The predicted clean latents of the step that turned ``sample`` (at ``timestep``) into the output.
 
     Uses the scheduler's own ``pred_original_sample`` when its step returns one (Euler, Euler
-    ancestral, DDIM, LMS, Heun...). Otherwise (DPM-Solver++, UniPC: variance-preserving latents,
+    ancestral, DDIM, LMS, Heun...), or ``denoised`` (LCM). Otherwise (DPM-Solver++, UniPC: variance-preserving latents,
     ``init_noise_sigma == 1``) computes it from ``alphas_cumprod[t]`` and the prediction type:
     epsilon ``(x - sqrt(1-a) eps) / sqrt(a)``, v ``sqrt(a) x - sqrt(1-a) v``, sample ``model_output``.
     """
     x0 = getattr(step_output, "pred_original_sample", None)
+    if x0 is None:
+        x0 = getattr(step_output, "denoised", None)  # LCMScheduler's output (its consistency-model x0)
     if x0 is not None:
         return x0
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0 or not hasattr(scheduler, "alphas_cumprod"):

@@ -20,14 +20,21 @@ Beyond the reference: SDXL conditioning (:mod:`tasks.render.conditioning`), and 
 (:mod:`tasks.render.early`): after a given number of steps the x0 predictions are scored and the
 samples that cannot pass leave the batch, which is compacted for the remaining steps.
 
+Few-step distilled models (SDXL-Turbo, LCM-LoRA merged: ``RenderSettings.guidance=False``) run
+without classifier-free guidance: the UNet batch is the conditional half alone, 2N
+(``samples x [before, after]``), ``eps`` is the conditional prediction, the recorded CFG scale is 1
+(p is drawn from the seed as before), and the shared attention is applied to that half.
+
 UNet calls are counted per sample: one sample x one denoising step = one call of a four-image UNet
 batch (the reference's unit: 100 samples x 100 steps = 10,000 calls per triplet), whatever the
-number of samples sharing the physical call. :attr:`PairBatch.unet_steps` holds them per sample.
+number of samples sharing the physical call (without guidance a sample-step is a two-image batch,
+half the compute). :attr:`PairBatch.unet_steps` holds them per sample.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -66,7 +73,8 @@ class RenderSettings:
     ``"p2p-refine"`` (classic Prompt-to-Prompt: cross-attention for the first ``cross_replace_steps``,
     self-attention for the first ``self_replace_steps``; the drawn p is recorded but unused), or
     ``"none"`` (two independent generations from the same noise). ``decode_batch``: images per VAE
-    decode call (memory only).
+    decode call (memory only). ``guidance``: classifier-free guidance (UNet batch 4N); False for
+    few-step distilled models (batch 2N, no unconditional half, cfg 1).
     """
 
     steps: int = 100
@@ -78,6 +86,7 @@ class RenderSettings:
     cross_replace_steps: float = 0.8
     self_replace_steps: float = 0.4
     decode_batch: int = 8
+    guidance: bool = True
 
 
 @dataclass
@@ -105,8 +114,9 @@ def build_control(components: DiffusionComponents, requests: Sequence[PairReques
                   params: Sequence[SampleParams], settings: RenderSettings) -> AttentionControl:
     """The per-sample sharing schedule (and token alignments for the p2p modes)."""
     n = len(requests)
+    halves = 2 if settings.guidance else 1
     if not settings.attention.startswith("p2p-"):
-        return AttentionControl.for_samples([p.p2p_p for p in params])
+        return AttentionControl.for_samples([p.p2p_p for p in params], cfg_halves=halves)
     how = settings.attention.removeprefix("p2p-")
     aligned = [token_alignment(components.tokenizer, r.input_caption, r.output_caption, how) for r in requests]
     return AttentionControl.for_samples(
@@ -115,6 +125,7 @@ def build_control(components: DiffusionComponents, requests: Sequence[PairReques
         cross_index=torch.stack([a[0] for a in aligned]),
         cross_alpha=torch.stack([a[1] for a in aligned]),
         schedule="p2p",
+        cfg_halves=halves,
     )
 
 
@@ -211,7 +222,7 @@ def render_pairs(
     early: EarlyRejection | None = None,
     persistent_attention: bool = False,
 ) -> PairBatch:
-    """Render one before/after pair per request in a single denoising loop (UNet batch 4N).
+    """Render one before/after pair per request in a single denoising loop (UNet batch 4N; 2N without guidance).
 
     ``step_callback(step_index, timestep, latents)`` is called after every scheduler step with the
     latents of the samples still in the batch, in pair order. ``early``: score after
@@ -229,6 +240,11 @@ def render_pairs(
     if early is not None and not 1 <= early.after_steps < settings.steps:
         raise ValueError(f"early rejection after {early.after_steps} of {settings.steps} steps: need 1 <= it < steps")
     params = [sample_params(r.seed, settings.cfg_range, settings.p_range) for r in requests]
+    if not settings.guidance:
+        if getattr(components.unet.config, "time_cond_proj_dim", None) is not None:
+            raise ValueError("this UNet takes a guidance-scale embedding (an LCM-distilled UNet); render.guidance=none "
+                             "renders distilled models that need no guidance input (SDXL-Turbo, LCM-LoRA merged)")
+        params = [dataclasses.replace(p, cfg_scale=1.0) for p in params]  # p drawn from the seed as before
     n = len(requests)
     nan = torch.full((n,), float("nan"))
     early_metrics = {k: nan.clone() for k in METRICS} if early is not None else {}
@@ -244,7 +260,7 @@ def render_pairs(
         scheduler.set_timesteps(settings.steps, device=device)
         timesteps = scheduler.timesteps
         conditioning = build_conditioning(components, [(r.input_caption, r.output_caption) for r in requests],
-                                          settings.height, settings.width, device, dtype)
+                                          settings.height, settings.width, device, dtype, settings.guidance)
         generators = batch_generators([r.seed for r in requests], device)
         shape = (1, unet.config.in_channels, settings.height // factor, settings.width // factor)
         latents = _initial_latents(generators, shape, device, dtype) * scheduler.init_noise_sigma
@@ -255,10 +271,12 @@ def render_pairs(
             batch = _Batch(torch.arange(n), latents, generators, cfg.view(-1, 1, 1, 1), conditioning, control)
             for i, t in enumerate(timesteps):
                 control.begin_step(i, len(timesteps), device)
-                model_input = scheduler.scale_model_input(torch.cat([batch.latents, batch.latents]), t)
+                rows = torch.cat([batch.latents, batch.latents]) if settings.guidance else batch.latents
+                model_input = scheduler.scale_model_input(rows, t)
                 eps = unet(model_input, t, **batch.conditioning.unet_kwargs(), return_dict=False)[0]
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + batch.cfg * (eps_cond - eps_uncond)
+                if settings.guidance:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + batch.cfg * (eps_cond - eps_uncond)
                 step_kwargs = {"generator": batch.generators} if takes_generator else {}
                 out = scheduler.step(eps, t, batch.latents, **step_kwargs, return_dict=True)
                 unet_steps[batch.alive] += 1

@@ -72,7 +72,7 @@ class ScoredBatch:
 def settings_from(cfg: PipelineConfig) -> RenderSettings:
     r = cfg.render
     return RenderSettings(steps=r.steps, height=r.height, width=r.width, cfg_range=tuple(r.cfg_range),
-                          p_range=tuple(r.p_range), attention=r.attention)
+                          p_range=tuple(r.p_range), attention=r.attention, guidance=r.guidance == "cfg")
 
 
 def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dtype, compiled: bool,
@@ -81,14 +81,15 @@ def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dty
     m, r = cfg.models, cfg.render
 
     def load() -> DiffusionComponents:
-        comps = load_diffusion(m.diffusion, m.diffusion_path, r.scheduler).to(device, dtype)
+        comps = load_diffusion(m.diffusion, m.diffusion_path, r.scheduler, m.vae_path).to(device, dtype)
         if comps.is_sdxl and dtype == torch.float16 and getattr(comps.vae.config, "force_upcast", False):
             comps.vae.to(torch.float32)  # the SDXL VAE overflows in float16 (diffusers upcasts it too)
         if compiled:
             comps.unet = torch.compile(comps.unet)
         return comps
 
-    return MODELS.get("diffusion", (m.diffusion, m.diffusion_path, r.scheduler, str(device), str(dtype), compiled),
+    return MODELS.get("diffusion", (m.diffusion, m.diffusion_path, m.vae_path, r.scheduler, str(device), str(dtype),
+                                    compiled),
                       load)
 
 

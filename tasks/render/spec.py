@@ -7,7 +7,8 @@ from tasks.common.stage import Resources, Stage, gpus_for
 def resources(cfg) -> Resources:
     r = cfg.render
     batch = "auto (free GPU memory)" if r.batch_samples == "auto" else str(r.batch_samples)
-    return Resources(1, gpus_for(r.device), f"{batch} samples per UNet call (x4 images)",
+    images = 4 if r.guidance == "cfg" else 2
+    return Resources(1, gpus_for(r.device), f"{batch} samples per UNet call (x{images} images)",
                      f"{cfg.models.diffusion} + CLIP {cfg.models.clip}, {r.dtype}")
 
 
@@ -16,7 +17,7 @@ STAGE = Stage(
     entry="tasks.render.stage:run",
     summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass; top-k kept",
     reads=("text",),
-    hashes=("render", "models.diffusion", "models.diffusion_path", "models.clip", "models.clip_path"),
+    hashes=("render", "models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path"),
     outputs=(SAMPLES_FILE, "images/<key>_{input,edited}.png"),
     resources=resources,
     retries=2,

@@ -3,7 +3,7 @@
 Per partition, a :class:`~tasks.render.scheduling.RenderPlan` decides which samples of which
 triplets to render (all ``samples_per_triplet`` in the reference; rounds with adaptive stopping /
 giving up when switched on), and groups them into cohorts of ``batch_samples`` (UNet batch 4 x that,
-triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
+2 x with ``render.guidance: none``; triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
 the decoded tensors against ``render.keep`` (the paper's thresholds), and its rows go to a checkpoint
 chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
 are staged as lossless PNG beside the checkpoint. At the end the top-k per triplet are marked

@@ -219,3 +219,28 @@ def test_install_and_remove(self_attn):
         install_attention(unet, "bogus", control)
     with pytest.raises(ValueError):
         install_attention(unet, "ip2p", None)
+
+
+def test_layout_without_guidance_is_the_conditional_half(self_attn):
+    """cfg_halves=1 (distilled models): batch 2N = samples x [before, after], the guided layout's cond half."""
+    assert [batch_index(1, s, p, N, cfg_halves=1) for s in range(N) for p in (0, 1)] == list(range(2 * N))
+    assert split_layout(torch.arange(2 * N), N, cfg_halves=1).shape == (1, N, 2)
+    with pytest.raises(IndexError):
+        batch_index(0, 0, 0, N, cfg_halves=1)  # there is no unconditional half
+    torch.manual_seed(5)
+    x = torch.randn(2 * N, SEQ, HEADS * DIM_HEAD)
+    control = AttentionControl.for_samples([0.5] * N, cfg_halves=1)
+    control.active = torch.tensor([True, False, True])
+    guided = _control([True, False, True])
+    with torch.inference_mode():
+        alone = SharedSelfAttnProcessor(control)(self_attn, x)
+        explicit = ExplicitSharedSelfAttnProcessor(control)(self_attn, x)
+        within = SharedSelfAttnProcessor(guided)(self_attn, torch.cat([torch.randn_like(x), x]))[2 * N:]
+        default = AttnProcessor2_0()(self_attn, x)
+    torch.testing.assert_close(alone, within, atol=1e-6, rtol=1e-5)  # the same rows as the guided batch's cond half
+    torch.testing.assert_close(alone, explicit, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(alone[1], default[1], atol=1e-4)  # sample 0's after row is shared
+    torch.testing.assert_close(alone[3], default[3], atol=1e-6, rtol=1e-5)  # sample 1 is not sharing
+    assert control.after_rows(torch.device("cpu")).tolist() == [False, True, False, False, False, True]
+    with pytest.raises(ValueError, match=r"expected 2 x 3 \(\[cond\]"):
+        SharedSelfAttnProcessor(control)(self_attn, torch.cat([x, x]))

@@ -95,3 +95,30 @@ def test_p0_equals_diffusers_sdxl_pipeline(sdxl):
                         guidance_scale=batch.params[i].cfg_scale, generator=torch.Generator().manual_seed(req.seed),
                         output_type="pt").images[0]
         torch.testing.assert_close(batch.after[i], expected, atol=2e-5, rtol=0)
+
+
+def test_without_guidance_sdxl_is_the_conditional_half_and_equals_the_turbo_call(sdxl):
+    """SDXL-Turbo's documented call is guidance_scale=0.0: diffusers then runs the conditional rows only."""
+    from diffusers import StableDiffusionXLPipeline
+
+    cond = build_conditioning(sdxl, [("a", "b"), ("c", "d")], SIZE, SIZE, torch.device("cpu"), torch.float32,
+                              guidance=False)
+    kwargs = cond.unet_kwargs()
+    assert cond.n_samples == 2 and kwargs["encoder_hidden_states"].shape == (4, 77, 40)
+    assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (4, 16) and cond.time_ids.shape == (4, 6)
+    torch.testing.assert_close(cond.embeddings, encode_prompts_sdxl(sdxl, ["a", "b", "c", "d"])[0])
+    torch.testing.assert_close(cond.select(torch.tensor([False, True])).embeddings, cond.embeddings[[2, 3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2,
+                                         tokenizer=sdxl.tokenizer, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
+                                         scheduler=copy.deepcopy(sdxl.scheduler), add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    batch = render_pairs(sdxl, REQUESTS, settings(p_range=(0.0, 0.0), guidance=False))
+    for i, req in enumerate(REQUESTS):
+        expected = pipe(req.output_caption, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
+                        generator=torch.Generator().manual_seed(req.seed), output_type="pt").images[0]
+        torch.testing.assert_close(batch.after[i], expected, atol=2e-5, rtol=0)
+    shared = render_pairs(sdxl, REQUESTS, settings(p_range=(0.5, 0.9), guidance=False))
+    torch.testing.assert_close(shared.before, batch.before, atol=1e-5, rtol=0)
+    assert (shared.after - batch.after).abs().max() > 3e-5

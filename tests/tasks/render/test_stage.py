@@ -289,3 +289,45 @@ def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path,
     assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
     images = {p.name: p.read_bytes() for p in (render_dir(clean) / "images").iterdir()}
     assert {p.name: p.read_bytes() for p in (render_dir(crashed) / "images").iterdir()} == images
+
+
+def test_guidance_none_renders_the_partition_with_two_images_per_unet_sample(tmp_path, renderer):
+    """The distilled mode end to end through the stage: UNet rows 2 per sample, cfg recorded as 1."""
+    from pathlib import Path
+
+    cfg = config(tmp_path, "render.guidance=none", "render.batch_samples=3")
+    seen = []
+    handle = renderer.diffusion.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        manifest = run_render_partition(cfg, 0, renderer=renderer)
+    finally:
+        handle.remove()
+    df = storage.read_parquet(str(Path(cfg.output_root) / manifest["path"] / "samples.parquet"))
+    assert len(df) == 4 * SAMPLES and (df["cfg_scale"] == 1.0).all()
+    assert set(seen) == {2 * 3} and len(seen) == STEPS * 4 * SAMPLES // 3
+    assert manifest["counts"]["unet_calls"] == 4 * SAMPLES * STEPS
+    assert stage_hash(cfg, "render") != stage_hash(config(tmp_path), "render")
+
+
+def test_demo_sdxl_preset_renders_a_partition_offline_with_sdxl_conditioning(tmp_path):
+    """The tiny SDXL demo: render loads tiny-sdxl from its diffusers folder and conditions it as SDXL."""
+    from pathlib import Path
+
+    root = tmp_path / "sdxl"
+    text = partition_dir(str(root), "text", stage_hash(load_config("demo-sdxl"), "text"), 0)
+    storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
+    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo-sdxl"), "text")})
+    cfg = load_config("demo-sdxl", [f"output_root={root}", "render.steps=3", "render.adaptive=false",
+                                    "render.early_reject_at=null", "render.samples_per_triplet=2"])
+    renderer = Renderer(cfg)
+    assert renderer.diffusion.is_sdxl and renderer.diffusion.preset == "tiny-sdxl"
+    seen = []
+    handle = renderer.diffusion.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
+    try:
+        manifest = run_render_partition(cfg, 0, renderer=renderer)
+    finally:
+        handle.remove()
+    assert seen and all(t.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 16 for t in seen)  # 4 rows x 4 samples
+    df = storage.read_parquet(str(Path(cfg.output_root) / manifest["path"] / "samples.parquet"))
+    assert len(df) == 4 * 2 and np.isfinite(df["clip_sim_dir"]).all()
