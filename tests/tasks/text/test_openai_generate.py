@@ -25,7 +25,7 @@ def expected_rows(cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag
     rows = []
     for cid, text in zip(captions["caption_id"], captions["text"]):
         if any(w in text for w in flag_words):
-            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION))
+            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION, attempt=0))  # never sent
         elif any(w in text for w in refuse_words):
             rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_API))
         else:
