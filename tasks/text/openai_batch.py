@@ -90,7 +90,7 @@ async def generate_batch(
         earlier = retry
         if not todo:
             break
-        stats.add("retried_requests", len(todo))
+        stats.add("retried_captions", len(todo))
         logger.info("text part-%05d: %d answers of try %d rejected; asking again (try %d of %d)", partition_id,
                     len(todo), attempt, attempt + 1, t.max_attempts)
     for attempt in range(1, t.max_attempts + 1):

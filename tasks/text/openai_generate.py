@@ -173,7 +173,7 @@ async def generate_online(
                     await writer.moderate_rows([row])  # a flagged answer is asked again
                 if not wants_retry(row, t.max_attempts):
                     break
-                stats.add("retried_requests")
+                stats.add("retried_captions")
                 earlier = rejections_so_far(row)
             writer.add(row)
             if writer.due():

@@ -54,3 +54,17 @@ def test_editforge_run_with_the_paper_preset_fails_at_once_with_one_line(tmp_pat
     assert len(lines) == 1 and lines[0].startswith("error: preset paper: models.lm is the built-in"), result.output
     assert all(fix in lines[0] for fix in FIXES) and "Traceback" not in result.output
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing ran, not even the captions stage
+
+
+def test_more_tries_regenerate_the_triplets_but_never_retrain_the_lm():
+    from tasks.registry import stage_hash
+
+    one, four = load_config("demo"), load_config("demo", ["text.max_attempts=4"])
+    assert stage_hash(one, "finetune") == stage_hash(four, "finetune")
+    assert stage_hash(one, "text") != stage_hash(four, "text")
+    assert stage_hash(one, "text") == stage_hash(load_config("demo", ["text.refuse_tiny_lm=true"]), "text")
+
+
+def test_max_attempts_out_of_range_names_the_setting():
+    with pytest.raises(ConfigError, match="text.max_attempts: Input should be greater than or equal to 1"):
+        load_config("demo", ["text.max_attempts=0"])
