@@ -24,13 +24,14 @@ from flows.report import render_report
 from flows.stages import FLOWS
 from tasks import registry
 from tasks.common import layout, storage
-from tasks.common.config import load_config
+from tasks.common.config import check_text_lm, load_config
 
 
 @flow(name="editforge-generate", log_prints=True)
 def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
     """Run every stage of the chain in order; finished partitions are skipped, so a re-run resumes."""
     cfg = load_config(preset, overrides or [])
+    check_text_lm(cfg, f"preset {preset}")  # the random tiny LM refused before any stage runs (paper, fast)
     if cfg.run.mode == "fan-out":  # every block a child flow run of its stage's deployment
         manifests = fan_out(cfg, preset, overrides or [], get_run_logger())
     else:
@@ -51,8 +52,9 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
 def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False, debug: Debug = False) -> None:
     """Run the whole DAG; finished partitions (outputs checked) are skipped."""
     overrides = with_verify(overrides, verify)
-    load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides)
     with reported(debug):
+        check_text_lm(cfg, f"preset {preset}")  # before Prefect starts: one line, exit 2
         generate(preset, overrides)
 
 

@@ -137,6 +137,15 @@ class TextConfig(Section):
     Sampling defaults are the paper's (temperature 0.7, top_p 1.0, frequency penalty 0.1, at most 256
     tokens, stop at "\\nEND"). `backend: local` runs transformers (+ peft LoRA when
     `finetune_method: lora`); `backend: openai` runs `text.openai`.
+
+    `max_attempts`: a caption whose completion is rejected (unparseable, empty, output equal to the
+    input, edit too long or quoting the caption, truncated, content-filtered, generated text flagged by
+    moderation) is asked again with the next attempt's seed, up to this many tries in all; the reference
+    script tries 4 times (`paper`), 1 keeps one try per caption.
+
+    `refuse_tiny_lm`: the `paper` and `fast` presets set it, so a run that would fine-tune the built-in
+    random `tiny` LM (the local backend with neither `models.lm` nor `models.lm_path` given) is refused
+    before any work (:func:`tiny_lm_refusal`); `--set models.lm=tiny` runs it on purpose.
     """
 
     backend: Literal["local", "openai"] = "local"
@@ -159,7 +168,11 @@ class TextConfig(Section):
     stop: str = "\nEND"
     max_edit_words: int = Field(40, ge=1)
     batch_size: int = Field(16, ge=1)
+    max_attempts: int = Field(1, ge=1, le=16, description="tries per caption while its completion is rejected "
+                                                           "(the reference: 4)")
     seed: int = 0
+    refuse_tiny_lm: bool = operational(False, description="refuse the built-in random tiny LM unless models.lm or "
+                                                          "models.lm_path is set (paper, fast)")
     device: Device = operational("auto",
                                  description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -177,6 +190,27 @@ class TextConfig(Section):
         from seed_annotations.schema import default_triplets_path
 
         return self.seed_annotations or str(default_triplets_path())
+
+
+def tiny_lm_refusal(cfg: PipelineConfig) -> str | None:
+    """Why this config must not run the text stages, or None: ``text.refuse_tiny_lm`` is on (the
+    `paper` and `fast` presets), the backend is local and neither ``models.lm`` nor
+    ``models.lm_path`` was given, so the fine-tune would train the built-in random-init `tiny` LM and
+    "succeed" with nonsense triplets."""
+    m, t = cfg.models, cfg.text
+    if not t.refuse_tiny_lm or t.backend != "local" or m.lm_path or m.lm != "tiny" or "lm" in m.model_fields_set:
+        return None
+    return ("models.lm is the built-in random-init tiny LM (text.refuse_tiny_lm is on in this preset; the paper "
+            "fine-tuned GPT-3 Davinci): set models.lm_path to a fine-tunable causal LM folder (a GPT-3-like model, "
+            "e.g. --set models.lm_path=/models/Qwen2.5-1.5B --set text.finetune_method=lora), or use the openai "
+            "backend (--set text.backend=openai with text.openai.base_model, or text.openai.base_url and "
+            "text.openai.model for a served model); --set models.lm=tiny runs the tiny LM on purpose")
+
+
+def check_text_lm(cfg: PipelineConfig, origin: str = "config") -> None:
+    """Raise :class:`ConfigError` when :func:`tiny_lm_refusal` refuses ``cfg`` (before any work)."""
+    if problem := tiny_lm_refusal(cfg):
+        raise ConfigError(f"{origin}: {problem}")
 
 
 class Selection(Section):

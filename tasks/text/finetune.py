@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from seed_annotations.schema import load_triplets, split_train_val
 from tasks.common import layout, storage
-from tasks.common.config import PipelineConfig
+from tasks.common.config import PipelineConfig, check_text_lm
 from tasks.common.contract import PartitionRun, read_success
 from tasks.common.models import MODELS, load_lm
 from tasks.registry import execute, stage_hash
@@ -36,6 +36,7 @@ log = logging.getLogger("editforge")
 def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | None = None) -> dict:
     """Fine-tune the LM on the seed annotations unless already done for this config (see module doc)."""
     logger = logger or log
+    check_text_lm(cfg, "finetune")  # the tiny LM refused before any work (paper, fast)
     seed_path = cfg.text.seed_annotations_path()
     # the same validation as `python -m seed_annotations.download`: keys besides input/edit/output are ignored
     train, val = split_train_val(load_triplets(seed_path, strict=False), cfg.text.val_fraction, cfg.text.seed)

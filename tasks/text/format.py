@@ -11,11 +11,20 @@ punctuation ignored), moderation_flag (the caption or the generated text was fla
 moderation endpoint), api_error (the API refused the request for good, e.g. a 400), truncated (the
 answer stopped at the token limit, `finish_reason: length`) and content_filter (the server's filter
 cut it, `finish_reason: content_filter`).
+
+Retries (`text.max_attempts`, as the reference's `generate`): a row rejected for a reason in
+`RETRIED` is asked again, with the next attempt's seed, until it is accepted or `max_attempts` tries
+were made. Each row records the attempt whose answer it holds (`attempt`: 1, 2, ...; 0 when no
+request was sent, i.e. the caption was flagged by moderation) and the reasons of the attempts before
+it (`earlier_rejections`, `;`-separated, empty when the first answer was kept); :func:`attempt_counts`
+turns them into per-attempt counts.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -35,7 +44,12 @@ REJECT_CONTENT_FILTER = "content_filter"
 # an answer's finish_reason -> its rejection (`stop`, or none given: parsed as usual)
 FINISH_REJECTIONS = {"length": REJECT_TRUNCATED, "content_filter": REJECT_CONTENT_FILTER}
 
-TRIPLET_COLUMNS = ["caption_id", "input", "edit", "output", "model", "raw_completion", "status", "reject_reason"]
+# what another try can fix: the completion itself (not a refused request, a flagged caption or a duplicate)
+RETRIED = frozenset({REJECT_UNPARSEABLE, REJECT_EMPTY, REJECT_SAME, REJECT_LONG_EDIT, REJECT_EDIT_HAS_CAPTION,
+                     REJECT_MODERATION, REJECT_TRUNCATED, REJECT_CONTENT_FILTER})
+
+TRIPLET_COLUMNS = ["caption_id", "input", "edit", "output", "model", "raw_completion", "status", "reject_reason",
+                   "attempt", "earlier_rejections"]
 
 _TRAILING = re.compile(r"[.!?\s]+$")
 
@@ -90,15 +104,51 @@ def validate_triplet(input_caption: str, edit: str, output: str, max_edit_words:
 
 
 def triplet_row(caption_id: str, input_caption: str, raw: str | None, model: str, max_edit_words: int = 40,
-                reject_reason: str | None = None) -> dict:
+                reject_reason: str | None = None, *, attempt: int = 1, earlier: Sequence[str] = ()) -> dict:
     """One `triplets.parquet` row from a raw completion: parsed, validated, kept or rejected.
 
-    A `reject_reason` given by the caller (moderation of the caption, an API refusal) wins.
+    A `reject_reason` given by the caller (moderation of the caption, an API refusal) wins. `attempt`
+    is the try this completion answered; `earlier` the rejection reasons of the tries before it.
     """
     parsed = parse_completion(raw) if reject_reason is None else Parsed(None, None, reject_reason)
     reason = parsed.reject_reason or validate_triplet(input_caption, parsed.edit, parsed.output, max_edit_words)
     return {"caption_id": caption_id, "input": input_caption, "edit": parsed.edit, "output": parsed.output,
-            "model": model, "raw_completion": raw, "status": "rejected" if reason else "ok", "reject_reason": reason}
+            "model": model, "raw_completion": raw, "status": "rejected" if reason else "ok", "reject_reason": reason,
+            "attempt": attempt, "earlier_rejections": ";".join(earlier)}
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The key a try is seeded from: the caption (or batch) key itself for the first try, so one try per
+    caption samples exactly as before retries existed; `key#attempt-N` for the N-th."""
+    return key if attempt == 1 else f"{key}#attempt-{attempt}"
+
+
+def wants_retry(row: dict, max_attempts: int) -> bool:
+    """Whether `row` is rejected for a reason another try can fix and tries are left."""
+    return row["status"] == "rejected" and row["reject_reason"] in RETRIED and row["attempt"] < max_attempts
+
+
+def rejections_so_far(row: dict) -> list[str]:
+    """The rejection reasons of every try up to and including `row`'s (the next try's `earlier`)."""
+    earlier = row["earlier_rejections"].split(";") if row["earlier_rejections"] else []
+    return earlier + ([row["reject_reason"]] if row["reject_reason"] else [])
+
+
+def attempt_counts(df: pd.DataFrame) -> dict[str, int]:
+    """Per-attempt counts of a triplets table: `attempt_<k>_<reason>` for every rejected try (the last
+    try's reason is its row's, `duplicate_input_edit` included), `accepted_attempt_<k>` for the rows
+    kept from try k, and `generation_attempts`, the tries answered or refused in all."""
+    counts: Counter[str] = Counter()
+    for attempt, earlier, status, reason in zip(df["attempt"], df["earlier_rejections"], df["status"],
+                                                df["reject_reason"]):
+        attempt = int(attempt)
+        for k, why in enumerate(earlier.split(";") if earlier else [], start=1):
+            counts[f"attempt_{k}_{why}"] += 1
+        if attempt == 0:  # no request was sent (the caption was flagged)
+            continue
+        counts["generation_attempts"] += attempt
+        counts[f"accepted_attempt_{attempt}" if status == "ok" else f"attempt_{attempt}_{reason}"] += 1
+    return dict(sorted(counts.items()))
 
 
 def mark_duplicates(df: pd.DataFrame) -> pd.DataFrame:

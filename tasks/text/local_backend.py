@@ -13,6 +13,9 @@ is the path for an open 0.5-3B instruct model on one GPU (`models.lm=<hub id or 
 
 Generation of a batch is seeded from the batch's first caption id, and batches have fixed
 boundaries within a partition, so a resumed run regenerates exactly what an uninterrupted run would.
+With `text.max_attempts` > 1 the captions of a batch whose completion was rejected are sampled again,
+together, with the seed of the batch's key and the attempt number, until accepted or out of tries; the
+batch is checkpointed once, with every try done, so a resume point is still a batch boundary.
 
 Serving instead of generating in-process: put the model (or base model + LoRA adapter) behind vLLM
 or any OpenAI-compatible server and use `text.backend=openai` with `text.openai.base_url` and
@@ -40,7 +43,7 @@ from tasks.common.config import PipelineConfig, TextConfig
 from tasks.common.contract import Checkpoint, Stats
 from tasks.common.devices import compute_dtype, torch_device
 from tasks.common.models import load_lm
-from tasks.text.format import TRIPLET_COLUMNS, triplet_row
+from tasks.text.format import TRIPLET_COLUMNS, attempt_key, rejections_so_far, triplet_row, wants_retry
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -244,8 +247,8 @@ def load_finetuned(cfg: PipelineConfig, model_dir: Path):
     return place(model, cfg.text).eval(), tokenizer
 
 
-def batch_seed(seed: int, first_key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
+def batch_seed(seed: int, first_key: str, attempt: int = 1) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{attempt_key(first_key, attempt)}".encode()).digest()[:4], "little")
 
 
 @torch.inference_mode()
@@ -295,11 +298,23 @@ def generate_partition(
     model, tokenizer = load_model()
     model_name = f"{cfg.models.lm_path or cfg.models.lm}+{t.finetune_method}-finetune"
     for batch in tqdm(pending, desc=f"generate triplets p{partition_id}", unit="batch", leave=False):
-        with stats.timer("generate"):
-            raws = generate(model, tokenizer, list(batch["text"]), temperature=t.temperature, top_p=t.top_p,
-                            frequency_penalty=t.frequency_penalty, max_new_tokens=t.max_new_tokens,
-                            seed=batch_seed(t.seed, batch["caption_id"].iloc[0]), stop=t.stop)
-        rows = [triplet_row(cid, text, raw, model_name, t.max_edit_words)
-                for cid, text, raw in zip(batch["caption_id"], batch["text"], raws)]
-        checkpoint.append(batch["caption_id"].iloc[0], pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+        first = batch["caption_id"].iloc[0]
+        rows: dict[str, dict] = {}
+        todo = list(zip(batch["caption_id"], batch["text"]))
+        for attempt in range(1, t.max_attempts + 1):
+            # the captions of the batch still rejected, sampled together with this try's seed: which
+            # ones they are follows from the earlier tries, so a re-generated batch is the same
+            with stats.timer("generate"):
+                raws = generate(model, tokenizer, [text for _, text in todo], temperature=t.temperature,
+                                top_p=t.top_p, frequency_penalty=t.frequency_penalty,
+                                max_new_tokens=t.max_new_tokens, seed=batch_seed(t.seed, first, attempt), stop=t.stop)
+            for (cid, text), raw in zip(todo, raws):
+                earlier = rejections_so_far(rows[cid]) if cid in rows else []
+                rows[cid] = triplet_row(cid, text, raw, model_name, t.max_edit_words, attempt=attempt, earlier=earlier)
+            todo = [(cid, text) for cid, text in todo if wants_retry(rows[cid], t.max_attempts)]
+            if not todo:
+                break
+            stats.add("retried_captions", len(todo))
+        ordered = [rows[cid] for cid in batch["caption_id"]]
+        checkpoint.append(first, pd.DataFrame(ordered, columns=TRIPLET_COLUMNS))
         stats.add("batches_generated")

@@ -40,6 +40,7 @@ from prompts.templates import chat_messages, finetune_prompt
 from tasks.common.config import OpenAITextConfig, TextConfig
 from tasks.common.contract import Stats
 from tasks.common.errors import PermanentError
+from tasks.text.format import attempt_key
 
 T = TypeVar("T")
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
@@ -255,19 +256,21 @@ def run_sync(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return result["value"]
 
 
-def caption_seed(seed: int, caption_id: str) -> int:
-    """The per-caption sampling seed sent with every request, so a resumed run asks the same question."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{caption_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+def caption_seed(seed: int, caption_id: str, attempt: int = 1) -> int:
+    """The per-caption (and per-try) sampling seed sent with every request, so a resumed run asks the
+    same question; the first try's is the caption's own, a retry's that of `attempt_key`."""
+    key = attempt_key(caption_id, attempt)
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def request_body(t: TextConfig, model: str, caption_id: str, caption: str) -> dict[str, Any]:
-    """The generation request for one caption, with the paper's sampling settings.
+def request_body(t: TextConfig, model: str, caption_id: str, caption: str, attempt: int = 1) -> dict[str, Any]:
+    """The generation request for one caption's try `attempt`, with the paper's sampling settings.
 
     The prompt comes from the same templates as the fine-tune files (completion or chat format).
     """
     body: dict[str, Any] = {
         "model": model, "temperature": t.temperature, "top_p": t.top_p, "frequency_penalty": t.frequency_penalty,
-        "stop": [t.stop], "seed": caption_seed(t.seed, caption_id),
+        "stop": [t.stop], "seed": caption_seed(t.seed, caption_id, attempt),
     }
     if t.openai.endpoint == "chat":
         return body | {"messages": chat_messages(caption), "max_completion_tokens": t.max_new_tokens}

@@ -14,6 +14,13 @@ Each request carries a seed derived from its caption id, and the final table is 
 Moderation (`text.openai.moderation`), as the reference did: captions are checked before any
 generation request (flagged ones are rejected with `moderation_flag` and never sent), and the
 generated edit and output caption are checked before their chunk is written.
+
+Retries (`text.max_attempts`, as the reference's `generate`): a caption whose answer is rejected for a
+reason another try can fix (`tasks.text.format.RETRIED`) is asked again at once with the next try's
+seed (`caption_seed(seed, caption_id, attempt)`), until accepted or out of tries; only the final row is
+buffered and checkpointed. While tries are left, an accepted answer's generated text is moderated
+right away (one request for it), so a flagged one is asked again as the reference did; the last try's
+is moderated with its chunk, as with one try.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import openai
@@ -31,11 +38,20 @@ import pandas as pd
 
 from tasks.common.config import TextConfig
 from tasks.common.contract import Checkpoint, Stats
-from tasks.text.format import FINISH_REJECTIONS, REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, triplet_row
+from tasks.text.format import (
+    FINISH_REJECTIONS,
+    REJECT_API,
+    REJECT_MODERATION,
+    TRIPLET_COLUMNS,
+    rejections_so_far,
+    triplet_row,
+    wants_retry,
+)
 from tasks.text.openai_api import RetryPolicy, create_completion, moderate, request_body, retrying
 
 log = logging.getLogger("editforge")
 Caption = tuple[str, str]  # (caption_id, text)
+MODERATED = "_moderated"  # a row key (not a column): its generated text was already moderated
 
 
 class ChunkWriter:
@@ -64,7 +80,7 @@ class ChunkWriter:
         if not rows:
             return
         if moderate_output and self.t.openai.moderation:
-            await self._moderate_outputs(rows)
+            await self.moderate_rows([r for r in rows if not r.get(MODERATED)])
         ids = sorted(r["caption_id"] for r in rows)
         chunk_id = hashlib.sha1("\n".join(ids).encode()).hexdigest()
         self.checkpoint.append(chunk_id, pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
@@ -73,8 +89,12 @@ class ChunkWriter:
         if self.on_chunk:
             self.on_chunk(self.chunks_written)
 
-    async def _moderate_outputs(self, rows: list[dict]) -> None:
+    async def moderate_rows(self, rows: list[dict]) -> None:
+        """Moderate the generated text of the accepted rows (groups of `moderation_batch`); a flagged
+        row is rejected with `moderation_flag`. Every row given is marked as moderated."""
         o = self.t.openai
+        for row in rows:
+            row[MODERATED] = True
         kept = [r for r in rows if r["status"] == "ok"]
         retried = retrying(RetryPolicy.from_config(o), self.rng, self.stats)
         for i in range(0, len(kept), o.moderation_batch):
@@ -109,9 +129,12 @@ async def moderate_captions(client: openai.AsyncOpenAI, t: TextConfig, captions:
 async def generate_online(
     client: openai.AsyncOpenAI, t: TextConfig, model: str, captions: Sequence[Caption], writer: ChunkWriter,
     stats: Stats, rng: random.Random, logger: logging.Logger = log,
+    resume: Mapping[str, list[str]] | None = None,
 ) -> None:
     """Generate one triplet per caption with `concurrency` requests in flight; rows go to `writer`.
 
+    Each caption gets up to `max_attempts` tries (see module doc); `resume` maps a caption to the
+    rejection reasons of tries already made elsewhere (the Batch API), so it goes on from the next one.
     A request refused for good (4xx other than 408/409/429) gives a row rejected as `api_error`; a
     retryable error that outlives `max_retries` stops the run (after flushing what was answered) so
     Prefect's task retry, or a re-run, resumes it.
@@ -122,32 +145,51 @@ async def generate_online(
     for item in captions:
         queue.put_nowait(item)
 
+    async def ask(caption_id: str, caption: str, attempt: int, earlier: list[str]) -> dict:
+        body = request_body(t, model, caption_id, caption, attempt)
+        reason = raw = None
+        try:
+            answer = await retried(partial(create_completion, client, o.endpoint, body, o.request_timeout_s))
+            stats.add("requests_answered")
+            raw, reason = answer.text, FINISH_REJECTIONS.get(answer.finish_reason)
+        except openai.APIStatusError as err:
+            if err.status_code >= 500 or err.status_code in (408, 409, 429):
+                raise
+            logger.warning("text: request for caption %s refused (HTTP %s): %s", caption_id, err.status_code,
+                           str(err)[:300])
+            reason = REJECT_API
+        return triplet_row(caption_id, caption, raw, model, t.max_edit_words, reason, attempt=attempt, earlier=earlier)
+
     async def worker() -> None:
         while True:
             try:
                 caption_id, caption = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            body = request_body(t, model, caption_id, caption)
-            reason = raw = None
-            try:
-                answer = await retried(partial(create_completion, client, o.endpoint, body, o.request_timeout_s))
-                stats.add("requests_answered")
-                raw, reason = answer.text, FINISH_REJECTIONS.get(answer.finish_reason)
-            except openai.APIStatusError as err:
-                if err.status_code >= 500 or err.status_code in (408, 409, 429):
-                    raise
-                logger.warning("text: request for caption %s refused (HTTP %s): %s", caption_id, err.status_code,
-                               str(err)[:300])
-                reason = REJECT_API
-            writer.add(triplet_row(caption_id, caption, raw, model, t.max_edit_words, reason))
+            earlier = list((resume or {}).get(caption_id, []))
+            while True:
+                row = await ask(caption_id, caption, len(earlier) + 1, earlier)
+                if row["status"] == "ok" and o.moderation and row["attempt"] < t.max_attempts:
+                    await writer.moderate_rows([row])  # a flagged answer is asked again
+                if not wants_retry(row, t.max_attempts):
+                    break
+                stats.add("retried_captions")
+                earlier = rejections_so_far(row)
+            writer.add(row)
             if writer.due():
                 await writer.flush()
 
+    stop = asyncio.Event()
+
     async def ticker() -> None:
-        while True:
-            await asyncio.sleep(max(0.05, o.checkpoint_interval_s / 2))
-            if writer.due():
+        # stopped by `stop`, never cancelled: a flush it has begun owns rows no one else holds (cancelling
+        # it mid-moderation lost them, and the partition was marked done without them)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.05, o.checkpoint_interval_s / 2))
+            except TimeoutError:
+                pass
+            if not stop.is_set() and writer.due():
                 await writer.flush()
 
     workers = [asyncio.create_task(worker()) for _ in range(min(o.concurrency, len(captions)))]
@@ -158,11 +200,16 @@ async def generate_online(
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        raise
-    finally:
-        tick.cancel()
+        stop.set()
         await asyncio.gather(tick, return_exceptions=True)
         await _final_flush(writer, logger)
+        raise
+    stop.set()
+    (ticked,) = await asyncio.gather(tick, return_exceptions=True)
+    if isinstance(ticked, BaseException):  # its rows were not written: the run must not end as done
+        await _final_flush(writer, logger)
+        raise ticked
+    await writer.flush()  # on success a failed write fails the run (never a partition done without rows)
 
 
 async def _final_flush(writer: ChunkWriter, logger: logging.Logger) -> None:
@@ -178,5 +225,5 @@ async def _final_flush(writer: ChunkWriter, logger: logging.Logger) -> None:
 
 def moderation_rows(t: TextConfig, captions: Sequence[Caption], flagged: set[str], model: str) -> list[dict]:
     """Rejected rows for captions flagged by moderation (no generation request is sent for them)."""
-    return [triplet_row(cid, text, None, model, t.max_edit_words, REJECT_MODERATION)
+    return [triplet_row(cid, text, None, model, t.max_edit_words, REJECT_MODERATION, attempt=0)
             for cid, text in captions if cid in flagged]

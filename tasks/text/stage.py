@@ -3,7 +3,8 @@
     run(cfg, partition_id)  -> manifest of `text/part-XXXXX/triplets.parquet`
 
 Every partition writes `triplets.parquet` with one row per caption: `ok`, or `rejected` with one
-reason (see `tasks.text.format`), sorted by caption id. Generation checkpoints as it goes (per batch
+reason (see `tasks.text.format`), sorted by caption id, and the attempt its answer came from
+(`text.max_attempts` tries while a completion is rejected, each with its own seed). Generation checkpoints as it goes (per batch
 locally, per chunk of answers online, per batch job), so a killed run restarts where it stopped and
 ends with exactly the rows of an uninterrupted run. The fine-tune it reads is its own stage
 (`tasks.text.finetune`).
@@ -18,11 +19,11 @@ from collections.abc import Callable
 import pandas as pd
 
 from tasks.common import layout, storage
-from tasks.common.config import PipelineConfig
+from tasks.common.config import PipelineConfig, check_text_lm
 from tasks.common.contract import Checkpoint, PartitionRun
 from tasks.registry import execute
 from tasks.text.finetune import finetuned_model, finetuned_model_id
-from tasks.text.format import TRIPLET_COLUMNS, mark_duplicates
+from tasks.text.format import TRIPLET_COLUMNS, attempt_counts, mark_duplicates
 from tasks.text.local_backend import generate_partition
 
 STAGE = "text"
@@ -37,6 +38,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
     for progress reporting and for crash tests).
     """
     logger = logger or log
+    check_text_lm(cfg, f"text part-{partition_id:05d}")  # the tiny LM refused before any work (paper, fast)
 
     def work(run: PartitionRun) -> None:
         captions = storage.read_parquet(run.input_path("captions", layout.CAPTIONS_FILE))
@@ -47,7 +49,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
                                logger)
         else:
             _generate_openai(cfg, run, captions, checkpoint, partition_id, logger, on_chunk)
-        _assemble(run, checkpoint)
+        _assemble(run, checkpoint, cfg.text.max_attempts)
 
     return execute(cfg, STAGE, partition_id, work, logger)
 
@@ -90,8 +92,9 @@ def _generate_openai(cfg: PipelineConfig, run: PartitionRun, captions: pd.DataFr
     run_sync(go)
 
 
-def _assemble(run: PartitionRun, checkpoint: Checkpoint) -> None:
-    """Checkpoint chunks -> `triplets.parquet` (sorted, duplicates marked) and the partition's counts."""
+def _assemble(run: PartitionRun, checkpoint: Checkpoint, max_attempts: int) -> None:
+    """Checkpoint chunks -> `triplets.parquet` (sorted, duplicates marked) and the partition's counts;
+    with retries (`max_attempts` > 1) also `attempt_<k>_<reason>` / `accepted_attempt_<k>` counts."""
     df = checkpoint.load()
     df = mark_duplicates(df[TRIPLET_COLUMNS]) if len(df) else pd.DataFrame(columns=TRIPLET_COLUMNS)
     storage.write_parquet_atomic(run.output(layout.TRIPLETS_FILE), df[TRIPLET_COLUMNS])
@@ -99,5 +102,8 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint) -> None:
     run.stats.add("out", len(ok))
     for reason, n in df["reject_reason"].dropna().value_counts().items():
         run.stats.reject(reason, n)
+    if max_attempts > 1:  # what each try was rejected for, from the table: a resumed run counts the same
+        for name, n in attempt_counts(df).items():
+            run.stats.add(name, n)
     if len(ok):
         run.stats.observe("edit_words", ok["edit"].str.split().str.len().to_numpy())

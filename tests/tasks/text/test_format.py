@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 
 from tasks.text.format import (
@@ -6,8 +7,10 @@ from tasks.text.format import (
     REJECT_LONG_EDIT,
     REJECT_SAME,
     REJECT_UNPARSEABLE,
+    TRIPLET_COLUMNS,
     comparable,
     parse_completion,
+    triplet_row,
     validate_triplet,
 )
 
@@ -80,3 +83,33 @@ def test_duplicate_input_edit_pairs_are_rejected_independently_of_order():
         df = mark_duplicates(pd.DataFrame(order, columns=TRIPLET_COLUMNS))
         assert list(df["caption_id"]) == ["a1", "b2", "c3", "d4"]
         assert list(df["reject_reason"].fillna("")) == ["", "", REJECT_DUPLICATE, "x"]
+
+
+def test_only_what_another_try_can_fix_is_retried_and_only_while_tries_are_left():
+    from tasks.text.format import wants_retry
+
+    def row(raw, reason=None, attempt=1):
+        return triplet_row("c1", "a red barn at dawn", raw, "m", reject_reason=reason, attempt=attempt)
+
+    assert wants_retry(row("make it winter make it snowy"), 2)  # unparseable
+    assert wants_retry(row("make it winter\n%%\na red barn at dawn."), 2)  # output equals input
+    assert wants_retry(row(None, "truncated"), 2) and wants_retry(row(None, "moderation_flag"), 2)
+    assert not wants_retry(row("make it winter make it snowy", attempt=2), 2)  # out of tries
+    assert not wants_retry(row(None, "api_error"), 4)  # the server refused the request for good
+    assert not wants_retry(row("make it winter\n%%\na snowy red barn"), 4)  # accepted
+
+
+def test_attempt_counts_say_what_each_try_was_rejected_for():
+    from tasks.text.format import attempt_counts, rejections_so_far
+
+    first = triplet_row("c1", "a red barn", "nonsense", "m")
+    second = triplet_row("c1", "a red barn", "make it winter\n%%\na snowy red barn", "m", attempt=2,
+                         earlier=rejections_so_far(first))
+    given_up = triplet_row("c2", "a lake", "a lake", "m", attempt=3, earlier=["empty_part", "unparseable"])
+    flagged_caption = triplet_row("c3", "a cat", None, "m", reject_reason="moderation_flag", attempt=0)
+    at_once = triplet_row("c4", "a dog", "add a hat\n%%\na dog with a hat", "m")
+    assert second["earlier_rejections"] == "unparseable" and given_up["earlier_rejections"] == "empty_part;unparseable"
+    df = pd.DataFrame([second, given_up, flagged_caption, at_once], columns=TRIPLET_COLUMNS)
+    assert attempt_counts(df) == {"accepted_attempt_1": 1, "accepted_attempt_2": 1, "attempt_1_empty_part": 1,
+                                  "attempt_1_unparseable": 1, "attempt_2_unparseable": 1,
+                                  "attempt_3_unparseable": 1, "generation_attempts": 6}

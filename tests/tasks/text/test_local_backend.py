@@ -94,3 +94,76 @@ def test_a_killed_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_
     assert figures == ref_figures
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _local_cfg(root, *overrides):
+    # the untrained tiny LM (0 fine-tune steps) writes noise: every completion is rejected, so every
+    # caption takes all its tries
+    return load_config("demo", [f"output_root={root}", "text.finetune_steps=0", "text.max_new_tokens=12",
+                                "text.batch_size=4", *overrides])
+
+
+def _run_local(cfg, captions):
+    from tasks.text.finetune import run as run_finetune
+    from tasks.text.stage import run as run_text_partition
+
+    write_captions(cfg.output_root, 0, captions)
+    run_finetune(cfg)
+    manifest = run_text_partition(cfg, 0)
+    return manifest, storage.read_parquet(f"{cfg.output_root}/{manifest['path']}/triplets.parquet")
+
+
+def test_local_retries_up_to_max_attempts_with_each_try_counted(tmp_path):
+    from tasks.text.format import RETRIED
+
+    captions = make_captions(6)
+    manifest, table = _run_local(_local_cfg(tmp_path / "three", "text.max_attempts=3"), captions)
+    assert list(table["caption_id"]) == sorted(captions["caption_id"])
+    rejected = table[table.status == "rejected"]
+    assert len(rejected) and (rejected["attempt"] == 3).all()  # given up after the third try, not before
+    assert (table.loc[table.status == "ok", "attempt"] >= 1).all()
+    for earlier, n in zip(table["earlier_rejections"], table["attempt"]):
+        reasons = earlier.split(";") if earlier else []
+        assert len(reasons) == n - 1 and set(reasons) <= RETRIED
+    counts = manifest["counts"]
+    for k in (1, 2, 3):  # every caption still rejected after try k-1 was tried a k-th time, each try counted
+        tried = (table["attempt"] >= k).sum()
+        assert sum(v for name, v in counts.items() if name.startswith(f"attempt_{k}_")) + \
+            counts.get(f"accepted_attempt_{k}", 0) == tried
+    assert counts["generation_attempts"] == table["attempt"].sum()
+
+    # each try samples with its own seed: the third try's answers are not the first's
+    _, once = _run_local(_local_cfg(tmp_path / "one"), captions)
+    assert set(once["attempt"]) == {1}
+    thrice = table.set_index("caption_id")["raw_completion"]
+    first = once.set_index("caption_id")["raw_completion"]
+    retried = table.loc[table["attempt"] == 3, "caption_id"]
+    assert sum(thrice[c] != first[c] for c in retried) >= len(retried) - 1
+
+
+def test_local_retries_resume_at_a_batch_boundary_with_the_same_bytes(tmp_path, monkeypatch):
+    from tasks.common.contract import Checkpoint
+    from tasks.text.stage import run as run_text_partition
+
+    captions = make_captions(10)  # batches of 4, 4, 2
+    reference, _ = _run_local(_local_cfg(tmp_path / "clean", "text.max_attempts=3"), captions)
+    cfg = _local_cfg(tmp_path / "killed", "text.max_attempts=3")
+    append, calls = Checkpoint.append, []
+
+    def killed_after_the_first_batch(self, batch_id, df):
+        append(self, batch_id, df)
+        calls.append(batch_id)
+        raise Killed("after the first batch's checkpoint")
+
+    monkeypatch.setattr(Checkpoint, "append", killed_after_the_first_batch)
+    with pytest.raises(Killed):
+        _run_local(cfg, captions)
+    monkeypatch.setattr(Checkpoint, "append", append)
+    manifest = run_text_partition(cfg, 0)
+    assert len(calls) == 1 and manifest["counts"]["batches_generated"] == 2  # the first batch was not redone
+    path = "triplets.parquet"
+    assert (tmp_path / "killed" / manifest["path"] / path).read_bytes() == \
+        (tmp_path / "clean" / reference["path"] / path).read_bytes()
+    assert manifest["rejected"] == reference["rejected"]
+    assert {k: v for k, v in manifest["counts"].items() if k.startswith("attempt_")} == \
+        {k: v for k, v in reference["counts"].items() if k.startswith("attempt_")}

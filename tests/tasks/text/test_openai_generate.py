@@ -10,7 +10,16 @@ from fakes.openai_server import fake_completion
 from text_helpers import make_captions, openai_config, write_captions
 
 from tasks.common import storage
-from tasks.text.format import REJECT_API, REJECT_MODERATION, TRIPLET_COLUMNS, mark_duplicates, triplet_row
+from tasks.text.format import (
+    REJECT_API,
+    REJECT_MODERATION,
+    TRIPLET_COLUMNS,
+    attempt_counts,
+    mark_duplicates,
+    rejections_so_far,
+    triplet_row,
+    wants_retry,
+)
 from tasks.text.openai_api import caption_seed
 from tasks.text.openai_batch import BatchJobError
 from tasks.text.stage import run as run_text_partition
@@ -32,7 +41,7 @@ def expected_rows(cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag
     rows = []
     for cid, text in zip(captions["caption_id"], captions["text"]):
         if any(w in text for w in flag_words):
-            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION))
+            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION, attempt=0))  # never sent
         elif any(w in text for w in refuse_words):
             rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_API))
         else:
@@ -211,3 +220,76 @@ def test_an_answer_cut_short_is_retried(fake, tmp_path):
     manifest = run_text_partition(cfg, 0)
     assert manifest["counts"]["retries_malformed"] > 0 and manifest["counts"]["requests_answered"] == 30
     _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
+
+
+def expected_retried_rows(cfg, captions: pd.DataFrame, malformed_rate: float, flag_words=()) -> pd.DataFrame:
+    """The rows of `text.max_attempts` tries per caption against the fake, computed without any request:
+    each try asks with its own seed, a flagged or malformed answer is asked again while tries are left."""
+    t, rows = cfg.text, []
+    for cid, text in zip(captions["caption_id"], captions["text"]):
+        earlier: list[str] = []
+        for attempt in range(1, t.max_attempts + 1):
+            raw = fake_completion(text, caption_seed(t.seed, cid, attempt), malformed_rate)
+            row = triplet_row(cid, text, raw, MODEL, attempt=attempt, earlier=earlier)
+            if row["status"] == "ok" and any(w in f"{row['edit']}\n{row['output']}" for w in flag_words):
+                row |= {"status": "rejected", "reject_reason": REJECT_MODERATION}
+            if not wants_retry(row, t.max_attempts):
+                break
+            earlier = rejections_so_far(row)
+        rows.append(row)
+    return mark_duplicates(pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
+
+
+def _sent_seeds(fake, path: str) -> set[tuple[str, int]]:
+    return {(r["caption"], r["seed"]) for r in fake.state.requests if r["path"] == path and r["status"] == 200}
+
+
+@pytest.mark.parametrize("mode", ["online", "batch"])
+def test_a_rejected_answer_is_asked_again_up_to_max_attempts_with_each_try_counted(fake, tmp_path, mode):
+    fake.knobs.malformed_rate, fake.knobs.flag_words = 0.6, ("FLAGGED", "fireworks")
+    captions = make_captions(40)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.max_attempts=4",
+                        f"text.openai.mode={mode}")
+    manifest = run_text_partition(cfg, 0)
+    expected = expected_retried_rows(cfg, captions, 0.6, fake.knobs.flag_words)
+    table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
+    _assert_same(table, expected)
+
+    # retries happened, accepted late or given up after the 4th try, and the table says which try it was
+    accepted, rejected = table[table.status == "ok"], table[table.status == "rejected"]
+    assert (accepted["attempt"] > 1).sum() >= 5 and (accepted["attempt"] == 1).sum() >= 5
+    assert (rejected["attempt"] == 4).any() and table["attempt"].max() == 4
+    assert (table["earlier_rejections"].str.count(";") + (table["earlier_rejections"] != "")
+            == table["attempt"] - 1).all()
+    assert "moderation_flag" in ";".join(table["earlier_rejections"])  # a flagged answer was asked again
+
+    # one request per try, each with that try's seed (the first try's is the caption's own, as before retries)
+    want = {(text, caption_seed(cfg.text.seed, cid, k))
+            for cid, text, n in zip(table["caption_id"], table["input"], table["attempt"]) for k in range(1, n + 1)}
+    path = "/v1/chat/completions" if mode == "online" else "batch:/v1/chat/completions"
+    assert _sent_seeds(fake, path) == want and fake.state.count(path, 200) == table["attempt"].sum()
+    if mode == "batch":
+        assert fake.state.count("/v1/batches") == 4  # one job per try
+
+    # per-try counts in the stage's stats: what each try was rejected for, and which try was accepted
+    per_try = {k: v for k, v in manifest["counts"].items() if k.startswith(("attempt_", "accepted_attempt_"))}
+    assert per_try == {k: v for k, v in attempt_counts(expected).items() if k != "generation_attempts"}
+    assert manifest["counts"]["generation_attempts"] == table["attempt"].sum()
+    assert sum(v for k, v in per_try.items() if k.startswith("attempt_1_")) == (table["attempt"] > 1).sum() + \
+        ((table["attempt"] == 1) & (table["status"] == "rejected")).sum()
+    assert manifest["rejected"] == table["reject_reason"].dropna().value_counts().to_dict()
+
+
+def test_one_attempt_asks_each_caption_once_with_its_own_seed(fake, tmp_path):
+    fake.knobs.malformed_rate = 0.6
+    captions = make_captions(20)
+    write_captions(str(tmp_path), 0, captions)
+    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}")
+    assert cfg.text.max_attempts == 1
+    manifest = run_text_partition(cfg, 0)
+    table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
+    assert set(table["attempt"]) == {1} and set(table["earlier_rejections"]) == {""}
+    assert _sent_seeds(fake, "/v1/chat/completions") == {(t, caption_seed(0, c)) for c, t in
+                                                         zip(captions["caption_id"], captions["text"])}
+    assert not any(k.startswith("attempt_") for k in manifest["counts"])  # one try: `rejected` says it all

@@ -143,3 +143,71 @@ def test_the_api_key_never_appears_in_logs_manifests_or_files(fake, tmp_path, ca
     assert any(name.endswith("triplets.parquet") for name in blobs) and any("_SUCCESS" in n for n in blobs)
     for name, text in blobs.items():
         assert API_KEY not in text and API_KEY[-10:] not in text, f"API key found in {name}"
+
+
+RETRIES = (f"text.openai.model={MODEL}", "text.max_attempts=4", "text.openai.checkpoint_every=4",
+           "text.openai.concurrency=4")
+
+
+def _triplet_bytes(root: Path, manifest: dict) -> bytes:
+    return (root / manifest["path"] / "triplets.parquet").read_bytes()
+
+
+def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, tmp_path):
+    fake.knobs.malformed_rate, fake.knobs.flag_words = 0.6, ("FLAGGED", "fireworks")
+    captions = make_captions(48)
+    clean = tmp_path / "uninterrupted"
+    write_captions(str(clean), 0, captions)
+    reference = run_text_partition(openai_config(fake, clean, *RETRIES), 0)
+    assert reference["counts"]["accepted_attempt_2"] > 0 and reference["counts"]["generation_attempts"] > 48
+
+    root = tmp_path / "crashed"
+    write_captions(str(root), 0, captions)
+    cfg = openai_config(fake, root, *RETRIES)
+
+    def crash(n: int) -> None:
+        if n == 3:
+            raise Crash("simulated crash")
+
+    with pytest.raises(Crash):
+        run_text_partition(cfg, 0, on_chunk=crash)
+    time.sleep(0.1)
+    kept = checkpointed_ids(root)  # checkpoints hold finished captions only, each with every try it took
+    assert 12 <= len(kept) < 48
+    texts = dict(zip(captions["caption_id"], captions["text"]))
+    resumed_from = len(fake.state.requests)
+    manifest = run_text_partition(cfg, 0)
+    assert not set(_answers_since(fake, resumed_from)) & {texts[c] for c in kept}
+    assert _triplet_bytes(root, manifest) == _triplet_bytes(clean, reference)
+    assert manifest["counts"]["generation_attempts"] == reference["counts"]["generation_attempts"]
+    assert manifest["rejected"] == reference["rejected"]
+
+
+def test_with_retries_a_batch_run_killed_in_its_second_try_resumes_both_jobs(fake, tmp_path):
+    fake.knobs.malformed_rate = 0.6
+    captions = make_captions(40)
+    settings = (*RETRIES, "text.openai.mode=batch", "text.openai.moderation=false")
+    clean = tmp_path / "uninterrupted"
+    write_captions(str(clean), 0, captions)
+    reference = run_text_partition(openai_config(fake, clean, *settings), 0)
+    jobs = fake.state.count("/v1/batches")
+    assert jobs == reference["counts"]["batch_jobs_created"] >= 3  # one job per try
+
+    root = tmp_path / "killed"
+    write_captions(str(root), 0, captions)
+    cfg = openai_config(fake, root, *settings)
+    start_jobs = fake.state.count("/v1/batches")
+
+    def crash_in_second_try(n: int) -> None:
+        if fake.state.count("/v1/batches") - start_jobs == 2:
+            raise Crash("killed while writing the second try's answers")
+
+    with pytest.raises(Crash):
+        run_text_partition(cfg, 0, on_chunk=crash_in_second_try)
+    progress = list(root.rglob("openai-batch*.json"))
+    assert sorted(p.name for p in progress) == ["openai-batch-attempt-2.json", "openai-batch.json"]
+    manifest = run_text_partition(cfg, 0)
+    assert manifest["counts"]["batch_jobs_resumed"] == 2  # the first two tries' jobs read again, not paid again
+    assert fake.state.count("/v1/batches") - start_jobs == jobs
+    assert _triplet_bytes(root, manifest) == _triplet_bytes(clean, reference)
+    assert not list(root.rglob("openai-batch*.json"))
