@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from tasks.common.tiny import _atomic_dir, build_clip_tokenizer, cache_root, clip_vocab_and_merges, ensure_tiny
+from tasks.common.tiny import (
+    _atomic_dir,
+    build_clip_tokenizer,
+    cache_root,
+    clip_vocab_and_merges,
+    ensure_tiny,
+)
 
 TINY_SDXL_VERSION = "1"
 TEXT_WIDTHS = (16, 24)
