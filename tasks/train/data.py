@@ -171,13 +171,17 @@ def sample_keys(urls: list[str]) -> list[str]:
 
     keys: list[str] = []
     for url in urls:
-        with fsspec.open(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with fsspec.open(url, "rb") as stream:
+            # a seekable file (local, object stores through fsspec): headers only, seeking past the images
+            seekable = getattr(stream, "seekable", lambda: False)()
+            tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|")
             for member in tar:
                 if not member.isfile():
                     continue
                 prefix, _ = base_plus_ext(member.name)
                 if prefix is not None and (not keys or keys[-1] != prefix):
                     keys.append(prefix)
+            tar.close()
     return keys
 
 
