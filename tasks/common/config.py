@@ -289,10 +289,11 @@ class TrainConfig(Section):
       accumulation per GPU (x 8 GPUs = 1024), EMA weights, conditioning dropout 5 % (text only / both /
       image only), no gradient clipping (`max_grad_norm: null`), one kept pair per triplet per epoch
       drawn at random (`sampling: per_triplet`), sampled with text 7.5 / image 1.5 guidance;
-    - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the AdamW
-      betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8), the LR scheduler names, `mixed_precision`,
-      `gradient_checkpointing`; diffusers' own `max_grad_norm: 1.0` and one item per pair
-      (`sampling: per_pair`) are switches here, off by default;
+      AdamW's betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8) are PyTorch's defaults, which the
+      reference (`AdamW(params, lr)`) and diffusers' example both use; float32 (`mixed_precision: "no"`);
+    - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the LR scheduler
+      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing` as a switch; diffusers' own
+      `max_grad_norm: 1.0` and one item per pair (`sampling: per_pair`) are switches here, off by default;
     - SDXL (`models.diffusion: sdxl`): both text encoders (penultimate hidden states concatenated, the
       second one's pooled projection), `add_time_ids` = (original height, width, crop top, left, target
       height, width) per sample, the VAE in float32 unless `models.vae_path` names an fp16-safe one.
@@ -334,7 +335,8 @@ class TrainConfig(Section):
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
-    # Settings of the sample edit only: changing them re-samples from the final checkpoint, no re-training.
+    # Settings of the sample edit only (not `sampling`, the data draw): changing them re-samples from the
+    # final checkpoint, no re-training.
     SAMPLING: ClassVar[tuple[str, ...]] = ("sample_steps", "guidance_scale", "image_guidance_scale")
 
     @model_validator(mode="after")
