@@ -144,8 +144,11 @@ def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index,
 
     before = fixed_batch_loss(comps.unet)
     result = train_editing_model(cfg, models, shard_urls(index), tmp_path, run_key="xl")
-    pipe = load_pipeline(result.model_dir)
-    assert type(pipe).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(result.model_dir)  # plain diffusers, as a user would
+    pipe.set_progress_bar_config(disable=True)
+    assert type(load_pipeline(result.model_dir)).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
     assert pipe.unet.config.in_channels == 8 and not pipe.config.force_zeros_for_empty_prompt
     after = fixed_batch_loss(pipe.unet)
     assert after < 0.9 * before, (before, after, [h["loss"] for h in result.history])
