@@ -215,3 +215,15 @@ def test_sampling_setting_is_validated_and_defaults_to_the_reference():
     with pytest.raises(ConfigError, match="train.max_grad_norm"):
         load_config("demo", ["train.max_grad_norm=0"])
     assert load_config("demo", ["train.max_grad_norm=1.0"]).train.max_grad_norm == 1.0
+
+
+def test_sdxl_time_ids_are_the_source_size_the_crop_corner_and_the_target_size():
+    from tasks.train.data import augment_pair_with_geometry
+
+    wide = Image.new("RGB", (96, 72), (0, 0, 0))
+    _, _, view = augment_pair_with_geometry(wide, wide, Augment(64, 1.0, 0.0), random.Random(0))
+    # 96x72 -> shorter side 64: 85x64, the crop's left edge anywhere in [0, 21], top 0
+    h, w, top, left, th, tw = view
+    assert (h, w, top, th, tw) == (72, 96, 0, 64, 64) and 0 <= left <= 85 - 64
+    corners = {augment_pair_with_geometry(wide, wide, Augment(64), random.Random(s))[2][2:4] for s in range(30)}
+    assert len(corners) > 5  # the corner follows each sample's random crop, not a fixed (0, 0)
