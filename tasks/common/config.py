@@ -327,11 +327,22 @@ class PackConfig(Section):
 class TrainConfig(Section):
     """The training flow (`flows/train.py`, `tasks/train/`): the editing model on the packed shards.
 
-    Defaults are the paper's (arXiv 2211.09800, sec. 4 / appendix) and its reference `configs/train.yaml`:
-    SD 1.5 UNet widened to 8 input channels, 256² crops from a random 256–288 resize, horizontal flip,
-    AdamW lr 1e-4 without warm-up, batch 32 x 4 accumulation per GPU (x 8 GPUs = 1024), EMA weights,
-    conditioning dropout 5 % (text only / both / image only), sampled with text 7.5 / image 1.5 guidance.
-    Not part of the generation chain: its hash covers this section, the diffusion model and the shards it trains on.
+    Whose defaults they are:
+    - the paper (arXiv 2211.09800, sec. 4 / appendix) and its reference code (`configs/train.yaml`,
+      `edit_dataset.py`, `ddpm_edit.py`): SD 1.5 UNet widened to 8 input channels (bias kept), 256² crops
+      from a random 256–288 resize, horizontal flip, AdamW lr 1e-4 without warm-up, batch 32 x 4
+      accumulation per GPU (x 8 GPUs = 1024), EMA weights, conditioning dropout 5 % (text only / both /
+      image only), no gradient clipping (`max_grad_norm: null`), one kept pair per triplet per epoch
+      drawn at random (`sampling: per_triplet`), sampled with text 7.5 / image 1.5 guidance;
+      AdamW's betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8) are PyTorch's defaults, which the
+      reference (`AdamW(params, lr)`) and diffusers' example both use; float32 (`mixed_precision: "no"`);
+    - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the LR scheduler
+      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing` as a switch; diffusers' own
+      `max_grad_norm: 1.0` and one item per pair (`sampling: per_pair`) are switches here, off by default;
+    - SDXL (`models.diffusion: sdxl`): both text encoders (penultimate hidden states concatenated, the
+      second one's pooled projection), `add_time_ids` = (original height, width, crop top, left, target
+      height, width) per sample, the VAE in float32 unless `models.vae_path` names an fp16-safe one.
+    Not part of the generation chain: its hash covers this section, the diffusion model, the VAE and the shards it trains on.
     """
 
     steps: int = Field(10_000, ge=1, description="optimizer steps")
@@ -344,7 +355,11 @@ class TrainConfig(Section):
     adam_beta2: float = 0.999
     adam_weight_decay: float = Field(1e-2, ge=0)
     adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0, description="0 disables gradient clipping")
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="clip the gradient norm to this (diffusers' example: 1.0); null: no clipping, as the reference")
+    sampling: Literal["per_triplet", "per_pair"] = Field(
+        "per_triplet", description="per_triplet: one kept pair per triplet per epoch, drawn with the seed (the reference); "
+        "per_pair: every kept pair once per epoch (diffusers' example)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     use_ema: bool = True
@@ -365,7 +380,8 @@ class TrainConfig(Section):
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
 
-    # Settings of the sample edit only: changing them re-samples from the final checkpoint, no re-training.
+    # Settings of the sample edit only (not `sampling`, the data draw): changing them re-samples from the
+    # final checkpoint, no re-training.
     SAMPLING: ClassVar[tuple[str, ...]] = ("sample_steps", "guidance_scale", "image_guidance_scale")
 
     @model_validator(mode="after")

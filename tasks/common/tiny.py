@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-TINY_BUILD_VERSION = "3"  # bump when a tiny config changes: the cache folder name follows it
+TINY_BUILD_VERSION = "4"  # bump when a tiny config changes: the cache folder name follows it
 
 TINY_IMAGE_SIZE = 64
 CLIP_VOCAB_SIZE = 49408
@@ -69,13 +69,20 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def build_clip_tokenizer(dest: Path):
-    """A transformers CLIPTokenizer over the real CLIP vocabulary, saved with `save_pretrained`."""
+    """A transformers CLIPTokenizer over the real CLIP vocabulary, saved with `save_pretrained`, plus the
+    `vocab.json` and `merges.txt` the hub's SD repositories hold beside `tokenizer.json` (so the folder,
+    and a trained model's copy of it, is readable by older transformers too)."""
+    import json
+
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges()
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = 77
     tok.save_pretrained(dest)
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                     encoding="utf-8")
     return tok
 
 

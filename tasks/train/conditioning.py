@@ -12,6 +12,13 @@ with one uniform draw `u` per sample:
 so text is dropped for 2p of the samples, the image for 2p, both for p, and exactly one for 2p.
 Null text ∅_T is the text encoder's embedding of "" (the same embedding the pipeline uses as the
 unconditional prompt); null image ∅_I is an all-zero image latent (the pipeline's `uncond_image_latents`).
+
+SDXL: c_T is the pair (penultimate hidden states of both text encoders concatenated, pooled projection of
+the second), as `StableDiffusionXLInstructPix2PixPipeline.encode_prompt`; ∅_T is that pair for "" — both
+parts are dropped together, and the saved pipeline encodes "" as its unconditional prompt
+(`force_zeros_for_empty_prompt=False`). diffusers' SDXL example drops only the hidden states (to the
+encoding of "") and keeps the pooled embedding, while its saved pipeline feeds zeros for both at
+inference; here training and inference use the same ∅_T.
 """
 
 from __future__ import annotations
@@ -33,9 +40,33 @@ def dropout_masks(batch_size: int, p: float, generator: torch.Generator | None =
 def apply_dropout(text_embeds: torch.Tensor, image_latents: torch.Tensor, null_text: torch.Tensor,
                   drop_text: torch.Tensor, drop_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace dropped text embeddings by `null_text` (1, L, D) and dropped image latents by zeros."""
-    text = torch.where(drop_text[:, None, None], null_text.to(text_embeds.dtype).expand_as(text_embeds), text_embeds)
+    text = drop_rows(text_embeds, null_text, drop_text)
     image = image_latents * (~drop_image).to(image_latents.dtype)[:, None, None, None]
     return text, image
+
+
+def drop_rows(values: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """`values` (B, ...) with the rows marked in `drop` (B,) replaced by `null` (1, ...)."""
+    mask = drop.view(-1, *([1] * (values.ndim - 1)))
+    return torch.where(mask, null.to(values.dtype).expand_as(values), values)
+
+
+def encode_text(comps, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """c_T: (hidden states, pooled or None). SD: the last hidden state of the text encoder. SDXL: the
+    penultimate hidden states of both encoders concatenated and the second's pooled projection."""
+    if not comps.is_sdxl:
+        return comps.text_encoder(input_ids.to(comps.text_encoder.device))[0], None
+    if input_ids_2 is None:
+        raise ValueError("SDXL needs the instruction tokenized by both tokenizers (input_ids_2)")
+    hidden, pooled = [], None
+    for encoder, ids in ((comps.text_encoder, input_ids), (comps.text_encoder_2, input_ids_2)):
+        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the second encoder's (the projection model's) text_embeds
+    if pooled.ndim != 2:
+        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2")
+    return torch.cat(hidden, dim=-1), pooled
 
 
 @torch.no_grad()
@@ -45,3 +76,13 @@ def null_text_embedding(tokenizer, text_encoder) -> torch.Tensor:
 
     ids = tokenize(tokenizer, [""]).to(text_encoder.device)
     return text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def null_text(comps) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """∅_T for the components: (hidden (1, 77, D), pooled (1, P) for SDXL, else None)."""
+    from tasks.train.data import tokenize
+
+    if not comps.is_sdxl:
+        return null_text_embedding(comps.tokenizer, comps.text_encoder), None
+    return encode_text(comps, tokenize(comps.tokenizer, [""]), tokenize(comps.tokenizer_2, [""]))

@@ -15,6 +15,11 @@ Order is a pure function of the seed, so a resumed run sees exactly the data an 
 - epoch `e` shuffles the shard list with `Random(seed, e)`, then samples pass a seeded shuffle buffer;
 - each data slot (process x DataLoader worker) reads every `n`-th shard (or every `n`-th sample when
   there are fewer shards than slots); torch's DataLoader takes batches from its workers round-robin;
+- with `sampling="per_triplet"` (the reference `edit_dataset.py`: one item per triplet, a random one of its
+  kept pairs each time) epoch `e` keeps one pair per triplet, drawn with `Random(seed, e, triplet)` from
+  the triplet's pairs in key order; the triplet of a sample is its key without the `_<seed>` suffix
+  (`{caption_id}_{seed}`, the pack stage's keys). The keys are listed once from the tar headers;
+  `per_pair` keeps every pair (diffusers' example: a triplet with 4 kept pairs is seen 4 times as often);
 - each sample's augmentation draws from `Random(seed, epoch, key)`, independent of what came before;
 - the stream repeats epochs forever (training is counted in steps); `skip_batches` fast-forwards a
   resumed run past the batches already trained on without decoding them.
@@ -109,6 +114,14 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def augment_pair(original: Image.Image, edited: Image.Image, aug: Augment,
                  rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """Same random resize, crop window and flip for both images; tensors (3, res, res) in [-1, 1]."""
+    a, b, _ = augment_pair_with_geometry(original, edited, aug, rng)
+    return a, b
+
+
+def augment_pair_with_geometry(original: Image.Image, edited: Image.Image, aug: Augment, rng: random.Random
+                               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int, int, int]]:
+    """`augment_pair` plus SDXL's micro-conditioning of the view: (original height, width, crop top, crop
+    left, target height, width) — the source image's size, the crop's corner in the resized image."""
     res = aug.resolution
     size = rng.randint(res, max(res, math.floor(res * aug.max_resize_ratio)))
     w, h = original.size
@@ -120,7 +133,7 @@ def augment_pair(original: Image.Image, edited: Image.Image, aug: Augment,
     for img in (original, edited):
         img = img.resize(new, Image.Resampling.LANCZOS).crop((left, top, left + res, top + res))
         out.append(to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img))
-    return out[0], out[1]
+    return out[0], out[1], (h, w, top, left, res, res)
 
 
 def center_pair(example: EditExample, resolution: int) -> EditExample:
@@ -142,14 +155,61 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+SAMPLING = ("per_triplet", "per_pair")
+
+
+def triplet_of(key: str) -> str:
+    """The triplet a sample belongs to: its key `{caption_id}_{seed}` without the seed."""
+    return key.rsplit("_", 1)[0]
+
+
+def sample_keys(urls: list[str]) -> list[str]:
+    """Every sample key of `urls`, in shard order, from the tar member names (no image is decoded)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    keys: list[str] = []
+    for url in urls:
+        with fsspec.open(url, "rb") as stream:
+            # a seekable file (local, object stores through fsspec): headers only, seeking past the images
+            seekable = getattr(stream, "seekable", lambda: False)()
+            tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|")
+            for member in tar:
+                if not member.isfile():
+                    continue
+                prefix, _ = base_plus_ext(member.name)
+                if prefix is not None and (not keys or keys[-1] != prefix):
+                    keys.append(prefix)
+            tar.close()
+    return keys
+
+
+def pairs_by_triplet(keys: list[str]) -> dict[str, list[str]]:
+    """Sample keys grouped by triplet, each group sorted (the draw does not depend on shard order)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(triplet_of(key), []).append(key)
+    return {t: sorted(set(ks)) for t, ks in groups.items()}
+
+
+def choose_pairs(groups: dict[str, list[str]], seed: int, epoch: int) -> set[str]:
+    """The keys epoch `epoch` trains on under `per_triplet`: one pair per triplet, uniformly at random."""
+    return {random.Random(f"{seed}/pair/{epoch}/{t}").choice(ks) for t, ks in groups.items()}
+
+
 def epoch_samples(urls: list[str], seed: int, epoch: int, shuffle_buffer: int, slot: int = 0,
-                  num_slots: int = 1) -> Iterator[dict[str, Any]]:
-    """One epoch of raw samples for data slot `slot` of `num_slots`, in the seeded order."""
+                  num_slots: int = 1, keep: set[str] | None = None) -> Iterator[dict[str, Any]]:
+    """One epoch of raw samples for data slot `slot` of `num_slots`, in the seeded order.
+
+    `keep`: only these keys (the epoch's `choose_pairs` under `per_triplet`); None keeps every sample."""
     shards = list(urls)
     random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
     by_shard = len(shards) >= num_slots
     mine = shards[slot::num_slots] if by_shard else shards
     stream = raw_samples(mine)
+    if keep is not None:
+        stream = (s for s in stream if s["__key__"] in keep)
     if not by_shard:
         stream = (s for i, s in enumerate(stream) if i % num_slots == slot)
     rng = random.Random(f"{seed}/samples/{epoch}/{slot}")
@@ -160,17 +220,22 @@ class EditPairStream(IterableDataset):
     """Endless seeded stream of training batches (dicts of tensors), split across processes and workers.
 
     A batch: `original_pixel_values`, `edited_pixel_values` (B, 3, res, res) in [-1, 1], `input_ids`
-    (B, 77), `keys`, `instructions`, `epochs` (the epoch of each sample, for logging).
+    (B, 77) (and `input_ids_2` with a second tokenizer, SDXL), `time_ids` (B, 6: SDXL's original size,
+    crop corner, target size of each view), `keys`, `instructions`, `epochs` (each sample's epoch).
     """
 
     def __init__(self, urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0, rank: int = 0, world_size: int = 1):
+                 shuffle_buffer: int = 1000, skip_batches: int = 0, rank: int = 0, world_size: int = 1,
+                 sampling: str = "per_triplet", tokenizer_2=None):
         super().__init__()
         if not urls:
             raise ValueError("no training shards")
-        self.urls, self.tokenizer, self.aug = list(urls), tokenizer, aug
+        if sampling not in SAMPLING:
+            raise ValueError(f"train.sampling={sampling!r}: use one of {', '.join(SAMPLING)}")
+        self.urls, self.tokenizer, self.tokenizer_2, self.aug = list(urls), tokenizer, tokenizer_2, aug
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.skip_batches, self.rank, self.world_size = skip_batches, rank, world_size
+        self.groups = pairs_by_triplet(sample_keys(self.urls)) if sampling == "per_triplet" else None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -181,7 +246,8 @@ class EditPairStream(IterableDataset):
         batch: list[tuple[int, EditExample]] = []
         for epoch in count():
             seen = 0
-            for raw in epoch_samples(self.urls, self.seed, epoch, self.shuffle_buffer, slot, num_slots):
+            keep = None if self.groups is None else choose_pairs(self.groups, self.seed, epoch)
+            for raw in epoch_samples(self.urls, self.seed, epoch, self.shuffle_buffer, slot, num_slots, keep):
                 seen += 1
                 if skip:
                     skip -= 1
@@ -194,17 +260,21 @@ class EditPairStream(IterableDataset):
                 raise ValueError(f"data slot {slot}/{num_slots} got no samples from {len(self.urls)} shard(s)")
 
     def collate(self, items: list[tuple[int, EditExample]]) -> dict[str, Any]:
-        originals, editeds = [], []
+        originals, editeds, views = [], [], []
         for epoch, ex in items:
             rng = random.Random(f"{self.seed}/augment/{epoch}/{ex.key}")
-            original, edited = augment_pair(ex.original, ex.edited, self.aug, rng)
+            original, edited, view = augment_pair_with_geometry(ex.original, ex.edited, self.aug, rng)
             originals.append(original)
             editeds.append(edited)
+            views.append(view)
         instructions = [ex.instruction for _, ex in items]
+        extra = {} if self.tokenizer_2 is None else {"input_ids_2": tokenize(self.tokenizer_2, instructions)}
         return {
             "original_pixel_values": torch.stack(originals),
             "edited_pixel_values": torch.stack(editeds),
             "input_ids": tokenize(self.tokenizer, instructions),
+            **extra,
+            "time_ids": torch.tensor(views, dtype=torch.float32),
             "keys": [ex.key for _, ex in items],
             "instructions": instructions,
             "epochs": [epoch for epoch, _ in items],
@@ -213,9 +283,11 @@ class EditPairStream(IterableDataset):
 
 def make_train_loader(urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
                       shuffle_buffer: int = 1000, num_workers: int = 0, skip_batches: int = 0,
-                      rank: int = 0, world_size: int = 1) -> Iterator[dict[str, Any]]:
+                      rank: int = 0, world_size: int = 1, sampling: str = "per_triplet",
+                      tokenizer_2=None) -> Iterator[dict[str, Any]]:
     """An endless iterator of batches; `num_workers` DataLoader processes decode and augment in parallel."""
-    dataset = EditPairStream(urls, tokenizer, aug, batch_size, seed, shuffle_buffer, skip_batches, rank, world_size)
+    dataset = EditPairStream(urls, tokenizer, aug, batch_size, seed, shuffle_buffer, skip_batches, rank, world_size,
+                             sampling, tokenizer_2)
     if num_workers == 0:
         return iter(dataset)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,

@@ -44,8 +44,12 @@ def edit_image(pipe, image: Image.Image, instruction: str, *, guidance_scale: fl
     """Edit one image with `instruction`; the output has the input's size (rounded to the VAE's multiple)."""
     check_guidance(guidance_scale, image_guidance_scale, allow_unguided)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    size = {}
+    if hasattr(pipe, "text_encoder_2"):  # the SDXL pipeline defaults to the UNet's sample size, not the image's
+        factor = pipe.vae_scale_factor
+        size = {"width": image.width // factor * factor, "height": image.height // factor * factor}
     result = pipe(instruction, image=image.convert("RGB"), num_inference_steps=steps, guidance_scale=guidance_scale,
-                  image_guidance_scale=image_guidance_scale, generator=generator)
+                  image_guidance_scale=image_guidance_scale, generator=generator, **size)
     return result.images[0]
 
 

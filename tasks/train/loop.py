@@ -5,12 +5,18 @@ Per micro-batch, as the reference `LatentDiffusion` with `conditioning_key: hybr
 - target latent z = E(edited) sampled from the VAE posterior, times the VAE's `scaling_factor`;
 - image conditioning c_I = E(original).mode(), *unscaled* — the reference's `encode_first_stage(...).mode()`
   and exactly what `StableDiffusionInstructPix2PixPipeline.prepare_image_latents` feeds at inference;
-- text conditioning c_T = CLIP text encoder's last hidden state of the instruction;
+- text conditioning c_T = CLIP text encoder's last hidden state of the instruction; SDXL (as diffusers'
+  `train_instruct_pix2pix_sdxl.py`): both encoders' penultimate hidden states concatenated, the second's
+  pooled projection as `text_embeds`, and `time_ids` = (original h, w, crop top, left, target h, w) of each
+  sample's view (the SDXL micro-conditioning; diffusers' example uses a fixed (res, res, 0, 0, res, res));
+  the VAE stays float32 under mixed precision (SDXL's VAE overflows in float16) unless `models.vae_path`
+  names a replacement (an fp16-fix VAE), which then runs in the training dtype;
 - t ~ U{0..T-1}, z_t = DDPM q(z_t | z) (noise scheduler built from the model's scheduler config);
 - conditioning dropout (`tasks.train.conditioning`), UNet input cat([z_t, c_I], dim=1) (8 channels);
 - loss = MSE(ε̂, ε) (or the velocity when the scheduler is v-prediction).
 
-AdamW, lr 1e-4 without warm-up, gradient accumulation and clipping, optional EMA (diffusers `EMAModel`,
+AdamW, lr 1e-4 without warm-up, gradient accumulation, gradient clipping only when `max_grad_norm` is set
+(the reference has none; diffusers' example clips at 1.0), optional EMA (diffusers `EMAModel`,
 decay warm-up (1+n)/(10+n) like the SD code base's LitEma). All randomness of a step (VAE sample, noise,
 timesteps, dropout) comes from a generator seeded by (seed, process, micro-batch index), and the data
 stream is a pure function of the seed (`tasks.train.data`), so a run resumed from a checkpoint
@@ -37,9 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common.config import ModelsConfig, TrainConfig
-from tasks.train.conditioning import apply_dropout, dropout_masks, null_text_embedding
+from tasks.train.conditioning import apply_dropout, drop_rows, dropout_masks, encode_text, null_text
 from tasks.train.data import Augment, make_train_loader
-from tasks.train.model import load_editing_model, save_pipeline
+from tasks.train.model import base_folder, load_editing_model, save_pipeline
 
 log = logging.getLogger("editforge")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -138,6 +144,8 @@ class _Prepared:
     optimizer: Any
     lr_scheduler: Any
     weight_dtype: torch.dtype
+    base: Path | None = None  # the base model folder the frozen components are copied from
+    vae_dir: str | None = None  # models.vae_path
 
 
 def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], workdir: str | Path,
@@ -152,10 +160,10 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
     step, history = _resume(prep.accelerator, ckpt_dir, run_key, logger, cfg.steps)
     resumed_from = step
     # 3. data: the null-text embedding for dropout, the data stream past the micro-batches already seen
-    null_text = null_text_embedding(prep.comps.tokenizer, prep.comps.text_encoder)
+    null = null_text(prep.comps)
     loader = _make_loader(cfg, prep, train_urls, step)
     # 4. train up to `cfg.steps`, checkpointing on the way
-    step, train_time = _train_steps(cfg, prep, loader, null_text, step, history, ckpt_dir, run_key, logger,
+    step, train_time = _train_steps(cfg, prep, loader, null, step, history, ckpt_dir, run_key, logger,
                                     on_step)
     # 5. save the final (EMA) weights as a pipeline folder
     model_dir = _save_final(prep, workdir)
@@ -173,14 +181,19 @@ def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    comps = load_editing_model(models.diffusion, models.diffusion_path)
+    comps = load_editing_model(models.diffusion, models.diffusion_path, models.vae_path)
+    base = base_folder(comps)
     factor = comps.vae_scale_factor
     if cfg.resolution % factor:
         raise ValueError(f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}")
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
-    vae, text_encoder, unet = comps.vae, comps.text_encoder, comps.unet
-    for frozen in (vae, text_encoder):  # `to(dtype=...)` only when it changes: diffusers warns on any cast
-        frozen.to(device) if frozen.dtype == weight_dtype else frozen.to(device, dtype=weight_dtype)
+    vae, unet = comps.vae, comps.unet
+    # SDXL's own VAE overflows in float16: it stays float32 unless models.vae_path names a replacement
+    vae_dtype = torch.float32 if comps.is_sdxl and not models.vae_path else weight_dtype
+    frozen = [(vae, vae_dtype), (comps.text_encoder, weight_dtype), (comps.text_encoder_2, weight_dtype)]
+    for module, dtype in frozen:  # `to(dtype=...)` only when it changes: diffusers warns on any cast
+        if module is not None:
+            module.to(device) if module.dtype == dtype else module.to(device, dtype=dtype)
     unet.to(device).train().requires_grad_(True)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -196,7 +209,8 @@ def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    return _Prepared(accelerator, comps, noise_scheduler, unet, ema, optimizer, lr_scheduler, weight_dtype)
+    return _Prepared(accelerator, comps, noise_scheduler, unet, ema, optimizer, lr_scheduler, weight_dtype, base,
+                     models.vae_path)
 
 
 def _resume(accelerator, ckpt_dir: Path, run_key: str, logger: logging.Logger,
@@ -219,10 +233,11 @@ def _make_loader(cfg: TrainConfig, prep: _Prepared, train_urls: list[str], step:
     augment = Augment(cfg.resolution, cfg.max_resize_ratio, cfg.flip_prob)
     return make_train_loader(train_urls, prep.comps.tokenizer, augment, cfg.batch_size, cfg.seed,
                              cfg.shuffle_buffer, cfg.num_workers, skip_batches=step * accum,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+                             rank=accelerator.process_index, world_size=accelerator.num_processes,
+                             sampling=cfg.sampling, tokenizer_2=prep.comps.tokenizer_2)
 
 
-def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null_text: torch.Tensor, step: int,
+def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null: tuple[torch.Tensor, torch.Tensor | None], step: int,
                  history: list[dict[str, Any]], ckpt_dir: Path, run_key: str, logger: logging.Logger,
                  on_step: Callable[[dict[str, Any]], None] | None) -> tuple[int, float]:
     """Steps `step`..`cfg.steps`, each appended to `history`, checkpointed; returns (step, seconds)."""
@@ -239,10 +254,10 @@ def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null_text: torch.Ten
         gen = torch.Generator(device=device).manual_seed(micro_seed(cfg.seed, accelerator.process_index, micro))
         micro += 1
         with accelerator.accumulate(unet):
-            loss = _micro_batch_loss(data, gen, cfg, prep.comps.vae, prep.comps.text_encoder, unet,
-                                     prep.noise_scheduler, null_text, prep.weight_dtype)
+            loss = batch_loss(data, gen, cfg.conditioning_dropout, prep.comps, unet, prep.noise_scheduler, null,
+                              prep.weight_dtype)
             accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
@@ -271,7 +286,8 @@ def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null_text: torch.Ten
 
 
 def _save_final(prep: _Prepared, workdir: Path) -> Path:
-    """The trained (EMA, when used) UNet with the VAE and text encoder, in float32, as `workdir/model`."""
+    """The trained (EMA, when used) UNet, in float32, as `workdir/model`, beside the base model's frozen
+    components copied as files (`save_pipeline`)."""
     accelerator, comps = prep.accelerator, prep.comps
     accelerator.wait_for_everyone()
     model_dir = workdir / "model"
@@ -280,37 +296,43 @@ def _save_final(prep: _Prepared, workdir: Path) -> Path:
         prep.ema.copy_to(final_unet.parameters())
     if accelerator.is_main_process:
         comps.unet = final_unet.eval()
-        for module in (comps.unet, comps.vae, comps.text_encoder):
-            if module.dtype != torch.float32:
+        for module in (comps.unet, comps.vae, comps.text_encoder, comps.text_encoder_2):
+            if module is not None and module.dtype != torch.float32:
                 module.to(dtype=torch.float32)
-        save_pipeline(comps, model_dir)
+        save_pipeline(comps, model_dir, base=prep.base, vae_dir=prep.vae_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return model_dir
 
 
-def _micro_batch_loss(data: dict[str, Any], gen: torch.Generator, cfg: TrainConfig, vae, text_encoder, unet,
-                      noise_scheduler, null_text: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:
-    device = gen.device
-    edited = data["edited_pixel_values"].to(device, dtype=weight_dtype)
-    original = data["original_pixel_values"].to(device, dtype=weight_dtype)
+def batch_loss(data: dict[str, Any], gen: torch.Generator, dropout: float, comps, unet, noise_scheduler,
+               null: tuple[torch.Tensor, torch.Tensor | None], weight_dtype: torch.dtype) -> torch.Tensor:
+    """The denoising loss of one micro-batch; every random draw from `gen` (dropout probability `dropout`)."""
+    device, vae = gen.device, comps.vae
+    edited = data["edited_pixel_values"].to(device, dtype=vae.dtype)
+    original = data["original_pixel_values"].to(device, dtype=vae.dtype)
     with torch.no_grad():
-        latents = vae.encode(edited).latent_dist.sample(generator=gen) * vae.config.scaling_factor
-        image_latents = vae.encode(original).latent_dist.mode()
-        text = text_encoder(data["input_ids"].to(device))[0]
+        latents = (vae.encode(edited).latent_dist.sample(generator=gen) * vae.config.scaling_factor).to(weight_dtype)
+        image_latents = vae.encode(original).latent_dist.mode().to(weight_dtype)
+        text, pooled = encode_text(comps, data["input_ids"], data.get("input_ids_2"))
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen, device=device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    drop_text, drop_image = dropout_masks(n, cfg.conditioning_dropout, gen, device)
-    text, image_latents = apply_dropout(text, image_latents, null_text, drop_text, drop_image)
+    drop_text, drop_image = dropout_masks(n, dropout, gen, device)
+    text, image_latents = apply_dropout(text, image_latents, null[0], drop_text, drop_image)
     if noise_scheduler.config.prediction_type == "epsilon":
         target = noise
     elif noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
-    pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text).sample
+    kwargs = {}
+    if comps.is_sdxl:
+        pooled = drop_rows(pooled, null[1], drop_text)
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype),
+                                       "time_ids": data["time_ids"].to(device, dtype=weight_dtype)}
+    pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text.to(weight_dtype), **kwargs).sample
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 
 

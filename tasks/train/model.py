@@ -10,11 +10,14 @@ UNet computes exactly the pretrained UNet's output for any image latent, so trai
 
 The trained model is written as a diffusers `StableDiffusionInstructPix2PixPipeline` folder
 (`model_index.json`, `unet/ vae/ text_encoder/ tokenizer/ scheduler/`, safetensors), loadable with
-`StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)`.
+`StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)`; an SDXL base gives a
+`StableDiffusionXLInstructPix2PixPipeline` folder (plus `text_encoder_2/ tokenizer_2/`). Everything but
+the UNet and `model_index.json` is copied byte for byte from the base model folder (see `save_pipeline`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +30,8 @@ from tasks.common.models import DiffusionComponents, load_diffusion
 
 EDIT_IN_CHANNELS = 8
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+PIPELINE_CLASS_XL = "StableDiffusionXLInstructPix2PixPipeline"
+SKIPPED_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
 
 
 def widen_conv_in(unet, in_channels: int = EDIT_IN_CHANNELS):
@@ -56,34 +61,100 @@ def widen_conv_in(unet, in_channels: int = EDIT_IN_CHANNELS):
     return unet
 
 
-def load_editing_model(preset: str, path: str | None = None) -> DiffusionComponents:
-    """The model registry's diffusion components (`tiny`, `sd15`, `sd15-arch`) with an 8-channel UNet."""
-    if preset == "sdxl":
-        raise ValueError("InstructPix2Pix training here is for SD 1.x-shaped models (tiny, sd15, sd15-arch), not sdxl")
-    comps = load_diffusion(preset, path)
+def load_editing_model(preset: str, path: str | None = None, vae_path: str | None = None) -> DiffusionComponents:
+    """The model registry's diffusion components (`tiny`, `sd15`, `sdxl`, `sd15-arch`) with an 8-channel UNet;
+    the VAE of `vae_path` (`models.vae_path`) instead of the model's own when given."""
+    comps = load_diffusion(preset, path, vae_path=vae_path)  # the one VAE loader (tasks.common.models)
     widen_conv_in(comps.unet)
     return comps
 
 
-def build_pipeline(comps: DiffusionComponents):
-    """A `StableDiffusionInstructPix2PixPipeline` over the components (no safety checker)."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
+def pipeline_class(sdxl: bool):
+    import diffusers
 
+    return getattr(diffusers, PIPELINE_CLASS_XL if sdxl else PIPELINE_CLASS)
+
+
+def build_pipeline(comps: DiffusionComponents):
+    """A `StableDiffusionInstructPix2PixPipeline` (or its SDXL twin) over the components (no safety checker,
+    no watermark). SDXL's unconditional prompt is the encoding of "" (`force_zeros_for_empty_prompt=False`),
+    the null text training drops to (`tasks.train.conditioning`), not diffusers' default zeros."""
     if comps.unet.config.in_channels != EDIT_IN_CHANNELS:
         raise ValueError(f"the UNet has {comps.unet.config.in_channels} input channels; call widen_conv_in first")
-    return StableDiffusionInstructPix2PixPipeline(
+    if comps.is_sdxl:
+        return pipeline_class(True)(
+            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler,
+            force_zeros_for_empty_prompt=False, add_watermarker=False,
+        )
+    return pipeline_class(False)(
         vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
         scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def save_pipeline(comps: DiffusionComponents, folder: str | Path) -> Path:
-    """Write the pipeline folder atomically (temporary sibling, then rename); replaces an older one."""
+def base_folder(comps: DiffusionComponents) -> Path | None:
+    """The local folder the frozen components were loaded from (a hub id: its cached snapshot); None for
+    random-init weights (`sd15-arch`)."""
+    source = comps.source
+    if not source or source == "random-init":
+        return None
+    if Path(source).is_dir():
+        return Path(source)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache: nothing to copy, the components are re-saved
+        return None
+
+
+def _copy_component(src: Path, dest: Path) -> None:
+    """Copy one component folder file by file (hub snapshots are symlinks: their targets are copied),
+    leaving out pickled weights (safetensors only) and other frameworks' files."""
+    for path in sorted(src.rglob("*")):
+        if path.is_dir() or path.suffix in SKIPPED_WEIGHT_SUFFIXES:
+            continue
+        target = dest / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+
+
+def _frozen_components(comps: DiffusionComponents) -> tuple[str, ...]:
+    return ("text_encoder", "tokenizer", "scheduler", *(("text_encoder_2", "tokenizer_2") if comps.is_sdxl else ()))
+
+
+def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Path | None = None,
+                  vae_dir: str | Path | None = None) -> Path:
+    """Write the pipeline folder atomically (temporary sibling, then rename); replaces an older one.
+
+    With a `base` model folder the folder is that model plus the trained UNet: the frozen text encoder(s),
+    tokenizer(s) and scheduler config are copied from `base` as files (not re-saved: a re-save by this
+    transformers version renames the text encoder's keys and writes only `tokenizer.json`, which an older
+    stack cannot read), the VAE from `vae_dir` (`models.vae_path`) or `base`; only the UNet and
+    `model_index.json` are written. Without a base (random-init weights) every component is saved."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        build_pipeline(comps).save_pretrained(tmp, safe_serialization=True)
+        pipe = build_pipeline(comps)
+        if base is None:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        else:
+            base = Path(base)
+            comps.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            for name in _frozen_components(comps):
+                if not (base / name).is_dir():
+                    raise FileNotFoundError(f"base model folder {base} has no {name}/ to copy into the trained model")
+                _copy_component(base / name, tmp / name)
+            _copy_component(Path(vae_dir) if vae_dir else base / "vae", tmp / "vae")
+            pipe.save_config(tmp)  # model_index.json: the pipeline class and its components' classes
+            index_path = tmp / "model_index.json"
+            index = json.loads(index_path.read_text())
+            scheduler_config = tmp / "scheduler" / "scheduler_config.json"
+            if scheduler_config.is_file():  # the class of the copied scheduler config
+                index["scheduler"] = ["diffusers", json.loads(scheduler_config.read_text())["_class_name"]]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is an ordinary output
         if folder.exists():
             shutil.rmtree(folder)
@@ -95,11 +166,11 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path) -> Path:
 
 
 def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a saved editing model with diffusers' own `from_pretrained` (local files only)."""
-    from diffusers import StableDiffusionInstructPix2PixPipeline
-
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
-        str(folder), dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True,
-    )
+    """Load a saved editing model with diffusers' own `from_pretrained` (local files only); the pipeline
+    class (SD or SDXL InstructPix2Pix) is the one `model_index.json` names."""
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    sdxl = name == PIPELINE_CLASS_XL
+    extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = pipeline_class(sdxl).from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

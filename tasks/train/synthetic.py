@@ -1,6 +1,7 @@
 """Small synthetic edit shards in the pack stage's exact layout, for tests and training smoke runs.
 
-Each sample is a coloured square on a plain background (input) and the same scene after a simple,
+Each sample is its own triplet (key `synthetic<seed>-<index>_<seed>`, the pack stage's `{caption_id}_{seed}`
+form). Each sample is a coloured square on a plain background (input) and the same scene after a simple,
 learnable edit (edited), with the instruction that describes it ("make the square red", "make the
 background blue"). Shards are written with the pack stage's own `write_shard` (TarWriter, mtime 0,
 atomic) and listed in an `index.json` of the same format as `pack/<hash>/index.json`, so the training flow reads
@@ -50,7 +51,7 @@ def synthetic_sample(index: int, size: int = 64, seed: int = 0, fmt: str = "jpg"
         edited, instruction = _scene(size, COLOURS[square], COLOURS[target], box), f"make the background {target}"
     record = {"input": f"a {square} square on {background}", "edit": instruction, "synthetic": True, "index": index}
     return {
-        "__key__": f"synthetic{seed:04d}_{index:06d}",
+        "__key__": f"synthetic{seed:04d}-{index:06d}_{seed}",  # `{triplet}_{seed}` as the pack stage's keys
         f"input.{fmt}": _encode(original, fmt),
         f"edited.{fmt}": _encode(edited, fmt),
         "instruction.txt": instruction.encode("utf-8"),

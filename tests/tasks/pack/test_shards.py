@@ -1,6 +1,6 @@
 import io
-from pathlib import Path
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from flows.calibrate_cli import calibrate_early, parse_margins
 from tasks.common import storage
 from tasks.common.config import Selection, load_config
-from tasks.common.selection import METRICS, passes, thresholds
 from tasks.common.layout import partition_dir
+from tasks.common.selection import METRICS, passes, thresholds
 from tasks.registry import partition_url, stage_hash
 from tasks.render.calibrate import (
     DEFAULT_MARGINS,

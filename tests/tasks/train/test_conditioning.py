@@ -58,3 +58,26 @@ def test_null_text_is_the_pipelines_unconditional_prompt_embedding():
     torch.testing.assert_close(embeds[1:2], null)
     torch.testing.assert_close(embeds[2:3], null)
     assert not torch.allclose(embeds[0:1], null)
+
+
+@pytest.mark.component
+def test_sdxl_null_text_is_the_sdxl_pipelines_unconditional_prompt():
+    """SDXL: ∅_T (hidden states and pooled) equals what the saved SDXL IP2P pipeline feeds as unconditional."""
+    from tasks.train.conditioning import encode_text, null_text
+    from tasks.train.data import tokenize
+    from tasks.train.model import build_pipeline, load_editing_model
+    from tasks.common.tiny import ensure_tiny
+
+    comps = load_editing_model("sdxl", str(ensure_tiny("diffusion-sdxl")))
+    hidden, pooled = null_text(comps)
+    assert hidden.shape == (1, 77, 16 + 24) and pooled.shape == (1, 16)
+    pipe = build_pipeline(comps)
+    cond, uncond, cond_pooled, uncond_pooled = pipe.encode_prompt("make it red", device="cpu", do_classifier_free_guidance=True)
+    torch.testing.assert_close(uncond, hidden)
+    torch.testing.assert_close(uncond_pooled, pooled)
+    ids = tokenize(comps.tokenizer, ["make it red"]), tokenize(comps.tokenizer_2, ["make it red"])
+    with torch.no_grad():
+        train_hidden, train_pooled = encode_text(comps, *ids)
+    torch.testing.assert_close(train_hidden, cond)
+    torch.testing.assert_close(train_pooled, cond_pooled)
+    assert not torch.allclose(cond, hidden)

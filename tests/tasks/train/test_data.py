@@ -140,3 +140,90 @@ def test_val_examples_and_index_errors(index):
     assert view.original.size == view.edited.size == (32, 32)
     with pytest.raises(ValueError, match="no split 'test'"):
         shard_urls(index, "test")
+
+
+def _triplet_shards(folder, pairs: dict[str, int], per_shard: int = 3) -> list[str]:
+    """Shards of synthetic samples keyed `{triplet}_{seed}` as the pack stage writes them."""
+    from tasks.train.synthetic import synthetic_sample
+
+    samples = []
+    for t, (triplet, n) in enumerate(sorted(pairs.items())):
+        for seed in range(n):
+            sample = synthetic_sample(10 * t + seed, size=32)
+            sample["__key__"] = f"{triplet}_{seed * 7 + 3}"
+            samples.append(sample)
+    urls = []
+    for n, first in enumerate(range(0, len(samples), per_shard)):
+        url = str(folder / f"train-{n:06d}.tar")
+        write_shard(url, samples[first: first + per_shard])
+        urls.append(url)
+    return urls
+
+
+def test_per_triplet_draws_triplets_equally_and_pairs_uniformly():
+    from collections import Counter
+
+    from tasks.train.data import choose_pairs, pairs_by_triplet
+
+    keys = [f"aaaa_{s}" for s in (3, 10, 17, 24)] + ["bbbb_5"]
+    groups = pairs_by_triplet(keys)
+    assert groups == {"aaaa": ["aaaa_10", "aaaa_17", "aaaa_24", "aaaa_3"], "bbbb": ["bbbb_5"]}
+    epochs = 8000
+    picks = Counter(k for e in range(epochs) for k in choose_pairs(groups, seed=0, epoch=e))
+    by_triplet = Counter()
+    for key, n in picks.items():
+        by_triplet[key.split("_")[0]] += n
+    # one pair of each triplet per epoch: the 4-pair triplet is drawn as often as the 1-pair one
+    assert by_triplet == {"aaaa": epochs, "bbbb": epochs}
+    # within a triplet uniformly: each of 4 pairs ~2000 times (binomial sd ~39; 200 is a 5-sigma band)
+    for key in groups["aaaa"]:
+        assert abs(picks[key] - epochs / 4) < 200, picks
+    assert choose_pairs(groups, 0, 5) == choose_pairs(groups, 0, 5)
+    assert [choose_pairs(groups, 1, e) for e in range(20)] != [choose_pairs(groups, 0, e) for e in range(20)]
+
+
+def test_the_stream_trains_on_one_pair_per_triplet_per_epoch_or_on_every_pair(tmp_path, tokenizer):
+    from collections import Counter
+
+    from tasks.train.data import choose_pairs, pairs_by_triplet, sample_keys
+
+    urls = _triplet_shards(tmp_path, {"aaaa": 4, "bbbb": 1, "cccc": 2})
+    keys = sample_keys(urls)
+    assert len(keys) == 7 and len(set(keys)) == 7
+    loader = make_train_loader(urls, tokenizer, Augment(32), 3, seed=0, shuffle_buffer=4)
+    epochs = 40
+    batches = [next(loader) for _ in range(epochs)]  # 3 triplets per epoch = one batch of 3
+    counts = Counter()
+    for e, batch in enumerate(batches):
+        assert batch["epochs"] == [e] * 3
+        assert sorted(k.split("_")[0] for k in batch["keys"]) == ["aaaa", "bbbb", "cccc"]
+        assert set(batch["keys"]) == choose_pairs(pairs_by_triplet(keys), 0, e)
+        counts.update(batch["keys"])
+    assert counts["bbbb_3"] == epochs and sum(v for k, v in counts.items() if k.startswith("aaaa")) == epochs
+    assert len([k for k in counts if k.startswith("aaaa")]) >= 3  # different pairs of the triplet over epochs
+
+    every = make_train_loader(urls, tokenizer, Augment(32), 7, seed=0, shuffle_buffer=4, sampling="per_pair")
+    assert sorted(next(every)["keys"]) == sorted(keys)
+
+
+def test_sampling_setting_is_validated_and_defaults_to_the_reference():
+    from tasks.common.config import ConfigError, TrainConfig, load_config
+
+    assert TrainConfig().sampling == "per_triplet" and TrainConfig().max_grad_norm is None
+    with pytest.raises(ConfigError, match="train.sampling"):
+        load_config("demo", ["train.sampling=per_sample"])
+    with pytest.raises(ConfigError, match="train.max_grad_norm"):
+        load_config("demo", ["train.max_grad_norm=0"])
+    assert load_config("demo", ["train.max_grad_norm=1.0"]).train.max_grad_norm == 1.0
+
+
+def test_sdxl_time_ids_are_the_source_size_the_crop_corner_and_the_target_size():
+    from tasks.train.data import augment_pair_with_geometry
+
+    wide = Image.new("RGB", (96, 72), (0, 0, 0))
+    _, _, view = augment_pair_with_geometry(wide, wide, Augment(64, 1.0, 0.0), random.Random(0))
+    # 96x72 -> shorter side 64: 85x64, the crop's left edge anywhere in [0, 21], top 0
+    h, w, top, left, th, tw = view
+    assert (h, w, top, th, tw) == (72, 96, 0, 64, 64) and 0 <= left <= 85 - 64
+    corners = {augment_pair_with_geometry(wide, wide, Augment(64), random.Random(s))[2][2:4] for s in range(30)}
+    assert len(corners) > 5  # the corner follows each sample's random crop, not a fixed (0, 0)

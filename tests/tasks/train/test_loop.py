@@ -83,3 +83,80 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     (folder / ".tmp-checkpoint-00000005").mkdir()  # an interrupted save is never a checkpoint
     assert latest_checkpoint(folder, "new").name == "checkpoint-00000003"
     assert [s for s, _ in list_checkpoints(folder)] == [3]
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_model_folder_is_the_base_model_plus_the_trained_unet(uninterrupted):
+    from tasks.common.tiny import ensure_tiny
+
+    base, model = ensure_tiny("diffusion"), uninterrupted.model_dir
+    for component in ("text_encoder", "tokenizer", "vae", "scheduler"):
+        assert _files(model / component) == _files(base / component), component  # copied, byte for byte
+    assert _files(model / "unet") != _files(base / "unet")
+
+
+def test_gradient_clipping_is_off_by_default_and_a_switch(index, tmp_path):
+    """conv_in's image channels start at zero (no weight decay pull): their first update is Adam's ~lr step,
+    unless the gradient is clipped to almost nothing (max_grad_norm tiny: the update drops below Adam's eps)."""
+    one = CFG.model_copy(update={"steps": 1, "gradient_accumulation_steps": 1, "use_ema": False, "checkpoint_every": 1})
+    moved = {}
+    for name, norm in (("default", None), ("clipped", 1e-12)):
+        cfg = one.model_copy(update={"max_grad_norm": norm})
+        result = train_editing_model(cfg, ModelsConfig(), shard_urls(index), tmp_path / name, run_key=name)
+        moved[name] = _unet_weights(result.model_dir)["conv_in.weight"][:, 4:].abs().max().item()
+    assert TrainConfig().max_grad_norm is None
+    assert moved["default"] > 0.5 * CFG.learning_rate
+    assert moved["clipped"] < 0.01 * moved["default"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl():
+    from tasks.common.tiny import ensure_tiny
+
+    return ensure_tiny("diffusion-sdxl")
+
+
+def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index, tiny_sdxl, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from tasks.train.conditioning import null_text
+    from tasks.train.data import Augment, make_train_loader
+    from tasks.train.loop import batch_loss
+    from tasks.train.model import load_editing_model
+
+    models = ModelsConfig(diffusion="sdxl", diffusion_path=str(tiny_sdxl))
+    cfg = CFG.model_copy(update={"steps": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                                 "use_ema": False, "checkpoint_every": 8})
+    comps = load_editing_model("sdxl", str(tiny_sdxl))
+    batch = next(make_train_loader(shard_urls(index), comps.tokenizer, Augment(64), 8, seed=5, shuffle_buffer=8,
+                                   tokenizer_2=comps.tokenizer_2))
+    assert batch["input_ids_2"].shape == (8, 77) and batch["time_ids"].shape == (8, 6)
+    assert (batch["time_ids"][:, [0, 1, 4, 5]] == 64).all()  # 64² sources, 64² crops
+    noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
+
+    def fixed_batch_loss(unet) -> float:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(1)
+            return batch_loss(batch, gen, 0.0, comps, unet, noise_scheduler, null_text(comps), torch.float32).item()
+
+    before = fixed_batch_loss(comps.unet)
+    result = train_editing_model(cfg, models, shard_urls(index), tmp_path, run_key="xl")
+    from diffusers import StableDiffusionXLInstructPix2PixPipeline
+
+    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(result.model_dir)  # plain diffusers, as a user would
+    pipe.set_progress_bar_config(disable=True)
+    assert type(load_pipeline(result.model_dir)).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
+    assert pipe.unet.config.in_channels == 8 and not pipe.config.force_zeros_for_empty_prompt
+    after = fixed_batch_loss(pipe.unet)
+    assert after < 0.9 * before, (before, after, [h["loss"] for h in result.history])
+
+    example = read_examples(shard_urls(index, "val"), 1)[0]
+    out = edit_image(pipe, example.original, example.instruction, steps=2, seed=0)
+    assert out.size == (64, 64)
+    model = result.model_dir
+    for component in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
+        assert _files(model / component) == _files(tiny_sdxl / component), component
+    assert {"vocab.json", "merges.txt"} <= set(_files(model / "tokenizer_2"))

@@ -70,3 +70,51 @@ def test_pipeline_folder_round_trip(tiny, tmp_path):
     assert pipe.unet.config.in_channels == EDIT_IN_CHANNELS
     assert torch.equal(pipe.unet.conv_in.bias, comps.unet.conv_in.bias)
     assert not list(tmp_path.glob(".model.tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def other_vae(tmp_path_factory):
+    """A VAE folder other than the model's own (as an fp16-fix VAE would be): the tiny VAE, perturbed."""
+    from diffusers import AutoencoderKL
+
+    from tasks.common.tiny import ensure_tiny
+
+    vae = AutoencoderKL.from_pretrained(ensure_tiny("diffusion"), subfolder="vae")
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    folder = tmp_path_factory.mktemp("vae") / "other-vae"
+    vae.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_models_vae_path_replaces_the_vae_in_training_and_in_the_saved_model(tiny, other_vae, tmp_path):
+    from tasks.common.config import ModelsConfig, TrainConfig
+    from tasks.train.data import shard_urls
+    from tasks.train.loop import train_editing_model
+    from tasks.train.model import load_editing_model
+    from tasks.train.synthetic import write_synthetic_shards
+
+    comps = load_editing_model("tiny", vae_path=str(other_vae))
+    own = tiny.vae.state_dict()
+    assert any(not torch.equal(v, own[k]) for k, v in comps.vae.state_dict().items())
+
+    index = write_synthetic_shards(str(tmp_path / "shards"), train_samples=4, val_samples=1, per_shard=4)
+    cfg = TrainConfig(steps=1, batch_size=2, gradient_accumulation_steps=1, resolution=64, num_workers=0,
+                      device="cpu", shuffle_buffer=4, use_ema=False)
+    result = train_editing_model(cfg, ModelsConfig(vae_path=str(other_vae)), shard_urls(index), tmp_path / "w")
+    saved = result.model_dir / "vae"
+    assert (saved / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (other_vae / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_a_bad_vae_path_names_the_setting(tmp_path):
+    from tasks.common.errors import is_permanent
+    from tasks.train.model import load_editing_model
+
+    with pytest.raises(Exception, match=r"models.vae_path=.*does not exist") as missing:
+        load_editing_model("tiny", vae_path=str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(Exception, match=r"the weights at .*empty could not be loaded.*models.vae_path") as empty:
+        load_editing_model("tiny", vae_path=str(tmp_path / "empty"))
+    assert is_permanent(missing.value) and is_permanent(empty.value)
