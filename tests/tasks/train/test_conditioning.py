@@ -63,10 +63,10 @@ def test_null_text_is_the_pipelines_unconditional_prompt_embedding():
 @pytest.mark.component
 def test_sdxl_null_text_is_the_sdxl_pipelines_unconditional_prompt():
     """SDXL: ∅_T (hidden states and pooled) equals what the saved SDXL IP2P pipeline feeds as unconditional."""
+    from tasks.common.tiny import ensure_tiny
     from tasks.train.conditioning import encode_text, null_text
     from tasks.train.data import tokenize
     from tasks.train.model import build_pipeline, load_editing_model
-    from tasks.common.tiny import ensure_tiny
 
     comps = load_editing_model("sdxl", str(ensure_tiny("diffusion-sdxl")))
     hidden, pooled = null_text(comps)
