@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install demo test test-fast lint bench reliability server deploy worker clean
+.PHONY: install demo test test-fast lint bench reliability server deploy worker compat clean
 
 install: $(STAMP)
 
@@ -66,6 +66,15 @@ deploy: $(STAMP)
 worker: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect worker start \
 		--pool $(or $(POOL),editforge-cpu) --limit 1
+
+# The demo's trained model on an older stack: transformers 4.x and diffusers 0.32 (no deps: torch and the rest
+# are the project's) in .compat/, ahead of the project's own on PYTHONPATH (infra/compat_check.py).
+COMPAT := "transformers>=4.46,<5" "diffusers==0.32.*" "huggingface_hub>=0.26,<1" "tokenizers>=0.20,<0.21"
+compat: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .compat $(COMPAT)
+	@ls -d runs/demo/train/*/part-00000/model >/dev/null 2>&1 || $(MAKE) demo
+	PYTHONPATH=$(CURDIR)/.compat $(PY) infra/compat_check.py "$$(ls -dt runs/demo/train/*/part-00000/model | head -1)" \
+		"$$($(PY) -c 'from tasks.common.tiny import ensure_tiny; print(ensure_tiny("diffusion"))')"
 
 clean:
 	rm -rf runs .prefect .cache

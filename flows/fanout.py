@@ -7,8 +7,10 @@ stage's deployment (``run.deployments``, e.g. ``demo-render`` → `editforge-ren
 its workers do the work. A block is submitted as soon as the blocks it reads are finished — render
 block 3 does not wait for text block 7 — and the stages that are one partition (the fine-tune) run
 once, before anything that reads them. A block that fails is submitted again, at most
-``run.max_block_attempts`` times in all, then the run stops naming it. The captions plan is computed
-here once, and the shard index is written here at the end.
+``run.max_block_attempts`` times in all, then the run stops naming it. The captions ledger is extended
+here once, and the shard index is written here at the end. With ``text.target_triplets``, once every
+text block is done the captions are topped up (a new generation, flows/target.py) and the new
+partitions' blocks join the plan.
 
 A block whose flow run is still running but whose worker is gone — the lease of a partition it
 holds belongs to a process that no longer exists, or has had no heartbeat for `EDITFORGE_LEASE_TTL_S`
@@ -22,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from flows.target import top_up
 from tasks import registry
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import is_done
@@ -47,14 +50,34 @@ class BlockFailedError(RuntimeError):
     """A block failed ``run.max_block_attempts`` times."""
 
 
-def plan_blocks(cfg: PipelineConfig) -> list[Block]:
-    """Every chain stage's partitions in blocks of ``run.block_size``, stages in registry order."""
+def plan_blocks(cfg: PipelineConfig, only: list[int] | None = None) -> list[Block]:
+    """Every chain stage's partitions (or those of ``only``) in blocks of ``run.block_size``, stages in
+    registry order; a one-partition stage (the fine-tune) is planned only with all partitions."""
     size = cfg.run.block_size
     blocks = []
     for stage in registry.chain():
         ids = stage.partition_ids(cfg)
+        if only is not None:
+            if stage.partitions == "one":
+                continue
+            ids = [i for i in ids if i in set(only)]
         blocks += [Block(stage.name, ids[i: i + size]) for i in range(0, len(ids), size)]
     return blocks
+
+
+def top_up_blocks(cfg: PipelineConfig, blocks: list[Block], logger: logging.Logger) -> list[Block] | None:
+    """Once every text block is done: the blocks of a new captions generation for ``text.target_triplets``
+    (flows/target.py), [] when nothing is to add now, None when the target is settled."""
+    if not all(b.done for b in blocks if b.stage in ("captions", "finetune", "text")):
+        return []
+    wanted = top_up(cfg, logger)
+    if wanted is None:
+        return None
+    before = set(registry.partition_ids(cfg, "captions"))
+    grown = cfg.model_copy(update={"captions": cfg.captions.model_copy(update={"num_captions": wanted})})
+    registry.prepare(grown, "captions", logger)  # appends the generation (the children find it in the ledger)
+    new = [pid for pid in registry.partition_ids(cfg, "captions") if pid not in before]
+    return plan_blocks(cfg, new) if new else None
 
 
 class Progress:
@@ -106,8 +129,17 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
 
     registry.prepare(cfg, "captions", logger)  # the captions ledger, once, before any captions block
     blocks, progress = plan_blocks(cfg), Progress(cfg)
+    top_ups = 0 if cfg.text.target_triplets else None  # None: no target, or the target is settled
     with get_client(sync_client=True) as client:
-        while not all(b.done for b in blocks):
+        while not all(b.done for b in blocks) or top_ups is not None:
+            if top_ups is not None:
+                added = top_up_blocks(cfg, blocks, logger) if top_ups < cfg.text.max_top_ups else None
+                if added is None:
+                    top_ups = None
+                elif added:
+                    top_ups += 1
+                    blocks += added
+                    logger.info("fan-out: %d block(s) added for captions generation %d", len(added), top_ups)
             for block in blocks:
                 if block.done or block.flow_run_id is not None or not progress.inputs_ready(block):
                     continue

@@ -19,12 +19,25 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.fanout import fan_out
+from flows.target import top_up
 from flows.options import Debug, Overrides, Preset, Verify, load_or_exit, reported, run_command, with_verify
 from flows.report import render_report
 from flows.stages import FLOWS
 from tasks import registry
 from tasks.common import layout, storage
 from tasks.common.config import check_text_lm, load_config
+
+
+def meet_target(cfg, preset: str, overrides: list[str], logger) -> dict[str, list[dict]]:
+    """Captions generations until ``text.target_triplets`` is met (flows/target.py); the last manifests."""
+    manifests: dict[str, list[dict]] = {}
+    for _ in range(cfg.text.max_top_ups):
+        wanted = top_up(cfg, logger)
+        if wanted is None:
+            break
+        more = [*overrides, f"captions.num_captions={wanted}"]
+        manifests = {name: FLOWS[name](preset, more) for name in ("captions", "text")}
+    return manifests
 
 
 @flow(name="editforge-generate", log_prints=True)
@@ -35,7 +48,11 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
     if cfg.run.mode == "fan-out":  # every block a child flow run of its stage's deployment
         manifests = fan_out(cfg, preset, overrides or [], get_run_logger())
     else:
-        manifests = {stage.name: FLOWS[stage.name](preset, overrides) for stage in registry.chain()}
+        manifests = {}
+        for stage in registry.chain():
+            if stage.name == "render":  # the text stage is done: top the captions up to text.target_triplets
+                manifests |= meet_target(cfg, preset, overrides or [], get_run_logger())
+            manifests[stage.name] = FLOWS[stage.name](preset, overrides)
     index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     rows = render_report(cfg, manifests, index)

@@ -143,6 +143,12 @@ class TextConfig(Section):
     moderation) is asked again with the next attempt's seed, up to this many tries in all; the reference
     script tries 4 times (`paper`), 1 keeps one try per caption.
 
+    `target_triplets`: the paper counts accepted triplets (454,445), not captions sampled. With a target,
+    the generate flow, once the text stage is done, tops the captions ledger up with a new generation —
+    as many captions as the measured acceptance rate says are missing, plus 10% — and runs captions and
+    text on its partitions, until the target is met, the sources run out or ``max_top_ups`` rounds
+    were made (:mod:`flows.target`). Resumable: the ledger and the finished partitions are the state.
+
     `refuse_tiny_lm`: the `paper` and `fast` presets set it, so a run that would fine-tune the built-in
     random `tiny` LM (the local backend with neither `models.lm` nor `models.lm_path` given) is refused
     before any work (:func:`tiny_lm_refusal`); `--set models.lm=tiny` runs it on purpose.
@@ -171,6 +177,10 @@ class TextConfig(Section):
     max_attempts: int = Field(1, ge=1, le=16, description="tries per caption while its completion is rejected "
                                                            "(the reference: 4)")
     seed: int = 0
+    # decides how many captions generations there are, not what a partition holds: not hashed
+    target_triplets: int | None = operational(None, ge=1, description="sample more captions (new captions "
+                                              "generations) until this many triplets are accepted; the paper: 454445")
+    max_top_ups: int = operational(8, ge=0, description="at most this many extra captions generations for target_triplets")
     refuse_tiny_lm: bool = operational(False, description="refuse the built-in random tiny LM unless models.lm or "
                                                           "models.lm_path is set (paper, fast)")
     device: Device = operational("auto",

@@ -140,3 +140,27 @@ def test_a_grown_source_adds_partitions_and_an_experiment_writes_its_own_version
     assert third["index"] == registry.index_url(exp) != registry.index_url(cfg)
     assert {p: b for p, b in _files(root, "pack").items() if p in after["pack"]} == after["pack"]  # base untouched
     assert Path(registry.index_url(cfg)).read_bytes() == base_index
+
+
+def test_a_triplet_target_tops_the_captions_up_with_new_generations_and_resumes(prefect_harness, tmp_path):
+    import logging
+
+    from flows.generate import meet_target
+    from flows.stages import FLOWS
+    from flows.target import standing
+    from tasks.captions.generations import ledger
+
+    overrides = [f"output_root={tmp_path}", *SMALL, "text.target_triplets=12"]
+    cfg = load_config("demo", overrides)
+    assert stage_hash(cfg, "text") == stage_hash(load_config("demo", overrides[:-1]), "text")  # not hashed
+    for stage in ("captions", "finetune", "text"):
+        FLOWS[stage]("demo", overrides)
+    first = standing(cfg)
+    assert first.processed == 8 and first.accepted < 12
+    meet_target(cfg, "demo", overrides, logging.getLogger("editforge"))
+    met = standing(cfg)
+    gens = ledger(cfg)
+    assert met.accepted >= 12 and len(gens) >= 2 and met.processed == gens[-1].record["total_taken"]
+    assert all(m is not None for m in registry.manifests(cfg, "text").values())  # every new partition done
+    meet_target(cfg, "demo", overrides, logging.getLogger("editforge"))  # a re-run: met, nothing added
+    assert len(ledger(cfg)) == len(gens) and standing(cfg) == met
