@@ -130,15 +130,15 @@ def digest(path: Path, name: str) -> str:
 def outputs(root: Path, name: str) -> dict[str, str]:
     """Every file the stage's manifests list, by path, with its digest."""
     found = {}
-    for marker in sorted((root / name).glob("part-*/_SUCCESS.json")):
+    for marker in sorted((root / name).glob("*/part-*/_SUCCESS.json")):  # <stage>/<hash>/part-N
         for out in json.loads(marker.read_text())["outputs"]:
-            found[f"{marker.parent.name}/{out}"] = digest(marker.parent / out, name)
+            found[f"{marker.parent.parent.name}/{marker.parent.name}/{out}"] = digest(marker.parent / out, name)
     return found
 
 
 def rows(root: Path, name: str) -> pd.DataFrame:
     frames = []
-    for marker in sorted((root / name).glob("part-*/_SUCCESS.json")):
+    for marker in sorted((root / name).glob("*/part-*/_SUCCESS.json")):
         for out in json.loads(marker.read_text())["outputs"]:
             if out in ROW_KEYS:
                 frames.append(storage.read_parquet(str(marker.parent / out))[[ROW_KEYS[out]]].set_axis(["key"], axis=1))

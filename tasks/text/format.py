@@ -51,6 +51,19 @@ RETRIED = frozenset({REJECT_UNPARSEABLE, REJECT_EMPTY, REJECT_SAME, REJECT_LONG_
 TRIPLET_COLUMNS = ["caption_id", "input", "edit", "output", "model", "raw_completion", "status", "reject_reason",
                    "attempt", "earlier_rejections"]
 
+
+def canonical_triplets(df: pd.DataFrame) -> pd.DataFrame:
+    """``df[TRIPLET_COLUMNS]`` with one dtype per column whatever chunks it was concatenated from (a chunk
+    whose column is all null reads back untyped): text columns as Python strings or None, ``attempt``
+    int64 — so the same rows always give the same parquet bytes, resumed or not."""
+    out = df[TRIPLET_COLUMNS].copy()
+    for col in TRIPLET_COLUMNS:
+        if col == "attempt":
+            out[col] = out[col].astype("int64")
+        else:
+            out[col] = pd.Series([None if pd.isna(v) else str(v) for v in out[col]], index=out.index, dtype=object)
+    return out
+
 _TRAILING = re.compile(r"[.!?\s]+$")
 
 

@@ -195,7 +195,14 @@ async def generate_online(
     workers = [asyncio.create_task(worker()) for _ in range(min(o.concurrency, len(captions)))]
     tick = asyncio.create_task(ticker())
     try:
-        await asyncio.gather(*workers)
+        # until every worker is done; a failure in a worker or in the ticker's flush stops them all at once
+        remaining = set(workers)
+        while remaining:
+            done, _ = await asyncio.wait(remaining | {tick}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                remaining.discard(task)
+                if task is tick or (not task.cancelled() and task.exception() is not None):
+                    raise (None if task.cancelled() else task.exception()) or RuntimeError("the checkpoint ticker stopped")
     except BaseException:
         for task in workers:
             task.cancel()

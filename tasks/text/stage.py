@@ -23,7 +23,7 @@ from tasks.common.config import PipelineConfig, check_text_lm
 from tasks.common.contract import Checkpoint, PartitionRun
 from tasks.registry import execute
 from tasks.text.finetune import finetuned_model, finetuned_model_id
-from tasks.text.format import TRIPLET_COLUMNS, attempt_counts, mark_duplicates
+from tasks.text.format import TRIPLET_COLUMNS, attempt_counts, canonical_triplets, mark_duplicates
 from tasks.text.local_backend import generate_partition
 
 STAGE = "text"
@@ -97,7 +97,8 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint, max_attempts: int) -> N
     with retries (`max_attempts` > 1) also `attempt_<k>_<reason>` / `accepted_attempt_<k>` counts."""
     df = checkpoint.load()
     df = mark_duplicates(df[TRIPLET_COLUMNS]) if len(df) else pd.DataFrame(columns=TRIPLET_COLUMNS)
-    storage.write_parquet_atomic(run.output(layout.TRIPLETS_FILE), df[TRIPLET_COLUMNS])
+    df = canonical_triplets(df)
+    storage.write_parquet_atomic(run.output(layout.TRIPLETS_FILE), df)
     ok = df[df["status"] == "ok"]
     run.stats.add("out", len(ok))
     for reason, n in df["reject_reason"].dropna().value_counts().items():

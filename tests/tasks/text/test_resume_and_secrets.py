@@ -155,6 +155,7 @@ def _triplet_bytes(root: Path, manifest: dict) -> bytes:
 
 def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, tmp_path):
     fake.knobs.malformed_rate, fake.knobs.flag_words = 0.6, ("FLAGGED", "fireworks")
+    fake.knobs.latency = (0.01, 0.03)  # answers slower than the checkpoints: the crash usually leaves work to resume
     captions = make_captions(48)
     clean = tmp_path / "uninterrupted"
     write_captions(str(clean), 0, captions)
@@ -173,7 +174,9 @@ def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, t
         run_text_partition(cfg, 0, on_chunk=crash)
     time.sleep(0.1)
     kept = checkpointed_ids(root)  # checkpoints hold finished captions only, each with every try it took
-    assert 12 <= len(kept) < 48
+    # at least the three chunks before the crash; the answers buffered when it came are written on the way
+    # out, which on a fast machine can be all of them (then the resume below only assembles)
+    assert 12 <= len(kept) <= 48
     texts = dict(zip(captions["caption_id"], captions["text"]))
     resumed_from = len(fake.state.requests)
     manifest = run_text_partition(cfg, 0)
