@@ -44,7 +44,7 @@ from tasks.common.config import load_config  # noqa: E402
 from tasks.common.models import MODELS  # noqa: E402
 
 # the smoke size: a few kill points per stage
-SMALL = ["captions.num_captions=10", "text.finetune_steps=60", "text.finetune_checkpoint_every=15",
+SMALL = ["captions.num_captions=10", "text.finetune_steps=150", "text.finetune_checkpoint_every=50",
          "text.batch_size=3", "render.samples_per_triplet=4", "render.batch_samples=2", "render.steps=4",
          "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
          "render.keep.clip_caption_threshold=-1", "train.steps=6", "train.batch_size=2", "train.sample_steps=2",
