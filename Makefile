@@ -69,7 +69,7 @@ worker: $(STAMP)
 
 # The demo's trained model on an older stack: transformers 4.x and diffusers 0.32 (no deps: torch and the rest
 # are the project's) in .compat/, ahead of the project's own on PYTHONPATH (infra/compat_check.py).
-COMPAT := "transformers>=4.46,<5" "diffusers==0.32.*" "huggingface_hub>=0.26,<1" "tokenizers>=0.20,<0.21"
+COMPAT := "transformers==4.46.3" "diffusers==0.32.2" "huggingface_hub==0.26.5" "tokenizers==0.20.3"
 compat: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target .compat $(COMPAT)
 	@ls -d runs/demo/train/*/part-00000/model >/dev/null 2>&1 || $(MAKE) demo

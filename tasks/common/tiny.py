@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-TINY_BUILD_VERSION = "4"  # bump when a tiny config changes: the cache folder name follows it
+TINY_BUILD_VERSION = "5"  # bump when a tiny config changes: the cache folder name follows it
 
 TINY_IMAGE_SIZE = 64
 CLIP_VOCAB_SIZE = 49408
@@ -86,6 +86,20 @@ def build_clip_tokenizer(dest: Path):
     return tok
 
 
+def save_text_encoder(encoder, dest: Path) -> None:
+    """``save_pretrained``, with the weights under the hub's key names (``text_model.*``, as SD's
+    repositories hold them): transformers 5 writes a ``CLIPTextModel`` without that prefix, which
+    transformers 4 would not match and would silently re-initialise; both versions read these."""
+    from safetensors.torch import load_file, save_file
+
+    encoder.save_pretrained(dest, safe_serialization=True)
+    weights = dest / "model.safetensors"
+    state = load_file(weights)
+    if not all(k.startswith("text_model.") for k in state):
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, weights,
+                  metadata={"format": "pt"})
+
+
 def _build_diffusion(root: Path) -> None:
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -133,7 +147,7 @@ def _build_diffusion(root: Path) -> None:
     )
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    save_text_encoder(text_encoder, root / "text_encoder")
     scheduler.save_pretrained(root / "scheduler")
     build_clip_tokenizer(root / "tokenizer")
     (root / "model_index.json").write_text(
@@ -184,7 +198,7 @@ def _build_diffusion_sdxl(root: Path) -> None:
                                                 steps_offset=1)
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
-    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    save_text_encoder(text_encoder, root / "text_encoder")
     text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
     scheduler.save_pretrained(root / "scheduler")
     build_clip_tokenizer(root / "tokenizer")
