@@ -108,11 +108,11 @@ class Progress:
         return True
 
 
-def abandoned(cfg: PipelineConfig, block: Block) -> list[str]:
+def abandoned(cfg: PipelineConfig, block: Block, config_hash: str) -> list[str]:
     """The partitions of a running block whose lease's owner is gone (see module doc)."""
     gone = []
     for pid in block.partitions:
-        held = read_lease(lease_url(cfg.output_root, block.stage, registry.stage_hash(cfg, block.stage), pid))
+        held = read_lease(lease_url(cfg.output_root, block.stage, config_hash, pid))
         if held and is_stale(held):
             gone.append(f"part-{pid:05d} (pid {held.get('pid')} on {held.get('host')})")
     return gone
@@ -153,7 +153,7 @@ def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logg
                 if block.done or block.flow_run_id is None:
                     continue
                 state = client.read_flow_run(block.flow_run_id).state
-                if state is not None and state.is_running() and (gone := abandoned(cfg, block)):
+                if state is not None and state.is_running() and (gone := abandoned(cfg, block, progress.hashes[block.stage])):
                     from prefect.states import Crashed
 
                     state = Crashed(message=f"its worker is gone: {', '.join(gone)} left behind")

@@ -34,10 +34,11 @@ class Standing:
         return self.accepted / self.processed if self.processed else 0.0
 
 
-def standing(cfg: PipelineConfig) -> Standing:
-    """Triplets accepted and captions processed by the finished text partitions; captions in the ledger."""
+def standing(cfg: PipelineConfig, gens: list | None = None) -> Standing:
+    """Triplets accepted and captions processed by the finished text partitions; captions in the ledger
+    (``gens``: the ledger, when the caller has read it)."""
     done = [m for m in registry.manifests(cfg, "text").values() if m]
-    gens = ledger(cfg)
+    gens = ledger(cfg) if gens is None else gens
     return Standing(accepted=sum(m["counts"].get("out", 0) for m in done),
                     processed=sum(m["counts"].get("in", 0) for m in done),
                     taken=gens[-1].record["total_taken"] if gens else 0)
@@ -49,11 +50,11 @@ def top_up(cfg: PipelineConfig, logger: logging.Logger | None = None) -> int | N
     target = cfg.text.target_triplets
     if not target:
         return None
-    now = standing(cfg)
+    gens = ledger(cfg)
+    now = standing(cfg, gens)
     if now.accepted >= target:
         logger.info("text: %d triplets accepted, target %d met", now.accepted, target)
         return None
-    gens = ledger(cfg)
     if gens and gens[-1].record["threshold"] >= 1.0:
         logger.warning("text: %d of %d target triplets; the sources hold no caption not taken yet", now.accepted, target)
         return None

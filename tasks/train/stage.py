@@ -133,7 +133,7 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, "pack"), "index.json") if own else index_url, "model_dir": run.relative("model"),
+        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, "pack"), layout.INDEX_FILE) if own else index_url, "model_dir": run.relative("model"),
                           "weights_key": key, "train": summary, "loss_curve": loss_curve(result.history),
                           "sample": {**sample, "png": run.relative("sample_edit.png")}})
 
