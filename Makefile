@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install demo test test-fast lint bench reliability server deploy worker compat clean
+.PHONY: install browser demo test test-fast lint bench reliability server deploy worker compat clean
 
 install: $(STAMP)
 
@@ -30,7 +30,11 @@ demo: $(STAMP)
 	$(PY) -m flows.generate --preset demo
 	$(PY) -m flows.train --preset demo
 
-test: $(STAMP)
+# the browser the UI tests drive (Debian's chromium; playwright is told its path, it downloads nothing)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 	$(PY) -m pytest -q
 
