@@ -9,12 +9,25 @@ flows — marks a run `Crashed` when no heartbeat (and no final state) follows t
 before it took a partition lease is retried like one lost after (which the driver detects itself
 from the stale lease, without waiting for the automation).
 
+**Alerts** (`infra/automations/*.yaml`, Prefect's automation schema): e.g. notify when a render
+partition fails or its pass rate falls below ``run.alert_min_pass_rate``, on EditForge's own events
+(flows/dashboard.py). Each names a notification block (``notify_block``); when no block of that name
+exists, ``$EDITFORGE_ALERT_WEBHOOK_URL`` creates a Custom Webhook block posting JSON there, and without
+either the alert is left out (said on stdout).
+
     python -m flows.automations            # create or update them on $PREFECT_API_URL
 """
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
+
+import yaml
+
+ALERTS_DIR = Path(__file__).resolve().parents[1] / "infra" / "automations"
+WEBHOOK_ENV = "EDITFORGE_ALERT_WEBHOOK_URL"
 
 ZOMBIE = "editforge: crash zombie flow runs"
 
@@ -45,11 +58,48 @@ def zombie_automation(within_s: int = 120):
     )
 
 
-def ensure_automations(within_s: int = 120) -> list[str]:
-    """Create (or replace) EditForge's automations on the current Prefect API; return their names."""
+def notification_block(name: str) -> str | None:
+    """The id of the notification block ``name``; created as a Custom Webhook on $EDITFORGE_ALERT_WEBHOOK_URL
+    when there is none by that name and the variable is set; None otherwise."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for block in client.read_block_documents():
+            if block.name == name and not block.is_anonymous:
+                return str(block.id)
+    url = os.environ.get(WEBHOOK_ENV)
+    if not url:
+        return None
+    hook = CustomWebhookNotificationBlock(name=name, url=url, method="POST",
+                                          json_data={"subject": "{{subject}}", "body": "{{body}}"})
+    return str(hook.save(name, overwrite=True))  # (registers the block type on first use)
+
+
+def alert_automations(directory: Path = ALERTS_DIR) -> tuple[list, list[str]]:
+    """The automations of ``directory``'s YAML files, their blocks resolved; and what was left out, why."""
     from prefect.automations import Automation
 
-    wanted = zombie_automation(within_s)
+    made, skipped = [], []
+    for path in sorted(directory.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        block = spec.pop("notify_block", None)
+        if block:
+            block_id = notification_block(block)
+            if block_id is None:
+                skipped.append(f"{spec['name']} ({path.name}): no notification block {block!r}; create one in the "
+                               f"UI or set ${WEBHOOK_ENV}, then run `python -m flows.automations` again")
+                continue
+            for action in spec.get("actions", []):
+                if action.get("type") == "send-notification":
+                    action["block_document_id"] = block_id
+        made.append(Automation.model_validate(spec))
+    return made, skipped
+
+
+def _replace(wanted) -> None:
+    from prefect.automations import Automation
+
     try:
         existing = Automation.read(name=wanted.name)
     except ValueError:  # none by that name yet
@@ -57,9 +107,21 @@ def ensure_automations(within_s: int = 120) -> list[str]:
     if existing is not None:
         existing.delete()
     wanted.create()
-    return [wanted.name]
+
+
+def ensure_automations(within_s: int = 120) -> tuple[list[str], list[str]]:
+    """Create (or replace) EditForge's automations on the current Prefect API; their names, and the
+    alerts left out (why)."""
+    alerts, skipped = alert_automations()
+    wanted = [zombie_automation(within_s), *alerts]
+    for automation in wanted:
+        _replace(automation)
+    return [a.name for a in wanted], skipped
 
 
 if __name__ == "__main__":
-    for name in ensure_automations():
+    names, left_out = ensure_automations()
+    for name in names:
         print(f"automation: {name}")
+    for line in left_out:
+        print(f"automation left out: {line}")

@@ -139,7 +139,10 @@ def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
 
 
 @app.command()
-def report(preset: Preset = "demo", overrides: Overrides = None) -> None:
+def report(preset: Preset = "demo", overrides: Overrides = None,
+           html: Annotated[bool, typer.Option("--html", help="also (re)build report/<hash>/report.html and its "
+                                                             "figures from disk")] = False,
+           debug: Debug = False) -> None:
     """Summarise what is on disk for this config: partitions finished under its hashes (no Prefect needed)."""
     from flows.report import current_manifests, render_report
     from tasks.common import storage
@@ -148,6 +151,12 @@ def report(preset: Preset = "demo", overrides: Overrides = None) -> None:
     index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     render_report(cfg, current_manifests(cfg), index)
+    if html:
+        from flows import report_html
+
+        with reported(debug):
+            built = report_html.build(cfg)
+        typer.echo(f"report: {built['html']} ({len(built['images'])} figures beside it)")
 
 
 if __name__ == "__main__":

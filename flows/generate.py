@@ -18,10 +18,11 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows import dashboard, report_html
 from flows.fanout import fan_out
 from flows.target import top_up
 from flows.options import Debug, Overrides, Preset, Verify, load_or_exit, reported, run_command, with_verify
-from flows.report import render_report
+from flows.report import render_report, source_stats, summary_lines
 from flows.stages import FLOWS
 from tasks import registry
 from tasks.common import layout, storage
@@ -56,14 +57,19 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
     index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     rows = render_report(cfg, manifests, index)
+    notes = summary_lines(cfg, manifests, rows, source_stats(cfg))
     create_table_artifact(
         [{"stage": r["stage"], "partitions": r["partitions"], "skipped": r["skipped"], "in": r["in"], "out": r["out"],
-          "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items())} for r in rows],
-        key=layout.artifact_key(cfg.name, "summary", registry.stage_hash(cfg, "pack")), description=f"EditForge `{cfg.name}` run summary",
+          "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-"} for r in rows],
+        key=layout.artifact_key(cfg.name, "summary", registry.stage_hash(cfg, "pack")),
+        description=f"EditForge `{cfg.name}` run summary\n\n" + "\n".join(f"- {line}" for line in notes),
     )
-    return {"output_root": cfg.output_root, "index": index_url if index else None,
-            "stages": {r["stage"]: {"in": r["in"], "out": r["out"], "skipped": r["skipped"],
-                                    "rejected": r["rejected"]} for r in rows}}
+    stages = {r["stage"]: {"in": r["in"], "out": r["out"], "skipped": r["skipped"], "rejected": r["rejected"]}
+              for r in rows}
+    report = report_html.build_and_publish(cfg, get_run_logger())
+    dashboard.run_completed(cfg, stages)
+    return {"output_root": cfg.output_root, "index": index_url if index else None, "report": report, "stages": stages}
+
 
 
 def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False, debug: Debug = False) -> None:

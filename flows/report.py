@@ -75,20 +75,33 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         table.add_row(r["stage"], str(r["partitions"]), str(r["skipped"]), str(r["in"]), str(r["out"]),
                       ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-")
     console.print(table)
+    for line in summary_lines(cfg, manifests, rows, source):
+        console.print(line.replace("note:", "[yellow]note:[/yellow]", 1) if line.startswith("note:") else line)
+    if index:
+        for split, info in index["splits"].items():
+            console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
+        console.print(f"shards index: {registry.index_url(cfg)}")
+    return rows
+
+
+def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: list[dict], source: dict) -> list[str]:
+    """The lines under the table (fine-tune loss, UNet calls against the reference, other versions, notes):
+    printed at the end of a run and written into the dashboard's summary artifact."""
+    lines = []
     finetune = next(iter(manifests.get("finetune", [])), None)
     if finetune and "finetune" in finetune:
         f = finetune["finetune"]
         loss = (f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
                 if f.get("train_loss_first10") is not None else "")
         val = f", val loss {f['val_loss']:.2f}" if f.get("val_loss") is not None else ""
-        console.print(f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
+        lines.append(f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
                       f"({f.get('val_examples')} held out); {loss}{val}")
     render = next((r for r in rows if r["stage"] == "render"), None)
     if render:
         c = render["counts"]
         ref = c.get("unet_calls_reference")
         versus = f" (the reference loop: {ref}, {c.get('unet_calls', 0) / ref:.0%})" if ref else ""
-        console.print(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
+        lines.append(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
                       f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
                       f"render.save_images={cfg.render.save_images}); "
                       f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
@@ -96,14 +109,10 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
                            if v != registry.stage_hash(cfg, stage.name)] for stage in registry.chain()}
     others = {k: v for k, v in others.items() if v}
     if others:
-        console.print("other versions on disk (other configs): " +
+        lines.append("other versions on disk (other configs): " +
                       "; ".join(f"{k}: {', '.join(v)}" for k, v in others.items()))
     if source.get("generations", 0) > 1:
-        console.print(f"captions: {source['generations']} generations, {source['captions_taken']} captions taken in all")
+        lines.append(f"captions: {source['generations']} generations, {source['captions_taken']} captions taken in all")
     if cfg.filter.note:
-        console.print(f"[yellow]note:[/yellow] {cfg.filter.note}")
-    if index:
-        for split, info in index["splits"].items():
-            console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
-        console.print(f"shards index: {registry.index_url(cfg)}")
-    return rows
+        lines.append(f"note: {cfg.filter.note}")
+    return lines

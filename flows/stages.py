@@ -2,11 +2,11 @@
 
 Each stage flow runs the stage's `prepare` (if any), maps one task per partition over the
 partitions asked for (default: all) — one after another for stages that share the worker's GPU or
-API quota, concurrently otherwise — publishes a keyed table artifact (one row per partition) and
-runs the stage's `finalize` (if any) when it covered every partition. Several workers can split one
-stage between them by `partitions`. The work itself is the stage's `run(cfg, partition_id)`; these
-wrappers add Prefect's retries (never for an error a retry cannot fix), resource tags, progress
-artifacts and the dashboard table.
+API quota, concurrently otherwise — and runs the stage's `finalize` (if any) when it covered every
+partition. Several workers can split one stage between them by `partitions`. The work itself is the
+stage's `run(cfg, partition_id)`; these wrappers add Prefect's retries (never for an error a retry
+cannot fix), resource tags, and the dashboard (flows/dashboard.py): each partition's live progress,
+its event and its row in the stage table as it finishes, the run-wide progress.
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -14,16 +14,14 @@ from __future__ import annotations  # noqa: I001  (flows._env must be imported b
 import flows._env  # noqa: F401  (must precede prefect)
 
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 from prefect import flow, get_run_logger, tags, task, unmapped
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
+from flows import dashboard
 from tasks import registry
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.contract import PROGRESS_HOOK
 from tasks.common.errors import is_permanent
-from tasks.common.layout import artifact_key, partition_name
 from tasks.common.stage import Stage
 
 
@@ -45,53 +43,17 @@ def partition_ids(cfg: PipelineConfig, stage: Stage, partitions: list[int] | Non
     return ids
 
 
-@contextmanager
-def dashboard_progress(stage: str, partition_id: int, min_interval_s: float = 2.0):
-    """A progress artifact on the task run, updated (at most every `min_interval_s`) as work is checkpointed."""
-    artifact_id = create_progress_artifact(0.0, description=f"{stage} {partition_name(partition_id)}")
-    last = {"t": 0.0, "pct": 0.0}
-
-    def hook(fraction: float) -> None:
-        pct = round(100 * fraction, 1)
-        now = time.monotonic()
-        if pct > last["pct"] and (pct >= 100 or now - last["t"] >= min_interval_s):
-            update_progress_artifact(artifact_id, pct)
-            last.update(t=now, pct=pct)
-
-    token = PROGRESS_HOOK.set(hook)
-    try:
-        yield
-    finally:
-        PROGRESS_HOOK.reset(token)
-    if last["pct"] < 100:  # finished (or skipped as already done)
-        update_progress_artifact(artifact_id, 100.0)
-
-
-def publish(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
-    """A keyed table artifact for the dashboard: one row per partition with counts and rejections."""
-    rows = [
-        {"partition": m["partition_id"], "skipped": m.get("skipped", False),
-         **{f"n_{k}": v for k, v in m.get("counts", {}).items()},
-         **{f"rejected_{k}": v for k, v in m.get("rejected", {}).items()},
-         # the stage's own figures (render: samples_per_s, unet_calls_per_kept_pair, batch_samples, ...)
-         **{k: v for k, v in m.items() if k not in ("partition_id", "wall_time_s")
-            and isinstance(v, int | float) and not isinstance(v, bool)},
-         **{f"median_{k}": round(q["q50"], 4) for k, q in m.get("quantiles", {}).items()},
-         "wall_time_s": m.get("wall_time_s")}
-        for m in manifests
-    ]
-    res = registry.get(stage).resources(cfg)
-    needs = f" (per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch})"
-    create_table_artifact(rows, key=artifact_key(cfg.name, stage, registry.stage_hash(cfg, stage)),
-                          description=f"EditForge `{cfg.name}` — {stage} stage, per partition{needs}")
-
-
 def _run_partition(cfg: PipelineConfig, stage: str, partition_id: int) -> dict:
     run = registry.entry(stage)
-    if registry.get(stage).progress:
-        with dashboard_progress(stage, partition_id):
-            return run(cfg, partition_id, logger=get_run_logger())
-    return run(cfg, partition_id, logger=get_run_logger())
+    t0 = time.monotonic()
+    try:
+        with dashboard.live_partition(stage, partition_id) if registry.get(stage).progress else nullcontext():
+            manifest = run(cfg, partition_id, logger=get_run_logger())
+    except Exception as err:
+        dashboard.partition_failed(cfg, stage, partition_id, err, time.monotonic() - t0)
+        raise
+    dashboard.partition_completed(cfg, stage, manifest)  # its event, its row in the stage table, the progress
+    return manifest
 
 
 def _prepare(cfg: PipelineConfig, stage: str) -> None:
@@ -125,7 +87,7 @@ def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: l
             manifests = [partition_task(cfg, name, pid) for pid in ids]
         else:
             manifests = partition_task.map(unmapped(cfg), unmapped(name), ids).result()
-        publish(cfg, name, manifests)
+        dashboard.refresh(cfg, name, manifests)
         if stage.finalize and ids == stage.partition_ids(cfg):
             finalize_task(cfg, name, manifests)
     return manifests

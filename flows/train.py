@@ -22,6 +22,7 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_table_artifact
 
 from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_command
+from flows import report_html
 from flows.stages import retry_unless_permanent
 from tasks import registry
 from tasks.common import layout, storage
@@ -53,6 +54,8 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     with tags(*STAGE.resources(cfg).tags(STAGE.name)):
         manifest = train_task(cfg, index)
     publish_training(cfg, manifest)
+    if index is None:  # the run's own shards: its report gains the training loss curve
+        report_html.build_and_publish(cfg, get_run_logger())
     summary = manifest.get("train", {})
     print(f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
           f"{summary.get('steps_per_s')} steps/s{' (already done, skipped)' if manifest.get('skipped') else ''}")

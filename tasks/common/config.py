@@ -408,7 +408,7 @@ class RunConfig(Section):
     partitions in blocks of ``block_size``, each block a child flow run of the stage's deployment
     (``deployments``: its name, ``{preset}`` and ``{stage}`` filled in), on the work pool that
     deployment names; a failed block is submitted again up to ``max_block_attempts`` times in all
-    (see `flows/fanout.py`).
+    (see `flows/fanout.py`). ``alert_min_pass_rate``: see `flows/dashboard.py` (events).
     """
 
     mode: Literal["in-process", "fan-out"] = operational("in-process")
@@ -416,6 +416,9 @@ class RunConfig(Section):
     max_block_attempts: int = operational(3, ge=1)
     deployments: str = operational("{preset}-{stage}")
     poll_s: float = operational(5.0, gt=0)
+    # the dashboard's alert: a render partition whose pass rate (passed / samples drawn) falls below this
+    # emits `editforge.partition.low-pass-rate` (infra/automations/ notifies on it); None: never
+    alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
 
 
 class PipelineConfig(Section):

@@ -56,9 +56,11 @@ from tasks.common.lease import PartitionLease
 
 log = logging.getLogger("editforge")
 
-# Set by the orchestration layer (flows/stages.py) to show a partition's progress on the dashboard;
-# stage code only calls `PartitionRun.report_progress`, so it stays free of Prefect.
-PROGRESS_HOOK: ContextVar[Callable[[float], None] | None] = ContextVar("editforge_progress_hook", default=None)
+# Set by the orchestration layer (flows/dashboard.py) to show a partition's progress on the dashboard:
+# called as hook(fraction, figures) — figures: the running counts so far (or None); stage code only calls
+# `PartitionRun.report_progress`, so it stays free of Prefect.
+ProgressHook = Callable[[float, "dict[str, Any] | None"], None]
+PROGRESS_HOOK: ContextVar[ProgressHook | None] = ContextVar("editforge_progress_hook", default=None)
 
 
 @lru_cache(maxsize=1)
@@ -135,12 +137,13 @@ class Checkpoint:
     """
 
     def __init__(self, progress_dir: str, key_column: str, expected: int | None = None,
-                 on_progress: Callable[[float], None] | None = None):
+                 on_progress: Callable[[float, dict[str, Any] | None], None] | None = None):
         self.dir = progress_dir
         self.key_column = key_column
         self.expected = expected
         self.on_progress = on_progress
         self._keys: set[str] | None = None
+        self._ok = 0  # rows whose `status` is ok (text): the running figure shown with the progress
 
     def chunks(self) -> list[str]:
         return storage.list_files(self.dir, "chunk-*.parquet")
@@ -157,10 +160,18 @@ class Checkpoint:
         name = hashlib.sha1(batch_id.encode()).hexdigest()[:16]
         storage.write_parquet_atomic(storage.url_join(self.dir, f"chunk-{name}.parquet"), df)
         if self.expected and self.on_progress:
-            if self._keys is None:
-                self._keys = self.done_keys()
-            self._keys.update(df[self.key_column].astype(str))
-            self.on_progress(len(self._keys) / self.expected)
+            keys = df[self.key_column].astype(str)
+            if self._keys is None:  # the first append of this process: what is on disk (this chunk included)
+                earlier = self.load()
+                self._keys = set(earlier[self.key_column].astype(str)) if len(earlier) else set()
+                self._ok = int((earlier["status"] == "ok").sum()) if "status" in earlier else 0
+            elif "status" in df:
+                self._ok += int((df.loc[~keys.isin(self._keys).to_numpy(), "status"] == "ok").sum())
+            self._keys.update(keys)
+            figures: dict[str, Any] = {"done": len(self._keys), "expected": self.expected}
+            if "status" in df:
+                figures["ok"] = self._ok
+            self.on_progress(len(self._keys) / self.expected, figures)
 
 
 @dataclass
@@ -202,11 +213,11 @@ class PartitionRun:
         # keyed by config hash: chunks written under another config are never reused
         return Checkpoint(progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress)
 
-    def report_progress(self, fraction: float) -> None:
-        """Tell the dashboard (if one listens) how far this partition is, 0..1."""
+    def report_progress(self, fraction: float, figures: dict[str, Any] | None = None) -> None:
+        """Tell the dashboard (if one listens) how far this partition is, 0..1, and its running figures."""
         hook = PROGRESS_HOOK.get()
         if hook is not None:
-            hook(min(max(float(fraction), 0.0), 1.0))
+            hook(min(max(float(fraction), 0.0), 1.0), figures)
 
     def output(self, name: str) -> str:
         """Register `name` as an output of this run (hashed into `_SUCCESS.json`) and return its URL."""
@@ -330,6 +341,7 @@ def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, ver
         "config_hash": config_hash,
         "code_version": code_version(),
         "wall_time_s": round(time.perf_counter() - t0, 3),
+        "finished_at": round(time.time(), 3),  # unix seconds: the dashboard's rates and ETA
         "outputs": sha,
         "sizes": {name: on_disk[name] for name in run.outputs},
         **run.stats.summary(),

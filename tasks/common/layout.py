@@ -15,6 +15,7 @@ never over it, and what did not change is reused (a new filter threshold reads t
     {output_root}/pack/{hash}/index.json                every shard of that version, per split
     {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
                                                         differ only in the sample-edit settings)
+    {output_root}/report/{pack hash}/report.html, *.png  the run's report (plots, pair grids)
 
 Stages and flows ask this module for a path instead of spelling it, so a name is written once;
 :func:`tasks.registry.partition_url` fills in the hash a config gives a stage.
@@ -112,6 +113,11 @@ def train_work_dir(output_root: str, weights_key: str) -> str:
 def index_url(output_root: str, pack_hash: str) -> str:
     """`pack/<hash>/index.json`: the shards of every pack partition of that version."""
     return storage.url_join(stage_dir(output_root, "pack", pack_hash), INDEX_FILE)
+
+
+def report_dir(output_root: str, pack_hash: str) -> str:
+    """`report/<pack hash>/`: the run's `report.html` and its PNGs (`editforge report --html`)."""
+    return storage.url_join(output_root, "report", pack_hash)
 
 
 def sample_key(caption_id: str, seed: int) -> str:

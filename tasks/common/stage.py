@@ -15,7 +15,9 @@ adding a stage is one record.
 - ``partitions``: ``all`` (every partition of the captions ledger: ``captions.num_partitions`` in its
   first generation, more as it grows) or ``one`` (``part-00000``);
 - ``prepare`` / ``finalize``: ``"module:function"`` run once before / after the partitions
-  (the captions plan; the shard index).
+  (the captions plan; the shard index);
+- ``headline``: the dashboard table's first columns after partition, status, in, out (the figures a
+  reader looks for; every other figure of the manifest follows them, :mod:`flows.dashboard`).
 
 Strings, not functions, name the code so that reading the registry imports no torch.
 """
@@ -74,6 +76,7 @@ class Stage:
     retries: int = 1
     one_at_a_time: bool = False
     progress: bool = False
+    headline: tuple[str, ...] = ()
 
     def partition_ids(self, cfg: PipelineConfig) -> list[int]:
         if self.partitions == "one":

@@ -16,4 +16,5 @@ STAGE = Stage(
     hash_extra=lambda cfg: {"filter": {**cfg.selection().model_dump(), "note": cfg.filter.note}},
     outputs=(KEPT_FILE,),
     resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet"),
+    headline=("n_triplets_in", "n_triplets_kept", "median_kept_clip_sim_dir"),
 )

@@ -37,7 +37,7 @@ from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import Checkpoint, PartitionRun
 from tasks.common.layout import SAMPLES_FILE, TRIPLETS_FILE, image_name, sample_key
-from tasks.common.selection import METRICS, failure_reason, passes, select_top_k
+from tasks.common.selection import METRICS, failure_reason, passes, select_top_k, thresholds
 from tasks.registry import execute
 from tasks.render.early import early_step_count
 from tasks.render.pairs import PairRequest
@@ -145,14 +145,17 @@ def load_rows(checkpoint: Checkpoint, logger: logging.Logger) -> pd.DataFrame:
 
 
 def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, triplets: pd.DataFrame,
-                   renderer: Renderer, checkpoint: Checkpoint, logger: logging.Logger) -> dict[str, int]:
-    """Render the plan's cohorts until every triplet is finished; return this run's own counts."""
+                   renderer: Renderer, checkpoint: Checkpoint, logger: logging.Logger,
+                   previous: pd.DataFrame | None = None) -> dict[str, int]:
+    """Render the plan's cohorts until every triplet is finished; return this run's own counts
+    (``previous``: the rows a resumed partition had checkpointed, for the running figures)."""
     r = cfg.render
     settings = settings_from(cfg)
     size = r.batch_samples if r.batch_samples != "auto" else renderer.auto_batch_samples(settings, r.batch_samples_max)
     sizer = BatchSizer(size, logger)
     early_after = early_step_count(r.early_reject_at, r.steps)
     done = {"unet_calls_this_run": 0, "samples_this_run": 0, "cohorts": 0}
+    live = LiveFigures(plan, r.keep.top_k, previous if previous is not None else pd.DataFrame())
     progress = tqdm(desc=f"render p{run.partition_id}", unit="sample", leave=False)
     while cohort := plan.next_cohort(sizer.size):
         requests = [PairRequest(s.caption_id, triplets.at[s.caption_id, "input"],
@@ -174,15 +177,45 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
             storage.write_bytes_atomic(staged(checkpoint, key, "edited"), to_png(scored.pairs.after[i]))
         checkpoint.append(rows["sample_key"].iloc[0], rows)
         plan.record(zip(rows["caption_id"], rows["sample_index"], rows["passed"]))
-        run.report_progress(sum(plan.status_counts().values()) / max(1, len(plan.triplets)))
         done["unet_calls_this_run"] += int(rows["unet_steps"].sum())
         done["samples_this_run"] += len(rows)
+        run.report_progress(sum(plan.status_counts().values()) / max(1, len(plan.triplets)),
+                            live.update(rows, done, run.stats.timings.get("render", 0.0)))
         done["cohorts"] += 1
         progress.update(len(cohort))
     progress.close()
     done["batch_samples"] = sizer.size
     done["oom_halvings"] = sizer.halvings
     return done
+
+
+class LiveFigures:
+    """The partition's running figures for the dashboard, as it checkpoints: samples, pass rate, pairs
+    it will keep so far (min(passed, top_k) per triplet), UNet calls per kept pair, samples/s."""
+
+    def __init__(self, plan: RenderPlan, top_k: int, earlier: pd.DataFrame):
+        self.plan, self.top_k = plan, top_k  # `earlier`: what a resumed partition rendered before
+        self.samples, self.passed, self.unet_calls = 0, 0, 0
+        self.passed_by_triplet: dict[str, int] = {}
+        if len(earlier):
+            self._add(earlier)
+
+    def _add(self, rows: pd.DataFrame) -> None:
+        self.samples += len(rows)
+        self.passed += int(rows["passed"].sum())
+        self.unet_calls += int(rows["unet_steps"].sum())
+        for cid, n in rows.loc[rows["passed"].astype(bool), "caption_id"].value_counts().items():
+            self.passed_by_triplet[cid] = self.passed_by_triplet.get(cid, 0) + int(n)
+
+    def update(self, rows: pd.DataFrame, done: dict[str, int], seconds: float) -> dict:
+        self._add(rows)
+        kept = sum(min(n, self.top_k) for n in self.passed_by_triplet.values())
+        return {"triplets_done": sum(self.plan.status_counts().values()), "triplets": len(self.plan.triplets),
+                "samples": self.samples, "passed": self.passed,
+                "pass_rate": round(self.passed / self.samples, 4) if self.samples else None,
+                "kept_so_far": kept, "unet_calls": self.unet_calls,
+                "unet_calls_per_kept_pair": round(self.unet_calls / kept, 1) if kept else None,
+                "samples_per_s": round(done["samples_this_run"] / seconds, 3) if seconds > 0 else None}
 
 
 def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = None,
@@ -205,7 +238,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         if not plan.finished:
             nonlocal renderer
             renderer = renderer or get_renderer(cfg, logger)
-            run.extra.update(render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger))
+            run.extra.update(render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger, previous))
 
         samples = load_rows(checkpoint, logger)
         if not len(samples):
@@ -241,6 +274,14 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
         run.stats.reject(reason, n)
     for col in METRICS:
         run.stats.observe(col, samples[col].to_numpy(dtype=float))
+    # pass rates: of every sample drawn, and per criterion of those scored at the end (not early-rejected)
+    if len(samples):
+        run.extra["pass_rate"] = round(float(samples["passed"].astype(bool).mean()), 4)
+    scored = samples[~early]
+    if len(scored):
+        limits = thresholds(cfg.render.keep)
+        for col in METRICS:
+            run.extra[f"pass_rate_{col}"] = round(float((scored[col] >= limits[col]).mean()), 4)
     if kept.any():
         run.extra["unet_calls_per_kept_pair"] = round(unet_calls / int(kept.sum()), 2)
     seconds = run.stats.timings.get("render", 0.0)

@@ -209,8 +209,11 @@ def finetune(
     stats.add("finetune_examples", len(examples))
     first = sum(losses[:10]) / max(1, len(losses[:10])) if losses else None
     last = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
+    every = -(-len(losses) // 200) if losses else 1  # at most 200 points: the report's loss curve
+    curve = [{"step": min(i + every, len(losses)), "loss": round(sum(losses[i: i + every]) / len(losses[i: i + every]), 5)}
+             for i in range(0, len(losses), every)]
     return {"train_loss_first10": first, "train_loss_last10": last, "val_loss": val_loss,
-            "train_examples": len(examples), "val_examples": len(val_examples)}
+            "train_examples": len(examples), "val_examples": len(val_examples), "loss_curve": curve}
 
 
 def apply_lora(model, t: TextConfig):

@@ -55,6 +55,7 @@ def text_resources(cfg) -> Resources:
 
 FINETUNE = Stage(
     name="finetune",
+    headline=("train_loss_first10", "train_loss_last10", "val_loss", "train_examples", "val_examples"),
     entry="tasks.text.finetune:run",
     summary="fine-tune the caption LM on the seed triplets (local or the fine-tuning API)",
     reads=(),
@@ -76,4 +77,5 @@ TEXT = Stage(
     retries=2,
     one_at_a_time=True,  # the worker's GPU (or the API quota) is shared
     progress=True,
+    headline=("out_rate", "n_batches_generated", "n_retried_captions"),
 )

@@ -68,8 +68,10 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
             "median_clip_sim_dir"} <= set(rows[0])
     with get_client(sync_client=True) as client:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
-    described = {a.description: a.data for a in progress}
+    described = {a.description.split(":")[0]: a.data for a in progress if a.description}
     assert described.get("render part-00000") == 100.0 and described.get("text part-00001") == 100.0
+    # the live figures of a partition ride on its progress artifact's description
+    assert any(a.description.startswith("render part-00000: ") and "pass rate" in a.description for a in progress)
     # each partition task run carries its stage's resource tags (the demo renders on the CPU: no GPU tag)
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
@@ -77,6 +79,40 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition")))
     assert runs and all({"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags
                         for r in runs)
+    _check_dashboard(cfg, key["render"], result)
+
+
+def _check_dashboard(cfg, render_key, result):
+    """Rows per partition as each finishes, the run-wide progress, the events, the report in a browser."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from flows.browser import look
+    from flows.dashboard import read_events
+
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[render_key])),
+                                         sort=ArtifactSort.CREATED_DESC)[::-1]
+        progress_key = artifact_key("flowtest", "progress", stage_hash(cfg, "pack"))
+        progress = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress_key])))
+        events = read_events(client, "flowtest")
+    # the render table was published as partition 0 finished (1 row), then with both; the latest is readable
+    tables = [json.loads(v.data) if isinstance(v.data, str) else v.data for v in versions]
+    assert [len(t) for t in tables][:2] == [1, 2], [len(t) for t in tables]
+    assert list(tables[-1][0])[:6] == ["partition", "status", "in", "out", "pass_rate", "n_samples"]
+    assert progress and progress[0].data == 100.0
+    completed = [e for e in events if e["event"] == "editforge.partition.completed"]
+    assert sorted((e["payload"]["stage"], e["payload"]["partition"]) for e in completed if e["payload"]["stage"] == "render") \
+        == [("render", 0), ("render", 1)]
+    assert {"counts", "pass_rate", "wall_time_s"} <= set(completed[0]["payload"])
+    assert [e["event"] for e in events].count("editforge.run.completed") >= 1
+    # report.html in Chromium: every figure there and drawn (the run's second pass rebuilt it)
+    shot = Path(result["report"]).with_name("screenshot.png")
+    seen = look(result["report"], shot)
+    assert {i["alt"] for i in seen["images"] if i["width"] > 100} == {"funnel", "metrics", "pass_rate", "best", "worst",
+                                                                     "loss"}, seen["images"]
+    assert "Survival funnel" in seen["text"] and shot.stat().st_size > 10_000
 
 
 

@@ -167,12 +167,13 @@ def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
         ck.append("c", pd.DataFrame({"k": ["c", "d"]}))
         storage.write_bytes_atomic(run.output("x"), b"x")
 
-    token = PROGRESS_HOOK.set(seen.append)
+    token = PROGRESS_HOOK.set(lambda fraction, figures: seen.append((fraction, figures)))
     try:
         execute_partition("s", 0, str(tmp_path), "h", work)
     finally:
         PROGRESS_HOOK.reset(token)
-    assert seen == [0.5, 0.5, 1.0]
+    assert seen == [(0.5, {"done": 2, "expected": 4}), (0.5, {"done": 2, "expected": 4}),
+                    (1.0, {"done": 4, "expected": 4})]
 
 
 def _partition(tmp_path, pid=0, config_hash="h1"):
