@@ -47,24 +47,26 @@ def wait_http(url: str, timeout: float) -> None:
 class Cluster:
     env: dict[str, str]
     logs: Path
+    url: str = ""
     workers: list[subprocess.Popen] = field(default_factory=list)
 
 
 @contextmanager
 def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0,
-                    extra_env: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """Start the server (state under ``home``), both pools (process type), ``workers`` workers on the CPU
-    pool and ``gpu_workers`` on the GPU one, and deploy everything in infra/prefect.yaml in one command."""
+                    extra_env: dict[str, str] | None = None, ui: bool = False) -> Iterator[Cluster]:
+    """Start the server (state under ``home``; with ``ui`` its web UI at ``Cluster.url``), both pools
+    (process type), ``workers`` workers on the CPU pool and ``gpu_workers`` on the GPU one, and deploy
+    everything in infra/prefect.yaml in one command."""
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
            "PREFECT_WORKER_PREFETCH_SECONDS": "5", "EDITFORGE_HOME": str(ROOT), "PYTHONUNBUFFERED": "1",
-           "PREFECT_UI_ENABLED": "false", **(extra_env or {})}
+           "PREFECT_UI_ENABLED": "true" if ui else "false", **(extra_env or {})}
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)]
-    cluster = Cluster(env, logs)
+    cluster = Cluster(env, logs, url=f"http://127.0.0.1:{port}")
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180)
         for pool in (CPU_POOL, GPU_POOL):  # a single box: the GPU pool is a process pool too (README)

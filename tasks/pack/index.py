@@ -16,6 +16,7 @@ from typing import Any
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
+from tasks.pack.card import write_card
 from tasks.registry import stage_hash
 
 
@@ -44,6 +45,7 @@ def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logg
     }
     url = layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
     storage.write_json_atomic(url, index)
+    write_card(cfg, index)  # README.md beside it (with pack.hf_export): the dataset card
     return resolve(index, url)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flows.local_cluster import BIN, ROOT, STAGES, prefect_cluster
+from tasks.common.config import load_config
 from tasks.registry import stage_hash
 
 pytestmark = pytest.mark.integration
@@ -28,12 +29,39 @@ SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=
 
 
 WORKERS: list[subprocess.Popen] = []
+URL: list[str] = []
+
+
+ALERTS: list[dict] = []  # what the alert automation's webhook received
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3, gpu_workers=1) as cluster:
+def webhook():
+    """A webhook on 127.0.0.1 standing in for Slack & co: the alert automation's notifications land here."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            ALERTS.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/alerts"
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, webhook):
+    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3, gpu_workers=1, ui=True,
+                         extra_env={"EDITFORGE_ALERT_WEBHOOK_URL": webhook}) as cluster:
         WORKERS[:] = cluster.workers  # (the worker processes, for the node-loss test)
+        URL[:] = [cluster.url]
         yield cluster.env, cluster.logs
 
 
@@ -51,8 +79,11 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
         "".join(p.read_text()[-3000:] for p in logs.iterdir())
     assert list(tmp_path.glob("pack/*/index.json"))
 
-    # two render runs with a new setting, one partition each, submitted together
-    changed = [*overrides, "render.steps=3"]
+    _check_dashboard(env, load_config("demo", overrides), tmp_path)
+
+    # two render runs with a new setting, one partition each, submitted together; the threshold makes almost
+    # every sample fail: each partition's pass rate is under run.alert_min_pass_rate, so the alert fires
+    changed = [*overrides, "render.steps=3", "render.keep.clip_direction_threshold=0.9"]
     runs = [subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "editforge-render/paper-render", "--params",
                               json.dumps({"preset": "demo", "overrides": changed, "partitions": [pid]}),
                               "--watch", "--watch-interval", "3", "--watch-timeout", "500"],
@@ -60,7 +91,6 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
             for pid in (0, 1)]
     outputs = [r.communicate(timeout=600)[0] for r in runs]
     assert all(r.returncode == 0 and "Completed" in o for r, o in zip(runs, outputs)), outputs
-    from tasks.common.config import load_config
     from tasks.common.contract import read_success
     from tasks.registry import partition_url
 
@@ -85,6 +115,63 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
                             text=True, timeout=60)
     assert json.loads(zombie.stdout) == {"posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
                                          "action": "CRASHED", "enabled": True}, zombie.stderr
+    # the alert automation (infra/automations/) notified the webhook of each low pass rate
+    deadline = time.time() + 90
+    while time.time() < deadline and len([a for a in ALERTS if "low-pass-rate" in a["subject"]]) < 2:
+        time.sleep(1)
+    low = [a for a in ALERTS if "low-pass-rate" in a["subject"]]
+    assert len(low) >= 2 and "render partition" in low[0]["body"] and "itest" in low[0]["subject"], ALERTS
+
+
+DASHBOARD_SCRIPT = """
+import json, sys
+from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
+from flows.dashboard import read_events
+render_key, progress_key, report_key = sys.argv[1:4]
+with get_client(sync_client=True) as c:
+    versions = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[render_key])),
+                                sort=ArtifactSort.CREATED_DESC)[::-1]
+    first_run = c.read_flow_run(versions[0].flow_run_id)
+    latest = lambda key: c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    print(json.dumps({
+        "tables": [{"created": v.created.timestamp(), "rows": len(json.loads(v.data) if isinstance(v.data, str) else v.data),
+                    "flow_run": str(v.flow_run_id)} for v in versions],
+        "render_flow_end": first_run.end_time.timestamp(), "render_flow": first_run.name,
+        "progress": latest(progress_key)[0].data, "report": str(latest(report_key)[0].latest_id),
+        "events": [[e["event"], e["payload"].get("stage"), e["payload"].get("partition")] for e in read_events(c, "itest")],
+        "alert": Automation.read(name="editforge: render partition failed or pass rate low").actions[0].type,
+    }))
+"""
+
+
+def _check_dashboard(env, cfg, tmp_path):
+    """The dashboard of the deployment run: rows per partition while render ran, progress 100%, the events, the
+    alert automation, and the report artifact rendered by the Prefect UI (plots and pair grids) in Chromium."""
+    from flows.browser import look
+    from tasks.common.layout import artifact_key
+
+    keys = [artifact_key("itest", "render", stage_hash(cfg, "render")),
+            artifact_key("itest", "progress", stage_hash(cfg, "pack")), artifact_key("itest", "report", stage_hash(cfg, "pack"))]
+    out = subprocess.run([str(BIN / "python"), "-c", DASHBOARD_SCRIPT, *keys], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout)
+    tables = seen["tables"]
+    # partition 0's row was on the dashboard before the render flow run ended (both rows came in its own run)
+    assert [t["rows"] for t in tables][:2] == [1, 2] and tables[0]["created"] < seen["render_flow_end"], seen
+    assert seen["progress"] == 100.0
+    events = seen["events"]
+    assert ["editforge.partition.completed", "render", 0] in events and ["editforge.partition.completed", "render", 1] \
+        in events and ["editforge.run.completed", None, None] in events, events
+    assert seen["alert"] == "send-notification"
+    shot = tmp_path / "prefect-ui-report.png"
+    page = look(f"{URL[0]}/artifacts/artifact/{seen['report']}", shot, wait_for="text=Survival funnel", timeout_s=120)
+    drawn = {i["alt"] for i in page["images"] if i["width"] > 100 and i["src"].startswith("data:image/")}
+    assert {"funnel", "metrics", "pass_rate", "best", "worst", "loss"} <= drawn, page["images"]
+    assert shot.stat().st_size > 20_000
 
 
 DEPLOYMENTS_SCRIPT = """
@@ -191,6 +278,27 @@ def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path, 
     assert overlapped, by_stage  # two blocks of one stage ran at the same time
     assert _shards(tmp_path / "fan") == in_process != {}
     assert list((tmp_path / "fan").glob("pack/*/index.json"))
+    # the dashboard stays right when the work is split over child runs: one render table of all 4 partitions
+    # (published by two blocks' runs), and the run-wide progress at 100%
+    from tasks.common.layout import artifact_key
+
+    cfg = load_config("demo", _fan_out_args(tmp_path / "fan", "fanout")["overrides"])
+    listed = subprocess.run([str(BIN / "python"), "-c", LATEST_SCRIPT, artifact_key("fanout", "render", stage_hash(cfg, "render")),
+                             artifact_key("fanout", "progress", stage_hash(cfg, "pack"))], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    latest = json.loads(listed.stdout)
+    assert [len(latest[0]), latest[1]] == [4, 100.0] and [r["partition"] for r in latest[0]] == [0, 1, 2, 3], latest
+
+
+LATEST_SCRIPT = """
+import json, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+with get_client(sync_client=True) as c:
+    data = [c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[k])))[0].data
+            for k in sys.argv[1:]]
+print(json.dumps([json.loads(d) if isinstance(d, str) else d for d in data]))
+"""
 
 
 def _ancestors(pid: int) -> set[int]:

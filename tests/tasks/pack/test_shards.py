@@ -107,6 +107,16 @@ def test_hugging_face_export_has_the_released_columns(tmp_path):
     row = table.to_pylist()[0]
     assert row["original_prompt"] == "a house 0" and row["edit_prompt"] == "make it red"
     assert Image.open(io.BytesIO(row["edited_image"]["bytes"])).size == (8, 8)
+    # the dataset card beside it: front matter naming the parquet files, the counts, thresholds and hashes
+    import yaml
+
+    card = (Path(url).parents[2] / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    files = front["configs"][0]["data_files"]
+    assert files == [{"split": "train", "path": ["part-00000/hf/train-000000.parquet"]}]
+    assert (Path(url).parents[2] / files[0]["path"][0]).exists()
+    assert "| pairs (train / validation) | 3 / 0 |" in card and stage_hash(cfg, "pack") in card
+    assert f"{cfg.render.keep.clip_image_threshold} / {cfg.render.keep.clip_direction_threshold}" in card
 
 
 def test_jpeg_quality_defaults_to_the_reference_100():
