@@ -524,10 +524,10 @@ def _replayed(target: PipelineConfig, pilot: PipelineConfig, counts: Counter, pe
 def _speed(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, override: float | None,
            warnings: list[str]) -> dict:
     ms = data.manifests.get("render", [])
-    calls = sum(int(m.get("unet_calls_this_run", 0)) for m in ms if m.get("timings_s", {}).get("render"))
-    seconds = sum(float(m["timings_s"]["render"]) for m in ms if m.get("unet_calls_this_run") and
-                  m.get("timings_s", {}).get("render"))
-    wall = sum(float(m.get("wall_time_s", 0.0)) for m in ms if m.get("unet_calls_this_run"))
+    timed = [m for m in ms if m.get("unet_calls_this_run") and m.get("timings_s", {}).get("render")]
+    calls = sum(int(m["unet_calls_this_run"]) for m in timed)  # a resumed partition: what this run rendered
+    seconds = sum(float(m["timings_s"]["render"]) for m in timed)
+    wall = sum(float(m.get("wall_time_s", 0.0)) for m in timed)
     measured = calls / seconds if seconds else None
     wall_rate = calls / wall if wall else None
     if override is not None:
@@ -783,18 +783,16 @@ def estimate_command(
     """Estimate a full run's counts, GPU-hours and cost from a pilot run's finished partitions."""
     target = load_or_exit(preset, overrides)
     if from_preset is None and from_overrides is None:
-        pilot = target
+        pilot, pilot_overrides = target, list(overrides or [])
     else:
-        pilot = load_or_exit(from_preset or preset, from_overrides)
+        pilot, pilot_overrides = load_or_exit(from_preset or preset, from_overrides), list(from_overrides or [])
     ids = parse_partitions(partitions)
     if unet_calls_per_s is not None and not unet_calls_per_s > 0:
         raise typer.BadParameter(f"{unet_calls_per_s}: a rate above 0", param_hint="--unet-calls-per-s")
     with reported(debug):
         est = estimate(target, pilot, partitions=ids, unet_calls_per_s=unet_calls_per_s, gpus=gpus)
         est["target"] |= {"preset": preset, "overrides": list(overrides or [])}
-        est["pilot"] |= {"preset": from_preset or preset,
-                         "overrides": list(from_overrides if from_overrides is not None or from_preset
-                                           else overrides or [])}
+        est["pilot"] |= {"preset": from_preset or preset, "overrides": pilot_overrides}
         url = json_out or default_json_url(target)
         render_estimate(est)
         storage.write_bytes_atomic(url, (json.dumps(est, indent=2) + "\n").encode())

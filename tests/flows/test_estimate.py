@@ -236,3 +236,7 @@ def test_no_pilot_run_exits_2_saying_what_to_run(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: no finished text and render partitions"), result.output
     assert not (tmp_path / "estimate-demo.json").exists()
+    # a pilot named by its preset alone reads that preset's own output_root
+    result = runner.invoke(app, ["estimate", "--preset", "paper", "--set", f"output_root={tmp_path}",
+                                 "--from-preset", "demo", "--from-set", f"output_root={tmp_path / 'none'}"])
+    assert result.exit_code == 2 and f"'demo' in {tmp_path / 'none'}" in result.output, result.output
