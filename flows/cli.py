@@ -8,6 +8,7 @@
     editforge verify --preset demo
     editforge index --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge estimate --preset paper --from-preset demo --partitions 0
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -21,6 +22,7 @@ import typer
 import yaml
 
 from flows.calibrate_cli import calibrate_early
+from flows.estimate import estimate_command
 from flows.generate import run
 from flows.options import (
     Debug,
@@ -41,6 +43,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="EditForge: r
 app.command("run")(run)
 app.command("train")(train_command)
 app.command("calibrate-early")(calibrate_early)
+app.command("estimate")(estimate_command)
 
 CHAIN = [s.name for s in registry.chain()]
 

@@ -421,6 +421,36 @@ class RunConfig(Section):
     alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
 
 
+class CostConfig(Section):
+    """Prices for ``editforge estimate`` (:mod:`flows.estimate`), in US dollars. Never part of a stage hash:
+    no stage record names this section, and every field is operational besides.
+
+    Defaults, with where they come from (list prices as of May 2026, not checked live from here; set
+    your own with ``--set cost.gpu_hour_usd=...``):
+
+    - ``gpu_hour_usd`` 3.00: one H100 SXM 80GB on demand at a specialty GPU cloud (Lambda, CoreWeave,
+      RunPod, Crusoe: $2.49-3.99 per GPU-hour in early 2026, pricegpu.pages.dev "H100 vs A100 cloud
+      pricing"; hyperscalers list $3.50-5 and more, spot and reservations 30-50% less).
+    - ``cpu_hour_usd`` 0.045: one vCPU on demand (AWS c7i.large, 2 vCPUs at $0.0893/h in us-east-1).
+    - ``text_*``: OpenAI's fine-tuned ``gpt-4o-mini-2024-07-18`` (``text_price_model``, the default
+      ``text.openai.base_model``): $0.30 / $1.20 per million input / output tokens and $3.00 per million
+      training tokens (OpenAI's pricing page, fine-tuning section; the same figures in tokenmix.ai's
+      April 2026 table). The Batch API (``text.openai.mode: batch``) bills generation at
+      ``batch_discount`` (0.5) of that. Training tokens are the fine-tune file's tokens times the epochs:
+      ``text.openai.finetune_epochs``, else ``finetune_epochs_assumed`` (OpenAI's ``auto`` picks from
+      the dataset size).
+    """
+
+    gpu_hour_usd: float = operational(3.0, ge=0, description="one GPU-hour (render, local LM)")
+    cpu_hour_usd: float = operational(0.045, ge=0, description="one CPU-core hour (captions, filter, pack)")
+    text_price_model: str = operational("gpt-4o-mini-2024-07-18", description="the model the text_* prices are for")
+    text_input_per_mtok_usd: float = operational(0.30, ge=0, description="per million prompt tokens (fine-tuned model)")
+    text_output_per_mtok_usd: float = operational(1.20, ge=0, description="per million completion tokens")
+    text_training_per_mtok_usd: float = operational(3.00, ge=0, description="per million fine-tune training tokens")
+    batch_discount: float = operational(0.5, ge=0, le=1, description="Batch API price as a share of online")
+    finetune_epochs_assumed: int = operational(3, ge=1, description="epochs when text.openai.finetune_epochs is unset")
+
+
 class PipelineConfig(Section):
     name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
     output_root: str = "runs/demo"
@@ -434,6 +464,7 @@ class PipelineConfig(Section):
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+    cost: CostConfig = operational(CostConfig(), description="prices for editforge estimate (never hashed)")
 
     def selection(self) -> Selection:
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""
