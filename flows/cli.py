@@ -3,6 +3,8 @@
     editforge run --preset demo --set render.steps=20
     editforge stage render --preset paper --partitions 0-9
     editforge train --preset demo
+    editforge evaluate --preset demo --image-guidance 1.0,1.5,2.0
+    editforge edit photo.jpg "make it snowy" --preset demo
     editforge config --preset paper
     editforge report --preset demo
     editforge verify --preset demo
@@ -23,6 +25,8 @@ import yaml
 
 from flows.calibrate_cli import calibrate_early
 from flows.estimate import estimate_command
+from flows.edit import edit_command
+from flows.evaluate import evaluate_command
 from flows.generate import run
 from flows.options import (
     Debug,
@@ -42,6 +46,8 @@ from tasks.common.config import preset_names
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="EditForge: regenerate an InstructPix2Pix dataset")
 app.command("run")(run)
 app.command("train")(train_command)
+app.command("evaluate")(evaluate_command)
+app.command("edit")(edit_command)
 app.command("calibrate-early")(calibrate_early)
 app.command("estimate")(estimate_command)
 

@@ -16,6 +16,9 @@ never over it, and what did not change is reused (a new filter threshold reads t
     {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
                                                         differ only in the sample-edit settings)
     {output_root}/report/{pack hash}/report.html, *.png  the run's report (plots, pair grids)
+    {output_root}/eval/{hash}/{metrics.json,eval.parquet,eval.png,examples.png}
+                                                        an evaluation of an editing model (hash: model,
+                                                        held-out shards, CLIP model, settings)
 
 Stages and flows ask this module for a path instead of spelling it, so a name is written once;
 :func:`tasks.registry.partition_url` fills in the hash a config gives a stage.
@@ -38,6 +41,12 @@ KEPT_FILE = "kept.parquet"
 INDEX_FILE = "index.json"
 FINETUNED_MODEL = "model"
 OPENAI_MODEL_FILE = "openai_model.json"
+# an evaluation's files (`editforge evaluate`), in eval_dir
+EVAL = "eval"
+EVAL_METRICS = "metrics.json"
+EVAL_SAMPLES = "eval.parquet"
+EVAL_PLOT = "eval.png"
+EVAL_EXAMPLES = "examples.png"
 
 # a run's name is part of its dashboard keys; Prefect allows lowercase letters, digits and dashes there
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
@@ -108,6 +117,11 @@ def finetuned_model_dir(output_root: str, config_hash: str) -> str:
 def train_work_dir(output_root: str, weights_key: str) -> str:
     """Training's checkpoints, by weights key: shared by the versions that differ only in how they sample."""
     return storage.url_join(output_root, "train", "_work", weights_key)
+
+
+def eval_dir(output_root: str, eval_hash: str) -> str:
+    """`eval/<hash>/`: one evaluation (its hash covers the model, the held-out shards, CLIP and the settings)."""
+    return stage_dir(output_root, EVAL, eval_hash)
 
 
 def index_url(output_root: str, pack_hash: str) -> str:

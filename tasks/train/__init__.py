@@ -7,6 +7,8 @@
 - `conditioning`: the paper's conditioning dropout (5 % text only, 5 % both, 5 % image only);
 - `loop`:         the `accelerate` training loop (checkpoints, resume, EMA, metrics);
 - `infer`:        editing with the two guidance scales, guarded against silently disabled guidance;
+- `evaluate`:     the paper's evaluation (Fig. 8/10): held-out edits over image guidance, CLIP image vs direction
+                  similarity with the filter's scorer -> `eval/<hash>/` (`editforge evaluate`);
 - `stage`:        the stage contract around it (`train/<hash>/part-00000/_SUCCESS.json`), the hash, the sample edit;
 - `synthetic`:    small learnable shards for tests and smoke runs without the generation pipeline;
 """

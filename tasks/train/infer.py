@@ -53,6 +53,28 @@ def edit_image(pipe, image: Image.Image, instruction: str, *, guidance_scale: fl
     return result.images[0]
 
 
+def edit_images(pipe, images: list[Image.Image], instructions: list[str], seeds: list[int], *,
+                guidance_scale: float = TEXT_GUIDANCE, image_guidance_scale: float = IMAGE_GUIDANCE, steps: int = 50,
+                allow_unguided: bool = False) -> list[Image.Image]:
+    """Edit a batch of equally sized images in one pipeline call, each with its own generator (`seeds`): each
+    image's noise is drawn from its own seed, so an image's edit does not depend on which others share its
+    batch (up to float rounding of the batched kernels)."""
+    if not (len(images) == len(instructions) == len(seeds)):
+        raise ValueError(f"{len(images)} images, {len(instructions)} instructions, {len(seeds)} seeds: one each")
+    if len({img.size for img in images}) > 1:
+        raise ValueError("edit_images: images of one batch must have the same size")
+    check_guidance(guidance_scale, image_guidance_scale, allow_unguided)
+    generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+    size = {}
+    if hasattr(pipe, "text_encoder_2"):  # the SDXL pipeline defaults to the UNet's sample size, not the image's
+        factor, (w, h) = pipe.vae_scale_factor, images[0].size
+        size = {"width": w // factor * factor, "height": h // factor * factor}
+    result = pipe(list(instructions), image=[img.convert("RGB") for img in images], num_inference_steps=steps,
+                  guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale, generator=generators,
+                  **size)
+    return list(result.images)
+
+
 def edit_with_model(folder: str | Path, image: Image.Image, instruction: str, *, device: str = "cpu",
                     **kwargs) -> Image.Image:
     """Load a saved editing model folder and edit one image (see `edit_image` for the keyword arguments)."""

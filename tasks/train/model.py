@@ -26,12 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.common.errors import PermanentError
 from tasks.common.models import DiffusionComponents, load_diffusion
 
 EDIT_IN_CHANNELS = 8
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
 PIPELINE_CLASS_XL = "StableDiffusionXLInstructPix2PixPipeline"
 SKIPPED_WEIGHT_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx", ".pb")
+TEXT_TO_IMAGE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+class NotAnEditingModelError(PermanentError, ValueError):
+    """A folder given as an editing model is not an (SDXL) InstructPix2Pix pipeline; the message says what it is."""
 
 
 def widen_conv_in(unet, in_channels: int = EDIT_IN_CHANNELS):
@@ -165,11 +171,51 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Pa
     return folder
 
 
+def _json_class(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_editing_model(folder: str | Path) -> str:
+    """The pipeline class an InstructPix2Pix model folder names (SD or SDXL), or NotAnEditingModelError saying
+    what the folder holds instead (nothing, a single model, another pipeline, a UNet without 8 input channels)."""
+    path = Path(folder)
+    expected = f"a diffusers {PIPELINE_CLASS} or {PIPELINE_CLASS_XL} folder (model_index.json, unet/, vae/, ...)"
+    if not path.exists():
+        raise NotAnEditingModelError(f"{folder}: no such folder; expected {expected}")
+    if not path.is_dir():
+        raise NotAnEditingModelError(f"{folder} is a file, not a model folder; expected {expected}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        single = _json_class(path / "config.json") if (path / "config.json").is_file() else None
+        entries = sorted(p.name for p in path.iterdir())
+        found = (f"a single {single} (config.json), not a pipeline" if single else
+                 f"no model_index.json (it holds {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
+                 if entries else "an empty folder")
+        raise NotAnEditingModelError(f"{folder} is not an InstructPix2Pix pipeline: found {found}; expected {expected}")
+    name = _json_class(index)
+    if name not in (PIPELINE_CLASS, PIPELINE_CLASS_XL):
+        why = (" (a text-to-image model: train an editing model from it with `editforge train`)"
+               if name in TEXT_TO_IMAGE_CLASSES else "")
+        raise NotAnEditingModelError(f"{folder} is not an InstructPix2Pix pipeline: its model_index.json names "
+                                     f"{name or 'no _class_name'}{why}; expected {PIPELINE_CLASS} or {PIPELINE_CLASS_XL}")
+    unet = path / "unet" / "config.json"
+    try:
+        channels = json.loads(unet.read_text(encoding="utf-8")).get("in_channels")
+    except (OSError, ValueError) as err:
+        raise NotAnEditingModelError(f"{folder}: {name} folder without a readable unet/config.json ({err})") from None
+    if channels != EDIT_IN_CHANNELS:
+        raise NotAnEditingModelError(f"{folder}: model_index.json names {name}, but its UNet takes {channels} input "
+                                     f"channels; an InstructPix2Pix UNet takes {EDIT_IN_CHANNELS} (noise + image latents)")
+    return name
+
+
 def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load a saved editing model with diffusers' own `from_pretrained` (local files only); the pipeline
-    class (SD or SDXL InstructPix2Pix) is the one `model_index.json` names."""
-    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
-    sdxl = name == PIPELINE_CLASS_XL
+    class (SD or SDXL InstructPix2Pix) is the one `model_index.json` names (:func:`check_editing_model`)."""
+    sdxl = check_editing_model(folder) == PIPELINE_CLASS_XL
     extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     pipe = pipeline_class(sdxl).from_pretrained(str(folder), dtype=dtype, local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)

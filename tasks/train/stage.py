@@ -32,7 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, TrainConfig
-from tasks.common.contract import MissingInputError, PartitionRun
+from tasks.common.contract import MissingInputError, PartitionRun, read_success
 from tasks.common.devices import torch_device
 from tasks.common.tiny import cache_root
 from tasks.pack.index import read_index
@@ -61,6 +61,32 @@ def weights_key(cfg: PipelineConfig, index: dict[str, Any]) -> str:
 def train_hash(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """The stage's config hash for `_SUCCESS.json`: the weights plus the sample-edit settings and val shards."""
     return stage_hash(cfg, STAGE, upstream=_pack_hash(index), extra=_shards(index))
+
+
+class NoTrainedModelError(MissingInputError):
+    """The training flow has not finished a model for this config (and index) yet."""
+
+
+def trained_model(cfg: PipelineConfig, index_url: str | None = None, args: str = "--preset <preset>"
+                  ) -> tuple[str, str]:
+    """(model folder, train hash) of the model the training flow finished for this config, on `index_url`
+    (default: the run's own index), or NoTrainedModelError naming the command to run (`args`: the preset
+    and overrides to repeat in it)."""
+    own = index_url is None
+    url = index_url or layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
+    train_cmd = f"editforge train {args}" + ("" if own else f" --index {index_url}")
+    if not storage.exists(url):
+        if own:
+            raise NoTrainedModelError(f"no trained model for this config: it has no shards yet ({url} is missing); "
+                                      f"run `editforge run {args}`, then `{train_cmd}`")
+        raise NoTrainedModelError(f"no shard index at {url}: no model can have been trained on it")
+    config_hash = train_hash(cfg, read_index(url, resolved=False))
+    folder = layout.partition_dir(cfg.output_root, STAGE, config_hash, 0)
+    done = read_success(folder)
+    if not done or done.get("config_hash") != config_hash or not done.get("model_dir"):
+        raise NoTrainedModelError(f"no trained model for this config yet ({folder} holds no finished training); "
+                                  f"run `{train_cmd}` first, or pass --model PATH")
+    return storage.url_join(cfg.output_root, done["model_dir"]), config_hash
 
 
 def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Small synthetic edit shards in the pack stage's exact layout, for tests and training smoke runs.
+"""Small synthetic edit shards in the pack stage's exact layout, and a tiny editing model, for tests and smoke runs.
 
 Each sample is its own triplet (key `synthetic<seed>-<index>_<seed>`, the pack stage's `{caption_id}_{seed}`
 form). Each sample is a coloured square on a plain background (input) and the same scene after a simple,
@@ -47,9 +47,12 @@ def synthetic_sample(index: int, size: int = 64, seed: int = 0, fmt: str = "jpg"
     original = _scene(size, COLOURS[square], COLOURS[background], box)
     if rng.random() < 0.5:
         edited, instruction = _scene(size, COLOURS[target], COLOURS[background], box), f"make the square {target}"
+        output = f"a {target} square on {background}"
     else:
         edited, instruction = _scene(size, COLOURS[square], COLOURS[target], box), f"make the background {target}"
-    record = {"input": f"a {square} square on {background}", "edit": instruction, "synthetic": True, "index": index}
+        output = f"a {square} square on {target}"
+    record = {"input": f"a {square} square on {background}", "edit": instruction, "output": output,
+              "synthetic": True, "index": index}
     return {
         "__key__": f"synthetic{seed:04d}-{index:06d}_{seed}",  # `{triplet}_{seed}` as the pack stage's keys
         f"input.{fmt}": _encode(original, fmt),
@@ -83,3 +86,23 @@ def write_synthetic_shards(folder: str, train_samples: int = 24, val_samples: in
     index_url = storage.url_join(folder, "index.json")
     storage.write_json_atomic(index_url, index)
     return index_url
+
+
+def write_tiny_editing_model(folder: str, sdxl: bool = False, image_weight_scale: float = 0.1, seed: int = 0) -> str:
+    """An untrained (SDXL) InstructPix2Pix pipeline folder on the `tiny` (`tiny-sdxl`) components, in seconds.
+
+    `conv_in`'s image channels get seeded random weights (`image_weight_scale`; zero is what training starts
+    from, under which the image guidance scale changes nothing), so edits depend on the input image and on
+    the image guidance scale, as a trained model's do."""
+    import torch
+
+    from tasks.train.model import base_folder, load_editing_model, save_pipeline
+
+    comps = load_editing_model("tiny-sdxl" if sdxl else "tiny")
+    if image_weight_scale:
+        weight = comps.unet.conv_in.weight
+        noise = torch.randn(weight[:, 4:].shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            weight[:, 4:] = noise * image_weight_scale
+    save_pipeline(comps, folder, base=base_folder(comps))
+    return folder
