@@ -103,4 +103,4 @@ def record_vlm_cost(run: PartitionRun, samples: pd.DataFrame, kept: int) -> None
     if kept:
         run.extra["vlm_tokens_per_kept_pair"] = round((totals["prompt_tokens"] + totals["completion_tokens"]) / kept, 1)
         if totals["cost_usd"] is not None:
-            run.extra["vlm_cost_per_kept_pair_usd"] = round(totals["cost_usd"] / kept, 6)
+            run.extra["vlm_cost_per_kept_pair_usd"] = round(totals["cost_usd"] / kept, 10)

@@ -45,7 +45,7 @@ def spent(rows: pd.DataFrame) -> dict[str, Any]:
         "judged": len(judged),
         "prompt_tokens": int(judged["vlm_prompt_tokens"].fillna(0).sum()) if len(judged) else 0,
         "completion_tokens": int(judged["vlm_completion_tokens"].fillna(0).sum()) if len(judged) else 0,
-        "cost_usd": None if len(judged) and np.isnan(cost).all() else round(float(np.nansum(cost)), 6),
+        "cost_usd": None if len(judged) and np.isnan(cost).all() else round(float(np.nansum(cost)), 9),
     }
 
 

@@ -224,7 +224,7 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint, cands: pd.DataFrame, v:
     run.stats.observe("vlm_score", rows["vlm_score"].to_numpy(dtype=float))
     run.extra.update({"vlm_model": v.model, "vlm_rubric": RUBRIC, "vlm_cost_usd": totals["cost_usd"]})
     if totals["judged"] and totals["cost_usd"] is not None:
-        run.extra["vlm_cost_per_judged_usd"] = round(totals["cost_usd"] / totals["judged"], 8)
+        run.extra["vlm_cost_per_judged_usd"] = round(totals["cost_usd"] / totals["judged"], 10)
     if totals["judged"]:
         run.extra["vlm_tokens_per_judged"] = round((totals["prompt_tokens"] + totals["completion_tokens"])
                                                    / totals["judged"], 1)
