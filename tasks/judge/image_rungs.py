@@ -4,7 +4,8 @@
   ``transformers.Dinov2Model`` for the before and the after image, each preprocessed as the model's image
   processor declares (short side resized bicubic with antialiasing, centre crop, ImageNet mean/std);
 - SSIM(before, after): torchmetrics' structural similarity (Gaussian window, sigma 1.5 -> 11x11, data
-  range 1), per pair, averaged over the channels and the valid window positions.
+  range 1), per pair, averaged over the channels and every pixel (the borders reflection-padded, as
+  torchmetrics does; scikit-image leaves the border windows out, which differs by ~1e-3).
 
 Each rung scores only the samples that passed the rungs below it (:func:`score_image_rungs`); the others
 keep NaN, as the selection (:mod:`tasks.common.selection`) expects. Scores depend only on a sample's own
