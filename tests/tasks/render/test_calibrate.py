@@ -153,7 +153,8 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     margins = sorted({*DEFAULT_MARGINS, none_dropped, 0.0})
     table, _ = calibrate(cfg, margins)
     assert (table["scored"] == len(rendered)).all() and (table["passing"] == rendered["passed"].sum()).all()
-    assert passes(data.samples, keep).equals(data.samples["passed"])  # final pass = the stage's own
+    # final pass = the stage's own (CLIP and the image rungs render applies)
+    assert passes(data.samples, keep, ("clip", *cfg.judges.image_rungs())).equals(data.samples["passed"])
     row = table.set_index("margin").loc[none_dropped]
     assert row["dropped"] == 0 and row["recall"] == 0 and row["unet_fraction"] == 1 and row["cost_per_pass"] == 1
     for margin, row in table.set_index("margin").iterrows():

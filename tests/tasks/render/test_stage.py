@@ -261,9 +261,9 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
     third = render(tmp_path / "c", "text.temperature=0.9")
     assert not any(m["skipped"] for m in (first, second, third))
     assert second["counts"]["out"] < first["counts"]["out"]
-    assert MODELS.loads == {"diffusion": 1, "clip": 1}
+    assert MODELS.loads == {"diffusion": 1, "clip": 1, "dino": 1}  # the demo runs the DINOv2 rung too
     render(tmp_path / "d", "render.scheduler=ddim")
-    assert MODELS.loads == {"diffusion": 2, "clip": 1}
+    assert MODELS.loads == {"diffusion": 2, "clip": 1, "dino": 1}
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 4])
