@@ -8,6 +8,7 @@
     editforge verify --preset demo
     editforge index --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge estimate --preset paper --set judges.vlm.enabled=true --pairs 1800000
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
@@ -136,6 +137,39 @@ def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
     typer.echo(yaml.safe_dump({"resources": resources}, sort_keys=False))
     typer.echo("# config hashes of the chain (train's also covers the shards it trains on)")
     typer.echo(json.dumps(hashes, indent=2))
+
+
+@app.command()
+def estimate(preset: Preset = "demo", overrides: Overrides = None,
+             pairs: Annotated[int | None, typer.Option(help="project the VLM judge's cost for this many kept pairs "
+                                                         "(default: those measured)")] = None) -> None:
+    """The VLM judge's tokens and cost measured on the partitions finished under this config (judge and filter
+    manifests): per judged sample, per kept pair, and projected for --pairs kept pairs."""
+    from tasks.judge.cost import estimate as judge_estimate
+
+    cfg = load_or_exit(preset, overrides)
+    if not cfg.judges.vlm.enabled:
+        typer.echo("the VLM judge is off under this config (judges.vlm.enabled=false): it costs nothing")
+        return
+    with reported(False):
+        judged, filtered = registry.manifests(cfg, "judge"), registry.manifests(cfg, "filter")
+    both = [pid for pid in judged if judged[pid] and filtered.get(pid)]
+    if not both:
+        typer.echo("no partition finished through judge and filter under this config yet: run them first "
+                   "(editforge stage judge / filter), then estimate from what they measured", err=True)
+        raise typer.Exit(1)
+    e = judge_estimate([judged[p] for p in both], [filtered[p] for p in both], pairs)
+    money = (lambda v: "unpriced (add judges.vlm.prices.<model>)" if v is None else f"${v:,.6f}")  # noqa: E731
+    typer.echo(f"VLM judge {cfg.judges.vlm.model} ({cfg.judges.vlm.mode} mode), {len(both)} partition(s) measured:")
+    typer.echo(f"  judged {e['judged']} samples: {e['prompt_tokens']} prompt + {e['completion_tokens']} completion "
+               f"tokens, {money(e['cost_usd'])}")
+    if e["judged"]:
+        typer.echo(f"  per judged sample: {e['tokens_per_judged']:.1f} tokens, {money(e['cost_per_judged_usd'])}")
+    if e["kept_pairs"]:
+        typer.echo(f"  per kept pair ({e['kept_pairs']} kept, {e['judged_per_kept_pair']:.2f} judged each): "
+                   f"{money(e['cost_per_kept_pair_usd'])}")
+        typer.echo(f"  projected for {e['projected_pairs']:,} kept pairs: {money(e['projected_cost_usd'])}")
+    typer.echo(json.dumps(e))
 
 
 @app.command()

@@ -15,6 +15,7 @@ from rich.table import Table
 from tasks import registry
 from tasks.common import layout
 from tasks.common.config import PipelineConfig
+from tasks.filter.stage import funnel_line
 
 
 def current_manifests(cfg: PipelineConfig) -> dict[str, list[dict]]:
@@ -92,6 +93,9 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
                       f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
                       f"render.save_images={cfg.render.save_images}); "
                       f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
+    filtered = next((r for r in rows if r["stage"] == "filter"), None)
+    if filtered and (ladder := funnel_line(filtered["counts"])):  # each judge rung's pass rate
+        console.print(ladder)
     others = {stage.name: [v for v in layout.versions(cfg.output_root, stage.name)
                            if v != registry.stage_hash(cfg, stage.name)] for stage in registry.chain()}
     others = {k: v for k, v in others.items() if v}

@@ -91,6 +91,17 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
     return execute(cfg, STAGE, partition_id, work, logger)
 
 
+def funnel_line(counts: dict[str, int]) -> str | None:
+    """The judge ladder's funnel from (summed) filter counts: each rung's samples in, passed, pass rate."""
+    from tasks.common.selection import RUNGS
+
+    steps = [(r, counts[f"ladder_{r}_in"], counts[f"ladder_{r}_passed"]) for r in RUNGS if f"ladder_{r}_in" in counts]
+    if len(steps) < 2:
+        return None
+    parts = [f"{rung} {n_in} -> {n_out} ({n_out / n_in:.0%})" if n_in else f"{rung} 0" for rung, n_in, n_out in steps]
+    return "judge ladder (filter): " + ", ".join(parts)
+
+
 def record_vlm_cost(run: PartitionRun, samples: pd.DataFrame, kept: int) -> None:
     """The VLM judge's tokens and money spent on this partition's samples, and per kept pair."""
     from tasks.judge.cost import spent

@@ -212,3 +212,25 @@ def _overrides(cfg) -> dict[str, str]:
     v = cfg.judges.vlm
     return {"output_root": cfg.output_root, "render.save_images": "passed", "judges.vlm.enabled": "true",
             "judges.vlm.base_url": v.base_url, "judges.vlm.api_key_env": v.api_key_env, "judges.vlm.model": v.model}
+
+
+def test_estimate_reports_tokens_and_cost_per_judged_sample_and_kept_pair(fake, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.filter.stage import funnel_line
+
+    cfg = judge_config(fake, tmp_path)
+    fake_render(cfg)
+    judged, filtered = run_judge(cfg, 0), run_filter(cfg, 0)
+    args = ["estimate", "--pairs", "1000000", *(a for kv in _overrides(cfg).items() for a in ("--set", "=".join(kv)))]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    e = json.loads(result.output.strip().splitlines()[-1])
+    assert e["judged"] == judged["counts"]["vlm_judged"] and e["kept_pairs"] == filtered["counts"]["out"]
+    assert e["cost_usd"] == pytest.approx(judged["vlm_cost_usd"])
+    assert e["cost_per_kept_pair_usd"] == pytest.approx(judged["vlm_cost_usd"] / filtered["counts"]["out"])
+    assert e["projected_cost_usd"] == pytest.approx(e["cost_per_kept_pair_usd"] * 1_000_000)
+    assert "per kept pair" in result.output
+    line = funnel_line(filtered["counts"])
+    assert line.startswith("judge ladder (filter): clip ") and " vlm " in line
