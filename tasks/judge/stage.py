@@ -13,7 +13,8 @@ run resumes without asking a judged sample again. A request refused for good (4x
 recorded as ``refused``; an answer that is not the rubric's JSON as ``unparseable``; 401/403/404 stop the stage.
 
 ``judgments.parquet``: one row per judged candidate, sorted by sample key (the columns of
-:data:`tasks.judge.vlm.JUDGMENT_COLUMNS` plus ``vlm_cost_usd``). Manifest: ``in`` (candidates), ``out``
+:data:`tasks.judge.vlm.JUDGMENT_COLUMNS` plus ``vlm_cost_usd``); empty with the VLM judge off (then
+``out`` = ``in``: the candidates pass through a rung that is off). Manifest: ``in`` (candidates), ``out``
 (scored), rejections ``vlm_unparseable`` / ``vlm_refused``, tokens, retries by reason, and the cost
 (``vlm_cost_usd``, ``vlm_cost_per_judged_usd``). The key is never written anywhere.
 """
@@ -64,9 +65,9 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         samples = storage.read_parquet(run.input_path("render", SAMPLES_FILE))
         cands = candidates(samples, cfg)
         run.stats.add("in", len(cands))
-        if not v.enabled:
+        if not v.enabled:  # the rung is off: nothing is asked, every candidate passes through it
             storage.write_parquet_atomic(run.output(JUDGMENTS_FILE), pd.DataFrame(columns=COLUMNS))
-            run.stats.add("out", 0)
+            run.stats.add("out", len(cands))
             run.extra["vlm"] = "off"
             return
         checkpoint = run.checkpoint("sample_key", expected=len(cands))
