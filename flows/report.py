@@ -89,7 +89,8 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         c = render["counts"]
         ref = c.get("unet_calls_reference")
         versus = f" (the reference loop: {ref}, {c.get('unet_calls', 0) / ref:.0%})" if ref else ""
-        console.print(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
+        passed = "the CLIP filter" if not cfg.judges.image_rungs() else "CLIP and the image rungs"
+        console.print(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed {passed}, "
                       f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
                       f"render.save_images={cfg.render.save_images}); "
                       f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
