@@ -234,3 +234,34 @@ def test_estimate_reports_tokens_and_cost_per_judged_sample_and_kept_pair(fake, 
     assert "per kept pair" in result.output
     line = funnel_line(filtered["counts"])
     assert line.startswith("judge ladder (filter): clip ") and " vlm " in line
+
+
+def test_recorded_batch_jobs_are_polled_not_created_again(fake, tmp_path):
+    fake.knobs.batch_polls = 10_000
+    cfg = judge_config(fake, tmp_path, "judges.vlm.mode=batch", "judges.vlm.batch_max_requests=4",
+                       "judges.vlm.poll_timeout_s=0.2")
+    fake_render(cfg)
+    with pytest.raises(TimeoutError, match="re-run to keep polling"):
+        run_judge(cfg, 0)
+    created = [r for r in fake.state.requests if r["path"] == "/v1/batches"]
+    fake.knobs.batch_polls = 1
+    manifest = run_judge(cfg, 0)
+    assert manifest["counts"]["batch_jobs_resumed"] == len(created) > 0
+    assert "batch_jobs_created" not in manifest["counts"]
+    assert len([r for r in fake.state.requests if r["path"] == "/v1/batches"]) == len(created)  # no new job paid for
+    assert (judgments(cfg)["vlm_status"] == "ok").all() and judgments(cfg)["vlm_batch"].all()
+
+
+def test_key_from_a_prefect_secret_block(fake, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from prefect.blocks.system import Secret
+
+    loaded: list[str] = []
+    monkeypatch.setattr(Secret, "load", staticmethod(lambda name, *a, **k: loaded.append(name)
+                                                     or SimpleNamespace(get=lambda: API_KEY)))
+    monkeypatch.delenv("EDITFORGE_TEST_JUDGE_KEY")
+    cfg = judge_config(fake, tmp_path, "judges.vlm.api_key_secret=editforge-judge")
+    fake_render(cfg)
+    assert run_judge(cfg, 0)["counts"]["vlm_judged"] > 0 and loaded == ["editforge-judge"]
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
