@@ -34,7 +34,7 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     overrides = [f"output_root={tmp_path}", "name=flowtest", *SMALL]
     result = generate("demo", overrides)
     stages = result["stages"]
-    assert list(stages) == ["captions", "text", "render", "filter", "pack"]
+    assert list(stages) == ["captions", "text", "render", "judge", "filter", "pack"]
     assert stages["captions"]["out"] == 8
     assert stages["text"]["out"] + sum(stages["text"]["rejected"].values()) == 8
     # with thresholds off, every rendered triplet keeps min(top_k, samples) pairs
