@@ -89,6 +89,9 @@ def flat_row(stage: str, manifest: dict, skipped: bool | None = None) -> dict[st
         **{f"rejected_{k}": v for k, v in rejected.items()},
         **figures,
         **{f"median_{k}": round(q["q50"], 4) for k, q in manifest.get("quantiles", {}).items()},
+        # each rung of the judge ladder: passed / reached (render: CLIP, DINOv2, SSIM; filter: + the VLM judge)
+        **{f"pass_rate_{k[7:-3]}": round(counts[f"ladder_{k[7:-3]}_passed"] / v, 4)
+           for k, v in counts.items() if k.startswith("ladder_") and k.endswith("_in") and v},
         "rejected": ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])) or "-",
         "wall_time_s": manifest.get("wall_time_s"),
     }

@@ -35,11 +35,17 @@ from flows.dashboard import finished  # noqa: E402
 from tasks import registry  # noqa: E402
 from tasks.common import layout, storage  # noqa: E402
 from tasks.common.config import PipelineConfig  # noqa: E402
-from tasks.common.selection import METRICS, thresholds  # noqa: E402
+from tasks.common.selection import METRICS, RUNGS, thresholds  # noqa: E402
 
 LABELS = {"clip_sim_0": "image 0 vs input caption", "clip_sim_1": "image 1 vs output caption",
           "clip_sim_dir": "directional similarity", "clip_sim_image": "image 0 vs image 1"}
 DPI = 90
+RUNG_NAMES = {"clip": "CLIP", "dino": "DINOv2", "ssim": "SSIM", "vlm": "the VLM judge"}
+# a rejection reason -> the rung that counts it (reasons of no rung: top-k, images not stored)
+REASON_RUNG = {"clip_direction": "clip", "clip_caption": "clip", "clip_image": "clip", "early_rejected": "clip",
+               "dino_similarity": "dino", "dino_not_scored": "dino", "ssim_low": "ssim", "ssim_high": "ssim",
+               "ssim_not_scored": "ssim", "vlm_score": "vlm", "vlm_unparseable": "vlm", "vlm_refused": "vlm",
+               "vlm_not_judged": "vlm"}
 
 
 @dataclass
@@ -180,15 +186,22 @@ def funnel_rows(data: RunData) -> list[dict]:
                     out[k] = out.get(k, 0) + v
         return out
 
-    render_rej = rejected("render")
-    filter_rej = {k: v for k, v in rejected("filter").items() if k not in render_rej or k == "not_in_top_k"}
+    filter_rej = rejected("filter")
+    ladder = [r for r in RUNGS if any(f"ladder_{r}_in" in m.get("counts", {}) for m in data.manifests.get("filter", []))]
     rows = [
         {"step": "source rows read", "count": data.source.get("counts", {}).get("rows_read"), "rejected": {}},
         {"step": "captions sampled", "count": total("captions", "out"), "rejected": data.source.get("rejected", {})},
         {"step": "triplets generated", "count": total("text", "out"), "rejected": rejected("text")},
         {"step": "samples rendered", "count": total("render", "samples"), "rejected": {}},
-        {"step": "passed the CLIP filter", "count": total("render", "passed"), "rejected": render_rej},
-        {"step": "kept pairs", "count": total("filter", "out"), "rejected": filter_rej},
+    ]
+    if ladder:  # each rung of the judge ladder, as the filter applied it (tasks/common/selection.py)
+        rows += [{"step": f"passed {RUNG_NAMES.get(r, r)}", "count": total("filter", f"ladder_{r}_passed"),
+                  "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) == r}} for r in ladder]
+    else:
+        rows.append({"step": "passed the CLIP filter", "count": total("render", "passed"), "rejected": rejected("render")})
+    rows += [
+        {"step": "kept pairs", "count": total("filter", "out"),
+         "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) is None}},
         {"step": "triplets with a kept pair", "count": total("filter", "triplets_kept"), "rejected": {}},
         {"step": "pairs packed", "count": total("pack", "out"), "rejected": rejected("pack")},
     ]
@@ -209,7 +222,8 @@ def funnel_figure(data: RunData) -> bytes:
                     va="center", fontsize=8)
     ax.set_xlim(0.5, max(max(counts, default=1), 1) * 60)
     ax.set_xlabel("count (log scale)")
-    ax.set_title("Survival funnel: from captions to kept pairs, with each step's rejections", fontsize=11)
+    ax.set_title("Survival funnel: from captions to kept pairs, each rung of the judge ladder with its rejections",
+                 fontsize=11)
     fig.tight_layout()
     return png(fig)
 

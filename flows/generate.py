@@ -1,7 +1,7 @@
 """The end-to-end DAG (Figure 2 of the paper), as one Prefect flow of stage sub-flows:
 
     captions ─┐
-    finetune ─┴► text (triplets) ──► render (P2P pairs + CLIP) ──► filter ──► pack (shards)
+    finetune ─┴► text (triplets) ──► render (P2P pairs + CLIP, DINOv2, SSIM) ──► judge (VLM) ──► filter ──► pack (shards)
 
     python -m flows.generate --preset demo [--set render.steps=20 ...]    (= editforge run)
 

@@ -28,5 +28,6 @@ STAGE = Stage(
     hash_extra=selection_inputs,
     outputs=(KEPT_FILE,),
     resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet (+ judgments.parquet)"),
-    headline=("n_triplets_in", "n_triplets_kept", "median_kept_clip_sim_dir"),
+    headline=("n_triplets_in", "n_triplets_kept", "pass_rate_clip", "pass_rate_dino", "pass_rate_ssim",
+              "pass_rate_vlm", "vlm_cost_per_kept_pair_usd", "median_kept_clip_sim_dir"),
 )

@@ -45,7 +45,8 @@ STAGE = Stage(
     retries=2,
     one_at_a_time=True,  # one partition at a time on the worker's GPU; workers split partitions
     progress=True,
-    headline=("pass_rate", "n_samples", "n_passed", "n_triplets_with_kept_pair", "unet_calls_per_kept_pair",
+    headline=("pass_rate", "pass_rate_clip", "pass_rate_dino", "pass_rate_ssim", "n_samples", "n_passed",
+              "n_triplets_with_kept_pair", "unet_calls_per_kept_pair",
               "samples_per_s", "pass_rate_clip_sim_dir", "pass_rate_clip_sim_image", "pass_rate_clip_sim_0",
               "pass_rate_clip_sim_1", "median_clip_sim_dir", "median_clip_sim_image"),
 )

@@ -100,7 +100,7 @@ def _check_dashboard(cfg, render_key, result):
     # the render table was published as partition 0 finished (1 row), then with both; the latest is readable
     tables = [json.loads(v.data) if isinstance(v.data, str) else v.data for v in versions]
     assert [len(t) for t in tables][:2] == [1, 2], [len(t) for t in tables]
-    assert list(tables[-1][0])[:6] == ["partition", "status", "in", "out", "pass_rate", "n_samples"]
+    assert list(tables[-1][0])[:6] == ["partition", "status", "in", "out", "pass_rate", "pass_rate_clip"]
     assert progress and progress[0].data == 100.0
     completed = [e for e in events if e["event"] == "editforge.partition.completed"]
     assert sorted((e["payload"]["stage"], e["payload"]["partition"]) for e in completed if e["payload"]["stage"] == "render") \
