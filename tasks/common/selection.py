@@ -60,6 +60,27 @@ def failure_reason(df: pd.DataFrame, selection: Any) -> pd.Series:
     return reason
 
 
+def per_seed_eligible(df: pd.DataFrame, selection: Any, per_seed: int | None) -> pd.Series | None:
+    """With p-branching (several samples per seed): the rows that may be kept — per (caption_id, seed) the
+    ``per_seed`` passing samples best by directional similarity (ties: the earlier row), and every
+    failing row (it is not a candidate anyway); None (no restriction) when ``per_seed`` is None.
+
+    A seed's branches share the before image and most of the after trajectory, so one per seed keeps
+    the kept pairs as diverse as independent samples are. With one sample per seed it changes nothing.
+    """
+    if per_seed is None or not len(df):
+        return None
+    ok = passes(df, selection)
+    eligible = pd.Series(True, index=df.index)
+    if not ok.any():
+        return eligible
+    ranked = df[ok].sort_values(["caption_id", "seed", RANK_BY], ascending=[True, True, False], kind="stable")
+    best = ranked.groupby(["caption_id", "seed"], sort=False).head(per_seed).index
+    eligible[ok] = False
+    eligible[best] = True
+    return eligible
+
+
 def select_top_k(df: pd.DataFrame, selection: Any, eligible: pd.Series | None = None) -> pd.Series:
     """Boolean `kept`: per caption_id, the top-k passing samples by directional similarity.
 

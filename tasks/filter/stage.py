@@ -6,7 +6,9 @@ kept pairs' (the reference), ``passed`` for every passing sample, ``all`` for ev
 re-selection works within those: stricter thresholds and a smaller top-k always do; a larger top-k needs
 ``passed``, looser thresholds ``all``. A pair the selection wants whose images were not written is not
 replaced by the next best: it is counted as ``image_not_stored`` (and logged with the setting to change),
-so the output is always exactly "the selection, minus what render did not keep".
+so the output is always exactly "the selection, minus what render did not keep". With p-branching
+(several samples per seed) at most ``render.keep_per_seed`` of a seed's passing samples are candidates, as
+in render.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import PartitionRun
 from tasks.common.layout import KEPT_FILE, SAMPLES_FILE
-from tasks.common.selection import RANK_BY, failure_reason, passes, select_top_k
+from tasks.common.selection import RANK_BY, failure_reason, passes, per_seed_eligible, select_top_k
 from tasks.registry import execute
 
 STAGE = "filter"
@@ -33,7 +35,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         samples = storage.read_parquet(run.input_path("render", SAMPLES_FILE))
         run.stats.add("in", len(samples))
         samples["passed"] = passes(samples, selection).to_numpy() if len(samples) else []
-        wanted = select_top_k(samples, selection)
+        wanted = select_top_k(samples, selection, per_seed_eligible(samples, selection, cfg.render.keep_per_seed))
         stored = samples["image_stored"].astype(bool)
         samples["kept"] = (wanted & stored).to_numpy()
         kept = samples[samples["kept"]].reset_index(drop=True)
