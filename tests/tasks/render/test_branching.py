@@ -221,3 +221,22 @@ def test_the_plan_keeps_a_seeds_branches_together_and_caps_passes_per_seed():
     assert uncapped.triplets[0].status == "satisfied"
     with pytest.raises(ValueError, match="multiple"):
         SamplingPolicy(max_samples=10, round_size=4, group=4)
+
+
+def test_branching_with_sdxl_conditioning_and_installed_processors(components):
+    """SDXL's pooled text and time ids follow the forked rows; the processors installed once (the
+    torch.compile path) re-lay their control in place as the branches fork."""
+    from tasks.render.attention import remove_attention
+
+    sdxl = load_diffusion("tiny-sdxl")
+    requests = [*branches(1234), PairRequest("plain", *HOUSE, 5)]
+    tree = render_pairs(sdxl, requests, settings(steps=6))
+    for i, r in enumerate(requests):
+        assert gap(tree.after[i], render_pairs(sdxl, [r], settings(steps=6)).after[0]) < ATOL
+    try:
+        installed = render_pairs(components, requests, settings(), persistent_attention=True)
+        again = render_pairs(components, requests[::-1], settings(), persistent_attention=True)
+    finally:
+        remove_attention(components.unet)
+    plain = render_pairs(components, requests, settings())
+    assert torch.equal(installed.after, plain.after) and gap(again.after.flip(0), plain.after) < ATOL
