@@ -57,7 +57,7 @@ FULL = ["captions.num_captions=24", "captions.num_partitions=10", "text.finetune
         "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=2"]
 # the rows of a stage's parquet output, by their key column
 ROW_KEYS = {"captions.parquet": "caption_id", "triplets.parquet": "caption_id", "samples.parquet": "sample_key",
-            "kept.parquet": "sample_key"}
+            "judgments.parquet": "sample_key", "kept.parquet": "sample_key"}
 # files whose bytes carry timings, compared without them
 VOLATILE = {"train": {"metrics.json"}}
 

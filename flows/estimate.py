@@ -639,13 +639,17 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
     bill("render", device, render["hours"])
     bill("filter", "cpu", filter_stage["hours"])
     bill("pack", "cpu", pack["hours"])
+    stages = {"captions": captions, "text": text, "render": render, "filter": filter_stage, "pack": pack}
+    if target.judges.vlm.enabled:  # the VLM judge: its measured cost per kept pair, for the kept pairs predicted
+        stages["judge"] = _judge(target, data, filter_stage["kept_pairs"], warnings)
+        usd["judge"] = stages["judge"].get("projected_cost_usd")
     known = [v for v in usd.values() if v is not None]
     return {
         "target": _describe(target),
         "pilot": _describe(pilot) | {"partitions": data.partitions, "not_finished": {
             k: v for k, v in data.not_finished.items() if v}},
         "warnings": warnings,
-        "stages": {"captions": captions, "text": text, "render": render, "filter": filter_stage, "pack": pack},
+        "stages": stages,
         "totals": {"gpu_hours": _num(hours["gpu"]), "cpu_hours": _num(hours["cpu"]),
                    "render_elapsed_hours": render.get("elapsed_hours"), "gpus": gpus,
                    "usd": _num(sum(known)) if known else None, "usd_by_stage": usd,
@@ -655,6 +659,21 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
                          "the local fine-tune (one partition; its time is the pilot's finetune wall_time_s)",
                          "storage and egress"],
     }
+
+
+def _judge(target: PipelineConfig, data: PilotData, kept_pairs: float | None, warnings: list[str]) -> dict:
+    """The VLM judge's tokens and money (tasks.judge.cost) from the pilot's judge and filter manifests,
+    projected for the kept pairs predicted."""
+    from tasks.judge.cost import estimate as judge_cost
+
+    judged, filtered = data.manifests.get("judge", []), data.manifests.get("filter", [])
+    if not any(m.get("counts", {}).get("vlm_judged") for m in judged) or not filtered:
+        warnings.append("judges.vlm.enabled: the pilot judged nothing (run it with the VLM rung on): the judge's "
+                        "cost is not included")
+        return {"judged": 0, "projected_cost_usd": None}
+    if target.judges.vlm.model not in {m.get("vlm_model") for m in judged} - {None}:
+        warnings.append(f"judges.vlm.model: the pilot's judge tokens are priced for {target.judges.vlm.model!r}")
+    return judge_cost(judged, filtered, round(kept_pairs or 0))
 
 
 def _describe(cfg: PipelineConfig) -> dict:
@@ -754,6 +773,12 @@ def render_estimate(est: dict, console: Any = None) -> None:
                       f"{ren['partitions']} partitions of {_fmt(ren['hours_per_partition'])} h")
     table.add_row("filter", "kept pairs", _fmt(fil["kept_pairs"]), "-", f"CPU-hours {_fmt(fil['hours'])}")
     table.add_row("pack", "samples", _fmt(pack["items"]), "-", f"CPU-hours {_fmt(pack['hours'])}")
+    if "judge" in s:
+        j = s["judge"]
+        table.add_row("judge", "VLM-judged samples", _fmt(j.get("judged_per_kept_pair") and
+                                                       j["judged_per_kept_pair"] * (fil["kept_pairs"] or 0)), "-",
+                      f"{_fmt(j.get('tokens_per_judged'))} tokens and {_fmt(j.get('cost_per_judged_usd'))} USD per "
+                      f"judged sample (pilot); {_fmt(j.get('cost_per_kept_pair_usd'))} USD per kept pair")
     usd = t["usd_by_stage"]
     table.add_row("total", "GPU-hours / CPU-hours", f"{_fmt(t['gpu_hours'])} / {_fmt(t['cpu_hours'])}", "-", "")
     table.add_row("", "USD", _fmt(t["usd"]), "-", ", ".join(f"{k} {_fmt(v)}" for k, v in usd.items())

@@ -101,7 +101,7 @@ class Progress:
     def inputs_ready(self, block: Block) -> bool:
         """Every partition this block reads is finished under the hash this config expects."""
         stage = registry.get(block.stage)
-        for upstream in stage.reads:
+        for upstream in stage.upstreams(self.cfg):
             wanted = sorted({stage.upstream_partition(registry.get(upstream), pid) for pid in block.partitions})
             if self.pending(upstream, wanted):
                 return False

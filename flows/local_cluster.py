@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("captions", "finetune", "text", "render", "filter", "pack")
+STAGES = ("captions", "finetune", "text", "render", "judge", "filter", "pack")
 CPU_POOL, GPU_POOL = "editforge-cpu", "editforge-gpu"
 
 

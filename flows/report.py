@@ -15,6 +15,7 @@ from rich.table import Table
 from tasks import registry
 from tasks.common import layout
 from tasks.common.config import PipelineConfig
+from tasks.filter.stage import funnel_line
 
 
 def current_manifests(cfg: PipelineConfig) -> dict[str, list[dict]]:
@@ -101,10 +102,14 @@ def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: l
         c = render["counts"]
         ref = c.get("unet_calls_reference")
         versus = f" (the reference loop: {ref}, {c.get('unet_calls', 0) / ref:.0%})" if ref else ""
-        lines.append(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed the CLIP filter, "
+        passed = "the CLIP filter" if not cfg.judges.image_rungs() else "CLIP and the image rungs"
+        lines.append(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed {passed}, "
                       f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
                       f"render.save_images={cfg.render.save_images}); "
                       f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
+    filtered = next((r for r in rows if r["stage"] == "filter"), None)
+    if filtered and (ladder := funnel_line(filtered["counts"])):  # each judge rung's pass rate
+        lines.append(ladder)
     others = {stage.name: [v for v in layout.versions(cfg.output_root, stage.name)
                            if v != registry.stage_hash(cfg, stage.name)] for stage in registry.chain()}
     others = {k: v for k, v in others.items() if v}

@@ -6,7 +6,11 @@ changes both (and the config hash of every stage that uses it):
 - completion format (the paper's GPT-3 fine-tune): prompt `finetune_prompt.txt` = `"{input}\\n##\\n"`,
   completion `finetune_completion.txt` = `"{edit}\\n%%\\n{output}\\nEND"`;
 - chat format (today's fine-tuning APIs and instruct models): system `chat_system.txt`, user
-  `chat_user.txt` (`{input}`), assistant = the paper's completion, so one parser reads both.
+  `chat_user.txt` (`{input}`), assistant = the paper's completion, so one parser reads both;
+- the VLM judge's rubric (VIEScore-like: instruction followed, unedited content preserved, image quality,
+  0-10 each, answered as JSON): system `judge_system.txt`, user `judge_user.txt` (`{instruction}`,
+  `{input_caption}`, `{output_caption}`), followed by the two images. Its own hash
+  (:func:`judge_templates_hash`) is part of the judge stage's, not the fine-tune's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 STOP_SEQUENCE = "\nEND"
 EDIT_OUTPUT_SEPARATOR = "\n%%\n"
 TEMPLATE_NAMES = ("finetune_prompt", "finetune_completion", "chat_system", "chat_user")
+JUDGE_TEMPLATE_NAMES = ("judge_system", "judge_user")
 
 
 @cache
@@ -75,3 +80,16 @@ def chat_example(input_caption: str, edit: str, output: str) -> dict[str, Any]:
 
 def templates_hash() -> str:
     return hashlib.sha1("\0".join(load_template(n) for n in TEMPLATE_NAMES).encode()).hexdigest()[:12]
+
+
+def judge_messages(instruction: str, input_caption: str, output_caption: str,
+                   image_parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The VLM judge's chat messages for one pair: the rubric (system), then the instruction and captions
+    followed by the two images (``image_parts``: OpenAI ``image_url`` content parts, original first)."""
+    text = render("judge_user", instruction=instruction, input_caption=input_caption, output_caption=output_caption)
+    return [{"role": "system", "content": render("judge_system")},
+            {"role": "user", "content": [{"type": "text", "text": text}, *image_parts]}]
+
+
+def judge_templates_hash() -> str:
+    return hashlib.sha1("\0".join(load_template(n) for n in JUDGE_TEMPLATE_NAMES).encode()).hexdigest()[:12]

@@ -1,7 +1,8 @@
 """The stage registry: every stage of EditForge, in DAG order, and what is derived from the records.
 
     captions ─┐
-    finetune ─┴► text ─► render ─► filter ─► pack ─► (train: its own flow)
+    finetune ─┴► text ─► render ─► judge ─► filter ─► pack ─► (train: its own flow)
+                                 └──────────────┘ (filter reads judge only with judges.vlm.enabled)
 
 Flows (:mod:`flows.stages`, :mod:`flows.generate`), the CLI, the report and the contract conformance
 test read this module; a new stage is one record in its package's ``spec.py`` and one name below.
@@ -20,12 +21,14 @@ from tasks.common.config import PipelineConfig
 from tasks.common.contract import PartitionWork, execute_partition, incomplete, read_success
 from tasks.common.stage import Resources, Stage, config_hash, load
 from tasks.filter.spec import STAGE as FILTER
+from tasks.judge.spec import STAGE as JUDGE
 from tasks.pack.spec import STAGE as PACK
 from tasks.render.spec import STAGE as RENDER
 from tasks.text.spec import FINETUNE, TEXT
 from tasks.train.spec import STAGE as TRAIN
 
-STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, FILTER, PACK, TRAIN)}
+STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, JUDGE, FILTER, PACK,
+                                                      TRAIN)}
 
 
 class UnknownStageError(KeyError):
@@ -51,7 +54,7 @@ def stage_hash(cfg: PipelineConfig, name: str, *, upstream: Mapping[str, str] | 
     and the hashes of the stages it reads, recursively (``upstream`` overrides them)."""
     stage = get(name)
     if upstream is None:
-        upstream = {u: stage_hash(cfg, u) for u in stage.reads}
+        upstream = {u: stage_hash(cfg, u) for u in stage.upstreams(cfg)}
     return config_hash(stage, cfg, upstream, extra)
 
 
@@ -67,7 +70,7 @@ def execute(cfg: PipelineConfig, name: str, partition_id: int, work: PartitionWo
     and the upstream partitions it must find finished (under their hashes) before it starts
     (``check_upstream=False``: the stage checked its inputs itself)."""
     stage = get(name)
-    upstream = dict(upstream) if upstream is not None else {u: stage_hash(cfg, u) for u in stage.reads}
+    upstream = dict(upstream) if upstream is not None else {u: stage_hash(cfg, u) for u in stage.upstreams(cfg)}
     inputs = {u: (stage.upstream_partition(get(u), partition_id), h) for u, h in upstream.items()
               if check_upstream}
     return execute_partition(name, partition_id, cfg.output_root, stage_hash(cfg, name, upstream=upstream, extra=extra),

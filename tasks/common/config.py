@@ -28,7 +28,7 @@ from pydantic import (
 
 from tasks.common.errors import PermanentError
 from tasks.common.layout import check_name
-from tasks.common.selection import METRICS
+from tasks.common.selection import IMAGE_RUNGS, METRICS, RANK_CHOICES, RENDER_RANK_CHOICES, VLM_COLUMNS
 
 OPERATIONAL_KEY = "operational"
 # where a model runs: auto (CUDA when visible), cpu, cuda, cuda:N, mps
@@ -87,6 +87,10 @@ class ModelsConfig(Section):
     clip_path: str | None = None
     lm: str = "tiny"
     lm_path: str | None = None
+    # the DINOv2 judge rung (judges.dino): `tiny` (random-init, built offline), `dinov2-small|base|large|giant`
+    # (facebook/dinov2-*; UltraEdit's gate), any hub id of a `Dinov2Model`; `dino_path`: a local folder of it
+    dino: str = "tiny"
+    dino_path: str | None = None
 
 
 class CaptionsConfig(Section):
@@ -101,22 +105,21 @@ class CaptionsConfig(Section):
     max_caption_chars: int = Field(500, ge=1)
 
 
-class OpenAITextConfig(Section):
-    """The `openai` text backend: the OpenAI API or any OpenAI-compatible server (vLLM, TGI, a proxy).
+class OpenAIClientConfig(Section):
+    """What every client of an OpenAI-compatible API shares (the text backend, the VLM judge): where it
+    points, where its key is, how many requests are in flight, retries, deadlines, polling, checkpoints.
 
     The API key is never part of the config: `api_key_env` names the environment variable that holds
-    it, or `api_key_secret` names a Prefect Secret block.
+    it, or `api_key_secret` names a Prefect Secret block. Everything here but `base_url` is operational.
     """
+
+    SECTION: ClassVar[str] = "text.openai"  # the dotted name error messages use (set by each subclass)
+    LABEL: ClassVar[str] = "text"  # how log lines and errors name the stage
+    OWNER: ClassVar[str] = "text backend 'openai'"  # who needs the key, in the missing-key message
 
     base_url: str | None = None
     api_key_env: str = operational("OPENAI_API_KEY")
     api_key_secret: str | None = operational(None)
-    endpoint: Literal["chat", "completions"] = "chat"
-    base_model: str = "gpt-4o-mini-2024-07-18"
-    model: str | None = None  # use this model id as is (no fine-tune job): a served open model or an earlier fine-tune
-    finetune_epochs: int | None = Field(None, ge=1)
-    finetune_suffix: str = "editforge"
-    mode: Literal["online", "batch"] = "online"
     concurrency: int = operational(64, ge=1)
     max_retries: int = operational(8, ge=0)
     backoff_initial_s: float = operational(1.0, ge=0)
@@ -126,6 +129,21 @@ class OpenAITextConfig(Section):
     poll_timeout_s: float = operational(86400.0, gt=0)
     checkpoint_every: int = operational(32, ge=1)
     checkpoint_interval_s: float = operational(5.0, ge=0)
+
+
+class OpenAITextConfig(OpenAIClientConfig):
+    """The `openai` text backend: the OpenAI API or any OpenAI-compatible server (vLLM, TGI, a proxy).
+
+    The API key is never part of the config: `api_key_env` names the environment variable that holds
+    it, or `api_key_secret` names a Prefect Secret block.
+    """
+
+    endpoint: Literal["chat", "completions"] = "chat"
+    base_model: str = "gpt-4o-mini-2024-07-18"
+    model: str | None = None  # use this model id as is (no fine-tune job): a served open model or an earlier fine-tune
+    finetune_epochs: int | None = Field(None, ge=1)
+    finetune_suffix: str = "editforge"
+    mode: Literal["online", "batch"] = "online"
     moderation: bool = True
     moderation_model: str = "omni-moderation-latest"
     moderation_batch: int = operational(32, ge=1)
@@ -223,15 +241,42 @@ def check_text_lm(cfg: PipelineConfig, origin: str = "config") -> None:
         raise ConfigError(f"{origin}: {problem}")
 
 
+RankBy = Literal[RANK_CHOICES]
+
+
 class Selection(Section):
-    """The paper's CLIP filter and top-k: a sample passes when image-image >= ``clip_image_threshold``,
-    each image vs its caption >= ``clip_caption_threshold`` and the directional similarity >=
-    ``clip_direction_threshold``; per triplet the ``top_k`` passing samples by direction are kept."""
+    """The judge ladder's thresholds and the top-k: CLIP first (the paper's filter), then the image rungs
+    (DINOv2, SSIM), then the vision-language judge; each rung sees only what passed the rungs below it
+    and applies when its switch (``judges.<rung>.enabled``) is on.
+
+    - CLIP: image-image >= ``clip_image_threshold``, each image vs its caption >= ``clip_caption_threshold``,
+      directional similarity >= ``clip_direction_threshold``;
+    - DINOv2: cos of the before/after pooled (CLS) embeddings >= ``dino_threshold`` (UltraEdit's 0.4);
+    - SSIM: ``ssim_min`` <= SSIM(before, after) <= ``ssim_max`` (too low: the edit rebuilt the image; too
+      high: nothing was edited);
+    - VLM: the rubric's VIEScore-style overall score (0-10) >= ``vlm_threshold``;
+    - per triplet the ``top_k`` passing samples by ``rank_by`` (descending; the paper: ``clip_sim_dir``).
+
+    As ``render.keep`` this is what render applies (CLIP, DINOv2, SSIM; the VLM fields are the base the
+    filter stage inherits and are not part of render's hash); ``filter.*`` overrides it to re-select.
+    """
 
     clip_image_threshold: float = Field(0.75, ge=-1, le=1)
     clip_caption_threshold: float = Field(0.2, ge=-1, le=1)
     clip_direction_threshold: float = Field(0.2, ge=-1, le=1)
     top_k: int = Field(4, ge=1)
+    dino_threshold: float = Field(0.4, ge=-1, le=1, description="DINOv2 before/after cosine, at least (UltraEdit: 0.4)")
+    ssim_min: float = Field(0.2, ge=-1, le=1, description="SSIM(before, after) at least this")
+    ssim_max: float = Field(0.95, ge=-1, le=1, description="SSIM(before, after) at most this (above: no edit)")
+    vlm_threshold: float = Field(6.0, ge=0, le=10, description="the VLM judge's overall score (0-10) at least this")
+    rank_by: RankBy = Field("clip_sim_dir", description="the top-k order (descending): clip_sim_dir (the paper), "
+                            "a judge score (dino_similarity, ssim, vlm_score, vlm_instruction, ...)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Selection:
+        if self.ssim_min > self.ssim_max:
+            raise ValueError(f"ssim_min {self.ssim_min} is above ssim_max {self.ssim_max}")
+        return self
 
 
 class RenderConfig(Section):
@@ -316,6 +361,11 @@ class RenderConfig(Section):
             raise ValueError(f"p_range {list(self.p_range)}: p is the share of steps with shared attention, within [0, 1]")
         if self.cfg_range[0] < 1:
             raise ValueError(f"cfg_range {list(self.cfg_range)}: classifier-free guidance scales start at 1")
+        if self.keep.rank_by not in RENDER_RANK_CHOICES:
+            raise ValueError(f"keep.rank_by {self.keep.rank_by!r}: render cannot rank by the VLM judge (it runs after "
+                             f"render); rank render by one of {list(RENDER_RANK_CHOICES)} and set filter.rank_by="
+                             f"{self.keep.rank_by} (with render.save_images=passed, so that the filter has candidates "
+                             "beyond render's top-k)")
         k = self.p_branches
         if k > 1:
             if self.attention != "ip2p":
@@ -337,19 +387,120 @@ class FilterConfig(Section):
     Every field left unset (null) is ``render.keep``'s, so by default the filter stage keeps exactly what
     render kept. Set a stricter threshold or a smaller ``top_k`` here to re-select; a pair the new
     selection wants whose images render did not store (see ``render.save_images``) is counted as
-    ``image_not_stored``, never silently replaced.
+    ``image_not_stored``, never silently replaced. The judge rungs' thresholds (``dino_threshold``,
+    ``ssim_min``/``ssim_max``, ``vlm_threshold``) and the top-k order (``rank_by``) re-select the same way,
+    from the scores render and the judge stage stored: nothing is rendered or judged again. A sample a
+    loosened lower rung lets through that a higher rung never scored is counted (``dino_not_scored``,
+    ``ssim_not_scored``, ``vlm_not_judged``), never passed.
     """
 
     clip_image_threshold: float | None = Field(None, ge=-1, le=1)
     clip_caption_threshold: float | None = Field(None, ge=-1, le=1)
     clip_direction_threshold: float | None = Field(None, ge=-1, le=1)
     top_k: int | None = Field(None, ge=1)
+    dino_threshold: float | None = Field(None, ge=-1, le=1)
+    ssim_min: float | None = Field(None, ge=-1, le=1)
+    ssim_max: float | None = Field(None, ge=-1, le=1)
+    vlm_threshold: float | None = Field(None, ge=0, le=10)
+    rank_by: RankBy | None = None
     note: str = ""
 
     def resolve(self, base: Selection) -> Selection:
         """The effective selection: ``base`` (``render.keep``) overridden by the fields set here."""
         overrides = {k: v for k, v in self.model_dump(exclude={"note"}).items() if v is not None}
-        return base.model_copy(update=overrides)
+        return Selection.model_validate({**base.model_dump(), **overrides})
+
+
+class DinoJudgeConfig(Section):
+    """The DINOv2 rung (UltraEdit's gate), run by render on the decoded images right after CLIP scoring:
+    cos of the before/after pooled (CLS) embeddings of ``models.dino``; threshold ``render.keep.dino_threshold``."""
+
+    enabled: bool = False
+    batch_size: int = operational(32, ge=1, description="images per DINOv2 forward pass")
+
+
+class SsimJudgeConfig(Section):
+    """The SSIM rung (torchmetrics' structural similarity, Gaussian window), run by render after DINOv2 on
+    the decoded images in [0, 1]; bounds ``render.keep.ssim_min`` / ``ssim_max``."""
+
+    enabled: bool = False
+    sigma: float = Field(1.5, gt=0, description="Gaussian window's standard deviation (Wang et al.: 1.5, 11x11)")
+    size: int | None = Field(None, ge=16, description="compute on images resized to this square size (None: as rendered)")
+
+
+class TokenPrice(Section):
+    """USD per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+# List prices (USD per 1M tokens, standard tier) when this was written; check the provider's page and
+# override with --set judges.vlm.prices.<model>.input_per_mtok=... A served open model costs what its GPUs do.
+DEFAULT_PRICES = {
+    "gpt-4o-mini": TokenPrice(input_per_mtok=0.15, output_per_mtok=0.60),
+    "gpt-4o": TokenPrice(input_per_mtok=2.50, output_per_mtok=10.00),
+    "gpt-4.1-mini": TokenPrice(input_per_mtok=0.40, output_per_mtok=1.60),
+    "gpt-4.1": TokenPrice(input_per_mtok=2.00, output_per_mtok=8.00),
+}
+
+
+class VLMJudgeConfig(OpenAIClientConfig):
+    """The vision-language judge rung: its own stage (``judge``, between render and filter) asks any
+    OpenAI-compatible chat API that accepts images (base64 data-URL image parts) to grade each candidate
+    pair with the rubric in ``prompts/judge_*.txt`` (instruction followed, unedited content preserved,
+    image quality; 0-10 each, VIEScore-like), parsed as JSON and validated with pydantic.
+
+    Candidates: the samples whose images render stored and (``candidates: passed``) that passed every
+    rung below (CLIP, DINOv2, SSIM under ``render.keep``); ``stored``: every stored pair. The threshold
+    is ``render.keep.vlm_threshold`` / ``filter.vlm_threshold`` (re-selected by the filter stage without
+    re-judging). Requests, retries, backoff, ``Retry-After``, checkpoint/resume and the Batch API are the
+    text backend's machinery (:mod:`tasks.common.openai_client`); ``mode: batch`` costs ``batch_discount``
+    of the price (OpenAI: half). ``prices`` (USD per million tokens, by model id or its prefix) gives the
+    cost recorded per judged sample and per kept pair. ``gpus: 1`` when the judge model is served on the
+    partition's own worker (e.g. vLLM on localhost): the partition then holds that GPU.
+    """
+
+    SECTION: ClassVar[str] = "judges.vlm"
+    LABEL: ClassVar[str] = "judge"
+    OWNER: ClassVar[str] = "the VLM judge (judges.vlm)"
+
+    enabled: bool = False
+    model: str = "gpt-4o-mini"
+    rubric: Literal["viescore"] = "viescore"
+    candidates: Literal["passed", "stored"] = "passed"
+    detail: Literal["low", "high", "auto"] = Field("low", description="OpenAI's image detail (low: 85 tokens an image)")
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    image_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the images sent")
+    image_size: int | None = Field(512, ge=16, description="longest side of the images sent (None: as rendered)")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(400, ge=16)
+    seed: int = 0
+    response_format: Literal["json_object", "json_schema", "none"] = Field(
+        "json_object", description="ask for JSON (json_schema: the rubric's schema, strict); none: plain text, parsed")
+    mode: Literal["online", "batch"] = operational(
+        "online", description="online requests, or the Batch API (same requests, recorded per row, cheaper)")
+    batch_max_requests: int = operational(1000, ge=1, description="requests per batch job")
+    gpus: int = operational(0, ge=0, le=1, description="1: the judge is served on the worker's own GPU")
+    prices: dict[str, TokenPrice] = operational(DEFAULT_PRICES)
+    batch_discount: float = operational(0.5, ge=0, le=1, description="the Batch API's price factor")
+
+
+class JudgesConfig(Section):
+    """The judge ladder after CLIP, each rung a switch: DINOv2 and SSIM run inside render (images in
+    memory), the VLM judge is its own stage; thresholds live in ``render.keep`` / ``filter.*``."""
+
+    dino: DinoJudgeConfig = DinoJudgeConfig()
+    ssim: SsimJudgeConfig = SsimJudgeConfig()
+    vlm: VLMJudgeConfig = VLMJudgeConfig()
+
+    def image_rungs(self) -> tuple[str, ...]:
+        """The rungs render runs after CLIP, in ladder order."""
+        return tuple(r for r in IMAGE_RUNGS if getattr(self, r).enabled)
+
+    def rungs(self) -> tuple[str, ...]:
+        """Every rung that applies, in ladder order (CLIP always)."""
+        return ("clip", *self.image_rungs(), *(("vlm",) if self.vlm.enabled else ()))
 
 
 class PackConfig(Section):
@@ -487,6 +638,7 @@ class PipelineConfig(Section):
     text: TextConfig = TextConfig()
     render: RenderConfig = RenderConfig()
     filter: FilterConfig = FilterConfig()
+    judges: JudgesConfig = JudgesConfig()
     pack: PackConfig = PackConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
@@ -500,6 +652,20 @@ class PipelineConfig(Section):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value)
+
+    @model_validator(mode="after")
+    def _ladder(self) -> PipelineConfig:
+        """The ladder's settings agree: the filter's selection is valid, and what ranks has a score."""
+        try:
+            selection = self.selection()
+        except ValidationError as err:
+            raise ValueError(f"filter: {err.errors()[0]['msg']}") from None
+        rungs = self.judges.rungs()
+        for where, rank in (("render.keep.rank_by", self.render.keep.rank_by), ("filter.rank_by", selection.rank_by)):
+            needs = "vlm" if rank in VLM_COLUMNS else "dino" if rank == "dino_similarity" else "ssim" if rank == "ssim" else None
+            if needs and needs not in rungs:
+                raise ValueError(f"{where}={rank}: that score exists only with judges.{needs}.enabled=true")
+        return self
 
     @model_validator(mode="before")
     @classmethod

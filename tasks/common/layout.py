@@ -12,6 +12,7 @@ never over it, and what did not change is reused (a new filter threshold reads t
                                                         the captions taken by each generation (append-only)
     {output_root}/finetune/{hash}/part-00000/model/     the fine-tuned caption LM
     {output_root}/render/{hash}/part-N/images/<key>_{input,edited}.png
+    {output_root}/judge/{hash}/part-N/judgments.parquet  the VLM judge's grades of render's candidates
     {output_root}/pack/{hash}/index.json                every shard of that version, per split
     {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
                                                         differ only in the sample-edit settings)
@@ -38,6 +39,7 @@ CAPTIONS_FILE = "captions.parquet"
 TRIPLETS_FILE = "triplets.parquet"
 SAMPLES_FILE = "samples.parquet"
 KEPT_FILE = "kept.parquet"
+JUDGMENTS_FILE = "judgments.parquet"
 INDEX_FILE = "index.json"
 FINETUNED_MODEL = "model"
 OPENAI_MODEL_FILE = "openai_model.json"

@@ -11,7 +11,9 @@ Presets:
 - `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
               where weights cannot be downloaded;
 - CLIP: `tiny`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
-- LM: `tiny`, or a hub id / local folder of a causal LM.
+- LM: `tiny`, or a hub id / local folder of a causal LM;
+- DINOv2 (the judge ladder's image-similarity rung): `tiny` (random-init, built offline), `dinov2-small`,
+  `dinov2-base` (UltraEdit's), `dinov2-large`, `dinov2-giant` (facebook/dinov2-*), or any hub id.
 
 A preset's weights can always be pointed at a local folder (`models.<kind>_path` in the config). When
 the weights are not available offline the error names the preset and that setting.
@@ -395,6 +397,43 @@ def load_lm(preset: str, path: str | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+DINO_HUB_IDS = {f"dinov2-{size}": f"facebook/dinov2-{size}" for size in ("small", "base", "large", "giant")}
+
+
+@dataclass
+class DinoComponents:
+    """A DINOv2 ``Dinov2Model`` and the preprocessing its image processor declares (short side resized to
+    ``resize``, centre crop ``crop``, normalised with ``mean`` / ``std``)."""
+
+    model: Any
+    resize: int
+    crop: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    preset: str = ""
+    source: str = ""
+
+
+def load_dino(preset: str, path: str | None = None) -> DinoComponents:
+    """Load a DINOv2 model (``models.dino`` / ``models.dino_path``) with its image processor's settings."""
+    from transformers import AutoImageProcessor, Dinov2Model
+
+    source = str(path or ensure_tiny("dino")) if preset == "tiny" else (path or DINO_HUB_IDS.get(preset, preset))
+    local = Path(source).exists()
+    try:
+        model = Dinov2Model.from_pretrained(source, use_safetensors=True, local_files_only=not local)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=not local)
+    except Exception as err:  # OSError, ValueError, a corrupt safetensors file, ...
+        raise _not_available(preset, "models.dino_path", source, err, path) from err
+    size = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) or {}
+    resize = int(size.get("shortest_edge") or size.get("height") or model.config.image_size)
+    crop_hw = (int(crop.get("height", resize)), int(crop.get("width", resize)))
+    model.eval().requires_grad_(False)
+    return DinoComponents(model, resize, crop_hw, tuple(processor.image_mean), tuple(processor.image_std),
+                          preset=preset, source=source)
 
 
 T = TypeVar("T")

@@ -8,7 +8,8 @@ adding a stage is one record.
 - ``entry``: ``"module:function"``, called as ``run(cfg, partition_id, *, logger=None, <test seams>)``
   and returning the partition's manifest (the stage contract, :mod:`tasks.common.contract`);
 - ``reads``: the upstream stages; their hashes are part of this stage's, and their partitions must
-  be finished under those hashes before this one starts;
+  be finished under those hashes before this one starts; ``reads_when`` adds the ones a config switches
+  on (the filter reads the judge stage only when the VLM judge is on): :meth:`Stage.upstreams`;
 - ``hashes``: the config sections (dotted keys) the stage's output depends on — operational fields
   left out (:func:`tasks.common.config.operational`) — or a function of the config giving them;
 - ``resources``: what one partition holds (CPUs, GPUs, batch), as NeMo Curator's stages declare;
@@ -71,6 +72,7 @@ class Stage:
     partitions: Literal["all", "one"] = "all"
     in_chain: bool = True
     hash_extra: Callable[[PipelineConfig], dict[str, Any]] | None = None
+    reads_when: Callable[[PipelineConfig], tuple[str, ...]] | None = None
     prepare: str | None = None
     finalize: str | None = None
     retries: int = 1
@@ -84,6 +86,10 @@ class Stage:
         from tasks.captions.generations import partition_count  # the ledger decides (lazy: no cycle)
 
         return list(range(partition_count(cfg)))
+
+    def upstreams(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The stages this one reads under ``cfg``: ``reads`` and those ``reads_when`` switches on."""
+        return self.reads + (self.reads_when(cfg) if self.reads_when else ())
 
     def sections(self, cfg: PipelineConfig) -> tuple[str, ...]:
         return self.hashes(cfg) if callable(self.hashes) else self.hashes

@@ -281,14 +281,36 @@ def _build_lm(root: Path) -> None:
     model.save_pretrained(root, safe_serialization=True)
 
 
+TINY_DINO_IMAGE_SIZE = 64  # the demo renders 64x64
+
+
+def _build_dino(root: Path) -> None:
+    """A tiny random-init DINOv2 (`Dinov2Model`, patch 8 on 64x64: 64 patches + CLS) and its image
+    processor (resize the short side, centre crop, ImageNet mean/std: DINOv2's own preprocessing).
+
+    Initialised with weights 15x larger than transformers' default (std 0.3, not 0.02): at the default a
+    random DINOv2's CLS embedding barely depends on its input (every pair's cosine 0.997-1.0 on the demo's
+    renders), at 0.3 a rendered pair scores 0.70-0.99 (median 0.92) and two unrelated renders 0.37-0.89
+    (median 0.75), so the demo's threshold has something to separate."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(image_size=TINY_DINO_IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, mlp_ratio=2, initializer_range=0.3))
+    model.save_pretrained(root, safe_serialization=True)
+    BitImageProcessor(size={"shortest_edge": TINY_DINO_IMAGE_SIZE},
+                      crop_size={"height": TINY_DINO_IMAGE_SIZE, "width": TINY_DINO_IMAGE_SIZE},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(root)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("EDITFORGE_CACHE", Path.home() / ".cache" / "editforge"))
 
 
 def ensure_tiny(kind: str) -> Path:
-    """Return the folder of the tiny `kind` model ('diffusion', 'diffusion-sdxl', 'clip' or 'lm'), building it once."""
+    """Return the folder of the tiny `kind` model ('diffusion', 'diffusion-sdxl', 'clip', 'lm' or 'dino'), building it once."""
     builders = {"diffusion": _build_diffusion, "diffusion-sdxl": _build_diffusion_sdxl, "clip": _build_open_clip,
-                "lm": _build_lm}
+                "lm": _build_lm, "dino": _build_dino}
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(builders)}")
     return _atomic_dir(cache_root() / f"tiny-v{TINY_BUILD_VERSION}" / kind, builders[kind])

@@ -1,20 +1,32 @@
 """The filter stage's record (see :mod:`tasks.common.stage`).
 
-Its hash covers the effective selection (``filter.*`` over ``render.keep``), not the raw section:
-setting a field to the value it inherits changes nothing.
+Its hash covers the effective selection (``filter.*`` over ``render.keep``) of the ladder's rungs that are
+on, not the raw section: setting a field to the value it inherits, or a threshold of a rung that is off,
+changes nothing. With the VLM judge on it also reads the judge stage (its scores), whose hash is then
+part of this one's.
 """
 
 from tasks.common.layout import KEPT_FILE
 from tasks.common.stage import Resources, Stage
 
+
+def selection_inputs(cfg) -> dict:
+    from tasks.common.selection import selection_fields
+
+    rungs = cfg.judges.rungs()
+    return {"filter": {**selection_fields(cfg.selection(), rungs), "note": cfg.filter.note}, "rungs": list(rungs)}
+
+
 STAGE = Stage(
     name="filter",
     entry="tasks.filter.stage:run",
-    summary="re-select the kept pairs from samples.parquet (thresholds, top-k), no re-rendering",
+    summary="re-select the kept pairs from the stored scores (CLIP, DINOv2, SSIM, VLM thresholds; top-k), "
+            "no re-rendering or re-judging",
     reads=("render",),
+    reads_when=lambda cfg: ("judge",) if cfg.judges.vlm.enabled else (),
     hashes=(),
-    hash_extra=lambda cfg: {"filter": {**cfg.selection().model_dump(), "note": cfg.filter.note}},
+    hash_extra=selection_inputs,
     outputs=(KEPT_FILE,),
-    resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet"),
+    resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet (+ judgments.parquet)"),
     headline=("n_triplets_in", "n_triplets_kept", "median_kept_clip_sim_dir"),
 )

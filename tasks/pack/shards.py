@@ -1,7 +1,8 @@
 """Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`); the run's index is `tasks.pack.index`.
 
 Sample layout: key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
-`instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, url, model versions).
+`instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, the judge ladder's scores that were
+computed — `dino_similarity`, `ssim`, `vlm_score` and its criteria, `vlm_model` —, url, model versions).
 
 Each shard is built in memory with `webdataset.TarWriter` (mtime fixed, so identical input gives
 byte-identical shards) and written atomically under its final name — unlike `ShardWriter`, a crash
@@ -15,6 +16,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 
 from PIL import Image
 
@@ -22,11 +24,12 @@ from tasks.common import layout, storage
 from tasks.common.config import PackConfig, PipelineConfig
 from tasks.common.contract import PartitionRun
 from tasks.common.layout import image_name
-from tasks.common.selection import METRICS
+from tasks.common.selection import DINO, METRICS, SSIM, VLM_COLUMNS
 from tasks.pack.hf_export import write_hf_parquet
 from tasks.registry import execute
 
 STAGE = "pack"
+JUDGE_SCORES = (DINO, SSIM, *VLM_COLUMNS)
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
@@ -44,6 +47,18 @@ def encode_image(png_bytes: bytes, fmt: str, quality: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def judge_scores(row) -> dict:
+    """The judge ladder's scores of a kept pair that were computed (DINOv2, SSIM, the VLM judge's)."""
+    scores = {}
+    for name in JUDGE_SCORES:
+        value = row.get(name)
+        if value is not None and not math.isnan(float(value)):
+            scores[name] = float(value)
+    if scores.get("vlm_score") is not None and row.get("vlm_model"):
+        scores["vlm_model"] = str(row["vlm_model"])
+    return scores
+
+
 def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
     key = row["sample_key"]
     ext = cfg.image_format
@@ -51,6 +66,7 @@ def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
         "input": row["input"], "edit": row["edit"], "output": row["output"], "caption_id": row["caption_id"],
         "seed": int(row["seed"]), "p2p_p": float(row["p2p_p"]), "cfg_scale": float(row["cfg_scale"]),
         **{k: float(row[k]) for k in METRICS},
+        **judge_scores(row),
         **meta.get(row["caption_id"], {}),
     }
     return {

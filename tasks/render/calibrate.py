@@ -65,12 +65,14 @@ def early_drops(samples: pd.DataFrame, selection: Selection, used: Sequence[str]
 
 
 def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequence[str],
-                      margins: Sequence[float], after_steps: int, steps: int) -> pd.DataFrame:
+                      margins: Sequence[float], after_steps: int, steps: int,
+                      rungs: Sequence[str] = ("clip",)) -> pd.DataFrame:
     """One row per margin (see the module docstring and :data:`TABLE_COLUMNS`).
 
     ``samples`` holds ``early_clip_sim_*`` and ``clip_sim_*`` columns; rows without both (for the
     ``used`` metrics) are left out. Final pass is :func:`tasks.common.selection.passes` under
-    ``selection``. Shares with an empty denominator are NaN; ``cost_per_pass`` is inf when every
+    ``selection`` and the ladder's ``rungs`` render applies (CLIP, and DINOv2 / SSIM when on: a sample that
+    would fail them is no loss when dropped early). Shares with an empty denominator are NaN; ``cost_per_pass`` is inf when every
     passing sample would be dropped.
     """
     if not 1 <= after_steps < steps:
@@ -79,7 +81,7 @@ def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequenc
     if not used:
         raise ValueError("no early-rejection metrics given")
     scored = samples[scored_mask(samples, used)] if len(samples) else samples
-    passing = passes(scored, selection).to_numpy(dtype=bool) if len(scored) else np.zeros(0, dtype=bool)
+    passing = passes(scored, selection, rungs).to_numpy(dtype=bool) if len(scored) else np.zeros(0, dtype=bool)
     n, n_pass = len(scored), int(passing.sum())
     n_fail = n - n_pass
     full_calls = n * steps
@@ -188,5 +190,6 @@ def calibrate(cfg: PipelineConfig, margins: Sequence[float] = DEFAULT_MARGINS,
     """Load a config's dry-run samples and tabulate ``margins`` with its selection and metrics."""
     after, steps = calibration_settings(cfg)
     data = load_calibration_samples(cfg, partitions)
-    table = calibration_table(data.samples, cfg.render.keep, cfg.render.early_reject_metrics, margins, after, steps)
+    table = calibration_table(data.samples, cfg.render.keep, cfg.render.early_reject_metrics, margins, after, steps,
+                              ("clip", *cfg.judges.image_rungs()))
     return table, data

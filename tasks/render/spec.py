@@ -1,4 +1,9 @@
-"""The render stage's record (see :mod:`tasks.common.stage`)."""
+"""The render stage's record (see :mod:`tasks.common.stage`).
+
+Its hash covers ``render`` (the render-time selection ``render.keep`` of the rungs render applies: the
+VLM judge's threshold and those of image rungs that are off are left out), the models, and the image
+rungs that are on (``judges.dino`` with ``models.dino*``, ``judges.ssim``).
+"""
 
 from tasks.common.layout import SAMPLES_FILE
 from tasks.common.stage import Resources, Stage, gpus_for
@@ -8,16 +13,33 @@ def resources(cfg) -> Resources:
     r = cfg.render
     batch = "auto (free GPU memory)" if r.batch_samples == "auto" else str(r.batch_samples)
     images = 4 if r.guidance == "cfg" else 2
+    judges = "".join(f" + {name}" for name in cfg.judges.image_rungs())
     return Resources(1, gpus_for(r.device), f"{batch} samples per UNet call (x{images} images)",
-                     f"{cfg.models.diffusion} + CLIP {cfg.models.clip}, {r.dtype}")
+                     f"{cfg.models.diffusion} + CLIP {cfg.models.clip}{judges}, {r.dtype}")
+
+
+def sections(cfg) -> tuple[str, ...]:
+    base = ("models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path")
+    rungs = cfg.judges.image_rungs()
+    return (*base, *(("models.dino", "models.dino_path", "judges.dino") if "dino" in rungs else ()),
+            *(("judges.ssim",) if "ssim" in rungs else ()))
+
+
+def render_inputs(cfg) -> dict:
+    from tasks.common.selection import selection_fields
+
+    rungs = ("clip", *cfg.judges.image_rungs())
+    return {"render": {**cfg.render.output_fields(drop=("keep",)), "keep": selection_fields(cfg.render.keep, rungs)},
+            "rungs": list(rungs)}
 
 
 STAGE = Stage(
     name="render",
     entry="tasks.render.stage:run",
-    summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass; top-k kept",
+    summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass (+ the DINOv2/SSIM rungs); top-k kept",
     reads=("text",),
-    hashes=("render", "models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path"),
+    hashes=sections,
+    hash_extra=render_inputs,
     outputs=(SAMPLES_FILE, "images/<key>_{input,edited}.png"),
     resources=resources,
     retries=2,

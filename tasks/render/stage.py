@@ -4,8 +4,10 @@ Per partition, a :class:`~tasks.render.scheduling.RenderPlan` decides which samp
 triplets to render (all ``samples_per_triplet`` in the reference; rounds with adaptive stopping /
 giving up when switched on), and groups them into cohorts of ``batch_samples`` (UNet batch 4 x that,
 2 x with ``render.guidance: none``; triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
-the decoded tensors against ``render.keep`` (the paper's thresholds), and its rows go to a checkpoint
-chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
+the decoded tensors against ``render.keep`` (the paper's thresholds), then, when switched on, by the judge
+ladder's image rungs while the images are in memory (``judges.dino``: DINOv2 similarity of the samples that
+passed CLIP; ``judges.ssim``: SSIM of those that passed DINOv2; :mod:`tasks.judge.image_rungs`), and its
+rows go to a checkpoint chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
 are staged as lossless PNG beside the checkpoint. At the end the top-k per triplet are marked
 ``kept``, the images ``render.save_images`` asks for (by default only the kept pairs', as in the
 reference) move to ``images/``, and ``samples.parquet`` is written; the staging area goes with the
@@ -26,7 +28,8 @@ the reference's unit: 100 samples x 100 steps = 10,000 per triplet; summed over 
 resumed run reports the cost of its output), ``unet_calls_reference`` (the reference's cost for the
 same triplets), ``unet_images`` (images through the UNet: the exact compute, which p-branching's
 half-size rows make smaller than 4 x ``unet_calls``), ``early_rejected``, ``triplets_satisfied`` /
-``_gave_up`` / ``_exhausted``.
+``_gave_up`` / ``_exhausted``, and per rung of the ladder render applies ``ladder_<rung>_in`` /
+``ladder_<rung>_passed`` (rejections ``dino_similarity``, ``ssim_low``, ``ssim_high`` beside CLIP's).
 """
 
 from __future__ import annotations
@@ -45,13 +48,17 @@ from tasks.common.config import PipelineConfig
 from tasks.common.contract import Checkpoint, PartitionRun
 from tasks.common.layout import SAMPLES_FILE, TRIPLETS_FILE, image_name, sample_key
 from tasks.common.selection import (
+    DINO,
     METRICS,
+    SSIM,
     failure_reason,
+    funnel,
     passes,
     per_seed_eligible,
     select_top_k,
     thresholds,
 )
+from tasks.judge.image_rungs import SSIM_LIBRARY, score_image_rungs
 from tasks.registry import execute
 from tasks.render.early import early_step_count
 from tasks.render.pairs import PairRequest
@@ -59,9 +66,9 @@ from tasks.render.renderer import BatchSizer, Renderer, ScoredBatch, get_rendere
 from tasks.render.scheduling import PlannedSample, RenderPlan, SamplingPolicy
 
 STAGE = "render"
-SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, "passed", "image_stored",
-                  "kept", "input", "edit", "output", "sample_index", "round", "unet_steps", "early_rejected",
-                  *(f"early_{m}" for m in METRICS), "branch", "unet_images"]
+SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, DINO, "dino_model", SSIM,
+                  "passed", "image_stored", "kept", "input", "edit", "output", "sample_index", "round", "unet_steps",
+                  "early_rejected", *(f"early_{m}" for m in METRICS), "branch", "unet_images"]
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -85,9 +92,15 @@ def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
     )
 
 
+def render_rungs(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The ladder's rungs render applies: CLIP and the enabled image rungs (DINOv2, SSIM)."""
+    return ("clip", *cfg.judges.image_rungs())
+
+
 def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: ScoredBatch,
-                cfg: PipelineConfig) -> pd.DataFrame:
-    """One row per rendered sample (``kept`` is decided at the end of the partition)."""
+                cfg: PipelineConfig, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """One row per rendered sample (``kept`` is decided at the end of the partition): the CLIP metrics,
+    then the image rungs on the samples that passed CLIP (DINOv2, then SSIM on those DINOv2 passed)."""
     pairs = scored.pairs
     info = [triplets.loc[s.caption_id] for s in cohort]
     rows = pd.DataFrame({
@@ -110,7 +123,11 @@ def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: Sco
         "branch": [s.branch for s in cohort],
         "unet_images": pairs.unet_images,
     })
-    rows["passed"] = passes(rows, cfg.render.keep).to_numpy()
+    clip_passed = passes(rows, cfg.render.keep).to_numpy()
+    rungs = score_image_rungs(rows, pairs.before, pairs.after, cfg, torch.device(device), clip_passed)
+    for name, values in rungs.items():
+        rows[name] = values
+    rows["passed"] = passes(rows, cfg.render.keep, render_rungs(cfg)).to_numpy()
     return rows
 
 
@@ -189,7 +206,7 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
                 raise
             sizer.shrink(err)
             continue
-        rows = cohort_rows(cohort, triplets, scored, cfg)
+        rows = cohort_rows(cohort, triplets, scored, cfg, renderer.device)
         for i in to_stage(rows, cfg):  # images first, then the chunk: a recorded row's image exists
             key = rows["sample_key"].iloc[i]
             storage.write_bytes_atomic(staged(checkpoint, key, "input"), to_png(scored.pairs.before[i]))
@@ -266,7 +283,8 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         if not len(samples):
             samples = pd.DataFrame(columns=SAMPLE_COLUMNS)
         samples = samples.sort_values(["caption_id", "sample_index"]).reset_index(drop=True)
-        samples["kept"] = select_top_k(samples, r.keep, per_seed_eligible(samples, r.keep, r.keep_per_seed)).to_numpy()
+        eligible = per_seed_eligible(samples, r.keep, r.keep_per_seed, render_rungs(cfg))
+        samples["kept"] = select_top_k(samples, r.keep, eligible, rungs=render_rungs(cfg)).to_numpy()
         samples["image_stored"] = stored_images(samples, cfg).to_numpy()
         publish_images(run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist())
         storage.write_parquet_atomic(run.output(SAMPLES_FILE), samples[SAMPLE_COLUMNS])
@@ -293,9 +311,16 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
     if early.any():
         run.stats.reject("early_rejected", int(early.sum()))
     run.stats.add("images_stored", int(samples["image_stored"].sum()))
-    for reason, n in failure_reason(samples[~early], cfg.render.keep).dropna().value_counts().items():
+    rungs = render_rungs(cfg)
+    for reason, n in failure_reason(samples[~early], cfg.render.keep, rungs).dropna().value_counts().items():
         run.stats.reject(reason, n)
-    for col in METRICS:
+    for step in funnel(samples, cfg.render.keep, rungs):  # how many reached each rung, how many passed it
+        run.stats.add(f"ladder_{step['rung']}_in", step["in"])
+        run.stats.add(f"ladder_{step['rung']}_passed", step["passed"])
+    if len(rungs) > 1:
+        run.extra["judges"] = {"dino": cfg.models.dino_path or cfg.models.dino if "dino" in rungs else None,
+                               "ssim": SSIM_LIBRARY if "ssim" in rungs else None}
+    for col in (*METRICS, DINO, SSIM):
         run.stats.observe(col, samples[col].to_numpy(dtype=float))
     # pass rates: of every sample drawn, and per criterion of those scored at the end (not early-rejected)
     if len(samples):

@@ -1,9 +1,9 @@
 """Online generation against an OpenAI-compatible API: many requests in flight, results checkpointed.
 
 The reference code asked GPT-3 for one completion at a time. Here `concurrency` requests (default
-64) are in flight at once; each caption is one request, retried on 429/5xx/timeouts (see
-`openai_api`). Answers are parsed and validated as they arrive and appended to the partition's
-checkpoint in chunks (every `checkpoint_every` rows or `checkpoint_interval_s` seconds); when the
+64) are in flight at once (the shared engine, :mod:`tasks.common.openai_pool`, which the VLM judge uses
+too); each caption is one request, retried on 429/5xx/timeouts (see `openai_api`). Answers are parsed
+and validated as they arrive and appended to the partition's checkpoint in chunks (every `checkpoint_every` rows or `checkpoint_interval_s` seconds); when the
 run stops on an error or is cancelled, the answers already received are flushed before it ends, so
 only a hard kill loses answers, and then at most one unflushed chunk plus the requests in flight.
 A re-run skips every caption in the checkpoint: no caption that was answered is requested again.
@@ -26,18 +26,16 @@ is moderated with its chunk, as with one try.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import openai
-import pandas as pd
 
 from tasks.common.config import TextConfig
 from tasks.common.contract import Checkpoint, Stats
+from tasks.common.openai_pool import ChunkBuffer, serve
 from tasks.text.format import (
     FINISH_REJECTIONS,
     REJECT_API,
@@ -54,40 +52,27 @@ Caption = tuple[str, str]  # (caption_id, text)
 MODERATED = "_moderated"  # a row key (not a column): its generated text was already moderated
 
 
-class ChunkWriter:
+class ChunkWriter(ChunkBuffer):
     """Buffers finished rows; moderates their generated text and appends them as one checkpoint chunk."""
 
     def __init__(self, client: openai.AsyncOpenAI, t: TextConfig, checkpoint: Checkpoint, stats: Stats,
                  rng: random.Random, on_chunk: Callable[[int], None] | None = None):
-        self.client, self.t, self.checkpoint, self.stats, self.rng = client, t, checkpoint, stats, rng
-        self.on_chunk = on_chunk
-        self.rows: list[dict] = []
-        self.oldest: float | None = None
-        self.chunks_written = 0
-
-    def add(self, row: dict) -> None:
-        if not self.rows:
-            self.oldest = time.monotonic()
-        self.rows.append(row)
-
-    def due(self) -> bool:
-        o = self.t.openai
-        return len(self.rows) >= o.checkpoint_every or (
-            bool(self.rows) and self.oldest is not None and time.monotonic() - self.oldest >= o.checkpoint_interval_s)
+        o = t.openai
+        super().__init__(checkpoint, stats, TRIPLET_COLUMNS, "caption_id", o.checkpoint_every,
+                         o.checkpoint_interval_s, on_chunk)
+        self.client, self.t, self.rng = client, t, rng
+        self._moderate_output = True
 
     async def flush(self, moderate_output: bool = True) -> None:
-        rows, self.rows, self.oldest = self.rows, [], None
-        if not rows:
-            return
-        if moderate_output and self.t.openai.moderation:
+        self._moderate_output = moderate_output
+        try:
+            await super().flush()
+        finally:
+            self._moderate_output = True
+
+    async def prepare(self, rows: list[dict]) -> None:
+        if self._moderate_output and self.t.openai.moderation:
             await self.moderate_rows([r for r in rows if not r.get(MODERATED)])
-        ids = sorted(r["caption_id"] for r in rows)
-        chunk_id = hashlib.sha1("\n".join(ids).encode()).hexdigest()
-        self.checkpoint.append(chunk_id, pd.DataFrame(rows, columns=TRIPLET_COLUMNS))
-        self.chunks_written += 1
-        self.stats.add("checkpoint_chunks")
-        if self.on_chunk:
-            self.on_chunk(self.chunks_written)
 
     async def moderate_rows(self, rows: list[dict]) -> None:
         """Moderate the generated text of the accepted rows (groups of `moderation_batch`); a flagged
@@ -141,9 +126,6 @@ async def generate_online(
     """
     o = t.openai
     retried = retrying(RetryPolicy.from_config(o), rng, stats)
-    queue: asyncio.Queue[Caption] = asyncio.Queue()
-    for item in captions:
-        queue.put_nowait(item)
 
     async def ask(caption_id: str, caption: str, attempt: int, earlier: list[str]) -> dict:
         body = request_body(t, model, caption_id, caption, attempt)
@@ -160,74 +142,19 @@ async def generate_online(
             reason = REJECT_API
         return triplet_row(caption_id, caption, raw, model, t.max_edit_words, reason, attempt=attempt, earlier=earlier)
 
-    async def worker() -> None:
+    async def handle(item: Caption) -> list[dict]:
+        caption_id, caption = item
+        earlier = list((resume or {}).get(caption_id, []))
         while True:
-            try:
-                caption_id, caption = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
-            earlier = list((resume or {}).get(caption_id, []))
-            while True:
-                row = await ask(caption_id, caption, len(earlier) + 1, earlier)
-                if row["status"] == "ok" and o.moderation and row["attempt"] < t.max_attempts:
-                    await writer.moderate_rows([row])  # a flagged answer is asked again
-                if not wants_retry(row, t.max_attempts):
-                    break
-                stats.add("retried_captions")
-                earlier = rejections_so_far(row)
-            writer.add(row)
-            if writer.due():
-                await writer.flush()
+            row = await ask(caption_id, caption, len(earlier) + 1, earlier)
+            if row["status"] == "ok" and o.moderation and row["attempt"] < t.max_attempts:
+                await writer.moderate_rows([row])  # a flagged answer is asked again
+            if not wants_retry(row, t.max_attempts):
+                return [row]
+            stats.add("retried_captions")
+            earlier = rejections_so_far(row)
 
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        # stopped by `stop`, never cancelled: a flush it has begun owns rows no one else holds (cancelling
-        # it mid-moderation lost them, and the partition was marked done without them)
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), max(0.05, o.checkpoint_interval_s / 2))
-            except TimeoutError:
-                pass
-            if not stop.is_set() and writer.due():
-                await writer.flush()
-
-    workers = [asyncio.create_task(worker()) for _ in range(min(o.concurrency, len(captions)))]
-    tick = asyncio.create_task(ticker())
-    try:
-        # until every worker is done; a failure in a worker or in the ticker's flush stops them all at once
-        remaining = set(workers)
-        while remaining:
-            done, _ = await asyncio.wait(remaining | {tick}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                remaining.discard(task)
-                if task is tick or (not task.cancelled() and task.exception() is not None):
-                    raise (None if task.cancelled() else task.exception()) or RuntimeError("the checkpoint ticker stopped")
-    except BaseException:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        stop.set()
-        await asyncio.gather(tick, return_exceptions=True)
-        await _final_flush(writer, logger)
-        raise
-    stop.set()
-    (ticked,) = await asyncio.gather(tick, return_exceptions=True)
-    if isinstance(ticked, BaseException):  # its rows were not written: the run must not end as done
-        await _final_flush(writer, logger)
-        raise ticked
-    await writer.flush()  # on success a failed write fails the run (never a partition done without rows)
-
-
-async def _final_flush(writer: ChunkWriter, logger: logging.Logger) -> None:
-    """Write the answers still buffered (also when the run is failing or cancelled)."""
-    if not writer.rows:
-        return
-    try:
-        await asyncio.shield(writer.flush())
-    except Exception as err:  # noqa: BLE001  (the run is already failing; these answers are requested again)
-        logger.warning("text: could not checkpoint %d buffered answers (%s); they will be requested again",
-                       len(writer.rows), type(err).__name__)
+    await serve(captions, handle, o.concurrency, writer, logger, "text")
 
 
 def moderation_rows(t: TextConfig, captions: Sequence[Caption], flagged: set[str], model: str) -> list[dict]:

@@ -1,10 +1,18 @@
 """A small OpenAI-compatible HTTP server for tests and benchmarks (starlette + uvicorn on 127.0.0.1).
 
-Implements what the text stage uses: files (upload, content), fine-tuning jobs (create, retrieve,
-events), completions and chat completions, moderations, and batches. Answers are deterministic:
+Implements what the text stage and the VLM judge use: files (upload, content), fine-tuning jobs (create,
+retrieve, events), completions and chat completions, moderations, and batches. Answers are deterministic:
 a completion is derived from the caption in the prompt and the request's `seed`, in the paper's
 format (`"{edit}\\n%%\\n{output}"`, the stop sequence stripped as the API does), malformed for a
 deterministic fraction of captions (`malformed_rate`).
+
+Vision chat (the VLM judge): a chat request whose user message holds `image_url` parts (base64 data
+URLs) is answered by a scripted judge, `fake_judgment(instruction, key)`: the rubric's JSON with three
+scores 0-10 derived from the instruction and the images (`key` = `judge_key(urls)`, the same digest the
+judge records as `vlm_input_sha`), or, for a deterministic fraction `judge_malformed_rate`, an answer
+that is not the rubric's JSON (prose, a missing field, a score out of range). Its usage counts 85 tokens
+an image plus the text's words. Each vision request is logged with its `judge` key (`judged()` counts the
+answered ones); latency, 429/500 storms and the API key apply as to every request.
 
 Knobs (`Knobs`, changeable while serving): 429 with a `Retry-After` header and 500 at given rates on
 every `/v1` endpoint, a latency range on generation requests, fine-tuning jobs that spend
@@ -73,6 +81,8 @@ class Knobs:
     batch_polls: int = 1
     batch_error_rate: float = 0.0
     batch_fail: bool = False
+    judge_malformed_rate: float = 0.0  # vision answers that are not the rubric's JSON
+    judge_refuse_words: tuple[str, ...] = ("REFUSED",)  # in the instruction: the vision request is refused (400)
     seed: int = 0
 
 
@@ -92,11 +102,64 @@ def fake_completion(caption: str, seed: int | None, malformed_rate: float = 0.0)
     return f"{edit}\n%%\n{output}"
 
 
-def caption_of(body: dict[str, Any]) -> str:
+def image_urls(body: dict[str, Any]) -> list[str]:
+    """The image URLs of a chat request's messages, in order ([] for a text request)."""
+    urls = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        if isinstance(content, list):
+            urls += [part["image_url"]["url"] for part in content if part.get("type") == "image_url"]
+    return urls
+
+
+def judge_key(urls: list[str]) -> str:
+    """A vision request's key: the digest of its image URLs (the judge's `vlm_input_sha`)."""
+    return hashlib.sha256("\n".join(urls).encode("ascii")).hexdigest()[:16]
+
+
+def vision_text(body: dict[str, Any]) -> str:
+    """The text parts of a vision request's user message."""
+    user = [m for m in body["messages"] if m.get("role") == "user"][-1]["content"]
+    return "\n".join(p.get("text", "") for p in user if p.get("type") == "text")
+
+
+def instruction_of(body: dict[str, Any]) -> str:
+    for line in vision_text(body).splitlines():
+        if line.startswith("Edit instruction: "):
+            return line.removeprefix("Edit instruction: ")
+    return ""
+
+
+def fake_judgment(instruction: str, key: str, malformed_rate: float = 0.0) -> str:
+    """The scripted judge's answer for a pair (also what tests compare against)."""
+    scores = [int(_unit(name, instruction, key) * 11) for name in ("instruction", "preservation", "quality")]
+    if _unit("judge-malformed", instruction, key) < malformed_rate:
+        kind = int(_unit("judge-malformed-kind", key) * 3)
+        return ["The edit looks fine to me, I would give it a 7.",
+                json.dumps({"instruction_followed": scores[0], "preservation": scores[1], "reasoning": "no quality"}),
+                json.dumps({"instruction_followed": 11, "preservation": scores[1], "quality": scores[2],
+                            "reasoning": "out of range"})][kind]
+    return json.dumps({"instruction_followed": scores[0], "preservation": scores[1], "quality": scores[2],
+                       "reasoning": f"fake judge on {key}"})
+
+
+def caption_of(body: dict[str, Any]) -> str | None:
     if "messages" in body:
+        if image_urls(body):
+            return None  # a vision request: no caption
         user = [m for m in body["messages"] if m.get("role") == "user"][-1]["content"]
         return user.removeprefix(CHAT_USER_PREFIX)
     return str(body.get("prompt", "")).removesuffix(PROMPT_SUFFIX)
+
+
+def render_words(body: dict[str, Any]) -> list[str]:
+    """The words of a chat request's text (system and user), for the fake's token usage."""
+    words = []
+    for message in body.get("messages") or []:
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or []]
+        words += " ".join(parts).split()
+    return words
 
 
 class FakeState:
@@ -128,6 +191,11 @@ class FakeState:
         """Captions answered with HTTP 200 (online and in batches), with how often."""
         with self.lock:
             return Counter(r["caption"] for r in self.requests if r["caption"] is not None and r["status"] == 200)
+
+    def judged(self) -> Counter[str]:
+        """Vision requests (by `judge_key`) answered with HTTP 200 (online and in batches), with how often."""
+        with self.lock:
+            return Counter(r["judge"] for r in self.requests if r.get("judge") and r["status"] == 200)
 
     def count(self, path: str, status: int | None = None) -> int:
         with self.lock:
@@ -167,12 +235,19 @@ def build_app(state: FakeState) -> Starlette:
         if hi > 0:
             await asyncio.sleep(random.uniform(lo, hi))
         caption = caption_of(body)
-        if any(w in caption for w in state.knobs.refuse_words):
+        urls = image_urls(body)
+        if urls:
+            key = judge_key(urls)
+            if any(w in instruction_of(body) for w in state.knobs.judge_refuse_words):
+                state.log(request.url.path, 400, None, refused_judge=key)
+                return _error(400, "This request was refused (fake content policy).", "content_policy_violation")
+        elif any(w in caption for w in state.knobs.refuse_words):
             state.log(request.url.path, 400, None, refused=caption)
             return _error(400, "This request was refused (fake content policy).", "content_policy_violation")
         with state.lock:
             cut = state.rng.random() < state.knobs.cut_json_rate
-        state.log(request.url.path, 200 if not cut else 299, caption, seed=body.get("seed"))
+        extra = {"judge": judge_key(urls), "images": len(urls)} if urls else {}
+        state.log(request.url.path, 200 if not cut else 299, caption, seed=body.get("seed"), **extra)
         data = json.dumps(_answer(request.url.path, body)).encode()
         if cut:
             return Response(data[: len(data) // 2], media_type="application/json")
@@ -186,6 +261,15 @@ def build_app(state: FakeState) -> Starlette:
         return Response(data, media_type="application/json")
 
     def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        urls = image_urls(body)
+        if urls:
+            text = fake_judgment(instruction_of(body), judge_key(urls), state.knobs.judge_malformed_rate)
+            prompt_words = len(render_words(body))
+            usage = {"prompt_tokens": 85 * len(urls) + prompt_words, "completion_tokens": len(text.split()),
+                     "total_tokens": 85 * len(urls) + prompt_words + len(text.split())}
+            return {"id": state.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model"), "usage": usage, "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
         caption = caption_of(body)
         text = fake_completion(caption, body.get("seed"), state.knobs.malformed_rate)
         finish = ("length" if any(w in caption for w in state.knobs.truncate_words) else
@@ -333,7 +417,9 @@ def build_app(state: FakeState) -> Starlette:
                 err.append({"id": state.new_id("batch_req_"), "custom_id": cid, "response": None,
                             "error": {"code": "server_error", "message": "fake batch request error"}})
                 continue
-            state.log(f"batch:{line['url']}", 200, caption_of(body), seed=body.get("seed"))
+            urls = image_urls(body)
+            extra = {"judge": judge_key(urls), "images": len(urls)} if urls else {}
+            state.log(f"batch:{line['url']}", 200, caption_of(body), seed=body.get("seed"), **extra)
             out.append({"id": state.new_id("batch_req_"), "custom_id": cid, "error": None,
                         "response": {"status_code": 200, "request_id": state.new_id("req_"),
                                      "body": _answer(line["url"], body)}})

@@ -10,7 +10,7 @@ from tasks.registry import stage_resources
 def test_paper_holds_a_gpu_where_the_models_run():
     res = stage_resources(load_config("paper"))
     assert {s: r.gpus for s, r in res.items()} == {
-        "captions": 0, "finetune": 1, "text": 1, "render": 1, "filter": 0, "pack": 0, "train": 1}
+        "captions": 0, "finetune": 1, "text": 1, "render": 1, "judge": 0, "filter": 0, "pack": 0, "train": 1}
     assert "auto" in res["render"].batch and GPU_TAG in res["render"].tags("render")
     assert res["pack"].tags("pack") == ["editforge", "editforge-pack"]
 

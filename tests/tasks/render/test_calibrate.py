@@ -108,7 +108,8 @@ TRIPLETS = pd.DataFrame([
     {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
      "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
 DRY = ["render.early_reject_at=0.5", "render.early_reject_dry_run=true", "render.early_reject_margin=0.0",
-       "render.keep.clip_direction_threshold=0.15"]
+       "render.keep.clip_direction_threshold=0.15",
+       "render.keep.ssim_max=1.0"]  # the demo's image rungs stay on; these near-identical pairs pass them
 
 
 def overrides(root, *extra) -> list[str]:
@@ -153,7 +154,8 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     margins = sorted({*DEFAULT_MARGINS, none_dropped, 0.0})
     table, _ = calibrate(cfg, margins)
     assert (table["scored"] == len(rendered)).all() and (table["passing"] == rendered["passed"].sum()).all()
-    assert passes(data.samples, keep).equals(data.samples["passed"])  # final pass = the stage's own
+    # final pass = the stage's own (CLIP and the image rungs render applies)
+    assert passes(data.samples, keep, ("clip", *cfg.judges.image_rungs())).equals(data.samples["passed"])
     row = table.set_index("margin").loc[none_dropped]
     assert row["dropped"] == 0 and row["recall"] == 0 and row["unet_fraction"] == 1 and row["cost_per_pass"] == 1
     for margin, row in table.set_index("margin").iterrows():
