@@ -35,7 +35,8 @@ def config(root, *overrides, samples=4, branches=2):
     storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
     return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
                                 "render.early_reject_at=null", f"render.samples_per_triplet={samples}",
-                                f"render.p_branches={branches}", *overrides])
+                                f"render.p_branches={branches}", "judges.dino.enabled=false",
+                                "judges.ssim.enabled=false", *overrides])  # CLIP alone, as test_stage.py
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,11 @@ def test_keep_per_seed_rule():
     assert per_seed_eligible(df, keep, None) is None
     two = per_seed_eligible(df, keep, 2)
     assert two.tolist() == [True, True, True, True, True, True, True, True]
+    # with the SSIM rung on, seed 1's best by direction fails it: its next passing branch is the candidate
+    df["ssim"] = [0.99, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    rungs = ("clip", "ssim")
+    eligible = per_seed_eligible(df, keep, 1, rungs)
+    assert df.index[select_top_k(df, keep, eligible, rungs=rungs)].tolist() == [1, 3, 7]
 
 
 def test_resume_mid_partition_with_branches_is_byte_identical(tmp_path, renderer, monkeypatch):
