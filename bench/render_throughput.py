@@ -22,6 +22,17 @@
     `--er-calibration FILE` reads them (and the step fraction) at the recommended margin from `editforge calibrate-early --json
     FILE` (dry-run samples of real models). The samples are
     planned by the render stage's own `RenderPlan` / `SamplingPolicy`.
+(c) p-branching (`render.p_branches` K, `render.keep_per_seed`): each seed renders K stratified p values
+    off one before image and one after trunk. Measured on the real renderer (same model, one run, side
+    by side): N independent samples vs N/K seeds x K branches, rendered as trees and, for a fidelity and
+    cost reference, as the same N samples without branching (`RenderSettings.branching=False`); wall
+    clock, UNet calls (sample-steps, the project's unit) and UNet images (the exact compute) per sample,
+    and the spread of the after images within a seed's branches vs across seeds. Synthetic, as (b): UNet
+    calls per kept pair and kept pairs per 1,000 UNet calls for branching policies vs their independent
+    counterparts, plus distinct seeds per kept pair (diversity). Two stated, settable assumptions:
+    `--branch-pass-slope` (pass rate vs p: q(p) = q (1 + s (2 (p - p_lo) / (p_hi - p_lo) - 1)); 0: p does
+    not matter) and `--branch-corr` (correlation of the pass propensity between a seed's branches, a
+    Gaussian copula: 0 independent, 1 a seed's branches pass or fail together), one curve per value.
 
 Writes bench/results/render_throughput.json and prints one summary line.
 """
@@ -259,6 +270,202 @@ def calibrated_early_rejection(path: Path) -> tuple[float, float, float]:
     return float(report["early_reject_at"]), float(row["recall"]), float(row["false_drop"])
 
 
+# --------------------------------------------------------------------------- (c) p-branching
+
+
+def stop_step(p: np.ndarray, steps: int) -> np.ndarray:
+    """The ip2p rule's first step without sharing (shares at step i iff p > i / (n - 1)), vectorised."""
+    if steps == 1:
+        return (p > 0).astype(int)
+    return np.minimum(steps, np.ceil(p * (steps - 1))).astype(int)
+
+
+def seed_cost(ps: np.ndarray, steps: int) -> tuple[int, int]:
+    """(sample-steps, UNet images) of one seed's branches as rendered by `render_pairs` (no early rejection):
+    the pair runs n steps (4 images each), every other distinct stop step's lane n - stop (2 images)."""
+    stops = sorted(set(stop_step(ps, steps).tolist()))
+    own = sum(steps - s for s in stops[:-1])
+    return steps + own, 4 * steps + 2 * own
+
+
+def simulate_branches(policy: SamplingPolicy, rates: np.ndarray, steps: int, top_k: int, per_seed: int | None,
+                      corr: float, slope: float, p_range: tuple[float, float], seed: int, cohort: int = 64) -> dict:
+    """Plan (the stage's RenderPlan, seeds of `policy.group` branches) and 'render' with synthetic outcomes:
+    branch b of a seed passes iff Phi(sqrt(corr) Z_seed + sqrt(1 - corr) E_b) < q(p_b)."""
+    from math import erf, sqrt
+
+    k = policy.group
+    lo, hi = p_range
+    ids = [f"{i:016x}" for i in range(len(rates))]
+    rate_of = dict(zip(ids, rates))
+    plan = RenderPlan(ids, policy)
+    calls = images = samples = 0
+    passing: dict[str, list[tuple[float, int]]] = {cid: [] for cid in ids}  # (random rank, seed slot)
+    while batch := plan.next_cohort(cohort):
+        results = []
+        for start in range(0, len(batch), k):
+            seed_rows = batch[start: start + k]
+            slot = seed_rows[0].index // k
+            rng = np.random.default_rng([seed, int(seed_rows[0].caption_id, 16), slot])
+            u = rng.random(k)
+            ps = lo + (np.arange(k) + u) / k * (hi - lo)
+            z, e = rng.standard_normal(), rng.standard_normal(k)
+            latent = sqrt(corr) * z + sqrt(1 - corr) * e
+            q = np.clip(rate_of[seed_rows[0].caption_id] * (1 + slope * (2 * (ps - lo) / max(hi - lo, 1e-12) - 1)), 0, 1)
+            c, im = seed_cost(ps, steps) if k > 1 else (steps, 4 * steps)
+            calls, images = calls + c, images + im
+            for s in seed_rows:
+                b = s.index % k
+                passed = bool(0.5 * (1 + erf(latent[b] / sqrt(2))) < q[b])
+                if passed:
+                    passing[s.caption_id].append((float(rng.random()), slot))
+                results.append((s.caption_id, s.index, passed))
+        samples += len(batch)
+        plan.record(results)
+    kept = seeds = 0
+    for rows in passing.values():
+        rows.sort(reverse=True)
+        taken, per = [], {}
+        for _rank, slot in rows:
+            if per_seed is None or per.get(slot, 0) < per_seed:
+                per[slot] = per.get(slot, 0) + 1
+                taken.append(slot)
+            if len(taken) == top_k:
+                break
+        kept += len(taken)
+        seeds += len(set(taken))
+    return {"samples": samples, "unet_calls": calls, "unet_images": images, "kept": kept,
+            "distinct_seeds_per_kept_pair": round(seeds / kept, 4) if kept else None,
+            "triplets_with_kept": sum(bool(r) for r in passing.values()), **plan.status_counts()}
+
+
+def branching_curve(args: argparse.Namespace) -> dict:
+    k, top, steps = args.branches, args.top_k, args.sim_steps
+    plain = {"fixed_100": SamplingPolicy(args.max_samples),
+             "adaptive": SamplingPolicy(args.max_samples, args.round_size, top),
+             "adaptive_give_up": SamplingPolicy(args.max_samples, args.round_size, top, args.give_up_after)}
+    curves = {}
+    for corr in args.branch_corr:
+        rows = []
+        for rate in args.pass_rates:
+            rates = np.full(args.sim_triplets, rate)
+            row: dict = {"pass_rate": rate}
+            for name, policy in plain.items():
+                for label, group, per_seed in ((name, 1, 1), (f"{name}_branches_{k}", k, 1),
+                                               (f"{name}_branches_{k}_keep_all", k, None)):
+                    pol = SamplingPolicy(policy.max_samples, policy.round_size, policy.target_passed,
+                                         policy.give_up_after, group, per_seed if group > 1 else None)
+                    sim = simulate_branches(pol, rates, steps, top, per_seed, corr, args.branch_pass_slope,
+                                            tuple(args.p_range), args.seed)
+                    kept = sim["kept"]
+                    row[label] = {**sim,
+                                  "unet_calls_per_kept_pair": round(sim["unet_calls"] / kept, 1) if kept else None,
+                                  "unet_image_calls_per_kept_pair": round(sim["unet_images"] / 4 / kept, 1) if kept else None,
+                                  "kept_per_1000_unet_calls": round(1000 * kept / sim["unet_calls"], 3),
+                                  "kept_per_1000_unet_image_calls": round(4000 * kept / sim["unet_images"], 3)}
+                base = row[name]
+                for label in (f"{name}_branches_{k}", f"{name}_branches_{k}_keep_all"):
+                    if base["kept"] and row[label]["kept"]:
+                        row[label]["calls_per_kept_vs_independent"] = round(
+                            row[label]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4)
+                        row[label]["image_calls_per_kept_vs_independent"] = round(
+                            row[label]["unet_image_calls_per_kept_pair"] / base["unet_image_calls_per_kept_pair"], 4)
+            rows.append(row)
+        curves[f"corr_{corr:g}"] = rows
+    return {"assumptions": {"branches": k, "keep_per_seed": 1, "p_range": list(args.p_range), "steps": steps,
+                            "pass_rate_vs_p_slope": args.branch_pass_slope, "branch_correlations": args.branch_corr,
+                            "triplets_per_point": args.sim_triplets, "top_k": top, "max_samples": args.max_samples,
+                            "round_size": args.round_size, "give_up_after": args.give_up_after,
+                            "note": "synthetic outcomes: a seed's branches pass with q(p_b) each, correlated through a "
+                                    "Gaussian copula (branch_correlations); kept = the top_k of a random order of the "
+                                    "passing samples, at most keep_per_seed per seed (_keep_all: no limit); UNet calls "
+                                    "from the ip2p stop steps of the stratified p draws; no early rejection"},
+            "curves": curves}
+
+
+def _pairwise_rmse(images: torch.Tensor) -> list[float]:
+    flat = images.flatten(1)
+    return [float(((flat[a] - flat[b]) ** 2).mean().sqrt()) for a in range(len(flat)) for b in range(a + 1, len(flat))]
+
+
+def branching_measured(args: argparse.Namespace) -> dict:
+    """N independent samples vs N/K seeds x K branches (as trees, and as the same samples unbranched)."""
+    import dataclasses
+
+    from tasks.common.selection import passes
+
+    k = args.branches
+    overrides = [f"models.diffusion={args.preset}", f"models.clip={args.clip}", f"render.device={args.device}",
+                 f"render.dtype={args.dtype}", f"render.height={args.size}", f"render.width={args.size}",
+                 f"render.steps={args.branch_steps}"]
+    cfg = load_config("demo", overrides)
+    renderer = Renderer(cfg)
+    settings = settings_from(cfg)
+    device = renderer.device
+    n_seeds = args.branch_triplets * args.branch_seeds
+    n = n_seeds * k
+    seeds = sample_seeds("bench-branch", n)
+    independent = [PairRequest(f"t{i % args.branch_triplets}", *CAPTIONS[i % args.branch_triplets % 4], s)
+                   for i, s in enumerate(seeds)]
+    branched = [PairRequest(f"t{j % args.branch_triplets}", *CAPTIONS[j % args.branch_triplets % 4], seeds[j], b, k)
+                for j in range(n_seeds) for b in range(k)]
+    batch = args.batch or 8
+    batch = max(k, batch - batch % k)  # whole seeds per batch, as the stage's cohorts
+    runs = {"independent_p_branches_1": (independent, settings),
+            f"p_branches_{k}": (branched, settings),
+            f"p_branches_{k}_unbranched": (branched, dataclasses.replace(settings, branching=False))}
+    renderer.render_scored(independent[:1], settings, cfg.render.keep)  # warm-up
+    timing: dict[str, list[float]] = {name: [] for name in runs}
+    outputs = {}
+    for _ in range(args.branch_repeats):  # interleaved, best of the repeats (a shared, noisy machine)
+        for name, (requests, s) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            outputs[name] = [renderer.render_scored(requests[i: i + batch], s, cfg.render.keep)
+                             for i in range(0, len(requests), batch)]
+            sync(device)
+            timing[name].append(time.perf_counter() - t0)
+    out: dict = {"preset": args.preset, "size": args.size, "steps": args.branch_steps, "branches": k,
+                 "samples_per_run": n, "seeds_branched": n_seeds, "batch_samples": batch,
+                 "repeats": args.branch_repeats, "runs": {}}
+    for name, scored in outputs.items():
+        calls = sum(sum(o.pairs.unet_steps) for o in scored)
+        images = sum(sum(o.pairs.unet_images) for o in scored)
+        seconds = min(timing[name])
+        out["runs"][name] = {"seconds": round(seconds, 3), "seconds_all": [round(t, 3) for t in timing[name]],
+                             "s_per_sample": round(seconds / n, 4), "unet_calls": calls, "unet_images": images,
+                             "unet_calls_per_sample": round(calls / n, 3), "unet_images_per_sample": round(images / n, 3)}
+    base, tree, flat = (out["runs"][name] for name in runs)
+    out["tree_vs_independent"] = {key: round(tree[key] / base[key], 4) for key in
+                                  ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")}
+    out["tree_vs_unbranched_same_samples"] = {key: round(tree[key] / flat[key], 4) for key in
+                                              ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")}
+    after_tree = torch.cat([o.pairs.after for o in outputs[f"p_branches_{k}"]])
+    after_flat = torch.cat([o.pairs.after for o in outputs[f"p_branches_{k}_unbranched"]])
+    out["max_abs_image_diff_tree_vs_unbranched"] = float((after_tree - after_flat).abs().max())
+    # spread of the after images: a seed's branches vs different seeds of the same triplet
+    within = [d for j in range(n_seeds) for d in _pairwise_rmse(after_tree[j * k: (j + 1) * k])]
+    across = [d for t in range(args.branch_triplets)
+              for d in _pairwise_rmse(after_tree[[j * k for j in range(n_seeds) if j % args.branch_triplets == t]])]
+    out["after_image_rmse"] = {"within_seed_branches": round(float(np.mean(within)), 5) if within else None,
+                               "across_seeds_same_triplet": round(float(np.mean(across)), 5) if across else None}
+    # kept under the demo's thresholds with the stage's rule (one per seed) and without it
+    import pandas as pd
+
+    metrics = {m: torch.cat([o.metrics[m] for o in outputs[f"p_branches_{k}"]]).numpy() for m in outputs[
+        f"p_branches_{k}"][0].metrics}
+    df = pd.DataFrame({"caption_id": [r.key for r in branched], "seed": [r.seed for r in branched], **metrics})
+    from tasks.common.selection import per_seed_eligible, select_top_k
+
+    kept_rule = {}
+    for label, per_seed in (("keep_per_seed_1", 1), ("keep_all", None)):
+        kept = df[select_top_k(df, cfg.render.keep, per_seed_eligible(df, cfg.render.keep, per_seed))]
+        kept_rule[label] = {"kept": len(kept), "distinct_seeds": int(kept.groupby(["caption_id", "seed"]).ngroups)}
+    out["kept_demo_thresholds"] = {"passed": int(passes(df, cfg.render.keep).sum()), "top_k": cfg.render.keep.top_k,
+                                   **kept_rule}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="diffusion preset: tiny, sd15-arch, sd15, sdxl")
@@ -294,6 +501,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON of `editforge calibrate-early --json`: take recall / false drops at its recommended margin")
     parser.add_argument("--decode-cost", type=float, default=1.5,
                         help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)")
+    parser.add_argument("--branches", type=int, default=4, help="(c) p branches per seed")
+    parser.add_argument("--branch-corr", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.5, 0.9],
+                        help="(c) correlation of a seed's branches' pass propensity (one synthetic curve each)")
+    parser.add_argument("--branch-pass-slope", type=float, default=0.0,
+                        help="(c) pass rate vs p: q(p) = q (1 + slope (2 (p - p_lo) / (p_hi - p_lo) - 1)); 0: flat")
+    parser.add_argument("--p-range", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.9])
+    parser.add_argument("--branch-triplets", type=int, default=4, help="(c) measured: triplets")
+    parser.add_argument("--branch-seeds", type=int, default=2, help="(c) measured: seeds per triplet (x branches)")
+    parser.add_argument("--branch-steps", type=int, default=20, help="(c) measured: denoising steps")
+    parser.add_argument("--branch-repeats", type=int, default=2, help="(c) measured: interleaved repeats, best kept")
+    parser.add_argument("--skip-branching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "render_throughput.json"))
     parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
@@ -301,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.steps, args.ref_samples, args.batched_samples, args.batch = 2, 2, 4, 2
         args.sim_triplets, args.reference_attention = 20, "sdpa"
+        args.branch_triplets, args.branch_seeds, args.branch_steps, args.branch_repeats = 2, 1, 4, 1
     if args.er_calibration:
         args.er_at, args.er_recall, args.er_false_reject = calibrated_early_rejection(Path(args.er_calibration))
     args.clip = args.clip or ("ViT-L-14" if args.preset in ("sd15-arch", "sd15", "sdxl") else "tiny")
@@ -313,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_throughput:
         result["throughput"] = throughput(args)
     result["unet_calls"] = calls_curve(args)
+    if not args.skip_branching:
+        result["p_branching"] = {"measured": branching_measured(args), "synthetic": branching_curve(args)}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     at10 = {name: v for row in result["unet_calls"]["curves"]["hopeless_0"] for name, v in row.items()
             if row["pass_rate"] == 0.1 and name != "pass_rate"}
@@ -333,6 +554,18 @@ def main(argv: list[str] | None = None) -> int:
                      f"({tp['preset']} {tp['size']}², {tp['steps']} steps, batch {tp['batch_samples']}, {tp['device']})")
     parts.append("UNet calls per kept pair at 10% pass vs fixed-100: " + ", ".join(
         f"{name} {v['ratio_vs_fixed_100']:.2f}" for name, v in at10.items() if name != "fixed_100"))
+    pb = result.get("p_branching")
+    if pb:
+        m, k = pb["measured"], args.branches
+        row = next((r for r in pb["synthetic"]["curves"].get("corr_0.5", []) if r["pass_rate"] == 0.1), None)
+        synth = (f"; synthetic 10% pass, corr 0.5: adaptive UNet calls per kept pair x"
+                 f"{row[f'adaptive_branches_{k}'].get('calls_per_kept_vs_independent', float('nan')):.2f} "
+                 f"(images x{row[f'adaptive_branches_{k}'].get('image_calls_per_kept_vs_independent', float('nan')):.2f})"
+                 if row else "")
+        parts.append(f"p-branching K={k} measured ({m['preset']} {m['size']}², {m['steps']} steps): per sample "
+                     f"wall x{m['tree_vs_independent']['s_per_sample']:.2f}, UNet calls "
+                     f"x{m['tree_vs_independent']['unet_calls_per_sample']:.2f}, images "
+                     f"x{m['tree_vs_independent']['unet_images_per_sample']:.2f} vs independent{synth}")
     print("render_throughput: " + "; ".join(parts) + f" -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 

@@ -190,7 +190,8 @@ def policy_of(cfg: PipelineConfig):
     rounds = r.adaptive or r.give_up_after is not None
     return SamplingPolicy(max_samples=r.samples_per_triplet, round_size=r.round_size if rounds else None,
                           target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
-                          give_up_after=r.give_up_after)
+                          give_up_after=r.give_up_after, group=r.p_branches,
+                          per_group=r.keep_per_seed if r.p_branches > 1 else None)
 
 
 def sampling_signature(cfg: PipelineConfig) -> dict[str, Any]:
@@ -203,7 +204,9 @@ def sampling_signature(cfg: PipelineConfig) -> dict[str, Any]:
                            "render.target_passed": (r.target_passed or r.keep.top_k) if r.adaptive else None,
                            "render.give_up_after": r.give_up_after,
                            "render.keep": r.keep.model_dump(mode="json"),
-                           "render.early_reject_at": r.early_reject_at if r.steps >= 2 else None}
+                           "render.early_reject_at": r.early_reject_at if r.steps >= 2 else None,
+                           "render.p_branches": r.p_branches,  # the replay below models independent samples
+                           "render.keep_per_seed": r.keep_per_seed if r.p_branches > 1 else None}
     if sig["render.early_reject_at"] is not None:
         sig |= {"render.early_reject_margin": r.early_reject_margin,
                 "render.early_reject_metrics": list(r.early_reject_metrics),

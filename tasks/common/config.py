@@ -303,6 +303,16 @@ class RenderConfig(Section):
     are written: `save_images: kept` (the reference: only the kept pairs'), `passed` (every passing
     sample's, so the filter stage can re-select a larger top-k) or `all` (every fully rendered sample's,
     so it can also loosen the thresholds).
+
+    p-branching (`p_branches` = K > 1; `tasks/render/pairs.py`): each seed renders K samples, one per
+    stratified p (branch b's p in the b-th of K equal slices of `p_range`, drawn from the seed), with
+    the seed's cfg, one before image and the after trajectory shared until each branch's sharing stops.
+    Every branch is a sample (a row, its own `sample_key` `{caption_id}_{seed}-{b}`): `samples_per_triplet`,
+    `round_size` and `give_up_after` count branches and must be multiples of K (a round holds whole
+    seeds); early rejection drops branches one by one. `keep_per_seed` (default 1; null: no limit): at most
+    that many kept pairs per seed, the best by directional similarity among its passing branches — so the
+    top-k stays diverse; adaptive sampling's `target_passed` counts passes under the same cap. Needs
+    `attention: ip2p` (the other modes do not use p). K = 1 is the reference (one sample per seed).
     """
 
     samples_per_triplet: int = Field(100, ge=1)
@@ -334,6 +344,10 @@ class RenderConfig(Section):
     clip_resize: Literal["reference", "antialias"] = Field(
         "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or antialiased + centre crop")
     early_reject_metrics: tuple[Literal[METRICS], ...] = METRICS
+    p_branches: int = Field(1, ge=1, le=64, description="p values per seed, branched off one before image and one "
+                            "after trunk (1: one sample per seed, the reference)")
+    keep_per_seed: int | None = Field(1, ge=1, description="at most this many kept pairs per seed (p-branching); "
+                                      "null: no limit")
 
     @model_validator(mode="after")
     def _ranges(self) -> RenderConfig:
@@ -352,6 +366,18 @@ class RenderConfig(Section):
                              f"render); rank render by one of {list(RENDER_RANK_CHOICES)} and set filter.rank_by="
                              f"{self.keep.rank_by} (with render.save_images=passed, so that the filter has candidates "
                              "beyond render's top-k)")
+        k = self.p_branches
+        if k > 1:
+            if self.attention != "ip2p":
+                raise ValueError(f"p_branches {k} needs attention ip2p: {self.attention!r} does not use p")
+            rounds = self.adaptive or self.give_up_after is not None
+            counts = {"samples_per_triplet": self.samples_per_triplet,
+                      "round_size": self.round_size if rounds else None, "give_up_after": self.give_up_after}
+            for name, value in counts.items():
+                if value is not None and value % k:
+                    raise ValueError(f"{name} {value} is not a multiple of p_branches {k}: it counts samples, "
+                                     f"and a seed's {k} branches are rendered together (e.g. {name}="
+                                     f"{max(k, value - value % k)})")
         return self
 
 

@@ -136,9 +136,10 @@ def report_dir(output_root: str, pack_hash: str) -> str:
     return storage.url_join(output_root, "report", pack_hash)
 
 
-def sample_key(caption_id: str, seed: int) -> str:
-    """WebDataset-safe key (no dots): `{caption_id}_{seed}`."""
-    return f"{caption_id}_{seed}"
+def sample_key(caption_id: str, seed: int, branch: int | None = None) -> str:
+    """WebDataset-safe key (no dots): `{caption_id}_{seed}`; a p branch (render.p_branches > 1):
+    `{caption_id}_{seed}-{branch}` (still one `_`-separated tail: the triplet is the key before it)."""
+    return f"{caption_id}_{seed}" if branch is None else f"{caption_id}_{seed}-{branch}"
 
 
 def image_name(key: str, which: str) -> str:

@@ -159,6 +159,30 @@ def failure_reason(df: pd.DataFrame, selection: Any, rungs: Sequence[str] = ("cl
     return reason
 
 
+def per_seed_eligible(df: pd.DataFrame, selection: Any, per_seed: int | None,
+                      rungs: Sequence[str] = ("clip",)) -> pd.Series | None:
+    """With p-branching (several samples per seed): the rows that may be kept — per (caption_id, seed) the
+    ``per_seed`` samples passing ``rungs`` best by ``selection.rank_by`` (ties: the earlier row), and every
+    failing row (it is not a candidate anyway); None (no restriction) when ``per_seed`` is None. Pass it
+    as :func:`select_top_k`'s ``eligible``.
+
+    A seed's branches share the before image and most of the after trajectory, so one per seed keeps
+    the kept pairs as diverse as independent samples are. With one sample per seed it changes nothing.
+    """
+    if per_seed is None or not len(df):
+        return None
+    ok = passes(df, selection, rungs)
+    eligible = pd.Series(True, index=df.index)
+    if not ok.any():
+        return eligible
+    rank = getattr(selection, "rank_by", RANK_BY)
+    ranked = df[ok].sort_values(["caption_id", "seed", rank], ascending=[True, True, False], kind="stable")
+    best = ranked.groupby(["caption_id", "seed"], sort=False).head(per_seed).index
+    eligible[ok] = False
+    eligible[best] = True
+    return eligible
+
+
 def funnel(df: pd.DataFrame, selection: Any, rungs: Sequence[str]) -> list[dict[str, int | str]]:
     """Per rung in ladder order: how many samples reached it and how many passed it (early-rejected
     samples reach none)."""

@@ -6,7 +6,9 @@ kept pairs' (the reference), ``passed`` for every passing sample, ``all`` for ev
 re-selection works within those: stricter thresholds and a smaller top-k always do; a larger top-k needs
 ``passed``, looser thresholds ``all``. A pair the selection wants whose images were not written is not
 replaced by the next best: it is counted as ``image_not_stored`` (and logged with the setting to change),
-so the output is always exactly "the selection, minus what render did not keep".
+so the output is always exactly "the selection, minus what render did not keep". With p-branching
+(several samples per seed) at most ``render.keep_per_seed`` of a seed's passing samples are candidates, as
+in render.
 
 The judge ladder (:mod:`tasks.common.selection`): CLIP, then the image rungs render scored (DINOv2, SSIM:
 columns of ``samples.parquet``), then, with ``judges.vlm.enabled``, the VLM judge's scores (the judge
@@ -27,7 +29,16 @@ from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import PartitionRun
 from tasks.common.layout import JUDGMENTS_FILE, KEPT_FILE, SAMPLES_FILE
-from tasks.common.selection import DINO, SSIM, VLM_SCORE, failure_reason, funnel, passes, select_top_k
+from tasks.common.selection import (
+    DINO,
+    SSIM,
+    VLM_SCORE,
+    failure_reason,
+    funnel,
+    passes,
+    per_seed_eligible,
+    select_top_k,
+)
 from tasks.registry import execute
 
 STAGE = "filter"
@@ -53,7 +64,8 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
             samples = with_judgments(run, samples)
         run.stats.add("in", len(samples))
         samples["passed"] = passes(samples, selection, rungs).to_numpy() if len(samples) else []
-        wanted = select_top_k(samples, selection, rungs=rungs)
+        eligible = per_seed_eligible(samples, selection, cfg.render.keep_per_seed, rungs)
+        wanted = select_top_k(samples, selection, eligible, rungs=rungs)
         stored = samples["image_stored"].astype(bool)
         samples["kept"] = (wanted & stored).to_numpy()
         kept = samples[samples["kept"]].reset_index(drop=True)

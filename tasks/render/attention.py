@@ -14,6 +14,12 @@ models: SDXL-Turbo, LCM) there is only the conditional half, ``index = 2 * sampl
 the control's ``cfg_halves`` (2 or 1) says which. The processors read an :class:`AttentionControl`
 shared by all layers, whose ``active`` mask says which samples share attention at the current step.
 
+p-branching (:mod:`tasks.render.pairs`) adds ``n_solo`` *solo* rows at the end of each CFG half: after
+images forked from a pair once their own sharing ended (and a before image whose pair's after row was
+dropped), which never share attention: a CFG half is ``[before_0, after_0, ..., after_{N-1}, solo_0, ...,
+solo_{M-1}]``, ``index = cfg * (2N + M) + 2 * sample + pair`` for pairs and ``cfg * (2N + M) + 2N + j``
+for solo row j. Without solo rows (``M = 0``, every render without branches) the layout is the one above.
+
 - :class:`SharedSelfAttnProcessor` (mode ``"ip2p"``) computes the shared attention with
   ``scaled_dot_product_attention`` by substituting the before image's queries and keys into the
   after rows: ``softmax(q_b k_b^T / sqrt(d)) v_a``; no attention matrix is materialised.
@@ -60,17 +66,26 @@ def split_layout(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2) -> t
     return tensor.unflatten(0, (cfg_halves, n_samples, 2))
 
 
-def _after_rows(active: torch.Tensor, cfg_halves: int = 2) -> torch.Tensor:
-    """Bool (2 * cfg_halves * N,) mask of the after rows, every CFG half, of the samples marked in ``active``."""
+def _after_rows(active: torch.Tensor, cfg_halves: int = 2, n_solo: int = 0) -> torch.Tensor:
+    """Bool (cfg_halves * (2N + n_solo),) mask of the after rows, every CFG half, of the pairs marked in
+    ``active`` (solo rows never share)."""
     mask = torch.zeros(cfg_halves, active.shape[0], 2, dtype=torch.bool, device=active.device)
     mask[:, :, 1] = active
-    return mask.flatten()
+    if not n_solo:
+        return mask.flatten()
+    solo = torch.zeros(cfg_halves, n_solo, dtype=torch.bool, device=active.device)
+    return torch.cat([mask.flatten(1), solo], dim=1).flatten()
 
 
-def _before_everywhere(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2) -> torch.Tensor:
-    """The tensor with every row replaced by its pair's before row (same shape, a copy)."""
-    split = split_layout(tensor, n_samples, cfg_halves)
-    return split[:, :, :1].expand_as(split).reshape(tensor.shape)
+def _before_everywhere(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2, n_solo: int = 0) -> torch.Tensor:
+    """The tensor with every pair row replaced by its pair's before row (same shape, a copy; solo rows kept)."""
+    if not n_solo:
+        split = split_layout(tensor, n_samples, cfg_halves)
+        return split[:, :, :1].expand_as(split).reshape(tensor.shape)
+    halves = tensor.unflatten(0, (cfg_halves, 2 * n_samples + n_solo))
+    pairs = halves[:, : 2 * n_samples].unflatten(1, (n_samples, 2))
+    pairs = pairs[:, :, :1].expand_as(pairs).flatten(1, 2)
+    return torch.cat([pairs, halves[:, 2 * n_samples:]], dim=1).reshape(tensor.shape)
 
 
 @dataclass
@@ -97,6 +112,7 @@ class AttentionControl:
     ``active`` / ``cross_active`` are device masks over samples; ``any_active`` / ``any_cross_active``
     are the same facts as Python bools, so processors never synchronise with the device to test them.
     ``cfg_halves``: 2 with classifier-free guidance (batch 4N), 1 without (batch 2N, conditional only).
+    ``n_solo``: solo rows after the pairs of each CFG half (p-branching, see the module doc), never sharing.
     """
 
     n_samples: int
@@ -106,6 +122,7 @@ class AttentionControl:
     cross_alpha: torch.Tensor | None = None
     schedule: str = "ip2p"
     cfg_halves: int = 2
+    n_solo: int = 0
     step: int = field(init=False, default=-1)
     any_active: bool = field(init=False, default=False)
     any_cross_active: bool = field(init=False, default=False)
@@ -145,7 +162,7 @@ class AttentionControl:
     def active(self, value: torch.Tensor) -> None:
         self._active = torch.as_tensor(value, dtype=torch.bool)
         self.any_active = bool(self._active.any())
-        self._after_rows = _after_rows(self._active, self.cfg_halves)
+        self._after_rows = _after_rows(self._active, self.cfg_halves, self.n_solo)
 
     @property
     def cross_active(self) -> torch.Tensor:
@@ -162,6 +179,17 @@ class AttentionControl:
         if self._after_rows.device != device:
             self._after_rows = self._after_rows.to(device)
         return self._after_rows
+
+    def stop_steps(self, num_steps: int) -> list[int]:
+        """Per sample, the first step of ``num_steps`` at which it no longer shares self-attention
+        (``num_steps`` when it shares every step); sharing is on for every step before it."""
+        stops = [num_steps] * self.n_samples
+        for step in range(num_steps - 1, -1, -1):
+            active, _ = self.sharing_at(step, num_steps)
+            for i, on in enumerate(active.tolist()):
+                if not on:
+                    stops[i] = step
+        return stops
 
     def sharing_at(self, step: int, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(self, cross) bool masks over samples for step ``step`` of ``num_steps`` (see the class doc)."""
@@ -201,21 +229,44 @@ class AttentionControl:
         self.active, self.cross_active = self._active.cpu()[keep], self._cross_active.cpu()[keep]
         self._to(device)
 
+    def take(self, source: AttentionControl, samples: torch.Tensor, n_solo: int = 0) -> None:
+        """Lay the batch out anew (in place: processors hold this object): pair j is ``source``'s sample
+        ``samples[j]`` (an index into ``source``, which is left as it is), then ``n_solo`` solo rows.
+
+        p-branching keeps the per-request schedule in ``source`` and re-lays this control whenever a
+        branch forks or leaves; the sharing flags are set again by the next :meth:`begin_step`.
+        """
+        samples = torch.as_tensor(samples, dtype=torch.long).cpu()
+        if n_solo and source.schedule != "ip2p":
+            raise ValueError("solo rows (p-branching) need the ip2p sharing schedule")
+        self.n_samples, self.n_solo, self.schedule = int(samples.shape[0]), int(n_solo), source.schedule
+        self.cfg_halves = source.cfg_halves
+        self.self_fraction = source.self_fraction[samples]
+        self.cross_fraction = source.cross_fraction[samples]
+        self.cross_index = None if source.cross_index is None else source.cross_index[samples.to(source.cross_index.device)]
+        self.cross_alpha = None if source.cross_alpha is None else source.cross_alpha[samples.to(source.cross_alpha.device)]
+        device = self._active.device
+        self.active = torch.zeros(self.n_samples, dtype=torch.bool)
+        self.cross_active = torch.zeros(self.n_samples, dtype=torch.bool)
+        self._to(device)
+
     def load(self, other: AttentionControl) -> None:
         """Take over ``other``'s schedule and state (processors installed once keep this object)."""
         self.__dict__.update(other.__dict__)
 
     @property
     def batch_size(self) -> int:
-        """UNet batch rows for the current samples: 4N with classifier-free guidance, 2N without."""
-        return 2 * self.cfg_halves * self.n_samples
+        """UNet batch rows for the current samples: 4N with classifier-free guidance, 2N without (plus the
+        solo rows, in each half)."""
+        return self.cfg_halves * (2 * self.n_samples + self.n_solo)
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size != self.batch_size:
             halves = "[uncond, cond]" if self.cfg_halves == 2 else "[cond]"
+            solo = f" + {self.cfg_halves} x {self.n_solo} solo rows" if self.n_solo else ""
             raise ValueError(
                 f"attention batch of {batch_size}, expected {2 * self.cfg_halves} x {self.n_samples} "
-                f"({halves} x samples x [before, after])"
+                f"({halves} x samples x [before, after]){solo}"
             )
 
 
@@ -283,11 +334,10 @@ class SharedSelfAttnProcessor:
                mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
         """(B, heads, S, d) tensors in, (B, heads, S, d) out."""
         if self.sharing(is_self, query.shape[0]):
-            n = self.control.n_samples
+            n, halves, solo = self.control.n_samples, self.control.cfg_halves, self.control.n_solo
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
-            halves = self.control.cfg_halves
-            query = torch.where(rows, _before_everywhere(query, n, halves), query)
-            key = torch.where(rows, _before_everywhere(key, n, halves), key)
+            query = torch.where(rows, _before_everywhere(query, n, halves, solo), query)
+            key = torch.where(rows, _before_everywhere(key, n, halves, solo), key)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
@@ -308,7 +358,8 @@ class ExplicitSharedSelfAttnProcessor(SharedSelfAttnProcessor):
         probs = _explicit_probs(attn, query, key, mask)
         if self.sharing(is_self, query.shape[0]):
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
-            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples, self.control.cfg_halves), probs)
+            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples, self.control.cfg_halves,
+                                                         self.control.n_solo), probs)
         return probs @ value
 
 
@@ -322,6 +373,8 @@ class PromptToPromptProcessor(SharedSelfAttnProcessor):
         if is_self or not control.any_cross_active:
             return out
         control.check_batch(query.shape[0])
+        if control.n_solo:
+            raise ValueError("p2p cross-attention editing takes pairs only (no p-branching solo rows)")
         if control.cross_index is None or control.cross_alpha is None:
             raise ValueError("p2p cross-attention editing needs cross_index and cross_alpha in the control")
         n, halves = control.n_samples, control.cfg_halves

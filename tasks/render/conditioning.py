@@ -96,6 +96,18 @@ class Conditioning:
 
         return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves)
 
+    def take(self, index: torch.Tensor) -> Conditioning:
+        """Gather latent rows: row j of every CFG half becomes old row ``index[j]`` (repeats allowed; the
+        p-branching layout of :mod:`tasks.render.attention`, where a half is not ``samples x 2`` rows)."""
+        per_half = self.embeddings.shape[0] // self.cfg_halves
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = torch.cat([index + h * per_half for h in range(self.cfg_halves)])
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows.to(t.device)]
+
+        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves)
+
 
 def build_conditioning(components: DiffusionComponents, pairs: Sequence[tuple[str, str]], height: int, width: int,
                        device: torch.device, dtype: torch.dtype, guidance: bool = True) -> Conditioning:

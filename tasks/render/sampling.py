@@ -55,20 +55,37 @@ def sample_params(
     seed: int,
     cfg_range: tuple[float, float] = (7.5, 15.0),
     p_range: tuple[float, float] = (0.1, 0.9),
+    branch: int = 0,
+    branches: int = 1,
 ) -> SampleParams:
     """Draw ``p`` (fraction of steps with shared attention) then the CFG scale from ``seed``.
 
     Same values as the reference's ``torch.manual_seed(seed); p = ...rand()...; cfg = ...rand()...``
     (float32 uniform draws of the CPU generator, in that order).
+
+    p-branching (``branches`` = K > 1, ``render.p_branches``): the seed renders K samples, one per
+    ``branch`` 0..K-1, all with the seed's CFG scale (the second draw, as above) and stratified p values:
+    ``p_b = p_min + (b + u_b) / K * (p_max - p_min)`` where ``u_0`` is the first draw (the one that is
+    the reference's p when K = 1) and ``u_1 .. u_{K-1}`` are one ``torch.rand(K - 1)`` draw after the CFG
+    scale's. So branch b's p
+    lies in the b-th of K equal slices of ``p_range`` (branches sorted by p), every value is a pure
+    function of the seed, and K = 1 gives exactly the reference's p.
     """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    if not 0 <= branch < branches:
+        raise ValueError(f"branch {branch} outside 0..{branches - 1}")
     cfg_min, cfg_max = _check_range("cfg_range", cfg_range)
     p_min, p_max = _check_range("p_range", p_range)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    p = p_min + torch.rand((), generator=generator).item() * (p_max - p_min)
+    u = torch.rand((), generator=generator).item()
     cfg = cfg_min + torch.rand((), generator=generator).item() * (cfg_max - cfg_min)
-    return SampleParams(seed=int(seed), cfg_scale=cfg, p2p_p=p)
+    if branches == 1:
+        return SampleParams(seed=int(seed), cfg_scale=cfg, p2p_p=p_min + u * (p_max - p_min))
+    if branch:
+        u = torch.rand(branches - 1, generator=generator)[branch - 1].item()
+    p = p_min + (branch + u) / branches * (p_max - p_min)
+    return SampleParams(seed=int(seed), cfg_scale=cfg, p2p_p=min(p, p_max))
 
 
 def sample_seed(caption_id: str, index: int, base_seed: int = 0) -> int:

@@ -20,6 +20,14 @@ A **cohort** is one UNet batch: :meth:`RenderPlan.next_cohort` fills it with the
 samples, triplets in ``caption_id`` order, sample indexes ascending — several triplets share a batch
 whenever a round is smaller than the batch. The composition is a function of the recorded rows and
 the batch size only, so a resumed run forms the same cohorts as an uninterrupted one.
+
+**p-branching** (``group`` = K > 1, ``render.p_branches``): sample index ``j`` is branch ``j % K`` of the
+triplet's seed number ``j // K``; the K branches of a seed are samples like any other (they count in
+rounds, ``max_samples`` and ``give_up_after``, which must be multiples of K so that a round holds whole
+seeds) and a cohort never splits a seed (one seed's branches render as one tree, and its UNet calls
+depend on that): a cohort takes whole seeds up to ``size`` samples, or one seed when K > ``size``.
+The passes a decision counts are capped at ``per_group`` per seed (``render.keep_per_seed``: how many
+of a seed's pairs may be kept), so adaptive sampling stops when enough *keepable* pairs passed.
 """
 
 from __future__ import annotations
@@ -40,12 +48,28 @@ class SamplingPolicy:
     round_size: int | None = None
     target_passed: int | None = None
     give_up_after: int | None = None
+    group: int = 1
+    per_group: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_samples", "round_size", "target_passed", "give_up_after"):
+        for name in ("max_samples", "round_size", "target_passed", "give_up_after", "group", "per_group"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+        for name in ("max_samples", "round_size", "give_up_after"):
+            value = getattr(self, name)
+            if value is not None and value % self.group:
+                raise ValueError(f"{name} {value} is not a multiple of the {self.group} branches of a seed")
+
+    def counted(self, results: dict[int, bool], end: int) -> int:
+        """Passes among samples ``0 .. end - 1``, at most ``per_group`` per seed (group of ``group`` samples)."""
+        if self.group == 1 or self.per_group is None:
+            return sum(results.get(i, False) for i in range(end))
+        per_seed: dict[int, int] = {}
+        for i in range(end):
+            if results.get(i, False):
+                per_seed[i // self.group] = per_seed.get(i // self.group, 0) + 1
+        return sum(min(n, self.per_group) for n in per_seed.values())
 
     def round_end(self, done: int) -> int:
         """The end (exclusive sample index) of the round that starts at ``done``."""
@@ -77,6 +101,7 @@ class PlannedSample:
     index: int
     seed: int
     round: int
+    branch: int = 0
 
 
 @dataclass
@@ -100,11 +125,13 @@ class TripletState:
         self.round_end = self.policy.round_end(0)
 
     def seed(self, index: int) -> int:
-        """Seed of sample ``index``: the ``index``-th distinct value of ``sample_seed(caption_id, j)``.
+        """Seed of sample ``index``: the ``index // group``-th distinct value of ``sample_seed(caption_id, j)``
+        (``group``: the p branches of a seed; 1 without branching).
 
         Distinct because the reference never renders a seed twice for a triplet (a 32-bit collision
         is rare, but it would duplicate a sample key).
         """
+        index //= self.policy.group
         while len(self._seeds) <= index:
             candidate = sample_seed(self.caption_id, self._draws, self.base_seed)
             self._draws += 1
@@ -144,7 +171,7 @@ class TripletState:
     def _advance(self) -> None:
         while self.status is None and self._in_round == self.round_end - self.round_start:
             done = self.round_end
-            self.status = self.policy.decide(done, sum(self.results.get(i, False) for i in range(done)))
+            self.status = self.policy.decide(done, self.policy.counted(self.results, done))
             if self.status is None:
                 self.round_start, self.round_end, self.round = done, self.policy.round_end(done), self.round + 1
                 self._in_round = sum(1 for i in range(self.round_start, self.round_end) if i in self.results)
@@ -167,17 +194,27 @@ class RenderPlan:
             self.triplets[self._by_id[caption_id]].record(int(index), bool(passed))
 
     def next_cohort(self, size: int) -> list[PlannedSample]:
-        """Up to ``size`` pending samples of the open rounds, triplets in order (empty when all finished)."""
+        """Up to ``size`` pending samples of the open rounds, triplets in order (empty when all finished);
+        with p-branching whole seeds only (one seed's branches even when they are more than ``size``)."""
         if size < 1:
             raise ValueError(f"cohort size must be >= 1, got {size}")
         while self._first_open < len(self.triplets) and self.triplets[self._first_open].status is not None:
             self._first_open += 1
+        group = self.policy.group
         cohort: list[PlannedSample] = []
         for t in range(self._first_open, len(self.triplets)):
             state = self.triplets[t]
-            for index in state.pending():
-                cohort.append(PlannedSample(t, state.caption_id, index, state.seed(index), state.round))
-                if len(cohort) == size:
+            pending = state.pending()
+            for start in range(0, len(pending)):
+                index = pending[start]
+                if group > 1 and (start == 0 or index // group != pending[start - 1] // group):
+                    seed_rows = sum(1 for j in pending[start:] if j // group == index // group)
+                    if cohort and len(cohort) + seed_rows > size:
+                        return cohort
+                cohort.append(PlannedSample(t, state.caption_id, index, state.seed(index), state.round,
+                                            index % group))
+                if len(cohort) >= size and (group == 1 or start + 1 == len(pending)
+                                            or pending[start + 1] // group != index // group):
                     return cohort
         return cohort
 

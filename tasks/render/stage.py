@@ -18,12 +18,18 @@ restarted run replays them into the plan, which rebuilds each triplet's state (r
 decision) and forms the next cohorts exactly as an uninterrupted run would — each sample is a pure
 function of (triplet, seed), so the final rows are the same and none is duplicated.
 
+p-branching (``render.p_branches`` = K): a seed's K branches are K rows (``branch`` 0..K-1, keys
+``{caption_id}_{seed}-{branch}``), planned and rendered together (:mod:`tasks.render.scheduling`,
+:mod:`tasks.render.pairs`); ``kept`` takes at most ``render.keep_per_seed`` of a seed's passing branches
+(the best by directional similarity) before the top-k.
+
 Manifest counts: ``unet_calls`` (one sample x one denoising step = one call of a 4-image UNet batch,
 the reference's unit: 100 samples x 100 steps = 10,000 per triplet; summed over the rows, so a
 resumed run reports the cost of its output), ``unet_calls_reference`` (the reference's cost for the
-same triplets), ``early_rejected``, ``triplets_satisfied`` / ``_gave_up`` / ``_exhausted``, and per rung
-of the ladder render applies ``ladder_<rung>_in`` / ``ladder_<rung>_passed`` (rejections ``dino_similarity``,
-``ssim_low``, ``ssim_high`` beside CLIP's).
+same triplets), ``unet_images`` (images through the UNet: the exact compute, which p-branching's
+half-size rows make smaller than 4 x ``unet_calls``), ``early_rejected``, ``triplets_satisfied`` /
+``_gave_up`` / ``_exhausted``, and per rung of the ladder render applies ``ladder_<rung>_in`` /
+``ladder_<rung>_passed`` (rejections ``dino_similarity``, ``ssim_low``, ``ssim_high`` beside CLIP's).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from tasks.common.selection import (
     failure_reason,
     funnel,
     passes,
+    per_seed_eligible,
     select_top_k,
     thresholds,
 )
@@ -61,7 +68,7 @@ from tasks.render.scheduling import PlannedSample, RenderPlan, SamplingPolicy
 STAGE = "render"
 SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, DINO, "dino_model", SSIM,
                   "passed", "image_stored", "kept", "input", "edit", "output", "sample_index", "round", "unet_steps",
-                  "early_rejected", *(f"early_{m}" for m in METRICS)]
+                  "early_rejected", *(f"early_{m}" for m in METRICS), "branch", "unet_images"]
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -80,6 +87,8 @@ def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
         round_size=r.round_size if rounds else None,
         target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
         give_up_after=r.give_up_after,
+        group=r.p_branches,
+        per_group=r.keep_per_seed if r.p_branches > 1 else None,
     )
 
 
@@ -96,7 +105,8 @@ def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: Sco
     info = [triplets.loc[s.caption_id] for s in cohort]
     rows = pd.DataFrame({
         "caption_id": [s.caption_id for s in cohort],
-        "sample_key": [sample_key(s.caption_id, s.seed) for s in cohort],
+        "sample_key": [sample_key(s.caption_id, s.seed, s.branch if cfg.render.p_branches > 1 else None)
+                       for s in cohort],
         "seed": [s.seed for s in cohort],
         "p2p_p": [p.p2p_p for p in pairs.params],
         "cfg_scale": [p.cfg_scale for p in pairs.params],
@@ -110,6 +120,8 @@ def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: Sco
         "early_rejected": pairs.early_rejected,
         **{f"early_{k}": (pairs.early_metrics[k].numpy().astype(float) if pairs.early_metrics
                           else np.full(len(cohort), np.nan)) for k in METRICS},
+        "branch": [s.branch for s in cohort],
+        "unet_images": pairs.unet_images,
     })
     clip_passed = passes(rows, cfg.render.keep).to_numpy()
     rungs = score_image_rungs(rows, pairs.before, pairs.after, cfg, torch.device(device), clip_passed)
@@ -179,11 +191,11 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
     sizer = BatchSizer(size, logger)
     early_after = early_step_count(r.early_reject_at, r.steps)
     done = {"unet_calls_this_run": 0, "samples_this_run": 0, "cohorts": 0}
-    live = LiveFigures(plan, r.keep.top_k, previous if previous is not None else pd.DataFrame())
+    live = LiveFigures(plan, r.keep.top_k, previous if previous is not None else pd.DataFrame(), r.keep_per_seed)
     progress = tqdm(desc=f"render p{run.partition_id}", unit="sample", leave=False)
     while cohort := plan.next_cohort(sizer.size):
         requests = [PairRequest(s.caption_id, triplets.at[s.caption_id, "input"],
-                                triplets.at[s.caption_id, "output"], s.seed) for s in cohort]
+                                triplets.at[s.caption_id, "output"], s.seed, s.branch, r.p_branches) for s in cohort]
         try:
             with run.stats.timer("render"):
                 scored = renderer.render_scored(requests, settings, r.keep, early_after,
@@ -217,10 +229,10 @@ class LiveFigures:
     """The partition's running figures for the dashboard, as it checkpoints: samples, pass rate, pairs
     it will keep so far (min(passed, top_k) per triplet), UNet calls per kept pair, samples/s."""
 
-    def __init__(self, plan: RenderPlan, top_k: int, earlier: pd.DataFrame):
-        self.plan, self.top_k = plan, top_k  # `earlier`: what a resumed partition rendered before
+    def __init__(self, plan: RenderPlan, top_k: int, earlier: pd.DataFrame, per_seed: int | None = None):
+        self.plan, self.top_k, self.per_seed = plan, top_k, per_seed  # `earlier`: a resumed partition's rows
         self.samples, self.passed, self.unet_calls = 0, 0, 0
-        self.passed_by_triplet: dict[str, int] = {}
+        self.passed_by_seed: dict[tuple[str, int], int] = {}
         if len(earlier):
             self._add(earlier)
 
@@ -228,12 +240,15 @@ class LiveFigures:
         self.samples += len(rows)
         self.passed += int(rows["passed"].sum())
         self.unet_calls += int(rows["unet_steps"].sum())
-        for cid, n in rows.loc[rows["passed"].astype(bool), "caption_id"].value_counts().items():
-            self.passed_by_triplet[cid] = self.passed_by_triplet.get(cid, 0) + int(n)
+        for (cid, seed), n in rows.loc[rows["passed"].astype(bool), ["caption_id", "seed"]].value_counts().items():
+            self.passed_by_seed[cid, int(seed)] = self.passed_by_seed.get((cid, int(seed)), 0) + int(n)
 
     def update(self, rows: pd.DataFrame, done: dict[str, int], seconds: float) -> dict:
         self._add(rows)
-        kept = sum(min(n, self.top_k) for n in self.passed_by_triplet.values())
+        by_triplet: dict[str, int] = {}
+        for (cid, _), n in self.passed_by_seed.items():  # at most keep_per_seed of a seed's branches
+            by_triplet[cid] = by_triplet.get(cid, 0) + (n if self.per_seed is None else min(n, self.per_seed))
+        kept = sum(min(n, self.top_k) for n in by_triplet.values())
         return {"triplets_done": sum(self.plan.status_counts().values()), "triplets": len(self.plan.triplets),
                 "samples": self.samples, "passed": self.passed,
                 "pass_rate": round(self.passed / self.samples, 4) if self.samples else None,
@@ -268,7 +283,8 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         if not len(samples):
             samples = pd.DataFrame(columns=SAMPLE_COLUMNS)
         samples = samples.sort_values(["caption_id", "sample_index"]).reset_index(drop=True)
-        samples["kept"] = select_top_k(samples, r.keep, rungs=render_rungs(cfg)).to_numpy()
+        eligible = per_seed_eligible(samples, r.keep, r.keep_per_seed, render_rungs(cfg))
+        samples["kept"] = select_top_k(samples, r.keep, eligible, rungs=render_rungs(cfg)).to_numpy()
         samples["image_stored"] = stored_images(samples, cfg).to_numpy()
         publish_images(run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist())
         storage.write_parquet_atomic(run.output(SAMPLES_FILE), samples[SAMPLE_COLUMNS])
@@ -284,6 +300,7 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
     unet_calls = int(samples["unet_steps"].sum())
     run.stats.add("samples", len(samples))
     run.stats.add("unet_calls", unet_calls)
+    run.stats.add("unet_images", int(samples["unet_images"].sum()))
     run.stats.add("unet_calls_reference", len(plan.triplets) * cfg.render.samples_per_triplet * cfg.render.steps)
     run.stats.add("passed", int(samples["passed"].sum()))
     run.stats.add("early_rejected", int(early.sum()))

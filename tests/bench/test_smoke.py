@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.component
 @pytest.mark.parametrize("bench, keys", [("text_throughput", {"speedup_per_item", "captions_answered_twice"}),
-                                         ("render_throughput", {"throughput", "unet_calls", "goals"}),
+                                         ("render_throughput", {"throughput", "unet_calls", "goals", "p_branching"}),
                                          ("judge_throughput", {"speedup_per_item", "samples_judged_twice"})])
 def test_benchmark_smoke(tmp_path, bench, keys):
     out = tmp_path / f"{bench}.json"
