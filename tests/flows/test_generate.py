@@ -79,10 +79,10 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
         runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition")))
     assert runs and all({"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags
                         for r in runs)
-    _check_dashboard(cfg, key["render"], result)
+    _check_dashboard(cfg, key["render"], result, overrides)
 
 
-def _check_dashboard(cfg, render_key, result):
+def _check_dashboard(cfg, render_key, result, overrides):
     """Rows per partition as each finishes, the run-wide progress, the events, the report in a browser."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -113,6 +113,15 @@ def _check_dashboard(cfg, render_key, result):
     assert {i["alt"] for i in seen["images"] if i["width"] > 100} == {"funnel", "metrics", "pass_rate", "best", "worst",
                                                                      "loss"}, seen["images"]
     assert "Survival funnel" in seen["text"] and shot.stat().st_size > 10_000
+    # `editforge report --html` rebuilds it from disk
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    Path(result["report"]).unlink()
+    out = CliRunner().invoke(app, ["report", "--preset", "demo", *(a for o in overrides for a in ("--set", o)), "--html"])
+    assert out.exit_code == 0 and f"report: {result['report']} (6 figures beside it)" in out.output, out.output
+    assert Path(result["report"]).stat().st_size > 100_000
 
 
 
