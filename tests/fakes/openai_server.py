@@ -483,6 +483,13 @@ class FakeOpenAIServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def fresh(self, api_key: str) -> FakeOpenAIServer:
+        """This server as a new test wants it: default knobs (``api_key`` required) and an empty log."""
+        for name, value in vars(Knobs(api_key=api_key)).items():
+            setattr(self.knobs, name, value)
+        self.state.reset()
+        return self
+
     def start(self) -> Self:
         config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, lifespan="off")

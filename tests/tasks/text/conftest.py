@@ -24,8 +24,5 @@ def fake_server() -> Iterator[FakeOpenAIServer]:
 @pytest.fixture
 def fake(fake_server: FakeOpenAIServer, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAIServer:
     """The fake with default knobs (API key required), an empty log, and the key in the environment."""
-    for name, value in vars(Knobs(api_key=API_KEY)).items():
-        setattr(fake_server.knobs, name, value)
-    fake_server.state.reset()
     monkeypatch.setenv(KEY_ENV, API_KEY)
-    return fake_server
+    return fake_server.fresh(API_KEY)
