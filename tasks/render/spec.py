@@ -2,6 +2,7 @@
 
 from tasks.common.layout import SAMPLES_FILE
 from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.world.weights import hash_extra as world_models
 
 
 def resources(cfg) -> Resources:
@@ -18,6 +19,7 @@ STAGE = Stage(
     summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass; top-k kept",
     reads=("text",),
     hashes=("render", "models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path"),
+    hash_extra=lambda cfg: world_models(cfg, ("diffusion", "clip")),  # a rebuilt world model: a new version
     outputs=(SAMPLES_FILE, "images/<key>_{input,edited}.png"),
     resources=resources,
     retries=2,

