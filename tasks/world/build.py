@@ -101,7 +101,7 @@ class BuildPlan:
     unet_batch: int = 16
     unet_lr: float = 1e-3
     unet_channels: tuple[int, int] = (32, 64)
-    unet_attention_16: bool = True
+    unet_attention_16: bool = False
     lm_triplets: int = 3000
     lm_steps: int = 2000  # copying the caption into the output is learned between steps ~1300 and ~1900
     lm_batch: int = 32
@@ -293,12 +293,10 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
 # --------------------------------------------------------------------------- UNet (+ text encoder, tokenizer, scheduler)
 
 
-def world_unet(seed: int, channels: tuple[int, int], attention_16: bool = True):
-    """Transformer blocks (self-attention, cross-attention) at 16² and 8² (``attention_16``) or 8² only.
-
-    With self-attention at 8² only, Prompt-to-Prompt sharing barely moved the after image (the layout is the
-    convolutions' there); at 16², as in SD, sharing the before image's attention maps holds the pair together.
-    """
+def world_unet(seed: int, channels: tuple[int, int], attention_16: bool = False):
+    """Transformer blocks (self-attention, cross-attention) at 8² (down, mid, up), and at 16² too with
+    ``attention_16`` (twice the training time; measured: no better images, and Prompt-to-Prompt sharing no
+    more effective — after 2400 steps the self-attention maps are near-uniform at either size)."""
     from diffusers import UNet2DConditionModel
 
     first = "CrossAttnDownBlock2D" if attention_16 else "DownBlock2D"
