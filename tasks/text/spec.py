@@ -33,7 +33,6 @@ def finetune_sections(cfg) -> tuple[str, ...]:
 def finetune_inputs(cfg) -> dict[str, Any]:
     """Inputs besides the config: the seed triplets' bytes and the prompt templates."""
     from prompts.templates import templates_hash
-
     from tasks.world.weights import hash_extra as world_models
 
     return {"templates": templates_hash(),
