@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo test test-fast lint bench reliability server deploy worker compat clean
+.PHONY: install browser demo demo-world world-models test test-fast lint bench reliability server deploy worker compat clean
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m flows.generate --preset demo
 	$(PY) -m flows.train --preset demo
+
+# The same on the synthetic world (tasks/world): models trained on drawn shapes, shipped in tasks/world/weights/.
+demo-world: $(STAMP)
+	$(PY) -m flows.generate --preset world
+	$(PY) -m flows.train --preset world
+
+# Rebuild the shipped world models (deterministic; about 10 CPU-minutes).
+world-models: $(STAMP)
+	$(PY) -m tasks.world.build
 
 # the browser the UI tests drive (Debian's chromium; playwright is told its path, it downloads nothing)
 browser:

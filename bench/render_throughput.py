@@ -21,7 +21,11 @@
     it catches) and `--er-false-reject` (share of passing samples it wrongly drops), or both measured:
     `--er-calibration FILE` reads them (and the step fraction) at the recommended margin from `editforge calibrate-early --json
     FILE` (dry-run samples of real models). The samples are
-    planned by the render stage's own `RenderPlan` / `SamplingPolicy`.
+    planned by the render stage's own `RenderPlan` / `SamplingPolicy`. Measured outcomes instead of the
+    synthetic curves (which stay, as the what-if): `--measured-pass-rates FILE...` reads the per-triplet
+    pass rates of a real render's `samples.parquet` (e.g. the `world` preset's run, or
+    `bench/world_pass_rates.py`'s `world_samples.parquet`) and adds `curves.measured`, overall and by
+    edit kind when the files tell it.
 (c) p-branching (`render.p_branches` K, `render.keep_per_seed`): each seed renders K stratified p values
     off one before image and one after trunk. Measured on the real renderer (same model, one run, side
     by side): N independent samples vs N/K seeds x K branches, rendered as trees and, for a fidelity and
@@ -53,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EDITFORGE_CACHE", str(ROOT / ".cache" / "editforge"))
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tasks.common.config import load_config
@@ -222,6 +227,21 @@ def calls_curve(args: argparse.Namespace) -> dict:
         "adaptive_give_up_early_rejection": (give_up, steps, er_at),
         "fast_preset": (give_up, args.fast_steps, early_step_count(args.er_at, args.fast_steps)),
     }
+
+    def point(rates: np.ndarray, row: dict) -> dict:
+        for name, (policy, n_steps, early_after) in strategies.items():
+            sim = simulate(policy, rates, n_steps, early_after, args.er_recall, args.er_false_reject, k, args.seed)
+            per_kept = sim["unet_calls"] / sim["kept"] if sim["kept"] else float("inf")
+            cost = (sim["unet_calls"] + args.decode_cost * sim["early_decodes"]) / sim["kept"] if sim["kept"] else float("inf")
+            row[name] = {**sim, "unet_calls_per_kept_pair": round(per_kept, 1),
+                         "cost_per_kept_pair_incl_early_decodes": round(cost, 1)}
+        base = row["fixed_100"]
+        for name in strategies:
+            row[name]["ratio_vs_fixed_100"] = (round(row[name]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4)
+                                               if base["kept"] else None)
+            row[name]["kept_vs_fixed_100"] = round(row[name]["kept"] / max(base["kept"], 1), 4)
+        return row
+
     curves = {}
     for hopeless in args.hopeless:
         rows = []
@@ -229,20 +249,21 @@ def calls_curve(args: argparse.Namespace) -> dict:
             rng = np.random.default_rng(int(rate * 1e6) + int(hopeless * 1e3))
             live = rng.random(args.sim_triplets) >= hopeless
             rates = np.where(live, min(1.0, rate / (1 - hopeless)), 0.0)
-            row = {"pass_rate": rate}
-            for name, (policy, n_steps, early_after) in strategies.items():
-                sim = simulate(policy, rates, n_steps, early_after, args.er_recall, args.er_false_reject, k, args.seed)
-                per_kept = sim["unet_calls"] / sim["kept"] if sim["kept"] else float("inf")
-                cost = (sim["unet_calls"] + args.decode_cost * sim["early_decodes"]) / sim["kept"] if sim["kept"] else float("inf")
-                row[name] = {**sim, "unet_calls_per_kept_pair": round(per_kept, 1),
-                             "cost_per_kept_pair_incl_early_decodes": round(cost, 1)}
-            base = row["fixed_100"]
-            for name in strategies:
-                row[name]["ratio_vs_fixed_100"] = round(row[name]["unet_calls_per_kept_pair"]
-                                                        / base["unet_calls_per_kept_pair"], 4)
-                row[name]["kept_vs_fixed_100"] = round(row[name]["kept"] / max(base["kept"], 1), 4)
-            rows.append(row)
+            rows.append(point(rates, {"pass_rate": rate}))
         curves[f"hopeless_{hopeless:g}"] = rows
+    measured = None
+    if args.measured_pass_rates:
+        measured = measured_pass_rates(args.measured_pass_rates)
+        rng = np.random.default_rng(args.seed)
+        groups = [("all", measured)] + ([(kind, g) for kind, g in measured.groupby("kind", sort=True)]
+                                        if "kind" in measured else [])
+        rows = []
+        for kind, group in groups:  # each group's triplets resampled (with replacement) to the simulated count
+            rates = rng.choice(group["pass_rate"].to_numpy(), size=args.sim_triplets, replace=True)
+            rows.append(point(rates, {"kind": kind, "triplets_measured": len(group),
+                                      "pass_rate": round(float(group["pass_rate"].mean()), 4),
+                                      "hopeless_share": round(float((group["pass_rate"] == 0).mean()), 4)}))
+        curves["measured"] = rows
     return {
         "assumptions": {
             "triplets_per_point": args.sim_triplets, "top_k": k, "max_samples": args.max_samples,
@@ -254,9 +275,40 @@ def calls_curve(args: argparse.Namespace) -> dict:
             "hopeless_fractions": args.hopeless,
             "note": "synthetic outcomes: each sample passes independently with its triplet's rate; early-rejection "
                     "precision/recall are assumptions (not measured on real models); kept = min(top_k, passes)",
+            "measured_pass_rates": ({"files": args.measured_pass_rates, "triplets": len(measured),
+                                     "note": "curves.measured: each triplet's measured pass rate (passed / drawn in "
+                                             "the files) stands for its true rate; a triplet with none passing is "
+                                             "hopeless there. The synthetic curves are the what-if"}
+                                    if measured is not None else None),
         },
         "curves": curves,
     }
+
+
+def measured_pass_rates(paths: list[str]) -> pd.DataFrame:
+    """Per-triplet pass rates (passed / drawn) from render ``samples.parquet`` files (a real run's partitions,
+    or ``bench/world_pass_rates.py``'s ``world_samples.parquet``, whose ``attention=none`` rows are left
+    out): one row per ``caption_id`` with ``pass_rate``, ``samples`` and, when the files tell, ``kind``."""
+    import glob
+
+    files = sorted({f for p in paths for f in (glob.glob(p) or [p])})
+    frames = [pd.read_parquet(f) for f in files]
+    if not frames:
+        raise SystemExit(f"--measured-pass-rates: no file matches {paths}")
+    df = pd.concat(frames, ignore_index=True)
+    if "attention" in df:
+        df = df[df["attention"] != "none"]
+    if not len(df):
+        raise SystemExit(f"--measured-pass-rates: no sample rows in {files}")
+    if "kind" not in df and {"input", "output"} <= set(df.columns):
+        from tasks.world.grammar import edit_kind
+
+        df = df.assign(kind=[edit_kind(a, b) for a, b in zip(df["input"], df["output"])])
+    grouped = df.assign(passed=df["passed"].astype(bool)).groupby("caption_id")
+    out = pd.DataFrame({"pass_rate": grouped["passed"].mean(), "samples": grouped.size()})
+    if "kind" in df:
+        out["kind"] = grouped["kind"].first()
+    return out.reset_index()
 
 
 def calibrated_early_rejection(path: Path) -> tuple[float, float, float]:
@@ -499,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--er-false-reject", type=float, default=0.05)
     parser.add_argument("--er-calibration", default=None,
                         help="JSON of `editforge calibrate-early --json`: take recall / false drops at its recommended margin")
+    parser.add_argument("--measured-pass-rates", nargs="+", default=None, metavar="SAMPLES_PARQUET",
+                        help="samples.parquet files (globs) of a real render, e.g. runs/world/render/*/part-*/samples.parquet "
+                             "or bench/results/world_samples.parquet: adds curves.measured (per-triplet measured pass "
+                             "rates, by edit kind when known) beside the synthetic ones")
     parser.add_argument("--decode-cost", type=float, default=1.5,
                         help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)")
     parser.add_argument("--branches", type=int, default=4, help="(c) p branches per seed")
@@ -566,6 +622,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"wall x{m['tree_vs_independent']['s_per_sample']:.2f}, UNet calls "
                      f"x{m['tree_vs_independent']['unet_calls_per_sample']:.2f}, images "
                      f"x{m['tree_vs_independent']['unet_images_per_sample']:.2f} vs independent{synth}")
+    measured = result["unet_calls"]["curves"].get("measured")
+    if measured:
+        parts.append("measured pass rates (" + ", ".join(
+            f"{row['kind']} {row['pass_rate']:.0%}: adaptive {row['adaptive']['ratio_vs_fixed_100']}" for row in measured)
+            + " of fixed-100's UNet calls per kept pair)")
     print("render_throughput: " + "; ".join(parts) + f" -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return 0
 

@@ -64,12 +64,15 @@ def caption_id(text: str) -> str:
 
 
 def resolve_sources(source: str | list[str]) -> list[str]:
-    """Expand `builtin:demo`, globs and lists into a sorted list of parquet URLs."""
+    """Expand `builtin:demo`, `builtin:world` (the synthetic world's captions, :mod:`tasks.world.data`),
+    globs and lists into a sorted list of parquet URLs."""
     items = [source] if isinstance(source, str) else list(source)
     urls: list[str] = []
     for item in items:
         if item == "builtin:demo":
             urls.append(str(resources.files("tasks.captions").joinpath("demo", "laion_aesthetics_demo.parquet")))
+        elif item == "builtin:world":
+            urls.append(str(resources.files("tasks.world").joinpath("data", "world_captions.parquet")))
         elif any(ch in item for ch in "*?["):
             fs, path = storage.filesystem(item)
             protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

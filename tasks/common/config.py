@@ -31,6 +31,8 @@ from tasks.common.layout import check_name
 from tasks.common.selection import IMAGE_RUNGS, METRICS, RANK_CHOICES, RENDER_RANK_CHOICES, VLM_COLUMNS
 
 OPERATIONAL_KEY = "operational"
+# text.seed_annotations values that name a shipped file: the synthetic world's seed triplets (tasks.world.data)
+BUILTIN_SEED_ANNOTATIONS = ("builtin:world",)
 # where a model runs: auto (CUDA when visible), cpu, cuda, cuda:N, mps
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?|mps)$")
 
@@ -78,7 +80,7 @@ class Section(BaseModel):
 
 
 class ModelsConfig(Section):
-    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch", "tiny-sdxl", "sdxl-turbo"] = "tiny"
+    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch", "tiny-sdxl", "sdxl-turbo", "world"] = "tiny"
     diffusion_path: str | None = None
     # an AutoencoderKL folder (diffusers layout, safetensors) to decode with instead of the diffusion
     # model's own VAE (None): the reference used sd-vae-ft-mse with SD 1.5; render and training read it
@@ -174,7 +176,8 @@ class TextConfig(Section):
 
     backend: Literal["local", "openai"] = "local"
     seed_annotations: str | None = Field(
-        None, description="JSONL of (input, edit, output) seed triplets; default: the project's own")
+        None, description="JSONL of (input, edit, output) seed triplets; default: the project's own; "
+                          "builtin:world: the synthetic world's (tasks/world/data/seed_triplets.jsonl)")
     finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
@@ -210,13 +213,20 @@ class TextConfig(Section):
     @field_validator("seed_annotations")
     @classmethod
     def _seed_file_exists(cls, value: str | None) -> str | None:
+        if value in BUILTIN_SEED_ANNOTATIONS:
+            return value
         if value and "://" not in value and not Path(value).is_file():
-            raise ValueError(f"no such file: {value} (a JSONL file of input/edit/output triplets)")
+            raise ValueError(f"no such file: {value} (a JSONL file of input/edit/output triplets, or one of "
+                             f"{', '.join(BUILTIN_SEED_ANNOTATIONS)})")
         return value
 
     def seed_annotations_path(self) -> str:
         from seed_annotations.schema import default_triplets_path
 
+        if self.seed_annotations == "builtin:world":
+            from tasks.world.data import seeds_path
+
+            return str(seeds_path())
         return self.seed_annotations or str(default_triplets_path())
 
 

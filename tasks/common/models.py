@@ -8,10 +8,13 @@ Presets:
 - `sdxl-turbo` SDXL-Turbo (adversarially distilled SDXL: 1-4 steps, no classifier-free guidance —
               render with `render.guidance: none`, the `turbo` preset);
 - `tiny-sdxl` a random-init SDXL-shaped model built offline (two text encoders, added time ids);
+- `world`     small models trained on the synthetic shapes world (`tasks.world`: VAE, text-conditioned UNet,
+              the world CLIP's text tower as text encoder; the filter's CLIP; the caption LM), shipped as
+              safetensors in `tasks/world/weights/` and loaded like any local folder;
 - `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
               where weights cannot be downloaded;
-- CLIP: `tiny`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
-- LM: `tiny`, or a hub id / local folder of a causal LM;
+- CLIP: `tiny`, `world`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
+- LM: `tiny`, `world`, or a hub id / local folder of a causal LM;
 - DINOv2 (the judge ladder's image-similarity rung): `tiny` (random-init, built offline), `dinov2-small`,
   `dinov2-base` (UltraEdit's), `dinov2-large`, `dinov2-giant` (facebook/dinov2-*), or any hub id.
 
@@ -108,6 +111,16 @@ def _not_available(preset: str, setting: str, source: str, err: Exception,
     )
 
 
+def _world_dir(kind: str, setting: str) -> Path:
+    """The shipped world model folder of ``kind`` (:mod:`tasks.world.weights`); an error naming the fixes if absent."""
+    from tasks.world.weights import missing_message, model_dir
+
+    folder = model_dir(kind)
+    if not folder.is_dir():
+        raise ModelNotAvailableError(missing_message(kind, setting))
+    return folder
+
+
 def _sd15_arch_components():
     """Full-size SD 1.5 UNet/VAE/text-encoder with random weights (no download)."""
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, UNet2DConditionModel
@@ -191,12 +204,14 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
     else:
         if preset in ("tiny", "tiny-sdxl"):
             source = str(path or ensure_tiny("diffusion" if preset == "tiny" else "diffusion-sdxl"))
+        elif preset == "world":
+            source = path or str(_world_dir("diffusion", "models.diffusion_path"))
         elif preset in DIFFUSION_HUB_IDS:
             source = path or DIFFUSION_HUB_IDS[preset]
         else:
             raise ValueError(
-                f"unknown diffusion preset {preset!r}; expected one of tiny, tiny-sdxl, sd15, sdxl, sdxl-turbo, "
-                "sd15-arch"
+                f"unknown diffusion preset {preset!r}; expected one of tiny, tiny-sdxl, world, sd15, sdxl, "
+                "sdxl-turbo, sd15-arch"
             )
         local = Path(source).exists()
         kw: dict[str, Any] = {"local_files_only": True} if not local else {}
@@ -288,6 +303,8 @@ def clip_build(preset: str, path: str | None = None) -> ClipBuild:
     """
     if preset == "tiny":
         return ClipBuild(f"local-dir:{path or ensure_tiny('clip')}", None, None)
+    if preset == "world":
+        return ClipBuild(f"local-dir:{path or _world_dir('clip', 'models.clip_path')}", None, None)
     if preset in CLIP_PRESETS:
         spec = CLIP_PRESETS[preset]
         if path and Path(path).is_dir():
@@ -387,7 +404,10 @@ def load_lm(preset: str, path: str | None = None):
     """Load a causal LM and its tokenizer (tiny preset, hub id or local folder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = str(path or ensure_tiny("lm")) if preset == "tiny" else (path or preset)
+    if preset == "world":
+        source = path or str(_world_dir("lm", "models.lm_path"))
+    else:
+        source = str(path or ensure_tiny("lm")) if preset == "tiny" else (path or preset)
     local = Path(source).exists()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local)

@@ -7,6 +7,7 @@ rungs that are on (``judges.dino`` with ``models.dino*``, ``judges.ssim``).
 
 from tasks.common.layout import SAMPLES_FILE
 from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.world.weights import hash_extra as world_models
 
 
 def resources(cfg) -> Resources:
@@ -30,7 +31,8 @@ def render_inputs(cfg) -> dict:
 
     rungs = ("clip", *cfg.judges.image_rungs())
     return {"render": {**cfg.render.output_fields(drop=("keep",)), "keep": selection_fields(cfg.render.keep, rungs)},
-            "rungs": list(rungs)}
+            "rungs": list(rungs),
+            **world_models(cfg, ("diffusion", "clip"))}  # a rebuilt world model: a new version
 
 
 STAGE = Stage(

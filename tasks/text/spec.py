@@ -33,9 +33,11 @@ def finetune_sections(cfg) -> tuple[str, ...]:
 def finetune_inputs(cfg) -> dict[str, Any]:
     """Inputs besides the config: the seed triplets' bytes and the prompt templates."""
     from prompts.templates import templates_hash
+    from tasks.world.weights import hash_extra as world_models
 
     return {"templates": templates_hash(),
-            "seeds_sha": hashlib.sha256(storage.read_bytes(cfg.text.seed_annotations_path())).hexdigest()}
+            "seeds_sha": hashlib.sha256(storage.read_bytes(cfg.text.seed_annotations_path())).hexdigest(),
+            **(world_models(cfg, ("lm",)) if cfg.text.backend == "local" else {})}
 
 
 def finetune_resources(cfg) -> Resources:

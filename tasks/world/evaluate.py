@@ -1,0 +1,174 @@
+"""Render world triplets with the render stage's own engine and measure what the filter makes of them.
+
+:func:`render_triplets` renders ``samples`` pairs per (input, output) caption pair through
+:class:`tasks.render.renderer.Renderer` — the batching, attention sharing, seeds and CLIP scoring of the
+render stage, with the config's ``render.*`` settings — and returns one row per sample in the columns of
+``samples.parquet`` (``caption_id``, ``seed``, ``p2p_p``, ``cfg_scale``, the four CLIP metrics, ``passed``,
+``input``, ``edit``, ``output``) plus ``kind``, the edit kind (:func:`tasks.world.grammar.edit_kind`).
+:func:`by_kind` turns such rows — or a real run's ``samples.parquet`` — into pass rates per edit kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from tasks.common.config import PipelineConfig, Selection
+from tasks.common.selection import METRICS, passes, thresholds
+from tasks.world.edits import EDIT_KINDS, WorldTriplet, sample_triplet
+from tasks.world.grammar import edit_kind
+
+
+def triplet_id(input_caption: str, output_caption: str) -> str:
+    return hashlib.sha1(f"{input_caption}\n{output_caption}".encode()).hexdigest()[:16]
+
+
+def balanced_triplets(seed: int, per_kind: int, start: int = 0) -> list[WorldTriplet]:
+    """``per_kind`` world triplets of every edit kind (kind by kind), from world seed ``seed``."""
+    return [sample_triplet(seed, start + i, kind) for kind in EDIT_KINDS for i in range(per_kind)]
+
+
+def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, attention: str | None = None,
+                    batch: int | None = None, renderer=None, images: list | None = None) -> pd.DataFrame:
+    """Render and score ``samples`` pairs of each triplet (objects with ``input``, ``edit``, ``output``);
+    ``images``, a list, receives each sample's (before, after) tensors in row order."""
+    from tasks.render.pairs import PairRequest
+    from tasks.render.renderer import Renderer, settings_from
+    from tasks.render.sampling import sample_seeds
+
+    renderer = renderer or Renderer(cfg)
+    settings = settings_from(cfg)
+    if attention is not None:
+        settings = replace(settings, attention=attention)
+    requests = []
+    for t in triplets:
+        cid = triplet_id(t.input, t.output)
+        requests += [PairRequest(cid, t.input, t.output, s) for s in sample_seeds(cid, samples, cfg.render.base_seed)]
+    size = batch or (cfg.render.batch_samples if cfg.render.batch_samples != "auto" else 8)
+    rows = []
+    info = {triplet_id(t.input, t.output): t for t in triplets}
+    for i in range(0, len(requests), size):
+        chunk = requests[i: i + size]
+        scored = renderer.render_scored(chunk, settings, cfg.render.keep)
+        if images is not None:
+            images += list(zip(scored.pairs.before, scored.pairs.after))
+        for j, (r, p) in enumerate(zip(chunk, scored.pairs.params)):
+            t = info[r.key]
+            rows.append({"caption_id": r.key, "seed": r.seed, "p2p_p": p.p2p_p, "cfg_scale": p.cfg_scale,
+                         **{m: float(scored.metrics[m][j]) for m in METRICS},
+                         "input": t.input, "edit": t.edit, "output": t.output,
+                         "kind": getattr(t, "kind", None) or edit_kind(t.input, t.output)})
+    df = pd.DataFrame(rows)
+    df["passed"] = passes(df, cfg.render.keep).to_numpy() if len(df) else []
+    return df
+
+
+def with_kinds(samples: pd.DataFrame) -> pd.DataFrame:
+    """``samples`` with a ``kind`` column (from the captions when absent)."""
+    if "kind" in samples:
+        return samples
+    kinds = {(a, b): edit_kind(a, b) for a, b in set(zip(samples["input"], samples["output"]))}
+    return samples.assign(kind=[kinds[(a, b)] for a, b in zip(samples["input"], samples["output"])])
+
+
+def by_kind(samples: pd.DataFrame, selection: Selection) -> pd.DataFrame:
+    """Per edit kind (and ``all``): triplets, samples, pass rate of all four criteria and of each, the share of
+    triplets with at least one passing sample, and the metrics' medians. Early-rejected rows (NaN metrics)
+    count as drawn and not passed."""
+    samples = with_kinds(samples)
+    limits = thresholds(selection)
+    passed = passes(samples, selection).to_numpy(dtype=bool)
+    samples = samples.assign(_passed=passed)
+    rows = []
+    for kind, group in [*samples.groupby("kind", sort=True), ("all", samples)]:
+        per_triplet = group.groupby("caption_id")["_passed"].mean()
+        row = {"kind": kind, "triplets": int(group["caption_id"].nunique()), "samples": len(group),
+               "pass_rate": float(group["_passed"].mean()),
+               "triplets_with_a_pass": float((per_triplet > 0).mean()),
+               "per_triplet_pass_rate_q25": float(per_triplet.quantile(0.25)),
+               "per_triplet_pass_rate_q75": float(per_triplet.quantile(0.75))}
+        for m in METRICS:
+            row[f"pass_{m}"] = float((group[m] >= limits[m]).mean())
+            row[f"median_{m}"] = float(np.nanmedian(group[m])) if group[m].notna().any() else float("nan")
+        rows.append(row)
+    order = {k: i for i, k in enumerate((*EDIT_KINDS, "other", "none", "unparseable", "all"))}
+    return pd.DataFrame(rows).sort_values("kind", key=lambda s: s.map(lambda k: order.get(k, 50))).reset_index(drop=True)
+
+
+def per_triplet_pass_rates(samples: pd.DataFrame, selection: Selection | None = None) -> pd.Series:
+    """passed / drawn per ``caption_id`` (``passed`` as recorded, or re-decided under ``selection``)."""
+    passed = passes(samples, selection) if selection is not None else samples["passed"].astype(bool)
+    return passed.groupby(samples["caption_id"]).mean()
+
+
+def ground_truth_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet]) -> pd.DataFrame:
+    """The four CLIP metrics of the world's own drawn (before, after) pairs: what a perfect renderer would
+    score under the config's CLIP, the reference to read rendered scores against."""
+    import torch
+
+    from tasks.common.models import load_clip
+    from tasks.filter.scorer import ClipScorer
+    from tasks.world.scene import image_array
+
+    scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize)
+    size = cfg.render.height
+    before = torch.from_numpy(np.stack([image_array(t.before, size) for t in triplets])).permute(0, 3, 1, 2) / 255.0
+    after = torch.from_numpy(np.stack([image_array(t.after, size) for t in triplets])).permute(0, 3, 1, 2) / 255.0
+    metrics = scorer.score_pairs(before.float(), after.float(), [t.input for t in triplets], [t.output for t in triplets])
+    return pd.DataFrame({"kind": [t.kind for t in triplets], "input": [t.input for t in triplets],
+                         "output": [t.output for t in triplets], **{m: metrics[m].numpy() for m in METRICS}})
+
+
+def quantiles(df: pd.DataFrame, qs: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict:
+    """{metric: {"q10": ..., ...}} over the rows with the metric (NaN left out)."""
+    return {m: {f"q{round(q * 100)}": round(float(df[m].quantile(q)), 4) for q in qs} for m in METRICS if m in df}
+
+
+def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed: int = 0) -> pd.DataFrame:
+    """What each metric gives when the pair is wrong, on drawn images (the negatives to set thresholds against):
+    ``clip_sim_image`` of two unrelated scenes (the after image drifted to another picture), ``clip_sim_0`` /
+    ``clip_sim_1`` of an image and another triplet's caption, ``clip_sim_dir`` of the right pair under a wrong
+    edit of the same input (:func:`tasks.world.edits.wrong_edit`)."""
+    import torch
+
+    from tasks.common.models import load_clip
+    from tasks.filter.metrics import clip_metrics
+    from tasks.filter.scorer import ClipScorer
+    from tasks.world.edits import wrong_edit
+    from tasks.world.scene import image_array
+
+    scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize)
+    size = cfg.render.height
+
+    def images(scenes):
+        return torch.from_numpy(np.stack([image_array(s, size) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+
+    n = len(triplets)
+    shift = np.random.default_rng(seed).permutation(n)
+    shift = np.where(shift == np.arange(n), (shift + 1) % n, shift)  # never a triplet with itself
+    with torch.inference_mode():
+        i0, i1 = scorer.embed_images(images([t.before for t in triplets])), scorer.embed_images(images([t.after for t in triplets]))
+        t0, t1 = scorer.embed_texts([t.input for t in triplets]), scorer.embed_texts([t.output for t in triplets])
+        wrong = scorer.embed_texts([wrong_edit(t, seed).output for t in triplets])
+        unrelated = clip_metrics(i0, i1[shift], t0, t1[shift])
+        mismatched = clip_metrics(i0, i1, t0[shift], t1[shift])
+        wrong_dir = clip_metrics(i0, i1, t0, wrong)["clip_sim_dir"]
+    return pd.DataFrame({"kind": [t.kind for t in triplets], "clip_sim_image": unrelated["clip_sim_image"].numpy(),
+                         "clip_sim_0": mismatched["clip_sim_0"].numpy(), "clip_sim_1": mismatched["clip_sim_1"].numpy(),
+                         "clip_sim_dir": wrong_dir.numpy()})
+
+
+def equal_error_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
+    """(threshold, error): the value where the share of ``positive`` below it equals the share of ``negative``
+    at or above it (the two error rates cross), searched over the observed values."""
+    values = np.unique(np.concatenate([positive, negative]))
+    best = (float("nan"), 2.0)
+    for v in values:
+        miss, accept = float((positive < v).mean()), float((negative >= v).mean())
+        if max(miss, accept) < best[1]:
+            best = (float(v), max(miss, accept))
+    return best

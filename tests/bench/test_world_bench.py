@@ -1,0 +1,55 @@
+"""bench/render_throughput.py's measured mode: per-triplet pass rates from a render's samples.parquet (by edit
+kind when known) beside the synthetic what-if curves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _samples(path: Path) -> Path:
+    rows = []
+    cases = {"aaaa": ("a red circle on a black background, flat style", "a blue circle on a black background, flat style", 3),
+             "bbbb": ("a red circle on a black background, flat style", "a red circle on a pink background, flat style", 1),
+             "cccc": ("a red circle on a black background, flat style", "a red circle on a black background, striped style", 0)}
+    for cid, (a, b, passed) in cases.items():
+        rows += [{"caption_id": cid, "input": a, "output": b, "passed": i < passed, "attention": "ip2p"} for i in range(4)]
+        rows += [{"caption_id": cid, "input": a, "output": b, "passed": True, "attention": "none"} for _ in range(4)]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_measured_pass_rates_per_triplet_and_kind(tmp_path):
+    bench = _bench("render_throughput")
+    rates = bench.measured_pass_rates([str(_samples(tmp_path / "s.parquet"))]).set_index("caption_id")
+    assert rates["pass_rate"].to_dict() == {"aaaa": 0.75, "bbbb": 0.25, "cccc": 0.0}  # the attention=none rows left out
+    assert rates["kind"].to_dict() == {"aaaa": "colour", "bbbb": "background", "cccc": "style"}
+
+
+@pytest.mark.component
+def test_render_throughput_adds_measured_curves(tmp_path):
+    bench = _bench("render_throughput")
+    out = tmp_path / "rt.json"
+    assert bench.main(["--skip-throughput", "--sim-triplets", "24", "--pass-rates", "0.1", "--hopeless", "0",
+                       "--max-samples", "16", "--measured-pass-rates", str(_samples(tmp_path / "s.parquet")),
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    measured = {row["kind"]: row for row in result["unet_calls"]["curves"]["measured"]}
+    assert set(measured) == {"all", "background", "colour", "style"}
+    assert measured["style"]["hopeless_share"] == 1.0 and measured["style"]["fixed_100"]["kept"] == 0
+    assert measured["colour"]["adaptive"]["unet_calls_per_kept_pair"] < measured["colour"]["fixed_100"]["unet_calls_per_kept_pair"]
+    assert "hopeless_0" in result["unet_calls"]["curves"]  # the synthetic what-if stays
+    assert result["unet_calls"]["assumptions"]["measured_pass_rates"]["triplets"] == 3
