@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-world world-models test test-fast lint bench reliability server deploy worker compat clean
+.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker compat clean
 
 install: $(STAMP)
 
@@ -25,15 +25,17 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
-# The data pipeline, then the separate training flow on the shards it wrote.
+# The data pipeline, then the separate training flow on the shards it wrote, on the synthetic world
+# (tasks/world): small models trained on drawn shapes, shipped in tasks/world/weights/.
 demo: $(STAMP)
-	$(PY) -m flows.generate --preset demo
-	$(PY) -m flows.train --preset demo
-
-# The same on the synthetic world (tasks/world): models trained on drawn shapes, shipped in tasks/world/weights/.
-demo-world: $(STAMP)
 	$(PY) -m flows.generate --preset world
 	$(PY) -m flows.train --preset world
+
+# The same on random-init tiny models (the `demo` preset the tests use: noise images, relaxed thresholds,
+# the DINOv2/SSIM rungs on).
+demo-tiny: $(STAMP)
+	$(PY) -m flows.generate --preset demo
+	$(PY) -m flows.train --preset demo
 
 # Rebuild the shipped world models (deterministic; about 10 CPU-minutes).
 world-models: $(STAMP)

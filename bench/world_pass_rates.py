@@ -13,8 +13,17 @@ world's own drawn pairs are scored as well: the ground truth, what a perfect ren
 
 Writes `bench/results/world_pass_rates.json` (tables by kind, quantiles of every metric for ip2p, none
 and the ground truth) and `bench/results/world_samples.parquet` (one row per sample, samples.parquet's
-columns plus `kind` and `attention`): `bench/render_throughput.py --measured-pass-rates` reads that file
-or a real run's `samples.parquet`.
+columns plus `kind`, `attention` and `arm`): `bench/render_throughput.py --measured-pass-rates` reads that
+file or a real run's `samples.parquet`.
+
+p-branching (`--branches K`, 4 by default; 1 skips it): the same triplets are rendered a third time as
+`--branch-seeds` seeds (default: as many as the independent arm has samples) of K branches each
+(`render.p_branches`), rows with `arm=branches_K`. The JSON's `p_branching` compares the arms: kept pairs (top_k, at most one per seed as
+the stage keeps them, and without that limit), kept pairs per 1,000 UNet calls, triplets with a kept
+pair, diversity (distinct seeds per kept pair; the mean pairwise 1 - cosine of a triplet's kept after
+images under the world CLIP), the correlation of two branches' pass outcomes within a seed against two
+samples of different seeds, and the pass rate against p. `render_throughput.py --measured-pass-rates`
+replays the measured seed trees for the branching policies.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("EDITFORGE_CACHE", str(ROOT / ".cache" / "editforge"))
 
+import numpy as np
 import pandas as pd
 
 from tasks.common.config import load_config
@@ -67,6 +77,108 @@ def from_run(cfg) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _kept_diversity(df: pd.DataFrame, embeddings, selection, per_seed: int | None) -> dict:
+    """Kept pairs under ``selection`` (top_k per triplet, at most ``per_seed`` per seed), and how diverse they
+    are: distinct seeds per kept pair, and the mean pairwise 1 - cosine of the kept after images' CLIP
+    embeddings within a triplet (triplets with two or more kept)."""
+    import torch
+
+    from tasks.common.selection import per_seed_eligible, select_top_k
+
+    kept = select_top_k(df, selection, per_seed_eligible(df, selection, per_seed)).to_numpy(dtype=bool)
+    spreads = []
+    for _cid, rows in df[kept].groupby("caption_id"):
+        if len(rows) > 1:
+            e = torch.nn.functional.normalize(embeddings[rows.index.to_numpy()], dim=-1)
+            sims = e @ e.T
+            n = len(rows)
+            spreads.append(float((1 - sims)[~torch.eye(n, dtype=torch.bool)].mean()))
+    calls = int(df["unet_steps"].sum())
+    n_kept = int(kept.sum())
+    return {"samples": len(df), "unet_calls": calls, "unet_images": int(df["unet_images"].sum()), "kept": n_kept,
+            "kept_per_1000_unet_calls": round(1000 * n_kept / calls, 3) if calls else None,
+            "kept_per_1000_unet_image_calls": round(4000 * n_kept / int(df["unet_images"].sum()), 3) if calls else None,
+            "triplets_with_kept": int(df[kept]["caption_id"].nunique()), "triplets": int(df["caption_id"].nunique()),
+            "distinct_seeds_per_kept_pair": round(df[kept].groupby(["caption_id", "seed"]).ngroups / n_kept, 4)
+            if n_kept else None,
+            "kept_after_image_spread": round(float(np.mean(spreads)), 4) if spreads else None,
+            "triplets_with_2_kept": len(spreads)}
+
+
+def _seed_correlation(df: pd.DataFrame, passed: np.ndarray) -> dict:
+    """Correlation (phi) of the pass outcomes of two samples of one triplet: branches of one seed vs samples of
+    different seeds — the seed's own share of a branch's chance to pass, which p-branching's cost depends on."""
+    same, other = [], []
+    df = df.assign(_passed=passed.astype(float))
+    for _cid, rows in df.groupby("caption_id"):
+        values, seeds = rows["_passed"].to_numpy(), rows["seed"].to_numpy()
+        for a in range(len(rows)):
+            for b in range(a + 1, len(rows)):
+                (same if seeds[a] == seeds[b] else other).append((values[a], values[b]))
+
+    def phi(pairs):
+        if not pairs:
+            return None
+        x = np.array(pairs)
+        x = np.concatenate([x, x[:, ::-1]])  # symmetric: both orders
+        if x[:, 0].std() == 0:
+            return None
+        return round(float(np.corrcoef(x[:, 0], x[:, 1])[0, 1]), 4)
+
+    return {"same_seed_branches": phi(same), "different_seeds_same_triplet": phi(other),
+            "pairs_same_seed": len(same), "pairs_different_seeds": len(other)}
+
+
+def _pass_rate_by_p(df: pd.DataFrame, passed: np.ndarray, bins: int = 4) -> list[dict]:
+    lo, hi = float(df["p2p_p"].min()), float(df["p2p_p"].max())
+    edges = np.linspace(lo, hi, bins + 1)
+    which = np.clip(np.searchsorted(edges, df["p2p_p"].to_numpy(), side="right") - 1, 0, bins - 1)
+    return [{"p_from": round(float(edges[i]), 3), "p_to": round(float(edges[i + 1]), 3), "samples": int((which == i).sum()),
+             "pass_rate": round(float(passed[which == i].mean()), 4) if (which == i).any() else None} for i in range(bins)]
+
+
+def branching_arm(cfg, triplets, seeds: int, branches: int, independent: pd.DataFrame,
+                  independent_images: list) -> tuple[pd.DataFrame, dict]:
+    """The same triplets rendered with p-branching (``seeds`` seeds x ``branches``) against the independent arm
+    (one sample per seed): kept pairs per 1,000 UNet calls, triplets with a pair, diversity."""
+    import torch
+
+    from tasks.common.selection import passes
+    from tasks.render.renderer import Renderer
+
+    renderer = Renderer(cfg)
+    images: list = []
+    branched = render_triplets(cfg, triplets, seeds * branches, branches=branches, renderer=renderer, images=images)
+    selection = cfg.render.keep
+    with torch.inference_mode():
+        emb_b = renderer.scorer.embed_images(torch.stack([a for _, a in images]))
+        emb_i = renderer.scorer.embed_images(torch.stack([a for _, a in independent_images]))
+    passed_b = passes(branched, selection).to_numpy(dtype=bool)
+    passed_i = passes(independent, selection).to_numpy(dtype=bool)
+    n_independent = int(independent.groupby("caption_id").size().iloc[0])
+    # the same number of samples as the independent arm: each triplet's first n_independent / K seeds
+    first = branched[branched.groupby("caption_id").cumcount() < n_independent]
+    arms = {"independent": _kept_diversity(independent, emb_i, selection, None),
+            f"branches_{branches}_keep_per_seed_1_same_samples": _kept_diversity(first, emb_b, selection, 1),
+            f"branches_{branches}_keep_per_seed_1": _kept_diversity(branched, emb_b, selection, 1),
+            f"branches_{branches}_keep_all": _kept_diversity(branched, emb_b, selection, None)}
+    base = arms["independent"]
+    for arm in arms.values():
+        if base["kept_per_1000_unet_calls"]:
+            arm["kept_per_1000_unet_calls_vs_independent"] = round(arm["kept_per_1000_unet_calls"] / base["kept_per_1000_unet_calls"], 4)
+    summary = {"branches": branches, "seeds_per_triplet": seeds, "samples_per_triplet": seeds * branches,
+               "independent_samples_per_triplet": n_independent,
+               "note": "kept pairs are capped at render.keep.top_k per triplet, so kept per 1,000 UNet calls compares "
+                       "arms only at the same samples per triplet (independent vs *_same_samples); the full arm's "
+                       "seeds are what render_throughput.py --measured-pass-rates replays for the branching policies",
+               "pass_rate": {"independent": round(float(passed_i.mean()), 4), "branched": round(float(passed_b.mean()), 4)},
+               "pass_outcome_correlation": _seed_correlation(branched, passed_b),
+               "pass_rate_by_p": {"independent": _pass_rate_by_p(independent, passed_i),
+                                  "branched": _pass_rate_by_p(branched, passed_b)},
+               "arms": arms}
+    return branched, summary
+
+
 def print_table(title: str, table: pd.DataFrame) -> None:
     cols = ["kind", "triplets", "samples", "pass_rate", "triplets_with_a_pass", "pass_clip_sim_image", "pass_clip_sim_dir",
             "pass_clip_sim_0", "pass_clip_sim_1", "median_clip_sim_image", "median_clip_sim_dir"]
@@ -81,8 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-kind", type=int, default=8, help="world triplets of each edit kind")
     parser.add_argument("--samples", type=int, default=8, help="samples per triplet (seeds)")
     parser.add_argument("--no-none", action="store_true", help="skip the render.attention=none comparison")
+    parser.add_argument("--branches", type=int, default=4,
+                        help="also render the triplets with p-branching, K branches per seed; 1: skip")
+    parser.add_argument("--branch-seeds", type=int, default=0,
+                        help="seeds per triplet of the p-branching arm (default: --samples, as many seeds as the "
+                             "independent arm; its measured seeds are what render_throughput replays)")
     parser.add_argument("--from-run", action="store_true", help="summarise the preset's finished render partitions")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_pass_rates.json"))
+    parser.add_argument("--samples-out", default=None,
+                        help="the per-sample parquet (default: world_samples.parquet beside --out)")
     args = parser.parse_args(argv)
     cfg = load_config(args.preset, args.overrides)
     selection = cfg.render.keep
@@ -100,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         result |= {"source": "run", "by_kind": _table(table), "quantiles": quantiles(samples)}
     else:
         triplets = balanced_triplets(EVAL_SEED, args.per_kind)
-        samples = render_triplets(cfg, triplets, args.samples).assign(attention=cfg.render.attention)
+        ip2p_images: list = []
+        samples = render_triplets(cfg, triplets, args.samples, images=ip2p_images).assign(
+            attention=cfg.render.attention, arm="independent")
         table = by_kind(samples, selection)
         print_table(f"{cfg.render.attention}: {len(triplets)} world triplets x {args.samples} samples", table)
         result |= {"source": "world triplets", "world_seed": EVAL_SEED, "per_kind": args.per_kind,
@@ -108,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                    "quantiles": {"ip2p": quantiles(samples)}}
         frames = [samples]
         if not args.no_none and cfg.render.attention != "none":
-            none = render_triplets(cfg, triplets, args.samples, attention="none").assign(attention="none")
+            none = render_triplets(cfg, triplets, args.samples, attention="none").assign(attention="none", arm="independent")
             none_table = by_kind(none, selection)
             print_table("none (independent generations from the same noise):", none_table)
             result["by_kind_attention_none"] = _table(none_table)
@@ -117,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
             result["ip2p_minus_none_clip_sim_image"] = {"mean": round(float(paired.mean()), 4),
                                                         "share_higher": round(float((paired > 0).mean()), 4)}
             frames.append(none)
+        if args.branches > 1:
+            seeds = args.branch_seeds or args.samples
+            branched, summary = branching_arm(cfg, triplets, seeds, args.branches, samples, ip2p_images)
+            frames.append(branched.assign(attention=cfg.render.attention, arm=f"branches_{args.branches}"))
+            result["p_branching"] = summary
+            arms = summary["arms"]
+            print(f"p-branching K={args.branches} ({seeds} seeds x {args.branches} vs {args.samples} "
+                  "seeds x 1 per triplet): " + "; ".join(
+                      f"{name}: {a['kept']} kept, {a['kept_per_1000_unet_calls']} per 1000 UNet calls, "
+                      f"{a['triplets_with_kept']}/{a['triplets']} triplets, spread {a['kept_after_image_spread']}"
+                      for name, a in arms.items())
+                  + f"; pass correlation same seed {summary['pass_outcome_correlation']['same_seed_branches']} vs "
+                    f"other seeds {summary['pass_outcome_correlation']['different_seeds_same_triplet']}")
         truth = ground_truth_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
         negative = negative_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
         result["quantiles"]["ground_truth"] = quantiles(truth)
@@ -128,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             result["equal_error_thresholds"][metric] = {"threshold": round(value, 4), "error": round(error, 4)}
         print("ground truth vs negatives, equal-error thresholds: " + ", ".join(
             f"{m} {v['threshold']:.3f} (error {v['error']:.1%})" for m, v in result["equal_error_thresholds"].items()))
-        pd.concat(frames, ignore_index=True).to_parquet(out.with_name("world_samples.parquet"), index=False)
+        samples_out = Path(args.samples_out) if args.samples_out else out.with_name("world_samples.parquet")
+        pd.concat(frames, ignore_index=True).to_parquet(samples_out, index=False)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"world_pass_rates: {result['wall_s']} s -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")

@@ -33,9 +33,14 @@ def balanced_triplets(seed: int, per_kind: int, start: int = 0) -> list[WorldTri
 
 
 def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, attention: str | None = None,
-                    batch: int | None = None, renderer=None, images: list | None = None) -> pd.DataFrame:
+                    batch: int | None = None, renderer=None, images: list | None = None,
+                    branches: int = 1) -> pd.DataFrame:
     """Render and score ``samples`` pairs of each triplet (objects with ``input``, ``edit``, ``output``);
-    ``images``, a list, receives each sample's (before, after) tensors in row order."""
+    ``images``, a list, receives each sample's (before, after) tensors in row order.
+
+    ``branches`` K > 1: p-branching as the render stage does it (``render.p_branches``): ``samples / K``
+    seeds, each rendered as one tree of K stratified p values (columns ``branch``; ``unet_steps`` and
+    ``unet_images`` hold each sample's exact share of the compute, as in ``samples.parquet``)."""
     from tasks.render.pairs import PairRequest
     from tasks.render.renderer import Renderer, settings_from
     from tasks.render.sampling import sample_seeds
@@ -44,11 +49,15 @@ def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, at
     settings = settings_from(cfg)
     if attention is not None:
         settings = replace(settings, attention=attention)
+    if branches < 1 or samples % branches:
+        raise ValueError(f"{samples} samples per triplet do not split into seeds of {branches} branches")
     requests = []
     for t in triplets:
         cid = triplet_id(t.input, t.output)
-        requests += [PairRequest(cid, t.input, t.output, s) for s in sample_seeds(cid, samples, cfg.render.base_seed)]
+        requests += [PairRequest(cid, t.input, t.output, s, b, branches)
+                     for s in sample_seeds(cid, samples // branches, cfg.render.base_seed) for b in range(branches)]
     size = batch or (cfg.render.batch_samples if cfg.render.batch_samples != "auto" else 8)
+    size = max(branches, size - size % branches)  # whole seeds per batch, as the stage's cohorts
     rows = []
     info = {triplet_id(t.input, t.output): t for t in triplets}
     for i in range(0, len(requests), size):
@@ -58,7 +67,8 @@ def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, at
             images += list(zip(scored.pairs.before, scored.pairs.after))
         for j, (r, p) in enumerate(zip(chunk, scored.pairs.params)):
             t = info[r.key]
-            rows.append({"caption_id": r.key, "seed": r.seed, "p2p_p": p.p2p_p, "cfg_scale": p.cfg_scale,
+            rows.append({"caption_id": r.key, "seed": r.seed, "branch": r.branch, "p2p_p": p.p2p_p, "cfg_scale": p.cfg_scale,
+                         "unet_steps": scored.pairs.unet_steps[j], "unet_images": scored.pairs.unet_images[j],
                          **{m: float(scored.metrics[m][j]) for m in METRICS},
                          "input": t.input, "edit": t.edit, "output": t.output,
                          "kind": getattr(t, "kind", None) or edit_kind(t.input, t.output)})

@@ -53,3 +53,48 @@ def test_render_throughput_adds_measured_curves(tmp_path):
     assert measured["colour"]["adaptive"]["unet_calls_per_kept_pair"] < measured["colour"]["fixed_100"]["unet_calls_per_kept_pair"]
     assert "hopeless_0" in result["unet_calls"]["curves"]  # the synthetic what-if stays
     assert result["unet_calls"]["assumptions"]["measured_pass_rates"]["triplets"] == 3
+
+
+def _branched_samples(path: Path) -> Path:
+    """Independent rows and p-branching rows (arm=branches_2): triplet aaaa's seeds pass in one branch of two,
+    bbbb's never."""
+    rows = []
+    a, b = "a red circle on a black background, flat style", "a blue circle on a black background, flat style"
+    for cid, passing in (("aaaa", True), ("bbbb", False)):
+        rows += [{"caption_id": cid, "input": a, "output": b, "seed": s, "branch": 0, "p2p_p": 0.5,
+                  "passed": passing and s % 2 == 0, "attention": "ip2p", "arm": "independent"} for s in range(4)]
+        rows += [{"caption_id": cid, "input": a, "output": b, "seed": 100 + s, "branch": br, "p2p_p": 0.3 + 0.4 * br,
+                  "passed": passing and br == 1, "attention": "ip2p", "arm": "branches_2"} for s in range(2) for br in range(2)]
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_measured_trees_are_the_branched_arms_seeds(tmp_path):
+    bench = _bench("render_throughput")
+    path = str(_branched_samples(tmp_path / "b.parquet"))
+    rates = bench.measured_pass_rates([path]).set_index("caption_id")["pass_rate"].to_dict()
+    assert rates == {"aaaa": 0.5, "bbbb": 0.0}  # the independent arm only
+    trees = bench.measured_trees([path], 2)
+    assert sorted(trees) == ["aaaa", "bbbb"] and len(trees["aaaa"]) == 2
+    ps, passed = trees["aaaa"][0]
+    assert list(ps) == [0.3, 0.7] and list(passed) == [False, True]
+    assert bench.measured_trees([path], 4) == {}
+
+
+@pytest.mark.component
+def test_render_throughput_replays_measured_trees_for_branching_policies(tmp_path):
+    bench = _bench("render_throughput")
+    out = tmp_path / "rt.json"
+    assert bench.main(["--skip-throughput", "--skip-branching", "--sim-triplets", "16", "--pass-rates", "0.1",
+                       "--hopeless", "0", "--max-samples", "16", "--round-size", "4", "--top-k", "1", "--branches", "2",
+                       "--measured-pass-rates", str(_branched_samples(tmp_path / "b.parquet")), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = next(r for r in result["unet_calls"]["curves"]["measured"] if r["kind"] == "all")
+    branched, alone = row["adaptive_branches_2"], row["adaptive"]
+    # aaaa keeps its pair either way, bbbb never does; a tree of 2 branches costs less than 2 independent seeds
+    assert branched["triplets_with_kept"] == alone["triplets_with_kept"] == row["fixed_100"]["triplets_with_kept"]
+    assert branched["triplets_with_kept_vs_fixed_100"] == 1.0
+    assert branched["unet_calls"] < row["fixed_100_branches_2"]["unet_calls"] < row["fixed_100"]["unet_calls"]
+    assert branched["ratio_vs_fixed_100"] < 1
+    goals = result["goals"]["measured_5x_fewer_calls_per_kept_pair_le_5pct_fewer_triplets"]
+    assert set(goals) >= {"adaptive", "adaptive_branches_2", "adaptive_give_up_branches_2"}
