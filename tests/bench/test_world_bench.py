@@ -98,3 +98,18 @@ def test_render_throughput_replays_measured_trees_for_branching_policies(tmp_pat
     assert branched["ratio_vs_fixed_100"] < 1
     goals = result["goals"]["measured_5x_fewer_calls_per_kept_pair_le_5pct_fewer_triplets"]
     assert set(goals) >= {"adaptive", "adaptive_branches_2", "adaptive_give_up_branches_2"}
+    # at posterior rates bbbb (0 of 4) is no longer hopeless: fixed-100 finds it a pair now and then
+    posterior = next(r for r in result["unet_calls"]["curves"]["measured_posterior"] if r["kind"] == "all")
+    assert posterior["fixed_100"]["triplets_with_kept"] >= row["fixed_100"]["triplets_with_kept"]
+    assert "adaptive_branches_2" not in posterior
+
+
+def test_beta_prior_takes_the_binomial_noise_out_of_the_spread():
+    bench = _bench("render_throughput")
+    # every triplet at the same true rate: the spread is binomial noise only -> the flat prior
+    same = pd.DataFrame({"pass_rate": [0.25, 0.5, 0.25, 0.5], "samples": [4, 4, 4, 4]})
+    assert bench.beta_prior(same) == (1.0, 1.0)
+    # half never pass, half always: a U-shaped prior with the measured mean
+    split = pd.DataFrame({"pass_rate": [0.0, 1.0] * 10, "samples": [16] * 20})
+    a, b = bench.beta_prior(split)
+    assert a < 1 and b < 1 and a / (a + b) == pytest.approx(0.5)
