@@ -89,7 +89,7 @@ def _kept_diversity(df: pd.DataFrame, embeddings, selection, per_seed: int | Non
     spreads = []
     for _cid, rows in df[kept].groupby("caption_id"):
         if len(rows) > 1:
-            e = torch.nn.functional.normalize(embeddings[rows.index.to_numpy()], dim=-1)
+            e = torch.nn.functional.normalize(embeddings[torch.from_numpy(rows.index.to_numpy(copy=True))], dim=-1)
             sims = e @ e.T
             n = len(rows)
             spreads.append(float((1 - sims)[~torch.eye(n, dtype=torch.bool)].mean()))
@@ -202,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_pass_rates.json"))
     parser.add_argument("--samples-out", default=None,
                         help="the per-sample parquet (default: world_samples.parquet beside --out)")
+    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.per_kind, args.samples, args.branches = 1, 4, 2
+        args.overrides = [*args.overrides, "render.steps=4"]
     cfg = load_config(args.preset, args.overrides)
     selection = cfg.render.keep
     out = Path(args.out)

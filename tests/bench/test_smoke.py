@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.component
 @pytest.mark.parametrize("bench, keys", [("text_throughput", {"speedup_per_item", "captions_answered_twice"}),
                                          ("render_throughput", {"throughput", "unet_calls", "goals", "p_branching"}),
-                                         ("judge_throughput", {"speedup_per_item", "samples_judged_twice"})])
+                                         ("judge_throughput", {"speedup_per_item", "samples_judged_twice"}),
+                                         ("world_pass_rates", {"by_kind", "p_branching", "equal_error_thresholds",
+                                                               "ip2p_minus_none_clip_sim_image"})])
 def test_benchmark_smoke(tmp_path, bench, keys):
     out = tmp_path / f"{bench}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
