@@ -11,10 +11,13 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -162,6 +165,30 @@ def remove(url: str, recursive: bool = False) -> None:
 
 
 TEMP_MARK = ".tmp-"  # write_bytes_atomic's temporary names: `<name>.tmp-<pid>-<8 hex>`
+
+
+@contextmanager
+def local_dir_atomic(final: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """A local folder built under a temporary name beside ``final`` (``.<name>.tmp-…``, yielded) and renamed
+    into place when the block succeeds, readable like any output (mkdtemp's 0700 undone): it replaces
+    ``final``, or with ``keep_existing`` leaves a ``final`` another process renamed there first. A block
+    that fails leaves nothing behind and ``final`` as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{TEMP_MARK}", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if final.exists() and not keep_existing:
+            shutil.rmtree(final)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # keep_existing: another process won the race, keep theirs
+            if not (keep_existing and final.exists()):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pid_alive(pid: int) -> bool:

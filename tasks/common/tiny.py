@@ -16,12 +16,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from tasks.common.storage import local_dir_atomic
 
 TINY_BUILD_VERSION = "5"  # bump when a tiny config changes: the cache folder name follows it
 
@@ -33,18 +33,8 @@ def _atomic_dir(final: Path, build) -> Path:
     """Build a folder under a temporary name, then rename it into place (safe across processes)."""
     if final.exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+    with local_dir_atomic(final, keep_existing=True) as tmp:
         build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process won the race: keep theirs
-            if not final.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

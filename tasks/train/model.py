@@ -18,9 +18,7 @@ the UNet and `model_index.json` is copied byte for byte from the base model fold
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from tasks.common.errors import PermanentError
 from tasks.common.models import DiffusionComponents, load_diffusion
+from tasks.common.storage import local_dir_atomic
 
 EDIT_IN_CHANNELS = 8
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
@@ -140,9 +139,7 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Pa
     stack cannot read), the VAE from `vae_dir` (`models.vae_path`) or `base`; only the UNet and
     `model_index.json` are written. Without a base (random-init weights) every component is saved."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with local_dir_atomic(folder) as tmp:
         pipe = build_pipeline(comps)
         if base is None:
             pipe.save_pretrained(tmp, safe_serialization=True)
@@ -161,13 +158,6 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Pa
             if scheduler_config.is_file():  # the class of the copied scheduler config
                 index["scheduler"] = ["diffusers", json.loads(scheduler_config.read_text())["_class_name"]]
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is an ordinary output
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

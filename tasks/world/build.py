@@ -47,8 +47,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -58,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tasks.common.storage import local_dir_atomic
 from tasks.world.data import TRAIN_SEED
 from tasks.world.edits import sample_triplets
 from tasks.world.scene import WORLD_IMAGE_SIZE, caption, image_array, sample_scene
@@ -502,12 +501,9 @@ def versions() -> dict[str, str]:
 
 def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], None] = print) -> dict:
     """Train and write all four models into ``out`` (replaced as a whole at the end); return the manifest."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     timer = Timer()
     figures: dict = {}
-    try:
+    with local_dir_atomic(out) as tmp:
         with deterministic(), timer("total"):
             with timer("clip"):
                 figures["clip"] = build_clip(tmp, plan, log)
@@ -521,13 +517,6 @@ def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], Non
                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "versions": versions(),
                     "seconds": timer.figures, "figures": figures, "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp's 0700 would stay on the renamed folder
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
