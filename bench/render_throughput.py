@@ -244,7 +244,7 @@ def calls_curve(args: argparse.Namespace) -> dict:
             row[name]["kept_per_1000_unet_calls"] = round(1000 * row[name]["kept"] / row[name]["unet_calls"], 3)
         return row
 
-    def branched_point(args, rates, trees, row):
+    def branched_point(rates, trees, row):
         """p-branching policies replaying measured seed trees; ratios against the independent fixed-100."""
         base = row["fixed_100"]
         g = args.branches
@@ -285,7 +285,7 @@ def calls_curve(args: argparse.Namespace) -> dict:
                                 "pass_rate": round(float(group["pass_rate"].mean()), 4),
                                 "hopeless_share": round(float((group["pass_rate"] == 0).mean()), 4)})
             if trees and all(c in trees for c in drawn):
-                branched_point(args, rates, [trees[c] for c in drawn], row)
+                branched_point(rates, [trees[c] for c in drawn], row)
             rows.append(row)
         curves["measured"] = rows
         # the same draws, each triplet's rate drawn from its posterior under a Beta prior fitted to all the

@@ -137,16 +137,13 @@ def _pass_rate_by_p(df: pd.DataFrame, passed: np.ndarray, bins: int = 4) -> list
              "pass_rate": round(float(passed[which == i].mean()), 4) if (which == i).any() else None} for i in range(bins)]
 
 
-def branching_arm(cfg, triplets, seeds: int, branches: int, independent: pd.DataFrame,
+def branching_arm(cfg, renderer, triplets, seeds: int, branches: int, independent: pd.DataFrame,
                   independent_images: list) -> tuple[pd.DataFrame, dict]:
     """The same triplets rendered with p-branching (``seeds`` seeds x ``branches``) against the independent arm
     (one sample per seed): kept pairs per 1,000 UNet calls, triplets with a pair, diversity."""
     import torch
 
     from tasks.common.selection import passes
-    from tasks.render.renderer import Renderer
-
-    renderer = Renderer(cfg)
     images: list = []
     branched = render_triplets(cfg, triplets, seeds * branches, branches=branches, renderer=renderer, images=images)
     selection = cfg.render.keep
@@ -224,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         triplets = balanced_triplets(EVAL_SEED, args.per_kind)
         ip2p_images: list = []
-        samples = render_triplets(cfg, triplets, args.samples, images=ip2p_images).assign(
+        from tasks.render.renderer import Renderer
+
+        renderer = Renderer(cfg)  # one model load for every arm
+        samples = render_triplets(cfg, triplets, args.samples, renderer=renderer, images=ip2p_images).assign(
             attention=cfg.render.attention, arm="independent")
         table = by_kind(samples, selection)
         print_table(f"{cfg.render.attention}: {len(triplets)} world triplets x {args.samples} samples", table)
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    "quantiles": {"ip2p": quantiles(samples)}}
         frames = [samples]
         if not args.no_none and cfg.render.attention != "none":
-            none = render_triplets(cfg, triplets, args.samples, attention="none").assign(attention="none", arm="independent")
+            none = render_triplets(cfg, triplets, args.samples, attention="none", renderer=renderer).assign(
+                attention="none", arm="independent")
             none_table = by_kind(none, selection)
             print_table("none (independent generations from the same noise):", none_table)
             result["by_kind_attention_none"] = _table(none_table)
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             frames.append(none)
         if args.branches > 1:
             seeds = args.branch_seeds or args.samples
-            branched, summary = branching_arm(cfg, triplets, seeds, args.branches, samples, ip2p_images)
+            branched, summary = branching_arm(cfg, renderer, triplets, seeds, args.branches, samples, ip2p_images)
             frames.append(branched.assign(attention=cfg.render.attention, arm=f"branches_{args.branches}"))
             result["p_branching"] = summary
             arms = summary["arms"]
