@@ -57,7 +57,9 @@ def _uninterrupted(fake, tmp_path: Path, captions: pd.DataFrame, *overrides: str
 
 
 def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_path):
-    fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.002, 0.02), 0.1, 0.2
+    # answers slow enough that the rest of the 80 cannot all finish between the crash and the workers
+    # stopping (at 2-20 ms a loaded machine once answered every caption first: 80 kept)
+    fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.02, 0.05), 0.1, 0.2
     captions = make_captions(80)
     settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=8", "text.openai.checkpoint_every=8")
     reference = _uninterrupted(fake, tmp_path, captions, *settings)
