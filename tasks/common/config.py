@@ -534,17 +534,41 @@ class TrainConfig(Section):
       AdamW's betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8) are PyTorch's defaults, which the
       reference (`AdamW(params, lr)`) and diffusers' example both use; float32 (`mixed_precision: "no"`);
     - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the LR scheduler
-      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing` as a switch; diffusers' own
+      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing`, `use_8bit_adam` and `allow_tf32`
+      as switches (off, as there); diffusers' own
       `max_grad_norm: 1.0` and one item per pair (`sampling: per_pair`) are switches here, off by default;
     - SDXL (`models.diffusion: sdxl`): both text encoders (penultimate hidden states concatenated, the
       second one's pooled projection), `add_time_ids` = (original height, width, crop top, left, target
       height, width) per sample, the VAE in float32 unless `models.vae_path` names an fp16-safe one.
     Not part of the generation chain: its hash covers this section, the diffusion model, the VAE and the shards it trains on.
+
+    The batch: ``total_batch_size`` (hashed; the paper's 1024) = ``batch_size`` per process x the accumulation
+    x ``processes`` x ``nodes``; the accumulation is derived from the others (a ``gradient_accumulation_steps``
+    that disagrees is an error naming both), so the same config trains on the same samples, in the same
+    order, with the same noise on 1, 2 or 8 GPUs (``docs/training.md``). The flow launches the processes
+    itself (torchrun); the settings that only say where it runs are operational.
     """
 
     steps: int = Field(10_000, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="samples per device per micro-batch")
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1, description="samples per process per micro-batch")
+    total_batch_size: int = Field(1024, ge=1, description="samples per optimizer step over every process (the paper: "
+                                  "1024 = 32 x 4 accumulation x 8 GPUs): batch_size x accumulation x processes x nodes")
+    gradient_accumulation_steps: int | None = operational(
+        None, ge=1, description="micro-batches per process per optimizer step; null: derived, total_batch_size / "
+        "(batch_size x processes x nodes); a number is checked against that")
+    processes: int | Literal["auto"] = operational(
+        "auto", description="training processes per node, one per GPU, launched by the flow (torchrun); auto: every "
+        "visible GPU (1 on the CPU)")
+    nodes: int = operational(1, ge=1, description="machines training together; node 0 runs the flow, the others run "
+                             "`editforge train --node-rank K` (docs/training.md)")
+    rdzv_endpoint: str | None = operational(
+        None, description="host:port of node 0 where the nodes meet (torchrun's static rendezvous) when nodes > 1; "
+        "default: $EDITFORGE_RDZV_ENDPOINT")
+    resume_other_processes: bool = operational(
+        False, description="resume a checkpoint written by another number of processes (same samples and noise; "
+        "the weights then differ from an uninterrupted run by float rounding)")
+    log_samples: bool = operational(False, description="write the sample keys of every micro-batch, per process, to "
+                                    "the work folder (samples-rank-NNNNN.jsonl)")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
@@ -559,6 +583,9 @@ class TrainConfig(Section):
         "per_pair: every kept pair once per epoch (diffusers' example)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam): optimizer "
+                                "state in 8 bits, about 3/4 of its memory saved")
+    allow_tf32: bool = Field(False, description="TF32 matmuls on Ampere and newer GPUs (diffusers' --allow_tf32)")
     use_ema: bool = True
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     resolution: int = Field(256, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
@@ -567,7 +594,8 @@ class TrainConfig(Section):
     flip_prob: float = Field(0.5, ge=0, le=1)
     conditioning_dropout: float = Field(0.05, ge=0, le=1 / 3, description="5%: text only, both, image only")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
-    num_workers: int = Field(4, ge=0, description="DataLoader workers (part of the data order)")
+    num_workers: int = operational(4, ge=0, description="DataLoader workers per process (the data order does not "
+                                   "depend on it)")
     seed: int = 0
     device: Device = operational("auto")
     checkpoint_every: int = operational(500, ge=1)
@@ -585,7 +613,34 @@ class TrainConfig(Section):
     def _warmup(self) -> TrainConfig:
         if self.lr_warmup_steps > 0 and self.lr_scheduler == "constant":
             raise ValueError("lr_warmup_steps > 0 needs lr_scheduler constant_with_warmup, linear or cosine")
+        if self.processes != "auto":
+            if self.processes < 1:
+                raise ValueError(f"processes must be >= 1 or auto, got {self.processes}")
+            self.accumulation(self.processes * self.nodes)
         return self
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per process per optimizer step on `world_size` processes in all; a total batch they do not
+        divide, or a `gradient_accumulation_steps` that disagrees, is a ValueError naming the settings."""
+        per_micro = self.batch_size * world_size
+        procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+        if self.total_batch_size % per_micro:
+            raise ValueError(f"total_batch_size {self.total_batch_size} is not a multiple of batch_size x processes = "
+                             f"{self.batch_size} x {procs} = {per_micro}: change train.total_batch_size or "
+                             "train.batch_size (or the process count)")
+        accum = self.total_batch_size // per_micro
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != accum:
+            raise ValueError(f"gradient_accumulation_steps {self.gradient_accumulation_steps} disagrees with "
+                             f"total_batch_size {self.total_batch_size} = {self.batch_size} x {accum} x {procs}: "
+                             "leave train.gradient_accumulation_steps unset (it is derived) or change "
+                             "train.total_batch_size")
+        return accum
+
+    def batch_line(self, world_size: int) -> str:
+        """'total batch 1024 = 32 × 4 × 8 processes': the batch as it will train on `world_size` processes."""
+        procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+        nodes = f" ({self.nodes} nodes × {world_size // self.nodes})" if self.nodes > 1 else ""
+        return f"total batch {self.total_batch_size} = {self.batch_size} × {self.accumulation(world_size)} × {procs}{nodes}"
 
 
 class RunConfig(Section):
