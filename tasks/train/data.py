@@ -311,7 +311,8 @@ class EditPairStream(IterableDataset):
         return self._orders[epoch]
 
     def global_batch(self, j: int) -> list[tuple[int, EditExample]]:
-        """Global micro-batch `j`: positions `j * batch_size` on of the endless sequence of epochs."""
+        """Global micro-batch `j`: the `batch_size` samples from position `j * batch_size` of the endless
+        sequence of epochs, each with its epoch."""
         items = []
         for position in range(j * self.batch_size, (j + 1) * self.batch_size):
             epoch, at = divmod(position, self.epoch_size)
