@@ -118,7 +118,7 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
         add("suggested", {"kept (top-k)": kept_new.to_numpy(bool)})
         reselection["suggested"] = _kept(samples, lab, cfg, suggested, reselect, stats, y, w, confidence, groups)
     scored = stats.with_scores(lab)
-    curves = {col: stats.roc(scored[col].to_numpy(float), y, w) for col in stats.metric_columns(rungs)
+    curves = {col: stats.roc(scored[col].to_numpy(float), y, w, confidence) for col in stats.metric_columns(rungs)
               if col in scored}
     thresholds = {"paper": PAPER, "current": {f: getattr(current, f) for f in stats.CLIP_FIELDS},
                   "suggested": found["found"]["thresholds"] if found["found"] else None}
@@ -132,7 +132,7 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
                    if "stratum" in lab else {}},
         "people_agreement": stats.reviewer_agreement(joined),
         "thresholds": thresholds, "rules": rules,
-        "roc": {col: {"auc": c["auc"], "points": len(c["fpr"]), "fpr": c["fpr"], "tpr": c["tpr"],
+        "roc": {col: {"auc": c["auc"], "auc_low": c["auc_low"], "auc_high": c["auc_high"], "points": len(c["fpr"]), "fpr": c["fpr"], "tpr": c["tpr"],
                       "thresholds": c["thresholds"],
                       "at": {name: stats.rate_at(c, t[f]) if t else None for name, t in thresholds.items()
                              for f in [_field_of(col)] if f}} for col, c in curves.items()},
@@ -256,7 +256,8 @@ def summary_lines(result: dict) -> list[str]:
     for agree in result["people_agreement"]:
         lines.append(f"reviewers {' and '.join(agree['reviewers'])}: agree on {_f(agree['agree'])} of "
                      f"{agree['shared']} shared pairs, kappa " + ("-" if agree["kappa"] is None else f"{agree['kappa']:.2f}"))
-    lines.append("ROC area: " + ", ".join(f"{c} {v['auc']:.2f}" for c, v in result["roc"].items() if v["auc"] is not None))
+    lines.append("ROC area: " + ", ".join(f"{c} {v['auc']:.2f} ({v['auc_low']:.2f}-{v['auc_high']:.2f})"
+                                          for c, v in result["roc"].items() if v["auc"] is not None))
     search = result["search"]
     target = f"{result['target_precision']:g} at the {result['confidence']:.0%} interval's lower end"
     if search["found"]:

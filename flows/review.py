@@ -259,10 +259,11 @@ class Guard:
         if self.state.token:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             sent = (query.get("token") or [None])[0]
+            name = f"{COOKIE}_{(scope.get('server') or ('', 0))[1]}"  # cookies ignore ports: one per server
             cookie = SimpleCookie(headers.get("cookie", ""))
-            held = cookie[COOKIE].value if COOKIE in cookie else headers.get("x-review-token")
+            held = cookie[name].value if name in cookie else headers.get("x-review-token")
             if sent is not None and _same(sent, self.state.token) and scope["path"] == "/":
-                return await _redirect_with_cookie(send, self.state.token)
+                return await _redirect_with_cookie(send, name, self.state.token)
             if held is None or not _same(held, self.state.token):
                 return await _plain(send, 401, "a token is needed: open the URL `editforge review` printed "
                                                "(with ?token=...) or send X-Review-Token")
@@ -285,8 +286,8 @@ async def _plain(send, status: int, text: str) -> None:
     await send({"type": "http.response.body", "body": text.encode()})
 
 
-async def _redirect_with_cookie(send, token: str) -> None:
-    cookie = f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict".encode()
+async def _redirect_with_cookie(send, name: str, token: str) -> None:
+    cookie = f"{name}={token}; Path=/; HttpOnly; SameSite=Strict".encode()
     await send({"type": "http.response.start", "status": 303,
                 "headers": [(b"location", b"/"), (b"set-cookie", cookie), *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": b""})

@@ -180,22 +180,29 @@ def rung_rules(samples: pd.DataFrame, selection, rungs: Sequence[str]) -> dict[s
     return rules
 
 
-def roc(score: np.ndarray, truth: np.ndarray, w: np.ndarray) -> dict:
+def roc(score: np.ndarray, truth: np.ndarray, w: np.ndarray, confidence: float = 0.95) -> dict:
     """The weighted ROC of ``score`` (higher: more likely good): false and true positive rates at every
-    distinct score taken as a threshold (>=), and the area under the curve (None without both classes)."""
+    distinct score taken as a threshold (>=), and the area under the curve with Hanley and McNeil's
+    interval (None without both classes)."""
     score, truth, w = np.asarray(score, float), np.asarray(truth, bool), np.asarray(w, float)
     keep = ~np.isnan(score)
     score, truth, w = score[keep], truth[keep], w[keep]
     pos, neg = w[truth].sum(), w[~truth].sum()
     if pos <= 0 or neg <= 0:
-        return {"thresholds": [], "fpr": [], "tpr": [], "auc": None}
+        return {"thresholds": [], "fpr": [], "tpr": [], "auc": None, "auc_low": None, "auc_high": None}
     order = np.argsort(-score, kind="stable")
     s, t, ww = score[order], truth[order], w[order]
     tp, fp = np.cumsum(ww * t), np.cumsum(ww * ~t)
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last index of each distinct score
     tpr, fpr = np.r_[0.0, tp[last] / pos], np.r_[0.0, fp[last] / neg]
-    return {"thresholds": s[last].tolist(), "fpr": fpr.tolist(), "tpr": tpr.tolist(),
-            "auc": float(np.trapezoid(tpr, fpr))}
+    auc = float(np.trapezoid(tpr, fpr))
+    n_pos, n_neg = pos * pos / float((w[truth] ** 2).sum()), neg * neg / float((w[~truth] ** 2).sum())
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)  # Hanley & McNeil (1982), on Kish's sizes
+    se = math.sqrt(max(0.0, auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
+                   / (n_pos * n_neg))
+    z = z_of(confidence)
+    return {"thresholds": s[last].tolist(), "fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
+            "auc_low": max(0.0, auc - z * se), "auc_high": min(1.0, auc + z * se)}
 
 
 def rate_at(curve: dict, threshold: float) -> tuple[float, float] | None:

@@ -168,15 +168,18 @@ def stratum_sizes(cfg: PipelineConfig, strata: Sequence[str]) -> dict[str, int]:
     return {s: sizes.get(s, r.near_pairs) for s in strata}
 
 
-def _order_key(seed: str, partition: int, key: str) -> str:
-    return hashlib.sha1(f"{seed}:{partition}:{key}".encode()).hexdigest()
+def _order(seed: str, df: pd.DataFrame) -> np.ndarray:
+    """A fixed pseudo-random order of the pairs: a keyed hash (SipHash, the key from ``seed``) of each
+    ``partition:sample_key``, vectorised."""
+    keys = (df["partition"].astype(str) + ":" + df["sample_key"].astype(str)).to_numpy(dtype=object)
+    return pd.util.hash_array(keys, hash_key=hashlib.sha256(seed.encode()).hexdigest()[:16])
 
 
 def review_queue(samples: pd.DataFrame, strata: pd.Series, sizes: Mapping[str, int], seed: str) -> pd.DataFrame:
     """The pairs to review, in review order, with ``stratum`` and ``weight`` (see the module doc)."""
     df = samples.assign(stratum=strata.to_numpy())
     df = df[df["stratum"].notna()]
-    df = df.assign(_order=[_order_key(seed, p, k) for p, k in zip(df["partition"], df["sample_key"])])
+    df = df.assign(_order=_order(seed, df))
     parts = []
     for name, group in df.groupby("stratum", sort=True):
         n = min(len(group), int(sizes.get(name, 0)))

@@ -52,6 +52,9 @@ def test_roc_area_of_a_perfect_a_useless_and_an_inverted_score():
     curve = stats.roc(np.arange(10, 0, -1.0), truth, np.ones(10))
     assert stats.rate_at(curve, 6) == (0.0, 1.0) and stats.rate_at(curve, 100) == (0.0, 0.0)
     assert stats.roc(np.ones(3), np.ones(3, bool), np.ones(3))["auc"] is None
+    # Hanley & McNeil's interval: 0.5 +- 1.96 x 0.058 with 50 good and 50 bad pairs
+    coin = stats.roc(np.ones(100), np.arange(100) < 50, np.ones(100))
+    assert (coin["auc_low"], coin["auc_high"]) == pytest.approx((0.5 - 0.1137, 0.5 + 0.1137), abs=1e-3)
 
 
 def test_people_truth_takes_the_majority_and_leaves_out_ties_and_unsure():
