@@ -6,11 +6,12 @@
 
 Reads the labels of the config's render version (`review/<render hash>/labels.parquet`), matches them to
 the pairs they were given to (same image hashes), and prints, with Wilson intervals on the weighted
-sample, clustered by triplet (:mod:`tasks.filter.calibrate`): the precision and recall of each CLIP rule at the paper's
-thresholds (0.75 / 0.2 / 0.2) and at the config's, of each judge rung that is on and of the kept pairs;
-Cohen's kappa between each rule and people, and between reviewers; the ROC area of every score; the
-CLIP thresholds with the highest recall whose precision reaches the target at the interval's lower end;
-and what the filter stage would keep with them (re-selected from the stored scores). It writes
+sample, clustered by triplet (:mod:`tasks.filter.calibrate`): the precision and recall of each CLIP rule
+at the paper's thresholds (0.75 / 0.2 / 0.2) and at the config's, of each judge rung that is on and of
+the kept pairs; Cohen's kappa between each rule and people, and between reviewers; the ROC area of every
+score; the CLIP thresholds with the highest recall whose precision reaches the target at the interval's
+lower end, and how far that holds (the same search on each half of the triplets, scored on the other
+half); and what the filter stage would keep with them (re-selected from the stored scores). It writes
 `calibration.json`, `people_vs_filter.png` and `filter.set` (the `--set filter.*=...` lines) beside the
 labels; the run's report shows the same figures in its "People vs filter" section.
 """
@@ -117,6 +118,7 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
             with_new[["partition", "sample_key", "filter_kept"]], how="left")["filter_kept"].fillna(False)
         add("suggested", {"kept (top-k)": kept_new.to_numpy(bool)})
         reselection["suggested"] = _kept(samples, lab, cfg, suggested, reselect, stats, y, w, confidence, groups)
+    cross = _cross_check(lab, y, w, groups, current, rungs, target, confidence, min_passing, stats)
     scored = stats.with_scores(lab)
     curves = {col: stats.roc(scored[col].to_numpy(float), y, w, confidence) for col in stats.metric_columns(rungs)
               if col in scored}
@@ -136,10 +138,36 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
                       "thresholds": c["thresholds"],
                       "at": {name: stats.rate_at(c, t[f]) if t else None for name, t in thresholds.items()
                              for f in [_field_of(col)] if f}} for col, c in curves.items()},
-        "search": {k: v for k, v in found.items() if k != "grid"},
+        "search": {k: v for k, v in found.items() if k != "grid"}, "cross_check": cross,
         "reselection": reselection,
         "set": [f"filter.{f}={v:g}" for f, v in found["found"]["thresholds"].items()] if found["found"] else [],
     })
+
+
+def _cross_check(lab, y, w, groups, current, rungs, target, confidence, min_passing, stats) -> list[dict]:
+    """The search on each half of the triplets (a hash of caption_id), its suggestion scored on the other half:
+    how far the precision of a suggestion holds on labels it was not chosen on."""
+    import hashlib
+
+    from tasks.common.selection import passes
+
+    half = np.array([int(hashlib.sha1(str(c).encode()).hexdigest(), 16) % 2 for c in groups])
+    out = []
+    for k in (0, 1):
+        fit, held = half != k, half == k
+        if not fit.any() or not held.any():
+            continue
+        found = stats.search(lab[fit], y[fit], w[fit], current, rungs, target, confidence, min_passing,
+                             groups=groups[fit])["found"]
+        if found is None:
+            out.append({"held_out_half": k, "thresholds": None})
+            continue
+        rule = passes(lab[held], current.model_copy(update=found["thresholds"]), rungs).to_numpy(bool)
+        check = stats.evaluate(rule, y[held], w[held], confidence, groups[held])
+        out.append({"held_out_half": k, "thresholds": found["thresholds"], "precision_chosen_on": found["precision"],
+                    **{f"held_out_{m}": check[m] for m in ("precision", "precision_low", "precision_high", "recall",
+                                                           "passing")}})
+    return out
 
 
 def _field_of(column: str) -> str | None:
@@ -269,6 +297,14 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"no CLIP thresholds on the grid ({search['combinations']} combinations) reach precision {target} "
                      f"with at least {result['min_passing']} labelled pairs passing (best lower bound: {_f(best)}); "
                      "label more pairs or lower --target-precision")
+    for c in result.get("cross_check", []):
+        if c["thresholds"] is None:
+            lines.append(f"cross-check: on the triplets of half {1 - c['held_out_half']} alone no thresholds reach the target")
+        elif c["held_out_precision"] is not None:
+            lines.append(f"cross-check: chosen on half {1 - c['held_out_half']} of the triplets ({_trio(c['thresholds'])}, "
+                         f"precision there {_f(c['precision_chosen_on'])}), on the other half: precision "
+                         f"{_f(c['held_out_precision'])} ({_f(c['held_out_precision_low'])}-{_f(c['held_out_precision_high'])}),"
+                         f" recall {_f(c['held_out_recall'])}")
     for name, k in result["reselection"].items():
         lines.append(f"re-selection, {name} thresholds: {k['kept']} pairs kept of {k['samples']} samples "
                      f"({k['triplets_with_kept']} of {k['triplets']} triplets keep a pair), precision of the kept "

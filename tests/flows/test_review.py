@@ -314,6 +314,7 @@ def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_w
     found = result["search"]["found"]
     assert found is not None and found["precision_low"] >= 0.5, result["search"]
     assert rules[("suggested", "CLIP (all three)")]["precision"] == pytest.approx(found["precision"])
+    assert [c["held_out_half"] for c in result["cross_check"]] == [0, 1]  # each half checks the other's choice
     lines = (Path(review) / "filter.set").read_text().split()
     assert lines[::2] == ["--set"] * 3 and lines[1::2] == result["set"]
     assert " ".join(lines) in out.output
