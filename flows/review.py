@@ -204,9 +204,15 @@ def build_app(state: ReviewState):
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
             return no_store(JSONResponse({"error": "send the label as application/json"}, 415))
-        body = await request.body()
-        if len(body) > MAX_BODY:
-            return no_store(JSONResponse({"error": f"a label is at most {MAX_BODY} bytes"}, 413))
+        too_big = no_store(JSONResponse({"error": f"a label is at most {MAX_BODY} bytes"}, 413))
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            return too_big
+        body = b""
+        async for piece in request.stream():  # never more than MAX_BODY + one piece in memory
+            body += piece
+            if len(body) > MAX_BODY:
+                return too_big
         try:
             payload = json.loads(body)
             row = check_label(payload, state.known)
