@@ -10,6 +10,8 @@
     editforge verify --preset demo
     editforge index --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge review --preset world                    # label pairs in a browser (docs/review.md)
+    editforge calibrate-filter --preset world --target-precision 0.8
     editforge estimate --preset paper --from-preset demo --partitions 0
 """
 
@@ -24,10 +26,12 @@ import typer
 import yaml
 
 from flows.calibrate_cli import calibrate_early
+from flows.calibrate_filter import calibrate_filter
 from flows.estimate import estimate_command
 from flows.edit import edit_command
 from flows.evaluate import evaluate_command
 from flows.generate import run
+from flows.review import review_command
 from flows.options import (
     Debug,
     Overrides,
@@ -50,6 +54,8 @@ app.command("evaluate")(evaluate_command)
 app.command("edit")(edit_command)
 app.command("calibrate-early")(calibrate_early)
 app.command("estimate")(estimate_command)
+app.command("review")(review_command)
+app.command("calibrate-filter")(calibrate_filter)
 
 CHAIN = [s.name for s in registry.chain()]
 

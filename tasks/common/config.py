@@ -663,6 +663,32 @@ class RunConfig(Section):
     alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
 
 
+class ReviewConfig(Section):
+    """People's review of a run's pairs (`editforge review`) and the filter calibrated on their labels
+    (`editforge calibrate-filter`). Never part of a stage hash (no stage reads it; every field is
+    operational). The page shows a stratified sample of the rendered pairs whose images are stored: the
+    kept pairs, the passing ones top-k left out, for each rejection reason the rejected pairs within
+    ``band`` below its threshold, and the rest (``far``); each label carries its stratum's weight (pairs
+    in the stratum / pairs sampled), so the precision and recall estimated from the labels are those of
+    every pair of the partitions read, not of the sample.
+    """
+
+    kept_pairs: int = operational(100, ge=0, description="kept pairs sampled for review")
+    passed_pairs: int = operational(25, ge=0, description="passing pairs top-k left out, sampled for review")
+    near_pairs: int = operational(50, ge=0, description="rejected pairs sampled per rejection reason, within band "
+                                  "below its threshold")
+    far_pairs: int = operational(25, ge=0, description="other rejected pairs sampled for review")
+    band: float = operational(0.1, gt=0, description="how far below a threshold a rejected pair is near it (score "
+                              "units: cosine / SSIM; the VLM's 0-10 score: ten times this)")
+    max_partitions: int = operational(8, ge=1, description="render partitions read for review and calibration, "
+                                      "spread over the run (the whole run: one sample of them)")
+    target_precision: float = operational(0.9, gt=0, lt=1, description="calibrate-filter: the precision (share of "
+                                          "passing pairs people call good edits) the suggested thresholds reach")
+    confidence: float = operational(0.95, gt=0, lt=1, description="calibrate-filter: the Wilson intervals' level; a "
+                                    "suggestion must reach the target at the interval's lower end")
+    min_passing: int = operational(10, ge=1, description="calibrate-filter: labelled pairs a suggestion must pass at least")
+
+
 class CostConfig(Section):
     """Prices for ``editforge estimate`` (:mod:`flows.estimate`), in US dollars. Never part of a stage hash:
     no stage record names this section, and every field is operational besides.
@@ -708,6 +734,7 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
     cost: CostConfig = operational(CostConfig(), description="prices for editforge estimate (never hashed)")
+    review: ReviewConfig = operational(ReviewConfig(), description="editforge review / calibrate-filter (never hashed)")
 
     def selection(self) -> Selection:
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""
