@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker compat clean
+.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -87,6 +87,10 @@ deploy: $(STAMP)
 
 worker: $(STAMP)
 	PREFECT_API_URL=$(API_URL) $(VENV)/bin/prefect worker start --pool $(POOL) --limit 1 $(if $(NAME),--name $(NAME))
+
+# infra/requirements.lock (the image's pinned packages) from this venv's resolved versions, after a pyproject change
+lock: $(STAMP)
+	$(PY) infra/lock.py
 
 # The demo's trained model on an older stack: transformers 4.x and diffusers 0.32 (no deps: torch and the rest
 # are the project's) in .compat/, ahead of the project's own on PYTHONPATH (infra/compat_check.py).
