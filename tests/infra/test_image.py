@@ -2,7 +2,7 @@
 is never built in a test): hadolint on infra/Dockerfile, the layer order that keeps torch out of a code
 change's rebuild, the pinned packages (Prefect = the server's), and Docker Compose's own loader
 (`docker compose config`, which validates against the compose specification's schema) on
-infra/docker-compose.yml, with what a team set-up needs."""
+infra/docker-compose.yml, with what a team set-up needs; shellcheck on infra/walkthrough.sh."""
 
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def test_hadolint_is_a_real_check():
     bad = "FROM python:latest\nRUN apt-get install -y git\nCMD python\n"
     out = subprocess.run([str(BIN / "hadolint"), "-"], input=bad, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "DL3007" in out.stdout, out.stdout
+
+
+def test_shellcheck_finds_nothing_in_the_walkthrough_script():
+    script = ROOT / "infra" / "walkthrough.sh"
+    out = subprocess.run([str(BIN / "shellcheck"), str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_the_image_installs_the_pinned_packages_before_the_code_and_runs_as_a_user():

@@ -386,6 +386,21 @@ print(json.dumps([json.loads(d) if isinstance(d, str) else d for d in data]))
 """
 
 
+def test_fanout_bench_smoke_measures_blocks_and_overhead(server, tmp_path):
+    """`bench/fanout.py` at its smoke size on this cluster (so it cannot rot): the no-op re-run skips every block."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fanout_bench", ROOT / "bench" / "fanout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    env, _ = server
+    report = bench.measure(env, tmp_path, "smoke", one_worker=False)
+    assert report["two_workers"]["states"] == report["noop_rerun"]["states"] == ["COMPLETED"]
+    assert report["noop_rerun"]["child_runs"] == report["two_workers"]["child_runs"] > 0
+    assert report["overhead_per_block_s"] > 0
+    assert bench.summary(report).startswith("fanout: smoke: two workers ")
+
+
 def _ancestors(pid: int) -> set[int]:
     found = set()
     while pid > 1:
@@ -428,18 +443,3 @@ def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_outp
     lost = next(b for b in blocks if held in b)
     assert len([r for r in renders if tuple(sorted(r["parameters"]["partitions"])) == lost]) >= 2, renders  # ran again
     assert _shards(root) == in_process
-
-
-def test_fanout_bench_smoke_measures_blocks_and_overhead(server, tmp_path):
-    """`bench/fanout.py` at its smoke size on this cluster (so it cannot rot): the no-op re-run skips every block."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fanout_bench", ROOT / "bench" / "fanout.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    env, _ = server
-    report = bench.measure(env, tmp_path, "smoke", one_worker=False)
-    assert report["two_workers"]["states"] == report["noop_rerun"]["states"] == ["COMPLETED"]
-    assert report["noop_rerun"]["child_runs"] == report["two_workers"]["child_runs"] > 0
-    assert report["overhead_per_block_s"] > 0
-    assert bench.summary(report).startswith("fanout: smoke: two workers ")
