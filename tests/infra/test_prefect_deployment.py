@@ -443,3 +443,30 @@ def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_outp
     lost = next(b for b in blocks if held in b)
     assert len([r for r in renders if tuple(sorted(r["parameters"]["partitions"])) == lost]) >= 2, renders  # ran again
     assert _shards(root) == in_process
+
+
+POOLS_SCRIPT = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    print(json.dumps({p.name: p.type for p in c.read_work_pools()}))
+"""
+
+
+def test_the_kubernetes_deploy_has_pools_of_its_own(server):
+    """docs/cluster.md's `make deploy POOL_TYPE=kubernetes` on the same server: Kubernetes pools beside the
+    process pools (no name collides), every deployment pointed at them. Last: it re-points the deployments."""
+    env, _ = server
+    out = subprocess.run(["make", "deploy", "POOL_TYPE=kubernetes", "GPUS=4"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pools = json.loads(subprocess.run([str(BIN / "python"), "-c", POOLS_SCRIPT], env=env, capture_output=True,
+                                      text=True, timeout=60).stdout)
+    for role in ("driver", "cpu", "gpu"):
+        assert pools[f"editforge-{role}"] == "process" and pools[f"editforge-k8s-{role}"] == "kubernetes", pools
+    seen = json.loads(subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True,
+                                     text=True, timeout=60).stdout)
+    assert seen["pools"]["editforge-render/paper-render"] == "editforge-k8s-gpu"
+    assert seen["pools"]["editforge-generate/paper"] == "editforge-k8s-driver"
+    assert all(p.startswith("editforge-k8s-") for p in seen["pools"].values()) and len(seen["pools"]) == 18
+    assert seen["gpu_limit"] == 4
