@@ -82,17 +82,37 @@ EOF
   .venv/bin/prefect deployment run editforge-generate/demo --params "$params" --watch --watch-interval 3
 }
 
-down() {
-  local pidfile
-  for pidfile in "$DIR"/*.pid; do
-    [[ -e $pidfile && $(basename "$pidfile") != server.pid ]] || continue
-    kill -TERM -- "-$(cat "$pidfile")" 2>/dev/null || true
+# stop the process groups of the given pid files: SIGTERM, at most 15 s for them all to exit (a Prefect worker
+# takes its time to shut down), then SIGKILL
+stop() {
+  local pidfile group tries alive
+  for pidfile in "$@"; do
+    [[ -e $pidfile ]] && { kill -TERM -- "-$(cat "$pidfile")" 2>/dev/null || true; }
+  done
+  for ((tries = 0; tries < 15; tries++)); do
+    alive=0
+    for pidfile in "$@"; do
+      [[ -e $pidfile ]] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null && alive=1
+    done
+    ((alive)) || break
+    sleep 1
+  done
+  for pidfile in "$@"; do
+    [[ -e $pidfile ]] || continue
+    group=$(cat "$pidfile")
+    kill -KILL -- "-$group" 2>/dev/null || true
     rm -f "$pidfile"
   done
-  if [[ -e $DIR/server.pid ]]; then
-    kill -TERM -- "-$(cat "$DIR/server.pid")" 2>/dev/null || true
-    rm -f "$DIR/server.pid"
-  fi
+}
+
+down() {  # the workers first (they deregister from the server), then the server
+  local workers=()
+  local pidfile
+  for pidfile in "$DIR"/*.pid; do
+    [[ -e $pidfile && $(basename "$pidfile") != server.pid ]] && workers+=("$pidfile")
+  done
+  stop "${workers[@]}"
+  stop "$DIR/server.pid"
 }
 
 case "${1:-}" in
