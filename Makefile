@@ -89,8 +89,11 @@ worker: $(STAMP)
 	PREFECT_API_URL=$(API_URL) $(VENV)/bin/prefect worker start --pool $(POOL) --limit 1 $(if $(NAME),--name $(NAME))
 
 # infra/requirements.lock (the image's pinned packages) from this venv's resolved versions, after a pyproject change
+# (the image-only packages the dev venv lacks, e.g. bitsandbytes, are installed aside into .cache/lock-extras)
 lock: $(STAMP)
-	$(PY) infra/lock.py
+	@missing="$$($(PY) infra/lock.py --missing)"; [ -z "$$missing" ] || \
+		eval $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/lock-extras $$missing
+	PYTHONPATH=$(CURDIR)/.cache/lock-extras $(PY) infra/lock.py
 
 # The demo's trained model on an older stack: transformers 4.x and diffusers 0.32 (no deps: torch and the rest
 # are the project's) in .compat/, ahead of the project's own on PYTHONPATH (infra/compat_check.py).

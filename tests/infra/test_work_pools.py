@@ -156,6 +156,12 @@ def test_the_training_deployment_asks_for_its_gpus_and_a_large_shared_memory(job
     dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     default = _template("kubernetes-gpu.json")["variables"]["properties"]["shm_size"]["default"]
     assert dshm["emptyDir"]["sizeLimit"] == wanted["shm_size"] != default
+    # `processes: auto` launches one process per GPU the pod gets: the paper's 1024 = 32 x 4 x 8 processes
+    from tasks.common.config import load_config
+
+    paper = load_config("paper", [f"train.processes={wanted['gpu']}"]).train
+    assert wanted["gpu"] == 8 and paper.accumulation(wanted["gpu"]) == 4
+    assert paper.batch_line(wanted["gpu"]) == "total batch 1024 = 32 × 4 × 8 processes"
 
 
 def test_every_template_passes_prefects_own_validation():
