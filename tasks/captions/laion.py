@@ -1,14 +1,17 @@
-"""Read LAION-Aesthetics V2 style parquet, filter, normalise, deduplicate and sample captions.
+"""Read LAION-Aesthetics V2 style parquet, filter, normalise and deduplicate captions, batch by batch.
 
 Input columns: `URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark, AESTHETIC_SCORE, hash`
-(`URL` and `TEXT` are required; the rest are used when present). Files are streamed batch by batch
-with pyarrow through fsspec, so local paths, globs and `s3://…` URLs work alike.
+(`URL` and `TEXT` are required and must hold text; the rest are used when present). Files are streamed
+record batch by record batch with pyarrow through fsspec (local paths, globs and `s3://…` alike), and
+every batch is filtered with pyarrow compute and NumPy; Python touches only the rare rows that are not
+plain printable ASCII (their exact Unicode normalisation) and the SHA-1 of the kept captions' ids.
 
-Every row is either accepted or counted under a rejection reason; a file that cannot be read, or
-lacks a required column, is an error naming the file (and the column). Cleaning is counted too:
-control characters removed from a caption (`cleaned_control_chars`), numbers read from strings
-(`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
-whitespace and trailing punctuation ignored).
+Every row is either kept or counted under a rejection reason; a file that cannot be read, lacks a
+required column or holds a non-text `TEXT`/`URL` column is an error naming the file and the column.
+Cleaning is counted too: control characters removed (`cleaned_control_chars`), numbers read from
+strings (`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
+whitespace and trailing punctuation ignored); a URL seen before is a duplicate too
+(:mod:`tasks.captions.dedup`: the first row in file then row order is kept).
 """
 
 from __future__ import annotations
@@ -17,25 +20,40 @@ import hashlib
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.captions.dedup import DedupState, digests, greedy
 from tasks.common import storage
 from tasks.common.config import CaptionsConfig
 from tasks.common.contract import Stats
 
 REQUIRED_COLUMNS = ("URL", "TEXT")
 OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")
+READ_COLUMNS = ("URL", "TEXT", "WIDTH", "HEIGHT", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")  # used
 OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
                   "source_file", "source_row"]
-_WS = re.compile(r"\s+")
 # C0 and C1 control characters except the whitespace ones (tab, newlines: collapsed to a space)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING_PUNCT = re.compile(r"[\s.,;:!?…]+$")
+# the same rules in RE2 (pyarrow): Python's `\s` is these 29 characters (str.isspace)
+PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
+    "\u2028\u2029\u202f\u205f\u3000"
+_TRAILING_CHARS = PY_WHITESPACE + ".,;:!?…"
+_NOT_PLAIN = r"[^\x20-\x7e]|  |^ | $|^$"  # a caption that normalisation could change (or empty)
+_NOT_SIMPLE_RE2 = r"[\x00-\x1f\x7f-\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+_CONTROL_RE2 = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x{9f}]"
+_VISIBLE_RE2 = r"[^\x00-\x20\x7f-\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+_TRAILING_PLAIN_RE2 = r"[ .,;:!?]+$"  # _TRAILING_PUNCT on printable ASCII with single spaces
+NFC_MAX_GROWTH = 3  # Unicode: NFC makes a string at most 3 times longer (UAX #15)
+BATCH_ROWS = 131072
 
 
 class CaptionSourceError(ValueError):
@@ -44,7 +62,7 @@ class CaptionSourceError(ValueError):
 
 def normalise_caption(text: str) -> str:
     """Unicode NFC, whitespace collapsed, stripped (case is kept: it is part of the caption)."""
-    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return " ".join(unicodedata.normalize("NFC", text).split())  # str.split: runs of `\s`, ends dropped
 
 
 def caption_key(text: str) -> str:
@@ -55,12 +73,41 @@ def caption_key(text: str) -> str:
 def dedup_key(text: str) -> str:
     """The form two captions are compared in: the caption key without trailing punctuation
     ("A cat." and "a cat" are one caption)."""
-    return _TRAILING_PUNCT.sub("", caption_key(text))
+    return _strip_trailing(caption_key(text))
+
+
+def _strip_trailing(key: str) -> str:
+    # `[\s.,;:!?…]+$` as rstrip: the same where no newline is left (a normalised caption has none)
+    return key.rstrip(_TRAILING_CHARS) if "\n" not in key else _TRAILING_PUNCT.sub("", key)
 
 
 def caption_id(text: str) -> str:
     """Stable item id: first 16 hex of sha1 of the normalised, case-folded caption."""
     return hashlib.sha1(caption_key(text).encode("utf-8")).hexdigest()[:16]
+
+
+def sha1_digests(values: pa.Array) -> np.ndarray:
+    """SHA-1 of every string (UTF-8), as an (n, 20) uint8 array."""
+    joined = b"".join([hashlib.sha1(b).digest() for b in values.cast(pa.large_binary()).to_pylist()])
+    return np.frombuffer(joined, np.uint8).reshape(-1, 20)
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def hex16(digest: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each digest as 16 lowercase hex characters: an (n, 16) uint8 array."""
+    head = digest[:, :8]
+    out = np.empty((len(digest), 16), np.uint8)
+    out[:, 0::2], out[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
+    return out
+
+
+def ascii_strings(chars: np.ndarray) -> pa.Array:
+    """An (n, w) uint8 array of ASCII characters as a large_string array."""
+    n, width = chars.shape
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(chars.tobytes())])
+    return fixed.cast(pa.large_binary()).cast(pa.large_string())
 
 
 def resolve_sources(source: str | list[str]) -> list[str]:
@@ -85,119 +132,403 @@ def resolve_sources(source: str | list[str]) -> list[str]:
     return urls
 
 
-def _float(value, stats: Stats | None = None, column: str = "") -> float:
-    if isinstance(value, str) and stats is not None:
-        stats.add(f"coerced_{column}")  # a number given as text: read, and counted
+def _float(value) -> float:
     try:
         return float(value) if value is not None else math.nan
     except (TypeError, ValueError):
         return math.nan
 
 
-def _decode_text(value) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")  # raises UnicodeDecodeError: counted by the caller
-    return value
+def _numbers(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A column as float64 (missing or unreadable: NaN) and which rows held a string."""
+    n = batch.num_rows
+    if name not in batch.schema.names:
+        return np.full(n, math.nan), np.zeros(n, bool)
+    col = batch.column(name)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    t = col.type
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t) \
+            or pa.types.is_null(t):
+        return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False), np.zeros(n, bool)
+    values = col.to_pylist()  # text or other types: read as Python's float() reads them (rare)
+    return np.array([_float(v) for v in values], np.float64), np.array([isinstance(v, str) for v in values], bool)
+
+
+def _check_text_type(url: str, schema: pa.Schema, name: str) -> None:
+    t = schema.field(name).type
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_null(t)):
+        raise CaptionSourceError(f"{url}: column {name!r} holds {t} values, not text: captions and URLs must be "
+                                 "UTF-8 strings — write the column as strings (or drop the file from captions.source)")
+
+
+def _text(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, np.ndarray]:
+    """A text column as large_string, and which rows were bytes that are not UTF-8 (those become null)."""
+    col = batch.column(name)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    n = len(col)
+    if pa.types.is_null(col.type):
+        return pa.nulls(n, pa.large_string()), np.zeros(n, bool)
+    try:
+        return col.cast(pa.large_string()), np.zeros(n, bool)
+    except pa.ArrowInvalid:  # binary with invalid UTF-8: decode row by row
+        out, bad = [], np.zeros(n, bool)
+        for i, v in enumerate(col.to_pylist()):
+            try:
+                out.append(None if v is None else v.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(None)
+                bad[i] = True
+        return pa.array(out, pa.large_string()), bad
+
+
+def _bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A large_string array's bytes: its data, lengths, and first and last byte of every string (for an
+    empty or null string those two are meaningless)."""
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    data = np.frombuffer(data, np.uint8)[:offsets[-1]] if data is not None and len(arr) else np.zeros(1, np.uint8)
+    if not len(data):
+        data = np.zeros(1, np.uint8)
+    top = len(data) - 1
+    first, last = data[np.minimum(offsets[:-1], top)], data[np.clip(offsets[1:] - 1, 0, top)]
+    return data, np.diff(offsets), first, last
+
+
+def _double_spaces(arr: pa.Array) -> np.ndarray:
+    """Rows with two spaces in a row (or a space ending the row before and one starting it)."""
+    data = _bytes(arr)[0]
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    space = data == 32
+    pos = np.flatnonzero(space[1:] & space[:-1]) + 1  # the second space (data starts at the buffer's start)
+    pos = pos[(pos >= offsets[0]) & (pos < offsets[-1])]
+    out = np.zeros(len(arr), bool)
+    out[np.searchsorted(offsets, pos, "right") - 1] = True
+    return out
+
+
+_ASCII_WS = np.zeros(256, bool)
+_ASCII_WS[[ord(c) for c in PY_WHITESPACE if ord(c) < 128]] = True
+_ASCII_WS[128:] = True  # a non-ASCII first or last character may be Unicode whitespace: checked in Python
+
+
+def _mask(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.fill_null(False).to_numpy(zero_copy_only=False), bool).copy()
+
+
+def _replace(arr: pa.Array, rows: np.ndarray, values: list) -> pa.Array:
+    """``arr`` with the rows ``rows`` (sorted) set to ``values``."""
+    if not len(rows):
+        return arr
+    mask = np.zeros(len(arr), bool)
+    mask[rows] = True
+    return pc.replace_with_mask(arr, pa.array(mask), pa.array(values, arr.type))
 
 
 @dataclass
-class _Seen:
-    keys: set[str]
-    urls: set[str]
+class Kept:
+    """Rows that passed the filters and the dedup, in file then row order (``file``: the index of the
+    source file in the list :func:`scan` read; ``key``: the caption key, dropped once the ids are made)."""
+
+    text: pa.Array
+    key: pa.Array | None
+    url: pa.Array
+    score: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    row_hash: pa.Array
+    file: np.ndarray
+    rows: np.ndarray
+    key_hi: np.ndarray
+    key_lo: np.ndarray
+    url_hi: np.ndarray
+    url_lo: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _values(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def take(self, idx: np.ndarray) -> Kept:
+        if len(idx) == len(self) and (idx == np.arange(len(self))).all():
+            return self
+        pick = pa.array(idx, pa.int64())
+        return Kept(*(None if v is None else v.take(pick) if isinstance(v, pa.Array) else v[idx]
+                      for v in self._values()))
+
+    def without_key(self) -> Kept:
+        return Kept(*(None if f.name == "key" else getattr(self, f.name) for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Kept]) -> Kept:
+        if len(parts) == 1:
+            return parts[0]
+        columns = zip(*(p._values() for p in parts))
+        return Kept(*(None if c[0] is None else pa.concat_arrays(list(c)) if isinstance(c[0], pa.Array)
+                      else np.concatenate(c) for c in columns))
 
 
-def _accept_row(row: dict, cfg: CaptionsConfig, seen: _Seen, stats: Stats) -> dict | None:
+@dataclass
+class Shapes:
+    """Which optional values the kept rows had: the output columns' types follow them (an all-missing
+    width is an empty column, a partly missing one is float)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("rows", "width_missing", "height_missing", "hash_missing"), 0))
+
+    def update(self, kept: Kept) -> None:
+        self.counts["rows"] += len(kept)
+        self.counts["width_missing"] += int(np.isnan(kept.width).sum())
+        self.counts["height_missing"] += int(np.isnan(kept.height).sum())
+        self.counts["hash_missing"] += kept.row_hash.null_count
+
+    def merge(self, other: dict[str, int]) -> None:
+        for k, v in other.items():
+            self.counts[k] = self.counts.get(k, 0) + int(v)
+
+
+def _row_hash(batch: pa.RecordBatch) -> pa.Array:
+    n = batch.num_rows
+    if "hash" not in batch.schema.names:
+        return pa.nulls(n, pa.large_string())
+    col = batch.column("hash")
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_integer(col.type) or pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.large_string())
+    return pa.array([None if v is None else str(v) for v in col.to_pylist()], pa.large_string())
+
+
+def _filter(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
+    """Filters and normalisation of one batch; returns the surviving rows' fields (before dedup)."""
+    n = batch.num_rows
+    if n:
+        stats.add("rows_read", n)
+    names = batch.schema.names
+    text, text_bad = _text(batch, "TEXT")
+    url, url_bad = _text(batch, "URL")
+    alive = np.ones(n, bool)
+
+    def drop(mask: np.ndarray, reason: str) -> None:
+        nonlocal alive
+        hit = alive & mask
+        if hit.any():
+            stats.reject(reason, int(hit.sum()))
+            alive &= ~hit
+
+    def count(mask: np.ndarray, name: str) -> None:
+        if (alive & mask).any():
+            stats.add(name, int((alive & mask).sum()))
+
+    drop(text_bad | url_bad, "invalid_utf8")
+    drop(_mask(text.is_null()), "null_caption")
+    # the URL stripped: only the rows starting or ending with whitespace (or non-ASCII) go through Python
+    _, ulen, first, last = _bytes(url)
+    odd_url = np.flatnonzero(alive & (_ASCII_WS[first] | _ASCII_WS[last]) & (ulen > 0))
+    url_fixed = [s.strip() for s in url.take(pa.array(odd_url, pa.int64())).to_pylist()]
+    ulen[odd_url] = [len(s) for s in url_fixed]
+    drop(_mask(url.is_null()) | (ulen == 0), "null_url")
+
+    # every number at once (rejections are still counted in the original order below)
+    score, score_str = _numbers(batch, "AESTHETIC_SCORE")
+    punsafe, punsafe_str = _numbers(batch, "punsafe")
+    pwater, pwater_str = _numbers(batch, "pwatermark")
+    width, width_str = _numbers(batch, "WIDTH")
+    height, height_str = _numbers(batch, "HEIGHT")
+    with np.errstate(invalid="ignore"):
+        score_nan = np.isnan(score) if "AESTHETIC_SCORE" in names else np.zeros(n, bool)
+        score_low = ~np.isnan(score) & (score < cfg.min_aesthetic_score)
+        unsafe, watermark = punsafe > cfg.max_punsafe, pwater > cfg.max_pwatermark
+        small = (np.isnan(width) | np.isnan(height) | (np.minimum(width, height) < cfg.min_side)) if cfg.min_side \
+            else np.zeros(n, bool)
+    numbers_ok = ~(score_nan | score_low | unsafe | watermark | small)
+
+    # text. A clean caption (printable ASCII, no space at either end, none doubled) is normal already; any
+    # other one is normalised exactly in Python when it may be kept, and only screened with RE2 when a
+    # number rejects it anyway (double spaces are looked for only in the rows that may be kept)
+    data, length, first, last = _bytes(text)
+    clean = _mask(pc.ascii_is_printable(text)) & (length > 0) & (first != 32) & (last != 32)
+    maybe = np.flatnonzero(alive & numbers_ok & clean)
+    clean[maybe] = ~_double_spaces(text.take(pa.array(maybe, pa.int64())))
+    doomed = alive & ~numbers_ok
+    clean[doomed] &= length[doomed] <= cfg.max_caption_chars  # shorter once normalised: only a long one may fail
+    special = np.flatnonzero(alive & ~clean)
+    control, empty = np.zeros(n, bool), np.zeros(n, bool)
+    exact, fixed = special[:0], []
+    if len(special):
+        # a simple one (no control character, no whitespace but single inner spaces) only needs NFC
+        sub = text.take(pa.array(special, pa.int64()))
+        length[special] = pc.utf8_length(sub).to_numpy(zero_copy_only=False)
+        _, size, head, tail = _bytes(sub)
+        simple = ~_mask(pc.match_substring_regex(sub, _NOT_SIMPLE_RE2)) & (size > 0) & (head != 32) & (tail != 32)
+        simple &= ~_double_spaces(sub)
+        quick = doomed[special] & (NFC_MAX_GROWTH * length[special] <= cfg.max_caption_chars)
+        screen = quick & ~simple  # rejected by a number anyway: only what is counted before it matters
+        some = sub.filter(pa.array(screen))
+        control[special[screen]] = _mask(pc.match_substring_regex(some, _CONTROL_RE2))
+        empty[special[screen]] = ~_mask(pc.match_substring_regex(some, _VISIBLE_RE2))
+        exact = special[~quick]
+        for i, s, easy in zip(exact.tolist(), sub.filter(pa.array(~quick)).to_pylist(), simple[~quick].tolist()):
+            if easy:
+                s = unicodedata.normalize("NFC", s)
+            else:
+                s, k = _CONTROL.subn("", s)
+                s = normalise_caption(s)
+                control[i], empty[i] = k > 0, not s
+            length[i] = len(s)
+            fixed.append(s)
+    count(control, "cleaned_control_chars")
+    drop(empty, "empty_caption")
+    drop(length > cfg.max_caption_chars, "caption_too_long")
+
+    count(score_str, "coerced_AESTHETIC_SCORE")
+    drop(score_nan, "nan_aesthetic_score")
+    drop(score_low, "low_aesthetic_score")
+    count(punsafe_str, "coerced_punsafe")
+    drop(unsafe, "unsafe")
+    count(pwater_str, "coerced_pwatermark")
+    drop(watermark, "watermark")
+    count(width_str, "coerced_WIDTH")
+    count(height_str, "coerced_HEIGHT")
+    drop(small, "too_small")
+
+    rows = np.flatnonzero(alive)
+    pick = pa.array(rows, pa.int64())
+    at = np.full(n, -1, np.int64)
+    at[rows] = np.arange(len(rows))
+    text_k, url_k = text.take(pick), url.take(pick)
+    if len(odd_url):
+        keep = alive[odd_url]
+        url_k = _replace(url_k, at[odd_url[keep]], [s for s, k in zip(url_fixed, keep) if k])
+    key = pc.ascii_lower(text_k)
+    dkey = pc.replace_substring_regex(key, _TRAILING_PLAIN_RE2, "")
+    if len(exact):
+        keep = alive[exact]
+        if keep.any():  # the normalised captions, case-folded and stripped in Python too
+            where, normal = at[exact[keep]], [s for s, k in zip(fixed, keep) if k]
+            folded = [s.casefold() for s in normal]
+            text_k = _replace(text_k, where, normal)
+            key = _replace(key, where, folded)
+            dkey = _replace(dkey, where, [_strip_trailing(s) for s in folded])
+    return text_k, key, dkey, url_k, score[rows], width[rows], height[rows], _row_hash(batch).take(pick), rows
+
+
+def _open(url: str):
+    fs, path = storage.filesystem(url)
     try:
-        text = _decode_text(row.get("TEXT"))
-        url = _decode_text(row.get("URL"))
-    except UnicodeDecodeError:
-        stats.reject("invalid_utf8")
-        return None
-    if text is None:
-        stats.reject("null_caption")
-        return None
-    if url is None or not str(url).strip():
-        stats.reject("null_url")
-        return None
-    text, control = _CONTROL.subn("", str(text))
-    if control:
-        stats.add("cleaned_control_chars")
-    text = normalise_caption(text)
-    if not text:
-        stats.reject("empty_caption")
-        return None
-    if len(text) > cfg.max_caption_chars:
-        stats.reject("caption_too_long")
-        return None
-    score = _float(row.get("AESTHETIC_SCORE"), stats, "AESTHETIC_SCORE")
-    if "AESTHETIC_SCORE" in row and math.isnan(score):
-        stats.reject("nan_aesthetic_score")
-        return None
-    if not math.isnan(score) and score < cfg.min_aesthetic_score:
-        stats.reject("low_aesthetic_score")
-        return None
-    if _float(row.get("punsafe"), stats, "punsafe") > cfg.max_punsafe:
-        stats.reject("unsafe")
-        return None
-    if _float(row.get("pwatermark"), stats, "pwatermark") > cfg.max_pwatermark:
-        stats.reject("watermark")
-        return None
-    width, height = _float(row.get("WIDTH"), stats, "WIDTH"), _float(row.get("HEIGHT"), stats, "HEIGHT")
-    if cfg.min_side and (math.isnan(width) or math.isnan(height) or min(width, height) < cfg.min_side):
-        stats.reject("too_small")
-        return None
-    key, url = caption_key(text), str(url).strip()
-    if dedup_key(text) in seen.keys:
-        stats.reject("duplicate_caption")
-        return None
-    if url in seen.urls:
-        stats.reject("duplicate_url")
-        return None
-    seen.keys.add(dedup_key(text))
-    seen.urls.add(url)
-    return {
-        "caption_id": hashlib.sha1(key.encode("utf-8")).hexdigest()[:16],
-        "text": text,
-        "url": url,
-        "aesthetic_score": score,
-        "width": None if math.isnan(width) else int(width),
-        "height": None if math.isnan(height) else int(height),
-        "source_row_hash": None if row.get("hash") is None else str(row.get("hash")),
-    }
-
-
-def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = 65536) -> pd.DataFrame:
-    """Stream every source file; return accepted, deduplicated rows (in file then row order)."""
-    seen = _Seen(set(), set())
-    rows: list[dict] = []
-    for url in sources:
-        fs, path = storage.filesystem(url)
+        handle = fs.open(path, "rb")
+        pf = pq.ParquetFile(handle)
+    except FileNotFoundError as err:
+        raise CaptionSourceError(f"{url}: file not found") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CaptionSourceError(f"{url}: not a readable parquet file ({err})") from err
+    names = set(pf.schema_arrow.names)
+    for col in REQUIRED_COLUMNS:
+        if col not in names:
+            handle.close()
+            raise CaptionSourceError(f"{url}: missing required column {col!r} (has {sorted(names)})")
         try:
-            handle = fs.open(path, "rb")
-            pf = pq.ParquetFile(handle)
-        except FileNotFoundError as err:
-            raise CaptionSourceError(f"{url}: file not found") from err
-        except (pa.ArrowInvalid, OSError) as err:
-            raise CaptionSourceError(f"{url}: not a readable parquet file ({err})") from err
-        names = set(pf.schema_arrow.names)
-        for col in REQUIRED_COLUMNS:
-            if col not in names:
-                raise CaptionSourceError(f"{url}: missing required column {col!r} (has {sorted(names)})")
-        columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in names]
-        row_no = 0
+            _check_text_type(url, pf.schema_arrow, col)
+        except CaptionSourceError:
+            handle.close()
+            raise
+    return handle, pf, [c for c in READ_COLUMNS if c in names]
+
+
+def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupState | None = None,
+         batch_size: int = BATCH_ROWS) -> Iterator[Kept]:
+    """Stream every source file (in order); yield each batch's kept rows after the global dedup.
+
+    ``state`` holds the keys and URLs kept before (an earlier generation's files); it is updated.
+    """
+    state = state or DedupState()
+    for number, url in enumerate(sources):
+        handle, pf, columns = _open(url)
+        row0 = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                for row in batch.to_pylist():
-                    stats.add("rows_read")
-                    accepted = _accept_row(row, cfg, seen, stats)
-                    if accepted:
-                        accepted.update(source_file=url, source_row=row_no)
-                        rows.append(accepted)
-                    row_no += 1
+                text, key, dkey, curl, score, width, height, row_hash, rows = _filter(batch, cfg, stats)
+                key_hi, key_lo = digests(dkey)
+                url_hi, url_lo = digests(curl)
+                kept, dup_caption, dup_url = greedy(key_hi, key_lo, url_hi, url_lo, state.keys, state.urls)
+                if dup_caption.any():
+                    stats.reject("duplicate_caption", int(dup_caption.sum()))
+                if dup_url.any():
+                    stats.reject("duplicate_url", int(dup_url.sum()))
+                idx = np.flatnonzero(kept)
+                if len(idx):
+                    stats.add("rows_accepted", len(idx))
+                yield Kept(text, key, curl, score, width, height, row_hash, np.full(len(rows), number, np.int32),
+                           row0 + rows, key_hi, key_lo, url_hi, url_lo).take(idx)
+                row0 += batch.num_rows
         except (pa.ArrowInvalid, OSError) as err:
-            raise CaptionSourceError(f"{url}: corrupt parquet data after row {row_no} ({err})") from err
+            raise CaptionSourceError(f"{url}: corrupt parquet data after row {row0} ({err})") from err
         finally:
             handle.close()
         stats.add("files_read")
-    stats.add("rows_accepted", len(rows))
-    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+    stats.add("rows_accepted", 0)  # the count is there even when nothing was kept
+
+
+def dedup_keys(texts: pa.Array) -> pa.Array:
+    """:func:`dedup_key` of many captions (no nulls)."""
+    plain = ~_mask(pc.match_substring_regex(texts, _NOT_PLAIN))
+    keys = pc.replace_substring_regex(pc.ascii_lower(texts), _TRAILING_PLAIN_RE2, "")
+    odd = np.flatnonzero(~plain)
+    return _replace(keys, odd, [dedup_key(s) for s in texts.take(pa.array(odd, pa.int64())).to_pylist()])
+
+
+def caption_ids(keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Caption ids of caption keys: as uint64 and as (n, 16) hex characters."""
+    digest = sha1_digests(keys)
+    value = np.ascontiguousarray(digest[:, :8]).view(">u8").ravel().astype(np.uint64)
+    return value, hex16(digest)
+
+
+def frame(parts: list[Kept], ids: list[pa.Array], shapes: Shapes, sources: list[str]) -> pd.DataFrame:
+    """The kept rows as the caption table (:data:`OUTPUT_COLUMNS`), typed as pandas types a list of rows:
+    ``width`` int, or float when some rows lack it, or empty objects when all do (``shapes`` decides)."""
+    if not shapes.counts["rows"]:
+        return pd.DataFrame([], columns=OUTPUT_COLUMNS)
+    c = shapes.counts
+
+    def size(values: np.ndarray, missing: int):
+        if missing == c["rows"]:
+            return pd.Series([None] * len(values), dtype=object)
+        if missing:
+            return pd.Series(np.trunc(values), dtype=np.float64)
+        return pd.Series(values.astype(np.int64))
+
+    def strings(chunks: list[pa.Array]) -> pd.Series:
+        return pa.chunked_array(chunks, pa.large_string()).to_pandas().reset_index(drop=True)
+
+    width = np.concatenate([p.width for p in parts]) if parts else np.zeros(0)
+    height = np.concatenate([p.height for p in parts]) if parts else np.zeros(0)
+    hashes = [p.row_hash for p in parts]
+    row_hash = pd.Series([None] * len(width), dtype=object) if c["hash_missing"] == c["rows"] else strings(hashes)
+    return pd.DataFrame({
+        "caption_id": strings(ids),
+        "text": strings([p.text for p in parts]),
+        "url": strings([p.url for p in parts]),
+        "aesthetic_score": np.concatenate([p.score for p in parts]) if parts else np.zeros(0),
+        "width": size(width, c["width_missing"]),
+        "height": size(height, c["height_missing"]),
+        "source_row_hash": row_hash,
+        "source_file": strings([pa.array(sources, pa.large_string()).take(pa.array(p.file)) for p in parts]),
+        "source_row": np.concatenate([p.rows for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
+    })
+
+
+def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = BATCH_ROWS) -> pd.DataFrame:
+    """Every kept row of the sources (in file then row order), as one table: for small sources and tests;
+    the ledger (:mod:`tasks.captions.generations`) keeps only what it may take."""
+    parts, ids, shapes = [], [], Shapes()
+    for kept in scan(sources, cfg, stats, batch_size=batch_size):
+        parts.append(kept)
+        ids.append(ascii_strings(caption_ids(kept.key)[1]))
+        kept = kept.without_key()
+        shapes.update(kept)
+    return frame(parts, ids, shapes, sources)
