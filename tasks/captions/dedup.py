@@ -1,10 +1,11 @@
 """Global first-come dedup of captions and URLs, vectorised over batches, with a compact state.
 
 A row is kept when no earlier kept row has its dedup key or its URL (the greedy, file-then-row order
-rule of :mod:`tasks.captions.laion`). Keys and URLs are compared by 128-bit digests (two SipHash-2-4
-values from ``pandas.util.hash_array`` with fixed keys; a collision between two different strings is
-a 1-in-10^24 event at LAION's size), so the state between batches, and between ledger generations,
-is 16 bytes per key instead of the strings: :class:`DigestSet` is an open-addressing hash set over
+rule of :mod:`tasks.captions.laion`). Keys and URLs are compared by 128-bit digests (a key: the first
+16 bytes of its SHA-1, which for most captions is the hash their id is cut from anyway; a URL: two
+SipHash-2-4 values from ``pandas.util.hash_array`` with fixed keys; a collision between two different
+strings is a 1-in-10^24 event at LAION's size), so the state between batches, and between ledger
+generations, is 16 bytes per key instead of the strings: :class:`DigestSet` is an open-addressing hash set over
 NumPy arrays. Within a batch the greedy rule is resolved in rounds (the first row of every key and
 URL among the undecided rows is kept, the rows that share a key or URL with a kept row are dropped,
 repeat), which ends in a few rounds on real data; long chains finish row by row.
@@ -12,6 +13,7 @@ repeat), which ends in a few rounds on real data; long chains finish row by row.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass, field
 
@@ -21,11 +23,43 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _KEYS = ("editforge-dedup1", "editforge-dedup2")  # SipHash keys (16 bytes each): part of the ledger format
-DIGEST_CHECK = "editforge"  # the record keeps digest(DIGEST_CHECK): a changed hash function is noticed
+DIGEST_CHECK = "editforge"  # the record keeps digests of it: a changed hash function is noticed
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+def sha1_digests(values: pa.Array) -> np.ndarray:
+    """SHA-1 of every string (UTF-8, no nulls), as an (n, 20) uint8 array."""
+    joined = b"".join([hashlib.sha1(b).digest() for b in values.cast(pa.large_binary()).to_pylist()])
+    return np.frombuffer(joined, np.uint8).reshape(-1, 20)
+
+
+def halves(digest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first 16 bytes of (n, >=16) uint8 digests as two big-endian uint64 arrays."""
+    head = np.ascontiguousarray(digest[:, :16]).view(">u8")
+    return head[:, 0].astype(np.uint64), head[:, 1].astype(np.uint64)
+
+
+def hex16(digest: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each digest as 16 lowercase hex characters: an (n, 16) uint8 array."""
+    head = digest[:, :8]
+    out = np.empty((len(digest), 16), np.uint8)
+    out[:, 0::2], out[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
+    return out
+
+
+def key_digests(keys: pa.Array, sha1: np.ndarray | None = None, same: np.ndarray | None = None):
+    """Digests of dedup keys: SHA-1 halves; ``sha1`` holds rows already hashed where ``same`` is true."""
+    if sha1 is None:
+        return halves(sha1_digests(keys)) if len(keys) else (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+    hi, lo = halves(sha1)
+    other = np.flatnonzero(~same)
+    if len(other):
+        hi[other], lo[other] = halves(sha1_digests(keys.take(pa.array(other, pa.int64()))))
+    return hi, lo
 
 
 def digests(values: pa.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """128-bit digests of strings (no nulls) as two uint64 arrays."""
+    """128-bit digests of URLs (any strings, no nulls) as two uint64 arrays."""
     obj = values.to_numpy(zero_copy_only=False) if isinstance(values, (pa.Array, pa.ChunkedArray)) else values
     obj = np.asarray(obj, dtype=object)
     if not len(obj):
@@ -35,67 +69,77 @@ def digests(values: pa.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digest_check() -> list[str]:
-    hi, lo = digests(np.array([DIGEST_CHECK], dtype=object))
-    return [f"{int(hi[0]):016x}", f"{int(lo[0]):016x}"]
+    """What the state files' digests are: a changed function (or library) makes the next read a full one."""
+    check = pa.array([DIGEST_CHECK], pa.large_string())
+    return ["sha1-keys/siphash-urls", *(f"{int(v[0]):016x}" for v in (*key_digests(check), *digests(check)))]
 
 
 class DigestSet:
-    """A set of 128-bit digests with vectorised ``contains`` and ``add`` (linear probing, load <= 1/2)."""
+    """A set of 128-bit digests with vectorised ``contains`` and ``add``: open addressing with linear
+    probing in one (capacity, 2) uint64 table (a probe is one cache line), load at most 1/2, (0, 0)
+    marking an empty slot (the digest (0, 0) itself is kept aside)."""
 
     def __init__(self, capacity: int = 1 << 12):
-        self.size = 0
+        self.size, self.zero = 0, False
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
-        self.mask = np.uint64(capacity - 1)
-        self.used = np.zeros(capacity, bool)
-        self.hi = np.zeros(capacity, np.uint64)
-        self.lo = np.zeros(capacity, np.uint64)
+        self.table = np.zeros((capacity, 2), np.uint64)
+        self.mask = capacity - 1
 
     def __len__(self) -> int:
         return self.size
 
     def contains(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         found = np.zeros(len(hi), bool)
-        idx = np.arange(len(hi))
-        slot = (hi & self.mask).astype(np.int64)
+        zero = (hi == 0) & (lo == 0)
+        found[zero] = self.zero
+        idx = np.flatnonzero(~zero)
+        slot = (hi[idx] & np.uint64(self.mask)).astype(np.int64)
         while len(idx):
-            used = self.used[slot]
-            match = used & (self.hi[slot] == hi[idx]) & (self.lo[slot] == lo[idx])
+            cell = np.take(self.table, slot, axis=0)  # (much faster than fancy indexing of rows)
+            match = (cell[:, 0] == hi[idx]) & (cell[:, 1] == lo[idx])
             found[idx[match]] = True
-            go_on = used & ~match
-            idx, slot = idx[go_on], (slot[go_on] + 1) & int(self.mask)
+            go_on = ~match & ((cell[:, 0] != 0) | (cell[:, 1] != 0))
+            idx, slot = idx[go_on], (slot[go_on] + 1) & self.mask
         return found
+
+    def reserve(self, count: int) -> None:
+        """Room for ``count`` digests in all without growing again (one rehash now instead of several)."""
+        capacity = len(self.table)
+        while 2 * count > capacity:
+            capacity *= 2
+        if capacity > len(self.table):
+            old = self.table[(self.table[:, 0] != 0) | (self.table[:, 1] != 0)]
+            self._alloc(capacity)
+            self._insert(old[:, 0], old[:, 1])
 
     def add(self, hi: np.ndarray, lo: np.ndarray) -> None:
         """Insert digests that are distinct and not in the set yet."""
-        if 2 * (self.size + len(hi)) > len(self.used):
-            old_hi, old_lo = self.hi[self.used], self.lo[self.used]
-            capacity = len(self.used)
-            while 2 * (self.size + len(hi)) > capacity:
-                capacity *= 2
-            self._alloc(capacity)
-            self.size = 0
-            self._insert(old_hi, old_lo)
+        zero = (hi == 0) & (lo == 0)
+        if zero.any():
+            self.zero, hi, lo = True, hi[~zero], lo[~zero]
+        self.reserve(self.size + len(hi))
         self._insert(hi, lo)
+        self.size += len(hi) + int(zero.any())
 
     def _insert(self, hi: np.ndarray, lo: np.ndarray) -> None:
         idx = np.arange(len(hi))
-        slot = (hi & self.mask).astype(np.int64)
+        slot = (hi & np.uint64(self.mask)).astype(np.int64)
         while len(idx):
-            free = np.flatnonzero(~self.used[slot])
+            cell = np.take(self.table, slot, axis=0)
+            free = np.flatnonzero((cell[:, 0] == 0) & (cell[:, 1] == 0))
             free = free[~pd.Series(slot[free]).duplicated().to_numpy()]  # one winner per free slot
-            winners, taken_slots = idx[free], slot[free]
-            self.used[taken_slots] = True
-            self.hi[taken_slots], self.lo[taken_slots] = hi[winners], lo[winners]
-            placed = np.zeros(len(hi), bool)
-            placed[winners] = True
-            rest = ~placed[idx]
-            idx, slot = idx[rest], (slot[rest] + 1) & int(self.mask)  # every slot tried is now used
-        self.size += len(hi)
+            flat, at = self.table.reshape(-1), 2 * slot[free]
+            flat[at], flat[at + 1] = hi[idx[free]], lo[idx[free]]
+            rest = np.ones(len(idx), bool)
+            rest[free] = False
+            idx, slot = idx[rest], (slot[rest] + 1) & self.mask  # every slot tried is taken now
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.hi[self.used], self.lo[self.used]
+        used = self.table[(self.table[:, 0] != 0) | (self.table[:, 1] != 0)]
+        zero = np.zeros(int(self.zero), np.uint64)
+        return np.concatenate([used[:, 0], zero]), np.concatenate([used[:, 1], zero])
 
 
 def _codes(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
@@ -164,6 +208,10 @@ class DedupState:
     def add(self, key_hi, key_lo, url_hi, url_lo) -> None:
         self.keys.add(key_hi, key_lo)
         self.urls.add(url_hi, url_lo)
+
+    def reserve(self, count: int) -> None:
+        self.keys.reserve(count)
+        self.urls.reserve(count)
 
 
 @dataclass

@@ -48,6 +48,7 @@ from tasks.captions.dedup import (
     Taken,
     digest_check,
     digests,
+    key_digests,
     read_states,
     state_bytes,
 )
@@ -56,7 +57,6 @@ from tasks.captions.laion import (
     Kept,
     Shapes,
     ascii_strings,
-    caption_ids,
     dedup_keys,
     frame,
     resolve_sources,
@@ -155,21 +155,14 @@ def _partitions_for(cfg: PipelineConfig, new: int, first: bool) -> int:
 @dataclass
 class _Candidates:
     rows: Kept
-    ids: np.ndarray  # uint64
-    hex: np.ndarray  # (n, 16) uint8
     prio: np.ndarray
 
     @staticmethod
     def concat(parts: list[_Candidates]) -> _Candidates:
-        return _Candidates(Kept.concat([p.rows for p in parts]), np.concatenate([p.ids for p in parts]),
-                           np.concatenate([p.hex for p in parts]), np.concatenate([p.prio for p in parts]))
+        return _Candidates(Kept.concat([p.rows for p in parts]), np.concatenate([p.prio for p in parts]))
 
     def take(self, idx: np.ndarray) -> _Candidates:
-        return _Candidates(self.rows.take(idx), self.ids[idx], self.hex[idx], self.prio[idx])
-
-    def order(self) -> np.ndarray:
-        """Rows in (priority, caption id) order."""
-        return np.lexsort((self.ids, self.prio))
+        return _Candidates(self.rows.take(idx), self.prio[idx])
 
 
 class _Pool:
@@ -181,9 +174,9 @@ class _Pool:
         self.size = 0
 
     def add(self, part: _Candidates) -> None:
-        if len(part.ids):
+        if len(part.prio):
             self.parts.append(part)
-            self.size += len(part.ids)
+            self.size += len(part.prio)
         if self.size > 2 * self.room + 2 ** 16:
             self._prune()
 
@@ -195,15 +188,16 @@ class _Pool:
             cut = np.partition(every.prio[above], self.room - 1)[self.room - 1] if self.room else -1.0
             above = above[every.prio[above] <= cut]  # ties at the cut stay: the caption id decides later
         self.parts = [every.take(np.sort(np.concatenate([keep, above])))]
-        self.size = len(self.parts[0].ids)
+        self.size = len(self.parts[0].prio)
 
-    def select(self, total: int, target: int) -> tuple[_Candidates | None, float]:
-        """The captions taken (under the threshold, then the next ones up to ``target``) and the new threshold."""
+    def select(self, total: int, target: int) -> tuple[_Candidates | None, np.ndarray, float]:
+        """The candidates, which of them are taken (under the threshold, then the next ones up to ``target``),
+        and the new threshold."""
         threshold = self.threshold
         if not self.parts:
-            return None, (1.0 if target > total else threshold)
+            return None, np.zeros(0, np.int64), (1.0 if target > total else threshold)
         every = _Candidates.concat(self.parts)
-        order = every.order()
+        order = np.lexsort((every.rows.ids, every.prio))  # (priority, caption id)
         below = order[every.prio[order] < threshold]
         rest = order[every.prio[order] >= threshold]
         need = max(0, target - total - len(below))
@@ -212,7 +206,7 @@ class _Pool:
             threshold = 1.0  # the source ran out: from now on every new caption is taken
         elif len(more):
             threshold = float(every.prio[more[-1]]) + 2.0 ** -64  # the last one taken is under it
-        return every.take(np.concatenate([below, more])), threshold
+        return every, np.concatenate([below, more]), threshold
 
 
 @dataclass
@@ -243,7 +237,7 @@ def _read_ledger(cfg: PipelineConfig, config_hash: str, gens: list[Generation]) 
             table = pq.read_table(fh, columns=["caption_id", "text", "url"])
         if table.num_rows:
             parts.append((np.array([int(c, 16) for c in table.column("caption_id").to_pylist()], np.uint64),
-                          digests(dedup_keys(table.column("text").combine_chunks())),
+                          key_digests(dedup_keys(table.column("text").combine_chunks())),
                           digests(table.column("url").combine_chunks())))
     empty = np.zeros(0, np.uint64)
     return _Ledger(np.concatenate([p[0] for p in parts]) if parts else empty,
@@ -264,14 +258,13 @@ def _read_state(folder: str, names: list[str]) -> tuple[DedupState, Taken]:
     return read_states(blobs)
 
 
-def _write_ledger(url: str, new: pd.DataFrame, first: int, count: int) -> None:
+def _write_ledger(url: str, table: pa.Table, first: int, count: int) -> None:
     """One row group per partition (statistics on ``partition_id`` only): a partition reads its own rows."""
-    table = pa.Table.from_pandas(new, preserve_index=False)
     sink = io.BytesIO()
     with pq.ParquetWriter(sink, table.schema, write_statistics=["partition_id"], use_dictionary=False) as writer:
         if not table.num_rows:
             writer.write_table(table)
-        bounds = np.searchsorted(new["partition_id"].to_numpy(), np.arange(first, first + count + 1))
+        bounds = np.searchsorted(table.column("partition_id").to_numpy(), np.arange(first, first + count + 1))
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
                 writer.write_table(table.slice(a, b - a), row_group_size=b - a)
@@ -318,9 +311,11 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
                 state, held = DedupState(), _read_ledger(cfg, config_hash, gens) if gens else None
                 taken = held.taken() if held is not None and len(held.ids) else None
             pool, kept = _scan_into(read, cfg, stats, select, state, shapes, taken if taken else None, threshold,
-                                    c.num_captions - total)
-            chosen, threshold = pool.select(total, c.num_captions)
-        parts = {KEPT_KEY: (kept["key_hi"], kept["key_lo"]), KEPT_URL: (kept["url_hi"], kept["url_lo"])}
+                                    c.num_captions - total, collect=incremental)
+            chosen, taken_rows, threshold = pool.select(total, c.num_captions)
+        # what this read adds to the dedup state (a full read: all of it, read from the sets themselves)
+        parts = {KEPT_KEY: (kept["key_hi"], kept["key_lo"]), KEPT_URL: (kept["url_hi"], kept["url_lo"])} \
+            if incremental else {KEPT_KEY: state.keys.arrays(), KEPT_URL: state.urls.arrays()}
         if held is not None:  # taken captions no kept row has (a file they came from changed or moved)
             lost_key, lost_url = ~state.keys.contains(*held.key), ~state.urls.contains(*held.url)
             parts |= {TAKEN_KEY: (held.key[0][lost_key], held.key[1][lost_key]),
@@ -338,7 +333,7 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
         else:
             source = read_stats
             select_record = {"counts": dict(select.counts), "rejected": dict(select.rejected), "total_taken": total}
-        n_new = len(chosen.ids) if chosen else 0
+        n_new = len(taken_rows)
         number = len(gens)
         state_bytes_ = state_bytes(parts)
         state_name = f"gen-{(number if n_new or not last else number - 1):05d}.state-" \
@@ -359,7 +354,7 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
             return None
         first = gens[-1].partitions.stop if gens else 0
         count = _partitions_for(cfg, n_new, first=not gens)
-        new = _generation_frame(chosen, shapes, read, number, first, count)
+        new = _generation_table(chosen, taken_rows, shapes, read, number, first, count)
         _write_ledger(layout.generation_url(cfg.output_root, config_hash, number, "parquet"), new, first, count)
         record = {"generation": number, "sources": prints, "num_captions": num_captions, "threshold": threshold,
                   "taken": n_new, "total_taken": total + n_new, **stats.summary(), **about,
@@ -373,17 +368,17 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
         return Generation(number, first, count, record)
 
 
-def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, room) -> tuple[_Pool, dict]:
+def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, room, collect) -> tuple[_Pool, dict]:
     """Read ``sources`` into a bounded pool of candidates (``select``: the captions found in ``taken``,
-    counted); also return the kept rows' digests (what this read adds to the dedup state)."""
+    counted); with ``collect``, also return the kept rows' digests (what this read adds to the state)."""
     c = cfg.captions
     pool = _Pool(threshold, max(0, room))
     kept_digests: dict[str, list[np.ndarray]] = {name: [] for name in DIGESTS}
     for kept in scan(sources, c, stats, state):
         shapes.update(kept)
-        for name in DIGESTS:
+        for name in DIGESTS if collect else ():
             kept_digests[name].append(getattr(kept, name))
-        ids, hexes = caption_ids(kept.key)
+        ids = kept.ids
         kept = kept.without_key()
         usable = np.ones(len(ids), bool)
         if taken is not None:
@@ -397,23 +392,37 @@ def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, roo
                 select.reject("duplicate_url", int(url_dup.sum()))
             usable = ~(seen | text_dup | url_dup)
         idx = np.flatnonzero(usable)
-        pool.add(_Candidates(kept.take(idx), ids[idx], hexes[idx], priorities(c.seed, hexes[idx])))
+        pool.add(_Candidates(kept.take(idx), priorities(c.seed, kept.hex[idx])))
     if taken is not None:
         select.add("already_taken", 0)  # counted whenever the ledger holds captions
     return pool, {name: np.concatenate(v) if v else np.zeros(0, np.uint64) for name, v in kept_digests.items()}
 
 
-def _generation_frame(chosen: _Candidates | None, shapes: Shapes, sources: list[str], number: int, first: int,
-                      count: int) -> pd.DataFrame:
-    """The generation's table, sorted by partition then caption id, typed as the caption table is."""
-    if chosen is None or not len(chosen.ids):
-        table = frame([], [], shapes, sources)
-        return table.assign(priority=[], partition_id=[], generation=number)
-    partition = first + (chosen.ids % np.uint64(count)).astype(np.int64)
-    order = np.lexsort((chosen.ids, partition))
-    chosen = chosen.take(order)
-    table = frame([chosen.rows], [ascii_strings(chosen.hex)], shapes, sources)
-    return table.assign(priority=chosen.prio, partition_id=partition[order], generation=number)
+def _generation_table(pool: _Candidates | None, taken: np.ndarray, shapes: Shapes, sources: list[str], number: int,
+                      first: int, count: int) -> pa.Table:
+    """The generation's rows sorted by partition then caption id, with the types the caption table has
+    (:func:`tasks.captions.laion.frame`: a partly missing width is float, a wholly missing one empty)."""
+    if pool is None or not len(taken):
+        empty = frame([], [], shapes, sources).assign(priority=[], partition_id=[], generation=number)
+        return pa.Table.from_pandas(empty, preserve_index=False)
+    ids = pool.rows.ids[taken]
+    partition = first + (ids % np.uint64(count)).astype(np.int64)
+    order = np.lexsort((ids, partition))
+    rows, prio = pool.rows.take(taken[order]), pool.prio[taken[order]]
+    c = shapes.counts
+
+    def size(values: np.ndarray, missing: int) -> pa.Array:
+        if missing == c["rows"]:
+            return pa.nulls(len(values))
+        return pa.array(np.trunc(values)) if missing else pa.array(values.astype(np.int64))
+
+    row_hash = pa.nulls(len(rows)) if c["hash_missing"] == c["rows"] else rows.row_hash
+    return pa.table({"caption_id": ascii_strings(rows.hex), "text": rows.text, "url": rows.url,
+                     "aesthetic_score": rows.score, "width": size(rows.width, c["width_missing"]),
+                     "height": size(rows.height, c["height_missing"]), "source_row_hash": row_hash,
+                     "source_file": pa.array(sources, pa.large_string()).take(pa.array(rows.file)),
+                     "source_row": rows.rows.astype(np.int64), "priority": prio, "partition_id": partition[order],
+                     "generation": np.full(len(rows), number, np.int64)})
 
 
 def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.captions.dedup import DedupState, digests, greedy
+from tasks.captions.dedup import DedupState, digests, greedy, halves, hex16, key_digests, sha1_digests
 from tasks.common import storage
 from tasks.common.config import CaptionsConfig
 from tasks.common.contract import Stats
@@ -84,23 +84,6 @@ def _strip_trailing(key: str) -> str:
 def caption_id(text: str) -> str:
     """Stable item id: first 16 hex of sha1 of the normalised, case-folded caption."""
     return hashlib.sha1(caption_key(text).encode("utf-8")).hexdigest()[:16]
-
-
-def sha1_digests(values: pa.Array) -> np.ndarray:
-    """SHA-1 of every string (UTF-8), as an (n, 20) uint8 array."""
-    joined = b"".join([hashlib.sha1(b).digest() for b in values.cast(pa.large_binary()).to_pylist()])
-    return np.frombuffer(joined, np.uint8).reshape(-1, 20)
-
-
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-def hex16(digest: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each digest as 16 lowercase hex characters: an (n, 16) uint8 array."""
-    head = digest[:, :8]
-    out = np.empty((len(digest), 16), np.uint8)
-    out[:, 0::2], out[:, 1::2] = _HEX[head >> 4], _HEX[head & 15]
-    return out
 
 
 def ascii_strings(chars: np.ndarray) -> pa.Array:
@@ -231,7 +214,8 @@ def _replace(arr: pa.Array, rows: np.ndarray, values: list) -> pa.Array:
 @dataclass
 class Kept:
     """Rows that passed the filters and the dedup, in file then row order (``file``: the index of the
-    source file in the list :func:`scan` read; ``key``: the caption key, dropped once the ids are made)."""
+    source file in the list :func:`scan` read; ``ids``/``hex``: the caption ids as uint64 and as (n, 16)
+    hex characters; ``key``: the caption key, dropped when not needed)."""
 
     text: pa.Array
     key: pa.Array | None
@@ -246,6 +230,8 @@ class Kept:
     key_lo: np.ndarray
     url_hi: np.ndarray
     url_lo: np.ndarray
+    ids: np.ndarray
+    hex: np.ndarray
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -446,13 +432,16 @@ def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupStat
     ``state`` holds the keys and URLs kept before (an earlier generation's files); it is updated.
     """
     state = state or DedupState()
+    sized = False
     for number, url in enumerate(sources):
         handle, pf, columns = _open(url)
         row0 = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 text, key, dkey, curl, score, width, height, row_hash, rows = _filter(batch, cfg, stats)
-                key_hi, key_lo = digests(dkey)
+                sha1 = sha1_digests(key)  # the caption ids, and the dedup keys' digests where key == dedup key
+                ids = halves(sha1)[0]
+                key_hi, key_lo = key_digests(dkey, sha1, _mask(pc.equal(key, dkey)))
                 url_hi, url_lo = digests(curl)
                 kept, dup_caption, dup_url = greedy(key_hi, key_lo, url_hi, url_lo, state.keys, state.urls)
                 if dup_caption.any():
@@ -462,8 +451,11 @@ def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupStat
                 idx = np.flatnonzero(kept)
                 if len(idx):
                     stats.add("rows_accepted", len(idx))
+                if not sized and batch.num_rows:  # size the dedup state once (files alike): no rehash later
+                    sized, rate = True, len(idx) / batch.num_rows
+                    state.reserve(len(state.keys) + int(1.25 * rate * pf.metadata.num_rows * len(sources)))
                 yield Kept(text, key, curl, score, width, height, row_hash, np.full(len(rows), number, np.int32),
-                           row0 + rows, key_hi, key_lo, url_hi, url_lo).take(idx)
+                           row0 + rows, key_hi, key_lo, url_hi, url_lo, ids, hex16(sha1)).take(idx)
                 row0 += batch.num_rows
         except (pa.ArrowInvalid, OSError) as err:
             raise CaptionSourceError(f"{url}: corrupt parquet data after row {row0} ({err})") from err
@@ -479,13 +471,6 @@ def dedup_keys(texts: pa.Array) -> pa.Array:
     keys = pc.replace_substring_regex(pc.ascii_lower(texts), _TRAILING_PLAIN_RE2, "")
     odd = np.flatnonzero(~plain)
     return _replace(keys, odd, [dedup_key(s) for s in texts.take(pa.array(odd, pa.int64())).to_pylist()])
-
-
-def caption_ids(keys: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Caption ids of caption keys: as uint64 and as (n, 16) hex characters."""
-    digest = sha1_digests(keys)
-    value = np.ascontiguousarray(digest[:, :8]).view(">u8").ravel().astype(np.uint64)
-    return value, hex16(digest)
 
 
 def frame(parts: list[Kept], ids: list[pa.Array], shapes: Shapes, sources: list[str]) -> pd.DataFrame:
@@ -528,7 +513,7 @@ def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_s
     parts, ids, shapes = [], [], Shapes()
     for kept in scan(sources, cfg, stats, batch_size=batch_size):
         parts.append(kept)
-        ids.append(ascii_strings(caption_ids(kept.key)[1]))
+        ids.append(ascii_strings(kept.hex))
         kept = kept.without_key()
         shapes.update(kept)
     return frame(parts, ids, shapes, sources)

@@ -12,6 +12,7 @@ from tasks.captions.dedup import (
     digest_check,
     digests,
     greedy,
+    key_digests,
     read_states,
     state_bytes,
 )
@@ -31,14 +32,20 @@ def test_digest_set_agrees_with_a_python_set_through_growth():
         probe_lo = np.concatenate([lo, rng.integers(0, 2 ** 63, 300, dtype=np.uint64), lo[:20] + np.uint64(1)])
         expected = [(h, low) in reference for h, low in zip(probe_hi.tolist(), probe_lo.tolist())]
         assert box.contains(probe_hi, probe_lo).tolist() == expected
-    assert len(box) == len(reference) and 2 * len(box) <= len(box.used)
+    assert len(box) == len(reference) and 2 * len(box) <= len(box.table)
     assert set(zip(*(a.tolist() for a in box.arrays()))) == reference
 
 
 def test_digests_are_stable_and_tell_strings_apart():
-    hi, lo = digests(pa.array(["a cat", "a cat", "a dog", ""], pa.large_string()))
-    assert hi[0] == hi[1] and lo[0] == lo[1] and len({(h, low) for h, low in zip(hi, lo)}) == 3
-    assert digest_check() == digest_check() and len(digest_check()) == 2  # recorded in the ledger
+    import hashlib
+
+    values = pa.array(["a cat", "a cat", "a dog", "", "café"], pa.large_string())
+    for hi, lo in (digests(values), key_digests(values)):
+        assert hi[0] == hi[1] and lo[0] == lo[1] and len({(h, low) for h, low in zip(hi, lo)}) == 4
+    hi, lo = key_digests(values)  # a key's digest is its SHA-1's first 16 bytes (the caption id's first 8)
+    assert [f"{h:016x}{low:016x}" for h, low in zip(hi.tolist(), lo.tolist())] == \
+        [hashlib.sha1(v.encode()).hexdigest()[:32] for v in values.to_pylist()]
+    assert digest_check()[0] == "sha1-keys/siphash-urls" and len(digest_check()) == 5  # kept in the ledger
 
 
 def _sequential(keys, urls):
