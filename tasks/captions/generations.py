@@ -1,27 +1,17 @@
 """The captions ledger: which captions a run has taken, generation by generation (append-only).
 
-Every usable caption has a seeded draw ``u = priority(seed, caption_id)`` in [0, 1), a pure function
-of its stable id, so a sample never depends on file or row order. A generation takes captions the
-ledger does not hold yet:
+A generation takes the captions the ledger does not hold yet whose seeded draw ``priority(seed, id)``
+(:mod:`tasks.captions.sample`) is under the threshold the ledger reached (a grown source is sampled
+at the same rate), then, while fewer than ``captions.num_captions`` are taken, the next ones in draw
+order; the threshold rises to the last one taken (to 1 when the source ran out). Each generation
+appends its own partitions, so every earlier partition and everything downstream stays byte for byte;
+a new caption equal to one taken (dedup key or URL) is a duplicate, not taken twice.
 
-1. those new in the source whose ``u`` is under the threshold the ledger reached: a grown source is
-   sampled at the same rate as before;
-2. then, while fewer than ``captions.num_captions`` are taken in all, the next ones in ``u`` order
-   (raising ``num_captions`` adds captions, it never re-samples); the threshold rises to the last one
-   taken (to 1 when the source ran out: every later caption is taken).
-
-The first generation is therefore the ``num_captions`` captions of lowest ``u``, a seeded uniform
-sample. Each generation appends its own partitions (generation 0: ``captions.num_partitions``;
-later ones: as many as keep the partitions about that size), so every earlier partition — and
-everything downstream of it — stays as it was, byte for byte. A new caption equal to one already
-taken (the dedup key or the URL) is counted as a duplicate, not taken twice.
-
-Files per generation (docs/captions.md): ``gen-NNNNN.parquet``, its captions sorted by partition, one
-row group each, so a partition reads only its own rows; ``gen-NNNNN.state-KKK.parquet``, the 128-bit
-digests of the keys and URLs the read kept (the dedup state); ``gen-NNNNN.json``, its record, written
-last. The sources are read only when their fingerprint (names, sizes, modification times) or
-``num_captions`` changed, and only the new files when files were appended to an unchanged list. One
-process at a time extends the ledger (a lease).
+Per generation (docs/captions.md): ``gen-NNNNN.parquet``, its captions sorted by partition with one
+row group each (a partition reads only its own rows); ``gen-NNNNN.state-<hash>.parquet``, what the read
+added to the dedup state; ``gen-NNNNN.json``, its record, written last. The sources are read only when
+their fingerprint (names, sizes, modification times) or ``num_captions`` changed — only the new files
+when files were appended to an unchanged list. One process at a time extends the ledger (a lease).
 """
 
 from __future__ import annotations
@@ -54,7 +44,6 @@ from tasks.captions.dedup import (
 )
 from tasks.captions.laion import (
     OUTPUT_COLUMNS,
-    Kept,
     Shapes,
     ascii_strings,
     dedup_keys,
@@ -62,6 +51,7 @@ from tasks.captions.laion import (
     resolve_sources,
     scan,
 )
+from tasks.captions.sample import Candidates, Pool, priorities, priority  # noqa: F401  (priority: the API)
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import Stats
@@ -71,20 +61,6 @@ STAGE = "captions"
 FORMAT = 2  # 1: one row group, no dedup state (still read); 2: row group per partition, state files
 DIGESTS = ["key_hi", "key_lo", "url_hi", "url_lo"]
 log = logging.getLogger("editforge")
-
-
-def priority(seed: int, caption_id: str) -> float:
-    """The caption's seeded draw in [0, 1): the lower, the earlier it is taken."""
-    return int(hashlib.sha1(f"{seed}:{caption_id}".encode()).hexdigest()[:16], 16) / 2.0 ** 64
-
-
-def priorities(seed: int, ids_hex: np.ndarray) -> np.ndarray:
-    """:func:`priority` of many caption ids given as (n, 16) hex characters."""
-    head = np.frombuffer(f"{seed}:".encode(), np.uint8)
-    msg = np.empty((len(ids_hex), len(head) + 16), np.uint8)
-    msg[:, :len(head)], msg[:, len(head):] = head, ids_hex
-    joined = b"".join([hashlib.sha1(m).digest()[:8] for m in msg.view(f"S{msg.shape[1]}").ravel().tolist()])
-    return np.frombuffer(joined, ">u8").astype(np.uint64).astype(np.float64) / 2.0 ** 64
 
 
 @dataclass(frozen=True)
@@ -150,63 +126,6 @@ def _partitions_for(cfg: PipelineConfig, new: int, first: bool) -> int:
         return c.num_partitions
     per_partition = max(1, math.ceil(c.num_captions / c.num_partitions))
     return max(1, math.ceil(new / per_partition))
-
-
-@dataclass
-class _Candidates:
-    rows: Kept
-    prio: np.ndarray
-
-    @staticmethod
-    def concat(parts: list[_Candidates]) -> _Candidates:
-        return _Candidates(Kept.concat([p.rows for p in parts]), np.concatenate([p.prio for p in parts]))
-
-    def take(self, idx: np.ndarray) -> _Candidates:
-        return _Candidates(self.rows.take(idx), self.prio[idx])
-
-
-class _Pool:
-    """The candidates a generation may take, bounded: all under ``threshold``, and the ``room`` lowest above."""
-
-    def __init__(self, threshold: float, room: int):
-        self.threshold, self.room = threshold, room
-        self.parts: list[_Candidates] = []
-        self.size = 0
-
-    def add(self, part: _Candidates) -> None:
-        if len(part.prio):
-            self.parts.append(part)
-            self.size += len(part.prio)
-        if self.size > 2 * self.room + 2 ** 16:
-            self._prune()
-
-    def _prune(self) -> None:
-        every = _Candidates.concat(self.parts)
-        above = np.flatnonzero(every.prio >= self.threshold)
-        keep = np.flatnonzero(every.prio < self.threshold)
-        if len(above) > self.room:
-            cut = np.partition(every.prio[above], self.room - 1)[self.room - 1] if self.room else -1.0
-            above = above[every.prio[above] <= cut]  # ties at the cut stay: the caption id decides later
-        self.parts = [every.take(np.sort(np.concatenate([keep, above])))]
-        self.size = len(self.parts[0].prio)
-
-    def select(self, total: int, target: int) -> tuple[_Candidates | None, np.ndarray, float]:
-        """The candidates, which of them are taken (under the threshold, then the next ones up to ``target``),
-        and the new threshold."""
-        threshold = self.threshold
-        if not self.parts:
-            return None, np.zeros(0, np.int64), (1.0 if target > total else threshold)
-        every = _Candidates.concat(self.parts)
-        order = np.lexsort((every.rows.ids, every.prio))  # (priority, caption id)
-        below = order[every.prio[order] < threshold]
-        rest = order[every.prio[order] >= threshold]
-        need = max(0, target - total - len(below))
-        more = rest[:need]
-        if need and len(more) < need:
-            threshold = 1.0  # the source ran out: from now on every new caption is taken
-        elif len(more):
-            threshold = float(every.prio[more[-1]]) + 2.0 ** -64  # the last one taken is under it
-        return every, np.concatenate([below, more]), threshold
 
 
 @dataclass
@@ -368,11 +287,11 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
         return Generation(number, first, count, record)
 
 
-def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, room, collect) -> tuple[_Pool, dict]:
+def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, room, collect) -> tuple[Pool, dict]:
     """Read ``sources`` into a bounded pool of candidates (``select``: the captions found in ``taken``,
     counted); with ``collect``, also return the kept rows' digests (what this read adds to the state)."""
     c = cfg.captions
-    pool = _Pool(threshold, max(0, room))
+    pool = Pool(threshold, max(0, room))
     kept_digests: dict[str, list[np.ndarray]] = {name: [] for name in DIGESTS}
     for kept in scan(sources, c, stats, state):
         shapes.update(kept)
@@ -392,13 +311,13 @@ def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, roo
                 select.reject("duplicate_url", int(url_dup.sum()))
             usable = ~(seen | text_dup | url_dup)
         idx = np.flatnonzero(usable)
-        pool.add(_Candidates(kept.take(idx), priorities(c.seed, kept.hex[idx])))
+        pool.add(Candidates(kept.take(idx), priorities(c.seed, kept.hex[idx])))
     if taken is not None:
         select.add("already_taken", 0)  # counted whenever the ledger holds captions
     return pool, {name: np.concatenate(v) if v else np.zeros(0, np.uint64) for name, v in kept_digests.items()}
 
 
-def _generation_table(pool: _Candidates | None, taken: np.ndarray, shapes: Shapes, sources: list[str], number: int,
+def _generation_table(pool: Candidates | None, taken: np.ndarray, shapes: Shapes, sources: list[str], number: int,
                       first: int, count: int) -> pa.Table:
     """The generation's rows sorted by partition then caption id, with the types the caption table has
     (:func:`tasks.captions.laion.frame`: a partly missing width is float, a wholly missing one empty)."""
