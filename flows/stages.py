@@ -4,10 +4,11 @@ Each stage flow runs the stage's `prepare` (if any), runs one task per partition
 partitions asked for (default: all) — one after another for stages that share the worker's GPU or
 API quota, otherwise at most :func:`parallel_partitions` at once on a thread pool sized from the
 stage's resources (`run.max_parallel_partitions` overrides it; docs/captions.md) — and runs the
-stage's `finalize` (if any) when it covered every partition. Several workers can split one stage between them by `partitions`. The work itself is the
-stage's `run(cfg, partition_id)`; these wrappers add Prefect's retries (never for an error a retry
-cannot fix), resource tags, and the dashboard (flows/dashboard.py): each partition's live progress,
-its event and its row in the stage table as it finishes, the run-wide progress.
+stage's `finalize` (if any) when it covered every partition. Several workers can split one stage
+between them by `partitions`. The work itself is the stage's `run(cfg, partition_id)`; these
+wrappers add Prefect's retries (never for an error a retry cannot fix), resource tags, and the
+dashboard (flows/dashboard.py): each partition's live progress, its event and its row in the stage
+table as it finishes, the run-wide progress.
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)
