@@ -216,3 +216,15 @@ def test_a_ledger_written_before_the_row_groups_is_read_and_grown(tmp_path):
     gen = extend(new)
     assert gen.number == 1 and gen.record["read"] == "full" and gen.record["taken"] == 20
     assert set(first) < set(_taken(new)) and len(_taken(new)) == 50
+
+
+def test_empty_partitions_and_an_empty_source_read_as_the_row_by_row_ledger_gives_them(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _source(src / "a.parquet", range(3))
+    for n in (3, 1):  # three captions over seven partitions; then a source with no usable row at all
+        pair = _pair(tmp_path / str(n), src, n)
+        for module, cfg in pair:
+            module.extend(cfg)
+        _same_ledgers(pair)
+        pq.write_table(pa.table({"URL": ["u"], "TEXT": [None], "AESTHETIC_SCORE": [7.0]}), src / "a.parquet")
