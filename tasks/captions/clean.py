@@ -201,6 +201,8 @@ def filter_batch(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
     pwater, pwater_str = _numbers(batch, "pwatermark")
     width, width_str = _numbers(batch, "WIDTH")
     height, height_str = _numbers(batch, "HEIGHT")
+    # an infinite size is no size (the row-by-row reader crashed on it)
+    width, height = np.where(np.isinf(width), np.nan, width), np.where(np.isinf(height), np.nan, height)
     with np.errstate(invalid="ignore"):
         score_nan = np.isnan(score) if "AESTHETIC_SCORE" in names else np.zeros(n, bool)
         score_low = ~np.isnan(score) & (score < cfg.min_aesthetic_score)

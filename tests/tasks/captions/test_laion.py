@@ -181,3 +181,11 @@ def test_the_caption_length_bound_is_a_setting_and_counted(tmp_path):
     assert list(read_captions([path], cfg, stats)["text"]) == ["short one", "x x x"]
     assert stats.rejected == {"caption_too_long": 1}
     assert "caption_too_long" in type(cfg).model_fields["max_caption_chars"].description
+
+
+def test_an_infinite_size_is_no_size(tmp_path):
+    path = _write(tmp_path / "a.parquet", WIDTH=[float("inf"), 512.0, 640.0], HEIGHT=[512, -float("inf"), 480])
+    df = read_captions([path], CaptionsConfig(), Stats())
+    assert df["width"].isna().tolist() == [True, False, False] and df["height"].isna().tolist() == [False, True, False]
+    stats = Stats()
+    assert len(read_captions([path], CaptionsConfig(min_side=256), stats)) == 1 and stats.rejected == {"too_small": 2}
