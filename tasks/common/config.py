@@ -104,7 +104,8 @@ class CaptionsConfig(Section):
     max_punsafe: float = 1.0
     max_pwatermark: float = 1.0
     min_side: int = Field(0, ge=0)
-    max_caption_chars: int = Field(500, ge=1)
+    max_caption_chars: int = Field(500, ge=1, description="captions longer than this (in characters, once "
+                                   "normalised) are rejected and counted as caption_too_long")
 
 
 class OpenAIClientConfig(Section):
@@ -658,6 +659,10 @@ class RunConfig(Section):
     max_block_attempts: int = operational(3, ge=1)
     deployments: str = operational("{preset}-{stage}")
     poll_s: float = operational(5.0, gt=0)
+    max_parallel_partitions: int | None = operational(
+        None, ge=1, description="partitions of a stage run at once in one process (in-process runs and each fan-out "
+        "block); None: the available CPUs over the CPUs a partition takes (the stage's resources); stages that hold "
+        "a GPU or an API quota run one at a time whatever this says")
     # the dashboard's alert: a render partition whose pass rate (passed / samples drawn) falls below this
     # emits `editforge.partition.low-pass-rate` (infra/automations/ notifies on it); None: never
     alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
