@@ -13,12 +13,14 @@ import json
 import sys
 from pathlib import Path
 
-from typer.testing import CliRunner
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's code, whatever is installed
 
-from flows.cli import app
-from tasks.common import storage
-from tasks.common.config import load_config
-from tasks.common.errors import is_permanent
+from typer.testing import CliRunner  # noqa: E402
+
+from flows.cli import app  # noqa: E402
+from tasks.common import storage  # noqa: E402
+from tasks.common.config import load_config  # noqa: E402
+from tasks.common.errors import is_permanent  # noqa: E402
 
 
 def fill(folder: Path) -> int:
