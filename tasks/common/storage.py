@@ -101,7 +101,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             if parent and not _bucket_store(url):  # a bucket store has no folders; makedirs would create the bucket
                 fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(path, data)
-        except (OSError, PermissionError) as err:
+        except OSError as err:
             raise write_error(url, err) from None
     if record is not None:
         record[url] = hashlib.sha256(data).hexdigest()
@@ -308,6 +308,7 @@ _WRITE_FIXES = {
     errno.EACCES: "permission denied: make the folder writable for this user or point output_root elsewhere",
     errno.EPERM: "operation not permitted: make the folder writable for this user or point output_root elsewhere",
     errno.ENOTDIR: "a file is in the way where a folder should be: point output_root at a folder",
+    errno.EEXIST: "a file is in the way where a folder should be: point output_root at a folder",
     errno.EISDIR: "a folder is in the way where a file should be: remove it or point output_root elsewhere",
     errno.ENAMETOOLONG: "the path is too long for the file system: use a shorter output_root",
     errno.EFBIG: "the file is larger than the file system (or this process's limit) allows",
