@@ -58,11 +58,13 @@ FULL = ["captions.num_captions=24", "captions.num_partitions=10", "text.finetune
         "render.steps=2", "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
         "render.keep.clip_caption_threshold=-1", "pack.shard_max_samples=1", "train.steps=24", "train.batch_size=2",
         "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=2"]
-# the VLM judge rung against the in-process fake: chunks of exactly 3 answers (a kill point per chunk)
+# the VLM judge rung against the in-process fake: chunks of exactly 3 answers (a kill point per chunk); its
+# threshold 0 keeps what it judged (the fake's scores are arbitrary: the small runs would pack no shard)
 JUDGE_KEY_ENV = "EDITFORGE_BENCH_JUDGE_KEY"
 VLM = ["render.save_images=passed", "judges.vlm.enabled=true", f"judges.vlm.api_key_env={JUDGE_KEY_ENV}",
        "judges.vlm.model=gpt-4o-mini-2024-07-18", "judges.vlm.concurrency=4", "judges.vlm.checkpoint_every=3",
-       "judges.vlm.checkpoint_interval_s=3600", "judges.vlm.backoff_initial_s=0.005", "judges.vlm.backoff_max_s=0.05"]
+       "judges.vlm.checkpoint_interval_s=3600", "judges.vlm.backoff_initial_s=0.005", "judges.vlm.backoff_max_s=0.05",
+       "render.keep.vlm_threshold=0"]
 # the rows of a stage's parquet output, by their key column
 ROW_KEYS = {"captions.parquet": "caption_id", "triplets.parquet": "caption_id", "samples.parquet": "sample_key",
             "judgments.parquet": "sample_key", "kept.parquet": "sample_key"}
