@@ -106,7 +106,7 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
 
     from tasks.common.contract import output_problems, read_success
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="read")
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}: outputs against their manifests")
     for column in ("stage", "partitions", "finished", "verified", "damaged"):
         table.add_column(column)
@@ -142,7 +142,7 @@ def presets() -> None:
 @app.command()
 def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
     """Print the resolved config, each stage's resources and config hash."""
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="none")
     with reported(False):
         hashes = {s: registry.stage_hash(cfg, s) for s in CHAIN}
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -162,7 +162,7 @@ def report(preset: Preset = "demo", overrides: Overrides = None,
     from flows.report import current_manifests, render_report
     from tasks.common import storage
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="read")
     index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     render_report(cfg, current_manifests(cfg), index)

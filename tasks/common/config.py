@@ -179,6 +179,9 @@ class TextConfig(Section):
     seed_annotations: str | None = Field(
         None, description="JSONL of (input, edit, output) seed triplets; default: the project's own; "
                           "builtin:world: the synthetic world's (tasks/world/data/seed_triplets.jsonl)")
+    # an error-only bound (a seed file with a longer line is refused, never trimmed): not hashed
+    seed_max_line_bytes: int = operational(
+        16384, ge=64, description="a seed file line longer than this many bytes is refused with its line number")
     finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
@@ -726,7 +729,8 @@ class CostConfig(Section):
 
 class PipelineConfig(Section):
     name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
-    output_root: str = "runs/demo"
+    output_root: str = Field("runs/demo", description="the run's folder or object-store URL (s3://bucket/prefix); "
+                             "checked at load: not empty, not a file (writable, the bucket there: flows.options)")
     verify: Literal["size", "sha256"] = Field(
         "size", description="before skipping a finished partition, check its outputs' sizes, or also their sha256")
     models: ModelsConfig = ModelsConfig()
@@ -749,6 +753,15 @@ class PipelineConfig(Section):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("output_root")
+    @classmethod
+    def _output_root(cls, value: str) -> str:
+        from tasks.common.storage import output_root_problem
+
+        if problem := output_root_problem(value):
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _ladder(self) -> PipelineConfig:
@@ -782,13 +795,94 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+# A preset file or `--set` value is YAML from a person: bounded in size, in nodes once its aliases are
+# expanded (an alias bomb: nine aliases of nine aliases... is a few hundred bytes and billions of nodes) and
+# in depth; a recursive alias is refused.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+MAX_REPORTED_ERRORS = 20
+
+
+class _YAMLTooBig(Exception):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], path: set[int], depth: int = 0) -> int:
+    """The nodes ``node`` stands for once every alias is expanded (each shared node counted each time it
+    is used), computed once per distinct node; stops as soon as a bound is passed."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in path:
+        raise _YAMLTooBig("a recursive alias (an anchor used inside itself)")
+    if depth > MAX_YAML_DEPTH:
+        raise _YAMLTooBig(f"nested deeper than {MAX_YAML_DEPTH} levels")
+    path.add(id(node))
+    children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, path, depth + 1)
+        if total > MAX_YAML_NODES:
+            raise _YAMLTooBig(f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded")
+    path.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """``yaml.safe_load`` of a person's YAML, bounded (see above); any problem is a :class:`ConfigError`
+    naming ``origin`` (the file, or the override)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{origin}: {len(text):,} characters, more than a config takes ({MAX_YAML_BYTES:,})")
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses non-printable characters at once
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set())
+        return loader.construct_document(node)
+    except _YAMLTooBig as err:
+        raise ConfigError(f"{origin}: YAML refused: {err}; write the values out instead of using anchors and "
+                          "aliases") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: YAML refused: nested too deeply") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: invalid YAML: {_one_line(str(err))}") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError) as err:  # a constructor meeting a bad scalar
+        raise ConfigError(f"{origin}: invalid YAML value ({type(err).__name__}: {_one_line(str(err))})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _preset_text(preset: str) -> tuple[str, str]:
+    if "\0" in preset:
+        raise ConfigError(f"preset {preset!r}: contains a NUL character")
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path.read_text(encoding="utf-8"), str(path)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            if not path.exists():
+                raise ConfigError(f"{path}: no such file (a preset is one of {preset_names()} or a YAML file)")
+            if not path.is_file():
+                raise ConfigError(f"{path}: not a file (a preset is one of {preset_names()} or a YAML file)")
+            if (size := path.stat().st_size) > MAX_YAML_BYTES:
+                raise ConfigError(f"{path}: {size:,} bytes, more than a config takes ({MAX_YAML_BYTES:,})")
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     res = resources.files("tasks.common").joinpath("presets", f"{preset}.yaml")
-    if not res.is_file():
-        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a path to a YAML file")
+    if not preset or "/" in preset or "\\" in preset or not res.is_file():
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a path to a YAML file "
+                          "(.yaml or .yml)")
     return res.read_text(encoding="utf-8"), f"preset {preset}"
 
 
@@ -803,18 +897,27 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, the value read as YAML; an empty value is the empty string)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. render.steps=20")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: no key before '=': expected KEY=VALUE, e.g. render.steps=20")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: {key!r} has an empty part between dots: expected a dotted key such "
+                          "as render.keep.top_k")
+    return key, load_yaml(raw, f"override {key!r}") if raw.strip() else ""
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
 def load_config(preset: str = "demo", overrides: list[str] | None = None) -> PipelineConfig:
     text, origin = _preset_text(preset)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{origin}: invalid YAML: {err}") from err
+    data = load_yaml(text, origin) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections (name, output_root, render, ...), "
                           f"got {type(data).__name__}")
@@ -825,6 +928,10 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Pip
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
+        errors = err.errors()
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                 + ("" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})") for e in err.errors()]
+                 + ("" if isinstance(e.get("input"), dict) else f" (got {_shown(e.get('input'))})")
+                 for e in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_REPORTED_ERRORS} more")
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None
