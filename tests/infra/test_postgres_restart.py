@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 from test_postgres_server import SMALL, _pg_bin, postgres  # noqa: F401  (that module's cluster fixture, reused)
@@ -31,10 +30,12 @@ STAGES = ("captions", "finetune", "text", "render", "judge", "filter", "pack")
 RESTART_AFTER = 3  # finished partitions: captions, finetune, text; then render is under way
 
 
-def _restart(url: str) -> str:
-    """Restart the database behind ``url`` as a crash would (immediate stop, recovery on start); its log line."""
-    port = urlsplit(url.replace("+asyncpg", "")).port
-    query = [_pg_bin("psql") or "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
+def _restart(settings: dict[str, str]) -> str:
+    """Restart the database of Prefect's ``settings`` (the fixture's) as a crash would (immediate stop, recovery
+    on start); its new start time."""
+    port = settings["PREFECT_SERVER_DATABASE_PORT"]
+    query = ["env", f"PGPASSWORD={settings['PREFECT_SERVER_DATABASE_PASSWORD']}", _pg_bin("psql") or "psql", "-h",
+             "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
     data = subprocess.run([*query, "SHOW data_directory"], check=True, capture_output=True, text=True,
                           timeout=60).stdout.strip()
     before = subprocess.run([*query, "SELECT pg_postmaster_start_time()"], check=True, capture_output=True, text=True,
@@ -69,8 +70,7 @@ def _clean_run(root: Path) -> None:
 def test_a_database_restart_mid_run_ends_with_the_bytes_of_a_clean_run(postgres, tmp_path):  # noqa: F811
     clean = tmp_path / "clean"
     _clean_run(clean)
-    with prefect_cluster(tmp_path / "prefect-home", workers=2,
-                         extra_env={"PREFECT_API_DATABASE_CONNECTION_URL": postgres}) as cluster:
+    with prefect_cluster(tmp_path / "prefect-home", workers=1, gpu_workers=1, extra_env=postgres) as cluster:
         root = tmp_path / "run"
         params = {"preset": "demo", "overrides": [f"output_root={root}", "name=pg", *ONE, "run.mode=fan-out",
                                                   "run.block_size=1", "run.poll_s=1"]}
