@@ -74,8 +74,9 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
     files = {name: storage.url_join(folder, file) for name, (_, file, _) in figures.FIGURES.items()}
     for name, blob in pngs.items():
         storage.write_bytes_atomic(files[name], blob)
-    progress = [{"stage": r["stage"], "partitions done": f"{r['done']} of {r['total']}",
-                 "kept pairs": "-" if r["kept_pairs"] is None else r["kept_pairs"]} for r in dashboard.run_progress(cfg)]
+    progress = [{"stage": name, "partitions done": f"{len(found)} of {len(registry.partition_ids(cfg, name))}",
+                 "kept pairs": "-" if (kept := dashboard.kept_pairs(name, found)) is None else kept}
+                for name, found in data.manifests.items()]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     sections = "".join(f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
                        for name, (title, _, _) in figures.FIGURES.items())

@@ -596,6 +596,9 @@ class RunConfig(Section):
     (``deployments``: its name, ``{preset}`` and ``{stage}`` filled in), on the work pool that
     deployment names; a failed block is submitted again up to ``max_block_attempts`` times in all
     (see `flows/fanout.py`). ``alert_min_pass_rate``: see `flows/dashboard.py` (events).
+    ``worker_wait_warn_s`` / ``worker_wait_fail_s``: how long fan-out children may wait on a work pool
+    where none of the run's children runs before the driver says which pool has no free worker / fails
+    the run (counted in poll rounds of ``poll_s``; docs/monitoring.md).
     """
 
     mode: Literal["in-process", "fan-out"] = operational("in-process")
@@ -603,6 +606,10 @@ class RunConfig(Section):
     max_block_attempts: int = operational(3, ge=1)
     deployments: str = operational("{preset}-{stage}")
     poll_s: float = operational(5.0, gt=0)
+    worker_wait_warn_s: float = operational(
+        120.0, gt=0, description="fan-out: report children waiting this long on a work pool with no free worker")
+    worker_wait_fail_s: float = operational(
+        1800.0, gt=0, description="fan-out: fail the run when children wait this long on such a pool")
     # the dashboard's alert: a render partition whose pass rate (passed / samples drawn) falls below this
     # emits `editforge.partition.low-pass-rate` (infra/automations/ notifies on it); None: never
     alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)

@@ -51,8 +51,21 @@ def url_join(*parts: str) -> str:
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
 
 
+# Object stores (s3fs, gcsfs, ...) keep directory listings in memory with no expiry: a partition listed
+# while another process was writing it would never be seen finished by this one. Never cache them.
+_LOCAL = (None, "file", "local", "memory")
+
+
+_OBJECT_STORE = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return set(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else {fs.protocol}
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fsspec.core.split_protocol(str(url))[0]
+    fs, path = fsspec.core.url_to_fs(url, **({} if protocol in _LOCAL else {"use_listings_cache": False}))
     return fs, path
 
 
@@ -86,7 +99,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
-        if parent:
+        if parent and not _OBJECT_STORE.intersection(_protocols(fs)):  # no folders there: skip the request
             fs.makedirs(parent, exist_ok=True)
         fs.pipe_file(path, data)
     if record is not None:
@@ -139,6 +152,25 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     if isinstance(fs, LocalFileSystem):
         return found
     return [f"{protocol}://{p}" for p in found]
+
+
+def listing(url: str) -> dict[str, dict[str, Any]]:
+    """The files directly under ``url`` by name, each with ``size`` and ``mtime`` (unix seconds): one
+    request per 1,000 entries on an object store, never cached; empty when the folder is missing."""
+    fs, path = filesystem(url)
+    try:
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    found = {}
+    for e in entries:
+        if e.get("type", "file") != "file":
+            continue
+        stamp = e.get("mtime") or e.get("LastModified") or e.get("updated") or 0
+        found[e["name"].rstrip("/").rsplit("/", 1)[-1]] = {
+            "size": int(e.get("size") or 0),
+            "mtime": stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)}
+    return found
 
 
 def move(src: str, dst: str) -> None:
