@@ -41,6 +41,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ ROWS_PER_PARTITION = 2  # captions per partition in the bench's ledger
 BLOCK = 8  # the paper's run.block_size
 WORKERS = 2
 POLL_S = 0.5
+RENDER_S = float(os.environ.get("EDITFORGE_BENCH_RENDER_S", "0"))  # --screenshots: render partitions that take time
 log = logging.getLogger("editforge.bench")
 
 
@@ -106,6 +108,7 @@ def _standin_work(stage: str, cfg, pid: int):
         elif stage == "render":
             samples, passed, kept = 40 * k, 22 * k, 2 * k
             for step in (1, 2, 3):  # the live figures, as the renderer reports them at checkpoints
+                time.sleep(RENDER_S / 3)
                 f = step / 4
                 run.report_progress(f, {"triplets_done": int(f * k), "triplets": k, "samples": int(f * samples),
                                         "passed": int(f * passed), "pass_rate": round(passed / samples, 4),
@@ -318,10 +321,11 @@ def worker_main(args) -> int:
 # -- servers --------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
+def prefect_server(home: Path, ui: bool = False) -> Iterator[str]:
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+           "PREFECT_UI_ENABLED": str(ui).lower(), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT)
@@ -385,21 +389,25 @@ def _source(path: Path, rows: int) -> None:
                   "AESTHETIC_SCORE": [7.0] * rows}).to_parquet(path)
 
 
-def scenario(n: int, store: str, workdir: Path, workers: int = WORKERS) -> dict:
-    """One fan-out run over ``n`` partitions per stage on ``store``; its figures."""
+def scenario(n: int, store: str, workdir: Path, workers: int = WORKERS, ui: bool = False, block: int = BLOCK,
+             render_s: float = 0.0, watch=None) -> dict:
+    """One fan-out run over ``n`` partitions per stage on ``store``; its figures (``watch(driver, api)``:
+    called after every poll)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         extra = stack.enter_context(moto_server()) if store == "s3" else {}
+        extra = {**extra, **({"EDITFORGE_BENCH_RENDER_S": str(render_s)} if render_s else {})}
         home = workdir / "prefect-home"
-        api = stack.enter_context(prefect_server(home))
+        api = stack.enter_context(prefect_server(home, ui))
         saved = {k: os.environ.get(k) for k in extra}
         os.environ.update(extra)
         stack.callback(lambda: [os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
                                 for k, v in saved.items()])
-        return _run(n, store, workdir, home, api, extra, workers)
+        return _run(n, store, workdir, home, api, extra, workers, block, watch)
 
 
-def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, workers: int) -> dict:
+def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, workers: int, block: int,
+         watch) -> dict:
     import fsspec
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -417,7 +425,7 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
     _source(workdir / "source.parquet", n * ROWS_PER_PARTITION)
     overrides = [f"output_root={root}", "name=scale", f"captions.source={workdir / 'source.parquet'}",
                  f"captions.num_captions={n * ROWS_PER_PARTITION}", f"captions.num_partitions={n}",
-                 "run.mode=fan-out", f"run.block_size={BLOCK}", f"run.deployments={DEPLOYMENTS}", f"run.poll_s={POLL_S}"]
+                 "run.mode=fan-out", f"run.block_size={block}", f"run.deployments={DEPLOYMENTS}", f"run.poll_s={POLL_S}"]
     cfg = load_config("demo", overrides)
     stop, records = workdir / "stop", workdir / "completions.jsonl"
     stop.unlink(missing_ok=True)
@@ -427,6 +435,7 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         deployments = {str(client.read_deployment_by_name(name).id): name.split("/")[0].removeprefix("editforge-")
                        for name in deploy_chain(client, POOL, DEPLOYMENTS)}
+        inprocess = _inprocess(root, n, overrides, logger)
         db_before = db_bytes(home)
         before = REQUESTS.total
         registry.prepare(cfg, "captions", logger)
@@ -454,6 +463,8 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
                     if stage not in stage_rss and all(b.done for b in driver.blocks if b.stage == stage):
                         stage_rss[stage] = {"rss_mb": round(rss_kb() / 1024, 1),
                                             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                if watch is not None:
+                    watch(driver, api)
                 if done:
                     break
                 if any(p.poll() is not None for p in procs):
@@ -483,12 +494,13 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
     parent_total = start_requests + sum(p["requests"] for p in polls) + finish_requests
     return {
         "partitions_per_stage": n, "store": store, "partitions": partitions, "child_runs": sum(w["child_runs"] for w in workers_out),
-        "wall_s": round(wall, 1), "workers": workers, "block_size": BLOCK,
+        "wall_s": round(wall, 1), "workers": workers, "block_size": block,
         "requests_per_completion": {
             "child_dashboard_mean": round(statistics.mean(dash), 2), "child_dashboard_max": max(dash),
             "parent_mean": round(parent_total / partitions, 2),
             "dashboard_and_driver_mean": round(statistics.mean(dash) + parent_total / partitions, 2),
             "partition_whole_life_mean": round(statistics.mean(life), 2) if life else None},
+        "requests_per_completion_in_process": inprocess,
         "requests_parent": {"start_listing": start_requests, "polls": sum(p["requests"] for p in polls),
                             "finish": finish_requests, "finish_by_kind": finish_kinds,
                             "captions_ledger": ledger_requests},
@@ -506,6 +518,65 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
     }
 
 
+def _inprocess(root: str, n: int, overrides: list[str], logger) -> dict:
+    """The dashboard's requests per completion in a process that publishes itself (in-process mode: the demo,
+    a stage deployment run by hand): ``n`` captions partitions one after another, in an output root of
+    their own. The first completion also lists every stage once."""
+    from flows import dashboard
+    from tasks import registry
+    from tasks.common.config import load_config
+
+    cfg = load_config("demo", [*overrides, f"output_root={root}-in-process", "name=scale-in-process",
+                               "run.mode=in-process"])
+    registry.prepare(cfg, "captions", logger)
+    counts = []
+    for pid in range(n):
+        manifest = standin("captions")(cfg, pid)
+        before = REQUESTS.total
+        dashboard.partition_completed(cfg, "captions", manifest)
+        counts.append(REQUESTS.total - before)
+    return {"first": counts[0], "mean_after_first": round(statistics.mean(counts[1:]), 2), "max_after_first": max(counts[1:])}
+
+
+# -- screenshots for docs/monitoring.md ----------------------------------------------------------------------
+
+def screenshots(folder: Path, workdir: Path) -> list[str]:
+    """A small fan-out run (16 partitions, blocks of 4, render partitions of ~12 s) against a server with its
+    UI; mid-render, with two render partitions in flight, the status artifact, the render table and the
+    child runs as the Prefect UI shows them, taken with flows/browser.py (Chromium)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.browser import look
+    from tasks.common.layout import artifact_key
+
+    taken: list[str] = []
+
+    def watch(driver, api: str) -> None:
+        render_done = len(driver.board.rows["render"])
+        if taken or len([k for k in driver.board.live if k[0] == "render"]) < 2 or not 4 <= render_done < 12:
+            return
+        ui = api.removesuffix("/api")
+        keys = {"status": artifact_key("scale", "status", driver.hashes["pack"]),
+                "render-table": artifact_key("scale", "render", driver.hashes["render"])}
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            ids = {name: client.read_latest_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key])))[0].latest_id for name, key in keys.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, artifact_id in ids.items():
+            shot = folder / f"monitoring-{name}.jpg"
+            look(f"{ui}/artifacts/artifact/{artifact_id}", shot, wait_for="text=partition", timeout_s=120,
+                 width=1720, scale=0.6)
+            taken.append(str(shot))
+        shot = folder / "monitoring-runs.jpg"
+        look(f"{ui}/runs", shot, wait_for="text=render[", timeout_s=120, width=1280, scale=0.7)
+        taken.append(str(shot))
+
+    scenario(16, "local", workdir, ui=True, block=4, render_s=12.0, watch=watch)
+    return taken
+
+
 # -- main -------------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -515,6 +586,7 @@ def main() -> int:
     parser.add_argument("--stores", default="local,s3")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     parser.add_argument("--keep", help="keep the runs, servers' databases and logs in this folder")
+    parser.add_argument("--screenshots", help="take the README's screenshots of the UI mid-render into this folder")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--deployments", help=argparse.SUPPRESS)
@@ -524,6 +596,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return worker_main(args)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="prefect.artifacts")  # no flow run here
+    if args.screenshots:
+        with tempfile.TemporaryDirectory(prefix="editforge-shots-") as tmp:
+            print("\n".join(screenshots(Path(args.screenshots), Path(tmp))))
+        return 0
     sizes = [40] if args.smoke else [int(s) for s in args.sizes.split(",")]
     stores = args.stores.split(",")
     logging.basicConfig(level=logging.WARNING)
@@ -546,7 +623,8 @@ def main() -> int:
 def line(r: dict) -> str:
     c = r["requests_per_completion"]
     return (f"  {r['store']} N={r['partitions_per_stage']}: {c['dashboard_and_driver_mean']} requests per completion "
-            f"(child dashboard {c['child_dashboard_mean']}, parent {c['parent_mean']}); poll max {r['poll']['requests_max']} "
+            f"(child dashboard {c['child_dashboard_mean']}, parent {c['parent_mean']}; in-process "
+            f"{r['requests_per_completion_in_process']['mean_after_first']}); poll max {r['poll']['requests_max']} "
             f"requests, median {r['poll']['seconds_median']} s; Prefect DB {r['prefect_db']['growth_bytes'] / 1e6:.1f} MB "
             f"({r['prefect_db']['bytes_per_partition']} B/partition); {r['wall_s']} s")
 

@@ -263,7 +263,7 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
 
     artifact_id = create_progress_artifact(0.0, description=describe(stage, partition_id, None))
     t0, started = time.monotonic(), time.time()
-    last = {"t": 0.0, "pct": 0.0}
+    last: dict[str, Any] = {"t": 0.0, "pct": 0.0}
     board = _board(cfg) if cfg is not None and publishes(cfg) else None
 
     def hook(fraction: float, figures: dict | None = None) -> None:
@@ -281,7 +281,7 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
                     board.publish_status(min_interval_s=STATUS_EVERY_S)
             except Exception as err:  # the dashboard never stops the work
                 log.warning("dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err)
-            last.update(t=now, pct=pct)
+            last.update(t=now, pct=pct, figures=figures)
 
     token = PROGRESS_HOOK.set(hook)
     try:
@@ -290,9 +290,10 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
         PROGRESS_HOOK.reset(token)
         if board is not None:
             board.live.pop((stage, partition_id), None)
-    if last["pct"] < 100:  # finished (or skipped as already done)
+    if last["pct"] < 100:  # finished (or skipped as already done): no longer in flight
         try:
-            _patch_artifact(artifact_id, {"data": 100.0})
+            _patch_artifact(artifact_id, {"data": 100.0, "metadata_": {LIVE_KEY: json.dumps(
+                live_record(stage, partition_id, 1.0, last.get("figures"), started))}})
         except Exception as err:
             log.warning("dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err)
 
@@ -378,7 +379,8 @@ class Board:
                 rate = None
             out.append({"stage": stage, "done": len(rows), "total": total,
                         "percent": round(100 * len(rows) / total, 1) if total else 100.0,
-                        "running": self.extra.get("running", {}).get(stage, sum(1 for s, _ in self.live if s == stage)),
+                        "running": max(self.extra.get("running", {}).get(stage, 0),
+                                       sum(1 for s, _ in self.live if s == stage)),
                         "kept_pairs": sum(r.get("out") or 0 for r in rows) if stage in ("render", "filter", "pack") else None,
                         "pass_rate": rate, "eta_s": eta_s(self._timed(stage), max(0, total - len(rows)), now)})
         return out
@@ -505,12 +507,12 @@ def _sanitize(item: Any) -> Any:
     return None if isinstance(item, float) and math.isnan(item) else item
 
 
-_BOARDS: dict[tuple, Board] = {}
+_BOARDS: dict[str, Board] = {}
 
 
 def _board(cfg: PipelineConfig) -> Board:
     """This process's board for the run version of ``cfg`` (kept across the stage flows of one process)."""
-    key = (cfg.name, cfg.output_root, registry.stage_hash(cfg, "pack"))
+    key = cfg.model_dump_json()  # (hashing the stages again would read their extra inputs each time)
     if key not in _BOARDS:
         _BOARDS[key] = Board(cfg)
     return _BOARDS[key]

@@ -291,8 +291,8 @@ class FanOut:
     def _read(self, stage: str, pid: int) -> dict | None:
         self.reads += 1
         manifest = read_manifest(self.cfg.output_root, stage, self.hashes[stage], pid)
-        if manifest is not None:
-            self.manifests[stage][pid] = manifest
+        if manifest is not None:  # kept without the per-file hashes (a render partition lists every image)
+            self.manifests[stage][pid] = {k: v for k, v in manifest.items() if k not in ("outputs", "sizes")}
             self.done[stage].add(pid)
             self.board.add(stage, manifest, skipped=pid in self.before[stage])
             self.dirty.add(stage)

@@ -12,7 +12,7 @@ import html
 import time
 
 from flows import dashboard
-from flows.report import summarise
+from flows.report import between_stages, summarise
 from tasks import registry
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
@@ -78,19 +78,22 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
                  "kept pairs": "-" if (kept := dashboard.kept_pairs(name, found)) is None else kept}
                 for name, found in data.manifests.items()]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    notes = between_stages(summarise(data.manifests))  # why one stage's in is not the last one's out
+    between = "".join(f"<li>{html.escape(line)}</li>" for line in notes)
     sections = "".join(f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
                        for name, (title, _, _) in figures.FIGURES.items())
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>EditForge {html.escape(cfg.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>EditForge run <code>{html.escape(cfg.name)}</code></h1>"
             f"<p>{html.escape(cfg.output_root)} — built {stamp} from the files on disk "
             f"(<code>editforge report --html</code>)</p>"
-            f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<h2>Progress</h2>{_table_html(progress)}"
+            f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<ul>{between}</ul><h2>Progress</h2>{_table_html(progress)}"
             f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}</body></html>")
     html_url = storage.url_join(folder, "report.html")
     storage.write_bytes_atomic(html_url, page.encode())
     markdown = "\n\n".join([
         f"# EditForge run `{cfg.name}`", f"`{cfg.output_root}`, built {stamp}; the same page as `{html_url}`.",
-        "## Stages", _table_md(_stage_rows(data)), "## Settings", _table_md(_facts(cfg)),
+        "## Stages", _table_md(_stage_rows(data)), "\n".join(f"- {line}" for line in notes), "## Settings",
+        _table_md(_facts(cfg)),
         *(f"## {title}\n\n![{name}]({_uri(pngs[name])})" for name, (title, _, _) in figures.FIGURES.items())])
     return {"html": html_url, "images": files, "markdown": markdown}
 
