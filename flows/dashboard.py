@@ -56,14 +56,21 @@ PASS_RATE = ("text", "judge", "filter")  # stages whose out / in is a pass rate 
 
 # -- reading ------------------------------------------------------------------------------------------
 
-def read_manifest(output_root: str, stage: str, config_hash: str, partition_id: int) -> dict | None:
-    """One partition's `_SUCCESS.json` if it is finished under ``config_hash`` (one request), else None."""
+def read_manifest(output_root: str, stage: str, config_hash: str, partition_id: int,
+                  strict: bool = False) -> dict | None:
+    """One partition's `_SUCCESS.json` if it is finished under ``config_hash`` (one request), else None;
+    ``strict``: a store that fails (not a missing file) raises instead of counting as not finished."""
     url = layout.success_url(output_root, stage, config_hash, partition_id)
     try:
         manifest = storage.read_json(url)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
+    except OSError as err:
+        if strict:
+            raise
+        log.warning("dashboard: %s cannot be read (%s): counted as not finished", url, err)
+        return None
+    except ValueError as err:
         log.warning("dashboard: %s cannot be read (%s): counted as not finished", url, err)
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("config_hash") == config_hash else None

@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from flows.dashboard import LIVE_KEY, Board, finished_ids, read_manifest
 from flows.target import top_up
 from tasks import registry
@@ -50,6 +52,7 @@ from tasks.common.lease import is_stale, lease_ttl_s, read_lease
 
 READS_PER_POLL = 150  # storage reads one poll may make (manifests, leases); the rest wait for the next poll
 LEASES_EVERY_S = 30.0  # the leases of running blocks are listed at most this often (a lost worker is slow news)
+FAILED_POLLS_MAX = 120  # polls in a row the Prefect API or the store may fail before the run gives up
 PAGE = 200  # runs per API call (Prefect's default page limit)
 WAITING = ("SCHEDULED", "PENDING")
 
@@ -157,6 +160,7 @@ class FanOut:
         self.stats: dict[str, Any] = {}  # the last poll's: seconds, listings, reads, api calls, submitted
         self.dirty: set[str] = set()  # stages whose table changed since it was published
         self.leases_at = -math.inf  # when the leases were last listed (monotonic)
+        self.failed_polls = 0  # in a row
         self.parent_id = _own_flow_run_id()
 
     # -- start: what is finished, what is in flight ----------------------------------------------------
@@ -225,15 +229,26 @@ class FanOut:
         self.polls += 1
         self.reads = 0
         self.stats = {"poll": self.polls, "listings": 0, "reads": 0, "api": 0, "submitted": 0}
-        self._top_up()
-        self._states()
-        self._verify()
-        self._leases()
-        self._submit()
-        self._waiting()
-        self._live()
-        self._fill()
-        self._publish()
+        try:
+            self._top_up()
+            self._states()
+            self._verify()
+            self._leases()
+            self._submit()
+            self._waiting()
+            self._live()
+            self._fill()
+            self._publish()
+            self.failed_polls = 0
+        except (BlockFailedError, NoWorkerError):
+            raise
+        except (httpx.HTTPError, OSError) as err:  # a server restarting, a store that throttles: the next poll
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            self.failed_polls += 1
+            if self.failed_polls >= FAILED_POLLS_MAX or (status is not None and status < 500 and status != 429):
+                raise
+            self.logger.warning("fan-out: poll %d failed (%s: %s); trying again (%d of %d in a row)", self.polls,
+                                type(err).__name__, str(err).splitlines()[0][:300], self.failed_polls, FAILED_POLLS_MAX)
         self.stats.update(reads=self.reads, seconds=round(time.perf_counter() - t0, 4))
         return all(b.done for b in self.blocks) and self.top_ups is None
 
@@ -290,7 +305,7 @@ class FanOut:
 
     def _read(self, stage: str, pid: int) -> dict | None:
         self.reads += 1
-        manifest = read_manifest(self.cfg.output_root, stage, self.hashes[stage], pid)
+        manifest = read_manifest(self.cfg.output_root, stage, self.hashes[stage], pid, strict=True)
         if manifest is not None:  # kept without the per-file hashes (a render partition lists every image)
             self.manifests[stage][pid] = {k: v for k, v in manifest.items() if k not in ("outputs", "sizes")}
             self.done[stage].add(pid)
@@ -375,13 +390,13 @@ class FanOut:
         for block in self.blocks:
             if block.done or block.flow_run_id is not None or not self._ready(block):
                 continue
-            block.attempts += 1
-            block.number += 1
-            name = block.label if block.number == 1 else f"{block.label} attempt {block.number}"
+            number = block.number + 1  # kept only once submitted: a retried submission reuses the key
+            name = block.label if number == 1 else f"{block.label} attempt {number}"
             run = run_deployment(deployment_name(self.cfg, self.preset, block.stage), timeout=0, as_subflow=True,
-                                 flow_run_name=name, idempotency_key=attempt_key(self.key, block, block.number),
+                                 flow_run_name=name, idempotency_key=attempt_key(self.key, block, number),
                                  parameters={"preset": self.preset, "overrides": self.overrides,
                                              "partitions": block.partitions})
+            block.number, block.attempts = number, block.attempts + 1
             block.flow_run_id, block.state, block.pool = run.id, "SCHEDULED", run.work_pool_name
             self.stats["submitted"] += 1
             self.stats["api"] += 3  # the deployment, the parent's task run, the flow run
