@@ -380,6 +380,40 @@ def db_tables(home: Path) -> dict[str, dict]:
             "events_by_type": {e: {"rows": c, "json_bytes": b} for e, c, b in events}}
 
 
+def db_shares(db: Path, partitions: int) -> dict[str, float]:
+    """KB per partition of what each kind of record costs in the database (a copy, each kind deleted in turn,
+    VACUUMed): Prefect's task-run and flow-run state events, EditForge's events, artifacts."""
+    import shutil
+
+    def size(path: Path) -> int:
+        with contextlib.closing(sqlite3.connect(path)) as con:
+            con.execute("VACUUM")
+        return path.stat().st_size
+
+    work = db.with_name("shares.db")
+    shutil.copy(db, work)
+    full = size(work)
+    kinds = {"prefect task-run events": ("event LIKE 'prefect.task-run.%'", ()),
+             "prefect flow-run events": ("event LIKE 'prefect.flow-run.%'", ()),
+             "editforge events": ("event LIKE 'editforge.%'", ()),
+             "artifact events": ("event LIKE 'prefect.artifact%'", ()),
+             "task runs and their states": ("0", ("task_run_state", "task_run")),
+             "artifacts": ("0", ("artifact", "artifact_collection"))}
+    shares = {}
+    for name, (where, tables) in kinds.items():
+        shutil.copy(db, work)
+        with contextlib.closing(sqlite3.connect(work)) as con:
+            ids = [(r[0],) for r in con.execute(f"SELECT id FROM events WHERE {where}")]
+            con.executemany("DELETE FROM event_resources WHERE event_id = ?", ids)
+            con.execute(f"DELETE FROM events WHERE {where}")
+            for t in tables:
+                con.execute(f'DELETE FROM "{t}"')
+            con.commit()
+        shares[name] = round((full - size(work)) / partitions / 1024, 1)
+    work.unlink()
+    return {"whole_db_kb": round(full / partitions / 1024, 1), **shares}
+
+
 def rss_kb() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -592,6 +626,8 @@ def main() -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
     parser.add_argument("--keep", help="keep the runs, servers' databases and logs in this folder")
     parser.add_argument("--screenshots", help="take the README's screenshots of the UI mid-render into this folder")
+    parser.add_argument("--shares", nargs=2, metavar=("DB", "PARTITIONS"),
+                        help="what each kind of record costs per partition in a kept run's prefect.db")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--deployments", help=argparse.SUPPRESS)
@@ -602,6 +638,9 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
     warnings.filterwarnings("ignore", category=FutureWarning, module="prefect.artifacts")  # no flow run here
+    if args.shares:
+        print(json.dumps(db_shares(Path(args.shares[0]), int(args.shares[1])), indent=1))
+        return 0
     if args.screenshots:
         with tempfile.TemporaryDirectory(prefix="editforge-shots-") as tmp:
             print("\n".join(screenshots(Path(args.screenshots), Path(tmp))))

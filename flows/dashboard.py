@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -284,8 +285,9 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
                 _patch_artifact(artifact_id, {"data": pct, "description": describe(stage, partition_id, figures),
                                               "metadata_": {LIVE_KEY: json.dumps(record)}})
                 if board is not None:
-                    board.live[(stage, partition_id)] = record
-                    board.publish_status(min_interval_s=STATUS_EVERY_S)
+                    with board.lock:
+                        board.live[(stage, partition_id)] = record
+                        board.publish_status(min_interval_s=STATUS_EVERY_S)
             except Exception as err:  # the dashboard never stops the work
                 log.warning("dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err)
             last.update(t=now, pct=pct, figures=figures)
@@ -296,7 +298,8 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
     finally:
         PROGRESS_HOOK.reset(token)
         if board is not None:
-            board.live.pop((stage, partition_id), None)
+            with board.lock:
+                board.live.pop((stage, partition_id), None)
     if last["pct"] < 100:  # finished (or skipped as already done): no longer in flight
         try:
             _patch_artifact(artifact_id, {"data": 100.0, "metadata_": {LIVE_KEY: json.dumps(
@@ -331,6 +334,7 @@ class Board:
         self.published: dict[str, _Published] = {}
         self.started = time.time()
         self.extra: dict[str, Any] = {}  # the fan-out's blocks and waiting pools (flows/fanout.py)
+        self.lock = threading.RLock()  # partitions finish in threads: one publishes at a time (one version)
 
     # knowing
     def add(self, stage: str, manifest: dict, skipped: bool = False) -> None:
@@ -454,6 +458,11 @@ class Board:
                  min_interval_s: float = 0.0) -> None:
         """A new version of ``key`` when this process has none yet or (tables) the rows doubled since the
         newest was created; else that version updated in place; nothing when nothing changed."""
+        with self.lock:
+            self._publish_locked(key, kind, data, description, rows, min_interval_s)
+
+    def _publish_locked(self, key: str, kind: str, data: Any, description: str, rows: int | None,
+                        min_interval_s: float) -> None:
         from prefect.artifacts import (
             create_markdown_artifact,
             create_progress_artifact,
@@ -515,14 +524,16 @@ def _sanitize(item: Any) -> Any:
 
 
 _BOARDS: dict[str, Board] = {}
+_BOARDS_LOCK = threading.Lock()
 
 
 def _board(cfg: PipelineConfig) -> Board:
     """This process's board for the run version of ``cfg`` (kept across the stage flows of one process)."""
     key = cfg.model_dump_json()  # (hashing the stages again would read their extra inputs each time)
-    if key not in _BOARDS:
-        _BOARDS[key] = Board(cfg)
-    return _BOARDS[key]
+    with _BOARDS_LOCK:  # partitions finishing at once in threads share one board
+        if key not in _BOARDS:
+            _BOARDS[key] = Board(cfg)
+        return _BOARDS[key]
 
 
 def publishes(cfg: PipelineConfig) -> bool:
@@ -611,19 +622,24 @@ def refresh(cfg: PipelineConfig, stage: str, this_run: list[dict] | None = None)
         return
     try:
         board = _board(cfg)
-        for m in this_run or []:
-            board.add(stage, m, skipped=bool(m.get("skipped")))
-        if this_run is not None:  # a stage flow's end; the captions stage may have added partitions
-            for name in (board.hashes if stage == "captions" else (stage,)):
-                board.total(name, refresh=True)
-        for name in board.hashes:  # every other stage once (a resumed run's earlier work), this one each time
-            if name == stage or name not in board.totals:
-                board.sync(name)
-                board.total(name)
-        board.publish_stage(stage)
-        board.publish_status()
+        with board.lock:
+            _refresh(board, stage, this_run)
     except Exception as err:
         log.warning("dashboard: %s tables not published (%s)", stage, err)
+
+
+def _refresh(board: Board, stage: str, this_run: list[dict] | None) -> None:
+    for m in this_run or []:
+        board.add(stage, m, skipped=bool(m.get("skipped")))
+    if this_run is not None:  # a stage flow's end; the captions stage may have added partitions
+        for name in (board.hashes if stage == "captions" else (stage,)):
+            board.total(name, refresh=True)
+    for name in board.hashes:  # every other stage once (a resumed run's earlier work), this one each time
+        if name == stage or name not in board.totals:
+            board.sync(name)
+            board.total(name)
+    board.publish_stage(stage)
+    board.publish_status()
 
 
 def read_events(client, run_name: str, prefix: str = "editforge.") -> list[dict]:
