@@ -76,6 +76,8 @@ def exists(url: str) -> bool:
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
+    if hasattr(fs, "max_concurrency"):  # s3fs: one GET, not a HEAD first to size a chunked download
+        return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
 
 
