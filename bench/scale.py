@@ -548,6 +548,7 @@ def _run(n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, w
                  "requests_max_by_phase": {k: max(v) for k, v in phases.items()},
                  "seconds_median": round(statistics.median(p["seconds"] for p in polls), 4),
                  "seconds_max": round(max(p["seconds"] for p in polls), 4),
+                 "slowest": sorted(polls, key=lambda p: -p["seconds"])[:3],
                  "api_calls_max": max(p["api"] for p in polls)},
         "prefect_db": {"growth_bytes": db_after - db_before,
                        "bytes_per_partition": round((db_after - db_before) / partitions),

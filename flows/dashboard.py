@@ -1,28 +1,15 @@
 """What a run shows on the Prefect dashboard while it runs, at a cost per finished partition that does not
-grow with the run (docs/monitoring.md: the design, what each artifact holds, the measured costs).
+grow with the run (docs/monitoring.md: what each artifact holds, the design, the measured costs).
 
-- **rows on storage**: a partition that finishes (or is skipped as done) writes its table row to
-  `{stage}/{hash}/_dashboard/done/part-NNNNN.json` (:func:`tasks.common.layout.row_url`): one listing of
-  that folder tells which partitions of a stage are finished, and a process reads each row once
-  (:class:`Board`). Listings are never cached (:func:`tasks.common.storage.listing`).
-- **one publisher**: the process that sees the whole run publishes the tables — the fan-out parent
-  (flows/fanout.py), or the flow run that runs the stages itself (in-process; a stage deployment run by
-  hand). A fan-out child (``run.mode: fan-out``) only writes its rows, its events and its live figures.
-- **stage tables** (`editforge-<name>-<stage>-<hash8>`): one row per finished partition, led by at most
-  ``SCREEN`` columns (partition, status, in, out, the stage's ``headline``, speed, wall time), every other
-  figure after them (each partition's full manifest: `_SUCCESS.json`). A new artifact version is stored
-  when the rows reach 1, 2, 4, 8, ...; in between the newest is updated in place, so a run stores about
-  twice its final tables, not a table per partition.
-- **run-wide status** (`editforge-<name>-status-<hash8>`, markdown; `-progress-`: a progress bar): per
-  stage done / total, running, kept pairs, pass rate, ETA; the partitions in flight with their running
-  figures; run-wide throughput and a projected finish; with fan-out, blocks running / waiting / retried /
-  failed and any work pool with no free worker. One version per publishing process, updated in place.
-- **a partition's live figures**: its task run's progress artifact; the description is the figures as
-  a line, ``metadata_["editforge"]`` the same as JSON (what the fan-out parent reads: one API call).
-- **events**: ``editforge.partition.completed`` / ``.failed`` / ``.low-pass-rate``,
-  ``editforge.run.completed`` (and the fan-out's ``editforge.run.waiting-for-worker``).
-
-Publishing never fails a partition: a dashboard error is logged and the work goes on.
+A finished partition writes its table row to `{stage}/{hash}/_dashboard/done/` (one listing per stage
+says what is finished; a process reads each row once). One process publishes: the fan-out parent
+(flows/fanout.py), else the flow run that runs the stages; a fan-out child only writes its rows, events
+and live figures. Stage tables (`editforge-<name>-<stage>-<hash8>`) are led by at most ``SCREEN``
+columns; a new version is stored when the rows double, the newest updated in place in between. The
+run-wide status (`-status-`, `-progress-`) shows the stages, the partitions in flight, throughput and
+a projected finish, and the fan-out's blocks and waiting pools. A partition's live figures ride on its
+task run's progress artifact (description and metadata). Events: ``editforge.partition.completed`` /
+``.failed`` / ``.low-pass-rate``, ``editforge.run.completed``. Publishing never fails a partition.
 """
 
 from __future__ import annotations

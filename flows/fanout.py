@@ -1,35 +1,17 @@
 """Fan-out: one `editforge-generate` flow run drives the whole cluster through Prefect deployments.
 
-With ``run.mode: fan-out`` the generate flow does not run the stages itself. It splits each stage's
-partitions into blocks of ``run.block_size`` and submits every block as a child flow run of that
-stage's deployment (``run.deployments``) named after it (`render[0-7]`), with an idempotency key per
-attempt (:func:`run_key`), so the work pool the deployment names and its workers do the work. A block is
-submitted as soon as the blocks it reads are finished; the one-partition fine-tune runs once, before
-anything that reads it. A block that fails is submitted again, at most ``run.max_block_attempts`` times in
-all. The captions ledger is extended here once, the shard index written here at the end; with
-``text.target_triplets`` the captions are topped up once every text block is done (flows/target.py).
-
-Each poll (every ``run.poll_s``) costs what changed, not the run's size (docs/monitoring.md):
-
-- the states of every child run in flight: one API call (per 200 runs);
-- a block that ended Completed: each of its partitions' `_SUCCESS.json` read once (at most
-  ``READS_PER_POLL`` reads a poll; the rest next poll);
-- leases (:mod:`tasks.common.lease`), every ``LEASES_EVERY_S`` at most: one listing per stage with blocks
-  running; a lease is read when it appears (its owner) and again only when its heartbeat is older than
-  ``EDITFORGE_LEASE_TTL_S``. A block
-  whose lease owner is gone (a process of this host that no longer exists, or no heartbeat) is marked
-  crashed and submitted again; the new run takes the lease over and resumes from the checkpoint;
-- the in-flight partitions' running figures: one API call (their progress artifacts);
-- the dashboard (flows/dashboard.py): this process publishes the stage tables and the run-wide status.
-
-A parent that starts (or restarts after being killed) lists each stage's finished partitions once
-(their dashboard rows), adopts the child runs of its run version still in flight (found by their
-idempotency keys, ``<run key>/<block>/<attempt>``: a second submission of an attempt returns the first
-run), and submits only what is missing. (No tags on child runs: every tag is a related resource of every
-event of every task run, a row and index entries in the Prefect database.) Children that stay Scheduled/Late/Pending while none of this run's children runs on their
-work pool are reported after ``run.worker_wait_warn_s`` (log, status artifact, event) naming the pool and
-why (no worker online, paused, every worker busy — e.g. with this parent), and the run fails after
-``run.worker_wait_fail_s`` (its waiting children cancelled); both counted in poll rounds.
+With ``run.mode: fan-out`` each stage's partitions are split into blocks of ``run.block_size``, every
+block a child flow run of that stage's deployment (``run.deployments``) named after it (`render[0-7]`)
+with an idempotency key per attempt (:func:`attempt_key`); a block is submitted once the partitions it
+reads are finished, again after a failure (``run.max_block_attempts`` in all). The captions ledger is
+extended here, the shard index written here at the end (the captions topped up for
+``text.target_triplets``: flows/target.py). A poll costs what changed: the children's states in one API
+call, a completed block's manifests read once, the leases of running stages listed every
+``LEASES_EVERY_S`` (a lost worker's block crashed and submitted again), the in-flight figures in one
+API call; this process publishes the dashboard. A parent started again lists what is finished once,
+takes over its run version's children still in flight and submits only what is missing. Children
+waiting on a pool where none of the run's children runs are reported after ``run.worker_wait_warn_s``
+and fail the run after ``run.worker_wait_fail_s``. docs/monitoring.md has the details and the costs.
 """
 
 from __future__ import annotations
