@@ -97,3 +97,24 @@ def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0, extra_env: d
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+
+
+def deploy_chain(client, pool: str, name: str = "{stage}") -> list[str]:
+    """Deployments `editforge-<stage>/<name>` of every chain stage's flow on work pool ``pool`` (a process
+    pool, created when missing), the way infra/prefect.yaml defines them: for tests and benches that
+    drive the fan-out (``run.deployments=<name>``) with their own workers, or none. Returns their names."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    try:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    except ObjectAlreadyExists:
+        pass
+    names = []
+    for stage in STAGES:
+        flow_id = client.create_flow_from_name(f"editforge-{stage}")
+        deployment = name.format(stage=stage)
+        client.create_deployment(flow_id=flow_id, name=deployment, work_pool_name=pool, path=str(ROOT),
+                                 entrypoint=f"flows/stages.py:{stage}_flow", parameters={"preset": "demo"})
+        names.append(f"editforge-{stage}/{deployment}")
+    return names

@@ -85,6 +85,48 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
     return rows
 
 
+# what each stage's `in` counts, from the stage before it (the report says so when two figures differ)
+READS = {
+    "text": ("captions", "out", "the captions of its partitions"),
+    "render": ("text", "in", "every row of text's triplets.parquet, the ones text rejected included"),
+    "judge": ("render", "out", "the pairs render kept"),
+    "filter": ("render", "samples", "every sample render drew and scored, re-selected with the filter's thresholds"),
+    "pack": ("filter", "out", "the pairs the filter kept"),
+}
+
+
+def between_stages(rows: list[dict]) -> list[str]:
+    """One line per stage of the chain saying how its `in` follows from the stage it reads, and what it
+    dropped on the way out: why the table's figures need not match from one row to the next."""
+    by = {r["stage"]: r for r in rows}
+    lines = []
+    for stage, (upstream, figure, what) in READS.items():
+        r, u = by.get(stage), by.get(upstream)
+        if r is None or u is None:
+            continue
+        theirs = u["out"] if figure == "out" else u["counts"].get(figure, 0) if figure != "in" else u["in"]
+        head = f"{upstream} -> {stage}: {stage} in {r['in']:,}"
+        if r["partitions"] != u["partitions"]:
+            lines.append(f"{head}, {upstream} {figure} {theirs:,}: {stage} has {r['partitions']} partitions finished, "
+                         f"{upstream} {u['partitions']} (the rest are not counted yet)")
+            continue
+        note = f"{head} = {upstream} {figure} {theirs:,} ({what})" if r["in"] == theirs else \
+            f"{head}, {upstream} {figure} {theirs:,}: not what {stage} reads ({what}) — look at the partitions' manifests"
+        if stage == "render":
+            c, rejected = r["counts"], sum(u["rejected"].values())
+            if rejected:
+                reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(u["rejected"].items(), key=lambda kv: -kv[1]))
+                note += f"; text accepted {u['out']:,} of them and rejected {rejected:,} ({reasons}): render renders the accepted"
+            note += (f"; {c.get('samples', 0):,} samples drawn, {c.get('passed', 0):,} passed, {r['out']:,} pairs kept "
+                     "(at most render.keep.top_k per triplet: pairs, not triplets)")
+        elif r["out"] != r["in"]:
+            lost = r["in"] - r["out"]
+            reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["rejected"].items(), key=lambda kv: -kv[1]))
+            note += f"; out {r['out']:,}" + (f" ({lost:,} dropped: {reasons})" if reasons and lost > 0 else "")
+        lines.append(note)
+    return lines
+
+
 def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: list[dict], source: dict) -> list[str]:
     """The lines under the table (fine-tune loss, UNet calls against the reference, other versions, notes):
     printed at the end of a run and written into the dashboard's summary artifact."""
@@ -97,6 +139,7 @@ def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: l
         val = f", val loss {f['val_loss']:.2f}" if f.get("val_loss") is not None else ""
         lines.append(f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
                       f"({f.get('val_examples')} held out); {loss}{val}")
+    lines += between_stages(rows)
     render = next((r for r in rows if r["stage"] == "render"), None)
     if render:
         c = render["counts"]

@@ -12,7 +12,7 @@ import html
 import time
 
 from flows import dashboard
-from flows.report import summarise
+from flows.report import between_stages, summarise
 from tasks import registry
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
@@ -74,9 +74,12 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
     files = {name: storage.url_join(folder, file) for name, (_, file, _) in figures.FIGURES.items()}
     for name, blob in pngs.items():
         storage.write_bytes_atomic(files[name], blob)
-    progress = [{"stage": r["stage"], "partitions done": f"{r['done']} of {r['total']}",
-                 "kept pairs": "-" if r["kept_pairs"] is None else r["kept_pairs"]} for r in dashboard.run_progress(cfg)]
+    progress = [{"stage": name, "partitions done": f"{len(found)} of {len(registry.partition_ids(cfg, name))}",
+                 "kept pairs": "-" if (kept := dashboard.kept_pairs(name, found)) is None else kept}
+                for name, found in data.manifests.items()]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    notes = between_stages(summarise(data.manifests))  # why one stage's in is not the last one's out
+    between = "".join(f"<li>{html.escape(line)}</li>" for line in notes)
     sections = "".join(f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
                        for name, (title, _, _) in figures.FIGURES.items())
     from flows.calibrate_filter import report_section  # "People vs filter", when the run has labels
@@ -86,13 +89,14 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
             f"<style>{CSS}</style></head><body><h1>EditForge run <code>{html.escape(cfg.name)}</code></h1>"
             f"<p>{html.escape(cfg.output_root)} — built {stamp} from the files on disk "
             f"(<code>editforge report --html</code>)</p>"
-            f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<h2>Progress</h2>{_table_html(progress)}"
+            f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<ul>{between}</ul><h2>Progress</h2>{_table_html(progress)}"
             f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}{people['html']}</body></html>")
     html_url = storage.url_join(folder, "report.html")
     storage.write_bytes_atomic(html_url, page.encode())
     markdown = "\n\n".join([
         f"# EditForge run `{cfg.name}`", f"`{cfg.output_root}`, built {stamp}; the same page as `{html_url}`.",
-        "## Stages", _table_md(_stage_rows(data)), "## Settings", _table_md(_facts(cfg)),
+        "## Stages", _table_md(_stage_rows(data)), "\n".join(f"- {line}" for line in notes), "## Settings",
+        _table_md(_facts(cfg)),
         *(f"## {title}\n\n![{name}]({_uri(pngs[name])})" for name, (title, _, _) in figures.FIGURES.items()),
         *([people["markdown"]] if people["markdown"] else [])])
     return {"html": html_url, "images": files, "markdown": markdown}

@@ -74,7 +74,7 @@ def _run_partition(cfg: PipelineConfig, stage: str, partition_id: int) -> dict:
     run = registry.entry(stage)
     t0 = time.monotonic()
     try:
-        with dashboard.live_partition(stage, partition_id) if registry.get(stage).progress else nullcontext():
+        with dashboard.live_partition(stage, partition_id, cfg=cfg) if registry.get(stage).progress else nullcontext():
             manifest = run(cfg, partition_id, logger=get_run_logger())
     except Exception as err:
         dashboard.partition_failed(cfg, stage, partition_id, err, time.monotonic() - t0)

@@ -655,6 +655,9 @@ class RunConfig(Section):
     (``deployments``: its name, ``{preset}`` and ``{stage}`` filled in), on the work pool that
     deployment names; a failed block is submitted again up to ``max_block_attempts`` times in all
     (see `flows/fanout.py`). ``alert_min_pass_rate``: see `flows/dashboard.py` (events).
+    ``worker_wait_warn_s`` / ``worker_wait_fail_s``: how long fan-out children may wait on a work pool
+    where none of the run's children runs before the driver says which pool has no free worker / fails
+    the run (counted in poll rounds of ``poll_s``; docs/monitoring.md).
     """
 
     mode: Literal["in-process", "fan-out"] = operational("in-process")
@@ -662,6 +665,10 @@ class RunConfig(Section):
     max_block_attempts: int = operational(3, ge=1)
     deployments: str = operational("{preset}-{stage}")
     poll_s: float = operational(5.0, gt=0)
+    worker_wait_warn_s: float = operational(
+        120.0, gt=0, description="fan-out: report children waiting this long on a work pool with no free worker")
+    worker_wait_fail_s: float = operational(
+        1800.0, gt=0, description="fan-out: fail the run when children wait this long on such a pool")
     max_parallel_partitions: int | None = operational(
         None, ge=1, description="partitions of a stage run at once in one process (in-process runs and each fan-out "
         "block); None: the available CPUs over the CPUs a partition takes (the stage's resources); stages that hold "

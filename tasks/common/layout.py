@@ -8,6 +8,8 @@ never over it, and what did not change is reused (a new filter threshold reads t
         _SUCCESS.json                                   its manifest, written last
         _progress/<hash>/                               in-partition checkpoints of an unfinished run
     {output_root}/{stage}/{hash}/_leases/part-{id:05d}.json  the process working on a partition
+    {output_root}/{stage}/{hash}/_dashboard/done/part-{id:05d}.json  a finished partition's dashboard row
+                                                        (one listing of the folder: what is finished)
     {output_root}/captions/{hash}/_generations/gen-{g:05d}.{parquet,json}
                                                         the captions taken by each generation (append-only)
     {output_root}/finetune/{hash}/part-00000/model/     the fine-tuned caption LM
@@ -38,6 +40,8 @@ from tasks.common import storage
 
 SUCCESS = "_SUCCESS.json"
 PROGRESS = "_progress"
+DASHBOARD = "_dashboard"
+LEASES = "_leases"
 
 # one file per partition that the next stage reads
 CAPTIONS_FILE = "captions.parquet"
@@ -111,7 +115,21 @@ def lease_url(output_root: str, stage: str, config_hash: str, partition_id: int 
     """Who is working on a partition (outside it, so that nothing the partition holds is the lease);
     ``partition_id`` may be a name for a stage-wide step (the captions generations)."""
     name = partition_name(partition_id) if isinstance(partition_id, int) else partition_id
-    return storage.url_join(stage_dir(output_root, stage, config_hash), "_leases", f"{name}.json")
+    return storage.url_join(leases_dir(output_root, stage, config_hash), f"{name}.json")
+
+
+def leases_dir(output_root: str, stage: str, config_hash: str) -> str:
+    return storage.url_join(stage_dir(output_root, stage, config_hash), LEASES)
+
+
+def rows_dir(output_root: str, stage: str, config_hash: str) -> str:
+    """The dashboard's rows of a stage version's finished partitions (flows/dashboard.py): one listing
+    says which partitions are finished, without a request per partition."""
+    return storage.url_join(stage_dir(output_root, stage, config_hash), DASHBOARD, "done")
+
+
+def row_url(output_root: str, stage: str, config_hash: str, partition_id: int) -> str:
+    return storage.url_join(rows_dir(output_root, stage, config_hash), f"{partition_name(partition_id)}.json")
 
 
 def generations_dir(output_root: str, config_hash: str) -> str:

@@ -59,8 +59,14 @@ def url_join(*parts: str) -> str:
     return "/".join([head.rstrip("/")] + [p.strip("/") for p in rest if p])
 
 
+# Object stores (s3fs, gcsfs, ...) keep directory listings in memory with no expiry: a partition listed
+# while another process was writing it would never be seen finished by this one. Never cache them.
+_LOCAL = (None, "file", "local", "memory")
+
+
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
+    protocol = fsspec.core.split_protocol(str(url))[0]
+    fs, path = fsspec.core.url_to_fs(url, **({} if protocol in _LOCAL else {"use_listings_cache": False}))
     return fs, path
 
 
@@ -71,6 +77,8 @@ def exists(url: str) -> bool:
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
+    if hasattr(fs, "max_concurrency"):  # s3fs: one GET, not a HEAD first to size a chunked download
+        return fs.cat_file(path, max_concurrency=1)
     return fs.cat_file(path)
 
 
@@ -153,6 +161,25 @@ def list_files(url: str, pattern: str = "*") -> list[str]:
     if isinstance(fs, LocalFileSystem):
         return found
     return [f"{protocol}://{p}" for p in found]
+
+
+def listing(url: str) -> dict[str, dict[str, Any]]:
+    """The files directly under ``url`` by name, each with ``size`` and ``mtime`` (unix seconds): one
+    request per 1,000 entries on an object store, never cached; empty when the folder is missing."""
+    fs, path = filesystem(url)
+    try:
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    found = {}
+    for e in entries:
+        if e.get("type", "file") != "file":
+            continue
+        stamp = e.get("mtime") or e.get("LastModified") or e.get("updated") or 0
+        found[e["name"].rstrip("/").rsplit("/", 1)[-1]] = {
+            "size": int(e.get("size") or 0),
+            "mtime": stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)}
+    return found
 
 
 def move(src: str, dst: str) -> None:

@@ -1,22 +1,40 @@
-"""The dashboard's tables, progress and ETA from manifests (no Prefect needed), and the alert's set-up."""
+"""The dashboard: tables, status and ETA from rows (no Prefect needed); artifact versions that stay O(N) in
+the Prefect database; rows another process writes on an S3 API seen by the next listing; the alert's set-up."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from flows import dashboard
+from tasks.common.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _render(pid, samples, passed, out, finished_at=None, wall=10.0):
-    return {"partition_id": pid, "config_hash": "h", "counts": {"in": 5, "samples": samples, "passed": passed, "out": out},
+    ladder = {f"ladder_{r}_{k}": samples for r in ("clip", "dino", "ssim") for k in ("in", "passed")}
+    return {"partition_id": pid, "config_hash": "h", "counts": {"in": 5, "samples": samples, "passed": passed, "out": out,
+                                                                "unet_calls": 20 * samples, **ladder},
             "rejected": {"clip_direction": samples - passed}, "pass_rate": round(passed / samples, 4),
             "samples_per_s": 2.0, "quantiles": {"clip_sim_dir": {"q50": 0.21234}}, "wall_time_s": wall,
-            "finished_at": finished_at}
+            "finished_at": finished_at, "pass_rate_clip_sim_dir": 0.5, "pass_rate_clip_sim_0": 0.9,
+            "pass_rate_clip_sim_1": 0.9, "pass_rate_clip_sim_image": 0.8, "unet_calls_per_kept_pair": 400.0,
+            "batch_samples": 4}
 
 
-def test_the_stage_table_puts_the_readable_columns_first_and_gives_every_row_the_same_columns():
+def test_a_stage_table_is_led_by_a_screen_of_columns_then_every_figure_with_the_same_columns_per_row():
     rows = dashboard.table("render", [_render(0, 10, 4, 3), {**_render(1, 8, 2, 2), "oom_halvings": 1}],
                            skipped={1: True})
-    assert list(rows[0])[:6] == ["partition", "status", "in", "out", "pass_rate", "n_samples"]
-    assert list(rows[0])[-2:] == ["rejected", "wall_time_s"]
+    lead = dashboard.leading("render", rows[0])
+    assert len(lead) <= dashboard.SCREEN and list(rows[0])[:len(lead)] == lead
+    assert lead == ["partition", "status", "in", "out", "pass_rate", "pass_rate_clip", "pass_rate_dino", "pass_rate_ssim",
+                    "n_samples", "n_passed", "samples_per_s", "wall_time_s"]  # speed and wall time on screen
+    assert list(rows[0])[-1] == "rejected" and {"n_unet_calls", "batch_samples", "median_clip_sim_dir"} <= set(rows[0])
     assert list(rows[0]) == list(rows[1]) and rows[0]["oom_halvings"] is None and rows[1]["oom_halvings"] == 1
     assert [r["status"] for r in rows] == ["done", "skipped"]
     assert rows[0]["pass_rate"] == 0.4 and rows[0]["median_clip_sim_dir"] == 0.2123
@@ -44,6 +62,126 @@ def test_a_partitions_running_figures_read_as_one_line():
     assert dashboard.describe("text", 0, {"done": 8, "expected": 20, "ok": 6, "per_s": 1.5}) == \
         "text part-00000: 8/20 done, 6 ok, 1.5 /s"
     assert dashboard.describe("text", 0, None) == "text part-00000"
+
+
+def test_the_status_shows_what_is_in_flight_the_blocks_throughput_and_a_pool_without_a_worker(tmp_path):
+    cfg = load_config("demo", [f"output_root={tmp_path}", "name=watch", "captions.num_partitions=4"])
+    board = dashboard.Board(cfg)
+    board.totals = {s: (1 if s == "finetune" else 4) for s in board.hashes}
+    for pid in (0, 1):  # two render partitions finished, 1 h apart: 6 kept pairs and 400 UNet calls an hour
+        board.add("render", {**_render(pid, 10, 4, 3, finished_at=10_000.0 + 3600 * pid, wall=3600.0),
+                             "config_hash": board.hashes["render"]})
+    board.live[("render", 2)] = dashboard.live_record("render", 2, 0.45, {
+        "triplets_done": 9, "triplets": 20, "samples": 960, "passed": 300, "pass_rate": 0.3125, "kept_so_far": 240,
+        "unet_calls": 19200, "unet_calls_per_kept_pair": 80.0, "samples_per_s": 2.1}, started=10_000.0)
+    board.extra.update(blocks={"running": 1, "queued on a pool": 2, "retried": 1, "failed once or more": 1},
+                       waiting=[{"pool": "editforge-gpu", "message": "no worker is online on it"}])
+    text = board.status_markdown(now=13_600.0)
+    assert "| render | 2 of 4 (50%) | 1 | 6 | 40.0% | 2.0 h |" in text  # 2 left at 2 partitions in 2 h
+    assert "| render part-00002 | 45% | 960 | 31.2% | 240 | 2.1 |" in text
+    assert "1 running, 2 queued on a pool, 1 retried, 1 failed once or more" in text
+    assert "3 kept pairs/h · 0.1 UNet calls/s · 2.1 samples/s in flight · projected finish" in text
+    assert "(in 2.0 h)" in text  # render's ETA: the slowest stage with an ETA
+    assert "Waiting for a worker** on work pool `editforge-gpu`: no worker is online on it" in text
+
+
+def test_a_table_is_stored_again_only_when_its_rows_double_and_updated_in_place_between(prefect_harness, tmp_path):
+    """The database holds about twice the final table (versions of 1, 2, 4, 8 rows, each updated in place
+    until the next), and an in-place update sends no event carrying the data."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    cfg = load_config("demo", [f"output_root={tmp_path}", "name=versions", "captions.num_partitions=12"])
+    board = dashboard.Board(cfg)
+    board.totals = {s: 12 for s in board.hashes}
+    for pid in range(11):
+        board.add("render", {**_render(pid, 10, 4, 3, finished_at=100.0 + pid), "config_hash": board.hashes["render"]})
+        board.publish_stage("render")
+    board.publish_stage("render")  # nothing changed: nothing sent
+    key = dashboard.layout.artifact_key("versions", "render", board.hashes["render"])
+    emit_event("editforge.test.published", resource={"prefect.resource.id": f"editforge.{key}"})
+    EventsWorker.drain_all()  # this process's events are sent, in order: the marker last
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                         sort=ArtifactSort.CREATED_DESC)[::-1]
+        ids = {str(v.id) for v in versions}
+
+        def events(name):
+            body = {"filter": {"event": {"name": [name]}}, "limit": 50}
+            return client.request("POST", "/events/filter", json=body).json()["events"]
+
+        for _ in range(600):  # until the server has stored the marker (sent after every update)
+            if any(e["resource"]["prefect.resource.id"] == f"editforge.{key}" for e in events("editforge.test.published")):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the marker event never arrived")
+        updated = [e for e in events("prefect.artifact.updated") if e["resource"]["prefect.resource.id"][17:] in ids]
+        created = [e for e in events("prefect.artifact.created") if e["resource"]["prefect.resource.id"][17:] in ids]
+    assert [len(json.loads(v.data)) for v in versions] == [1, 3, 7, 11]  # created at 1, 2, 4, 8 rows
+    assert len(created) == 4 and updated == []  # 7 updates in place, none sent the table again as an event
+
+
+S3_WRITER = """
+import sys
+from flows import dashboard
+from tasks import registry
+from tasks.common.config import load_config
+cfg = load_config("demo", sys.argv[1:])
+for pid in (5, 6, 7):  # what a worker elsewhere finishes: its manifest, then its row
+    manifest = registry.execute(cfg, "captions", pid, lambda run: None)
+    dashboard.write_row(cfg, "captions", manifest)
+print("finished 5, 6, 7")
+"""
+
+
+def test_another_process_finishing_partitions_on_an_s3_api_is_seen_by_the_next_listing(tmp_path):
+    """The stale-listing bug: s3fs kept listings with no expiry, so a partition listed while in progress was
+    never seen finished by that process. Two processes on moto's S3 server: this one lists, the other
+    finishes three partitions, this one lists again."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from flows.local_cluster import free_port
+    from tasks import registry
+    from tasks.common import contract, layout, storage
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    try:
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stale")
+        overrides = ["output_root=s3://stale/run", "captions.num_partitions=8"]
+        cfg = load_config("demo", overrides)
+        h = registry.stage_hash(cfg, "captions")
+        for pid in range(5):
+            dashboard.write_row(cfg, "captions", registry.execute(cfg, "captions", pid, lambda run: None))
+        storage.write_bytes_atomic(layout.partition_file(cfg.output_root, "captions", h, 5, "half.bin"), b"in progress")
+        assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == [0, 1, 2, 3, 4]
+        assert storage.list_files(layout.partition_dir(cfg.output_root, "captions", h, 5)) != []  # listed mid-work
+        assert not contract.is_done(cfg.output_root, "captions", 5, h)
+
+        out = subprocess.run([sys.executable, "-c", S3_WRITER, *overrides], cwd=ROOT, env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "finished 5, 6, 7" in out.stdout, out.stderr[-3000:]
+
+        assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == list(range(8))
+        assert contract.is_done(cfg.output_root, "captions", 5, h)  # its folder was listed before it finished
+        board = dashboard.Board(cfg)
+        assert board.sync("captions") == 8 and board.sync("captions") == 0  # each row read once
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
 
 
 def test_an_alert_without_a_notification_block_is_left_out_saying_how_to_add_one(prefect_harness, monkeypatch):
