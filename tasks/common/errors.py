@@ -16,6 +16,14 @@ class PermanentError(Exception):
     """Mixed into every EditForge error that a second attempt would meet again."""
 
 
+class InputError(PermanentError, ValueError):
+    """A value or a file's content that the code refuses; the message names it and how to fix it."""
+
+
+class MissingFileError(PermanentError, FileNotFoundError):
+    """A file or folder a setting names (or the run needs) is not there; the message names it."""
+
+
 # built-in kinds that are deterministic in this code base: bad values or types, a missing key or file
 _PERMANENT_BUILTINS = (ValueError, TypeError, LookupError, NotImplementedError, FileNotFoundError, PermissionError,
                        NotADirectoryError, IsADirectoryError)
