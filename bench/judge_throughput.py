@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.layout import SAMPLES_FILE, image_name
-from tasks.judge.stage import run as run_judge_partition
+from tasks.judge.stage import run as run_judge
 from tasks.registry import partition_url, stage_hash
 
 KEY_ENV = "EDITFORGE_BENCH_JUDGE_KEY"
@@ -93,7 +93,7 @@ def timed_judge(base_url: str, n: int, concurrency: int, offset: int) -> tuple[f
         cfg = config(base_url, root, concurrency)
         render_partition(cfg, n, offset)
         start = time.perf_counter()
-        manifest = run_judge_partition(cfg, 0)
+        manifest = run_judge(cfg, 0)
         return time.perf_counter() - start, manifest
 
 

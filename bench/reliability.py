@@ -121,10 +121,9 @@ class KillSwitch:
 
 
 def run_stage(cfg, name: str, switch: KillSwitch | None = None) -> None:
-    stage = registry.get(name)
     seams = {"on_step": switch.step} if name == "train" and switch else {}
     registry.prepare(cfg, name)
-    manifests = [registry.entry(name)(cfg, pid, **seams) for pid in stage.partition_ids(cfg)]
+    manifests = [registry.entry(name)(cfg, pid, **seams) for pid in registry.partition_ids(cfg, name)]
     registry.finalize(cfg, name, manifests)
 
 

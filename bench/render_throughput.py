@@ -66,8 +66,9 @@ from tasks.render.conditioning import build_conditioning
 from tasks.render.early import early_step_count
 from tasks.render.pairs import PairRequest, decode_latents
 from tasks.render.renderer import Renderer, settings_from
-from tasks.render.sampling import sample_params, sample_seeds
+from tasks.render.sampling import sample_params
 from tasks.render.scheduling import RenderPlan, SamplingPolicy
+from tasks.render.seeds import sample_seeds
 
 CAPTIONS = [
     ("a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"),

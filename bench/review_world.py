@@ -238,7 +238,7 @@ def world_run(root: Path, captions: int, partitions: int, samples: int | None, e
     cfg = load_config("world", overrides)
     for name in ("captions", "finetune", "text", "render", "filter"):
         registry.prepare(cfg, name)
-        done = [registry.entry(name)(cfg, pid) for pid in registry.get(name).partition_ids(cfg)]
+        done = [registry.entry(name)(cfg, pid) for pid in registry.partition_ids(cfg, name)]
         registry.finalize(cfg, name, done)
     return cfg, overrides
 
@@ -253,7 +253,7 @@ def label_all(cfg) -> pd.DataFrame:
     from tasks.filter.review import load_samples
 
     render_hash = registry.stage_hash(cfg, "render")
-    samples = load_samples(cfg, registry.get("render").partition_ids(cfg))
+    samples = load_samples(cfg, registry.partition_ids(cfg, "render"))
     samples = samples[samples["image_stored"].astype(bool)].reset_index(drop=True)
     known, rows, whys = {}, [], []
     for s in samples.itertuples():

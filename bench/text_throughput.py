@@ -39,10 +39,10 @@ from tasks.captions.laion import caption_id
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.layout import partition_dir
+from tasks.finetune.stage import run as run_finetune
 from tasks.registry import stage_hash
-from tasks.text.finetune import run as run_finetune
 from tasks.text.format import parse_completion
-from tasks.text.stage import run as run_text_partition
+from tasks.text.stage import run as run_text
 
 KEY_ENV = "EDITFORGE_BENCH_OPENAI_KEY"
 API_KEY = "bench-key"
@@ -97,7 +97,7 @@ def concurrent_stage(base_url: str, df: pd.DataFrame, concurrency: int, root: st
     storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"), {"config_hash": stage_hash(cfg, "captions")})
     run_finetune(cfg)
     start = time.perf_counter()
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     return time.perf_counter() - start, manifest
 
 

@@ -64,13 +64,13 @@ def _table(df: pd.DataFrame) -> list[dict]:
 
 def from_run(cfg) -> pd.DataFrame:
     from tasks.common import storage
-    from tasks.common.contract import is_done
-    from tasks.common.layout import SAMPLES_FILE, partition_file
+    from tasks.common.contract import finished
+    from tasks.common.layout import SAMPLES_FILE, partition_dir, partition_file
     from tasks.registry import partition_ids, stage_hash
 
     h = stage_hash(cfg, "render")
     frames = [storage.read_parquet(partition_file(cfg.output_root, "render", h, i, SAMPLES_FILE))
-              for i in partition_ids(cfg, "render") if is_done(cfg.output_root, "render", i, h)]
+              for i in partition_ids(cfg, "render") if finished(partition_dir(cfg.output_root, "render", h, i), h)]
     if not frames:
         raise SystemExit(f"no finished render partition under {cfg.output_root} (render hash {h}); "
                          f"run `editforge run --preset {cfg.name}` first")

@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from tasks.common.errors import MissingFileError
+
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -20,7 +22,7 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise FileNotFoundError("no Chromium on PATH: install Debian's (`apt-get install chromium`; `make test` does it)")
+    raise MissingFileError("no Chromium on PATH: install Debian's (`apt-get install chromium`; `make test` does it)")
 
 
 def look(url: str, screenshot: str | Path | None = None, wait_for: str | None = None, timeout_s: float = 60,

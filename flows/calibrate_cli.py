@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.options import load_or_exit, parse_partitions
+from tasks.common.errors import InputError
 
 if TYPE_CHECKING:
     from tasks.common.config import PipelineConfig
@@ -38,7 +39,7 @@ def parse_margins(spec: str | None) -> list[float]:
     if ":" in spec:
         start, stop, step = (float(x) for x in spec.split(":"))
         if step <= 0 or stop < start:
-            raise ValueError(f"margins {spec!r}: need start <= stop and step > 0")
+            raise InputError(f"margins {spec!r}: need start <= stop and step > 0")
         count = math.floor((stop - start) / step + 1e-9) + 1
         return [round(start + i * step, 6) for i in range(count)]
     return [float(x) for x in spec.split(",") if x.strip()]

@@ -31,13 +31,14 @@ import pandas as pd
 import typer
 
 from flows.options import Debug, Overrides, Preset, load_or_exit, reported
+from tasks.common.errors import PermanentError
 
 # the paper's thresholds (InstructPix2Pix, set for OpenAI's CLIP ViT-L/14): image-image, caption, direction
 PAPER = {"clip_image_threshold": 0.75, "clip_caption_threshold": 0.2, "clip_direction_threshold": 0.2}
 LABELLER_HINT = "label pairs with `editforge review` (same --preset and --set) first"
 
 
-class NoLabelsError(ValueError):
+class NoLabelsError(PermanentError, ValueError):
     """Nothing to calibrate on (names where the labels were looked for and what to run)."""
 
 

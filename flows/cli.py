@@ -104,7 +104,7 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tasks.common.contract import output_problems, read_success
+    from tasks.common.contract import finished, output_problems
 
     cfg = load_or_exit(preset, overrides, root="read")
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}: outputs against their manifests")
@@ -112,18 +112,18 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
         table.add_column(column)
     damaged: list[str] = []
     for s in registry.chain():
-        expected, ids = registry.stage_hash(cfg, s.name), s.partition_ids(cfg)
-        finished = ok = 0
+        expected, ids = registry.stage_hash(cfg, s.name), registry.partition_ids(cfg, s.name)
+        n_finished = ok = 0
         for pid in ids:
             folder = registry.partition_url(cfg, s.name, pid, config_hash=expected)
-            done = read_success(folder)
-            if not done or done.get("config_hash") != expected:
+            done = finished(folder, expected)
+            if not done:
                 continue
-            finished += 1
+            n_finished += 1
             problems = output_problems(folder, done, "sha256")
             ok += not problems
             damaged += [f"{s.name} part-{pid:05d}: {p}" for p in problems]
-        table.add_row(s.name, str(len(ids)), str(finished), str(ok), str(finished - ok))
+        table.add_row(s.name, str(len(ids)), str(n_finished), str(ok), str(n_finished - ok))
     Console().print(table)
     for line in damaged:
         typer.echo(f"damaged: {line}")

@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.common.errors import InputError
+
 HOME_ENV = "EDITFORGE_HOME"
 PREFECT_FILE = Path("infra") / "prefect.yaml"
 
@@ -32,7 +34,7 @@ def code_directory() -> Path:
     root = Path(home).expanduser().resolve() if home else Path(__file__).resolve().parents[1]
     if not (root / "flows" / "stages.py").is_file():
         origin = f"${HOME_ENV}={home}" if home else f"the installed flows package ({root})"
-        raise ValueError(f"{origin} holds no EditForge code (flows/stages.py): set ${HOME_ENV} in the worker's "
+        raise InputError(f"{origin} holds no EditForge code (flows/stages.py): set ${HOME_ENV} in the worker's "
                          f"environment to the folder of the checkout or image that has it")
     return root
 

@@ -119,11 +119,11 @@ def edit_command(
         from tasks.train.evaluate import command_args, resolve_model
 
         if image_guidance < 1 or text_guidance <= 1:  # the pipeline would silently skip guidance (tasks.train.infer)
-            raise ValueError(f"--image-guidance {image_guidance:g} / --text-guidance {text_guidance:g}: image guidance "
+            raise EditInputError(f"--image-guidance {image_guidance:g} / --text-guidance {text_guidance:g}: image guidance "
                              "must be >= 1 and text guidance > 1 (the paper: 1.5 / 7.5)")
         steps = steps if steps is not None else cfg.train.sample_steps
         if steps < 1:
-            raise ValueError(f"--steps {steps}: must be >= 1")
+            raise EditInputError(f"--steps {steps}: must be >= 1")
         if device:
             check_device(device)
         inputs = input_images(path)

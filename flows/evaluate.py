@@ -24,6 +24,7 @@ import typer
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from tasks.common.errors import InputError
 from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_command
 from flows.stages import retry_unless_permanent
 from tasks.common import layout
@@ -114,7 +115,7 @@ def check_device(device: str) -> None:
     try:
         torch_device(device, "--device")
     except RuntimeError as err:
-        raise ValueError(f"--device {device}: {err}; use auto, cpu, cuda or cuda:N") from None
+        raise InputError(f"--device {device}: {err}; use auto, cpu, cuda or cuda:N") from None
 
 
 def evaluate_command(
@@ -141,7 +142,7 @@ def evaluate_command(
         from tasks.train.evaluate import command_args, plan_evaluation
 
         if batch_size < 1:
-            raise ValueError(f"--batch-size {batch_size}: must be >= 1")
+            raise InputError(f"--batch-size {batch_size}: must be >= 1")
         settings = settings_for(cfg, image_guidance, text_guidance, steps, seed, resolution, limit, split)
         if device:
             check_device(device)

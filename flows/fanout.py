@@ -76,7 +76,7 @@ def plan_blocks(cfg: PipelineConfig, only: list[int] | None = None) -> list[Bloc
     size = cfg.run.block_size
     blocks = []
     for stage in registry.chain():
-        ids = stage.partition_ids(cfg)
+        ids = registry.partition_ids(cfg, stage.name)
         if only is not None:
             if stage.partitions == "one":
                 continue

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tasks.common import storage
+from tasks.common.errors import PermanentError
 
 CHOICES = ("good", "wrong", "broken", "unsure")
 CONFIG = """<View>
@@ -78,7 +79,7 @@ def write_label_studio(state, out: Path) -> dict[str, Path]:
     return {"tasks": out, "config": config}
 
 
-class LabelStudioFileError(ValueError):
+class LabelStudioFileError(PermanentError, ValueError):
     """A Label Studio export that does not hold this review's tasks."""
 
 

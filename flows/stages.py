@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import dashboard
 from tasks import registry
+from tasks.common.errors import InputError
 from tasks.common.config import PipelineConfig, load_config
 from tasks.common.errors import is_permanent
 from tasks.common.stage import Stage
@@ -40,11 +41,11 @@ def retry_unless_permanent(task, task_run, state) -> bool:
 
 
 def partition_ids(cfg: PipelineConfig, stage: Stage, partitions: list[int] | None) -> list[int]:
-    every = stage.partition_ids(cfg)
+    every = registry.partition_ids(cfg, stage.name)
     ids = every if partitions is None else sorted(set(partitions))
     bad = [i for i in ids if i not in every]
     if bad:
-        raise ValueError(f"{stage.name}: partitions {bad} out of range {every[0]}..{every[-1]}")
+        raise InputError(f"{stage.name}: partitions {bad} out of range {every[0]}..{every[-1]}")
     return ids
 
 
@@ -121,7 +122,7 @@ def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: l
                 wait(futures)
                 manifests = [f.result() for f in futures]
         dashboard.refresh(cfg, name, manifests)
-        if stage.finalize and ids == stage.partition_ids(cfg):
+        if stage.finalize and ids == registry.partition_ids(cfg, stage.name):
             finalize_task(cfg, name, manifests)
     return manifests
 

@@ -15,23 +15,30 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tasks.captions.generations import partition_ids as ledger_partition_ids
 from tasks.captions.spec import STAGE as CAPTIONS
 from tasks.common import layout
 from tasks.common.config import PipelineConfig
-from tasks.common.contract import PartitionWork, execute_partition, incomplete, read_success
-from tasks.common.stage import Resources, Stage, config_hash, load
+from tasks.common.contract import PartitionWork
+from tasks.common.errors import PermanentError
+from tasks.common.stage import Resources, Stage, load
+from tasks.common.stage import execute as execute_stage
+from tasks.common.stage import manifests as stage_manifests
+from tasks.common.stage import stage_hash as record_hash
 from tasks.filter.spec import STAGE as FILTER
+from tasks.finetune.spec import FINETUNE
 from tasks.judge.spec import STAGE as JUDGE
+from tasks.pack import index as pack_index
 from tasks.pack.spec import STAGE as PACK
 from tasks.render.spec import STAGE as RENDER
-from tasks.text.spec import FINETUNE, TEXT
+from tasks.text.spec import TEXT
 from tasks.train.spec import STAGE as TRAIN
 
 STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, JUDGE, FILTER, PACK,
                                                       TRAIN)}
 
 
-class UnknownStageError(KeyError):
+class UnknownStageError(PermanentError, KeyError):
     def __str__(self) -> str:
         return self.args[0]
 
@@ -50,12 +57,9 @@ def chain() -> list[Stage]:
 
 def stage_hash(cfg: PipelineConfig, name: str, *, upstream: Mapping[str, str] | None = None,
                extra: Mapping[str, Any] | None = None) -> str:
-    """The config hash of ``name`` (one recipe, :func:`tasks.common.stage.config_hash`): its sections
+    """The config hash of ``name`` (one recipe, :func:`tasks.common.stage.stage_hash`): its sections
     and the hashes of the stages it reads, recursively (``upstream`` overrides them)."""
-    stage = get(name)
-    if upstream is None:
-        upstream = {u: stage_hash(cfg, u) for u in stage.upstreams(cfg)}
-    return config_hash(stage, cfg, upstream, extra)
+    return record_hash(cfg, get(name), upstream=upstream, extra=extra)
 
 
 def stage_resources(cfg: PipelineConfig) -> dict[str, Resources]:
@@ -66,15 +70,9 @@ def stage_resources(cfg: PipelineConfig) -> dict[str, Resources]:
 def execute(cfg: PipelineConfig, name: str, partition_id: int, work: PartitionWork,
             logger: logging.Logger | None = None, *, upstream: Mapping[str, str] | None = None,
             extra: Mapping[str, Any] | None = None, check_upstream: bool = True) -> dict[str, Any]:
-    """Run ``work`` for one partition of ``name`` under the stage contract, with the registry's hash
-    and the upstream partitions it must find finished (under their hashes) before it starts
-    (``check_upstream=False``: the stage checked its inputs itself)."""
-    stage = get(name)
-    upstream = dict(upstream) if upstream is not None else {u: stage_hash(cfg, u) for u in stage.upstreams(cfg)}
-    inputs = {u: (stage.upstream_partition(get(u), partition_id), h) for u, h in upstream.items()
-              if check_upstream}
-    return execute_partition(name, partition_id, cfg.output_root, stage_hash(cfg, name, upstream=upstream, extra=extra),
-                             work, logger, inputs=inputs, verify=cfg.verify)
+    """:func:`tasks.common.stage.execute` for the stage named ``name``."""
+    return execute_stage(cfg, get(name), partition_id, work, logger, upstream=upstream, extra=extra,
+                         check_upstream=check_upstream)
 
 
 def entry(name: str) -> Callable[..., dict[str, Any]]:
@@ -96,15 +94,18 @@ def finalize(cfg: PipelineConfig, name: str, manifests: list[dict[str, Any]],
 
 def unfinished(cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None) -> list[int]:
     """The partitions of ``name`` not finished under this config's hash."""
-    stage = get(name)
-    ids = stage.partition_ids(cfg) if partition_ids is None else partition_ids
-    return incomplete(cfg.output_root, name, ids, stage_hash(cfg, name))
-
+    found = manifests(cfg, name, partition_ids)
+    return [pid for pid, done in found.items() if done is None]
 
 
 def partition_ids(cfg: PipelineConfig, name: str) -> list[int]:
-    """The partitions of ``name`` under ``cfg`` (the captions generations decide how many)."""
-    return get(name).partition_ids(cfg)
+    """The partitions of ``name`` under ``cfg``: ``part-00000`` (``partitions="one"``) or every partition of
+    the captions ledger (:func:`tasks.captions.generations.partition_ids`)."""
+    return _partition_ids(cfg, name)
+
+
+def _partition_ids(cfg: PipelineConfig, name: str) -> list[int]:
+    return ledger_partition_ids(cfg, get(name))
 
 
 def partition_url(cfg: PipelineConfig, name: str, partition_id: int = 0, *, config_hash: str | None = None) -> str:
@@ -115,15 +116,10 @@ def partition_url(cfg: PipelineConfig, name: str, partition_id: int = 0, *, conf
 def manifests(cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None,
               config_hash: str | None = None) -> dict[int, dict[str, Any] | None]:
     """Partition id -> its `_SUCCESS.json` under this config's hash (None when not finished)."""
-    expected = config_hash or stage_hash(cfg, name)
-    ids = get(name).partition_ids(cfg) if partition_ids is None else partition_ids
-    found = {}
-    for pid in ids:
-        done = read_success(layout.partition_dir(cfg.output_root, name, expected, pid))
-        found[pid] = done if done and done.get("config_hash") == expected else None
-    return found
+    ids = _partition_ids(cfg, name) if partition_ids is None else partition_ids
+    return stage_manifests(cfg, get(name), ids, config_hash)
 
 
 def index_url(cfg: PipelineConfig) -> str:
-    """This config's shard index (the pack stage's version)."""
-    return layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
+    """This config's shard index (the pack stage's version): :func:`tasks.pack.index.index_url`."""
+    return pack_index.index_url(cfg)

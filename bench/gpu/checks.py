@@ -50,7 +50,7 @@ from bench.render_throughput import CAPTIONS  # the same caption pairs as the th
 from tasks.common.config import load_config
 from tasks.render.pairs import PairRequest
 from tasks.render.renderer import BatchSizer, Renderer, is_oom, settings_from
-from tasks.render.sampling import sample_seeds
+from tasks.render.seeds import sample_seeds
 
 CHECKS = ("env", "dtype", "auto_batch", "oom", "compile")
 DTYPES = ("float32", "float16", "bfloat16")

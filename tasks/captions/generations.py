@@ -52,10 +52,13 @@ from tasks.captions.laion import (
     scan,
 )
 from tasks.captions.sample import Candidates, Pool, priorities, priority  # noqa: F401  (priority: the API)
+from tasks.captions.spec import STAGE as CAPTIONS
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import Stats
+from tasks.common.errors import InputError
 from tasks.common.lease import PartitionLease
+from tasks.common.stage import Stage, stage_hash
 
 STAGE = "captions"
 FORMAT = 2  # 1: one row group, no dedup state (still read); 2: row group per partition, state files
@@ -76,9 +79,7 @@ class Generation:
 
 
 def _hash(cfg: PipelineConfig) -> str:
-    from tasks.registry import stage_hash
-
-    return stage_hash(cfg, STAGE)
+    return stage_hash(cfg, CAPTIONS)
 
 
 def ledger(cfg: PipelineConfig, config_hash: str | None = None) -> list[Generation]:
@@ -95,10 +96,17 @@ def ledger(cfg: PipelineConfig, config_hash: str | None = None) -> list[Generati
     return gens
 
 
-def partition_count(cfg: PipelineConfig) -> int:
-    """How many partitions every stage has: those of every generation (``num_partitions`` before the first)."""
-    gens = ledger(cfg)
+def partition_count(cfg: PipelineConfig, config_hash: str | None = None) -> int:
+    """How many partitions every stage has: those of every generation (``num_partitions`` before the first)
+    of the captions version ``config_hash`` (default: this config's)."""
+    gens = ledger(cfg, config_hash)
     return gens[-1].partitions.stop if gens else cfg.captions.num_partitions
+
+
+def partition_ids(cfg: PipelineConfig, stage: Stage) -> list[int]:
+    """The partitions of ``stage`` under ``cfg``: ``part-00000`` (``partitions="one"``) or every partition
+    of the ledger (:func:`tasks.registry.partition_ids` asks here)."""
+    return [0] if stage.partitions == "one" else list(range(partition_count(cfg)))
 
 
 def generation_of(cfg: PipelineConfig, partition_id: int, config_hash: str | None = None) -> Generation | None:
@@ -354,7 +362,7 @@ def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str)
         extend(cfg)
         gen = generation_of(cfg, partition_id, config_hash)
     if gen is None:
-        raise ValueError(f"captions part-{partition_id:05d} does not exist: the ledger has "
+        raise InputError(f"captions part-{partition_id:05d} does not exist: the ledger has "
                          f"{partition_count(cfg)} partition(s)")
     url = layout.generation_url(cfg.output_root, config_hash, gen.number, "parquet")
     fs, path = storage.filesystem(url)

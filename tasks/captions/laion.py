@@ -41,13 +41,14 @@ from tasks.captions.dedup import DedupState, digests, greedy, halves, hex16, key
 from tasks.common import storage
 from tasks.common.config import CaptionsConfig
 from tasks.common.contract import Stats
+from tasks.common.errors import PermanentError
 
 REQUIRED_COLUMNS = ("URL", "TEXT")
 OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")
 READ_COLUMNS = ("URL", "TEXT", "WIDTH", "HEIGHT", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")  # used
 OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
                   "source_file", "source_row"]
-class CaptionSourceError(ValueError):
+class CaptionSourceError(PermanentError, ValueError):
     """A caption source file is unreadable or lacks a required column; the message names file and column."""
 
 

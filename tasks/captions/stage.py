@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 
 from tasks.captions.generations import extend, partition_captions
+from tasks.captions.spec import STAGE as CAPTIONS
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import PartitionRun
 from tasks.common.layout import CAPTIONS_FILE
-from tasks.registry import execute
+from tasks.common.stage import execute
 
 STAGE = "captions"
 log = logging.getLogger("editforge")
@@ -37,4 +38,4 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         run.stats.add("out", len(df))
         run.stats.observe("aesthetic_score", df["aesthetic_score"].to_numpy())
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, CAPTIONS, partition_id, work, logger)

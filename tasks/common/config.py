@@ -227,10 +227,8 @@ class TextConfig(Section):
     def seed_annotations_path(self) -> str:
         from seed_annotations.schema import default_triplets_path
 
-        if self.seed_annotations == "builtin:world":
-            from tasks.world.data import seeds_path
-
-            return str(seeds_path())
+        if self.seed_annotations == "builtin:world":  # package data of tasks.world (its code is above this layer)
+            return str(resources.files("tasks.world").joinpath("data", "seed_triplets.jsonl"))
         return self.seed_annotations or str(default_triplets_path())
 
 

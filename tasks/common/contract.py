@@ -3,7 +3,7 @@
 A stage's work for one partition is a function `work(run: PartitionRun) -> None` that reads its
 inputs, writes its outputs under `run.dir` with the atomic writers of `tasks.common.storage`, and
 counts what it did on `run.stats`. `execute_partition` wraps it (stages call it through
-`tasks.registry.execute`, which supplies the hash and the inputs from the stage's record):
+`tasks.common.stage.execute`, which supplies the hash and the inputs from the stage's record):
 
 - one process at a time works on a partition (:class:`tasks.common.lease.PartitionLease`): a second
   one waits for the first, then finds the partition done and skips it;
@@ -11,6 +11,7 @@ counts what it did on `run.stats`. `execute_partition` wraps it (stages call it 
   returned with `skipped=True`) — if its outputs are all there with the recorded sizes (and, with
   ``verify="sha256"``, the recorded sha256s); otherwise it is done again, with a warning naming the
   file. A `_SUCCESS.json` that cannot be read is reported by path and counts as not done;
+  :func:`finished` is the one answer to "is it finished under this config?";
 - every input partition must be finished under the hash this config expects, or
   `MissingInputError` (not retried) names it and the stage to run;
 - otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
@@ -264,15 +265,14 @@ def output_problems(run_dir: str, manifest: dict[str, Any], verify: str = "size"
     return problems
 
 
-def is_done(output_root: str, stage: str, partition_id: int, config_hash: str) -> bool:
-    """The partition is finished under ``config_hash`` (its `_SUCCESS.json` says so)."""
-    done = read_success(partition_dir(output_root, stage, config_hash, partition_id))
-    return bool(done) and done.get("config_hash") == config_hash
+def finished(run_dir: str, config_hash: str, logger: logging.Logger | None = None) -> dict[str, Any] | None:
+    """The one answer to "is this partition finished under this config?": its manifest when the
+    `_SUCCESS.json` in ``run_dir`` is readable and carries ``config_hash``, else None."""
+    return _if_under(read_success(run_dir, logger), config_hash)
 
 
-def incomplete(output_root: str, stage: str, partition_ids: list[int], config_hash: str) -> list[int]:
-    """The partitions of ``partition_ids`` not finished under ``config_hash``."""
-    return [i for i in partition_ids if not is_done(output_root, stage, i, config_hash)]
+def _if_under(done: dict[str, Any] | None, config_hash: str) -> dict[str, Any] | None:
+    return done if done is not None and done.get("config_hash") == config_hash else None
 
 
 def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[str, tuple[int, str]]) -> None:
@@ -311,8 +311,8 @@ def execute_partition(
 
 def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, verify: str) -> dict[str, Any]:
     stage, partition_id, config_hash = run.stage, run.partition_id, run.config_hash
-    done = read_success(run.dir, logger)
-    if done and done.get("config_hash") == config_hash:
+    done = read_success(run.dir, logger)  # read once: finished (skip), another config's (re-run), or none
+    if _if_under(done, config_hash):
         problems = output_problems(run.dir, done, verify)
         if not problems:
             logger.info("%s part-%05d: already done (config %s) — skipped", stage, partition_id, config_hash)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from tasks.common.errors import InputError
+
 
 def torch_device(name: str, setting: str) -> torch.device:
     """``auto`` -> CUDA when visible, else CPU; ``cuda`` without a visible GPU names ``setting``."""
@@ -16,7 +18,7 @@ def torch_device(name: str, setting: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={name}, but no CUDA device is visible here (use auto or cpu)")
+        raise InputError(f"{setting}={name}, but no CUDA device is visible here (use auto or cpu)")
     return device
 
 

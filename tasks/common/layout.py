@@ -37,6 +37,7 @@ from __future__ import annotations
 import re
 
 from tasks.common import storage
+from tasks.common.errors import InputError
 
 SUCCESS = "_SUCCESS.json"
 PROGRESS = "_progress"
@@ -190,7 +191,7 @@ def image_name(key: str, which: str) -> str:
 def check_name(name: str) -> str:
     """A run name usable in dashboard keys, or ValueError saying how to fix it."""
     if not _NAME_RE.match(name):
-        raise ValueError(f"{name!r} is not a valid run name: use lowercase letters, digits and dashes, starting "
+        raise InputError(f"{name!r} is not a valid run name: use lowercase letters, digits and dashes, starting "
                          f"with a letter or digit (e.g. {re.sub('[^a-z0-9-]+', '-', name.lower()).strip('-') or 'my-run'!r}); "
                          "it names the run's dashboard artifacts")
     return name

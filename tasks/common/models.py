@@ -32,13 +32,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from tasks.common.config import SCHEDULER_CLASSES
-from tasks.common.errors import PermanentError
+from tasks.common.errors import InputError, PermanentError
 from tasks.common.tiny import ensure_tiny
 
 DIFFUSION_HUB_IDS = {
@@ -112,12 +113,14 @@ def _not_available(preset: str, setting: str, source: str, err: Exception,
 
 
 def _world_dir(kind: str, setting: str) -> Path:
-    """The shipped world model folder of ``kind`` (:mod:`tasks.world.weights`); an error naming the fixes if absent."""
-    from tasks.world.weights import missing_message, model_dir
-
-    folder = model_dir(kind)
+    """The shipped world model folder of ``kind``: package data of ``tasks.world`` (``weights/<kind>``, written
+    by :mod:`tasks.world.build`, whose code is above this layer); an error naming the fixes if absent."""
+    folder = Path(str(resources.files("tasks.world").joinpath("weights", kind)))
     if not folder.is_dir():
-        raise ModelNotAvailableError(missing_message(kind, setting))
+        raise ModelNotAvailableError(
+            f"model preset 'world': {folder} is missing; it ships with the repository (git checkout "
+            f"tasks/world/weights), or rebuild it with `python -m tasks.world.build` (about 10 CPU-minutes), "
+            f"or point {setting} at a build's {kind}/ folder")
     return folder
 
 
@@ -245,7 +248,7 @@ def make_scheduler(name: str, source: str | None = None, local_files_only: bool 
     import diffusers
 
     if name not in SCHEDULER_CLASSES:
-        raise ValueError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULER_CLASSES)}")
+        raise InputError(f"unknown scheduler {name!r}; expected one of {sorted(SCHEDULER_CLASSES)}")
     cls = getattr(diffusers, SCHEDULER_CLASSES[name])
     if source is None:
         return cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")

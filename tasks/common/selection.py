@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tasks.common.errors import InputError
+
 METRICS = ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
 # metric column -> the field of a selection (`render.keep`, `filter.*`) holding its threshold
 THRESHOLD_FIELD = {
@@ -104,7 +106,7 @@ def _rung_checks(df: pd.DataFrame | Mapping[str, Any], selection: Any, rung: str
         status = np.asarray(df[VLM_STATUS], dtype=object) if VLM_STATUS in df else np.full(n, None, dtype=object)
         return [("vlm_unparseable", status == "unparseable"), ("vlm_refused", status == "refused"),
                 ("vlm_score", _column(df, VLM_SCORE, n) < selection.vlm_threshold)]
-    raise ValueError(f"unknown rung {rung!r}; expected one of {RUNGS}")
+    raise InputError(f"unknown rung {rung!r}; expected one of {RUNGS}")
 
 
 def _unscored(df: pd.DataFrame | Mapping[str, Any], rung: str, n: int) -> np.ndarray:

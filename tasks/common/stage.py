@@ -7,20 +7,22 @@ adding a stage is one record.
 
 - ``entry``: ``"module:function"``, called as ``run(cfg, partition_id, *, logger=None, <test seams>)``
   and returning the partition's manifest (the stage contract, :mod:`tasks.common.contract`);
-- ``reads``: the upstream stages; their hashes are part of this stage's, and their partitions must
-  be finished under those hashes before this one starts; ``reads_when`` adds the ones a config switches
-  on (the filter reads the judge stage only when the VLM judge is on): :meth:`Stage.upstreams`;
+- ``reads``: the upstream stages' records (a spec imports its upstreams' specs: the DAG's edges); their
+  hashes are part of this stage's, and their partitions must be finished under those hashes before this
+  one starts; ``reads_when`` adds the ones a config switches on (the filter reads the judge stage only
+  when the VLM judge is on): :meth:`Stage.upstream_stages`;
 - ``hashes``: the config sections (dotted keys) the stage's output depends on — operational fields
   left out (:func:`tasks.common.config.operational`) — or a function of the config giving them;
 - ``resources``: what one partition holds (CPUs, GPUs, batch), as NeMo Curator's stages declare;
 - ``partitions``: ``all`` (every partition of the captions ledger: ``captions.num_partitions`` in its
-  first generation, more as it grows) or ``one`` (``part-00000``);
+  first generation, more as it grows; :func:`tasks.registry.partition_ids` asks it) or ``one`` (``part-00000``);
 - ``prepare`` / ``finalize``: ``"module:function"`` run once before / after the partitions
   (the captions plan; the shard index);
 - ``headline``: the dashboard table's first columns after partition, status, in, out (the figures a
   reader looks for; every other figure of the manifest follows them, :mod:`flows.dashboard`).
 
-Strings, not functions, name the code so that reading the registry imports no torch.
+Strings, not functions, name the code so that reading the registry imports no torch. :func:`stage_hash`
+and :func:`execute` work from a record, so a stage's code runs itself without the registry above it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from tasks.common.contract import PartitionWork, execute_partition, finished
+from tasks.common.layout import partition_dir
 
 if TYPE_CHECKING:
     from tasks.common.config import PipelineConfig
@@ -66,14 +72,14 @@ class Stage:
     name: str
     entry: str
     summary: str
-    reads: tuple[str, ...]
+    reads: tuple[Stage, ...]
     hashes: tuple[str, ...] | Callable[[PipelineConfig], tuple[str, ...]]
     outputs: tuple[str, ...]
     resources: Callable[[PipelineConfig], Resources]
     partitions: Literal["all", "one"] = "all"
     in_chain: bool = True
     hash_extra: Callable[[PipelineConfig], dict[str, Any]] | None = None
-    reads_when: Callable[[PipelineConfig], tuple[str, ...]] | None = None
+    reads_when: Callable[[PipelineConfig], tuple[Stage, ...]] | None = None
     prepare: str | None = None
     finalize: str | None = None
     retries: int = 1
@@ -81,16 +87,13 @@ class Stage:
     progress: bool = False
     headline: tuple[str, ...] = ()
 
-    def partition_ids(self, cfg: PipelineConfig) -> list[int]:
-        if self.partitions == "one":
-            return [0]
-        from tasks.captions.generations import partition_count  # the ledger decides (lazy: no cycle)
-
-        return list(range(partition_count(cfg)))
-
-    def upstreams(self, cfg: PipelineConfig) -> tuple[str, ...]:
+    def upstream_stages(self, cfg: PipelineConfig) -> tuple[Stage, ...]:
         """The stages this one reads under ``cfg``: ``reads`` and those ``reads_when`` switches on."""
         return self.reads + (self.reads_when(cfg) if self.reads_when else ())
+
+    def upstreams(self, cfg: PipelineConfig) -> tuple[str, ...]:
+        """The names of :meth:`upstream_stages`."""
+        return tuple(s.name for s in self.upstream_stages(cfg))
 
     def sections(self, cfg: PipelineConfig) -> tuple[str, ...]:
         return self.hashes(cfg) if callable(self.hashes) else self.hashes
@@ -133,3 +136,35 @@ def config_hash(stage: Stage, cfg: PipelineConfig, upstream: Mapping[str, str],
     picked["upstream"] = dict(sorted(upstream.items()))
     blob = json.dumps({"stage": stage.name, **picked}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def stage_hash(cfg: PipelineConfig, stage: Stage, *, upstream: Mapping[str, str] | None = None,
+               extra: Mapping[str, Any] | None = None) -> str:
+    """The config hash of ``stage`` (:func:`config_hash`): its sections and the hashes of the stages it
+    reads, recursively (``upstream`` overrides them)."""
+    if upstream is None:
+        upstream = {u.name: stage_hash(cfg, u) for u in stage.upstream_stages(cfg)}
+    return config_hash(stage, cfg, upstream, extra)
+
+
+def execute(cfg: PipelineConfig, stage: Stage, partition_id: int, work: PartitionWork,
+            logger: logging.Logger | None = None, *, upstream: Mapping[str, str] | None = None,
+            extra: Mapping[str, Any] | None = None, check_upstream: bool = True) -> dict[str, Any]:
+    """Run ``work`` for one partition of ``stage`` under the stage contract, with the stage's hash and the
+    upstream partitions it must find finished (under their hashes) before it starts
+    (``check_upstream=False``: the stage checked its inputs itself)."""
+    records = {u.name: u for u in stage.upstream_stages(cfg)}
+    upstream = dict(upstream) if upstream is not None else {n: stage_hash(cfg, u) for n, u in records.items()}
+    inputs = {u: (stage.upstream_partition(records[u], partition_id), h) for u, h in upstream.items()
+              if check_upstream}
+    return execute_partition(stage.name, partition_id, cfg.output_root,
+                             stage_hash(cfg, stage, upstream=upstream, extra=extra), work, logger, inputs=inputs,
+                             verify=cfg.verify)
+
+
+def manifests(cfg: PipelineConfig, stage: Stage, partition_ids: list[int],
+              config_hash: str | None = None) -> dict[int, dict[str, Any] | None]:
+    """Partition id -> its `_SUCCESS.json` when finished under this config's hash of ``stage`` (or
+    ``config_hash``), else None (:func:`tasks.common.contract.finished`)."""
+    expected = config_hash or stage_hash(cfg, stage)
+    return {pid: finished(partition_dir(cfg.output_root, stage.name, expected, pid), expected) for pid in partition_ids}

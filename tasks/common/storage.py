@@ -119,7 +119,7 @@ def write_json_atomic(url: str, obj: Any) -> None:
     write_bytes_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"))
 
 
-class UnreadableFileError(ValueError):
+class UnreadableFileError(PermanentError, ValueError):
     """A file that is there but cannot be parsed (cut short, or not what its name says); names the file."""
 
 

@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.common import storage
+from tasks.common.errors import PermanentError
 
 LABELS = ("good", "wrong", "broken", "unsure")  # good edit / wrong edit / broken image / unsure
 POSITIVE = "good"
@@ -48,7 +49,7 @@ SENT_KEYS = {"partition", "sample_key", "label", "reviewer", "session"}
 OPTIONAL_KEYS = {"pair_sha256"}
 
 
-class LabelError(ValueError):
+class LabelError(PermanentError, ValueError):
     """A label that cannot be stored; the message names the field and what it expects."""
 
 
@@ -100,7 +101,7 @@ class LabelStore:
         self.folder = folder
         self.writer = writer or uuid.uuid4().hex[:12]
         if not SESSION_RE.match(self.writer):
-            raise ValueError(f"writer id {self.writer!r}: {SESSION_RE.pattern}")
+            raise LabelError(f"writer id {self.writer!r}: {SESSION_RE.pattern}")
         self.chunk_rows = chunk_rows
         self._rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self._lock = threading.Lock()

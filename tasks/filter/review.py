@@ -23,9 +23,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from tasks.captions.generations import partition_ids
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import read_success
+from tasks.common.errors import PermanentError
 from tasks.common.selection import (
     DINO,
     SSIM,
@@ -35,6 +37,9 @@ from tasks.common.selection import (
     select_top_k,
     thresholds,
 )
+from tasks.common.stage import manifests, stage_hash
+from tasks.judge.spec import STAGE as JUDGE
+from tasks.render.spec import STAGE as RENDER
 
 IMAGES = ("input", "edited")
 STRATUM_ORDER = {"kept": 0, "near": 1, "passed": 2, "far": 3}  # within a round of the queue
@@ -50,15 +55,13 @@ _DISTANCE = {
 }
 
 
-class NoRenderError(ValueError):
+class NoRenderError(PermanentError, ValueError):
     """No finished render partition to review (names the config and what to run)."""
 
 
 def finished_partitions(cfg: PipelineConfig) -> list[int]:
     """The render partitions finished under this config's render hash."""
-    from tasks import registry
-
-    return sorted(pid for pid, m in registry.manifests(cfg, "render").items() if m)
+    return sorted(pid for pid, m in manifests(cfg, RENDER, partition_ids(cfg, RENDER)).items() if m)
 
 
 def spread(ids: Sequence[int], most: int) -> list[int]:
@@ -77,9 +80,7 @@ def pair_sha256(input_sha: str, edited_sha: str) -> str:
 def load_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -> pd.DataFrame:
     """The samples of ``partitions`` (default: up to ``review.max_partitions`` of the finished ones) with
     ``partition``, the image hashes and the filter's decision (see the module doc)."""
-    from tasks import registry
-
-    render_hash = registry.stage_hash(cfg, "render")
+    render_hash = stage_hash(cfg, RENDER)
     done = finished_partitions(cfg)
     if not done:
         raise NoRenderError(f"no render partition of '{cfg.name}' is finished under {cfg.output_root} (render hash "
@@ -113,10 +114,8 @@ def load_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -
 def _judged(cfg: PipelineConfig, pid: int, samples: pd.DataFrame) -> pd.DataFrame:
     """``samples`` with the VLM judge's scores joined by sample key (NaN: not judged, or the judge partition
     is not finished), as the filter stage joins them."""
-    from tasks import registry
-
-    judge_hash = registry.stage_hash(cfg, "judge")
-    if not registry.manifests(cfg, "judge", [pid], config_hash=judge_hash).get(pid):
+    judge_hash = stage_hash(cfg, JUDGE)
+    if not manifests(cfg, JUDGE, [pid], config_hash=judge_hash).get(pid):
         return samples
     judgments = storage.read_parquet(layout.partition_file(cfg.output_root, "judge", judge_hash, pid,
                                                            layout.JUDGMENTS_FILE))
@@ -200,10 +199,7 @@ def queue_for(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -> t
     """(the review queue, every sample read) for a config."""
     samples = load_samples(cfg, partitions)
     strata = assign_strata(samples, cfg.selection(), cfg.review.band)
-    from tasks import registry
-
-    queue = review_queue(samples, strata, stratum_sizes(cfg, strata.dropna().unique()),
-                         registry.stage_hash(cfg, "render"))
+    queue = review_queue(samples, strata, stratum_sizes(cfg, strata.dropna().unique()), stage_hash(cfg, RENDER))
     return queue, samples.assign(stratum=strata.to_numpy())
 
 

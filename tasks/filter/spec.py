@@ -8,6 +8,8 @@ part of this one's.
 
 from tasks.common.layout import KEPT_FILE
 from tasks.common.stage import Resources, Stage
+from tasks.judge.spec import STAGE as JUDGE
+from tasks.render.spec import STAGE as RENDER
 
 
 def selection_inputs(cfg) -> dict:
@@ -22,8 +24,8 @@ STAGE = Stage(
     entry="tasks.filter.stage:run",
     summary="re-select the kept pairs from the stored scores (CLIP, DINOv2, SSIM, VLM thresholds; top-k), "
             "no re-rendering or re-judging",
-    reads=("render",),
-    reads_when=lambda cfg: ("judge",) if cfg.judges.vlm.enabled else (),
+    reads=(RENDER,),
+    reads_when=lambda cfg: (JUDGE,) if cfg.judges.vlm.enabled else (),
     hashes=(),
     hash_extra=selection_inputs,
     outputs=(KEPT_FILE,),

@@ -39,7 +39,8 @@ from tasks.common.selection import (
     per_seed_eligible,
     select_top_k,
 )
-from tasks.registry import execute
+from tasks.common.stage import execute
+from tasks.filter.spec import STAGE as FILTER
 
 STAGE = "filter"
 log = logging.getLogger("editforge")
@@ -100,7 +101,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         if cfg.filter.note:
             run.extra["note"] = cfg.filter.note
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, FILTER, partition_id, work, logger)
 
 
 def funnel_line(counts: dict[str, int]) -> str | None:

@@ -8,6 +8,7 @@ judge off the stage writes an empty ``judgments.parquet`` per partition and asks
 
 from tasks.common.layout import JUDGMENTS_FILE
 from tasks.common.stage import Resources, Stage
+from tasks.render.spec import STAGE as RENDER
 
 
 def sections(cfg) -> tuple[str, ...]:
@@ -34,7 +35,7 @@ STAGE = Stage(
     name="judge",
     entry="tasks.judge.stage:run",
     summary="the VLM rung: a vision-language judge grades render's candidates with a VIEScore-like rubric",
-    reads=("render",),
+    reads=(RENDER,),
     hashes=sections,
     hash_extra=inputs,
     outputs=(JUDGMENTS_FILE,),

@@ -34,9 +34,10 @@ from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, VLMJudgeConfig
 from tasks.common.contract import Checkpoint, PartitionRun
 from tasks.common.layout import JUDGMENTS_FILE, SAMPLES_FILE, image_name
+from tasks.common.stage import execute
 from tasks.judge.cost import row_costs, spent
+from tasks.judge.spec import STAGE as JUDGE
 from tasks.judge.vlm import JUDGMENT_COLUMNS, RUBRIC, image_url, input_sha, judgment_row, request_body
-from tasks.registry import execute
 
 STAGE = "judge"
 CHAT = "/v1/chat/completions"
@@ -81,7 +82,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
                 _judge(cfg, run, pending, cands, checkpoint, partition_id, logger, on_chunk)
         _assemble(run, checkpoint, cands, v)
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, JUDGE, partition_id, work, logger)
 
 
 def _judge(cfg: PipelineConfig, run: PartitionRun, pending: pd.DataFrame, cands: pd.DataFrame,

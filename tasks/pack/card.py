@@ -13,16 +13,27 @@ from typing import Any
 
 import yaml
 
-from tasks import registry
+from tasks.captions.generations import partition_ids
+from tasks.captions.spec import STAGE as CAPTIONS
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import code_version
+from tasks.common.stage import Stage, manifests, stage_hash
+from tasks.filter.spec import STAGE as FILTER
+from tasks.finetune.spec import FINETUNE
+from tasks.judge.spec import STAGE as JUDGE
+from tasks.pack.spec import STAGE as PACK
+from tasks.render.spec import STAGE as RENDER
+from tasks.text.spec import TEXT
 
 CARD = "README.md"
+# the generation chain the card's hash table lists (tasks.registry.chain(); a test holds them equal)
+CHAIN: tuple[Stage, ...] = (CAPTIONS, FINETUNE, TEXT, RENDER, JUDGE, FILTER, PACK)
 
 
-def _total(cfg: PipelineConfig, stage: str, key: str) -> int:
-    return sum((m or {}).get("counts", {}).get(key, 0) for m in registry.manifests(cfg, stage).values())
+def _total(cfg: PipelineConfig, stage: Stage, key: str) -> int:
+    found = manifests(cfg, stage, partition_ids(cfg, stage)).values()
+    return sum((m or {}).get("counts", {}).get(key, 0) for m in found)
 
 
 def card_text(cfg: PipelineConfig, index: dict[str, Any]) -> str:
@@ -34,14 +45,14 @@ def card_text(cfg: PipelineConfig, index: dict[str, Any]) -> str:
                  for split, paths in hf.items() if paths]}]}
     keep, chosen = cfg.render.keep, cfg.selection()
     splits = index["splits"]
-    hashes = {s.name: registry.stage_hash(cfg, s.name) for s in registry.chain()}
+    hashes = {s.name: stage_hash(cfg, s) for s in CHAIN}
     rows = [
         ("pairs (train / validation)", f"{splits['train']['samples']:,} / {splits['val']['samples']:,}"),
-        ("captions sampled", f"{_total(cfg, 'captions', 'out'):,}"),
-        ("triplets (input caption, instruction, output caption)", f"{_total(cfg, 'text', 'out'):,}"),
-        ("samples rendered / passed the CLIP filter", f"{_total(cfg, 'render', 'samples'):,} / "
-                                                      f"{_total(cfg, 'render', 'passed'):,}"),
-        ("triplets with a kept pair", f"{_total(cfg, 'filter', 'triplets_kept'):,}"),
+        ("captions sampled", f"{_total(cfg, CAPTIONS, 'out'):,}"),
+        ("triplets (input caption, instruction, output caption)", f"{_total(cfg, TEXT, 'out'):,}"),
+        ("samples rendered / passed the CLIP filter", f"{_total(cfg, RENDER, 'samples'):,} / "
+                                                      f"{_total(cfg, RENDER, 'passed'):,}"),
+        ("triplets with a kept pair", f"{_total(cfg, FILTER, 'triplets_kept'):,}"),
         ("CLIP thresholds: image-image / directional / caption",
          f"{chosen.clip_image_threshold} / {chosen.clip_direction_threshold} / {chosen.clip_caption_threshold}"),
         ("top k per triplet (by directional similarity)", str(chosen.top_k)),
@@ -71,6 +82,6 @@ def write_card(cfg: PipelineConfig, index: dict[str, Any]) -> str | None:
     """Write the card beside the index (with ``pack.hf_export``); its URL."""
     if not cfg.pack.hf_export:
         return None
-    url = storage.url_join(layout.stage_dir(cfg.output_root, "pack", registry.stage_hash(cfg, "pack")), CARD)
+    url = storage.url_join(layout.stage_dir(cfg.output_root, "pack", stage_hash(cfg, PACK)), CARD)
     storage.write_bytes_atomic(url, card_text(cfg, index).encode())
     return url

@@ -4,7 +4,7 @@ Shard entries are relative to the index's folder (`part-00000/train-000000.tar`)
 moved elsewhere (another disk, a bucket) still finds its shards; an absolute URL in an index is
 taken as is. Read it with :func:`read_index`, which resolves them::
 
-    index = read_index(registry.index_url(cfg))  # runs/demo/pack/<hash>/index.json
+    index = read_index(index_url(cfg))  # runs/demo/pack/<hash>/index.json
     webdataset.WebDataset(index["splits"]["train"]["shards"])
 """
 
@@ -16,8 +16,15 @@ from typing import Any
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
+from tasks.common.errors import InputError, MissingFileError
+from tasks.common.stage import stage_hash
 from tasks.pack.card import write_card
-from tasks.registry import stage_hash
+from tasks.pack.spec import STAGE as PACK
+
+
+def index_url(cfg: PipelineConfig) -> str:
+    """This config's shard index: ``pack/<hash>/index.json`` (the one place its URL is made)."""
+    return layout.index_url(cfg.output_root, stage_hash(cfg, PACK))
 
 
 def _relative(manifest: dict[str, Any], name: str) -> str:
@@ -41,9 +48,9 @@ def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logg
                    for split in ("train", "val")},
         "shards": shards,
         "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
-        "config_hash": stage_hash(cfg, "pack"),
+        "config_hash": stage_hash(cfg, PACK),
     }
-    url = layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
+    url = index_url(cfg)
     storage.write_json_atomic(url, index)
     write_card(cfg, index)  # README.md beside it (with pack.hf_export): the dataset card
     return resolve(index, url)
@@ -70,9 +77,9 @@ def read_index(index_url: str, resolved: bool = True) -> dict[str, Any]:
     """The index at ``index_url`` (checked: it exists, its train split has shards), entries resolved
     to full URLs unless ``resolved=False`` (the entries as stored, e.g. to hash them)."""
     if not storage.exists(index_url):
-        raise FileNotFoundError(f"no shard index at {index_url}: run the generate flow first "
+        raise MissingFileError(f"no shard index at {index_url}: run the generate flow first "
                                 "(python -m flows.generate --preset ...) or pass the index of existing shards")
     index = storage.read_json(index_url)
     if not index.get("splits", {}).get("train", {}).get("shards"):
-        raise ValueError(f"{index_url}: the train split has no shards")
+        raise InputError(f"{index_url}: the train split has no shards")
     return resolve(index, index_url) if resolved else index

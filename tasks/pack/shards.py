@@ -1,4 +1,5 @@
-"""Pack stage: kept pairs → WebDataset shards (`train-*.tar`, `val-*.tar`); the run's index is `tasks.pack.index`.
+"""WebDataset shards of kept pairs (`train-*.tar`, `val-*.tar`): the pack stage's samples and how a shard is
+written (the stage's entry is :mod:`tasks.pack.stage`; the run's index is :mod:`tasks.pack.index`).
 
 Sample layout: key `{caption_id}_{seed}` (no dots), `input.{ext}`, `edited.{ext}`,
 `instruction.txt`, `json` (captions, seed, p, cfg, CLIP metrics, the judge ladder's scores that were
@@ -15,20 +16,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
 
 from PIL import Image
 
-from tasks.common import layout, storage
-from tasks.common.config import PackConfig, PipelineConfig
-from tasks.common.contract import PartitionRun
+from tasks.common import storage
+from tasks.common.config import PackConfig
 from tasks.common.layout import image_name
 from tasks.common.selection import DINO, METRICS, SSIM, VLM_COLUMNS
-from tasks.pack.hf_export import write_hf_parquet
-from tasks.registry import execute
 
-STAGE = "pack"
 JUDGE_SCORES = (DINO, SSIM, *VLM_COLUMNS)
 PIL_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -86,46 +82,3 @@ def write_shard(url: str, samples: list[dict]) -> None:
         for sample in samples:
             sink.write(sample)
     storage.write_bytes_atomic(url, buf.getvalue())
-
-
-def _caption_meta(cfg: PipelineConfig, captions_url: str) -> dict:
-    captions = storage.read_parquet(captions_url)
-    models = {"diffusion": cfg.models.diffusion_path or cfg.models.diffusion,
-              "clip": cfg.models.clip_path or cfg.models.clip, "lm": cfg.models.lm_path or cfg.models.lm}
-    return {r.caption_id: {"url": r.url, "aesthetic_score": r.aesthetic_score, "models": models}
-            for r in captions.itertuples()}
-
-
-def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None) -> dict:
-    """Write one partition's kept pairs as shards (see module doc)."""
-    p = cfg.pack
-
-    def work(run: PartitionRun) -> None:
-        kept = storage.read_parquet(run.input_path("filter", layout.KEPT_FILE))
-        run.stats.add("in", len(kept))
-        run.extra["shards"] = []
-        if kept.empty:
-            run.stats.add("out", 0)
-            return
-        meta = _caption_meta(cfg, run.input_path("captions", layout.CAPTIONS_FILE))
-        render_dir = run.input_dir("render")  # kept pairs' images (relative layout: the run can move)
-        kept = kept.sort_values("sample_key").reset_index(drop=True)
-        kept["split"] = kept["caption_id"].map(lambda c: split_of(c, p.val_fraction))
-        shards = []
-        for split in ("train", "val"):
-            rows = kept[kept["split"] == split]
-            for n, start in enumerate(range(0, len(rows), p.shard_max_samples)):
-                chunk = rows.iloc[start: start + p.shard_max_samples]
-                name = f"{split}-{n:06d}.tar"
-                samples = [sample_dict(r, render_dir, p, meta) for _, r in chunk.iterrows()]
-                write_shard(run.output(name), samples)
-                if p.hf_export:
-                    write_hf_parquet(run.output(f"hf/{split}-{n:06d}.parquet"), samples, p.image_format)
-                shards.append({"name": name, "split": split, "samples": len(chunk)})
-                run.stats.add(f"{split}_samples", len(chunk))
-        run.stats.add("out", len(kept))
-        run.stats.add("shards", len(shards))
-        run.extra["shards"] = shards
-
-    return execute(cfg, STAGE, partition_id, work, logger)
-

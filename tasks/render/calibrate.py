@@ -27,13 +27,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.captions.generations import partition_ids
 from tasks.common import storage
 from tasks.common.config import PipelineConfig, Selection
-from tasks.common.contract import is_done
-from tasks.common.layout import SAMPLES_FILE, partition_file
+from tasks.common.contract import finished
+from tasks.common.errors import PermanentError
+from tasks.common.layout import SAMPLES_FILE, partition_dir, partition_file
 from tasks.common.selection import METRICS, passes
-from tasks.registry import partition_ids, stage_hash
+from tasks.common.stage import stage_hash
 from tasks.render.early import early_keep, early_step_count
+from tasks.render.spec import STAGE as RENDER
 
 DEFAULT_MARGINS = tuple(round(-0.05 + 0.025 * i, 6) for i in range(15))  # -0.05, -0.025, ..., 0.30
 
@@ -45,7 +48,7 @@ DRY_RUN_HINT = ("render a few partitions with early scoring and no dropping, e.g
                 "then calibrate with the same --preset and --set options")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(PermanentError, ValueError):
     """The config or the rendered partitions cannot be used to calibrate the margin."""
 
 
@@ -76,10 +79,10 @@ def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequenc
     passing sample would be dropped.
     """
     if not 1 <= after_steps < steps:
-        raise ValueError(f"after_steps must be in [1, steps), got {after_steps} of {steps}")
+        raise CalibrationError(f"after_steps must be in [1, steps), got {after_steps} of {steps}")
     used = tuple(used)
     if not used:
-        raise ValueError("no early-rejection metrics given")
+        raise CalibrationError("no early-rejection metrics given")
     scored = samples[scored_mask(samples, used)] if len(samples) else samples
     passing = passes(scored, selection, rungs).to_numpy(dtype=bool) if len(scored) else np.zeros(0, dtype=bool)
     n, n_pass = len(scored), int(passing.sum())
@@ -156,11 +159,11 @@ def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | No
     or when no row has both early and final metrics.
     """
     calibration_settings(cfg)
-    expected = stage_hash(cfg, "render")
-    ids = list(partitions) if partitions is not None else partition_ids(cfg, "render")
+    expected = stage_hash(cfg, RENDER)
+    ids = list(partitions) if partitions is not None else partition_ids(cfg, RENDER)
     frames, read, skipped = [], [], []
     for i in ids:
-        if not is_done(cfg.output_root, "render", i, expected):
+        if not finished(partition_dir(cfg.output_root, "render", expected, i), expected):
             skipped.append(i)
             continue
         frames.append(storage.read_parquet(partition_file(cfg.output_root, "render", expected, i, SAMPLES_FILE)))

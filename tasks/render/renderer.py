@@ -27,9 +27,9 @@ from tasks.common.config import PipelineConfig, Selection
 from tasks.common.devices import compute_dtype, torch_device
 from tasks.common.models import MODELS, ClipComponents, DiffusionComponents, load_clip, load_diffusion
 from tasks.common.selection import METRICS
-from tasks.filter.scorer import ClipScorer
 from tasks.render.early import EarlyRejection, early_keep
 from tasks.render.pairs import PairBatch, PairRequest, RenderSettings, render_pairs
+from tasks.scoring.clip import ClipScorer
 
 CPU_AUTO_BATCH = 8
 log = logging.getLogger("editforge")

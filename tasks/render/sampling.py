@@ -20,19 +20,16 @@ same ancestral noise for both images (diffusers draws one tensor per batch eleme
 of generators).
 
 Unlike the reference (which draws seeds from a global RNG seeded with a random global seed), seeds
-here are derived from the triplet's ``caption_id`` (:func:`sample_seeds`), so sample ``i`` of a triplet
+here are derived from the triplet's ``caption_id`` (:func:`tasks.render.seeds.sample_seeds`), so sample ``i`` of a triplet
 has the same seed whatever the batching, the partitioning or the run: a re-run reproduces it exactly.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-SEED_BITS = 32
 
 
 @dataclass(frozen=True)
@@ -86,23 +83,6 @@ def sample_params(
         u = torch.rand(branches - 1, generator=generator)[branch - 1].item()
     p = p_min + (branch + u) / branches * (p_max - p_min)
     return SampleParams(seed=int(seed), cfg_scale=cfg, p2p_p=min(p, p_max))
-
-
-def sample_seed(caption_id: str, index: int, base_seed: int = 0) -> int:
-    """The stable 32-bit seed of sample ``index`` of triplet ``caption_id``."""
-    digest = hashlib.sha256(f"{base_seed}:{caption_id}:{index}".encode()).digest()
-    return int.from_bytes(digest[: SEED_BITS // 8], "big")
-
-
-def sample_seeds(caption_id: str, n: int, base_seed: int = 0) -> list[int]:
-    """``n`` stable 32-bit seeds for one triplet: sha256 of ``f"{base_seed}:{caption_id}:{i}"``.
-
-    Seeds can repeat only by a 32-bit hash collision (about n²/2³³); callers that need distinct
-    seeds (the reference skips a seed it already rendered) should drop duplicates.
-    """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    return [sample_seed(caption_id, i, base_seed) for i in range(n)]
 
 
 def pair_generators(seed: int, device: str | torch.device = "cpu") -> tuple[torch.Generator, torch.Generator]:

@@ -34,8 +34,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from tasks.render.sampling import sample_seed
+from tasks.render.seeds import sample_seed
+
+if TYPE_CHECKING:
+    from tasks.common.config import PipelineConfig
 
 STATUSES = ("satisfied", "gave_up", "exhausted")
 
@@ -50,6 +54,22 @@ class SamplingPolicy:
     give_up_after: int | None = None
     group: int = 1
     per_group: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> SamplingPolicy:
+        """The plan's rules from the config: one round of ``samples_per_triplet`` unless a saver is on."""
+        r = cfg.render
+        rounds = r.adaptive or r.give_up_after is not None
+        return cls(max_samples=r.samples_per_triplet, round_size=r.round_size if rounds else None,
+                   target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
+                   give_up_after=r.give_up_after, group=r.p_branches,
+                   per_group=r.keep_per_seed if r.p_branches > 1 else None)
+
+    def settings(self) -> dict[str, Any]:
+        """The policy as the render settings it was made of (those a setting that is off leaves out: None)."""
+        return {"render.samples_per_triplet": self.max_samples, "render.round_size": self.round_size,
+                "render.target_passed": self.target_passed, "render.give_up_after": self.give_up_after,
+                "render.p_branches": self.group, "render.keep_per_seed": self.per_group}
 
     def __post_init__(self) -> None:
         for name in ("max_samples", "round_size", "target_passed", "give_up_after", "group", "per_group"):

@@ -7,6 +7,7 @@ rungs that are on (``judges.dino`` with ``models.dino*``, ``judges.ssim``).
 
 from tasks.common.layout import SAMPLES_FILE
 from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.text.spec import TEXT
 from tasks.world.weights import hash_extra as world_models
 
 
@@ -39,7 +40,7 @@ STAGE = Stage(
     name="render",
     entry="tasks.render.stage:run",
     summary="Prompt-to-Prompt pairs per triplet, CLIP-scored in the same pass (+ the DINOv2/SSIM rungs); top-k kept",
-    reads=("text",),
+    reads=(TEXT,),
     hashes=sections,
     hash_extra=render_inputs,
     outputs=(SAMPLES_FILE, "images/<key>_{input,edited}.png"),

@@ -6,7 +6,7 @@ giving up when switched on), and groups them into cohorts of ``batch_samples`` (
 2 x with ``render.guidance: none``; triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
 the decoded tensors against ``render.keep`` (the paper's thresholds), then, when switched on, by the judge
 ladder's image rungs while the images are in memory (``judges.dino``: DINOv2 similarity of the samples that
-passed CLIP; ``judges.ssim``: SSIM of those that passed DINOv2; :mod:`tasks.judge.image_rungs`), and its
+passed CLIP; ``judges.ssim``: SSIM of those that passed DINOv2; :mod:`tasks.scoring.image_rungs`), and its
 rows go to a checkpoint chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
 are staged as lossless PNG beside the checkpoint. At the end the top-k per triplet are marked
 ``kept``, the images ``render.save_images`` asks for (by default only the kept pairs', as in the
@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from tasks.common import storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import Checkpoint, PartitionRun
+from tasks.common.errors import MissingFileError
 from tasks.common.layout import SAMPLES_FILE, TRIPLETS_FILE, image_name, sample_key
 from tasks.common.selection import (
     DINO,
@@ -58,12 +59,13 @@ from tasks.common.selection import (
     select_top_k,
     thresholds,
 )
-from tasks.judge.image_rungs import SSIM_LIBRARY, score_image_rungs
-from tasks.registry import execute
+from tasks.common.stage import execute
 from tasks.render.early import early_step_count
 from tasks.render.pairs import PairRequest
 from tasks.render.renderer import BatchSizer, Renderer, ScoredBatch, get_renderer, is_oom, settings_from
 from tasks.render.scheduling import PlannedSample, RenderPlan, SamplingPolicy
+from tasks.render.spec import STAGE as RENDER
+from tasks.scoring.image_rungs import SSIM_LIBRARY, score_image_rungs
 
 STAGE = "render"
 SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, DINO, "dino_model", SSIM,
@@ -76,20 +78,6 @@ def to_png(image: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def sampling_policy(cfg: PipelineConfig) -> SamplingPolicy:
-    """The plan's rules from the config: one round of ``samples_per_triplet`` unless a saver is on."""
-    r = cfg.render
-    rounds = r.adaptive or r.give_up_after is not None
-    return SamplingPolicy(
-        max_samples=r.samples_per_triplet,
-        round_size=r.round_size if rounds else None,
-        target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
-        give_up_after=r.give_up_after,
-        group=r.p_branches,
-        per_group=r.keep_per_seed if r.p_branches > 1 else None,
-    )
 
 
 def render_rungs(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -163,7 +151,7 @@ def publish_images(run: PartitionRun, checkpoint: Checkpoint, keys: list[str]) -
             if source.rsplit("/", 1)[-1] in waiting:
                 storage.move(source, target)
             elif not storage.exists(target):
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"render part-{run.partition_id:05d}: the {which} image of sample {key} is neither staged "
                     f"({source}) nor stored ({target}); delete {checkpoint.dir} to re-render the partition")
 
@@ -268,7 +256,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         run.stats.add("in", len(triplets))
         triplets = triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
         triplets = triplets.set_index("caption_id", drop=False)
-        plan = RenderPlan(triplets["caption_id"].tolist(), sampling_policy(cfg), r.base_seed)
+        plan = RenderPlan(triplets["caption_id"].tolist(), SamplingPolicy.from_config(cfg), r.base_seed)
         checkpoint = run.checkpoint("sample_key")
         previous = load_rows(checkpoint, logger)
         if len(previous):
@@ -290,7 +278,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         storage.write_parquet_atomic(run.output(SAMPLES_FILE), samples[SAMPLE_COLUMNS])
         record_stats(run, cfg, plan, samples)
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, RENDER, partition_id, work, logger)
 
 
 def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, samples: pd.DataFrame) -> None:

@@ -7,7 +7,7 @@ reason (see `tasks.text.format`), sorted by caption id, and the attempt its answ
 (`text.max_attempts` tries while a completion is rejected, each with its own seed). Generation checkpoints as it goes (per batch
 locally, per chunk of answers online, per batch job), so a killed run restarts where it stopped and
 ends with exactly the rows of an uninterrupted run. The fine-tune it reads is its own stage
-(`tasks.text.finetune`).
+(`tasks.finetune.stage`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import pandas as pd
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, check_text_lm
 from tasks.common.contract import Checkpoint, PartitionRun
-from tasks.registry import execute
-from tasks.text.finetune import finetuned_model, finetuned_model_id
+from tasks.common.stage import execute
+from tasks.finetune.stage import finetuned_model, finetuned_model_id
 from tasks.text.format import TRIPLET_COLUMNS, attempt_counts, canonical_triplets, mark_duplicates
 from tasks.text.local_backend import generate_partition
+from tasks.text.spec import TEXT
 
 STAGE = "text"
 log = logging.getLogger("editforge")
@@ -51,7 +52,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
             _generate_openai(cfg, run, captions, checkpoint, partition_id, logger, on_chunk)
         _assemble(run, checkpoint, cfg.text.max_attempts)
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, TEXT, partition_id, work, logger)
 
 
 def _generate_openai(cfg: PipelineConfig, run: PartitionRun, captions: pd.DataFrame, checkpoint: Checkpoint,

@@ -50,8 +50,16 @@ from webdataset.filters import _shuffle
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from tasks.common import storage
+from tasks.common.errors import InputError, PermanentError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SampleError(PermanentError, KeyError):
+    """A shard's sample lacks an image or its instruction (the message names the sample and the shard)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ def shard_urls(index_url: str, split: str = "train") -> list[str]:
     try:
         return list(index["splits"][split]["shards"])
     except KeyError as err:
-        raise ValueError(f"{index_url}: no split {split!r} (has {sorted(index.get('splits', {}))})") from err
+        raise InputError(f"{index_url}: no split {split!r} (has {sorted(index.get('splits', {}))})") from err
 
 
 def _open_shards(urls: list[str]) -> Iterator[dict[str, Any]]:
@@ -97,7 +105,7 @@ def _field(sample: dict[str, Any], name: str) -> bytes:
     for ext in IMAGE_EXTS:
         if f"{name}.{ext}" in sample:
             return sample[f"{name}.{ext}"]
-    raise KeyError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no {name}.<{'|'.join(IMAGE_EXTS)}>")
+    raise SampleError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no {name}.<{'|'.join(IMAGE_EXTS)}>")
 
 
 def decode(sample: dict[str, Any]) -> EditExample:
@@ -108,7 +116,7 @@ def decode(sample: dict[str, Any]) -> EditExample:
 
     text = sample.get("instruction.txt")
     if text is None:
-        raise KeyError(f"sample {sample.get('__key__')!r} has no instruction.txt")
+        raise SampleError(f"sample {sample.get('__key__')!r} has no instruction.txt")
     return EditExample(sample["__key__"], image("input"), image("edited"), text.decode("utf-8").strip())
 
 
@@ -236,7 +244,7 @@ def index_samples(urls: list[str]) -> SampleIndex:
                     continue
                 if not keys or shard[-1] != n or keys[-1] != prefix:
                     if prefix in where:
-                        raise ValueError(f"sample key {prefix!r} appears twice (in {where[prefix]} and {url}): "
+                        raise InputError(f"sample key {prefix!r} appears twice (in {where[prefix]} and {url}): "
                                          "the training shards need unique keys")
                     where[prefix] = url
                     keys.append(prefix)
@@ -257,7 +265,7 @@ def read_sample(index: SampleIndex, i: int) -> dict[str, Any]:
     blob = fs.cat_file(path, start=begin, end=finish + (-(finish - begin) % TAR_BLOCK))
     samples = list(group_by_keys(tar_file_expander(iter([{"url": url, "stream": io.BytesIO(blob)}]))))
     if len(samples) != 1 or samples[0]["__key__"] != index.keys[i]:
-        raise ValueError(f"{url}: bytes {begin}-{finish} do not hold sample {index.keys[i]!r} any more (was the "
+        raise InputError(f"{url}: bytes {begin}-{finish} do not hold sample {index.keys[i]!r} any more (was the "
                          "shard rewritten while training?)")
     return samples[0]
 
@@ -291,9 +299,9 @@ class EditPairStream(IterableDataset):
                  sampling: str = "per_triplet", tokenizer_2=None, index: SampleIndex | None = None):
         super().__init__()
         if not urls:
-            raise ValueError("no training shards")
+            raise InputError("no training shards")
         if sampling not in SAMPLING:
-            raise ValueError(f"train.sampling={sampling!r}: use one of {', '.join(SAMPLING)}")
+            raise InputError(f"train.sampling={sampling!r}: use one of {', '.join(SAMPLING)}")
         self.urls, self.tokenizer, self.tokenizer_2, self.aug = list(urls), tokenizer, tokenizer_2, aug
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.skip_batches, self.rank, self.world_size = skip_batches, rank, world_size
@@ -301,7 +309,7 @@ class EditPairStream(IterableDataset):
         self.groups = pairs_by_triplet(self.index.keys) if sampling == "per_triplet" else None
         self.epoch_size = len(self.groups) if self.groups is not None else len(self.index)
         if self.epoch_size == 0:
-            raise ValueError(f"no training samples in {len(self.urls)} shard(s)")
+            raise InputError(f"no training samples in {len(self.urls)} shard(s)")
         self._orders: dict[int, list[int]] = {}
 
     def order(self, epoch: int) -> list[int]:

@@ -3,7 +3,7 @@
 On held-out (input image, edit instruction, input caption, output caption) samples — by default the `val`
 split of the run's shards — the model edits every input once per image guidance scale s_I (1.0, 1.2, ...,
 2.2) at text guidance s_T = 7.5, and the filter's own CLIP scorer (`models.clip`, `render.clip_resize`,
-the metric functions of :mod:`tasks.filter.metrics`) scores each edit:
+the metric functions of :mod:`tasks.scoring.metrics`) scores each edit:
 
 - `clip_sim_image` = cos(I_in, I_edit): how much of the input image the edit keeps (the plot's y axis);
 - `clip_sim_dir`   = cos(I_edit - I_in, T_out - T_in): how well the change in the image follows the change
@@ -126,11 +126,11 @@ def heldout_shards(cfg: PipelineConfig, index_url: str | None, split: str, args:
                    ) -> dict[str, Any]:
     """The held-out set: {index (URL), own, split, shards (resolved URLs), entries (as stored: hashed),
     index_hash, samples}; EvalInputError when the index is missing or the split is empty."""
-    from tasks import registry
+    from tasks.pack.index import index_url as own_index_url
     from tasks.pack.index import resolve
 
     own = index_url is None
-    url = index_url or registry.index_url(cfg)
+    url = index_url or own_index_url(cfg)
     if not storage.exists(url):
         hint = (f"run `editforge run {args}` (and `editforge train {args}`) first, or pass --index"
                 if own else "pass the index.json of existing shards")
@@ -369,7 +369,7 @@ def evaluate(cfg: PipelineConfig, plan: dict[str, Any], device: str | None = Non
     """Run a planned evaluation (:func:`plan_evaluation`) and write its folder; return the small record."""
     from tasks.common.devices import torch_device
     from tasks.common.models import load_clip
-    from tasks.filter.scorer import ClipScorer
+    from tasks.scoring.clip import ClipScorer
     from tasks.train.model import load_pipeline
 
     logger = logger or log

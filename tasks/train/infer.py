@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from tasks.common.errors import InputError, PermanentError
+
 TEXT_GUIDANCE = 7.5
 IMAGE_GUIDANCE = 1.5
 
 
-class GuidanceDisabledError(ValueError):
+class GuidanceDisabledError(PermanentError, ValueError):
     """The guidance scales given would make the pipeline skip classifier-free guidance silently."""
 
 
@@ -60,9 +62,9 @@ def edit_images(pipe, images: list[Image.Image], instructions: list[str], seeds:
     image's noise is drawn from its own seed, so an image's edit does not depend on which others share its
     batch (up to float rounding of the batched kernels)."""
     if not (len(images) == len(instructions) == len(seeds)):
-        raise ValueError(f"{len(images)} images, {len(instructions)} instructions, {len(seeds)} seeds: one each")
+        raise InputError(f"{len(images)} images, {len(instructions)} instructions, {len(seeds)} seeds: one each")
     if len({img.size for img in images}) > 1:
-        raise ValueError("edit_images: images of one batch must have the same size")
+        raise InputError("edit_images: images of one batch must have the same size")
     check_guidance(guidance_scale, image_guidance_scale, allow_unguided)
     generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     size = {}

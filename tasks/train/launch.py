@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import ModelsConfig, TrainConfig
-from tasks.common.errors import PermanentError
+from tasks.common.errors import InputError, PermanentError
 
 log = logging.getLogger("editforge")
 RESULT_FILE = "result.json"
@@ -84,7 +84,7 @@ def check(cfg: TrainConfig) -> int:
     world = world_size(cfg)
     cfg.accumulation(world)
     if world > 1 and cfg.device.startswith("cuda:"):
-        raise ValueError(f"train.device={cfg.device} names one GPU, but {world} processes train: use train.device=auto "
+        raise InputError(f"train.device={cfg.device} names one GPU, but {world} processes train: use train.device=auto "
                          "or cuda (process k of a node takes GPU k), or train.processes=1")
     if cfg.nodes > 1:
         rdzv_endpoint(cfg)
@@ -96,7 +96,7 @@ def rdzv_endpoint(cfg: TrainConfig) -> tuple[str, int]:
     value = cfg.rdzv_endpoint or os.environ.get(RDZV_ENV, "")
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"train.nodes={cfg.nodes} needs train.rdzv_endpoint (or ${RDZV_ENV}) as host:port of node 0, "
+        raise InputError(f"train.nodes={cfg.nodes} needs train.rdzv_endpoint (or ${RDZV_ENV}) as host:port of node 0, "
                          f"where the nodes meet (got {value!r}), e.g. --set train.rdzv_endpoint=10.0.0.5:29500")
     return host, int(port)
 

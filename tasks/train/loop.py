@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common.config import ConfigError, ModelsConfig, TrainConfig
-from tasks.common.errors import PermanentError
+from tasks.common.errors import InputError, MissingFileError, PermanentError
 from tasks.train.conditioning import apply_dropout, drop_rows, dropout_masks, encode_text, null_text
 from tasks.train.data import Augment, index_samples, make_train_loader
 from tasks.train.model import base_folder, load_editing_model, save_pipeline
@@ -214,7 +214,7 @@ def _same_run_everywhere(accelerator, run_key: str) -> None:
 
     keys = gather_object([run_key])
     if len(set(keys)) > 1:
-        raise ValueError(f"the processes train different configs (weights keys by process: {keys}): start every "
+        raise InputError(f"the processes train different configs (weights keys by process: {keys}): start every "
                          "node with the same preset, overrides and index")
 
 
@@ -242,7 +242,7 @@ def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
     base = base_folder(comps)
     factor = comps.vae_scale_factor
     if cfg.resolution % factor:
-        raise ValueError(f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}")
+        raise InputError(f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}")
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
     vae, unet = comps.vae, comps.unet
     # SDXL's own VAE overflows in float16: it stays float32 unless models.vae_path names a replacement
@@ -293,7 +293,7 @@ def _resume(cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str,
     latest = _broadcast_path(accelerator, latest)
     if latest is not None:
         if not (latest / STATE_FILE).is_file():
-            raise FileNotFoundError(f"process {accelerator.process_index} cannot see {latest}: with train.nodes > 1 "
+            raise MissingFileError(f"process {accelerator.process_index} cannot see {latest}: with train.nodes > 1 "
                                     "the work folder must be on storage every node shares (docs/training.md)")
         state = json.loads((latest / STATE_FILE).read_text())
         before, now = int(state.get("processes", 1)), accelerator.num_processes
@@ -428,7 +428,7 @@ def batch_loss(data: dict[str, Any], gen: torch.Generator, dropout: float, comps
     elif noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+        raise InputError(f"unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
     kwargs = {}
     if comps.is_sdxl:
         pooled = drop_rows(pooled, null[1], drop_text)

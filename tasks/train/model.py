@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.common.errors import PermanentError
+from tasks.common.errors import MissingFileError, PermanentError
 from tasks.common.models import DiffusionComponents, load_diffusion
 from tasks.common.storage import local_dir_atomic
 
@@ -148,7 +148,7 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Pa
             comps.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             for name in _frozen_components(comps):
                 if not (base / name).is_dir():
-                    raise FileNotFoundError(f"base model folder {base} has no {name}/ to copy into the trained model")
+                    raise MissingFileError(f"base model folder {base} has no {name}/ to copy into the trained model")
                 _copy_component(base / name, tmp / name)
             _copy_component(Path(vae_dir) if vae_dir else base / "vae", tmp / "vae")
             pipe.save_config(tmp)  # model_index.json: the pipeline class and its components' classes

@@ -5,6 +5,7 @@ from the index it is given (the run's ``pack/<hash>/index.json`` by default): se
 """
 
 from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.pack.spec import STAGE as PACK
 from tasks.world.weights import hash_extra as world_models
 
 
@@ -21,7 +22,7 @@ STAGE = Stage(
     name="train",
     entry="tasks.train.stage:run",
     summary="the InstructPix2Pix editing model (8-channel conv_in) on the shards",
-    reads=("pack",),
+    reads=(PACK,),
     hashes=("train", "models.diffusion", "models.diffusion_path", "models.vae_path"),
     hash_extra=lambda cfg: world_models(cfg, ("diffusion",)),
     outputs=("model/", "metrics.json", "sample_edit.png"),

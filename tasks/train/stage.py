@@ -37,11 +37,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, TrainConfig
-from tasks.common.contract import MissingInputError, PartitionRun, read_success
+from tasks.common.contract import MissingInputError, PartitionRun, finished
 from tasks.common.devices import torch_device
+from tasks.common.errors import InputError
+from tasks.common.stage import execute, stage_hash
 from tasks.common.tiny import cache_root
+from tasks.pack.index import index_url as own_index_url
 from tasks.pack.index import read_index
-from tasks.registry import execute, stage_hash
+from tasks.pack.spec import STAGE as PACK
+from tasks.train.spec import STAGE as TRAIN
 
 STAGE = "train"
 MAX_CURVE_POINTS = 200
@@ -59,13 +63,13 @@ def _shards(index: dict[str, Any]) -> dict[str, list[str]]:
 
 def weights_key(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """Hash of everything that determines the trained weights (keys the checkpoints)."""
-    return stage_hash(cfg, STAGE, upstream=_pack_hash(index), extra={
+    return stage_hash(cfg, TRAIN, upstream=_pack_hash(index), extra={
         "train": cfg.train.output_fields(drop=TrainConfig.SAMPLING), "train_shards": _shards(index)["train_shards"]})
 
 
 def train_hash(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """The stage's config hash for `_SUCCESS.json`: the weights plus the sample-edit settings and val shards."""
-    return stage_hash(cfg, STAGE, upstream=_pack_hash(index), extra=_shards(index))
+    return stage_hash(cfg, TRAIN, upstream=_pack_hash(index), extra=_shards(index))
 
 
 class NoTrainedModelError(MissingInputError):
@@ -78,7 +82,7 @@ def trained_model(cfg: PipelineConfig, index_url: str | None = None, args: str =
     (default: the run's own index), or NoTrainedModelError naming the command to run (`args`: the preset
     and overrides to repeat in it)."""
     own = index_url is None
-    url = index_url or layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
+    url = index_url or own_index_url(cfg)
     train_cmd = f"editforge train {args}" + ("" if own else f" --index {index_url}")
     if not storage.exists(url):
         if own:
@@ -87,8 +91,8 @@ def trained_model(cfg: PipelineConfig, index_url: str | None = None, args: str =
         raise NoTrainedModelError(f"no shard index at {url}: no model can have been trained on it")
     config_hash = train_hash(cfg, read_index(url, resolved=False))
     folder = layout.partition_dir(cfg.output_root, STAGE, config_hash, 0)
-    done = read_success(folder)
-    if not done or done.get("config_hash") != config_hash or not done.get("model_dir"):
+    done = finished(folder, config_hash)
+    if not done or not done.get("model_dir"):
         raise NoTrainedModelError(f"no trained model for this config yet ({folder} holds no finished training); "
                                   f"run `{train_cmd}` first, or pass --model PATH")
     return storage.url_join(cfg.output_root, done["model_dir"]), config_hash
@@ -136,12 +140,12 @@ class _Inputs:
 
 def _inputs(cfg: PipelineConfig, index_url: str | None) -> _Inputs:
     own = index_url is None
-    index_url = index_url or layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
+    index_url = index_url or own_index_url(cfg)
     index = read_index(index_url, resolved=False)
-    if own and index.get("config_hash") != stage_hash(cfg, "pack"):
+    if own and index.get("config_hash") != stage_hash(cfg, PACK):
         raise MissingInputError(
             f"train reads {index_url}, which the pack stage wrote under another config (hash "
-            f"{index.get('config_hash')}, this config expects {stage_hash(cfg, 'pack')}): run the pack stage "
+            f"{index.get('config_hash')}, this config expects {stage_hash(cfg, PACK)}): run the pack stage "
             "(editforge run) for this config first, or pass its index explicitly to train on those shards")
     urls = read_index(index_url)["splits"]
     train_urls = list(urls["train"]["shards"])
@@ -175,7 +179,7 @@ def join(cfg: PipelineConfig, node_rank: int, *, index_url: str | None = None,
     from tasks.train import launch
 
     if not 1 <= node_rank < cfg.train.nodes:
-        raise ValueError(f"--node-rank {node_rank}: the nodes of train.nodes={cfg.train.nodes} other than the flow's "
+        raise InputError(f"--node-rank {node_rank}: the nodes of train.nodes={cfg.train.nodes} other than the flow's "
                          f"node 0 are 1..{cfg.train.nodes - 1}")
     launch.check(cfg.train)
     inputs = _inputs(cfg, index_url)
@@ -208,10 +212,10 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, "pack"), layout.INDEX_FILE) if own else index_url, "model_dir": run.relative("model"),
+        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, PACK), layout.INDEX_FILE) if own else index_url, "model_dir": run.relative("model"),
                           "weights_key": key, "train": summary, "loss_curve": loss_curve(result.history),
                           "sample": {**sample, "png": run.relative("sample_edit.png")}})
 
     # the index was checked above; its shards, not pack's partitions, are what training reads
-    return execute(cfg, STAGE, partition_id, work, logger, upstream=_pack_hash(index), extra=_shards(index),
+    return execute(cfg, TRAIN, partition_id, work, logger, upstream=_pack_hash(index), extra=_shards(index),
                    check_upstream=False)

@@ -43,7 +43,7 @@ def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, at
     ``unet_images`` hold each sample's exact share of the compute, as in ``samples.parquet``)."""
     from tasks.render.pairs import PairRequest
     from tasks.render.renderer import Renderer, settings_from
-    from tasks.render.sampling import sample_seeds
+    from tasks.render.seeds import sample_seeds
 
     renderer = renderer or Renderer(cfg)
     settings = settings_from(cfg)
@@ -121,7 +121,7 @@ def ground_truth_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet]) 
     import torch
 
     from tasks.common.models import load_clip
-    from tasks.filter.scorer import ClipScorer
+    from tasks.scoring.clip import ClipScorer
     from tasks.world.scene import image_array
 
     scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize)
@@ -146,8 +146,8 @@ def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed
     import torch
 
     from tasks.common.models import load_clip
-    from tasks.filter.metrics import clip_metrics
-    from tasks.filter.scorer import ClipScorer
+    from tasks.scoring.clip import ClipScorer
+    from tasks.scoring.metrics import clip_metrics
     from tasks.world.edits import wrong_edit
     from tasks.world.scene import image_array
 

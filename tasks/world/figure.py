@@ -20,7 +20,7 @@ from PIL import Image
 
 from tasks.common import storage
 from tasks.common.config import PipelineConfig, load_config
-from tasks.common.contract import is_done
+from tasks.common.contract import finished
 from tasks.common.layout import SAMPLES_FILE, image_name, partition_dir, partition_file
 from tasks.registry import partition_ids, stage_hash
 from tasks.world.evaluate import with_kinds
@@ -33,7 +33,7 @@ def kept_pairs(cfg: PipelineConfig) -> pd.DataFrame:
     h = stage_hash(cfg, "render")
     frames = []
     for i in partition_ids(cfg, "render"):
-        if is_done(cfg.output_root, "render", i, h):
+        if finished(partition_dir(cfg.output_root, "render", h, i), h):
             df = storage.read_parquet(partition_file(cfg.output_root, "render", h, i, SAMPLES_FILE))
             frames.append(df[df["kept"].astype(bool) & df["image_stored"].astype(bool)].assign(partition=i))
     if not frames:

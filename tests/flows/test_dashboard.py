@@ -167,14 +167,14 @@ def test_another_process_finishing_partitions_on_an_s3_api_is_seen_by_the_next_l
         storage.write_bytes_atomic(layout.partition_file(cfg.output_root, "captions", h, 5, "half.bin"), b"in progress")
         assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == [0, 1, 2, 3, 4]
         assert storage.list_files(layout.partition_dir(cfg.output_root, "captions", h, 5)) != []  # listed mid-work
-        assert not contract.is_done(cfg.output_root, "captions", 5, h)
+        assert not contract.finished(layout.partition_dir(cfg.output_root, "captions", h, 5), h)
 
         out = subprocess.run([sys.executable, "-c", S3_WRITER, *overrides], cwd=ROOT, env={**os.environ, **env},
                              capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "finished 5, 6, 7" in out.stdout, out.stderr[-3000:]
 
         assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == list(range(8))
-        assert contract.is_done(cfg.output_root, "captions", 5, h)  # its folder was listed before it finished
+        assert contract.finished(layout.partition_dir(cfg.output_root, "captions", h, 5), h)  # its folder was listed before it finished
         board = dashboard.Board(cfg)
         assert board.sync("captions") == 8 and board.sync("captions") == 0  # each row read once
     finally:

@@ -9,9 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.estimate import PilotData, estimate, policy_of, predict, replay, wilson
 from tasks import registry
 from tasks.common.config import load_config
+from tasks.estimate.model import PilotData, estimate, predict, replay, wilson
+from tasks.render.scheduling import SamplingPolicy
 
 runner = CliRunner()
 
@@ -62,12 +63,12 @@ def test_same_policy_scales_per_triplet_and_by_the_step_ratio():
 
 
 def test_replay_of_a_sampling_policy_matches_hand_counts():
-    fixed = policy_of(load_config("demo", ["render.adaptive=false", "render.samples_per_triplet=4",
+    fixed = SamplingPolicy.from_config(load_config("demo", ["render.adaptive=false", "render.samples_per_triplet=4",
                                            "render.keep.top_k=2"]))
     r = replay(fixed, 0.5, 2)  # Binomial(4, 1/2): kept = min(2, passed)
     assert r["samples"] == 4 and r["passed"] == pytest.approx(2)
     assert r["kept"] == pytest.approx(2 - 2 * 1 / 16 - 4 / 16) and r["any_kept"] == pytest.approx(15 / 16)
-    adaptive = policy_of(load_config("demo", ["render.samples_per_triplet=4"]))  # rounds of 2, stop at 2 passed
+    adaptive = SamplingPolicy.from_config(load_config("demo", ["render.samples_per_triplet=4"]))  # rounds of 2, stop at 2 passed
     q = 0.3
     r = replay(adaptive, q, 2)
     assert r["samples"] == pytest.approx(2 * q * q + 4 * (1 - q * q))
@@ -76,15 +77,13 @@ def test_replay_of_a_sampling_policy_matches_hand_counts():
 
 @pytest.mark.parametrize("preset", ["demo", "paper", "fast", "turbo"])
 def test_the_sampling_signature_is_the_render_plans_policy(preset):
-    from flows.estimate import sampling_signature
-    from tasks.render.stage import sampling_policy
+    from tasks.estimate.model import sampling_signature
 
     cfg = load_config(preset)
-    sig, policy = sampling_signature(cfg), sampling_policy(cfg)
+    sig, policy = sampling_signature(cfg), SamplingPolicy.from_config(cfg)
     assert (sig["render.samples_per_triplet"], sig["render.round_size"], sig["render.target_passed"],
             sig["render.give_up_after"]) == (policy.max_samples, policy.round_size, policy.target_passed,
                                              policy.give_up_after)
-    assert policy_of(cfg) == policy
 
 
 def test_another_policy_is_replayed_with_each_triplets_pass_rate_and_warned():

@@ -32,7 +32,7 @@ def run_stages(cfg, names=("captions", "finetune", "text", "render", "filter")) 
     """The stages' own entries, no Prefect (as tests/infra/test_object_store.py runs them)."""
     for name in names:
         registry.prepare(cfg, name)
-        done = [registry.entry(name)(cfg, pid) for pid in registry.get(name).partition_ids(cfg)]
+        done = [registry.entry(name)(cfg, pid) for pid in registry.partition_ids(cfg, name)]
         registry.finalize(cfg, name, done)
 
 

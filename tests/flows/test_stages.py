@@ -79,3 +79,32 @@ def test_a_stage_never_runs_more_partitions_at_once_than_allowed(prefect_harness
     manifests = FLOWS["captions"]("demo", [f"output_root={tmp_path}", "captions.num_partitions=6",
                                            "captions.num_captions=24", "run.max_parallel_partitions=2"])
     assert sorted(m["partition_id"] for m in manifests) == list(range(6)) and peak[0] == 2
+
+
+@pytest.mark.flow
+@pytest.mark.parametrize("error, attempts", [("library", 2), ("permanent", 1)])
+def test_a_partition_is_retried_unless_the_project_called_its_error_permanent(prefect_harness, tmp_path,
+                                                                             monkeypatch, error, attempts):
+    """A library's ValueError (pyarrow's, meaning unknown here) is retried; the project's InputError is not."""
+    import pyarrow as pa
+
+    import tasks.captions.stage as captions_stage
+    from flows.stages import FLOWS
+    from tasks.common.errors import InputError
+
+    calls, real = [], captions_stage.partition_captions
+
+    def failing_once(cfg, partition_id, config_hash):
+        calls.append(partition_id)
+        if len(calls) == 1:
+            raise pa.ArrowInvalid("flaky read") if error == "library" else InputError("a bad setting")
+        return real(cfg, partition_id, config_hash)
+
+    monkeypatch.setattr(captions_stage, "partition_captions", failing_once)
+    overrides = [f"output_root={tmp_path}", "captions.num_partitions=1", "captions.num_captions=8"]
+    if error == "library":
+        assert [m["partition_id"] for m in FLOWS["captions"]("demo", overrides)] == [0]
+    else:
+        with pytest.raises(InputError, match="a bad setting"):
+            FLOWS["captions"]("demo", overrides)
+    assert calls == [0] * attempts

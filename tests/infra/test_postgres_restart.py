@@ -63,7 +63,7 @@ def _clean_run(root: Path) -> None:
     cfg = load_config("demo", [f"output_root={root}", "name=pg", *ONE])
     for name in STAGES:
         registry.prepare(cfg, name)
-        done = [registry.entry(name)(cfg, pid) for pid in registry.get(name).partition_ids(cfg)]
+        done = [registry.entry(name)(cfg, pid) for pid in registry.partition_ids(cfg, name)]
         registry.finalize(cfg, name, done)
 
 

@@ -106,7 +106,7 @@ def test_an_enormous_line_is_refused_and_counted_in_bounded_memory(tmp_path, siz
 @given(files)
 def test_the_fine_tune_stage_marks_nothing_done_for_a_rejected_seed_file(tmp_path_factory, parts):
     from tasks.common.config import load_config
-    from tasks.text.finetune import run as run_finetune
+    from tasks.finetune.stage import run as run_finetune
 
     folder = tmp_path_factory.mktemp("stage")
     seeds = folder / "seeds.jsonl"

@@ -45,9 +45,9 @@ def finished(tmp_path_factory) -> Path:
     """A whole run, every stage of the registry done through its own entry."""
     root = tmp_path_factory.mktemp("run")
     cfg = config(root)
-    for name, stage in registry.STAGES.items():
+    for name in registry.STAGES:
         registry.prepare(cfg, name)
-        manifests = [registry.entry(name)(cfg, pid) for pid in stage.partition_ids(cfg)]
+        manifests = [registry.entry(name)(cfg, pid) for pid in registry.partition_ids(cfg, name)]
         assert all(not m["skipped"] for m in manifests)
         registry.finalize(cfg, name, manifests)
     assert json.loads(marker(root, "pack").read_text())["counts"]["out"] > 0
@@ -121,7 +121,7 @@ def test_a_crash_mid_work_leaves_no_marker_and_the_next_run_finishes(copy, name,
 @pytest.mark.parametrize("name", [n for n, s in registry.STAGES.items() if s.reads])
 def test_a_stale_upstream_is_a_clear_error_before_anything_is_touched(copy, name):
     stage = registry.get(name)
-    upstream = stage.reads[0]
+    upstream = stage.reads[0].name
     # training reads the run's shard index (the pack stage's finalize), the others their upstream partition
     stale = Path(registry.index_url(config(copy))) if name == "train" else marker(copy, upstream)
     stale.write_text(json.dumps({**json.loads(stale.read_text()), "config_hash": STALE}))

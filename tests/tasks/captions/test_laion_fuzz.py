@@ -159,7 +159,7 @@ def test_the_captions_stage_marks_nothing_done_for_a_file_it_refuses(tmp_path_fa
                                "captions.min_aesthetic_score=0"])
     try:
         registry.prepare(cfg, "captions")
-        for pid in registry.get("captions").partition_ids(cfg):
+        for pid in registry.partition_ids(cfg, "captions"):
             registry.entry("captions")(cfg, pid)
     except Exception as err:  # noqa: BLE001
         assert is_permanent(err) and str(path) in str(err), f"{type(err).__name__}: {err}"

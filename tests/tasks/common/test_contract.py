@@ -332,3 +332,17 @@ def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
     lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "y", "heartbeat": time.time()}))
     assert not execute_partition("stage", 1, str(tmp_path), "h1", _work_writing([1]))["skipped"]
     assert 0.5 < time.monotonic() - t0 < 30 and not lease.exists()
+
+
+def test_only_the_projects_own_permanent_errors_are_permanent():
+    import pyarrow as pa
+
+    from tasks.common.contract import MissingInputError
+    from tasks.common.errors import InputError, MissingFileError, is_permanent
+    from tasks.common.storage import UnreadableFileError, WriteError
+
+    for err in (InputError("x"), MissingFileError("x"), MissingInputError("x"), UnreadableFileError("x"),
+                WriteError("x", 28)):
+        assert is_permanent(err), type(err).__name__
+    for err in (ValueError("x"), FileNotFoundError("x"), KeyError("x"), pa.ArrowInvalid("x"), OSError(28, "x")):
+        assert not is_permanent(err), type(err).__name__  # a library's: retried unless the project wraps it

@@ -8,7 +8,7 @@ import pytest
 from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.selection import select_top_k
-from tasks.filter.stage import run as run_filter_partition
+from tasks.filter.stage import run as run_filter
 from tasks.registry import partition_url, stage_hash
 
 # one triplet, six fully rendered samples with hand-made metrics (paper thresholds: 0.75 / 0.2 / 0.2)
@@ -39,7 +39,7 @@ def kept(cfg) -> list[str]:
 
 def test_default_keeps_what_render_kept(tmp_path):
     cfg = render_output(tmp_path, "kept")
-    manifest = run_filter_partition(cfg, 0)
+    manifest = run_filter(cfg, 0)
     assert kept(cfg) == ["c0_0", "c0_1", "c0_2", "c0_3"]  # the paper's top 4 by direction
     assert manifest["rejected"] == {"clip_direction": 1, "not_in_top_k": 1}
 
@@ -48,7 +48,7 @@ def test_smaller_top_k_and_stricter_threshold_re_select(tmp_path):
     render = render_output(tmp_path, "kept")
     cfg = load_config("paper", [f"output_root={tmp_path}", "filter.top_k=2"])
     assert stage_hash(cfg, "render") == stage_hash(render, "render")  # no re-render
-    run_filter_partition(cfg, 0)
+    run_filter(cfg, 0)
     assert kept(cfg) == ["c0_0", "c0_1"]
 
 
@@ -57,7 +57,7 @@ def test_selection_beyond_stored_images_is_counted_not_replaced(tmp_path, caplog
     # 0.8 drops c0_1; the new top 4 wants c0_4, whose images render did not keep
     cfg = load_config("paper", [f"output_root={tmp_path}", "filter.clip_image_threshold=0.8"])
     with caplog.at_level(logging.WARNING, logger="editforge"):
-        manifest = run_filter_partition(cfg, 0)
+        manifest = run_filter(cfg, 0)
     assert kept(cfg) == ["c0_0", "c0_2", "c0_3"]
     assert manifest["rejected"]["image_not_stored"] == 1 and manifest["rejected"]["clip_image"] == 1
     assert "render.save_images=passed" in caplog.text
@@ -71,6 +71,6 @@ def test_stored_headroom_allows_larger_selections(tmp_path, save_images, expecte
     render_output(tmp_path, save_images)
     cfg = load_config("paper", [f"output_root={tmp_path}", f"render.save_images={save_images}", "filter.top_k=6",
                                 "filter.clip_direction_threshold=0.0"])
-    manifest = run_filter_partition(cfg, 0)
+    manifest = run_filter(cfg, 0)
     missing = {"passed": 1, "all": 0}[save_images]  # c0_5 failed render's threshold: no image under `passed`
     assert kept(cfg) == expected[: 6 - missing] and manifest["rejected"].get("image_not_stored", 0) == missing

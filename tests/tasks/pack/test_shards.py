@@ -12,8 +12,8 @@ from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.layout import image_name
 from tasks.pack.index import write_index
-from tasks.pack.shards import run as run_pack_partition
 from tasks.pack.shards import split_of
+from tasks.pack.stage import run as run_pack
 from tasks.registry import partition_url, stage_hash
 
 
@@ -51,7 +51,7 @@ def cfg(tmp_path):
 
 def test_shards_are_readable_by_webdataset(cfg, tmp_path):
     _prepare(str(tmp_path), cfg)
-    manifest = run_pack_partition(cfg, 0)
+    manifest = run_pack(cfg, 0)
     assert manifest["counts"]["out"] == 5 and manifest["counts"]["shards"] == 3
     index = write_index(cfg, [manifest])
     urls = index["splits"]["train"]["shards"]
@@ -70,17 +70,17 @@ def test_shards_are_readable_by_webdataset(cfg, tmp_path):
 
 def test_reruns_are_byte_identical(cfg, tmp_path):
     _prepare(str(tmp_path), cfg)
-    run_pack_partition(cfg, 0)
+    run_pack(cfg, 0)
     first = {p.name: p.read_bytes() for p in Path(partition_url(cfg, "pack")).glob("*.tar")}
     (Path(partition_url(cfg, "pack")) / "_SUCCESS.json").unlink()
-    run_pack_partition(cfg, 0)
+    run_pack(cfg, 0)
     second = {p.name: p.read_bytes() for p in Path(partition_url(cfg, "pack")).glob("*.tar")}
     assert first == second
 
 
 def test_no_empty_shard_when_nothing_kept(cfg, tmp_path):
     _prepare(str(tmp_path), cfg, n=0)
-    manifest = run_pack_partition(cfg, 0)
+    manifest = run_pack(cfg, 0)
     assert manifest["counts"].get("shards", 0) == 0
     assert list(Path(partition_url(cfg, "pack")).glob("*.tar")) == []
 
@@ -99,7 +99,7 @@ def test_hugging_face_export_has_the_released_columns(tmp_path):
     cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.hf_export=true",
                                "pack.val_fraction=0.0"])
     _prepare(str(tmp_path), cfg, n=3)
-    index = write_index(cfg, [run_pack_partition(cfg, 0)])
+    index = write_index(cfg, [run_pack(cfg, 0)])
     (url,) = index["hf_parquet"]["train"]
     table = pq.read_table(url)
     assert table.column_names == ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"]

@@ -29,7 +29,7 @@ from tasks.render.calibrate import (
 )
 from tasks.render.early import early_keep, early_step_count
 from tasks.render.renderer import Renderer
-from tasks.render.stage import run as run_render_partition
+from tasks.render.stage import run as run_render
 
 SELECTION = Selection(clip_image_threshold=0.75, clip_caption_threshold=0.2, clip_direction_threshold=0.2)
 STEPS, AFTER = 10, 2
@@ -133,7 +133,7 @@ def renderer():
 def dry_run(tmp_path_factory, renderer):
     """The root of one dry-run render partition and its config overrides."""
     root = tmp_path_factory.mktemp("dry")
-    run_render_partition(config(root, *DRY), 0, renderer=renderer)
+    run_render(config(root, *DRY), 0, renderer=renderer)
     return root, overrides(root, *DRY)
 
 
@@ -169,7 +169,7 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     # a real early rejection at margin 0 drops exactly the samples the dry run's table drops at margin 0
     real = tmp_path / "real"
     dropping = [s for s in DRY if "dry_run" not in s]
-    real_manifest = run_render_partition(config(real, *dropping), 0, renderer=renderer)
+    real_manifest = run_render(config(real, *dropping), 0, renderer=renderer)
     real_rows = storage.read_parquet(f"{real}/{real_manifest['path']}/samples.parquet")
     assert real_rows["sample_key"].tolist() == rendered["sample_key"].tolist()
     assert real_rows["early_rejected"].to_numpy().tolist() == early_drops(rendered, keep, used, 0.0).tolist()

@@ -8,8 +8,8 @@ from tasks.render.sampling import (
     batch_generators,
     pair_generators,
     sample_params,
-    sample_seeds,
 )
+from tasks.render.seeds import sample_seeds
 
 
 def test_sample_params_deterministic_and_in_range():

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from tasks.render.sampling import sample_seeds
 from tasks.render.scheduling import RenderPlan, SamplingPolicy, TripletState
+from tasks.render.seeds import sample_seeds
 
 # which sample indexes pass, per triplet (everything else fails)
 PASSES = {

@@ -16,7 +16,7 @@ from tasks.render.early import early_step_count
 from tasks.render.renderer import BatchSizer, Renderer, is_oom
 from tasks.render.scheduling import SamplingPolicy
 from tasks.render.stage import SAMPLE_COLUMNS
-from tasks.render.stage import run as run_render_partition
+from tasks.render.stage import run as run_render
 
 pytestmark = pytest.mark.component
 
@@ -85,7 +85,7 @@ def stored_keys(root) -> set[str]:
 @pytest.mark.parametrize("mode", ["passed", "all"])
 def test_save_images_passed_or_all(tmp_path, renderer, mode):
     cfg = config(tmp_path, f"render.save_images={mode}", *SAVERS)
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path)
     expected = df["passed"] if mode == "passed" else ~df["early_rejected"]
     assert df["image_stored"].equals(expected) and expected.sum() > df["kept"].sum()
@@ -94,10 +94,10 @@ def test_save_images_passed_or_all(tmp_path, renderer, mode):
 
 
 def test_early_reject_dry_run_scores_but_drops_nothing(tmp_path, renderer):
-    dropping = run_render_partition(config(tmp_path / "drop", *SAVERS), 0, renderer=renderer)
+    dropping = run_render(config(tmp_path / "drop", *SAVERS), 0, renderer=renderer)
     assert dropping["counts"]["early_rejected"] > 0
     cfg = config(tmp_path / "dry", *SAVERS, "render.early_reject_dry_run=true")
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path / "dry")
     assert not df["early_rejected"].any() and manifest["counts"]["early_rejected"] == 0
     assert (df["unet_steps"] == STEPS).all()
@@ -106,7 +106,7 @@ def test_early_reject_dry_run_scores_but_drops_nothing(tmp_path, renderer):
 
 def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
     cfg = config(tmp_path)
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path)
     assert list(df.columns) == SAMPLE_COLUMNS and len(df) == 4 * SAMPLES and df["sample_key"].is_unique
     assert df.groupby("caption_id")["sample_index"].apply(list).tolist() == [list(range(SAMPLES))] * 4
@@ -122,12 +122,12 @@ def test_contract_and_unet_calls_reference_policy(tmp_path, renderer):
     for key in df.loc[df["kept"], "sample_key"]:
         assert image_name(key, "edited") in manifest["outputs"]
     assert not (render_dir(tmp_path) / "_progress").exists()  # staging went with the checkpoint
-    assert run_render_partition(cfg, 0, renderer=renderer)["skipped"]
+    assert run_render(cfg, 0, renderer=renderer)["skipped"]
 
 
 def test_savers_counts_and_accounting(tmp_path, renderer):
     cfg = config(tmp_path, *SAVERS)
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path)
     early = df["early_rejected"]
     assert early.any() and df["passed"].any(), "the tiny models should give a mix of outcomes here"
@@ -150,7 +150,7 @@ def test_savers_counts_and_accounting(tmp_path, renderer):
 
 def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch):
     clean = tmp_path / "clean"
-    run_render_partition(config(clean, *SAVERS), 0, renderer=renderer)
+    run_render(config(clean, *SAVERS), 0, renderer=renderer)
     crashed = tmp_path / "crashed"
     cfg = config(crashed, *SAVERS)
     append, calls = Checkpoint.append, []
@@ -163,11 +163,11 @@ def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch
 
     monkeypatch.setattr(Checkpoint, "append", dying_append)
     with pytest.raises(KeyboardInterrupt):
-        run_render_partition(cfg, 0, renderer=renderer)
+        run_render(cfg, 0, renderer=renderer)
     monkeypatch.setattr(Checkpoint, "append", append)
     assert not list(crashed.glob("render/*/part-00000/samples.parquet"))
     flaky = Flaky(renderer, lambda call, n: None)
-    manifest = run_render_partition(cfg, 0, renderer=flaky)
+    manifest = run_render(cfg, 0, renderer=flaky)
     resumed, reference = samples(crashed), samples(clean)
     assert resumed["sample_key"].is_unique
     pd.testing.assert_frame_equal(resumed, reference)
@@ -180,16 +180,16 @@ def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch
 
 def test_oom_halves_the_batch_and_continues(tmp_path, renderer):
     small = tmp_path / "small"
-    run_render_partition(config(small, "render.batch_samples=2"), 0, renderer=renderer)
+    run_render(config(small, "render.batch_samples=2"), 0, renderer=renderer)
     big = tmp_path / "big"
     oom = Flaky(renderer, lambda call, n: torch.OutOfMemoryError("CUDA out of memory (fake)") if n > 2 else None)
-    manifest = run_render_partition(config(big, "render.batch_samples=8"), 0, renderer=oom)
+    manifest = run_render(config(big, "render.batch_samples=8"), 0, renderer=oom)
     assert oom.sizes[:3] == [8, 4, 2] and set(oom.sizes[3:]) == {2}
     assert manifest["batch_samples"] == 2 and manifest["oom_halvings"] == 2
     pd.testing.assert_frame_equal(samples(big), samples(small))
     broken = Flaky(renderer, lambda call, n: ValueError("not an OOM"))
     with pytest.raises(ValueError):
-        run_render_partition(config(tmp_path / "broken"), 0, renderer=broken)
+        run_render(config(tmp_path / "broken"), 0, renderer=broken)
 
 
 def test_batch_sizer():
@@ -215,33 +215,31 @@ def test_auto_batch_on_cpu_and_dtype_noop(renderer):
 
 
 def test_policy_and_hash_from_config():
-    from tasks.render.stage import sampling_policy
-
     paper = load_config("paper")
-    assert sampling_policy(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
+    assert SamplingPolicy.from_config(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
     fast = load_config("fast")
-    assert sampling_policy(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
+    assert SamplingPolicy.from_config(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
     # adaptive with the target taken from render.keep.top_k; the filter's top_k is a re-selection only
     assert stage_hash(fast, "render") != stage_hash(load_config("fast", ["render.keep.top_k=2"]), "render")
     assert stage_hash(fast, "render") == stage_hash(load_config("fast", ["filter.top_k=2"]), "render")
-    assert sampling_policy(load_config("fast", ["render.keep.top_k=2"])).target_passed == 2
+    assert SamplingPolicy.from_config(load_config("fast", ["render.keep.top_k=2"])).target_passed == 2
 
 
 def test_render_and_filter_on_an_object_store(renderer):
     """fsspec all the way: staged images move to images/ and the checkpoint goes, on memory:// too."""
     import uuid
 
-    from tasks.filter.stage import run as run_filter_partition
+    from tasks.filter.stage import run as run_filter
 
     root = f"memory://editforge-test-{uuid.uuid4().hex[:8]}/run"
     cfg = config(root)
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     part = f"{root}/{manifest['path']}"
     df = storage.read_parquet(f"{part}/samples.parquet")
     images = storage.list_files(f"{part}/images")
     assert len(images) == 2 * int(df["kept"].sum()) == 2 * manifest["counts"]["images_stored"] > 0
     assert not storage.exists(f"{part}/_progress")
-    assert run_filter_partition(cfg, 0)["counts"]["out"] == int(df["kept"].sum())
+    assert run_filter(cfg, 0)["counts"]["out"] == int(df["kept"].sum())
 
 
 def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
@@ -256,7 +254,7 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
         text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
         storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
         storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
-        return run_render_partition(cfg, 0)  # no renderer given: the stage's own, from the model cache
+        return run_render(cfg, 0)  # no renderer given: the stage's own, from the model cache
 
     MODELS.clear()
     MODELS.loads.clear()
@@ -274,7 +272,7 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
 def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path, renderer, monkeypatch, kill_at):
     """Killed after `kill_at` chunks, resumed with new models' caches (as a new process has): the same bytes."""
     clean = tmp_path / "clean"
-    run_render_partition(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
+    run_render(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
     crashed = tmp_path / "crashed"
     cfg = config(crashed, *SAVERS)
     append, calls = Checkpoint.append, []
@@ -288,8 +286,8 @@ def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "append", dying_append)
         with pytest.raises(KeyboardInterrupt):
-            run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
-    run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
+            run_render(cfg, 0, renderer=Renderer(load_config("demo")))
+    run_render(cfg, 0, renderer=Renderer(load_config("demo")))
     assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
     images = {p.name: p.read_bytes() for p in (render_dir(clean) / "images").iterdir()}
     assert {p.name: p.read_bytes() for p in (render_dir(crashed) / "images").iterdir()} == images
@@ -303,7 +301,7 @@ def test_guidance_none_renders_the_partition_with_two_images_per_unet_sample(tmp
     seen = []
     handle = renderer.diffusion.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     try:
-        manifest = run_render_partition(cfg, 0, renderer=renderer)
+        manifest = run_render(cfg, 0, renderer=renderer)
     finally:
         handle.remove()
     df = storage.read_parquet(str(Path(cfg.output_root) / manifest["path"] / "samples.parquet"))
@@ -329,7 +327,7 @@ def test_demo_sdxl_preset_renders_a_partition_offline_with_sdxl_conditioning(tmp
     handle = renderer.diffusion.unet.register_forward_pre_hook(
         lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
     try:
-        manifest = run_render_partition(cfg, 0, renderer=renderer)
+        manifest = run_render(cfg, 0, renderer=renderer)
     finally:
         handle.remove()
     assert seen and all(t.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 16 for t in seen)  # 4 rows x 4 samples

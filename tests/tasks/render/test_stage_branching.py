@@ -16,7 +16,7 @@ from tasks.registry import stage_hash
 from tasks.render.attention import AttentionControl
 from tasks.render.renderer import Renderer
 from tasks.render.stage import SAMPLE_COLUMNS
-from tasks.render.stage import run as run_render_partition
+from tasks.render.stage import run as run_render
 
 pytestmark = pytest.mark.component
 
@@ -60,10 +60,10 @@ def seed_calls(ps: list[float], steps: int) -> int:
 
 
 def test_rows_keys_accounting_and_one_kept_pair_per_seed(tmp_path, renderer):
-    from tasks.filter.stage import run as run_filter_partition
+    from tasks.filter.stage import run as run_filter
 
     cfg = config(tmp_path, "render.save_images=passed", "render.keep.top_k=2", samples=8, branches=4)
-    manifest = run_render_partition(cfg, 0, renderer=renderer)
+    manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path)
     assert list(df.columns) == SAMPLE_COLUMNS and len(df) == 4 * 8 and df["sample_key"].is_unique
     assert (df["branch"] == df["sample_index"] % 4).all()
@@ -91,7 +91,7 @@ def test_rows_keys_accounting_and_one_kept_pair_per_seed(tmp_path, renderer):
         best = passing[(passing["caption_id"] == cid) & (passing["seed"] == seed)][RANK_BY].max()
         assert rows[RANK_BY].iloc[0] == best
     # the filter stage's re-selection applies the same rule: by default it keeps exactly what render kept
-    run_filter_partition(cfg, 0)
+    run_filter(cfg, 0)
     (kept_file,) = Path(tmp_path).glob("filter/*/part-00000/kept.parquet")
     assert sorted(storage.read_parquet(str(kept_file))["sample_key"]) == sorted(kept["sample_key"])
 
@@ -119,7 +119,7 @@ def test_keep_per_seed_rule():
 
 def test_resume_mid_partition_with_branches_is_byte_identical(tmp_path, renderer, monkeypatch):
     clean = tmp_path / "clean"
-    run_render_partition(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
+    run_render(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
     crashed = tmp_path / "crashed"
     cfg = config(crashed, *SAVERS)
     append, calls = Checkpoint.append, []
@@ -133,8 +133,8 @@ def test_resume_mid_partition_with_branches_is_byte_identical(tmp_path, renderer
     with monkeypatch.context() as patch:
         patch.setattr(Checkpoint, "append", dying_append)
         with pytest.raises(KeyboardInterrupt):
-            run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
-    run_render_partition(cfg, 0, renderer=Renderer(load_config("demo")))
+            run_render(cfg, 0, renderer=Renderer(load_config("demo")))
+    run_render(cfg, 0, renderer=Renderer(load_config("demo")))
     assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
     images = {p.name: p.read_bytes() for p in (render_dir(clean) / "images").iterdir()}
     assert images and {p.name: p.read_bytes() for p in (render_dir(crashed) / "images").iterdir()} == images
@@ -146,7 +146,7 @@ def test_branching_results_do_not_depend_on_the_batch_size(tmp_path, renderer):
     frames = []
     for size in (1, 3, 8):  # 1: below one seed's 2 branches (a cohort is one seed); 3: one seed + no half seed
         root = tmp_path / f"b{size}"
-        run_render_partition(config(root, *SAVERS, f"render.batch_samples={size}"), 0, renderer=renderer)
+        run_render(config(root, *SAVERS, f"render.batch_samples={size}"), 0, renderer=renderer)
         frames.append(samples(root))
     for other in frames[1:]:
         exact = ["sample_key", "seed", "branch", "sample_index", "round", "unet_steps", "unet_images",

@@ -9,7 +9,7 @@ from pathlib import Path
 from fakes.fault_proxy import FaultProxy
 from text_helpers import make_captions, openai_config, write_captions
 
-from tasks.text.stage import run as run_text_partition
+from tasks.text.stage import run as run_text
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
 SETTINGS = (f"text.openai.model={MODEL}", "text.openai.concurrency=4", "text.openai.checkpoint_every=4",
@@ -27,14 +27,14 @@ def test_faults_between_the_client_and_the_server_end_with_the_clean_bytes(fake,
     captions = make_captions(24)
     clean = tmp_path / "clean"
     write_captions(str(clean), 0, captions)
-    reference = run_text_partition(openai_config(fake, clean, *SETTINGS), 0)
+    reference = run_text(openai_config(fake, clean, *SETTINGS), 0)
 
     root = tmp_path / "proxied"
     write_captions(str(root), 0, captions)
     with FaultProxy(fake.base_url, FAULTS) as proxy:
         cfg = openai_config(fake, root, *SETTINGS, f"text.openai.base_url={proxy.base_url}",
                             "text.openai.request_timeout_s=3")
-        manifest = run_text_partition(cfg, 0)
+        manifest = run_text(cfg, 0)
     assert proxy.faults_done() == {"reset": 2, "lost": 2, "partial": 3, "slow": 2, "stall": 1}
     assert _bytes(root, manifest) == _bytes(clean, reference)
     c = manifest["counts"]

@@ -14,8 +14,8 @@ FIXES = ("models.lm_path", "text.backend=openai", "text.openai.")
 
 @pytest.mark.parametrize("preset", ["paper", "fast"])
 def test_the_paper_presets_refuse_the_tiny_lm_before_any_work(tmp_path, preset):
-    from tasks.text.finetune import run as run_finetune
-    from tasks.text.stage import run as run_text_partition
+    from tasks.finetune.stage import run as run_finetune
+    from tasks.text.stage import run as run_text
 
     cfg = load_config(preset, [f"output_root={tmp_path}"])  # loads: `config`, `train`, render-only stages still work
     assert cfg.models.lm == "tiny" and cfg.text.max_attempts == 4
@@ -24,7 +24,7 @@ def test_the_paper_presets_refuse_the_tiny_lm_before_any_work(tmp_path, preset):
     assert all(fix in str(refused.value) for fix in FIXES) and "\n" not in str(refused.value)
     write_captions(str(tmp_path), 0, make_captions(3), preset=preset)
     with pytest.raises(ConfigError, match="models.lm_path"):
-        run_text_partition(cfg, 0)  # refused before it looks for its inputs (the fine-tune is missing)
+        run_text(cfg, 0)  # refused before it looks for its inputs (the fine-tune is missing)
     assert not list(tmp_path.glob("finetune*")) and not list(tmp_path.glob("text*"))
 
 

@@ -13,7 +13,7 @@ from tasks.common import storage
 from tasks.common.config import load_config
 from tasks.common.contract import Stats
 from tasks.common.models import load_lm
-from tasks.text.local_backend import apply_lora, finetune
+from tasks.finetune.local import apply_lora, finetune
 
 pytestmark = pytest.mark.component
 
@@ -35,8 +35,8 @@ def test_lora_changes_only_the_adapter_weights():
 
 
 def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
-    from tasks.text.finetune import run as run_finetune
-    from tasks.text.stage import run as run_text_partition
+    from tasks.finetune.stage import run as run_finetune
+    from tasks.text.stage import run as run_text
 
     cfg = load_config("demo", [f"output_root={tmp_path}", "text.finetune_method=lora", "text.finetune_steps=2",
                                "text.finetune_batch_size=4", "text.max_new_tokens=16", "text.batch_size=4"])
@@ -47,7 +47,7 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
     assert ft["finetune"]["method"] == "lora" and ft["finetune"]["trainable_parameters"] < 50_000
     assert {"train.chat.jsonl", "val.completion.jsonl"} <= set(ft["outputs"])
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     df = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
     assert sorted(df["caption_id"]) == sorted(captions["caption_id"]) and list(df["caption_id"]) == sorted(df["caption_id"])
     assert manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 6
@@ -57,7 +57,7 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
 
 def test_place_puts_the_lm_on_text_device_in_float32_on_cpu():
     from tasks.common.config import TextConfig
-    from tasks.text.local_backend import place
+    from tasks.finetune.local import place
 
     model, _ = load_lm("tiny")
     placed = place(model, TextConfig(device="cpu", dtype="bfloat16"))  # half precision applies on CUDA only
@@ -70,7 +70,7 @@ class Killed(RuntimeError):
 
 
 def test_a_killed_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_path):
-    from tasks.text.local_backend import FinetuneCheckpoint
+    from tasks.finetune.local import FinetuneCheckpoint
 
     seeds = load_triplets(default_triplets_path())[:24]
 
@@ -104,12 +104,12 @@ def _local_cfg(root, *overrides):
 
 
 def _run_local(cfg, captions):
-    from tasks.text.finetune import run as run_finetune
-    from tasks.text.stage import run as run_text_partition
+    from tasks.finetune.stage import run as run_finetune
+    from tasks.text.stage import run as run_text
 
     write_captions(cfg.output_root, 0, captions)
     run_finetune(cfg)
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     return manifest, storage.read_parquet(f"{cfg.output_root}/{manifest['path']}/triplets.parquet")
 
 
@@ -143,7 +143,7 @@ def test_local_retries_up_to_max_attempts_with_each_try_counted(tmp_path):
 
 def test_local_retries_resume_at_a_batch_boundary_with_the_same_bytes(tmp_path, monkeypatch):
     from tasks.common.contract import Checkpoint
-    from tasks.text.stage import run as run_text_partition
+    from tasks.text.stage import run as run_text
 
     captions = make_captions(10)  # batches of 4, 4, 2
     reference, _ = _run_local(_local_cfg(tmp_path / "clean", "text.max_attempts=3"), captions)
@@ -159,7 +159,7 @@ def test_local_retries_resume_at_a_batch_boundary_with_the_same_bytes(tmp_path, 
     with pytest.raises(Killed):
         _run_local(cfg, captions)
     monkeypatch.setattr(Checkpoint, "append", append)
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert len(calls) == 1 and manifest["counts"]["batches_generated"] == 2  # the first batch was not redone
     path = "triplets.parquet"
     assert (tmp_path / "killed" / manifest["path"] / path).read_bytes() == \

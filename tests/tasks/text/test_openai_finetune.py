@@ -8,10 +8,10 @@ from text_helpers import openai_config
 from tasks.common import storage
 from tasks.common.contract import read_success
 from tasks.common.layout import OPENAI_MODEL_FILE
+from tasks.finetune.openai_job import FineTuneJobError
+from tasks.finetune.stage import finetuned_model_id
+from tasks.finetune.stage import run as run_finetune
 from tasks.registry import partition_url
-from tasks.text.finetune import finetuned_model_id
-from tasks.text.finetune import run as run_finetune
-from tasks.text.openai_finetune import FineTuneJobError
 
 
 def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplog):

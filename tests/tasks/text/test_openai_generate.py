@@ -22,7 +22,7 @@ from tasks.text.format import (
 )
 from tasks.text.openai_api import caption_seed
 from tasks.text.openai_batch import BatchJobError
-from tasks.text.stage import run as run_text_partition
+from tasks.text.stage import run as run_text
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
 
@@ -63,7 +63,7 @@ def test_429_storm_and_500s_still_complete_with_correct_rows(fake, tmp_path):
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.concurrency=16",
                         "text.openai.checkpoint_every=16")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     counts = manifest["counts"]
     assert counts["in"] == 120 and counts["out"] + sum(manifest["rejected"].values()) == 120
     assert counts["retries_429"] > 20 and counts["retries_5xx"] > 20 and counts["requests_answered"] == 120
@@ -81,7 +81,7 @@ def test_malformed_completions_are_counted_by_reason(fake, tmp_path):
     captions = make_captions(60)
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.endpoint=completions")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     expected = expected_rows(cfg, captions, malformed_rate=0.5)
     _assert_same(_triplets(tmp_path), expected)
     want = expected["reject_reason"].value_counts().to_dict()
@@ -95,7 +95,7 @@ def test_moderation_of_captions_and_of_generated_text(fake, tmp_path):
     captions = make_captions(40, ["a FLAGGED scene in the park", "a REFUSED scene by the lake"])
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     expected = expected_rows(cfg, captions, flag_words=fake.knobs.flag_words, refuse_words=("REFUSED",))
     _assert_same(_triplets(tmp_path), expected)
     assert manifest["rejected"][REJECT_MODERATION] >= 2 and manifest["rejected"][REJECT_API] == 1
@@ -106,7 +106,7 @@ def test_moderation_can_be_switched_off(fake, tmp_path):
     captions = make_captions(10, ["a FLAGGED scene in the park"])
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
-    run_text_partition(cfg, 0)
+    run_text(cfg, 0)
     assert fake.state.count("/v1/moderations") == 0 and len(fake.state.answered()) == 11
 
 
@@ -116,7 +116,7 @@ def test_batch_api_round_trip_equals_online(fake, tmp_path):
     captions = make_captions(50, ["a FLAGGED scene in the park"])
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert fake.state.count("/v1/batches") == 1 and fake.state.count("/v1/chat/completions") == 0
     batch_input = [f for f in fake.state.files.values() if f.get("purpose") == "batch"]
     assert len(batch_input) == 1 and b'"custom_id"' in batch_input[0]["data"]
@@ -129,7 +129,7 @@ def test_batch_errors_fall_back_to_online_requests(fake, tmp_path):
     captions = make_captions(40)
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     fallback = manifest["counts"]["batch_fallback_online"]
     assert 0 < fallback < 40 and fake.state.count("/v1/chat/completions", 200) == fallback
     assert max(fake.state.answered().values()) == 1
@@ -141,7 +141,7 @@ def test_a_failed_batch_surfaces_its_errors(fake, tmp_path):
     write_captions(str(tmp_path), 0, make_captions(5))
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch")
     with pytest.raises(BatchJobError, match="invalid_request: line 1: unknown model"):
-        run_text_partition(cfg, 0)
+        run_text(cfg, 0)
 
 
 def test_a_recorded_batch_is_polled_not_created_again(fake, tmp_path):
@@ -151,9 +151,9 @@ def test_a_recorded_batch_is_polled_not_created_again(fake, tmp_path):
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch",
                         "text.openai.poll_timeout_s=0.2")
     with pytest.raises(TimeoutError, match="re-run to keep polling"):
-        run_text_partition(cfg, 0)
+        run_text(cfg, 0)
     fake.knobs.batch_polls = 1
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert manifest["counts"]["batch_jobs_resumed"] == 1 and fake.state.count("/v1/batches") == 1
     _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
 
@@ -165,7 +165,7 @@ def test_a_server_without_moderation_gives_a_clear_error(fake, tmp_path):
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}",
                         f"text.openai.base_url={fake.base_url.removesuffix('/v1')}/no-such-prefix/v1")
     with pytest.raises(openai_api.ModerationUnavailableError, match="text.openai.moderation=false"):
-        run_text_partition(cfg, 0)
+        run_text(cfg, 0)
 
 
 @pytest.mark.parametrize("setting, status, fix", [
@@ -183,11 +183,11 @@ def test_auth_and_not_found_stop_the_stage_and_nothing_is_marked_done(fake, tmp_
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
                         setting.format(base=base))
     with pytest.raises(PermanentAPIError, match=rf"HTTP {status} .*{fix}"):
-        run_text_partition(cfg, 0)
+        run_text(cfg, 0)
     assert not list(tmp_path.glob("text/*/part-00000/_SUCCESS.json"))
     assert fake.state.count("/v1/chat/completions", 200) == 0
     fixed = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
-    manifest = run_text_partition(fixed, 0)  # once fixed, every caption is asked and answered
+    manifest = run_text(fixed, 0)  # once fixed, every caption is asked and answered
     assert not manifest["skipped"] and manifest["counts"]["requests_answered"] == 12
 
 
@@ -195,7 +195,7 @@ def test_truncated_and_filtered_answers_are_rejected_with_their_reason(fake, tmp
     captions = make_captions(6, ["a TRUNCATED tale of a lighthouse", "a FILTERED scene at night"])
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     rows = _triplets(tmp_path).set_index("input")
     assert rows.loc["a TRUNCATED tale of a lighthouse", "reject_reason"] == "truncated"
     assert rows.loc["a FILTERED scene at night", "reject_reason"] == "content_filter"
@@ -208,7 +208,7 @@ def test_a_trickling_server_hits_the_request_deadline(fake, tmp_path):
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
                         "text.openai.request_timeout_s=1", "text.openai.max_retries=1")
     with pytest.raises(Exception, match="timed out"):
-        run_text_partition(cfg, 0)
+        run_text(cfg, 0)
     assert not list(tmp_path.glob("text/*/part-00000/_SUCCESS.json"))
 
 
@@ -217,7 +217,7 @@ def test_an_answer_cut_short_is_retried(fake, tmp_path):
     captions = make_captions(30)
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert manifest["counts"]["retries_malformed"] > 0 and manifest["counts"]["requests_answered"] == 30
     _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
 
@@ -251,7 +251,7 @@ def test_a_rejected_answer_is_asked_again_up_to_max_attempts_with_each_try_count
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.max_attempts=4",
                         f"text.openai.mode={mode}")
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     expected = expected_retried_rows(cfg, captions, 0.6, fake.knobs.flag_words)
     table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
     _assert_same(table, expected)
@@ -287,7 +287,7 @@ def test_one_attempt_asks_each_caption_once_with_its_own_seed(fake, tmp_path):
     write_captions(str(tmp_path), 0, captions)
     cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}")
     assert cfg.text.max_attempts == 1
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
     assert set(table["attempt"]) == {1} and set(table["earlier_rejections"]) == {""}
     assert _sent_seeds(fake, "/v1/chat/completions") == {(t, caption_seed(0, c)) for c, t in

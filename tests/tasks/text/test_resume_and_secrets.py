@@ -25,8 +25,8 @@ from text_helpers import (
 )
 
 from tasks.common import storage
-from tasks.text.finetune import run as run_finetune
-from tasks.text.stage import run as run_text_partition
+from tasks.finetune.stage import run as run_finetune
+from tasks.text.stage import run as run_text
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,7 +52,7 @@ def _answers_since(fake, start: int) -> Counter:
 def _uninterrupted(fake, tmp_path: Path, captions: pd.DataFrame, *overrides: str) -> pd.DataFrame:
     root = tmp_path / "uninterrupted"
     write_captions(str(root), 0, captions)
-    run_text_partition(openai_config(fake, root, *overrides), 0)
+    run_text(openai_config(fake, root, *overrides), 0)
     return _triplets(root)
 
 
@@ -76,7 +76,7 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
     start = len(fake.state.requests)
     fake.knobs.answer_limit = fake.state.passed_gate + 24
     with pytest.raises(Crash):
-        run_text_partition(cfg, 0, on_chunk=crash_after_three_chunks)
+        run_text(cfg, 0, on_chunk=crash_after_three_chunks)
     wait_until(lambda: fake.state.held == 0, "the fake to see the held requests abandoned")
     kept = checkpointed_ids(root)
     texts = dict(zip(captions["caption_id"], captions["text"]))
@@ -84,7 +84,7 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
 
     fake.knobs.answer_limit = None
     resumed_from = len(fake.state.requests)
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     again = _answers_since(fake, resumed_from)
     assert not set(again) & {texts[c] for c in kept}  # no answered caption is requested twice
     assert len(again) == 80 - len(kept) and max(again.values()) == 1
@@ -95,8 +95,8 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
 KILLED_RUN = """
 import json, sys
 from tasks.common.config import load_config
-from tasks.text.stage import run as run_text_partition
-run_text_partition(load_config("demo", json.loads(sys.argv[1])), 0)
+from tasks.text.stage import run as run_text
+run_text(load_config("demo", json.loads(sys.argv[1])), 0)
 """
 
 
@@ -128,7 +128,7 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_rows(fake, tmp_
     assert len(kept) == 8 and len(lost) <= 4 + 3  # in flight + one unflushed chunk at most
 
     resumed_from = len(fake.state.requests)
-    run_text_partition(openai_config(fake, root, *settings), 0)
+    run_text(openai_config(fake, root, *settings), 0)
     again = _answers_since(fake, resumed_from)
     assert not set(again) & {texts[c] for c in kept} and max(again.values()) == 1
     pd.testing.assert_frame_equal(_triplets(root), reference)
@@ -140,8 +140,8 @@ def test_the_api_key_never_appears_in_logs_manifests_or_files(fake, tmp_path, ca
     write_captions(str(tmp_path), 0, make_captions(20, ["a REFUSED scene by the lake"]))
     write_captions(str(tmp_path), 1, make_captions(10))
     cfg = openai_config(fake, tmp_path)
-    manifests = [run_finetune(cfg), run_text_partition(cfg, 0),
-                 run_text_partition(openai_config(fake, tmp_path, "text.openai.mode=batch"), 1)]
+    manifests = [run_finetune(cfg), run_text(cfg, 0),
+                 run_text(openai_config(fake, tmp_path, "text.openai.mode=batch"), 1)]
     assert manifests[1]["counts"]["requests_answered"] == 20  # the fake checks the key: it was sent
     assert manifests[2]["counts"]["batch_answered"] == 10
     blobs = {"log": caplog.text, "manifests": json.dumps(manifests), "config": cfg.model_dump_json()}
@@ -168,7 +168,7 @@ def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, t
     settings = (*RETRIES, "text.openai.checkpoint_interval_s=3600")
     clean = tmp_path / "uninterrupted"
     write_captions(str(clean), 0, captions)
-    reference = run_text_partition(openai_config(fake, clean, *settings), 0)
+    reference = run_text(openai_config(fake, clean, *settings), 0)
     assert reference["counts"]["accepted_attempt_2"] > 0 and reference["counts"]["generation_attempts"] > 60
 
     root = tmp_path / "crashed"
@@ -181,14 +181,14 @@ def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, t
 
     fake.knobs.answer_limit = fake.state.passed_gate + 60
     with pytest.raises(Crash):
-        run_text_partition(cfg, 0, on_chunk=crash)
+        run_text(cfg, 0, on_chunk=crash)
     wait_until(lambda: fake.state.held == 0, "the fake to see the held requests abandoned")
     kept = checkpointed_ids(root)  # checkpoints hold finished captions only, each with every try it took
     assert 12 <= len(kept) <= 12 + 3 < 48  # the three chunks, and what was buffered when the crash came
     texts = dict(zip(captions["caption_id"], captions["text"]))
     fake.knobs.answer_limit = None
     resumed_from = len(fake.state.requests)
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert not set(_answers_since(fake, resumed_from)) & {texts[c] for c in kept}
     assert _triplet_bytes(root, manifest) == _triplet_bytes(clean, reference)
     assert manifest["counts"]["generation_attempts"] == reference["counts"]["generation_attempts"]
@@ -201,7 +201,7 @@ def test_with_retries_a_batch_run_killed_in_its_second_try_resumes_both_jobs(fak
     settings = (*RETRIES, "text.openai.mode=batch", "text.openai.moderation=false")
     clean = tmp_path / "uninterrupted"
     write_captions(str(clean), 0, captions)
-    reference = run_text_partition(openai_config(fake, clean, *settings), 0)
+    reference = run_text(openai_config(fake, clean, *settings), 0)
     jobs = fake.state.count("/v1/batches")
     assert jobs == reference["counts"]["batch_jobs_created"] >= 3  # one job per try
 
@@ -215,10 +215,10 @@ def test_with_retries_a_batch_run_killed_in_its_second_try_resumes_both_jobs(fak
             raise Crash("killed while writing the second try's answers")
 
     with pytest.raises(Crash):
-        run_text_partition(cfg, 0, on_chunk=crash_in_second_try)
+        run_text(cfg, 0, on_chunk=crash_in_second_try)
     progress = list(root.rglob("openai-batch*.json"))
     assert sorted(p.name for p in progress) == ["openai-batch-attempt-2.json", "openai-batch.json"]
-    manifest = run_text_partition(cfg, 0)
+    manifest = run_text(cfg, 0)
     assert manifest["counts"]["batch_jobs_resumed"] == 2  # the first two tries' jobs read again, not paid again
     assert fake.state.count("/v1/batches") - start_jobs == jobs
     assert _triplet_bytes(root, manifest) == _triplet_bytes(clean, reference)

@@ -56,7 +56,7 @@ def openai_config(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> 
     partition — which the text stage reads — is finished too, as `editforge run` would (no request)."""
     cfg = load_config("demo", openai_overrides(fake, root, *overrides))
     if cfg.text.openai.model:
-        from tasks.text.finetune import run as run_finetune
+        from tasks.finetune.stage import run as run_finetune
 
         run_finetune(cfg)
     return cfg

@@ -12,7 +12,7 @@ import torch
 
 from tasks.common.config import load_config
 from tasks.common.models import load_clip, load_diffusion, load_lm
-from tasks.filter.metrics import clip_metrics
+from tasks.scoring.metrics import clip_metrics
 from tasks.world.build import _clip_model, file_hashes
 from tasks.world.clip_text import check_same_hidden_states
 from tasks.world.edits import EDIT_KINDS, wrong_edit

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common.models import ClipComponents
-from tasks.filter.metrics import clip_metrics
+from tasks.scoring.metrics import clip_metrics
 
 # reference: the whole image bicubic-resized to the CLIP input size, no antialiasing, no crop — the
 #   reference's ClipSimilarity.encode_image, which the paper's thresholds were set with;

@@ -10,7 +10,7 @@ import torch
 
 from tasks.common.config import load_config
 from tasks.common.models import load_dino
-from tasks.judge.image_rungs import DinoScorer, score_image_rungs, ssim
+from tasks.scoring.image_rungs import DinoScorer, score_image_rungs, ssim
 
 pytestmark = pytest.mark.component
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.common.models import load_clip
-from tasks.filter.scorer import ClipScorer
+from tasks.scoring.clip import ClipScorer
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ from tasks.common import storage
 from tasks.common.config import TextConfig
 from tasks.common.contract import Stats
 from tasks.common.errors import PermanentError
-from tasks.text.finetune_data import finetune_file_name
-from tasks.text.openai_api import RetryPolicy, poll_until, redacted_endpoint, retrying
+from tasks.common.openai_client import RetryPolicy, poll_until, redacted_endpoint, retrying
+from tasks.finetune.data import finetune_file_name
 
 log = logging.getLogger("editforge")
 ACTIVE = {"validating_files", "queued", "running", "pending"}

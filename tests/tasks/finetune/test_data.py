@@ -9,7 +9,7 @@ from prompts.templates import (
 )
 from seed_annotations.schema import default_triplets_path, load_triplets, split_train_val
 from tasks.common.config import load_config
-from tasks.text.finetune_data import finetune_files
+from tasks.finetune.data import finetune_files
 from tasks.text.openai_api import caption_seed, request_body
 
 

@@ -9,7 +9,7 @@ paper's format and the chat format, same split) and, per backend:
   manifest under `finetune`), from the fine-tuning API, or `text.openai.model` used as is (e.g. an
   open model served by vLLM: no job).
 
-Its hash (`tasks.text.spec.FINETUNE`) covers only what the model depends on.
+Its hash (`tasks.finetune.spec.FINETUNE`) covers only what the model depends on.
 """
 
 from __future__ import annotations
@@ -20,17 +20,23 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seed_annotations.schema import load_triplets, split_train_val
+from seed_annotations.schema import SeedAnnotationError, load_triplets, split_train_val
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, check_text_lm
-from tasks.common.contract import PartitionRun, read_success
+from tasks.common.contract import PartitionRun, finished
+from tasks.common.errors import MissingFileError, PermanentError
 from tasks.common.models import MODELS, load_lm
-from tasks.registry import execute, stage_hash
-from tasks.text.finetune_data import finetune_files
-from tasks.text.local_backend import FinetuneCheckpoint, apply_lora, finetune, load_finetuned, place
+from tasks.common.stage import execute, stage_hash
+from tasks.finetune.data import finetune_files
+from tasks.finetune.local import FinetuneCheckpoint, apply_lora, finetune, load_finetuned, place
+from tasks.finetune.spec import FINETUNE
 
 STAGE = "finetune"
 log = logging.getLogger("editforge")
+
+
+class SeedFileError(PermanentError, SeedAnnotationError):
+    """The seed triplets file is refused (the message names the file, the line and the field)."""
 
 
 def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | None = None) -> dict:
@@ -39,7 +45,12 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | 
     check_text_lm(cfg, "finetune")  # the tiny LM refused before any work (paper, fast)
     seed_path = cfg.text.seed_annotations_path()
     # the same validation as `python -m seed_annotations.download`: keys besides input/edit/output are ignored
-    seeds = load_triplets(seed_path, strict=False, max_line_bytes=cfg.text.seed_max_line_bytes)
+    try:
+        seeds = load_triplets(seed_path, strict=False, max_line_bytes=cfg.text.seed_max_line_bytes)
+    except SeedAnnotationError as err:  # the file's content: a retry reads the same bytes
+        raise SeedFileError(str(err)) from err
+    except FileNotFoundError as err:
+        raise MissingFileError(f"text.seed_annotations: {seed_path} is not there ({err})") from err
     train, val = split_train_val(seeds, cfg.text.val_fraction, cfg.text.seed)
     t = cfg.text
 
@@ -57,7 +68,7 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | 
                                            "train_examples": len(train), "val_examples": len(val)}
         run.stats.add("out", 1)
 
-    return execute(cfg, STAGE, partition_id, work, logger)
+    return execute(cfg, FINETUNE, partition_id, work, logger)
 
 
 def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
@@ -89,8 +100,8 @@ def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
 
 
 def _finetune_openai(cfg: PipelineConfig, run: PartitionRun, logger: logging.Logger) -> dict:
-    from tasks.text.openai_api import make_client, redacted_endpoint, resolve_api_key, run_sync
-    from tasks.text.openai_finetune import finetune_openai
+    from tasks.common.openai_client import make_client, redacted_endpoint, resolve_api_key, run_sync
+    from tasks.finetune.openai_job import finetune_openai
 
     o = cfg.text.openai
     if o.model:
@@ -113,7 +124,8 @@ def finetuned_model_id(cfg: PipelineConfig) -> str:
     """The model id the openai backend generates with (recorded by `run_finetune`)."""
     if cfg.text.openai.model:
         return cfg.text.openai.model
-    done = read_success(layout.partition_dir(cfg.output_root, STAGE, stage_hash(cfg, STAGE), 0))
+    h = stage_hash(cfg, FINETUNE)
+    done = finished(layout.partition_dir(cfg.output_root, STAGE, h, 0), h)
     if not done or "finetune" not in done or not done["finetune"].get("model"):
         raise RuntimeError(f"text: no fine-tuned model recorded under {cfg.output_root}/{STAGE}; "
                            f"run the finetune stage first (editforge stage finetune)")
@@ -124,7 +136,7 @@ def finetuned_model(cfg: PipelineConfig) -> tuple:
     """The fine-tuned (model, tokenizer) on ``text.device``, from the process's model cache: loaded once
     per fine-tune (its hash) and reused across partitions and sampling settings."""
     t = cfg.text
-    model_url = layout.finetuned_model_dir(cfg.output_root, stage_hash(cfg, STAGE))
+    model_url = layout.finetuned_model_dir(cfg.output_root, stage_hash(cfg, FINETUNE))
     identity = (model_url, t.device, t.dtype)
 
     def load() -> tuple:

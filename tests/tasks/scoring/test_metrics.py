@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tasks.filter.metrics import clip_metrics, cosine, directional_similarity
+from tasks.scoring.metrics import clip_metrics, cosine, directional_similarity
 
 
 def test_cosine_known_values():
