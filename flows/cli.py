@@ -9,7 +9,7 @@
     editforge report --preset demo
     editforge verify --preset demo
     editforge index --preset demo
-    editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge calibrate-early --preset paper --set render.early_reject.at=0.4 --set render.early_reject.dry_run=true
     editforge review --preset world                    # label pairs in a browser (docs/review.md)
     editforge calibrate-filter --preset world --target-precision 0.8
     editforge estimate --preset paper --from-preset demo --partitions 0

@@ -187,10 +187,10 @@ def policy_of(cfg: PipelineConfig):
     from tasks.render.scheduling import SamplingPolicy
 
     r = cfg.render
-    rounds = r.adaptive or r.give_up_after is not None
-    return SamplingPolicy(max_samples=r.samples_per_triplet, round_size=r.round_size if rounds else None,
-                          target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
-                          give_up_after=r.give_up_after, group=r.p_branches,
+    rounds = r.adaptive.enabled or r.adaptive.give_up_after is not None
+    return SamplingPolicy(max_samples=r.samples_per_triplet, round_size=r.adaptive.round_size if rounds else None,
+                          target_passed=(r.adaptive.target_passed or r.keep.top_k) if r.adaptive.enabled else None,
+                          give_up_after=r.adaptive.give_up_after, group=r.p_branches,
                           per_group=r.keep_per_seed if r.p_branches > 1 else None)
 
 
@@ -198,19 +198,20 @@ def sampling_signature(cfg: PipelineConfig) -> dict[str, Any]:
     """What decides how many samples a triplet gets and which pass: the effective policy (a setting that
     is off does not count: ``round_size`` without rounds, the margin without early rejection)."""
     r = cfg.render  # the fields of policy_of(cfg), without importing the render package (torch)
-    rounds = r.adaptive or r.give_up_after is not None
+    rounds = r.adaptive.enabled or r.adaptive.give_up_after is not None
+    target = (r.adaptive.target_passed or r.keep.top_k) if r.adaptive.enabled else None
     sig: dict[str, Any] = {"render.samples_per_triplet": r.samples_per_triplet,
-                           "render.round_size": r.round_size if rounds else None,
-                           "render.target_passed": (r.target_passed or r.keep.top_k) if r.adaptive else None,
-                           "render.give_up_after": r.give_up_after,
+                           "render.adaptive.round_size": r.adaptive.round_size if rounds else None,
+                           "render.adaptive.target_passed": target,
+                           "render.adaptive.give_up_after": r.adaptive.give_up_after,
                            "render.keep": r.keep.model_dump(mode="json"),
-                           "render.early_reject_at": r.early_reject_at if r.steps >= 2 else None,
+                           "render.early_reject.at": r.early_reject.at if r.steps >= 2 else None,
                            "render.p_branches": r.p_branches,  # the replay below models independent samples
                            "render.keep_per_seed": r.keep_per_seed if r.p_branches > 1 else None}
-    if sig["render.early_reject_at"] is not None:
-        sig |= {"render.early_reject_margin": r.early_reject_margin,
-                "render.early_reject_metrics": list(r.early_reject_metrics),
-                "render.early_reject_dry_run": r.early_reject_dry_run}
+    if sig["render.early_reject.at"] is not None:
+        sig |= {"render.early_reject.margin": r.early_reject.margin,
+                "render.early_reject.metrics": list(r.early_reject.metrics),
+                "render.early_reject.dry_run": r.early_reject.dry_run}
     return sig
 
 
@@ -223,8 +224,8 @@ def sampling_differences(target: PipelineConfig, pilot: PipelineConfig, keys: tu
 
 def early_steps(cfg: PipelineConfig) -> int | None:
     """Steps an early-rejected sample costs (``tasks.render.early.early_step_count``, without torch)."""
-    at, steps = cfg.render.early_reject_at, cfg.render.steps
-    if at is None or steps < 2 or cfg.render.early_reject_dry_run:
+    at, steps = cfg.render.early_reject.at, cfg.render.steps
+    if at is None or steps < 2 or cfg.render.early_reject.dry_run:
         return None
     return min(steps - 1, max(1, round(at * steps)))
 
@@ -507,7 +508,7 @@ def _replayed(target: PipelineConfig, pilot: PipelineConfig, counts: Counter, pe
     after = early_steps(target)
     drop = 0.0
     if after is not None:
-        early_keys = ("render.early_reject_at", "render.early_reject_margin", "render.early_reject_metrics")
+        early_keys = ("render.early_reject.at", "render.early_reject.margin", "render.early_reject.metrics")
         if not sampling_differences(target, pilot, early_keys) and early_steps(pilot) is not None and failing_pilot:
             drop = counts.get("early_rejected", 0) / failing_pilot
         else:

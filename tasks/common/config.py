@@ -293,6 +293,39 @@ class Selection(Section):
         return self
 
 
+class AdaptiveConfig(Section):
+    """Adaptive sampling and giving up (`tasks/render/scheduling.py`): a triplet's samples are drawn in rounds."""
+
+    enabled: bool = False
+    round_size: int = Field(8, ge=1)
+    target_passed: int | None = Field(None, ge=1)
+    give_up_after: int | None = Field(None, ge=1)
+
+
+class EarlyRejectConfig(Section):
+    """Early rejection (`tasks/render/early.py`): score the x0 prediction part-way and drop hopeless samples."""
+
+    at: float | None = Field(None, gt=0, lt=1)
+    margin: float = 0.05
+    dry_run: bool = False
+    metrics: tuple[Literal[METRICS], ...] = METRICS
+
+
+# The render savers' keys before they were nested: old name -> (section, field). Refused in configs with a
+# message naming the new key; stage hashes are computed on these flat names, so the folders of runs made
+# before the move are found under the same hashes.
+FLAT_RENDER_SAVERS: dict[str, tuple[str, str]] = {
+    "adaptive": ("adaptive", "enabled"),
+    "round_size": ("adaptive", "round_size"),
+    "target_passed": ("adaptive", "target_passed"),
+    "give_up_after": ("adaptive", "give_up_after"),
+    "early_reject_at": ("early_reject", "at"),
+    "early_reject_margin": ("early_reject", "margin"),
+    "early_reject_dry_run": ("early_reject", "dry_run"),
+    "early_reject_metrics": ("early_reject", "metrics"),
+}
+
+
 class RenderConfig(Section):
     """The render stage. Defaults are the reference's algorithm; every compute saver is a switch, off.
 
@@ -346,22 +379,33 @@ class RenderConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = operational(False, description="torch.compile the UNet on CUDA (same images up to float rounding)")
     base_seed: int = 0
-    adaptive: bool = False
-    round_size: int = Field(8, ge=1)
-    target_passed: int | None = Field(None, ge=1)
-    give_up_after: int | None = Field(None, ge=1)
-    early_reject_at: float | None = Field(None, gt=0, lt=1)
-    early_reject_margin: float = 0.05
-    early_reject_dry_run: bool = False
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+    early_reject: EarlyRejectConfig = EarlyRejectConfig()
     keep: Selection = Selection()
     save_images: Literal["kept", "passed", "all"] = "kept"
     clip_resize: Literal["reference", "antialias"] = Field(
         "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or antialiased + centre crop")
-    early_reject_metrics: tuple[Literal[METRICS], ...] = METRICS
     p_branches: int = Field(1, ge=1, le=64, description="p values per seed, branched off one before image and one "
                             "after trunk (1: one sample per seed, the reference)")
     keep_per_seed: int | None = Field(1, ge=1, description="at most this many kept pairs per seed (p-branching); "
                                       "null: no limit")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_savers(cls, data: Any) -> Any:
+        """A saver under its old flat key (render.round_size, ...) is refused with its new key's name."""
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            if (message := _moved(key)) and not (key == "adaptive" and isinstance(value, dict | AdaptiveConfig)):
+                raise ValueError(message)
+        return data
+
+    def output_fields(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """As :meth:`Section.output_fields`, with the savers under their flat names (the hash before nesting)."""
+        data = super().output_fields(drop)
+        nested = {section: data.pop(section) for section in ("adaptive", "early_reject") if section in data}
+        data |= {old: nested[section][field] for old, (section, field) in FLAT_RENDER_SAVERS.items()
+                 if section in nested}
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> RenderConfig:
@@ -384,9 +428,10 @@ class RenderConfig(Section):
         if k > 1:
             if self.attention != "ip2p":
                 raise ValueError(f"p_branches {k} needs attention ip2p: {self.attention!r} does not use p")
-            rounds = self.adaptive or self.give_up_after is not None
+            a = self.adaptive
+            rounds = a.enabled or a.give_up_after is not None
             counts = {"samples_per_triplet": self.samples_per_triplet,
-                      "round_size": self.round_size if rounds else None, "give_up_after": self.give_up_after}
+                      "adaptive.round_size": a.round_size if rounds else None, "adaptive.give_up_after": a.give_up_after}
             for name, value in counts.items():
                 if value is not None and value % k:
                     raise ValueError(f"{name} {value} is not a multiple of p_branches {k}: it counts samples, "
@@ -922,6 +967,31 @@ def _shown(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
+def _moved(old: str) -> str | None:
+    """'render.<old> is now render.<section>.<field>' for a render saver's flat key, else None."""
+    if old not in FLAT_RENDER_SAVERS:
+        return None
+    section, field = FLAT_RENDER_SAVERS[old]
+    return (f"render.{old} is now render.{section}.{field} (the render savers are nested under render.adaptive "
+            "and render.early_reject: docs/config.md)")
+
+
+def _refuse_flat_savers(data: dict, origin: str) -> None:
+    render = data.get("render")
+    if not isinstance(render, dict):
+        return
+    for key, value in render.items():
+        if (message := _moved(key)) and not (key == "adaptive" and isinstance(value, dict)):
+            raise ConfigError(f"{origin}: {message}")
+
+
+def _refuse_flat_override(key: str, value: Any) -> None:
+    if key == "render":
+        _refuse_flat_savers({"render": value}, f"override {key!r}")
+    elif key.startswith("render.") and key.count(".") == 1:
+        _refuse_flat_savers({"render": {key.removeprefix("render."): value}}, f"override {key!r}")
+
+
 def load_config(preset: str = "demo", overrides: list[str] | None = None) -> PipelineConfig:
     text, origin = _preset_text(preset)
     data = load_yaml(text, origin) or {}
@@ -930,8 +1000,11 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Pip
                           f"got {type(data).__name__}")
     if not origin.startswith("preset ") and "name" not in data:  # a YAML file: named after it
         data["name"] = re.sub("[^a-z0-9-]+", "-", Path(preset).stem.lower()).strip("-") or "run"
+    _refuse_flat_savers(data, origin)
     for item in overrides or []:
-        _set_dotted(data, *parse_override(item))
+        key, value = parse_override(item)
+        _refuse_flat_override(key, value)
+        _set_dotted(data, key, value)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
