@@ -19,10 +19,12 @@ BEFORE_NESTING = {
               "pack": "e277c3ccce1048f4"},
 }
 # every saver away from its default: before nesting, render.adaptive=true render.round_size=4 ... as flat keys
-EVERY_SAVER = ["render.adaptive.enabled=true", "render.adaptive.round_size=4", "render.adaptive.target_passed=3",
-               "render.adaptive.give_up_after=16", "render.early_reject.at=0.3", "render.early_reject.margin=0.02",
-               "render.early_reject.dry_run=true", "render.early_reject.metrics=[clip_sim_dir]"]
-EVERY_SAVER_BEFORE = {"demo": ("b737221b418ac483", "59246a0bbeed3767"), "paper": ("e3228aaa09932911", "bc9543697c033d75"),
+EVERY_SAVER = ["render.adaptive.enabled=true", "render.adaptive.round_size=4",
+               "render.adaptive.target_passed=3", "render.adaptive.give_up_after=16",
+               "render.early_reject.at=0.3", "render.early_reject.margin=0.02", "render.early_reject.dry_run=true",
+               "render.early_reject.metrics=[clip_sim_dir]"]
+EVERY_SAVER_BEFORE = {"demo": ("b737221b418ac483", "59246a0bbeed3767"),  # (render, pack)
+                      "paper": ("e3228aaa09932911", "bc9543697c033d75"),
                       "world": ("af2f19e35690e303", "d2e25cfba119173b")}
 
 
@@ -42,9 +44,14 @@ def test_render_hashes_the_savers_under_their_flat_names():
         "early_reject_margin": 0.02, "early_reject_dry_run": True, "early_reject_metrics": ["clip_sim_dir"]}
 
 
-@pytest.mark.parametrize("old, new", [(f"render.{o}", f"render.{s}.{f}") for o, (s, f) in FLAT_RENDER_SAVERS.items()])
+MOVES = [(f"render.{old}", f"render.{section}.{field}")
+         for old, (section, field) in FLAT_RENDER_SAVERS.items()]
+
+
+@pytest.mark.parametrize("old, new", MOVES)
 def test_an_old_key_is_refused_naming_the_new_one(tmp_path, old, new):
-    value = "[clip_sim_dir]" if old.endswith("metrics") else "true" if old.endswith(("adaptive", "dry_run")) else "2"
+    flag = old.endswith(("adaptive", "dry_run"))
+    value = "[clip_sim_dir]" if old.endswith("metrics") else "true" if flag else "2"
     with pytest.raises(ConfigError, match=rf"^override '{old}': {old} is now {new} "):
         load_config("demo", [f"{old}={value}"])
     preset = tmp_path / "mine.yaml"
