@@ -28,10 +28,11 @@ extrapolation error when the settings differ):
   chat models); every try is billed like the answer kept. The local backend costs GPU time instead:
   the pilot's ``generate`` seconds per try.
 - **render.** With the target's sampling policy equal to the pilot's (``samples_per_triplet``, rounds,
-  ``target_passed``, ``give_up_after``, ``keep``, early rejection): the pilot's samples, passes, kept
-  pairs and triplets with a kept pair per triplet, and UNet calls per triplet x target steps / pilot
-  steps (a sample costs one call per step; an early-rejected one ``early_reject_at`` of them). With
-  another policy the target's :class:`~tasks.render.scheduling.SamplingPolicy` is replayed exactly
+  ``adaptive.target_passed``, ``adaptive.give_up_after``, ``keep``, early rejection): the pilot's
+  samples, passes, kept pairs and triplets with a kept pair per triplet, and UNet calls per triplet x
+  target steps / pilot steps (a sample costs one call per step; an early-rejected one
+  ``early_reject.at`` of them).
+  With another policy the target's :class:`~tasks.render.scheduling.SamplingPolicy` is replayed exactly
   (a dynamic programme over rounds) with each pilot triplet's own pass rate (its passed / drawn; under
   the target's ``keep`` when that differs), kept = min(top_k, passed), and early rejection dropping the
   pilot's measured share of failing samples (none assumed when the pilot had no early rejection:
