@@ -5,7 +5,9 @@
 Unknown keys and wrong types are errors that name the key (`render.stepz: Extra inputs are not
 permitted`); the run's `name` must be usable in dashboard keys. Fields made with :func:`operational`
 change how fast or how robustly a stage runs, never what it writes: the stage hashes
-(`tasks.registry.stage_hash`) leave them out, so a resumed run may change them.
+(`tasks.registry.stage_hash`) leave them out, so a resumed run may change them. Every field has a
+``description`` (what it does, units, the paper's value): `editforge config --explain` and docs/config.md
+show them (:mod:`tasks.common.config_docs`).
 """
 
 from __future__ import annotations
