@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker lock compat clean
+.PHONY: install browser demo demo-tiny config-docs world-models test test-fast lint bench reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 demo-tiny: $(STAMP)
 	$(PY) -m flows.generate --preset demo
 	$(PY) -m flows.train --preset demo
+
+# docs/config.md from the config model (tests/tasks/common/test_config_docs.py fails when it is stale)
+config-docs: $(STAMP)
+	$(PY) -m tasks.common.config_docs > docs/config.md
 
 # Rebuild the shipped world models (deterministic; about 10 CPU-minutes).
 world-models: $(STAMP)

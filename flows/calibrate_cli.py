@@ -1,11 +1,11 @@
-"""`editforge calibrate-early`: choose ``render.early_reject_margin`` from a dry run's samples.
+"""`editforge calibrate-early`: choose ``render.early_reject.margin`` from a dry run's samples.
 
-    editforge stage render --partitions 0-1 --set render.early_reject_at=0.5 --set render.early_reject_dry_run=true
-    editforge calibrate-early --partitions 0-1 --set render.early_reject_at=0.5 --set render.early_reject_dry_run=true
+    editforge stage render --partitions 0-1 --set render.early_reject.at=0.5 --set render.early_reject.dry_run=true
+    editforge calibrate-early --partitions 0-1 --set render.early_reject.at=0.5 --set render.early_reject.dry_run=true
 
 Prints, per candidate margin, the share of finally failing samples early rejection would drop, the
 share of passing ones it would lose and the UNet calls per passing pair relative to no early
-rejection (see `tasks/render/calibrate.py`), then the recommended `--set render.early_reject_margin=...`.
+rejection (see `tasks/render/calibrate.py`), then the recommended `--set render.early_reject.margin=...`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def calibrate_early(
     margins: Annotated[str | None, typer.Option(help="comma list or start:stop:step (default -0.05:0.3:0.025)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the table and recommendation here")] = None,
 ) -> None:
-    """Calibrate render.early_reject_margin on render partitions rendered with render.early_reject_dry_run=true."""
+    """Calibrate render.early_reject.margin on render partitions rendered with render.early_reject.dry_run=true."""
     from tasks.common.selection import thresholds
     from tasks.registry import stage_hash
     from tasks.render.calibrate import CalibrationError, calibrate, calibration_settings, recommend
@@ -96,7 +96,7 @@ def calibrate_early(
     except ValueError as err:
         typer.echo(f"error: --margins: {err}", err=True)
         raise typer.Exit(2) from None
-    current = cfg.render.early_reject_margin
+    current = cfg.render.early_reject.margin
     grid = sorted({*grid, current})
     try:
         table, data = calibrate(cfg, grid, parse_partitions(partitions))
@@ -113,15 +113,15 @@ def calibrate_early(
             "render_hash": stage_hash(cfg, "render"),
             "partitions": data.partitions,
             "skipped_partitions": data.skipped,
-            "early_reject_at": cfg.render.early_reject_at,
+            "early_reject_at": cfg.render.early_reject.at,
             "after_steps": after_steps,
             "steps": steps,
-            "metrics": list(cfg.render.early_reject_metrics),
-            "thresholds": {m: thresholds(cfg.render.keep)[m] for m in cfg.render.early_reject_metrics},
+            "metrics": list(cfg.render.early_reject.metrics),
+            "thresholds": {m: thresholds(cfg.render.keep)[m] for m in cfg.render.early_reject.metrics},
             "current_margin": current,
             "max_false_drop": max_false_drop,
             "recommended_margin": best,
-            "recommended_set": f"render.early_reject_margin={best:g}" if best is not None else None,
+            "recommended_set": f"render.early_reject.margin={best:g}" if best is not None else None,
             "left_out_early_rejected": data.early_rejected,
             "left_out_unscored": data.unscored,
             "table": [{k: _finite(v) for k, v in row.items()} for row in table.to_dict(orient="records")],
@@ -140,14 +140,14 @@ def _print(cfg: PipelineConfig, table: pd.DataFrame, data: CalibrationSamples, b
     scored, passing, failing = (int(table[c].iloc[0]) for c in ("scored", "passing", "failing"))
     limits = thresholds(r.keep)
     console.print(f"{scored} samples scored early and finally ({passing} passing, {failing} failing) from render partitions {data.partitions}; early scoring at "
-                  f"{r.early_reject_at:g} of {r.steps} steps on "
-                  + ", ".join(f"{m} >= {limits[m]:g} - margin" for m in r.early_reject_metrics))
+                  f"{r.early_reject.at:g} of {r.steps} steps on "
+                  + ", ".join(f"{m} >= {limits[m]:g} - margin" for m in r.early_reject.metrics))
     if data.skipped:
         console.print(f"partitions {data.skipped} left out: not finished under this config")
     if data.early_rejected:
         console.print(f"[yellow]warning:[/] {data.early_rejected} samples were dropped by a real early rejection "
                       "(no final metrics) and are left out, which biases the estimate; render with "
-                      "--set render.early_reject_dry_run=true for an unbiased calibration")
+                      "--set render.early_reject.dry_run=true for an unbiased calibration")
     console.print(render_table(table, best, current))
     if best is None:
         reason = ("no scored sample passed, so passing samples lost cannot be estimated"
@@ -161,6 +161,6 @@ def _print(cfg: PipelineConfig, table: pd.DataFrame, data: CalibrationSamples, b
                   f"{_ratio(row['cost_per_pass'])} of no early rejection")
     if row["cost_per_pass"] >= 1:
         console.print("early rejection does not lower the cost per passing pair on these samples: "
-                      "consider leaving render.early_reject_at unset")
-    console.print("use it with render.early_reject_dry_run=false (the default):")
-    typer.echo(f"  --set render.early_reject_margin={best:g}")
+                      "consider leaving render.early_reject.at unset")
+    console.print("use it with render.early_reject.dry_run=false (the default):")
+    typer.echo(f"  --set render.early_reject.margin={best:g}")

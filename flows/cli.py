@@ -6,10 +6,12 @@
     editforge evaluate --preset demo --image-guidance 1.0,1.5,2.0
     editforge edit photo.jpg "make it snowy" --preset demo
     editforge config --preset paper
+    editforge config --preset paper --explain [render.keep]   # what each setting means (docs/config.md)
     editforge report --preset demo
     editforge verify --preset demo
     editforge index --preset demo
-    editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge calibrate-early --preset paper --set render.early_reject.at=0.4 \\
+        --set render.early_reject.dry_run=true
     editforge review --preset world                    # label pairs in a browser (docs/review.md)
     editforge calibrate-filter --preset world --target-precision 0.8
     editforge estimate --preset paper --from-preset demo --partitions 0
@@ -140,9 +142,24 @@ def presets() -> None:
 
 
 @app.command()
-def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
-    """Print the resolved config, each stage's resources and config hash."""
+def config(preset: Preset = "demo", overrides: Overrides = None,
+           key: Annotated[str | None, typer.Argument(
+               help="with --explain: one setting or section, e.g. render.keep")] = None,
+           explain: Annotated[bool, typer.Option(
+               "--explain", help="print every setting with its value, default and what it does (docs/config.md)")
+           ] = False) -> None:
+    """Print the resolved config, each stage's resources and config hash (--explain: what each setting
+    means)."""
     cfg = load_or_exit(preset, overrides, root="none")
+    if explain or key:
+        from tasks.common.config_docs import explain as explained
+
+        try:
+            typer.echo(explained(cfg, key), nl=False)
+        except KeyError:
+            typer.echo(f"error: no setting {key!r}: editforge config --explain lists them all", err=True)
+            raise typer.Exit(2) from None
+        return
     with reported(False):
         hashes = {s: registry.stage_hash(cfg, s) for s in CHAIN}
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -5,7 +5,9 @@
 Unknown keys and wrong types are errors that name the key (`render.stepz: Extra inputs are not
 permitted`); the run's `name` must be usable in dashboard keys. Fields made with :func:`operational`
 change how fast or how robustly a stage runs, never what it writes: the stage hashes
-(`tasks.registry.stage_hash`) leave them out, so a resumed run may change them.
+(`tasks.registry.stage_hash`) leave them out, so a resumed run may change them. Every field has a
+``description`` (what it does, units, the paper's value): `editforge config --explain` and docs/config.md
+show them (:mod:`tasks.common.config_docs`).
 """
 
 from __future__ import annotations
@@ -80,139 +82,183 @@ class Section(BaseModel):
 
 
 class ModelsConfig(Section):
-    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch", "tiny-sdxl", "sdxl-turbo", "world"] = "tiny"
-    diffusion_path: str | None = None
-    # an AutoencoderKL folder (diffusers layout, safetensors) to decode with instead of the diffusion
-    # model's own VAE (None): the reference used sd-vae-ft-mse with SD 1.5; render and training read it
-    vae_path: str | None = None
-    clip: str = "tiny"
-    clip_path: str | None = None
-    lm: str = "tiny"
-    lm_path: str | None = None
-    # the DINOv2 judge rung (judges.dino): `tiny` (random-init, built offline), `dinov2-small|base|large|giant`
-    # (facebook/dinov2-*; UltraEdit's gate), any hub id of a `Dinov2Model`; `dino_path`: a local folder of it
-    dino: str = "tiny"
-    dino_path: str | None = None
+    """Which models the stages load: the diffusion model (render, train), CLIP, the LM, DINOv2."""
+
+    diffusion: Literal["tiny", "sd15", "sdxl", "sd15-arch", "tiny-sdxl", "sdxl-turbo", "world"] = Field(
+        "tiny", description="the diffusion model render draws pairs with and train starts from: tiny "
+        "(random-init, built offline), sd15 (paper), sdxl, sdxl-turbo (turbo), sd15-arch / tiny-sdxl (the "
+        "architectures, random weights), world (the trained tiny world model)")
+    diffusion_path: str | None = Field(
+        None, description="a local diffusers folder of that model (null: the hub id, or the built-in tiny "
+        "one)")
+    vae_path: str | None = Field(
+        None, description="an AutoencoderKL folder (diffusers layout) to decode with instead of the "
+        "diffusion model's own VAE; the reference decoded SD 1.5 with sd-vae-ft-mse; render and train read "
+        "it")
+    clip: str = Field(
+        "tiny", description="the CLIP model that scores pairs: tiny (random-init), vit-l-14 (paper: OpenAI "
+        "ViT-L/14), an open_clip name, or world")
+    clip_path: str | None = Field(
+        None, description="a local folder or file of that CLIP model (null: by name)")
+    lm: str = Field(
+        "tiny", description="the causal LM the local text backend fine-tunes: tiny (random-init, refused "
+        "where text.refuse_tiny_lm is on) or a hub id")
+    lm_path: str | None = Field(
+        None, description="a local folder of a fine-tunable causal LM (e.g. /models/Qwen2.5-1.5B); set, it "
+        "is used instead of models.lm")
+    dino: str = Field(
+        "tiny", description="the DINOv2 judge rung's model (judges.dino): tiny (random-init), "
+        "dinov2-small|base|large|giant (facebook/dinov2-*, UltraEdit's gate), or a Dinov2Model hub id")
+    dino_path: str | None = Field(None, description="a local folder of that Dinov2Model (null: by name)")
 
 
 class CaptionsConfig(Section):
-    source: str | list[str] = "builtin:demo"
-    num_captions: int = Field(64, ge=1)
-    num_partitions: int = Field(2, ge=1)
-    seed: int = 0
-    min_aesthetic_score: float = 6.5
-    max_punsafe: float = 1.0
-    max_pwatermark: float = 1.0
-    min_side: int = Field(0, ge=0)
-    max_caption_chars: int = Field(500, ge=1, description="captions longer than this (in characters, once "
-                                   "normalised) are rejected and counted as caption_too_long")
+    """The captions stage: read LAION-shaped parquet, filter, dedup and sample the captions to edit."""
+
+    source: str | list[str] = Field(
+        "builtin:demo", description="LAION-shaped parquet to read: a path, URL (s3://...) or glob, a list "
+        "of them, builtin:demo (a small shipped sample) or builtin:world (the synthetic world's captions); "
+        "paper: LAION-Aesthetics V2 6.5+")
+    num_captions: int = Field(
+        64, ge=1, description="captions to sample after filtering and dedup (paper: 454445; raising it "
+        "later adds a new captions generation)")
+    num_partitions: int = Field(
+        2, ge=1, description="partitions every per-caption stage is split into (paper: 455, about 1000 "
+        "captions each)")
+    seed: int = Field(0, description="seed of the caption sample")
+    min_aesthetic_score: float = Field(
+        6.5, description="drop captions whose image's aesthetic score is below this (paper: 6.5, "
+        "LAION-Aesthetics 6.5+); rows without a score are kept")
+    max_punsafe: float = Field(
+        1.0, description="drop rows whose NSFW probability (punsafe) is above this (1.0: keep all)")
+    max_pwatermark: float = Field(
+        1.0, description="drop rows whose watermark probability (pwatermark) is above this (1.0: keep all)")
+    min_side: int = Field(
+        0, ge=0, description="drop rows whose image's shorter side is below this many pixels (0: no size "
+        "filter)")
+    max_caption_chars: int = Field(
+        500, ge=1, description="captions longer than this (in characters, once normalised) are rejected "
+        "and counted as caption_too_long")
 
 
 class OpenAIClientConfig(Section):
-    """What every client of an OpenAI-compatible API shares (the text backend, the VLM judge): where it
-    points, where its key is, how many requests are in flight, retries, deadlines, polling, checkpoints.
-
-    The API key is never part of the config: `api_key_env` names the environment variable that holds
-    it, or `api_key_secret` names a Prefect Secret block. Everything here but `base_url` is operational.
-    """
+    """What every client of an OpenAI-compatible API shares (the text backend, the VLM judge). The API key is
+    never part of the config: ``api_key_env`` or ``api_key_secret`` says where it is. All but ``base_url`` is
+    operational."""
 
     SECTION: ClassVar[str] = "text.openai"  # the dotted name error messages use (set by each subclass)
     LABEL: ClassVar[str] = "text"  # how log lines and errors name the stage
     OWNER: ClassVar[str] = "text backend 'openai'"  # who needs the key, in the missing-key message
 
-    base_url: str | None = None
-    api_key_env: str = operational("OPENAI_API_KEY")
-    api_key_secret: str | None = operational(None)
-    concurrency: int = operational(64, ge=1)
-    max_retries: int = operational(8, ge=0)
-    backoff_initial_s: float = operational(1.0, ge=0)
-    backoff_max_s: float = operational(60.0, ge=0)
-    request_timeout_s: float = operational(120.0, gt=0)
-    poll_interval_s: float = operational(30.0, ge=0)
-    poll_timeout_s: float = operational(86400.0, gt=0)
-    checkpoint_every: int = operational(32, ge=1)
-    checkpoint_interval_s: float = operational(5.0, ge=0)
+    base_url: str | None = Field(
+        None, description="the API's base URL, e.g. http://vllm:8000/v1 for a served model (null: "
+        "OpenAI's)")
+    api_key_env: str = operational(
+        "OPENAI_API_KEY", description="the environment variable that holds the API key")
+    api_key_secret: str | None = operational(
+        None, description="a Prefect Secret block that holds the API key (used instead of api_key_env when "
+        "set)")
+    concurrency: int = operational(64, ge=1, description="requests in flight at once")
+    max_retries: int = operational(
+        8, ge=0, description="retries of a failed request (rate limit, 5xx, timeout) before the partition "
+        "fails")
+    backoff_initial_s: float = operational(
+        1.0, ge=0, description="first retry's wait in seconds (exponential backoff with jitter; a server's "
+        "Retry-After replaces it)")
+    backoff_max_s: float = operational(60.0, ge=0, description="longest wait between retries, in seconds")
+    request_timeout_s: float = operational(120.0, gt=0, description="one request's deadline, in seconds")
+    poll_interval_s: float = operational(
+        30.0, ge=0, description="seconds between polls of a fine-tune or Batch API job")
+    poll_timeout_s: float = operational(
+        86400.0, gt=0, description="give up on a fine-tune or batch job after this many seconds (default: "
+        "one day)")
+    checkpoint_every: int = operational(
+        32, ge=1, description="append answers to the partition's checkpoint every this many rows (a "
+        "resumed partition asks only for the rest)")
+    checkpoint_interval_s: float = operational(
+        5.0, ge=0, description="... or at least every this many seconds")
 
 
 class OpenAITextConfig(OpenAIClientConfig):
-    """The `openai` text backend: the OpenAI API or any OpenAI-compatible server (vLLM, TGI, a proxy).
+    """The `openai` text backend: the OpenAI API or any OpenAI-compatible server (vLLM, TGI, a proxy)."""
 
-    The API key is never part of the config: `api_key_env` names the environment variable that holds
-    it, or `api_key_secret` names a Prefect Secret block.
-    """
-
-    endpoint: Literal["chat", "completions"] = "chat"
-    base_model: str = "gpt-4o-mini-2024-07-18"
-    model: str | None = None  # use this model id as is (no fine-tune job): a served open model or an earlier fine-tune
-    finetune_epochs: int | None = Field(None, ge=1)
-    finetune_suffix: str = "editforge"
-    mode: Literal["online", "batch"] = "online"
-    moderation: bool = True
-    moderation_model: str = "omni-moderation-latest"
-    moderation_batch: int = operational(32, ge=1)
+    endpoint: Literal["chat", "completions"] = Field(
+        "chat", description="the API endpoint the triplets are generated with")
+    base_model: str = Field(
+        "gpt-4o-mini-2024-07-18", description="the model fine-tuned on the seed triplets (the paper "
+        "fine-tuned GPT-3 davinci, shut down)")
+    model: str | None = Field(
+        None, description="use this model id as is, no fine-tune job: a served open model or an earlier "
+        "fine-tune")
+    finetune_epochs: int | None = Field(
+        None, ge=1, description="fine-tune epochs (null: the API's auto choice)")
+    finetune_suffix: str = Field("editforge", description="suffix of the fine-tuned model's name")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="online requests, or the Batch API (the same requests, about half the price, "
+        "finished within a day)")
+    moderation: bool = Field(
+        True, description="check captions and generated text with the moderation endpoint; a flagged row "
+        "is rejected")
+    moderation_model: str = Field("omni-moderation-latest", description="the moderation model")
+    moderation_batch: int = operational(32, ge=1, description="texts per moderation request")
 
 
 class TextConfig(Section):
-    """The text stage: fine-tune an LM on the seed triplets, then write one triplet per caption.
+    """The finetune and text stages: fine-tune an LM on the seed triplets, then write one (edit, output)
+    triplet per caption. Sampling defaults are the paper's; ``target_triplets`` tops the captions up
+    (:mod:`flows.target`) until that many triplets are accepted."""
 
-    Sampling defaults are the paper's (temperature 0.7, top_p 1.0, frequency penalty 0.1, at most 256
-    tokens, stop at "\\nEND"). `backend: local` runs transformers (+ peft LoRA when
-    `finetune_method: lora`); `backend: openai` runs `text.openai`.
-
-    `max_attempts`: a caption whose completion is rejected (unparseable, empty, output equal to the
-    input, edit too long or quoting the caption, truncated, content-filtered, generated text flagged by
-    moderation) is asked again with the next attempt's seed, up to this many tries in all; the reference
-    script tries 4 times (`paper`), 1 keeps one try per caption.
-
-    `target_triplets`: the paper counts accepted triplets (454,445), not captions sampled. With a target,
-    the generate flow, once the text stage is done, tops the captions ledger up with a new generation —
-    as many captions as the measured acceptance rate says are missing, plus 10% — and runs captions and
-    text on its partitions, until the target is met, the sources run out or ``max_top_ups`` rounds
-    were made (:mod:`flows.target`). Resumable: the ledger and the finished partitions are the state.
-
-    `refuse_tiny_lm`: the `paper` and `fast` presets set it, so a run that would fine-tune the built-in
-    random `tiny` LM (the local backend with neither `models.lm` nor `models.lm_path` given) is refused
-    before any work (:func:`tiny_lm_refusal`); `--set models.lm=tiny` runs it on purpose.
-    """
-
-    backend: Literal["local", "openai"] = "local"
+    backend: Literal["local", "openai"] = Field(
+        "local", description="local: transformers on this machine (+ peft LoRA with finetune_method lora); "
+        "openai: the OpenAI API or a compatible server (text.openai)")
     seed_annotations: str | None = Field(
         None, description="JSONL of (input, edit, output) seed triplets; default: the project's own; "
-                          "builtin:world: the synthetic world's (tasks/world/data/seed_triplets.jsonl)")
-    # an error-only bound (a seed file with a longer line is refused, never trimmed): not hashed
+        "builtin:world: the synthetic world's (tasks/world/data/seed_triplets.jsonl)")
     seed_max_line_bytes: int = operational(
-        16384, ge=64, description="a seed file line longer than this many bytes is refused with its line number")
-    finetune_method: Literal["full", "lora"] = "full"
-    finetune_steps: int = Field(300, ge=0)
-    finetune_batch_size: int = Field(16, ge=1)
-    finetune_checkpoint_every: int = operational(100, ge=1, description="local fine-tune: save its state every N steps")
-    learning_rate: float = Field(1e-3, gt=0)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: tuple[str, ...] = ()  # empty: peft's default target modules for the architecture
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    frequency_penalty: float = 0.1
-    max_new_tokens: int = Field(256, ge=1)
-    stop: str = "\nEND"
-    max_edit_words: int = Field(40, ge=1)
-    batch_size: int = Field(16, ge=1)
-    max_attempts: int = Field(1, ge=1, le=16, description="tries per caption while its completion is rejected "
-                                                           "(the reference: 4)")
-    seed: int = 0
-    # decides how many captions generations there are, not what a partition holds: not hashed
-    target_triplets: int | None = operational(None, ge=1, description="sample more captions (new captions "
-                                              "generations) until this many triplets are accepted; the paper: 454445")
-    max_top_ups: int = operational(8, ge=0, description="at most this many extra captions generations for target_triplets")
-    refuse_tiny_lm: bool = operational(False, description="refuse the built-in random tiny LM unless models.lm or "
-                                                          "models.lm_path is set (paper, fast)")
-    device: Device = operational("auto",
-                                 description="local backend: where the LM fine-tunes and generates (auto: CUDA when visible)")
+        16384, ge=64, description="a seed file line longer than this many bytes is refused with its line "
+        "number (never trimmed)")
+    finetune_method: Literal["full", "lora"] = Field(
+        "full", description="local backend: fine-tune every weight, or LoRA adapters (peft)")
+    finetune_steps: int = Field(300, ge=0, description="local backend: fine-tune optimizer steps")
+    finetune_batch_size: int = Field(16, ge=1, description="local backend: seed triplets per fine-tune step")
+    finetune_checkpoint_every: int = operational(
+        100, ge=1, description="local fine-tune: save its state every N steps")
+    learning_rate: float = Field(1e-3, gt=0, description="local backend: the fine-tune's learning rate")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (finetune_method lora)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lora_targets: tuple[str, ...] = Field(
+        (), description="module names LoRA adapts (empty: peft's default for the architecture)")
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of the seed triplets held out to validate the fine-tune")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature of the triplets (paper: 0.7)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling's top_p (paper: 1.0)")
+    frequency_penalty: float = Field(0.1, description="frequency penalty (paper: 0.1)")
+    max_new_tokens: int = Field(
+        256, ge=1, description="at most this many generated tokens per triplet (paper: 256)")
+    stop: str = Field("\nEND", description="stop sequence ending a completion (paper: \"\\nEND\")")
+    max_edit_words: int = Field(
+        40, ge=1, description="an edit instruction longer than this many words is rejected")
+    batch_size: int = Field(16, ge=1, description="local backend: captions per generation batch")
+    max_attempts: int = Field(
+        1, ge=1, le=16, description="tries per caption while its completion is rejected (unparseable, "
+        "empty, output equal to the input, too long, flagged), each with the next attempt's seed (the "
+        "reference: 4)")
+    seed: int = Field(0, description="seed of the fine-tune and of sampling")
+    target_triplets: int | None = operational(
+        None, ge=1, description="sample more captions (new captions generations) until this many triplets "
+        "are accepted; the paper: 454445")
+    max_top_ups: int = operational(
+        8, ge=0, description="at most this many extra captions generations for target_triplets")
+    refuse_tiny_lm: bool = operational(
+        False, description="refuse the built-in random tiny LM unless models.lm or models.lm_path is set "
+        "(paper, fast)")
+    device: Device = operational(
+        "auto", description="local backend: where the LM fine-tunes and generates (auto: CUDA when "
+        "visible)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="local backend: the LM's dtype on CUDA (float32 on CPU)")
-    openai: OpenAITextConfig = OpenAITextConfig()
+    openai: OpenAITextConfig = Field(OpenAITextConfig(), description="the openai backend's settings")
 
     @field_validator("seed_annotations")
     @classmethod
@@ -257,32 +303,30 @@ RankBy = Literal[RANK_CHOICES]
 
 
 class Selection(Section):
-    """The judge ladder's thresholds and the top-k: CLIP first (the paper's filter), then the image rungs
-    (DINOv2, SSIM), then the vision-language judge; each rung sees only what passed the rungs below it
-    and applies when its switch (``judges.<rung>.enabled``) is on.
+    """The judge ladder's thresholds and the top-k (``render.keep``): CLIP first (the paper's filter), then
+    the image rungs (DINOv2, SSIM), then the VLM judge; a rung applies when ``judges.<rung>.enabled`` is on
+    and sees only what passed the rungs below it. ``filter.*`` overrides these to re-select without
+    re-rendering."""
 
-    - CLIP: image-image >= ``clip_image_threshold``, each image vs its caption >= ``clip_caption_threshold``,
-      directional similarity >= ``clip_direction_threshold``;
-    - DINOv2: cos of the before/after pooled (CLS) embeddings >= ``dino_threshold`` (UltraEdit's 0.4);
-    - SSIM: ``ssim_min`` <= SSIM(before, after) <= ``ssim_max`` (too low: the edit rebuilt the image; too
-      high: nothing was edited);
-    - VLM: the rubric's VIEScore-style overall score (0-10) >= ``vlm_threshold``;
-    - per triplet the ``top_k`` passing samples by ``rank_by`` (descending; the paper: ``clip_sim_dir``).
-
-    As ``render.keep`` this is what render applies (CLIP, DINOv2, SSIM; the VLM fields are the base the
-    filter stage inherits and are not part of render's hash); ``filter.*`` overrides it to re-select.
-    """
-
-    clip_image_threshold: float = Field(0.75, ge=-1, le=1)
-    clip_caption_threshold: float = Field(0.2, ge=-1, le=1)
-    clip_direction_threshold: float = Field(0.2, ge=-1, le=1)
-    top_k: int = Field(4, ge=1)
-    dino_threshold: float = Field(0.4, ge=-1, le=1, description="DINOv2 before/after cosine, at least (UltraEdit: 0.4)")
+    clip_image_threshold: float = Field(
+        0.75, ge=-1, le=1, description="CLIP cosine of the before and after images, at least (paper: 0.75)")
+    clip_caption_threshold: float = Field(
+        0.2, ge=-1, le=1, description="CLIP cosine of each image and its caption, at least (paper: 0.2)")
+    clip_direction_threshold: float = Field(
+        0.2, ge=-1, le=1, description="CLIP directional similarity (the image change against the caption "
+        "change), at least (paper: 0.2)")
+    top_k: int = Field(
+        4, ge=1, description="passing samples kept per triplet, the best by rank_by (paper: 4)")
+    dino_threshold: float = Field(
+        0.4, ge=-1, le=1, description="DINOv2 before/after cosine, at least (UltraEdit: 0.4)")
     ssim_min: float = Field(0.2, ge=-1, le=1, description="SSIM(before, after) at least this")
-    ssim_max: float = Field(0.95, ge=-1, le=1, description="SSIM(before, after) at most this (above: no edit)")
-    vlm_threshold: float = Field(6.0, ge=0, le=10, description="the VLM judge's overall score (0-10) at least this")
-    rank_by: RankBy = Field("clip_sim_dir", description="the top-k order (descending): clip_sim_dir (the paper), "
-                            "a judge score (dino_similarity, ssim, vlm_score, vlm_instruction, ...)")
+    ssim_max: float = Field(
+        0.95, ge=-1, le=1, description="SSIM(before, after) at most this (above: no edit)")
+    vlm_threshold: float = Field(
+        6.0, ge=0, le=10, description="the VLM judge's overall score (0-10) at least this")
+    rank_by: RankBy = Field(
+        "clip_sim_dir", description="the top-k order (descending): clip_sim_dir (the paper), a judge score "
+        "(dino_similarity, ssim, vlm_score, vlm_instruction, ...)")
 
     @model_validator(mode="after")
     def _bounds(self) -> Selection:
@@ -291,75 +335,138 @@ class Selection(Section):
         return self
 
 
+class AdaptiveConfig(Section):
+    """Adaptive sampling and giving up (`tasks/render/scheduling.py`): a triplet's samples are drawn in rounds
+    and it stops early. Off in `paper` (every sample rendered), on in `fast` and `demo`."""
+
+    enabled: bool = Field(
+        False, description="draw samples in rounds of round_size and stop a triplet once target_passed of "
+        "them passed (the kept pairs are then the first passing ones, not the best of samples_per_triplet)")
+    round_size: int = Field(
+        8, ge=1, description="samples per round (used when enabled or give_up_after is set; a multiple of "
+        "p_branches)")
+    target_passed: int | None = Field(
+        None, ge=1, description="stop a triplet once this many samples passed (null: render.keep.top_k)")
+    give_up_after: int | None = Field(
+        None, ge=1, description="stop a triplet after this many samples without a pass, enabled or not "
+        "(fast: 32; null: never)")
+
+
+class EarlyRejectConfig(Section):
+    """Early rejection (`tasks/render/early.py`): part-way through the steps, decode and CLIP-score the x0
+    prediction and stop the samples that will not pass. Calibrate the margin with `editforge
+    calibrate-early`."""
+
+    at: float | None = Field(
+        None, gt=0, lt=1, description="the share of the steps after which samples are scored (fast: 0.4; "
+        "null: no early rejection)")
+    margin: float = Field(
+        0.05, description="drop a sample whose early score is more than this below render.keep's threshold "
+        "(fast: 0.05, not calibrated on real models)")
+    dry_run: bool = Field(
+        False, description="score and record the early metrics but drop nothing (to calibrate the margin "
+        "with editforge calibrate-early)")
+    metrics: tuple[Literal[METRICS], ...] = Field(
+        METRICS, description="the CLIP metrics compared early (all four by default)")
+
+
+# The render savers' keys before they were nested: old name -> (section, field). Refused in configs with a
+# message naming the new key; stage hashes are computed on these flat names, so the folders of runs made
+# before the move are found under the same hashes.
+FLAT_RENDER_SAVERS: dict[str, tuple[str, str]] = {
+    "adaptive": ("adaptive", "enabled"),
+    "round_size": ("adaptive", "round_size"),
+    "target_passed": ("adaptive", "target_passed"),
+    "give_up_after": ("adaptive", "give_up_after"),
+    "early_reject_at": ("early_reject", "at"),
+    "early_reject_margin": ("early_reject", "margin"),
+    "early_reject_dry_run": ("early_reject", "dry_run"),
+    "early_reject_metrics": ("early_reject", "metrics"),
+}
+
+
 class RenderConfig(Section):
-    """The render stage. Defaults are the reference's algorithm; every compute saver is a switch, off.
+    """The render stage: Prompt-to-Prompt before/after pairs per triplet, CLIP-scored. The defaults are the
+    reference's algorithm; every compute saver (``adaptive``, ``early_reject``, ``p_branches``) is a switch,
+    off. Batching settings change speed, not the images (up to float rounding)."""
 
-    Sampling: `samples_per_triplet` seeds per triplet (100 in the reference), `steps` of `scheduler`,
-    cfg ~ U(`cfg_range`), p ~ U(`p_range`). Batching (output-preserving up to float rounding):
-    `batch_samples` samples per UNet batch (4 x that images), or `auto` (free GPU memory, at most
-    `batch_samples_max`; 8 on CPU); halved on CUDA out-of-memory. Savers (see `tasks/render/scheduling.py`
-    and `tasks/render/early.py`): `adaptive` draws samples in rounds of `round_size` and stops a triplet
-    once `target_passed` (default: `keep.top_k`) passed; `give_up_after` stops a triplet after that
-    many samples without a pass; `early_reject_at` (a fraction of the steps) scores the x0 prediction
-    and drops samples whose `early_reject_metrics` are below `keep`'s thresholds minus
-    `early_reject_margin` (`early_reject_dry_run`: score and record, drop nothing — to calibrate the
-    margin with `editforge calibrate-early`). `dtype` float16/bfloat16 and `compile` act on CUDA only.
-
-    `guidance`: `cfg` (the reference: classifier-free guidance, UNet batch 4 x samples, cfg ~ U(`cfg_range`))
-    or `none` for few-step distilled models (SDXL-Turbo, LCM-LoRA merged; see the `turbo` preset): the
-    conditional half only, UNet batch 2 x samples, `cfg_range` unused (cfg recorded as 1); the pair still
-    shares attention for the first p of the steps.
-
-    `keep` is the render-time selection (the paper's thresholds and top 4): it decides which samples
-    passed (and so adaptive stopping, giving up and early rejection) and which are kept. Which images
-    are written: `save_images: kept` (the reference: only the kept pairs'), `passed` (every passing
-    sample's, so the filter stage can re-select a larger top-k) or `all` (every fully rendered sample's,
-    so it can also loosen the thresholds).
-
-    p-branching (`p_branches` = K > 1; `tasks/render/pairs.py`): each seed renders K samples, one per
-    stratified p (branch b's p in the b-th of K equal slices of `p_range`, drawn from the seed), with
-    the seed's cfg, one before image and the after trajectory shared until each branch's sharing stops.
-    Every branch is a sample (a row, its own `sample_key` `{caption_id}_{seed}-{b}`): `samples_per_triplet`,
-    `round_size` and `give_up_after` count branches and must be multiples of K (a round holds whole
-    seeds); early rejection drops branches one by one. `keep_per_seed` (default 1; null: no limit): at most
-    that many kept pairs per seed, the best by directional similarity among its passing branches — so the
-    top-k stays diverse; adaptive sampling's `target_passed` counts passes under the same cap. Needs
-    `attention: ip2p` (the other modes do not use p). K = 1 is the reference (one sample per seed).
-    """
-
-    samples_per_triplet: int = Field(100, ge=1)
+    samples_per_triplet: int = Field(
+        100, ge=1, description="samples (seeds x p_branches) drawn per triplet at most (paper: 100)")
     batch_samples: int | Literal["auto"] = operational(
-        4, description="samples per UNet call (UNet batch = 4 x this, 2 x with guidance none), or 'auto'")
-    batch_samples_max: int = operational(64, ge=1)
-    steps: int = Field(100, ge=1)
-    height: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
-    width: int = Field(512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
-    cfg_range: tuple[float, float] = (7.5, 15.0)
+        4, description="samples per UNet call (UNet batch = 4 x this, 2 x with guidance none), or auto (as "
+        "many as free GPU memory allows, at most batch_samples_max; 8 on CPU); halved on CUDA "
+        "out-of-memory")
+    batch_samples_max: int = operational(64, ge=1, description="batch_samples auto: at most this many")
+    steps: int = Field(100, ge=1, description="denoising steps per image (paper: 100)")
+    height: int = Field(
+        512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="image height in pixels (paper: 512; "
+        "a multiple of 8)")
+    width: int = Field(
+        512, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="image width in pixels (paper: 512; "
+        "a multiple of 8)")
+    cfg_range: tuple[float, float] = Field(
+        (7.5, 15.0), description="classifier-free guidance scale, drawn uniformly per seed from [low, "
+        "high] (paper: 7.5-15; unused with guidance none)")
     guidance: Literal["cfg", "none"] = Field(
-        "cfg", description="cfg: classifier-free guidance (UNet batch 4 per sample); none: distilled models (2 per sample)")
-    p_range: tuple[float, float] = (0.1, 0.9)
-    attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = "ip2p"
-    scheduler: SchedulerName = "euler_ancestral"
-    device: Device = operational("auto")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    compile: bool = operational(False, description="torch.compile the UNet on CUDA (same images up to float rounding)")
-    base_seed: int = 0
-    adaptive: bool = False
-    round_size: int = Field(8, ge=1)
-    target_passed: int | None = Field(None, ge=1)
-    give_up_after: int | None = Field(None, ge=1)
-    early_reject_at: float | None = Field(None, gt=0, lt=1)
-    early_reject_margin: float = 0.05
-    early_reject_dry_run: bool = False
-    keep: Selection = Selection()
-    save_images: Literal["kept", "passed", "all"] = "kept"
+        "cfg", description="cfg: classifier-free guidance (UNet batch 4 per sample); none: few-step "
+        "distilled models (SDXL-Turbo, LCM; 2 per sample, cfg recorded as 1)")
+    p_range: tuple[float, float] = Field(
+        (0.1, 0.9), description="p, the share of the steps the before and after images share attention, "
+        "drawn uniformly per sample from [low, high] (paper: 0.1-0.9)")
+    attention: Literal["ip2p", "p2p-replace", "p2p-refine", "none"] = Field(
+        "ip2p", description="how the pair shares attention: ip2p (the reference's shared self-attention "
+        "while p), Prompt-to-Prompt replace / refine of cross-attention, or none")
+    scheduler: SchedulerName = Field(
+        "euler_ancestral", description="the sampler (paper: euler_ancestral; fast: dpmpp_2m; lcm for LCM "
+        "models)")
+    device: Device = operational(
+        "auto", description="where render runs: auto (CUDA when visible), cpu, cuda, cuda:N or mps")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the diffusion model's dtype on CUDA (float32 elsewhere; the reference ran "
+        "float16 autocast)")
+    compile: bool = operational(
+        False, description="torch.compile the UNet on CUDA (same images up to float rounding)")
+    base_seed: int = Field(
+        0, description="mixed into every sample's seed (sha256 of base_seed, caption id and index): change "
+        "it to draw other samples")
+    adaptive: AdaptiveConfig = Field(
+        AdaptiveConfig(), description="adaptive sampling and giving up (a saver, off)")
+    early_reject: EarlyRejectConfig = Field(EarlyRejectConfig(), description="early rejection (a saver, off)")
+    keep: Selection = Field(
+        Selection(), description="the render-time selection: which samples passed (and so adaptive "
+        "stopping, giving up, early rejection) and which are kept")
+    save_images: Literal["kept", "passed", "all"] = Field(
+        "kept", description="whose images are written: the kept pairs' (the reference), every passing "
+        "sample's (the filter stage can then take a larger top-k) or every fully rendered sample's (it can "
+        "loosen thresholds too)")
     clip_resize: Literal["reference", "antialias"] = Field(
-        "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or antialiased + centre crop")
-    early_reject_metrics: tuple[Literal[METRICS], ...] = METRICS
-    p_branches: int = Field(1, ge=1, le=64, description="p values per seed, branched off one before image and one "
-                            "after trunk (1: one sample per seed, the reference)")
-    keep_per_seed: int | None = Field(1, ge=1, description="at most this many kept pairs per seed (p-branching); "
-                                      "null: no limit")
+        "reference", description="CLIP input resize: the reference's (bicubic, no antialias, no crop) or "
+        "antialiased + centre crop")
+    p_branches: int = Field(
+        1, ge=1, le=64, description="p values per seed, branched off one before image and one after trunk, "
+        "each its own sample (1: one sample per seed, the reference; needs attention ip2p; "
+        "samples_per_triplet and the adaptive counts must be multiples of it)")
+    keep_per_seed: int | None = Field(
+        1, ge=1, description="at most this many kept pairs per seed (p-branching), the best by directional "
+        "similarity; null: no limit")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_savers(cls, data: Any) -> Any:
+        """A saver under its old flat key (render.round_size, ...) is refused with its new key's name."""
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            section = key == "adaptive" and isinstance(value, dict | AdaptiveConfig)
+            if (message := _moved(key)) and not section:
+                raise ValueError(message)
+        return data
+
+    def output_fields(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """As :meth:`Section.output_fields`, the savers under their flat names (the hash before nesting)."""
+        data = super().output_fields(drop)
+        nested = {section: data.pop(section) for section in ("adaptive", "early_reject") if section in data}
+        data |= {old: nested[section][field] for old, (section, field) in FLAT_RENDER_SAVERS.items()
+                 if section in nested}
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> RenderConfig:
@@ -382,9 +489,11 @@ class RenderConfig(Section):
         if k > 1:
             if self.attention != "ip2p":
                 raise ValueError(f"p_branches {k} needs attention ip2p: {self.attention!r} does not use p")
-            rounds = self.adaptive or self.give_up_after is not None
+            a = self.adaptive
+            rounds = a.enabled or a.give_up_after is not None
             counts = {"samples_per_triplet": self.samples_per_triplet,
-                      "round_size": self.round_size if rounds else None, "give_up_after": self.give_up_after}
+                      "adaptive.round_size": a.round_size if rounds else None,
+                      "adaptive.give_up_after": a.give_up_after}
             for name, value in counts.items():
                 if value is not None and value % k:
                     raise ValueError(f"{name} {value} is not a multiple of p_branches {k}: it counts samples, "
@@ -394,28 +503,33 @@ class RenderConfig(Section):
 
 
 class FilterConfig(Section):
-    """The filter stage: re-select the kept pairs from ``samples.parquet``, no re-rendering.
+    """The filter stage: re-select the kept pairs from the scores render and the judge stored, nothing
+    rendered or judged again. A field left null is ``render.keep``'s; a pair whose images render did not store
+    (``render.save_images``) is counted as ``image_not_stored``, one a higher rung never scored as
+    ``dino_not_scored`` / ``ssim_not_scored`` / ``vlm_not_judged``, never passed."""
 
-    Every field left unset (null) is ``render.keep``'s, so by default the filter stage keeps exactly what
-    render kept. Set a stricter threshold or a smaller ``top_k`` here to re-select; a pair the new
-    selection wants whose images render did not store (see ``render.save_images``) is counted as
-    ``image_not_stored``, never silently replaced. The judge rungs' thresholds (``dino_threshold``,
-    ``ssim_min``/``ssim_max``, ``vlm_threshold``) and the top-k order (``rank_by``) re-select the same way,
-    from the scores render and the judge stage stored: nothing is rendered or judged again. A sample a
-    loosened lower rung lets through that a higher rung never scored is counted (``dino_not_scored``,
-    ``ssim_not_scored``, ``vlm_not_judged``), never passed.
-    """
-
-    clip_image_threshold: float | None = Field(None, ge=-1, le=1)
-    clip_caption_threshold: float | None = Field(None, ge=-1, le=1)
-    clip_direction_threshold: float | None = Field(None, ge=-1, le=1)
-    top_k: int | None = Field(None, ge=1)
-    dino_threshold: float | None = Field(None, ge=-1, le=1)
-    ssim_min: float | None = Field(None, ge=-1, le=1)
-    ssim_max: float | None = Field(None, ge=-1, le=1)
-    vlm_threshold: float | None = Field(None, ge=0, le=10)
-    rank_by: RankBy | None = None
-    note: str = ""
+    clip_image_threshold: float | None = Field(
+        None, ge=-1, le=1, description="re-select: CLIP image-image cosine at least (null: render.keep's)")
+    clip_caption_threshold: float | None = Field(
+        None, ge=-1, le=1, description="re-select: CLIP image-caption cosine at least (null: "
+        "render.keep's)")
+    clip_direction_threshold: float | None = Field(
+        None, ge=-1, le=1, description="re-select: CLIP directional similarity at least (null: "
+        "render.keep's)")
+    top_k: int | None = Field(
+        None, ge=1, description="re-select: pairs kept per triplet (null: render.keep's)")
+    dino_threshold: float | None = Field(
+        None, ge=-1, le=1, description="re-select: DINOv2 cosine at least (null: render.keep's)")
+    ssim_min: float | None = Field(
+        None, ge=-1, le=1, description="re-select: SSIM at least (null: render.keep's)")
+    ssim_max: float | None = Field(
+        None, ge=-1, le=1, description="re-select: SSIM at most (null: render.keep's)")
+    vlm_threshold: float | None = Field(
+        None, ge=0, le=10, description="the VLM judge's score (0-10) at least (null: render.keep's)")
+    rank_by: RankBy | None = Field(None, description="re-select: the top-k order (null: render.keep's)")
+    note: str = Field(
+        "", description="free text about this re-selection, written to the filter manifest, the dataset "
+        "card and the report; part of the filter hash")
 
     def resolve(self, base: Selection) -> Selection:
         """The effective selection: ``base`` (``render.keep``) overridden by the fields set here."""
@@ -424,10 +538,11 @@ class FilterConfig(Section):
 
 
 class DinoJudgeConfig(Section):
-    """The DINOv2 rung (UltraEdit's gate), run by render on the decoded images right after CLIP scoring:
-    cos of the before/after pooled (CLS) embeddings of ``models.dino``; threshold ``render.keep.dino_threshold``."""
+    """The DINOv2 rung (UltraEdit's gate), run by render on the decoded images right after CLIP scoring: cos
+    of the before/after pooled (CLS) embeddings of ``models.dino``; threshold
+    ``render.keep.dino_threshold``."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="run the DINOv2 rung in render (off in every preset)")
     batch_size: int = operational(32, ge=1, description="images per DINOv2 forward pass")
 
 
@@ -435,16 +550,18 @@ class SsimJudgeConfig(Section):
     """The SSIM rung (torchmetrics' structural similarity, Gaussian window), run by render after DINOv2 on
     the decoded images in [0, 1]; bounds ``render.keep.ssim_min`` / ``ssim_max``."""
 
-    enabled: bool = False
-    sigma: float = Field(1.5, gt=0, description="Gaussian window's standard deviation (Wang et al.: 1.5, 11x11)")
-    size: int | None = Field(None, ge=16, description="compute on images resized to this square size (None: as rendered)")
+    enabled: bool = Field(False, description="run the SSIM rung in render (off in every preset)")
+    sigma: float = Field(
+        1.5, gt=0, description="Gaussian window's standard deviation (Wang et al.: 1.5, 11x11)")
+    size: int | None = Field(
+        None, ge=16, description="compute on images resized to this square size (None: as rendered)")
 
 
 class TokenPrice(Section):
     """USD per million tokens."""
 
-    input_per_mtok: float = Field(0.0, ge=0)
-    output_per_mtok: float = Field(0.0, ge=0)
+    input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens (images included)")
+    output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
 
 
 # List prices (USD per 1M tokens, standard tier) when this was written; check the provider's page and
@@ -458,43 +575,44 @@ DEFAULT_PRICES = {
 
 
 class VLMJudgeConfig(OpenAIClientConfig):
-    """The vision-language judge rung: its own stage (``judge``, between render and filter) asks any
-    OpenAI-compatible chat API that accepts images (base64 data-URL image parts) to grade each candidate
-    pair with the rubric in ``prompts/judge_*.txt`` (instruction followed, unedited content preserved,
-    image quality; 0-10 each, VIEScore-like), parsed as JSON and validated with pydantic.
-
-    Candidates: the samples whose images render stored and (``candidates: passed``) that passed every
-    rung below (CLIP, DINOv2, SSIM under ``render.keep``); ``stored``: every stored pair. The threshold
-    is ``render.keep.vlm_threshold`` / ``filter.vlm_threshold`` (re-selected by the filter stage without
-    re-judging). Requests, retries, backoff, ``Retry-After``, checkpoint/resume and the Batch API are the
-    text backend's machinery (:mod:`tasks.common.openai_client`); ``mode: batch`` costs ``batch_discount``
-    of the price (OpenAI: half). ``prices`` (USD per million tokens, by model id or its prefix) gives the
-    cost recorded per judged sample and per kept pair. ``gpus: 1`` when the judge model is served on the
-    partition's own worker (e.g. vLLM on localhost): the partition then holds that GPU.
-    """
+    """The vision-language judge rung, its own stage (``judge``, between render and filter): any
+    OpenAI-compatible chat API that accepts images grades each candidate pair with the rubric in
+    ``prompts/judge_*.txt`` (instruction followed, content preserved, quality; 0-10 each, VIEScore-like).
+    Threshold: ``render.keep.vlm_threshold`` / ``filter.vlm_threshold``. Requests, retries and checkpoints are
+    the text backend's (:mod:`tasks.common.openai_client`)."""
 
     SECTION: ClassVar[str] = "judges.vlm"
     LABEL: ClassVar[str] = "judge"
     OWNER: ClassVar[str] = "the VLM judge (judges.vlm)"
 
-    enabled: bool = False
-    model: str = "gpt-4o-mini"
-    rubric: Literal["viescore"] = "viescore"
-    candidates: Literal["passed", "stored"] = "passed"
-    detail: Literal["low", "high", "auto"] = Field("low", description="OpenAI's image detail (low: 85 tokens an image)")
-    image_format: Literal["jpeg", "png"] = "jpeg"
+    enabled: bool = Field(
+        False, description="run the judge stage between render and filter (off in every preset)")
+    model: str = Field(
+        "gpt-4o-mini", description="the judge model's id at base_url (any chat model that accepts images)")
+    rubric: Literal["viescore"] = Field("viescore", description="the grading rubric (prompts/judge_*.txt)")
+    candidates: Literal["passed", "stored"] = Field(
+        "passed", description="which pairs are judged: those whose images render stored and that passed "
+        "every rung below (passed), or every stored pair (stored)")
+    detail: Literal["low", "high", "auto"] = Field(
+        "low", description="OpenAI's image detail (low: 85 tokens an image)")
+    image_format: Literal["jpeg", "png"] = Field("jpeg", description="format of the images sent")
     image_quality: int = Field(90, ge=1, le=100, description="JPEG quality of the images sent")
-    image_size: int | None = Field(512, ge=16, description="longest side of the images sent (None: as rendered)")
-    temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(400, ge=16)
-    seed: int = 0
+    image_size: int | None = Field(
+        512, ge=16, description="longest side of the images sent (None: as rendered)")
+    temperature: float = Field(0.0, ge=0, description="the judge's sampling temperature")
+    max_tokens: int = Field(400, ge=16, description="at most this many tokens per verdict")
+    seed: int = Field(0, description="the seed sent with each request (where the API honours it)")
     response_format: Literal["json_object", "json_schema", "none"] = Field(
-        "json_object", description="ask for JSON (json_schema: the rubric's schema, strict); none: plain text, parsed")
+        "json_object", description="ask for JSON (json_schema: the rubric's schema, strict); none: plain "
+        "text, parsed")
     mode: Literal["online", "batch"] = operational(
-        "online", description="online requests, or the Batch API (same requests, recorded per row, cheaper)")
+        "online", description="online requests, or the Batch API (same requests, recorded per row, "
+        "cheaper)")
     batch_max_requests: int = operational(1000, ge=1, description="requests per batch job")
     gpus: int = operational(0, ge=0, le=1, description="1: the judge is served on the worker's own GPU")
-    prices: dict[str, TokenPrice] = operational(DEFAULT_PRICES)
+    prices: dict[str, TokenPrice] = operational(
+        DEFAULT_PRICES, description="USD per million tokens by model id or its prefix, for the cost "
+        "recorded per judged sample and kept pair (list prices when written: check the provider's page)")
     batch_discount: float = operational(0.5, ge=0, le=1, description="the Batch API's price factor")
 
 
@@ -502,9 +620,10 @@ class JudgesConfig(Section):
     """The judge ladder after CLIP, each rung a switch: DINOv2 and SSIM run inside render (images in
     memory), the VLM judge is its own stage; thresholds live in ``render.keep`` / ``filter.*``."""
 
-    dino: DinoJudgeConfig = DinoJudgeConfig()
-    ssim: SsimJudgeConfig = SsimJudgeConfig()
-    vlm: VLMJudgeConfig = VLMJudgeConfig()
+    dino: DinoJudgeConfig = Field(DinoJudgeConfig(), description="the DINOv2 rung (UltraEdit's gate)")
+    ssim: SsimJudgeConfig = Field(SsimJudgeConfig(), description="the SSIM rung")
+    vlm: VLMJudgeConfig = Field(
+        VLMJudgeConfig(), description="the vision-language judge rung (its own stage)")
 
     def image_rungs(self) -> tuple[str, ...]:
         """The rungs render runs after CLIP, in ladder order."""
@@ -516,96 +635,95 @@ class JudgesConfig(Section):
 
 
 class PackConfig(Section):
-    shard_max_samples: int = Field(1000, ge=1)
-    image_format: Literal["jpg", "png", "webp"] = "jpg"
+    """The pack stage: the kept pairs into WebDataset shards (train / val) and an index."""
+
+    shard_max_samples: int = Field(1000, ge=1, description="pairs per WebDataset shard at most")
+    image_format: Literal["jpg", "png", "webp"] = Field(
+        "jpg", description="format of the images in the shards")
     quality: int = Field(100, ge=1, le=100, description="JPEG/WebP quality (the reference saves JPEG at 100)")
-    val_fraction: float = Field(0.05, ge=0, lt=1)
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="share of the triplets packed as validation shards")
     hf_export: bool = Field(False, description="also write Hugging Face parquet with the released columns")
 
 
 class TrainConfig(Section):
-    """The training flow (`flows/train.py`, `tasks/train/`): the editing model on the packed shards.
-
-    Whose defaults they are:
-    - the paper (arXiv 2211.09800, sec. 4 / appendix) and its reference code (`configs/train.yaml`,
-      `edit_dataset.py`, `ddpm_edit.py`): SD 1.5 UNet widened to 8 input channels (bias kept), 256² crops
-      from a random 256–288 resize, horizontal flip, AdamW lr 1e-4 without warm-up, batch 32 x 4
-      accumulation per GPU (x 8 GPUs = 1024), EMA weights, conditioning dropout 5 % (text only / both /
-      image only), no gradient clipping (`max_grad_norm: null`), one kept pair per triplet per epoch
-      drawn at random (`sampling: per_triplet`), sampled with text 7.5 / image 1.5 guidance;
-      AdamW's betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8) are PyTorch's defaults, which the
-      reference (`AdamW(params, lr)`) and diffusers' example both use; float32 (`mixed_precision: "no"`);
-    - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the LR scheduler
-      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing`, `use_8bit_adam` and `allow_tf32`
-      as switches (off, as there); diffusers' own
-      `max_grad_norm: 1.0` and one item per pair (`sampling: per_pair`) are switches here, off by default;
-    - SDXL (`models.diffusion: sdxl`): both text encoders (penultimate hidden states concatenated, the
-      second one's pooled projection), `add_time_ids` = (original height, width, crop top, left, target
-      height, width) per sample, the VAE in float32 unless `models.vae_path` names an fp16-safe one.
-    Not part of the generation chain: its hash covers this section, the diffusion model, the VAE and the shards it trains on.
-
-    The batch: ``total_batch_size`` (hashed; the paper's 1024) = ``batch_size`` per process x the accumulation
-    x ``processes`` x ``nodes``; the accumulation is derived from the others (a ``gradient_accumulation_steps``
-    that disagrees is an error naming both), so the same config trains on the same samples, in the same
-    order, with the same noise on 1, 2 or 8 GPUs (``docs/training.md``). The flow launches the processes
-    itself (torchrun); the settings that only say where it runs are operational.
-    """
+    """The training flow (`flows/train.py`, `tasks/train/`): InstructPix2Pix on the packed shards. Defaults
+    are the paper's and its reference code's (arXiv 2211.09800); diffusers' `train_instruct_pix2pix` extras
+    are switches, off. ``total_batch_size`` fixes the samples and their order on any number of GPUs
+    (docs/training.md); its hash covers this section, the diffusion model, the VAE and the shards."""
 
     steps: int = Field(10_000, ge=1, description="optimizer steps")
     batch_size: int = Field(32, ge=1, description="samples per process per micro-batch")
-    total_batch_size: int = Field(1024, ge=1, description="samples per optimizer step over every process (the paper: "
-                                  "1024 = 32 x 4 accumulation x 8 GPUs): batch_size x accumulation x processes x nodes")
+    total_batch_size: int = Field(
+        1024, ge=1, description="samples per optimizer step over every process (the paper: 1024 = 32 x 4 "
+        "accumulation x 8 GPUs): batch_size x accumulation x processes x nodes")
     gradient_accumulation_steps: int | None = operational(
-        None, ge=1, description="micro-batches per process per optimizer step; null: derived, total_batch_size / "
-        "(batch_size x processes x nodes); a number is checked against that")
+        None, ge=1, description="micro-batches per process per optimizer step; null: derived, "
+        "total_batch_size / (batch_size x processes x nodes); a number is checked against that")
     processes: int | Literal["auto"] = operational(
-        "auto", description="training processes per node, one per GPU, launched by the flow (torchrun); auto: every "
-        "visible GPU (1 on the CPU)")
-    nodes: int = operational(1, ge=1, description="machines training together; node 0 runs the flow, the others run "
-                             "`editforge train --node-rank K` (docs/training.md)")
+        "auto", description="training processes per node, one per GPU, launched by the flow (torchrun); "
+        "auto: every visible GPU (1 on the CPU)")
+    nodes: int = operational(
+        1, ge=1, description="machines training together; node 0 runs the flow, the others run `editforge "
+        "train --node-rank K` (docs/training.md)")
     rdzv_endpoint: str | None = operational(
-        None, description="host:port of node 0 where the nodes meet (torchrun's static rendezvous) when nodes > 1; "
-        "default: $EDITFORGE_RDZV_ENDPOINT")
+        None, description="host:port of node 0 where the nodes meet (torchrun's static rendezvous) when "
+        "nodes > 1; default: $EDITFORGE_RDZV_ENDPOINT")
     resume_other_processes: bool = operational(
-        False, description="resume a checkpoint written by another number of processes (same samples and noise; "
-        "the weights then differ from an uninterrupted run by float rounding)")
-    log_samples: bool = operational(False, description="write the sample keys of every micro-batch, per process, to "
-                                    "the work folder (samples-rank-NNNNN.jsonl)")
-    learning_rate: float = Field(1e-4, gt=0)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = Field(1e-2, ge=0)
-    adam_epsilon: float = Field(1e-8, gt=0)
+        False, description="resume a checkpoint written by another number of processes (same samples and "
+        "noise; the weights then differ from an uninterrupted run by float rounding)")
+    log_samples: bool = operational(
+        False, description="write the sample keys of every micro-batch, per process, to the work folder "
+        "(samples-rank-NNNNN.jsonl)")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate (paper: 1e-4)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule (paper: constant, no warm-up; diffusers' names)")
+    lr_warmup_steps: int = Field(0, ge=0, description="warm-up steps (needs a scheduler other than constant)")
+    adam_beta1: float = Field(0.9, description="AdamW beta1 (PyTorch's default, as the reference)")
+    adam_beta2: float = Field(0.999, description="AdamW beta2 (PyTorch's default, as the reference)")
+    adam_weight_decay: float = Field(
+        1e-2, ge=0, description="AdamW weight decay (PyTorch's default, as the reference)")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon (PyTorch's default, as the reference)")
     max_grad_norm: float | None = Field(
-        None, gt=0, description="clip the gradient norm to this (diffusers' example: 1.0); null: no clipping, as the reference")
+        None, gt=0, description="clip the gradient norm to this (diffusers' example: 1.0); null: no "
+        "clipping, as the reference")
     sampling: Literal["per_triplet", "per_pair"] = Field(
-        "per_triplet", description="per_triplet: one kept pair per triplet per epoch, drawn with the seed (the reference); "
-        "per_pair: every kept pair once per epoch (diffusers' example)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam): optimizer "
-                                "state in 8 bits, about 3/4 of its memory saved")
-    allow_tf32: bool = Field(False, description="TF32 matmuls on Ampere and newer GPUs (diffusers' --allow_tf32)")
-    use_ema: bool = True
-    ema_decay: float = Field(0.9999, gt=0, lt=1)
-    resolution: int = Field(256, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
-                            description="square crop size (a multiple of the VAE downsampling)")
-    max_resize_ratio: float = Field(288 / 256, ge=1, description="resize to a random size in [res, res*ratio]")
-    flip_prob: float = Field(0.5, ge=0, le=1)
+        "per_triplet", description="per_triplet: one kept pair per triplet per epoch, drawn with the seed "
+        "(the reference); per_pair: every kept pair once per epoch (diffusers' example)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="no: float32 (the reference); fp16 / bf16 mixed precision (diffusers' example)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less GPU memory, slower "
+        "(diffusers' --gradient_checkpointing)")
+    use_8bit_adam: bool = Field(
+        False, description="bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam): optimizer state in 8 "
+        "bits, about 3/4 of its memory saved")
+    allow_tf32: bool = Field(
+        False, description="TF32 matmuls on Ampere and newer GPUs (diffusers' --allow_tf32)")
+    use_ema: bool = Field(
+        True, description="keep an exponential moving average of the weights and save it (paper)")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per step")
+    resolution: int = Field(
+        256, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="square crop size (a multiple of the "
+        "VAE downsampling)")
+    max_resize_ratio: float = Field(
+        288 / 256, ge=1, description="resize to a random size in [res, res*ratio]")
+    flip_prob: float = Field(
+        0.5, ge=0, le=1, description="probability of a horizontal flip of a pair (paper: 0.5)")
     conditioning_dropout: float = Field(0.05, ge=0, le=1 / 3, description="5%: text only, both, image only")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
-    num_workers: int = operational(4, ge=0, description="DataLoader workers per process (the data order does not "
-                                   "depend on it)")
-    seed: int = 0
-    device: Device = operational("auto")
-    checkpoint_every: int = operational(500, ge=1)
-    checkpoints_total_limit: int = operational(2, ge=1)
-    log_every: int = operational(50, ge=1)
+    num_workers: int = operational(
+        4, ge=0, description="DataLoader workers per process (the data order does not depend on it)")
+    seed: int = Field(0, description="seed of the data order, crops, dropout and noise")
+    device: Device = operational(
+        "auto", description="single-process runs: where to train (auto: CUDA when visible)")
+    checkpoint_every: int = operational(
+        500, ge=1, description="save a resumable checkpoint every this many steps")
+    checkpoints_total_limit: int = operational(2, ge=1, description="keep at most this many checkpoints")
+    log_every: int = operational(50, ge=1, description="log the loss every this many steps")
     sample_steps: int = Field(50, ge=1, description="denoising steps of the sample edit on a val example")
-    guidance_scale: float = 7.5
-    image_guidance_scale: float = 1.5
+    guidance_scale: float = Field(7.5, description="the sample edit's text guidance (paper: 7.5)")
+    image_guidance_scale: float = Field(1.5, description="the sample edit's image guidance (paper: 1.5)")
 
     # Settings of the sample edit only (not `sampling`, the data draw): changing them re-samples from the
     # final checkpoint, no re-training.
@@ -646,109 +764,116 @@ class TrainConfig(Section):
 
 
 class RunConfig(Section):
-    """How `editforge-generate` runs the chain (never part of a stage hash).
+    """How `editforge run` runs the chain: in this process, or fanned out to the stages' deployments
+    (`flows/fanout.py`, docs/cluster.md). Never part of a stage hash."""
 
-    ``in-process``: every stage in this flow run (the demo, a single box). ``fan-out``: each stage's
-    partitions in blocks of ``block_size``, each block a child flow run of the stage's deployment
-    (``deployments``: its name, ``{preset}`` and ``{stage}`` filled in), on the work pool that
-    deployment names; a failed block is submitted again up to ``max_block_attempts`` times in all
-    (see `flows/fanout.py`). ``alert_min_pass_rate``: see `flows/dashboard.py` (events).
-    ``worker_wait_warn_s`` / ``worker_wait_fail_s``: how long fan-out children may wait on a work pool
-    where none of the run's children runs before the driver says which pool has no free worker / fails
-    the run (counted in poll rounds of ``poll_s``; docs/monitoring.md).
-    """
-
-    mode: Literal["in-process", "fan-out"] = operational("in-process")
-    block_size: int = operational(8, ge=1)
-    max_block_attempts: int = operational(3, ge=1)
-    deployments: str = operational("{preset}-{stage}")
-    poll_s: float = operational(5.0, gt=0)
+    mode: Literal["in-process", "fan-out"] = operational(
+        "in-process", description="in-process: every stage in this flow run (the demo, one box); fan-out: "
+        "each stage's partitions in blocks, each block a child flow run of the stage's deployment on its "
+        "work pool")
+    block_size: int = operational(8, ge=1, description="fan-out: partitions per child flow run")
+    max_block_attempts: int = operational(
+        3, ge=1, description="fan-out: a failed block is submitted again, up to this many tries in all")
+    deployments: str = operational(
+        "{preset}-{stage}", description="fan-out: the deployment name of each stage ({preset} and {stage} "
+        "filled in)")
+    poll_s: float = operational(
+        5.0, gt=0, description="fan-out: seconds between polls of the children's states")
     worker_wait_warn_s: float = operational(
-        120.0, gt=0, description="fan-out: report children waiting this long on a work pool with no free worker")
+        120.0, gt=0, description="fan-out: report children waiting this long on a work pool with no free "
+        "worker")
     worker_wait_fail_s: float = operational(
         1800.0, gt=0, description="fan-out: fail the run when children wait this long on such a pool")
     max_parallel_partitions: int | None = operational(
-        None, ge=1, description="partitions of a stage run at once in one process (in-process runs and each fan-out "
-        "block); None: the available CPUs over the CPUs a partition takes (the stage's resources); stages that hold "
-        "a GPU or an API quota run one at a time whatever this says")
-    # the dashboard's alert: a render partition whose pass rate (passed / samples drawn) falls below this
-    # emits `editforge.partition.low-pass-rate` (infra/automations/ notifies on it); None: never
-    alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
+        None, ge=1, description="partitions of a stage run at once in one process (in-process runs and "
+        "each fan-out block); None: the available CPUs over the CPUs a partition takes (the stage's "
+        "resources); stages that hold a GPU or an API quota run one at a time whatever this says")
+    alert_min_pass_rate: float | None = operational(
+        0.01, ge=0, le=1, description="a render partition whose pass rate (passed / samples drawn) is "
+        "below this emits editforge.partition.low-pass-rate (infra/automations/ notifies on it); null: "
+        "never")
 
 
 class ReviewConfig(Section):
     """People's review of a run's pairs (`editforge review`) and the filter calibrated on their labels
-    (`editforge calibrate-filter`). Never part of a stage hash (no stage reads it; every field is
-    operational). The page shows a stratified sample of the rendered pairs whose images are stored: the
-    kept pairs, the passing ones top-k left out, for each rejection reason the rejected pairs within
-    ``band`` below its threshold, and the rest (``far``); each label carries its stratum's weight (pairs
-    in the stratum / pairs sampled), so the precision and recall estimated from the labels are those of
-    every pair of the partitions read, not of the sample.
-    """
+    (`editforge calibrate-filter`, docs/review.md): a stratified sample, each label weighted by its stratum,
+    so the estimates are those of every pair read. Never part of a stage hash."""
 
     kept_pairs: int = operational(100, ge=0, description="kept pairs sampled for review")
     passed_pairs: int = operational(25, ge=0, description="passing pairs top-k left out, sampled for review")
-    near_pairs: int = operational(50, ge=0, description="rejected pairs sampled per rejection reason, within band "
-                                  "below its threshold")
+    near_pairs: int = operational(
+        50, ge=0, description="rejected pairs sampled per rejection reason, within band below its "
+        "threshold")
     far_pairs: int = operational(25, ge=0, description="other rejected pairs sampled for review")
-    band: float = operational(0.1, gt=0, description="how far below a threshold a rejected pair is near it (score "
-                              "units: cosine / SSIM; the VLM's 0-10 score: ten times this)")
-    max_partitions: int = operational(8, ge=1, description="render partitions read for review and calibration, "
-                                      "spread over the run (the whole run: one sample of them)")
-    target_precision: float = operational(0.9, gt=0, lt=1, description="calibrate-filter: the precision (share of "
-                                          "passing pairs people call good edits) the suggested thresholds reach")
-    confidence: float = operational(0.95, gt=0, lt=1, description="calibrate-filter: the Wilson intervals' level; a "
-                                    "suggestion must reach the target at the interval's lower end")
-    min_passing: int = operational(10, ge=1, description="calibrate-filter: labelled pairs a suggestion must pass at least")
+    band: float = operational(
+        0.1, gt=0, description="how far below a threshold a rejected pair is near it (score units: cosine "
+        "/ SSIM; the VLM's 0-10 score: ten times this)")
+    max_partitions: int = operational(
+        8, ge=1, description="render partitions read for review and calibration, spread over the run (the "
+        "whole run: one sample of them)")
+    target_precision: float = operational(
+        0.9, gt=0, lt=1, description="calibrate-filter: the precision (share of passing pairs people call "
+        "good edits) the suggested thresholds reach")
+    confidence: float = operational(
+        0.95, gt=0, lt=1, description="calibrate-filter: the Wilson intervals' level; a suggestion must "
+        "reach the target at the interval's lower end")
+    min_passing: int = operational(
+        10, ge=1, description="calibrate-filter: labelled pairs a suggestion must pass at least")
 
 
 class CostConfig(Section):
-    """Prices for ``editforge estimate`` (:mod:`flows.estimate`), in US dollars. Never part of a stage hash:
-    no stage record names this section, and every field is operational besides.
+    """Prices for ``editforge estimate`` (:mod:`flows.estimate`), in US dollars: list prices as of May 2026,
+    not checked live; set your own with ``--set cost.gpu_hour_usd=...``. Never part of a stage hash."""
 
-    Defaults, with where they come from (list prices as of May 2026, not checked live from here; set
-    your own with ``--set cost.gpu_hour_usd=...``):
-
-    - ``gpu_hour_usd`` 3.00: one H100 SXM 80GB on demand at a specialty GPU cloud (Lambda, CoreWeave,
-      RunPod, Crusoe: $2.49-3.99 per GPU-hour in early 2026, pricegpu.pages.dev "H100 vs A100 cloud
-      pricing"; hyperscalers list $3.50-5 and more, spot and reservations 30-50% less).
-    - ``cpu_hour_usd`` 0.045: one vCPU on demand (AWS c7i.large, 2 vCPUs at $0.0893/h in us-east-1).
-    - ``text_*``: OpenAI's fine-tuned ``gpt-4o-mini-2024-07-18`` (``text_price_model``, the default
-      ``text.openai.base_model``): $0.30 / $1.20 per million input / output tokens and $3.00 per million
-      training tokens (OpenAI's pricing page, fine-tuning section; the same figures in tokenmix.ai's
-      April 2026 table). The Batch API (``text.openai.mode: batch``) bills generation at
-      ``batch_discount`` (0.5) of that. Training tokens are the fine-tune file's tokens times the epochs:
-      ``text.openai.finetune_epochs``, else ``finetune_epochs_assumed`` (OpenAI's ``auto`` picks from
-      the dataset size).
-    """
-
-    gpu_hour_usd: float = operational(3.0, ge=0, description="one GPU-hour (render, local LM)")
-    cpu_hour_usd: float = operational(0.045, ge=0, description="one CPU-core hour (captions, filter, pack)")
-    text_price_model: str = operational("gpt-4o-mini-2024-07-18", description="the model the text_* prices are for")
-    text_input_per_mtok_usd: float = operational(0.30, ge=0, description="per million prompt tokens (fine-tuned model)")
+    gpu_hour_usd: float = operational(
+        3.0, ge=0, description="one GPU-hour (render, local LM): one H100 SXM 80GB on demand at a "
+        "specialty cloud ($2.49-3.99 in early 2026; hyperscalers $3.50-5, spot and reservations 30-50% "
+        "less)")
+    cpu_hour_usd: float = operational(
+        0.045, ge=0, description="one CPU-core hour (captions, filter, pack): one vCPU on demand (AWS "
+        "c7i.large, 2 vCPUs at $0.0893/h in us-east-1)")
+    text_price_model: str = operational(
+        "gpt-4o-mini-2024-07-18", description="the model the text_* prices are for (the default "
+        "text.openai.base_model)")
+    text_input_per_mtok_usd: float = operational(
+        0.30, ge=0, description="per million prompt tokens of the fine-tuned model (OpenAI's fine-tuning "
+        "price list)")
     text_output_per_mtok_usd: float = operational(1.20, ge=0, description="per million completion tokens")
-    text_training_per_mtok_usd: float = operational(3.00, ge=0, description="per million fine-tune training tokens")
-    batch_discount: float = operational(0.5, ge=0, le=1, description="Batch API price as a share of online")
-    finetune_epochs_assumed: int = operational(3, ge=1, description="epochs when text.openai.finetune_epochs is unset")
+    text_training_per_mtok_usd: float = operational(
+        3.00, ge=0, description="per million fine-tune training tokens (the fine-tune file's tokens times "
+        "the epochs)")
+    batch_discount: float = operational(
+        0.5, ge=0, le=1, description="Batch API price as a share of online (text.openai.mode batch)")
+    finetune_epochs_assumed: int = operational(
+        3, ge=1, description="epochs when text.openai.finetune_epochs is unset (OpenAI's auto picks from "
+        "the dataset size)")
 
 
 class PipelineConfig(Section):
-    name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
-    output_root: str = Field("runs/demo", description="the run's folder or object-store URL (s3://bucket/prefix); "
-                             "checked at load: not empty, not a file (writable, the bucket there: flows.options)")
+    name: str = Field(
+        "demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
+    output_root: str = Field(
+        "runs/demo", description="the run's folder or object-store URL (s3://bucket/prefix); checked at "
+        "load: not empty, not a file (writable, the bucket there: flows.options)")
     verify: Literal["size", "sha256"] = Field(
-        "size", description="before skipping a finished partition, check its outputs' sizes, or also their sha256")
-    models: ModelsConfig = ModelsConfig()
-    captions: CaptionsConfig = CaptionsConfig()
-    text: TextConfig = TextConfig()
-    render: RenderConfig = RenderConfig()
-    filter: FilterConfig = FilterConfig()
-    judges: JudgesConfig = JudgesConfig()
-    pack: PackConfig = PackConfig()
-    train: TrainConfig = TrainConfig()
-    run: RunConfig = RunConfig()
+        "size", description="before skipping a finished partition, check its outputs' sizes, or also their "
+        "sha256")
+    models: ModelsConfig = Field(ModelsConfig(), description="which models the stages load")
+    captions: CaptionsConfig = Field(
+        CaptionsConfig(), description="the captions stage: what is read and sampled")
+    text: TextConfig = Field(
+        TextConfig(), description="the finetune and text stages: the LM and its triplets")
+    render: RenderConfig = Field(
+        RenderConfig(), description="the render stage: pairs, CLIP scores, the savers")
+    filter: FilterConfig = Field(
+        FilterConfig(), description="the filter stage: re-selection over render.keep")
+    judges: JudgesConfig = Field(JudgesConfig(), description="the judge ladder's switches after CLIP")
+    pack: PackConfig = Field(PackConfig(), description="the pack stage: WebDataset shards")
+    train: TrainConfig = Field(TrainConfig(), description="the training flow (editforge train)")
+    run: RunConfig = Field(RunConfig(), description="how editforge run runs the chain (never hashed)")
     cost: CostConfig = operational(CostConfig(), description="prices for editforge estimate (never hashed)")
-    review: ReviewConfig = operational(ReviewConfig(), description="editforge review / calibrate-filter (never hashed)")
+    review: ReviewConfig = operational(
+        ReviewConfig(), description="editforge review / calibrate-filter (never hashed)")
 
     def selection(self) -> Selection:
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""
@@ -920,6 +1045,31 @@ def _shown(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
+def _moved(old: str) -> str | None:
+    """'render.<old> is now render.<section>.<field>' for a render saver's flat key, else None."""
+    if old not in FLAT_RENDER_SAVERS:
+        return None
+    section, field = FLAT_RENDER_SAVERS[old]
+    return (f"render.{old} is now render.{section}.{field} (the render savers are nested under "
+            "render.adaptive and render.early_reject: docs/config.md)")
+
+
+def _refuse_flat_savers(data: dict, origin: str) -> None:
+    render = data.get("render")
+    if not isinstance(render, dict):
+        return
+    for key, value in render.items():
+        if (message := _moved(key)) and not (key == "adaptive" and isinstance(value, dict)):
+            raise ConfigError(f"{origin}: {message}")
+
+
+def _refuse_flat_override(key: str, value: Any) -> None:
+    if key == "render":
+        _refuse_flat_savers({"render": value}, f"override {key!r}")
+    elif key.startswith("render.") and key.count(".") == 1:
+        _refuse_flat_savers({"render": {key.removeprefix("render."): value}}, f"override {key!r}")
+
+
 def load_config(preset: str = "demo", overrides: list[str] | None = None) -> PipelineConfig:
     text, origin = _preset_text(preset)
     data = load_yaml(text, origin) or {}
@@ -928,8 +1078,11 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Pip
                           f"got {type(data).__name__}")
     if not origin.startswith("preset ") and "name" not in data:  # a YAML file: named after it
         data["name"] = re.sub("[^a-z0-9-]+", "-", Path(preset).stem.lower()).strip("-") or "run"
+    _refuse_flat_savers(data, origin)
     for item in overrides or []:
-        _set_dotted(data, *parse_override(item))
+        key, value = parse_override(item)
+        _refuse_flat_override(key, value)
+        _set_dotted(data, key, value)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:

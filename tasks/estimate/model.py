@@ -28,9 +28,9 @@ extrapolation error when the settings differ):
   chat models); every try is billed like the answer kept. The local backend costs GPU time instead:
   the pilot's ``generate`` seconds per try.
 - **render.** With the target's sampling policy equal to the pilot's (``samples_per_triplet``, rounds,
-  ``target_passed``, ``give_up_after``, ``keep``, early rejection): the pilot's samples, passes, kept
+  ``adaptive.target_passed``, ``adaptive.give_up_after``, ``keep``, early rejection): the pilot's samples, passes, kept
   pairs and triplets with a kept pair per triplet, and UNet calls per triplet x target steps / pilot
-  steps (a sample costs one call per step; an early-rejected one ``early_reject_at`` of them). With
+  steps (a sample costs one call per step; an early-rejected one ``early_reject.at`` of them). With
   another policy the target's :class:`~tasks.render.scheduling.SamplingPolicy` is replayed exactly
   (a dynamic programme over rounds) with each pilot triplet's own pass rate (its passed / drawn; under
   the target's ``keep`` when that differs), kept = min(top_k, passed), and early rejection dropping the
@@ -183,16 +183,17 @@ def sampling_signature(cfg: PipelineConfig) -> dict[str, Any]:
     """What decides how many samples a triplet gets and which pass: the effective policy (a setting that
     is off does not count: ``round_size`` without rounds, the margin without early rejection)."""
     r, policy = cfg.render, SamplingPolicy.from_config(cfg).settings()
-    sig: dict[str, Any] = {key: policy[key] for key in ("render.samples_per_triplet", "render.round_size",
-                                                        "render.target_passed", "render.give_up_after")}
+    sig: dict[str, Any] = {key: policy[key] for key in (
+        "render.samples_per_triplet", "render.adaptive.round_size", "render.adaptive.target_passed",
+        "render.adaptive.give_up_after")}
     sig |= {"render.keep": r.keep.model_dump(mode="json"),
-            "render.early_reject_at": r.early_reject_at if r.steps >= 2 else None,
+            "render.early_reject.at": r.early_reject.at if r.steps >= 2 else None,
             "render.p_branches": policy["render.p_branches"],  # the replay below models independent samples
             "render.keep_per_seed": policy["render.keep_per_seed"]}
-    if sig["render.early_reject_at"] is not None:
-        sig |= {"render.early_reject_margin": r.early_reject_margin,
-                "render.early_reject_metrics": list(r.early_reject_metrics),
-                "render.early_reject_dry_run": r.early_reject_dry_run}
+    if sig["render.early_reject.at"] is not None:
+        sig |= {"render.early_reject.margin": r.early_reject.margin,
+                "render.early_reject.metrics": list(r.early_reject.metrics),
+                "render.early_reject.dry_run": r.early_reject.dry_run}
     return sig
 
 
@@ -205,8 +206,8 @@ def sampling_differences(target: PipelineConfig, pilot: PipelineConfig, keys: tu
 
 def early_steps(cfg: PipelineConfig) -> int | None:
     """Steps an early-rejected sample costs (``tasks.render.early.early_step_count``, without torch)."""
-    at, steps = cfg.render.early_reject_at, cfg.render.steps
-    if at is None or steps < 2 or cfg.render.early_reject_dry_run:
+    at, steps = cfg.render.early_reject.at, cfg.render.steps
+    if at is None or steps < 2 or cfg.render.early_reject.dry_run:
         return None
     return min(steps - 1, max(1, round(at * steps)))
 
@@ -489,7 +490,7 @@ def _replayed(target: PipelineConfig, pilot: PipelineConfig, counts: Counter, pe
     after = early_steps(target)
     drop = 0.0
     if after is not None:
-        early_keys = ("render.early_reject_at", "render.early_reject_margin", "render.early_reject_metrics")
+        early_keys = ("render.early_reject.at", "render.early_reject.margin", "render.early_reject.metrics")
         if not sampling_differences(target, pilot, early_keys) and early_steps(pilot) is not None and failing_pilot:
             drop = counts.get("early_rejected", 0) / failing_pilot
         else:

@@ -1,4 +1,4 @@
-"""Calibrate the early-rejection margin on samples rendered with ``render.early_reject_dry_run``.
+"""Calibrate the early-rejection margin on samples rendered with ``render.early_reject.dry_run``.
 
 A dry run scores every sample early (after ``after_steps`` of ``steps`` denoising steps) and records
 its early metrics (``early_clip_sim_*``) but drops nothing, so each row also carries the final
@@ -44,7 +44,7 @@ TABLE_COLUMNS = ["margin", "scored", "passing", "failing", "dropped", "dropped_f
                  "recall", "false_drop", "unet_calls", "unet_fraction", "unet_calls_per_pass", "cost_per_pass"]
 
 DRY_RUN_HINT = ("render a few partitions with early scoring and no dropping, e.g. `editforge stage render "
-                "--partitions 0-1 --set render.early_reject_at=0.5 --set render.early_reject_dry_run=true`, "
+                "--partitions 0-1 --set render.early_reject.at=0.5 --set render.early_reject.dry_run=true`, "
                 "then calibrate with the same --preset and --set options")
 
 
@@ -142,10 +142,10 @@ class CalibrationSamples:
 def calibration_settings(cfg: PipelineConfig) -> tuple[int, int]:
     """(after_steps, steps) of the config's early rejection; CalibrationError when it has none."""
     r = cfg.render
-    if r.early_reject_at is None:
-        raise CalibrationError("render.early_reject_at is not set: the margin applies to early rejection, "
+    if r.early_reject.at is None:
+        raise CalibrationError("render.early_reject.at is not set: the margin applies to early rejection, "
                                f"and there is nothing to calibrate without it; {DRY_RUN_HINT}")
-    after = early_step_count(r.early_reject_at, r.steps)
+    after = early_step_count(r.early_reject.at, r.steps)
     if after is None:
         raise CalibrationError(f"render.steps={r.steps} leaves no intermediate step to score early at")
     return after, r.steps
@@ -172,10 +172,10 @@ def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | No
         raise CalibrationError(
             f"no render partition of {ids} under {cfg.output_root} is finished under this config (render hash "
             f"{expected}); the hash covers every render.* setting, so pass the same --set options the partitions "
-            f"were rendered with (render.early_reject_dry_run=true included), or {DRY_RUN_HINT}")
+            f"were rendered with (render.early_reject.dry_run=true included), or {DRY_RUN_HINT}")
     frames = [f for f in frames if len(f)]
     samples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    used = cfg.render.early_reject_metrics
+    used = cfg.render.early_reject.metrics
     if len(samples) and not {f"early_{m}" for m in used} <= set(samples.columns):
         raise CalibrationError(f"samples.parquet of partitions {read} has no early metrics; {DRY_RUN_HINT}")
     mask = scored_mask(samples, used)
@@ -193,6 +193,6 @@ def calibrate(cfg: PipelineConfig, margins: Sequence[float] = DEFAULT_MARGINS,
     """Load a config's dry-run samples and tabulate ``margins`` with its selection and metrics."""
     after, steps = calibration_settings(cfg)
     data = load_calibration_samples(cfg, partitions)
-    table = calibration_table(data.samples, cfg.render.keep, cfg.render.early_reject_metrics, margins, after, steps,
+    table = calibration_table(data.samples, cfg.render.keep, cfg.render.early_reject.metrics, margins, after, steps,
                               ("clip", *cfg.judges.image_rungs()))
     return table, data

@@ -59,16 +59,18 @@ class SamplingPolicy:
     def from_config(cls, cfg: PipelineConfig) -> SamplingPolicy:
         """The plan's rules from the config: one round of ``samples_per_triplet`` unless a saver is on."""
         r = cfg.render
-        rounds = r.adaptive or r.give_up_after is not None
-        return cls(max_samples=r.samples_per_triplet, round_size=r.round_size if rounds else None,
-                   target_passed=(r.target_passed or r.keep.top_k) if r.adaptive else None,
-                   give_up_after=r.give_up_after, group=r.p_branches,
+        a = r.adaptive
+        rounds = a.enabled or a.give_up_after is not None
+        return cls(max_samples=r.samples_per_triplet, round_size=a.round_size if rounds else None,
+                   target_passed=(a.target_passed or r.keep.top_k) if a.enabled else None,
+                   give_up_after=a.give_up_after, group=r.p_branches,
                    per_group=r.keep_per_seed if r.p_branches > 1 else None)
 
     def settings(self) -> dict[str, Any]:
         """The policy as the render settings it was made of (those a setting that is off leaves out: None)."""
-        return {"render.samples_per_triplet": self.max_samples, "render.round_size": self.round_size,
-                "render.target_passed": self.target_passed, "render.give_up_after": self.give_up_after,
+        return {"render.samples_per_triplet": self.max_samples, "render.adaptive.round_size": self.round_size,
+                "render.adaptive.target_passed": self.target_passed,
+                "render.adaptive.give_up_after": self.give_up_after,
                 "render.p_branches": self.group, "render.keep_per_seed": self.per_group}
 
     def __post_init__(self) -> None:

@@ -177,7 +177,7 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
     settings = settings_from(cfg)
     size = r.batch_samples if r.batch_samples != "auto" else renderer.auto_batch_samples(settings, r.batch_samples_max)
     sizer = BatchSizer(size, logger)
-    early_after = early_step_count(r.early_reject_at, r.steps)
+    early_after = early_step_count(r.early_reject.at, r.steps)
     done = {"unet_calls_this_run": 0, "samples_this_run": 0, "cohorts": 0}
     live = LiveFigures(plan, r.keep.top_k, previous if previous is not None else pd.DataFrame(), r.keep_per_seed)
     progress = tqdm(desc=f"render p{run.partition_id}", unit="sample", leave=False)
@@ -187,8 +187,8 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
         try:
             with run.stats.timer("render"):
                 scored = renderer.render_scored(requests, settings, r.keep, early_after,
-                                                r.early_reject_margin, r.early_reject_metrics,
-                                                early_drop=not r.early_reject_dry_run)
+                                                r.early_reject.margin, r.early_reject.metrics,
+                                                early_drop=not r.early_reject.dry_run)
         except Exception as err:
             if not is_oom(err):
                 raise

@@ -49,7 +49,11 @@ CONFIG_CASES = [  # (--set, what the message says)
     ("render.dtype=fp8", "render.dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
     ("render.batch_samples=0", "batch_samples must be >= 1 or 'auto'"),
     ("render.batch_samples=lots", "render.batch_samples"),
-    ("render.early_reject_at=1.5", "render.early_reject_at: Input should be less than 1"),
+    ("render.early_reject.at=1.5", "render.early_reject.at: Input should be less than 1"),
+    ("render.adaptive=true", "error: override 'render.adaptive': render.adaptive is now render.adaptive.enabled"),
+    ("render.round_size=4", "error: override 'render.round_size': render.round_size is now render.adaptive.round_size"),
+    ("render.early_reject_at=0.4", "render.early_reject_at is now render.early_reject.at"),
+    ("render.early_reject_metrics=[clip_sim_dir]", "render.early_reject_metrics is now render.early_reject.metrics"),
     ("render.save_images=some", "render.save_images: Input should be 'kept', 'passed' or 'all'"),
     ("render.attention=magic", "render.attention: Input should be 'ip2p'"),
     ("text.backend=gpt", "text.backend: Input should be 'local' or 'openai'"),
@@ -89,13 +93,15 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "broken.yaml").write_text("render:\n  steps: [1, 2\n")
     (folder / "list.yaml").write_text("- 1\n- 2\n")
-    return {"broken": folder / "broken.yaml", "list": folder / "list.yaml"}
+    (folder / "flat.yaml").write_text("render:\n  steps: 4\n  give_up_after: 32\n")  # a saver's key before nesting
+    return {"broken": folder / "broken.yaml", "list": folder / "list.yaml", "flat": folder / "flat.yaml"}
 
 
 @pytest.mark.parametrize("preset, message", [
     ("nope", "unknown preset 'nope': expected one of"),
     ("broken", "broken.yaml: invalid YAML"),
     ("list", "list.yaml: expected a mapping of sections"),
+    ("flat", "flat.yaml: render.give_up_after is now render.adaptive.give_up_after"),
 ])
 def test_a_bad_preset_fails_at_load_with_one_message(tmp_path, preset, message):
     files = _bad_files(tmp_path)

@@ -63,7 +63,7 @@ def test_same_policy_scales_per_triplet_and_by_the_step_ratio():
 
 
 def test_replay_of_a_sampling_policy_matches_hand_counts():
-    fixed = SamplingPolicy.from_config(load_config("demo", ["render.adaptive=false", "render.samples_per_triplet=4",
+    fixed = SamplingPolicy.from_config(load_config("demo", ["render.adaptive.enabled=false", "render.samples_per_triplet=4",
                                            "render.keep.top_k=2"]))
     r = replay(fixed, 0.5, 2)  # Binomial(4, 1/2): kept = min(2, passed)
     assert r["samples"] == 4 and r["passed"] == pytest.approx(2)
@@ -81,15 +81,15 @@ def test_the_sampling_signature_is_the_render_plans_policy(preset):
 
     cfg = load_config(preset)
     sig, policy = sampling_signature(cfg), SamplingPolicy.from_config(cfg)
-    assert (sig["render.samples_per_triplet"], sig["render.round_size"], sig["render.target_passed"],
-            sig["render.give_up_after"]) == (policy.max_samples, policy.round_size, policy.target_passed,
-                                             policy.give_up_after)
+    assert (sig["render.samples_per_triplet"], sig["render.adaptive.round_size"], sig["render.adaptive.target_passed"],
+            sig["render.adaptive.give_up_after"]) == (policy.max_samples, policy.round_size, policy.target_passed,
+                                                      policy.give_up_after)
 
 
 def test_another_policy_is_replayed_with_each_triplets_pass_rate_and_warned():
     pilot = load_config("demo", ["render.samples_per_triplet=4"])  # adaptive, rounds of 2
-    target = load_config("demo", ["render.samples_per_triplet=4", "render.adaptive=false",
-                                  "render.early_reject_at=null"])
+    target = load_config("demo", ["render.samples_per_triplet=4", "render.adaptive.enabled=false",
+                                  "render.early_reject.at=null"])
     # two triplets: one whose 2 samples both passed (rate 1), one that passed none of 4 (rate 0)
     samples = pd.DataFrame({"caption_id": ["a", "a", "b", "b", "b", "b"], "unet_steps": [10, 10, 10, 5, 10, 5],
                             "passed": [True, True, False, False, False, False], "kept": [True, True, *[False] * 4],
@@ -101,7 +101,7 @@ def test_another_policy_is_replayed_with_each_triplets_pass_rate_and_warned():
     assert render["unet_calls_per_triplet"] == 40
     assert render["kept_pairs_per_triplet"] == 1 and render["triplets_with_kept_pair_per_triplet"] == 0.5
     warnings = predict(target, pilot, data)["warnings"]
-    assert any("render sampling differs" in w and "render.round_size" in w for w in warnings)
+    assert any("render sampling differs" in w and "render.adaptive.round_size" in w for w in warnings)
 
 
 def test_a_triplet_target_tops_the_captions_up_as_the_flow_does():

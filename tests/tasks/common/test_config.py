@@ -29,8 +29,8 @@ def test_hash_is_stable_across_loads():
 
 def test_top_k_does_not_invalidate_render():
     # with fixed-N sampling (the paper's), top-k is a pure re-selection from samples.parquet
-    base = load_config("demo", ["render.adaptive=false"])
-    other = load_config("demo", ["render.adaptive=false", "filter.top_k=1"])
+    base = load_config("demo", ["render.adaptive.enabled=false"])
+    other = load_config("demo", ["render.adaptive.enabled=false", "filter.top_k=1"])
     assert stage_hash(base, "render") == stage_hash(other, "render")
     assert stage_hash(base, "filter") != stage_hash(other, "filter")
 
@@ -76,7 +76,7 @@ def test_text_hash_ignores_operational_knobs_but_follows_seed_triplets(tmp_path)
 
 
 def test_render_keep_owns_render_time_selection_and_filter_re_selects():
-    adaptive = ["render.adaptive=true"]
+    adaptive = ["render.adaptive.enabled=true"]
     base = load_config("demo", adaptive)
     # render.keep decides what render passes, stops at and keeps: it is part of the render hash
     assert stage_hash(base, "render") != stage_hash(load_config("demo", [*adaptive, "render.keep.top_k=1"]), "render")

@@ -26,8 +26,8 @@ TRIPLETS = pd.DataFrame([
 
 
 def config(root, *overrides):
-    cfg = load_config("demo", [f"output_root={root}", "render.steps=4", "render.adaptive=false",
-                               "render.early_reject_at=null", "render.samples_per_triplet=6",
+    cfg = load_config("demo", [f"output_root={root}", "render.steps=4", "render.adaptive.enabled=false",
+                               "render.early_reject.at=null", "render.samples_per_triplet=6",
                                "render.save_images=passed", *overrides])
     text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)

@@ -107,7 +107,7 @@ RENDER_STEPS, SAMPLES = 4, 6
 TRIPLETS = pd.DataFrame([
     {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
      "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
-DRY = ["render.early_reject_at=0.5", "render.early_reject_dry_run=true", "render.early_reject_margin=0.0",
+DRY = ["render.early_reject.at=0.5", "render.early_reject.dry_run=true", "render.early_reject.margin=0.0",
        "render.keep.clip_direction_threshold=0.15",
        "render.keep.ssim_max=1.0"]  # the demo's image rungs stay on; these near-identical pairs pass them
 
@@ -116,8 +116,8 @@ def overrides(root, *extra) -> list[str]:
     text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
-    return [f"output_root={root}", f"render.steps={RENDER_STEPS}", "render.adaptive=false",
-            "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}", *extra]
+    return [f"output_root={root}", f"render.steps={RENDER_STEPS}", "render.adaptive.enabled=false",
+            "render.early_reject.at=null", f"render.samples_per_triplet={SAMPLES}", *extra]
 
 
 def config(root, *extra):
@@ -147,7 +147,7 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     assert len(data.samples) == len(rendered) and data.partitions == [0] and data.skipped == [1]
     assert data.early_rejected == 0 and data.unscored == 0
 
-    keep, used = cfg.render.keep, cfg.render.early_reject_metrics
+    keep, used = cfg.render.keep, cfg.render.early_reject.metrics
     early = {m: torch.tensor(rendered[f"early_{m}"].to_numpy()) for m in used}
     # a margin that drops nothing: every early metric clears its threshold - margin
     none_dropped = max(thresholds(keep)[m] - float(early[m].min()) for m in used) + 0.01
@@ -180,16 +180,16 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
 
 
 def test_errors(tmp_path):
-    with pytest.raises(CalibrationError, match="render.early_reject_at is not set"):
+    with pytest.raises(CalibrationError, match="render.early_reject.at is not set"):
         load_calibration_samples(config(tmp_path))
-    cfg = config(tmp_path, "render.early_reject_at=0.5")
+    cfg = config(tmp_path, "render.early_reject.at=0.5")
     with pytest.raises(CalibrationError, match="no render partition .* is finished under this config"):
         load_calibration_samples(cfg)
     # a finished partition whose samples were all dropped early (real rejection): no final metrics at all
     dropped = hand_samples().iloc[[8, 8]].assign(early_rejected=True)
     storage.write_parquet_atomic(f"{partition_url(cfg, 'render')}/samples.parquet", dropped)
     storage.write_json_atomic(f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
-    with pytest.raises(CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject_dry_run=true"):
+    with pytest.raises(CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject.dry_run=true"):
         load_calibration_samples(cfg)
 
 
@@ -216,13 +216,13 @@ def test_cli_prints_recommendation_and_writes_json(tmp_path, dry_run):
     assert "samples scored early and finally" in result.output and "per passing pair" in result.output
     report = json.loads(out.read_text())
     best = report["recommended_margin"]
-    assert best is not None and f"--set render.early_reject_margin={best:g}" in result.output
+    assert best is not None and f"--set render.early_reject.margin={best:g}" in result.output
     assert report["partitions"] == [0] and report["after_steps"] == 2 and report["steps"] == RENDER_STEPS
     table = pd.DataFrame(report["table"])
     assert set(DEFAULT_MARGINS) <= set(table["margin"]) and list(table.columns) == TABLE_COLUMNS
     assert recommend(table, 0.5) == best
 
     strict = runner.invoke(cli(), [*args[:-2], "--max-false-drop", "-1", "--margins", "0,0.05"])
-    assert strict.exit_code == 0 and "no recommendation" in strict.output and "--set render.early_reject_margin" not in strict.output
-    off = runner.invoke(cli(), ["calibrate-early", "--set", f"output_root={root}", "--set", "render.early_reject_at=null"])
-    assert off.exit_code == 2 and "render.early_reject_at is not set" in off.output
+    assert strict.exit_code == 0 and "no recommendation" in strict.output and "--set render.early_reject.margin" not in strict.output
+    off = runner.invoke(cli(), ["calibrate-early", "--set", f"output_root={root}", "--set", "render.early_reject.at=null"])
+    assert off.exit_code == 2 and "render.early_reject.at is not set" in off.output

@@ -26,8 +26,8 @@ TRIPLETS = pd.DataFrame([
      "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
 # adaptive rounds of 2 (target: render.keep.top_k = 2 in the demo), give up after 4, early rejection at half the
 # steps without margin; a stricter direction threshold than the demo's so that some samples fail
-SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4", "render.early_reject_at=0.5",
-          "render.early_reject_margin=0.0", "render.keep.clip_direction_threshold=0.15"]
+SAVERS = ["render.adaptive.enabled=true", "render.adaptive.round_size=2", "render.adaptive.give_up_after=4",
+          "render.early_reject.at=0.5", "render.early_reject.margin=0.0", "render.keep.clip_direction_threshold=0.15"]
 
 
 def config(root, *overrides):
@@ -37,8 +37,8 @@ def config(root, *overrides):
     # the reference's policy (every saver off) unless a test turns one on; CLIP alone: the ladder's image
     # rungs (DINOv2, SSIM), on in the demo, are tested in tests/tasks/judge (on 4 steps of "a cat" -> "a dog"
     # the pairs are near-identical, SSIM 0.997, above the demo's ssim_max)
-    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
-                                "render.early_reject_at=null", f"render.samples_per_triplet={SAMPLES}",
+    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive.enabled=false",
+                                "render.early_reject.at=null", f"render.samples_per_triplet={SAMPLES}",
                                 "judges.dino.enabled=false", "judges.ssim.enabled=false", *overrides])
 
 
@@ -96,7 +96,7 @@ def test_save_images_passed_or_all(tmp_path, renderer, mode):
 def test_early_reject_dry_run_scores_but_drops_nothing(tmp_path, renderer):
     dropping = run_render(config(tmp_path / "drop", *SAVERS), 0, renderer=renderer)
     assert dropping["counts"]["early_rejected"] > 0
-    cfg = config(tmp_path / "dry", *SAVERS, "render.early_reject_dry_run=true")
+    cfg = config(tmp_path / "dry", *SAVERS, "render.early_reject.dry_run=true")
     manifest = run_render(cfg, 0, renderer=renderer)
     df = samples(tmp_path / "dry")
     assert not df["early_rejected"].any() and manifest["counts"]["early_rejected"] == 0
@@ -249,7 +249,7 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
 
     def render(root, *overrides):
         cfg = load_config("demo", [f"output_root={root}", "render.steps=2", "render.samples_per_triplet=2",
-                                   "render.adaptive=false", "render.early_reject_at=null", "judges.dino.enabled=false",
+                                   "render.adaptive.enabled=false", "render.early_reject.at=null", "judges.dino.enabled=false",
                                    "judges.ssim.enabled=false", *overrides])
         text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
         storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
@@ -319,8 +319,8 @@ def test_demo_sdxl_preset_renders_a_partition_offline_with_sdxl_conditioning(tmp
     text = partition_dir(str(root), "text", stage_hash(load_config("demo-sdxl"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo-sdxl"), "text")})
-    cfg = load_config("demo-sdxl", [f"output_root={root}", "render.steps=3", "render.adaptive=false",
-                                    "render.early_reject_at=null", "render.samples_per_triplet=2"])
+    cfg = load_config("demo-sdxl", [f"output_root={root}", "render.steps=3", "render.adaptive.enabled=false",
+                                    "render.early_reject.at=null", "render.samples_per_triplet=2"])
     renderer = Renderer(cfg)
     assert renderer.diffusion.is_sdxl and renderer.diffusion.preset == "tiny-sdxl"
     seen = []

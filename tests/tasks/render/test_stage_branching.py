@@ -25,16 +25,16 @@ TRIPLETS = pd.DataFrame([
     {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
      "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
 # as tests/tasks/render/test_stage.py: adaptive rounds of 2, give up after 4, early rejection at half the steps
-SAVERS = ["render.adaptive=true", "render.round_size=2", "render.give_up_after=4", "render.early_reject_at=0.5",
-          "render.early_reject_margin=0.0", "render.keep.clip_direction_threshold=0.15"]
+SAVERS = ["render.adaptive.enabled=true", "render.adaptive.round_size=2", "render.adaptive.give_up_after=4",
+          "render.early_reject.at=0.5", "render.early_reject.margin=0.0", "render.keep.clip_direction_threshold=0.15"]
 
 
 def config(root, *overrides, samples=4, branches=2):
     text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
-    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive=false",
-                                "render.early_reject_at=null", f"render.samples_per_triplet={samples}",
+    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive.enabled=false",
+                                "render.early_reject.at=null", f"render.samples_per_triplet={samples}",
                                 f"render.p_branches={branches}", "judges.dino.enabled=false",
                                 "judges.ssim.enabled=false", *overrides])  # CLIP alone, as test_stage.py
 
@@ -167,8 +167,8 @@ def test_config_validation_and_hashes(tmp_path):
     assert stage_hash(two, "render") == stage_hash(config(tmp_path, "render.batch_samples=7", branches=2), "render")
     for bad, message in [(["render.attention=p2p-refine"], "needs attention ip2p"),
                          (["render.samples_per_triplet=6"], "samples_per_triplet 6 is not a multiple of p_branches 4"),
-                         (["render.adaptive=true", "render.round_size=6"], "round_size 6 is not a multiple"),
-                         (["render.give_up_after=6", "render.round_size=4"], "give_up_after 6 is not a multiple")]:
+                         (["render.adaptive.enabled=true", "render.adaptive.round_size=6"], "round_size 6 is not a multiple"),
+                         (["render.adaptive.give_up_after=6", "render.adaptive.round_size=4"], "give_up_after 6 is not a multiple")]:
         with pytest.raises(ConfigError, match=message):
             config(tmp_path, *bad, samples=8, branches=4)
-    config(tmp_path, "render.round_size=3", samples=8, branches=4)  # rounds off: round_size is unused
+    config(tmp_path, "render.adaptive.round_size=3", samples=8, branches=4)  # rounds off: round_size is unused
