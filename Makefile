@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker lock compat clean
+.PHONY: install browser demo demo-tiny world-models test test-fast lint docs docs-build bench reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -48,6 +48,7 @@ browser:
 # two pytest workers, a test file each at a time (a module's server and workers stay in one process)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
+	$(VENV)/bin/mkdocs build --strict --quiet
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
@@ -55,6 +56,15 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
+
+# The docs site (mkdocs.yml): `make docs` serves it on http://127.0.0.1:8000 (DOCS_ADDR to change);
+# `make docs-build` (also run by `make test`) builds it into .cache/site, failing on a broken link or a missing page.
+DOCS_ADDR ?= 127.0.0.1:8000
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr $(DOCS_ADDR)
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	$(PY) bench/text_throughput.py
