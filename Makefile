@@ -48,7 +48,7 @@ browser:
 # two pytest workers, a test file each at a time (a module's server and workers stay in one process)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
@@ -58,13 +58,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 
 # The docs site (mkdocs.yml): `make docs` serves it on http://127.0.0.1:8000 (DOCS_ADDR to change);
-# `make docs-build` (also run by `make test`) builds it into .cache/site, failing on a broken link or a missing page.
+# `make docs-build` (also run by `make test`) builds it into .cache/site, failing on a broken link or a missing page
+# (not --quiet: it hides the warnings that --strict turns into a failure).
 DOCS_ADDR ?= 127.0.0.1:8000
 docs: $(STAMP)
 	$(VENV)/bin/mkdocs serve --dev-addr $(DOCS_ADDR)
 
 docs-build: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict --quiet
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) bench/text_throughput.py
