@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny config-docs world-models test test-fast lint bench reliability server deploy worker lock compat clean
+.PHONY: install browser demo demo-tiny config-docs world-models test test-fast lint docs docs-build bench reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -53,6 +53,7 @@ browser:
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/mkdocs build --strict
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)
@@ -61,6 +62,16 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
 	$(VENV)/bin/lint-imports --no-logo
+
+# The docs site (mkdocs.yml): `make docs` serves it on http://127.0.0.1:8000 (DOCS_ADDR to change);
+# `make docs-build` (also run by `make test`) builds it into .cache/site, failing on a broken link or a missing page
+# (not --quiet: it hides the warnings that --strict turns into a failure).
+DOCS_ADDR ?= 127.0.0.1:8000
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs serve --dev-addr $(DOCS_ADDR)
+
+docs-build: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) bench/text_throughput.py

@@ -1,21 +1,14 @@
 """The Prefect automations a cluster deployment needs, created by the deploy step (`make deploy`).
 
-**Crash zombie flow runs.** A flow run whose machine is lost (a node eviction, a killed worker)
-stays `Running` forever as far as the server knows. The pools' job environment sets
-`PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30`, so every flow run a worker starts emits a
-`prefect.flow-run.heartbeat` event every 30 s; this automation — Prefect's own recipe for zombie
-flows — marks a run `Crashed` when no heartbeat (and no final state) follows the last one within
-``within_s``. The fan-out driver then submits the block again (:mod:`flows.fanout`), so a block lost
-before it took a partition lease is retried like one lost after (which the driver detects itself
-from the stale lease, without waiting for the automation).
-
-**Alerts** (`infra/automations/*.yaml`, Prefect's automation schema): e.g. notify when a render
-partition fails or its pass rate falls below ``run.alert_min_pass_rate``, on EditForge's own events
-(flows/dashboard.py). Each names a notification block (``notify_block``); when no block of that name
-exists, ``$EDITFORGE_ALERT_WEBHOOK_URL`` creates a Custom Webhook block posting JSON there, and without
-either the alert is left out (said on stdout).
+**Crash zombie flow runs**: with flow-run heartbeats on (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30`` in the pools'
+job environment), Prefect's own zombie-flow recipe marks a run ``Crashed`` when no heartbeat follows within
+``within_s``, and the fan-out driver submits its block again. **Alerts** (``infra/automations/*.yaml``): e.g.
+a render partition failed or under ``run.alert_min_pass_rate``, sent to a notification block (or a webhook
+block made from ``$EDITFORGE_ALERT_WEBHOOK_URL``; without either the alert is left out).
 
     python -m flows.automations            # create or update them on $PREFECT_API_URL
+
+Details: docs/monitoring.md ("In the code"), docs/cluster.md.
 """
 
 from __future__ import annotations

@@ -4,16 +4,10 @@
     editforge calibrate-filter --preset world --target-precision 0.8
     editforge run --preset world $(cat runs/world/review/<render hash>/filter.set)   # re-select, no re-render
 
-Reads the labels of the config's render version (`review/<render hash>/labels.parquet`), matches them to
-the pairs they were given to (same image hashes), and prints, with Wilson intervals on the weighted
-sample, clustered by triplet (:mod:`tasks.filter.calibrate`): the precision and recall of each CLIP rule
-at the paper's thresholds (0.75 / 0.2 / 0.2) and at the config's, of each judge rung that is on and of
-the kept pairs; Cohen's kappa between each rule and people, and between reviewers; the ROC area of every
-score; the CLIP thresholds with the highest recall whose precision reaches the target at the interval's
-lower end, and how far that holds (the same search on each half of the triplets, scored on the other
-half); and what the filter stage would keep with them (re-selected from the stored scores). It writes
-`calibration.json`, `people_vs_filter.png` and `filter.set` (the `--set filter.*=...` lines) beside the
-labels; the run's report shows the same figures in its "People vs filter" section.
+Matches the labels to their pairs, prints each rule's precision, recall, kappa and ROC area (Wilson
+intervals, clustered by triplet: :mod:`tasks.filter.calibrate`) and the CLIP thresholds that reach the
+target precision, and writes ``calibration.json``, ``people_vs_filter.png`` and ``filter.set`` beside the
+labels. What it prints in full: docs/review.md ("In the code").
 """
 
 from __future__ import annotations

@@ -3,18 +3,12 @@
     editforge run --preset demo --set render.steps=20
     editforge stage render --preset paper --partitions 0-9
     editforge train --preset demo
-    editforge evaluate --preset demo --image-guidance 1.0,1.5,2.0
-    editforge edit photo.jpg "make it snowy" --preset demo
     editforge config --preset paper
     editforge config --preset paper --explain [render.keep]   # what each setting means (docs/config.md)
     editforge report --preset demo
-    editforge verify --preset demo
-    editforge index --preset demo
-    editforge calibrate-early --preset paper --set render.early_reject.at=0.4 \\
-        --set render.early_reject.dry_run=true
-    editforge review --preset world                    # label pairs in a browser (docs/review.md)
-    editforge calibrate-filter --preset world --target-precision 0.8
-    editforge estimate --preset paper --from-preset demo --partitions 0
+
+Every command (evaluate, edit, verify, index, calibrate-early, review, calibrate-filter, estimate):
+``editforge --help`` and docs/running.md.
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)

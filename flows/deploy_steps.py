@@ -1,18 +1,13 @@
 """Where a deployment's flow run finds EditForge's code, decided where it lands, and the check of it.
 
-`infra/prefect.yaml`'s pull step is :func:`set_code_directory`: no path is written into the deployment
-(Prefect renders a `{{ $VAR }}` pull step at deploy time, so `set_working_directory` baked the deployer's
-checkout into every deployment). At run time it moves to ``$EDITFORGE_HOME`` when the worker's (or the
-pod's) environment sets it — the image sets `/opt/editforge` — else to the folder that holds the
-`flows` package this Python imports (a checkout installed editable, or the image's copy).
-
-:func:`check` is what a pod does, for every deployment of the file: run its pull steps through Prefect's
-own step runner, load its entrypoint, and with ``start`` run the flow through Prefect's engine until it
-reaches its first task (or submits its first child run), which is not run; a flow that first reads an
-earlier run's outputs (evaluate: a trained model) may stop on the project's missing-input error instead.
-The image runs it at build.
+:func:`set_code_directory` (``infra/prefect.yaml``'s pull step) writes no path into the deployment: at run
+time it moves to ``$EDITFORGE_HOME`` (the image sets ``/opt/editforge``), else to the folder of the installed
+``flows`` package. :func:`check` is what a pod does for every deployment: run its pull steps, load its
+entrypoint and, with ``start``, run the flow until its first task; the image runs it at build.
 
     python -m flows.deploy_steps [--prefect-file infra/prefect.yaml] [--start]   # exit 0: every one starts
+
+Details: docs/cluster.md ("In the code").
 """
 
 from __future__ import annotations

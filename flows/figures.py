@@ -1,20 +1,12 @@
 """The run's pictures (matplotlib, Agg): what `report.html` and the dashboard's report artifact show.
 
-Every figure is made from what is on disk for one config (the manifests, `samples.parquet`,
-`kept.parquet`, the kept pairs' PNGs, the loss curves the manifests carry), so `editforge report
---html` rebuilds them at any time, from any machine that reads the output root:
+Every figure is made from what is on disk for one config (manifests, ``samples.parquet``, ``kept.parquet``,
+the kept pairs' PNGs, the loss curves), so ``editforge report --html`` rebuilds them at any time: the CLIP
+metrics' histograms, pass rate against p and cfg, the survival funnel, the best and worst kept pairs and
+the loss curves. A large run reads at most ``max_partitions`` render/filter partitions for the sample
+figures, and says so.
 
-- ``metrics``: histograms of the four CLIP metrics of every scored sample, the thresholds drawn;
-- ``pass_rate``: the share of samples that passed against Prompt-to-Prompt's p and against the text
-  guidance (cfg), in bins, with the samples per bin;
-- ``funnel``: rows read → captions → triplets → samples → passed → kept → packed, each step's
-  rejections by reason beside its bar;
-- ``best`` / ``worst``: kept pairs, before | after, with the instruction and the four scores: the
-  highest and the lowest directional similarity;
-- ``loss``: the caption LM's fine-tune loss and the editing model's training loss.
-
-A large run reads at most ``max_partitions`` render/filter partitions (evenly spread) for the sample
-figures; the figure says how many it read.
+Each figure: docs/monitoring.md ("In the code").
 """
 
 from __future__ import annotations

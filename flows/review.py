@@ -4,19 +4,9 @@
     editforge review --preset paper --host 0.0.0.0 --token "$EDITFORGE_REVIEW_TOKEN"
     editforge review --preset world --export label-studio --out review-tasks.json
 
-The page (Starlette, served by uvicorn; `flows/review_static/`) shows the review sample of the config's
-render version (:mod:`tasks.filter.review`: kept pairs and a stratified sample of the others, rejected
-ones near each threshold first): before | after | instruction, the captions and every score against its
-threshold; keys 1-4 (or g, w, b, u) label a pair good edit / wrong edit / broken image / unsure and move
-on, the next pairs' images already loaded. Each label is checked (:func:`tasks.filter.labels.check_label`)
-and appended under `review/<render hash>/labels.parquet/` (:class:`tasks.filter.labels.LabelStore`), on
-local disk or an object store alike.
-
-Safe by default: it binds 127.0.0.1 (and answers only requests addressed to a loopback name); bound
-anywhere else it needs a token (given, `EDITFORGE_REVIEW_TOKEN`, or made up and printed once), sent as
-`?token=` once (then a cookie) or an `X-Review-Token` header. It serves the page's own files and the
-images of the pairs in the review sample, looked up by (partition, sample key, which) in a table built at
-start — no path from a request ever reaches the filesystem — and no access log (URLs may hold the token).
+The page (Starlette on uvicorn, ``flows/review_static/``) shows the review sample of :mod:`tasks.filter.review`
+and stores checked labels through :class:`tasks.filter.labels.LabelStore`. Safe by default: loopback only,
+a token beyond it, no request path ever reaches the filesystem. In full: docs/review.md ("In the code").
 """
 
 from __future__ import annotations

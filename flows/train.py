@@ -1,18 +1,11 @@
 """The training flow (paper sec. 3.2): train the InstructPix2Pix editing model on the packed shards.
 
-    pack/<hash>/index.json ──► train (one resumable task: accelerate loop, checkpoints) ──► train/<hash>/part-00000/
-                                                                                      model/ (IP2P pipeline)
-                                                                                      sample_edit.png
-
     python -m flows.train --preset demo [--set train.steps=100 ...] [--index path/to/index.json]   (= editforge train)
     python -m flows.train --preset paper --set train.nodes=2 --node-rank 1 ...   (node 1 of 2: its workers only)
 
-A finished training (same config and shards) is skipped; a killed or failed one resumes from its latest
-checkpoint — the task's retry does exactly that. The flow run launches the `train.processes` x
-`train.nodes` training processes itself (`tasks.train.launch`; docs/training.md): started under
-torchrun or `accelerate launch` it refuses. It prints the batch first: "total batch 1024 = 32 × 4 × 8
-processes". `--node-rank K` joins node 0's run from another machine (no flow run); `--flow-run ID`
-takes the preset, overrides and index from that flow run's parameters (a Kubernetes indexed Job's pods).
+A finished training is skipped; a killed or failed one resumes from its latest checkpoint (the task's
+retry). The flow run launches the ``train.processes`` x ``train.nodes`` processes itself
+(:mod:`tasks.train.launch`) and refuses to start under torchrun. In full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations  # noqa: I001  (flows._env must be imported before prefect)

@@ -1,18 +1,11 @@
 """Read LAION-Aesthetics V2 style parquet, filter, normalise and deduplicate captions, batch by batch.
 
-Input columns: `URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark, AESTHETIC_SCORE, hash`
-(`URL` and `TEXT` are required and must hold text; the rest are used when present). Files are streamed
-record batch by record batch with pyarrow through fsspec (local paths, globs and `s3://…` alike); each
-batch is filtered with pyarrow compute and NumPy (:mod:`tasks.captions.clean`; Python touches only the
-rows that are not plain printable ASCII, and the SHA-1 of the captions' ids), then deduplicated
-against every row kept before (:mod:`tasks.captions.dedup`).
+Files are streamed record batch by record batch with pyarrow through fsspec, filtered with pyarrow compute
+and NumPy (:mod:`tasks.captions.clean`) and deduplicated against every row kept before
+(:mod:`tasks.captions.dedup`). Every row is kept or counted under a rejection reason; an unreadable file or a
+missing or non-text ``URL``/``TEXT`` column is an error naming the file and the column.
 
-Every row is either kept or counted under a rejection reason; a file that cannot be read, lacks a
-required column or holds a non-text `TEXT`/`URL` column is an error naming the file and the column.
-Cleaning is counted too: control characters removed (`cleaned_control_chars`), numbers read from
-strings (`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
-whitespace and trailing punctuation ignored); a URL seen before is a duplicate too
-(:mod:`tasks.captions.dedup`: the first row in file then row order is kept).
+The columns, the cleaning counts and the dedup rule: docs/captions.md ("In the code").
 """
 
 from __future__ import annotations

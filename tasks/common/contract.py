@@ -1,29 +1,13 @@
 """The stage contract: partitions, idempotent items, in-partition checkpoints and `_SUCCESS.json`.
 
-A stage's work for one partition is a function `work(run: PartitionRun) -> None` that reads its
-inputs, writes its outputs under `run.dir` with the atomic writers of `tasks.common.storage`, and
-counts what it did on `run.stats`. `execute_partition` wraps it (stages call it through
-`tasks.common.stage.execute`, which supplies the hash and the inputs from the stage's record):
+A stage's work for one partition is ``work(run: PartitionRun) -> None``; :func:`execute_partition` wraps it
+(stages call it through ``tasks.common.stage.execute``): one process per partition (a lease); a partition
+finished under the same config hash skipped (:func:`finished`, the one answer to "finished under this
+config?"); inputs checked (``MissingInputError``); checkpoints through ``run.checkpoint``; and
+``_SUCCESS.json`` written last with every output's sha256 and size. The manifest returned is small (paths
+and counts): Prefect results never hold the data.
 
-- one process at a time works on a partition (:class:`tasks.common.lease.PartitionLease`): a second
-  one waits for the first, then finds the partition done and skips it;
-- a partition whose `_SUCCESS.json` carries the same config hash is skipped whole (its manifest is
-  returned with `skipped=True`) — if its outputs are all there with the recorded sizes (and, with
-  ``verify="sha256"``, the recorded sha256s); otherwise it is done again, with a warning naming the
-  file. A `_SUCCESS.json` that cannot be read is reported by path and counts as not done;
-  :func:`finished` is the one answer to "is it finished under this config?";
-- every input partition must be finished under the hash this config expects, or
-  `MissingInputError` (not retried) names it and the stage to run;
-- otherwise `work` runs; long stages checkpoint through `run.checkpoint` (append-only parquet chunks
-  under `_progress/`, each written atomically), so a crash loses at most the batch in flight;
-- on success `_SUCCESS.json` is written last: counts, rejections by reason, config hash, code
-  version, wall time and the sha256 and size of every output file. A partition lives in its stage's
-  folder for its config hash (:mod:`tasks.common.layout`), so another config writes next to it, never
-  over it; a marker of another hash found in the folder (copied there by hand) keeps its outputs until
-  the new ones are complete, then the old outputs not rewritten are removed. Temporary files a killed
-  write left are removed when a run starts.
-
-The manifest returned is small (paths and counts): Prefect results never hold the data.
+Each rule in full: docs/running.md ("In the code"); what it guarantees: docs/reliability.md.
 """
 
 from __future__ import annotations

@@ -1,35 +1,12 @@
 """Where everything of a run lives: one module owns the paths, file names and keys (torch-free).
 
-Every stage writes into a folder named by its config hash, so a run whose config changes what a
-stage outputs (an override, a new model, a threshold) writes a new version next to the old one and
-never over it, and what did not change is reused (a new filter threshold reads the same renders)::
+Every stage writes into ``{output_root}/{stage}/{hash}/part-{id:05d}/`` (its config hash), so a changed
+config writes a new version next to the old one and reuses what did not change. Stages and flows ask this
+module for a path instead of spelling it, so a name is written once; :func:`tasks.registry.partition_url`
+fills in the hash a config gives a stage.
 
-    {output_root}/{stage}/{hash}/part-{id:05d}/           one partition of a stage (the stage contract)
-        _SUCCESS.json                                   its manifest, written last
-        _progress/<hash>/                               in-partition checkpoints of an unfinished run
-    {output_root}/{stage}/{hash}/_leases/part-{id:05d}.json  the process working on a partition
-    {output_root}/{stage}/{hash}/_dashboard/done/part-{id:05d}.json  a finished partition's dashboard row
-                                                        (one listing of the folder: what is finished)
-    {output_root}/captions/{hash}/_generations/gen-{g:05d}.{parquet,json}
-                                                        the captions taken by each generation (append-only)
-    {output_root}/finetune/{hash}/part-00000/model/     the fine-tuned caption LM
-    {output_root}/render/{hash}/part-N/images/<key>_{input,edited}.png
-    {output_root}/judge/{hash}/part-N/judgments.parquet  the VLM judge's grades of render's candidates
-    {output_root}/pack/{hash}/index.json                every shard of that version, per split
-    {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
-                                                        differ only in the sample-edit settings)
-    {output_root}/report/{pack hash}/report.html, *.png  the run's report (plots, pair grids)
-    {output_root}/review/{render hash}/labels.parquet/<reviewer>-<writer>-<session>-<chunk>.parquet
-                                                        people's labels of rendered pairs (`editforge review`):
-                                                        a parquet dataset, one part per writing session
-    {output_root}/review/{render hash}/calibration.json, filter.set, people_vs_filter.png
-                                                        `editforge calibrate-filter`'s figures and override
-    {output_root}/eval/{hash}/{metrics.json,eval.parquet,eval.png,examples.png}
-                                                        an evaluation of an editing model (hash: model,
-                                                        held-out shards, CLIP model, settings)
-
-Stages and flows ask this module for a path instead of spelling it, so a name is written once;
-:func:`tasks.registry.partition_url` fills in the hash a config gives a stage.
+The whole tree (leases, dashboard rows, generations, images, index, report, review, eval): docs/running.md
+("In the code").
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
-"""One registry for every model the pipeline loads: diffusion, CLIP (filtering) and the caption LM.
+"""One registry for every model the pipeline loads: diffusion, CLIP (filtering), DINOv2 and the caption LM.
 
-Presets:
-- `tiny`      random-init small models built offline (`tasks.common.tiny`), loaded through the same
-              `from_pretrained` / open_clip path as real weights;
-- `sd15`      Stable Diffusion 1.5 (hub id or local folder in diffusers layout);
-- `sdxl`      Stable Diffusion XL base 1.0 (two text encoders);
-- `sdxl-turbo` SDXL-Turbo (adversarially distilled SDXL: 1-4 steps, no classifier-free guidance —
-              render with `render.guidance: none`, the `turbo` preset);
-- `tiny-sdxl` a random-init SDXL-shaped model built offline (two text encoders, added time ids);
-- `world`     small models trained on the synthetic shapes world (`tasks.world`: VAE, text-conditioned UNet,
-              the world CLIP's text tower as text encoder; the filter's CLIP; the caption LM), shipped as
-              safetensors in `tasks/world/weights/` and loaded like any local folder;
-- `sd15-arch` the full-size SD 1.5 architecture with random weights, for speed measurements on a GPU
-              where weights cannot be downloaded;
-- CLIP: `tiny`, `world`, `vit-l-14` (OpenAI ViT-L/14, the paper's filter), or any open_clip name;
-- LM: `tiny`, `world`, or a hub id / local folder of a causal LM;
-- DINOv2 (the judge ladder's image-similarity rung): `tiny` (random-init, built offline), `dinov2-small`,
-  `dinov2-base` (UltraEdit's), `dinov2-large`, `dinov2-giant` (facebook/dinov2-*), or any hub id.
+Presets (``tiny``, ``sd15``, ``sdxl``, ``sdxl-turbo``, ``tiny-sdxl``, ``world``, ``sd15-arch``; CLIP, LM and
+DINOv2 names) load through the libraries' own ``from_pretrained`` / open_clip paths; ``models.<kind>_path``
+points a preset at a local folder, and weights missing offline are an error naming that setting.
+:data:`MODELS` holds what a process has loaded, keyed by model identity, never by a stage hash.
 
-A preset's weights can always be pointed at a local folder (`models.<kind>_path` in the config). When
-the weights are not available offline the error names the preset and that setting.
-
-:data:`MODELS` holds what a process has loaded, keyed by model identity (preset, path, scheduler,
-device, dtype, compile — never a stage hash), one model per kind: render, early rejection and the
-text stage's fine-tuned LM fetch from it, so a change of a selection or sampling setting between two
-partitions reuses the loaded weights, and a change of model frees the old one before loading.
+Every preset in full: docs/running.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,22 +1,12 @@
 """The OpenAI-compatible API as EditForge's clients use it (the text backend, the VLM judge): client, API
 key, retries, polling, chat/completion requests with their token usage.
 
-Any server that speaks the OpenAI HTTP API works through `base_url`: the OpenAI API itself, or an open
-model served by vLLM (`vllm serve Qwen/Qwen2.5-VL-7B-Instruct`, then `base_url=http://host:8000/v1`), TGI,
-or a proxy. Each client's settings are an :class:`~tasks.common.config.OpenAIClientConfig` (its
-``SECTION`` names it in messages: `text.openai`, `judges.vlm`).
+Any OpenAI-compatible server works through ``base_url`` (OpenAI, vLLM, TGI, a proxy). Retries are ours
+(exponential backoff with jitter, ``Retry-After`` honoured, counted by reason); 401/403/404 stop the stage
+(:class:`PermanentAPIError`). The key comes from ``api_key_env`` or a Prefect Secret block and is never
+logged or written.
 
-Retries are ours, not the SDK's (`max_retries=0`): 429, 408, 409, 5xx, timeouts, dropped connections,
-a request past its deadline (`request_timeout_s` for the whole request, not per read) and an answer
-that is not valid JSON are retried with exponential backoff and jitter, and a `Retry-After` (or
-`retry-after-ms`) header from the server is honoured. Every retry is counted by reason. 401, 403
-and 404 are the server telling us the key, the permission or the URL / model is wrong: they stop the
-stage at once (:class:`PermanentAPIError`, not retried, nothing marked done); other 4xx refuse one
-request (the caller records that). Long-running jobs (batch, fine-tune) are polled with `poll_until`,
-which gives up after a timeout with a message that says how to resume.
-
-The API key is read from the environment variable named by `api_key_env` or from a Prefect Secret block
-(`api_key_secret`); it is handed to the SDK only, never logged and never written anywhere.
+Which errors are retried, polling and the key in full: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,25 +1,12 @@
 """The selection, owned once: the judge ladder's score columns, thresholds, pass rule, rejection reasons, top-k.
 
-Render (which samples passed, adaptive stopping, early rejection, which are kept), the judge stage
-(which samples it grades), filter (the re-selection), calibrate and pack all read this module; it needs
-pandas only, no torch.
+Render, the judge stage, filter, calibrate and pack all read this module; it needs pandas only, no torch.
+The ladder is CLIP → DINOv2 → SSIM → VLM, each rung seeing only what passed the rungs below it; a higher
+rung's score is NaN for a sample a lower one failed, and a re-selection that lets such a sample through
+counts it as ``<rung>_not_scored`` (``vlm_not_judged``), never passed. Top-k: per triplet, by ``rank_by``,
+ties broken by seed.
 
-The ladder, each rung seeing only the samples that passed the rungs below it (a rung that is off is
-skipped; CLIP is always on):
-
-- ``clip``: ``clip_sim_0`` / ``clip_sim_1`` (each image vs its caption) >= ``clip_caption_threshold``,
-  ``clip_sim_image`` (image vs image) >= ``clip_image_threshold``, ``clip_sim_dir`` (the directional
-  similarity) >= ``clip_direction_threshold``; rejections ``clip_direction``, ``clip_caption``, ``clip_image``;
-- ``dino`` (render): ``dino_similarity`` (DINOv2 before/after cosine) >= ``dino_threshold``; ``dino_similarity``;
-- ``ssim`` (render): ``ssim_min`` <= ``ssim`` <= ``ssim_max``; ``ssim_low`` / ``ssim_high``;
-- ``vlm`` (the judge stage): ``vlm_score`` >= ``vlm_threshold``; ``vlm_score``, and ``vlm_unparseable`` /
-  ``vlm_refused`` for an answer that did not parse or a request the server refused.
-
-A higher rung's score is NaN for a sample that failed a lower one (it was never computed). A re-selection
-that loosens a lower rung can let such a sample through: it is counted as ``<rung>_not_scored``
-(``vlm_not_judged``), never passed.
-
-Top-k: per triplet, the passing samples by ``rank_by`` (descending), ties broken by seed.
+Each rung's columns, thresholds and rejection reasons: docs/judge.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
 """The filter against people: precision, recall, ROC and agreement of each rung, and thresholds that reach
 a target precision (pure statistics on labelled samples; numpy and pandas).
 
-People's labels become one truth per pair (:func:`people_truth`): ``good`` is a good edit, ``wrong`` and
-``broken`` are not, ``unsure`` is left out; several reviewers: the majority (a tie is left out). Every
-estimate is weighted by the pair's weight in the review sample (pairs in its stratum / pairs drawn,
-:mod:`tasks.filter.review`), so it is the estimate for every stored pair of the partitions read. Its interval
-is Wilson's score interval on an effective sample size: ``(sum w)^2 / sum w^2`` (Kish; the plain count when
-every weight is 1), lowered for clustering when ``groups`` is given — the samples of one triplet share its
-captions and instruction, so their labels go together: the ratio estimator's variance over the groups
-(triplets) gives ``n_eff = p (1 - p) / var``, kept between the number of groups and Kish's size.
+People's labels become one truth per pair (:func:`people_truth`); every estimate is weighted by the pair's
+weight in the review sample, with Wilson intervals on an effective sample size clustered by triplet.
+:func:`roc` gives one score's ROC curve; :func:`search` the CLIP thresholds with the highest recall whose
+precision reaches the target at the interval's lower end.
 
-- precision of a rule: the share of the pairs it passes that people call good; recall: the share of the
-  good pairs it passes; ``kappa``: Cohen's kappa between the rule's pass/fail and people's good/not;
-- :func:`roc`: the ROC curve of one score (and its area);
-- :func:`search`: over a grid of the three CLIP thresholds (the other rungs as set), the thresholds with
-  the highest recall whose precision reaches ``target`` at the lower end of its interval, among those that
-  pass at least ``min_passing`` labelled pairs.
+The statistics in full: docs/review.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """People's labels of rendered pairs: what one holds, how it is checked, where it is stored.
 
-A label names a pair by its render version's folder (``review/<render hash>/``), its ``partition`` and
-``sample_key``, and by ``pair_sha256``, the hash of its two images as the render manifest records them:
-a pair whose images changed (another code version rendering under the same hash) no longer matches a
-label given to the old images (:func:`matched`). Each row also holds the reviewer, the session, the time
-(the server's, UTC) and the pair's stratum and weight in the review sample (:mod:`tasks.filter.review`).
+A label names a pair by its render version, partition, sample key and ``pair_sha256`` (its two images'
+hash), so a label never matches re-rendered images (:func:`matched`). :class:`LabelStore` keeps
+``labels.parquet/`` as a folder of parts, each owned by one writing session, so two reviewers never write
+one object and no label is lost; :func:`check_label` validates a label before anything is written.
 
-Storage (:class:`LabelStore`): ``labels.parquet/`` is a folder of parquet parts, read as one table. Each
-writing session (a reviewer's page, a process writing labels) owns its parts, named by reviewer, a writer
-id (one per process) and a session id, and rewrites only them (the current chunk of ``chunk_rows`` rows,
-atomically: a rename on local disk, one PUT on an object store). Two reviewers, two tabs or two servers
-on one run therefore never write the same object, and no label is lost; the newest label of a reviewer
-for a pair is the one that counts (:func:`latest`).
-
-:func:`check_label` validates a label as the review page sends it, before anything is written: exact
-keys and types, a label of :data:`LABELS`, reviewer and session names of a safe alphabet, a pair of the
-review queue (and, when sent, its image hash).
+In full: docs/review.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The pairs people review: a render version's samples, their standing under the filter, a weighted sample.
 
-:func:`load_samples` reads the finished render partitions of a config (``samples.parquet``, the VLM judge's
-scores when it is on) with each pair's image hashes from the partition's manifest (``pair_sha256``: what a
-label is tied to), and decides every sample under the filter's selection (``cfg.selection()``, the ladder's
-rungs): ``filter_reason`` (the first check it fails, None: passes), ``filter_kept`` (kept: top-k, one per
-seed with p-branching, images stored — what the filter stage keeps).
+:func:`load_samples` reads a config's finished render partitions and decides every sample under the
+filter's selection; :func:`assign_strata` puts each stored pair in a stratum (``kept``, ``passed``,
+``near:<reason>``, ``far``); :func:`review_queue` draws a weighted, stable sample of each, strata in turn,
+so the labels estimate precision and recall for every stored pair.
 
-:func:`assign_strata` puts every pair whose two images are stored in one stratum: ``kept``; ``passed``
-(passing, left out by top-k); ``near:<reason>`` (rejected by ``reason`` with its score less than ``band``
-below the threshold); ``far`` (rejected further away, or for a reason without a score). :func:`review_queue`
-draws ``sizes[stratum]`` pairs of each (a hash order of the keys: the same sample for the same run, and a
-pair stays in it when partitions are added), each with its weight (pairs in the stratum / pairs drawn), the
-strata taken in turn (one pair of each, then the next of each, ...) so that any prefix covers every stratum:
-weighted, the labels estimate the precision and recall of every stored pair of the partitions read.
+In full: docs/review.md ("In the code").
 """
 
 from __future__ import annotations

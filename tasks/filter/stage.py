@@ -1,21 +1,11 @@
 """Filter stage: re-select the kept pairs from `samples.parquet` with new thresholds or top-k, no re-rendering.
 
-The selection is ``filter`` over ``render.keep`` (:meth:`PipelineConfig.selection`): left unset, the filter
-keeps what render kept. Render wrote the images ``render.save_images`` asked for — by default only the
-kept pairs' (the reference), ``passed`` for every passing sample, ``all`` for every rendered one — so
-re-selection works within those: stricter thresholds and a smaller top-k always do; a larger top-k needs
-``passed``, looser thresholds ``all``. A pair the selection wants whose images were not written is not
-replaced by the next best: it is counted as ``image_not_stored`` (and logged with the setting to change),
-so the output is always exactly "the selection, minus what render did not keep". With p-branching
-(several samples per seed) at most ``render.keep_per_seed`` of a seed's passing samples are candidates, as
-in render.
+The selection is ``filter`` over ``render.keep`` (:meth:`PipelineConfig.selection`), over every rung of the
+judge ladder (CLIP and render's DINOv2/SSIM columns, the judge stage's ``judgments.parquet`` with
+``judges.vlm.enabled``). It works within the images render stored (``render.save_images``): a pair the
+selection wants whose images were not written is counted as ``image_not_stored``, never replaced.
 
-The judge ladder (:mod:`tasks.common.selection`): CLIP, then the image rungs render scored (DINOv2, SSIM:
-columns of ``samples.parquet``), then, with ``judges.vlm.enabled``, the VLM judge's scores (the judge
-stage's ``judgments.parquet``, joined by sample key). Every rung's threshold and the top-k order
-(``filter.rank_by``) re-select from those stored scores: nothing is rendered or judged again. The manifest
-counts each rung's rejections by reason, ``ladder_<rung>_in`` / ``_passed`` (the funnel), and, with the VLM
-judge, its tokens and cost per kept pair (``vlm_cost_usd``, ``vlm_cost_per_kept_pair_usd``).
+In full: docs/judge.md ("In the code").
 """
 
 from __future__ import annotations

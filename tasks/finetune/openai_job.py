@@ -1,19 +1,11 @@
 """Fine-tuning through the OpenAI fine-tuning API (or any server that implements it).
 
-The paper fine-tuned GPT-3 davinci on its ~700 seed triplets; that endpoint was shut down in January
-2024. The life cycle here works with today's models (default `gpt-4o-mini-2024-07-18`, chat format)
-and with `babbage-002`/`davinci-002` (completion format, `text.openai.endpoint: completions`):
+Upload the files, create the job and record its id at once, poll it until it ends, return the fine-tuned
+model id (or raise ``FineTuneJobError``). A re-run polls a recorded job still running instead of paying for
+a second one. Works with today's models (default ``gpt-4o-mini-2024-07-18``, chat format) and with
+``babbage-002``/``davinci-002`` (completion format); GPT-3 davinci, the paper's, was shut down in 2024.
 
-1. upload the training and validation files (purpose `fine-tune`);
-2. create the job (base model, suffix, seed, optional epochs) and record its id in the fine-tune
-   partition's progress folder at once;
-3. poll it (status changes and new job events are logged as progress) until it ends;
-4. on success return the fine-tuned model id and the job's metadata (recorded in the manifest); on
-   failure raise `FineTuneJobError` carrying the job's own error.
-
-Resume: when a recorded job is still validating, queued or running, a re-run polls it instead of
-creating a second one (a second job would be paid for twice). A recorded job that failed or was
-cancelled is forgotten, so the next run starts a fresh one.
+In full: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

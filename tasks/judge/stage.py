@@ -2,21 +2,12 @@
 
     run(cfg, partition_id)  -> manifest of `judge/part-XXXXX/judgments.parquet`
 
-Candidates (:func:`candidates`): the samples of render's ``samples.parquet`` whose images were stored and
-(``judges.vlm.candidates: passed``) that passed every rung render applied (CLIP, DINOv2, SSIM under
-``render.keep``): each rung sees only what passed the rungs below it. Each candidate is one chat request
-(:mod:`tasks.judge.vlm`) through the text backend's machinery: ``judges.vlm.concurrency`` requests in flight,
-retries with backoff and ``Retry-After`` (:mod:`tasks.common.openai_client`, :mod:`tasks.common.openai_pool`),
-or Batch API jobs of ``batch_max_requests`` requests (``mode: batch``; recorded as soon as created so a re-run
-polls them, the unanswered sent online). Answers are checkpointed by sample key as they arrive, so a killed
-run resumes without asking a judged sample again. A request refused for good (4xx other than 408/409/429) is
-recorded as ``refused``; an answer that is not the rubric's JSON as ``unparseable``; 401/403/404 stop the stage.
+Candidates (:func:`candidates`) are the stored pairs that passed every rung render applied; each is one
+chat request through the text backend's OpenAI machinery (requests in flight or Batch API jobs),
+checkpointed by sample key so a killed run never asks a judged sample again. With the rung off the table is
+empty. The key is never written anywhere.
 
-``judgments.parquet``: one row per judged candidate, sorted by sample key (the columns of
-:data:`tasks.judge.vlm.JUDGMENT_COLUMNS` plus ``vlm_cost_usd``); empty with the VLM judge off (then
-``out`` = ``in``: the candidates pass through a rung that is off). Manifest: ``in`` (candidates), ``out``
-(scored), rejections ``vlm_unparseable`` / ``vlm_refused``, tokens, retries by reason, and the cost
-(``vlm_cost_usd``, ``vlm_cost_per_judged_usd``). The key is never written anywhere.
+Requests, refusals, the table and the manifest in full: docs/judge.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,36 +1,13 @@
 """Attention processors that make the two images of a pair share attention (Prompt-to-Prompt).
 
-Reference behaviour (instruct-pix2pix ``stable_diffusion/ldm/modules/attention.py``): while the
-sampler's flag ``prompt_to_prompt`` is on, every *self*-attention layer of the UNet takes a batch of
-exactly four, ``[uncond-before, uncond-after, cond-before, cond-after]``, and does
-``sims = sim.chunk(4); sim = cat(sims[0], sims[0], sims[2], sims[2])`` before the softmax: the after
-image attends with the before image's attention map (queries *and* keys of the before image) over
-its own values, in both CFG halves; the before image is untouched; cross-attention is untouched.
+As the reference's ``attention.py``: in every self-attention layer the after image attends with the before
+image's attention map over its own values, in both CFG halves. Many samples share one UNet batch, laid out
+``[uncond, cond] x samples x [before, after]`` (:func:`batch_index`), with p-branching's solo rows after the
+pairs; an :class:`AttentionControl` says which samples share at the current step. Processors:
+:class:`SharedSelfAttnProcessor` (``ip2p``, SDPA), :class:`ExplicitSharedSelfAttnProcessor` (the reference's
+explicit maps, for tests) and :class:`PromptToPromptProcessor` (classic P2P replace/refine).
 
-Here many samples share one UNet batch. The layout is ``[uncond, cond] x samples x [before, after]``
-flattened cfg-major, pair-minor: ``index = cfg * 2N + 2 * sample + pair`` (:func:`batch_index`); with
-``N = 1`` it is the reference's batch of four. Without classifier-free guidance (few-step distilled
-models: SDXL-Turbo, LCM) there is only the conditional half, ``index = 2 * sample + pair`` (batch 2N);
-the control's ``cfg_halves`` (2 or 1) says which. The processors read an :class:`AttentionControl`
-shared by all layers, whose ``active`` mask says which samples share attention at the current step.
-
-p-branching (:mod:`tasks.render.pairs`) adds ``n_solo`` *solo* rows at the end of each CFG half: after
-images forked from a pair once their own sharing ended (and a before image whose pair's after row was
-dropped), which never share attention: a CFG half is ``[before_0, after_0, ..., after_{N-1}, solo_0, ...,
-solo_{M-1}]``, ``index = cfg * (2N + M) + 2 * sample + pair`` for pairs and ``cfg * (2N + M) + 2N + j``
-for solo row j. Without solo rows (``M = 0``, every render without branches) the layout is the one above.
-
-- :class:`SharedSelfAttnProcessor` (mode ``"ip2p"``) computes the shared attention with
-  ``scaled_dot_product_attention`` by substituting the before image's queries and keys into the
-  after rows: ``softmax(q_b k_b^T / sqrt(d)) v_a``; no attention matrix is materialised.
-- :class:`ExplicitSharedSelfAttnProcessor` (mode ``"ip2p-explicit"``) builds the probabilities with
-  ``attn.get_attention_scores`` and copies the before rows to the after rows, like the reference;
-  it exists to test the first one.
-- :class:`PromptToPromptProcessor` (modes ``"p2p-replace"`` / ``"p2p-refine"``): classic
-  Prompt-to-Prompt (Hertz et al.). Self-attention is shared as in ``ip2p``; in cross-attention the
-  after image takes the before image's probabilities (conditional half only, as the original: the
-  unconditional prompts are both ""), by position (replace) or through a token alignment (refine:
-  ``mapped * alpha + own * (1 - alpha)``, alpha = 1 for tokens common to both prompts).
+The layout and each processor in full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

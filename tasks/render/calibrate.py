@@ -1,21 +1,11 @@
 """Calibrate the early-rejection margin on samples rendered with ``render.early_reject.dry_run``.
 
-A dry run scores every sample early (after ``after_steps`` of ``steps`` denoising steps) and records
-its early metrics (``early_clip_sim_*``) but drops nothing, so each row also carries the final
-metrics (``clip_sim_*``). For each candidate margin the drop rule of the render stage itself
-(:func:`tasks.render.early.early_keep` on the early metrics) is replayed, and the decisions are
-compared with the final outcome under the same selection: ``recall`` is the share of finally
-failing samples the margin drops, ``false_drop`` the share of finally passing samples it drops
-(passing pairs lost). A dropped sample costs ``after_steps`` UNet calls instead of ``steps``, so
-``unet_fraction`` is the UNet calls relative to running every sample to the end, and
-``cost_per_pass`` the UNet calls per passing sample still produced relative to no early rejection
-(``unet_fraction / (1 - false_drop)``): below 1 the margin saves compute per passing pair.
-:func:`recommend` picks the cheapest margin whose ``false_drop`` stays within a budget.
+A dry run records every sample's early metrics and drops nothing; for each candidate margin the render
+stage's own drop rule (:func:`tasks.render.early.early_keep`) is replayed and compared with the final
+outcome: ``recall`` (failing samples dropped), ``false_drop`` (passing ones lost), ``unet_fraction`` and
+``cost_per_pass``. :func:`recommend` picks the cheapest margin whose ``false_drop`` stays within a budget.
 
-Not counted: the early VAE decode + CLIP scoring itself, and how adaptive sampling would replace
-lost passing samples with new ones (it would, at about ``cost_per_pass`` UNet calls each).
-Only rows with both early and final metrics are used: samples dropped by a real (non-dry) early
-rejection have no final metrics, so a run with dropping gives a biased estimate.
+What is and is not counted: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Text conditioning of the UNet batch for Stable Diffusion 1.x/2.x and SDXL.
 
-The UNet batch is ``[uncond, cond] x samples x [before, after]`` (:mod:`tasks.render.attention`):
-rows ``0 .. 2N-1`` are unconditional, rows ``2N .. 4N-1`` hold each sample's input caption (before)
-then output caption (after).
+Rows follow the batch layout of :mod:`tasks.render.attention`: the unconditional half, then each sample's
+input caption (before) and output caption (after). SD 1.x/2.x: one CLIP text encoder, unconditional prompt
+"" (the reference); SDXL: as diffusers' ``encode_prompt`` (both encoders, pooled ``text_embeds``,
+``time_ids``, zeros as the unconditional embeddings). Without guidance, the conditional half alone.
 
-- SD 1.x/2.x (the reference): one CLIP text encoder, last hidden state; the unconditional prompt is
-  ``""`` (the reference's ``model.get_learned_conditioning([""])``).
-- SDXL (diffusers' ``StableDiffusionXLPipeline.encode_prompt``): the penultimate hidden states of
-  both text encoders concatenated on the feature axis, the pooled projection of the second encoder
-  as ``text_embeds``, and ``time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) =
-  (H, W, 0, 0, H, W)``; the unconditional embeddings are zeros (``force_zeros_for_empty_prompt``, the
-  SDXL base default when no negative prompt is given).
-
-Without classifier-free guidance (``guidance=False``: few-step distilled models) the batch is the
-conditional half alone, ``samples x [before, after]`` (2N rows), as diffusers' pipelines build it when
-``guidance_scale <= 1``.
+In full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """Early rejection: score the predicted clean images at an intermediate step and drop hopeless samples.
 
-Not in the reference, which always runs all steps of all 100 samples and filters at the end. Here,
-after ``after_steps`` denoising steps, the x0 prediction of both images of every sample still in the
-batch is decoded with the VAE and CLIP-scored; a sample whose early metrics fall below ``render.keep``'s
-thresholds minus a margin is dropped: its rows leave the UNet batch (the batch is compacted), so it
-stops costing UNet calls. Surviving samples are untouched — every sample's computation depends only
-on its own rows, so their images equal those of a run without early rejection (up to float
-reassociation at another batch size). Early metrics are an estimate: the margin trades recall
-(hopeless samples caught) against false rejections (samples that would have passed); every scored
-sample's early metrics are recorded so the margin can be calibrated on real runs.
+After ``after_steps`` steps the x0 prediction of every sample still in the batch is decoded and
+CLIP-scored; a sample below ``render.keep``'s thresholds minus a margin leaves the batch. Survivors are
+untouched (their images equal a run without early rejection, up to float reassociation); every scored
+sample's early metrics are recorded so the margin can be calibrated (:mod:`tasks.render.calibrate`).
+Pieces: :func:`early_step_count`, :func:`predict_x0`, :func:`select_scheduler_rows`, :func:`early_keep`.
 
-This module holds the pieces: :func:`early_step_count`, :func:`predict_x0`,
-:func:`select_scheduler_rows` (compact a scheduler's per-sample state) and :func:`early_keep`
-(thresholds minus margin).
+In full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,67 +1,13 @@
 """Render before/after image pairs with shared attention: many samples in one denoising loop.
 
-Reference behaviour (instruct-pix2pix ``dataset_creation/generate_img_dataset.py``), per sample:
-initial noise from the sample's seed, identical for both images; ``p`` and the CFG scale drawn from
-the same seed; Euler-ancestral sampling (k-diffusion) of the batch
-``[uncond-before, uncond-after, cond-before, cond-after]`` with ``eps = u + cfg * (c - u)``, the
-unconditional prompt being "", the before image conditioned on the input caption and the after image
-on the output caption; the ancestral noise of each step shared by both images; for the first ``p`` of
-the steps the after image's self-attention uses the before image's attention maps; decode and map
-to [0, 1].
+:func:`render_pairs` does the reference's per-sample loop (``generate_img_dataset.py``: one seed's noise for
+both images, Euler-ancestral, CFG, the after image sharing the before image's self-attention for the first
+``p`` of the steps) for N samples at once with diffusers components; every sample depends only on its own
+request, so batching does not change the result (up to float reassociation). Also here: rendering without
+classifier-free guidance, early rejection (:mod:`tasks.render.early`), p-branching (a seed's K branches as
+one tree) and the UNet-call accounting (``unet_steps``, ``unet_images``).
 
-:func:`render_pairs` does this for N samples at once with diffusers components: UNet batch 4N in
-the layout of :mod:`tasks.render.attention` (``cfg * 2N + 2 * sample + pair``), latents in pair
-order ``[before_0, after_0, before_1, ...]``, one generator per latent (the two of a pair seeded
-alike, so every noise draw is the same for both), per-sample CFG scales and per-sample sharing
-flags. Every sample depends only on its own request, so the result does not depend on how requests
-are batched (up to floating-point reassociation in the UNet, ~1e-6 on CPU float32).
-
-Beyond the reference: SDXL conditioning (:mod:`tasks.render.conditioning`), and early rejection
-(:mod:`tasks.render.early`): after a given number of steps the x0 predictions are scored and the
-samples that cannot pass leave the batch, which is compacted for the remaining steps.
-
-Few-step distilled models (SDXL-Turbo, LCM-LoRA merged: ``RenderSettings.guidance=False``) run
-without classifier-free guidance: the UNet batch is the conditional half alone, 2N
-(``samples x [before, after]``), ``eps`` is the conditional prediction, the recorded CFG scale is 1
-(p is drawn from the seed as before), and the shared attention is applied to that half.
-
-UNet calls are counted per sample: one sample x one denoising step = one call of a four-image UNet
-batch (the reference's unit: 100 samples x 100 steps = 10,000 calls per triplet), whatever the
-number of samples sharing the physical call (without guidance a sample-step is a two-image batch,
-half the compute). :attr:`PairBatch.unet_steps` holds them per sample; :attr:`PairBatch.unet_images`
-the images each sample put through the UNet (4 per step, 2 without guidance: the exact compute).
-
-**p-branching** (``render.p_branches`` = K): requests with ``branches`` = K > 1 and the same seed and
-captions are the K branches of one seed (:func:`tasks.render.sampling.sample_params`: one CFG scale, K
-stratified p values). The before image never depends on p, and the after image's trajectory is the same
-for every p until its sharing stops: with the ip2p rule a sample shares at step i iff ``p > i / (n - 1)``,
-so sharing is on for steps ``0 .. stop - 1`` (:meth:`AttentionControl.stop_steps`). So the seed is
-rendered as a tree: one pair (before image, after "trunk") that shares attention with the p of the
-branch that stops last (the *primary*); at the start of step ``stop_k`` branch k *forks*: its own after
-row is a copy of the trunk's latent and of the trunk's noise generator (``Generator.get_state``), and
-every per-row state of the scheduler is gathered along (multistep solvers' model outputs:
-:func:`tasks.render.early.select_scheduler_rows`); from then on it is a *solo* row that never shares
-(:mod:`tasks.render.attention`: solo rows follow the pairs in each CFG half). Each branch therefore does
-exactly the computation of an independent render with its seed, cfg and p (same initial noise, same
-ancestral noise, same sharing steps); only the batch composition differs (float reassociation). Branches
-with the same stop step have one trajectory (a *lane*): they share one row and get the same images.
-
-Accounting of a seed with K branches (stop steps ``s_1 <= ... <= s_K``, n steps, nothing rejected): the
-pair runs n steps, billed to the primary (``unet_steps`` n, ``unet_images`` 4n: before and after, both CFG
-halves; the before image must run to the end, and the trunk is the primary's own after image); branch
-k < K runs ``n - s_k`` steps in a solo row (``unet_steps`` n - s_k, ``unet_images`` 2 (n - s_k): one image,
-both halves); a branch riding another's lane (same stop) is billed 0. So a seed costs
-``n + sum_{k<K} (n - s_k)`` sample-steps (``unet_steps``: the project's unit, in which a solo step counts
-as a whole call although it is half a pair's images) and ``4n + 2 sum_{k<K} (n - s_k)`` UNet images,
-against ``K n`` and ``4 K n`` for K independent samples. Without guidance halve the images.
-
-Early rejection with branches: at the scoring step the previews are the pair (the trunk, standing for
-the primary and every branch not forked yet: they all have had the same trajectory so far) and each solo
-row; each is judged once and its decision applies to every branch it stands for, so branches are
-dropped individually once forked. A dropped solo row leaves the batch; when the trunk is dropped while
-forked branches live on, the before row stays (their pairs need it) and the first live solo row takes
-the trunk's place in the pair (its sharing is over, so nothing changes in its computation); the pair's
-steps are billed to it from then on.
+The batch layout, the branching tree and its accounting in full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The render stage's engine: models on the device, precision and compilation, batch size, CLIP scoring.
 
-:class:`Renderer` loads the diffusion model and the CLIP filter model once per process and turns a
-list of :class:`~tasks.render.pairs.PairRequest` into scored pairs (:meth:`Renderer.render_scored`):
-render (with early rejection when asked), CLIP-score the decoded tensors (no JPEG round trip, as the
-issue asks; the reference scored after saving). Speed switches, all faithful-off by default:
+:class:`Renderer` loads the diffusion and CLIP models once per process and turns
+:class:`~tasks.render.pairs.PairRequest` lists into scored pairs (:meth:`Renderer.render_scored`), scoring
+the decoded tensors (no JPEG round trip). Speed switches, all faithful-off by default: ``render.dtype``,
+``render.compile``, ``render.batch_samples: auto`` (halved on CUDA out-of-memory: :class:`BatchSizer`).
 
-- ``render.dtype``: float16 / bfloat16 on CUDA (autocast for CLIP); on CPU float32 with a log line;
-  an SDXL VAE that needs it (``force_upcast``) stays float32 in float16 runs, like diffusers does;
-- ``render.compile``: ``torch.compile`` of the UNet on CUDA, attention processors installed once
-  (:func:`tasks.render.pairs.attention_installed`); on CPU a log line and nothing else;
-- ``render.batch_samples: auto``: on CUDA, the batch that fits the free memory, measured by probing
-  one- and two-sample renders (peak memory difference = the marginal cost of a sample); on CPU
-  :data:`CPU_AUTO_BATCH`. On CUDA out-of-memory the stage halves the batch and goes on
-  (:class:`BatchSizer`).
+Each switch in full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,35 +1,12 @@
 """Render stage: Prompt-to-Prompt pairs for every kept triplet, CLIP-scored in the same pass.
 
-Per partition, a :class:`~tasks.render.scheduling.RenderPlan` decides which samples of which
-triplets to render (all ``samples_per_triplet`` in the reference; rounds with adaptive stopping /
-giving up when switched on), and groups them into cohorts of ``batch_samples`` (UNet batch 4 x that,
-2 x with ``render.guidance: none``; triplets mixed). Each cohort is rendered (with early rejection when switched on), scored with CLIP on
-the decoded tensors against ``render.keep`` (the paper's thresholds), then, when switched on, by the judge
-ladder's image rungs while the images are in memory (``judges.dino``: DINOv2 similarity of the samples that
-passed CLIP; ``judges.ssim``: SSIM of those that passed DINOv2; :mod:`tasks.scoring.image_rungs`), and its
-rows go to a checkpoint chunk; the images of samples that may still be kept (those passing, or all with ``save_images: all``)
-are staged as lossless PNG beside the checkpoint. At the end the top-k per triplet are marked
-``kept``, the images ``render.save_images`` asks for (by default only the kept pairs', as in the
-reference) move to ``images/``, and ``samples.parquet`` is written; the staging area goes with the
-checkpoint when the partition completes.
+Per partition a :class:`~tasks.render.scheduling.RenderPlan` picks the samples to render and groups them into
+cohorts; each cohort is rendered, scored with CLIP against ``render.keep`` and the judge ladder's image rungs
+while in memory, and checkpointed. At the end the top-k per triplet are ``kept``, their images move to
+``images/`` and ``samples.parquet`` is written. A resumed run replays the checkpoint into the plan and writes
+the rows of an uninterrupted run.
 
-Resume: the checkpoint chunks hold every finished sample's row (with its ``sample_index``); a
-restarted run replays them into the plan, which rebuilds each triplet's state (rounds, passes,
-decision) and forms the next cohorts exactly as an uninterrupted run would — each sample is a pure
-function of (triplet, seed), so the final rows are the same and none is duplicated.
-
-p-branching (``render.p_branches`` = K): a seed's K branches are K rows (``branch`` 0..K-1, keys
-``{caption_id}_{seed}-{branch}``), planned and rendered together (:mod:`tasks.render.scheduling`,
-:mod:`tasks.render.pairs`); ``kept`` takes at most ``render.keep_per_seed`` of a seed's passing branches
-(the best by directional similarity) before the top-k.
-
-Manifest counts: ``unet_calls`` (one sample x one denoising step = one call of a 4-image UNet batch,
-the reference's unit: 100 samples x 100 steps = 10,000 per triplet; summed over the rows, so a
-resumed run reports the cost of its output), ``unet_calls_reference`` (the reference's cost for the
-same triplets), ``unet_images`` (images through the UNet: the exact compute, which p-branching's
-half-size rows make smaller than 4 x ``unet_calls``), ``early_rejected``, ``triplets_satisfied`` /
-``_gave_up`` / ``_exhausted``, and per rung of the ladder render applies ``ladder_<rung>_in`` /
-``ladder_<rung>_passed`` (rejections ``dino_similarity``, ``ssim_low``, ``ssim_high`` beside CLIP's).
+The cohorts, resume, p-branching and the manifest's counts in full: docs/render.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
-"""The paper's completion format and the validation of generated triplets.
+r"""The paper's completion format and the validation of generated triplets.
 
-A completion is `"{edit}\\n%%\\n{output}\\nEND"` (generation stops at `"\\nEND"`, so the stop sequence
-is usually absent from the returned text). `parse_completion` never raises: it returns the parsed
-triplet or the rejection reason, so every generated row is either kept or counted.
+A completion is ``"{edit}\n%%\n{output}\nEND"``; :func:`parse_completion` never raises: it returns the
+parsed triplet or the rejection reason, so every row of ``triplets.parquet`` is ``ok`` or carries exactly
+one reason. Reasons in :data:`RETRIED` are asked again (``text.max_attempts``); each row records its
+``attempt`` and ``earlier_rejections``, which :func:`attempt_counts` counts.
 
-Rejection reasons (every row of `triplets.parquet` is `ok` or carries exactly one):
-unparseable, empty_part, output_equals_input, instruction_too_long, instruction_contains_caption,
-duplicate_input_edit (a later caption repeating an earlier (input, edit) pair, case and trailing
-punctuation ignored), moderation_flag (the caption or the generated text was flagged by the
-moderation endpoint), api_error (the API refused the request for good, e.g. a 400), truncated (the
-answer stopped at the token limit, `finish_reason: length`) and content_filter (the server's filter
-cut it, `finish_reason: content_filter`).
-
-Retries (`text.max_attempts`, as the reference's `generate`): a row rejected for a reason in
-`RETRIED` is asked again, with the next attempt's seed, until it is accepted or `max_attempts` tries
-were made. Each row records the attempt whose answer it holds (`attempt`: 1, 2, ...; 0 when no
-request was sent, i.e. the caption was flagged by moderation) and the reasons of the attempts before
-it (`earlier_rejections`, `;`-separated, empty when the first answer was kept); :func:`attempt_counts`
-turns them into per-attempt counts.
+Every rejection reason: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
-"""Local LLM backend (transformers): generate triplets with the fine-tuned LM (:mod:`tasks.finetune.local`).
+r"""Local LLM backend (transformers): generate triplets with the fine-tuned LM (:mod:`tasks.finetune.local`).
 
-Prompts are the paper's format — `"{input}\\n##\\n"`, completion `"{edit}\\n%%\\n{output}\\nEND"`. Generation uses the paper's
-sampling settings: temperature 0.7, top_p 1.0, frequency penalty 0.1 (OpenAI semantics: logits minus
-penalty x count of the token in the completion so far; transformers has no such processor), at most
-256 new tokens, stop at `"\\nEND"`.
+Generation with the paper's format and sampling settings (temperature 0.7, top_p 1.0, frequency penalty 0.1,
+stop at ``\nEND``), seeded per batch with fixed boundaries so a resumed run regenerates exactly what an
+uninterrupted one would; a ``lora`` fine-tune is merged into the base model. Serving instead: vLLM or any
+OpenAI-compatible server with ``text.backend=openai``.
 
-A `lora` fine-tune (the path for an open 0.5-3B instruct model on one GPU, `models.lm=<hub id or
-folder>`) is merged into the base model for generation.
-
-Generation of a batch is seeded from the batch's first caption id, and batches have fixed
-boundaries within a partition, so a resumed run regenerates exactly what an uninterrupted run would.
-With `text.max_attempts` > 1 the captions of a batch whose completion was rejected are sampled again,
-together, with the seed of the batch's key and the attempt number, until accepted or out of tries; the
-batch is checkpointed once, with every try done, so a resume point is still a batch boundary.
-
-Serving instead of generating in-process: put the model (or base model + LoRA adapter) behind vLLM
-or any OpenAI-compatible server and use `text.backend=openai` with `text.openai.base_url` and
-`text.openai.model` (see `tasks.text.openai_api`).
+The format, LoRA, seeding and retries in full: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

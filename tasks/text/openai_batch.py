@@ -1,18 +1,11 @@
 """Batch API mode: the bulk run at half the price of online requests.
 
-One partition becomes one batch job: a JSONL file with one request per caption (`custom_id` = the
-caption id, the same request body as online mode), uploaded with purpose `batch`; the job is created,
-polled until it ends, and its output file is downloaded and mapped back by `custom_id`. The job id is
-recorded in the partition's progress folder as soon as it exists, so a re-run polls the same job
-instead of paying for a second one. Requests that the job could not answer (listed in its error file,
-or missing when it expired) are sent online, with the usual retries.
+One partition becomes one batch job (one request per caption, ``custom_id`` = caption id), recorded in the
+partition's progress folder as soon as it exists, so a re-run polls the same job instead of paying twice;
+requests the job could not answer are sent online. With ``text.max_attempts`` > 1 each further try is one
+more batch job with its own record.
 
-With `text.max_attempts` > 1, the captions whose answers are rejected for a reason another try can fix
-go into one more batch job per try (seeds of that try), until accepted or out of tries; while tries are
-left, accepted answers are moderated before they are written, so a flagged one is asked again. Each
-try's job id has its own record (`openai-batch.json`, `openai-batch-attempt-2.json`, ...), all kept
-until the partition's last try is written: a re-run after a crash re-reads the answers of the finished
-jobs (the rows it still needs are exactly those that went on to a later try) and polls the running one.
+In full: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

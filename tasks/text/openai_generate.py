@@ -1,26 +1,11 @@
 """Online generation against an OpenAI-compatible API: many requests in flight, results checkpointed.
 
-The reference code asked GPT-3 for one completion at a time. Here `concurrency` requests (default
-64) are in flight at once (the shared engine, :mod:`tasks.common.openai_pool`, which the VLM judge uses
-too); each caption is one request, retried on 429/5xx/timeouts (see `openai_api`). Answers are parsed
-and validated as they arrive and appended to the partition's checkpoint in chunks (every `checkpoint_every` rows or `checkpoint_interval_s` seconds); when the
-run stops on an error or is cancelled, the answers already received are flushed before it ends, so
-only a hard kill loses answers, and then at most one unflushed chunk plus the requests in flight.
-A re-run skips every caption in the checkpoint: no caption that was answered is requested again.
+``concurrency`` requests (default 64) are in flight through :mod:`tasks.common.openai_pool`, each caption
+one request with its own seed, retried on 429/5xx/timeouts; answers are validated as they arrive and
+checkpointed in chunks, so a re-run never asks an answered caption again and the rows do not depend on
+arrival order. Moderation and retries per caption (``text.max_attempts``) as the reference did.
 
-Each request carries a seed derived from its caption id, and the final table is sorted by caption id
-(duplicates are marked afterwards), so the rows do not depend on the order answers arrived in.
-
-Moderation (`text.openai.moderation`), as the reference did: captions are checked before any
-generation request (flagged ones are rejected with `moderation_flag` and never sent), and the
-generated edit and output caption are checked before their chunk is written.
-
-Retries (`text.max_attempts`, as the reference's `generate`): a caption whose answer is rejected for a
-reason another try can fix (`tasks.text.format.RETRIED`) is asked again at once with the next try's
-seed (`caption_seed(seed, caption_id, attempt)`), until accepted or out of tries; only the final row is
-buffered and checkpointed. While tries are left, an accepted answer's generated text is moderated
-right away (one request for it), so a flagged one is asked again as the reference did; the last try's
-is moderated with its chunk, as with one try.
+Checkpointing, moderation and retries in full: docs/text.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Conditioning dropout for classifier-free guidance on two conditionings (paper sec. 3.2.1).
 
-The paper: "we randomly set only c_I = ∅_I for 5% of examples, only c_T = ∅_T for 5% of examples, and
-both c_I = ∅_I and c_T = ∅_T for 5% of examples". The reference (`ddpm_edit.py`, `uncond = 0.05`) does it
-with one uniform draw `u` per sample:
+As the reference (``ddpm_edit.py``, ``uncond = 0.05``), one uniform draw per sample drops the text only, the
+image only or both, 5% each; null text is the text encoder's embedding of "", null image an all-zero latent.
+For SDXL the text conditioning is the pair (hidden states, pooled projection), dropped together, and the
+saved pipeline encodes "" as its unconditional prompt, so training and inference use the same null text.
 
-    u in [0,    p)   text dropped only       (prompt_mask = u < 2p)
-    u in [p,   2p)   text and image dropped  (input_mask zero where p <= u < 3p)
-    u in [2p,  3p)   image dropped only
-    u in [3p,   1)   both kept
-
-so text is dropped for 2p of the samples, the image for 2p, both for p, and exactly one for 2p.
-Null text ∅_T is the text encoder's embedding of "" (the same embedding the pipeline uses as the
-unconditional prompt); null image ∅_I is an all-zero image latent (the pipeline's `uncond_image_latents`).
-
-SDXL: c_T is the pair (penultimate hidden states of both text encoders concatenated, pooled projection of
-the second), as `StableDiffusionXLInstructPix2PixPipeline.encode_prompt`; ∅_T is that pair for "" — both
-parts are dropped together, and the saved pipeline encodes "" as its unconditional prompt
-(`force_zeros_for_empty_prompt=False`). diffusers' SDXL example drops only the hidden states (to the
-encoding of "") and keeps the pooled embedding, while its saved pipeline feeds zeros for both at
-inference; here training and inference use the same ∅_T.
+The draw's intervals and the SDXL difference from diffusers' example: docs/training.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,34 +1,12 @@
 """The training data: WebDataset shards → augmented (original, edited, instruction) batches.
 
-Shards are the pack stage's (`pack/<hash>/index.json` lists their URLs per split; samples carry `input.<ext>`,
-`edited.<ext>`, `instruction.txt`, `json`). They are opened through fsspec, so local paths, `s3://`,
-`gs://` and `memory://` all work, and read with webdataset's own tar expander and key grouping.
+The pack stage's shards (listed by ``pack/<hash>/index.json``) are read through fsspec with webdataset's
+tar expander; augmentation follows the reference ``edit_dataset.py`` (random resize in [res, res*288/256],
+the same crop and flip for both images). The order is a pure function of the seed, the same for any number
+of processes and DataLoader workers, so a resumed run sees the data of an uninterrupted one.
 
-Augmentation follows the reference `edit_dataset.py` (paper: "images are first resized randomly between
-256 and 288 pixels and then cropped to 256", plus random horizontal flips): one random size in
-[res, res * 288/256], the same resize, crop window and flip for both images of a pair, pixels in [-1, 1].
-The reference squashes to size x size; here the shorter side goes to that size (identical for the square
-images the render stage writes). The instruction is tokenized with the model's CLIP tokenizer (padded to 77).
-
-Order is a pure function of the seed, and the same for any number of processes and DataLoader workers,
-so a resumed run sees exactly the data an uninterrupted run would, on 1 or N GPUs:
-
-- the samples are listed once from the tar headers (:class:`SampleIndex`: key, shard, byte range; no image
-  decoded); keys must be unique;
-- epoch `e` shuffles the shard list with `Random(seed, e)`, then the samples pass a seeded shuffle buffer
-  (webdataset's): one global sequence per epoch, and the epochs follow each other forever (training is
-  counted in steps);
-- with `sampling="per_triplet"` (the reference `edit_dataset.py`: one item per triplet, a random one of its
-  kept pairs each time) epoch `e` keeps one pair per triplet, drawn with `Random(seed, e, triplet)` from
-  the triplet's pairs in key order; the triplet of a sample is its key without the `_<seed>` suffix
-  (`{caption_id}_{seed}`, the pack stage's keys); `per_pair` keeps every pair (diffusers' example: a
-  triplet with 4 kept pairs is seen 4 times as often);
-- the sequence is cut into global micro-batches of `batch_size`; with N processes, process r trains
-  global batches r, r + N, r + 2N, ... and its DataLoader workers take its batches round-robin, each
-  reading only its own samples' bytes (split below the shard: any shard count gives every process a
-  disjoint, equal share of each epoch); `skip_batches` starts a resumed process past its batches already
-  trained on, without reading them;
-- each sample's augmentation draws from `Random(seed, epoch, key)`, independent of what came before.
+The augmentation, the per-epoch order, ``per_triplet``/``per_pair`` sampling and the split over processes in
+full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations

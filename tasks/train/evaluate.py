@@ -1,29 +1,11 @@
 """The paper's evaluation of the editing model (InstructPix2Pix, Fig. 8 / 10): `{output_root}/eval/<hash>/`.
 
-On held-out (input image, edit instruction, input caption, output caption) samples — by default the `val`
-split of the run's shards — the model edits every input once per image guidance scale s_I (1.0, 1.2, ...,
-2.2) at text guidance s_T = 7.5, and the filter's own CLIP scorer (`models.clip`, `render.clip_resize`,
-the metric functions of :mod:`tasks.scoring.metrics`) scores each edit:
+On held-out samples (the run's ``val`` shards by default) the model edits every input once per image
+guidance scale at text guidance 7.5, and the filter's own CLIP scorer scores each edit (image similarity
+against directional similarity: the paper's plot). Writes ``metrics.json``, ``eval.parquet``, ``eval.png``
+and ``examples.png``; the folder's hash covers the model, the held-out shards, CLIP and the settings.
 
-- `clip_sim_image` = cos(I_in, I_edit): how much of the input image the edit keeps (the plot's y axis);
-- `clip_sim_dir`   = cos(I_edit - I_in, T_out - T_in): how well the change in the image follows the change
-  from the input caption to the output caption (x axis);
-- `clip_sim_0`, `clip_sim_1`: the input image vs the input caption, the edit vs the output caption.
-
-Raising s_I trades direction for consistency; the curve of the means, one point per s_I, is the paper's plot.
-
-    metrics.json   per s_I: mean clip_sim_image, clip_sim_dir, clip_sim_1 and n; what was evaluated (model,
-                   held-out shards, CLIP, settings) — written last, byte-identical on a re-run
-    eval.parquet   one row per (sample, s_I): key, seed, captions, instruction, the four metrics
-    eval.png       the plot (matplotlib, Agg): x directional similarity, y image similarity, points labelled by s_I
-    examples.png   the first few samples: input | edit at each s_I
-
-The folder's hash covers the model (the training flow's config hash for the config's own model; for any
-other folder its path and its files' sizes and modification times), the held-out shards and split, the
-CLIP model and resize, and the settings (guidance scales, steps, seed, resolution, limit): another setting
-writes another folder, never into this one. Device and batch size are left out (they change the floats
-at most by rounding). Sample `i` of the held-out order (shard order, the first `limit`) is edited with
-seed `seed + i` at every s_I, each image with its own generator.
+The metrics, the files and the hash in full: docs/training.md ("In the code"); usage: docs/running.md.
 """
 
 from __future__ import annotations

@@ -3,16 +3,9 @@
     flow run (node 0) ── lease, contract ──► torchrun --nproc-per-node P ──► P x python -m tasks.train.worker
     node K >= 1: editforge train --node-rank K ──► torchrun --node-rank K ──► P x worker   (no lease, no contract)
 
-`train.processes` (per node; `auto`: every visible GPU, 1 on the CPU) times `train.nodes` processes train
-together (`tasks.train.loop`); one process in all trains inside the flow's own process, as before. The
-flow run holds the partition lease, launches torchrun, waits, and writes the contract's outputs from the
-work folder; the workers write only into the work folder, and of them only the main process (global
-rank 0, on node 0) writes checkpoints, the model and `result.json`. One node: torchrun's standalone
-rendezvous on a free loopback port. Several: torchrun's static rendezvous at `train.rdzv_endpoint` (or
-`$EDITFORGE_RDZV_ENDPOINT`), node 0 being the flow's, so rank 0 is where the lease is. A worker that fails
-leaves its error in the work folder; the launcher raises it with the worker's message (permanent when
-the worker's error was, so the task is not retried for a bad setting). Workers stop when their launcher
-is gone (never two trainings in one work folder).
+The flow run holds the partition lease, launches torchrun, waits and writes the contract's outputs; only
+global rank 0 writes checkpoints, the model and ``result.json``. A worker's error is raised with its message
+(permanent when the worker's was). In full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations

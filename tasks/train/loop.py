@@ -1,32 +1,12 @@
 """The InstructPix2Pix training loop on `accelerate` (paper sec. 3.2 and 4; reference `ddpm_edit.py`).
 
-Per micro-batch, as the reference `LatentDiffusion` with `conditioning_key: hybrid`:
+Per micro-batch, as the reference's hybrid ``LatentDiffusion``: target latent from the VAE posterior, image
+conditioning ``E(original).mode()`` unscaled, text conditioning from the CLIP text encoder(s) (SDXL: both,
+with ``time_ids``), DDPM noising, conditioning dropout, an 8-channel UNet input, MSE loss. AdamW, optional
+EMA; every draw of a micro-batch is seeded by (seed, its global index), so 1 or N processes and a resumed run
+train on the same samples with the same draws.
 
-- target latent z = E(edited) sampled from the VAE posterior, times the VAE's `scaling_factor`;
-- image conditioning c_I = E(original).mode(), *unscaled* — the reference's `encode_first_stage(...).mode()`
-  and exactly what `StableDiffusionInstructPix2PixPipeline.prepare_image_latents` feeds at inference;
-- text conditioning c_T = CLIP text encoder's last hidden state of the instruction; SDXL (as diffusers'
-  `train_instruct_pix2pix_sdxl.py`): both encoders' penultimate hidden states concatenated, the second's
-  pooled projection as `text_embeds`, and `time_ids` = (original h, w, crop top, left, target h, w) of each
-  sample's view (the SDXL micro-conditioning; diffusers' example uses a fixed (res, res, 0, 0, res, res));
-  the VAE stays float32 under mixed precision (SDXL's VAE overflows in float16) unless `models.vae_path`
-  names a replacement (an fp16-fix VAE), which then runs in the training dtype;
-- t ~ U{0..T-1}, z_t = DDPM q(z_t | z) (noise scheduler built from the model's scheduler config);
-- conditioning dropout (`tasks.train.conditioning`), UNet input cat([z_t, c_I], dim=1) (8 channels);
-- loss = MSE(ε̂, ε) (or the velocity when the scheduler is v-prediction).
-
-AdamW (bitsandbytes' 8-bit AdamW with `use_8bit_adam`), lr 1e-4 without warm-up, gradient accumulation,
-gradient clipping only when `max_grad_norm` is set (the reference has none; diffusers' example clips at 1.0),
-optional EMA (diffusers `EMAModel`, decay warm-up (1+n)/(10+n) like the SD code base's LitEma).
-
-One optimizer step trains `total_batch_size` samples: global micro-batches of `batch_size`, process r of N
-taking micro-batches r, r + N, ... (`tasks.train.data`). All randomness of a micro-batch (VAE sample,
-noise, timesteps, dropout) comes from a generator seeded by (seed, its global index), so 1 or N processes
-train on the same samples with the same draws, and a run resumed from a checkpoint
-(`accelerator.save_state`, every `checkpoint_every` steps and at the end) continues exactly as the
-uninterrupted run would. Under a launcher (torchrun: `tasks.train.launch`) the main process alone writes
-the checkpoints and the model. The final weights (EMA weights when `use_ema`) are saved as an
-InstructPix2Pix pipeline folder.
+Each step of the loss, the optimizer and the checkpoints in full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The editing model: Stable Diffusion's UNet with `conv_in` widened from 4 to 8 input channels.
 
-Paper sec. 3.2: "To support image conditioning, we add additional input channels to the first
-convolutional layer, concatenating z_t and E(c_I). All available weights of the diffusion model are
-initialized from the pretrained checkpoints, and weights that operate on the newly added input channels
-are initialized to zero." The pretrained bias is part of "all available weights" and is kept — the
-diffusers training example builds a fresh `conv_in` and never copies the bias (a known pitfall), which
-shifts every activation of the initial model. With the bias kept and the new weights zero, the widened
-UNet computes exactly the pretrained UNet's output for any image latent, so training starts from SD.
+As paper sec. 3.2: the new input channels' weights start at zero and every pretrained weight is kept,
+the ``conv_in`` bias included (diffusers' example drops it), so the widened UNet starts as exactly the
+pretrained one. The trained model is a diffusers ``StableDiffusionInstructPix2PixPipeline`` folder (or the
+SDXL one), every file but the UNet and ``model_index.json`` copied byte for byte from the base model.
 
-The trained model is written as a diffusers `StableDiffusionInstructPix2PixPipeline` folder
-(`model_index.json`, `unet/ vae/ text_encoder/ tokenizer/ scheduler/`, safetensors), loadable with
-`StableDiffusionInstructPix2PixPipeline.from_pretrained(folder)`; an SDXL base gives a
-`StableDiffusionXLInstructPix2PixPipeline` folder (plus `text_encoder_2/ tokenizer_2/`). Everything but
-the UNet and `model_index.json` is copied byte for byte from the base model folder (see `save_pipeline`).
+In full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations

@@ -1,27 +1,12 @@
 """The training stage under the stage contract: `{output_root}/train/<hash>/part-00000/`.
 
-    model/             StableDiffusionInstructPix2PixPipeline folder (safetensors)
-    metrics.json       per-step loss, lr, epoch, samples seen; the run's summary
-    sample_edit.png    input | target | model edit, on the first val example (text 7.5 / image 1.5 guidance)
-    checkpoints/       accelerate states (newest `checkpoints_total_limit`), for resuming
-    _SUCCESS.json      the contract's manifest (config hash, sha256 of outputs, summary, loss curve)
+Writes ``model/`` (an InstructPix2Pix pipeline folder), ``metrics.json``, ``sample_edit.png`` and the
+manifest. Its hash covers the ``train`` section, the diffusion model and the shards it trains on;
+checkpoints are keyed by ``weights_key`` in ``train/_work/`` so that changing only the sample-edit settings
+re-samples without re-training. With several processes it launches them (:mod:`tasks.train.launch`) and
+waits, holding the lease; ``join`` is what another node runs.
 
-Training is not part of the generation chain: its hash (the registry's one recipe, `train_hash`)
-covers the `train` section (minus operational knobs), the diffusion model and the shards of the
-index it trains on, with the index's own pack hash standing for the chain up to pack. Checkpoints
-are keyed by `weights_key` — the same without the sample-edit settings and the val shards — so
-changing only those re-samples from the final checkpoint without re-training. The run's own index
-(`{output_root}/pack/<hash>/index.json`) must be the pack stage's under this config; another index is
-taken as given (`--index`).
-
-Checkpoints are kept by weights key in `{output_root}/train/_work/<weights key>/checkpoints/`, beside the
-versions, and the outputs are moved into the version's partition at the end. `accelerate` checkpoints need
-a local folder: for an object-store `output_root` the run trains in `$EDITFORGE_CACHE/train-work/<key>/`
-(resumable on the same machine) and uploads the outputs at the end.
-
-With more than one process (`train.processes` x `train.nodes`) the partition's run launches them
-(`tasks.train.launch`) and waits, holding the lease; `join` is what another node runs instead: the same
-inputs and work folder, its workers only, nothing of the contract.
+The files, the hash and the work folder in full: docs/training.md ("In the code").
 """
 
 from __future__ import annotations
