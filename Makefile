@@ -52,6 +52,7 @@ browser:
 # two pytest workers, a test file each at a time (a module's server and workers stay in one process)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
+	$(VENV)/bin/ruff format --check flows tasks prompts seed_annotations tests bench
 	$(VENV)/bin/lint-imports --no-logo
 	$(VENV)/bin/mkdocs build --strict
 	$(PY) -m pytest -q -n 2 --dist loadfile
@@ -61,6 +62,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flows tasks prompts seed_annotations tests bench
+	$(VENV)/bin/ruff format --check flows tasks prompts seed_annotations tests bench
 	$(VENV)/bin/lint-imports --no-logo
 
 # The docs site (mkdocs.yml): `make docs` serves it on http://127.0.0.1:8000 (DOCS_ADDR to change);

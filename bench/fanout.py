@@ -38,13 +38,32 @@ from flows.local_cluster import BIN, prefect_cluster  # noqa: E402
 from tasks.common.layout import DASHBOARD  # noqa: E402
 
 SIZES = {
-    "full": ["captions.num_captions=16", "captions.num_partitions=4", "text.finetune_steps=150",
-             "render.samples_per_triplet=2", "render.batch_samples=2", "render.steps=4"],
-    "smoke": ["captions.num_captions=4", "captions.num_partitions=2", "text.finetune_steps=20",
-              "render.samples_per_triplet=1", "render.batch_samples=1", "render.steps=2"],
+    "full": [
+        "captions.num_captions=16",
+        "captions.num_partitions=4",
+        "text.finetune_steps=150",
+        "render.samples_per_triplet=2",
+        "render.batch_samples=2",
+        "render.steps=4",
+    ],
+    "smoke": [
+        "captions.num_captions=4",
+        "captions.num_partitions=2",
+        "text.finetune_steps=20",
+        "render.samples_per_triplet=1",
+        "render.batch_samples=1",
+        "render.steps=2",
+    ],
 }
-COMMON = ["text.batch_size=4", "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
-          "render.keep.clip_caption_threshold=-1", "run.mode=fan-out", "run.block_size=1", "run.poll_s=0.5"]
+COMMON = [
+    "text.batch_size=4",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+    "run.mode=fan-out",
+    "run.block_size=1",
+    "run.poll_s=0.5",
+]
 POOLS = ("editforge-cpu", "editforge-gpu")  # the stage pools (the parent has the driver pool to itself)
 CHILDREN = """
 import json, sys
@@ -62,8 +81,13 @@ print(json.dumps([{"flow": flows.get(r.flow_id), "state": r.state_type.value, "o
 
 def pool_limit(env: dict, n: int) -> None:
     for pool in POOLS:
-        subprocess.run([str(BIN / "prefect"), "work-pool", "set-concurrency-limit", pool, str(n)], env=env, check=True,
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [str(BIN / "prefect"), "work-pool", "set-concurrency-limit", pool, str(n)],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
 
 def deployment_run(env: dict, root: Path, name: str, size: str) -> dict:
@@ -72,13 +96,29 @@ def deployment_run(env: dict, root: Path, name: str, size: str) -> dict:
     children, flows/fanout.py); its figures."""
     overrides = [f"output_root={root}", f"name={name}", *SIZES[size], *COMMON]
     t0 = time.perf_counter()
-    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "editforge-generate/demo", "--params",
-                          json.dumps({"preset": "demo", "overrides": overrides}), "--watch", "--watch-interval", "1"],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "editforge-generate/demo",
+            "--params",
+            json.dumps({"preset": "demo", "overrides": overrides}),
+            "--watch",
+            "--watch-interval",
+            "1",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0 or "Completed" not in out.stdout:
         raise RuntimeError(f"the {name} run did not complete: {out.stdout[-2000:]}{out.stderr[-2000:]}")
-    listed = subprocess.run([str(BIN / "python"), "-c", CHILDREN], env=env, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [str(BIN / "python"), "-c", CHILDREN], env=env, capture_output=True, text=True, timeout=120
+    )
     if listed.returncode != 0:
         raise RuntimeError(f"listing the flow runs failed: {listed.stderr[-2000:]}")
     ours = [r for r in json.loads(listed.stdout) if f"name={name}" in (r["overrides"] or [])]
@@ -86,11 +126,14 @@ def deployment_run(env: dict, root: Path, name: str, size: str) -> dict:
     (parent,) = [r for r in ours if r["flow"] == "editforge-generate"]
     durations = [r["end"] - r["start"] for r in children if r["start"] and r["end"]]
     waits = [r["start"] - r["created"] for r in children if r["start"] and r["created"]]
-    return {"wall_s": round(wall, 2), "parent_run_s": round(parent["end"] - parent["start"], 2),
-            "child_runs": len(children),
-            "child_run_median_s": round(statistics.median(durations), 2) if durations else None,
-            "child_submit_to_start_median_s": round(statistics.median(waits), 2) if waits else None,
-            "states": sorted({r["state"] for r in children})}
+    return {
+        "wall_s": round(wall, 2),
+        "parent_run_s": round(parent["end"] - parent["start"], 2),
+        "child_runs": len(children),
+        "child_run_median_s": round(statistics.median(durations), 2) if durations else None,
+        "child_submit_to_start_median_s": round(statistics.median(waits), 2) if waits else None,
+        "states": sorted({r["state"] for r in children}),
+    }
 
 
 def measure(env: dict, workdir: Path, size: str, one_worker: bool = True) -> dict:
@@ -106,8 +149,11 @@ def measure(env: dict, workdir: Path, size: str, one_worker: bool = True) -> dic
     noop = deployment_run(env, workdir / "two", "bench-noop", size)  # everything done: each block only skips
     blocks = noop["child_runs"]
     report = {
-        "size": size, "config": [*SIZES[size], *COMMON],
-        "two_workers": two, "one_worker": one, "noop_rerun": noop,
+        "size": size,
+        "config": [*SIZES[size], *COMMON],
+        "two_workers": two,
+        "one_worker": one,
+        "noop_rerun": noop,
         "speedup_two_vs_one": round(one["wall_s"] / two["wall_s"], 2) if one else None,
         # the parent's own run time over its blocks, each a no-op child flow run, one at a time
         "overhead_per_block_s": round(noop["parent_run_s"] / blocks, 2) if blocks else None,
@@ -134,11 +180,13 @@ def main() -> int:
 
 def summary(report: dict) -> str:
     one = report["one_worker"]
-    return (f"fanout: {report['size']}: two workers {report['two_workers']['wall_s']} s"
-            + (f", one worker {one['wall_s']} s ({report['speedup_two_vs_one']}x)" if one else "")
-            + f"; overhead {report['overhead_per_block_s']} s per block ({report['noop_rerun']['child_runs']} no-op "
-              f"child runs: median {report['noop_rerun']['child_submit_to_start_median_s']} s from submission to "
-              f"start, {report['noop_rerun']['child_run_median_s']} s running)")
+    return (
+        f"fanout: {report['size']}: two workers {report['two_workers']['wall_s']} s"
+        + (f", one worker {one['wall_s']} s ({report['speedup_two_vs_one']}x)" if one else "")
+        + f"; overhead {report['overhead_per_block_s']} s per block ({report['noop_rerun']['child_runs']} no-op "
+        f"child runs: median {report['noop_rerun']['child_submit_to_start_median_s']} s from submission to "
+        f"start, {report['noop_rerun']['child_run_median_s']} s running)"
+    )
 
 
 if __name__ == "__main__":

@@ -86,18 +86,23 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- (a) throughput
 
 
-def reference_sample(renderer: Renderer, control: AttentionControl, request: PairRequest, steps: int,
-                     size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reference_sample(
+    renderer: Renderer, control: AttentionControl, request: PairRequest, steps: int, size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One sample exactly as the reference loop: UNet batch [u-before, u-after, c-before, c-after]."""
     comps, device, dtype = renderer.diffusion, renderer.device, renderer.dtype
     params = sample_params(request.seed)
     scheduler = comps.scheduler
     scheduler.set_timesteps(steps, device=device)
     sigmas = scheduler.sigmas.to(device)
-    cond = build_conditioning(comps, [(request.input_caption, request.output_caption)], size, size, device, dtype)
+    cond = build_conditioning(
+        comps, [(request.input_caption, request.output_caption)], size, size, device, dtype
+    )
     generator = torch.Generator(device=device).manual_seed(request.seed)
     latent = size // comps.vae_scale_factor
-    x = torch.randn(1, comps.unet.config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype)
+    x = torch.randn(
+        1, comps.unet.config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype
+    )
     x = (x * scheduler.init_noise_sigma).repeat(2, 1, 1, 1)
     control.load(AttentionControl.for_samples([params.p2p_p]))
     for i in range(len(sigmas) - 1):
@@ -122,9 +127,16 @@ def reference_sample(renderer: Renderer, control: AttentionControl, request: Pai
 
 
 def throughput(args: argparse.Namespace) -> dict:
-    overrides = [f"models.diffusion={args.preset}", f"models.clip={args.clip}", f"render.device={args.device}",
-                 f"render.dtype={args.dtype}", f"render.height={args.size}", f"render.width={args.size}",
-                 f"render.steps={args.steps}", f"render.compile={str(args.compile).lower()}"]
+    overrides = [
+        f"models.diffusion={args.preset}",
+        f"models.clip={args.clip}",
+        f"render.device={args.device}",
+        f"render.dtype={args.dtype}",
+        f"render.height={args.size}",
+        f"render.width={args.size}",
+        f"render.steps={args.steps}",
+        f"render.compile={str(args.compile).lower()}",
+    ]
     cfg = load_config("demo", overrides)
     renderer = Renderer(cfg)
     settings = settings_from(cfg)
@@ -137,7 +149,7 @@ def throughput(args: argparse.Namespace) -> dict:
     # attention probabilities copied to the after image); `sdpa` the same loop on our SDPA processors
     ref_runs: dict[str, dict] = {}
     ref_images: list[torch.Tensor] = []
-    for kind in (["explicit", "sdpa"] if args.reference_attention == "both" else [args.reference_attention]):
+    for kind in ["explicit", "sdpa"] if args.reference_attention == "both" else [args.reference_attention]:
         control = AttentionControl.for_samples([0.0])
         previous = renderer.diffusion.unet.attn_processors
         install_attention(renderer.diffusion.unet, "ip2p-explicit" if kind == "explicit" else "ip2p", control)
@@ -146,42 +158,72 @@ def throughput(args: argparse.Namespace) -> dict:
                 reference_sample(renderer, control, requests[-1], args.steps, args.size)  # warm-up
                 sync(device)
                 t0 = time.perf_counter()
-                images = [reference_sample(renderer, control, r, args.steps, args.size)[0]
-                          for r in requests[: args.ref_samples]]
+                images = [
+                    reference_sample(renderer, control, r, args.steps, args.size)[0]
+                    for r in requests[: args.ref_samples]
+                ]
                 sync(device)
                 seconds = time.perf_counter() - t0
         finally:
             renderer.diffusion.unet.set_attn_processor(previous)
         ref_images = ref_images or images
         rate = args.ref_samples / seconds
-        ref_runs[kind] = {"attention": kind, "samples": args.ref_samples, "seconds": round(seconds, 3),
-                          "samples_per_s": round(rate, 4), "images_per_s": round(2 * rate, 4)}
+        ref_runs[kind] = {
+            "attention": kind,
+            "samples": args.ref_samples,
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(rate, 4),
+            "images_per_s": round(2 * rate, 4),
+        }
 
     batch = min(args.batch or renderer.auto_batch_samples(settings, 64), args.batched_samples)
     renderer.render_scored(requests[-1:], settings, cfg.render.keep)  # warm-up
     sync(device)
     t0 = time.perf_counter()
-    outputs = [renderer.render_scored(requests[i: i + batch], settings, cfg.render.keep)
-               for i in range(0, args.batched_samples, batch)]
+    outputs = [
+        renderer.render_scored(requests[i : i + batch], settings, cfg.render.keep)
+        for i in range(0, args.batched_samples, batch)
+    ]
     sync(device)
     batched_seconds = time.perf_counter() - t0
     before = torch.cat([o.pairs.before for o in outputs])
     after = torch.cat([o.pairs.after for o in outputs])
-    diff = max(float((torch.stack([before[i], after[i]]) - ref_images[i]).abs().max())
-               for i in range(min(args.ref_samples, args.batched_samples)))
+    diff = max(
+        float((torch.stack([before[i], after[i]]) - ref_images[i]).abs().max())
+        for i in range(min(args.ref_samples, args.batched_samples))
+    )
     batched_rate = args.batched_samples / batched_seconds
     reference = ref_runs[next(iter(ref_runs))]  # the reference code's own attention when it was timed
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "preset": args.preset, "clip": args.clip, "size": args.size, "steps": args.steps, "dtype": str(renderer.dtype),
-        "compile": renderer.compiled, "batch_samples": batch, "unet_batch": 4 * batch,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "preset": args.preset,
+        "clip": args.clip,
+        "size": args.size,
+        "steps": args.steps,
+        "dtype": str(renderer.dtype),
+        "compile": renderer.compiled,
+        "batch_samples": batch,
+        "unet_batch": 4 * batch,
         "reference": reference,
-        **({"reference_sdpa": ref_runs["sdpa"]} if "sdpa" in ref_runs and reference is not ref_runs["sdpa"] else {}),
-        "batched": {"samples": args.batched_samples, "seconds": round(batched_seconds, 3),
-                    "samples_per_s": round(batched_rate, 4), "images_per_s": round(2 * batched_rate, 4)},
+        **(
+            {"reference_sdpa": ref_runs["sdpa"]}
+            if "sdpa" in ref_runs and reference is not ref_runs["sdpa"]
+            else {}
+        ),
+        "batched": {
+            "samples": args.batched_samples,
+            "seconds": round(batched_seconds, 3),
+            "samples_per_s": round(batched_rate, 4),
+            "images_per_s": round(2 * batched_rate, 4),
+        },
         "speedup": round(batched_rate / reference["samples_per_s"], 3),
-        **({"speedup_vs_sdpa_reference": round(batched_rate / ref_runs["sdpa"]["samples_per_s"], 3)}
-           if "sdpa" in ref_runs and reference is not ref_runs["sdpa"] else {}),
+        **(
+            {"speedup_vs_sdpa_reference": round(batched_rate / ref_runs["sdpa"]["samples_per_s"], 3)}
+            if "sdpa" in ref_runs and reference is not ref_runs["sdpa"]
+            else {}
+        ),
         "max_abs_image_diff_batched_vs_reference": diff,
     }
 
@@ -189,8 +231,17 @@ def throughput(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------- (b) UNet calls per kept pair
 
 
-def simulate(policy: SamplingPolicy, rates: np.ndarray, steps: int, early_after: int | None, recall: float,
-             false_reject: float, top_k: int, seed: int, cohort: int = 64) -> dict:
+def simulate(
+    policy: SamplingPolicy,
+    rates: np.ndarray,
+    steps: int,
+    early_after: int | None,
+    recall: float,
+    false_reject: float,
+    top_k: int,
+    seed: int,
+    cohort: int = 64,
+) -> dict:
     """Plan and 'render' with synthetic outcomes; count UNet calls, early decodes and kept pairs."""
     ids = [f"{i:016x}" for i in range(len(rates))]
     rate_of = dict(zip(ids, rates))
@@ -202,7 +253,9 @@ def simulate(policy: SamplingPolicy, rates: np.ndarray, steps: int, early_after:
         for s in batch:
             rng = np.random.default_rng([seed, int(s.caption_id, 16), s.index])
             would_pass = bool(rng.random() < rate_of[s.caption_id])
-            rejected = early_after is not None and bool(rng.random() < (false_reject if would_pass else recall))
+            rejected = early_after is not None and bool(
+                rng.random() < (false_reject if would_pass else recall)
+            )
             calls += early_after if rejected else steps
             decodes += int(early_after is not None)
             passed = would_pass and not rejected
@@ -211,8 +264,14 @@ def simulate(policy: SamplingPolicy, rates: np.ndarray, steps: int, early_after:
         samples += len(batch)
         plan.record(results)
     kept = sum(min(top_k, n) for n in passes.values())
-    return {"samples": samples, "unet_calls": calls, "early_decodes": decodes, "kept": kept,
-            "triplets_with_kept": sum(n > 0 for n in passes.values()), **plan.status_counts()}
+    return {
+        "samples": samples,
+        "unet_calls": calls,
+        "early_decodes": decodes,
+        "kept": kept,
+        "triplets_with_kept": sum(n > 0 for n in passes.values()),
+        **plan.status_counts(),
+    }
 
 
 def calls_curve(args: argparse.Namespace) -> dict:
@@ -231,36 +290,63 @@ def calls_curve(args: argparse.Namespace) -> dict:
 
     def point(rates: np.ndarray, row: dict) -> dict:
         for name, (policy, n_steps, early_after) in strategies.items():
-            sim = simulate(policy, rates, n_steps, early_after, args.er_recall, args.er_false_reject, k, args.seed)
+            sim = simulate(
+                policy, rates, n_steps, early_after, args.er_recall, args.er_false_reject, k, args.seed
+            )
             per_kept = sim["unet_calls"] / sim["kept"] if sim["kept"] else float("inf")
-            cost = (sim["unet_calls"] + args.decode_cost * sim["early_decodes"]) / sim["kept"] if sim["kept"] else float("inf")
-            row[name] = {**sim, "unet_calls_per_kept_pair": round(per_kept, 1),
-                         "cost_per_kept_pair_incl_early_decodes": round(cost, 1)}
+            cost = (
+                (sim["unet_calls"] + args.decode_cost * sim["early_decodes"]) / sim["kept"]
+                if sim["kept"]
+                else float("inf")
+            )
+            row[name] = {
+                **sim,
+                "unet_calls_per_kept_pair": round(per_kept, 1),
+                "cost_per_kept_pair_incl_early_decodes": round(cost, 1),
+            }
         base = row["fixed_100"]
         for name in strategies:
-            row[name]["ratio_vs_fixed_100"] = (round(row[name]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4)
-                                               if base["kept"] else None)
+            row[name]["ratio_vs_fixed_100"] = (
+                round(row[name]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4)
+                if base["kept"]
+                else None
+            )
             row[name]["kept_vs_fixed_100"] = round(row[name]["kept"] / max(base["kept"], 1), 4)
-            row[name]["triplets_with_kept_vs_fixed_100"] = round(row[name]["triplets_with_kept"] / max(base["triplets_with_kept"], 1), 4)
-            row[name]["kept_per_1000_unet_calls"] = round(1000 * row[name]["kept"] / row[name]["unet_calls"], 3)
+            row[name]["triplets_with_kept_vs_fixed_100"] = round(
+                row[name]["triplets_with_kept"] / max(base["triplets_with_kept"], 1), 4
+            )
+            row[name]["kept_per_1000_unet_calls"] = round(
+                1000 * row[name]["kept"] / row[name]["unet_calls"], 3
+            )
         return row
 
     def branched_point(rates, trees, row):
         """p-branching policies replaying measured seed trees; ratios against the independent fixed-100."""
         base = row["fixed_100"]
         g = args.branches
-        for name, policy in (("fixed_100", SamplingPolicy(args.max_samples)),
-                             ("adaptive", adaptive), ("adaptive_give_up", give_up)):
-            pol = SamplingPolicy(policy.max_samples, policy.round_size, policy.target_passed, policy.give_up_after, g, 1)
+        for name, policy in (
+            ("fixed_100", SamplingPolicy(args.max_samples)),
+            ("adaptive", adaptive),
+            ("adaptive_give_up", give_up),
+        ):
+            pol = SamplingPolicy(
+                policy.max_samples, policy.round_size, policy.target_passed, policy.give_up_after, g, 1
+            )
             sim = simulate_branches(pol, rates, steps, k, 1, 0.0, 0.0, (0.1, 0.9), args.seed, trees=trees)
             per_kept = sim["unet_calls"] / sim["kept"] if sim["kept"] else float("inf")
             row[f"{name}_branches_{g}"] = {
-                **sim, "unet_calls_per_kept_pair": round(per_kept, 1),
+                **sim,
+                "unet_calls_per_kept_pair": round(per_kept, 1),
                 "cost_per_kept_pair_incl_early_decodes": round(per_kept, 1),
                 "kept_per_1000_unet_calls": round(1000 * sim["kept"] / sim["unet_calls"], 3),
-                "ratio_vs_fixed_100": round(per_kept / base["unet_calls_per_kept_pair"], 4) if base["kept"] else None,
+                "ratio_vs_fixed_100": round(per_kept / base["unet_calls_per_kept_pair"], 4)
+                if base["kept"]
+                else None,
                 "kept_vs_fixed_100": round(sim["kept"] / max(base["kept"], 1), 4),
-                "triplets_with_kept_vs_fixed_100": round(sim["triplets_with_kept"] / max(base["triplets_with_kept"], 1), 4)}
+                "triplets_with_kept_vs_fixed_100": round(
+                    sim["triplets_with_kept"] / max(base["triplets_with_kept"], 1), 4
+                ),
+            }
 
     curves = {}
     for hopeless in args.hopeless:
@@ -276,15 +362,25 @@ def calls_curve(args: argparse.Namespace) -> dict:
         measured = measured_pass_rates(args.measured_pass_rates)
         trees = measured_trees(args.measured_pass_rates, args.branches) if args.branches > 1 else {}
         rng = np.random.default_rng(args.seed)
-        groups = [("all", measured)] + ([(kind, g) for kind, g in measured.groupby("kind", sort=True)]
-                                        if "kind" in measured else [])
+        groups = [("all", measured)] + (
+            [(kind, g) for kind, g in measured.groupby("kind", sort=True)] if "kind" in measured else []
+        )
         rows = []
-        for kind, group in groups:  # each group's triplets resampled (with replacement) to the simulated count
+        for (
+            kind,
+            group,
+        ) in groups:  # each group's triplets resampled (with replacement) to the simulated count
             drawn = rng.choice(group["caption_id"].to_numpy(), size=args.sim_triplets, replace=True)
             rates = group.set_index("caption_id").loc[drawn, "pass_rate"].to_numpy()
-            row = point(rates, {"kind": kind, "triplets_measured": len(group),
-                                "pass_rate": round(float(group["pass_rate"].mean()), 4),
-                                "hopeless_share": round(float((group["pass_rate"] == 0).mean()), 4)})
+            row = point(
+                rates,
+                {
+                    "kind": kind,
+                    "triplets_measured": len(group),
+                    "pass_rate": round(float(group["pass_rate"].mean()), 4),
+                    "hopeless_share": round(float((group["pass_rate"] == 0).mean()), 4),
+                },
+            )
             if trees and all(c in trees for c in drawn):
                 branched_point(rates, [trees[c] for c in drawn], row)
             rows.append(row)
@@ -297,33 +393,56 @@ def calls_curve(args: argparse.Namespace) -> dict:
         for kind, group in groups:
             drawn = rng.choice(group["caption_id"].to_numpy(), size=args.sim_triplets, replace=True)
             by_id = group.set_index("caption_id")
-            passed = np.round(by_id.loc[drawn, "pass_rate"].to_numpy() * by_id.loc[drawn, "samples"].to_numpy())
+            passed = np.round(
+                by_id.loc[drawn, "pass_rate"].to_numpy() * by_id.loc[drawn, "samples"].to_numpy()
+            )
             n = by_id.loc[drawn, "samples"].to_numpy()
             rates = rng.beta(prior[0] + passed, prior[1] + n - passed)
-            rows.append(point(rates, {"kind": kind, "triplets_measured": len(group),
-                                      "pass_rate": round(float(rates.mean()), 4),
-                                      "share_below_1pct": round(float((rates < 0.01).mean()), 4)}))
+            rows.append(
+                point(
+                    rates,
+                    {
+                        "kind": kind,
+                        "triplets_measured": len(group),
+                        "pass_rate": round(float(rates.mean()), 4),
+                        "share_below_1pct": round(float((rates < 0.01).mean()), 4),
+                    },
+                )
+            )
         curves["measured_posterior"] = rows
     return {
         "assumptions": {
-            "triplets_per_point": args.sim_triplets, "top_k": k, "max_samples": args.max_samples,
-            "steps": steps, "fast_preset_steps": args.fast_steps, "round_size": args.round_size,
-            "give_up_after": args.give_up_after, "early_reject_at": args.er_at,
-            "early_reject_recall_on_failing": args.er_recall, "early_reject_false_reject_on_passing": args.er_false_reject,
+            "triplets_per_point": args.sim_triplets,
+            "top_k": k,
+            "max_samples": args.max_samples,
+            "steps": steps,
+            "fast_preset_steps": args.fast_steps,
+            "round_size": args.round_size,
+            "give_up_after": args.give_up_after,
+            "early_reject_at": args.er_at,
+            "early_reject_recall_on_failing": args.er_recall,
+            "early_reject_false_reject_on_passing": args.er_false_reject,
             "early_reject_source": args.er_calibration or "assumed (--er-recall / --er-false-reject)",
             "early_decode_cost_in_unet_calls": args.decode_cost,
             "hopeless_fractions": args.hopeless,
             "note": "synthetic outcomes: each sample passes independently with its triplet's rate; early-rejection "
-                    "precision/recall are assumptions (not measured on real models); kept = min(top_k, passes)",
-            "measured_pass_rates": ({"files": args.measured_pass_rates, "triplets": len(measured),
-                                     "note": "curves.measured: each triplet's measured pass rate (passed / drawn in "
-                                             "the files) stands for its true rate; a triplet with none passing is "
-                                             "hopeless there. curves.measured_posterior: the same triplets, each "
-                                             "rate drawn from its Beta posterior (prior fitted to all measured "
-                                             "triplets: alpha, beta = beta_prior), so few samples without a pass "
-                                             "no longer mean hopeless; branching is not replayed there. The "
-                                             "synthetic curves are the what-if", "beta_prior": beta_prior(measured)}
-                                    if measured is not None else None),
+            "precision/recall are assumptions (not measured on real models); kept = min(top_k, passes)",
+            "measured_pass_rates": (
+                {
+                    "files": args.measured_pass_rates,
+                    "triplets": len(measured),
+                    "note": "curves.measured: each triplet's measured pass rate (passed / drawn in "
+                    "the files) stands for its true rate; a triplet with none passing is "
+                    "hopeless there. curves.measured_posterior: the same triplets, each "
+                    "rate drawn from its Beta posterior (prior fitted to all measured "
+                    "triplets: alpha, beta = beta_prior), so few samples without a pass "
+                    "no longer mean hopeless; branching is not replayed there. The "
+                    "synthetic curves are the what-if",
+                    "beta_prior": beta_prior(measured),
+                }
+                if measured is not None
+                else None
+            ),
         },
         "curves": curves,
     }
@@ -399,8 +518,10 @@ def calibrated_early_rejection(path: Path) -> tuple[float, float, float]:
     report = json.loads(path.read_text())
     margin = report.get("recommended_margin")
     if margin is None:
-        raise SystemExit(f"{path}: no recommended margin (no margin kept false drops within "
-                         f"{report.get('max_false_drop')}); pass --er-recall / --er-false-reject instead")
+        raise SystemExit(
+            f"{path}: no recommended margin (no margin kept false drops within "
+            f"{report.get('max_false_drop')}); pass --er-recall / --er-false-reject instead"
+        )
     row = next(r for r in report["table"] if r["margin"] == margin)
     return float(report["early_reject_at"]), float(row["recall"]), float(row["false_drop"])
 
@@ -423,9 +544,19 @@ def seed_cost(ps: np.ndarray, steps: int) -> tuple[int, int]:
     return steps + own, 4 * steps + 2 * own
 
 
-def simulate_branches(policy: SamplingPolicy, rates: np.ndarray, steps: int, top_k: int, per_seed: int | None,
-                      corr: float, slope: float, p_range: tuple[float, float], seed: int, cohort: int = 64,
-                      trees: list | None = None) -> dict:
+def simulate_branches(
+    policy: SamplingPolicy,
+    rates: np.ndarray,
+    steps: int,
+    top_k: int,
+    per_seed: int | None,
+    corr: float,
+    slope: float,
+    p_range: tuple[float, float],
+    seed: int,
+    cohort: int = 64,
+    trees: list | None = None,
+) -> dict:
     """Plan (the stage's RenderPlan, seeds of `policy.group` branches) and 'render' with synthetic outcomes:
     branch b of a seed passes iff Phi(sqrt(corr) Z_seed + sqrt(1 - corr) E_b) < q(p_b). With ``trees`` (one
     list per triplet of measured seeds, (p per branch, passed per branch); :func:`measured_trees`) each seed
@@ -443,7 +574,7 @@ def simulate_branches(policy: SamplingPolicy, rates: np.ndarray, steps: int, top
     while batch := plan.next_cohort(cohort):
         results = []
         for start in range(0, len(batch), k):
-            seed_rows = batch[start: start + k]
+            seed_rows = batch[start : start + k]
             slot = seed_rows[0].index // k
             rng = np.random.default_rng([seed, int(seed_rows[0].caption_id, 16), slot])
             if trees is not None:
@@ -454,7 +585,12 @@ def simulate_branches(policy: SamplingPolicy, rates: np.ndarray, steps: int, top
                 ps = lo + (np.arange(k) + u) / k * (hi - lo)
                 z, e = rng.standard_normal(), rng.standard_normal(k)
                 latent = sqrt(corr) * z + sqrt(1 - corr) * e
-                q = np.clip(rate_of[seed_rows[0].caption_id] * (1 + slope * (2 * (ps - lo) / max(hi - lo, 1e-12) - 1)), 0, 1)
+                q = np.clip(
+                    rate_of[seed_rows[0].caption_id]
+                    * (1 + slope * (2 * (ps - lo) / max(hi - lo, 1e-12) - 1)),
+                    0,
+                    1,
+                )
                 outcome = np.array([0.5 * (1 + erf(latent[b] / sqrt(2))) < q[b] for b in range(k)])
             c, im = seed_cost(ps, steps) if k > 1 else (steps, 4 * steps)
             calls, images = calls + c, images + im
@@ -478,16 +614,24 @@ def simulate_branches(policy: SamplingPolicy, rates: np.ndarray, steps: int, top
                 break
         kept += len(taken)
         seeds += len(set(taken))
-    return {"samples": samples, "unet_calls": calls, "unet_images": images, "kept": kept,
-            "distinct_seeds_per_kept_pair": round(seeds / kept, 4) if kept else None,
-            "triplets_with_kept": sum(bool(r) for r in passing.values()), **plan.status_counts()}
+    return {
+        "samples": samples,
+        "unet_calls": calls,
+        "unet_images": images,
+        "kept": kept,
+        "distinct_seeds_per_kept_pair": round(seeds / kept, 4) if kept else None,
+        "triplets_with_kept": sum(bool(r) for r in passing.values()),
+        **plan.status_counts(),
+    }
 
 
 def branching_curve(args: argparse.Namespace) -> dict:
     k, top, steps = args.branches, args.top_k, args.sim_steps
-    plain = {"fixed_100": SamplingPolicy(args.max_samples),
-             "adaptive": SamplingPolicy(args.max_samples, args.round_size, top),
-             "adaptive_give_up": SamplingPolicy(args.max_samples, args.round_size, top, args.give_up_after)}
+    plain = {
+        "fixed_100": SamplingPolicy(args.max_samples),
+        "adaptive": SamplingPolicy(args.max_samples, args.round_size, top),
+        "adaptive_give_up": SamplingPolicy(args.max_samples, args.round_size, top, args.give_up_after),
+    }
     curves = {}
     for corr in args.branch_corr:
         rows = []
@@ -495,41 +639,82 @@ def branching_curve(args: argparse.Namespace) -> dict:
             rates = np.full(args.sim_triplets, rate)
             row: dict = {"pass_rate": rate}
             for name, policy in plain.items():
-                for label, group, per_seed in ((name, 1, 1), (f"{name}_branches_{k}", k, 1),
-                                               (f"{name}_branches_{k}_keep_all", k, None)):
-                    pol = SamplingPolicy(policy.max_samples, policy.round_size, policy.target_passed,
-                                         policy.give_up_after, group, per_seed if group > 1 else None)
-                    sim = simulate_branches(pol, rates, steps, top, per_seed, corr, args.branch_pass_slope,
-                                            tuple(args.p_range), args.seed)
+                for label, group, per_seed in (
+                    (name, 1, 1),
+                    (f"{name}_branches_{k}", k, 1),
+                    (f"{name}_branches_{k}_keep_all", k, None),
+                ):
+                    pol = SamplingPolicy(
+                        policy.max_samples,
+                        policy.round_size,
+                        policy.target_passed,
+                        policy.give_up_after,
+                        group,
+                        per_seed if group > 1 else None,
+                    )
+                    sim = simulate_branches(
+                        pol,
+                        rates,
+                        steps,
+                        top,
+                        per_seed,
+                        corr,
+                        args.branch_pass_slope,
+                        tuple(args.p_range),
+                        args.seed,
+                    )
                     kept = sim["kept"]
-                    row[label] = {**sim,
-                                  "unet_calls_per_kept_pair": round(sim["unet_calls"] / kept, 1) if kept else None,
-                                  "unet_image_calls_per_kept_pair": round(sim["unet_images"] / 4 / kept, 1) if kept else None,
-                                  "kept_per_1000_unet_calls": round(1000 * kept / sim["unet_calls"], 3),
-                                  "kept_per_1000_unet_image_calls": round(4000 * kept / sim["unet_images"], 3)}
+                    row[label] = {
+                        **sim,
+                        "unet_calls_per_kept_pair": round(sim["unet_calls"] / kept, 1) if kept else None,
+                        "unet_image_calls_per_kept_pair": round(sim["unet_images"] / 4 / kept, 1)
+                        if kept
+                        else None,
+                        "kept_per_1000_unet_calls": round(1000 * kept / sim["unet_calls"], 3),
+                        "kept_per_1000_unet_image_calls": round(4000 * kept / sim["unet_images"], 3),
+                    }
                 base = row[name]
                 for label in (f"{name}_branches_{k}", f"{name}_branches_{k}_keep_all"):
                     if base["kept"] and row[label]["kept"]:
                         row[label]["calls_per_kept_vs_independent"] = round(
-                            row[label]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4)
+                            row[label]["unet_calls_per_kept_pair"] / base["unet_calls_per_kept_pair"], 4
+                        )
                         row[label]["image_calls_per_kept_vs_independent"] = round(
-                            row[label]["unet_image_calls_per_kept_pair"] / base["unet_image_calls_per_kept_pair"], 4)
+                            row[label]["unet_image_calls_per_kept_pair"]
+                            / base["unet_image_calls_per_kept_pair"],
+                            4,
+                        )
             rows.append(row)
         curves[f"corr_{corr:g}"] = rows
-    return {"assumptions": {"branches": k, "keep_per_seed": 1, "p_range": list(args.p_range), "steps": steps,
-                            "pass_rate_vs_p_slope": args.branch_pass_slope, "branch_correlations": args.branch_corr,
-                            "triplets_per_point": args.sim_triplets, "top_k": top, "max_samples": args.max_samples,
-                            "round_size": args.round_size, "give_up_after": args.give_up_after,
-                            "note": "synthetic outcomes: a seed's branches pass with q(p_b) each, correlated through a "
-                                    "Gaussian copula (branch_correlations); kept = the top_k of a random order of the "
-                                    "passing samples, at most keep_per_seed per seed (_keep_all: no limit); UNet calls "
-                                    "from the ip2p stop steps of the stratified p draws; no early rejection"},
-            "curves": curves}
+    return {
+        "assumptions": {
+            "branches": k,
+            "keep_per_seed": 1,
+            "p_range": list(args.p_range),
+            "steps": steps,
+            "pass_rate_vs_p_slope": args.branch_pass_slope,
+            "branch_correlations": args.branch_corr,
+            "triplets_per_point": args.sim_triplets,
+            "top_k": top,
+            "max_samples": args.max_samples,
+            "round_size": args.round_size,
+            "give_up_after": args.give_up_after,
+            "note": "synthetic outcomes: a seed's branches pass with q(p_b) each, correlated through a "
+            "Gaussian copula (branch_correlations); kept = the top_k of a random order of the "
+            "passing samples, at most keep_per_seed per seed (_keep_all: no limit); UNet calls "
+            "from the ip2p stop steps of the stratified p draws; no early rejection",
+        },
+        "curves": curves,
+    }
 
 
 def _pairwise_rmse(images: torch.Tensor) -> list[float]:
     flat = images.flatten(1)
-    return [float(((flat[a] - flat[b]) ** 2).mean().sqrt()) for a in range(len(flat)) for b in range(a + 1, len(flat))]
+    return [
+        float(((flat[a] - flat[b]) ** 2).mean().sqrt())
+        for a in range(len(flat))
+        for b in range(a + 1, len(flat))
+    ]
 
 
 def branching_measured(args: argparse.Namespace) -> dict:
@@ -539,9 +724,15 @@ def branching_measured(args: argparse.Namespace) -> dict:
     from tasks.common.selection import passes
 
     k = args.branches
-    overrides = [f"models.diffusion={args.preset}", f"models.clip={args.clip}", f"render.device={args.device}",
-                 f"render.dtype={args.dtype}", f"render.height={args.size}", f"render.width={args.size}",
-                 f"render.steps={args.branch_steps}"]
+    overrides = [
+        f"models.diffusion={args.preset}",
+        f"models.clip={args.clip}",
+        f"render.device={args.device}",
+        f"render.dtype={args.dtype}",
+        f"render.height={args.size}",
+        f"render.width={args.size}",
+        f"render.steps={args.branch_steps}",
+    ]
     cfg = load_config("demo", overrides)
     renderer = Renderer(cfg)
     settings = settings_from(cfg)
@@ -549,15 +740,22 @@ def branching_measured(args: argparse.Namespace) -> dict:
     n_seeds = args.branch_triplets * args.branch_seeds
     n = n_seeds * k
     seeds = sample_seeds("bench-branch", n)
-    independent = [PairRequest(f"t{i % args.branch_triplets}", *CAPTIONS[i % args.branch_triplets % 4], s)
-                   for i, s in enumerate(seeds)]
-    branched = [PairRequest(f"t{j % args.branch_triplets}", *CAPTIONS[j % args.branch_triplets % 4], seeds[j], b, k)
-                for j in range(n_seeds) for b in range(k)]
+    independent = [
+        PairRequest(f"t{i % args.branch_triplets}", *CAPTIONS[i % args.branch_triplets % 4], s)
+        for i, s in enumerate(seeds)
+    ]
+    branched = [
+        PairRequest(f"t{j % args.branch_triplets}", *CAPTIONS[j % args.branch_triplets % 4], seeds[j], b, k)
+        for j in range(n_seeds)
+        for b in range(k)
+    ]
     batch = args.batch or 8
     batch = max(k, batch - batch % k)  # whole seeds per batch, as the stage's cohorts
-    runs = {"independent_p_branches_1": (independent, settings),
-            f"p_branches_{k}": (branched, settings),
-            f"p_branches_{k}_unbranched": (branched, dataclasses.replace(settings, branching=False))}
+    runs = {
+        "independent_p_branches_1": (independent, settings),
+        f"p_branches_{k}": (branched, settings),
+        f"p_branches_{k}_unbranched": (branched, dataclasses.replace(settings, branching=False)),
+    }
     renderer.render_scored(independent[:1], settings, cfg.render.keep)  # warm-up
     timing: dict[str, list[float]] = {name: [] for name in runs}
     outputs = {}
@@ -565,72 +763,126 @@ def branching_measured(args: argparse.Namespace) -> dict:
         for name, (requests, s) in runs.items():
             sync(device)
             t0 = time.perf_counter()
-            outputs[name] = [renderer.render_scored(requests[i: i + batch], s, cfg.render.keep)
-                             for i in range(0, len(requests), batch)]
+            outputs[name] = [
+                renderer.render_scored(requests[i : i + batch], s, cfg.render.keep)
+                for i in range(0, len(requests), batch)
+            ]
             sync(device)
             timing[name].append(time.perf_counter() - t0)
-    out: dict = {"preset": args.preset, "size": args.size, "steps": args.branch_steps, "branches": k,
-                 "samples_per_run": n, "seeds_branched": n_seeds, "batch_samples": batch,
-                 "repeats": args.branch_repeats, "runs": {}}
+    out: dict = {
+        "preset": args.preset,
+        "size": args.size,
+        "steps": args.branch_steps,
+        "branches": k,
+        "samples_per_run": n,
+        "seeds_branched": n_seeds,
+        "batch_samples": batch,
+        "repeats": args.branch_repeats,
+        "runs": {},
+    }
     for name, scored in outputs.items():
         calls = sum(sum(o.pairs.unet_steps) for o in scored)
         images = sum(sum(o.pairs.unet_images) for o in scored)
         seconds = min(timing[name])
-        out["runs"][name] = {"seconds": round(seconds, 3), "seconds_all": [round(t, 3) for t in timing[name]],
-                             "s_per_sample": round(seconds / n, 4), "unet_calls": calls, "unet_images": images,
-                             "unet_calls_per_sample": round(calls / n, 3), "unet_images_per_sample": round(images / n, 3)}
+        out["runs"][name] = {
+            "seconds": round(seconds, 3),
+            "seconds_all": [round(t, 3) for t in timing[name]],
+            "s_per_sample": round(seconds / n, 4),
+            "unet_calls": calls,
+            "unet_images": images,
+            "unet_calls_per_sample": round(calls / n, 3),
+            "unet_images_per_sample": round(images / n, 3),
+        }
     base, tree, flat = (out["runs"][name] for name in runs)
-    out["tree_vs_independent"] = {key: round(tree[key] / base[key], 4) for key in
-                                  ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")}
-    out["tree_vs_unbranched_same_samples"] = {key: round(tree[key] / flat[key], 4) for key in
-                                              ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")}
+    out["tree_vs_independent"] = {
+        key: round(tree[key] / base[key], 4)
+        for key in ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")
+    }
+    out["tree_vs_unbranched_same_samples"] = {
+        key: round(tree[key] / flat[key], 4)
+        for key in ("s_per_sample", "unet_calls_per_sample", "unet_images_per_sample")
+    }
     after_tree = torch.cat([o.pairs.after for o in outputs[f"p_branches_{k}"]])
     after_flat = torch.cat([o.pairs.after for o in outputs[f"p_branches_{k}_unbranched"]])
     out["max_abs_image_diff_tree_vs_unbranched"] = float((after_tree - after_flat).abs().max())
     # spread of the after images: a seed's branches vs different seeds of the same triplet
-    within = [d for j in range(n_seeds) for d in _pairwise_rmse(after_tree[j * k: (j + 1) * k])]
-    across = [d for t in range(args.branch_triplets)
-              for d in _pairwise_rmse(after_tree[[j * k for j in range(n_seeds) if j % args.branch_triplets == t]])]
-    out["after_image_rmse"] = {"within_seed_branches": round(float(np.mean(within)), 5) if within else None,
-                               "across_seeds_same_triplet": round(float(np.mean(across)), 5) if across else None}
+    within = [d for j in range(n_seeds) for d in _pairwise_rmse(after_tree[j * k : (j + 1) * k])]
+    across = [
+        d
+        for t in range(args.branch_triplets)
+        for d in _pairwise_rmse(after_tree[[j * k for j in range(n_seeds) if j % args.branch_triplets == t]])
+    ]
+    out["after_image_rmse"] = {
+        "within_seed_branches": round(float(np.mean(within)), 5) if within else None,
+        "across_seeds_same_triplet": round(float(np.mean(across)), 5) if across else None,
+    }
     # kept under the demo's thresholds with the stage's rule (one per seed) and without it
     import pandas as pd
 
-    metrics = {m: torch.cat([o.metrics[m] for o in outputs[f"p_branches_{k}"]]).numpy() for m in outputs[
-        f"p_branches_{k}"][0].metrics}
-    df = pd.DataFrame({"caption_id": [r.key for r in branched], "seed": [r.seed for r in branched], **metrics})
+    metrics = {
+        m: torch.cat([o.metrics[m] for o in outputs[f"p_branches_{k}"]]).numpy()
+        for m in outputs[f"p_branches_{k}"][0].metrics
+    }
+    df = pd.DataFrame(
+        {"caption_id": [r.key for r in branched], "seed": [r.seed for r in branched], **metrics}
+    )
     from tasks.common.selection import per_seed_eligible, select_top_k
 
     kept_rule = {}
     for label, per_seed in (("keep_per_seed_1", 1), ("keep_all", None)):
         kept = df[select_top_k(df, cfg.render.keep, per_seed_eligible(df, cfg.render.keep, per_seed))]
-        kept_rule[label] = {"kept": len(kept), "distinct_seeds": int(kept.groupby(["caption_id", "seed"]).ngroups)}
-    out["kept_demo_thresholds"] = {"passed": int(passes(df, cfg.render.keep).sum()), "top_k": cfg.render.keep.top_k,
-                                   **kept_rule}
+        kept_rule[label] = {
+            "kept": len(kept),
+            "distinct_seeds": int(kept.groupby(["caption_id", "seed"]).ngroups),
+        }
+    out["kept_demo_thresholds"] = {
+        "passed": int(passes(df, cfg.render.keep).sum()),
+        "top_k": cfg.render.keep.top_k,
+        **kept_rule,
+    }
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny", help="diffusion preset: tiny, sd15-arch, sd15, sdxl")
-    parser.add_argument("--clip", default=None, help="CLIP preset (default: tiny; ViT-L-14 random-init for sd15-arch)")
+    parser.add_argument(
+        "--clip", default=None, help="CLIP preset (default: tiny; ViT-L-14 random-init for sd15-arch)"
+    )
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA only)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps, both paths (a)")
     parser.add_argument("--ref-samples", type=int, default=8)
-    parser.add_argument("--reference-attention", default="both", choices=["explicit", "sdpa", "both"],
-                        help="the reference loop's attention: explicit maps as the reference code (einsum + softmax), "
-                             "our SDPA processors, or both (the speedup is quoted against explicit)")
+    parser.add_argument(
+        "--reference-attention",
+        default="both",
+        choices=["explicit", "sdpa", "both"],
+        help="the reference loop's attention: explicit maps as the reference code (einsum + softmax), "
+        "our SDPA processors, or both (the speedup is quoted against explicit)",
+    )
     parser.add_argument("--batched-samples", type=int, default=24)
-    parser.add_argument("--batch", type=int, default=0, help="samples per UNet batch (0: auto — free GPU memory, 8 on CPU)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as set by OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--batch", type=int, default=0, help="samples per UNet batch (0: auto — free GPU memory, 8 on CPU)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: leave as set by OMP_NUM_THREADS)"
+    )
     parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--pass-rates", type=lambda s: [float(x) for x in s.split(",")],
-                        default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--hopeless", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.31],
-                        help="fractions of triplets that never pass (one curve each)")
+    parser.add_argument(
+        "--pass-rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+    )
+    parser.add_argument(
+        "--hopeless",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.0, 0.31],
+        help="fractions of triplets that never pass (one curve each)",
+    )
     parser.add_argument("--sim-triplets", type=int, default=400)
     parser.add_argument("--sim-steps", type=int, default=100)
     parser.add_argument("--fast-steps", type=int, default=25)
@@ -641,104 +893,180 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--er-at", type=float, default=0.4)
     parser.add_argument("--er-recall", type=float, default=0.5)
     parser.add_argument("--er-false-reject", type=float, default=0.05)
-    parser.add_argument("--er-calibration", default=None,
-                        help="JSON of `editforge calibrate-early --json`: take recall / false drops at its recommended margin")
-    parser.add_argument("--measured-pass-rates", nargs="+", default=None, metavar="SAMPLES_PARQUET",
-                        help="samples.parquet files (globs) of a real render, e.g. runs/world/render/*/part-*/samples.parquet "
-                             "or bench/results/world_samples.parquet: adds curves.measured (per-triplet measured pass "
-                             "rates, by edit kind when known) beside the synthetic ones")
-    parser.add_argument("--decode-cost", type=float, default=1.5,
-                        help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)")
+    parser.add_argument(
+        "--er-calibration",
+        default=None,
+        help="JSON of `editforge calibrate-early --json`: take recall / false drops at its recommended margin",
+    )
+    parser.add_argument(
+        "--measured-pass-rates",
+        nargs="+",
+        default=None,
+        metavar="SAMPLES_PARQUET",
+        help="samples.parquet files (globs) of a real render, e.g. runs/world/render/*/part-*/samples.parquet "
+        "or bench/results/world_samples.parquet: adds curves.measured (per-triplet measured pass "
+        "rates, by edit kind when known) beside the synthetic ones",
+    )
+    parser.add_argument(
+        "--decode-cost",
+        type=float,
+        default=1.5,
+        help="one early VAE decode of a pair + CLIP, in UNet-call units (SD 1.5 at 512²: ~1.5)",
+    )
     parser.add_argument("--branches", type=int, default=4, help="(c) p branches per seed")
-    parser.add_argument("--branch-corr", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.5, 0.9],
-                        help="(c) correlation of a seed's branches' pass propensity (one synthetic curve each)")
-    parser.add_argument("--branch-pass-slope", type=float, default=0.0,
-                        help="(c) pass rate vs p: q(p) = q (1 + slope (2 (p - p_lo) / (p_hi - p_lo) - 1)); 0: flat")
+    parser.add_argument(
+        "--branch-corr",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.0, 0.5, 0.9],
+        help="(c) correlation of a seed's branches' pass propensity (one synthetic curve each)",
+    )
+    parser.add_argument(
+        "--branch-pass-slope",
+        type=float,
+        default=0.0,
+        help="(c) pass rate vs p: q(p) = q (1 + slope (2 (p - p_lo) / (p_hi - p_lo) - 1)); 0: flat",
+    )
     parser.add_argument("--p-range", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.9])
     parser.add_argument("--branch-triplets", type=int, default=4, help="(c) measured: triplets")
-    parser.add_argument("--branch-seeds", type=int, default=2, help="(c) measured: seeds per triplet (x branches)")
+    parser.add_argument(
+        "--branch-seeds", type=int, default=2, help="(c) measured: seeds per triplet (x branches)"
+    )
     parser.add_argument("--branch-steps", type=int, default=20, help="(c) measured: denoising steps")
-    parser.add_argument("--branch-repeats", type=int, default=2, help="(c) measured: interleaved repeats, best kept")
+    parser.add_argument(
+        "--branch-repeats", type=int, default=2, help="(c) measured: interleaved repeats, best kept"
+    )
     parser.add_argument("--skip-branching", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "render_throughput.json"))
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.steps, args.ref_samples, args.batched_samples, args.batch = 2, 2, 4, 2
         args.sim_triplets, args.reference_attention = 20, "sdpa"
         args.branch_triplets, args.branch_seeds, args.branch_steps, args.branch_repeats = 2, 1, 4, 1
     if args.er_calibration:
-        args.er_at, args.er_recall, args.er_false_reject = calibrated_early_rejection(Path(args.er_calibration))
+        args.er_at, args.er_recall, args.er_false_reject = calibrated_early_rejection(
+            Path(args.er_calibration)
+        )
     args.clip = args.clip or ("ViT-L-14" if args.preset in ("sd15-arch", "sd15", "sdxl") else "tiny")
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    result: dict = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}
+    result: dict = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    }
     if not args.skip_throughput:
         result["throughput"] = throughput(args)
     result["unet_calls"] = calls_curve(args)
     if not args.skip_branching:
         result["p_branching"] = {"measured": branching_measured(args), "synthetic": branching_curve(args)}
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    at10 = {name: v for row in result["unet_calls"]["curves"]["hopeless_0"] for name, v in row.items()
-            if row["pass_rate"] == 0.1 and name != "pass_rate"}
+    at10 = {
+        name: v
+        for row in result["unet_calls"]["curves"]["hopeless_0"]
+        for name, v in row.items()
+        if row["pass_rate"] == 0.1 and name != "pass_rate"
+    }
     result["goals"] = {
         "speedup_ge_3x": result.get("throughput", {}).get("speedup", 0) >= 3,
-        "calls_per_kept_le_one_fifth_at_10pct": {name: v["ratio_vs_fixed_100"] <= 0.2 for name, v in at10.items()},
+        "calls_per_kept_le_one_fifth_at_10pct": {
+            name: v["ratio_vs_fixed_100"] <= 0.2 for name, v in at10.items()
+        },
     }
     curves = result["unet_calls"]["curves"]
     measured_all = next((row for row in curves.get("measured", []) if row["kind"] == "all"), None)
     posterior_all = next((row for row in curves.get("measured_posterior", []) if row["kind"] == "all"), None)
     for label, row in (("measured", measured_all), ("measured_posterior", posterior_all)):
-        if row:  # the goal at the measured pass rates: >= 5x fewer UNet calls per kept pair, <= 5% fewer triplets
+        if (
+            row
+        ):  # the goal at the measured pass rates: >= 5x fewer UNet calls per kept pair, <= 5% fewer triplets
             result["goals"][f"{label}_5x_fewer_calls_per_kept_pair_le_5pct_fewer_triplets"] = {
-                name: bool(v["ratio_vs_fixed_100"] is not None and v["ratio_vs_fixed_100"] <= 0.2
-                           and v["triplets_with_kept_vs_fixed_100"] >= 0.95)
-                for name, v in row.items() if isinstance(v, dict) and name != "fixed_100"}
+                name: bool(
+                    v["ratio_vs_fixed_100"] is not None
+                    and v["ratio_vs_fixed_100"] <= 0.2
+                    and v["triplets_with_kept_vs_fixed_100"] >= 0.95
+                )
+                for name, v in row.items()
+                if isinstance(v, dict) and name != "fixed_100"
+            }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     tp = result.get("throughput")
     parts = []
     if tp:
-        vs_sdpa = (f", {tp['speedup_vs_sdpa_reference']:.2f}x vs the same loop on SDPA"
-                   if "speedup_vs_sdpa_reference" in tp else "")
-        parts.append(f"batched {tp['batched']['samples_per_s']:.3g} vs reference ({tp['reference']['attention']} "
-                     f"attention) {tp['reference']['samples_per_s']:.3g} samples/s = {tp['speedup']:.2f}x{vs_sdpa} "
-                     f"({tp['preset']} {tp['size']}², {tp['steps']} steps, batch {tp['batch_samples']}, {tp['device']})")
-    parts.append("UNet calls per kept pair at 10% pass vs fixed-100: " + ", ".join(
-        f"{name} {v['ratio_vs_fixed_100']:.2f}" for name, v in at10.items() if name != "fixed_100"))
+        vs_sdpa = (
+            f", {tp['speedup_vs_sdpa_reference']:.2f}x vs the same loop on SDPA"
+            if "speedup_vs_sdpa_reference" in tp
+            else ""
+        )
+        parts.append(
+            f"batched {tp['batched']['samples_per_s']:.3g} vs reference ({tp['reference']['attention']} "
+            f"attention) {tp['reference']['samples_per_s']:.3g} samples/s = {tp['speedup']:.2f}x{vs_sdpa} "
+            f"({tp['preset']} {tp['size']}², {tp['steps']} steps, batch {tp['batch_samples']}, {tp['device']})"
+        )
+    parts.append(
+        "UNet calls per kept pair at 10% pass vs fixed-100: "
+        + ", ".join(
+            f"{name} {v['ratio_vs_fixed_100']:.2f}" for name, v in at10.items() if name != "fixed_100"
+        )
+    )
     pb = result.get("p_branching")
     if pb:
         m, k = pb["measured"], args.branches
         row = next((r for r in pb["synthetic"]["curves"].get("corr_0.5", []) if r["pass_rate"] == 0.1), None)
-        synth = (f"; synthetic 10% pass, corr 0.5: adaptive UNet calls per kept pair x"
-                 f"{row[f'adaptive_branches_{k}'].get('calls_per_kept_vs_independent', float('nan')):.2f} "
-                 f"(images x{row[f'adaptive_branches_{k}'].get('image_calls_per_kept_vs_independent', float('nan')):.2f})"
-                 if row else "")
-        parts.append(f"p-branching K={k} measured ({m['preset']} {m['size']}², {m['steps']} steps): per sample "
-                     f"wall x{m['tree_vs_independent']['s_per_sample']:.2f}, UNet calls "
-                     f"x{m['tree_vs_independent']['unet_calls_per_sample']:.2f}, images "
-                     f"x{m['tree_vs_independent']['unet_images_per_sample']:.2f} vs independent{synth}")
+        synth = (
+            f"; synthetic 10% pass, corr 0.5: adaptive UNet calls per kept pair x"
+            f"{row[f'adaptive_branches_{k}'].get('calls_per_kept_vs_independent', float('nan')):.2f} "
+            f"(images x{row[f'adaptive_branches_{k}'].get('image_calls_per_kept_vs_independent', float('nan')):.2f})"
+            if row
+            else ""
+        )
+        parts.append(
+            f"p-branching K={k} measured ({m['preset']} {m['size']}², {m['steps']} steps): per sample "
+            f"wall x{m['tree_vs_independent']['s_per_sample']:.2f}, UNet calls "
+            f"x{m['tree_vs_independent']['unet_calls_per_sample']:.2f}, images "
+            f"x{m['tree_vs_independent']['unet_images_per_sample']:.2f} vs independent{synth}"
+        )
     measured = result["unet_calls"]["curves"].get("measured")
     if measured_all:
-        parts.append(f"measured pass rates ({measured_all['triplets_measured']} triplets, {measured_all['pass_rate']:.0%} pass, "
-                     f"{measured_all['hopeless_share']:.0%} hopeless), UNet calls per kept pair vs fixed-100 "
-                     "(triplets with a pair): " + ", ".join(
-                         f"{name} {v['ratio_vs_fixed_100']} ({v['triplets_with_kept_vs_fixed_100']:.0%})"
-                         for name, v in measured_all.items() if isinstance(v, dict) and name != "fixed_100"))
-        if posterior_all:
-            parts.append("at posterior rates: " + ", ".join(
+        parts.append(
+            f"measured pass rates ({measured_all['triplets_measured']} triplets, {measured_all['pass_rate']:.0%} pass, "
+            f"{measured_all['hopeless_share']:.0%} hopeless), UNet calls per kept pair vs fixed-100 "
+            "(triplets with a pair): "
+            + ", ".join(
                 f"{name} {v['ratio_vs_fixed_100']} ({v['triplets_with_kept_vs_fixed_100']:.0%})"
-                for name, v in posterior_all.items() if isinstance(v, dict) and name != "fixed_100"))
+                for name, v in measured_all.items()
+                if isinstance(v, dict) and name != "fixed_100"
+            )
+        )
+        if posterior_all:
+            parts.append(
+                "at posterior rates: "
+                + ", ".join(
+                    f"{name} {v['ratio_vs_fixed_100']} ({v['triplets_with_kept_vs_fixed_100']:.0%})"
+                    for name, v in posterior_all.items()
+                    if isinstance(v, dict) and name != "fixed_100"
+                )
+            )
     elif measured:
-        parts.append("measured pass rates (" + ", ".join(
-            f"{row['kind']} {row['pass_rate']:.0%}: adaptive {row['adaptive']['ratio_vs_fixed_100']}" for row in measured)
-            + " of fixed-100's UNet calls per kept pair)")
-    print("render_throughput: " + "; ".join(parts) + f" -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+        parts.append(
+            "measured pass rates ("
+            + ", ".join(
+                f"{row['kind']} {row['pass_rate']:.0%}: adaptive {row['adaptive']['ratio_vs_fixed_100']}"
+                for row in measured
+            )
+            + " of fixed-100's UNet calls per kept pair)"
+        )
+    print(
+        "render_throughput: "
+        + "; ".join(parts)
+        + f" -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+    )
     return 0
 
 

@@ -57,22 +57,29 @@ from tasks.world.scene import BACKGROUNDS, COLOURS, SHAPES, STYLES
 REVIEWER = "world-truth"
 STRIPES = ("white", "black")  # the colours a striped shape's stripes take
 MIN_SHARE = 0.008  # a colour is present with at least this share of the image's pixels
-MAX_OTHER = 0.25  # an image shows its caption when other colours hold at most this share of the shapes' pixels
+MAX_OTHER = (
+    0.25  # an image shows its caption when other colours hold at most this share of the shapes' pixels
+)
 _PAL_NAMES = list(COLOURS)
 _PAL = np.array([COLOURS[c] for c in _PAL_NAMES], float)
 _BG_NAMES = list(BACKGROUNDS)
 _BG = np.array([BACKGROUNDS[b] for b in _BG_NAMES], float)
 # colours a blurred render mixes up (palette distance under 120: orange with red and yellow, blue with purple)
-NEIGHBOURS = {(a, b) for i, a in enumerate(_PAL_NAMES) for j, b in enumerate(_PAL_NAMES)
-              if i != j and np.linalg.norm(_PAL[i] - _PAL[j]) < 120}
+NEIGHBOURS = {
+    (a, b)
+    for i, a in enumerate(_PAL_NAMES)
+    for j, b in enumerate(_PAL_NAMES)
+    if i != j and np.linalg.norm(_PAL[i] - _PAL[j]) < 120
+}
 
 
 def read_image(image: np.ndarray) -> tuple[str, dict[str, int], int]:
     """(background name, pixels per palette colour off the background, pixels) of an (H, W, 3) uint8 image."""
     a = image.astype(float)
     m = max(2, a.shape[0] // 16)
-    border = np.concatenate([a[:m].reshape(-1, 3), a[-m:].reshape(-1, 3), a[:, :m].reshape(-1, 3),
-                             a[:, -m:].reshape(-1, 3)])
+    border = np.concatenate(
+        [a[:m].reshape(-1, 3), a[-m:].reshape(-1, 3), a[:, :m].reshape(-1, 3), a[:, -m:].reshape(-1, 3)]
+    )
     bg = int(np.linalg.norm(_BG - np.median(border, 0), axis=1).argmin())
     px = a.reshape(-1, 3)
     fg = px[np.linalg.norm(px - _BG[bg], axis=1) > 60]
@@ -80,8 +87,11 @@ def read_image(image: np.ndarray) -> tuple[str, dict[str, int], int]:
     if len(fg):
         d = np.linalg.norm(fg[:, None] - _PAL[None], axis=2)
         near = d.min(1) < 60
-        counts = {_PAL_NAMES[i]: int(n) for i, n in enumerate(np.bincount(d.argmin(1)[near], minlength=len(_PAL)))
-                  if n}
+        counts = {
+            _PAL_NAMES[i]: int(n)
+            for i, n in enumerate(np.bincount(d.argmin(1)[near], minlength=len(_PAL)))
+            if n
+        }
     return _BG_NAMES[bg], counts, len(px)
 
 
@@ -96,19 +106,29 @@ def shows(image: np.ndarray, desc: Description, gone: set[str] = frozenset()) ->
         if counts.get(colour, 0) < MIN_SHARE * pixels:
             return False, f"no {colour}"
     for colour in sorted(gone - required - optional):
-        if not any((colour, r) in NEIGHBOURS for r in required) and counts.get(colour, 0) >= MIN_SHARE * pixels:
+        if (
+            not any((colour, r) in NEIGHBOURS for r in required)
+            and counts.get(colour, 0) >= MIN_SHARE * pixels
+        ):
             return False, f"{colour} still there"
     shapes = sum(counts.values())
-    other = sum(n for c, n in counts.items()
-                if c not in required | optional and not any((c, r) in NEIGHBOURS for r in required))
+    other = sum(
+        n
+        for c, n in counts.items()
+        if c not in required | optional and not any((c, r) in NEIGHBOURS for r in required)
+    )
     if shapes and other > MAX_OTHER * shapes:
         return False, f"other colours on {other} of {shapes} shape pixels"
     return True, "ok"
 
 
 def _template_patterns() -> dict[str, list[re.Pattern]]:
-    words = {"kind": "|".join(SHAPES), "colour": "|".join(COLOURS), "background": "|".join(BACKGROUNDS),
-             "style": "|".join(STYLES)}
+    words = {
+        "kind": "|".join(SHAPES),
+        "colour": "|".join(COLOURS),
+        "background": "|".join(BACKGROUNDS),
+        "style": "|".join(STYLES),
+    }
     phrase = rf"an? (?:small )?(?:{words['colour']}) (?:{words['kind']})"
     out = {}
     for kind, templates in TEMPLATES.items():
@@ -178,8 +198,9 @@ def before_state(image: np.ndarray, a: Description, b: Description, kind: str) -
     return True, "ok"
 
 
-def world_label(before: np.ndarray, after: np.ndarray, input_caption: str, edit: str, output_caption: str
-                ) -> tuple[str, str]:
+def world_label(
+    before: np.ndarray, after: np.ndarray, input_caption: str, edit: str, output_caption: str
+) -> tuple[str, str]:
     """(label, why) of a rendered world pair (see the module doc)."""
     kind = edit_kind(input_caption, output_caption)
     if kind not in EDIT_KINDS:
@@ -212,18 +233,34 @@ def oracle_accuracy(n: int = 200, seed: int = 3) -> dict:
     from tasks.world.scene import image_array
 
     triplets = [sample_triplet(seed, i) for i in range(n)]
-    good = [world_label(image_array(t.before), image_array(t.after), t.input, t.edit, t.output)[0] for t in triplets]
-    wrong_edit_after = [world_label(image_array(t.before), image_array(wrong_edit(t, seed).after), t.input, t.edit,
-                                    t.output)[0] for t in triplets]
-    other_after = [world_label(image_array(t.before), image_array(triplets[(i + 1) % n].after), t.input, t.edit,
-                               t.output)[0] for i, t in enumerate(triplets)]
+    good = [
+        world_label(image_array(t.before), image_array(t.after), t.input, t.edit, t.output)[0]
+        for t in triplets
+    ]
+    wrong_edit_after = [
+        world_label(image_array(t.before), image_array(wrong_edit(t, seed).after), t.input, t.edit, t.output)[
+            0
+        ]
+        for t in triplets
+    ]
+    other_after = [
+        world_label(
+            image_array(t.before), image_array(triplets[(i + 1) % n].after), t.input, t.edit, t.output
+        )[0]
+        for i, t in enumerate(triplets)
+    ]
     by_kind: dict[str, list[int]] = {}
     for t, lab in zip(triplets, wrong_edit_after):
         by_kind.setdefault(t.kind, []).append(lab != "good")
-    return {"pairs": n, "drawn_pairs_good": sum(x == "good" for x in good) / n,
-            "wrong_edit_after_rejected": sum(x != "good" for x in wrong_edit_after) / n,
-            "other_triplet_after_rejected": sum(x != "good" for x in other_after) / n,
-            "wrong_edit_after_rejected_by_kind": {k: round(float(np.mean(v)), 3) for k, v in sorted(by_kind.items())}}
+    return {
+        "pairs": n,
+        "drawn_pairs_good": sum(x == "good" for x in good) / n,
+        "wrong_edit_after_rejected": sum(x != "good" for x in wrong_edit_after) / n,
+        "other_triplet_after_rejected": sum(x != "good" for x in other_after) / n,
+        "wrong_edit_after_rejected_by_kind": {
+            k: round(float(np.mean(v)), 3) for k, v in sorted(by_kind.items())
+        },
+    }
 
 
 def world_run(root: Path, captions: int, partitions: int, samples: int | None, extra: list[str]):
@@ -231,10 +268,16 @@ def world_run(root: Path, captions: int, partitions: int, samples: int | None, e
     from tasks import registry
     from tasks.common.config import load_config
 
-    overrides = [f"output_root={root}", "name=review-world", f"captions.num_captions={captions}",
-                 f"captions.num_partitions={partitions}", "render.save_images=all", "text.finetune_steps=20",
-                 *([f"render.samples_per_triplet={samples}", f"render.batch_samples={samples}"] if samples else []),
-                 *extra]
+    overrides = [
+        f"output_root={root}",
+        "name=review-world",
+        f"captions.num_captions={captions}",
+        f"captions.num_partitions={partitions}",
+        "render.save_images=all",
+        "text.finetune_steps=20",
+        *([f"render.samples_per_triplet={samples}", f"render.batch_samples={samples}"] if samples else []),
+        *extra,
+    ]
     cfg = load_config("world", overrides)
     for name in ("captions", "finetune", "text", "render", "filter"):
         registry.prepare(cfg, name)
@@ -258,15 +301,33 @@ def label_all(cfg) -> pd.DataFrame:
     known, rows, whys = {}, [], []
     for s in samples.itertuples():
         folder = layout.partition_dir(cfg.output_root, "render", render_hash, int(s.partition))
-        images = [np.asarray(Image.open(storage.url_join(folder, layout.image_name(s.sample_key, w))).convert("RGB"))
-                  for w in ("input", "edited")]
+        images = [
+            np.asarray(
+                Image.open(storage.url_join(folder, layout.image_name(s.sample_key, w))).convert("RGB")
+            )
+            for w in ("input", "edited")
+        ]
         label, why = world_label(*images, s.input, s.edit, s.output)
-        known[(int(s.partition), s.sample_key)] = {"render_hash": render_hash, "caption_id": s.caption_id,
-                                                   "pair_sha256": s.pair_sha256, "stratum": "all", "weight": 1.0}
-        rows.append({"partition": int(s.partition), "sample_key": s.sample_key, "label": label, "reviewer": REVIEWER,
-                     "session": "world-truth-" + render_hash})
+        known[(int(s.partition), s.sample_key)] = {
+            "render_hash": render_hash,
+            "caption_id": s.caption_id,
+            "pair_sha256": s.pair_sha256,
+            "stratum": "all",
+            "weight": 1.0,
+        }
+        rows.append(
+            {
+                "partition": int(s.partition),
+                "sample_key": s.sample_key,
+                "label": label,
+                "reviewer": REVIEWER,
+                "session": "world-truth-" + render_hash,
+            }
+        )
         whys.append(why)
-    store = LabelStore(layout.labels_dir(cfg.output_root, render_hash), writer="bench-review-world", chunk_rows=100_000)
+    store = LabelStore(
+        layout.labels_dir(cfg.output_root, render_hash), writer="bench-review-world", chunk_rows=100_000
+    )
     stored = [check_label(r, known) for r in rows]
     store.append(stored)
     return pd.DataFrame(stored).assign(why=whys)
@@ -284,8 +345,12 @@ def one_split(cfg, stored: pd.DataFrame, split: int, common: dict, world: dict) 
 
     parts = stored["caption_id"].map(lambda c: half(c, split))
     fit = calibrate(cfg, stored[parts == "A"], **common)
-    check = held_out(cfg, stored[parts == "B"], {"paper": PAPER, "world": world,
-                                                 "suggested": fit["thresholds"]["suggested"]}, common["confidence"])
+    check = held_out(
+        cfg,
+        stored[parts == "B"],
+        {"paper": PAPER, "world": world, "suggested": fit["thresholds"]["suggested"]},
+        common["confidence"],
+    )
     return {"fit": fit, "check": check}
 
 
@@ -315,11 +380,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "review-world")
     parser.add_argument("--captions", type=int, default=40)
     parser.add_argument("--partitions", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=None, help="samples per triplet (default: the preset's 8)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="samples per triplet (default: the preset's 8)"
+    )
     parser.add_argument("--target", type=float, default=0.8, help="target precision")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--min-passing", type=int, default=10)
-    parser.add_argument("--splits", type=int, default=16, help="random halvings to repeat the held-out check on")
+    parser.add_argument(
+        "--splits", type=int, default=16, help="random halvings to repeat the held-out check on"
+    )
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "review_world.json")
     parser.add_argument("--smoke", action="store_true", help="4 captions x 4 samples, one partition")
@@ -349,26 +418,49 @@ def main(argv: list[str] | None = None) -> dict:
     held_p = [h["precision"] for h in held if h["precision"] is not None]
     result = {
         "command": "python bench/review_world.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "overrides": overrides, "render_hash": fit["render_hash"], "seconds_to_render": round(rendered_s, 1),
+        "overrides": overrides,
+        "render_hash": fit["render_hash"],
+        "seconds_to_render": round(rendered_s, 1),
         "labels": {k: int(v) for k, v in labels["label"].value_counts().items()},
-        "why_not_good": {k: int(v) for k, v in labels.loc[labels["label"] != "good", "why"]
-                         .str.replace(r"[:(].*", "", regex=True).value_counts().items()},
+        "why_not_good": {
+            k: int(v)
+            for k, v in labels.loc[labels["label"] != "good", "why"]
+            .str.replace(r"[:(].*", "", regex=True)
+            .value_counts()
+            .items()
+        },
         "oracle_on_drawn_pairs": oracle_accuracy(60 if args.smoke else 200),
-        "half_A": {"pairs": fit["labels"]["pairs_decided"], "good": fit["labels"]["good"], "search": fit["search"],
-                   "rules": fit["rules"]},
-        "suggested": fit["thresholds"]["suggested"], "set": fit["set"],
+        "half_A": {
+            "pairs": fit["labels"]["pairs_decided"],
+            "good": fit["labels"]["good"],
+            "search": fit["search"],
+            "rules": fit["rules"],
+        },
+        "suggested": fit["thresholds"]["suggested"],
+        "set": fit["set"],
         "half_B": check,
-        "suggested_reaches_target_on_half_B": bool(suggested and suggested["precision"] is not None
-                                                   and suggested["precision"] >= args.target),
-        "other_splits": {"splits": args.splits, "found": len(held),
-                         "held_out_precision_reaches_target": sum(p >= args.target for p in held_p),
-                         "held_out_precision_mean": float(np.mean(held_p)) if held_p else None,
-                         "held_out_precision_sd": float(np.std(held_p)) if held_p else None,
-                         "held_out_recall_mean": float(np.mean([h["recall"] for h in held])) if held else None,
-                         "per_split": [{"suggested": s["fit"]["thresholds"]["suggested"],
-                                        "held_out": s["check"]["rules"].get("suggested"),
-                                        "world_held_out": s["check"]["rules"]["world"]} for s in splits]},
-        "all_labels": {k: everything[k] for k in ("labels", "thresholds", "rules", "search", "reselection", "set")},
+        "suggested_reaches_target_on_half_B": bool(
+            suggested and suggested["precision"] is not None and suggested["precision"] >= args.target
+        ),
+        "other_splits": {
+            "splits": args.splits,
+            "found": len(held),
+            "held_out_precision_reaches_target": sum(p >= args.target for p in held_p),
+            "held_out_precision_mean": float(np.mean(held_p)) if held_p else None,
+            "held_out_precision_sd": float(np.std(held_p)) if held_p else None,
+            "held_out_recall_mean": float(np.mean([h["recall"] for h in held])) if held else None,
+            "per_split": [
+                {
+                    "suggested": s["fit"]["thresholds"]["suggested"],
+                    "held_out": s["check"]["rules"].get("suggested"),
+                    "world_held_out": s["check"]["rules"]["world"],
+                }
+                for s in splits
+            ],
+        },
+        "all_labels": {
+            k: everything[k] for k in ("labels", "thresholds", "rules", "search", "reselection", "set")
+        },
         "roc_auc": {c: v["auc"] for c, v in everything["roc"].items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -377,15 +469,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     def pr(name):
         r = b.get(name)
-        return (f"{name} P {100 * r['precision']:.0f}% R {100 * r['recall']:.0f}%" if r and r["precision"] is not None
-                else f"{name} -")
+        return (
+            f"{name} P {100 * r['precision']:.0f}% R {100 * r['recall']:.0f}%"
+            if r and r["precision"] is not None
+            else f"{name} -"
+        )
 
-    print(f"review_world: {len(labels)} pairs labelled ({result['labels']}); suggested "
-          f"{result['suggested']} on half A ({fit['labels']['pairs_decided']} pairs); half B "
-          f"({check['pairs']} pairs, {check['good']} good): {pr('paper')}, {pr('world')}, {pr('suggested')}; "
-          f"target {args.target:g} {'met' if result['suggested_reaches_target_on_half_B'] else 'NOT met'}; "
-          f"{args.splits} random halvings: met on {result['other_splits']['held_out_precision_reaches_target']} of "
-          f"{result['other_splits']['found']} with a suggestion; wrote {args.out}")
+    print(
+        f"review_world: {len(labels)} pairs labelled ({result['labels']}); suggested "
+        f"{result['suggested']} on half A ({fit['labels']['pairs_decided']} pairs); half B "
+        f"({check['pairs']} pairs, {check['good']} good): {pr('paper')}, {pr('world')}, {pr('suggested')}; "
+        f"target {args.target:g} {'met' if result['suggested_reaches_target_on_half_B'] else 'NOT met'}; "
+        f"{args.splits} random halvings: met on {result['other_splits']['held_out_precision_reaches_target']} of "
+        f"{result['other_splits']['found']} with a suggestion; wrote {args.out}"
+    )
     return result
 
 

@@ -51,8 +51,19 @@ MODEL = "ft:davinci-002:fake-org:editforge:bench"
 
 def start_fake(latency: tuple[float, float]) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests/fakes/openai_server.py"), "--latency", str(latency[0]), str(latency[1]),
-         "--api-key", API_KEY], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            str(ROOT / "tests/fakes/openai_server.py"),
+            "--latency",
+            str(latency[0]),
+            str(latency[1]),
+            "--api-key",
+            API_KEY,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     line = proc.stdout.readline().strip() if proc.stdout else ""
     if not line.startswith("READY "):
         proc.kill()
@@ -79,22 +90,40 @@ def sequential_reference(base_url: str, df: pd.DataFrame) -> tuple[float, int]:
     ok = 0
     start = time.perf_counter()
     for text in df["text"]:
-        response = client.completions.create(model=MODEL, prompt=f"{text}\n##\n", temperature=0.7, top_p=1.0,
-                                             frequency_penalty=0.1, max_tokens=256, stop=["\nEND"])
+        response = client.completions.create(
+            model=MODEL,
+            prompt=f"{text}\n##\n",
+            temperature=0.7,
+            top_p=1.0,
+            frequency_penalty=0.1,
+            max_tokens=256,
+            stop=["\nEND"],
+        )
         ok += parse_completion(response.choices[0].text).ok
     return time.perf_counter() - start, ok
 
 
 def concurrent_stage(base_url: str, df: pd.DataFrame, concurrency: int, root: str) -> tuple[float, dict]:
-    cfg = load_config("demo", [
-        f"output_root={root}", "text.backend=openai", f"text.openai.base_url={base_url}",
-        f"text.openai.api_key_env={KEY_ENV}", f"text.openai.model={MODEL}", "text.openai.endpoint=completions",
-        f"text.openai.concurrency={concurrency}", "text.openai.moderation=false", "text.max_new_tokens=256",
-    ])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={root}",
+            "text.backend=openai",
+            f"text.openai.base_url={base_url}",
+            f"text.openai.api_key_env={KEY_ENV}",
+            f"text.openai.model={MODEL}",
+            "text.openai.endpoint=completions",
+            f"text.openai.concurrency={concurrency}",
+            "text.openai.moderation=false",
+            "text.max_new_tokens=256",
+        ],
+    )
     # the text stage's inputs: a finished captions partition and the (no-job) fine-tune
     folder = partition_dir(root, "captions", stage_hash(cfg, "captions"), 0)
     storage.write_parquet_atomic(storage.url_join(folder, "captions.parquet"), df)
-    storage.write_json_atomic(storage.url_join(folder, "_SUCCESS.json"), {"config_hash": stage_hash(cfg, "captions")})
+    storage.write_json_atomic(
+        storage.url_join(folder, "_SUCCESS.json"), {"config_hash": stage_hash(cfg, "captions")}
+    )
     run_finetune(cfg)
     start = time.perf_counter()
     manifest = run_text(cfg, 0)
@@ -108,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency", type=float, nargs=2, default=(0.3, 0.8), metavar=("LO", "HI"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/text_throughput.json"))
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.captions, args.sequential, args.concurrency, args.latency = 32, 4, 8, (0.02, 0.05)
@@ -131,25 +162,41 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "text_throughput",
         "fake_latency_s": list(args.latency),
-        "sequential": {"captions": args.sequential, "wall_s": round(seq_s, 3), "triplets_per_s": round(seq_rate, 3),
-                       "parsed_ok": seq_ok, "mean_latency_s": round(seq_s / args.sequential, 3)},
-        "concurrent": {"captions": args.captions, "concurrency": args.concurrency, "wall_s": round(conc_s, 3),
-                       "triplets_per_s": round(conc_rate, 3), "generate_s": manifest["timings_s"].get("generate"),
-                       "ideal_wall_s": round(args.captions * seq_s / args.sequential / args.concurrency, 3),
-                       "counts": manifest["counts"],
-                       "rejected": manifest["rejected"]},
+        "sequential": {
+            "captions": args.sequential,
+            "wall_s": round(seq_s, 3),
+            "triplets_per_s": round(seq_rate, 3),
+            "parsed_ok": seq_ok,
+            "mean_latency_s": round(seq_s / args.sequential, 3),
+        },
+        "concurrent": {
+            "captions": args.captions,
+            "concurrency": args.concurrency,
+            "wall_s": round(conc_s, 3),
+            "triplets_per_s": round(conc_rate, 3),
+            "generate_s": manifest["timings_s"].get("generate"),
+            "ideal_wall_s": round(args.captions * seq_s / args.sequential / args.concurrency, 3),
+            "counts": manifest["counts"],
+            "rejected": manifest["rejected"],
+        },
         "speedup_per_item": round(conc_rate / seq_rate, 2),
         "ideal_speedup": args.concurrency,
         "requests_answered": sum(answered.values()),
         "captions_answered_twice": duplicates,
         "note": "per-item rates compared: the sequential reference runs on a smaller sample; moderation off on both",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"text_throughput: concurrent({args.concurrency}) {conc_rate:.1f} triplets/s on {args.captions} captions vs "
-          f"sequential {seq_rate:.2f}/s on {args.sequential} (per-item rates) = {result['speedup_per_item']}x "
-          f"(ideal {args.concurrency}x); captions answered twice: {duplicates}; -> {args.out}")
+    print(
+        f"text_throughput: concurrent({args.concurrency}) {conc_rate:.1f} triplets/s on {args.captions} captions vs "
+        f"sequential {seq_rate:.2f}/s on {args.sequential} (per-item rates) = {result['speedup_per_item']}x "
+        f"(ideal {args.concurrency}x); captions answered twice: {duplicates}; -> {args.out}"
+    )
     if duplicates or manifest["counts"].get("requests_answered") != args.captions:
         sys.exit(1)
 

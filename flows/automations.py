@@ -35,19 +35,28 @@ def zombie_automation(within_s: int = 120):
     return Automation(
         name=ZOMBIE,
         description="Marks a flow run Crashed when its heartbeats stop (its machine or worker is gone), so the "
-                    "EditForge fan-out submits its block again.",
+        "EditForge fan-out submits its block again.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=within_s),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"No heartbeat for {within_s} s: its worker or machine is gone")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"No heartbeat for {within_s} s: its worker or machine is gone",
+            )
+        ],
     )
 
 
@@ -64,8 +73,9 @@ def notification_block(name: str) -> str | None:
     url = os.environ.get(WEBHOOK_ENV)
     if not url:
         return None
-    hook = CustomWebhookNotificationBlock(name=name, url=url, method="POST",
-                                          json_data={"subject": "{{subject}}", "body": "{{body}}"})
+    hook = CustomWebhookNotificationBlock(
+        name=name, url=url, method="POST", json_data={"subject": "{{subject}}", "body": "{{body}}"}
+    )
     return str(hook.save(name, overwrite=True))  # (registers the block type on first use)
 
 
@@ -80,8 +90,10 @@ def alert_automations(directory: Path = ALERTS_DIR) -> tuple[list, list[str]]:
         if block:
             block_id = notification_block(block)
             if block_id is None:
-                skipped.append(f"{spec['name']} ({path.name}): no notification block {block!r}; create one in the "
-                               f"UI or set ${WEBHOOK_ENV}, then run `python -m flows.automations` again")
+                skipped.append(
+                    f"{spec['name']} ({path.name}): no notification block {block!r}; create one in the "
+                    f"UI or set ${WEBHOOK_ENV}, then run `python -m flows.automations` again"
+                )
                 continue
             for action in spec.get("actions", []):
                 if action.get("type") == "send-notification":

@@ -63,27 +63,51 @@ def _finite(x):
 
 def render_table(table: pd.DataFrame, best: float | None, current: float) -> Table:
     """The table as printed: shares in %, cost per passing pair as a factor of no early rejection."""
-    out = Table(title="early rejection by margin (dry-run samples)",
-                caption="failing caught = recall, passing lost = false drops; UNet calls and UNet calls per "
-                        "passing pair relative to running every sample to the end")
+    out = Table(
+        title="early rejection by margin (dry-run samples)",
+        caption="failing caught = recall, passing lost = false drops; UNet calls and UNet calls per "
+        "passing pair relative to running every sample to the end",
+    )
     for name in ("margin", "dropped", "failing caught", "passing lost", "UNet calls", "per passing pair", ""):
         out.add_column(name, justify="right" if name else "left")
     for row in table.itertuples(index=False):
         is_best = best is not None and row.margin == best
         note = " ".join(n for n, on in (("recommended", is_best), ("current", row.margin == current)) if on)
-        out.add_row(f"{row.margin:g}", f"{row.dropped}/{row.scored}", _pct(row.recall), _pct(row.false_drop),
-                    _pct(row.unet_fraction), _ratio(row.cost_per_pass), note, style="bold green" if is_best else None)
+        out.add_row(
+            f"{row.margin:g}",
+            f"{row.dropped}/{row.scored}",
+            _pct(row.recall),
+            _pct(row.false_drop),
+            _pct(row.unet_fraction),
+            _ratio(row.cost_per_pass),
+            note,
+            style="bold green" if is_best else None,
+        )
     return out
 
 
 def calibrate_early(
     preset: Annotated[str, typer.Option("--preset", "-p", help="preset name or YAML file")] = "demo",
-    overrides: Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override (repeatable); "
-                                                        "the same ones the partitions were rendered with")] = None,
-    partitions: Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: all finished ones)")] = None,
-    max_false_drop: Annotated[float, typer.Option(help="largest acceptable share of passing samples dropped")] = 0.05,
-    margins: Annotated[str | None, typer.Option(help="comma list or start:stop:step (default -0.05:0.3:0.025)")] = None,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the table and recommendation here")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="KEY=VALUE override (repeatable); the same ones the partitions were rendered with",
+        ),
+    ] = None,
+    partitions: Annotated[
+        str | None, typer.Option(help="e.g. 0,3,10-19 (default: all finished ones)")
+    ] = None,
+    max_false_drop: Annotated[
+        float, typer.Option(help="largest acceptable share of passing samples dropped")
+    ] = 0.05,
+    margins: Annotated[
+        str | None, typer.Option(help="comma list or start:stop:step (default -0.05:0.3:0.025)")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the table and recommendation here")
+    ] = None,
 ) -> None:
     """Calibrate render.early_reject.margin on render partitions rendered with render.early_reject.dry_run=true."""
     from tasks.common.selection import thresholds
@@ -131,36 +155,53 @@ def calibrate_early(
         typer.echo(f"wrote {json_out}")
 
 
-def _print(cfg: PipelineConfig, table: pd.DataFrame, data: CalibrationSamples, best: float | None, max_false_drop: float,
-           current: float) -> None:
+def _print(
+    cfg: PipelineConfig,
+    table: pd.DataFrame,
+    data: CalibrationSamples,
+    best: float | None,
+    max_false_drop: float,
+    current: float,
+) -> None:
     from tasks.common.selection import thresholds
 
     console = Console()
     r = cfg.render
     scored, passing, failing = (int(table[c].iloc[0]) for c in ("scored", "passing", "failing"))
     limits = thresholds(r.keep)
-    console.print(f"{scored} samples scored early and finally ({passing} passing, {failing} failing) from render partitions {data.partitions}; early scoring at "
-                  f"{r.early_reject.at:g} of {r.steps} steps on "
-                  + ", ".join(f"{m} >= {limits[m]:g} - margin" for m in r.early_reject.metrics))
+    console.print(
+        f"{scored} samples scored early and finally ({passing} passing, {failing} failing) from render partitions {data.partitions}; early scoring at "
+        f"{r.early_reject.at:g} of {r.steps} steps on "
+        + ", ".join(f"{m} >= {limits[m]:g} - margin" for m in r.early_reject.metrics)
+    )
     if data.skipped:
         console.print(f"partitions {data.skipped} left out: not finished under this config")
     if data.early_rejected:
-        console.print(f"[yellow]warning:[/] {data.early_rejected} samples were dropped by a real early rejection "
-                      "(no final metrics) and are left out, which biases the estimate; render with "
-                      "--set render.early_reject.dry_run=true for an unbiased calibration")
+        console.print(
+            f"[yellow]warning:[/] {data.early_rejected} samples were dropped by a real early rejection "
+            "(no final metrics) and are left out, which biases the estimate; render with "
+            "--set render.early_reject.dry_run=true for an unbiased calibration"
+        )
     console.print(render_table(table, best, current))
     if best is None:
-        reason = ("no scored sample passed, so passing samples lost cannot be estimated"
-                  if not passing else f"no margin in the grid loses at most {100 * max_false_drop:g}% "
-                  "of the passing samples; widen --margins or raise --max-false-drop")
+        reason = (
+            "no scored sample passed, so passing samples lost cannot be estimated"
+            if not passing
+            else f"no margin in the grid loses at most {100 * max_false_drop:g}% "
+            "of the passing samples; widen --margins or raise --max-false-drop"
+        )
         console.print(f"no recommendation: {reason}")
         return
     row = table[table["margin"] == best].iloc[0]
-    console.print(f"recommended margin {best:g}: catches {_pct(row['recall'])} of the failing samples, loses "
-                  f"{_pct(row['false_drop'])} of the passing ones, UNet calls per passing pair "
-                  f"{_ratio(row['cost_per_pass'])} of no early rejection")
+    console.print(
+        f"recommended margin {best:g}: catches {_pct(row['recall'])} of the failing samples, loses "
+        f"{_pct(row['false_drop'])} of the passing ones, UNet calls per passing pair "
+        f"{_ratio(row['cost_per_pass'])} of no early rejection"
+    )
     if row["cost_per_pass"] >= 1:
-        console.print("early rejection does not lower the cost per passing pair on these samples: "
-                      "consider leaving render.early_reject.at unset")
+        console.print(
+            "early rejection does not lower the cost per passing pair on these samples: "
+            "consider leaving render.early_reject.at unset"
+        )
     console.print("use it with render.early_reject.dry_run=false (the default):")
     typer.echo(f"  --set render.early_reject.margin={best:g}")

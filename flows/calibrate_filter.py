@@ -49,9 +49,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None = None,
-              confidence: float | None = None, min_passing: int | None = None,
-              reviewers: list[str] | None = None) -> dict:
+def calibrate(
+    cfg,
+    labels: pd.DataFrame | None = None,
+    *,
+    target: float | None = None,
+    confidence: float | None = None,
+    min_passing: int | None = None,
+    reviewers: list[str] | None = None,
+) -> dict:
     """Everything `calibrate-filter` prints and writes, as one JSON-able dict (see the module doc).
     ``labels``: these rows instead of the run's labels (a held-out split, a test)."""
     from tasks import registry
@@ -71,21 +77,27 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
     if reviewers:
         labels = labels[labels["reviewer"].isin(reviewers)]
     if not len(labels):
-        raise NoLabelsError(f"no labels under {folder}" + (f" by {', '.join(reviewers)}" if reviewers else "")
-                            + f": {LABELLER_HINT}")
+        raise NoLabelsError(
+            f"no labels under {folder}"
+            + (f" by {', '.join(reviewers)}" if reviewers else "")
+            + f": {LABELLER_HINT}"
+        )
     labels = latest(labels)
     done = set(finished_partitions(cfg))
     partitions = sorted(set(int(p) for p in labels["partition"]) & done)
     if not partitions:
-        raise NoLabelsError(f"the labels under {folder} are of render partitions not finished under render hash "
-                            f"{render_hash}")
+        raise NoLabelsError(
+            f"the labels under {folder} are of render partitions not finished under render hash {render_hash}"
+        )
     samples = load_samples(cfg, partitions)
     joined, stale = matched(labels, samples)
     truth = stats.people_truth(joined)
     lab = samples.merge(truth, on=["partition", "sample_key", "pair_sha256"], how="inner")
     if not len(lab):
-        raise NoLabelsError(f"none of the {len(labels)} labels under {folder} decides a pair (unsure, ties, or "
-                            "given to other images)")
+        raise NoLabelsError(
+            f"none of the {len(labels)} labels under {folder} decides a pair (unsure, ties, or "
+            "given to other images)"
+        )
     y, w = lab["good"].to_numpy(bool), lab["weight"].to_numpy(float)
     groups = lab["caption_id"].to_numpy()  # a triplet's samples share its captions: their labels go together
     rungs = cfg.judges.rungs()
@@ -102,41 +114,95 @@ def calibrate(cfg, labels: pd.DataFrame | None = None, *, target: float | None =
     if len(rungs) > 1:
         add("current", stats.rung_rules(lab, current, rungs))
     add("current", {"kept (top-k)": lab["filter_kept"].to_numpy(bool)})
-    found = stats.search(lab, y, w, current, rungs, target, confidence, min_passing,
-                         extra={f: (PAPER[f],) for f in stats.CLIP_FIELDS}, groups=groups)
+    found = stats.search(
+        lab,
+        y,
+        w,
+        current,
+        rungs,
+        target,
+        confidence,
+        min_passing,
+        extra={f: (PAPER[f],) for f in stats.CLIP_FIELDS},
+        groups=groups,
+    )
     suggested = current.model_copy(update=found["found"]["thresholds"]) if found["found"] else None
     reselection = {"current": _kept(samples, lab, cfg, current, reselect, stats, y, w, confidence, groups)}
     if suggested is not None:
         add("suggested", stats.clip_rules(lab, suggested))
         with_new = decide(samples.copy(), cfg, suggested)
-        kept_new = lab[["partition", "sample_key"]].merge(
-            with_new[["partition", "sample_key", "filter_kept"]], how="left")["filter_kept"].fillna(False)
+        kept_new = (
+            lab[["partition", "sample_key"]]
+            .merge(with_new[["partition", "sample_key", "filter_kept"]], how="left")["filter_kept"]
+            .fillna(False)
+        )
         add("suggested", {"kept (top-k)": kept_new.to_numpy(bool)})
-        reselection["suggested"] = _kept(samples, lab, cfg, suggested, reselect, stats, y, w, confidence, groups)
+        reselection["suggested"] = _kept(
+            samples, lab, cfg, suggested, reselect, stats, y, w, confidence, groups
+        )
     cross = _cross_check(lab, y, w, groups, current, rungs, target, confidence, min_passing, stats)
     scored = stats.with_scores(lab)
-    curves = {col: stats.roc(scored[col].to_numpy(float), y, w, confidence) for col in stats.metric_columns(rungs)
-              if col in scored}
-    thresholds = {"paper": PAPER, "current": {f: getattr(current, f) for f in stats.CLIP_FIELDS},
-                  "suggested": found["found"]["thresholds"] if found["found"] else None}
-    return _clean({
-        "config": cfg.name, "output_root": cfg.output_root, "render_hash": render_hash, "labels_dir": folder,
-        "partitions": partitions, "target_precision": target, "confidence": confidence, "min_passing": min_passing,
-        "labels": {"rows": len(labels), "reviewers": sorted(labels["reviewer"].unique().tolist()),
-                   "counts": stats.label_counts(labels), "not_matching_images": stale,
-                   "pairs_decided": len(lab), "good": int(y.sum()), "weighted_good_share": float((w * y).sum() / w.sum()),
-                   "strata": {str(k): int(v) for k, v in lab["stratum"].value_counts().sort_index().items()}
-                   if "stratum" in lab else {}},
-        "people_agreement": stats.reviewer_agreement(joined),
-        "thresholds": thresholds, "rules": rules,
-        "roc": {col: {"auc": c["auc"], "auc_low": c["auc_low"], "auc_high": c["auc_high"], "points": len(c["fpr"]), "fpr": c["fpr"], "tpr": c["tpr"],
-                      "thresholds": c["thresholds"],
-                      "at": {name: stats.rate_at(c, t[f]) if t else None for name, t in thresholds.items()
-                             for f in [_field_of(col)] if f}} for col, c in curves.items()},
-        "search": {k: v for k, v in found.items() if k != "grid"}, "cross_check": cross,
-        "reselection": reselection,
-        "set": [f"filter.{f}={v:g}" for f, v in found["found"]["thresholds"].items()] if found["found"] else [],
-    })
+    curves = {
+        col: stats.roc(scored[col].to_numpy(float), y, w, confidence)
+        for col in stats.metric_columns(rungs)
+        if col in scored
+    }
+    thresholds = {
+        "paper": PAPER,
+        "current": {f: getattr(current, f) for f in stats.CLIP_FIELDS},
+        "suggested": found["found"]["thresholds"] if found["found"] else None,
+    }
+    return _clean(
+        {
+            "config": cfg.name,
+            "output_root": cfg.output_root,
+            "render_hash": render_hash,
+            "labels_dir": folder,
+            "partitions": partitions,
+            "target_precision": target,
+            "confidence": confidence,
+            "min_passing": min_passing,
+            "labels": {
+                "rows": len(labels),
+                "reviewers": sorted(labels["reviewer"].unique().tolist()),
+                "counts": stats.label_counts(labels),
+                "not_matching_images": stale,
+                "pairs_decided": len(lab),
+                "good": int(y.sum()),
+                "weighted_good_share": float((w * y).sum() / w.sum()),
+                "strata": {str(k): int(v) for k, v in lab["stratum"].value_counts().sort_index().items()}
+                if "stratum" in lab
+                else {},
+            },
+            "people_agreement": stats.reviewer_agreement(joined),
+            "thresholds": thresholds,
+            "rules": rules,
+            "roc": {
+                col: {
+                    "auc": c["auc"],
+                    "auc_low": c["auc_low"],
+                    "auc_high": c["auc_high"],
+                    "points": len(c["fpr"]),
+                    "fpr": c["fpr"],
+                    "tpr": c["tpr"],
+                    "thresholds": c["thresholds"],
+                    "at": {
+                        name: stats.rate_at(c, t[f]) if t else None
+                        for name, t in thresholds.items()
+                        for f in [_field_of(col)]
+                        if f
+                    },
+                }
+                for col, c in curves.items()
+            },
+            "search": {k: v for k, v in found.items() if k != "grid"},
+            "cross_check": cross,
+            "reselection": reselection,
+            "set": [f"filter.{f}={v:g}" for f, v in found["found"]["thresholds"].items()]
+            if found["found"]
+            else [],
+        }
+    )
 
 
 def _cross_check(lab, y, w, groups, current, rungs, target, confidence, min_passing, stats) -> list[dict]:
@@ -152,16 +218,25 @@ def _cross_check(lab, y, w, groups, current, rungs, target, confidence, min_pass
         fit, held = half != k, half == k
         if not fit.any() or not held.any():
             continue
-        found = stats.search(lab[fit], y[fit], w[fit], current, rungs, target, confidence, min_passing,
-                             groups=groups[fit])["found"]
+        found = stats.search(
+            lab[fit], y[fit], w[fit], current, rungs, target, confidence, min_passing, groups=groups[fit]
+        )["found"]
         if found is None:
             out.append({"held_out_half": k, "thresholds": None})
             continue
         rule = passes(lab[held], current.model_copy(update=found["thresholds"]), rungs).to_numpy(bool)
         check = stats.evaluate(rule, y[held], w[held], confidence, groups[held])
-        out.append({"held_out_half": k, "thresholds": found["thresholds"], "precision_chosen_on": found["precision"],
-                    **{f"held_out_{m}": check[m] for m in ("precision", "precision_low", "precision_high", "recall",
-                                                           "passing")}})
+        out.append(
+            {
+                "held_out_half": k,
+                "thresholds": found["thresholds"],
+                "precision_chosen_on": found["precision"],
+                **{
+                    f"held_out_{m}": check[m]
+                    for m in ("precision", "precision_low", "precision_high", "recall", "passing")
+                },
+            }
+        )
     return out
 
 
@@ -178,10 +253,17 @@ def _kept(samples, lab, cfg, selection, reselect, stats, y, w, confidence, group
     on_lab = lab[["partition", "sample_key"]].merge(keys.assign(_k=True), how="left")["_k"].fillna(False)
     mask = on_lab.to_numpy(bool)
     est = stats.evaluate(mask, y, w, confidence, groups)
-    return {"kept": int(kept.sum()), "triplets_with_kept": int(samples.loc[kept.to_numpy(bool), "caption_id"].nunique()),
-            "samples": len(samples), "triplets": int(samples["caption_id"].nunique()), "image_not_stored": not_stored,
-            "labelled_kept": int(mask.sum()), "precision": est["precision"], "precision_low": est["precision_low"],
-            "precision_high": est["precision_high"]}
+    return {
+        "kept": int(kept.sum()),
+        "triplets_with_kept": int(samples.loc[kept.to_numpy(bool), "caption_id"].nunique()),
+        "samples": len(samples),
+        "triplets": int(samples["caption_id"].nunique()),
+        "image_not_stored": not_stored,
+        "labelled_kept": int(mask.sum()),
+        "precision": est["precision"],
+        "precision_low": est["precision_low"],
+        "precision_high": est["precision_high"],
+    }
 
 
 def plot(result: dict) -> bytes:
@@ -198,35 +280,58 @@ def plot(result: dict) -> bytes:
         if not curve["fpr"]:
             continue
         auc = curve["auc"]
-        line, = left.plot(curve["fpr"], curve["tpr"], label=f"{col} (AUC {auc:.2f})" if auc is not None else col)
+        (line,) = left.plot(
+            curve["fpr"], curve["tpr"], label=f"{col} (AUC {auc:.2f})" if auc is not None else col
+        )
         for name, point in curve["at"].items():
             if point:
-                left.plot(*point, markers[name], color=line.get_color(), markersize=9 if name == "suggested" else 7,
-                          markerfacecolor="none" if name == "current" else line.get_color())
+                left.plot(
+                    *point,
+                    markers[name],
+                    color=line.get_color(),
+                    markersize=9 if name == "suggested" else 7,
+                    markerfacecolor="none" if name == "current" else line.get_color(),
+                )
     left.plot([0, 1], [0, 1], ":", color="#999")
     left.set_xlabel("false positive rate (pairs people rejected, passed)")
     left.set_ylabel("true positive rate (good pairs passed)")
     left.set_title("ROC per score (x paper, o config, * suggested threshold)", fontsize=9)
     left.legend(fontsize=7, loc="lower right")
-    picks = [("paper", "CLIP (all three)", "paper CLIP"), ("current", "CLIP (all three)", "config CLIP"),
-             ("suggested", "CLIP (all three)", "suggested CLIP"), ("current", "kept (top-k)", "kept now"),
-             ("suggested", "kept (top-k)", "kept, suggested")]
+    picks = [
+        ("paper", "CLIP (all three)", "paper CLIP"),
+        ("current", "CLIP (all three)", "config CLIP"),
+        ("suggested", "CLIP (all three)", "suggested CLIP"),
+        ("current", "kept (top-k)", "kept now"),
+        ("suggested", "kept (top-k)", "kept, suggested"),
+    ]
     rows = {(r["set"], r["rule"]): r for r in result["rules"]}
     shown = [(label, rows[(s, rule)]) for s, rule, label in picks if (s, rule) in rows]
     x = np.arange(len(shown))
     for offset, (metric, colour) in zip((-0.12, 0.12), (("precision", "#2b6cb0"), ("recall", "#c05621"))):
         vals = [r[metric] if r[metric] is not None else np.nan for _, r in shown]
-        lows = [max(0.0, v - r[f"{metric}_low"]) if r[f"{metric}_low"] is not None else 0.0
-                for v, (_, r) in zip(vals, shown)]
-        highs = [max(0.0, r[f"{metric}_high"] - v) if r[f"{metric}_high"] is not None else 0.0
-                 for v, (_, r) in zip(vals, shown)]
+        lows = [
+            max(0.0, v - r[f"{metric}_low"]) if r[f"{metric}_low"] is not None else 0.0
+            for v, (_, r) in zip(vals, shown)
+        ]
+        highs = [
+            max(0.0, r[f"{metric}_high"] - v) if r[f"{metric}_high"] is not None else 0.0
+            for v, (_, r) in zip(vals, shown)
+        ]
         right.errorbar(x + offset, vals, yerr=[lows, highs], fmt="o", color=colour, capsize=4, label=metric)
-    right.axhline(result["target_precision"], ls="--", color="#2b6cb0", lw=0.8,
-                  label=f"target precision {result['target_precision']:g}")
+    right.axhline(
+        result["target_precision"],
+        ls="--",
+        color="#2b6cb0",
+        lw=0.8,
+        label=f"target precision {result['target_precision']:g}",
+    )
     right.set_xticks(x, [label for label, _ in shown], fontsize=8, rotation=15)
     right.set_ylim(0, 1.05)
-    right.set_title(f"against {result['labels']['pairs_decided']} labelled pairs ({result['confidence']:.0%} Wilson "
-                    "intervals)", fontsize=9)
+    right.set_title(
+        f"against {result['labels']['pairs_decided']} labelled pairs ({result['confidence']:.0%} Wilson "
+        "intervals)",
+        fontsize=9,
+    )
     right.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{result['config']}: people vs filter (render {result['render_hash'][:8]})", fontsize=10)
     fig.tight_layout()
@@ -241,9 +346,11 @@ def write(cfg, result: dict, png: bytes) -> dict[str, str]:
     from tasks.common import layout, storage
 
     folder = layout.review_dir(cfg.output_root, result["render_hash"])
-    urls = {"json": storage.url_join(folder, layout.CALIBRATION_FILE),
-            "plot": storage.url_join(folder, layout.PEOPLE_PLOT),
-            "set": storage.url_join(folder, layout.FILTER_OVERRIDES_FILE)}
+    urls = {
+        "json": storage.url_join(folder, layout.CALIBRATION_FILE),
+        "plot": storage.url_join(folder, layout.PEOPLE_PLOT),
+        "set": storage.url_join(folder, layout.FILTER_OVERRIDES_FILE),
+    }
     storage.write_bytes_atomic(urls["json"], (json.dumps(result, indent=1) + "\n").encode())
     storage.write_bytes_atomic(urls["plot"], png)
     storage.write_bytes_atomic(urls["set"], "".join(f"--set {line}\n" for line in result["set"]).encode())
@@ -263,54 +370,91 @@ def _interval(row: dict, metric: str) -> str:
 
 
 def rule_rows(result: dict) -> list[dict]:
-    return [{"thresholds": r["set"], "rule": r["rule"], "precision": _interval(r, "precision"),
-             "recall": _interval(r, "recall"), "passing": f"{r['passing']} of {r['labelled']}",
-             "kappa": "-" if r["kappa"] is None else f"{r['kappa']:.2f}"} for r in result["rules"]]
+    return [
+        {
+            "thresholds": r["set"],
+            "rule": r["rule"],
+            "precision": _interval(r, "precision"),
+            "recall": _interval(r, "recall"),
+            "passing": f"{r['passing']} of {r['labelled']}",
+            "kappa": "-" if r["kappa"] is None else f"{r['kappa']:.2f}",
+        }
+        for r in result["rules"]
+    ]
 
 
 def summary_lines(result: dict) -> list[str]:
     lab = result["labels"]
     t = result["thresholds"]
-    lines = [f"{lab['rows']} labels by {', '.join(lab['reviewers'])} ({', '.join(f'{k} {v}' for k, v in lab['counts'].items())}); "
-             f"{lab['pairs_decided']} pairs decided ({lab['good']} good edits), {lab['not_matching_images']} labels "
-             f"left out (given to other images); render partitions {result['partitions']}",
-             "thresholds (image-image / caption / direction): paper " + _trio(t["paper"]) + ", config "
-             + _trio(t["current"]) + (", suggested " + _trio(t["suggested"]) if t["suggested"] else "")]
+    lines = [
+        f"{lab['rows']} labels by {', '.join(lab['reviewers'])} ({', '.join(f'{k} {v}' for k, v in lab['counts'].items())}); "
+        f"{lab['pairs_decided']} pairs decided ({lab['good']} good edits), {lab['not_matching_images']} labels "
+        f"left out (given to other images); render partitions {result['partitions']}",
+        "thresholds (image-image / caption / direction): paper "
+        + _trio(t["paper"])
+        + ", config "
+        + _trio(t["current"])
+        + (", suggested " + _trio(t["suggested"]) if t["suggested"] else ""),
+    ]
     for agree in result["people_agreement"]:
-        lines.append(f"reviewers {' and '.join(agree['reviewers'])}: agree on {_f(agree['agree'])} of "
-                     f"{agree['shared']} shared pairs, kappa " + ("-" if agree["kappa"] is None else f"{agree['kappa']:.2f}"))
-    lines.append("ROC area: " + ", ".join(f"{c} {v['auc']:.2f} ({v['auc_low']:.2f}-{v['auc_high']:.2f})"
-                                          for c, v in result["roc"].items() if v["auc"] is not None))
+        lines.append(
+            f"reviewers {' and '.join(agree['reviewers'])}: agree on {_f(agree['agree'])} of "
+            f"{agree['shared']} shared pairs, kappa "
+            + ("-" if agree["kappa"] is None else f"{agree['kappa']:.2f}")
+        )
+    lines.append(
+        "ROC area: "
+        + ", ".join(
+            f"{c} {v['auc']:.2f} ({v['auc_low']:.2f}-{v['auc_high']:.2f})"
+            for c, v in result["roc"].items()
+            if v["auc"] is not None
+        )
+    )
     search = result["search"]
     target = f"{result['target_precision']:g} at the {result['confidence']:.0%} interval's lower end"
     if search["found"]:
         f = search["found"]
-        lines.append(f"suggested: precision {_f(f['precision'])} (lower bound {_f(f['precision_low'])}, target {target}), "
-                     f"recall {_f(f['recall'])}, {f['passing']} labelled pairs pass")
+        lines.append(
+            f"suggested: precision {_f(f['precision'])} (lower bound {_f(f['precision_low'])}, target {target}), "
+            f"recall {_f(f['recall'])}, {f['passing']} labelled pairs pass"
+        )
     else:
         best = search["best_precision_low"]
-        lines.append(f"no CLIP thresholds on the grid ({search['combinations']} combinations) reach precision {target} "
-                     f"with at least {result['min_passing']} labelled pairs passing (best lower bound: {_f(best)}); "
-                     "label more pairs or lower --target-precision")
+        lines.append(
+            f"no CLIP thresholds on the grid ({search['combinations']} combinations) reach precision {target} "
+            f"with at least {result['min_passing']} labelled pairs passing (best lower bound: {_f(best)}); "
+            "label more pairs or lower --target-precision"
+        )
     for c in result.get("cross_check", []):
         if c["thresholds"] is None:
-            lines.append(f"cross-check: on the triplets of half {1 - c['held_out_half']} alone no thresholds reach the target")
+            lines.append(
+                f"cross-check: on the triplets of half {1 - c['held_out_half']} alone no thresholds reach the target"
+            )
         elif c["held_out_precision"] is not None:
-            lines.append(f"cross-check: chosen on half {1 - c['held_out_half']} of the triplets ({_trio(c['thresholds'])}, "
-                         f"precision there {_f(c['precision_chosen_on'])}), on the other half: precision "
-                         f"{_f(c['held_out_precision'])} ({_f(c['held_out_precision_low'])}-{_f(c['held_out_precision_high'])}),"
-                         f" recall {_f(c['held_out_recall'])}")
+            lines.append(
+                f"cross-check: chosen on half {1 - c['held_out_half']} of the triplets ({_trio(c['thresholds'])}, "
+                f"precision there {_f(c['precision_chosen_on'])}), on the other half: precision "
+                f"{_f(c['held_out_precision'])} ({_f(c['held_out_precision_low'])}-{_f(c['held_out_precision_high'])}),"
+                f" recall {_f(c['held_out_recall'])}"
+            )
     for name, k in result["reselection"].items():
-        lines.append(f"re-selection, {name} thresholds: {k['kept']} pairs kept of {k['samples']} samples "
-                     f"({k['triplets_with_kept']} of {k['triplets']} triplets keep a pair), precision of the kept "
-                     + _interval(k, "precision")
-                     + (f"; {k['image_not_stored']} wanted pairs have no stored images (render.save_images)"
-                        if k["image_not_stored"] else ""))
+        lines.append(
+            f"re-selection, {name} thresholds: {k['kept']} pairs kept of {k['samples']} samples "
+            f"({k['triplets_with_kept']} of {k['triplets']} triplets keep a pair), precision of the kept "
+            + _interval(k, "precision")
+            + (
+                f"; {k['image_not_stored']} wanted pairs have no stored images (render.save_images)"
+                if k["image_not_stored"]
+                else ""
+            )
+        )
     return lines
 
 
 def _trio(t: dict) -> str:
-    return "/".join(f"{t[f]:g}" for f in ("clip_image_threshold", "clip_caption_threshold", "clip_direction_threshold"))
+    return "/".join(
+        f"{t[f]:g}" for f in ("clip_image_threshold", "clip_caption_threshold", "clip_direction_threshold")
+    )
 
 
 def print_result(result: dict) -> None:
@@ -318,9 +462,11 @@ def print_result(result: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"people vs filter: '{result['config']}', render {result['render_hash']}",
-                  caption="precision: share of passing pairs people call good edits; recall: share of the good "
-                          f"pairs passing; ({result['confidence']:.0%} Wilson interval); kappa: agreement with people")
+    table = Table(
+        title=f"people vs filter: '{result['config']}', render {result['render_hash']}",
+        caption="precision: share of passing pairs people call good edits; recall: share of the good "
+        f"pairs passing; ({result['confidence']:.0%} Wilson interval); kappa: agreement with people",
+    )
     rows = rule_rows(result)
     for name in rows[0]:
         table.add_column(name, justify="left" if name in ("thresholds", "rule") else "right")
@@ -346,34 +492,53 @@ def report_section(cfg) -> dict | None:
     last = storage.url_join(layout.review_dir(cfg.output_root, render_hash), layout.CALIBRATION_FILE)
     asked = storage.read_json(last) if storage.exists(last) else {}  # the target of the last calibrate-filter
     try:
-        result = calibrate(cfg, LabelStore(folder).read(), target=asked.get("target_precision"),
-                           confidence=asked.get("confidence"))
+        result = calibrate(
+            cfg,
+            LabelStore(folder).read(),
+            target=asked.get("target_precision"),
+            confidence=asked.get("confidence"),
+        )
     except (NoLabelsError, NoRenderError) as err:
         text = f"People vs filter: {err}"
-        return {"html": f"<h2 id='people'>People vs filter</h2><p>{html.escape(text)}</p>", "markdown": f"## {text}"}
+        return {
+            "html": f"<h2 id='people'>People vs filter</h2><p>{html.escape(text)}</p>",
+            "markdown": f"## {text}",
+        }
     uri = "data:image/png;base64," + base64.b64encode(plot(result)).decode()
     lines = summary_lines(result)
     rows = rule_rows(result)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows
+    )
     overrides = " ".join(f"--set {s}" for s in result["set"])
-    page = (f"<h2 id='people'>People vs filter</h2><p>{'<br>'.join(html.escape(x) for x in lines)}</p>"
-            f"<img alt='people' src='{uri}'><table><tr>{head}</tr>{body}</table>"
-            + (f"<p>re-select with: <code>{html.escape(overrides)}</code></p>" if overrides else ""))
+    page = (
+        f"<h2 id='people'>People vs filter</h2><p>{'<br>'.join(html.escape(x) for x in lines)}</p>"
+        f"<img alt='people' src='{uri}'><table><tr>{head}</tr>{body}</table>"
+        + (f"<p>re-select with: <code>{html.escape(overrides)}</code></p>" if overrides else "")
+    )
     md_rows = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     md_rows += ["| " + " | ".join(str(v) for v in r.values()) + " |" for r in rows]
-    markdown = "\n\n".join(["## People vs filter", "\n".join(f"- {x}" for x in lines), f"![people]({uri})",
-                            "\n".join(md_rows)] + ([f"re-select with: `{overrides}`"] if overrides else []))
+    markdown = "\n\n".join(
+        ["## People vs filter", "\n".join(f"- {x}" for x in lines), f"![people]({uri})", "\n".join(md_rows)]
+        + ([f"re-select with: `{overrides}`"] if overrides else [])
+    )
     return {"html": page, "markdown": markdown}
 
 
 def calibrate_filter(
     preset: Preset = "demo",
     overrides: Overrides = None,
-    target_precision: Annotated[float | None, typer.Option(help="precision the suggested thresholds reach (default: "
-                                                                 "review.target_precision)")] = None,
-    confidence: Annotated[float | None, typer.Option(help="Wilson intervals' level (default: review.confidence)")] = None,
-    reviewer: Annotated[list[str] | None, typer.Option(help="only these reviewers' labels (repeatable)")] = None,
+    target_precision: Annotated[
+        float | None,
+        typer.Option(help="precision the suggested thresholds reach (default: review.target_precision)"),
+    ] = None,
+    confidence: Annotated[
+        float | None, typer.Option(help="Wilson intervals' level (default: review.confidence)")
+    ] = None,
+    reviewer: Annotated[
+        list[str] | None, typer.Option(help="only these reviewers' labels (repeatable)")
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the result here")] = None,
     debug: Debug = False,
 ) -> None:
@@ -389,7 +554,9 @@ def calibrate_filter(
     print_result(result)
     typer.echo(f"wrote {urls['json']}, {urls['plot']}, {urls['set']}")
     if result["set"]:
-        typer.echo("re-select with them (the filter stage reads the stored scores; nothing is rendered again):")
+        typer.echo(
+            "re-select with them (the filter stage reads the stored scores; nothing is rendered again):"
+        )
         typer.echo("  " + " ".join(f"--set {s}" for s in result["set"]))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

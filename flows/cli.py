@@ -43,7 +43,9 @@ from flows.train import train_command
 from tasks import registry
 from tasks.common.config import preset_names
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="EditForge: regenerate an InstructPix2Pix dataset")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="EditForge: regenerate an InstructPix2Pix dataset"
+)
 app.command("run")(run)
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
@@ -57,9 +59,14 @@ CHAIN = [s.name for s in registry.chain()]
 
 
 @app.command()
-def stage(name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")], preset: Preset = "demo",
-          overrides: Overrides = None, partitions: Partitions = None, verify: Verify = False,
-          debug: Debug = False) -> None:
+def stage(
+    name: Annotated[str, typer.Argument(help=f"one of {', '.join(CHAIN)}")],
+    preset: Preset = "demo",
+    overrides: Overrides = None,
+    partitions: Partitions = None,
+    verify: Verify = False,
+    debug: Debug = False,
+) -> None:
     """Run one stage (optionally on some partitions only)."""
     overrides = with_verify(overrides, verify)
     cfg = load_or_exit(preset, overrides)
@@ -90,8 +97,10 @@ def index(preset: Preset = "demo", overrides: Overrides = None) -> None:
     with reported(False):
         written = write_index(cfg, manifests)
     missing = len(found) - len(manifests)
-    typer.echo(f"{registry.index_url(cfg)}: {len(written['shards'])} shards from {len(manifests)} pack "
-               f"partition(s)" + (f"; {missing} not finished under this config left out" if missing else ""))
+    typer.echo(
+        f"{registry.index_url(cfg)}: {len(written['shards'])} shards from {len(manifests)} pack "
+        f"partition(s)" + (f"; {missing} not finished under this config left out" if missing else "")
+    )
 
 
 @app.command()
@@ -136,12 +145,19 @@ def presets() -> None:
 
 
 @app.command()
-def config(preset: Preset = "demo", overrides: Overrides = None,
-           key: Annotated[str | None, typer.Argument(
-               help="with --explain: one setting or section, e.g. render.keep")] = None,
-           explain: Annotated[bool, typer.Option(
-               "--explain", help="print every setting with its value, default and what it does (docs/config.md)")
-           ] = False) -> None:
+def config(
+    preset: Preset = "demo",
+    overrides: Overrides = None,
+    key: Annotated[
+        str | None, typer.Argument(help="with --explain: one setting or section, e.g. render.keep")
+    ] = None,
+    explain: Annotated[
+        bool,
+        typer.Option(
+            "--explain", help="print every setting with its value, default and what it does (docs/config.md)"
+        ),
+    ] = False,
+) -> None:
     """Print the resolved config, each stage's resources and config hash (--explain: what each setting
     means)."""
     cfg = load_or_exit(preset, overrides, root="none")
@@ -165,10 +181,15 @@ def config(preset: Preset = "demo", overrides: Overrides = None,
 
 
 @app.command()
-def report(preset: Preset = "demo", overrides: Overrides = None,
-           html: Annotated[bool, typer.Option("--html", help="also (re)build report/<hash>/report.html and its "
-                                                             "figures from disk")] = False,
-           debug: Debug = False) -> None:
+def report(
+    preset: Preset = "demo",
+    overrides: Overrides = None,
+    html: Annotated[
+        bool,
+        typer.Option("--html", help="also (re)build report/<hash>/report.html and its figures from disk"),
+    ] = False,
+    debug: Debug = False,
+) -> None:
     """Summarise what is on disk for this config: partitions finished under its hashes (no Prefect needed)."""
     from flows.report import current_manifests, render_report
     from tasks.common import storage

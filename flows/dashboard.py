@@ -39,13 +39,19 @@ SCREEN = 12  # a stage table's leading columns: what fits a screen
 HEADLINE_MAX = 6  # of them, the stage's headline figures
 STATUS_EVERY_S = 10.0  # the in-process status is refreshed at most this often by live figures
 IN_FLIGHT_SHOWN = 30  # rows of the status's in-flight table
-PASS_RATE = ("text", "judge", "filter")  # stages whose out / in is a pass rate (render: passed / samples drawn)
+PASS_RATE = (
+    "text",
+    "judge",
+    "filter",
+)  # stages whose out / in is a pass rate (render: passed / samples drawn)
 
 
 # -- reading ------------------------------------------------------------------------------------------
 
-def read_manifest(output_root: str, stage: str, config_hash: str, partition_id: int,
-                  strict: bool = False) -> dict | None:
+
+def read_manifest(
+    output_root: str, stage: str, config_hash: str, partition_id: int, strict: bool = False
+) -> dict | None:
     """One partition's `_SUCCESS.json` if it is finished under ``config_hash`` (one request), else None;
     ``strict``: a store that fails (not a missing file) raises instead of counting as not finished."""
     url = layout.success_url(output_root, stage, config_hash, partition_id)
@@ -67,7 +73,9 @@ def read_manifest(output_root: str, stage: str, config_hash: str, partition_id: 
 def finished(cfg: PipelineConfig, stage: str, config_hash: str | None = None) -> list[dict]:
     """The manifests of ``stage``'s partitions finished under this config, by partition id (one read each)."""
     expected = config_hash or registry.stage_hash(cfg, stage)
-    found = (read_manifest(cfg.output_root, stage, expected, pid) for pid in registry.partition_ids(cfg, stage))
+    found = (
+        read_manifest(cfg.output_root, stage, expected, pid) for pid in registry.partition_ids(cfg, stage)
+    )
     return [m for m in found if m]
 
 
@@ -81,16 +89,25 @@ def pass_rate(stage: str, manifest: dict) -> float | None:
 
 # -- the stage table ---------------------------------------------------------------------------------
 
+
 def flat_row(stage: str, manifest: dict, skipped: bool | None = None) -> dict[str, Any]:
     """Every figure of one partition's manifest as one flat row (`n_<count>`, `rejected_<reason>`,
     the stage's own figures, `median_<metric>`)."""
     counts = manifest.get("counts", {})
     rejected = manifest.get("rejected", {})
-    nested = {k: v for section in ("finetune", "train") if isinstance(manifest.get(section), dict)
-              for k, v in manifest[section].items()}
-    figures = {k: v for k, v in {**nested, **manifest}.items()
-               if k not in ("partition_id", "wall_time_s", "finished_at")
-               and isinstance(v, int | float) and not isinstance(v, bool)}
+    nested = {
+        k: v
+        for section in ("finetune", "train")
+        if isinstance(manifest.get(section), dict)
+        for k, v in manifest[section].items()
+    }
+    figures = {
+        k: v
+        for k, v in {**nested, **manifest}.items()
+        if k not in ("partition_id", "wall_time_s", "finished_at")
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+    }
     row = {
         "partition": manifest["partition_id"],
         "status": "skipped" if (skipped if skipped is not None else manifest.get("skipped")) else "done",
@@ -102,8 +119,11 @@ def flat_row(stage: str, manifest: dict, skipped: bool | None = None) -> dict[st
         **figures,
         **{f"median_{k}": round(q["q50"], 4) for k, q in manifest.get("quantiles", {}).items()},
         # each rung of the judge ladder: passed / reached (render: CLIP, DINOv2, SSIM; filter: + the VLM judge)
-        **{f"pass_rate_{k[7:-3]}": round(counts[f"ladder_{k[7:-3]}_passed"] / v, 4)
-           for k, v in counts.items() if k.startswith("ladder_") and k.endswith("_in") and v},
+        **{
+            f"pass_rate_{k[7:-3]}": round(counts[f"ladder_{k[7:-3]}_passed"] / v, 4)
+            for k, v in counts.items()
+            if k.startswith("ladder_") and k.endswith("_in") and v
+        },
         "rejected": ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])) or "-",
         "wall_time_s": manifest.get("wall_time_s"),
     }
@@ -137,13 +157,20 @@ def table(stage: str, manifests: Iterable[dict], skipped: dict[int, bool] | None
 def row_record(stage: str, manifest: dict) -> dict:
     """What a finished partition writes to `_dashboard/done/`: its row (status `done`: whether a run skipped
     it is that run's business), and when it finished. The same manifest gives the same bytes."""
-    return {"stage": stage, "partition": manifest["partition_id"], "config_hash": manifest.get("config_hash"),
-            "finished_at": manifest.get("finished_at"), "row": flat_row(stage, manifest, skipped=False)}
+    return {
+        "stage": stage,
+        "partition": manifest["partition_id"],
+        "config_hash": manifest.get("config_hash"),
+        "finished_at": manifest.get("finished_at"),
+        "row": flat_row(stage, manifest, skipped=False),
+    }
 
 
 def write_row(cfg: PipelineConfig, stage: str, manifest: dict) -> None:
-    storage.write_json_atomic(layout.row_url(cfg.output_root, stage, manifest["config_hash"],
-                                             manifest["partition_id"]), row_record(stage, manifest))
+    storage.write_json_atomic(
+        layout.row_url(cfg.output_root, stage, manifest["config_hash"], manifest["partition_id"]),
+        row_record(stage, manifest),
+    )
 
 
 def finished_ids(output_root: str, stage: str, config_hash: str) -> dict[int, dict]:
@@ -160,8 +187,11 @@ def finished_ids(output_root: str, stage: str, config_hash: str) -> dict[int, di
 
 # -- rates and ETAs ------------------------------------------------------------------------------------
 
+
 def _window(manifests: Iterable[dict]) -> list[dict]:
-    return sorted((m for m in manifests if m.get("finished_at")), key=lambda m: m["finished_at"])[-ETA_WINDOW:]
+    return sorted((m for m in manifests if m.get("finished_at")), key=lambda m: m["finished_at"])[
+        -ETA_WINDOW:
+    ]
 
 
 def _span(timed: list[dict], now: float) -> float:
@@ -213,6 +243,7 @@ def _clock(t: float) -> str:
 
 # -- a partition's live figures ------------------------------------------------------------------------
 
+
 def describe(stage: str, partition_id: int, figures: dict | None) -> str:
     """One line of running figures for the partition's progress artifact."""
     head = f"{stage} {layout.partition_name(partition_id)}"
@@ -220,14 +251,22 @@ def describe(stage: str, partition_id: int, figures: dict | None) -> str:
         return head
     if "samples" in figures:  # render
         rate = figures.get("pass_rate")
-        parts = [f"{figures['triplets_done']}/{figures['triplets']} triplets", f"{figures['samples']} samples",
-                 f"pass rate {rate:.1%}" if rate is not None else "", f"{figures['kept_so_far']} pairs kept so far",
-                 f"{figures['unet_calls_per_kept_pair']} UNet calls/kept pair" if figures.get("unet_calls_per_kept_pair") else "",
-                 f"{figures['samples_per_s']} samples/s" if figures.get("samples_per_s") else ""]
+        parts = [
+            f"{figures['triplets_done']}/{figures['triplets']} triplets",
+            f"{figures['samples']} samples",
+            f"pass rate {rate:.1%}" if rate is not None else "",
+            f"{figures['kept_so_far']} pairs kept so far",
+            f"{figures['unet_calls_per_kept_pair']} UNet calls/kept pair"
+            if figures.get("unet_calls_per_kept_pair")
+            else "",
+            f"{figures['samples_per_s']} samples/s" if figures.get("samples_per_s") else "",
+        ]
     else:
-        parts = [f"{figures.get('done')}/{figures.get('expected')} done",
-                 f"{figures['ok']} ok" if "ok" in figures else "",
-                 f"{figures['per_s']} /s" if figures.get("per_s") else ""]
+        parts = [
+            f"{figures.get('done')}/{figures.get('expected')} done",
+            f"{figures['ok']} ok" if "ok" in figures else "",
+            f"{figures['per_s']} /s" if figures.get("per_s") else "",
+        ]
     return f"{head}: " + ", ".join(p for p in parts if p)
 
 
@@ -244,13 +283,20 @@ def _patch_artifact(artifact_id, body: dict) -> None:
 
 
 def live_record(stage: str, partition_id: int, fraction: float, figures: dict | None, started: float) -> dict:
-    return {"stage": stage, "partition": partition_id, "fraction": round(fraction, 4), "figures": figures or {},
-            "started_at": round(started, 3), "updated_at": round(time.time(), 3)}
+    return {
+        "stage": stage,
+        "partition": partition_id,
+        "fraction": round(fraction, 4),
+        "figures": figures or {},
+        "started_at": round(started, 3),
+        "updated_at": round(time.time(), 3),
+    }
 
 
 @contextmanager
-def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
-                   cfg: PipelineConfig | None = None) -> Iterator[None]:
+def live_partition(
+    stage: str, partition_id: int, min_interval_s: float = 2.0, cfg: PipelineConfig | None = None
+) -> Iterator[None]:
     """A progress artifact on the task run, updated in place (at most every `min_interval_s`) as the
     partition checkpoints: its description the running figures, its metadata the same as JSON. With
     ``cfg`` in a publishing process, the run-wide status shows them too."""
@@ -269,14 +315,22 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
                 figures = {**figures, "per_s": round(figures["done"] / (now - t0), 2)}
             record = live_record(stage, partition_id, fraction, figures, started)
             try:
-                _patch_artifact(artifact_id, {"data": pct, "description": describe(stage, partition_id, figures),
-                                              "metadata_": {LIVE_KEY: json.dumps(record)}})
+                _patch_artifact(
+                    artifact_id,
+                    {
+                        "data": pct,
+                        "description": describe(stage, partition_id, figures),
+                        "metadata_": {LIVE_KEY: json.dumps(record)},
+                    },
+                )
                 if board is not None:
                     with board.lock:
                         board.live[(stage, partition_id)] = record
                         board.publish_status(min_interval_s=STATUS_EVERY_S)
             except Exception as err:  # the dashboard never stops the work
-                log.warning("dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err)
+                log.warning(
+                    "dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err
+                )
             last.update(t=now, pct=pct, figures=figures)
 
     token = PROGRESS_HOOK.set(hook)
@@ -289,13 +343,25 @@ def live_partition(stage: str, partition_id: int, min_interval_s: float = 2.0,
                 board.live.pop((stage, partition_id), None)
     if last["pct"] < 100:  # finished (or skipped as already done): no longer in flight
         try:
-            _patch_artifact(artifact_id, {"data": 100.0, "metadata_": {LIVE_KEY: json.dumps(
-                live_record(stage, partition_id, 1.0, last.get("figures"), started))}})
+            _patch_artifact(
+                artifact_id,
+                {
+                    "data": 100.0,
+                    "metadata_": {
+                        LIVE_KEY: json.dumps(
+                            live_record(stage, partition_id, 1.0, last.get("figures"), started)
+                        )
+                    },
+                },
+            )
         except Exception as err:
-            log.warning("dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err)
+            log.warning(
+                "dashboard: the progress of %s part-%05d was not updated (%s)", stage, partition_id, err
+            )
 
 
 # -- the board: what one process knows, and what it publishes ------------------------------------------
+
 
 @dataclass
 class _Published:
@@ -315,7 +381,9 @@ class Board:
         self.hashes = {s.name: registry.stage_hash(cfg, s.name) for s in registry.chain()}
         self.rows: dict[str, dict[int, dict]] = {s: {} for s in self.hashes}  # stage -> pid -> row record
         self.seen: dict[str, tuple] = {}  # row URL -> (size, mtime) it was read at
-        self.skipped: dict[str, set[int]] = {s: set() for s in self.hashes}  # finished before this process ran
+        self.skipped: dict[str, set[int]] = {
+            s: set() for s in self.hashes
+        }  # finished before this process ran
         self.totals: dict[str, int] = {}
         self.live: dict[tuple[str, int], dict] = {}  # (stage, pid) -> live_record
         self.published: dict[str, _Published] = {}
@@ -356,9 +424,16 @@ class Board:
 
     # the figures
     def _timed(self, stage: str) -> list[dict]:
-        return [{"finished_at": r.get("finished_at"), "wall_time_s": r["row"].get("wall_time_s"),
-                 "out": r["row"].get("out"), "unet_calls": r["row"].get("n_unet_calls"),
-                 "samples": r["row"].get("n_samples")} for r in self.rows[stage].values()]
+        return [
+            {
+                "finished_at": r.get("finished_at"),
+                "wall_time_s": r["row"].get("wall_time_s"),
+                "out": r["row"].get("out"),
+                "unet_calls": r["row"].get("n_unet_calls"),
+                "samples": r["row"].get("n_samples"),
+            }
+            for r in self.rows[stage].values()
+        ]
 
     def stage_rows(self, now: float | None = None) -> list[dict]:
         """Per chain stage: partitions done / total, running, kept pairs, pass rate, ETA (seconds)."""
@@ -375,12 +450,23 @@ class Board:
                 rate = sum(r.get("out") or 0 for r in rows) / ins if ins else None
             else:
                 rate = None
-            out.append({"stage": stage, "done": len(rows), "total": total,
-                        "percent": round(100 * len(rows) / total, 1) if total else 100.0,
-                        "running": max(self.extra.get("running", {}).get(stage, 0),
-                                       sum(1 for s, _ in self.live if s == stage)),
-                        "kept_pairs": sum(r.get("out") or 0 for r in rows) if stage in ("render", "filter", "pack") else None,
-                        "pass_rate": rate, "eta_s": eta_s(self._timed(stage), max(0, total - len(rows)), now)})
+            out.append(
+                {
+                    "stage": stage,
+                    "done": len(rows),
+                    "total": total,
+                    "percent": round(100 * len(rows) / total, 1) if total else 100.0,
+                    "running": max(
+                        self.extra.get("running", {}).get(stage, 0),
+                        sum(1 for s, _ in self.live if s == stage),
+                    ),
+                    "kept_pairs": sum(r.get("out") or 0 for r in rows)
+                    if stage in ("render", "filter", "pack")
+                    else None,
+                    "pass_rate": rate,
+                    "eta_s": eta_s(self._timed(stage), max(0, total - len(rows)), now),
+                }
+            )
         return out
 
     def throughput(self, stages: list[dict], now: float | None = None) -> dict:
@@ -389,67 +475,109 @@ class Board:
         now = now if now is not None else time.time()
         timed = self._timed("render") if "render" in self.hashes else []
         pairs, calls = rate_per_s(timed, "out", now), rate_per_s(timed, "unet_calls", now)
-        live_samples = sum((r["figures"].get("samples_per_s") or 0) for (s, _), r in self.live.items() if s == "render")
+        live_samples = sum(
+            (r["figures"].get("samples_per_s") or 0) for (s, _), r in self.live.items() if s == "render"
+        )
         etas = [s["eta_s"] for s in stages if s["done"] < s["total"] and s["eta_s"] is not None]
-        return {"pairs_per_h": None if pairs is None else round(pairs * 3600, 1),
-                "unet_calls_per_s": None if calls is None else round(calls, 2),
-                "live_samples_per_s": round(live_samples, 2) if live_samples else None,
-                "finish": now + max(etas) if etas else (now if all(s["done"] >= s["total"] for s in stages) else None)}
+        return {
+            "pairs_per_h": None if pairs is None else round(pairs * 3600, 1),
+            "unet_calls_per_s": None if calls is None else round(calls, 2),
+            "live_samples_per_s": round(live_samples, 2) if live_samples else None,
+            "finish": now + max(etas)
+            if etas
+            else (now if all(s["done"] >= s["total"] for s in stages) else None),
+        }
 
     def status_markdown(self, now: float | None = None) -> str:
         now = now if now is not None else time.time()
         stages = self.stage_rows(now)
         speed = self.throughput(stages, now)
-        lines = [f"# EditForge `{self.cfg.name}`: status", "",
-                 f"Updated {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))} from `{self.cfg.output_root}`"
-                 + (f" · {self.extra['mode']}" if self.extra.get("mode") else ""), ""]
+        lines = [
+            f"# EditForge `{self.cfg.name}`: status",
+            "",
+            f"Updated {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(now))} from `{self.cfg.output_root}`"
+            + (f" · {self.extra['mode']}" if self.extra.get("mode") else ""),
+            "",
+        ]
         if self.extra.get("blocks"):
             b = self.extra["blocks"]
             lines += ["**Blocks**: " + ", ".join(f"{v} {k}" for k, v in b.items()), ""]
         pairs = "-" if speed["pairs_per_h"] is None else f"{speed['pairs_per_h']:,.0f}"
         calls = "-" if speed["unet_calls_per_s"] is None else f"{speed['unet_calls_per_s']:,.1f}"
-        finish = "-" if speed["finish"] is None else f"{_clock(speed['finish'])} (in {_duration(speed['finish'] - now)})"
-        lines += [f"**Throughput**: {pairs} kept pairs/h · {calls} UNet calls/s"
-                  + (f" · {speed['live_samples_per_s']} samples/s in flight" if speed["live_samples_per_s"] else "")
-                  + f" · projected finish {finish}", ""]
+        finish = (
+            "-"
+            if speed["finish"] is None
+            else f"{_clock(speed['finish'])} (in {_duration(speed['finish'] - now)})"
+        )
+        lines += [
+            f"**Throughput**: {pairs} kept pairs/h · {calls} UNet calls/s"
+            + (f" · {speed['live_samples_per_s']} samples/s in flight" if speed["live_samples_per_s"] else "")
+            + f" · projected finish {finish}",
+            "",
+        ]
         for pool in self.extra.get("waiting", []):
             lines += [f"> **Waiting for a worker** on work pool `{pool['pool']}`: {pool['message']}", ""]
-        lines += ["| stage | partitions done | running | kept pairs | pass rate | ETA |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| stage | partitions done | running | kept pairs | pass rate | ETA |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in stages:
             kept = "-" if r["kept_pairs"] is None else f"{r['kept_pairs']:,}"
             rate = "-" if r["pass_rate"] is None else f"{r['pass_rate']:.1%}"
-            lines.append(f"| {r['stage']} | {r['done']} of {r['total']} ({r['percent']:.0f}%) | {r['running']} | {kept} | "
-                         f"{rate} | {_duration(r['eta_s'])} |")
+            lines.append(
+                f"| {r['stage']} | {r['done']} of {r['total']} ({r['percent']:.0f}%) | {r['running']} | {kept} | "
+                f"{rate} | {_duration(r['eta_s'])} |"
+            )
         if self.live:
             order = list(self.hashes)
-            live = sorted(self.live.values(), key=lambda r: (order.index(r["stage"]) if r["stage"] in order else 99,
-                                                             r["partition"]))
-            lines += ["", "## In flight", "", "| partition | done | samples | pass rate | kept so far | per s | updated |",
-                      "|---|---|---|---|---|---|---|"]
+            live = sorted(
+                self.live.values(),
+                key=lambda r: (order.index(r["stage"]) if r["stage"] in order else 99, r["partition"]),
+            )
+            lines += [
+                "",
+                "## In flight",
+                "",
+                "| partition | done | samples | pass rate | kept so far | per s | updated |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in live[:IN_FLIGHT_SHOWN]:
                 f = r["figures"]
                 rate = f.get("pass_rate")
-                lines.append(f"| {r['stage']} {layout.partition_name(r['partition'])} | {100 * r['fraction']:.0f}% | "
-                             f"{f.get('samples', f.get('done', '-'))} | {'-' if rate is None else f'{rate:.1%}'} | "
-                             f"{f.get('kept_so_far', f.get('ok', '-'))} | {f.get('samples_per_s', f.get('per_s', '-'))} | "
-                             f"{_duration(max(0.0, now - r['updated_at']))} ago |")
+                lines.append(
+                    f"| {r['stage']} {layout.partition_name(r['partition'])} | {100 * r['fraction']:.0f}% | "
+                    f"{f.get('samples', f.get('done', '-'))} | {'-' if rate is None else f'{rate:.1%}'} | "
+                    f"{f.get('kept_so_far', f.get('ok', '-'))} | {f.get('samples_per_s', f.get('per_s', '-'))} | "
+                    f"{_duration(max(0.0, now - r['updated_at']))} ago |"
+                )
             if len(live) > IN_FLIGHT_SHOWN:
                 lines.append(f"| … {len(live) - IN_FLIGHT_SHOWN} more | | | | | | |")
-        lines += ["", f"ETA: the rate of each stage's last {ETA_WINDOW} finished partitions; pass rate: render's "
-                  "passed / samples drawn; text, judge, filter: out / in. Every partition's figures: the stage tables "
-                  "and each partition's `_SUCCESS.json`."]
+        lines += [
+            "",
+            f"ETA: the rate of each stage's last {ETA_WINDOW} finished partitions; pass rate: render's "
+            "passed / samples drawn; text, judge, filter: out / in. Every partition's figures: the stage tables "
+            "and each partition's `_SUCCESS.json`.",
+        ]
         return "\n".join(lines)
 
     # publishing
-    def _publish(self, key: str, kind: str, data: Any, description: str, rows: int | None = None,
-                 min_interval_s: float = 0.0) -> None:
+    def _publish(
+        self,
+        key: str,
+        kind: str,
+        data: Any,
+        description: str,
+        rows: int | None = None,
+        min_interval_s: float = 0.0,
+    ) -> None:
         """A new version of ``key`` when this process has none yet or (tables) the rows doubled since the
         newest was created; else that version updated in place; nothing when nothing changed."""
         with self.lock:
             self._publish_locked(key, kind, data, description, rows, min_interval_s)
 
-    def _publish_locked(self, key: str, kind: str, data: Any, description: str, rows: int | None,
-                        min_interval_s: float) -> None:
+    def _publish_locked(
+        self, key: str, kind: str, data: Any, description: str, rows: int | None, min_interval_s: float
+    ) -> None:
         from prefect.artifacts import (
             create_markdown_artifact,
             create_progress_artifact,
@@ -463,8 +591,11 @@ class Board:
         if held is not None and (held.digest == digest or now - held.at < min_interval_s):
             return
         if held is None or (rows is not None and rows >= 2 * max(held.rows, 1)):
-            make = {"table": create_table_artifact, "markdown": create_markdown_artifact,
-                    "progress": create_progress_artifact}[kind]
+            make = {
+                "table": create_table_artifact,
+                "markdown": create_markdown_artifact,
+                "progress": create_progress_artifact,
+            }[kind]
             artifact_id = make(data, key=key, description=description)
             self.published[key] = _Published(artifact_id, rows or 0, digest, now)
             return
@@ -475,18 +606,27 @@ class Board:
     def publish_stage(self, stage: str) -> None:
         from tasks.common.stage import Resources
 
-        rows = order_rows(stage, [{**r["row"], "status": "skipped" if pid in self.skipped[stage] else "done"}
-                                  for pid, r in self.rows[stage].items()])
+        rows = order_rows(
+            stage,
+            [
+                {**r["row"], "status": "skipped" if pid in self.skipped[stage] else "done"}
+                for pid, r in self.rows[stage].items()
+            ],
+        )
         if not rows:
             return
         res: Resources = registry.get(stage).resources(self.cfg)
         lead = ", ".join(leading(stage, rows[0]))
-        self._publish(layout.artifact_key(self.cfg.name, stage, self.hashes[stage]), "table", rows,
-                      f"EditForge `{self.cfg.name}` — {stage}: {len(rows)} of {self.total(stage)} partitions finished "
-                      f"(per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch}). Columns first: {lead}; "
-                      "every other figure after them; each partition's full manifest: "
-                      f"`{layout.stage_dir(self.cfg.output_root, stage, self.hashes[stage])}/part-*/_SUCCESS.json`.",
-                      rows=len(rows))
+        self._publish(
+            layout.artifact_key(self.cfg.name, stage, self.hashes[stage]),
+            "table",
+            rows,
+            f"EditForge `{self.cfg.name}` — {stage}: {len(rows)} of {self.total(stage)} partitions finished "
+            f"(per partition: {res.cpus} CPU, {res.gpus} GPU, batch {res.batch}). Columns first: {lead}; "
+            "every other figure after them; each partition's full manifest: "
+            f"`{layout.stage_dir(self.cfg.output_root, stage, self.hashes[stage])}/part-*/_SUCCESS.json`.",
+            rows=len(rows),
+        )
 
     def publish_status(self, min_interval_s: float = 0.0) -> list[dict]:
         """The run-wide status (markdown) and progress bar, in place."""
@@ -494,11 +634,20 @@ class Board:
         done, total = sum(r["done"] for r in stages), sum(r["total"] for r in stages)
         pack = self.hashes.get("pack") or registry.stage_hash(self.cfg, "pack")
         summary = "; ".join(f"{r['stage']} {r['done']}/{r['total']}" for r in stages)
-        self._publish(layout.artifact_key(self.cfg.name, "progress", pack), "progress",
-                      round(100 * done / total, 1) if total else 100.0, f"EditForge `{self.cfg.name}`: {summary}",
-                      min_interval_s=min_interval_s)
-        self._publish(layout.artifact_key(self.cfg.name, "status", pack), "markdown", self.status_markdown(),
-                      f"EditForge `{self.cfg.name}` status: {summary}", min_interval_s=min_interval_s)
+        self._publish(
+            layout.artifact_key(self.cfg.name, "progress", pack),
+            "progress",
+            round(100 * done / total, 1) if total else 100.0,
+            f"EditForge `{self.cfg.name}`: {summary}",
+            min_interval_s=min_interval_s,
+        )
+        self._publish(
+            layout.artifact_key(self.cfg.name, "status", pack),
+            "markdown",
+            self.status_markdown(),
+            f"EditForge `{self.cfg.name}` status: {summary}",
+            min_interval_s=min_interval_s,
+        )
         return stages
 
 
@@ -530,10 +679,17 @@ def publishes(cfg: PipelineConfig) -> bool:
 
 # -- events ------------------------------------------------------------------------------------------
 
+
 def _resource(cfg: PipelineConfig, stage: str, partition_id: int | None = None) -> dict[str, str]:
-    rid = f"editforge.{cfg.name}.{stage}" + ("" if partition_id is None else f".{layout.partition_name(partition_id)}")
-    labels = {"prefect.resource.id": rid, "prefect.resource.name": rid.removeprefix("editforge."),
-              "editforge.run": cfg.name, "editforge.stage": stage}
+    rid = f"editforge.{cfg.name}.{stage}" + (
+        "" if partition_id is None else f".{layout.partition_name(partition_id)}"
+    )
+    labels = {
+        "prefect.resource.id": rid,
+        "prefect.resource.name": rid.removeprefix("editforge."),
+        "editforge.run": cfg.name,
+        "editforge.stage": stage,
+    }
     if partition_id is not None:
         labels["editforge.partition"] = str(partition_id)
     return labels
@@ -547,9 +703,14 @@ def _emit(event: str, resource: dict[str, str], payload: dict) -> None:
     from prefect.events import emit_event
 
     flow, task = FlowRunContext.get(), TaskRunContext.get()
-    flow_run_id = flow.flow_run.id if flow and flow.flow_run else (task.task_run.flow_run_id if task else None)
-    related = [{"prefect.resource.id": f"prefect.{kind}.{rid}", "prefect.resource.role": kind}
-               for kind, rid in (("flow-run", flow_run_id), ("task-run", task.task_run.id if task else None)) if rid]
+    flow_run_id = (
+        flow.flow_run.id if flow and flow.flow_run else (task.task_run.flow_run_id if task else None)
+    )
+    related = [
+        {"prefect.resource.id": f"prefect.{kind}.{rid}", "prefect.resource.role": kind}
+        for kind, rid in (("flow-run", flow_run_id), ("task-run", task.task_run.id if task else None))
+        if rid
+    ]
 
     def send() -> None:  # without the run contexts, Prefect adds no related resources of its own
         FlowRunContext.__var__.set(None)
@@ -572,13 +733,24 @@ def partition_completed(cfg: PipelineConfig, stage: str, manifest: dict) -> None
         log.warning("dashboard: the row of %s part-%05d was not written (%s)", stage, pid, err)
     if not manifest.get("skipped"):
         rate = pass_rate(stage, manifest)
-        payload = {"stage": stage, "partition": pid, "config_hash": manifest.get("config_hash"),
-                   "counts": manifest.get("counts", {}), "rejected": manifest.get("rejected", {}),
-                   "pass_rate": rate, "wall_time_s": manifest.get("wall_time_s"), "path": manifest.get("path")}
+        payload = {
+            "stage": stage,
+            "partition": pid,
+            "config_hash": manifest.get("config_hash"),
+            "counts": manifest.get("counts", {}),
+            "rejected": manifest.get("rejected", {}),
+            "pass_rate": rate,
+            "wall_time_s": manifest.get("wall_time_s"),
+            "path": manifest.get("path"),
+        }
         _emit("editforge.partition.completed", _resource(cfg, stage, pid), payload)
         floor = cfg.run.alert_min_pass_rate
         if stage == "render" and floor is not None and rate is not None and rate < floor:
-            _emit("editforge.partition.low-pass-rate", _resource(cfg, stage, pid), {**payload, "threshold": floor})
+            _emit(
+                "editforge.partition.low-pass-rate",
+                _resource(cfg, stage, pid),
+                {**payload, "threshold": floor},
+            )
     if publishes(cfg):
         try:
             _board(cfg).add(stage, manifest, skipped=bool(manifest.get("skipped")))
@@ -588,17 +760,35 @@ def partition_completed(cfg: PipelineConfig, stage: str, manifest: dict) -> None
             refresh(cfg, stage)
 
 
-def partition_failed(cfg: PipelineConfig, stage: str, partition_id: int, err: BaseException, wall_time_s: float) -> None:
+def partition_failed(
+    cfg: PipelineConfig, stage: str, partition_id: int, err: BaseException, wall_time_s: float
+) -> None:
     message = str(err).splitlines()[0][:500] if str(err) else ""
-    _emit("editforge.partition.failed", _resource(cfg, stage, partition_id),
-          {"stage": stage, "partition": partition_id, "error": type(err).__name__, "message": message,
-           "wall_time_s": round(wall_time_s, 3), "config_hash": registry.stage_hash(cfg, stage)})
+    _emit(
+        "editforge.partition.failed",
+        _resource(cfg, stage, partition_id),
+        {
+            "stage": stage,
+            "partition": partition_id,
+            "error": type(err).__name__,
+            "message": message,
+            "wall_time_s": round(wall_time_s, 3),
+            "config_hash": registry.stage_hash(cfg, stage),
+        },
+    )
 
 
 def run_completed(cfg: PipelineConfig, stages: dict[str, dict]) -> None:
-    _emit("editforge.run.completed", _resource(cfg, "run"),
-          {"name": cfg.name, "output_root": cfg.output_root, "pack_hash": registry.stage_hash(cfg, "pack"),
-           "stages": stages})
+    _emit(
+        "editforge.run.completed",
+        _resource(cfg, "run"),
+        {
+            "name": cfg.name,
+            "output_root": cfg.output_root,
+            "pack_hash": registry.stage_hash(cfg, "pack"),
+            "stages": stages,
+        },
+    )
 
 
 def refresh(cfg: PipelineConfig, stage: str, this_run: list[dict] | None = None) -> None:
@@ -619,7 +809,7 @@ def _refresh(board: Board, stage: str, this_run: list[dict] | None) -> None:
     for m in this_run or []:
         board.add(stage, m, skipped=bool(m.get("skipped")))
     if this_run is not None:  # a stage flow's end; the captions stage may have added partitions
-        for name in (board.hashes if stage == "captions" else (stage,)):
+        for name in board.hashes if stage == "captions" else (stage,):
             board.total(name, refresh=True)
     for name in board.hashes:  # every other stage once (a resumed run's earlier work), this one each time
         if name == stage or name not in board.totals:
@@ -632,8 +822,10 @@ def _refresh(board: Board, stage: str, this_run: list[dict] | None) -> None:
 def read_events(client, run_name: str, prefix: str = "editforge.") -> list[dict]:
     """EditForge's events of run ``run_name`` on the server of ``client`` (a sync Prefect client), oldest
     first, every page (the API's filter, for scripts and tests; the UI's Event Feed shows the same)."""
-    body = {"filter": {"event": {"prefix": [prefix]},
-                       "resource": {"id_prefix": [f"editforge.{run_name}."]}}, "limit": 50}
+    body = {
+        "filter": {"event": {"prefix": [prefix]}, "resource": {"id_prefix": [f"editforge.{run_name}."]}},
+        "limit": 50,
+    }
     page = client.request("POST", "/events/filter", json=body).json()
     events = list(page["events"])
     while page.get("next_page"):

@@ -41,19 +41,38 @@ def pool_template(role: str, kubernetes: bool = False) -> Path:
 def _run(args: list[str], env: dict[str, str] | None, echo: bool) -> None:
     if echo:
         print("+ " + " ".join(str(a) for a in args), flush=True)
-    out = subprocess.run([str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [str(a) for a in args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     if out.returncode != 0:
-        raise RuntimeError(f"{' '.join(str(a) for a in args[:4])} ... failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(str(a) for a in args[:4])} ... failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
+        )
     if echo and out.stdout.strip():
         print(out.stdout.rstrip()[-2000:], flush=True)
 
 
-def create_pools(env: dict[str, str] | None = None, kubernetes: bool = False, gpus: int = 1, echo: bool = True) -> None:
+def create_pools(
+    env: dict[str, str] | None = None, kubernetes: bool = False, gpus: int = 1, echo: bool = True
+) -> None:
     """The three pools (replacing their job templates when they exist) and the GPU tag's limit."""
     kind = "kubernetes" if kubernetes else "process"
     for role in ROLES:
-        _run([BIN / "prefect", "work-pool", "create", pool_name(role, kubernetes), "--type", kind,
-              "--base-job-template", pool_template(role, kubernetes), "--overwrite"], env, echo)
+        _run(
+            [
+                BIN / "prefect",
+                "work-pool",
+                "create",
+                pool_name(role, kubernetes),
+                "--type",
+                kind,
+                "--base-job-template",
+                pool_template(role, kubernetes),
+                "--overwrite",
+            ],
+            env,
+            echo,
+        )
     if gpus:
         _run([BIN / "prefect", "concurrency-limit", "create", GPU_TAG, str(gpus)], env, echo)
 
@@ -79,17 +98,30 @@ def deploy_all(env: dict[str, str] | None = None, kubernetes: bool = False, echo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Create EditForge's pools and deployments on $PREFECT_API_URL.")
-    parser.add_argument("--gpus", type=int, default=int(os.environ.get("GPUS", "1")),
-                        help="GPU partitions at once across the server (the cluster's GPUs; 0: no limit)")
-    parser.add_argument("--kubernetes", action="store_true", help="Kubernetes pools editforge-k8s-* (see docs)")
+    parser = argparse.ArgumentParser(
+        description="Create EditForge's pools and deployments on $PREFECT_API_URL."
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=int(os.environ.get("GPUS", "1")),
+        help="GPU partitions at once across the server (the cluster's GPUs; 0: no limit)",
+    )
+    parser.add_argument(
+        "--kubernetes", action="store_true", help="Kubernetes pools editforge-k8s-* (see docs)"
+    )
     args = parser.parse_args(argv)
     if args.gpus < 0:
-        print(f"error: --gpus {args.gpus}: must be >= 0 (GPUS=N, the number of GPUs of the cluster)", file=sys.stderr)
+        print(
+            f"error: --gpus {args.gpus}: must be >= 0 (GPUS=N, the number of GPUs of the cluster)",
+            file=sys.stderr,
+        )
         return 2
     if not os.environ.get("PREFECT_API_URL"):
-        print("error: PREFECT_API_URL is not set: export it (e.g. http://127.0.0.1:4200/api), the server's API",
-              file=sys.stderr)
+        print(
+            "error: PREFECT_API_URL is not set: export it (e.g. http://127.0.0.1:4200/api), the server's API",
+            file=sys.stderr,
+        )
         return 2
     try:
         create_pools(None, args.kubernetes, args.gpus)

@@ -29,8 +29,10 @@ def code_directory() -> Path:
     root = Path(home).expanduser().resolve() if home else Path(__file__).resolve().parents[1]
     if not (root / "flows" / "stages.py").is_file():
         origin = f"${HOME_ENV}={home}" if home else f"the installed flows package ({root})"
-        raise InputError(f"{origin} holds no EditForge code (flows/stages.py): set ${HOME_ENV} in the worker's "
-                         f"environment to the folder of the checkout or image that has it")
+        raise InputError(
+            f"{origin} holds no EditForge code (flows/stages.py): set ${HOME_ENV} in the worker's "
+            f"environment to the folder of the checkout or image that has it"
+        )
     return root
 
 
@@ -55,6 +57,7 @@ def _stop_at_first_task():
         def raiser(self_or_name, *args, **kwargs):
             name = getattr(self_or_name, "name", self_or_name)
             raise FirstTaskReachedError(f"{kind} {name}")
+
         return raiser
 
     for attr in ("__call__", "submit", "map", "delay"):
@@ -90,12 +93,21 @@ def check(prefect_file: Path, start: bool = False, output_root: str | None = Non
         stored = apply_values(spec.get("pull", pull), {}, remove_notset=False)  # deploy-time templating
         outputs = run_coro_as_sync(run_steps(stored, print_function=lambda *a, **k: None))
         flow = load_flow_from_entrypoint(spec["entrypoint"], use_placeholder_flow=False)
-        row = {"deployment": spec["name"], "flow": flow.name, "pull_steps": stored, "directory": outputs.get("directory"),
-               "code": str(Path(sys.modules[flow.fn.__module__].__file__).resolve())}
+        row = {
+            "deployment": spec["name"],
+            "flow": flow.name,
+            "pull_steps": stored,
+            "directory": outputs.get("directory"),
+            "code": str(Path(sys.modules[flow.fn.__module__].__file__).resolve()),
+        }
         if start:
             params = dict(spec.get("parameters") or {})
             params["preset"] = "demo"  # the tiny offline models: no weights in a check
-            params["overrides"] = [*params.get("overrides", []), f"output_root={output_root}", "name=pod-check"]
+            params["overrides"] = [
+                *params.get("overrides", []),
+                f"output_root={output_root}",
+                "name=pod-check",
+            ]
             state = run_flow(flow, parameters=params, return_type="state")
             err = state.result(raise_on_failure=False)
             reached = isinstance(err, FirstTaskReachedError)
@@ -104,7 +116,9 @@ def check(prefect_file: Path, start: bool = False, output_root: str | None = Non
             needs = not reached and isinstance(err, PermanentError) and not isinstance(err, ImportError)
             row["reached"] = str(err) if reached else None
             row["needs"] = f"{type(err).__name__}: {str(err)[:200]}" if needs else None
-            row["failed"] = None if reached or needs else f"{state.type.value}: {type(err).__name__}: {str(err)[:300]}"
+            row["failed"] = (
+                None if reached or needs else f"{state.type.value}: {type(err).__name__}: {str(err)[:300]}"
+            )
         seen.append(row)
     return seen
 
@@ -114,9 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import tempfile
 
-    parser = argparse.ArgumentParser(description="Start every deployment's flow as a pod would (see module doc).")
-    parser.add_argument("--prefect-file", type=Path, default=None, help="default: infra/prefect.yaml of the code")
-    parser.add_argument("--start", action="store_true", help="run each flow up to its first task (else: load it)")
+    parser = argparse.ArgumentParser(
+        description="Start every deployment's flow as a pod would (see module doc)."
+    )
+    parser.add_argument(
+        "--prefect-file", type=Path, default=None, help="default: infra/prefect.yaml of the code"
+    )
+    parser.add_argument(
+        "--start", action="store_true", help="run each flow up to its first task (else: load it)"
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
     prefect_file = (args.prefect_file or code_directory() / PREFECT_FILE).resolve()
@@ -128,13 +148,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows))
     else:
         for r in rows:
-            print(f"{r['deployment']}: {r['flow']} from {r['code']}"
-                  + (f"; reached {r['reached']}" if r.get("reached") else "")
-                  + (f"; started, stopped on its input: {r['needs']}" if r.get("needs") else "")
-                  + (f"; FAILED {r['failed']}" if r.get("failed") else ""))
+            print(
+                f"{r['deployment']}: {r['flow']} from {r['code']}"
+                + (f"; reached {r['reached']}" if r.get("reached") else "")
+                + (f"; started, stopped on its input: {r['needs']}" if r.get("needs") else "")
+                + (f"; FAILED {r['failed']}" if r.get("failed") else "")
+            )
     if failed:
-        print(f"error: {len(failed)} deployment(s) could not start: "
-              f"{', '.join(r['deployment'] for r in failed)}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} deployment(s) could not start: "
+            f"{', '.join(r['deployment'] for r in failed)}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -33,7 +33,9 @@ from tasks.common.config import PipelineConfig
 from tasks.common.lease import is_stale, lease_ttl_s, read_lease
 
 READS_PER_POLL = 150  # storage reads one poll may make (manifests, leases); the rest wait for the next poll
-LEASES_EVERY_S = 30.0  # the leases of running blocks are listed at most this often (a lost worker is slow news)
+LEASES_EVERY_S = (
+    30.0  # the leases of running blocks are listed at most this often (a lost worker is slow news)
+)
 FAILED_POLLS_MAX = 120  # polls in a row the Prefect API or the store may fail before the run gives up
 PAGE = 200  # runs per API call (Prefect's default page limit)
 WAITING = ("SCHEDULED", "PENDING")
@@ -81,7 +83,7 @@ def plan_blocks(cfg: PipelineConfig, only: list[int] | None = None) -> list[Bloc
             if stage.partitions == "one":
                 continue
             ids = [i for i in ids if i in set(only)]
-        blocks += [Block(stage.name, ids[i: i + size]) for i in range(0, len(ids), size)]
+        blocks += [Block(stage.name, ids[i : i + size]) for i in range(0, len(ids), size)]
     return blocks
 
 
@@ -122,8 +124,16 @@ def rounds(seconds: float, poll_s: float) -> int:
 class FanOut:
     """The driver: :meth:`start` once, :meth:`poll` until it returns True, :meth:`finish` (see module doc)."""
 
-    def __init__(self, cfg: PipelineConfig, preset: str, overrides: list[str], logger: logging.Logger, client):
-        self.cfg, self.preset, self.overrides, self.logger, self.client = cfg, preset, overrides, logger, client
+    def __init__(
+        self, cfg: PipelineConfig, preset: str, overrides: list[str], logger: logging.Logger, client
+    ):
+        self.cfg, self.preset, self.overrides, self.logger, self.client = (
+            cfg,
+            preset,
+            overrides,
+            logger,
+            client,
+        )
         self.board = Board(cfg)
         self.board.extra["mode"] = "fan-out"
         self.hashes = self.board.hashes
@@ -132,9 +142,13 @@ class FanOut:
         self.done: dict[str, set[int]] = {s: set() for s in self.hashes}  # finished under this config
         self.manifests: dict[str, dict[int, dict]] = {s: {} for s in self.hashes}
         self.unread: dict[str, list[int]] = {s: [] for s in self.hashes}  # listed finished, manifest not read
-        self.before: dict[str, set[int]] = {s: set() for s in self.hashes}  # finished when this parent started
+        self.before: dict[str, set[int]] = {
+            s: set() for s in self.hashes
+        }  # finished when this parent started
         self.owners: dict[tuple[str, int], tuple[float, dict | None]] = {}  # lease: (mtime read at, owner)
-        self.stalled: dict[str, int] = {}  # pool -> poll rounds with children waiting and none of ours running
+        self.stalled: dict[
+            str, int
+        ] = {}  # pool -> poll rounds with children waiting and none of ours running
         self.warned: dict[str, str] = {}  # pool -> what was said
         self.top_ups = 0 if cfg.text.target_triplets else None  # None: no target, or the target is settled
         self.polls = 0
@@ -158,8 +172,13 @@ class FanOut:
             block.done = all(pid in self.done[block.stage] for pid in block.partitions)
         adopted = self._adopt()
         finished = sum(b.done for b in self.blocks)
-        self.logger.info("fan-out: %d blocks, %d already finished, %d in flight adopted (run %s)",
-                         len(self.blocks), finished, adopted, self.key)
+        self.logger.info(
+            "fan-out: %d blocks, %d already finished, %d in flight adopted (run %s)",
+            len(self.blocks),
+            finished,
+            adopted,
+            self.key,
+        )
 
     def _runs(self, flow_run_filter) -> list:
         runs, offset = [], 0
@@ -185,7 +204,9 @@ class FanOut:
             keys = {attempt_key(self.key, b, a): (b, a) for b in pending for a in range(first, first + width)}
             names, runs = list(keys), []
             for i in range(0, len(names), PAGE):
-                runs += self._runs(FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=names[i: i + PAGE])))
+                runs += self._runs(
+                    FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=names[i : i + PAGE]))
+                )
             found: dict[int, int] = {}
             for run in sorted(runs, key=lambda r: keys[r.idempotency_key][1]):
                 block, attempt = keys[run.idempotency_key]
@@ -224,13 +245,24 @@ class FanOut:
             self.failed_polls = 0
         except (BlockFailedError, NoWorkerError):
             raise
-        except (httpx.HTTPError, OSError) as err:  # a server restarting, a store that throttles: the next poll
+        except (
+            httpx.HTTPError,
+            OSError,
+        ) as err:  # a server restarting, a store that throttles: the next poll
             status = getattr(getattr(err, "response", None), "status_code", None)
             self.failed_polls += 1
-            if self.failed_polls >= FAILED_POLLS_MAX or (status is not None and status < 500 and status != 429):
+            if self.failed_polls >= FAILED_POLLS_MAX or (
+                status is not None and status < 500 and status != 429
+            ):
                 raise
-            self.logger.warning("fan-out: poll %d failed (%s: %s); trying again (%d of %d in a row)", self.polls,
-                                type(err).__name__, str(err).splitlines()[0][:300], self.failed_polls, FAILED_POLLS_MAX)
+            self.logger.warning(
+                "fan-out: poll %d failed (%s: %s); trying again (%d of %d in a row)",
+                self.polls,
+                type(err).__name__,
+                str(err).splitlines()[0][:300],
+                self.failed_polls,
+                FAILED_POLLS_MAX,
+            )
         self.stats.update(reads=self.reads, seconds=round(time.perf_counter() - t0, 4))
         return all(b.done for b in self.blocks) and self.top_ups is None
 
@@ -240,14 +272,20 @@ class FanOut:
     def _top_up(self) -> None:
         if self.top_ups is None:
             return
-        added = top_up_blocks(self.cfg, self.blocks, self.logger) if self.top_ups < self.cfg.text.max_top_ups else None
+        added = (
+            top_up_blocks(self.cfg, self.blocks, self.logger)
+            if self.top_ups < self.cfg.text.max_top_ups
+            else None
+        )
         if added is None:
             self.top_ups = None
         elif added:
             self.top_ups += 1
             self.blocks += added
             self._totals()
-            self.logger.info("fan-out: %d block(s) added for captions generation %d", len(added), self.top_ups)
+            self.logger.info(
+                "fan-out: %d block(s) added for captions generation %d", len(added), self.top_ups
+            )
 
     def _states(self) -> None:
         """Every child in flight in one API call (per ``PAGE``); a final state handled."""
@@ -256,7 +294,7 @@ class FanOut:
         flying = {b.flow_run_id: b for b in self.blocks if b.flow_run_id is not None and not b.verifying}
         ids = list(flying)
         for i in range(0, len(ids), PAGE):
-            for run in self._runs(FlowRunFilter(id=FlowRunFilterId(any_=ids[i: i + PAGE]))):
+            for run in self._runs(FlowRunFilter(id=FlowRunFilterId(any_=ids[i : i + PAGE]))):
                 block = flying.get(run.id)
                 if block is None:
                     continue
@@ -277,8 +315,9 @@ class FanOut:
 
     def _retry(self, block: Block, why: str) -> None:
         if block.attempts >= self.cfg.run.max_block_attempts:
-            raise BlockFailedError(f"fan-out: {block.label} failed {block.attempts} times "
-                                   f"({', '.join(block.history)}): {why}")
+            raise BlockFailedError(
+                f"fan-out: {block.label} failed {block.attempts} times ({', '.join(block.history)}): {why}"
+            )
         self.logger.warning("fan-out: %s %s: submitting it again", block.label, why)
         block.flow_run_id, block.verifying, block.state = None, [], None
 
@@ -306,7 +345,9 @@ class FanOut:
             while block.verifying and self._budget():
                 pid = block.verifying[0]
                 if self._read(block.stage, pid) is None:
-                    missing = layout.success_url(self.cfg.output_root, block.stage, self.hashes[block.stage], pid)
+                    missing = layout.success_url(
+                        self.cfg.output_root, block.stage, self.hashes[block.stage], pid
+                    )
                     self.done[block.stage].discard(pid)
                     self._retry(block, f"ended Completed, but {missing} is not there under this config")
                     break
@@ -340,13 +381,18 @@ class FanOut:
                     aged = time.time() - info["mtime"] > ttl  # no heartbeat for the TTL: looks lost
                     if (seen is None or (aged and seen[0] != info["mtime"])) and self._budget():
                         self.reads += 1  # its owner, once; again only to confirm a lease that looks lost
-                        owner = read_lease(layout.lease_url(self.cfg.output_root, stage, self.hashes[stage], pid))
+                        owner = read_lease(
+                            layout.lease_url(self.cfg.output_root, stage, self.hashes[stage], pid)
+                        )
                         self.owners[(stage, pid)] = seen = (info["mtime"], owner)
                     owner = seen[1] if seen else None
                     if not owner:
                         continue
-                    dead_here = owner.get("host") == here and isinstance(owner.get("pid"), int) \
+                    dead_here = (
+                        owner.get("host") == here
+                        and isinstance(owner.get("pid"), int)
                         and not storage.pid_alive(owner["pid"])
+                    )
                     if dead_here or (aged and seen[0] == info["mtime"] and is_stale(owner, ttl)):
                         gone.append(f"part-{pid:05d} (pid {owner.get('pid')} on {owner.get('host')})")
                 if gone:
@@ -374,10 +420,18 @@ class FanOut:
                 continue
             number = block.number + 1  # kept only once submitted: a retried submission reuses the key
             name = block.label if number == 1 else f"{block.label} attempt {number}"
-            run = run_deployment(deployment_name(self.cfg, self.preset, block.stage), timeout=0, as_subflow=True,
-                                 flow_run_name=name, idempotency_key=attempt_key(self.key, block, number),
-                                 parameters={"preset": self.preset, "overrides": self.overrides,
-                                             "partitions": block.partitions})
+            run = run_deployment(
+                deployment_name(self.cfg, self.preset, block.stage),
+                timeout=0,
+                as_subflow=True,
+                flow_run_name=name,
+                idempotency_key=attempt_key(self.key, block, number),
+                parameters={
+                    "preset": self.preset,
+                    "overrides": self.overrides,
+                    "partitions": block.partitions,
+                },
+            )
             block.number, block.attempts = number, block.attempts + 1
             block.flow_run_id, block.state, block.pool = run.id, "SCHEDULED", run.work_pool_name
             self.stats["submitted"] += 1
@@ -410,21 +464,33 @@ class FanOut:
             self.stalled[pool] = self.stalled.get(pool, 0) + 1
             n = self.stalled[pool]
             if n >= warn and (pool not in self.warned or n >= fail):
-                labels = ", ".join(b.label for b in blocks[:4]) + (f" and {len(blocks) - 4} more" if len(blocks) > 4 else "")
+                labels = ", ".join(b.label for b in blocks[:4]) + (
+                    f" and {len(blocks) - 4} more" if len(blocks) > 4 else ""
+                )
                 why = self._diagnose(pool)
-                message = (f"{len(blocks)} child run(s) ({labels}) waited {n} poll rounds (≥ {n * self.cfg.run.poll_s:.0f} s) "
-                           f"on work pool '{pool}' with none of this run's children running there: {why}")
+                message = (
+                    f"{len(blocks)} child run(s) ({labels}) waited {n} poll rounds (≥ {n * self.cfg.run.poll_s:.0f} s) "
+                    f"on work pool '{pool}' with none of this run's children running there: {why}"
+                )
                 if n >= fail:
                     self._cancel(blocks, f"no worker took it on work pool '{pool}'")
-                    raise NoWorkerError(f"fan-out: {message}; failing after run.worker_wait_fail_s="
-                                        f"{self.cfg.run.worker_wait_fail_s:g} (the waiting child runs are cancelled)")
+                    raise NoWorkerError(
+                        f"fan-out: {message}; failing after run.worker_wait_fail_s="
+                        f"{self.cfg.run.worker_wait_fail_s:g} (the waiting child runs are cancelled)"
+                    )
                 self.warned[pool] = message
-                self.logger.warning("fan-out: %s (failing after run.worker_wait_fail_s=%g)", message,
-                                    self.cfg.run.worker_wait_fail_s)
+                self.logger.warning(
+                    "fan-out: %s (failing after run.worker_wait_fail_s=%g)",
+                    message,
+                    self.cfg.run.worker_wait_fail_s,
+                )
                 from flows.dashboard import _emit, _resource
 
-                _emit("editforge.run.waiting-for-worker", _resource(self.cfg, "run"),
-                      {"pool": pool, "waiting": [b.label for b in blocks], "rounds": n, "message": why})
+                _emit(
+                    "editforge.run.waiting-for-worker",
+                    _resource(self.cfg, "run"),
+                    {"pool": pool, "waiting": [b.label for b in blocks], "rounds": n, "message": why},
+                )
         self.board.extra["waiting"] = [{"pool": p, "message": m} for p, m in self.warned.items()]
 
     def _diagnose(self, pool: str) -> str:
@@ -442,8 +508,11 @@ class FanOut:
             workers = self.client.read_workers_for_work_pool(pool)
             busy = self.client.read_flow_runs(
                 work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=["RUNNING", "PENDING"]))), limit=20)
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["RUNNING", "PENDING"]))
+                ),
+                limit=20,
+            )
             self.stats["api"] += 3
         except Exception as err:  # the report must not stop the run
             return f"the pool could not be read ({type(err).__name__}: {err})"
@@ -454,11 +523,15 @@ class FanOut:
         if not online:
             parts.append(f"no worker is online on it: start one (`prefect worker start --pool {pool}`)")
         else:
-            parts.append(f"{len(online)} worker(s) online ({', '.join(online[:4])}), busy with {len(busy)} run(s)"
-                         + (": " + ", ".join(f"'{r.name}'" for r in busy[:4]) if busy else ""))
+            parts.append(
+                f"{len(online)} worker(s) online ({', '.join(online[:4])}), busy with {len(busy)} run(s)"
+                + (": " + ", ".join(f"'{r.name}'" for r in busy[:4]) if busy else "")
+            )
             if self.parent_id is not None and any(r.id == self.parent_id for r in busy):
-                parts.append("one of them is this parent run itself, holding a slot its children need: run the "
-                             "parent on a pool of its own (docs/monitoring.md)")
+                parts.append(
+                    "one of them is this parent run itself, holding a slot its children need: run the "
+                    "parent on a pool of its own (docs/monitoring.md)"
+                )
         if wp.concurrency_limit is not None:
             parts.append(f"the pool's concurrency limit is {wp.concurrency_limit}")
         return "; ".join(parts)
@@ -483,16 +556,24 @@ class FanOut:
         ids = [b.flow_run_id for b in self.blocks if b.state == "RUNNING" and registry.get(b.stage).progress]
         live: dict[tuple[str, int], dict] = {}
         if ids:
-            found = self.client.read_artifacts(artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=ids[:PAGE]), type=ArtifactFilterType(any_=["progress"])),
-                limit=PAGE)
+            found = self.client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=ids[:PAGE]),
+                    type=ArtifactFilterType(any_=["progress"]),
+                ),
+                limit=PAGE,
+            )
             self.stats["api"] += 1
             for artifact in found:
                 try:
                     record = json.loads((artifact.metadata_ or {}).get(LIVE_KEY, "null"))
                 except ValueError:
                     continue
-                if record and record.get("fraction", 1) < 1 and record["partition"] not in self.done.get(record["stage"], ()):
+                if (
+                    record
+                    and record.get("fraction", 1) < 1
+                    and record["partition"] not in self.done.get(record["stage"], ())
+                ):
                     live[(record["stage"], record["partition"])] = record
         self.board.live = live
 
@@ -513,7 +594,8 @@ class FanOut:
             "waiting for their inputs": sum(b.flow_run_id is None for b in states),
             "retried": sum(b.attempts > 1 for b in self.blocks),
             "failed once or more": sum(any(h != "COMPLETED" for h in b.history) for b in self.blocks),
-            "done": sum(b.done for b in self.blocks)}
+            "done": sum(b.done for b in self.blocks),
+        }
         self.board.extra["mode"] = f"fan-out, poll {self.polls}"
         try:
             for stage in sorted(self.dirty):
@@ -548,7 +630,9 @@ def _own_flow_run_id():
     return ctx.flow_run.id if ctx and ctx.flow_run else None
 
 
-def fan_out(cfg: PipelineConfig, preset: str, overrides: list[str], logger: logging.Logger) -> dict[str, list[dict]]:
+def fan_out(
+    cfg: PipelineConfig, preset: str, overrides: list[str], logger: logging.Logger
+) -> dict[str, list[dict]]:
     """Run the chain as child flow runs of the stage deployments (see module doc); return the manifests."""
     from prefect.client.orchestration import get_client
 

@@ -29,15 +29,30 @@ from tasks.common import layout, storage  # noqa: E402
 from tasks.common.config import PipelineConfig  # noqa: E402
 from tasks.common.selection import METRICS, RUNGS, thresholds  # noqa: E402
 
-LABELS = {"clip_sim_0": "image 0 vs input caption", "clip_sim_1": "image 1 vs output caption",
-          "clip_sim_dir": "directional similarity", "clip_sim_image": "image 0 vs image 1"}
+LABELS = {
+    "clip_sim_0": "image 0 vs input caption",
+    "clip_sim_1": "image 1 vs output caption",
+    "clip_sim_dir": "directional similarity",
+    "clip_sim_image": "image 0 vs image 1",
+}
 DPI = 90
 RUNG_NAMES = {"clip": "CLIP", "dino": "DINOv2", "ssim": "SSIM", "vlm": "the VLM judge"}
 # a rejection reason -> the rung that counts it (reasons of no rung: top-k, images not stored)
-REASON_RUNG = {"clip_direction": "clip", "clip_caption": "clip", "clip_image": "clip", "early_rejected": "clip",
-               "dino_similarity": "dino", "dino_not_scored": "dino", "ssim_low": "ssim", "ssim_high": "ssim",
-               "ssim_not_scored": "ssim", "vlm_score": "vlm", "vlm_unparseable": "vlm", "vlm_refused": "vlm",
-               "vlm_not_judged": "vlm"}
+REASON_RUNG = {
+    "clip_direction": "clip",
+    "clip_caption": "clip",
+    "clip_image": "clip",
+    "early_rejected": "clip",
+    "dino_similarity": "dino",
+    "dino_not_scored": "dino",
+    "ssim_low": "ssim",
+    "ssim_high": "ssim",
+    "ssim_not_scored": "ssim",
+    "vlm_score": "vlm",
+    "vlm_unparseable": "vlm",
+    "vlm_refused": "vlm",
+    "vlm_not_judged": "vlm",
+}
 
 
 @dataclass
@@ -65,17 +80,32 @@ def gather(cfg: PipelineConfig, max_partitions: int = 20) -> RunData:
 
     manifests = {s.name: finished(cfg, s.name) for s in registry.chain()}
     render = _spread(manifests["render"], max_partitions)
-    frames = [storage.read_parquet(storage.url_join(cfg.output_root, m["path"], layout.SAMPLES_FILE)) for m in render]
-    samples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["caption_id", *METRICS])
-    render_dirs = {m["partition_id"]: storage.url_join(cfg.output_root, m["path"]) for m in manifests["render"]}
+    frames = [
+        storage.read_parquet(storage.url_join(cfg.output_root, m["path"], layout.SAMPLES_FILE))
+        for m in render
+    ]
+    samples = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["caption_id", *METRICS])
+    )
+    render_dirs = {
+        m["partition_id"]: storage.url_join(cfg.output_root, m["path"]) for m in manifests["render"]
+    }
     kept_frames = []
     for m in _spread(manifests["filter"], max_partitions):
         if m["partition_id"] in render_dirs:
             df = storage.read_parquet(storage.url_join(cfg.output_root, m["path"], layout.KEPT_FILE))
             kept_frames.append(df.assign(render_dir=render_dirs[m["partition_id"]]))
     kept = pd.concat(kept_frames, ignore_index=True) if kept_frames else pd.DataFrame()
-    return RunData(cfg, manifests, samples, kept, len(render), len(manifests["render"]), source_stats(cfg),
-                   _train_manifest(cfg))
+    return RunData(
+        cfg,
+        manifests,
+        samples,
+        kept,
+        len(render),
+        len(manifests["render"]),
+        source_stats(cfg),
+        _train_manifest(cfg),
+    )
 
 
 def _train_manifest(cfg: PipelineConfig) -> dict | None:
@@ -86,7 +116,9 @@ def _train_manifest(cfg: PipelineConfig) -> dict | None:
     url = registry.index_url(cfg)
     if not storage.exists(url):
         return None
-    found = registry.manifests(cfg, "train", [0], config_hash=train_hash(cfg, read_index(url, resolved=False)))
+    found = registry.manifests(
+        cfg, "train", [0], config_hash=train_hash(cfg, read_index(url, resolved=False))
+    )
     return found.get(0)
 
 
@@ -106,8 +138,12 @@ def jpeg(fig) -> bytes:
 
 
 def _note(data: RunData) -> str:
-    return (f"{len(data.samples):,} samples from {data.partitions_read} of {data.partitions_total} render "
-            f"partitions" if data.partitions_read < data.partitions_total else f"{len(data.samples):,} samples")
+    return (
+        f"{len(data.samples):,} samples from {data.partitions_read} of {data.partitions_total} render "
+        f"partitions"
+        if data.partitions_read < data.partitions_total
+        else f"{len(data.samples):,} samples"
+    )
 
 
 def metrics_figure(data: RunData) -> bytes:
@@ -148,8 +184,10 @@ def _binned(df: pd.DataFrame, column: str, bins: int) -> pd.DataFrame:
 def pass_rate_figure(data: RunData) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     df = data.samples.assign(passed=data.samples.get("passed", pd.Series(dtype=bool)).astype(bool))
-    for ax, column, label in ((axes[0], "p2p_p", "Prompt-to-Prompt p (share of steps with shared attention)"),
-                              (axes[1], "cfg_scale", "text guidance (cfg)")):
+    for ax, column, label in (
+        (axes[0], "p2p_p", "Prompt-to-Prompt p (share of steps with shared attention)"),
+        (axes[1], "cfg_scale", "text guidance (cfg)"),
+    ):
         if column in df and len(df):
             rows = _binned(df, column, 8)
             width = (rows["x"].max() - rows["x"].min()) / max(len(rows), 1) * 0.8 or 0.05
@@ -159,14 +197,17 @@ def pass_rate_figure(data: RunData) -> bytes:
         ax.set_xlabel(label)
         ax.set_ylabel("pass rate")
         ax.set_ylim(0, 1.05)
-    fig.suptitle(f"Pass rate (every CLIP threshold met; early-rejected samples count as failed) — {_note(data)}",
-                 fontsize=10)
+    fig.suptitle(
+        f"Pass rate (every CLIP threshold met; early-rejected samples count as failed) — {_note(data)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     return png(fig)
 
 
 def funnel_rows(data: RunData) -> list[dict]:
     """Each step of the funnel: its count and the rejections (by reason) that led to it."""
+
     def total(stage: str, key: str) -> int:
         return sum(m.get("counts", {}).get(key, 0) for m in data.manifests.get(stage, []))
 
@@ -179,21 +220,44 @@ def funnel_rows(data: RunData) -> list[dict]:
         return out
 
     filter_rej = rejected("filter")
-    ladder = [r for r in RUNGS if any(f"ladder_{r}_in" in m.get("counts", {}) for m in data.manifests.get("filter", []))]
+    ladder = [
+        r
+        for r in RUNGS
+        if any(f"ladder_{r}_in" in m.get("counts", {}) for m in data.manifests.get("filter", []))
+    ]
     rows = [
         {"step": "source rows read", "count": data.source.get("counts", {}).get("rows_read"), "rejected": {}},
-        {"step": "captions sampled", "count": total("captions", "out"), "rejected": data.source.get("rejected", {})},
+        {
+            "step": "captions sampled",
+            "count": total("captions", "out"),
+            "rejected": data.source.get("rejected", {}),
+        },
         {"step": "triplets generated", "count": total("text", "out"), "rejected": rejected("text")},
         {"step": "samples rendered", "count": total("render", "samples"), "rejected": {}},
     ]
     if ladder:  # each rung of the judge ladder, as the filter applied it (tasks/common/selection.py)
-        rows += [{"step": f"passed {RUNG_NAMES.get(r, r)}", "count": total("filter", f"ladder_{r}_passed"),
-                  "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) == r}} for r in ladder]
+        rows += [
+            {
+                "step": f"passed {RUNG_NAMES.get(r, r)}",
+                "count": total("filter", f"ladder_{r}_passed"),
+                "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) == r},
+            }
+            for r in ladder
+        ]
     else:
-        rows.append({"step": "passed the CLIP filter", "count": total("render", "passed"), "rejected": rejected("render")})
+        rows.append(
+            {
+                "step": "passed the CLIP filter",
+                "count": total("render", "passed"),
+                "rejected": rejected("render"),
+            }
+        )
     rows += [
-        {"step": "kept pairs", "count": total("filter", "out"),
-         "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) is None}},
+        {
+            "step": "kept pairs",
+            "count": total("filter", "out"),
+            "rejected": {k: v for k, v in filter_rej.items() if REASON_RUNG.get(k) is None},
+        },
         {"step": "triplets with a kept pair", "count": total("filter", "triplets_kept"), "rejected": {}},
         {"step": "pairs packed", "count": total("pack", "out"), "rejected": rejected("pack")},
     ]
@@ -210,12 +274,18 @@ def funnel_figure(data: RunData) -> bytes:
     ax.set_yticks(y, [r["step"] for r in rows])
     for yi, r in zip(y, rows):
         why = ", ".join(f"{k} {v:,}" for k, v in sorted(r["rejected"].items(), key=lambda kv: -kv[1])[:4])
-        ax.annotate(f" {r['count']:,}" + (f"   (rejected: {why})" if why else ""), (max(r["count"], 1), yi),
-                    va="center", fontsize=8)
+        ax.annotate(
+            f" {r['count']:,}" + (f"   (rejected: {why})" if why else ""),
+            (max(r["count"], 1), yi),
+            va="center",
+            fontsize=8,
+        )
     ax.set_xlim(0.5, max(max(counts, default=1), 1) * 60)
     ax.set_xlabel("count (log scale)")
-    ax.set_title("Survival funnel: from captions to kept pairs, each rung of the judge ladder with its rejections",
-                 fontsize=11)
+    ax.set_title(
+        "Survival funnel: from captions to kept pairs, each rung of the judge ladder with its rejections",
+        fontsize=11,
+    )
     fig.tight_layout()
     return png(fig)
 
@@ -232,8 +302,9 @@ def pairs_figure(data: RunData, best: bool, n: int = 6) -> bytes:
     if len(kept):
         kept = kept.sort_values(["clip_sim_dir", "sample_key"], ascending=[not best, True]).head(n)
     rows = max(len(kept), 1)
-    fig, axes = plt.subplots(rows, 3, figsize=(10, 2.3 * rows), gridspec_kw={"width_ratios": [1, 1, 2.2]},
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        rows, 3, figsize=(10, 2.3 * rows), gridspec_kw={"width_ratios": [1, 1, 2.2]}, squeeze=False
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i, (_, r) in enumerate(kept.iterrows()):
@@ -242,16 +313,20 @@ def pairs_figure(data: RunData, best: bool, n: int = 6) -> bytes:
             if img is not None:
                 axes[i, j].imshow(img)
             axes[i, j].set_title("before" if which == "input" else "after", fontsize=8)
-        text = (f"edit: {r['edit']}\n\ninput: {r['input']}\noutput: {r['output']}\n\n"
-                f"directional {r['clip_sim_dir']:.3f}   image-image {r['clip_sim_image']:.3f}\n"
-                f"caption 0 {r['clip_sim_0']:.3f}   caption 1 {r['clip_sim_1']:.3f}   p {r['p2p_p']:.2f}   "
-                f"cfg {r['cfg_scale']:.1f}")
+        text = (
+            f"edit: {r['edit']}\n\ninput: {r['input']}\noutput: {r['output']}\n\n"
+            f"directional {r['clip_sim_dir']:.3f}   image-image {r['clip_sim_image']:.3f}\n"
+            f"caption 0 {r['clip_sim_0']:.3f}   caption 1 {r['clip_sim_1']:.3f}   p {r['p2p_p']:.2f}   "
+            f"cfg {r['cfg_scale']:.1f}"
+        )
         axes[i, 2].text(0, 0.5, text, va="center", fontsize=8, wrap=True)
     if not len(kept):
         axes[0, 2].text(0, 0.5, "no kept pairs", fontsize=10)
     which = "highest" if best else "lowest"
-    fig.suptitle(f"Kept pairs with the {which} directional similarity (before | after | instruction, scores)",
-                 fontsize=11)
+    fig.suptitle(
+        f"Kept pairs with the {which} directional similarity (before | after | instruction, scores)",
+        fontsize=11,
+    )
     fig.tight_layout()
     return jpeg(fig)
 
@@ -259,16 +334,27 @@ def pairs_figure(data: RunData, best: bool, n: int = 6) -> bytes:
 def loss_figure(data: RunData) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     finetune = next(iter(data.manifests.get("finetune", [])), {}).get("finetune", {})
-    curves = ((axes[0], finetune.get("loss_curve") or [], f"caption LM fine-tune ({finetune.get('base_model', '-')})"),
-              (axes[1], (data.train or {}).get("loss_curve") or [], "editing model training"))
+    curves = (
+        (
+            axes[0],
+            finetune.get("loss_curve") or [],
+            f"caption LM fine-tune ({finetune.get('base_model', '-')})",
+        ),
+        (axes[1], (data.train or {}).get("loss_curve") or [], "editing model training"),
+    )
     for ax, curve, title in curves:
         if curve:
             ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], color="#c44e52")
             ax.set_xlabel("step")
             ax.set_ylabel("loss")
         else:
-            ax.text(0.5, 0.5, "not run yet" if "training" in title else "no loss curve (API fine-tune)",
-                    ha="center", va="center")
+            ax.text(
+                0.5,
+                0.5,
+                "not run yet" if "training" in title else "no loss curve (API fine-tune)",
+                ha="center",
+                va="center",
+            )
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return png(fig)

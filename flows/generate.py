@@ -59,20 +59,37 @@ def generate(preset: str = "demo", overrides: list[str] | None = None) -> dict:
     rows = render_report(cfg, manifests, index)
     notes = summary_lines(cfg, manifests, rows, source_stats(cfg))
     create_table_artifact(
-        [{"stage": r["stage"], "partitions": r["partitions"], "skipped": r["skipped"], "in": r["in"], "out": r["out"],
-          "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-"} for r in rows],
+        [
+            {
+                "stage": r["stage"],
+                "partitions": r["partitions"],
+                "skipped": r["skipped"],
+                "in": r["in"],
+                "out": r["out"],
+                "rejected": ", ".join(f"{k}: {v}" for k, v in r["rejected"].items()) or "-",
+            }
+            for r in rows
+        ],
         key=layout.artifact_key(cfg.name, "summary", registry.stage_hash(cfg, "pack")),
         description=f"EditForge `{cfg.name}` run summary\n\n" + "\n".join(f"- {line}" for line in notes),
     )
-    stages = {r["stage"]: {"in": r["in"], "out": r["out"], "skipped": r["skipped"], "rejected": r["rejected"]}
-              for r in rows}
+    stages = {
+        r["stage"]: {"in": r["in"], "out": r["out"], "skipped": r["skipped"], "rejected": r["rejected"]}
+        for r in rows
+    }
     report = report_html.build_and_publish(cfg, get_run_logger())
     dashboard.run_completed(cfg, stages)
-    return {"output_root": cfg.output_root, "index": index_url if index else None, "report": report, "stages": stages}
+    return {
+        "output_root": cfg.output_root,
+        "index": index_url if index else None,
+        "report": report,
+        "stages": stages,
+    }
 
 
-
-def run(preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False, debug: Debug = False) -> None:
+def run(
+    preset: Preset = "demo", overrides: Overrides = None, verify: Verify = False, debug: Debug = False
+) -> None:
     """Run the whole DAG; finished partitions (outputs checked) are skipped."""
     overrides = with_verify(overrides, verify)
     cfg = load_or_exit(preset, overrides)

@@ -54,8 +54,15 @@ class Cluster:
 
 
 @contextmanager
-def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0, extra_env: dict[str, str] | None = None,
-                    ui: bool = False, driver_workers: int = 1, gpu_limit: int = 0) -> Iterator[Cluster]:
+def prefect_cluster(
+    home: Path,
+    workers: int,
+    gpu_workers: int = 0,
+    extra_env: dict[str, str] | None = None,
+    ui: bool = False,
+    driver_workers: int = 1,
+    gpu_limit: int = 0,
+) -> Iterator[Cluster]:
     """Start the server (state under ``home``; with ``ui`` its web UI at ``Cluster.url``), the pools,
     ``driver_workers`` workers on the driver pool (`driver-<i>`), ``workers`` on the CPU pool (`worker-<i>`)
     and ``gpu_workers`` on the GPU one (`gpu-worker-<i>`), and deploy everything in infra/prefect.yaml
@@ -63,26 +70,59 @@ def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0, extra_env: d
     from flows.deploy import create_pools, deploy_all
 
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
-           "PREFECT_UI_ENABLED": "true" if ui else "false", **(extra_env or {})}
-    env.pop("EDITFORGE_HOME", None)  # the deployments find the code where the worker runs (flows/deploy_steps.py)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "PYTHONUNBUFFERED": "1",
+        "PREFECT_UI_ENABLED": "true" if ui else "false",
+        **(extra_env or {}),
+    }
+    env.pop(
+        "EDITFORGE_HOME", None
+    )  # the deployments find the code where the worker runs (flows/deploy_steps.py)
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=open(logs / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
     cluster = Cluster(env, logs, url=f"http://127.0.0.1:{port}")
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180)
         create_pools(env, gpus=gpu_limit, echo=False)  # a single box: process pools (docs/cluster.md)
-        for pool, count, prefix in ((DRIVER_POOL, driver_workers, "driver"), (CPU_POOL, workers, "worker"),
-                                    (GPU_POOL, gpu_workers, "gpu-worker")):
+        for pool, count, prefix in (
+            (DRIVER_POOL, driver_workers, "driver"),
+            (CPU_POOL, workers, "worker"),
+            (GPU_POOL, gpu_workers, "gpu-worker"),
+        ):
             for i in range(count):
-                cluster.workers.append(subprocess.Popen(
-                    [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{prefix}-{i}",
-                     "--limit", "1"], env=env, cwd=home, stdout=open(logs / f"{prefix}-{i}.log", "w"),
-                    stderr=subprocess.STDOUT))
+                cluster.workers.append(
+                    subprocess.Popen(
+                        [
+                            str(BIN / "prefect"),
+                            "worker",
+                            "start",
+                            "--pool",
+                            pool,
+                            "--name",
+                            f"{prefix}-{i}",
+                            "--limit",
+                            "1",
+                        ],
+                        env=env,
+                        cwd=home,
+                        stdout=open(logs / f"{prefix}-{i}.log", "w"),
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         procs += cluster.workers
         deploy_all(env, echo=False)
         yield cluster
@@ -114,7 +154,13 @@ def deploy_chain(client, pool: str, name: str = "{stage}") -> list[str]:
     for stage in STAGES:
         flow_id = client.create_flow_from_name(f"editforge-{stage}")
         deployment = name.format(stage=stage)
-        client.create_deployment(flow_id=flow_id, name=deployment, work_pool_name=pool, path=str(ROOT),
-                                 entrypoint=f"flows/stages.py:{stage}_flow", parameters={"preset": "demo"})
+        client.create_deployment(
+            flow_id=flow_id,
+            name=deployment,
+            work_pool_name=pool,
+            path=str(ROOT),
+            entrypoint=f"flows/stages.py:{stage}_flow",
+            parameters={"preset": "demo"},
+        )
         names.append(f"editforge-{stage}/{deployment}")
     return names

@@ -21,15 +21,22 @@ import typer
 from tasks.common.config import PipelineConfig, load_config
 from tasks.common.errors import PermanentError, is_permanent
 
-Preset = Annotated[str, typer.Option("--preset", "-p", help="preset name (demo, paper, fast, ...) or a YAML file")]
-Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override, e.g. render.steps=20 "
-                                                                           "(repeatable)")]
+Preset = Annotated[
+    str, typer.Option("--preset", "-p", help="preset name (demo, paper, fast, ...) or a YAML file")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="KEY=VALUE override, e.g. render.steps=20 (repeatable)"),
+]
 Partitions = Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: all)")]
-Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks (Prefect's and the error's) instead of one line")]
+Debug = Annotated[
+    bool, typer.Option("--debug", help="show tracebacks (Prefect's and the error's) instead of one line")
+]
 
 
-def load_or_exit(preset: str, overrides: list[str] | None,
-                 root: Literal["write", "read", "none"] = "write") -> PipelineConfig:
+def load_or_exit(
+    preset: str, overrides: list[str] | None, root: Literal["write", "read", "none"] = "write"
+) -> PipelineConfig:
     """The validated config, or the error naming the key on stderr and exit code 2.
 
     ``root``: what the command does with ``output_root`` — ``write`` (it must be writable or creatable, its
@@ -52,8 +59,14 @@ def load_or_exit(preset: str, overrides: list[str] | None,
         raise typer.Exit(1) from None
 
 
-Verify = Annotated[bool, typer.Option("--verify", help="before skipping a finished partition, check its outputs' "
-                                                       "sha256 too (sets verify=sha256; sizes are always checked)")]
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="before skipping a finished partition, check its outputs' "
+        "sha256 too (sets verify=sha256; sizes are always checked)",
+    ),
+]
 
 
 def with_verify(overrides: list[str] | None, verify: bool) -> list[str]:
@@ -68,10 +81,14 @@ def parse_partitions(spec: str | None) -> list[int] | None:
     for part in spec.split(","):
         lo, sep, hi = part.strip().partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise typer.BadParameter(f"{spec!r}: expected partition ids and ranges such as 0,3,10-19", param_hint="--partitions")
+            raise typer.BadParameter(
+                f"{spec!r}: expected partition ids and ranges such as 0,3,10-19", param_hint="--partitions"
+            )
         first, last = int(lo), int(hi) if sep else int(lo)
         if last < first:
-            raise typer.BadParameter(f"{spec!r}: the range {part.strip()} ends before it starts", param_hint="--partitions")
+            raise typer.BadParameter(
+                f"{spec!r}: the range {part.strip()} ends before it starts", param_hint="--partitions"
+            )
         ids += list(range(first, last + 1))
     return ids
 
@@ -104,15 +121,20 @@ def reported(debug: bool) -> Iterator[None]:
         permanent = is_permanent(err)
         typer.echo(f"error: {err}" if str(err) else f"error: {type(err).__name__}", err=True)
         if not permanent:
-            typer.echo(f"({type(err).__name__}, not a setting or input problem: run again with --debug for the "
-                       "traceback)", err=True)
+            typer.echo(
+                f"({type(err).__name__}, not a setting or input problem: run again with --debug for the "
+                "traceback)",
+                err=True,
+            )
         raise typer.Exit(2 if permanent else 1) from None
     finally:
         for name in RUN_LOGGERS:
             logging.getLogger(name).removeFilter(quiet)
 
 
-def run_command(command: Callable[..., None], argv: list[str] | None, prog: str, doc: str | None = None) -> int:
+def run_command(
+    command: Callable[..., None], argv: list[str] | None, prog: str, doc: str | None = None
+) -> int:
     """Run one typer command as a program (`python -m flows.<name>`); return its exit code."""
     app = typer.Typer(add_completion=False, help=doc, rich_markup_mode=None)
     app.command()(command)

@@ -33,8 +33,12 @@ def source_stats(cfg: PipelineConfig) -> dict:
 
     gens = ledger(cfg)
     last = gens[-1].record if gens else {}
-    return {"counts": last.get("counts", {}), "rejected": last.get("rejected", {}), "generations": len(gens),
-            "captions_taken": last.get("total_taken", 0)}
+    return {
+        "counts": last.get("counts", {}),
+        "rejected": last.get("rejected", {}),
+        "generations": len(gens),
+        "captions_taken": last.get("total_taken", 0),
+    }
 
 
 def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
@@ -48,20 +52,23 @@ def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
         for m in items:
             counts.update(m.get("counts", {}))
             rejected.update(m.get("rejected", {}))
-        rows.append({
-            "stage": stage,
-            "partitions": len(items),
-            "skipped": sum(bool(m.get("skipped")) for m in items),
-            "in": counts.get("in", counts.get("finetune_examples", 0)),
-            "out": counts.get("out", 0),
-            "rejected": dict(sorted(rejected.items())),
-            "counts": dict(counts),
-        })
+        rows.append(
+            {
+                "stage": stage,
+                "partitions": len(items),
+                "skipped": sum(bool(m.get("skipped")) for m in items),
+                "in": counts.get("in", counts.get("finetune_examples", 0)),
+                "out": counts.get("out", 0),
+                "rejected": dict(sorted(rejected.items())),
+                "counts": dict(counts),
+            }
+        )
     return rows
 
 
-def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: dict | None,
-                  console: Console | None = None) -> list[dict]:
+def render_report(
+    cfg: PipelineConfig, manifests: dict[str, list[dict]], index: dict | None, console: Console | None = None
+) -> list[dict]:
     console = console or Console()
     rows = summarise(manifests)
     source = source_stats(cfg)
@@ -73,11 +80,19 @@ def render_report(cfg: PipelineConfig, manifests: dict[str, list[dict]], index: 
         if r["stage"] == "captions":
             rejected = source.get("rejected", {})
             r["in"] = source.get("counts", {}).get("rows_read", r["in"])
-        table.add_row(r["stage"], str(r["partitions"]), str(r["skipped"]), str(r["in"]), str(r["out"]),
-                      ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-")
+        table.add_row(
+            r["stage"],
+            str(r["partitions"]),
+            str(r["skipped"]),
+            str(r["in"]),
+            str(r["out"]),
+            ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-",
+        )
     console.print(table)
     for line in summary_lines(cfg, manifests, rows, source):
-        console.print(line.replace("note:", "[yellow]note:[/yellow]", 1) if line.startswith("note:") else line)
+        console.print(
+            line.replace("note:", "[yellow]note:[/yellow]", 1) if line.startswith("note:") else line
+        )
     if index:
         for split, info in index["splits"].items():
             console.print(f"{split}: {info['samples']} samples in {len(info['shards'])} shard(s)")
@@ -90,7 +105,11 @@ READS = {
     "text": ("captions", "out", "the captions of its partitions"),
     "render": ("text", "in", "every row of text's triplets.parquet, the ones text rejected included"),
     "judge": ("render", "out", "the pairs render kept"),
-    "filter": ("render", "samples", "every sample render drew and scored, re-selected with the filter's thresholds"),
+    "filter": (
+        "render",
+        "samples",
+        "every sample render drew and scored, re-selected with the filter's thresholds",
+    ),
     "pack": ("filter", "out", "the pairs the filter kept"),
 }
 
@@ -107,38 +126,58 @@ def between_stages(rows: list[dict]) -> list[str]:
         theirs = u["out"] if figure == "out" else u["counts"].get(figure, 0) if figure != "in" else u["in"]
         head = f"{upstream} -> {stage}: {stage} in {r['in']:,}"
         if r["partitions"] != u["partitions"]:
-            lines.append(f"{head}, {upstream} {figure} {theirs:,}: {stage} has {r['partitions']} partitions finished, "
-                         f"{upstream} {u['partitions']} (the rest are not counted yet)")
+            lines.append(
+                f"{head}, {upstream} {figure} {theirs:,}: {stage} has {r['partitions']} partitions finished, "
+                f"{upstream} {u['partitions']} (the rest are not counted yet)"
+            )
             continue
-        note = f"{head} = {upstream} {figure} {theirs:,} ({what})" if r["in"] == theirs else \
-            f"{head}, {upstream} {figure} {theirs:,}: not what {stage} reads ({what}) — look at the partitions' manifests"
+        note = (
+            f"{head} = {upstream} {figure} {theirs:,} ({what})"
+            if r["in"] == theirs
+            else f"{head}, {upstream} {figure} {theirs:,}: not what {stage} reads ({what}) — look at the partitions' manifests"
+        )
         if stage == "render":
             c, rejected = r["counts"], sum(u["rejected"].values())
             if rejected:
-                reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(u["rejected"].items(), key=lambda kv: -kv[1]))
+                reasons = ", ".join(
+                    f"{k}: {v:,}" for k, v in sorted(u["rejected"].items(), key=lambda kv: -kv[1])
+                )
                 note += f"; text accepted {u['out']:,} of them and rejected {rejected:,} ({reasons}): render renders the accepted"
-            note += (f"; {c.get('samples', 0):,} samples drawn, {c.get('passed', 0):,} passed, {r['out']:,} pairs kept "
-                     "(at most render.keep.top_k per triplet: pairs, not triplets)")
+            note += (
+                f"; {c.get('samples', 0):,} samples drawn, {c.get('passed', 0):,} passed, {r['out']:,} pairs kept "
+                "(at most render.keep.top_k per triplet: pairs, not triplets)"
+            )
         elif r["out"] != r["in"]:
             lost = r["in"] - r["out"]
-            reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(r["rejected"].items(), key=lambda kv: -kv[1]))
-            note += f"; out {r['out']:,}" + (f" ({lost:,} dropped: {reasons})" if reasons and lost > 0 else "")
+            reasons = ", ".join(
+                f"{k}: {v:,}" for k, v in sorted(r["rejected"].items(), key=lambda kv: -kv[1])
+            )
+            note += f"; out {r['out']:,}" + (
+                f" ({lost:,} dropped: {reasons})" if reasons and lost > 0 else ""
+            )
         lines.append(note)
     return lines
 
 
-def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: list[dict], source: dict) -> list[str]:
+def summary_lines(
+    cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: list[dict], source: dict
+) -> list[str]:
     """The lines under the table (fine-tune loss, UNet calls against the reference, other versions, notes):
     printed at the end of a run and written into the dashboard's summary artifact."""
     lines = []
     finetune = next(iter(manifests.get("finetune", [])), None)
     if finetune and "finetune" in finetune:
         f = finetune["finetune"]
-        loss = (f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
-                if f.get("train_loss_first10") is not None else "")
+        loss = (
+            f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
+            if f.get("train_loss_first10") is not None
+            else ""
+        )
         val = f", val loss {f['val_loss']:.2f}" if f.get("val_loss") is not None else ""
-        lines.append(f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
-                      f"({f.get('val_examples')} held out); {loss}{val}")
+        lines.append(
+            f"fine-tune: {f.get('base_model')} on {f.get('train_examples')} seed triplets "
+            f"({f.get('val_examples')} held out); {loss}{val}"
+        )
     lines += between_stages(rows)
     render = next((r for r in rows if r["stage"] == "render"), None)
     if render:
@@ -146,21 +185,33 @@ def summary_lines(cfg: PipelineConfig, manifests: dict[str, list[dict]], rows: l
         ref = c.get("unet_calls_reference")
         versus = f" (the reference loop: {ref}, {c.get('unet_calls', 0) / ref:.0%})" if ref else ""
         passed = "the CLIP filter" if not cfg.judges.image_rungs() else "CLIP and the image rungs"
-        lines.append(f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed {passed}, "
-                      f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
-                      f"render.save_images={cfg.render.save_images}); "
-                      f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}")
+        lines.append(
+            f"render: {c.get('samples', 0)} samples drawn, {c.get('passed', 0)} passed {passed}, "
+            f"{c.get('out', 0)} kept ({c.get('images_stored', 0)} pairs' images written, "
+            f"render.save_images={cfg.render.save_images}); "
+            f"{c.get('unet_calls', 0)} UNet calls (sample x step){versus}"
+        )
     filtered = next((r for r in rows if r["stage"] == "filter"), None)
     if filtered and (ladder := funnel_line(filtered["counts"])):  # each judge rung's pass rate
         lines.append(ladder)
-    others = {stage.name: [v for v in layout.versions(cfg.output_root, stage.name)
-                           if v != registry.stage_hash(cfg, stage.name)] for stage in registry.chain()}
+    others = {
+        stage.name: [
+            v
+            for v in layout.versions(cfg.output_root, stage.name)
+            if v != registry.stage_hash(cfg, stage.name)
+        ]
+        for stage in registry.chain()
+    }
     others = {k: v for k, v in others.items() if v}
     if others:
-        lines.append("other versions on disk (other configs): " +
-                      "; ".join(f"{k}: {', '.join(v)}" for k, v in others.items()))
+        lines.append(
+            "other versions on disk (other configs): "
+            + "; ".join(f"{k}: {', '.join(v)}" for k, v in others.items())
+        )
     if source.get("generations", 0) > 1:
-        lines.append(f"captions: {source['generations']} generations, {source['captions_taken']} captions taken in all")
+        lines.append(
+            f"captions: {source['generations']} generations, {source['captions_taken']} captions taken in all"
+        )
     if cfg.filter.note:
         lines.append(f"note: {cfg.filter.note}")
     return lines

@@ -32,9 +32,19 @@ def _stage_rows(data) -> list[dict]:
     for r in summarise(data.manifests):
         rejected, n_in = r["rejected"], r["in"]
         if r["stage"] == "captions":  # what reading the sources rejected (the ledger's last read)
-            rejected, n_in = data.source.get("rejected", {}), data.source.get("counts", {}).get("rows_read", n_in)
-        rows.append({"stage": r["stage"], "partitions": r["partitions"], "in": n_in, "out": r["out"],
-                     "rejected": ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-"})
+            rejected, n_in = (
+                data.source.get("rejected", {}),
+                data.source.get("counts", {}).get("rows_read", n_in),
+            )
+        rows.append(
+            {
+                "stage": r["stage"],
+                "partitions": r["partitions"],
+                "in": n_in,
+                "out": r["out"],
+                "rejected": ", ".join(f"{k}: {v}" for k, v in rejected.items()) or "-",
+            }
+        )
     return rows
 
 
@@ -42,7 +52,9 @@ def _table_html(rows: list[dict]) -> str:
     if not rows:
         return "<p>nothing finished yet</p>"
     head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -56,12 +68,21 @@ def _table_md(rows: list[dict]) -> str:
 
 def _facts(cfg: PipelineConfig) -> list[dict]:
     keep = cfg.render.keep
-    return [{"setting": k, "value": v} for k, v in (
-        ("diffusion model", cfg.models.diffusion), ("CLIP", cfg.models.clip),
-        ("thresholds (image / direction / caption)",
-         f"{keep.clip_image_threshold} / {keep.clip_direction_threshold} / {keep.clip_caption_threshold}"),
-        ("top k per triplet", keep.top_k), ("samples per triplet", cfg.render.samples_per_triplet),
-        ("steps", cfg.render.steps), ("pack hash", registry.stage_hash(cfg, "pack")))]
+    return [
+        {"setting": k, "value": v}
+        for k, v in (
+            ("diffusion model", cfg.models.diffusion),
+            ("CLIP", cfg.models.clip),
+            (
+                "thresholds (image / direction / caption)",
+                f"{keep.clip_image_threshold} / {keep.clip_direction_threshold} / {keep.clip_caption_threshold}",
+            ),
+            ("top k per triplet", keep.top_k),
+            ("samples per triplet", cfg.render.samples_per_triplet),
+            ("steps", cfg.render.steps),
+            ("pack hash", registry.stage_hash(cfg, "pack")),
+        )
+    ]
 
 
 def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
@@ -74,31 +95,50 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
     files = {name: storage.url_join(folder, file) for name, (_, file, _) in figures.FIGURES.items()}
     for name, blob in pngs.items():
         storage.write_bytes_atomic(files[name], blob)
-    progress = [{"stage": name, "partitions done": f"{len(found)} of {len(registry.partition_ids(cfg, name))}",
-                 "kept pairs": "-" if (kept := dashboard.kept_pairs(name, found)) is None else kept}
-                for name, found in data.manifests.items()]
+    progress = [
+        {
+            "stage": name,
+            "partitions done": f"{len(found)} of {len(registry.partition_ids(cfg, name))}",
+            "kept pairs": "-" if (kept := dashboard.kept_pairs(name, found)) is None else kept,
+        }
+        for name, found in data.manifests.items()
+    ]
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     notes = between_stages(summarise(data.manifests))  # why one stage's in is not the last one's out
     between = "".join(f"<li>{html.escape(line)}</li>" for line in notes)
-    sections = "".join(f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
-                       for name, (title, _, _) in figures.FIGURES.items())
+    sections = "".join(
+        f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
+        for name, (title, _, _) in figures.FIGURES.items()
+    )
     from flows.calibrate_filter import report_section  # "People vs filter", when the run has labels
 
     people = report_section(cfg) or {"html": "", "markdown": ""}
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>EditForge {html.escape(cfg.name)}</title>"
-            f"<style>{CSS}</style></head><body><h1>EditForge run <code>{html.escape(cfg.name)}</code></h1>"
-            f"<p>{html.escape(cfg.output_root)} — built {stamp} from the files on disk "
-            f"(<code>editforge report --html</code>)</p>"
-            f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<ul>{between}</ul><h2>Progress</h2>{_table_html(progress)}"
-            f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}{people['html']}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>EditForge {html.escape(cfg.name)}</title>"
+        f"<style>{CSS}</style></head><body><h1>EditForge run <code>{html.escape(cfg.name)}</code></h1>"
+        f"<p>{html.escape(cfg.output_root)} — built {stamp} from the files on disk "
+        f"(<code>editforge report --html</code>)</p>"
+        f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<ul>{between}</ul><h2>Progress</h2>{_table_html(progress)}"
+        f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}{people['html']}</body></html>"
+    )
     html_url = storage.url_join(folder, "report.html")
     storage.write_bytes_atomic(html_url, page.encode())
-    markdown = "\n\n".join([
-        f"# EditForge run `{cfg.name}`", f"`{cfg.output_root}`, built {stamp}; the same page as `{html_url}`.",
-        "## Stages", _table_md(_stage_rows(data)), "\n".join(f"- {line}" for line in notes), "## Settings",
-        _table_md(_facts(cfg)),
-        *(f"## {title}\n\n![{name}]({_uri(pngs[name])})" for name, (title, _, _) in figures.FIGURES.items()),
-        *([people["markdown"]] if people["markdown"] else [])])
+    markdown = "\n\n".join(
+        [
+            f"# EditForge run `{cfg.name}`",
+            f"`{cfg.output_root}`, built {stamp}; the same page as `{html_url}`.",
+            "## Stages",
+            _table_md(_stage_rows(data)),
+            "\n".join(f"- {line}" for line in notes),
+            "## Settings",
+            _table_md(_facts(cfg)),
+            *(
+                f"## {title}\n\n![{name}]({_uri(pngs[name])})"
+                for name, (title, _, _) in figures.FIGURES.items()
+            ),
+            *([people["markdown"]] if people["markdown"] else []),
+        ]
+    )
     return {"html": html_url, "images": files, "markdown": markdown}
 
 
@@ -106,8 +146,11 @@ def publish(cfg: PipelineConfig, built: dict) -> None:
     """The report as a keyed markdown artifact (`editforge-<name>-report-<hash8>`)."""
     from prefect.artifacts import create_markdown_artifact
 
-    create_markdown_artifact(built["markdown"], key=layout.artifact_key(cfg.name, "report", registry.stage_hash(cfg, "pack")),
-                             description=f"EditForge `{cfg.name}` report: funnel, CLIP metrics, pass rates, pairs, losses")
+    create_markdown_artifact(
+        built["markdown"],
+        key=layout.artifact_key(cfg.name, "report", registry.stage_hash(cfg, "pack")),
+        description=f"EditForge `{cfg.name}` report: funnel, CLIP metrics, pass rates, pairs, losses",
+    )
 
 
 def build_and_publish(cfg: PipelineConfig, logger) -> str | None:
@@ -116,8 +159,11 @@ def build_and_publish(cfg: PipelineConfig, logger) -> str | None:
         built = build(cfg)
         publish(cfg, built)
     except Exception as err:
-        logger.warning("the run's report was not built (%s: %s); `editforge report --html` retries it",
-                       type(err).__name__, err)
+        logger.warning(
+            "the run's report was not built (%s: %s); `editforge report --html` retries it",
+            type(err).__name__,
+            err,
+        )
         return None
     print(f"report: {built['html']}")
     return built["html"]

@@ -41,9 +41,11 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
     (b"x-frame-options", b"DENY"),
-    (b"content-security-policy",
-     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-     b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    (
+        b"content-security-policy",
+        b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        b"frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    ),
 ]
 
 
@@ -67,8 +69,18 @@ def _finite(value: Any) -> Any:
     return value
 
 
-SCORE_COLUMNS = ("clip_sim_dir", "clip_sim_image", "clip_sim_0", "clip_sim_1", "dino_similarity", "ssim",
-                 "vlm_score", "vlm_instruction", "vlm_preservation", "vlm_quality")
+SCORE_COLUMNS = (
+    "clip_sim_dir",
+    "clip_sim_image",
+    "clip_sim_0",
+    "clip_sim_1",
+    "dino_similarity",
+    "ssim",
+    "vlm_score",
+    "vlm_instruction",
+    "vlm_preservation",
+    "vlm_quality",
+)
 
 
 def _status(row) -> str:
@@ -107,17 +119,32 @@ class ReviewState:
             folder = layout.partition_dir(self.cfg.output_root, "render", self.render_hash, pid)
             for which in ("input", "edited"):
                 self.images[(pid, key, which)] = storage.url_join(folder, layout.image_name(key, which))
-            self.known[(pid, key)] = {"render_hash": self.render_hash, "caption_id": str(row.caption_id),
-                                      "pair_sha256": row.pair_sha256, "stratum": row.stratum, "weight": row.weight}
+            self.known[(pid, key)] = {
+                "render_hash": self.render_hash,
+                "caption_id": str(row.caption_id),
+                "pair_sha256": row.pair_sha256,
+                "stratum": row.stratum,
+                "weight": row.weight,
+            }
             scores = {c: _finite(getattr(row, c, None)) for c in SCORE_COLUMNS if c in self.queue.columns}
-            self.items.append({
-                "partition": pid, "sample_key": key, "caption_id": str(row.caption_id), "pair_sha256": row.pair_sha256,
-                "input": row.input, "edit": row.edit, "output": row.output, "stratum": row.stratum,
-                "weight": _finite(row.weight), "status": _status(row),
-                "scores": {k: v for k, v in scores.items() if v is not None},
-                "params": {k: _finite(getattr(row, k, None)) for k in ("seed", "p2p_p", "cfg_scale")},
-                "before": f"/img/{pid}/{key}/input", "after": f"/img/{pid}/{key}/edited",
-            })
+            self.items.append(
+                {
+                    "partition": pid,
+                    "sample_key": key,
+                    "caption_id": str(row.caption_id),
+                    "pair_sha256": row.pair_sha256,
+                    "input": row.input,
+                    "edit": row.edit,
+                    "output": row.output,
+                    "stratum": row.stratum,
+                    "weight": _finite(row.weight),
+                    "status": _status(row),
+                    "scores": {k: v for k, v in scores.items() if v is not None},
+                    "params": {k: _finite(getattr(row, k, None)) for k in ("seed", "p2p_p", "cfg_scale")},
+                    "before": f"/img/{pid}/{key}/input",
+                    "after": f"/img/{pid}/{key}/edited",
+                }
+            )
 
     def image(self, partition: int, key: str, which: str) -> bytes | None:
         """The bytes of one of the queue's images (None: not one of them), a few hundred kept in memory."""
@@ -143,14 +170,20 @@ class ReviewState:
         from tasks.filter.labels import latest
 
         labels = latest(self.store.read())
-        current = [self.known.get((int(p), k), {}).get("pair_sha256") == h
-                   for p, k, h in zip(labels["partition"], labels["sample_key"], labels["pair_sha256"])]
+        current = [
+            self.known.get((int(p), k), {}).get("pair_sha256") == h
+            for p, k, h in zip(labels["partition"], labels["sample_key"], labels["pair_sha256"])
+        ]
         labels = labels[current] if len(labels) else labels
         own = labels[labels["reviewer"] == reviewer]
-        return {"reviewer": reviewer,
-                "labels": {f"{p}/{k}": lab for p, k, lab in zip(own["partition"], own["sample_key"], own["label"])},
-                "by_reviewer": {str(r): int(n) for r, n in labels["reviewer"].value_counts().items()},
-                "pairs": len(self.items)}
+        return {
+            "reviewer": reviewer,
+            "labels": {
+                f"{p}/{k}": lab for p, k, lab in zip(own["partition"], own["sample_key"], own["label"])
+            },
+            "by_reviewer": {str(r): int(n) for r, n in labels["reviewer"].value_counts().items()},
+            "pairs": len(self.items),
+        }
 
 
 def build_app(state: ReviewState):
@@ -179,10 +212,20 @@ def build_app(state: ReviewState):
         return Response(static[name], media_type=STATIC_FILES[name], headers={"cache-control": "no-cache"})
 
     async def queue(request: Request) -> Response:
-        return no_store(JSONResponse({
-            "run": state.cfg.name, "render_hash": state.render_hash, "output_root": state.cfg.output_root,
-            "thresholds": state.thresholds, "reviewer_hint": state.reviewer_hint, "notes": state.notes,
-            "labels": ["good", "wrong", "broken", "unsure"], "items": state.items}))
+        return no_store(
+            JSONResponse(
+                {
+                    "run": state.cfg.name,
+                    "render_hash": state.render_hash,
+                    "output_root": state.cfg.output_root,
+                    "thresholds": state.thresholds,
+                    "reviewer_hint": state.reviewer_hint,
+                    "notes": state.notes,
+                    "labels": ["good", "wrong", "broken", "unsure"],
+                    "items": state.items,
+                }
+            )
+        )
 
     def labels_get(request: Request) -> Response:  # sync: reading the store blocks, it runs in a thread
         reviewer = request.query_params.get("reviewer", "")
@@ -222,14 +265,19 @@ def build_app(state: ReviewState):
             return Response("not found", status_code=404, media_type="text/plain")
         return Response(data, media_type="image/png", headers={"cache-control": "private, max-age=86400"})
 
-    return Guard(Starlette(routes=[
-        Route("/", index, methods=["GET"]),
-        Route("/static/{name}", static_file, methods=["GET"]),
-        Route("/api/queue", queue, methods=["GET"]),
-        Route("/api/labels", labels_get, methods=["GET"]),
-        Route("/api/labels", labels_post, methods=["POST"]),
-        Route("/img/{partition}/{key}/{which}", image, methods=["GET"]),
-    ]), state)
+    return Guard(
+        Starlette(
+            routes=[
+                Route("/", index, methods=["GET"]),
+                Route("/static/{name}", static_file, methods=["GET"]),
+                Route("/api/queue", queue, methods=["GET"]),
+                Route("/api/labels", labels_get, methods=["GET"]),
+                Route("/api/labels", labels_post, methods=["POST"]),
+                Route("/img/{partition}/{key}/{which}", image, methods=["GET"]),
+            ]
+        ),
+        state,
+    )
 
 
 class Guard:
@@ -261,8 +309,12 @@ class Guard:
             if sent is not None and _same(sent, self.state.token) and scope["path"] == "/":
                 return await _redirect_with_cookie(send, name, self.state.token)
             if held is None or not _same(held, self.state.token):
-                return await _plain(send, 401, "a token is needed: open the URL `editforge review` printed "
-                                               "(with ?token=...) or send X-Review-Token")
+                return await _plain(
+                    send,
+                    401,
+                    "a token is needed: open the URL `editforge review` printed "
+                    "(with ?token=...) or send X-Review-Token",
+                )
 
         async def with_headers(message):
             if message["type"] == "http.response.start":
@@ -277,20 +329,37 @@ def _same(a: str, b: str) -> bool:
 
 
 async def _plain(send, status: int, text: str) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), *SECURITY_HEADERS]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8"), *SECURITY_HEADERS],
+        }
+    )
     await send({"type": "http.response.body", "body": text.encode()})
 
 
 async def _redirect_with_cookie(send, name: str, token: str) -> None:
     cookie = f"{name}={token}; Path=/; HttpOnly; SameSite=Strict".encode()
-    await send({"type": "http.response.start", "status": 303,
-                "headers": [(b"location", b"/"), (b"set-cookie", cookie), *SECURITY_HEADERS]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 303,
+            "headers": [(b"location", b"/"), (b"set-cookie", cookie), *SECURITY_HEADERS],
+        }
+    )
     await send({"type": "http.response.body", "body": b""})
 
 
-def prepare(cfg, partitions: list[int] | None = None, *, token: str | None = None, host: str = "127.0.0.1",
-            reviewer_hint: str = "", writer: str | None = None) -> ReviewState:
+def prepare(
+    cfg,
+    partitions: list[int] | None = None,
+    *,
+    token: str | None = None,
+    host: str = "127.0.0.1",
+    reviewer_hint: str = "",
+    writer: str | None = None,
+) -> ReviewState:
     """Read the run and build the server's state (the queue, the images it may serve, the label store)."""
     from tasks import registry
     from tasks.common import layout
@@ -302,13 +371,22 @@ def prepare(cfg, partitions: list[int] | None = None, *, token: str | None = Non
     notes = []
     unstored = int((~samples["image_stored"].astype(bool)).sum())
     if unstored:
-        notes.append(f"{unstored} of {len(samples)} rendered pairs have no images stored (render.save_images="
-                     f"{cfg.render.save_images}) and cannot be shown; render with render.save_images=all to "
-                     "review the rejected ones")
+        notes.append(
+            f"{unstored} of {len(samples)} rendered pairs have no images stored (render.save_images="
+            f"{cfg.render.save_images}) and cannot be shown; render with render.save_images=all to "
+            "review the rejected ones"
+        )
     store = LabelStore(layout.labels_dir(cfg.output_root, render_hash), writer=writer)
-    return ReviewState(cfg=cfg, render_hash=render_hash, queue=queue, store=store, token=token,
-                       allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None, reviewer_hint=reviewer_hint,
-                       notes=notes)
+    return ReviewState(
+        cfg=cfg,
+        render_hash=render_hash,
+        queue=queue,
+        store=store,
+        token=token,
+        allowed_hosts=LOOPBACK_NAMES if is_loopback(host) else None,
+        reviewer_hint=reviewer_hint,
+        notes=notes,
+    )
 
 
 class ReviewServer:
@@ -326,8 +404,14 @@ class ReviewServer:
     def start(self) -> ReviewServer:
         import uvicorn
 
-        config = uvicorn.Config(build_app(self.state), host=self.host, port=self.port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            build_app(self.state),
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="editforge-review", daemon=True)
         self._thread.start()
@@ -354,19 +438,40 @@ class ReviewServer:
 def review_command(
     preset: Preset = "demo",
     overrides: Overrides = None,
-    host: Annotated[str, typer.Option(help="address to bind; anything but loopback needs a token")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="address to bind; anything but loopback needs a token")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port (0: any free one)")] = 8765,
-    token: Annotated[str | None, typer.Option(help=f"the token the page needs (default: ${TOKEN_ENV}; bound "
-                                                   "beyond loopback without one, a new one is printed)")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help=f"the token the page needs (default: ${TOKEN_ENV}; bound "
+            "beyond loopback without one, a new one is printed)"
+        ),
+    ] = None,
     reviewer: Annotated[str, typer.Option(help="the reviewer name the page suggests (default: $USER)")] = "",
-    partitions: Annotated[str | None, typer.Option(help="render partitions to sample, e.g. 0,3,10-19 (default: up "
-                                                        "to review.max_partitions spread over the run)")] = None,
-    export: Annotated[str | None, typer.Option(help="write the review sample for another tool instead of serving "
-                                                    "it: label-studio")] = None,
-    out: Annotated[Path | None, typer.Option(help="--export: the tasks file to write (its labeling config "
-                                                  "beside it, .xml)")] = None,
-    import_labels: Annotated[Path | None, typer.Option("--import-label-studio", help="store the labels of a Label "
-                                                       "Studio JSON export (of --export's tasks) as --reviewer's")] = None,
+    partitions: Annotated[
+        str | None,
+        typer.Option(
+            help="render partitions to sample, e.g. 0,3,10-19 (default: up "
+            "to review.max_partitions spread over the run)"
+        ),
+    ] = None,
+    export: Annotated[
+        str | None,
+        typer.Option(help="write the review sample for another tool instead of serving it: label-studio"),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="--export: the tasks file to write (its labeling config beside it, .xml)"),
+    ] = None,
+    import_labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--import-label-studio",
+            help="store the labels of a Label Studio JSON export (of --export's tasks) as --reviewer's",
+        ),
+    ] = None,
     debug: Debug = False,
 ) -> None:
     """Look at a run's pairs and label them (good edit / wrong edit / broken image / unsure) in a browser."""
@@ -393,8 +498,10 @@ def review_command(
             from flows.review_export import write_label_studio
 
             written = write_label_studio(state, out)
-            typer.echo(f"wrote {written['tasks']} ({len(state.items)} tasks) and {written['config']} (the labeling "
-                       f"config); see docs/review.md to serve the images to Label Studio")
+            typer.echo(
+                f"wrote {written['tasks']} ({len(state.items)} tasks) and {written['config']} (the labeling "
+                f"config); see docs/review.md to serve the images to Label Studio"
+            )
             return
         if import_labels is not None:
             from flows.review_export import import_label_studio
@@ -403,8 +510,11 @@ def review_command(
             typer.echo(f"stored {stored} labels of {reviewer} under {state.store.folder}")
             return
     counts = state.queue["stratum"].value_counts().sort_index()
-    typer.echo(f"review: {len(state.items)} pairs of render {state.render_hash} ("
-               + ", ".join(f"{k} {v}" for k, v in counts.items()) + f"); labels go to {state.store.folder}")
+    typer.echo(
+        f"review: {len(state.items)} pairs of render {state.render_hash} ("
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + f"); labels go to {state.store.folder}"
+    )
     for note in state.notes:
         typer.echo(f"note: {note}")
     import uvicorn

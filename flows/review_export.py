@@ -58,14 +58,27 @@ def tasks(state) -> list[dict[str, Any]]:
     for item in state.items:
         pid, key = item["partition"], item["sample_key"]
         scores = item["scores"]
-        out.append({"data": {
-            "before": image_reference(state.images[(pid, key, "input")], state.cfg.output_root),
-            "after": image_reference(state.images[(pid, key, "edited")], state.cfg.output_root),
-            "instruction": item["edit"], "captions": f"{item['input']}  →  {item['output']}",
-            "scores_text": ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + f"; {item['status']}",
-            "scores": scores, "status": item["status"], "partition": pid, "sample_key": key,
-            "caption_id": item["caption_id"], "pair_sha256": item["pair_sha256"], "render_hash": state.render_hash,
-            "stratum": item["stratum"], "weight": item["weight"]}})
+        out.append(
+            {
+                "data": {
+                    "before": image_reference(state.images[(pid, key, "input")], state.cfg.output_root),
+                    "after": image_reference(state.images[(pid, key, "edited")], state.cfg.output_root),
+                    "instruction": item["edit"],
+                    "captions": f"{item['input']}  →  {item['output']}",
+                    "scores_text": ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+                    + f"; {item['status']}",
+                    "scores": scores,
+                    "status": item["status"],
+                    "partition": pid,
+                    "sample_key": key,
+                    "caption_id": item["caption_id"],
+                    "pair_sha256": item["pair_sha256"],
+                    "render_hash": state.render_hash,
+                    "stratum": item["stratum"],
+                    "weight": item["weight"],
+                }
+            }
+        )
     return out
 
 
@@ -97,19 +110,33 @@ def import_label_studio(state, export: Path, reviewer: str) -> int:
     session = f"labelstudio-{Path(export).stem[:40]}".replace("_", "-").replace(".", "-")
     for n, task in enumerate(exported):
         data = task.get("data", {}) if isinstance(task, dict) else {}
-        annotations = [a for a in task.get("annotations", []) if not a.get("was_cancelled")] \
-            if isinstance(task, dict) else []
+        annotations = (
+            [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+            if isinstance(task, dict)
+            else []
+        )
         if not annotations:
             continue
-        chosen = [r["value"]["choices"][0] for r in annotations[-1].get("result", [])
-                  if r.get("from_name") == "label" and r.get("value", {}).get("choices")]
+        chosen = [
+            r["value"]["choices"][0]
+            for r in annotations[-1].get("result", [])
+            if r.get("from_name") == "label" and r.get("value", {}).get("choices")
+        ]
         if not chosen:
             continue
         if data.get("render_hash") != state.render_hash:
-            raise LabelStudioFileError(f"{export}: task {n} is of render {data.get('render_hash')!r}, this review is of "
-                               f"render {state.render_hash} (export the tasks again)")
-        payload = {"partition": data.get("partition"), "sample_key": data.get("sample_key"), "label": chosen[0],
-                   "reviewer": reviewer, "session": session, "pair_sha256": data.get("pair_sha256")}
+            raise LabelStudioFileError(
+                f"{export}: task {n} is of render {data.get('render_hash')!r}, this review is of "
+                f"render {state.render_hash} (export the tasks again)"
+            )
+        payload = {
+            "partition": data.get("partition"),
+            "sample_key": data.get("sample_key"),
+            "label": chosen[0],
+            "reviewer": reviewer,
+            "session": session,
+            "pair_sha256": data.get("pair_sha256"),
+        }
         try:
             rows.append(check_label(payload, state.known))
         except LabelError as err:

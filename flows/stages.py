@@ -75,7 +75,11 @@ def _run_partition(cfg: PipelineConfig, stage: str, partition_id: int) -> dict:
     run = registry.entry(stage)
     t0 = time.monotonic()
     try:
-        with dashboard.live_partition(stage, partition_id, cfg=cfg) if registry.get(stage).progress else nullcontext():
+        with (
+            dashboard.live_partition(stage, partition_id, cfg=cfg)
+            if registry.get(stage).progress
+            else nullcontext()
+        ):
             manifest = run(cfg, partition_id, logger=get_run_logger())
     except Exception as err:
         dashboard.partition_failed(cfg, stage, partition_id, err, time.monotonic() - t0)
@@ -94,15 +98,19 @@ def _finalize(cfg: PipelineConfig, stage: str, manifests: list[dict]) -> None:
 
 def _tasks(stage: Stage) -> tuple:
     retry = {"retries": stage.retries, "retry_delay_seconds": 5, "retry_condition_fn": retry_unless_permanent}
-    return (task(name=f"{stage.name}-prepare", **retry)(_prepare),
-            task(name=f"{stage.name}-partition", **retry)(_run_partition),
-            task(name=f"{stage.name}-finalize", retries=1)(_finalize))
+    return (
+        task(name=f"{stage.name}-prepare", **retry)(_prepare),
+        task(name=f"{stage.name}-partition", **retry)(_run_partition),
+        task(name=f"{stage.name}-finalize", retries=1)(_finalize),
+    )
 
 
 TASKS = {name: _tasks(stage) for name, stage in registry.STAGES.items()}
 
 
-def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: list[int] | None) -> list[dict]:
+def run_stage(
+    name: str, preset: str, overrides: list[str] | None, partitions: list[int] | None
+) -> list[dict]:
     """One stage over some (default: all) partitions, inside a flow run; returns the manifests."""
     cfg = load_config(preset, overrides or [])
     stage = registry.get(name)
@@ -110,15 +118,19 @@ def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: l
     with tags(*stage.resources(cfg).tags(name)):  # `editforge-gpu` on the task runs that hold a GPU
         if stage.prepare:
             prepare_task(cfg, name)
-        ids = partition_ids(cfg, stage, partitions)  # after prepare: a new captions generation adds partitions
+        ids = partition_ids(
+            cfg, stage, partitions
+        )  # after prepare: a new captions generation adds partitions
         workers = parallel_partitions(cfg, stage, len(ids))
         if workers == 1:
             manifests = [partition_task(cfg, name, pid) for pid in ids]
         else:  # a pool of `workers` threads: the partitions queue, memory is that of `workers` partitions
             get_run_logger().info("%s: %d partitions, %d at a time", name, len(ids), workers)
             with ThreadPoolTaskRunner(max_workers=workers) as runner:
-                futures = [runner.submit(partition_task, {"cfg": cfg, "stage": name, "partition_id": pid})
-                           for pid in ids]
+                futures = [
+                    runner.submit(partition_task, {"cfg": cfg, "stage": name, "partition_id": pid})
+                    for pid in ids
+                ]
                 wait(futures)
                 manifests = [f.result() for f in futures]
         dashboard.refresh(cfg, name, manifests)
@@ -130,7 +142,9 @@ def run_stage(name: str, preset: str, overrides: list[str] | None, partitions: l
 def stage_flow(name: str):
     """The Prefect flow `editforge-<name>` of a registry stage."""
 
-    def run(preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None) -> list[dict]:
+    def run(
+        preset: str = "demo", overrides: list[str] | None = None, partitions: list[int] | None = None
+    ) -> list[dict]:
         return run_stage(name, preset, overrides, partitions)
 
     run.__doc__ = f"The {name} stage: {registry.get(name).summary}."

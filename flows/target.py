@@ -39,9 +39,11 @@ def standing(cfg: PipelineConfig, gens: list | None = None) -> Standing:
     (``gens``: the ledger, when the caller has read it)."""
     done = [m for m in registry.manifests(cfg, "text").values() if m]
     gens = ledger(cfg) if gens is None else gens
-    return Standing(accepted=sum(m["counts"].get("out", 0) for m in done),
-                    processed=sum(m["counts"].get("in", 0) for m in done),
-                    taken=gens[-1].record["total_taken"] if gens else 0)
+    return Standing(
+        accepted=sum(m["counts"].get("out", 0) for m in done),
+        processed=sum(m["counts"].get("in", 0) for m in done),
+        taken=gens[-1].record["total_taken"] if gens else 0,
+    )
 
 
 def top_up(cfg: PipelineConfig, logger: logging.Logger | None = None) -> int | None:
@@ -56,12 +58,22 @@ def top_up(cfg: PipelineConfig, logger: logging.Logger | None = None) -> int | N
         logger.info("text: %d triplets accepted, target %d met", now.accepted, target)
         return None
     if gens and gens[-1].record["threshold"] >= 1.0:
-        logger.warning("text: %d of %d target triplets; the sources hold no caption not taken yet", now.accepted, target)
+        logger.warning(
+            "text: %d of %d target triplets; the sources hold no caption not taken yet", now.accepted, target
+        )
         return None
     if now.accepted == 0:
-        logger.warning("text: no triplet accepted from %d captions: not sampling more for the target", now.processed)
+        logger.warning(
+            "text: no triplet accepted from %d captions: not sampling more for the target", now.processed
+        )
         return None
     more = math.ceil((target - now.accepted) / now.rate * 1.1)
-    logger.info("text: %d of %d target triplets (%.0f%% of %d captions accepted): sampling %d more captions",
-                now.accepted, target, 100 * now.rate, now.processed, more)
+    logger.info(
+        "text: %d of %d target triplets (%.0f%% of %d captions accepted): sampling %d more captions",
+        now.accepted,
+        target,
+        100 * now.rate,
+        now.processed,
+        more,
+    )
     return now.taken + more

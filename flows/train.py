@@ -30,7 +30,12 @@ from tasks.train import launch
 STAGE = registry.get("train")
 
 
-@task(name="train-partition", retries=STAGE.retries, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+@task(
+    name="train-partition",
+    retries=STAGE.retries,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless_permanent,
+)
 def train_task(cfg: PipelineConfig, index_url: str | None) -> dict:
     return registry.entry(STAGE.name)(cfg, 0, index_url=index_url, logger=get_run_logger())
 
@@ -40,9 +45,11 @@ def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
     key = layout.artifact_key(cfg.name, STAGE.name, manifest["config_hash"])
     summary = manifest.get("train", {})
     sample = manifest.get("sample", {})
-    description = (f"EditForge `{cfg.name}` — editing-model training: {summary.get('steps')} steps, loss "
-                   f"{summary.get('loss_first')} → {summary.get('loss_last')}; sample edit "
-                   f"{sample.get('instruction')!r} in {sample.get('png')}")
+    description = (
+        f"EditForge `{cfg.name}` — editing-model training: {summary.get('steps')} steps, loss "
+        f"{summary.get('loss_first')} → {summary.get('loss_last')}; sample edit "
+        f"{sample.get('instruction')!r} in {sample.get('png')}"
+    )
     create_table_artifact(manifest.get("loss_curve", []), key=key, description=description)
 
 
@@ -58,11 +65,19 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     if index is None:  # the run's own shards: its report gains the training loss curve
         report_html.build_and_publish(cfg, get_run_logger())
     summary = manifest.get("train", {})
-    print(f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
-          f"{summary.get('steps_per_s')} steps/s{' (already done, skipped)' if manifest.get('skipped') else ''}")
-    model, png = (storage.url_join(cfg.output_root, p) for p in (manifest.get("model_dir"), manifest.get("sample", {}).get("png")))
+    print(
+        f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
+        f"{summary.get('steps_per_s')} steps/s{' (already done, skipped)' if manifest.get('skipped') else ''}"
+    )
+    model, png = (
+        storage.url_join(cfg.output_root, p)
+        for p in (manifest.get("model_dir"), manifest.get("sample", {}).get("png"))
+    )
     print(f"model: {model}  sample edit: {png}")
-    return {k: manifest.get(k) for k in ("path", "model_dir", "config_hash", "skipped", "train", "sample", "index")}
+    return {
+        k: manifest.get(k)
+        for k in ("path", "model_dir", "config_hash", "skipped", "train", "sample", "index")
+    }
 
 
 def batch_line(cfg: PipelineConfig) -> str:
@@ -111,21 +126,39 @@ def flow_run_parameters(flow_run_id: str) -> tuple[str, list[str], str | None]:
     return params.get("preset", "demo"), list(params.get("overrides") or []), params.get("index")
 
 
-def train_command(preset: Preset = "demo", overrides: Overrides = None,
-                  index: Annotated[str | None, typer.Option(help="pack/<hash>/index.json to train on (default: the run's)")] = None,
-                  node_rank: Annotated[int, typer.Option(
-                      "--node-rank", min=0, help="this machine's node (train.nodes > 1): 0 runs the flow, K >= 1 "
-                      "joins node 0's run with its workers only")] = 0,
-                  flow_run: Annotated[str | None, typer.Option(
-                      "--flow-run", help="with --node-rank K: take preset, overrides and index from this flow "
-                      "run of editforge-train (a Kubernetes pod of an indexed Job)")] = None,
-                  debug: Debug = False) -> None:
+def train_command(
+    preset: Preset = "demo",
+    overrides: Overrides = None,
+    index: Annotated[
+        str | None, typer.Option(help="pack/<hash>/index.json to train on (default: the run's)")
+    ] = None,
+    node_rank: Annotated[
+        int,
+        typer.Option(
+            "--node-rank",
+            min=0,
+            help="this machine's node (train.nodes > 1): 0 runs the flow, K >= 1 "
+            "joins node 0's run with its workers only",
+        ),
+    ] = 0,
+    flow_run: Annotated[
+        str | None,
+        typer.Option(
+            "--flow-run",
+            help="with --node-rank K: take preset, overrides and index from this flow "
+            "run of editforge-train (a Kubernetes pod of an indexed Job)",
+        ),
+    ] = None,
+    debug: Debug = False,
+) -> None:
     """Train the editing model on the shards of a run (the separate training flow)."""
     with reported(debug):
         launch.refuse_launcher()
         if flow_run is not None:
             if node_rank == 0:
-                raise ConfigError("--flow-run is for the other nodes (--node-rank K, K >= 1); node 0 is the flow run")
+                raise ConfigError(
+                    "--flow-run is for the other nodes (--node-rank K, K >= 1); node 0 is the flow run"
+                )
             preset, overrides, index = flow_run_parameters(flow_run)
     cfg = load_or_exit(preset, overrides)
     with reported(debug):

@@ -56,7 +56,9 @@ def finetune_completion(edit: str, output: str) -> str:
     return render("finetune_completion", edit=edit, output=output)
 
 
-def chat_messages(input_caption: str, edit: str | None = None, output: str | None = None) -> list[dict[str, str]]:
+def chat_messages(
+    input_caption: str, edit: str | None = None, output: str | None = None
+) -> list[dict[str, str]]:
     """Chat messages for one caption: [system, user] for a request, plus the assistant's answer
     (the paper's completion) when `edit` and `output` are given (a fine-tune example)."""
     messages = [
@@ -82,13 +84,18 @@ def templates_hash() -> str:
     return hashlib.sha1("\0".join(load_template(n) for n in TEMPLATE_NAMES).encode()).hexdigest()[:12]
 
 
-def judge_messages(instruction: str, input_caption: str, output_caption: str,
-                   image_parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def judge_messages(
+    instruction: str, input_caption: str, output_caption: str, image_parts: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """The VLM judge's chat messages for one pair: the rubric (system), then the instruction and captions
     followed by the two images (``image_parts``: OpenAI ``image_url`` content parts, original first)."""
-    text = render("judge_user", instruction=instruction, input_caption=input_caption, output_caption=output_caption)
-    return [{"role": "system", "content": render("judge_system")},
-            {"role": "user", "content": [{"type": "text", "text": text}, *image_parts]}]
+    text = render(
+        "judge_user", instruction=instruction, input_caption=input_caption, output_caption=output_caption
+    )
+    return [
+        {"role": "system", "content": render("judge_system")},
+        {"role": "user", "content": [{"type": "text", "text": text}, *image_parts]},
+    ]
 
 
 def judge_templates_hash() -> str:

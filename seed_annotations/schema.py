@@ -40,8 +40,10 @@ __all__ = [
 TRIPLETS_FILENAME = "triplets.jsonl"
 # a line longer than this is refused (text.seed_max_line_bytes): a seed triplet is two captions and an edit
 DEFAULT_MAX_LINE_BYTES = 16384
-JSONL_HINT = ("seed annotations are JSON Lines: one {\"input\": ..., \"edit\": ..., \"output\": ...} object per line, "
-              "not one JSON array or an object written over several lines")
+JSONL_HINT = (
+    'seed annotations are JSON Lines: one {"input": ..., "edit": ..., "output": ...} object per line, '
+    "not one JSON array or an object written over several lines"
+)
 _KNOWN_KEYS = frozenset({"input", "caption", "edit", "output"})
 # the fine-tune format's delimiters ("{input}\n##\n", "{edit}\n%%\n{output}\nEND"): a field holding one
 # trains the model on an example the completion parser rejects
@@ -70,8 +72,10 @@ class Triplet(BaseModel):
     @classmethod
     def _no_format_delimiters(cls, value: str, info: ValidationInfo) -> str:
         if "\n" in value or "\r" in value:
-            raise ValueError("contains a line break, which the fine-tune format uses as a delimiter (\\n##\\n, "
-                             "\\n%%\\n, \\nEND); write it on one line")
+            raise ValueError(
+                "contains a line break, which the fine-tune format uses as a delimiter (\\n##\\n, "
+                "\\n%%\\n, \\nEND); write it on one line"
+            )
         if info.field_name != "input" and _EDIT_OUTPUT_SEPARATOR in value:
             raise ValueError("contains '%%', the fine-tune format's separator of edit and output")
         return value
@@ -144,7 +148,10 @@ def _physical_lines(handle, max_bytes: int):
 
 
 def load_triplets(
-    path: str | os.PathLike[str], *, strict: bool = True, source: str | None = None,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    source: str | None = None,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[Triplet]:
     """Read and validate a JSONL file of triplets (a local path or any fsspec URL).
@@ -178,8 +185,10 @@ def load_triplets(
                 try:
                     raw = raw_bytes.decode("utf-8")
                 except UnicodeDecodeError as exc:
-                    raise SeedAnnotationError(f"{name} line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} "
-                                              f"of the line, byte {offset + exc.start} of the file)") from None
+                    raise SeedAnnotationError(
+                        f"{name} line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} "
+                        f"of the line, byte {offset + exc.start} of the file)"
+                    ) from None
                 offset += len(raw_bytes)
                 if not raw.strip() or too_long:
                     continue
@@ -189,15 +198,21 @@ def load_triplets(
                 triplet = _parse_line(raw, f"{name} line {number}", strict, hint and number == first_content)
                 key = (comparable_caption(triplet.input), comparable_caption(triplet.edit))
                 if key in first_seen:
-                    raise SeedAnnotationError(f"{name} line {number}: the same input and edit as line {first_seen[key]} "
-                                              "(case and trailing .!? ignored); keep one of them")
+                    raise SeedAnnotationError(
+                        f"{name} line {number}: the same input and edit as line {first_seen[key]} "
+                        "(case and trailing .!? ignored); keep one of them"
+                    )
                 first_seen[key] = number
                 triplets.append(triplet)
     if too_long:
-        lines = ", ".join(f"{n} ({size:,} bytes)" for n, size in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
-        raise SeedAnnotationError(f"{name}: {len(too_long)} line(s) longer than {max_line_bytes:,} bytes, refused: "
-                                  f"line{'s' if len(too_long) > 1 else ''} {lines}; a seed triplet is two captions and an edit — fix the file, or raise the "
-                                  "limit with --set text.seed_max_line_bytes=N")
+        lines = ", ".join(f"{n} ({size:,} bytes)" for n, size in too_long[:5]) + (
+            ", ..." if len(too_long) > 5 else ""
+        )
+        raise SeedAnnotationError(
+            f"{name}: {len(too_long)} line(s) longer than {max_line_bytes:,} bytes, refused: "
+            f"line{'s' if len(too_long) > 1 else ''} {lines}; a seed triplet is two captions and an edit — fix the file, or raise the "
+            "limit with --set text.seed_max_line_bytes=N"
+        )
     if not triplets:
         raise SeedAnnotationError(f"{name}: contains no triplets")
     return triplets

@@ -34,8 +34,7 @@ from tasks.render.spec import STAGE as RENDER
 from tasks.text.spec import TEXT
 from tasks.train.spec import STAGE as TRAIN
 
-STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, JUDGE, FILTER, PACK,
-                                                      TRAIN)}
+STAGES: dict[str, Stage] = {s.name: s for s in (CAPTIONS, FINETUNE, TEXT, RENDER, JUDGE, FILTER, PACK, TRAIN)}
 
 
 class UnknownStageError(PermanentError, KeyError):
@@ -55,8 +54,13 @@ def chain() -> list[Stage]:
     return [s for s in STAGES.values() if s.in_chain]
 
 
-def stage_hash(cfg: PipelineConfig, name: str, *, upstream: Mapping[str, str] | None = None,
-               extra: Mapping[str, Any] | None = None) -> str:
+def stage_hash(
+    cfg: PipelineConfig,
+    name: str,
+    *,
+    upstream: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
     """The config hash of ``name`` (one recipe, :func:`tasks.common.stage.stage_hash`): its sections
     and the hashes of the stages it reads, recursively (``upstream`` overrides them)."""
     return record_hash(cfg, get(name), upstream=upstream, extra=extra)
@@ -67,12 +71,28 @@ def stage_resources(cfg: PipelineConfig) -> dict[str, Resources]:
     return {name: s.resources(cfg) for name, s in STAGES.items()}
 
 
-def execute(cfg: PipelineConfig, name: str, partition_id: int, work: PartitionWork,
-            logger: logging.Logger | None = None, *, upstream: Mapping[str, str] | None = None,
-            extra: Mapping[str, Any] | None = None, check_upstream: bool = True) -> dict[str, Any]:
+def execute(
+    cfg: PipelineConfig,
+    name: str,
+    partition_id: int,
+    work: PartitionWork,
+    logger: logging.Logger | None = None,
+    *,
+    upstream: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    check_upstream: bool = True,
+) -> dict[str, Any]:
     """:func:`tasks.common.stage.execute` for the stage named ``name``."""
-    return execute_stage(cfg, get(name), partition_id, work, logger, upstream=upstream, extra=extra,
-                         check_upstream=check_upstream)
+    return execute_stage(
+        cfg,
+        get(name),
+        partition_id,
+        work,
+        logger,
+        upstream=upstream,
+        extra=extra,
+        check_upstream=check_upstream,
+    )
 
 
 def entry(name: str) -> Callable[..., dict[str, Any]]:
@@ -86,8 +106,9 @@ def prepare(cfg: PipelineConfig, name: str, logger: logging.Logger | None = None
         load(stage.prepare)(cfg, logger=logger)
 
 
-def finalize(cfg: PipelineConfig, name: str, manifests: list[dict[str, Any]],
-             logger: logging.Logger | None = None) -> Any:
+def finalize(
+    cfg: PipelineConfig, name: str, manifests: list[dict[str, Any]], logger: logging.Logger | None = None
+) -> Any:
     stage = get(name)
     return load(stage.finalize)(cfg, manifests, logger=logger) if stage.finalize else None
 
@@ -108,13 +129,16 @@ def _partition_ids(cfg: PipelineConfig, name: str) -> list[int]:
     return ledger_partition_ids(cfg, get(name))
 
 
-def partition_url(cfg: PipelineConfig, name: str, partition_id: int = 0, *, config_hash: str | None = None) -> str:
+def partition_url(
+    cfg: PipelineConfig, name: str, partition_id: int = 0, *, config_hash: str | None = None
+) -> str:
     """The folder of one partition of ``name``, in the stage's version for this config (or ``config_hash``)."""
     return layout.partition_dir(cfg.output_root, name, config_hash or stage_hash(cfg, name), partition_id)
 
 
-def manifests(cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None,
-              config_hash: str | None = None) -> dict[int, dict[str, Any] | None]:
+def manifests(
+    cfg: PipelineConfig, name: str, partition_ids: list[int] | None = None, config_hash: str | None = None
+) -> dict[int, dict[str, Any] | None]:
     """Partition id -> its `_SUCCESS.json` under this config's hash (None when not finished)."""
     ids = _partition_ids(cfg, name) if partition_ids is None else partition_ids
     return stage_manifests(cfg, get(name), ids, config_hash)

@@ -27,8 +27,11 @@ from tasks.common.contract import Stats
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _TRAILING_PUNCT = re.compile(r"[\s.,;:!?…]+$")
 # the same rules in RE2 (pyarrow): Python's `\s` is these 29 characters (str.isspace)
-PY_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + \
-    "\u2028\u2029\u202f\u205f\u3000"
+PY_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
 _TRAILING_CHARS = PY_WHITESPACE + ".,;:!?…"
 _NOT_PLAIN = r"[^\x20-\x7e]|  |^ | $|^$"  # a caption that normalisation could change (or empty)
 _NOT_SIMPLE_RE2 = r"[\x00-\x1f\x7f-\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
@@ -37,7 +40,6 @@ _VISIBLE_RE2 = r"[^\x00-\x20\x7f-\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}
 _TRAILING_PLAIN_RE2 = r"[ .,;:!?]+$"  # _TRAILING_PUNCT on printable ASCII with single spaces
 NFC_MAX_GROWTH = 3  # Unicode: NFC makes a string at most 3 times longer (UAX #15)
 BATCH_ROWS = 131072
-
 
 
 def normalise_caption(text: str) -> str:
@@ -82,11 +84,18 @@ def _numbers(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
     t = col.type
-    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_decimal(t) \
-            or pa.types.is_null(t):
+    if (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_null(t)
+    ):
         return pc.cast(col, pa.float64(), safe=False).to_numpy(zero_copy_only=False), np.zeros(n, bool)
     values = col.to_pylist()  # text or other types: read as Python's float() reads them (rare)
-    return np.array([_float(v) for v in values], np.float64), np.array([isinstance(v, str) for v in values], bool)
+    return np.array([_float(v) for v in values], np.float64), np.array(
+        [isinstance(v, str) for v in values], bool
+    )
 
 
 def _text(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, np.ndarray]:
@@ -113,9 +122,13 @@ def _text(batch: pa.RecordBatch, name: str) -> tuple[pa.Array, np.ndarray]:
 def _bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A large_string array's bytes: its data, lengths, and first and last byte of every string (for an
     empty or null string those two are meaningless)."""
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
     data = arr.buffers()[2]
-    data = np.frombuffer(data, np.uint8)[:offsets[-1]] if data is not None and len(arr) else np.zeros(1, np.uint8)
+    data = (
+        np.frombuffer(data, np.uint8)[: offsets[-1]]
+        if data is not None and len(arr)
+        else np.zeros(1, np.uint8)
+    )
     if not len(data):
         data = np.zeros(1, np.uint8)
     top = len(data) - 1
@@ -126,7 +139,7 @@ def _bytes(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarra
 def _double_spaces(arr: pa.Array) -> np.ndarray:
     """Rows with two spaces in a row (or a space ending the row before and one starting it)."""
     data = _bytes(arr)[0]
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
     space = data == 32
     pos = np.flatnonzero(space[1:] & space[:-1]) + 1  # the second space (data starts at the buffer's start)
     pos = pos[(pos >= offsets[0]) & (pos < offsets[-1])]
@@ -207,8 +220,11 @@ def filter_batch(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
         score_nan = np.isnan(score) if "AESTHETIC_SCORE" in names else np.zeros(n, bool)
         score_low = ~np.isnan(score) & (score < cfg.min_aesthetic_score)
         unsafe, watermark = punsafe > cfg.max_punsafe, pwater > cfg.max_pwatermark
-        small = (np.isnan(width) | np.isnan(height) | (np.minimum(width, height) < cfg.min_side)) if cfg.min_side \
+        small = (
+            (np.isnan(width) | np.isnan(height) | (np.minimum(width, height) < cfg.min_side))
+            if cfg.min_side
             else np.zeros(n, bool)
+        )
     numbers_ok = ~(score_nan | score_low | unsafe | watermark | small)
 
     # text. A clean caption (printable ASCII, no space at either end, none doubled) is normal already; any
@@ -219,7 +235,9 @@ def filter_batch(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
     maybe = np.flatnonzero(alive & numbers_ok & clean)
     clean[maybe] = ~_double_spaces(text.take(pa.array(maybe, pa.int64())))
     doomed = alive & ~numbers_ok
-    clean[doomed] &= length[doomed] <= cfg.max_caption_chars  # shorter once normalised: only a long one may fail
+    clean[doomed] &= (
+        length[doomed] <= cfg.max_caption_chars
+    )  # shorter once normalised: only a long one may fail
     special = np.flatnonzero(alive & ~clean)
     control, empty = np.zeros(n, bool), np.zeros(n, bool)
     exact, fixed = special[:0], []
@@ -228,7 +246,9 @@ def filter_batch(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
         sub = text.take(pa.array(special, pa.int64()))
         length[special] = pc.utf8_length(sub).to_numpy(zero_copy_only=False)
         _, size, head, tail = _bytes(sub)
-        simple = ~_mask(pc.match_substring_regex(sub, _NOT_SIMPLE_RE2)) & (size > 0) & (head != 32) & (tail != 32)
+        simple = (
+            ~_mask(pc.match_substring_regex(sub, _NOT_SIMPLE_RE2)) & (size > 0) & (head != 32) & (tail != 32)
+        )
         simple &= ~_double_spaces(sub)
         quick = doomed[special] & (NFC_MAX_GROWTH * length[special] <= cfg.max_caption_chars)
         screen = quick & ~simple  # rejected by a number anyway: only what is counted before it matters
@@ -236,7 +256,9 @@ def filter_batch(batch: pa.RecordBatch, cfg: CaptionsConfig, stats: Stats):
         control[special[screen]] = _mask(pc.match_substring_regex(some, _CONTROL_RE2))
         empty[special[screen]] = ~_mask(pc.match_substring_regex(some, _VISIBLE_RE2))
         exact = special[~quick]
-        for i, s, easy in zip(exact.tolist(), sub.filter(pa.array(~quick)).to_pylist(), simple[~quick].tolist()):
+        for i, s, easy in zip(
+            exact.tolist(), sub.filter(pa.array(~quick)).to_pylist(), simple[~quick].tolist()
+        ):
             if easy:
                 s = unicodedata.normalize("NFC", s)
             else:
@@ -287,5 +309,3 @@ def dedup_keys(texts: pa.Array) -> pa.Array:
     keys = pc.replace_substring_regex(pc.ascii_lower(texts), _TRAILING_PLAIN_RE2, "")
     odd = np.flatnonzero(~plain)
     return _replace(keys, odd, [dedup_key(s) for s in texts.take(pa.array(odd, pa.int64())).to_pylist()])
-
-

@@ -64,8 +64,10 @@ def digests(values: pa.Array | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     obj = np.asarray(obj, dtype=object)
     if not len(obj):
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64)
-    return (pd.util.hash_array(obj, hash_key=_KEYS[0], categorize=False),
-            pd.util.hash_array(obj, hash_key=_KEYS[1], categorize=False))
+    return (
+        pd.util.hash_array(obj, hash_key=_KEYS[0], categorize=False),
+        pd.util.hash_array(obj, hash_key=_KEYS[1], categorize=False),
+    )
 
 
 def digest_check() -> list[str]:
@@ -157,8 +159,9 @@ def _first(codes: np.ndarray) -> np.ndarray:
     return ~pd.Series(codes).duplicated().to_numpy()
 
 
-def greedy(key_hi, key_lo, url_hi, url_lo, keys: DigestSet, urls: DigestSet,
-           max_rounds: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def greedy(
+    key_hi, key_lo, url_hi, url_lo, keys: DigestSet, urls: DigestSet, max_rounds: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of one batch (in order) against the rows kept before it (``keys``, ``urls``).
 
     Returns ``(kept, duplicate_caption, duplicate_url)`` masks, exactly as the row-by-row rule gives
@@ -235,9 +238,13 @@ KEPT_KEY, KEPT_URL, TAKEN_KEY, TAKEN_URL, TAKEN_ID = range(5)
 
 def state_bytes(parts: dict[int, tuple[np.ndarray, np.ndarray]]) -> bytes:
     kinds = [np.full(len(hi), kind, np.int8) for kind, (hi, _) in parts.items()]
-    table = pa.table({"kind": np.concatenate(kinds) if kinds else np.zeros(0, np.int8),
-                      "hi": np.concatenate([hi for hi, _ in parts.values()]) if parts else np.zeros(0, np.uint64),
-                      "lo": np.concatenate([lo for _, lo in parts.values()]) if parts else np.zeros(0, np.uint64)})
+    table = pa.table(
+        {
+            "kind": np.concatenate(kinds) if kinds else np.zeros(0, np.int8),
+            "hi": np.concatenate([hi for hi, _ in parts.values()]) if parts else np.zeros(0, np.uint64),
+            "lo": np.concatenate([lo for _, lo in parts.values()]) if parts else np.zeros(0, np.uint64),
+        }
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink, write_statistics=False, compression="none")
     return sink.getvalue()
@@ -248,8 +255,13 @@ def read_states(blobs: list[bytes]) -> tuple[DedupState, Taken]:
     for blob in blobs:
         table = pq.read_table(io.BytesIO(blob))
         kind, hi, lo = (table.column(c).to_numpy() for c in ("kind", "hi", "lo"))
-        for k, target in ((KEPT_KEY, state.keys), (KEPT_URL, state.urls), (TAKEN_KEY, taken.keys),
-                          (TAKEN_URL, taken.urls), (TAKEN_ID, taken.ids)):
+        for k, target in (
+            (KEPT_KEY, state.keys),
+            (KEPT_URL, state.urls),
+            (TAKEN_KEY, taken.keys),
+            (TAKEN_URL, taken.urls),
+            (TAKEN_ID, taken.ids),
+        ):
             pick = kind == k
             target.add(hi[pick], lo[pick])
     return state, taken

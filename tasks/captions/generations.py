@@ -88,11 +88,15 @@ def ledger(cfg: PipelineConfig, config_hash: str | None = None) -> list[Generati
     gens = []
     for url in sorted(storage.list_files(folder, "gen-*.json")):
         record = storage.read_json(url)
-        gens.append(Generation(record["generation"], record["first_partition"], record["num_partitions"], record))
+        gens.append(
+            Generation(record["generation"], record["first_partition"], record["num_partitions"], record)
+        )
     for i, g in enumerate(gens):  # records are written in order under the lease: a gap is damage
         if g.number != i:
-            raise storage.UnreadableFileError(f"{folder}: generation {i} is missing (found {g.number}); "
-                                              "the ledger was edited by hand — restore it or use a new output_root")
+            raise storage.UnreadableFileError(
+                f"{folder}: generation {i} is missing (found {g.number}); "
+                "the ledger was edited by hand — restore it or use a new output_root"
+            )
     return gens
 
 
@@ -109,7 +113,9 @@ def partition_ids(cfg: PipelineConfig, stage: Stage) -> list[int]:
     return [0] if stage.partitions == "one" else list(range(partition_count(cfg)))
 
 
-def generation_of(cfg: PipelineConfig, partition_id: int, config_hash: str | None = None) -> Generation | None:
+def generation_of(
+    cfg: PipelineConfig, partition_id: int, config_hash: str | None = None
+) -> Generation | None:
     return next((g for g in ledger(cfg, config_hash) if partition_id in g.partitions), None)
 
 
@@ -163,13 +169,19 @@ def _read_ledger(cfg: PipelineConfig, config_hash: str, gens: list[Generation]) 
         with fs.open(path, "rb") as fh:
             table = pq.read_table(fh, columns=["caption_id", "text", "url"])
         if table.num_rows:
-            parts.append((np.array([int(c, 16) for c in table.column("caption_id").to_pylist()], np.uint64),
-                          key_digests(dedup_keys(table.column("text").combine_chunks())),
-                          digests(table.column("url").combine_chunks())))
+            parts.append(
+                (
+                    np.array([int(c, 16) for c in table.column("caption_id").to_pylist()], np.uint64),
+                    key_digests(dedup_keys(table.column("text").combine_chunks())),
+                    digests(table.column("url").combine_chunks()),
+                )
+            )
     empty = np.zeros(0, np.uint64)
-    return _Ledger(np.concatenate([p[0] for p in parts]) if parts else empty,
-                   tuple(np.concatenate([p[1][i] for p in parts]) if parts else empty for i in (0, 1)),
-                   tuple(np.concatenate([p[2][i] for p in parts]) if parts else empty for i in (0, 1)))
+    return _Ledger(
+        np.concatenate([p[0] for p in parts]) if parts else empty,
+        tuple(np.concatenate([p[1][i] for p in parts]) if parts else empty for i in (0, 1)),
+        tuple(np.concatenate([p[2][i] for p in parts]) if parts else empty for i in (0, 1)),
+    )
 
 
 def _appended(last: dict | None, prints: list[dict]) -> bool:
@@ -177,7 +189,7 @@ def _appended(last: dict | None, prints: list[dict]) -> bool:
     if not last or last.get("format") != FORMAT or last.get("digest_check") != digest_check():
         return False  # a format-1 ledger has no dedup state: its next read is a full one
     old = last["sources"]
-    return len(prints) > len(old) and prints[:len(old)] == old and not any(p.get("missing") for p in prints)
+    return len(prints) > len(old) and prints[: len(old)] == old and not any(p.get("missing") for p in prints)
 
 
 def _read_state(folder: str, names: list[str]) -> tuple[DedupState, Taken]:
@@ -188,7 +200,9 @@ def _read_state(folder: str, names: list[str]) -> tuple[DedupState, Taken]:
 def _write_ledger(url: str, table: pa.Table, first: int, count: int) -> None:
     """One row group per partition (statistics on ``partition_id`` only): a partition reads its own rows."""
     sink = io.BytesIO()
-    with pq.ParquetWriter(sink, table.schema, write_statistics=["partition_id"], use_dictionary=False) as writer:
+    with pq.ParquetWriter(
+        sink, table.schema, write_statistics=["partition_id"], use_dictionary=False
+    ) as writer:
         if not table.num_rows:
             writer.write_table(table)
         bounds = np.searchsorted(table.column("partition_id").to_numpy(), np.arange(first, first + count + 1))
@@ -222,12 +236,15 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
             return None  # nothing changed since the last generation: the sources are not read again
         total = last["total_taken"] if last else 0
         threshold = last["threshold"] if last else 0.0
-        incremental = _appended(last, prints) and c.num_captions <= last["num_captions"] \
+        incremental = (
+            _appended(last, prints)
+            and c.num_captions <= last["num_captions"]
             and (threshold >= 1.0 or total >= c.num_captions)
+        )
         stats, select, shapes = Stats(), Stats(), Shapes()
         with stats.timer("read"):
             if incremental:
-                read = sources[len(last["sources"]):]
+                read = sources[len(last["sources"]) :]
                 logger.info("captions: reading %d new source file(s)", len(read))
                 shapes.merge(last["shapes"])
                 state, taken = _read_state(folder, last["state"])
@@ -237,65 +254,126 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
                 logger.info("captions: reading %d source file(s)", len(read))
                 state, held = DedupState(), _read_ledger(cfg, config_hash, gens) if gens else None
                 taken = held.taken() if held is not None and len(held.ids) else None
-            pool, kept = _scan_into(read, cfg, stats, select, state, shapes, taken if taken else None, threshold,
-                                    c.num_captions - total, collect=incremental)
+            pool, kept = _scan_into(
+                read,
+                cfg,
+                stats,
+                select,
+                state,
+                shapes,
+                taken if taken else None,
+                threshold,
+                c.num_captions - total,
+                collect=incremental,
+            )
             chosen, taken_rows, threshold = pool.select(total, c.num_captions)
         # what this read adds to the dedup state (a full read: all of it, read from the sets themselves)
-        parts = {KEPT_KEY: (kept["key_hi"], kept["key_lo"]), KEPT_URL: (kept["url_hi"], kept["url_lo"])} \
-            if incremental else {KEPT_KEY: state.keys.arrays(), KEPT_URL: state.urls.arrays()}
+        parts = (
+            {KEPT_KEY: (kept["key_hi"], kept["key_lo"]), KEPT_URL: (kept["url_hi"], kept["url_lo"])}
+            if incremental
+            else {KEPT_KEY: state.keys.arrays(), KEPT_URL: state.urls.arrays()}
+        )
         if held is not None:  # taken captions no kept row has (a file they came from changed or moved)
             lost_key, lost_url = ~state.keys.contains(*held.key), ~state.urls.contains(*held.url)
-            parts |= {TAKEN_KEY: (held.key[0][lost_key], held.key[1][lost_key]),
-                      TAKEN_URL: (held.url[0][lost_url], held.url[1][lost_url]),
-                      TAKEN_ID: (held.ids[lost_key], np.zeros(int(lost_key.sum()), np.uint64))}
+            parts |= {
+                TAKEN_KEY: (held.key[0][lost_key], held.key[1][lost_key]),
+                TAKEN_URL: (held.url[0][lost_url], held.url[1][lost_url]),
+                TAKEN_ID: (held.ids[lost_key], np.zeros(int(lost_key.sum()), np.uint64)),
+            }
         read_stats = {k: stats.summary()[k] for k in ("counts", "rejected")}
         if incremental:  # the counts a full read would give: every file's, and the select step's so far
             source = {k: _sum(last["source"][k], read_stats[k]) for k in read_stats}
             base = last["select"]
             counts = dict(base["counts"])
             if total:  # every caption taken since that read is kept in the files read then, and counted again
-                counts["already_taken"] = counts.get("already_taken", 0) + total - base["total_taken"] \
+                counts["already_taken"] = (
+                    counts.get("already_taken", 0)
+                    + total
+                    - base["total_taken"]
                     + select.counts.get("already_taken", 0)
-            select_record = {"counts": counts, "rejected": _sum(base["rejected"], select.rejected), "total_taken": total}
+                )
+            select_record = {
+                "counts": counts,
+                "rejected": _sum(base["rejected"], select.rejected),
+                "total_taken": total,
+            }
         else:
             source = read_stats
-            select_record = {"counts": dict(select.counts), "rejected": dict(select.rejected), "total_taken": total}
+            select_record = {
+                "counts": dict(select.counts),
+                "rejected": dict(select.rejected),
+                "total_taken": total,
+            }
         n_new = len(taken_rows)
         number = len(gens)
         state_bytes_ = state_bytes(parts)
-        state_name = f"gen-{(number if n_new or not last else number - 1):05d}.state-" \
-                     f"{hashlib.sha256(state_bytes_).hexdigest()[:12]}.parquet"
+        state_name = (
+            f"gen-{(number if n_new or not last else number - 1):05d}.state-"
+            f"{hashlib.sha256(state_bytes_).hexdigest()[:12]}.parquet"
+        )
         storage.write_bytes_atomic(storage.url_join(folder, state_name), state_bytes_)
-        about = {"format": FORMAT, "read": "incremental" if incremental else "full",
-                 "state": [*(last["state"] if incremental else []), state_name], "digest_check": digest_check(),
-                 "shapes": shapes.counts, "source": source, "select": select_record,
-                 "counts": _sum(source["counts"], select_record["counts"]),
-                 "rejected": _sum(source["rejected"], select_record["rejected"])}
+        about = {
+            "format": FORMAT,
+            "read": "incremental" if incremental else "full",
+            "state": [*(last["state"] if incremental else []), state_name],
+            "digest_check": digest_check(),
+            "shapes": shapes.counts,
+            "source": source,
+            "select": select_record,
+            "counts": _sum(source["counts"], select_record["counts"]),
+            "rejected": _sum(source["rejected"], select_record["rejected"]),
+        }
         num_captions = max(c.num_captions, last["num_captions"] if last else 0)
         if not n_new and last:  # remember what was seen so the sources are not read again for nothing
             logger.info("captions: the sources hold no caption not taken before")
-            storage.write_json_atomic(layout.generation_url(cfg.output_root, config_hash, number - 1, "json"),
-                                      {**last, "sources": prints, "num_captions": num_captions,
-                                       "threshold": threshold, **{k: v for k, v in about.items()
-                                                                  if k not in ("counts", "rejected")}})
+            storage.write_json_atomic(
+                layout.generation_url(cfg.output_root, config_hash, number - 1, "json"),
+                {
+                    **last,
+                    "sources": prints,
+                    "num_captions": num_captions,
+                    "threshold": threshold,
+                    **{k: v for k, v in about.items() if k not in ("counts", "rejected")},
+                },
+            )
             return None
         first = gens[-1].partitions.stop if gens else 0
         count = _partitions_for(cfg, n_new, first=not gens)
         new = _generation_table(chosen, taken_rows, shapes, read, number, first, count)
-        _write_ledger(layout.generation_url(cfg.output_root, config_hash, number, "parquet"), new, first, count)
-        record = {"generation": number, "sources": prints, "num_captions": num_captions, "threshold": threshold,
-                  "taken": n_new, "total_taken": total + n_new, **stats.summary(), **about,
-                  "first_partition": first, "num_partitions": count}
+        _write_ledger(
+            layout.generation_url(cfg.output_root, config_hash, number, "parquet"), new, first, count
+        )
+        record = {
+            "generation": number,
+            "sources": prints,
+            "num_captions": num_captions,
+            "threshold": threshold,
+            "taken": n_new,
+            "total_taken": total + n_new,
+            **stats.summary(),
+            **about,
+            "first_partition": first,
+            "num_partitions": count,
+        }
         storage.write_json_atomic(layout.generation_url(cfg.output_root, config_hash, number, "json"), record)
         if number and n_new:
-            logger.info("captions: generation %d takes %d new caption(s) into partitions %d..%d", number, n_new,
-                        first, first + count - 1)
+            logger.info(
+                "captions: generation %d takes %d new caption(s) into partitions %d..%d",
+                number,
+                n_new,
+                first,
+                first + count - 1,
+            )
         if n_new + total < c.num_captions:
-            logger.warning("captions: asked for %d captions, only %d usable rows", c.num_captions, n_new + total)
+            logger.warning(
+                "captions: asked for %d captions, only %d usable rows", c.num_captions, n_new + total
+            )
         return Generation(number, first, count, record)
 
 
-def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, room, collect) -> tuple[Pool, dict]:
+def _scan_into(
+    sources, cfg, stats, select, state, shapes, taken, threshold, room, collect
+) -> tuple[Pool, dict]:
     """Read ``sources`` into a bounded pool of candidates (``select``: the captions found in ``taken``,
     counted); with ``collect``, also return the kept rows' digests (what this read adds to the state)."""
     c = cfg.captions
@@ -322,11 +400,20 @@ def _scan_into(sources, cfg, stats, select, state, shapes, taken, threshold, roo
         pool.add(Candidates(kept.take(idx), priorities(c.seed, kept.hex[idx])))
     if taken is not None:
         select.add("already_taken", 0)  # counted whenever the ledger holds captions
-    return pool, {name: np.concatenate(v) if v else np.zeros(0, np.uint64) for name, v in kept_digests.items()}
+    return pool, {
+        name: np.concatenate(v) if v else np.zeros(0, np.uint64) for name, v in kept_digests.items()
+    }
 
 
-def _generation_table(pool: Candidates | None, taken: np.ndarray, shapes: Shapes, sources: list[str], number: int,
-                      first: int, count: int) -> pa.Table:
+def _generation_table(
+    pool: Candidates | None,
+    taken: np.ndarray,
+    shapes: Shapes,
+    sources: list[str],
+    number: int,
+    first: int,
+    count: int,
+) -> pa.Table:
     """The generation's rows sorted by partition then caption id, with the types the caption table has
     (:func:`tasks.captions.laion.frame`: a partly missing width is float, a wholly missing one empty)."""
     if pool is None or not len(taken):
@@ -344,12 +431,22 @@ def _generation_table(pool: Candidates | None, taken: np.ndarray, shapes: Shapes
         return pa.array(np.trunc(values)) if missing else pa.array(values.astype(np.int64))
 
     row_hash = pa.nulls(len(rows)) if c["hash_missing"] == c["rows"] else rows.row_hash
-    return pa.table({"caption_id": ascii_strings(rows.hex), "text": rows.text, "url": rows.url,
-                     "aesthetic_score": rows.score, "width": size(rows.width, c["width_missing"]),
-                     "height": size(rows.height, c["height_missing"]), "source_row_hash": row_hash,
-                     "source_file": pa.array(sources, pa.large_string()).take(pa.array(rows.file)),
-                     "source_row": rows.rows.astype(np.int64), "priority": prio, "partition_id": partition[order],
-                     "generation": np.full(len(rows), number, np.int64)})
+    return pa.table(
+        {
+            "caption_id": ascii_strings(rows.hex),
+            "text": rows.text,
+            "url": rows.url,
+            "aesthetic_score": rows.score,
+            "width": size(rows.width, c["width_missing"]),
+            "height": size(rows.height, c["height_missing"]),
+            "source_row_hash": row_hash,
+            "source_file": pa.array(sources, pa.large_string()).take(pa.array(rows.file)),
+            "source_row": rows.rows.astype(np.int64),
+            "priority": prio,
+            "partition_id": partition[order],
+            "generation": np.full(len(rows), number, np.int64),
+        }
+    )
 
 
 def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str) -> pd.DataFrame:
@@ -362,8 +459,10 @@ def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str)
         extend(cfg)
         gen = generation_of(cfg, partition_id, config_hash)
     if gen is None:
-        raise InputError(f"captions part-{partition_id:05d} does not exist: the ledger has "
-                         f"{partition_count(cfg)} partition(s)")
+        raise InputError(
+            f"captions part-{partition_id:05d} does not exist: the ledger has "
+            f"{partition_count(cfg)} partition(s)"
+        )
     url = layout.generation_url(cfg.output_root, config_hash, gen.number, "parquet")
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as fh:
@@ -376,13 +475,27 @@ def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str)
                 if st is None or not st.has_min_max or st.min <= partition_id <= st.max:
                     groups.append(i)
             columns = [*OUTPUT_COLUMNS, "partition_id"]
-            table = pf.read_row_groups(groups, columns=columns) if groups else pf.schema_arrow.empty_table().select(columns)
+            table = (
+                pf.read_row_groups(groups, columns=columns)
+                if groups
+                else pf.schema_arrow.empty_table().select(columns)
+            )
         except pa.ArrowException as err:
-            raise storage.UnreadableFileError(f"{url} is not a readable parquet file ({err}); delete the captions "
-                                              "version folder and run the captions stage again") from None
+            raise storage.UnreadableFileError(
+                f"{url} is not a readable parquet file ({err}); delete the captions "
+                "version folder and run the captions stage again"
+            ) from None
     df = table.to_pandas()
     df = df[df["partition_id"] == partition_id].sort_values("caption_id").reset_index(drop=True)
     return df.drop(columns=["partition_id"])
 
 
-__all__ = ["Generation", "extend", "ledger", "partition_captions", "partition_count", "priorities", "priority"]
+__all__ = [
+    "Generation",
+    "extend",
+    "ledger",
+    "partition_captions",
+    "partition_count",
+    "priorities",
+    "priority",
+]

@@ -39,8 +39,19 @@ from tasks.common.errors import PermanentError
 REQUIRED_COLUMNS = ("URL", "TEXT")
 OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")
 READ_COLUMNS = ("URL", "TEXT", "WIDTH", "HEIGHT", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")  # used
-OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
-                  "source_file", "source_row"]
+OUTPUT_COLUMNS = [
+    "caption_id",
+    "text",
+    "url",
+    "aesthetic_score",
+    "width",
+    "height",
+    "source_row_hash",
+    "source_file",
+    "source_row",
+]
+
+
 class CaptionSourceError(PermanentError, ValueError):
     """A caption source file is unreadable or lacks a required column; the message names file and column."""
 
@@ -59,7 +70,9 @@ def resolve_sources(source: str | list[str]) -> list[str]:
     urls: list[str] = []
     for item in items:
         if item == "builtin:demo":
-            urls.append(str(resources.files("tasks.captions").joinpath("demo", "laion_aesthetics_demo.parquet")))
+            urls.append(
+                str(resources.files("tasks.captions").joinpath("demo", "laion_aesthetics_demo.parquet"))
+            )
         elif item == "builtin:world":
             urls.append(str(resources.files("tasks.world").joinpath("data", "world_captions.parquet")))
         elif any(ch in item for ch in "*?["):
@@ -106,8 +119,12 @@ class Kept:
         if len(idx) == len(self) and (idx == np.arange(len(self))).all():
             return self
         pick = pa.array(idx, pa.int64())
-        return Kept(*(None if v is None else v.take(pick) if isinstance(v, pa.Array) else v[idx]
-                      for v in self._values()))
+        return Kept(
+            *(
+                None if v is None else v.take(pick) if isinstance(v, pa.Array) else v[idx]
+                for v in self._values()
+            )
+        )
 
     def without_key(self) -> Kept:
         return Kept(*(None if f.name == "key" else getattr(self, f.name) for f in fields(self)))
@@ -117,8 +134,16 @@ class Kept:
         if len(parts) == 1:
             return parts[0]
         columns = zip(*(p._values() for p in parts))
-        return Kept(*(None if c[0] is None else pa.concat_arrays(list(c)) if isinstance(c[0], pa.Array)
-                      else np.concatenate(c) for c in columns))
+        return Kept(
+            *(
+                None
+                if c[0] is None
+                else pa.concat_arrays(list(c))
+                if isinstance(c[0], pa.Array)
+                else np.concatenate(c)
+                for c in columns
+            )
+        )
 
 
 @dataclass
@@ -126,8 +151,9 @@ class Shapes:
     """Which optional values the kept rows had: the output columns' types follow them (an all-missing
     width is an empty column, a partly missing one is float)."""
 
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("rows", "width_missing", "height_missing", "hash_missing"), 0))
+    counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(("rows", "width_missing", "height_missing", "hash_missing"), 0)
+    )
 
     def update(self, kept: Kept) -> None:
         self.counts["rows"] += len(kept)
@@ -143,10 +169,17 @@ class Shapes:
 def _check_text_type(url: str, schema: pa.Schema, name: str) -> None:
     t = schema.field(name).type
     t = t.value_type if pa.types.is_dictionary(t) else t
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-            or pa.types.is_large_binary(t) or pa.types.is_null(t)):
-        raise CaptionSourceError(f"{url}: column {name!r} holds {t} values, not text: captions and URLs must be "
-                                 "UTF-8 strings — write the column as strings (or drop the file from captions.source)")
+    if not (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_null(t)
+    ):
+        raise CaptionSourceError(
+            f"{url}: column {name!r} holds {t} values, not text: captions and URLs must be "
+            "UTF-8 strings — write the column as strings (or drop the file from captions.source)"
+        )
 
 
 def _open(url: str):
@@ -171,8 +204,13 @@ def _open(url: str):
     return handle, pf, [c for c in READ_COLUMNS if c in names]
 
 
-def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupState | None = None,
-         batch_size: int = BATCH_ROWS) -> Iterator[Kept]:
+def scan(
+    sources: list[str],
+    cfg: CaptionsConfig,
+    stats: Stats,
+    state: DedupState | None = None,
+    batch_size: int = BATCH_ROWS,
+) -> Iterator[Kept]:
     """Stream every source file (in order); yield each batch's kept rows after the global dedup.
 
     ``state`` holds the keys and URLs kept before (an earlier generation's files); it is updated.
@@ -185,9 +223,13 @@ def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupStat
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
                 text, key, dkey, curl, score, width, height, row_hash, rows = filter_batch(batch, cfg, stats)
-                sha1 = sha1_digests(key)  # the caption ids, and the dedup keys' digests where key == dedup key
+                sha1 = sha1_digests(
+                    key
+                )  # the caption ids, and the dedup keys' digests where key == dedup key
                 ids = halves(sha1)[0]
-                key_hi, key_lo = key_digests(dkey, sha1, np.asarray(pc.equal(key, dkey).to_numpy(zero_copy_only=False), bool))
+                key_hi, key_lo = key_digests(
+                    dkey, sha1, np.asarray(pc.equal(key, dkey).to_numpy(zero_copy_only=False), bool)
+                )
                 url_hi, url_lo = digests(curl)
                 kept, dup_caption, dup_url = greedy(key_hi, key_lo, url_hi, url_lo, state.keys, state.urls)
                 if dup_caption.any():
@@ -200,8 +242,23 @@ def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupStat
                 if not sized and batch.num_rows:  # size the dedup state once (files alike): no rehash later
                     sized, rate = True, len(idx) / batch.num_rows
                     state.reserve(len(state.keys) + int(1.25 * rate * pf.metadata.num_rows * len(sources)))
-                yield Kept(text, key, curl, score, width, height, row_hash, np.full(len(rows), number, np.int32),
-                           row0 + rows, key_hi, key_lo, url_hi, url_lo, ids, hex16(sha1)).take(idx)
+                yield Kept(
+                    text,
+                    key,
+                    curl,
+                    score,
+                    width,
+                    height,
+                    row_hash,
+                    np.full(len(rows), number, np.int32),
+                    row0 + rows,
+                    key_hi,
+                    key_lo,
+                    url_hi,
+                    url_lo,
+                    ids,
+                    hex16(sha1),
+                ).take(idx)
                 row0 += batch.num_rows
         except (pa.ArrowInvalid, OSError) as err:
             raise CaptionSourceError(f"{url}: corrupt parquet data after row {row0} ({err})") from err
@@ -231,21 +288,31 @@ def frame(parts: list[Kept], ids: list[pa.Array], shapes: Shapes, sources: list[
     width = np.concatenate([p.width for p in parts]) if parts else np.zeros(0)
     height = np.concatenate([p.height for p in parts]) if parts else np.zeros(0)
     hashes = [p.row_hash for p in parts]
-    row_hash = pd.Series([None] * len(width), dtype=object) if c["hash_missing"] == c["rows"] else strings(hashes)
-    return pd.DataFrame({
-        "caption_id": strings(ids),
-        "text": strings([p.text for p in parts]),
-        "url": strings([p.url for p in parts]),
-        "aesthetic_score": np.concatenate([p.score for p in parts]) if parts else np.zeros(0),
-        "width": size(width, c["width_missing"]),
-        "height": size(height, c["height_missing"]),
-        "source_row_hash": row_hash,
-        "source_file": strings([pa.array(sources, pa.large_string()).take(pa.array(p.file)) for p in parts]),
-        "source_row": np.concatenate([p.rows for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
-    })
+    row_hash = (
+        pd.Series([None] * len(width), dtype=object) if c["hash_missing"] == c["rows"] else strings(hashes)
+    )
+    return pd.DataFrame(
+        {
+            "caption_id": strings(ids),
+            "text": strings([p.text for p in parts]),
+            "url": strings([p.url for p in parts]),
+            "aesthetic_score": np.concatenate([p.score for p in parts]) if parts else np.zeros(0),
+            "width": size(width, c["width_missing"]),
+            "height": size(height, c["height_missing"]),
+            "source_row_hash": row_hash,
+            "source_file": strings(
+                [pa.array(sources, pa.large_string()).take(pa.array(p.file)) for p in parts]
+            ),
+            "source_row": np.concatenate([p.rows for p in parts]).astype(np.int64)
+            if parts
+            else np.zeros(0, np.int64),
+        }
+    )
 
 
-def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = BATCH_ROWS) -> pd.DataFrame:
+def read_captions(
+    sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = BATCH_ROWS
+) -> pd.DataFrame:
     """Every kept row of the sources (in file then row order), as one table: for small sources and tests;
     the ledger (:mod:`tasks.captions.generations`) keeps only what it may take."""
     parts, ids, shapes = [], [], Shapes()

@@ -19,16 +19,16 @@ from tasks.captions.laion import Kept
 
 def priority(seed: int, caption_id: str) -> float:
     """The caption's seeded draw in [0, 1): the lower, the earlier it is taken."""
-    return int(hashlib.sha1(f"{seed}:{caption_id}".encode()).hexdigest()[:16], 16) / 2.0 ** 64
+    return int(hashlib.sha1(f"{seed}:{caption_id}".encode()).hexdigest()[:16], 16) / 2.0**64
 
 
 def priorities(seed: int, ids_hex: np.ndarray) -> np.ndarray:
     """:func:`priority` of many caption ids given as (n, 16) hex characters."""
     head = np.frombuffer(f"{seed}:".encode(), np.uint8)
     msg = np.empty((len(ids_hex), len(head) + 16), np.uint8)
-    msg[:, :len(head)], msg[:, len(head):] = head, ids_hex
+    msg[:, : len(head)], msg[:, len(head) :] = head, ids_hex
     joined = b"".join([hashlib.sha1(m).digest()[:8] for m in msg.view(f"S{msg.shape[1]}").ravel().tolist()])
-    return np.frombuffer(joined, ">u8").astype(np.uint64).astype(np.float64) / 2.0 ** 64
+    return np.frombuffer(joined, ">u8").astype(np.uint64).astype(np.float64) / 2.0**64
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Pool:
         if len(part.prio):
             self.parts.append(part)
             self.size += len(part.prio)
-        if self.size > 2 * self.room + 2 ** 16:
+        if self.size > 2 * self.room + 2**16:
             self._prune()
 
     def _prune(self) -> None:
@@ -84,5 +84,5 @@ class Pool:
         if need and len(more) < need:
             threshold = 1.0  # the source ran out: from now on every new caption is taken
         elif len(more):
-            threshold = float(every.prio[more[-1]]) + 2.0 ** -64  # the last one taken is under it
+            threshold = float(every.prio[more[-1]]) + 2.0**-64  # the last one taken is under it
         return every, np.concatenate([below, more]), threshold

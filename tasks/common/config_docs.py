@@ -115,14 +115,12 @@ def explain(cfg: PipelineConfig, key: str | None = None) -> str:
     lines: list[str] = []
     for s in picked:
         if s.is_section:
-            lines += ["", f"[{s.key}]  {s.info.description}",
-                      *_wrapped(_summary(s.info.annotation), "  ")]
+            lines += ["", f"[{s.key}]  {s.info.description}", *_wrapped(_summary(s.info.annotation), "  ")]
             continue
         value, default = shown(_value(cfg, s.key)), shown(s.default)
         tags = [f"default {default}" if value != default else "the default", type_name(s.info.annotation)]
         tags += ["operational: not in the stage hash"] if s.operational else []
-        lines += [f"{s.key} = {value}   ({'; '.join(tags)})",
-                  *_wrapped(s.info.description or "", "    ")]
+        lines += [f"{s.key} = {value}   ({'; '.join(tags)})", *_wrapped(s.info.description or "", "    ")]
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
@@ -157,8 +155,10 @@ def markdown() -> str:
         "",
         "| old key | new key |",
         "|---|---|",
-        *(f"| `render.{old}` | `render.{section}.{field}` |"
-          for old, (section, field) in FLAT_RENDER_SAVERS.items()),
+        *(
+            f"| `render.{old}` | `render.{section}.{field}` |"
+            for old, (section, field) in FLAT_RENDER_SAVERS.items()
+        ),
     ]
     everything = settings()
     for section in [None, *(s for s in everything if s.is_section)]:

@@ -58,8 +58,11 @@ def code_version() -> str:
         pkg = "0+unknown"
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         sha = ""
@@ -95,10 +98,15 @@ class Stats:
         quantiles = {
             name: {f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
             | {"mean": float(np.mean(v)), "n": len(v)}
-            for name, v in sorted(self.values.items()) if v
+            for name, v in sorted(self.values.items())
+            if v
         }
-        return {"counts": dict(sorted(self.counts.items())), "rejected": dict(sorted(self.rejected.items())),
-                "timings_s": {k: round(v, 3) for k, v in sorted(self.timings.items())}, "quantiles": quantiles}
+        return {
+            "counts": dict(sorted(self.counts.items())),
+            "rejected": dict(sorted(self.rejected.items())),
+            "timings_s": {k: round(v, 3) for k, v in sorted(self.timings.items())},
+            "quantiles": quantiles,
+        }
 
 
 class _Timer:
@@ -121,8 +129,13 @@ class Checkpoint:
     batch in flight.
     """
 
-    def __init__(self, progress_dir: str, key_column: str, expected: int | None = None,
-                 on_progress: Callable[[float, dict[str, Any] | None], None] | None = None):
+    def __init__(
+        self,
+        progress_dir: str,
+        key_column: str,
+        expected: int | None = None,
+        on_progress: Callable[[float, dict[str, Any] | None], None] | None = None,
+    ):
         self.dir = progress_dir
         self.key_column = key_column
         self.expected = expected
@@ -196,7 +209,9 @@ class PartitionRun:
     def checkpoint(self, key_column: str, expected: int | None = None) -> Checkpoint:
         """Append-only chunks for this run; with `expected` keys, each append reports progress."""
         # keyed by config hash: chunks written under another config are never reused
-        return Checkpoint(progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress)
+        return Checkpoint(
+            progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress
+        )
 
     def report_progress(self, fraction: float, figures: dict[str, Any] | None = None) -> None:
         """Tell the dashboard (if one listens) how far this partition is, 0..1, and its running figures."""
@@ -270,20 +285,29 @@ def check_inputs(stage: str, partition_id: int, output_root: str, inputs: dict[s
         if done is None:
             raise MissingInputError(
                 f"{stage} {part} needs {upstream} {theirs} to be finished first "
-                f"({storage.url_join(upstream_dir, SUCCESS)} is missing): run the {upstream} stage for this config")
+                f"({storage.url_join(upstream_dir, SUCCESS)} is missing): run the {upstream} stage for this config"
+            )
         if done.get("config_hash") != expected:
             raise MissingInputError(
                 f"{stage} {part} reads {upstream} {theirs}, which was produced under another config "
-                f"(hash {done.get('config_hash')}, this config expects {expected}): run the {upstream} stage first")
+                f"(hash {done.get('config_hash')}, this config expects {expected}): run the {upstream} stage first"
+            )
         problems = output_problems(upstream_dir, done)
         if problems:
-            raise MissingInputError(f"{stage} {part} reads {upstream} {theirs}, whose outputs are damaged "
-                                    f"({'; '.join(problems[:3])}): run the {upstream} stage again to redo it")
+            raise MissingInputError(
+                f"{stage} {part} reads {upstream} {theirs}, whose outputs are damaged "
+                f"({'; '.join(problems[:3])}): run the {upstream} stage again to redo it"
+            )
 
 
 def execute_partition(
-    stage: str, partition_id: int, output_root: str, config_hash: str, work: PartitionWork,
-    logger: logging.Logger | None = None, inputs: dict[str, tuple[int, str]] | None = None,
+    stage: str,
+    partition_id: int,
+    output_root: str,
+    config_hash: str,
+    work: PartitionWork,
+    logger: logging.Logger | None = None,
+    inputs: dict[str, tuple[int, str]] | None = None,
     verify: str = "size",
 ) -> dict[str, Any]:
     """Run `work` for one (stage, partition) under the contract; return the small manifest."""
@@ -303,15 +327,27 @@ def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, ver
             # a crash between the marker and the clean-up below leaves the checkpoint behind: finish the job
             storage.remove(run.path(PROGRESS), recursive=True)
             return {**done, "skipped": True}
-        logger.warning("%s part-%05d: finished, but %s — doing it again", stage, partition_id, "; ".join(problems))
+        logger.warning(
+            "%s part-%05d: finished, but %s — doing it again", stage, partition_id, "; ".join(problems)
+        )
     check_inputs(stage, partition_id, run.output_root, run.inputs)  # before anything is written
     if done and done.get("config_hash") != config_hash:
-        logger.info("%s part-%05d: config changed (%s -> %s) — re-running; the finished outputs stay until "
-                    "the new ones are complete", stage, partition_id, done.get("config_hash"), config_hash)
+        logger.info(
+            "%s part-%05d: config changed (%s -> %s) — re-running; the finished outputs stay until "
+            "the new ones are complete",
+            stage,
+            partition_id,
+            done.get("config_hash"),
+            config_hash,
+        )
     left = storage.remove_temp_files(run.dir)
     if left:
-        logger.info("%s part-%05d: removed %d temporary file(s) of an interrupted write", stage, partition_id,
-                    len(left))
+        logger.info(
+            "%s part-%05d: removed %d temporary file(s) of an interrupted write",
+            stage,
+            partition_id,
+            len(left),
+        )
     t0 = time.perf_counter()
     with storage.recording_writes() as written:
         work(run)
@@ -335,6 +371,12 @@ def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, ver
     storage.remove(run.path(PROGRESS), recursive=True)
     for name in sorted(set((done or {}).get("outputs") or {}) - set(run.outputs)):
         storage.remove(run.path(name))  # the previous config's outputs this run did not write again
-    logger.info("%s part-%05d: done in %.1fs %s rejected=%s", stage, partition_id, manifest["wall_time_s"],
-                manifest["counts"], manifest["rejected"])
+    logger.info(
+        "%s part-%05d: done in %.1fs %s rejected=%s",
+        stage,
+        partition_id,
+        manifest["wall_time_s"],
+        manifest["counts"],
+        manifest["rejected"],
+    )
     return {**manifest, "skipped": False}

@@ -168,9 +168,11 @@ def image_name(key: str, which: str) -> str:
 def check_name(name: str) -> str:
     """A run name usable in dashboard keys, or ValueError saying how to fix it."""
     if not _NAME_RE.match(name):
-        raise InputError(f"{name!r} is not a valid run name: use lowercase letters, digits and dashes, starting "
-                         f"with a letter or digit (e.g. {re.sub('[^a-z0-9-]+', '-', name.lower()).strip('-') or 'my-run'!r}); "
-                         "it names the run's dashboard artifacts")
+        raise InputError(
+            f"{name!r} is not a valid run name: use lowercase letters, digits and dashes, starting "
+            f"with a letter or digit (e.g. {re.sub('[^a-z0-9-]+', '-', name.lower()).strip('-') or 'my-run'!r}); "
+            "it names the run's dashboard artifacts"
+        )
     return name
 
 

@@ -43,8 +43,10 @@ def lease_ttl_s() -> float:
         value = float("nan")
     if not (0 < value < float("inf")):
         shown = raw if len(raw) <= 40 else raw[:37] + "..."
-        raise LeaseSettingError(f"{TTL_ENV}={shown!r}: expected a positive number of seconds (e.g. 600, the default "
-                                f"when it is unset); unset it or set e.g. {TTL_ENV}=600")
+        raise LeaseSettingError(
+            f"{TTL_ENV}={shown!r}: expected a positive number of seconds (e.g. 600, the default "
+            f"when it is unset); unset it or set e.g. {TTL_ENV}=600"
+        )
     return value
 
 
@@ -61,7 +63,11 @@ def read_lease(url: str) -> dict[str, Any] | None:
 
 def is_stale(held: dict[str, Any], ttl_s: float | None = None) -> bool:
     """Its owner is gone: a process of this host that no longer exists, or no heartbeat for ``ttl_s``."""
-    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int) and not storage.pid_alive(held["pid"]):
+    if (
+        held.get("host") == socket.gethostname()
+        and isinstance(held.get("pid"), int)
+        and not storage.pid_alive(held["pid"])
+    ):
         return True
     return time.time() - float(held.get("heartbeat", 0)) > (lease_ttl_s() if ttl_s is None else ttl_s)
 
@@ -95,12 +101,18 @@ class PartitionLease:
                 continue  # released in between
             if self._stale(held):
                 if self._read() == held:  # still the same dead owner's
-                    self.logger.warning("partition lease %s of %s (pid %s) is stale: taking it over", self.url,
-                                        held.get("host"), held.get("pid"))
+                    self.logger.warning(
+                        "partition lease %s of %s (pid %s) is stale: taking it over",
+                        self.url,
+                        held.get("host"),
+                        held.get("pid"),
+                    )
                     storage.remove(self.url)
                 continue
             if not announced:
-                self.logger.info("waiting for %s: held by %s pid %s", self.url, held.get("host"), held.get("pid"))
+                self.logger.info(
+                    "waiting for %s: held by %s pid %s", self.url, held.get("host"), held.get("pid")
+                )
                 announced = True
             time.sleep(self.poll_s)
         self._thread = threading.Thread(target=self._beat, name="editforge-lease", daemon=True)

@@ -75,17 +75,21 @@ class ClipComponents:
     source: str = ""
 
 
-def _not_available(preset: str, setting: str, source: str, err: Exception,
-                   path: str | None = None) -> ModelNotAvailableError:
+def _not_available(
+    preset: str, setting: str, source: str, err: Exception, path: str | None = None
+) -> ModelNotAvailableError:
     """One message that tells a missing folder, an unreadable one and weights never downloaded apart."""
     why = f"{type(err).__name__}: {str(err)[:300]}"
     if path and not Path(path).exists():
-        return ModelNotAvailableError(f"model preset {preset!r}: {setting}={path} does not exist; point it at the "
-                                      "folder (or file) holding the weights")
+        return ModelNotAvailableError(
+            f"model preset {preset!r}: {setting}={path} does not exist; point it at the "
+            "folder (or file) holding the weights"
+        )
     if path or Path(source).exists():
         return ModelNotAvailableError(
             f"model preset {preset!r}: the weights at {path or source} could not be loaded ({why}); the folder is "
-            f"incomplete or a file is corrupt: copy it again, or fix {setting}")
+            f"incomplete or a file is corrupt: copy it again, or fix {setting}"
+        )
     return ModelNotAvailableError(
         f"model preset {preset!r}: weights {source!r} are not available offline ({why}). "
         f"Download them on a connected machine and set `{setting}` to the local folder "
@@ -101,7 +105,8 @@ def _world_dir(kind: str, setting: str) -> Path:
         raise ModelNotAvailableError(
             f"model preset 'world': {folder} is missing; it ships with the repository (git checkout "
             f"tasks/world/weights), or rebuild it with `python -m tasks.world.build` (about 10 CPU-minutes), "
-            f"or point {setting} at a build's {kind}/ folder")
+            f"or point {setting} at a build's {kind}/ folder"
+        )
     return folder
 
 
@@ -122,8 +127,15 @@ def _sd15_arch_components():
         layers_per_block=2,
     )
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                       projection_dim=768, hidden_act="quick_gelu", vocab_size=49408)
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+        )
     )
     tok_dir = cache_root() / "sd15-arch-tokenizer"
     if not tok_dir.exists():
@@ -131,8 +143,12 @@ def _sd15_arch_components():
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    scheduler = EulerAncestralDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-    return DiffusionComponents(unet, vae, text_encoder, tokenizer, scheduler, preset="sd15-arch", source="random-init")
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return DiffusionComponents(
+        unet, vae, text_encoder, tokenizer, scheduler, preset="sd15-arch", source="random-init"
+    )
 
 
 def _vae_source(path: str) -> tuple[str, dict[str, Any]]:
@@ -156,7 +172,8 @@ def load_vae_from(path: str, latent_channels: int | None = None):
         raise ModelNotAvailableError(
             f"models.vae_path={path}: this VAE has {vae.config.latent_channels} latent channels, the diffusion "
             f"model's UNet works on {latent_channels}; point models.vae_path at a VAE of that model family "
-            "(or unset it to use the model's own)")
+            "(or unset it to use the model's own)"
+        )
     return vae.eval().requires_grad_(False)
 
 
@@ -172,8 +189,9 @@ def load_vae(cfg: Any, dtype: torch.dtype | None = None, device: str | torch.dev
     return vae
 
 
-def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler_ancestral",
-                   vae_path: str | None = None) -> DiffusionComponents:
+def load_diffusion(
+    preset: str, path: str | None = None, scheduler: str = "euler_ancestral", vae_path: str | None = None
+) -> DiffusionComponents:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and the sampling scheduler for `preset`.
 
     ``vae_path`` (``models.vae_path``): decode with that ``AutoencoderKL`` instead of the model's own
@@ -204,7 +222,9 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", use_safetensors=True, **kw)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
             te_cls = CLIPTextModel
-            text_encoder = te_cls.from_pretrained(source, subfolder="text_encoder", use_safetensors=True, **kw)
+            text_encoder = te_cls.from_pretrained(
+                source, subfolder="text_encoder", use_safetensors=True, **kw
+            )
             text_encoder_2 = tokenizer_2 = None
             if preset in SDXL_PRESETS:
                 tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kw)
@@ -213,8 +233,17 @@ def load_diffusion(preset: str, path: str | None = None, scheduler: str = "euler
                 )
         except Exception as err:  # OSError, ValueError, a corrupt safetensors file (SafetensorError), ...
             raise _not_available(preset, "models.diffusion_path", source, err, path) from err
-        comps = DiffusionComponents(unet, vae, text_encoder, tokenizer, None, text_encoder_2, tokenizer_2,
-                                    preset=preset, source=source)
+        comps = DiffusionComponents(
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            None,
+            text_encoder_2,
+            tokenizer_2,
+            preset=preset,
+            source=source,
+        )
         comps.scheduler = make_scheduler(scheduler, source, local_files_only=not local)
     if vae_path:
         comps.vae = load_vae_from(vae_path, comps.unet.config.out_channels)
@@ -314,27 +343,38 @@ def check_clip_folder(preset: str, folder: str) -> None:
     import json
 
     try:
-        declared = bool(json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("quick_gelu", False))
+        declared = bool(
+            json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("quick_gelu", False)
+        )
     except (OSError, ValueError):
         return  # open_clip reports an unreadable config itself
     if declared != spec.quick_gelu:
         act = "QuickGELU" if spec.quick_gelu else "GELU"
         raise ClipConfigMismatchError(
             f"models.clip_path={folder}: its open_clip_config.json says quick_gelu={str(declared).lower()}, but "
-            f"models.clip={preset} is {spec.arch}/{spec.tag}, trained with {act}; set \"quick_gelu\": "
+            f'models.clip={preset} is {spec.arch}/{spec.tag}, trained with {act}; set "quick_gelu": '
             f"{str(spec.quick_gelu).lower()} in model_cfg if these are those weights, or set models.clip to the "
-            "open_clip name of the weights in the folder")
+            "open_clip name of the weights in the folder"
+        )
 
 
-def _clip_checkpoint_error(preset: str, build: ClipBuild, path: str, err: Exception) -> ModelNotAvailableError | None:
+def _clip_checkpoint_error(
+    preset: str, build: ClipBuild, path: str, err: Exception
+) -> ModelNotAvailableError | None:
     """A checkpoint whose tensors do not fit the preset's architecture (open_clip's strict load)."""
     text = str(err)
     # torch's strict load_state_dict, or open_clip's positional-embedding resize asserting on another width
-    if "size mismatch" in text or "Missing key" in text or "Unexpected key" in text or isinstance(err, AssertionError):
+    if (
+        "size mismatch" in text
+        or "Missing key" in text
+        or "Unexpected key" in text
+        or isinstance(err, AssertionError)
+    ):
         return ClipConfigMismatchError(
             f"models.clip_path={path}: the checkpoint does not fit models.clip={preset} ({build.name}): "
             f"{text.splitlines()[0][:200]} ...; point models.clip_path at {build.name} weights, or set models.clip "
-            "to the open_clip name of this checkpoint")
+            "to the open_clip name of this checkpoint"
+        )
     return None
 
 
@@ -349,17 +389,20 @@ def load_clip(preset: str, path: str | None = None) -> ClipComponents:
     if path and Path(path).is_file() and not path.endswith(".safetensors"):
         raise ModelNotAvailableError(
             f"models.clip_path={path}: CLIP checkpoints are loaded from safetensors only; convert it "
-            "(safetensors.torch.save_file(state_dict, 'model.safetensors')) and point models.clip_path at that file")
+            "(safetensors.torch.save_file(state_dict, 'model.safetensors')) and point models.clip_path at that file"
+        )
     build = clip_build(preset, path)
     if build.name.startswith("local-dir:"):
         check_clip_folder(preset, build.name.removeprefix("local-dir:"))
     try:
-        model = open_clip.create_model(build.name, pretrained=build.pretrained,
-                                       force_quick_gelu=bool(build.quick_gelu))
+        model = open_clip.create_model(
+            build.name, pretrained=build.pretrained, force_quick_gelu=bool(build.quick_gelu)
+        )
         if build.quick_gelu is False and model_uses_quick_gelu(model):
             raise ClipConfigMismatchError(
                 f"models.clip={preset}: open_clip's {build.name} config builds QuickGELU, but its weights "
-                f"{build.pretrained!r} were trained with GELU; use the name without -quickgelu")
+                f"{build.pretrained!r} were trained with GELU; use the name without -quickgelu"
+            )
         tokenizer = open_clip.get_tokenizer(build.name)
     except ClipConfigMismatchError:
         raise
@@ -367,14 +410,17 @@ def load_clip(preset: str, path: str | None = None) -> ClipComponents:
         mismatch = _clip_checkpoint_error(preset, build, path, err) if path else None
         if mismatch is not None:
             raise mismatch from err
-        raise _not_available(preset, "models.clip_path", path or f"{build.name}:{build.pretrained}", err,
-                             path) from err
+        raise _not_available(
+            preset, "models.clip_path", path or f"{build.name}:{build.pretrained}", err, path
+        ) from err
     model.eval().requires_grad_(False)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
-    return ClipComponents(model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=build.name)
+    return ClipComponents(
+        model, tokenizer, int(size), tuple(mean), tuple(std), preset=preset, source=build.name
+    )
 
 
 def model_uses_quick_gelu(model) -> bool:
@@ -424,7 +470,9 @@ def load_dino(preset: str, path: str | None = None) -> DinoComponents:
     """Load a DINOv2 model (``models.dino`` / ``models.dino_path``) with its image processor's settings."""
     from transformers import AutoImageProcessor, Dinov2Model
 
-    source = str(path or ensure_tiny("dino")) if preset == "tiny" else (path or DINO_HUB_IDS.get(preset, preset))
+    source = (
+        str(path or ensure_tiny("dino")) if preset == "tiny" else (path or DINO_HUB_IDS.get(preset, preset))
+    )
     local = Path(source).exists()
     try:
         model = Dinov2Model.from_pretrained(source, use_safetensors=True, local_files_only=not local)
@@ -436,8 +484,15 @@ def load_dino(preset: str, path: str | None = None) -> DinoComponents:
     resize = int(size.get("shortest_edge") or size.get("height") or model.config.image_size)
     crop_hw = (int(crop.get("height", resize)), int(crop.get("width", resize)))
     model.eval().requires_grad_(False)
-    return DinoComponents(model, resize, crop_hw, tuple(processor.image_mean), tuple(processor.image_std),
-                          preset=preset, source=source)
+    return DinoComponents(
+        model,
+        resize,
+        crop_hw,
+        tuple(processor.image_mean),
+        tuple(processor.image_std),
+        preset=preset,
+        source=source,
+    )
 
 
 T = TypeVar("T")

@@ -35,8 +35,10 @@ class BatchJobError(PermanentError, RuntimeError):
 
 def batch_lines(requests: Sequence[tuple[str, dict[str, Any]]], url: str) -> bytes:
     """The JSONL input of a batch job: one ``{"custom_id", "method", "url", "body"}`` line per request."""
-    lines = [json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}, ensure_ascii=False)
-             for cid, body in requests]
+    lines = [
+        json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body}, ensure_ascii=False)
+        for cid, body in requests
+    ]
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
@@ -54,9 +56,21 @@ def parse_batch_lines(data: bytes) -> dict[str, dict[str, Any]]:
 
 
 async def run_batch_job(
-    client: openai.AsyncOpenAI, retried: Retried, stats: Stats, *, state_url: str, custom_ids: Sequence[str],
-    payload: Callable[[], bytes], file_name: str, endpoint: str, metadata: dict[str, str], interval_s: float,
-    timeout_s: float, label: str, note: str = "", logger: logging.Logger = log,
+    client: openai.AsyncOpenAI,
+    retried: Retried,
+    stats: Stats,
+    *,
+    state_url: str,
+    custom_ids: Sequence[str],
+    payload: Callable[[], bytes],
+    file_name: str,
+    endpoint: str,
+    metadata: dict[str, str],
+    interval_s: float,
+    timeout_s: float,
+    label: str,
+    note: str = "",
+    logger: logging.Logger = log,
     state_extra: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, dict[str, Any]]]:
     """One batch job for ``custom_ids`` (created from ``payload()``, or the recorded one resumed); returns
@@ -71,12 +85,24 @@ async def run_batch_job(
         stats.add("batch_jobs_resumed")
     else:
         data = payload()
-        upload = await retried(lambda: client.files.create(file=(file_name, io.BytesIO(data)), purpose="batch"))
-        batch = await retried(lambda: client.batches.create(
-            input_file_id=upload.id, endpoint=endpoint, completion_window="24h", metadata=metadata))
+        upload = await retried(
+            lambda: client.files.create(file=(file_name, io.BytesIO(data)), purpose="batch")
+        )
+        batch = await retried(
+            lambda: client.batches.create(
+                input_file_id=upload.id, endpoint=endpoint, completion_window="24h", metadata=metadata
+            )
+        )
         batch_id = batch.id
-        storage.write_json_atomic(state_url, {"batch_id": batch_id, "input_file_id": upload.id, **(state_extra or {}),
-                                              "custom_ids": sorted(custom_ids)})
+        storage.write_json_atomic(
+            state_url,
+            {
+                "batch_id": batch_id,
+                "input_file_id": upload.id,
+                **(state_extra or {}),
+                "custom_ids": sorted(custom_ids),
+            },
+        )
         stats.add("batch_jobs_created")
         logger.info("%s: batch job %s created for %d requests%s", label, batch_id, len(custom_ids), note)
 
@@ -92,8 +118,15 @@ async def run_batch_job(
     return batch, answers
 
 
-async def poll_batch(client: openai.AsyncOpenAI, retried: Retried, batch_id: str, interval: float, timeout: float,
-                     label: str, logger: logging.Logger = log) -> Any:
+async def poll_batch(
+    client: openai.AsyncOpenAI,
+    retried: Retried,
+    batch_id: str,
+    interval: float,
+    timeout: float,
+    label: str,
+    logger: logging.Logger = log,
+) -> Any:
     """Poll the batch job until it ends, logging its status and request counts whenever they change."""
     last = None
 
@@ -102,10 +135,21 @@ async def poll_batch(client: openai.AsyncOpenAI, retried: Retried, batch_id: str
         counts = batch.request_counts
         progress = (batch.status, counts.completed if counts else None, counts.failed if counts else None)
         if progress != last:
-            logger.info("%s: batch %s %s (%s done, %s failed of %s)", label, batch_id, batch.status, *progress[1:],
-                        counts.total if counts else "?")
+            logger.info(
+                "%s: batch %s %s (%s done, %s failed of %s)",
+                label,
+                batch_id,
+                batch.status,
+                *progress[1:],
+                counts.total if counts else "?",
+            )
             last = progress
 
-    return await poll_until(lambda: retried(lambda: client.batches.retrieve(batch_id)),
-                            lambda batch: batch.status in TERMINAL, report, interval, timeout,
-                            f"batch job {batch_id}")
+    return await poll_until(
+        lambda: retried(lambda: client.batches.retrieve(batch_id)),
+        lambda batch: batch.status in TERMINAL,
+        report,
+        interval,
+        timeout,
+        f"batch job {batch_id}",
+    )

@@ -46,10 +46,10 @@ def fix_hints(section: str = "text.openai") -> dict[int, str]:
     model = f"{section}.model" + (" / the fine-tuned model id" if section == "text.openai" else "")
     return {
         401: f"the API key was refused: check the variable {section}.api_key_env names (or the Prefect Secret "
-             f"block in {section}.api_key_secret)",
+        f"block in {section}.api_key_secret)",
         403: f"the key has no access to this model or endpoint: check the account's permissions or {section}.model",
         404: f"no such endpoint or model on this server: check {section}.base_url (it usually ends in /v1) and "
-             f"{model}",
+        f"{model}",
     }
 
 
@@ -82,7 +82,9 @@ def resolve_api_key(cfg: OpenAIClientConfig) -> str:
 
 def make_client(cfg: OpenAIClientConfig, api_key: str) -> openai.AsyncOpenAI:
     """An async client with the SDK's own retries off (the retry loop below does them)."""
-    return openai.AsyncOpenAI(api_key=api_key, base_url=cfg.base_url, max_retries=0, timeout=cfg.request_timeout_s)
+    return openai.AsyncOpenAI(
+        api_key=api_key, base_url=cfg.base_url, max_retries=0, timeout=cfg.request_timeout_s
+    )
 
 
 def redacted_endpoint(cfg: OpenAIClientConfig) -> str:
@@ -113,7 +115,7 @@ class RetryPolicy:
     def delay(self, attempt: int, retry_after: float | None, rng: random.Random) -> float:
         if retry_after is not None and retry_after >= 0:
             return retry_after * (1.0 + 0.25 * rng.random())
-        cap = min(self.max_s, self.initial_s * 2.0 ** attempt)
+        cap = min(self.max_s, self.initial_s * 2.0**attempt)
         return cap * (0.5 + 0.5 * rng.random())
 
 
@@ -160,7 +162,9 @@ def retry_after_seconds(err: BaseException) -> float | None:
 
 
 async def call_with_retries(
-    call: Callable[[], Awaitable[T]], policy: RetryPolicy, rng: random.Random,
+    call: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    rng: random.Random,
     on_retry: Callable[[str], None] | None = None,
 ) -> T:
     """Await `call()` until it succeeds; retry retryable errors up to `policy.max_retries` times."""
@@ -174,7 +178,8 @@ async def call_with_retries(
             if isinstance(err, openai.APIStatusError) and err.status_code in hints:
                 raise PermanentAPIError(
                     f"{policy.label}: {err.request.url} answered HTTP {err.status_code} "
-                    f"({(err.message or '')[:160]}): {hints[err.status_code]}") from None
+                    f"({(err.message or '')[:160]}): {hints[err.status_code]}"
+                ) from None
             if reason is None or attempt >= policy.max_retries:
                 raise
             if on_retry:
@@ -184,7 +189,9 @@ async def call_with_retries(
 
 
 def retrying(
-    policy: RetryPolicy, rng: random.Random, stats: Stats,
+    policy: RetryPolicy,
+    rng: random.Random,
+    stats: Stats,
 ) -> Callable[[Callable[[], Awaitable[T]]], Awaitable[T]]:
     """`call_with_retries` bound to one policy and RNG, counting each retry as `retries_<reason>` in `stats`."""
 
@@ -204,8 +211,13 @@ Job = TypeVar("Job", bound=HasStatus)
 
 
 async def poll_until(
-    fetch: Callable[[], Awaitable[Job]], is_done: Callable[[Job], bool], on_update: Callable[[Job], Awaitable[None]],
-    interval_s: float, timeout_s: float, what: str, first: Job | None = None,
+    fetch: Callable[[], Awaitable[Job]],
+    is_done: Callable[[Job], bool],
+    on_update: Callable[[Job], Awaitable[None]],
+    interval_s: float,
+    timeout_s: float,
+    what: str,
+    first: Job | None = None,
 ) -> Job:
     """Poll a long-running job until `is_done(job)`; return its last state.
 
@@ -221,8 +233,10 @@ async def poll_until(
         if is_done(job):
             return job
         if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"{what} still {job.status} after {timeout_s:.0f}s; "
-                               f"re-run to keep polling it (its id is recorded)")
+            raise TimeoutError(
+                f"{what} still {job.status} after {timeout_s:.0f}s; "
+                f"re-run to keep polling it (its id is recorded)"
+            )
         await asyncio.sleep(interval_s)
         job = await fetch()
 
@@ -263,8 +277,10 @@ class Completion:
 def completion_of(endpoint: str, response: dict[str, Any]) -> Completion:
     """The generated text, finish reason and token usage of a (chat) completion response body."""
     usage = response.get("usage") or {}
-    tokens = {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-              "completion_tokens": int(usage.get("completion_tokens") or 0)}
+    tokens = {
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+    }
     choices = response.get("choices") or []
     if not choices:
         return Completion(None, **tokens)
@@ -273,15 +289,21 @@ def completion_of(endpoint: str, response: dict[str, Any]) -> Completion:
     return Completion(text, choice.get("finish_reason"), **tokens)
 
 
-async def create_completion(client: openai.AsyncOpenAI, endpoint: str, body: dict[str, Any],
-                            deadline_s: float) -> Completion:
+async def create_completion(
+    client: openai.AsyncOpenAI, endpoint: str, body: dict[str, Any], deadline_s: float
+) -> Completion:
     """One generation request, abandoned (:class:`DeadlineExceeded`) after ``deadline_s`` in all."""
     create = client.chat.completions.create if endpoint == "chat" else client.completions.create
     try:
         response = await asyncio.wait_for(create(**body), deadline_s)
     except TimeoutError:
-        raise DeadlineExceeded(request=httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}")) from None
+        raise DeadlineExceeded(
+            request=httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}")
+        ) from None
     except json.JSONDecodeError as err:
-        raise MalformedResponse(f"the answer was not valid JSON ({err})",
-                                httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}"), body=None) from None
+        raise MalformedResponse(
+            f"the answer was not valid JSON ({err})",
+            httpx.Request("POST", f"{client.base_url}{ENDPOINT_PATHS[endpoint][4:]}"),
+            body=None,
+        ) from None
     return completion_of(endpoint, response.model_dump())

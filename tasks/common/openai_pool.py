@@ -33,8 +33,16 @@ class ChunkBuffer:
     Subclasses may override :meth:`prepare` (awaited on a chunk's rows before it is written: the text
     backend moderates there)."""
 
-    def __init__(self, checkpoint: Checkpoint, stats: Stats, columns: Sequence[str], key: str, every: int,
-                 interval_s: float, on_chunk: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        stats: Stats,
+        columns: Sequence[str],
+        key: str,
+        every: int,
+        interval_s: float,
+        on_chunk: Callable[[int], None] | None = None,
+    ):
         self.checkpoint, self.stats, self.columns, self.key = checkpoint, stats, list(columns), key
         self.every, self.interval_s, self.on_chunk = every, interval_s, on_chunk
         self.rows: list[dict] = []
@@ -48,7 +56,8 @@ class ChunkBuffer:
 
     def due(self) -> bool:
         return len(self.rows) >= self.every or (
-            bool(self.rows) and self.oldest is not None and time.monotonic() - self.oldest >= self.interval_s)
+            bool(self.rows) and self.oldest is not None and time.monotonic() - self.oldest >= self.interval_s
+        )
 
     async def prepare(self, rows: list[dict]) -> None:
         """Work on a chunk's rows before it is written (nothing by default)."""
@@ -67,8 +76,14 @@ class ChunkBuffer:
             self.on_chunk(self.chunks_written)
 
 
-async def serve(items: Sequence[Item], handle: Callable[[Item], Awaitable[Iterable[dict[str, Any]]]],
-                concurrency: int, writer: ChunkBuffer, logger: logging.Logger = log, label: str = "text") -> None:
+async def serve(
+    items: Sequence[Item],
+    handle: Callable[[Item], Awaitable[Iterable[dict[str, Any]]]],
+    concurrency: int,
+    writer: ChunkBuffer,
+    logger: logging.Logger = log,
+    label: str = "text",
+) -> None:
     """Handle every item with ``concurrency`` workers; each handled item's rows go to ``writer``.
 
     A failure in a worker or in the ticker's flush stops them all at once; the rows already finished are
@@ -116,7 +131,9 @@ async def serve(items: Sequence[Item], handle: Callable[[Item], Awaitable[Iterab
             for task in done:
                 remaining.discard(task)
                 if task is tick or (not task.cancelled() and task.exception() is not None):
-                    raise (None if task.cancelled() else task.exception()) or RuntimeError("the checkpoint ticker stopped")
+                    raise (None if task.cancelled() else task.exception()) or RuntimeError(
+                        "the checkpoint ticker stopped"
+                    )
     except BaseException:
         stopping.set()
         for task in workers:
@@ -141,5 +158,9 @@ async def final_flush(writer: ChunkBuffer, logger: logging.Logger, label: str = 
     try:
         await asyncio.shield(writer.flush())
     except Exception as err:  # noqa: BLE001  (the run is already failing; these answers are requested again)
-        logger.warning("%s: could not checkpoint %d buffered answers (%s); they will be requested again",
-                       label, len(writer.rows), type(err).__name__)
+        logger.warning(
+            "%s: could not checkpoint %d buffered answers (%s); they will be requested again",
+            label,
+            len(writer.rows),
+            type(err).__name__,
+        )

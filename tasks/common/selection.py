@@ -28,8 +28,11 @@ THRESHOLD_FIELD = {
     "clip_sim_image": "clip_image_threshold",
 }
 # counted rejection reasons, first failing check wins, with the metrics each one checks
-REASONS = (("clip_direction", ("clip_sim_dir",)), ("clip_caption", ("clip_sim_0", "clip_sim_1")),
-           ("clip_image", ("clip_sim_image",)))
+REASONS = (
+    ("clip_direction", ("clip_sim_dir",)),
+    ("clip_caption", ("clip_sim_0", "clip_sim_1")),
+    ("clip_image", ("clip_sim_image",)),
+)
 RANK_BY = "clip_sim_dir"  # the paper's top-k order (the default of `rank_by`)
 EARLY_REJECTED = "early_rejected"
 
@@ -72,8 +75,9 @@ def _column(df: pd.DataFrame | Mapping[str, Any], name: str, n: int) -> np.ndarr
     return np.full(n, np.nan)
 
 
-def _rung_checks(df: pd.DataFrame | Mapping[str, Any], selection: Any, rung: str, n: int
-                 ) -> list[tuple[str, np.ndarray]]:
+def _rung_checks(
+    df: pd.DataFrame | Mapping[str, Any], selection: Any, rung: str, n: int
+) -> list[tuple[str, np.ndarray]]:
     """(reason, failed) per check of ``rung`` in the order its reasons win; NaN never fails here."""
     if rung == "clip":
         limits = thresholds(selection)
@@ -90,9 +94,14 @@ def _rung_checks(df: pd.DataFrame | Mapping[str, Any], selection: Any, rung: str
         value = _column(df, SSIM, n)
         return [("ssim_low", value < selection.ssim_min), ("ssim_high", value > selection.ssim_max)]
     if rung == "vlm":
-        status = np.asarray(df[VLM_STATUS], dtype=object) if VLM_STATUS in df else np.full(n, None, dtype=object)
-        return [("vlm_unparseable", status == "unparseable"), ("vlm_refused", status == "refused"),
-                ("vlm_score", _column(df, VLM_SCORE, n) < selection.vlm_threshold)]
+        status = (
+            np.asarray(df[VLM_STATUS], dtype=object) if VLM_STATUS in df else np.full(n, None, dtype=object)
+        )
+        return [
+            ("vlm_unparseable", status == "unparseable"),
+            ("vlm_refused", status == "refused"),
+            ("vlm_score", _column(df, VLM_SCORE, n) < selection.vlm_threshold),
+        ]
     raise InputError(f"unknown rung {rung!r}; expected one of {RUNGS}")
 
 
@@ -101,7 +110,9 @@ def _unscored(df: pd.DataFrame | Mapping[str, Any], rung: str, n: int) -> np.nda
     if rung == "clip":
         return np.zeros(n, dtype=bool)
     if rung == "vlm":
-        status = np.asarray(df[VLM_STATUS], dtype=object) if VLM_STATUS in df else np.full(n, None, dtype=object)
+        status = (
+            np.asarray(df[VLM_STATUS], dtype=object) if VLM_STATUS in df else np.full(n, None, dtype=object)
+        )
         return pd.isna(status)
     return np.isnan(_column(df, DINO if rung == "dino" else SSIM, n))
 
@@ -110,7 +121,9 @@ def _length(df: pd.DataFrame | Mapping[str, Any]) -> int:
     return len(df) if isinstance(df, pd.DataFrame) else len(np.atleast_1d(df[METRICS[0]]))
 
 
-def ladder_reasons(df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: Sequence[str] = ("clip",)) -> np.ndarray:
+def ladder_reasons(
+    df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: Sequence[str] = ("clip",)
+) -> np.ndarray:
     """Per sample, the first rung check it fails (None: passes every rung in ``rungs``), in ladder order."""
     n = _length(df)
     reason = np.full(n, None, dtype=object)
@@ -124,7 +137,9 @@ def ladder_reasons(df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: 
             hit = open_ & failed
             reason[hit] = name
             open_ &= ~hit
-    if rungs and "clip" in rungs:  # a CLIP metric left NaN (not scored) fails too, as a comparison with NaN does
+    if (
+        rungs and "clip" in rungs
+    ):  # a CLIP metric left NaN (not scored) fails too, as a comparison with NaN does
         clip_nan = np.zeros(n, dtype=bool)
         for metric in METRICS:
             clip_nan |= np.isnan(_column(df, metric, n))
@@ -132,7 +147,9 @@ def ladder_reasons(df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: 
     return reason
 
 
-def passes(df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: Sequence[str] = ("clip",)) -> pd.Series:
+def passes(
+    df: pd.DataFrame | Mapping[str, Any], selection: Any, rungs: Sequence[str] = ("clip",)
+) -> pd.Series:
     """Every rung in ``rungs`` passed (CLIP alone by default: the paper's filter)."""
     ok = pd.isna(pd.Series(ladder_reasons(df, selection, rungs), dtype=object))
     if isinstance(df, pd.DataFrame):
@@ -148,8 +165,9 @@ def failure_reason(df: pd.DataFrame, selection: Any, rungs: Sequence[str] = ("cl
     return reason
 
 
-def per_seed_eligible(df: pd.DataFrame, selection: Any, per_seed: int | None,
-                      rungs: Sequence[str] = ("clip",)) -> pd.Series | None:
+def per_seed_eligible(
+    df: pd.DataFrame, selection: Any, per_seed: int | None, rungs: Sequence[str] = ("clip",)
+) -> pd.Series | None:
     """With p-branching (several samples per seed): the rows that may be kept — per (caption_id, seed) the
     ``per_seed`` samples passing ``rungs`` best by ``selection.rank_by`` (ties: the earlier row), and every
     failing row (it is not a candidate anyway); None (no restriction) when ``per_seed`` is None. Pass it
@@ -176,7 +194,11 @@ def funnel(df: pd.DataFrame, selection: Any, rungs: Sequence[str]) -> list[dict[
     """Per rung in ladder order: how many samples reached it and how many passed it (early-rejected
     samples reach none)."""
     n = len(df)
-    alive = ~df[EARLY_REJECTED].fillna(False).astype(bool).to_numpy() if EARLY_REJECTED in df else np.ones(n, bool)
+    alive = (
+        ~df[EARLY_REJECTED].fillna(False).astype(bool).to_numpy()
+        if EARLY_REJECTED in df
+        else np.ones(n, bool)
+    )
     steps = []
     for i, rung in enumerate(r for r in RUNGS if r in rungs):
         upto = [r for r in RUNGS if r in rungs][: i + 1]
@@ -186,8 +208,9 @@ def funnel(df: pd.DataFrame, selection: Any, rungs: Sequence[str]) -> list[dict[
     return steps
 
 
-def select_top_k(df: pd.DataFrame, selection: Any, eligible: pd.Series | None = None,
-                 rungs: Sequence[str] = ("clip",)) -> pd.Series:
+def select_top_k(
+    df: pd.DataFrame, selection: Any, eligible: pd.Series | None = None, rungs: Sequence[str] = ("clip",)
+) -> pd.Series:
     """Boolean `kept`: per caption_id, the top-k samples passing ``rungs``, by ``selection.rank_by``.
 
     Ties are broken by seed so the choice is deterministic. `eligible` further restricts the

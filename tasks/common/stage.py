@@ -125,8 +125,9 @@ def config_value(cfg: PipelineConfig, key: str) -> Any:
     return parent.model_dump(mode="json", include={field})[field]
 
 
-def config_hash(stage: Stage, cfg: PipelineConfig, upstream: Mapping[str, str],
-                extra: Mapping[str, Any] | None = None) -> str:
+def config_hash(
+    stage: Stage, cfg: PipelineConfig, upstream: Mapping[str, str], extra: Mapping[str, Any] | None = None
+) -> str:
     """The one hash recipe: the stage's sections (operational fields left out), its extra inputs
     (seed triplets, templates, the shards it trains on) and the hashes of the stages it reads."""
     picked: dict[str, Any] = {key: config_value(cfg, key) for key in stage.sections(cfg)}
@@ -138,8 +139,13 @@ def config_hash(stage: Stage, cfg: PipelineConfig, upstream: Mapping[str, str],
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def stage_hash(cfg: PipelineConfig, stage: Stage, *, upstream: Mapping[str, str] | None = None,
-               extra: Mapping[str, Any] | None = None) -> str:
+def stage_hash(
+    cfg: PipelineConfig,
+    stage: Stage,
+    *,
+    upstream: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
     """The config hash of ``stage`` (:func:`config_hash`): its sections and the hashes of the stages it
     reads, recursively (``upstream`` overrides them)."""
     if upstream is None:
@@ -147,24 +153,46 @@ def stage_hash(cfg: PipelineConfig, stage: Stage, *, upstream: Mapping[str, str]
     return config_hash(stage, cfg, upstream, extra)
 
 
-def execute(cfg: PipelineConfig, stage: Stage, partition_id: int, work: PartitionWork,
-            logger: logging.Logger | None = None, *, upstream: Mapping[str, str] | None = None,
-            extra: Mapping[str, Any] | None = None, check_upstream: bool = True) -> dict[str, Any]:
+def execute(
+    cfg: PipelineConfig,
+    stage: Stage,
+    partition_id: int,
+    work: PartitionWork,
+    logger: logging.Logger | None = None,
+    *,
+    upstream: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    check_upstream: bool = True,
+) -> dict[str, Any]:
     """Run ``work`` for one partition of ``stage`` under the stage contract, with the stage's hash and the
     upstream partitions it must find finished (under their hashes) before it starts
     (``check_upstream=False``: the stage checked its inputs itself)."""
     records = {u.name: u for u in stage.upstream_stages(cfg)}
     upstream = dict(upstream) if upstream is not None else {n: stage_hash(cfg, u) for n, u in records.items()}
-    inputs = {u: (stage.upstream_partition(records[u], partition_id), h) for u, h in upstream.items()
-              if check_upstream}
-    return execute_partition(stage.name, partition_id, cfg.output_root,
-                             stage_hash(cfg, stage, upstream=upstream, extra=extra), work, logger, inputs=inputs,
-                             verify=cfg.verify)
+    inputs = {
+        u: (stage.upstream_partition(records[u], partition_id), h)
+        for u, h in upstream.items()
+        if check_upstream
+    }
+    return execute_partition(
+        stage.name,
+        partition_id,
+        cfg.output_root,
+        stage_hash(cfg, stage, upstream=upstream, extra=extra),
+        work,
+        logger,
+        inputs=inputs,
+        verify=cfg.verify,
+    )
 
 
-def manifests(cfg: PipelineConfig, stage: Stage, partition_ids: list[int],
-              config_hash: str | None = None) -> dict[int, dict[str, Any] | None]:
+def manifests(
+    cfg: PipelineConfig, stage: Stage, partition_ids: list[int], config_hash: str | None = None
+) -> dict[int, dict[str, Any] | None]:
     """Partition id -> its `_SUCCESS.json` when finished under this config's hash of ``stage`` (or
     ``config_hash``), else None (:func:`tasks.common.contract.finished`)."""
     expected = config_hash or stage_hash(cfg, stage)
-    return {pid: finished(partition_dir(cfg.output_root, stage.name, expected, pid), expected) for pid in partition_ids}
+    return {
+        pid: finished(partition_dir(cfg.output_root, stage.name, expected, pid), expected)
+        for pid in partition_ids
+    }

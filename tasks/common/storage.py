@@ -106,7 +106,9 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             raise write_error(url, err) from None
     else:
         try:
-            if parent and not _bucket_store(url):  # a bucket store has no folders; makedirs would create the bucket
+            if parent and not _bucket_store(
+                url
+            ):  # a bucket store has no folders; makedirs would create the bucket
                 fs.makedirs(parent, exist_ok=True)
             fs.pipe_file(path, data)
         except OSError as err:
@@ -147,8 +149,10 @@ def read_parquet(url: str) -> pd.DataFrame:
         try:
             return pq.read_table(fh).to_pandas()
         except pa.ArrowException as err:
-            raise UnreadableFileError(f"{url} is not a readable parquet file ({err}); if an EditForge stage wrote "
-                                      "it, run that stage again to redo the partition") from None
+            raise UnreadableFileError(
+                f"{url} is not a readable parquet file ({err}); if an EditForge stage wrote "
+                "it, run that stage again to redo the partition"
+            ) from None
 
 
 def list_files(url: str, pattern: str = "*") -> list[str]:
@@ -178,7 +182,8 @@ def listing(url: str) -> dict[str, dict[str, Any]]:
         stamp = e.get("mtime") or e.get("LastModified") or e.get("updated") or 0
         found[e["name"].rstrip("/").rsplit("/", 1)[-1]] = {
             "size": int(e.get("size") or 0),
-            "mtime": stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)}
+            "mtime": stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp),
+        }
     return found
 
 
@@ -263,8 +268,11 @@ def file_sizes(url: str) -> dict[str, int]:
         return {}
     root = path.rstrip("/")
     found = fs.find(root, detail=True)
-    return {name[len(root) + 1:]: int(info.get("size") or 0) for name, info in found.items()
-            if info.get("type", "file") == "file"}
+    return {
+        name[len(root) + 1 :]: int(info.get("size") or 0)
+        for name, info in found.items()
+        if info.get("type", "file") == "file"
+    }
 
 
 def sha256_of(url: str) -> str:
@@ -328,9 +336,9 @@ class OutputRootError(PermanentError, ValueError):
 # errors of a write that a retry meets again, with what a person does about them
 _WRITE_FIXES = {
     errno.ENOSPC: "no space left on the device (disk full): free space there or point output_root at a disk with "
-                  "room; finished partitions are kept and a re-run resumes",
+    "room; finished partitions are kept and a re-run resumes",
     errno.EDQUOT: "disk quota exceeded: free space there or point output_root at a disk with room; finished "
-                  "partitions are kept and a re-run resumes",
+    "partitions are kept and a re-run resumes",
     errno.EROFS: "read-only file system: point output_root at a writable folder",
     errno.EACCES: "permission denied: make the folder writable for this user or point output_root elsewhere",
     errno.EPERM: "operation not permitted: make the folder writable for this user or point output_root elsewhere",
@@ -361,15 +369,23 @@ def write_error(url: str, err: BaseException) -> BaseException:
     text = str(err)
     if "://" in url and ("NoSuchBucket" in text or "bucket does not exist" in text.lower()):
         bucket = _bucket(url)
-        return WriteError(f"cannot write {url}: the bucket {bucket!r} does not exist: create it, or set output_root "
-                          "to a bucket this process can write to", code)
+        return WriteError(
+            f"cannot write {url}: the bucket {bucket!r} does not exist: create it, or set output_root "
+            "to a bucket this process can write to",
+            code,
+        )
     if code in _WRITE_FIXES:
         where = getattr(err, "filename", None) or url
-        return WriteError(f"cannot write {url}: {_WRITE_FIXES[code]}"
-                          + (f" (at {where})" if str(where) != url else ""), code)
+        return WriteError(
+            f"cannot write {url}: {_WRITE_FIXES[code]}" + (f" (at {where})" if str(where) != url else ""),
+            code,
+        )
     if isinstance(err, PermissionError):  # an object store refusing the credentials
-        return WriteError(f"cannot write {url}: access denied ({text[:200]}): check the credentials, or set "
-                          "output_root to a place this process can write to", code)
+        return WriteError(
+            f"cannot write {url}: access denied ({text[:200]}): check the credentials, or set "
+            "output_root to a place this process can write to",
+            code,
+        )
     return err
 
 
@@ -388,7 +404,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _local_path(url: str) -> Path | None:
     if url.startswith("file://"):
-        return Path(url[len("file://"):])
+        return Path(url[len("file://") :])
     return None if "://" in url else Path(url)
 
 
@@ -397,8 +413,10 @@ def output_root_problem(url: str) -> str | None:
     anything (None when nothing does): empty, a NUL, an unknown protocol, no bucket, a file where the
     folder (or one of its parents) should be."""
     if not url.strip():
-        return ("output_root is empty: set it to a folder or an object-store URL (e.g. --set output_root=runs/demo "
-                "or s3://bucket/run)")
+        return (
+            "output_root is empty: set it to a folder or an object-store URL (e.g. --set output_root=runs/demo "
+            "or s3://bucket/run)"
+        )
     if "\0" in url:
         return "output_root contains a NUL character"
     local = _local_path(url)
@@ -431,25 +449,35 @@ def check_output_root(url: str, *, write: bool) -> None:
     if local is not None:
         if not write:
             if not local.is_dir():
-                raise OutputRootError(f"no run at output_root {url}: nothing has been written there (check --preset "
-                                      "and --set output_root, or start the run with editforge run)")
+                raise OutputRootError(
+                    f"no run at output_root {url}: nothing has been written there (check --preset "
+                    "and --set output_root, or start the run with editforge run)"
+                )
             return
         found = _nearest_existing(local.absolute())
         if not os.access(found, os.W_OK | os.X_OK):
             readonly = bool(os.statvfs(found).f_flag & os.ST_RDONLY)
             why = "is on a read-only file system" if readonly else "is not writable by this user"
             where = "" if found == local.absolute() else f" (the folder it would be created in, {found})"
-            raise OutputRootError(f"output_root {url}{where} {why}: point output_root at a writable folder "
-                                  f"(--set output_root=...)")
+            raise OutputRootError(
+                f"output_root {url}{where} {why}: point output_root at a writable folder "
+                f"(--set output_root=...)"
+            )
         return
     fs, path = filesystem(url)
     bucket = _bucket(url)
     try:
         if bucket and _bucket_store(url) and not fs.exists(bucket):
-            raise OutputRootError(f"output_root {url}: the bucket {bucket!r} does not exist (or this process may not "
-                                  "see it): create it, or set output_root to a bucket you can write to")
+            raise OutputRootError(
+                f"output_root {url}: the bucket {bucket!r} does not exist (or this process may not "
+                "see it): create it, or set output_root to a bucket you can write to"
+            )
         if not write and not fs.exists(path):
-            raise OutputRootError(f"no run at output_root {url}: nothing has been written there (check --preset and "
-                                  "--set output_root, or start the run with editforge run)")
+            raise OutputRootError(
+                f"no run at output_root {url}: nothing has been written there (check --preset and "
+                "--set output_root, or start the run with editforge run)"
+            )
     except PermissionError as err:
-        raise OutputRootError(f"output_root {url}: access denied ({str(err)[:200]}): check the credentials") from None
+        raise OutputRootError(
+            f"output_root {url}: access denied ({str(err)[:200]}): check the credentials"
+        ) from None

@@ -71,8 +71,9 @@ def build_clip_tokenizer(dest: Path):
     tok.model_max_length = 77
     tok.save_pretrained(dest)
     (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                     encoding="utf-8")
+    (dest / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     return tok
 
 
@@ -86,8 +87,11 @@ def save_text_encoder(encoder, dest: Path) -> None:
     weights = dest / "model.safetensors"
     state = load_file(weights)
     if not all(k.startswith("text_model.") for k in state):
-        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}, weights,
-                  metadata={"format": "pt"})
+        save_file(
+            {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()},
+            weights,
+            metadata={"format": "pt"},
+        )
 
 
 def _build_diffusion(root: Path) -> None:
@@ -166,26 +170,59 @@ def _build_diffusion_sdxl(root: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden, intermediate_size=2 * hidden,
-                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                              projection_dim=16, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        return CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
 
     torch.manual_seed(0)
-    text_encoder, text_encoder_2 = CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(24))
+    text_encoder, text_encoder_2 = (
+        CLIPTextModel(text_config(16)),
+        CLIPTextModelWithProjection(text_config(24)),
+    )
     unet = UNet2DConditionModel(
-        sample_size=TINY_IMAGE_SIZE // 4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16 + 24, attention_head_dim=(4, 8), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        sample_size=TINY_IMAGE_SIZE // 4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
     )
     vae = AutoencoderKL(
-        sample_size=TINY_IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4, layers_per_block=1, norm_num_groups=16, scaling_factor=0.13025, force_upcast=True,
+        sample_size=TINY_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+        scaling_factor=0.13025,
+        force_upcast=True,
     )
-    scheduler = EulerAncestralDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                                beta_schedule="scaled_linear", timestep_spacing="leading",
-                                                steps_offset=1)
+    scheduler = EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
     save_text_encoder(text_encoder, root / "text_encoder")
@@ -193,25 +230,42 @@ def _build_diffusion_sdxl(root: Path) -> None:
     scheduler.save_pretrained(root / "scheduler")
     build_clip_tokenizer(root / "tokenizer")
     build_clip_tokenizer(root / "tokenizer_2")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-        "force_zeros_for_empty_prompt": True,
-    }, indent=2))
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+                "force_zeros_for_empty_prompt": True,
+            },
+            indent=2,
+        )
+    )
 
 
 TINY_OPEN_CLIP_CONFIG = {
     "model_cfg": {
         "embed_dim": 32,
         "quick_gelu": True,
-        "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": CLIP_VOCAB_SIZE, "width": 64, "heads": 2, "layers": 2},
+        "vision_cfg": {
+            "image_size": TINY_IMAGE_SIZE,
+            "layers": 2,
+            "width": 64,
+            "head_width": 32,
+            "patch_size": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": CLIP_VOCAB_SIZE,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+        },
     },
     "preprocess_cfg": {
         "mean": [0.48145466, 0.4578275, 0.40821073],
@@ -229,7 +283,9 @@ def _build_open_clip(root: Path) -> None:
     model = open_clip.CLIP(**cfg)
     root.mkdir(parents=True, exist_ok=True)
     (root / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "open_clip_model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, root / "open_clip_model.safetensors"
+    )
 
 
 def _lm_corpus() -> list[str]:
@@ -240,7 +296,10 @@ def _lm_corpus() -> list[str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
-            texts.append(finetune_prompt(row.get("input") or row.get("caption", "")) + finetune_completion(row["edit"], row["output"]))
+            texts.append(
+                finetune_prompt(row.get("input") or row.get("caption", ""))
+                + finetune_completion(row["edit"], row["output"])
+            )
     return texts
 
 
@@ -251,7 +310,10 @@ def _build_lm(root: Path) -> None:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(_lm_corpus(), vocab_size=1024, min_frequency=2, special_tokens=["<|endoftext|>"])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
     )
     tok.model_max_length = 256
     torch.manual_seed(0)
@@ -285,12 +347,24 @@ def _build_dino(root: Path) -> None:
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
     torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(image_size=TINY_DINO_IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=2, mlp_ratio=2, initializer_range=0.3))
+    model = Dinov2Model(
+        Dinov2Config(
+            image_size=TINY_DINO_IMAGE_SIZE,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            initializer_range=0.3,
+        )
+    )
     model.save_pretrained(root, safe_serialization=True)
-    BitImageProcessor(size={"shortest_edge": TINY_DINO_IMAGE_SIZE},
-                      crop_size={"height": TINY_DINO_IMAGE_SIZE, "width": TINY_DINO_IMAGE_SIZE},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(root)
+    BitImageProcessor(
+        size={"shortest_edge": TINY_DINO_IMAGE_SIZE},
+        crop_size={"height": TINY_DINO_IMAGE_SIZE, "width": TINY_DINO_IMAGE_SIZE},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(root)
 
 
 def cache_root() -> Path:
@@ -299,8 +373,13 @@ def cache_root() -> Path:
 
 def ensure_tiny(kind: str) -> Path:
     """Return the folder of the tiny `kind` model ('diffusion', 'diffusion-sdxl', 'clip', 'lm' or 'dino'), building it once."""
-    builders = {"diffusion": _build_diffusion, "diffusion-sdxl": _build_diffusion_sdxl, "clip": _build_open_clip,
-                "lm": _build_lm, "dino": _build_dino}
+    builders = {
+        "diffusion": _build_diffusion,
+        "diffusion-sdxl": _build_diffusion_sdxl,
+        "clip": _build_open_clip,
+        "lm": _build_lm,
+        "dino": _build_dino,
+    }
     if kind not in builders:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {sorted(builders)}")
     return _atomic_dir(cache_root() / f"tiny-v{TINY_BUILD_VERSION}" / kind, builders[kind])

@@ -65,12 +65,28 @@ Z95 = 1.959964
 CHARS_PER_TOKEN = 4
 CHAT_TOKENS_PER_MESSAGE = 3
 CHAT_TOKENS_PER_REPLY = 3
-TOKEN_RULE = (f"chars/{CHARS_PER_TOKEN} (OpenAI: about 4 characters of English per token), plus "
-              f"{CHAT_TOKENS_PER_MESSAGE} tokens per chat message and {CHAT_TOKENS_PER_REPLY} per reply")
+TOKEN_RULE = (
+    f"chars/{CHARS_PER_TOKEN} (OpenAI: about 4 characters of English per token), plus "
+    f"{CHAT_TOKENS_PER_MESSAGE} tokens per chat message and {CHAT_TOKENS_PER_REPLY} per reply"
+)
 # render settings that change what a sample looks like (pass rates) or costs (speed), not how many are drawn
-IMAGE_KEYS = ("models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path",
-              "render.scheduler", "render.steps", "render.height", "render.width", "render.dtype", "render.guidance",
-              "render.attention", "render.cfg_range", "render.p_range", "render.clip_resize")
+IMAGE_KEYS = (
+    "models.diffusion",
+    "models.diffusion_path",
+    "models.vae_path",
+    "models.clip",
+    "models.clip_path",
+    "render.scheduler",
+    "render.steps",
+    "render.height",
+    "render.width",
+    "render.dtype",
+    "render.guidance",
+    "render.attention",
+    "render.cfg_range",
+    "render.p_range",
+    "render.clip_resize",
+)
 
 
 class EstimateError(PermanentError, ValueError):
@@ -91,6 +107,7 @@ class PilotData:
 
 
 # --------------------------------------------------------------------------------------------- reading
+
 
 def read_pilot(pilot: PipelineConfig, partitions: list[int] | None = None) -> PilotData:
     """The pilot's finished partitions (under its hashes), restricted to ``partitions`` when given."""
@@ -136,6 +153,7 @@ def _concat(frames: list[pd.DataFrame | None]) -> pd.DataFrame | None:
 
 # ------------------------------------------------------------------------------------------ statistics
 
+
 def _sum(manifests: list[dict], key: str) -> int:
     return sum(int(m.get("counts", {}).get(key, 0)) for m in manifests)
 
@@ -175,7 +193,9 @@ def _get(cfg: PipelineConfig, key: str) -> Any:
     return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
 
 
-def _differences(target: PipelineConfig, pilot: PipelineConfig, keys: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+def _differences(
+    target: PipelineConfig, pilot: PipelineConfig, keys: tuple[str, ...]
+) -> dict[str, tuple[Any, Any]]:
     return {k: (_get(pilot, k), _get(target, k)) for k in keys if _get(pilot, k) != _get(target, k)}
 
 
@@ -183,22 +203,35 @@ def sampling_signature(cfg: PipelineConfig) -> dict[str, Any]:
     """What decides how many samples a triplet gets and which pass: the effective policy (a setting that
     is off does not count: ``round_size`` without rounds, the margin without early rejection)."""
     r, policy = cfg.render, SamplingPolicy.from_config(cfg).settings()
-    sig: dict[str, Any] = {key: policy[key] for key in (
-        "render.samples_per_triplet", "render.adaptive.round_size", "render.adaptive.target_passed",
-        "render.adaptive.give_up_after")}
-    sig |= {"render.keep": r.keep.model_dump(mode="json"),
-            "render.early_reject.at": r.early_reject.at if r.steps >= 2 else None,
-            "render.p_branches": policy["render.p_branches"],  # the replay below models independent samples
-            "render.keep_per_seed": policy["render.keep_per_seed"]}
+    sig: dict[str, Any] = {
+        key: policy[key]
+        for key in (
+            "render.samples_per_triplet",
+            "render.adaptive.round_size",
+            "render.adaptive.target_passed",
+            "render.adaptive.give_up_after",
+        )
+    }
+    sig |= {
+        "render.keep": r.keep.model_dump(mode="json"),
+        "render.early_reject.at": r.early_reject.at if r.steps >= 2 else None,
+        "render.p_branches": policy["render.p_branches"],  # the replay below models independent samples
+        "render.keep_per_seed": policy["render.keep_per_seed"],
+    }
     if sig["render.early_reject.at"] is not None:
-        sig |= {"render.early_reject.margin": r.early_reject.margin,
-                "render.early_reject.metrics": list(r.early_reject.metrics),
-                "render.early_reject.dry_run": r.early_reject.dry_run}
+        sig |= {
+            "render.early_reject.margin": r.early_reject.margin,
+            "render.early_reject.metrics": list(r.early_reject.metrics),
+            "render.early_reject.dry_run": r.early_reject.dry_run,
+        }
     return sig
 
 
-def sampling_differences(target: PipelineConfig, pilot: PipelineConfig, keys: tuple[str, ...] | None = None,
-                         ) -> dict[str, tuple[Any, Any]]:
+def sampling_differences(
+    target: PipelineConfig,
+    pilot: PipelineConfig,
+    keys: tuple[str, ...] | None = None,
+) -> dict[str, tuple[Any, Any]]:
     was, now = sampling_signature(pilot), sampling_signature(target)
     names = keys or tuple(dict.fromkeys([*was, *now]))
     return {k: (was.get(k), now.get(k)) for k in names if was.get(k) != now.get(k)}
@@ -223,7 +256,7 @@ def replay(policy, q: float, top_k: int) -> dict[str, float]:
             end = policy.round_end(drawn)
             n = end - drawn
             for j in range(n + 1):
-                pj = prob * math.comb(n, j) * q ** j * (1 - q) ** (n - j)
+                pj = prob * math.comb(n, j) * q**j * (1 - q) ** (n - j)
                 if pj <= 0:
                     continue
                 total = passed + j
@@ -240,22 +273,27 @@ def replay(policy, q: float, top_k: int) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- the stages
 
+
 def _text(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, warnings: list[str]) -> dict:
     from tasks.text.format import RETRIED
 
     ms = data.manifests.get("text", [])
     tin, tout = _sum(ms, "in"), _sum(ms, "out")
     if not tin:
-        raise EstimateError("the pilot has no finished text partition under its config "
-                            f"(text/{registry.stage_hash(pilot, 'text')} in {pilot.output_root})")
+        raise EstimateError(
+            "the pilot has no finished text partition under its config "
+            f"(text/{registry.stage_hash(pilot, 'text')} in {pilot.output_root})"
+        )
     gens = _sum(ms, "generation_attempts") or tin
     accepted, tries, rule = float(tout), float(gens), "pilot text out / in"
     table = data.triplets
     mt, mp = target.text.max_attempts, pilot.text.max_attempts
     if mt != mp:
         if table is None or "attempt" not in table:
-            warnings.append(f"text.max_attempts {mp} (pilot) -> {mt} (target): no triplets table to replay, "
-                            "the pilot's acceptance is used as it is")
+            warnings.append(
+                f"text.max_attempts {mp} (pilot) -> {mt} (target): no triplets table to replay, "
+                "the pilot's acceptance is used as it is"
+            )
         else:
             attempt = table["attempt"].astype(int)
             ok = table["status"] == "ok"
@@ -270,21 +308,33 @@ def _text(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, warnin
                 left = float(((~ok) & table["reject_reason"].isin(RETRIED) & (attempt == mp)).sum())
                 extra = mt - mp
                 miss = 1 - retry_rate
-                accepted = tout + left * (1 - miss ** extra)
-                tries = gens + left * sum(miss ** j for j in range(extra))
+                accepted = tout + left * (1 - miss**extra)
+                tries = gens + left * sum(miss**j for j in range(extra))
                 rule = f"{extra} more tries for the {int(left)} retryable rejections, each accepted at {retry_rate:.2f}"
-                warnings.append(f"text.max_attempts {mp} (pilot) -> {mt} (target): acceptance extrapolated "
-                                f"({rule})")
+                warnings.append(
+                    f"text.max_attempts {mp} (pilot) -> {mt} (target): acceptance extrapolated ({rule})"
+                )
     from tasks.common.config import tiny_lm_refusal
 
     if tiny_lm_refusal(target):
-        warnings.append("the target names no LM (models.lm_path, or text.backend=openai): its text stage would refuse "
-                        "to run; text figures are the pilot's LM's")
-    for key in ("text.backend", "models.lm", "models.lm_path", "text.openai.base_model", "text.openai.model",
-                "text.temperature", "text.max_new_tokens"):
+        warnings.append(
+            "the target names no LM (models.lm_path, or text.backend=openai): its text stage would refuse "
+            "to run; text figures are the pilot's LM's"
+        )
+    for key in (
+        "text.backend",
+        "models.lm",
+        "models.lm_path",
+        "text.openai.base_model",
+        "text.openai.model",
+        "text.temperature",
+        "text.max_new_tokens",
+    ):
         if _get(pilot, key) != _get(target, key):
-            warnings.append(f"{key}: {_get(pilot, key)!r} (pilot) -> {_get(target, key)!r} (target): text "
-                            "acceptance and answer lengths are the pilot's")
+            warnings.append(
+                f"{key}: {_get(pilot, key)!r} (pilot) -> {_get(target, key)!r} (target): text "
+                "acceptance and answer lengths are the pilot's"
+            )
     rate = accepted / tin
     rate_ci = wilson(accepted, tin)
 
@@ -310,7 +360,12 @@ def _text(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, warnin
         "tries_per_caption": _num(per_caption_tries),
         "generations": _num(captions * per_caption_tries),
         "backend": target.text.backend,
-        "pilot": {"in": tin, "out": tout, "generation_attempts": gens, "partitions": data.partitions.get("text", [])},
+        "pilot": {
+            "in": tin,
+            "out": tout,
+            "generation_attempts": gens,
+            "partitions": data.partitions.get("text", []),
+        },
     }
     if goal and triplets < goal:
         warnings.append(f"text.target_triplets {goal}: not reachable at the pilot's acceptance {rate:.3f}")
@@ -340,10 +395,17 @@ def _tokens(target: PipelineConfig, data: PilotData, tries: float) -> dict:
         prompt_chars = answered["input"].map(lambda s: len(finetune_prompt(s)))
         overhead = 0
     prompt = float(prompt_chars.mean()) / CHARS_PER_TOKEN + overhead
-    completion = answered["raw_completion"].fillna("").str.len().div(CHARS_PER_TOKEN).clip(upper=t.max_new_tokens)
+    completion = (
+        answered["raw_completion"].fillna("").str.len().div(CHARS_PER_TOKEN).clip(upper=t.max_new_tokens)
+    )
     per_try = float(completion.mean())
-    return {"input_tokens_per_try": _num(prompt), "output_tokens_per_try": _num(per_try),
-            "input_tokens": _num(prompt * tries), "output_tokens": _num(per_try * tries), "token_method": TOKEN_RULE}
+    return {
+        "input_tokens_per_try": _num(prompt),
+        "output_tokens_per_try": _num(per_try),
+        "input_tokens": _num(prompt * tries),
+        "output_tokens": _num(per_try * tries),
+        "token_method": TOKEN_RULE,
+    }
 
 
 def _finetune_tokens(target: PipelineConfig) -> dict:
@@ -358,18 +420,31 @@ def _finetune_tokens(target: PipelineConfig) -> dict:
         return {}
     train, _ = split_train_val(seeds, t.val_fraction, t.seed)
     if t.openai.endpoint == "chat":
-        chars = sum(sum(len(m["content"]) for m in chat_example(s.input, s.edit, s.output)["messages"]) for s in train)
+        chars = sum(
+            sum(len(m["content"]) for m in chat_example(s.input, s.edit, s.output)["messages"]) for s in train
+        )
         chars_tokens = chars / CHARS_PER_TOKEN + len(train) * 3 * CHAT_TOKENS_PER_MESSAGE
     else:
-        chars_tokens = sum(len(v) for s in train for v in completion_example(s.input, s.edit, s.output).values())
+        chars_tokens = sum(
+            len(v) for s in train for v in completion_example(s.input, s.edit, s.output).values()
+        )
         chars_tokens /= CHARS_PER_TOKEN
     epochs = t.openai.finetune_epochs or target.cost.finetune_epochs_assumed
-    return {"finetune_examples": len(train), "finetune_epochs": epochs,
-            "finetune_training_tokens": _num(chars_tokens * epochs)}
+    return {
+        "finetune_examples": len(train),
+        "finetune_epochs": epochs,
+        "finetune_training_tokens": _num(chars_tokens * epochs),
+    }
 
 
-def _render(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, triplets: float,
-            triplets_ci: list[float] | None, warnings: list[str]) -> dict:
+def _render(
+    target: PipelineConfig,
+    pilot: PipelineConfig,
+    data: PilotData,
+    triplets: float,
+    triplets_ci: list[float] | None,
+    warnings: list[str],
+) -> dict:
     ms = data.manifests.get("render", [])
     counts: Counter = Counter()
     for m in ms:
@@ -379,41 +454,68 @@ def _render(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, trip
     if not n_trip and counts.get("unet_calls_reference"):
         n_trip = counts["unet_calls_reference"] // (rp.samples_per_triplet * rp.steps)
     if not n_trip:
-        raise EstimateError("the pilot has no finished render partition with a triplet under its config "
-                            f"(render/{registry.stage_hash(pilot, 'render')} in {pilot.output_root}): run "
-                            "`editforge stage render` on a few partitions first")
+        raise EstimateError(
+            "the pilot has no finished render partition with a triplet under its config "
+            f"(render/{registry.stage_hash(pilot, 'render')} in {pilot.output_root}): run "
+            "`editforge stage render` on a few partitions first"
+        )
     for key, (was, now) in _differences(target, pilot, IMAGE_KEYS).items():
-        warnings.append(f"{key}: {was!r} (pilot) -> {now!r} (target): pass rates and speed are the pilot's, an "
-                        "extrapolation")
+        warnings.append(
+            f"{key}: {was!r} (pilot) -> {now!r} (target): pass rates and speed are the pilot's, an "
+            "extrapolation"
+        )
     step_ratio = rt.steps / rp.steps
     per = _per_triplet(data.samples)
     sampling_diff = sampling_differences(target, pilot)
-    out: dict[str, Any] = {"pilot": {"triplets": n_trip, "samples": counts.get("samples", 0),
-                                     "unet_calls": counts.get("unet_calls", 0), "passed": counts.get("passed", 0),
-                                     "kept": counts.get("out", 0),
-                                     "triplets_with_kept_pair": counts.get("triplets_with_kept_pair", 0),
-                                     "early_rejected": counts.get("early_rejected", 0),
-                                     "triplet_statuses": {s: counts.get(f"triplets_{s}", 0) for s in STATUSES},
-                                     "partitions": data.partitions.get("render", [])}}
+    out: dict[str, Any] = {
+        "pilot": {
+            "triplets": n_trip,
+            "samples": counts.get("samples", 0),
+            "unet_calls": counts.get("unet_calls", 0),
+            "passed": counts.get("passed", 0),
+            "kept": counts.get("out", 0),
+            "triplets_with_kept_pair": counts.get("triplets_with_kept_pair", 0),
+            "early_rejected": counts.get("early_rejected", 0),
+            "triplet_statuses": {s: counts.get(f"triplets_{s}", 0) for s in STATUSES},
+            "partitions": data.partitions.get("render", []),
+        }
+    }
     if not sampling_diff:
         rule = "same sampling policy: the pilot's figures per triplet; UNet calls x target/pilot steps"
-        rates = {"samples": counts.get("samples", 0) / n_trip,
-                 "passed": counts.get("passed", 0) / n_trip,
-                 "kept": counts.get("out", 0) / n_trip,
-                 "any_kept": counts.get("triplets_with_kept_pair", 0) / n_trip,
-                 "unet_calls": counts.get("unet_calls", 0) / n_trip * step_ratio}
-        per_values = None if per is None else {"unet_calls": per["unet_calls"] * step_ratio, "kept": per["kept"],
-                                               "samples": per["samples"], "any_kept": per["any_kept"]}
-        ci = {k: mean_interval(None if per_values is None else per_values[k], rates[k])
-              for k in ("unet_calls", "kept", "samples")}
+        rates = {
+            "samples": counts.get("samples", 0) / n_trip,
+            "passed": counts.get("passed", 0) / n_trip,
+            "kept": counts.get("out", 0) / n_trip,
+            "any_kept": counts.get("triplets_with_kept_pair", 0) / n_trip,
+            "unet_calls": counts.get("unet_calls", 0) / n_trip * step_ratio,
+        }
+        per_values = (
+            None
+            if per is None
+            else {
+                "unet_calls": per["unet_calls"] * step_ratio,
+                "kept": per["kept"],
+                "samples": per["samples"],
+                "any_kept": per["any_kept"],
+            }
+        )
+        ci = {
+            k: mean_interval(None if per_values is None else per_values[k], rates[k])
+            for k in ("unet_calls", "kept", "samples")
+        }
         ci["any_kept"] = wilson(counts.get("triplets_with_kept_pair", 0), n_trip)
         spread = {k: float(v.std(ddof=1)) for k, v in (per_values or {}).items() if len(v) > 1}
     else:
         rule, rates, ci, spread = _replayed(target, pilot, counts, per, data.samples, sampling_diff, warnings)
     out["rule"] = rule
     out["triplets"] = _num(triplets)
-    for name, key in (("samples", "samples"), ("passed", "passed"), ("kept_pairs", "kept"),
-                      ("triplets_with_kept_pair", "any_kept"), ("unet_calls", "unet_calls")):
+    for name, key in (
+        ("samples", "samples"),
+        ("passed", "passed"),
+        ("kept_pairs", "kept"),
+        ("triplets_with_kept_pair", "any_kept"),
+        ("unet_calls", "unet_calls"),
+    ):
         out[name] = _num(rates[key] * triplets)
         interval = _combined(rates[key], ci.get(key), triplets, triplets_ci)
         if interval is not None:
@@ -426,8 +528,9 @@ def _render(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, trip
     return out
 
 
-def _combined(rate: float, rate_ci: list[float] | None, triplets: float,
-              triplets_ci: list[float] | None) -> list[float] | None:
+def _combined(
+    rate: float, rate_ci: list[float] | None, triplets: float, triplets_ci: list[float] | None
+) -> list[float] | None:
     """The interval of rate x triplets: the two relative half-widths (each side) added in quadrature."""
     if rate_ci is None and triplets_ci is None:
         return None
@@ -448,28 +551,45 @@ def _per_triplet(samples: pd.DataFrame | None) -> pd.DataFrame | None:
     if samples is None or not len(samples):
         return None
     g = samples.groupby("caption_id")
-    per = pd.DataFrame({"samples": g.size(), "unet_calls": g["unet_steps"].sum(),
-                        "passed": g["passed"].sum(), "kept": g["kept"].sum()}).astype(float)
+    per = pd.DataFrame(
+        {
+            "samples": g.size(),
+            "unet_calls": g["unet_steps"].sum(),
+            "passed": g["passed"].sum(),
+            "kept": g["kept"].sum(),
+        }
+    ).astype(float)
     per["any_kept"] = (per["kept"] > 0).astype(float)
     return per
 
 
-def _replayed(target: PipelineConfig, pilot: PipelineConfig, counts: Counter, per: pd.DataFrame | None,
-              samples: pd.DataFrame | None, diff: dict, warnings: list[str]) -> tuple[str, dict, dict, dict]:
+def _replayed(
+    target: PipelineConfig,
+    pilot: PipelineConfig,
+    counts: Counter,
+    per: pd.DataFrame | None,
+    samples: pd.DataFrame | None,
+    diff: dict,
+    warnings: list[str],
+) -> tuple[str, dict, dict, dict]:
     """Another sampling policy: the target's rounds replayed with each pilot triplet's pass rate."""
     from tasks.common.selection import passes
 
     rt = target.render
     names = ", ".join(f"{k} {was!r} -> {now!r}" for k, (was, now) in diff.items())
-    warnings.append(f"render sampling differs from the pilot's ({names}): samples, passes and kept pairs are the "
-                    "target's rounds replayed with the pilot's pass rate per triplet, an extrapolation")
+    warnings.append(
+        f"render sampling differs from the pilot's ({names}): samples, passes and kept pairs are the "
+        "target's rounds replayed with the pilot's pass rate per triplet, an extrapolation"
+    )
     rates_q: pd.Series
     if samples is not None and len(samples) and "render.keep" in diff:
         early = samples["early_rejected"].astype(bool)
         passed = passes(samples, rt.keep).fillna(False).astype(bool) & ~early
         rates_q = passed.groupby(samples["caption_id"]).mean()
-        warnings.append(f"render.keep differs: the pilot's samples are re-judged by the target's thresholds "
-                        f"({int(passed.sum())} of {len(samples)} pass them)")
+        warnings.append(
+            f"render.keep differs: the pilot's samples are re-judged by the target's thresholds "
+            f"({int(passed.sum())} of {len(samples)} pass them)"
+        )
     elif per is not None:
         rates_q = per["passed"] / per["samples"]
     else:
@@ -491,24 +611,37 @@ def _replayed(target: PipelineConfig, pilot: PipelineConfig, counts: Counter, pe
     drop = 0.0
     if after is not None:
         early_keys = ("render.early_reject.at", "render.early_reject.margin", "render.early_reject.metrics")
-        if not sampling_differences(target, pilot, early_keys) and early_steps(pilot) is not None and failing_pilot:
+        if (
+            not sampling_differences(target, pilot, early_keys)
+            and early_steps(pilot) is not None
+            and failing_pilot
+        ):
             drop = counts.get("early_rejected", 0) / failing_pilot
         else:
-            warnings.append("early rejection: the pilot did not measure the target's, so no failing sample is assumed "
-                            "dropped early (an upper bound on UNet calls; editforge calibrate-early measures it)")
+            warnings.append(
+                "early rejection: the pilot did not measure the target's, so no failing sample is assumed "
+                "dropped early (an upper bound on UNet calls; editforge calibrate-early measures it)"
+            )
     failing_cost = drop * (after or rt.steps) + (1 - drop) * rt.steps
     frame["unet_calls"] = frame["passed"] * rt.steps + (frame["samples"] - frame["passed"]) * failing_cost
     rates = {k: float(frame[k].mean()) for k in ("samples", "passed", "kept", "any_kept", "unet_calls")}
     ci = {k: mean_interval(frame[k], rates[k]) for k in rates}
     spread = {k: float(frame[k].std(ddof=1)) for k in rates if len(frame) > 1}
-    rule = (f"target policy replayed (max {policy.max_samples}, rounds {policy.round_size}, target_passed "
-            f"{policy.target_passed}, give_up_after {policy.give_up_after}, top_k {top_k}) with "
-            f"{len(rates_q)} pilot pass rate(s); failing samples dropped early: {drop:.2f}")
+    rule = (
+        f"target policy replayed (max {policy.max_samples}, rounds {policy.round_size}, target_passed "
+        f"{policy.target_passed}, give_up_after {policy.give_up_after}, top_k {top_k}) with "
+        f"{len(rates_q)} pilot pass rate(s); failing samples dropped early: {drop:.2f}"
+    )
     return rule, rates, ci, spread
 
 
-def _speed(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, override: float | None,
-           warnings: list[str]) -> dict:
+def _speed(
+    target: PipelineConfig,
+    pilot: PipelineConfig,
+    data: PilotData,
+    override: float | None,
+    warnings: list[str],
+) -> dict:
     ms = data.manifests.get("render", [])
     timed = [m for m in ms if m.get("unet_calls_this_run") and m.get("timings_s", {}).get("render")]
     calls = sum(int(m["unet_calls_this_run"]) for m in timed)  # a resumed partition: what this run rendered
@@ -522,17 +655,28 @@ def _speed(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, overr
     else:
         rate, source = measured, "pilot render seconds"
         if rate is None:
-            warnings.append("the pilot's render partitions record no render time (all resumed or skipped?): no hours; "
-                            "give --unet-calls-per-s")
+            warnings.append(
+                "the pilot's render partitions record no render time (all resumed or skipped?): no hours; "
+                "give --unet-calls-per-s"
+            )
         elif pilot.render.device == "cpu" and target.render.device != "cpu":
-            warnings.append(f"the pilot rendered on the CPU ({rate:.3g} UNet calls/s) and the target asks for "
-                            f"render.device={target.render.device}: give --unet-calls-per-s measured on that GPU")
+            warnings.append(
+                f"the pilot rendered on the CPU ({rate:.3g} UNet calls/s) and the target asks for "
+                f"render.device={target.render.device}: give --unet-calls-per-s measured on that GPU"
+            )
         if rate is not None and pilot.render.batch_samples != target.render.batch_samples:
-            warnings.append(f"render.batch_samples {pilot.render.batch_samples!r} (pilot) -> "
-                            f"{target.render.batch_samples!r} (target): the speed is the pilot's")
-    return {"unet_calls_per_s": _num(rate), "unet_calls_per_s_source": source,
-            "unet_calls_per_s_measured": _num(measured), "unet_calls_per_s_wall": _num(wall_rate),
-            "render_seconds_measured": _num(seconds), "unet_calls_timed": calls}
+            warnings.append(
+                f"render.batch_samples {pilot.render.batch_samples!r} (pilot) -> "
+                f"{target.render.batch_samples!r} (target): the speed is the pilot's"
+            )
+    return {
+        "unet_calls_per_s": _num(rate),
+        "unet_calls_per_s_source": source,
+        "unet_calls_per_s_measured": _num(measured),
+        "unet_calls_per_s_wall": _num(wall_rate),
+        "render_seconds_measured": _num(seconds),
+        "unet_calls_timed": calls,
+    }
 
 
 def _cpu_stage(data: PilotData, stage: str, unit: str, amount: float) -> dict:
@@ -540,14 +684,25 @@ def _cpu_stage(data: PilotData, stage: str, unit: str, amount: float) -> dict:
     wall = sum(float(m.get("wall_time_s", 0.0)) for m in ms)
     done = _sum(ms, unit)
     per = wall / done if done else None
-    return {"items": _num(amount), "item": unit, "wall_seconds_per_item": _num(per),
-            "hours": _num(per * amount / 3600) if per is not None else None}
+    return {
+        "items": _num(amount),
+        "item": unit,
+        "wall_seconds_per_item": _num(per),
+        "hours": _num(per * amount / 3600) if per is not None else None,
+    }
 
 
 # ------------------------------------------------------------------------------------------ the estimate
 
-def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, unet_calls_per_s: float | None = None,
-            gpus: int = 1) -> dict:
+
+def predict(
+    target: PipelineConfig,
+    pilot: PipelineConfig,
+    data: PilotData,
+    *,
+    unet_calls_per_s: float | None = None,
+    gpus: int = 1,
+) -> dict:
     """The estimate (a JSON-ready dict) of ``target`` from what was measured on ``pilot`` (``data``)."""
     warnings: list[str] = []
     resources = registry.stage_resources(target)
@@ -563,8 +718,11 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
     device = "gpu" if resources["render"].gpus else "cpu"
     render["device"] = device
     render["hours"] = _num(render["unet_calls"] / rate / 3600) if rate else None
-    render["hours_ci95"] = (_scaled(render["unet_calls_ci95"], 1 / rate / 3600)
-                            if rate and render.get("unet_calls_ci95") else None)
+    render["hours_ci95"] = (
+        _scaled(render["unet_calls_ci95"], 1 / rate / 3600)
+        if rate and render.get("unet_calls_ci95")
+        else None
+    )
     render["hours_wall"] = _num(render["unet_calls"] / wall_rate / 3600) if wall_rate else None
     render["partitions"] = partitions
     if render["hours"] is not None:
@@ -578,20 +736,26 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
     text["hours"] = None
     if target.text.backend == "local":
         if pilot.text.backend != "local":
-            warnings.append("text: the pilot used the openai backend, the target the local one: no generation time")
+            warnings.append(
+                "text: the pilot used the openai backend, the target the local one: no generation time"
+            )
         elif text.get("seconds_per_try"):
             text["hours"] = _num(text["generations"] * text["seconds_per_try"] / 3600)
     else:
         text |= _finetune_tokens(target)
         if target.cost.text_price_model not in {target.text.openai.base_model, target.text.openai.model}:
-            warnings.append(f"cost.text_*: the prices are for {target.cost.text_price_model!r}, the target uses "
-                            f"{target.text.openai.model or target.text.openai.base_model!r}: set cost.text_* for it")
+            warnings.append(
+                f"cost.text_*: the prices are for {target.cost.text_price_model!r}, the target uses "
+                f"{target.text.openai.model or target.text.openai.base_model!r}: set cost.text_* for it"
+            )
     captions = _cpu_stage(data, "captions", "out", text["captions_in"])
     filter_ms = data.manifests.get("filter", [])
     render_kept_pilot = render["pilot"]["kept"]
     filter_ratio = _sum(filter_ms, "out") / render_kept_pilot if filter_ms and render_kept_pilot else 1.0
     if _differences(target, pilot, ("filter",)):
-        warnings.append("filter settings differ from the pilot's: its kept / render kept ratio is the pilot's")
+        warnings.append(
+            "filter settings differ from the pilot's: its kept / render kept ratio is the pilot's"
+        )
     filter_stage = _cpu_stage(data, "filter", "in", render["samples"] or 0)
     filter_stage["kept_pairs"] = _num((render["kept_pairs"] or 0) * filter_ratio)
     pack = _cpu_stage(data, "pack", "in", filter_stage["kept_pairs"] or 0)
@@ -614,8 +778,14 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
         discount = prices.batch_discount if target.text.openai.mode == "batch" else 1.0
         money = None
         if text.get("input_tokens") is not None:
-            money = (text["input_tokens"] * prices.text_input_per_mtok_usd
-                     + text["output_tokens"] * prices.text_output_per_mtok_usd) / 1e6 * discount
+            money = (
+                (
+                    text["input_tokens"] * prices.text_input_per_mtok_usd
+                    + text["output_tokens"] * prices.text_output_per_mtok_usd
+                )
+                / 1e6
+                * discount
+            )
         usd["text"] = _num(money)
         if text.get("finetune_training_tokens") is not None:
             usd["finetune"] = _num(text["finetune_training_tokens"] * prices.text_training_per_mtok_usd / 1e6)
@@ -623,24 +793,33 @@ def predict(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, *, u
     bill("filter", "cpu", filter_stage["hours"])
     bill("pack", "cpu", pack["hours"])
     stages = {"captions": captions, "text": text, "render": render, "filter": filter_stage, "pack": pack}
-    if target.judges.vlm.enabled:  # the VLM judge: its measured cost per kept pair, for the kept pairs predicted
+    if (
+        target.judges.vlm.enabled
+    ):  # the VLM judge: its measured cost per kept pair, for the kept pairs predicted
         stages["judge"] = _judge(target, data, filter_stage["kept_pairs"], warnings)
         usd["judge"] = stages["judge"].get("projected_cost_usd")
     known = [v for v in usd.values() if v is not None]
     return {
         "target": _describe(target),
-        "pilot": _describe(pilot) | {"partitions": data.partitions, "not_finished": {
-            k: v for k, v in data.not_finished.items() if v}},
+        "pilot": _describe(pilot)
+        | {"partitions": data.partitions, "not_finished": {k: v for k, v in data.not_finished.items() if v}},
         "warnings": warnings,
         "stages": stages,
-        "totals": {"gpu_hours": _num(hours["gpu"]), "cpu_hours": _num(hours["cpu"]),
-                   "render_elapsed_hours": render.get("elapsed_hours"), "gpus": gpus,
-                   "usd": _num(sum(known)) if known else None, "usd_by_stage": usd,
-                   "usd_incomplete": [k for k, v in usd.items() if v is None]},
+        "totals": {
+            "gpu_hours": _num(hours["gpu"]),
+            "cpu_hours": _num(hours["cpu"]),
+            "render_elapsed_hours": render.get("elapsed_hours"),
+            "gpus": gpus,
+            "usd": _num(sum(known)) if known else None,
+            "usd_by_stage": usd,
+            "usd_incomplete": [k for k, v in usd.items() if v is None],
+        },
         "prices": prices.model_dump(mode="json"),
-        "not_included": ["the training flow (editforge train)",
-                         "the local fine-tune (one partition; its time is the pilot's finetune wall_time_s)",
-                         "storage and egress"],
+        "not_included": [
+            "the training flow (editforge train)",
+            "the local fine-tune (one partition; its time is the pilot's finetune wall_time_s)",
+            "storage and egress",
+        ],
     }
 
 
@@ -651,21 +830,29 @@ def _judge(target: PipelineConfig, data: PilotData, kept_pairs: float | None, wa
 
     judged, filtered = data.manifests.get("judge", []), data.manifests.get("filter", [])
     if not any(m.get("counts", {}).get("vlm_judged") for m in judged) or not filtered:
-        warnings.append("judges.vlm.enabled: the pilot judged nothing (run it with the VLM rung on): the judge's "
-                        "cost is not included")
+        warnings.append(
+            "judges.vlm.enabled: the pilot judged nothing (run it with the VLM rung on): the judge's "
+            "cost is not included"
+        )
         return {"judged": 0, "projected_cost_usd": None}
     if target.judges.vlm.model not in {m.get("vlm_model") for m in judged} - {None}:
-        warnings.append(f"judges.vlm.model: the pilot's judge tokens are priced for {target.judges.vlm.model!r}")
+        warnings.append(
+            f"judges.vlm.model: the pilot's judge tokens are priced for {target.judges.vlm.model!r}"
+        )
     return judge_cost(judged, filtered, round(kept_pairs or 0))
 
 
 def _describe(cfg: PipelineConfig) -> dict:
-    return {"name": cfg.name, "output_root": cfg.output_root,
-            "hashes": {s.name: registry.stage_hash(cfg, s.name) for s in registry.chain()}}
+    return {
+        "name": cfg.name,
+        "output_root": cfg.output_root,
+        "hashes": {s.name: registry.stage_hash(cfg, s.name) for s in registry.chain()},
+    }
 
 
-def _source_check(target: PipelineConfig, pilot: PipelineConfig, data: PilotData, captions: float,
-                  warnings: list[str]) -> None:
+def _source_check(
+    target: PipelineConfig, pilot: PipelineConfig, data: PilotData, captions: float, warnings: list[str]
+) -> None:
     """Warn when the target reads the pilot's source and that source holds fewer captions than needed."""
     if not data.generations or target.captions.source != pilot.captions.source:
         return
@@ -673,22 +860,32 @@ def _source_check(target: PipelineConfig, pilot: PipelineConfig, data: PilotData
         return
     eligible = data.generations[-1].get("counts", {}).get("rows_accepted")
     if eligible is not None and captions > eligible:
-        warnings.append(f"captions.source {target.captions.source!r} holds {eligible} eligible captions; the target "
-                        f"needs {int(captions)}: point captions.source at the full LAION files")
+        warnings.append(
+            f"captions.source {target.captions.source!r} holds {eligible} eligible captions; the target "
+            f"needs {int(captions)}: point captions.source at the full LAION files"
+        )
 
 
-def estimate(target: PipelineConfig, pilot: PipelineConfig | None = None, *, partitions: list[int] | None = None,
-             unet_calls_per_s: float | None = None, gpus: int = 1) -> dict:
+def estimate(
+    target: PipelineConfig,
+    pilot: PipelineConfig | None = None,
+    *,
+    partitions: list[int] | None = None,
+    unet_calls_per_s: float | None = None,
+    gpus: int = 1,
+) -> dict:
     """Read the pilot run (default: the target itself) and predict the target (see the module doc)."""
     pilot = pilot or target
     data = read_pilot(pilot, partitions)
     if not data.manifests.get("render") or not data.manifests.get("text"):
         chosen = f" among partitions {partitions}" if partitions is not None else ""
-        raise EstimateError(f"no finished text and render partitions{chosen} under the pilot config '{pilot.name}' "
-                            f"in {pilot.output_root} (text/{registry.stage_hash(pilot, 'text')}, "
-                            f"render/{registry.stage_hash(pilot, 'render')}): run a few partitions first "
-                            "(editforge run, or editforge stage ... --partitions 0) or point --from-preset/--from-set "
-                            "at a finished run")
+        raise EstimateError(
+            f"no finished text and render partitions{chosen} under the pilot config '{pilot.name}' "
+            f"in {pilot.output_root} (text/{registry.stage_hash(pilot, 'text')}, "
+            f"render/{registry.stage_hash(pilot, 'render')}): run a few partitions first "
+            "(editforge run, or editforge stage ... --partitions 0) or point --from-preset/--from-set "
+            "at a finished run"
+        )
     return predict(target, pilot, data, unet_calls_per_s=unet_calls_per_s, gpus=gpus)
 
 

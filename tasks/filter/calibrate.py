@@ -23,10 +23,16 @@ from tasks.filter.labels import LABELS, NEGATIVE, POSITIVE
 
 CLIP_FIELDS = ("clip_image_threshold", "clip_caption_threshold", "clip_direction_threshold")
 # the score each CLIP threshold compares (the caption threshold: the lower of the two caption scores)
-CLIP_SCORES = {"clip_image_threshold": "clip_sim_image", "clip_caption_threshold": "clip_caption_min",
-               "clip_direction_threshold": "clip_sim_dir"}
-RULE_NAMES = {"clip_image_threshold": "image-image", "clip_caption_threshold": "caption (both images)",
-              "clip_direction_threshold": "direction"}
+CLIP_SCORES = {
+    "clip_image_threshold": "clip_sim_image",
+    "clip_caption_threshold": "clip_caption_min",
+    "clip_direction_threshold": "clip_sim_dir",
+}
+RULE_NAMES = {
+    "clip_image_threshold": "image-image",
+    "clip_caption_threshold": "caption (both images)",
+    "clip_direction_threshold": "direction",
+}
 
 
 def z_of(confidence: float) -> float:
@@ -46,8 +52,9 @@ def wilson(successes: float, n: float, confidence: float = 0.95) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def effective_n(total: float, total_sq: float, hits_by_group: np.ndarray, totals_by_group: np.ndarray,
-                p: float) -> float:
+def effective_n(
+    total: float, total_sq: float, hits_by_group: np.ndarray, totals_by_group: np.ndarray, p: float
+) -> float:
     """The effective size of a weighted share ``p`` (see the module doc): Kish's, lowered by the spread of
     the groups' residuals ``hits - p * totals``; the groups' count when they all agree (p 0 or 1)."""
     kish = total * total / total_sq
@@ -60,8 +67,9 @@ def effective_n(total: float, total_sq: float, hits_by_group: np.ndarray, totals
     return float(min(kish, max(min(groups, kish), p * (1 - p) / var)))
 
 
-def _share(mask: np.ndarray, hit: np.ndarray, w: np.ndarray, confidence: float,
-           groups: np.ndarray | None = None) -> dict:
+def _share(
+    mask: np.ndarray, hit: np.ndarray, w: np.ndarray, confidence: float, groups: np.ndarray | None = None
+) -> dict:
     """The weighted share of ``hit`` among ``mask``, its Wilson interval and the labelled count."""
     wm = w[mask]
     total = float(wm.sum())
@@ -73,8 +81,13 @@ def _share(mask: np.ndarray, hit: np.ndarray, w: np.ndarray, confidence: float,
     else:
         codes = groups[mask]
         size = int(codes.max()) + 1
-        n_eff = effective_n(total, float((wm * wm).sum()), np.bincount(codes, wm * hit[mask], size),
-                            np.bincount(codes, wm, size), value)
+        n_eff = effective_n(
+            total,
+            float((wm * wm).sum()),
+            np.bincount(codes, wm * hit[mask], size),
+            np.bincount(codes, wm, size),
+            value,
+        )
     low, high = wilson(value * n_eff, n_eff, confidence)
     return {"value": value, "low": low, "high": high, "n": int(mask.sum())}
 
@@ -98,17 +111,28 @@ def group_codes(groups) -> np.ndarray | None:
     return None if groups is None else pd.factorize(np.asarray(groups))[0]
 
 
-def evaluate(rule: np.ndarray, truth: np.ndarray, w: np.ndarray, confidence: float = 0.95, groups=None) -> dict:
+def evaluate(
+    rule: np.ndarray, truth: np.ndarray, w: np.ndarray, confidence: float = 0.95, groups=None
+) -> dict:
     """Precision, recall (with intervals; clustered by ``groups`` when given), kappa and counts of one
     pass/fail rule against people's truth."""
     rule, truth, w = np.asarray(rule, bool), np.asarray(truth, bool), np.asarray(w, float)
     codes = group_codes(groups)
     precision = _share(rule, truth, w, confidence, codes)
     recall = _share(truth, rule, w, confidence, codes)
-    return {"precision": precision["value"], "precision_low": precision["low"], "precision_high": precision["high"],
-            "recall": recall["value"], "recall_low": recall["low"], "recall_high": recall["high"],
-            "passing": int(rule.sum()), "good": int(truth.sum()), "labelled": len(rule),
-            "pass_share": float(w[rule].sum() / w.sum()) if w.sum() > 0 else None, "kappa": kappa(rule, truth, w)}
+    return {
+        "precision": precision["value"],
+        "precision_low": precision["low"],
+        "precision_high": precision["high"],
+        "recall": recall["value"],
+        "recall_low": recall["low"],
+        "recall_high": recall["high"],
+        "passing": int(rule.sum()),
+        "good": int(truth.sum()),
+        "labelled": len(rule),
+        "pass_share": float(w[rule].sum() / w.sum()) if w.sum() > 0 else None,
+        "kappa": kappa(rule, truth, w),
+    }
 
 
 def people_truth(labels: pd.DataFrame) -> pd.DataFrame:
@@ -120,8 +144,11 @@ def people_truth(labels: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["partition", "sample_key", "pair_sha256", "good", "reviewers", "weight"])
     votes = decided.assign(vote=(decided["label"] == POSITIVE).astype(float))
     keys = ["partition", "sample_key", "pair_sha256"]
-    grouped = votes.groupby(keys, sort=True).agg(share=("vote", "mean"), reviewers=("reviewer", "nunique"),
-                                                  weight=("weight", "last")).reset_index()
+    grouped = (
+        votes.groupby(keys, sort=True)
+        .agg(share=("vote", "mean"), reviewers=("reviewer", "nunique"), weight=("weight", "last"))
+        .reset_index()
+    )
     grouped = grouped[grouped["share"] != 0.5]
     return grouped.assign(good=grouped["share"] > 0.5).drop(columns="share").reset_index(drop=True)
 
@@ -134,23 +161,31 @@ def reviewer_agreement(labels: pd.DataFrame, min_shared: int = 5) -> list[dict]:
     """Cohen's kappa between each two reviewers on the pairs both decided (good vs wrong/broken)."""
     decided = labels[labels["label"].isin((POSITIVE, *NEGATIVE))]
     table = decided.assign(good=decided["label"] == POSITIVE).pivot_table(
-        index=["partition", "sample_key"], columns="reviewer", values="good", aggfunc="last")
+        index=["partition", "sample_key"], columns="reviewer", values="good", aggfunc="last"
+    )
     out = []
     names = sorted(table.columns)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             both = table[[a, b]].dropna()
             if len(both) >= min_shared:
                 x, y = both[a].astype(bool).to_numpy(), both[b].astype(bool).to_numpy()
-                out.append({"reviewers": [a, b], "shared": len(both), "agree": float((x == y).mean()),
-                            "kappa": kappa(x, y)})
+                out.append(
+                    {
+                        "reviewers": [a, b],
+                        "shared": len(both),
+                        "agree": float((x == y).mean()),
+                        "kappa": kappa(x, y),
+                    }
+                )
     return out
 
 
 def with_scores(samples: pd.DataFrame) -> pd.DataFrame:
     """``samples`` with ``clip_caption_min`` (the score the caption threshold compares)."""
-    return samples.assign(clip_caption_min=np.fmin(samples["clip_sim_0"].to_numpy(float),
-                                                    samples["clip_sim_1"].to_numpy(float)))
+    return samples.assign(
+        clip_caption_min=np.fmin(samples["clip_sim_0"].to_numpy(float), samples["clip_sim_1"].to_numpy(float))
+    )
 
 
 def clip_rules(samples: pd.DataFrame, selection) -> dict[str, np.ndarray]:
@@ -166,7 +201,9 @@ def clip_rules(samples: pd.DataFrame, selection) -> dict[str, np.ndarray]:
 
 def rung_rules(samples: pd.DataFrame, selection, rungs: Sequence[str]) -> dict[str, np.ndarray]:
     """Each rung after CLIP alone (a pair it never scored fails it), and the whole ladder."""
-    rules = {f"{rung} rung": passes(samples, selection, (rung,)).to_numpy(bool) for rung in rungs if rung != "clip"}
+    rules = {
+        f"{rung} rung": passes(samples, selection, (rung,)).to_numpy(bool) for rung in rungs if rung != "clip"
+    }
     rules["ladder (every rung on)"] = passes(samples, selection, rungs).to_numpy(bool)
     return rules
 
@@ -189,11 +226,19 @@ def roc(score: np.ndarray, truth: np.ndarray, w: np.ndarray, confidence: float =
     auc = float(np.trapezoid(tpr, fpr))
     n_pos, n_neg = pos * pos / float((w[truth] ** 2).sum()), neg * neg / float((w[~truth] ** 2).sum())
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)  # Hanley & McNeil (1982), on Kish's sizes
-    se = math.sqrt(max(0.0, auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
-                   / (n_pos * n_neg))
+    se = math.sqrt(
+        max(0.0, auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc))
+        / (n_pos * n_neg)
+    )
     z = z_of(confidence)
-    return {"thresholds": s[last].tolist(), "fpr": fpr.tolist(), "tpr": tpr.tolist(), "auc": auc,
-            "auc_low": max(0.0, auc - z * se), "auc_high": min(1.0, auc + z * se)}
+    return {
+        "thresholds": s[last].tolist(),
+        "fpr": fpr.tolist(),
+        "tpr": tpr.tolist(),
+        "auc": auc,
+        "auc_low": max(0.0, auc - z * se),
+        "auc_high": min(1.0, auc + z * se),
+    }
 
 
 def rate_at(curve: dict, threshold: float) -> tuple[float, float] | None:
@@ -212,9 +257,20 @@ def candidates(values: np.ndarray, extra: Sequence[float], points: int) -> np.nd
     return np.unique(np.round(np.r_[grid, list(extra), -1.0], 3))
 
 
-def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, rungs: Sequence[str], target: float,
-           confidence: float = 0.95, min_passing: int = 10, points: int = 25,
-           extra: dict[str, Sequence[float]] | None = None, groups=None, chunk: int = 64) -> dict:
+def search(
+    samples: pd.DataFrame,
+    truth: np.ndarray,
+    w: np.ndarray,
+    selection,
+    rungs: Sequence[str],
+    target: float,
+    confidence: float = 0.95,
+    min_passing: int = 10,
+    points: int = 25,
+    extra: dict[str, Sequence[float]] | None = None,
+    groups=None,
+    chunk: int = 64,
+) -> dict:
     """The CLIP thresholds (image-image, caption, direction) with the highest weighted recall among those
     whose precision's lower Wilson bound (clustered by ``groups``) reaches ``target`` and that pass at least
     ``min_passing`` labelled pairs, the other rungs of ``rungs`` as ``selection`` sets them; ties: the higher
@@ -223,12 +279,20 @@ def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, r
     the best lower bound on it."""
     df = with_scores(samples)
     truth, w = np.asarray(truth, bool), np.asarray(w, float)
-    grids = {f: candidates(df[CLIP_SCORES[f]].to_numpy(float), (getattr(selection, f), *(extra or {}).get(f, ())),
-                           points) for f in CLIP_FIELDS}
+    grids = {
+        f: candidates(
+            df[CLIP_SCORES[f]].to_numpy(float), (getattr(selection, f), *(extra or {}).get(f, ())), points
+        )
+        for f in CLIP_FIELDS
+    }
     others = [r for r in rungs if r != "clip"]
     base = passes(samples, selection, others).to_numpy(bool) if others else np.ones(len(df), bool)
-    masks = [(np.nan_to_num(df[CLIP_SCORES[f]].to_numpy(float), nan=-np.inf)[None, :] >= grids[f][:, None])
-             .astype(np.float64) for f in CLIP_FIELDS]
+    masks = [
+        (np.nan_to_num(df[CLIP_SCORES[f]].to_numpy(float), nan=-np.inf)[None, :] >= grids[f][:, None]).astype(
+            np.float64
+        )
+        for f in CLIP_FIELDS
+    ]
     codes = group_codes(groups) if groups is not None else np.arange(len(df))
     wb = w * base
     shape = tuple(len(grids[f]) for f in CLIP_FIELDS)
@@ -237,13 +301,18 @@ def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, r
     starts = np.r_[0, np.flatnonzero(np.diff(codes[order])) + 1, len(order)]
     for first in range(0, len(starts) - 1, chunk):
         last = min(first + chunk, len(starts) - 1)
-        rows = order[starts[first]: starts[last]]
-        local = np.searchsorted(starts[first: last + 1], np.arange(starts[first], starts[last]), side="right") - 1
+        rows = order[starts[first] : starts[last]]
+        local = (
+            np.searchsorted(starts[first : last + 1], np.arange(starts[first], starts[last]), side="right")
+            - 1
+        )
         member = np.zeros((len(rows), last - first))
         member[np.arange(len(rows)), local] = 1.0
         part = [m[:, rows] for m in masks]
-        n_g, g_g, count, w2 = (np.einsum("ai,bi,ci,ik->abck", *part, member * weights[rows, None], optimize=True)
-                               for weights in (wb, wb * truth, base.astype(float), wb * w))
+        n_g, g_g, count, w2 = (
+            np.einsum("ai,bi,ci,ik->abck", *part, member * weights[rows, None], optimize=True)
+            for weights in (wb, wb * truth, base.astype(float), wb * w)
+        )
         sums["n"] += count.sum(-1)
         sums["w"] += n_g.sum(-1)
         sums["w2"] += w2.sum(-1)
@@ -257,8 +326,8 @@ def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, r
         total, k = sums["w"], sums["groups"]
         precision = np.where(total > 0, sums["g"] / total, np.nan)
         p = np.nan_to_num(precision)
-        kish = np.where(sums["w2"] > 0, total ** 2 / sums["w2"], 0.0)
-        var = k / np.maximum(k - 1, 1) * (sums["gg"] - 2 * p * sums["gn"] + p * p * sums["nn"]) / total ** 2
+        kish = np.where(sums["w2"] > 0, total**2 / sums["w2"], 0.0)
+        var = k / np.maximum(k - 1, 1) * (sums["gg"] - 2 * p * sums["gn"] + p * p * sums["nn"]) / total**2
         clustered = np.where((var > 0) & (p > 0) & (p < 1), p * (1 - p) / var, np.minimum(kish, k))
         n_eff = np.minimum(kish, np.maximum(np.minimum(k, kish), clustered))
         recall = sums["g"] / good_all if good_all > 0 else np.zeros(shape)
@@ -267,9 +336,12 @@ def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, r
         low = (p + z * z / (2 * n) - z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n)
     enough = sums["n"] >= min_passing
     ok = enough & (low >= target) & (total > 0)
-    result = {"grid": {f: grids[f].tolist() for f in CLIP_FIELDS}, "combinations": int(precision.size),
-              "best_precision_low": float(np.nanmax(np.where(enough, low, np.nan))) if enough.any() else None,
-              "found": None}
+    result = {
+        "grid": {f: grids[f].tolist() for f in CLIP_FIELDS},
+        "combinations": int(precision.size),
+        "best_precision_low": float(np.nanmax(np.where(enough, low, np.nan))) if enough.any() else None,
+        "found": None,
+    }
     if not ok.any():
         return result
     # rank: recall, then precision, then the loosest thresholds (smallest sum of grid indices)
@@ -277,8 +349,13 @@ def search(samples: pd.DataFrame, truth: np.ndarray, w: np.ndarray, selection, r
     rank = np.lexsort(((idx[0] + idx[1] + idx[2])[ok], -p[ok], -recall[ok]))
     best = tuple(axis[ok][rank[0]] for axis in idx)
     chosen = {f: float(grids[f][best[i]]) for i, f in enumerate(CLIP_FIELDS)}
-    result["found"] = {"thresholds": chosen, "precision": float(precision[best]), "precision_low": float(low[best]),
-                       "recall": float(recall[best]), "passing": int(sums["n"][best])}
+    result["found"] = {
+        "thresholds": chosen,
+        "precision": float(precision[best]),
+        "precision_low": float(low[best]),
+        "recall": float(recall[best]),
+        "passing": int(sums["n"][best]),
+    }
     return result
 
 
@@ -298,6 +375,7 @@ def metric_threshold(selection, column: str) -> float | None:
         return selection.clip_caption_threshold
     if column in THRESHOLD_FIELD:
         return getattr(selection, THRESHOLD_FIELD[column])
-    return {"dino_similarity": getattr(selection, "dino_threshold", None),
-            "vlm_score": getattr(selection, "vlm_threshold", None)}.get(column)
-
+    return {
+        "dino_similarity": getattr(selection, "dino_threshold", None),
+        "vlm_score": getattr(selection, "vlm_threshold", None),
+    }.get(column)

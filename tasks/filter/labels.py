@@ -25,12 +25,21 @@ from tasks.common.errors import PermanentError
 LABELS = ("good", "wrong", "broken", "unsure")  # good edit / wrong edit / broken image / unsure
 POSITIVE = "good"
 NEGATIVE = ("wrong", "broken")
-SCHEMA = pa.schema([
-    ("render_hash", pa.string()), ("partition", pa.int32()), ("sample_key", pa.string()),
-    ("caption_id", pa.string()), ("pair_sha256", pa.string()), ("label", pa.string()),
-    ("reviewer", pa.string()), ("session", pa.string()), ("time", pa.timestamp("ms", tz="UTC")),
-    ("stratum", pa.string()), ("weight", pa.float64()),
-])
+SCHEMA = pa.schema(
+    [
+        ("render_hash", pa.string()),
+        ("partition", pa.int32()),
+        ("sample_key", pa.string()),
+        ("caption_id", pa.string()),
+        ("pair_sha256", pa.string()),
+        ("label", pa.string()),
+        ("reviewer", pa.string()),
+        ("session", pa.string()),
+        ("time", pa.timestamp("ms", tz="UTC")),
+        ("stratum", pa.string()),
+        ("weight", pa.float64()),
+    ]
+)
 COLUMNS = SCHEMA.names
 REVIEWER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,39}$")
 SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{7,63}$")
@@ -51,15 +60,20 @@ def check_label(payload: Any, known: Mapping[tuple[int, str], Mapping[str, Any]]
         raise LabelError(f"a label is a JSON object with {sorted(SENT_KEYS)}, got {type(payload).__name__}")
     missing, extra = SENT_KEYS - payload.keys(), payload.keys() - SENT_KEYS - OPTIONAL_KEYS
     if missing or extra:
-        raise LabelError("a label has exactly the fields " + ", ".join(sorted(SENT_KEYS)) + " (and optionally "
-                         "pair_sha256)" + (f"; missing {sorted(missing)}" if missing else "")
-                         + (f"; unknown {sorted(map(str, extra))}" if extra else ""))
+        raise LabelError(
+            "a label has exactly the fields " + ", ".join(sorted(SENT_KEYS)) + " (and optionally "
+            "pair_sha256)"
+            + (f"; missing {sorted(missing)}" if missing else "")
+            + (f"; unknown {sorted(map(str, extra))}" if extra else "")
+        )
     partition = payload["partition"]
     if isinstance(partition, bool) or not isinstance(partition, int) or partition < 0:
         raise LabelError(f"partition: a partition id (an integer >= 0), got {partition!r}")
-    checks = (("sample_key", KEY_RE, "a sample key (letters, digits, _ and -)"),
-              ("reviewer", REVIEWER_RE, "1-40 letters, digits, '.', '_' or '-', starting with a letter or digit"),
-              ("session", SESSION_RE, "8-64 letters, digits or '-'"))
+    checks = (
+        ("sample_key", KEY_RE, "a sample key (letters, digits, _ and -)"),
+        ("reviewer", REVIEWER_RE, "1-40 letters, digits, '.', '_' or '-', starting with a letter or digit"),
+        ("session", SESSION_RE, "8-64 letters, digits or '-'"),
+    )
     for name, pattern, expected in checks:
         value = payload[name]
         if not isinstance(value, str) or not pattern.match(value):
@@ -68,16 +82,28 @@ def check_label(payload: Any, known: Mapping[tuple[int, str], Mapping[str, Any]]
         raise LabelError(f"label: one of {', '.join(LABELS)}, got {str(payload['label'])[:40]!r}")
     pair = known.get((partition, payload["sample_key"]))
     if pair is None:
-        raise LabelError(f"sample_key: {payload['sample_key']!r} of partition {partition} is not a pair of this "
-                         "review (reload the page)")
+        raise LabelError(
+            f"sample_key: {payload['sample_key']!r} of partition {partition} is not a pair of this "
+            "review (reload the page)"
+        )
     sent_hash = payload.get("pair_sha256")
     if sent_hash is not None and sent_hash != pair["pair_sha256"]:
-        raise LabelError(f"pair_sha256: the images of {payload['sample_key']!r} changed since the page loaded "
-                         "(another render version): reload the page")
-    return {"render_hash": pair["render_hash"], "partition": partition, "sample_key": payload["sample_key"],
-            "caption_id": pair["caption_id"], "pair_sha256": pair["pair_sha256"], "label": payload["label"],
-            "reviewer": payload["reviewer"], "session": payload["session"], "stratum": pair["stratum"],
-            "weight": float(pair["weight"])}
+        raise LabelError(
+            f"pair_sha256: the images of {payload['sample_key']!r} changed since the page loaded "
+            "(another render version): reload the page"
+        )
+    return {
+        "render_hash": pair["render_hash"],
+        "partition": partition,
+        "sample_key": payload["sample_key"],
+        "caption_id": pair["caption_id"],
+        "pair_sha256": pair["pair_sha256"],
+        "label": payload["label"],
+        "reviewer": payload["reviewer"],
+        "session": payload["session"],
+        "stratum": pair["stratum"],
+        "weight": float(pair["weight"]),
+    }
 
 
 def empty() -> pd.DataFrame:
@@ -113,9 +139,12 @@ class LabelStore:
                 for (reviewer, session), first in touched.items():
                     held = self._rows[(reviewer, session)]
                     for chunk in range(first // self.chunk_rows, (len(held) - 1) // self.chunk_rows + 1):
-                        part = held[chunk * self.chunk_rows: (chunk + 1) * self.chunk_rows]
-                        storage.write_parquet_atomic(self.part_url(reviewer, session, chunk),
-                                                     pd.DataFrame(part, columns=COLUMNS), SCHEMA)
+                        part = held[chunk * self.chunk_rows : (chunk + 1) * self.chunk_rows]
+                        storage.write_parquet_atomic(
+                            self.part_url(reviewer, session, chunk),
+                            pd.DataFrame(part, columns=COLUMNS),
+                            SCHEMA,
+                        )
             except Exception:
                 for key, first in touched.items():
                     del self._rows[key][first:]
@@ -133,7 +162,9 @@ class LabelStore:
 def latest(labels: pd.DataFrame) -> pd.DataFrame:
     """Each reviewer's newest label per pair (a pair labelled again: the new label counts)."""
     ordered = labels.sort_values("time", kind="stable")
-    return ordered.drop_duplicates(["reviewer", "partition", "sample_key"], keep="last").reset_index(drop=True)
+    return ordered.drop_duplicates(["reviewer", "partition", "sample_key"], keep="last").reset_index(
+        drop=True
+    )
 
 
 def matched(labels: pd.DataFrame, samples: pd.DataFrame) -> tuple[pd.DataFrame, int]:

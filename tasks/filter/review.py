@@ -76,14 +76,18 @@ def load_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -
     render_hash = stage_hash(cfg, RENDER)
     done = finished_partitions(cfg)
     if not done:
-        raise NoRenderError(f"no render partition of '{cfg.name}' is finished under {cfg.output_root} (render hash "
-                            f"{render_hash}): run `editforge run --preset ...` with the same --set first")
+        raise NoRenderError(
+            f"no render partition of '{cfg.name}' is finished under {cfg.output_root} (render hash "
+            f"{render_hash}): run `editforge run --preset ...` with the same --set first"
+        )
     if partitions is None:
         partitions = spread(done, cfg.review.max_partitions)
     missing = sorted(set(partitions) - set(done))
     if missing:
-        raise NoRenderError(f"render partitions {missing} of '{cfg.name}' are not finished under render hash "
-                            f"{render_hash}; finished: {done}")
+        raise NoRenderError(
+            f"render partitions {missing} of '{cfg.name}' are not finished under render hash "
+            f"{render_hash}; finished: {done}"
+        )
     rungs = cfg.judges.rungs()
     frames = []
     for pid in partitions:
@@ -97,8 +101,10 @@ def load_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -
         frames.append(df.assign(partition=pid))
     samples = pd.concat(frames, ignore_index=True)
     stored = samples["input_sha256"].notna() & samples["edited_sha256"].notna()
-    samples["pair_sha256"] = [pair_sha256(a, b) if ok else None for a, b, ok in
-                              zip(samples["input_sha256"], samples["edited_sha256"], stored)]
+    samples["pair_sha256"] = [
+        pair_sha256(a, b) if ok else None
+        for a, b, ok in zip(samples["input_sha256"], samples["edited_sha256"], stored)
+    ]
     samples["image_stored"] = stored.to_numpy()  # what the manifest holds, not what the row says
     decide(samples, cfg)
     return samples
@@ -110,8 +116,9 @@ def _judged(cfg: PipelineConfig, pid: int, samples: pd.DataFrame) -> pd.DataFram
     judge_hash = stage_hash(cfg, JUDGE)
     if not manifests(cfg, JUDGE, [pid], config_hash=judge_hash).get(pid):
         return samples
-    judgments = storage.read_parquet(layout.partition_file(cfg.output_root, "judge", judge_hash, pid,
-                                                           layout.JUDGMENTS_FILE))
+    judgments = storage.read_parquet(
+        layout.partition_file(cfg.output_root, "judge", judge_hash, pid, layout.JUDGMENTS_FILE)
+    )
     judgments = judgments.drop(columns=[c for c in ("caption_id",) if c in judgments])
     return samples.merge(judgments, on="sample_key", how="left", validate="one_to_one")
 
@@ -167,7 +174,9 @@ def _order(seed: str, df: pd.DataFrame) -> np.ndarray:
     return pd.util.hash_array(keys, hash_key=hashlib.sha256(seed.encode()).hexdigest()[:16])
 
 
-def review_queue(samples: pd.DataFrame, strata: pd.Series, sizes: Mapping[str, int], seed: str) -> pd.DataFrame:
+def review_queue(
+    samples: pd.DataFrame, strata: pd.Series, sizes: Mapping[str, int], seed: str
+) -> pd.DataFrame:
     """The pairs to review, in review order, with ``stratum`` and ``weight`` (see the module doc)."""
     df = samples.assign(stratum=strata.to_numpy())
     df = df[df["stratum"].notna()]
@@ -183,16 +192,22 @@ def review_queue(samples: pd.DataFrame, strata: pd.Series, sizes: Mapping[str, i
         return df.iloc[:0].assign(weight=[], stratum_pairs=[]).drop(columns="_order")
     queue = pd.concat(parts)
     first = queue["stratum"].map(lambda s: STRATUM_ORDER.get(s.split(":")[0], len(STRATUM_ORDER)))
-    queue = queue.assign(_first=first.to_numpy()).sort_values(["_position", "_first", "stratum"], kind="stable")
+    queue = queue.assign(_first=first.to_numpy()).sort_values(
+        ["_position", "_first", "stratum"], kind="stable"
+    )
     queue = queue.drop(columns="_first")
     return queue.drop(columns=["_order", "_position"]).reset_index(drop=True)
 
 
-def queue_for(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def queue_for(
+    cfg: PipelineConfig, partitions: Sequence[int] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the review queue, every sample read) for a config."""
     samples = load_samples(cfg, partitions)
     strata = assign_strata(samples, cfg.selection(), cfg.review.band)
-    queue = review_queue(samples, strata, stratum_sizes(cfg, strata.dropna().unique()), stage_hash(cfg, RENDER))
+    queue = review_queue(
+        samples, strata, stratum_sizes(cfg, strata.dropna().unique()), stage_hash(cfg, RENDER)
+    )
     return queue, samples.assign(stratum=strata.to_numpy())
 
 

@@ -16,20 +16,31 @@ def selection_inputs(cfg) -> dict:
     from tasks.common.selection import selection_fields
 
     rungs = cfg.judges.rungs()
-    return {"filter": {**selection_fields(cfg.selection(), rungs), "note": cfg.filter.note}, "rungs": list(rungs)}
+    return {
+        "filter": {**selection_fields(cfg.selection(), rungs), "note": cfg.filter.note},
+        "rungs": list(rungs),
+    }
 
 
 STAGE = Stage(
     name="filter",
     entry="tasks.filter.stage:run",
     summary="re-select the kept pairs from the stored scores (CLIP, DINOv2, SSIM, VLM thresholds; top-k), "
-            "no re-rendering or re-judging",
+    "no re-rendering or re-judging",
     reads=(RENDER,),
     reads_when=lambda cfg: (JUDGE,) if cfg.judges.vlm.enabled else (),
     hashes=(),
     hash_extra=selection_inputs,
     outputs=(KEPT_FILE,),
     resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet (+ judgments.parquet)"),
-    headline=("n_triplets_in", "n_triplets_kept", "pass_rate_clip", "pass_rate_dino", "pass_rate_ssim",
-              "pass_rate_vlm", "vlm_cost_per_kept_pair_usd", "median_kept_clip_sim_dir"),
+    headline=(
+        "n_triplets_in",
+        "n_triplets_kept",
+        "pass_rate_clip",
+        "pass_rate_dino",
+        "pass_rate_ssim",
+        "pass_rate_vlm",
+        "vlm_cost_per_kept_pair_usd",
+        "median_kept_clip_sim_dir",
+    ),
 )

@@ -76,13 +76,18 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
                 "filter part-%05d: %d selected pairs have no images (render.save_images=%s stored only those "
                 "render kept under render.keep); to re-select beyond them re-render with "
                 "render.save_images=passed (larger top_k) or all (looser thresholds)",
-                partition_id, missing, cfg.render.save_images)
+                partition_id,
+                missing,
+                cfg.render.save_images,
+            )
         if len(rungs) > 1 and len(samples):
             for step in funnel(samples, selection, rungs):
                 run.stats.add(f"ladder_{step['rung']}_in", step["in"])
                 run.stats.add(f"ladder_{step['rung']}_passed", step["passed"])
-        run.stats.observe(f"kept_{selection.rank_by}", kept[selection.rank_by].to_numpy(dtype=float)
-                          if selection.rank_by in kept else np.zeros(0))
+        run.stats.observe(
+            f"kept_{selection.rank_by}",
+            kept[selection.rank_by].to_numpy(dtype=float) if selection.rank_by in kept else np.zeros(0),
+        )
         for col in (DINO, SSIM, VLM_SCORE):
             if col in kept and col != selection.rank_by and kept[col].notna().any():
                 run.stats.observe(f"kept_{col}", kept[col].to_numpy(dtype=float))
@@ -98,10 +103,17 @@ def funnel_line(counts: dict[str, int]) -> str | None:
     """The judge ladder's funnel from (summed) filter counts: each rung's samples in, passed, pass rate."""
     from tasks.common.selection import RUNGS
 
-    steps = [(r, counts[f"ladder_{r}_in"], counts[f"ladder_{r}_passed"]) for r in RUNGS if f"ladder_{r}_in" in counts]
+    steps = [
+        (r, counts[f"ladder_{r}_in"], counts[f"ladder_{r}_passed"])
+        for r in RUNGS
+        if f"ladder_{r}_in" in counts
+    ]
     if len(steps) < 2:
         return None
-    parts = [f"{rung} {n_in} -> {n_out} ({n_out / n_in:.0%})" if n_in else f"{rung} 0" for rung, n_in, n_out in steps]
+    parts = [
+        f"{rung} {n_in} -> {n_out} ({n_out / n_in:.0%})" if n_in else f"{rung} 0"
+        for rung, n_in, n_out in steps
+    ]
     return "judge ladder (filter): " + ", ".join(parts)
 
 
@@ -115,6 +127,8 @@ def record_vlm_cost(run: PartitionRun, samples: pd.DataFrame, kept: int) -> None
     run.stats.add("vlm_completion_tokens", totals["completion_tokens"])
     run.extra["vlm_cost_usd"] = totals["cost_usd"]
     if kept:
-        run.extra["vlm_tokens_per_kept_pair"] = round((totals["prompt_tokens"] + totals["completion_tokens"]) / kept, 1)
+        run.extra["vlm_tokens_per_kept_pair"] = round(
+            (totals["prompt_tokens"] + totals["completion_tokens"]) / kept, 1
+        )
         if totals["cost_usd"] is not None:
             run.extra["vlm_cost_per_kept_pair_usd"] = round(totals["cost_usd"] / kept, 10)

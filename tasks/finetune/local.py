@@ -60,10 +60,16 @@ class FinetuneCheckpoint:
     def _tensors_url(self, step: int) -> str:
         return storage.url_join(self.folder, f"step-{step:08d}.safetensors")
 
-    def save(self, step: int, model, optimizer, schedule, rng: random.Random, order: list[int], losses: list[float]) -> None:
+    def save(
+        self, step: int, model, optimizer, schedule, rng: random.Random, order: list[int], losses: list[float]
+    ) -> None:
         from safetensors.torch import save
 
-        tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {
+            f"model.{n}": p.detach().cpu().contiguous()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
         scalars: dict[str, dict] = {}
         for i, state in optimizer.state_dict()["state"].items():
             for key, value in state.items():
@@ -74,18 +80,30 @@ class FinetuneCheckpoint:
         tensors["rng.torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        state = {"step": step, "order": order, "losses": losses, "py_rng": _jsonable(rng.getstate()),
-                 "optim_scalars": scalars, "param_groups": optimizer.state_dict()["param_groups"],
-                 "schedule": {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"},
-                 "tensors": self._tensors_url(step).rsplit("/", 1)[-1]}
-        previous = json.loads(storage.read_bytes(self.state_url))["tensors"] if storage.exists(self.state_url) else None
+        state = {
+            "step": step,
+            "order": order,
+            "losses": losses,
+            "py_rng": _jsonable(rng.getstate()),
+            "optim_scalars": scalars,
+            "param_groups": optimizer.state_dict()["param_groups"],
+            "schedule": {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"},
+            "tensors": self._tensors_url(step).rsplit("/", 1)[-1],
+        }
+        previous = (
+            json.loads(storage.read_bytes(self.state_url))["tensors"]
+            if storage.exists(self.state_url)
+            else None
+        )
         # the tensors first, then the state that names them: a kill in between leaves the previous pair whole
         storage.write_bytes_atomic(self._tensors_url(step), save(tensors))
         storage.write_bytes_atomic(self.state_url, json.dumps(state).encode())
         if previous and previous != state["tensors"]:
             storage.remove(storage.url_join(self.folder, previous))
 
-    def restore(self, model, optimizer, schedule, rng: random.Random) -> tuple[int, list[int], list[float]] | None:
+    def restore(
+        self, model, optimizer, schedule, rng: random.Random
+    ) -> tuple[int, list[int], list[float]] | None:
         """Load the newest state into the objects; (step, order, losses), or None when there is none."""
         if not storage.exists(self.state_url):
             return None
@@ -119,8 +137,16 @@ def _jsonable(value):
 
 
 def finetune(
-    model, tokenizer, train: Sequence, val: Sequence, steps: int, batch_size: int, lr: float, seed: int,
-    stats: Stats, progress: Callable[[int, float], None] | None = None,
+    model,
+    tokenizer,
+    train: Sequence,
+    val: Sequence,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    stats: Stats,
+    progress: Callable[[int, float], None] | None = None,
     checkpoint: FinetuneCheckpoint | None = None,
 ) -> dict:
     """Train `model` in place on (input, edit, output) triplets; return train/val loss figures.
@@ -136,7 +162,8 @@ def finetune(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+        optimizer,
+        lambda s: min(1.0, (s + 1) / max(1, steps // 10)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))),
     )
     model.train()
     order: list[int] = []
@@ -150,7 +177,9 @@ def finetune(
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         idx, order = order[:batch_size], order[batch_size:]
-        input_ids, attention, labels = (x.to(device) for x in _collate([examples[i] for i in idx], tokenizer.pad_token_id))
+        input_ids, attention, labels = (
+            x.to(device) for x in _collate([examples[i] for i in idx], tokenizer.pad_token_id)
+        )
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -166,17 +195,30 @@ def finetune(
     val_loss = None
     if val_examples:
         with torch.inference_mode():
-            input_ids, attention, labels = (x.to(device) for x in _collate(val_examples, tokenizer.pad_token_id))
+            input_ids, attention, labels = (
+                x.to(device) for x in _collate(val_examples, tokenizer.pad_token_id)
+            )
             val_loss = float(model(input_ids=input_ids, attention_mask=attention, labels=labels).loss)
     stats.add("finetune_steps", steps)
     stats.add("finetune_examples", len(examples))
     first = sum(losses[:10]) / max(1, len(losses[:10])) if losses else None
     last = sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else None
     every = -(-len(losses) // 200) if losses else 1  # at most 200 points: the report's loss curve
-    curve = [{"step": min(i + every, len(losses)), "loss": round(sum(losses[i: i + every]) / len(losses[i: i + every]), 5)}
-             for i in range(0, len(losses), every)]
-    return {"train_loss_first10": first, "train_loss_last10": last, "val_loss": val_loss,
-            "train_examples": len(examples), "val_examples": len(val_examples), "loss_curve": curve}
+    curve = [
+        {
+            "step": min(i + every, len(losses)),
+            "loss": round(sum(losses[i : i + every]) / len(losses[i : i + every]), 5),
+        }
+        for i in range(0, len(losses), every)
+    ]
+    return {
+        "train_loss_first10": first,
+        "train_loss_last10": last,
+        "val_loss": val_loss,
+        "train_examples": len(examples),
+        "val_examples": len(val_examples),
+        "loss_curve": curve,
+    }
 
 
 def apply_lora(model, t: TextConfig):
@@ -184,7 +226,10 @@ def apply_lora(model, t: TextConfig):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, task_type="CAUSAL_LM",
+        r=t.lora_r,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        task_type="CAUSAL_LM",
         target_modules=list(t.lora_targets) or None,
         fan_in_fan_out=getattr(model.config, "model_type", "") == "gpt2",  # GPT-2 uses Conv1D layers
     )

@@ -42,7 +42,11 @@ def job_error_text(job: Any) -> str:
 
 
 async def finetune_openai(
-    client: openai.AsyncOpenAI, t: TextConfig, files: dict[str, bytes], state_url: str, stats: Stats,
+    client: openai.AsyncOpenAI,
+    t: TextConfig,
+    files: dict[str, bytes],
+    state_url: str,
+    stats: Stats,
     logger: logging.Logger = log,
 ) -> dict[str, Any]:
     """Run (or resume) the fine-tuning job; return the model id and job metadata for the manifest."""
@@ -61,24 +65,50 @@ async def finetune_openai(
             storage.remove(state_url)
             raise FineTuneJobError(f"fine-tuning job {job.id} {job.status}: {job_error_text(job)}")
     if job is None:
-        train_bytes, val_bytes = files[finetune_file_name("train", fmt)], files[finetune_file_name("val", fmt)]
-        train = await retried(lambda: client.files.create(
-            file=(finetune_file_name("train", fmt), io.BytesIO(train_bytes)), purpose="fine-tune"))
+        train_bytes, val_bytes = (
+            files[finetune_file_name("train", fmt)],
+            files[finetune_file_name("val", fmt)],
+        )
+        train = await retried(
+            lambda: client.files.create(
+                file=(finetune_file_name("train", fmt), io.BytesIO(train_bytes)), purpose="fine-tune"
+            )
+        )
         val = None
         if val_bytes:
-            val = await retried(lambda: client.files.create(
-                file=(finetune_file_name("val", fmt), io.BytesIO(val_bytes)), purpose="fine-tune"))
+            val = await retried(
+                lambda: client.files.create(
+                    file=(finetune_file_name("val", fmt), io.BytesIO(val_bytes)), purpose="fine-tune"
+                )
+            )
         extra: dict[str, Any] = {}
         if o.finetune_epochs:
-            extra["method"] = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": o.finetune_epochs}}}
-        job = await retried(lambda: client.fine_tuning.jobs.create(
-            model=o.base_model, training_file=train.id, validation_file=val.id if val else None,
-            suffix=o.finetune_suffix or None, seed=t.seed, **extra))
-        storage.write_json_atomic(state_url, {"job_id": job.id, "training_file": train.id,
-                                              "validation_file": val.id if val else None})
+            extra["method"] = {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": o.finetune_epochs}},
+            }
+        job = await retried(
+            lambda: client.fine_tuning.jobs.create(
+                model=o.base_model,
+                training_file=train.id,
+                validation_file=val.id if val else None,
+                suffix=o.finetune_suffix or None,
+                seed=t.seed,
+                **extra,
+            )
+        )
+        storage.write_json_atomic(
+            state_url,
+            {"job_id": job.id, "training_file": train.id, "validation_file": val.id if val else None},
+        )
         stats.add("finetune_jobs_created")
-        logger.info("fine-tune: job %s created on %s (base model %s, %s format)", job.id, redacted_endpoint(o),
-                    o.base_model, fmt)
+        logger.info(
+            "fine-tune: job %s created on %s (base model %s, %s format)",
+            job.id,
+            redacted_endpoint(o),
+            o.base_model,
+            fmt,
+        )
     job = await _poll(client, retried, job, o.poll_interval_s, o.poll_timeout_s, logger)
     if job.status != "succeeded":
         storage.remove(state_url)
@@ -87,17 +117,27 @@ async def finetune_openai(
         raise FineTuneJobError(f"fine-tuning job {job.id} succeeded without a fine_tuned_model")
     hyper = getattr(job, "hyperparameters", None)
     return {
-        "model": job.fine_tuned_model, "job_id": job.id, "status": job.status, "base_model": job.model,
-        "created_at": job.created_at, "finished_at": job.finished_at, "trained_tokens": job.trained_tokens,
-        "training_file": job.training_file, "validation_file": job.validation_file,
-        "result_files": list(job.result_files or []), "seed": job.seed,
+        "model": job.fine_tuned_model,
+        "job_id": job.id,
+        "status": job.status,
+        "base_model": job.model,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "result_files": list(job.result_files or []),
+        "seed": job.seed,
         "hyperparameters": hyper.model_dump(mode="json") if hyper is not None else None,
-        "format": fmt, "endpoint": redacted_endpoint(o), "resumed": resumed,
+        "format": fmt,
+        "endpoint": redacted_endpoint(o),
+        "resumed": resumed,
     }
 
 
-async def _poll(client: openai.AsyncOpenAI, retried, job: Any, interval: float, timeout: float,
-                logger: logging.Logger) -> Any:
+async def _poll(
+    client: openai.AsyncOpenAI, retried, job: Any, interval: float, timeout: float, logger: logging.Logger
+) -> Any:
     """Poll until the job ends, logging status changes and new events (step, loss) as progress."""
     last_status, seen_events = None, set()
 
@@ -115,6 +155,12 @@ async def _poll(client: openai.AsyncOpenAI, retried, job: Any, interval: float, 
         except openai.NotFoundError:
             pass  # a server without the events endpoint: status changes are the progress
 
-    return await poll_until(partial(retried, partial(client.fine_tuning.jobs.retrieve, job.id)),
-                            lambda job: job.status not in ACTIVE, report, interval, timeout,
-                            f"fine-tuning job {job.id}", first=job)
+    return await poll_until(
+        partial(retried, partial(client.fine_tuning.jobs.retrieve, job.id)),
+        lambda job: job.status not in ACTIVE,
+        report,
+        interval,
+        timeout,
+        f"fine-tuning job {job.id}",
+        first=job,
+    )

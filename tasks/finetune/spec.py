@@ -16,11 +16,24 @@ from tasks.common.layout import FINETUNED_MODEL, OPENAI_MODEL_FILE
 from tasks.common.stage import Resources, Stage, gpus_for
 
 FINETUNE_COMMON = ("text.backend", "text.val_fraction", "text.seed")
-FINETUNE_LOCAL = ("models.lm", "models.lm_path", "text.finetune_method", "text.finetune_steps",
-                  "text.finetune_batch_size", "text.learning_rate", "text.dtype")
+FINETUNE_LOCAL = (
+    "models.lm",
+    "models.lm_path",
+    "text.finetune_method",
+    "text.finetune_steps",
+    "text.finetune_batch_size",
+    "text.learning_rate",
+    "text.dtype",
+)
 FINETUNE_LORA = ("text.lora_r", "text.lora_alpha", "text.lora_dropout", "text.lora_targets")
-FINETUNE_OPENAI = ("text.openai.base_url", "text.openai.endpoint", "text.openai.base_model", "text.openai.model",
-                   "text.openai.finetune_epochs", "text.openai.finetune_suffix")
+FINETUNE_OPENAI = (
+    "text.openai.base_url",
+    "text.openai.endpoint",
+    "text.openai.base_model",
+    "text.openai.model",
+    "text.openai.finetune_epochs",
+    "text.openai.finetune_suffix",
+)
 
 
 def finetune_sections(cfg) -> tuple[str, ...]:
@@ -35,17 +48,23 @@ def finetune_inputs(cfg) -> dict[str, Any]:
     from prompts.templates import templates_hash
     from tasks.world.weights import hash_extra as world_models
 
-    return {"templates": templates_hash(),
-            "seeds_sha": hashlib.sha256(storage.read_bytes(cfg.text.seed_annotations_path())).hexdigest(),
-            **(world_models(cfg, ("lm",)) if cfg.text.backend == "local" else {})}
+    return {
+        "templates": templates_hash(),
+        "seeds_sha": hashlib.sha256(storage.read_bytes(cfg.text.seed_annotations_path())).hexdigest(),
+        **(world_models(cfg, ("lm",)) if cfg.text.backend == "local" else {}),
+    }
 
 
 def finetune_resources(cfg) -> Resources:
     t = cfg.text
     if t.backend == "openai":
         return Resources(1, 0, "-", "a fine-tuning job on the OpenAI-compatible API")
-    return Resources(1, gpus_for(t.device), f"{t.finetune_batch_size} examples",
-                     f"{t.finetune_method} fine-tune of models.lm, {t.dtype}")
+    return Resources(
+        1,
+        gpus_for(t.device),
+        f"{t.finetune_batch_size} examples",
+        f"{t.finetune_method} fine-tune of models.lm, {t.dtype}",
+    )
 
 
 FINETUNE = Stage(
@@ -56,7 +75,10 @@ FINETUNE = Stage(
     reads=(),
     hashes=finetune_sections,
     hash_extra=finetune_inputs,
-    outputs=("{train,val}.{completion,chat}.jsonl", f"{FINETUNED_MODEL}/ (local) or {OPENAI_MODEL_FILE} (openai)"),
+    outputs=(
+        "{train,val}.{completion,chat}.jsonl",
+        f"{FINETUNED_MODEL}/ (local) or {OPENAI_MODEL_FILE} (openai)",
+    ),
     resources=finetune_resources,
     partitions="one",
 )

@@ -64,8 +64,12 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | 
         else:
             figures = _finetune_openai(cfg, run, logger)
             storage.write_json_atomic(run.output(layout.OPENAI_MODEL_FILE), figures)
-        run.extra["finetune"] = figures | {"seed_annotations": seed_path, "backend": t.backend,
-                                           "train_examples": len(train), "val_examples": len(val)}
+        run.extra["finetune"] = figures | {
+            "seed_annotations": seed_path,
+            "backend": t.backend,
+            "train_examples": len(train),
+            "val_examples": len(val),
+        }
         run.stats.add("out", 1)
 
     return execute(cfg, FINETUNE, partition_id, work, logger)
@@ -84,10 +88,22 @@ def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}")
 
     with run.stats.timer("finetune"):
-        figures = finetune(model, tokenizer, train, val, t.finetune_steps, t.finetune_batch_size,
-                           t.learning_rate, t.seed, run.stats, progress,
-                           FinetuneCheckpoint(storage.url_join(layout.progress_dir(run.dir, run.config_hash), "finetune"),
-                                              t.finetune_checkpoint_every))
+        figures = finetune(
+            model,
+            tokenizer,
+            train,
+            val,
+            t.finetune_steps,
+            t.finetune_batch_size,
+            t.learning_rate,
+            t.seed,
+            run.stats,
+            progress,
+            FinetuneCheckpoint(
+                storage.url_join(layout.progress_dir(run.dir, run.config_hash), "finetune"),
+                t.finetune_checkpoint_every,
+            ),
+        )
     bar.close()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +111,11 @@ def _finetune_local(cfg: PipelineConfig, run: PartitionRun, train, val) -> dict:
         tokenizer.save_pretrained(tmp)
         for f in sorted(Path(tmp).iterdir()):
             storage.write_bytes_atomic(run.output(f"{layout.FINETUNED_MODEL}/{f.name}"), f.read_bytes())
-    return figures | {"base_model": cfg.models.lm_path or cfg.models.lm, "method": t.finetune_method,
-                      "trainable_parameters": trainable}
+    return figures | {
+        "base_model": cfg.models.lm_path or cfg.models.lm,
+        "method": t.finetune_method,
+        "trainable_parameters": trainable,
+    }
 
 
 def _finetune_openai(cfg: PipelineConfig, run: PartitionRun, logger: logging.Logger) -> dict:
@@ -105,8 +124,9 @@ def _finetune_openai(cfg: PipelineConfig, run: PartitionRun, logger: logging.Log
 
     o = cfg.text.openai
     if o.model:
-        logger.info("fine-tune: using model %s as is at %s (text.openai.model; no job)", o.model,
-                    redacted_endpoint(o))
+        logger.info(
+            "fine-tune: using model %s as is at %s (text.openai.model; no job)", o.model, redacted_endpoint(o)
+        )
         return {"model": o.model, "job_id": None, "endpoint": redacted_endpoint(o)}
     api_key = resolve_api_key(o)
     files = {name: storage.read_bytes(run.path(name)) for name in run.outputs if name.endswith(".jsonl")}
@@ -114,8 +134,16 @@ def _finetune_openai(cfg: PipelineConfig, run: PartitionRun, logger: logging.Log
     async def go() -> dict:
         async with make_client(o, api_key) as client:
             with run.stats.timer("finetune"):
-                return await finetune_openai(client, cfg.text, files, storage.url_join(layout.progress_dir(run.dir, run.config_hash), "openai-finetune-job.json"),
-                                             run.stats, logger)
+                return await finetune_openai(
+                    client,
+                    cfg.text,
+                    files,
+                    storage.url_join(
+                        layout.progress_dir(run.dir, run.config_hash), "openai-finetune-job.json"
+                    ),
+                    run.stats,
+                    logger,
+                )
 
     return run_sync(go)
 
@@ -127,8 +155,10 @@ def finetuned_model_id(cfg: PipelineConfig) -> str:
     h = stage_hash(cfg, FINETUNE)
     done = finished(layout.partition_dir(cfg.output_root, STAGE, h, 0), h)
     if not done or "finetune" not in done or not done["finetune"].get("model"):
-        raise RuntimeError(f"text: no fine-tuned model recorded under {cfg.output_root}/{STAGE}; "
-                           f"run the finetune stage first (editforge stage finetune)")
+        raise RuntimeError(
+            f"text: no fine-tuned model recorded under {cfg.output_root}/{STAGE}; "
+            f"run the finetune stage first (editforge stage finetune)"
+        )
     return done["finetune"]["model"]
 
 

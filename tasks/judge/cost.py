@@ -32,8 +32,10 @@ def row_costs(rows: pd.DataFrame, v: VLMJudgeConfig) -> np.ndarray:
     price = price_for(v.model, v.prices)
     if price is None or not len(rows):
         return np.full(len(rows), np.nan)
-    usd = (rows["vlm_prompt_tokens"].to_numpy(dtype=float) * price.input_per_mtok
-           + rows["vlm_completion_tokens"].to_numpy(dtype=float) * price.output_per_mtok) / 1e6
+    usd = (
+        rows["vlm_prompt_tokens"].to_numpy(dtype=float) * price.input_per_mtok
+        + rows["vlm_completion_tokens"].to_numpy(dtype=float) * price.output_per_mtok
+    ) / 1e6
     return usd * np.where(rows["vlm_batch"].fillna(False).astype(bool).to_numpy(), v.batch_discount, 1.0)
 
 
@@ -49,8 +51,11 @@ def spent(rows: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def estimate(judge_manifests: Iterable[Mapping[str, Any]], filter_manifests: Iterable[Mapping[str, Any]],
-             pairs: int | None = None) -> dict[str, Any]:
+def estimate(
+    judge_manifests: Iterable[Mapping[str, Any]],
+    filter_manifests: Iterable[Mapping[str, Any]],
+    pairs: int | None = None,
+) -> dict[str, Any]:
     """Measured tokens and cost from finished manifests, per judged sample and per kept pair, and what
     ``pairs`` kept pairs would cost at that rate (default: the kept pairs measured)."""
     judged = prompt = completion = 0
@@ -64,12 +69,17 @@ def estimate(judge_manifests: Iterable[Mapping[str, Any]], filter_manifests: Ite
     kept = sum(m.get("counts", {}).get("out", 0) for m in filter_manifests)
     per_pair = cost / kept if cost is not None and kept else None
     return {
-        "judged": judged, "prompt_tokens": prompt, "completion_tokens": completion, "cost_usd": cost,
+        "judged": judged,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost_usd": cost,
         "kept_pairs": kept,
         "cost_per_judged_usd": cost / judged if cost is not None and judged else None,
         "tokens_per_judged": (prompt + completion) / judged if judged else None,
         "judged_per_kept_pair": judged / kept if kept else None,
         "cost_per_kept_pair_usd": per_pair,
         "projected_pairs": pairs if pairs is not None else kept,
-        "projected_cost_usd": per_pair * (pairs if pairs is not None else kept) if per_pair is not None else None,
+        "projected_cost_usd": per_pair * (pairs if pairs is not None else kept)
+        if per_pair is not None
+        else None,
     }

@@ -46,8 +46,13 @@ def candidates(samples: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     return samples[ok].sort_values("sample_key").reset_index(drop=True)
 
 
-def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None,
-        on_chunk: Callable[[int], None] | None = None) -> dict:
+def run(
+    cfg: PipelineConfig,
+    partition_id: int,
+    *,
+    logger: logging.Logger | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
     """Judge one partition's candidates (see module doc); ``on_chunk(n)`` is called after the n-th
     checkpoint chunk is written (progress, crash tests)."""
     logger = logger or log
@@ -66,8 +71,12 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         done = checkpoint.done_keys()
         pending = cands[~cands["sample_key"].isin(done)]
         if done:
-            logger.info("judge part-%05d: resuming, %d of %d candidates already judged", partition_id,
-                        len(cands) - len(pending), len(cands))
+            logger.info(
+                "judge part-%05d: resuming, %d of %d candidates already judged",
+                partition_id,
+                len(cands) - len(pending),
+                len(cands),
+            )
         if len(pending):
             with run.stats.timer("judge"):
                 _judge(cfg, run, pending, cands, checkpoint, partition_id, logger, on_chunk)
@@ -76,9 +85,16 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
     return execute(cfg, JUDGE, partition_id, work, logger)
 
 
-def _judge(cfg: PipelineConfig, run: PartitionRun, pending: pd.DataFrame, cands: pd.DataFrame,
-           checkpoint: Checkpoint, partition_id: int, logger: logging.Logger,
-           on_chunk: Callable[[int], None] | None) -> None:
+def _judge(
+    cfg: PipelineConfig,
+    run: PartitionRun,
+    pending: pd.DataFrame,
+    cands: pd.DataFrame,
+    checkpoint: Checkpoint,
+    partition_id: int,
+    logger: logging.Logger,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
     from tasks.common.openai_client import (
         RetryPolicy,
         create_completion,
@@ -96,44 +112,90 @@ def _judge(cfg: PipelineConfig, run: PartitionRun, pending: pd.DataFrame, cands:
     stats = run.stats
 
     def body_of(sample) -> tuple[dict, str]:
-        urls = [image_url(storage.read_bytes(storage.url_join(render_dir, image_name(sample.sample_key, which))), v)
-                for which in ("input", "edited")]
+        urls = [
+            image_url(
+                storage.read_bytes(storage.url_join(render_dir, image_name(sample.sample_key, which))), v
+            )
+            for which in ("input", "edited")
+        ]
         return request_body(v, sample.edit, sample.input, sample.output, urls), input_sha(urls)
 
     async def go() -> None:
         async with make_client(v, api_key) as client:
             retried = retrying(RetryPolicy.from_config(v), rng, stats)
-            writer = ChunkBuffer(checkpoint, stats, JUDGMENT_COLUMNS, "sample_key", v.checkpoint_every,
-                                 v.checkpoint_interval_s, on_chunk)
+            writer = ChunkBuffer(
+                checkpoint,
+                stats,
+                JUDGMENT_COLUMNS,
+                "sample_key",
+                v.checkpoint_every,
+                v.checkpoint_interval_s,
+                on_chunk,
+            )
 
             async def ask(sample) -> list[dict]:
                 body, sha = await asyncio.to_thread(body_of, sample)
                 try:
-                    answer = await retried(partial(create_completion, client, "chat", body, v.request_timeout_s))
+                    answer = await retried(
+                        partial(create_completion, client, "chat", body, v.request_timeout_s)
+                    )
                 except openai.APIStatusError as err:
                     if err.status_code >= 500 or err.status_code in (408, 409, 429):
                         raise
-                    logger.warning("judge: request for sample %s refused (HTTP %s): %s", sample.sample_key,
-                                   err.status_code, str(err)[:300])
-                    return [judgment_row(sample.sample_key, sample.caption_id, v, raw=None, status="refused",
-                                         error=f"HTTP {err.status_code}: {str(err)[:200]}", sha=sha)]
+                    logger.warning(
+                        "judge: request for sample %s refused (HTTP %s): %s",
+                        sample.sample_key,
+                        err.status_code,
+                        str(err)[:300],
+                    )
+                    return [
+                        judgment_row(
+                            sample.sample_key,
+                            sample.caption_id,
+                            v,
+                            raw=None,
+                            status="refused",
+                            error=f"HTTP {err.status_code}: {str(err)[:200]}",
+                            sha=sha,
+                        )
+                    ]
                 stats.add("requests_answered")
-                return [judgment_row(sample.sample_key, sample.caption_id, v, raw=answer.text,
-                                     prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-                                     sha=sha)]
+                return [
+                    judgment_row(
+                        sample.sample_key,
+                        sample.caption_id,
+                        v,
+                        raw=answer.text,
+                        prompt_tokens=answer.prompt_tokens,
+                        completion_tokens=answer.completion_tokens,
+                        sha=sha,
+                    )
+                ]
 
             items = list(pending.itertuples(index=False))
             if v.mode == "batch":
-                await _judge_batch(client, v, retried, items, cands, body_of, writer, ask, run, partition_id,
-                                   logger)
+                await _judge_batch(
+                    client, v, retried, items, cands, body_of, writer, ask, run, partition_id, logger
+                )
             else:
                 await serve(items, ask, v.concurrency, writer, logger, "judge")
 
     run_sync(go)
 
 
-async def _judge_batch(client, v: VLMJudgeConfig, retried, items: list, cands: pd.DataFrame, body_of, writer,
-                       ask, run: PartitionRun, partition_id: int, logger: logging.Logger) -> None:
+async def _judge_batch(
+    client,
+    v: VLMJudgeConfig,
+    retried,
+    items: list,
+    cands: pd.DataFrame,
+    body_of,
+    writer,
+    ask,
+    run: PartitionRun,
+    partition_id: int,
+    logger: logging.Logger,
+) -> None:
     """Batch API jobs over fixed groups of the candidates (resumable by group), polled together; what a job
     leaves unanswered is asked online."""
     from tasks.common.openai_batch import run_batch_job
@@ -143,7 +205,7 @@ async def _judge_batch(client, v: VLMJudgeConfig, retried, items: list, cands: p
     pending = {s.sample_key: s for s in items}
     keys = cands["sample_key"].tolist()  # groups over every candidate: a resumed run finds the same groups
     size = v.batch_max_requests
-    groups = [keys[i: i + size] for i in range(0, len(keys), size)]
+    groups = [keys[i : i + size] for i in range(0, len(keys), size)]
     progress = layout.progress_dir(run.dir, run.config_hash)
     label = f"judge part-{partition_id:05d}"
     missing: list = []
@@ -164,12 +226,25 @@ async def _judge_batch(client, v: VLMJudgeConfig, retried, items: list, cands: p
             return batch_lines(lines, CHAT)
 
         batch, bodies = await run_batch_job(
-            client, retried, run.stats, state_url=storage.url_join(progress, f"vlm-batch-{index:05d}.json"),
-            custom_ids=[s.sample_key for s in todo], payload=lambda: payload(),
-            file_name=f"editforge-judge-part-{partition_id:05d}-{index:05d}.jsonl", endpoint=CHAT,
-            metadata={"editforge_stage": "judge", "editforge_partition": str(partition_id), "editforge_group": str(index)},
-            interval_s=v.poll_interval_s, timeout_s=v.poll_timeout_s, label=label, note=f" (group {index})",
-            logger=logger)
+            client,
+            retried,
+            run.stats,
+            state_url=storage.url_join(progress, f"vlm-batch-{index:05d}.json"),
+            custom_ids=[s.sample_key for s in todo],
+            payload=lambda: payload(),
+            file_name=f"editforge-judge-part-{partition_id:05d}-{index:05d}.jsonl",
+            endpoint=CHAT,
+            metadata={
+                "editforge_stage": "judge",
+                "editforge_partition": str(partition_id),
+                "editforge_group": str(index),
+            },
+            interval_s=v.poll_interval_s,
+            timeout_s=v.poll_timeout_s,
+            label=label,
+            note=f" (group {index})",
+            logger=logger,
+        )
         run.stats.add("batch_answered", len(bodies))
         for sample in todo:
             if sample.sample_key not in bodies:
@@ -177,9 +252,18 @@ async def _judge_batch(client, v: VLMJudgeConfig, retried, items: list, cands: p
                 continue
             answer = completion_of("chat", bodies[sample.sample_key])
             sha = shas.get(sample.sample_key) or (await asyncio.to_thread(body_of, sample))[1]
-            writer.add(judgment_row(sample.sample_key, sample.caption_id, v, raw=answer.text,
-                                    prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-                                    batch=True, sha=sha))
+            writer.add(
+                judgment_row(
+                    sample.sample_key,
+                    sample.caption_id,
+                    v,
+                    raw=answer.text,
+                    prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens,
+                    batch=True,
+                    sha=sha,
+                )
+            )
             if writer.due():
                 await writer.flush()
         await writer.flush()
@@ -188,7 +272,9 @@ async def _judge_batch(client, v: VLMJudgeConfig, retried, items: list, cands: p
 
     await asyncio.gather(*(one(i, g) for i, g in enumerate(groups)))
     if missing:
-        logger.info("%s: %d requests left unanswered by the batch jobs; sending them online", label, len(missing))
+        logger.info(
+            "%s: %d requests left unanswered by the batch jobs; sending them online", label, len(missing)
+        )
         run.stats.add("batch_fallback_online", len(missing))
         await serve(sorted(missing, key=lambda s: s.sample_key), ask, v.concurrency, writer, logger, "judge")
 
@@ -198,7 +284,9 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint, cands: pd.DataFrame, v:
     rows = checkpoint.load()
     if len(rows):
         rows = rows[rows["sample_key"].isin(set(cands["sample_key"]))]
-        rows = rows.drop_duplicates("sample_key", keep="last").sort_values("sample_key").reset_index(drop=True)
+        rows = (
+            rows.drop_duplicates("sample_key", keep="last").sort_values("sample_key").reset_index(drop=True)
+        )
         rows["vlm_cost_usd"] = row_costs(rows, v)
     else:
         rows = pd.DataFrame(columns=COLUMNS)
@@ -219,8 +307,9 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint, cands: pd.DataFrame, v:
     if totals["judged"] and totals["cost_usd"] is not None:
         run.extra["vlm_cost_per_judged_usd"] = round(totals["cost_usd"] / totals["judged"], 10)
     if totals["judged"]:
-        run.extra["vlm_tokens_per_judged"] = round((totals["prompt_tokens"] + totals["completion_tokens"])
-                                                   / totals["judged"], 1)
+        run.extra["vlm_tokens_per_judged"] = round(
+            (totals["prompt_tokens"] + totals["completion_tokens"]) / totals["judged"], 1
+        )
     seconds = run.stats.timings.get("judge", 0.0)
     if seconds > 0 and run.stats.counts.get("requests_answered"):
         run.extra["judged_per_s"] = round(run.stats.counts["requests_answered"] / seconds, 3)

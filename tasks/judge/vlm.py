@@ -30,9 +30,24 @@ from tasks.common.config import VLMJudgeConfig
 
 RUBRIC = "viescore-v1"  # the rubric's name and version, recorded with every judgment
 Score = Annotated[float, Field(ge=0, le=10, strict=True)]
-JUDGMENT_COLUMNS = ["sample_key", "caption_id", "vlm_rubric", "vlm_model", "vlm_status", "vlm_instruction",
-                    "vlm_preservation", "vlm_quality", "vlm_score", "vlm_reasoning", "vlm_raw", "vlm_error",
-                    "vlm_prompt_tokens", "vlm_completion_tokens", "vlm_batch", "vlm_input_sha"]
+JUDGMENT_COLUMNS = [
+    "sample_key",
+    "caption_id",
+    "vlm_rubric",
+    "vlm_model",
+    "vlm_status",
+    "vlm_instruction",
+    "vlm_preservation",
+    "vlm_quality",
+    "vlm_score",
+    "vlm_reasoning",
+    "vlm_raw",
+    "vlm_error",
+    "vlm_prompt_tokens",
+    "vlm_completion_tokens",
+    "vlm_batch",
+    "vlm_input_sha",
+]
 
 
 class Verdict(BaseModel):
@@ -53,8 +68,12 @@ class Verdict(BaseModel):
 
 VERDICT_SCHEMA = {
     "type": "object",
-    "properties": {"instruction_followed": {"type": "integer"}, "preservation": {"type": "integer"},
-                   "quality": {"type": "integer"}, "reasoning": {"type": "string"}},
+    "properties": {
+        "instruction_followed": {"type": "integer"},
+        "preservation": {"type": "integer"},
+        "quality": {"type": "integer"},
+        "reasoning": {"type": "string"},
+    },
     "required": ["instruction_followed", "preservation", "quality", "reasoning"],
     "additionalProperties": False,
 }
@@ -73,7 +92,7 @@ def parse_verdict(text: str | None) -> tuple[Verdict | None, str | None]:
         if start < 0 or end <= start:
             return None, "no JSON object in the answer"
         try:
-            data = json.loads(body[start: end + 1])
+            data = json.loads(body[start : end + 1])
         except ValueError as err:
             return None, f"invalid JSON: {err}"
     if not isinstance(data, dict):
@@ -93,8 +112,10 @@ def image_url(png: bytes, v: VLMJudgeConfig) -> str:
         image = Image.open(io.BytesIO(png)).convert("RGB")
         if v.image_size is not None and max(image.size) > v.image_size:
             scale = v.image_size / max(image.size)
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.Resampling.LANCZOS)
+            image = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                Image.Resampling.LANCZOS,
+            )
         buf = io.BytesIO()
         if v.image_format == "png":
             image.save(buf, format="PNG")
@@ -111,23 +132,41 @@ def input_sha(urls: list[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode("ascii")).hexdigest()[:16]
 
 
-def request_body(v: VLMJudgeConfig, instruction: str, input_caption: str, output_caption: str,
-                 urls: list[str]) -> dict[str, Any]:
+def request_body(
+    v: VLMJudgeConfig, instruction: str, input_caption: str, output_caption: str, urls: list[str]
+) -> dict[str, Any]:
     """The chat completion request grading one pair (``urls``: original, edited)."""
     parts = [{"type": "image_url", "image_url": {"url": url, "detail": v.detail}} for url in urls]
-    body: dict[str, Any] = {"model": v.model, "messages": judge_messages(instruction, input_caption, output_caption, parts),
-                            "temperature": v.temperature, "seed": v.seed, "max_completion_tokens": v.max_tokens}
+    body: dict[str, Any] = {
+        "model": v.model,
+        "messages": judge_messages(instruction, input_caption, output_caption, parts),
+        "temperature": v.temperature,
+        "seed": v.seed,
+        "max_completion_tokens": v.max_tokens,
+    }
     if v.response_format == "json_object":
         body["response_format"] = {"type": "json_object"}
     elif v.response_format == "json_schema":
-        body["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "edit_judgment", "strict": True, "schema": VERDICT_SCHEMA}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "edit_judgment", "strict": True, "schema": VERDICT_SCHEMA},
+        }
     return body
 
 
-def judgment_row(sample_key: str, caption_id: str, v: VLMJudgeConfig, *, raw: str | None, status: str | None = None,
-                 error: str | None = None, prompt_tokens: int = 0, completion_tokens: int = 0, batch: bool = False,
-                 sha: str = "") -> dict[str, Any]:
+def judgment_row(
+    sample_key: str,
+    caption_id: str,
+    v: VLMJudgeConfig,
+    *,
+    raw: str | None,
+    status: str | None = None,
+    error: str | None = None,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+    batch: bool = False,
+    sha: str = "",
+) -> dict[str, Any]:
     """One judged sample: the scores when the answer parses (``status`` ok), else ``unparseable`` or
     ``refused`` (the request was refused by the server) with why."""
     verdict = None
@@ -136,14 +175,20 @@ def judgment_row(sample_key: str, caption_id: str, v: VLMJudgeConfig, *, raw: st
         status = "ok" if verdict is not None else "unparseable"
     nan = float("nan")
     return {
-        "sample_key": sample_key, "caption_id": caption_id, "vlm_rubric": RUBRIC, "vlm_model": v.model,
+        "sample_key": sample_key,
+        "caption_id": caption_id,
+        "vlm_rubric": RUBRIC,
+        "vlm_model": v.model,
         "vlm_status": status,
         "vlm_instruction": verdict.instruction_followed if verdict else nan,
         "vlm_preservation": verdict.preservation if verdict else nan,
         "vlm_quality": verdict.quality if verdict else nan,
         "vlm_score": round(verdict.overall, 6) if verdict else nan,
         "vlm_reasoning": verdict.reasoning if verdict else None,
-        "vlm_raw": raw, "vlm_error": error,
-        "vlm_prompt_tokens": int(prompt_tokens), "vlm_completion_tokens": int(completion_tokens),
-        "vlm_batch": bool(batch), "vlm_input_sha": sha,
+        "vlm_raw": raw,
+        "vlm_error": error,
+        "vlm_prompt_tokens": int(prompt_tokens),
+        "vlm_completion_tokens": int(completion_tokens),
+        "vlm_batch": bool(batch),
+        "vlm_input_sha": sha,
     }

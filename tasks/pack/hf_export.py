@@ -18,19 +18,31 @@ import pyarrow.parquet as pq
 from tasks.common import storage
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SCHEMA = pa.schema([
-    ("original_prompt", pa.string()),
-    ("original_image", IMAGE),
-    ("edit_prompt", pa.string()),
-    ("edited_prompt", pa.string()),
-    ("edited_image", IMAGE),
-]).with_metadata({"huggingface": json.dumps({"info": {"features": {
-    "original_prompt": {"dtype": "string", "_type": "Value"},
-    "original_image": {"_type": "Image"},
-    "edit_prompt": {"dtype": "string", "_type": "Value"},
-    "edited_prompt": {"dtype": "string", "_type": "Value"},
-    "edited_image": {"_type": "Image"},
-}}})})
+SCHEMA = pa.schema(
+    [
+        ("original_prompt", pa.string()),
+        ("original_image", IMAGE),
+        ("edit_prompt", pa.string()),
+        ("edited_prompt", pa.string()),
+        ("edited_image", IMAGE),
+    ]
+).with_metadata(
+    {
+        "huggingface": json.dumps(
+            {
+                "info": {
+                    "features": {
+                        "original_prompt": {"dtype": "string", "_type": "Value"},
+                        "original_image": {"_type": "Image"},
+                        "edit_prompt": {"dtype": "string", "_type": "Value"},
+                        "edited_prompt": {"dtype": "string", "_type": "Value"},
+                        "edited_image": {"_type": "Image"},
+                    }
+                }
+            }
+        )
+    }
+)
 
 
 def hf_rows(samples: list[dict], image_format: str) -> dict[str, list]:
@@ -40,10 +52,14 @@ def hf_rows(samples: list[dict], image_format: str) -> dict[str, list]:
         meta = json.loads(s["json"])
         key = s["__key__"]
         cols["original_prompt"].append(meta["input"])
-        cols["original_image"].append({"bytes": s[f"input.{image_format}"], "path": f"{key}_input.{image_format}"})
+        cols["original_image"].append(
+            {"bytes": s[f"input.{image_format}"], "path": f"{key}_input.{image_format}"}
+        )
         cols["edit_prompt"].append(meta["edit"])
         cols["edited_prompt"].append(meta["output"])
-        cols["edited_image"].append({"bytes": s[f"edited.{image_format}"], "path": f"{key}_edited.{image_format}"})
+        cols["edited_image"].append(
+            {"bytes": s[f"edited.{image_format}"], "path": f"{key}_edited.{image_format}"}
+        )
     return cols
 
 

@@ -34,20 +34,41 @@ def _relative(manifest: dict[str, Any], name: str) -> str:
 def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logger | None = None) -> dict:
     """Write the index of the pack manifests' shards (URLs relative to it); return it resolved."""
     shards = [
-        {"url": _relative(m, s["name"]), "split": s["split"], "samples": s["samples"], "partition_id": m["partition_id"]}
-        for m in sorted(manifests, key=lambda m: m["partition_id"]) for s in m.get("shards", [])
+        {
+            "url": _relative(m, s["name"]),
+            "split": s["split"],
+            "samples": s["samples"],
+            "partition_id": m["partition_id"],
+        }
+        for m in sorted(manifests, key=lambda m: m["partition_id"])
+        for s in m.get("shards", [])
     ]
-    hf = [_relative(m, f"hf/{s['name'].replace('.tar', '.parquet')}")
-          for m in sorted(manifests, key=lambda m: m["partition_id"]) for s in m.get("shards", [])] \
-        if cfg.pack.hf_export else []
+    hf = (
+        [
+            _relative(m, f"hf/{s['name'].replace('.tar', '.parquet')}")
+            for m in sorted(manifests, key=lambda m: m["partition_id"])
+            for s in m.get("shards", [])
+        ]
+        if cfg.pack.hf_export
+        else []
+    )
     index = {
         "format": "webdataset",
-        "sample_layout": {"image_format": cfg.pack.image_format, "keys": ["input", "edited", "instruction.txt", "json"]},
-        "splits": {split: {"shards": [s["url"] for s in shards if s["split"] == split],
-                           "samples": sum(s["samples"] for s in shards if s["split"] == split)}
-                   for split in ("train", "val")},
+        "sample_layout": {
+            "image_format": cfg.pack.image_format,
+            "keys": ["input", "edited", "instruction.txt", "json"],
+        },
+        "splits": {
+            split: {
+                "shards": [s["url"] for s in shards if s["split"] == split],
+                "samples": sum(s["samples"] for s in shards if s["split"] == split),
+            }
+            for split in ("train", "val")
+        },
         "shards": shards,
-        "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")} if hf else None,
+        "hf_parquet": {split: [u for u in hf if f"/hf/{split}-" in u] for split in ("train", "val")}
+        if hf
+        else None,
         "config_hash": stage_hash(cfg, PACK),
     }
     url = index_url(cfg)
@@ -77,8 +98,10 @@ def read_index(index_url: str, resolved: bool = True) -> dict[str, Any]:
     """The index at ``index_url`` (checked: it exists, its train split has shards), entries resolved
     to full URLs unless ``resolved=False`` (the entries as stored, e.g. to hash them)."""
     if not storage.exists(index_url):
-        raise MissingFileError(f"no shard index at {index_url}: run the generate flow first "
-                                "(python -m flows.generate --preset ...) or pass the index of existing shards")
+        raise MissingFileError(
+            f"no shard index at {index_url}: run the generate flow first "
+            "(python -m flows.generate --preset ...) or pass the index of existing shards"
+        )
     index = storage.read_json(index_url)
     if not index.get("splits", {}).get("train", {}).get("shards"):
         raise InputError(f"{index_url}: the train split has no shards")

@@ -59,16 +59,25 @@ def sample_dict(row, render_dir: str, cfg: PackConfig, meta: dict) -> dict:
     key = row["sample_key"]
     ext = cfg.image_format
     record = {
-        "input": row["input"], "edit": row["edit"], "output": row["output"], "caption_id": row["caption_id"],
-        "seed": int(row["seed"]), "p2p_p": float(row["p2p_p"]), "cfg_scale": float(row["cfg_scale"]),
+        "input": row["input"],
+        "edit": row["edit"],
+        "output": row["output"],
+        "caption_id": row["caption_id"],
+        "seed": int(row["seed"]),
+        "p2p_p": float(row["p2p_p"]),
+        "cfg_scale": float(row["cfg_scale"]),
         **{k: float(row[k]) for k in METRICS},
         **judge_scores(row),
         **meta.get(row["caption_id"], {}),
     }
     return {
         "__key__": key,
-        f"input.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "input"))), ext, cfg.quality),
-        f"edited.{ext}": encode_image(storage.read_bytes(storage.url_join(render_dir, image_name(key, "edited"))), ext, cfg.quality),
+        f"input.{ext}": encode_image(
+            storage.read_bytes(storage.url_join(render_dir, image_name(key, "input"))), ext, cfg.quality
+        ),
+        f"edited.{ext}": encode_image(
+            storage.read_bytes(storage.url_join(render_dir, image_name(key, "edited"))), ext, cfg.quality
+        ),
         "instruction.txt": row["edit"].encode("utf-8"),
         "json": json.dumps(record, sort_keys=True).encode("utf-8"),
     }

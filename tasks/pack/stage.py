@@ -21,10 +21,15 @@ from tasks.pack.spec import STAGE as PACK
 
 def _caption_meta(cfg: PipelineConfig, captions_url: str) -> dict:
     captions = storage.read_parquet(captions_url)
-    models = {"diffusion": cfg.models.diffusion_path or cfg.models.diffusion,
-              "clip": cfg.models.clip_path or cfg.models.clip, "lm": cfg.models.lm_path or cfg.models.lm}
-    return {r.caption_id: {"url": r.url, "aesthetic_score": r.aesthetic_score, "models": models}
-            for r in captions.itertuples()}
+    models = {
+        "diffusion": cfg.models.diffusion_path or cfg.models.diffusion,
+        "clip": cfg.models.clip_path or cfg.models.clip,
+        "lm": cfg.models.lm_path or cfg.models.lm,
+    }
+    return {
+        r.caption_id: {"url": r.url, "aesthetic_score": r.aesthetic_score, "models": models}
+        for r in captions.itertuples()
+    }
 
 
 def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None) -> dict:
@@ -46,7 +51,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         for split in ("train", "val"):
             rows = kept[kept["split"] == split]
             for n, start in enumerate(range(0, len(rows), p.shard_max_samples)):
-                chunk = rows.iloc[start: start + p.shard_max_samples]
+                chunk = rows.iloc[start : start + p.shard_max_samples]
                 name = f"{split}-{n:06d}.tar"
                 samples = [sample_dict(r, render_dir, p, meta) for _, r in chunk.iterrows()]
                 write_shard(run.output(name), samples)
@@ -59,4 +64,3 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         run.extra["shards"] = shards
 
     return execute(cfg, PACK, partition_id, work, logger)
-

@@ -31,15 +31,19 @@ def batch_index(cfg: int, sample: int, pair: int, n_samples: int, cfg_halves: in
     """
     first = 2 - cfg_halves  # the cfg index of the first half in the batch
     if cfg_halves not in (1, 2) or not first <= cfg <= 1 or pair not in (0, 1) or not 0 <= sample < n_samples:
-        raise IndexError(f"bad layout position cfg={cfg} sample={sample} pair={pair} n_samples={n_samples} "
-                         f"cfg_halves={cfg_halves}")
+        raise IndexError(
+            f"bad layout position cfg={cfg} sample={sample} pair={pair} n_samples={n_samples} "
+            f"cfg_halves={cfg_halves}"
+        )
     return (cfg - first) * 2 * n_samples + 2 * sample + pair
 
 
 def split_layout(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2) -> torch.Tensor:
     """View a UNet-batch-first tensor as ``(cfg_halves, n_samples, 2 pair, ...)`` (the last half: conditional)."""
     if tensor.shape[0] != 2 * cfg_halves * n_samples:
-        raise ValueError(f"batch of {tensor.shape[0]} does not hold {cfg_halves} x {n_samples} samples x 2 images")
+        raise ValueError(
+            f"batch of {tensor.shape[0]} does not hold {cfg_halves} x {n_samples} samples x 2 images"
+        )
     return tensor.unflatten(0, (cfg_halves, n_samples, 2))
 
 
@@ -54,7 +58,9 @@ def _after_rows(active: torch.Tensor, cfg_halves: int = 2, n_solo: int = 0) -> t
     return torch.cat([mask.flatten(1), solo], dim=1).flatten()
 
 
-def _before_everywhere(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2, n_solo: int = 0) -> torch.Tensor:
+def _before_everywhere(
+    tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2, n_solo: int = 0
+) -> torch.Tensor:
     """The tensor with every pair row replaced by its pair's before row (same shape, a copy; solo rows kept)."""
     if not n_solo:
         split = split_layout(tensor, n_samples, cfg_halves)
@@ -62,7 +68,7 @@ def _before_everywhere(tensor: torch.Tensor, n_samples: int, cfg_halves: int = 2
     halves = tensor.unflatten(0, (cfg_halves, 2 * n_samples + n_solo))
     pairs = halves[:, : 2 * n_samples].unflatten(1, (n_samples, 2))
     pairs = pairs[:, :, :1].expand_as(pairs).flatten(1, 2)
-    return torch.cat([pairs, halves[:, 2 * n_samples:]], dim=1).reshape(tensor.shape)
+    return torch.cat([pairs, halves[:, 2 * n_samples :]], dim=1).reshape(tensor.shape)
 
 
 @dataclass
@@ -111,7 +117,9 @@ class AttentionControl:
         if self.schedule not in ("ip2p", "p2p"):
             raise ValueError(f"unknown sharing schedule {self.schedule!r}; expected 'ip2p' or 'p2p'")
         if self.cfg_halves not in (1, 2):
-            raise ValueError(f"cfg_halves must be 2 (classifier-free guidance) or 1 (none), got {self.cfg_halves}")
+            raise ValueError(
+                f"cfg_halves must be 2 (classifier-free guidance) or 1 (none), got {self.cfg_halves}"
+            )
         for name in ("self_fraction", "cross_fraction"):
             value = torch.as_tensor(getattr(self, name), dtype=torch.float64).reshape(-1)
             if value.shape[0] != self.n_samples:
@@ -121,14 +129,27 @@ class AttentionControl:
         self.cross_active = torch.zeros(self.n_samples, dtype=torch.bool)
 
     @classmethod
-    def for_samples(cls, self_fractions: Sequence[float], cross_fractions: Sequence[float] | None = None,
-                    cross_index: torch.Tensor | None = None, cross_alpha: torch.Tensor | None = None,
-                    schedule: str = "ip2p", cfg_halves: int = 2) -> AttentionControl:
+    def for_samples(
+        cls,
+        self_fractions: Sequence[float],
+        cross_fractions: Sequence[float] | None = None,
+        cross_index: torch.Tensor | None = None,
+        cross_alpha: torch.Tensor | None = None,
+        schedule: str = "ip2p",
+        cfg_halves: int = 2,
+    ) -> AttentionControl:
         n = len(self_fractions)
         # float64: p is a Python float compared with i / (n - 1); float32 would move the boundary
         cross = [0.0] * n if cross_fractions is None else list(cross_fractions)
-        return cls(n, torch.tensor(list(self_fractions), dtype=torch.float64),
-                   torch.tensor(cross, dtype=torch.float64), cross_index, cross_alpha, schedule, cfg_halves)
+        return cls(
+            n,
+            torch.tensor(list(self_fractions), dtype=torch.float64),
+            torch.tensor(cross, dtype=torch.float64),
+            cross_index,
+            cross_alpha,
+            schedule,
+            cfg_halves,
+        )
 
     @property
     def active(self) -> torch.Tensor:
@@ -220,8 +241,12 @@ class AttentionControl:
         self.cfg_halves = source.cfg_halves
         self.self_fraction = source.self_fraction[samples]
         self.cross_fraction = source.cross_fraction[samples]
-        self.cross_index = None if source.cross_index is None else source.cross_index[samples.to(source.cross_index.device)]
-        self.cross_alpha = None if source.cross_alpha is None else source.cross_alpha[samples.to(source.cross_alpha.device)]
+        self.cross_index = (
+            None if source.cross_index is None else source.cross_index[samples.to(source.cross_index.device)]
+        )
+        self.cross_alpha = (
+            None if source.cross_alpha is None else source.cross_alpha[samples.to(source.cross_alpha.device)]
+        )
         device = self._active.device
         self.active = torch.zeros(self.n_samples, dtype=torch.bool)
         self.cross_active = torch.zeros(self.n_samples, dtype=torch.bool)
@@ -253,9 +278,16 @@ class SharedSelfAttnProcessor:
     def __init__(self, control: AttentionControl) -> None:
         self.control = control
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         # Same structure as diffusers' AttnProcessor2_0; only the attention core (`attend`) differs.
         is_self = encoder_hidden_states is None
         residual = hidden_states
@@ -307,18 +339,29 @@ class SharedSelfAttnProcessor:
         self.control.check_batch(batch_size)
         return True
 
-    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+    def attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_self: bool,
+    ) -> torch.Tensor:
         """(B, heads, S, d) tensors in, (B, heads, S, d) out."""
         if self.sharing(is_self, query.shape[0]):
             n, halves, solo = self.control.n_samples, self.control.cfg_halves, self.control.n_solo
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
             query = torch.where(rows, _before_everywhere(query, n, halves, solo), query)
             key = torch.where(rows, _before_everywhere(key, n, halves, solo), key)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False
+        )
 
 
-def _explicit_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _explicit_probs(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Attention probabilities (B, heads, S, S_k) through ``attn.get_attention_scores``."""
     b, h, s, d = query.shape
     if mask is not None:
@@ -330,21 +373,40 @@ def _explicit_probs(attn: Attention, query: torch.Tensor, key: torch.Tensor, mas
 class ExplicitSharedSelfAttnProcessor(SharedSelfAttnProcessor):
     """Reference-style ip2p: explicit attention matrix, before rows copied to after rows (tests only)."""
 
-    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+    def attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_self: bool,
+    ) -> torch.Tensor:
         probs = _explicit_probs(attn, query, key, mask)
         if self.sharing(is_self, query.shape[0]):
             rows = self.control.after_rows(query.device).view(-1, 1, 1, 1)
-            probs = torch.where(rows, _before_everywhere(probs, self.control.n_samples, self.control.cfg_halves,
-                                                         self.control.n_solo), probs)
+            probs = torch.where(
+                rows,
+                _before_everywhere(
+                    probs, self.control.n_samples, self.control.cfg_halves, self.control.n_solo
+                ),
+                probs,
+            )
         return probs @ value
 
 
 class PromptToPromptProcessor(SharedSelfAttnProcessor):
     """Classic Prompt-to-Prompt: shared self-attention plus cross-attention replace / refine."""
 
-    def attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               mask: torch.Tensor | None, is_self: bool) -> torch.Tensor:
+    def attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        is_self: bool,
+    ) -> torch.Tensor:
         control = self.control
         out = super().attend(attn, query, key, value, mask, is_self)
         if is_self or not control.any_cross_active:
@@ -361,7 +423,9 @@ class PromptToPromptProcessor(SharedSelfAttnProcessor):
         base = _explicit_probs(attn, q[:, 0], k[:, 0], m)  # before image's probabilities (N, H, S, L)
         own = _explicit_probs(attn, q[:, 1], k[:, 1], m)
         if control.cross_index.shape[-1] != base.shape[-1]:
-            raise ValueError(f"token alignment has {control.cross_index.shape[-1]} tokens, keys have {base.shape[-1]}")
+            raise ValueError(
+                f"token alignment has {control.cross_index.shape[-1]} tokens, keys have {base.shape[-1]}"
+            )
         index = control.cross_index.to(base.device).view(n, 1, 1, -1).expand_as(base)
         alpha = control.cross_alpha.to(base.device, base.dtype).view(n, 1, 1, -1)
         edited = (base.gather(-1, index) * alpha + own * (1 - alpha)) @ v[:, 1]

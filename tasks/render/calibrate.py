@@ -30,12 +30,27 @@ from tasks.render.spec import STAGE as RENDER
 
 DEFAULT_MARGINS = tuple(round(-0.05 + 0.025 * i, 6) for i in range(15))  # -0.05, -0.025, ..., 0.30
 
-TABLE_COLUMNS = ["margin", "scored", "passing", "failing", "dropped", "dropped_failing", "dropped_passing",
-                 "recall", "false_drop", "unet_calls", "unet_fraction", "unet_calls_per_pass", "cost_per_pass"]
+TABLE_COLUMNS = [
+    "margin",
+    "scored",
+    "passing",
+    "failing",
+    "dropped",
+    "dropped_failing",
+    "dropped_passing",
+    "recall",
+    "false_drop",
+    "unet_calls",
+    "unet_fraction",
+    "unet_calls_per_pass",
+    "cost_per_pass",
+]
 
-DRY_RUN_HINT = ("render a few partitions with early scoring and no dropping, e.g. `editforge stage render "
-                "--partitions 0-1 --set render.early_reject.at=0.5 --set render.early_reject.dry_run=true`, "
-                "then calibrate with the same --preset and --set options")
+DRY_RUN_HINT = (
+    "render a few partitions with early scoring and no dropping, e.g. `editforge stage render "
+    "--partitions 0-1 --set render.early_reject.at=0.5 --set render.early_reject.dry_run=true`, "
+    "then calibrate with the same --preset and --set options"
+)
 
 
 class CalibrationError(PermanentError, ValueError):
@@ -51,15 +66,23 @@ def scored_mask(samples: pd.DataFrame, used: Sequence[str] = METRICS) -> pd.Seri
     return early & final
 
 
-def early_drops(samples: pd.DataFrame, selection: Selection, used: Sequence[str], margin: float) -> np.ndarray:
+def early_drops(
+    samples: pd.DataFrame, selection: Selection, used: Sequence[str], margin: float
+) -> np.ndarray:
     """Bool per row: the render stage's early rejection at ``margin`` would drop the sample."""
     metrics = {m: torch.tensor(samples[f"early_{m}"].to_numpy(dtype=float)) for m in used}
     return ~early_keep(metrics, selection, margin, used).numpy()
 
 
-def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequence[str],
-                      margins: Sequence[float], after_steps: int, steps: int,
-                      rungs: Sequence[str] = ("clip",)) -> pd.DataFrame:
+def calibration_table(
+    samples: pd.DataFrame,
+    selection: Selection,
+    used: Sequence[str],
+    margins: Sequence[float],
+    after_steps: int,
+    steps: int,
+    rungs: Sequence[str] = ("clip",),
+) -> pd.DataFrame:
     """One row per margin (see the module docstring and :data:`TABLE_COLUMNS`).
 
     ``samples`` holds ``early_clip_sim_*`` and ``clip_sim_*`` columns; rows without both (for the
@@ -74,7 +97,9 @@ def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequenc
     if not used:
         raise CalibrationError("no early-rejection metrics given")
     scored = samples[scored_mask(samples, used)] if len(samples) else samples
-    passing = passes(scored, selection, rungs).to_numpy(dtype=bool) if len(scored) else np.zeros(0, dtype=bool)
+    passing = (
+        passes(scored, selection, rungs).to_numpy(dtype=bool) if len(scored) else np.zeros(0, dtype=bool)
+    )
     n, n_pass = len(scored), int(passing.sum())
     n_fail = n - n_pass
     full_calls = n * steps
@@ -85,22 +110,27 @@ def calibration_table(samples: pd.DataFrame, selection: Selection, used: Sequenc
         dropped_fail = int((drop & ~passing).sum())
         calls = (n - int(drop.sum())) * steps + int(drop.sum()) * after_steps
         kept_pass = n_pass - dropped_pass
-        rows.append({
-            "margin": float(margin),
-            "scored": n,
-            "passing": n_pass,
-            "failing": n_fail,
-            "dropped": int(drop.sum()),
-            "dropped_failing": dropped_fail,
-            "dropped_passing": dropped_pass,
-            "recall": dropped_fail / n_fail if n_fail else np.nan,
-            "false_drop": dropped_pass / n_pass if n_pass else np.nan,
-            "unet_calls": calls,
-            "unet_fraction": calls / full_calls if full_calls else np.nan,
-            "unet_calls_per_pass": calls / kept_pass if kept_pass else (np.inf if n_pass else np.nan),
-            "cost_per_pass": ((calls / kept_pass) / (full_calls / n_pass) if kept_pass
-                              else (np.inf if n_pass else np.nan)),
-        })
+        rows.append(
+            {
+                "margin": float(margin),
+                "scored": n,
+                "passing": n_pass,
+                "failing": n_fail,
+                "dropped": int(drop.sum()),
+                "dropped_failing": dropped_fail,
+                "dropped_passing": dropped_pass,
+                "recall": dropped_fail / n_fail if n_fail else np.nan,
+                "false_drop": dropped_pass / n_pass if n_pass else np.nan,
+                "unet_calls": calls,
+                "unet_fraction": calls / full_calls if full_calls else np.nan,
+                "unet_calls_per_pass": calls / kept_pass if kept_pass else (np.inf if n_pass else np.nan),
+                "cost_per_pass": (
+                    (calls / kept_pass) / (full_calls / n_pass)
+                    if kept_pass
+                    else (np.inf if n_pass else np.nan)
+                ),
+            }
+        )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -133,15 +163,19 @@ def calibration_settings(cfg: PipelineConfig) -> tuple[int, int]:
     """(after_steps, steps) of the config's early rejection; CalibrationError when it has none."""
     r = cfg.render
     if r.early_reject.at is None:
-        raise CalibrationError("render.early_reject.at is not set: the margin applies to early rejection, "
-                               f"and there is nothing to calibrate without it; {DRY_RUN_HINT}")
+        raise CalibrationError(
+            "render.early_reject.at is not set: the margin applies to early rejection, "
+            f"and there is nothing to calibrate without it; {DRY_RUN_HINT}"
+        )
     after = early_step_count(r.early_reject.at, r.steps)
     if after is None:
         raise CalibrationError(f"render.steps={r.steps} leaves no intermediate step to score early at")
     return after, r.steps
 
 
-def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | None = None) -> CalibrationSamples:
+def load_calibration_samples(
+    cfg: PipelineConfig, partitions: Sequence[int] | None = None
+) -> CalibrationSamples:
     """``samples.parquet`` of the render partitions finished under this config's render hash.
 
     ``partitions``: the partition ids to read (default: all of the config's). Raises
@@ -156,13 +190,16 @@ def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | No
         if not finished(partition_dir(cfg.output_root, "render", expected, i), expected):
             skipped.append(i)
             continue
-        frames.append(storage.read_parquet(partition_file(cfg.output_root, "render", expected, i, SAMPLES_FILE)))
+        frames.append(
+            storage.read_parquet(partition_file(cfg.output_root, "render", expected, i, SAMPLES_FILE))
+        )
         read.append(i)
     if not read:
         raise CalibrationError(
             f"no render partition of {ids} under {cfg.output_root} is finished under this config (render hash "
             f"{expected}); the hash covers every render.* setting, so pass the same --set options the partitions "
-            f"were rendered with (render.early_reject.dry_run=true included), or {DRY_RUN_HINT}")
+            f"were rendered with (render.early_reject.dry_run=true included), or {DRY_RUN_HINT}"
+        )
     frames = [f for f in frames if len(f)]
     samples = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     used = cfg.render.early_reject.metrics
@@ -173,16 +210,30 @@ def load_calibration_samples(cfg: PipelineConfig, partitions: Sequence[int] | No
     if not mask.any():
         raise CalibrationError(
             f"none of the {len(samples)} samples of render partitions {read} has both early and final metrics "
-            f"({early_rejected} were dropped by early rejection, so their final metrics are unknown); {DRY_RUN_HINT}")
-    return CalibrationSamples(samples=samples[mask].reset_index(drop=True), partitions=read, skipped=skipped,
-                              early_rejected=early_rejected, unscored=int((~mask).sum()) - early_rejected)
+            f"({early_rejected} were dropped by early rejection, so their final metrics are unknown); {DRY_RUN_HINT}"
+        )
+    return CalibrationSamples(
+        samples=samples[mask].reset_index(drop=True),
+        partitions=read,
+        skipped=skipped,
+        early_rejected=early_rejected,
+        unscored=int((~mask).sum()) - early_rejected,
+    )
 
 
-def calibrate(cfg: PipelineConfig, margins: Sequence[float] = DEFAULT_MARGINS,
-              partitions: Sequence[int] | None = None) -> tuple[pd.DataFrame, CalibrationSamples]:
+def calibrate(
+    cfg: PipelineConfig, margins: Sequence[float] = DEFAULT_MARGINS, partitions: Sequence[int] | None = None
+) -> tuple[pd.DataFrame, CalibrationSamples]:
     """Load a config's dry-run samples and tabulate ``margins`` with its selection and metrics."""
     after, steps = calibration_settings(cfg)
     data = load_calibration_samples(cfg, partitions)
-    table = calibration_table(data.samples, cfg.render.keep, cfg.render.early_reject.metrics, margins, after, steps,
-                              ("clip", *cfg.judges.image_rungs()))
+    table = calibration_table(
+        data.samples,
+        cfg.render.keep,
+        cfg.render.early_reject.metrics,
+        margins,
+        after,
+        steps,
+        ("clip", *cfg.judges.image_rungs()),
+    )
     return table, data

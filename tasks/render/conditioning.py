@@ -19,8 +19,13 @@ from tasks.common.models import DiffusionComponents
 
 
 def _token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch.Tensor:
@@ -32,10 +37,15 @@ def encode_prompts(components: DiffusionComponents, prompts: list[str]) -> torch
         return encoder(_token_ids(components.tokenizer, prompts).to(encoder.device))[0]
 
 
-def encode_prompts_sdxl(components: DiffusionComponents, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts_sdxl(
+    components: DiffusionComponents, prompts: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL (hidden states (n, 77, D1 + D2), pooled (n, P)) exactly as ``StableDiffusionXLPipeline``."""
     hidden, pooled = [], None
-    pairs = ((components.tokenizer, components.text_encoder), (components.tokenizer_2, components.text_encoder_2))
+    pairs = (
+        (components.tokenizer, components.text_encoder),
+        (components.tokenizer_2, components.text_encoder_2),
+    )
     with torch.inference_mode():
         for tokenizer, encoder in pairs:
             out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
@@ -43,7 +53,9 @@ def encode_prompts_sdxl(components: DiffusionComponents, prompts: list[str]) -> 
                 pooled = out[0]
             hidden.append(out.hidden_states[-2])
     if pooled is None:
-        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2")
+        raise ValueError(
+            "SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2"
+        )
     return torch.cat(hidden, dim=-1), pooled
 
 
@@ -55,7 +67,9 @@ def sdxl_time_ids(components: DiffusionComponents, height: int, width: int) -> t
     expected = getattr(unet_config, "projection_class_embeddings_input_dim", None)
     got = unet_config.addition_time_embed_dim * ids.shape[1] + projection
     if expected is not None and expected != got:
-        raise ValueError(f"SDXL UNet expects added embeddings of {expected}, time ids and pooled text give {got}")
+        raise ValueError(
+            f"SDXL UNet expects added embeddings of {expected}, time ids and pooled text give {got}"
+        )
     return ids
 
 
@@ -85,7 +99,9 @@ class Conditioning:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows.to(t.device)]
 
-        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves)
+        return Conditioning(
+            pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves
+        )
 
     def take(self, index: torch.Tensor) -> Conditioning:
         """Gather latent rows: row j of every CFG half becomes old row ``index[j]`` (repeats allowed; the
@@ -97,11 +113,20 @@ class Conditioning:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows.to(t.device)]
 
-        return Conditioning(pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves)
+        return Conditioning(
+            pick(self.embeddings), pick(self.text_embeds), pick(self.time_ids), self.cfg_halves
+        )
 
 
-def build_conditioning(components: DiffusionComponents, pairs: Sequence[tuple[str, str]], height: int, width: int,
-                       device: torch.device, dtype: torch.dtype, guidance: bool = True) -> Conditioning:
+def build_conditioning(
+    components: DiffusionComponents,
+    pairs: Sequence[tuple[str, str]],
+    height: int,
+    width: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    guidance: bool = True,
+) -> Conditioning:
     """Conditioning for N (input caption, output caption) pairs in the UNet batch layout
     (``guidance=False``: the conditional half only)."""
     n = len(pairs)

@@ -44,8 +44,9 @@ def early_step_count(fraction: float | None, steps: int) -> int | None:
     return min(steps - 1, max(1, round(fraction * steps)))
 
 
-def predict_x0(scheduler: Any, step_output: Any, model_output: torch.Tensor, sample: torch.Tensor,
-               timestep: torch.Tensor) -> torch.Tensor:
+def predict_x0(
+    scheduler: Any, step_output: Any, model_output: torch.Tensor, sample: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
     """The predicted clean latents of the step that turned ``sample`` (at ``timestep``) into the output.
 
     Uses the scheduler's own ``pred_original_sample`` when its step returns one (Euler, Euler
@@ -59,8 +60,10 @@ def predict_x0(scheduler: Any, step_output: Any, model_output: torch.Tensor, sam
     if x0 is not None:
         return x0
     if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0 or not hasattr(scheduler, "alphas_cumprod"):
-        raise ValueError(f"cannot predict x0 for {type(scheduler).__name__}: its step returns no "
-                         "pred_original_sample and its latents are not variance-preserving")
+        raise ValueError(
+            f"cannot predict x0 for {type(scheduler).__name__}: its step returns no "
+            "pred_original_sample and its latents are not variance-preserving"
+        )
     alpha = scheduler.alphas_cumprod[int(timestep)].to(sample.device, torch.float32)
     x, out = sample.float(), model_output.float()
     kind = scheduler.config.prediction_type
@@ -92,8 +95,9 @@ def select_scheduler_rows(scheduler: Any, rows: torch.Tensor, n_rows: int) -> No
             setattr(scheduler, name, [v[rows.to(v.device)] if _is_rows(v, n_rows) else v for v in value])
 
 
-def early_keep(metrics: Mapping[str, torch.Tensor], cfg: Selection, margin: float,
-               used: Sequence[str] = METRICS) -> torch.Tensor:
+def early_keep(
+    metrics: Mapping[str, torch.Tensor], cfg: Selection, margin: float, used: Sequence[str] = METRICS
+) -> torch.Tensor:
     """Bool (n,): keep a sample unless one of the ``used`` early metrics is below threshold - margin."""
     limits = thresholds(cfg)
     unknown = set(used) - set(limits)

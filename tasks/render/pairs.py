@@ -102,15 +102,21 @@ class PairBatch:
         return sum(self.unet_steps)
 
 
-def build_control(components: DiffusionComponents, requests: Sequence[PairRequest],
-                  params: Sequence[SampleParams], settings: RenderSettings) -> AttentionControl:
+def build_control(
+    components: DiffusionComponents,
+    requests: Sequence[PairRequest],
+    params: Sequence[SampleParams],
+    settings: RenderSettings,
+) -> AttentionControl:
     """The per-sample sharing schedule (and token alignments for the p2p modes)."""
     n = len(requests)
     halves = 2 if settings.guidance else 1
     if not settings.attention.startswith("p2p-"):
         return AttentionControl.for_samples([p.p2p_p for p in params], cfg_halves=halves)
     how = settings.attention.removeprefix("p2p-")
-    aligned = [token_alignment(components.tokenizer, r.input_caption, r.output_caption, how) for r in requests]
+    aligned = [
+        token_alignment(components.tokenizer, r.input_caption, r.output_caption, how) for r in requests
+    ]
     return AttentionControl.for_samples(
         [settings.self_replace_steps] * n,
         [settings.cross_replace_steps] * n,
@@ -125,8 +131,9 @@ _PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextmanager
-def attention_installed(unet, mode: str, control: AttentionControl,
-                        persistent: bool = False) -> Iterator[AttentionControl]:
+def attention_installed(
+    unet, mode: str, control: AttentionControl, persistent: bool = False
+) -> Iterator[AttentionControl]:
     """Install ``mode``'s processor for the duration (then restore the previous ones); yield its control.
 
     ``persistent``: install once per (UNet, mode) and keep it installed; later calls load their
@@ -136,8 +143,11 @@ def attention_installed(unet, mode: str, control: AttentionControl,
     if persistent:
         installed = _PERSISTENT.get(unet)
         current = next(iter(unet.attn_processors.values()), None)
-        still_ours = installed is not None and installed[0] == mode and (
-            mode == "none" or getattr(current, "control", None) is installed[1])
+        still_ours = (
+            installed is not None
+            and installed[0] == mode
+            and (mode == "none" or getattr(current, "control", None) is installed[1])
+        )
         if not still_ours:
             unet.set_attn_processor(make_processor(mode, control))
             installed = _PERSISTENT[unet] = (mode, control)
@@ -152,8 +162,9 @@ def attention_installed(unet, mode: str, control: AttentionControl,
         unet.set_attn_processor(previous)
 
 
-def _initial_latents(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device,
-                     dtype: torch.dtype) -> torch.Tensor:
+def _initial_latents(
+    generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """One (1, C, h, w) draw per generator, concatenated (as diffusers' ``prepare_latents``)."""
     return torch.cat([randn_tensor(shape, generator=g, device=device, dtype=dtype) for g in generators])
 
@@ -165,7 +176,9 @@ def decode_latents(vae, latents: torch.Tensor, batch: int = 8) -> torch.Tensor:
     if shift is not None:
         scaled = scaled + shift
     scaled = scaled.to(vae.dtype)
-    out = [vae.decode(scaled[i: i + batch], return_dict=False)[0] for i in range(0, len(scaled), max(1, batch))]
+    out = [
+        vae.decode(scaled[i : i + batch], return_dict=False)[0] for i in range(0, len(scaled), max(1, batch))
+    ]
     images = torch.cat(out) if out else scaled.new_empty(0, 3, 0, 0)
     return (images / 2 + 0.5).clamp(0, 1).float()
 
@@ -197,9 +210,15 @@ def _groups(requests: Sequence[PairRequest], stops: list[int], settings: RenderS
     by_key: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
         if r.branches > 1 and settings.attention not in ("ip2p", "ip2p-explicit"):
-            raise ValueError(f"p branches need attention ip2p (the drawn p decides the sharing); {settings.attention!r} "
-                             "does not use p")
-        key = (r.seed, r.input_caption, r.output_caption, r.branches) if r.branches > 1 and settings.branching else i
+            raise ValueError(
+                f"p branches need attention ip2p (the drawn p decides the sharing); {settings.attention!r} "
+                "does not use p"
+            )
+        key = (
+            (r.seed, r.input_caption, r.output_caption, r.branches)
+            if r.branches > 1 and settings.branching
+            else i
+        )
         by_key.setdefault(key, []).append(i)
     groups = []
     for members in by_key.values():
@@ -217,8 +236,16 @@ class _Tree:
     lanes. Latents, generators, CFG scales, text conditioning, the scheduler's per-row state and the
     attention layout follow the rows whenever they change (:meth:`relayout`)."""
 
-    def __init__(self, groups: list[_Group], latents: torch.Tensor, generators: list[torch.Generator],
-                 cfg: torch.Tensor, conditioning: Conditioning, control: AttentionControl, base: AttentionControl):
+    def __init__(
+        self,
+        groups: list[_Group],
+        latents: torch.Tensor,
+        generators: list[torch.Generator],
+        cfg: torch.Tensor,
+        conditioning: Conditioning,
+        control: AttentionControl,
+        base: AttentionControl,
+    ):
         self.groups, self.base, self.control = groups, base, control
         self.lanes = [lane for g in groups for lane in (g.head, *g.pending)]
         self.lane_id = {id(lane): k for k, lane in enumerate(self.lanes)}
@@ -228,8 +255,12 @@ class _Tree:
         self.forks: dict[int, int] = {}  # new lane row -> the lane row it copies, until the next relayout
 
     def layout(self) -> list[tuple[str, int]]:
-        pairs = [t for gi, g in enumerate(self.groups) if g.head is not None
-                 for t in (("b", gi), ("a", self.lane_id[id(g.head)]))]
+        pairs = [
+            t
+            for gi, g in enumerate(self.groups)
+            if g.head is not None
+            for t in (("b", gi), ("a", self.lane_id[id(g.head)]))
+        ]
         return pairs + [("a", self.lane_id[id(lane)]) for g in self.groups for lane in g.solo]
 
     @property
@@ -257,17 +288,22 @@ class _Tree:
         """Move every row to its place in the new layout (forks copy their trunk's row and noise stream)."""
         new = self.layout()
         position = {tag: j for j, tag in enumerate(self.tags)}
-        source = [position[("a", self.forks[k])] if kind == "a" and k in self.forks else position[(kind, k)]
-                  for kind, k in new]
+        source = [
+            position[("a", self.forks[k])] if kind == "a" and k in self.forks else position[(kind, k)]
+            for kind, k in new
+        ]
         index = torch.tensor(source, dtype=torch.long)
         copies = {j for j, (kind, k) in enumerate(new) if kind == "a" and k in self.forks}
         select_scheduler_rows(scheduler, index.to(self.latents.device), len(self.tags))
         self.latents = self.latents[index.to(self.latents.device)]
-        self.generators = [_clone(self.generators[i]) if j in copies else self.generators[i]
-                           for j, i in enumerate(source)]
+        self.generators = [
+            _clone(self.generators[i]) if j in copies else self.generators[i] for j, i in enumerate(source)
+        ]
         self.cfg = self.cfg[index.to(self.cfg.device)]
         self.conditioning = self.conditioning.take(index)
-        self.control.take(self.base, torch.tensor(self.heads(), dtype=torch.long), len(new) - 2 * self.n_pairs)
+        self.control.take(
+            self.base, torch.tensor(self.heads(), dtype=torch.long), len(new) - 2 * self.n_pairs
+        )
         self.tags, self.forks = new, {}
 
     def bill(self, unet_steps: torch.Tensor, unet_images: torch.Tensor, halves: int) -> None:
@@ -288,8 +324,13 @@ class _Tree:
             if g.head is None:
                 continue
             b = position[("b", gi)]
-            for lane, riders in [(g.head, [m for p in g.pending for m in p.members]), *((s, []) for s in g.solo)]:
-                out.append((lane.members[0], b, position[("a", self.lane_id[id(lane)])], lane.members + riders))
+            for lane, riders in [
+                (g.head, [m for p in g.pending for m in p.members]),
+                *((s, []) for s in g.solo),
+            ]:
+                out.append(
+                    (lane.members[0], b, position[("a", self.lane_id[id(lane)])], lane.members + riders)
+                )
         return out
 
     def drop(self, lanes_dropped: set[int]) -> bool:
@@ -352,14 +393,22 @@ def render_pairs(
     if settings.steps < 1:
         raise ValueError(f"steps must be >= 1, got {settings.steps}")
     if settings.height % factor or settings.width % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, got {settings.height}x{settings.width}")
+        raise ValueError(
+            f"height and width must be multiples of {factor}, got {settings.height}x{settings.width}"
+        )
     if early is not None and not 1 <= early.after_steps < settings.steps:
-        raise ValueError(f"early rejection after {early.after_steps} of {settings.steps} steps: need 1 <= it < steps")
-    params = [sample_params(r.seed, settings.cfg_range, settings.p_range, r.branch, r.branches) for r in requests]
+        raise ValueError(
+            f"early rejection after {early.after_steps} of {settings.steps} steps: need 1 <= it < steps"
+        )
+    params = [
+        sample_params(r.seed, settings.cfg_range, settings.p_range, r.branch, r.branches) for r in requests
+    ]
     if not settings.guidance:
         if getattr(components.unet.config, "time_cond_proj_dim", None) is not None:
-            raise ValueError("this UNet takes a guidance-scale embedding (an LCM-distilled UNet); render.guidance=none "
-                             "renders distilled models that need no guidance input (SDXL-Turbo, LCM-LoRA merged)")
+            raise ValueError(
+                "this UNet takes a guidance-scale embedding (an LCM-distilled UNet); render.guidance=none "
+                "renders distilled models that need no guidance input (SDXL-Turbo, LCM-LoRA merged)"
+            )
         params = [dataclasses.replace(p, cfg_scale=1.0) for p in params]  # p drawn from the seed as before
     n = len(requests)
     nan = torch.full((n,), float("nan"))
@@ -383,12 +432,21 @@ def render_pairs(
         scheduler.set_timesteps(settings.steps, device=device)
         timesteps = scheduler.timesteps
         firsts_r = [requests[i] for i in firsts]
-        conditioning = build_conditioning(components, [(r.input_caption, r.output_caption) for r in firsts_r],
-                                          settings.height, settings.width, device, dtype, settings.guidance)
+        conditioning = build_conditioning(
+            components,
+            [(r.input_caption, r.output_caption) for r in firsts_r],
+            settings.height,
+            settings.width,
+            device,
+            dtype,
+            settings.guidance,
+        )
         generators = batch_generators([r.seed for r in firsts_r], device)
         shape = (1, unet.config.in_channels, settings.height // factor, settings.width // factor)
         latents = _initial_latents(generators, shape, device, dtype) * scheduler.init_noise_sigma
-        cfg = torch.tensor([params[i].cfg_scale for i in firsts], device=device, dtype=dtype).repeat_interleave(2)
+        cfg = torch.tensor(
+            [params[i].cfg_scale for i in firsts], device=device, dtype=dtype
+        ).repeat_interleave(2)
         takes_generator = "generator" in inspect.signature(scheduler.step).parameters
 
         with attention_installed(unet, settings.attention, control, persistent_attention) as control:
@@ -409,7 +467,9 @@ def render_pairs(
                 scoring = early is not None and i + 1 == early.after_steps
                 x0 = predict_x0(scheduler, out, eps, tree.latents, t) if scoring else None
                 tree.latents = out.prev_sample
-                if scoring and tree.drop(_judge(early, vae, x0, tree.units(), settings.decode_batch, early_metrics)):
+                if scoring and tree.drop(
+                    _judge(early, vae, x0, tree.units(), settings.decode_batch, early_metrics)
+                ):
                     tree.relayout(scheduler)
                 if step_callback is not None:
                     step_callback(i, t, tree.latents)
@@ -426,13 +486,25 @@ def render_pairs(
                 if rows_r is not None:
                     before[r], after[r] = images[rows_r[0]], images[rows_r[1]]
                     rejected[r] = False
-    return PairBatch(params=params, before=before, after=after, unet_steps=unet_steps.tolist(),
-                     early_rejected=rejected.tolist() if early is not None else [False] * n,
-                     early_metrics=early_metrics, unet_images=unet_images.tolist())
+    return PairBatch(
+        params=params,
+        before=before,
+        after=after,
+        unet_steps=unet_steps.tolist(),
+        early_rejected=rejected.tolist() if early is not None else [False] * n,
+        early_metrics=early_metrics,
+        unet_images=unet_images.tolist(),
+    )
 
 
-def _judge(early: EarlyRejection, vae, x0: torch.Tensor, units: list[tuple[int, int, int, list[int]]],
-           decode_batch: int, early_metrics: dict[str, torch.Tensor]) -> set[int]:
+def _judge(
+    early: EarlyRejection,
+    vae,
+    x0: torch.Tensor,
+    units: list[tuple[int, int, int, list[int]]],
+    decode_batch: int,
+    early_metrics: dict[str, torch.Tensor],
+) -> set[int]:
     """Decode the x0 predictions, let ``early.judge`` score each lane once; record its metrics for every
     request the lane stands for; return the first members of the lanes it rejects."""
     preview = decode_latents(vae, x0, decode_batch)

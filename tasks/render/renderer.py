@@ -51,7 +51,9 @@ class BatchSizer:
         self.halvings += 1
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.logger.warning("render: out of memory (%s) — batch halved to %d samples", str(err)[:120], self.size)
+        self.logger.warning(
+            "render: out of memory (%s) — batch halved to %d samples", str(err)[:120], self.size
+        )
 
 
 @dataclass
@@ -64,12 +66,20 @@ class ScoredBatch:
 
 def settings_from(cfg: PipelineConfig) -> RenderSettings:
     r = cfg.render
-    return RenderSettings(steps=r.steps, height=r.height, width=r.width, cfg_range=tuple(r.cfg_range),
-                          p_range=tuple(r.p_range), attention=r.attention, guidance=r.guidance == "cfg")
+    return RenderSettings(
+        steps=r.steps,
+        height=r.height,
+        width=r.width,
+        cfg_range=tuple(r.cfg_range),
+        p_range=tuple(r.p_range),
+        attention=r.attention,
+        guidance=r.guidance == "cfg",
+    )
 
 
-def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dtype, compiled: bool,
-                     logger: logging.Logger) -> DiffusionComponents:
+def placed_diffusion(
+    cfg: PipelineConfig, device: torch.device, dtype: torch.dtype, compiled: bool, logger: logging.Logger
+) -> DiffusionComponents:
     """The diffusion model on ``device`` in ``dtype`` (compiled UNet when asked), from the model cache."""
     m, r = cfg.models, cfg.render
 
@@ -81,9 +91,11 @@ def placed_diffusion(cfg: PipelineConfig, device: torch.device, dtype: torch.dty
             comps.unet = torch.compile(comps.unet)
         return comps
 
-    return MODELS.get("diffusion", (m.diffusion, m.diffusion_path, m.vae_path, r.scheduler, str(device), str(dtype),
-                                    compiled),
-                      load)
+    return MODELS.get(
+        "diffusion",
+        (m.diffusion, m.diffusion_path, m.vae_path, r.scheduler, str(device), str(dtype), compiled),
+        load,
+    )
 
 
 def placed_clip(cfg: PipelineConfig, device: torch.device) -> ClipComponents:
@@ -113,28 +125,53 @@ class Renderer:
         enabled = self.device.type == "cuda" and self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    def score(self, before: torch.Tensor, after: torch.Tensor, input_captions: Sequence[str],
-              output_captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def score(
+        self,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        input_captions: Sequence[str],
+        output_captions: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
         """The filter's four CLIP metrics for N pairs (CPU float tensors)."""
         with self._autocast():
             metrics = self.scorer.score_pairs(before, after, input_captions, output_captions)
         return {k: v.detach().float().cpu() for k, v in metrics.items()}
 
-    def render(self, requests: Sequence[PairRequest], settings: RenderSettings,
-               early: EarlyRejection | None = None) -> PairBatch:
-        return render_pairs(self.diffusion, requests, settings, device=self.device, dtype=self.dtype, early=early,
-                            persistent_attention=self.compiled)
+    def render(
+        self, requests: Sequence[PairRequest], settings: RenderSettings, early: EarlyRejection | None = None
+    ) -> PairBatch:
+        return render_pairs(
+            self.diffusion,
+            requests,
+            settings,
+            device=self.device,
+            dtype=self.dtype,
+            early=early,
+            persistent_attention=self.compiled,
+        )
 
-    def render_scored(self, requests: Sequence[PairRequest], settings: RenderSettings, selection: Selection,
-                      early_after: int | None = None, early_margin: float = 0.05,
-                      early_metrics: Sequence[str] = METRICS, early_drop: bool = True) -> ScoredBatch:
+    def render_scored(
+        self,
+        requests: Sequence[PairRequest],
+        settings: RenderSettings,
+        selection: Selection,
+        early_after: int | None = None,
+        early_margin: float = 0.05,
+        early_metrics: Sequence[str] = METRICS,
+        early_drop: bool = True,
+    ) -> ScoredBatch:
         """Render and CLIP-score N samples; with ``early_after``, reject early at thresholds - margin
         (``early_drop=False``: score and record the early metrics, drop nothing)."""
         early = None
         if early_after is not None:
+
             def judge(indices: list[int], before: torch.Tensor, after: torch.Tensor):
-                metrics = self.score(before, after, [requests[i].input_caption for i in indices],
-                                     [requests[i].output_caption for i in indices])
+                metrics = self.score(
+                    before,
+                    after,
+                    [requests[i].input_caption for i in indices],
+                    [requests[i].output_caption for i in indices],
+                )
                 keep = early_keep(metrics, selection, early_margin, early_metrics)
                 return (keep if early_drop else torch.ones_like(keep)), metrics
 
@@ -144,8 +181,12 @@ class Renderer:
         metrics = {k: torch.full((n,), float("nan")) for k in METRICS}
         alive = [i for i in range(n) if not pairs.early_rejected[i]]
         if alive:
-            final = self.score(pairs.before[alive], pairs.after[alive], [requests[i].input_caption for i in alive],
-                               [requests[i].output_caption for i in alive])
+            final = self.score(
+                pairs.before[alive],
+                pairs.after[alive],
+                [requests[i].input_caption for i in alive],
+                [requests[i].output_caption for i in alive],
+            )
             for k in METRICS:
                 metrics[k][alive] = final[k]
         return ScoredBatch(pairs, metrics)
@@ -169,8 +210,14 @@ class Renderer:
         per_sample = max(peaks[1] - peaks[0], 1)
         fixed = max(peaks[0] - per_sample, 0)
         size = int((0.85 * free - fixed) // per_sample)
-        log.info("render: auto batch — %.0f MiB free, %.0f MiB per sample, %.0f MiB fixed -> %d samples (cap %d)",
-                 free / 2**20, per_sample / 2**20, fixed / 2**20, size, cap)
+        log.info(
+            "render: auto batch — %.0f MiB free, %.0f MiB per sample, %.0f MiB fixed -> %d samples (cap %d)",
+            free / 2**20,
+            per_sample / 2**20,
+            fixed / 2**20,
+            size,
+            cap,
+        )
         return max(1, min(cap, size))
 
 

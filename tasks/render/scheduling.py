@@ -61,17 +61,25 @@ class SamplingPolicy:
         r = cfg.render
         a = r.adaptive
         rounds = a.enabled or a.give_up_after is not None
-        return cls(max_samples=r.samples_per_triplet, round_size=a.round_size if rounds else None,
-                   target_passed=(a.target_passed or r.keep.top_k) if a.enabled else None,
-                   give_up_after=a.give_up_after, group=r.p_branches,
-                   per_group=r.keep_per_seed if r.p_branches > 1 else None)
+        return cls(
+            max_samples=r.samples_per_triplet,
+            round_size=a.round_size if rounds else None,
+            target_passed=(a.target_passed or r.keep.top_k) if a.enabled else None,
+            give_up_after=a.give_up_after,
+            group=r.p_branches,
+            per_group=r.keep_per_seed if r.p_branches > 1 else None,
+        )
 
     def settings(self) -> dict[str, Any]:
         """The policy as the render settings it was made of (those a setting that is off leaves out: None)."""
-        return {"render.samples_per_triplet": self.max_samples, "render.adaptive.round_size": self.round_size,
-                "render.adaptive.target_passed": self.target_passed,
-                "render.adaptive.give_up_after": self.give_up_after,
-                "render.p_branches": self.group, "render.keep_per_seed": self.per_group}
+        return {
+            "render.samples_per_triplet": self.max_samples,
+            "render.adaptive.round_size": self.round_size,
+            "render.adaptive.target_passed": self.target_passed,
+            "render.adaptive.give_up_after": self.give_up_after,
+            "render.p_branches": self.group,
+            "render.keep_per_seed": self.per_group,
+        }
 
     def __post_init__(self) -> None:
         for name in ("max_samples", "round_size", "target_passed", "give_up_after", "group", "per_group"):
@@ -182,7 +190,9 @@ class TripletState:
         Results may arrive in any order (checkpoint chunks are read back by name, not by time).
         """
         if not 0 <= index < self.policy.max_samples:
-            raise ValueError(f"{self.caption_id}: sample index {index} outside 0..{self.policy.max_samples - 1}")
+            raise ValueError(
+                f"{self.caption_id}: sample index {index} outside 0..{self.policy.max_samples - 1}"
+            )
         if index in self.results:
             return
         self.results[index] = bool(passed)
@@ -195,7 +205,11 @@ class TripletState:
             done = self.round_end
             self.status = self.policy.decide(done, self.policy.counted(self.results, done))
             if self.status is None:
-                self.round_start, self.round_end, self.round = done, self.policy.round_end(done), self.round + 1
+                self.round_start, self.round_end, self.round = (
+                    done,
+                    self.policy.round_end(done),
+                    self.round + 1,
+                )
                 self._in_round = sum(1 for i in range(self.round_start, self.round_end) if i in self.results)
 
 
@@ -233,10 +247,12 @@ class RenderPlan:
                     seed_rows = sum(1 for j in pending[start:] if j // group == index // group)
                     if cohort and len(cohort) + seed_rows > size:
                         return cohort
-                cohort.append(PlannedSample(t, state.caption_id, index, state.seed(index), state.round,
-                                            index % group))
-                if len(cohort) >= size and (group == 1 or start + 1 == len(pending)
-                                            or pending[start + 1] // group != index // group):
+                cohort.append(
+                    PlannedSample(t, state.caption_id, index, state.seed(index), state.round, index % group)
+                )
+                if len(cohort) >= size and (
+                    group == 1 or start + 1 == len(pending) or pending[start + 1] // group != index // group
+                ):
                     return cohort
         return cohort
 

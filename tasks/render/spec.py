@@ -16,24 +16,36 @@ def resources(cfg) -> Resources:
     batch = "auto (free GPU memory)" if r.batch_samples == "auto" else str(r.batch_samples)
     images = 4 if r.guidance == "cfg" else 2
     judges = "".join(f" + {name}" for name in cfg.judges.image_rungs())
-    return Resources(1, gpus_for(r.device), f"{batch} samples per UNet call (x{images} images)",
-                     f"{cfg.models.diffusion} + CLIP {cfg.models.clip}{judges}, {r.dtype}")
+    return Resources(
+        1,
+        gpus_for(r.device),
+        f"{batch} samples per UNet call (x{images} images)",
+        f"{cfg.models.diffusion} + CLIP {cfg.models.clip}{judges}, {r.dtype}",
+    )
 
 
 def sections(cfg) -> tuple[str, ...]:
     base = ("models.diffusion", "models.diffusion_path", "models.vae_path", "models.clip", "models.clip_path")
     rungs = cfg.judges.image_rungs()
-    return (*base, *(("models.dino", "models.dino_path", "judges.dino") if "dino" in rungs else ()),
-            *(("judges.ssim",) if "ssim" in rungs else ()))
+    return (
+        *base,
+        *(("models.dino", "models.dino_path", "judges.dino") if "dino" in rungs else ()),
+        *(("judges.ssim",) if "ssim" in rungs else ()),
+    )
 
 
 def render_inputs(cfg) -> dict:
     from tasks.common.selection import selection_fields
 
     rungs = ("clip", *cfg.judges.image_rungs())
-    return {"render": {**cfg.render.output_fields(drop=("keep",)), "keep": selection_fields(cfg.render.keep, rungs)},
-            "rungs": list(rungs),
-            **world_models(cfg, ("diffusion", "clip"))}  # a rebuilt world model: a new version
+    return {
+        "render": {
+            **cfg.render.output_fields(drop=("keep",)),
+            "keep": selection_fields(cfg.render.keep, rungs),
+        },
+        "rungs": list(rungs),
+        **world_models(cfg, ("diffusion", "clip")),
+    }  # a rebuilt world model: a new version
 
 
 STAGE = Stage(
@@ -48,8 +60,21 @@ STAGE = Stage(
     retries=2,
     one_at_a_time=True,  # one partition at a time on the worker's GPU; workers split partitions
     progress=True,
-    headline=("pass_rate", "pass_rate_clip", "pass_rate_dino", "pass_rate_ssim", "n_samples", "n_passed",
-              "n_triplets_with_kept_pair", "unet_calls_per_kept_pair",
-              "samples_per_s", "pass_rate_clip_sim_dir", "pass_rate_clip_sim_image", "pass_rate_clip_sim_0",
-              "pass_rate_clip_sim_1", "median_clip_sim_dir", "median_clip_sim_image"),
+    headline=(
+        "pass_rate",
+        "pass_rate_clip",
+        "pass_rate_dino",
+        "pass_rate_ssim",
+        "n_samples",
+        "n_passed",
+        "n_triplets_with_kept_pair",
+        "unet_calls_per_kept_pair",
+        "samples_per_s",
+        "pass_rate_clip_sim_dir",
+        "pass_rate_clip_sim_image",
+        "pass_rate_clip_sim_0",
+        "pass_rate_clip_sim_1",
+        "median_clip_sim_dir",
+        "median_clip_sim_image",
+    ),
 )

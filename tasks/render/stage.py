@@ -45,9 +45,30 @@ from tasks.render.spec import STAGE as RENDER
 from tasks.scoring.image_rungs import SSIM_LIBRARY, score_image_rungs
 
 STAGE = "render"
-SAMPLE_COLUMNS = ["caption_id", "sample_key", "seed", "p2p_p", "cfg_scale", *METRICS, DINO, "dino_model", SSIM,
-                  "passed", "image_stored", "kept", "input", "edit", "output", "sample_index", "round", "unet_steps",
-                  "early_rejected", *(f"early_{m}" for m in METRICS), "branch", "unet_images"]
+SAMPLE_COLUMNS = [
+    "caption_id",
+    "sample_key",
+    "seed",
+    "p2p_p",
+    "cfg_scale",
+    *METRICS,
+    DINO,
+    "dino_model",
+    SSIM,
+    "passed",
+    "image_stored",
+    "kept",
+    "input",
+    "edit",
+    "output",
+    "sample_index",
+    "round",
+    "unet_steps",
+    "early_rejected",
+    *(f"early_{m}" for m in METRICS),
+    "branch",
+    "unet_images",
+]
 
 
 def to_png(image: torch.Tensor) -> bytes:
@@ -62,32 +83,47 @@ def render_rungs(cfg: PipelineConfig) -> tuple[str, ...]:
     return ("clip", *cfg.judges.image_rungs())
 
 
-def cohort_rows(cohort: list[PlannedSample], triplets: pd.DataFrame, scored: ScoredBatch,
-                cfg: PipelineConfig, device: torch.device | str = "cpu") -> pd.DataFrame:
+def cohort_rows(
+    cohort: list[PlannedSample],
+    triplets: pd.DataFrame,
+    scored: ScoredBatch,
+    cfg: PipelineConfig,
+    device: torch.device | str = "cpu",
+) -> pd.DataFrame:
     """One row per rendered sample (``kept`` is decided at the end of the partition): the CLIP metrics,
     then the image rungs on the samples that passed CLIP (DINOv2, then SSIM on those DINOv2 passed)."""
     pairs = scored.pairs
     info = [triplets.loc[s.caption_id] for s in cohort]
-    rows = pd.DataFrame({
-        "caption_id": [s.caption_id for s in cohort],
-        "sample_key": [sample_key(s.caption_id, s.seed, s.branch if cfg.render.p_branches > 1 else None)
-                       for s in cohort],
-        "seed": [s.seed for s in cohort],
-        "p2p_p": [p.p2p_p for p in pairs.params],
-        "cfg_scale": [p.cfg_scale for p in pairs.params],
-        **{k: scored.metrics[k].numpy().astype(float) for k in METRICS},
-        "input": [t["input"] for t in info],
-        "edit": [t["edit"] for t in info],
-        "output": [t["output"] for t in info],
-        "sample_index": [s.index for s in cohort],
-        "round": [s.round for s in cohort],
-        "unet_steps": pairs.unet_steps,
-        "early_rejected": pairs.early_rejected,
-        **{f"early_{k}": (pairs.early_metrics[k].numpy().astype(float) if pairs.early_metrics
-                          else np.full(len(cohort), np.nan)) for k in METRICS},
-        "branch": [s.branch for s in cohort],
-        "unet_images": pairs.unet_images,
-    })
+    rows = pd.DataFrame(
+        {
+            "caption_id": [s.caption_id for s in cohort],
+            "sample_key": [
+                sample_key(s.caption_id, s.seed, s.branch if cfg.render.p_branches > 1 else None)
+                for s in cohort
+            ],
+            "seed": [s.seed for s in cohort],
+            "p2p_p": [p.p2p_p for p in pairs.params],
+            "cfg_scale": [p.cfg_scale for p in pairs.params],
+            **{k: scored.metrics[k].numpy().astype(float) for k in METRICS},
+            "input": [t["input"] for t in info],
+            "edit": [t["edit"] for t in info],
+            "output": [t["output"] for t in info],
+            "sample_index": [s.index for s in cohort],
+            "round": [s.round for s in cohort],
+            "unet_steps": pairs.unet_steps,
+            "early_rejected": pairs.early_rejected,
+            **{
+                f"early_{k}": (
+                    pairs.early_metrics[k].numpy().astype(float)
+                    if pairs.early_metrics
+                    else np.full(len(cohort), np.nan)
+                )
+                for k in METRICS
+            },
+            "branch": [s.branch for s in cohort],
+            "unet_images": pairs.unet_images,
+        }
+    )
     clip_passed = passes(rows, cfg.render.keep).to_numpy()
     rungs = score_image_rungs(rows, pairs.before, pairs.after, cfg, torch.device(device), clip_passed)
     for name, values in rungs.items():
@@ -121,7 +157,9 @@ def stored_images(samples: pd.DataFrame, cfg: PipelineConfig) -> pd.Series:
 def publish_images(run: PartitionRun, checkpoint: Checkpoint, keys: list[str]) -> None:
     """Move the staged images of ``keys`` to ``images/`` and register them (idempotent after a crash)."""
     # one listing, not a lookup per image (a round trip each on an object store)
-    waiting = {url.rsplit("/", 1)[-1] for url in storage.list_files(storage.url_join(checkpoint.dir, "images"))}
+    waiting = {
+        url.rsplit("/", 1)[-1] for url in storage.list_files(storage.url_join(checkpoint.dir, "images"))
+    }
     for key in keys:
         for which in ("input", "edited"):
             source, target = staged(checkpoint, key, which), run.output(image_name(key, which))
@@ -130,7 +168,8 @@ def publish_images(run: PartitionRun, checkpoint: Checkpoint, keys: list[str]) -
             elif not storage.exists(target):
                 raise MissingFileError(
                     f"render part-{run.partition_id:05d}: the {which} image of sample {key} is neither staged "
-                    f"({source}) nor stored ({target}); delete {checkpoint.dir} to re-render the partition")
+                    f"({source}) nor stored ({target}); delete {checkpoint.dir} to re-render the partition"
+                )
 
 
 def load_rows(checkpoint: Checkpoint, logger: logging.Logger) -> pd.DataFrame:
@@ -145,27 +184,55 @@ def load_rows(checkpoint: Checkpoint, logger: logging.Logger) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
-def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, triplets: pd.DataFrame,
-                   renderer: Renderer, checkpoint: Checkpoint, logger: logging.Logger,
-                   previous: pd.DataFrame | None = None) -> dict[str, int]:
+def render_cohorts(
+    run: PartitionRun,
+    cfg: PipelineConfig,
+    plan: RenderPlan,
+    triplets: pd.DataFrame,
+    renderer: Renderer,
+    checkpoint: Checkpoint,
+    logger: logging.Logger,
+    previous: pd.DataFrame | None = None,
+) -> dict[str, int]:
     """Render the plan's cohorts until every triplet is finished; return this run's own counts
     (``previous``: the rows a resumed partition had checkpointed, for the running figures)."""
     r = cfg.render
     settings = settings_from(cfg)
-    size = r.batch_samples if r.batch_samples != "auto" else renderer.auto_batch_samples(settings, r.batch_samples_max)
+    size = (
+        r.batch_samples
+        if r.batch_samples != "auto"
+        else renderer.auto_batch_samples(settings, r.batch_samples_max)
+    )
     sizer = BatchSizer(size, logger)
     early_after = early_step_count(r.early_reject.at, r.steps)
     done = {"unet_calls_this_run": 0, "samples_this_run": 0, "cohorts": 0}
-    live = LiveFigures(plan, r.keep.top_k, previous if previous is not None else pd.DataFrame(), r.keep_per_seed)
+    live = LiveFigures(
+        plan, r.keep.top_k, previous if previous is not None else pd.DataFrame(), r.keep_per_seed
+    )
     progress = tqdm(desc=f"render p{run.partition_id}", unit="sample", leave=False)
     while cohort := plan.next_cohort(sizer.size):
-        requests = [PairRequest(s.caption_id, triplets.at[s.caption_id, "input"],
-                                triplets.at[s.caption_id, "output"], s.seed, s.branch, r.p_branches) for s in cohort]
+        requests = [
+            PairRequest(
+                s.caption_id,
+                triplets.at[s.caption_id, "input"],
+                triplets.at[s.caption_id, "output"],
+                s.seed,
+                s.branch,
+                r.p_branches,
+            )
+            for s in cohort
+        ]
         try:
             with run.stats.timer("render"):
-                scored = renderer.render_scored(requests, settings, r.keep, early_after,
-                                                r.early_reject.margin, r.early_reject.metrics,
-                                                early_drop=not r.early_reject.dry_run)
+                scored = renderer.render_scored(
+                    requests,
+                    settings,
+                    r.keep,
+                    early_after,
+                    r.early_reject.margin,
+                    r.early_reject.metrics,
+                    early_drop=not r.early_reject.dry_run,
+                )
         except Exception as err:
             if not is_oom(err):
                 raise
@@ -180,8 +247,10 @@ def render_cohorts(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, tri
         plan.record(zip(rows["caption_id"], rows["sample_index"], rows["passed"]))
         done["unet_calls_this_run"] += int(rows["unet_steps"].sum())
         done["samples_this_run"] += len(rows)
-        run.report_progress(sum(plan.status_counts().values()) / max(1, len(plan.triplets)),
-                            live.update(rows, done, run.stats.timings.get("render", 0.0)))
+        run.report_progress(
+            sum(plan.status_counts().values()) / max(1, len(plan.triplets)),
+            live.update(rows, done, run.stats.timings.get("render", 0.0)),
+        )
         done["cohorts"] += 1
         progress.update(len(cohort))
     progress.close()
@@ -205,7 +274,9 @@ class LiveFigures:
         self.samples += len(rows)
         self.passed += int(rows["passed"].sum())
         self.unet_calls += int(rows["unet_steps"].sum())
-        for (cid, seed), n in rows.loc[rows["passed"].astype(bool), ["caption_id", "seed"]].value_counts().items():
+        for (cid, seed), n in (
+            rows.loc[rows["passed"].astype(bool), ["caption_id", "seed"]].value_counts().items()
+        ):
             self.passed_by_seed[cid, int(seed)] = self.passed_by_seed.get((cid, int(seed)), 0) + int(n)
 
     def update(self, rows: pd.DataFrame, done: dict[str, int], seconds: float) -> dict:
@@ -214,16 +285,26 @@ class LiveFigures:
         for (cid, _), n in self.passed_by_seed.items():  # at most keep_per_seed of a seed's branches
             by_triplet[cid] = by_triplet.get(cid, 0) + (n if self.per_seed is None else min(n, self.per_seed))
         kept = sum(min(n, self.top_k) for n in by_triplet.values())
-        return {"triplets_done": sum(self.plan.status_counts().values()), "triplets": len(self.plan.triplets),
-                "samples": self.samples, "passed": self.passed,
-                "pass_rate": round(self.passed / self.samples, 4) if self.samples else None,
-                "kept_so_far": kept, "unet_calls": self.unet_calls,
-                "unet_calls_per_kept_pair": round(self.unet_calls / kept, 1) if kept else None,
-                "samples_per_s": round(done["samples_this_run"] / seconds, 3) if seconds > 0 else None}
+        return {
+            "triplets_done": sum(self.plan.status_counts().values()),
+            "triplets": len(self.plan.triplets),
+            "samples": self.samples,
+            "passed": self.passed,
+            "pass_rate": round(self.passed / self.samples, 4) if self.samples else None,
+            "kept_so_far": kept,
+            "unet_calls": self.unet_calls,
+            "unet_calls_per_kept_pair": round(self.unet_calls / kept, 1) if kept else None,
+            "samples_per_s": round(done["samples_this_run"] / seconds, 3) if seconds > 0 else None,
+        }
 
 
-def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = None,
-        logger: logging.Logger | None = None) -> dict:
+def run(
+    cfg: PipelineConfig,
+    partition_id: int,
+    *,
+    renderer: Renderer | None = None,
+    logger: logging.Logger | None = None,
+) -> dict:
     """Render one partition's triplets (see module doc); ``renderer`` replaces the models (tests)."""
     r = cfg.render
     logger = logger or logging.getLogger("editforge")
@@ -231,14 +312,18 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
     def work(run: PartitionRun) -> None:
         triplets = storage.read_parquet(run.input_path("text", TRIPLETS_FILE))
         run.stats.add("in", len(triplets))
-        triplets = triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
+        triplets = (
+            triplets[triplets["status"] == "ok"].drop_duplicates("caption_id").sort_values("caption_id")
+        )
         triplets = triplets.set_index("caption_id", drop=False)
         plan = RenderPlan(triplets["caption_id"].tolist(), SamplingPolicy.from_config(cfg), r.base_seed)
         checkpoint = run.checkpoint("sample_key")
         previous = load_rows(checkpoint, logger)
         if len(previous):
             plan.record(zip(previous["caption_id"], previous["sample_index"], previous["passed"]))
-            logger.info("render part-%05d: resuming with %d samples already rendered", partition_id, len(previous))
+            logger.info(
+                "render part-%05d: resuming with %d samples already rendered", partition_id, len(previous)
+            )
         if not plan.finished:
             nonlocal renderer
             renderer = renderer or get_renderer(cfg, logger)
@@ -251,7 +336,9 @@ def run(cfg: PipelineConfig, partition_id: int, *, renderer: Renderer | None = N
         eligible = per_seed_eligible(samples, r.keep, r.keep_per_seed, render_rungs(cfg))
         samples["kept"] = select_top_k(samples, r.keep, eligible, rungs=render_rungs(cfg)).to_numpy()
         samples["image_stored"] = stored_images(samples, cfg).to_numpy()
-        publish_images(run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist())
+        publish_images(
+            run, checkpoint, samples.loc[samples["image_stored"].astype(bool), "sample_key"].tolist()
+        )
         storage.write_parquet_atomic(run.output(SAMPLES_FILE), samples[SAMPLE_COLUMNS])
         record_stats(run, cfg, plan, samples)
 
@@ -266,7 +353,9 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
     run.stats.add("samples", len(samples))
     run.stats.add("unet_calls", unet_calls)
     run.stats.add("unet_images", int(samples["unet_images"].sum()))
-    run.stats.add("unet_calls_reference", len(plan.triplets) * cfg.render.samples_per_triplet * cfg.render.steps)
+    run.stats.add(
+        "unet_calls_reference", len(plan.triplets) * cfg.render.samples_per_triplet * cfg.render.steps
+    )
     run.stats.add("passed", int(samples["passed"].sum()))
     run.stats.add("early_rejected", int(early.sum()))
     run.stats.add("out", int(kept.sum()))
@@ -283,8 +372,10 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
         run.stats.add(f"ladder_{step['rung']}_in", step["in"])
         run.stats.add(f"ladder_{step['rung']}_passed", step["passed"])
     if len(rungs) > 1:
-        run.extra["judges"] = {"dino": cfg.models.dino_path or cfg.models.dino if "dino" in rungs else None,
-                               "ssim": SSIM_LIBRARY if "ssim" in rungs else None}
+        run.extra["judges"] = {
+            "dino": cfg.models.dino_path or cfg.models.dino if "dino" in rungs else None,
+            "ssim": SSIM_LIBRARY if "ssim" in rungs else None,
+        }
     for col in (*METRICS, DINO, SSIM):
         run.stats.observe(col, samples[col].to_numpy(dtype=float))
     # pass rates: of every sample drawn, and per criterion of those scored at the end (not early-rejected)

@@ -24,8 +24,13 @@ TEXT_CACHE_SIZE = 4096  # caption embeddings kept per process (one partition's c
 class ClipScorer:
     """Embeds images in [0, 1] (N, 3, H, W) and captions, and computes the filter's metrics."""
 
-    def __init__(self, clip: ClipComponents, device: str | torch.device = "cpu", batch_size: int = 64,
-                 resize: str = "reference"):
+    def __init__(
+        self,
+        clip: ClipComponents,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        resize: str = "reference",
+    ):
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown CLIP resize {resize!r}; expected one of {RESIZE_MODES}")
         self.clip = clip
@@ -49,15 +54,19 @@ class ClipScorer:
         scale = size / min(h, w)
         nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(
+                0, 1
+            )
         top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top: top + size, left: left + size]
+        x = x[..., top : top + size, left : left + size]
         return (x - self._mean) / self._std
 
     @torch.inference_mode()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        out = [self.model.encode_image(self.preprocess(images[i: i + self.batch_size]))
-               for i in range(0, len(images), self.batch_size)]
+        out = [
+            self.model.encode_image(self.preprocess(images[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
         return F.normalize(torch.cat(out).float(), dim=-1)
 
     @torch.inference_mode()
@@ -72,9 +81,14 @@ class ClipScorer:
                 self._text_cache[text] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)[0]
         return torch.stack([self._text_cache[t] for t in texts])
 
-    def score_pairs(self, before: torch.Tensor, after: torch.Tensor, input_captions: Sequence[str],
-                    output_captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    def score_pairs(
+        self,
+        before: torch.Tensor,
+        after: torch.Tensor,
+        input_captions: Sequence[str],
+        output_captions: Sequence[str],
+    ) -> dict[str, torch.Tensor]:
         """The four filter metrics for N (before, after) pairs and their captions."""
         images = self.embed_images(torch.cat([before, after]))
-        i0, i1 = images[: len(before)], images[len(before):]
+        i0, i1 = images[: len(before)], images[len(before) :]
         return clip_metrics(i0, i1, self.embed_texts(input_captions), self.embed_texts(output_captions))

@@ -51,34 +51,45 @@ class DinoScorer:
         scale = self.dino.resize / min(h, w)
         nh, nw = max(self.dino.crop[0], round(h * scale)), max(self.dino.crop[1], round(w * scale))
         if (nh, nw) != (h, w):
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True).clamp(
+                0, 1
+            )
         ch, cw = self.dino.crop
         top, left = (nh - ch) // 2, (nw - cw) // 2
-        x = x[..., top: top + ch, left: left + cw]
+        x = x[..., top : top + ch, left : left + cw]
         return (x - self._mean) / self._std
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        out = [self.model(pixel_values=self.preprocess(images[i: i + self.batch_size])).pooler_output
-               for i in range(0, len(images), self.batch_size)]
+        out = [
+            self.model(pixel_values=self.preprocess(images[i : i + self.batch_size])).pooler_output
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.cat(out).float()
 
     def similarity(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         """cos(DINOv2(before), DINOv2(after)) for N pairs (CPU float)."""
         emb = self.embed(torch.cat([before, after]))
-        return F.cosine_similarity(emb[: len(before)], emb[len(before):], dim=-1, eps=1e-8).cpu()
+        return F.cosine_similarity(emb[: len(before)], emb[len(before) :], dim=-1, eps=1e-8).cpu()
 
 
-def ssim(before: torch.Tensor, after: torch.Tensor, sigma: float = 1.5, size: int | None = None) -> torch.Tensor:
+def ssim(
+    before: torch.Tensor, after: torch.Tensor, sigma: float = 1.5, size: int | None = None
+) -> torch.Tensor:
     """SSIM of N pairs of images in [0, 1] (torchmetrics, Gaussian window), one value per pair (CPU float)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     a, b = before.float().clamp(0, 1), after.float().clamp(0, 1)
     if size is not None and a.shape[-2:] != (size, size):
-        a = F.interpolate(a, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        b = F.interpolate(b, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    values = structural_similarity_index_measure(b, a, gaussian_kernel=True, sigma=sigma, data_range=1.0,
-                                                 reduction="none")
+        a = F.interpolate(a, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )
+        b = F.interpolate(b, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )
+    values = structural_similarity_index_measure(
+        b, a, gaussian_kernel=True, sigma=sigma, data_range=1.0, reduction="none"
+    )
     return values.reshape(len(a)).float().cpu()
 
 
@@ -89,8 +100,14 @@ def dino_scorer(cfg: PipelineConfig, device: torch.device) -> DinoScorer:
     return DinoScorer(comps, device, cfg.judges.dino.batch_size)
 
 
-def score_image_rungs(rows: pd.DataFrame, before: torch.Tensor, after: torch.Tensor, cfg: PipelineConfig,
-                      device: torch.device, passed_so_far: np.ndarray) -> dict[str, np.ndarray]:
+def score_image_rungs(
+    rows: pd.DataFrame,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    cfg: PipelineConfig,
+    device: torch.device,
+    passed_so_far: np.ndarray,
+) -> dict[str, np.ndarray]:
     """The enabled image rungs' columns for one cohort, in ladder order: each rung scores the rows that
     passed every rung below it (``passed_so_far``: CLIP's verdict), NaN elsewhere."""
     n = len(rows)
@@ -110,9 +127,17 @@ def score_image_rungs(rows: pd.DataFrame, before: torch.Tensor, after: torch.Ten
         else:
             s = cfg.judges.ssim
             columns[SSIM][idx] = ssim(before[idx], after[idx], s.sigma, s.size).numpy().astype(float)
-        alive &= passes(pd.DataFrame({k: v for k, v in columns.items() if k != "dino_model"} | {
-            m: rows[m].to_numpy(dtype=float) for m in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")}),
-            keep, _upto(enabled, rung)).to_numpy()
+        alive &= passes(
+            pd.DataFrame(
+                {k: v for k, v in columns.items() if k != "dino_model"}
+                | {
+                    m: rows[m].to_numpy(dtype=float)
+                    for m in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+                }
+            ),
+            keep,
+            _upto(enabled, rung),
+        ).to_numpy()
     return columns
 
 

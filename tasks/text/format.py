@@ -33,11 +33,31 @@ REJECT_CONTENT_FILTER = "content_filter"
 FINISH_REJECTIONS = {"length": REJECT_TRUNCATED, "content_filter": REJECT_CONTENT_FILTER}
 
 # what another try can fix: the completion itself (not a refused request, a flagged caption or a duplicate)
-RETRIED = frozenset({REJECT_UNPARSEABLE, REJECT_EMPTY, REJECT_SAME, REJECT_LONG_EDIT, REJECT_EDIT_HAS_CAPTION,
-                     REJECT_MODERATION, REJECT_TRUNCATED, REJECT_CONTENT_FILTER})
+RETRIED = frozenset(
+    {
+        REJECT_UNPARSEABLE,
+        REJECT_EMPTY,
+        REJECT_SAME,
+        REJECT_LONG_EDIT,
+        REJECT_EDIT_HAS_CAPTION,
+        REJECT_MODERATION,
+        REJECT_TRUNCATED,
+        REJECT_CONTENT_FILTER,
+    }
+)
 
-TRIPLET_COLUMNS = ["caption_id", "input", "edit", "output", "model", "raw_completion", "status", "reject_reason",
-                   "attempt", "earlier_rejections"]
+TRIPLET_COLUMNS = [
+    "caption_id",
+    "input",
+    "edit",
+    "output",
+    "model",
+    "raw_completion",
+    "status",
+    "reject_reason",
+    "attempt",
+    "earlier_rejections",
+]
 
 
 def canonical_triplets(df: pd.DataFrame) -> pd.DataFrame:
@@ -49,8 +69,11 @@ def canonical_triplets(df: pd.DataFrame) -> pd.DataFrame:
         if col == "attempt":
             out[col] = out[col].astype("int64")
         else:
-            out[col] = pd.Series([None if pd.isna(v) else str(v) for v in out[col]], index=out.index, dtype=object)
+            out[col] = pd.Series(
+                [None if pd.isna(v) else str(v) for v in out[col]], index=out.index, dtype=object
+            )
     return out
+
 
 _TRAILING = re.compile(r"[.!?\s]+$")
 
@@ -104,18 +127,38 @@ def validate_triplet(input_caption: str, edit: str, output: str, max_edit_words:
     return None
 
 
-def triplet_row(caption_id: str, input_caption: str, raw: str | None, model: str, max_edit_words: int = 40,
-                reject_reason: str | None = None, *, attempt: int = 1, earlier: Sequence[str] = ()) -> dict:
+def triplet_row(
+    caption_id: str,
+    input_caption: str,
+    raw: str | None,
+    model: str,
+    max_edit_words: int = 40,
+    reject_reason: str | None = None,
+    *,
+    attempt: int = 1,
+    earlier: Sequence[str] = (),
+) -> dict:
     """One `triplets.parquet` row from a raw completion: parsed, validated, kept or rejected.
 
     A `reject_reason` given by the caller (moderation of the caption, an API refusal) wins. `attempt`
     is the try this completion answered; `earlier` the rejection reasons of the tries before it.
     """
     parsed = parse_completion(raw) if reject_reason is None else Parsed(None, None, reject_reason)
-    reason = parsed.reject_reason or validate_triplet(input_caption, parsed.edit, parsed.output, max_edit_words)
-    return {"caption_id": caption_id, "input": input_caption, "edit": parsed.edit, "output": parsed.output,
-            "model": model, "raw_completion": raw, "status": "rejected" if reason else "ok", "reject_reason": reason,
-            "attempt": attempt, "earlier_rejections": ";".join(earlier)}
+    reason = parsed.reject_reason or validate_triplet(
+        input_caption, parsed.edit, parsed.output, max_edit_words
+    )
+    return {
+        "caption_id": caption_id,
+        "input": input_caption,
+        "edit": parsed.edit,
+        "output": parsed.output,
+        "model": model,
+        "raw_completion": raw,
+        "status": "rejected" if reason else "ok",
+        "reject_reason": reason,
+        "attempt": attempt,
+        "earlier_rejections": ";".join(earlier),
+    }
 
 
 def attempt_key(key: str, attempt: int) -> str:
@@ -140,8 +183,9 @@ def attempt_counts(df: pd.DataFrame) -> dict[str, int]:
     try's reason is its row's, `duplicate_input_edit` included), `accepted_attempt_<k>` for the rows
     kept from try k, and `generation_attempts`, the tries answered or refused in all."""
     counts: Counter[str] = Counter()
-    for attempt, earlier, status, reason in zip(df["attempt"], df["earlier_rejections"], df["status"],
-                                                df["reject_reason"]):
+    for attempt, earlier, status, reason in zip(
+        df["attempt"], df["earlier_rejections"], df["status"], df["reject_reason"]
+    ):
         attempt = int(attempt)
         for k, why in enumerate(earlier.split(";") if earlier else [], start=1):
             counts[f"attempt_{k}_{why}"] += 1

@@ -60,14 +60,20 @@ def caption_seed(seed: int, caption_id: str, attempt: int = 1) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def request_body(t: TextConfig, model: str, caption_id: str, caption: str, attempt: int = 1) -> dict[str, Any]:
+def request_body(
+    t: TextConfig, model: str, caption_id: str, caption: str, attempt: int = 1
+) -> dict[str, Any]:
     """The generation request for one caption's try `attempt`, with the paper's sampling settings.
 
     The prompt comes from the same templates as the fine-tune files (completion or chat format).
     """
     body: dict[str, Any] = {
-        "model": model, "temperature": t.temperature, "top_p": t.top_p, "frequency_penalty": t.frequency_penalty,
-        "stop": [t.stop], "seed": caption_seed(t.seed, caption_id, attempt),
+        "model": model,
+        "temperature": t.temperature,
+        "top_p": t.top_p,
+        "frequency_penalty": t.frequency_penalty,
+        "stop": [t.stop],
+        "seed": caption_seed(t.seed, caption_id, attempt),
     }
     if t.openai.endpoint == "chat":
         return body | {"messages": chat_messages(caption), "max_completion_tokens": t.max_new_tokens}

@@ -41,8 +41,10 @@ log = logging.getLogger("editforge")
 
 
 def batch_input_jsonl(t: TextConfig, model: str, captions: Sequence[Caption], attempt: int = 1) -> bytes:
-    return batch_lines([(cid, request_body(t, model, cid, text, attempt)) for cid, text in captions],
-                       ENDPOINT_PATHS[t.openai.endpoint])
+    return batch_lines(
+        [(cid, request_body(t, model, cid, text, attempt)) for cid, text in captions],
+        ENDPOINT_PATHS[t.openai.endpoint],
+    )
 
 
 def parse_batch_output(endpoint: str, data: bytes) -> dict[str, Completion]:
@@ -56,30 +58,65 @@ def attempt_state_url(state_url: str, attempt: int) -> str:
 
 
 async def generate_batch(
-    client: openai.AsyncOpenAI, t: TextConfig, model: str, captions: Sequence[Caption], writer: ChunkWriter,
-    stats: Stats, rng: random.Random, state_url: str, partition_id: int, logger: logging.Logger = log,
+    client: openai.AsyncOpenAI,
+    t: TextConfig,
+    model: str,
+    captions: Sequence[Caption],
+    writer: ChunkWriter,
+    stats: Stats,
+    rng: random.Random,
+    state_url: str,
+    partition_id: int,
+    logger: logging.Logger = log,
 ) -> None:
     """Answer `captions` through one batch job per try (each resumed when recorded), rows to `writer`."""
     if not captions:
         return
     todo, earlier = list(captions), {}
     for attempt in range(1, t.max_attempts + 1):
-        retry = await _one_try(client, t, model, todo, earlier, attempt, writer, stats, rng,
-                               attempt_state_url(state_url, attempt), partition_id, logger)
+        retry = await _one_try(
+            client,
+            t,
+            model,
+            todo,
+            earlier,
+            attempt,
+            writer,
+            stats,
+            rng,
+            attempt_state_url(state_url, attempt),
+            partition_id,
+            logger,
+        )
         todo = [c for c in todo if c[0] in retry]
         earlier = retry
         if not todo:
             break
         stats.add("retried_captions", len(todo))
-        logger.info("text part-%05d: %d answers of try %d rejected; asking again (try %d of %d)", partition_id,
-                    len(todo), attempt, attempt + 1, t.max_attempts)
+        logger.info(
+            "text part-%05d: %d answers of try %d rejected; asking again (try %d of %d)",
+            partition_id,
+            len(todo),
+            attempt,
+            attempt + 1,
+            t.max_attempts,
+        )
     for attempt in range(1, t.max_attempts + 1):
         storage.remove(attempt_state_url(state_url, attempt))
 
 
 async def _one_try(
-    client: openai.AsyncOpenAI, t: TextConfig, model: str, captions: Sequence[Caption], earlier: dict[str, list[str]],
-    attempt: int, writer: ChunkWriter, stats: Stats, rng: random.Random, state_url: str, partition_id: int,
+    client: openai.AsyncOpenAI,
+    t: TextConfig,
+    model: str,
+    captions: Sequence[Caption],
+    earlier: dict[str, list[str]],
+    attempt: int,
+    writer: ChunkWriter,
+    stats: Stats,
+    rng: random.Random,
+    state_url: str,
+    partition_id: int,
     logger: logging.Logger,
 ) -> dict[str, list[str]]:
     """One batch job for try `attempt` of `captions`: final rows to `writer` (the unanswered ones go
@@ -88,19 +125,39 @@ async def _one_try(
     retried = retrying(RetryPolicy.from_config(o), rng, stats)
     suffix = "" if attempt == 1 else f"-attempt-{attempt}"
     batch, bodies = await run_batch_job(
-        client, retried, stats, state_url=state_url, custom_ids=[cid for cid, _ in captions],
+        client,
+        retried,
+        stats,
+        state_url=state_url,
+        custom_ids=[cid for cid, _ in captions],
         payload=lambda: batch_input_jsonl(t, model, captions, attempt),
-        file_name=f"editforge-text-part-{partition_id:05d}{suffix}.jsonl", endpoint=ENDPOINT_PATHS[o.endpoint],
+        file_name=f"editforge-text-part-{partition_id:05d}{suffix}.jsonl",
+        endpoint=ENDPOINT_PATHS[o.endpoint],
         metadata={"editforge_partition": str(partition_id), "editforge_attempt": str(attempt)},
-        interval_s=o.poll_interval_s, timeout_s=o.poll_timeout_s, label=f"text part-{partition_id:05d}",
-        note=f" (try {attempt})", logger=logger, state_extra={"attempt": attempt})
+        interval_s=o.poll_interval_s,
+        timeout_s=o.poll_timeout_s,
+        label=f"text part-{partition_id:05d}",
+        note=f" (try {attempt})",
+        logger=logger,
+        state_extra={"attempt": attempt},
+    )
     batch_id = batch.id
     answers = {cid: completion_of(o.endpoint, body) for cid, body in bodies.items()}
     stats.add("batch_answered", len(answers))
-    rows = [triplet_row(cid, text, answers[cid].text, model, t.max_edit_words,
-                        FINISH_REJECTIONS.get(answers[cid].finish_reason), attempt=attempt,
-                        earlier=earlier.get(cid, []))
-            for cid, text in captions if cid in answers]
+    rows = [
+        triplet_row(
+            cid,
+            text,
+            answers[cid].text,
+            model,
+            t.max_edit_words,
+            FINISH_REJECTIONS.get(answers[cid].finish_reason),
+            attempt=attempt,
+            earlier=earlier.get(cid, []),
+        )
+        for cid, text in captions
+        if cid in answers
+    ]
     if o.moderation and attempt < t.max_attempts:  # a flagged answer is asked again
         await writer.moderate_rows([r for r in rows if r["status"] == "ok"])
     retry: dict[str, list[str]] = {}
@@ -114,9 +171,23 @@ async def _one_try(
     await writer.flush()
     missing = [c for c in captions if c[0] not in answers]
     if missing:
-        logger.info("text part-%05d: batch %s left %d requests unanswered (%s); sending them online",
-                    partition_id, batch_id, len(missing), batch.status)
+        logger.info(
+            "text part-%05d: batch %s left %d requests unanswered (%s); sending them online",
+            partition_id,
+            batch_id,
+            len(missing),
+            batch.status,
+        )
         stats.add("batch_fallback_online", len(missing))
-        await generate_online(client, t, model, missing, writer, stats, rng, logger,
-                              resume={cid: earlier.get(cid, []) for cid, _ in missing})
+        await generate_online(
+            client,
+            t,
+            model,
+            missing,
+            writer,
+            stats,
+            rng,
+            logger,
+            resume={cid: earlier.get(cid, []) for cid, _ in missing},
+        )
     return retry

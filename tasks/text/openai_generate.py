@@ -40,11 +40,25 @@ MODERATED = "_moderated"  # a row key (not a column): its generated text was alr
 class ChunkWriter(ChunkBuffer):
     """Buffers finished rows; moderates their generated text and appends them as one checkpoint chunk."""
 
-    def __init__(self, client: openai.AsyncOpenAI, t: TextConfig, checkpoint: Checkpoint, stats: Stats,
-                 rng: random.Random, on_chunk: Callable[[int], None] | None = None):
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        t: TextConfig,
+        checkpoint: Checkpoint,
+        stats: Stats,
+        rng: random.Random,
+        on_chunk: Callable[[int], None] | None = None,
+    ):
         o = t.openai
-        super().__init__(checkpoint, stats, TRIPLET_COLUMNS, "caption_id", o.checkpoint_every,
-                         o.checkpoint_interval_s, on_chunk)
+        super().__init__(
+            checkpoint,
+            stats,
+            TRIPLET_COLUMNS,
+            "caption_id",
+            o.checkpoint_every,
+            o.checkpoint_interval_s,
+            on_chunk,
+        )
         self.client, self.t, self.rng = client, t, rng
         self._moderate_output = True
 
@@ -68,7 +82,7 @@ class ChunkWriter(ChunkBuffer):
         kept = [r for r in rows if r["status"] == "ok"]
         retried = retrying(RetryPolicy.from_config(o), self.rng, self.stats)
         for i in range(0, len(kept), o.moderation_batch):
-            group = kept[i: i + o.moderation_batch]
+            group = kept[i : i + o.moderation_batch]
             texts = [f"{r['edit']}\n{r['output']}" for r in group]
             flags = await retried(partial(moderate, self.client, o.moderation_model, texts))
             self.stats.add("moderation_requests")
@@ -77,8 +91,9 @@ class ChunkWriter(ChunkBuffer):
                     row["status"], row["reject_reason"] = "rejected", REJECT_MODERATION
 
 
-async def moderate_captions(client: openai.AsyncOpenAI, t: TextConfig, captions: Sequence[Caption], stats: Stats,
-                            rng: random.Random) -> set[str]:
+async def moderate_captions(
+    client: openai.AsyncOpenAI, t: TextConfig, captions: Sequence[Caption], stats: Stats, rng: random.Random
+) -> set[str]:
     """Caption ids whose caption the moderation endpoint flags (groups of `moderation_batch`, concurrently)."""
     o = t.openai
     retried = retrying(RetryPolicy.from_config(o), rng, stats)
@@ -91,14 +106,20 @@ async def moderate_captions(client: openai.AsyncOpenAI, t: TextConfig, captions:
         stats.add("moderation_requests")
         flagged.update(cid for (cid, _), f in zip(group, flags) if f)
 
-    groups = [captions[i: i + o.moderation_batch] for i in range(0, len(captions), o.moderation_batch)]
+    groups = [captions[i : i + o.moderation_batch] for i in range(0, len(captions), o.moderation_batch)]
     await asyncio.gather(*(one(g) for g in groups))
     return flagged
 
 
 async def generate_online(
-    client: openai.AsyncOpenAI, t: TextConfig, model: str, captions: Sequence[Caption], writer: ChunkWriter,
-    stats: Stats, rng: random.Random, logger: logging.Logger = log,
+    client: openai.AsyncOpenAI,
+    t: TextConfig,
+    model: str,
+    captions: Sequence[Caption],
+    writer: ChunkWriter,
+    stats: Stats,
+    rng: random.Random,
+    logger: logging.Logger = log,
     resume: Mapping[str, list[str]] | None = None,
 ) -> None:
     """Generate one triplet per caption with `concurrency` requests in flight; rows go to `writer`.
@@ -122,10 +143,16 @@ async def generate_online(
         except openai.APIStatusError as err:
             if err.status_code >= 500 or err.status_code in (408, 409, 429):
                 raise
-            logger.warning("text: request for caption %s refused (HTTP %s): %s", caption_id, err.status_code,
-                           str(err)[:300])
+            logger.warning(
+                "text: request for caption %s refused (HTTP %s): %s",
+                caption_id,
+                err.status_code,
+                str(err)[:300],
+            )
             reason = REJECT_API
-        return triplet_row(caption_id, caption, raw, model, t.max_edit_words, reason, attempt=attempt, earlier=earlier)
+        return triplet_row(
+            caption_id, caption, raw, model, t.max_edit_words, reason, attempt=attempt, earlier=earlier
+        )
 
     async def handle(item: Caption) -> list[dict]:
         caption_id, caption = item
@@ -144,5 +171,8 @@ async def generate_online(
 
 def moderation_rows(t: TextConfig, captions: Sequence[Caption], flagged: set[str], model: str) -> list[dict]:
     """Rejected rows for captions flagged by moderation (no generation request is sent for them)."""
-    return [triplet_row(cid, text, None, model, t.max_edit_words, REJECT_MODERATION, attempt=0)
-            for cid, text in captions if cid in flagged]
+    return [
+        triplet_row(cid, text, None, model, t.max_edit_words, REJECT_MODERATION, attempt=0)
+        for cid, text in captions
+        if cid in flagged
+    ]

@@ -12,8 +12,15 @@ from tasks.finetune.spec import FINETUNE
 def text_resources(cfg) -> Resources:
     t = cfg.text
     if t.backend == "openai":
-        return Resources(1, 0, f"{t.openai.concurrency} requests in flight", f"OpenAI-compatible API ({t.openai.mode} mode)")
-    return Resources(1, gpus_for(t.device), f"{t.batch_size} captions", "local generation with the fine-tuned LM")
+        return Resources(
+            1,
+            0,
+            f"{t.openai.concurrency} requests in flight",
+            f"OpenAI-compatible API ({t.openai.mode} mode)",
+        )
+    return Resources(
+        1, gpus_for(t.device), f"{t.batch_size} captions", "local generation with the fine-tuned LM"
+    )
 
 
 TEXT = Stage(

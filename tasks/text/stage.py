@@ -31,8 +31,13 @@ STAGE = "text"
 log = logging.getLogger("editforge")
 
 
-def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None = None,
-        on_chunk: Callable[[int], None] | None = None) -> dict:
+def run(
+    cfg: PipelineConfig,
+    partition_id: int,
+    *,
+    logger: logging.Logger | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
     """Generate one triplet per caption of the partition (see module doc).
 
     `on_chunk(n)` is called after the n-th checkpoint chunk of the openai backend is written (a hook
@@ -46,8 +51,9 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         run.stats.add("in", len(captions))
         checkpoint = run.checkpoint("caption_id", expected=len(captions))
         if cfg.text.backend == "local":
-            generate_partition(cfg, captions, checkpoint, run.stats, lambda: finetuned_model(cfg), partition_id,
-                               logger)
+            generate_partition(
+                cfg, captions, checkpoint, run.stats, lambda: finetuned_model(cfg), partition_id, logger
+            )
         else:
             _generate_openai(cfg, run, captions, checkpoint, partition_id, logger, on_chunk)
         _assemble(run, checkpoint, cfg.text.max_attempts)
@@ -55,8 +61,15 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
     return execute(cfg, TEXT, partition_id, work, logger)
 
 
-def _generate_openai(cfg: PipelineConfig, run: PartitionRun, captions: pd.DataFrame, checkpoint: Checkpoint,
-                     partition_id: int, logger: logging.Logger, on_chunk: Callable[[int], None] | None) -> None:
+def _generate_openai(
+    cfg: PipelineConfig,
+    run: PartitionRun,
+    captions: pd.DataFrame,
+    checkpoint: Checkpoint,
+    partition_id: int,
+    logger: logging.Logger,
+    on_chunk: Callable[[int], None] | None,
+) -> None:
     from tasks.text.openai_api import make_client, resolve_api_key, run_sync
     from tasks.text.openai_batch import generate_batch
     from tasks.text.openai_generate import ChunkWriter, generate_online, moderate_captions, moderation_rows
@@ -65,8 +78,12 @@ def _generate_openai(cfg: PipelineConfig, run: PartitionRun, captions: pd.DataFr
     done = checkpoint.done_keys()
     pending = [(cid, text) for cid, text in zip(captions["caption_id"], captions["text"]) if cid not in done]
     if done:
-        logger.info("text part-%05d: resuming, %d of %d captions already answered", partition_id,
-                    len(captions) - len(pending), len(captions))
+        logger.info(
+            "text part-%05d: resuming, %d of %d captions already answered",
+            partition_id,
+            len(captions) - len(pending),
+            len(captions),
+        )
     if not pending:
         return
     model = finetuned_model_id(cfg)
@@ -85,8 +102,18 @@ def _generate_openai(cfg: PipelineConfig, run: PartitionRun, captions: pd.DataFr
             with run.stats.timer("generate"):
                 if o.mode == "batch":
                     await writer.flush(moderate_output=False)
-                    await generate_batch(client, t, model, todo, writer, run.stats, rng,
-                                         storage.url_join(layout.progress_dir(run.dir, run.config_hash), "openai-batch.json"), partition_id, logger)
+                    await generate_batch(
+                        client,
+                        t,
+                        model,
+                        todo,
+                        writer,
+                        run.stats,
+                        rng,
+                        storage.url_join(layout.progress_dir(run.dir, run.config_hash), "openai-batch.json"),
+                        partition_id,
+                        logger,
+                    )
                 else:
                     await generate_online(client, t, model, todo, writer, run.stats, rng, logger)
 

@@ -13,19 +13,27 @@ from __future__ import annotations
 import torch
 
 
-def dropout_masks(batch_size: int, p: float, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_masks(
+    batch_size: int, p: float, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks `(drop_text, drop_image)` of shape (batch_size,) from one uniform draw per sample."""
     if not 0 <= p <= 1 / 3:
-        raise ValueError(f"conditioning dropout p={p} must lie in [0, 1/3] (3p of the samples lose a conditioning)")
+        raise ValueError(
+            f"conditioning dropout p={p} must lie in [0, 1/3] (3p of the samples lose a conditioning)"
+        )
     u = torch.rand(batch_size, generator=generator, device=device)
     drop_text = u < 2 * p
     drop_image = (u >= p) & (u < 3 * p)
     return drop_text, drop_image
 
 
-def apply_dropout(text_embeds: torch.Tensor, image_latents: torch.Tensor, null_text: torch.Tensor,
-                  drop_text: torch.Tensor, drop_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_dropout(
+    text_embeds: torch.Tensor,
+    image_latents: torch.Tensor,
+    null_text: torch.Tensor,
+    drop_text: torch.Tensor,
+    drop_image: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace dropped text embeddings by `null_text` (1, L, D) and dropped image latents by zeros."""
     text = drop_rows(text_embeds, null_text, drop_text)
     image = image_latents * (~drop_image).to(image_latents.dtype)[:, None, None, None]
@@ -38,8 +46,9 @@ def drop_rows(values: torch.Tensor, null: torch.Tensor, drop: torch.Tensor) -> t
     return torch.where(mask, null.to(values.dtype).expand_as(values), values)
 
 
-def encode_text(comps, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_text(
+    comps, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """c_T: (hidden states, pooled or None). SD: the last hidden state of the text encoder. SDXL: the
     penultimate hidden states of both encoders concatenated and the second's pooled projection."""
     if not comps.is_sdxl:
@@ -52,7 +61,9 @@ def encode_text(comps, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the second encoder's (the projection model's) text_embeds
     if pooled.ndim != 2:
-        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2")
+        raise ValueError(
+            "SDXL needs a text encoder with a projection (CLIPTextModelWithProjection) as text_encoder_2"
+        )
     return torch.cat(hidden, dim=-1), pooled
 
 

@@ -83,7 +83,9 @@ def _field(sample: dict[str, Any], name: str) -> bytes:
     for ext in IMAGE_EXTS:
         if f"{name}.{ext}" in sample:
             return sample[f"{name}.{ext}"]
-    raise SampleError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no {name}.<{'|'.join(IMAGE_EXTS)}>")
+    raise SampleError(
+        f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no {name}.<{'|'.join(IMAGE_EXTS)}>"
+    )
 
 
 def decode(sample: dict[str, Any]) -> EditExample:
@@ -104,15 +106,17 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).mul(2.0 / 255.0).sub(1.0)
 
 
-def augment_pair(original: Image.Image, edited: Image.Image, aug: Augment,
-                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_pair(
+    original: Image.Image, edited: Image.Image, aug: Augment, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same random resize, crop window and flip for both images; tensors (3, res, res) in [-1, 1]."""
     a, b, _ = augment_pair_with_geometry(original, edited, aug, rng)
     return a, b
 
 
-def augment_pair_with_geometry(original: Image.Image, edited: Image.Image, aug: Augment, rng: random.Random
-                               ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int, int, int]]:
+def augment_pair_with_geometry(
+    original: Image.Image, edited: Image.Image, aug: Augment, rng: random.Random
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int, int, int, int]]:
     """`augment_pair` plus SDXL's micro-conditioning of the view: (original height, width, crop top, crop
     left, target height, width) — the source image's size, the crop's corner in the resized image."""
     res = aug.resolution
@@ -137,15 +141,22 @@ def center_pair(example: EditExample, resolution: int) -> EditExample:
         scale = resolution / min(w, h)
         new = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
         left, top = (new[0] - resolution) // 2, (new[1] - resolution) // 2
-        return img.resize(new, Image.Resampling.LANCZOS).crop((left, top, left + resolution, top + resolution))
+        return img.resize(new, Image.Resampling.LANCZOS).crop(
+            (left, top, left + resolution, top + resolution)
+        )
 
     return EditExample(example.key, fit(example.original), fit(example.edited), example.instruction)
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
     """CLIP token ids padded/truncated to the tokenizer's max length (77), as the pipeline encodes prompts."""
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 SAMPLING = ("per_triplet", "per_pair")
@@ -222,8 +233,10 @@ def index_samples(urls: list[str]) -> SampleIndex:
                     continue
                 if not keys or shard[-1] != n or keys[-1] != prefix:
                     if prefix in where:
-                        raise InputError(f"sample key {prefix!r} appears twice (in {where[prefix]} and {url}): "
-                                         "the training shards need unique keys")
+                        raise InputError(
+                            f"sample key {prefix!r} appears twice (in {where[prefix]} and {url}): "
+                            "the training shards need unique keys"
+                        )
                     where[prefix] = url
                     keys.append(prefix)
                     shard.append(n)
@@ -231,8 +244,13 @@ def index_samples(urls: list[str]) -> SampleIndex:
                     end.append(0)
                 end[-1] = member.offset_data + member.size
             tar.close()
-    return SampleIndex(list(urls), keys, np.asarray(shard, dtype=np.int32), np.asarray(start, dtype=np.int64),
-                       np.asarray(end, dtype=np.int64))
+    return SampleIndex(
+        list(urls),
+        keys,
+        np.asarray(shard, dtype=np.int32),
+        np.asarray(start, dtype=np.int64),
+        np.asarray(end, dtype=np.int64),
+    )
 
 
 def read_sample(index: SampleIndex, i: int) -> dict[str, Any]:
@@ -243,13 +261,16 @@ def read_sample(index: SampleIndex, i: int) -> dict[str, Any]:
     blob = fs.cat_file(path, start=begin, end=finish + (-(finish - begin) % TAR_BLOCK))
     samples = list(group_by_keys(tar_file_expander(iter([{"url": url, "stream": io.BytesIO(blob)}]))))
     if len(samples) != 1 or samples[0]["__key__"] != index.keys[i]:
-        raise InputError(f"{url}: bytes {begin}-{finish} do not hold sample {index.keys[i]!r} any more (was the "
-                         "shard rewritten while training?)")
+        raise InputError(
+            f"{url}: bytes {begin}-{finish} do not hold sample {index.keys[i]!r} any more (was the "
+            "shard rewritten while training?)"
+        )
     return samples[0]
 
 
-def epoch_order(index: SampleIndex, seed: int, epoch: int, shuffle_buffer: int,
-                groups: dict[str, list[str]] | None = None) -> list[int]:
+def epoch_order(
+    index: SampleIndex, seed: int, epoch: int, shuffle_buffer: int, groups: dict[str, list[str]] | None = None
+) -> list[int]:
     """The sample indices of epoch `epoch` in training order: shards shuffled with `Random(seed, epoch)`, then
     webdataset's shuffle buffer; with `groups` (`per_triplet`) only the epoch's `choose_pairs`."""
     order = list(range(len(index.urls)))
@@ -272,9 +293,21 @@ class EditPairStream(IterableDataset):
     `batch` (its global micro-batch index: the same samples whatever the process count).
     """
 
-    def __init__(self, urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
-                 shuffle_buffer: int = 1000, skip_batches: int = 0, rank: int = 0, world_size: int = 1,
-                 sampling: str = "per_triplet", tokenizer_2=None, index: SampleIndex | None = None):
+    def __init__(
+        self,
+        urls: list[str],
+        tokenizer,
+        aug: Augment,
+        batch_size: int,
+        seed: int,
+        shuffle_buffer: int = 1000,
+        skip_batches: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        sampling: str = "per_triplet",
+        tokenizer_2=None,
+        index: SampleIndex | None = None,
+    ):
         super().__init__()
         if not urls:
             raise InputError("no training shards")
@@ -292,7 +325,9 @@ class EditPairStream(IterableDataset):
 
     def order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # at most the previous one
+            self._orders = {
+                e: o for e, o in self._orders.items() if e >= epoch - 1
+            }  # at most the previous one
             self._orders[epoch] = epoch_order(self.index, self.seed, epoch, self.shuffle_buffer, self.groups)
         return self._orders[epoch]
 
@@ -337,18 +372,42 @@ class EditPairStream(IterableDataset):
         }
 
 
-def make_train_loader(urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
-                      shuffle_buffer: int = 1000, num_workers: int = 0, skip_batches: int = 0,
-                      rank: int = 0, world_size: int = 1, sampling: str = "per_triplet",
-                      tokenizer_2=None, index: SampleIndex | None = None) -> Iterator[dict[str, Any]]:
+def make_train_loader(
+    urls: list[str],
+    tokenizer,
+    aug: Augment,
+    batch_size: int,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    num_workers: int = 0,
+    skip_batches: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    sampling: str = "per_triplet",
+    tokenizer_2=None,
+    index: SampleIndex | None = None,
+) -> Iterator[dict[str, Any]]:
     """An endless iterator of this process's batches; `num_workers` DataLoader processes decode and augment in
     parallel (the batches are the same for any number); `index`: the shards' :class:`SampleIndex`, if listed."""
-    dataset = EditPairStream(urls, tokenizer, aug, batch_size, seed, shuffle_buffer, skip_batches, rank, world_size,
-                             sampling, tokenizer_2, index)
+    dataset = EditPairStream(
+        urls,
+        tokenizer,
+        aug,
+        batch_size,
+        seed,
+        shuffle_buffer,
+        skip_batches,
+        rank,
+        world_size,
+        sampling,
+        tokenizer_2,
+        index,
+    )
     if num_workers == 0:
         return iter(dataset)
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                        prefetch_factor=2)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, prefetch_factor=2
+    )
     return iter(loader)
 
 

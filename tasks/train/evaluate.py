@@ -80,16 +80,20 @@ def parse_guidance_list(text: str) -> tuple[float, ...]:
         try:
             values.append(float(part.strip()))
         except ValueError:
-            raise EvalInputError(f"--image-guidance {text!r}: {part.strip()!r} is not a number "
-                                 "(expected e.g. 1.0,1.2,1.4)") from None
+            raise EvalInputError(
+                f"--image-guidance {text!r}: {part.strip()!r} is not a number (expected e.g. 1.0,1.2,1.4)"
+            ) from None
     return tuple(values)
 
 
 def folder_fingerprint(folder: str | Path) -> list[list[Any]]:
     """[relative path, size, mtime_ns] of every file of a model folder: a rewritten file changes it."""
     root = Path(folder)
-    return [[p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
-            for p in sorted(root.rglob("*")) if p.is_file()]
+    return [
+        [p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns]
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
 
 
 def model_identity(model_dir: str, train_hash: str | None) -> dict[str, Any]:
@@ -104,8 +108,9 @@ def clip_identity(cfg: PipelineConfig) -> dict[str, Any]:
     return {"clip": cfg.models.clip, "clip_path": cfg.models.clip_path, "resize": cfg.render.clip_resize}
 
 
-def heldout_shards(cfg: PipelineConfig, index_url: str | None, split: str, args: str = "--preset <preset>"
-                   ) -> dict[str, Any]:
+def heldout_shards(
+    cfg: PipelineConfig, index_url: str | None, split: str, args: str = "--preset <preset>"
+) -> dict[str, Any]:
     """The held-out set: {index (URL), own, split, shards (resolved URLs), entries (as stored: hashed),
     index_hash, samples}; EvalInputError when the index is missing or the split is empty."""
     from tasks.pack.index import index_url as own_index_url
@@ -114,28 +119,47 @@ def heldout_shards(cfg: PipelineConfig, index_url: str | None, split: str, args:
     own = index_url is None
     url = index_url or own_index_url(cfg)
     if not storage.exists(url):
-        hint = (f"run `editforge run {args}` (and `editforge train {args}`) first, or pass --index"
-                if own else "pass the index.json of existing shards")
+        hint = (
+            f"run `editforge run {args}` (and `editforge train {args}`) first, or pass --index"
+            if own
+            else "pass the index.json of existing shards"
+        )
         raise EvalInputError(f"no held-out set: no shard index at {url}; {hint}")
     stored = storage.read_json(url)
     entries = list(stored.get("splits", {}).get(split, {}).get("shards", []))
     if not entries:
         other = "train" if split == "val" else "val"
-        raise EvalInputError(f"no held-out set: {url} has no {split!r} shards (pack.val_fraction="
-                             f"{cfg.pack.val_fraction}); pass --split {other} to evaluate on the {other} split"
-                             + (" (pairs the model was trained on, not held out)" if other == "train" else ""))
+        raise EvalInputError(
+            f"no held-out set: {url} has no {split!r} shards (pack.val_fraction="
+            f"{cfg.pack.val_fraction}); pass --split {other} to evaluate on the {other} split"
+            + (" (pairs the model was trained on, not held out)" if other == "train" else "")
+        )
     resolved = resolve(stored, url)
-    return {"index": url, "own": own, "split": split, "shards": resolved["splits"][split]["shards"],
-            "entries": entries, "index_hash": stored.get("config_hash"),
-            "samples": int(stored["splits"][split].get("samples", 0))}
+    return {
+        "index": url,
+        "own": own,
+        "split": split,
+        "shards": resolved["splits"][split]["shards"],
+        "entries": entries,
+        "index_hash": stored.get("config_hash"),
+        "samples": int(stored["splits"][split].get("samples", 0)),
+    }
 
 
-def eval_hash(model: dict[str, Any], heldout: dict[str, Any], clip: dict[str, Any], settings: EvalSettings) -> str:
+def eval_hash(
+    model: dict[str, Any], heldout: dict[str, Any], clip: dict[str, Any], settings: EvalSettings
+) -> str:
     """The folder name: 16 hex of the sha256 of what the evaluation computes (the project's hash shape)."""
-    shards = {"entries": heldout["entries"], "index_hash": heldout["index_hash"], "split": heldout["split"],
-              **({} if heldout["own"] else {"index": heldout["index"]})}
-    blob = json.dumps({"stage": layout.EVAL, "model": model, "heldout": shards, "clip": clip,
-                       "settings": asdict(settings)}, sort_keys=True).encode()
+    shards = {
+        "entries": heldout["entries"],
+        "index_hash": heldout["index_hash"],
+        "split": heldout["split"],
+        **({} if heldout["own"] else {"index": heldout["index"]}),
+    }
+    blob = json.dumps(
+        {"stage": layout.EVAL, "model": model, "heldout": shards, "clip": clip, "settings": asdict(settings)},
+        sort_keys=True,
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -162,12 +186,22 @@ def read_heldout(urls: Sequence[str], limit: int, resolution: int, seed: int = 0
             meta = {}
         captions = meta.get("input"), meta.get("output")
         if not all(isinstance(c, str) and c.strip() for c in captions):
-            raise EvalInputError(f"sample {example.key!r} in {raw.get('__url__')} has no input and output captions "
-                                 "in its json (the pack stage writes them as `input`, `output`): the directional "
-                                 "similarity needs both")
+            raise EvalInputError(
+                f"sample {example.key!r} in {raw.get('__url__')} has no input and output captions "
+                "in its json (the pack stage writes them as `input`, `output`): the directional "
+                "similarity needs both"
+            )
         view = center_pair(example, resolution)
-        out.append(HeldOutExample(example.key, view.original, example.instruction, captions[0].strip(),
-                                  captions[1].strip(), seed + len(out)))
+        out.append(
+            HeldOutExample(
+                example.key,
+                view.original,
+                example.instruction,
+                captions[0].strip(),
+                captions[1].strip(),
+                seed + len(out),
+            )
+        )
         if len(out) >= limit:
             break
     if not out:
@@ -192,8 +226,14 @@ class EvalResult:
     edit_s: float = 0.0
 
 
-def run_evaluation(pipe, scorer, examples: list[HeldOutExample], settings: EvalSettings, batch_size: int = 8,
-                   on_progress: Callable[[float], None] | None = None) -> EvalResult:
+def run_evaluation(
+    pipe,
+    scorer,
+    examples: list[HeldOutExample],
+    settings: EvalSettings,
+    batch_size: int = 8,
+    on_progress: Callable[[float], None] | None = None,
+) -> EvalResult:
     """Edit every example at every image guidance scale and score the edits with `scorer` (a ClipScorer),
     `batch_size` examples at a time (only the example sheet's images are kept)."""
     from tasks.train.infer import edit_images
@@ -203,17 +243,37 @@ def run_evaluation(pipe, scorer, examples: list[HeldOutExample], settings: EvalS
     started, total, done = time.perf_counter(), len(examples) * len(settings.image_guidance), 0
     for g in settings.image_guidance:
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start: start + batch_size]
-            edited = edit_images(pipe, [e.image for e in chunk], [e.instruction for e in chunk],
-                                 [e.seed for e in chunk], guidance_scale=settings.text_guidance,
-                                 image_guidance_scale=g, steps=settings.steps)
-            metrics = scorer.score_pairs(to_unit_tensor([e.image for e in chunk]), to_unit_tensor(edited),
-                                         [e.input_caption for e in chunk], [e.output_caption for e in chunk])
+            chunk = examples[start : start + batch_size]
+            edited = edit_images(
+                pipe,
+                [e.image for e in chunk],
+                [e.instruction for e in chunk],
+                [e.seed for e in chunk],
+                guidance_scale=settings.text_guidance,
+                image_guidance_scale=g,
+                steps=settings.steps,
+            )
+            metrics = scorer.score_pairs(
+                to_unit_tensor([e.image for e in chunk]),
+                to_unit_tensor(edited),
+                [e.input_caption for e in chunk],
+                [e.output_caption for e in chunk],
+            )
             for i, (e, img) in enumerate(zip(chunk, edited, strict=True)):
-                rows.append({"key": e.key, "sample": start + i, "seed": e.seed, "image_guidance": g,
-                             "text_guidance": settings.text_guidance, "steps": settings.steps,
-                             "instruction": e.instruction, "input_caption": e.input_caption,
-                             "output_caption": e.output_caption, **{k: float(v[i]) for k, v in metrics.items()}})
+                rows.append(
+                    {
+                        "key": e.key,
+                        "sample": start + i,
+                        "seed": e.seed,
+                        "image_guidance": g,
+                        "text_guidance": settings.text_guidance,
+                        "steps": settings.steps,
+                        "instruction": e.instruction,
+                        "input_caption": e.input_caption,
+                        "output_caption": e.output_caption,
+                        **{k: float(v[i]) for k, v in metrics.items()},
+                    }
+                )
                 if start + i < len(sheet):
                     sheet[start + i].append(img)
             done += len(chunk)
@@ -228,9 +288,17 @@ def summarise(rows: list[dict[str, Any]], settings: EvalSettings) -> list[dict[s
     for g in settings.image_guidance:
         mine = [r for r in rows if r["image_guidance"] == g]
         n = len(mine)
-        out.append({"image_guidance": g, "text_guidance": settings.text_guidance,
-                    **{f"{k}": sum(r[k] for r in mine) / n for k in ("clip_sim_image", "clip_sim_dir", "clip_sim_1")},
-                    "n": n})
+        out.append(
+            {
+                "image_guidance": g,
+                "text_guidance": settings.text_guidance,
+                **{
+                    f"{k}": sum(r[k] for r in mine) / n
+                    for k in ("clip_sim_image", "clip_sim_dir", "clip_sim_1")
+                },
+                "n": n,
+            }
+        )
     return out
 
 
@@ -253,7 +321,9 @@ def plot_png(summary: list[dict[str, Any]], title: str) -> bytes:
     text_guidance = summary[0]["text_guidance"] if summary else DEFAULT_TEXT_GUIDANCE
     ax.plot(xs, ys, "-o", color="tab:blue", label=f"text guidance {text_guidance:g}")
     for r, x, y in zip(summary, xs, ys, strict=True):
-        ax.annotate(scale_label(r["image_guidance"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.annotate(
+            scale_label(r["image_guidance"]), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
+        )
     ax.ticklabel_format(useOffset=False, style="plain")  # the figures themselves on the axes, no offset
     ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.yaxis.set_major_locator(MaxNLocator(6))
@@ -288,8 +358,11 @@ def write_outputs(folder: str, record: dict[str, Any], result: EvalResult, title
     """eval.parquet, eval.png, examples.png, then metrics.json (last: a folder with it is complete)."""
     import pandas as pd
 
-    files = {"samples": storage.url_join(folder, layout.EVAL_SAMPLES), "plot": storage.url_join(folder, layout.EVAL_PLOT),
-             "metrics": storage.url_join(folder, layout.EVAL_METRICS)}
+    files = {
+        "samples": storage.url_join(folder, layout.EVAL_SAMPLES),
+        "plot": storage.url_join(folder, layout.EVAL_PLOT),
+        "metrics": storage.url_join(folder, layout.EVAL_METRICS),
+    }
     storage.write_parquet_atomic(files["samples"], pd.DataFrame(result.rows))
     storage.write_bytes_atomic(files["plot"], plot_png(result.summary, title))
     sheet = examples_png(result.examples)
@@ -313,11 +386,14 @@ def command_args(preset: str, overrides: Sequence[str] | None) -> str:
     """`--preset P --set K=V ...`: the options to repeat in a suggested command."""
     import shlex
 
-    return " ".join([f"--preset {shlex.quote(preset)}", *(f"--set {shlex.quote(o)}" for o in overrides or [])])
+    return " ".join(
+        [f"--preset {shlex.quote(preset)}", *(f"--set {shlex.quote(o)}" for o in overrides or [])]
+    )
 
 
-def resolve_model(cfg: PipelineConfig, model: str | None, index_url: str | None = None,
-                  args: str = "--preset <preset>") -> tuple[str, str | None]:
+def resolve_model(
+    cfg: PipelineConfig, model: str | None, index_url: str | None = None, args: str = "--preset <preset>"
+) -> tuple[str, str | None]:
     """(model folder, train hash or None): `model` when given (checked: an InstructPix2Pix pipeline), else the
     model the training flow finished for this config (on `index_url`, default the run's index)."""
     from tasks.train.model import check_editing_model
@@ -328,26 +404,45 @@ def resolve_model(cfg: PipelineConfig, model: str | None, index_url: str | None 
         return model, None
     folder, train_hash = trained_model(cfg, index_url, args)
     if "://" in folder and not folder.startswith("file://"):
-        raise EvalInputError(f"the trained model is at {folder}, not on a local disk: copy the folder here and "
-                             "pass --model PATH")
+        raise EvalInputError(
+            f"the trained model is at {folder}, not on a local disk: copy the folder here and "
+            "pass --model PATH"
+        )
     check_editing_model(folder)
     return folder, train_hash
 
 
-def plan_evaluation(cfg: PipelineConfig, settings: EvalSettings, model: str | None = None,
-                    index_url: str | None = None, args: str = "--preset <preset>") -> dict[str, Any]:
+def plan_evaluation(
+    cfg: PipelineConfig,
+    settings: EvalSettings,
+    model: str | None = None,
+    index_url: str | None = None,
+    args: str = "--preset <preset>",
+) -> dict[str, Any]:
     """Everything checked and resolved before any model is loaded: the model, the held-out shards, the
     hash and the output folder (a JSON-able dict)."""
     model_dir, train_hash = resolve_model(cfg, model, index_url, args)
     heldout = heldout_shards(cfg, index_url, settings.split, args)
     identity, clip = model_identity(model_dir, train_hash), clip_identity(cfg)
     digest = eval_hash(identity, heldout, clip, settings)
-    return {"eval_hash": digest, "dir": layout.eval_dir(cfg.output_root, digest), "model_dir": model_dir,
-            "model": identity, "heldout": heldout, "clip": clip, "settings": asdict(settings)}
+    return {
+        "eval_hash": digest,
+        "dir": layout.eval_dir(cfg.output_root, digest),
+        "model_dir": model_dir,
+        "model": identity,
+        "heldout": heldout,
+        "clip": clip,
+        "settings": asdict(settings),
+    }
 
 
-def evaluate(cfg: PipelineConfig, plan: dict[str, Any], device: str | None = None, batch_size: int = 8,
-             logger: logging.Logger | None = None) -> dict[str, Any]:
+def evaluate(
+    cfg: PipelineConfig,
+    plan: dict[str, Any],
+    device: str | None = None,
+    batch_size: int = 8,
+    logger: logging.Logger | None = None,
+) -> dict[str, Any]:
     """Run a planned evaluation (:func:`plan_evaluation`) and write its folder; return the small record."""
     from tasks.common.devices import torch_device
     from tasks.common.models import load_clip
@@ -355,15 +450,26 @@ def evaluate(cfg: PipelineConfig, plan: dict[str, Any], device: str | None = Non
     from tasks.train.model import load_pipeline
 
     logger = logger or log
-    settings = EvalSettings(**{**plan["settings"], "image_guidance": tuple(plan["settings"]["image_guidance"])})
+    settings = EvalSettings(
+        **{**plan["settings"], "image_guidance": tuple(plan["settings"]["image_guidance"])}
+    )
     where = torch_device(device or cfg.train.device, "--device" if device else "train.device")
     examples = read_heldout(plan["heldout"]["shards"], settings.limit, settings.resolution, settings.seed)
     quiet_loading()
     pipe = load_pipeline(plan["model_dir"], device=where)
-    scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), where, resize=cfg.render.clip_resize)
-    logger.info("evaluate: %d %s samples x %d image guidance scales, text %g, %d steps, %dpx on %s",
-                len(examples), settings.split, len(settings.image_guidance), settings.text_guidance, settings.steps,
-                settings.resolution, where)
+    scorer = ClipScorer(
+        load_clip(cfg.models.clip, cfg.models.clip_path), where, resize=cfg.render.clip_resize
+    )
+    logger.info(
+        "evaluate: %d %s samples x %d image guidance scales, text %g, %d steps, %dpx on %s",
+        len(examples),
+        settings.split,
+        len(settings.image_guidance),
+        settings.text_guidance,
+        settings.steps,
+        settings.resolution,
+        where,
+    )
     last = [time.monotonic()]
 
     def progress(fraction: float) -> None:  # a log line at most every 10 s
@@ -372,13 +478,28 @@ def evaluate(cfg: PipelineConfig, plan: dict[str, Any], device: str | None = Non
             last[0] = time.monotonic()
 
     result = run_evaluation(pipe, scorer, examples, settings, batch_size, progress)
-    record = {"name": cfg.name, "eval_hash": plan["eval_hash"], "model_dir": plan["model_dir"],
-              "model": plan["model"], "clip": plan["clip"], "settings": plan["settings"],
-              "heldout": {k: plan["heldout"][k] for k in ("index", "split", "index_hash", "entries")}
-              | {"evaluated": len(examples)}}
-    title = (f"EditForge {cfg.name}: {len(examples)} {settings.split} samples, {settings.steps} steps, "
-             f"text guidance {settings.text_guidance:g}")
+    record = {
+        "name": cfg.name,
+        "eval_hash": plan["eval_hash"],
+        "model_dir": plan["model_dir"],
+        "model": plan["model"],
+        "clip": plan["clip"],
+        "settings": plan["settings"],
+        "heldout": {k: plan["heldout"][k] for k in ("index", "split", "index_hash", "entries")}
+        | {"evaluated": len(examples)},
+    }
+    title = (
+        f"EditForge {cfg.name}: {len(examples)} {settings.split} samples, {settings.steps} steps, "
+        f"text guidance {settings.text_guidance:g}"
+    )
     files = write_outputs(plan["dir"], record, result, title)
-    return {"eval_hash": plan["eval_hash"], "dir": plan["dir"], "files": files, "metrics": result.summary,
-            "samples": len(examples), "edit_s": round(result.edit_s, 2), "model_dir": plan["model_dir"],
-            "settings": plan["settings"]}
+    return {
+        "eval_hash": plan["eval_hash"],
+        "dir": plan["dir"],
+        "files": files,
+        "metrics": result.summary,
+        "samples": len(examples),
+        "edit_s": round(result.edit_s, 2),
+        "model_dir": plan["model_dir"],
+        "settings": plan["settings"],
+    }

@@ -53,7 +53,8 @@ def refuse_launcher(environ: dict[str, str] | None = None) -> None:
         "flow starts its own workers — run it once, without accelerate launch/torchrun, with "
         f"--set train.processes={world if world not in ('', '1') else 'N'} (GPUs on this node; 'auto': all of them), "
         "and for several machines train.nodes, train.rdzv_endpoint and `editforge train --node-rank K` on the others "
-        "(docs/training.md)")
+        "(docs/training.md)"
+    )
 
 
 def resolve_processes(cfg: TrainConfig) -> int:
@@ -77,8 +78,10 @@ def check(cfg: TrainConfig) -> int:
     world = world_size(cfg)
     cfg.accumulation(world)
     if world > 1 and cfg.device.startswith("cuda:"):
-        raise InputError(f"train.device={cfg.device} names one GPU, but {world} processes train: use train.device=auto "
-                         "or cuda (process k of a node takes GPU k), or train.processes=1")
+        raise InputError(
+            f"train.device={cfg.device} names one GPU, but {world} processes train: use train.device=auto "
+            "or cuda (process k of a node takes GPU k), or train.processes=1"
+        )
     if cfg.nodes > 1:
         rdzv_endpoint(cfg)
     return world
@@ -89,16 +92,24 @@ def rdzv_endpoint(cfg: TrainConfig) -> tuple[str, int]:
     value = cfg.rdzv_endpoint or os.environ.get(RDZV_ENV, "")
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
-        raise InputError(f"train.nodes={cfg.nodes} needs train.rdzv_endpoint (or ${RDZV_ENV}) as host:port of node 0, "
-                         f"where the nodes meet (got {value!r}), e.g. --set train.rdzv_endpoint=10.0.0.5:29500")
+        raise InputError(
+            f"train.nodes={cfg.nodes} needs train.rdzv_endpoint (or ${RDZV_ENV}) as host:port of node 0, "
+            f"where the nodes meet (got {value!r}), e.g. --set train.rdzv_endpoint=10.0.0.5:29500"
+        )
     return host, int(port)
 
 
-def write_spec(workdir: Path, node_rank: int, cfg: TrainConfig, models: ModelsConfig, train_urls: list[str],
-               run_key: str) -> Path:
+def write_spec(
+    workdir: Path, node_rank: int, cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], run_key: str
+) -> Path:
     """What every worker of this node trains: the settings, the shards, the work folder, the weights key."""
-    spec = {"train": cfg.model_dump(mode="json"), "models": models.model_dump(mode="json"), "train_urls": train_urls,
-            "workdir": str(workdir), "run_key": run_key}
+    spec = {
+        "train": cfg.model_dump(mode="json"),
+        "models": models.model_dump(mode="json"),
+        "train_urls": train_urls,
+        "workdir": str(workdir),
+        "run_key": run_key,
+    }
     path = workdir / f"launch-node-{node_rank}.json"
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1))
@@ -107,25 +118,51 @@ def write_spec(workdir: Path, node_rank: int, cfg: TrainConfig, models: ModelsCo
 
 def read_spec(path: str | Path) -> dict[str, Any]:
     spec = json.loads(Path(path).read_text())
-    return {**spec, "train": TrainConfig.model_validate(spec["train"]), "models": ModelsConfig.model_validate(spec["models"]),
-            "workdir": Path(spec["workdir"])}
+    return {
+        **spec,
+        "train": TrainConfig.model_validate(spec["train"]),
+        "models": ModelsConfig.model_validate(spec["models"]),
+        "workdir": Path(spec["workdir"]),
+    }
 
 
 def torchrun_command(cfg: TrainConfig, spec: Path, node_rank: int = 0) -> list[str]:
     """`python -m torch.distributed.run ... -m tasks.train.worker SPEC` for this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(resolve_processes(cfg)),
-           "--max-restarts", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(resolve_processes(cfg)),
+        "--max-restarts",
+        "0",
+    ]
     if cfg.nodes == 1:
         cmd += ["--standalone"]
     else:
         host, port = rdzv_endpoint(cfg)
-        cmd += ["--nnodes", str(cfg.nodes), "--node-rank", str(node_rank), "--master-addr", host,
-                "--master-port", str(port)]
+        cmd += [
+            "--nnodes",
+            str(cfg.nodes),
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            host,
+            "--master-port",
+            str(port),
+        ]
     return [*cmd, "-m", "tasks.train.worker", str(spec)]
 
 
-def run_workers(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], workdir: Path, run_key: str,
-                node_rank: int = 0, logger: logging.Logger | None = None) -> None:
+def run_workers(
+    cfg: TrainConfig,
+    models: ModelsConfig,
+    train_urls: list[str],
+    workdir: Path,
+    run_key: str,
+    node_rank: int = 0,
+    logger: logging.Logger | None = None,
+) -> None:
     """Launch this node's workers and wait for them; their output goes to `logger`. A failure raises the first
     failed worker's error (PermanentWorkerError when it was a setting or input problem)."""
     logger = logger or log
@@ -136,11 +173,17 @@ def run_workers(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], w
     if node_rank == 0:
         (workdir / RESULT_FILE).unlink(missing_ok=True)
     cmd = torchrun_command(cfg, write_spec(workdir, node_rank, cfg, models, train_urls, run_key), node_rank)
-    logger.info("train: launching %d process(es) on node %d of %d: %s", processes, node_rank, cfg.nodes,
-                " ".join(cmd[1:]))
+    logger.info(
+        "train: launching %d process(es) on node %d of %d: %s",
+        processes,
+        node_rank,
+        cfg.nodes,
+        " ".join(cmd[1:]),
+    )
     env = {**os.environ, LAUNCHER_ENV: str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+    )
     try:
         for line in proc.stdout:
             if line.strip():
@@ -164,8 +207,11 @@ def record_failure(workdir: Path, rank: int, err: BaseException) -> None:
 
     path = failure_file(workdir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"rank": rank, "type": type(err).__name__, "message": str(err),
-                                "permanent": is_permanent(err)}))
+    path.write_text(
+        json.dumps(
+            {"rank": rank, "type": type(err).__name__, "message": str(err), "permanent": is_permanent(err)}
+        )
+    )
 
 
 def _failure(workdir: Path, ranks: range, rc: int) -> WorkerError:
@@ -175,8 +221,10 @@ def _failure(workdir: Path, ranks: range, rc: int) -> WorkerError:
             found = json.loads(path.read_text())
             kind = PermanentWorkerError if found["permanent"] else WorkerError
             return kind(f"training process {found['rank']} failed: {found['message']} ({found['type']})")
-    return WorkerError(f"the training processes ended with exit code {rc} before reporting an error (killed, out of "
-                       "memory, a lost node or connection: see the log above); a new run resumes from the last checkpoint")
+    return WorkerError(
+        f"the training processes ended with exit code {rc} before reporting an error (killed, out of "
+        "memory, a lost node or connection: see the log above); a new run resumes from the last checkpoint"
+    )
 
 
 def read_result(workdir: Path):

@@ -50,15 +50,27 @@ class TrainResult:
 
     def summary(self) -> dict[str, Any]:
         losses = [h["loss"] for h in self.history]
-        return {"steps": self.steps, "resumed_from": self.resumed_from, "steps_per_s": round(self.steps_per_s, 4),
-                "wall_time_s": round(self.wall_time_s, 3), "loss_first": losses[0] if losses else None,
-                "loss_last": losses[-1] if losses else None,
-                "samples_seen": self.history[-1]["samples"] if self.history else 0, "processes": self.processes}
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "steps_per_s": round(self.steps_per_s, 4),
+            "wall_time_s": round(self.wall_time_s, 3),
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "samples_seen": self.history[-1]["samples"] if self.history else 0,
+            "processes": self.processes,
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"model_dir": str(self.model_dir), "steps": self.steps, "resumed_from": self.resumed_from,
-                "history": self.history, "steps_per_s": self.steps_per_s, "wall_time_s": self.wall_time_s,
-                "processes": self.processes}
+        return {
+            "model_dir": str(self.model_dir),
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "history": self.history,
+            "steps_per_s": self.steps_per_s,
+            "wall_time_s": self.wall_time_s,
+            "processes": self.processes,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainResult:
@@ -136,16 +148,22 @@ def _make_accelerator(cfg: TrainConfig):
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.accumulation(world),
-                              cpu=cfg.device == "cpu")
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.accumulation(world),
+        cpu=cfg.device == "cpu",
+    )
     if accelerator.num_processes != world:
-        raise RuntimeError(f"accelerate sees {accelerator.num_processes} processes, the launcher started {world}")
+        raise RuntimeError(
+            f"accelerate sees {accelerator.num_processes} processes, the launcher started {world}"
+        )
     return accelerator
 
 
 @dataclass
 class _Prepared:
     """What `_prepare` sets up: `unet` is the prepared (wrapped) UNet, `comps.unet` the bare one."""
+
     accelerator: Any
     comps: Any
     noise_scheduler: Any
@@ -158,9 +176,15 @@ class _Prepared:
     vae_dir: str | None = None  # models.vae_path
 
 
-def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list[str], workdir: str | Path,
-                        run_key: str = "", logger: logging.Logger | None = None,
-                        on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train_editing_model(
+    cfg: TrainConfig,
+    models: ModelsConfig,
+    train_urls: list[str],
+    workdir: str | Path,
+    run_key: str = "",
+    logger: logging.Logger | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
     """Train for `cfg.steps` optimizer steps (resuming from `workdir/checkpoints`), save `workdir/model`.
 
     Called in every process of a launched job (the same arguments); the main process writes the files."""
@@ -177,13 +201,21 @@ def train_editing_model(cfg: TrainConfig, models: ModelsConfig, train_urls: list
     loader = _make_loader(cfg, prep, train_urls, step)
     sample_log = _sample_log(workdir, prep.accelerator.process_index, step) if cfg.log_samples else None
     # 4. train up to `cfg.steps`, checkpointing on the way
-    step, train_time = _train_steps(cfg, prep, loader, null, step, history, ckpt_dir, run_key, logger,
-                                    on_step, sample_log)
+    step, train_time = _train_steps(
+        cfg, prep, loader, null, step, history, ckpt_dir, run_key, logger, on_step, sample_log
+    )
     # 5. save the final (EMA) weights as a pipeline folder
     model_dir = _save_final(prep, workdir)
     done = step - resumed_from
-    return TrainResult(model_dir, step, resumed_from, history, done / train_time if done else 0.0, train_time,
-                       prep.accelerator.num_processes)
+    return TrainResult(
+        model_dir,
+        step,
+        resumed_from,
+        history,
+        done / train_time if done else 0.0,
+        train_time,
+        prep.accelerator.num_processes,
+    )
 
 
 def _same_run_everywhere(accelerator, run_key: str) -> None:
@@ -194,8 +226,10 @@ def _same_run_everywhere(accelerator, run_key: str) -> None:
 
     keys = gather_object([run_key])
     if len(set(keys)) > 1:
-        raise InputError(f"the processes train different configs (weights keys by process: {keys}): start every "
-                         "node with the same preset, overrides and index")
+        raise InputError(
+            f"the processes train different configs (weights keys by process: {keys}): start every "
+            "node with the same preset, overrides and index"
+        )
 
 
 def _sample_log(workdir: Path, rank: int, step: int) -> Path:
@@ -216,13 +250,17 @@ def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
 
     accelerator = _make_accelerator(cfg)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
 
     comps = load_editing_model(models.diffusion, models.diffusion_path, models.vae_path)
     base = base_folder(comps)
     factor = comps.vae_scale_factor
     if cfg.resolution % factor:
-        raise InputError(f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}")
+        raise InputError(
+            f"train.resolution={cfg.resolution} must be a multiple of the VAE's downsampling {factor}"
+        )
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
     vae, unet = comps.vae, comps.unet
     # SDXL's own VAE overflows in float16: it stays float32 unless models.vae_path names a replacement
@@ -240,14 +278,33 @@ def _prepare(cfg: TrainConfig, models: ModelsConfig) -> _Prepared:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
 
-    optimizer = _optimizer_class(cfg)(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = _optimizer_class(cfg)(
+        unet.parameters(),
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
     # accelerate steps a prepared scheduler once per process per optimizer step
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=cfg.steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=cfg.steps * accelerator.num_processes,
+    )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    return _Prepared(accelerator, comps, noise_scheduler, unet, ema, optimizer, lr_scheduler, weight_dtype, base,
-                     models.vae_path)
+    return _Prepared(
+        accelerator,
+        comps,
+        noise_scheduler,
+        unet,
+        ema,
+        optimizer,
+        lr_scheduler,
+        weight_dtype,
+        base,
+        models.vae_path,
+    )
 
 
 def _optimizer_class(cfg: TrainConfig):
@@ -257,13 +314,16 @@ def _optimizer_class(cfg: TrainConfig):
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise ConfigError("train.use_8bit_adam needs bitsandbytes: pip install 'editforge[cluster]' (or "
-                          "bitsandbytes), or set train.use_8bit_adam=false") from None
+        raise ConfigError(
+            "train.use_8bit_adam needs bitsandbytes: pip install 'editforge[cluster]' (or "
+            "bitsandbytes), or set train.use_8bit_adam=false"
+        ) from None
     return bnb.optim.AdamW8bit
 
 
-def _resume(cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str,
-            logger: logging.Logger) -> tuple[int, list[dict[str, Any]]]:
+def _resume(
+    cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str, logger: logging.Logger
+) -> tuple[int, list[dict[str, Any]]]:
     """Load the newest checkpoint of `run_key` into the accelerator: its (step, history), else (0, []).
 
     A checkpoint of another process count is refused unless `resume_other_processes` (the same samples and
@@ -273,8 +333,10 @@ def _resume(cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str,
     latest = _broadcast_path(accelerator, latest)
     if latest is not None:
         if not (latest / STATE_FILE).is_file():
-            raise MissingFileError(f"process {accelerator.process_index} cannot see {latest}: with train.nodes > 1 "
-                                    "the work folder must be on storage every node shares (docs/training.md)")
+            raise MissingFileError(
+                f"process {accelerator.process_index} cannot see {latest}: with train.nodes > 1 "
+                "the work folder must be on storage every node shares (docs/training.md)"
+            )
         state = json.loads((latest / STATE_FILE).read_text())
         before, now = int(state.get("processes", 1)), accelerator.num_processes
         if before != now and not cfg.resume_other_processes:
@@ -282,7 +344,8 @@ def _resume(cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str,
                 f"{latest} was written by {before} process(es), this run has {now}: resume with {before} "
                 f"(train.processes x train.nodes) to continue exactly, or set train.resume_other_processes=true to "
                 f"continue on {now} (the same samples, order and noise; the weights then differ from an "
-                "uninterrupted run by float rounding)")
+                "uninterrupted run by float rounding)"
+            )
         accelerator.load_state(str(latest))
         step, history = int(state["step"]), list(state["history"])[: int(state["step"])]
         if before != now:  # accelerate steps the schedule once per process and optimizer step
@@ -291,7 +354,9 @@ def _resume(cfg: TrainConfig, prep: _Prepared, ckpt_dir: Path, run_key: str,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 schedule.step()
-        logger.info("train: resumed from %s (step %d of %d, %d process(es))", latest.name, step, cfg.steps, now)
+        logger.info(
+            "train: resumed from %s (step %d of %d, %d process(es))", latest.name, step, cfg.steps, now
+        )
     return step, history
 
 
@@ -308,16 +373,36 @@ def _make_loader(cfg: TrainConfig, prep: _Prepared, train_urls: list[str], step:
         broadcast_object_list(box, from_process=0)
         index = box[0]
     augment = Augment(cfg.resolution, cfg.max_resize_ratio, cfg.flip_prob)
-    return make_train_loader(train_urls, prep.comps.tokenizer, augment, cfg.batch_size, cfg.seed,
-                             cfg.shuffle_buffer, cfg.num_workers, skip_batches=step * accum,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             sampling=cfg.sampling, tokenizer_2=prep.comps.tokenizer_2, index=index)
+    return make_train_loader(
+        train_urls,
+        prep.comps.tokenizer,
+        augment,
+        cfg.batch_size,
+        cfg.seed,
+        cfg.shuffle_buffer,
+        cfg.num_workers,
+        skip_batches=step * accum,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        sampling=cfg.sampling,
+        tokenizer_2=prep.comps.tokenizer_2,
+        index=index,
+    )
 
 
-def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null: tuple[torch.Tensor, torch.Tensor | None], step: int,
-                 history: list[dict[str, Any]], ckpt_dir: Path, run_key: str, logger: logging.Logger,
-                 on_step: Callable[[dict[str, Any]], None] | None, sample_log: Path | None = None
-                 ) -> tuple[int, float]:
+def _train_steps(
+    cfg: TrainConfig,
+    prep: _Prepared,
+    loader,
+    null: tuple[torch.Tensor, torch.Tensor | None],
+    step: int,
+    history: list[dict[str, Any]],
+    ckpt_dir: Path,
+    run_key: str,
+    logger: logging.Logger,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    sample_log: Path | None = None,
+) -> tuple[int, float]:
     """Steps `step`..`cfg.steps`, each appended to `history`, checkpointed; returns (step, seconds)."""
     accelerator, device, unet, ema = prep.accelerator, prep.accelerator.device, prep.unet, prep.ema
     optimizer, lr_scheduler = prep.optimizer, prep.lr_scheduler
@@ -333,8 +418,16 @@ def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null: tuple[torch.Te
             with sample_log.open("a") as out:
                 out.write(json.dumps({"step": step + 1, "batch": data["batch"], "keys": data["keys"]}) + "\n")
         with accelerator.accumulate(unet):
-            loss = batch_loss(data, gen, cfg.conditioning_dropout, prep.comps, unet, prep.noise_scheduler, null,
-                              prep.weight_dtype)
+            loss = batch_loss(
+                data,
+                gen,
+                cfg.conditioning_dropout,
+                prep.comps,
+                unet,
+                prep.noise_scheduler,
+                null,
+                prep.weight_dtype,
+            )
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
@@ -347,21 +440,43 @@ def _train_steps(cfg: TrainConfig, prep: _Prepared, loader, null: tuple[torch.Te
         step += 1
         if ema is not None:
             ema.step(unet.parameters())
-        if accelerator.num_processes > 1:  # the newest epoch any process has reached, as one process would see it
+        if (
+            accelerator.num_processes > 1
+        ):  # the newest epoch any process has reached, as one process would see it
             epoch = int(accelerator.gather(torch.tensor([epoch], device=device)).max())
-        record = {"step": step, "loss": float(torch.stack(micro_losses).mean()), "lr": lr_scheduler.get_last_lr()[0],
-                  "epoch": epoch, "samples": step * samples_per_step,
-                  "time_s": round(time.perf_counter() - t0, 4)}
+        record = {
+            "step": step,
+            "loss": float(torch.stack(micro_losses).mean()),
+            "lr": lr_scheduler.get_last_lr()[0],
+            "epoch": epoch,
+            "samples": step * samples_per_step,
+            "time_s": round(time.perf_counter() - t0, 4),
+        }
         micro_losses = []
         history.append(record)
         if step % cfg.log_every == 0 or step == cfg.steps:
             rate = (step - resumed_from) / max(time.perf_counter() - t0, 1e-9)
-            logger.info("train: step %d/%d loss %.4f lr %.2e %.2f steps/s", step, cfg.steps, record["loss"],
-                        record["lr"], rate)
+            logger.info(
+                "train: step %d/%d loss %.4f lr %.2e %.2f steps/s",
+                step,
+                cfg.steps,
+                record["loss"],
+                record["lr"],
+                rate,
+            )
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint(accelerator, ckpt_dir, step, {"step": step, "run_key": run_key, "history": history,
-                                                          "processes": accelerator.num_processes},
-                            cfg.checkpoints_total_limit)
+            save_checkpoint(
+                accelerator,
+                ckpt_dir,
+                step,
+                {
+                    "step": step,
+                    "run_key": run_key,
+                    "history": history,
+                    "processes": accelerator.num_processes,
+                },
+                cfg.checkpoints_total_limit,
+            )
         if on_step is not None:
             on_step(record)
     return step, time.perf_counter() - t0
@@ -387,19 +502,31 @@ def _save_final(prep: _Prepared, workdir: Path) -> Path:
     return model_dir
 
 
-def batch_loss(data: dict[str, Any], gen: torch.Generator, dropout: float, comps, unet, noise_scheduler,
-               null: tuple[torch.Tensor, torch.Tensor | None], weight_dtype: torch.dtype) -> torch.Tensor:
+def batch_loss(
+    data: dict[str, Any],
+    gen: torch.Generator,
+    dropout: float,
+    comps,
+    unet,
+    noise_scheduler,
+    null: tuple[torch.Tensor, torch.Tensor | None],
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
     """The denoising loss of one micro-batch; every random draw from `gen` (dropout probability `dropout`)."""
     device, vae = gen.device, comps.vae
     edited = data["edited_pixel_values"].to(device, dtype=vae.dtype)
     original = data["original_pixel_values"].to(device, dtype=vae.dtype)
     with torch.no_grad():
-        latents = (vae.encode(edited).latent_dist.sample(generator=gen) * vae.config.scaling_factor).to(weight_dtype)
+        latents = (vae.encode(edited).latent_dist.sample(generator=gen) * vae.config.scaling_factor).to(
+            weight_dtype
+        )
         image_latents = vae.encode(original).latent_dist.mode().to(weight_dtype)
         text, pooled = encode_text(comps, data["input_ids"], data.get("input_ids_2"))
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen, device=device)
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (n,), generator=gen, device=device
+    )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     drop_text, drop_image = dropout_masks(n, dropout, gen, device)
     text, image_latents = apply_dropout(text, image_latents, null[0], drop_text, drop_image)
@@ -412,8 +539,10 @@ def batch_loss(data: dict[str, Any], gen: torch.Generator, dropout: float, comps
     kwargs = {}
     if comps.is_sdxl:
         pooled = drop_rows(pooled, null[1], drop_text)
-        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype),
-                                       "time_ids": data["time_ids"].to(device, dtype=weight_dtype)}
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": pooled.to(weight_dtype),
+            "time_ids": data["time_ids"].to(device, dtype=weight_dtype),
+        }
     pred = unet(torch.cat([noisy, image_latents], dim=1), timesteps, text.to(weight_dtype), **kwargs).sample
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
 

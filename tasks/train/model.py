@@ -42,10 +42,22 @@ def widen_conv_in(unet, in_channels: int = EDIT_IN_CHANNELS):
     if old.in_channels == in_channels:
         return unet
     if old.in_channels > in_channels:
-        raise ValueError(f"conv_in has {old.in_channels} input channels, more than the {in_channels} asked for")
-    new = nn.Conv2d(in_channels, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
-                    padding=old.padding, dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
-                    padding_mode=old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
+        raise ValueError(
+            f"conv_in has {old.in_channels} input channels, more than the {in_channels} asked for"
+        )
+    new = nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        kernel_size=old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        groups=old.groups,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, : old.in_channels].copy_(old.weight)
@@ -59,7 +71,9 @@ def widen_conv_in(unet, in_channels: int = EDIT_IN_CHANNELS):
     return unet
 
 
-def load_editing_model(preset: str, path: str | None = None, vae_path: str | None = None) -> DiffusionComponents:
+def load_editing_model(
+    preset: str, path: str | None = None, vae_path: str | None = None
+) -> DiffusionComponents:
     """The model registry's diffusion components (`tiny`, `sd15`, `sdxl`, `sd15-arch`) with an 8-channel UNet;
     the VAE of `vae_path` (`models.vae_path`) instead of the model's own when given."""
     comps = load_diffusion(preset, path, vae_path=vae_path)  # the one VAE loader (tasks.common.models)
@@ -78,16 +92,30 @@ def build_pipeline(comps: DiffusionComponents):
     no watermark). SDXL's unconditional prompt is the encoding of "" (`force_zeros_for_empty_prompt=False`),
     the null text training drops to (`tasks.train.conditioning`), not diffusers' default zeros."""
     if comps.unet.config.in_channels != EDIT_IN_CHANNELS:
-        raise ValueError(f"the UNet has {comps.unet.config.in_channels} input channels; call widen_conv_in first")
+        raise ValueError(
+            f"the UNet has {comps.unet.config.in_channels} input channels; call widen_conv_in first"
+        )
     if comps.is_sdxl:
         return pipeline_class(True)(
-            vae=comps.vae, text_encoder=comps.text_encoder, text_encoder_2=comps.text_encoder_2,
-            tokenizer=comps.tokenizer, tokenizer_2=comps.tokenizer_2, unet=comps.unet, scheduler=comps.scheduler,
-            force_zeros_for_empty_prompt=False, add_watermarker=False,
+            vae=comps.vae,
+            text_encoder=comps.text_encoder,
+            text_encoder_2=comps.text_encoder_2,
+            tokenizer=comps.tokenizer,
+            tokenizer_2=comps.tokenizer_2,
+            unet=comps.unet,
+            scheduler=comps.scheduler,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
         )
     return pipeline_class(False)(
-        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet,
-        scheduler=comps.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=comps.vae,
+        text_encoder=comps.text_encoder,
+        tokenizer=comps.tokenizer,
+        unet=comps.unet,
+        scheduler=comps.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -119,11 +147,20 @@ def _copy_component(src: Path, dest: Path) -> None:
 
 
 def _frozen_components(comps: DiffusionComponents) -> tuple[str, ...]:
-    return ("text_encoder", "tokenizer", "scheduler", *(("text_encoder_2", "tokenizer_2") if comps.is_sdxl else ()))
+    return (
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        *(("text_encoder_2", "tokenizer_2") if comps.is_sdxl else ()),
+    )
 
 
-def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Path | None = None,
-                  vae_dir: str | Path | None = None) -> Path:
+def save_pipeline(
+    comps: DiffusionComponents,
+    folder: str | Path,
+    base: str | Path | None = None,
+    vae_dir: str | Path | None = None,
+) -> Path:
     """Write the pipeline folder atomically (temporary sibling, then rename); replaces an older one.
 
     With a `base` model folder the folder is that model plus the trained UNet: the frozen text encoder(s),
@@ -141,7 +178,9 @@ def save_pipeline(comps: DiffusionComponents, folder: str | Path, base: str | Pa
             comps.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             for name in _frozen_components(comps):
                 if not (base / name).is_dir():
-                    raise MissingFileError(f"base model folder {base} has no {name}/ to copy into the trained model")
+                    raise MissingFileError(
+                        f"base model folder {base} has no {name}/ to copy into the trained model"
+                    )
                 _copy_component(base / name, tmp / name)
             _copy_component(Path(vae_dir) if vae_dir else base / "vae", tmp / "vae")
             pipe.save_config(tmp)  # model_index.json: the pipeline class and its components' classes
@@ -165,7 +204,9 @@ def check_editing_model(folder: str | Path) -> str:
     """The pipeline class an InstructPix2Pix model folder names (SD or SDXL), or NotAnEditingModelError saying
     what the folder holds instead (nothing, a single model, another pipeline, a UNet without 8 input channels)."""
     path = Path(folder)
-    expected = f"a diffusers {PIPELINE_CLASS} or {PIPELINE_CLASS_XL} folder (model_index.json, unet/, vae/, ...)"
+    expected = (
+        f"a diffusers {PIPELINE_CLASS} or {PIPELINE_CLASS_XL} folder (model_index.json, unet/, vae/, ...)"
+    )
     if not path.exists():
         raise NotAnEditingModelError(f"{folder}: no such folder; expected {expected}")
     if not path.is_dir():
@@ -174,24 +215,39 @@ def check_editing_model(folder: str | Path) -> str:
     if not index.is_file():
         single = _json_class(path / "config.json") if (path / "config.json").is_file() else None
         entries = sorted(p.name for p in path.iterdir())
-        found = (f"a single {single} (config.json), not a pipeline" if single else
-                 f"no model_index.json (it holds {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
-                 if entries else "an empty folder")
-        raise NotAnEditingModelError(f"{folder} is not an InstructPix2Pix pipeline: found {found}; expected {expected}")
+        found = (
+            f"a single {single} (config.json), not a pipeline"
+            if single
+            else f"no model_index.json (it holds {', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''})"
+            if entries
+            else "an empty folder"
+        )
+        raise NotAnEditingModelError(
+            f"{folder} is not an InstructPix2Pix pipeline: found {found}; expected {expected}"
+        )
     name = _json_class(index)
     if name not in (PIPELINE_CLASS, PIPELINE_CLASS_XL):
-        why = (" (a text-to-image model: train an editing model from it with `editforge train`)"
-               if name in TEXT_TO_IMAGE_CLASSES else "")
-        raise NotAnEditingModelError(f"{folder} is not an InstructPix2Pix pipeline: its model_index.json names "
-                                     f"{name or 'no _class_name'}{why}; expected {PIPELINE_CLASS} or {PIPELINE_CLASS_XL}")
+        why = (
+            " (a text-to-image model: train an editing model from it with `editforge train`)"
+            if name in TEXT_TO_IMAGE_CLASSES
+            else ""
+        )
+        raise NotAnEditingModelError(
+            f"{folder} is not an InstructPix2Pix pipeline: its model_index.json names "
+            f"{name or 'no _class_name'}{why}; expected {PIPELINE_CLASS} or {PIPELINE_CLASS_XL}"
+        )
     unet = path / "unet" / "config.json"
     try:
         channels = json.loads(unet.read_text(encoding="utf-8")).get("in_channels")
     except (OSError, ValueError) as err:
-        raise NotAnEditingModelError(f"{folder}: {name} folder without a readable unet/config.json ({err})") from None
+        raise NotAnEditingModelError(
+            f"{folder}: {name} folder without a readable unet/config.json ({err})"
+        ) from None
     if channels != EDIT_IN_CHANNELS:
-        raise NotAnEditingModelError(f"{folder}: model_index.json names {name}, but its UNet takes {channels} input "
-                                     f"channels; an InstructPix2Pix UNet takes {EDIT_IN_CHANNELS} (noise + image latents)")
+        raise NotAnEditingModelError(
+            f"{folder}: model_index.json names {name}, but its UNet takes {channels} input "
+            f"channels; an InstructPix2Pix UNet takes {EDIT_IN_CHANNELS} (noise + image latents)"
+        )
     return name
 
 

@@ -14,8 +14,12 @@ def resources(cfg) -> Resources:
     procs = t.processes if t.processes != "auto" else None
     gpus = gpus_for(t.device) * (procs or 1)
     per_node = f"{procs} process(es)" if procs else "a process per visible GPU (processes: auto)"
-    return Resources(1, gpus, f"total {t.total_batch_size} = {t.batch_size} per process x accumulation x processes",
-                     f"{per_node} x {t.nodes} node(s), launched by the flow (torchrun)")
+    return Resources(
+        1,
+        gpus,
+        f"total {t.total_batch_size} = {t.batch_size} per process x accumulation x processes",
+        f"{per_node} x {t.nodes} node(s), launched by the flow (torchrun)",
+    )
 
 
 STAGE = Stage(

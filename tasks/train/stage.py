@@ -42,14 +42,23 @@ def _pack_hash(index: dict[str, Any]) -> dict[str, str]:
 
 
 def _shards(index: dict[str, Any]) -> dict[str, list[str]]:
-    return {"train_shards": index["splits"]["train"]["shards"],
-            "val_shards": index["splits"].get("val", {}).get("shards", [])}
+    return {
+        "train_shards": index["splits"]["train"]["shards"],
+        "val_shards": index["splits"].get("val", {}).get("shards", []),
+    }
 
 
 def weights_key(cfg: PipelineConfig, index: dict[str, Any]) -> str:
     """Hash of everything that determines the trained weights (keys the checkpoints)."""
-    return stage_hash(cfg, TRAIN, upstream=_pack_hash(index), extra={
-        "train": cfg.train.output_fields(drop=TrainConfig.SAMPLING), "train_shards": _shards(index)["train_shards"]})
+    return stage_hash(
+        cfg,
+        TRAIN,
+        upstream=_pack_hash(index),
+        extra={
+            "train": cfg.train.output_fields(drop=TrainConfig.SAMPLING),
+            "train_shards": _shards(index)["train_shards"],
+        },
+    )
 
 
 def train_hash(cfg: PipelineConfig, index: dict[str, Any]) -> str:
@@ -61,8 +70,9 @@ class NoTrainedModelError(MissingInputError):
     """The training flow has not finished a model for this config (and index) yet."""
 
 
-def trained_model(cfg: PipelineConfig, index_url: str | None = None, args: str = "--preset <preset>"
-                  ) -> tuple[str, str]:
+def trained_model(
+    cfg: PipelineConfig, index_url: str | None = None, args: str = "--preset <preset>"
+) -> tuple[str, str]:
     """(model folder, train hash) of the model the training flow finished for this config, on `index_url`
     (default: the run's own index), or NoTrainedModelError naming the command to run (`args`: the preset
     and overrides to repeat in it)."""
@@ -71,15 +81,19 @@ def trained_model(cfg: PipelineConfig, index_url: str | None = None, args: str =
     train_cmd = f"editforge train {args}" + ("" if own else f" --index {index_url}")
     if not storage.exists(url):
         if own:
-            raise NoTrainedModelError(f"no trained model for this config: it has no shards yet ({url} is missing); "
-                                      f"run `editforge run {args}`, then `{train_cmd}`")
+            raise NoTrainedModelError(
+                f"no trained model for this config: it has no shards yet ({url} is missing); "
+                f"run `editforge run {args}`, then `{train_cmd}`"
+            )
         raise NoTrainedModelError(f"no shard index at {url}: no model can have been trained on it")
     config_hash = train_hash(cfg, read_index(url, resolved=False))
     folder = layout.partition_dir(cfg.output_root, STAGE, config_hash, 0)
     done = finished(folder, config_hash)
     if not done or not done.get("model_dir"):
-        raise NoTrainedModelError(f"no trained model for this config yet ({folder} holds no finished training); "
-                                  f"run `{train_cmd}` first, or pass --model PATH")
+        raise NoTrainedModelError(
+            f"no trained model for this config yet ({folder} holds no finished training); "
+            f"run `{train_cmd}` first, or pass --model PATH"
+        )
     return storage.url_join(cfg.output_root, done["model_dir"]), config_hash
 
 
@@ -90,9 +104,15 @@ def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS
     size = -(-len(history) // max_points)
     rows = []
     for start in range(0, len(history), size):
-        chunk = history[start: start + size]
-        rows.append({"step": chunk[-1]["step"], "loss": round(sum(h["loss"] for h in chunk) / len(chunk), 6),
-                     "lr": chunk[-1]["lr"], "epoch": chunk[-1]["epoch"]})
+        chunk = history[start : start + size]
+        rows.append(
+            {
+                "step": chunk[-1]["step"],
+                "loss": round(sum(h["loss"] for h in chunk) / len(chunk), 6),
+                "lr": chunk[-1]["lr"],
+                "epoch": chunk[-1]["epoch"],
+            }
+        )
     return rows
 
 
@@ -104,11 +124,23 @@ def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path)
 
     example = center_pair(read_examples(urls, 1)[0], cfg.resolution)
     pipe = load_pipeline(model_dir, device=torch_device(cfg.device, "train.device"))
-    edited = edit_image(pipe, example.original, example.instruction, guidance_scale=cfg.guidance_scale,
-                        image_guidance_scale=cfg.image_guidance_scale, steps=cfg.sample_steps, seed=cfg.seed)
+    edited = edit_image(
+        pipe,
+        example.original,
+        example.instruction,
+        guidance_scale=cfg.guidance_scale,
+        image_guidance_scale=cfg.image_guidance_scale,
+        steps=cfg.sample_steps,
+        seed=cfg.seed,
+    )
     side_by_side(example.original, example.edited, edited).save(dest)
-    return {"key": example.key, "instruction": example.instruction, "guidance_scale": cfg.guidance_scale,
-            "image_guidance_scale": cfg.image_guidance_scale, "steps": cfg.sample_steps}
+    return {
+        "key": example.key,
+        "instruction": example.instruction,
+        "guidance_scale": cfg.guidance_scale,
+        "image_guidance_scale": cfg.image_guidance_scale,
+        "steps": cfg.sample_steps,
+    }
 
 
 @dataclass(frozen=True)
@@ -131,7 +163,8 @@ def _inputs(cfg: PipelineConfig, index_url: str | None) -> _Inputs:
         raise MissingInputError(
             f"train reads {index_url}, which the pack stage wrote under another config (hash "
             f"{index.get('config_hash')}, this config expects {stage_hash(cfg, PACK)}): run the pack stage "
-            "(editforge run) for this config first, or pass its index explicitly to train on those shards")
+            "(editforge run) for this config first, or pass its index explicitly to train on those shards"
+        )
     urls = read_index(index_url)["splits"]
     train_urls = list(urls["train"]["shards"])
     val_urls = list(urls.get("val", {}).get("shards", [])) or train_urls
@@ -139,41 +172,64 @@ def _inputs(cfg: PipelineConfig, index_url: str | None) -> _Inputs:
     local = isinstance(storage.filesystem(cfg.output_root)[0], LocalFileSystem)
     # checkpoints live by weights key, beside the versions: a new sample-edit setting (a new version)
     # resumes from the final checkpoint instead of training again
-    workdir = Path(layout.train_work_dir(cfg.output_root, key)) if local else cache_root() / "train-work" / key
+    workdir = (
+        Path(layout.train_work_dir(cfg.output_root, key)) if local else cache_root() / "train-work" / key
+    )
     return _Inputs(own, index_url, index, train_urls, val_urls, key, local, workdir)
 
 
-def _train(cfg: PipelineConfig, inputs: _Inputs, logger: logging.Logger | None,
-           on_step: Callable[[dict[str, Any]], None] | None):
+def _train(
+    cfg: PipelineConfig,
+    inputs: _Inputs,
+    logger: logging.Logger | None,
+    on_step: Callable[[dict[str, Any]], None] | None,
+):
     """One process: in this one; more: launched on this node (node 0) and waited for."""
     from tasks.train import launch
 
     if launch.check(cfg.train) == 1:
         from tasks.train.loop import train_editing_model
 
-        return train_editing_model(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, run_key=inputs.key,
-                                   logger=logger, on_step=on_step)
+        return train_editing_model(
+            cfg.train,
+            cfg.models,
+            inputs.train_urls,
+            inputs.workdir,
+            run_key=inputs.key,
+            logger=logger,
+            on_step=on_step,
+        )
     launch.run_workers(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, inputs.key, 0, logger)
     return launch.read_result(inputs.workdir)
 
 
-def join(cfg: PipelineConfig, node_rank: int, *, index_url: str | None = None,
-         logger: logging.Logger | None = None) -> None:
+def join(
+    cfg: PipelineConfig, node_rank: int, *, index_url: str | None = None, logger: logging.Logger | None = None
+) -> None:
     """Node `node_rank` (>= 1) of a multi-node training: launch this node's workers on the same inputs and work
     folder as node 0's flow run, and wait; no lease, no contract (node 0 writes the outputs)."""
     from tasks.train import launch
 
     if not 1 <= node_rank < cfg.train.nodes:
-        raise InputError(f"--node-rank {node_rank}: the nodes of train.nodes={cfg.train.nodes} other than the flow's "
-                         f"node 0 are 1..{cfg.train.nodes - 1}")
+        raise InputError(
+            f"--node-rank {node_rank}: the nodes of train.nodes={cfg.train.nodes} other than the flow's "
+            f"node 0 are 1..{cfg.train.nodes - 1}"
+        )
     launch.check(cfg.train)
     inputs = _inputs(cfg, index_url)
-    launch.run_workers(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, inputs.key, node_rank, logger)
+    launch.run_workers(
+        cfg.train, cfg.models, inputs.train_urls, inputs.workdir, inputs.key, node_rank, logger
+    )
 
 
-def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = None,
-        logger: logging.Logger | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
-        ) -> dict[str, Any]:
+def run(
+    cfg: PipelineConfig,
+    partition_id: int = 0,
+    *,
+    index_url: str | None = None,
+    logger: logging.Logger | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train the editing model on the shards of `index_url` (default `{output_root}/pack/<hash>/index.json`)."""
     inputs = _inputs(cfg, index_url)
     own, index_url, index, key, local = inputs.own, inputs.index_url, inputs.index, inputs.key, inputs.local
@@ -182,7 +238,9 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
     def work(run: PartitionRun) -> None:
         result = _train(cfg, inputs, logger, on_step)
         summary = result.summary()
-        (workdir / "metrics.json").write_text(json.dumps({"summary": summary, "history": result.history}, indent=1))
+        (workdir / "metrics.json").write_text(
+            json.dumps({"summary": summary, "history": result.history}, indent=1)
+        )
         sample = _sample_edit(cfg.train, result.model_dir, val_urls, workdir / "sample_edit.png")
         names = sorted(p.relative_to(workdir).as_posix() for p in result.model_dir.rglob("*") if p.is_file())
         names += ["metrics.json", "sample_edit.png"]
@@ -197,10 +255,27 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update({"index": storage.url_join("pack", stage_hash(cfg, PACK), layout.INDEX_FILE) if own else index_url, "model_dir": run.relative("model"),
-                          "weights_key": key, "train": summary, "loss_curve": loss_curve(result.history),
-                          "sample": {**sample, "png": run.relative("sample_edit.png")}})
+        run.extra.update(
+            {
+                "index": storage.url_join("pack", stage_hash(cfg, PACK), layout.INDEX_FILE)
+                if own
+                else index_url,
+                "model_dir": run.relative("model"),
+                "weights_key": key,
+                "train": summary,
+                "loss_curve": loss_curve(result.history),
+                "sample": {**sample, "png": run.relative("sample_edit.png")},
+            }
+        )
 
     # the index was checked above; its shards, not pack's partitions, are what training reads
-    return execute(cfg, TRAIN, partition_id, work, logger, upstream=_pack_hash(index), extra=_shards(index),
-                   check_upstream=False)
+    return execute(
+        cfg,
+        TRAIN,
+        partition_id,
+        work,
+        logger,
+        upstream=_pack_hash(index),
+        extra=_shards(index),
+        check_upstream=False,
+    )

@@ -19,12 +19,19 @@ from PIL import Image, ImageDraw
 from tasks.common import storage
 from tasks.pack.shards import write_shard
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
-           "white": (240, 240, 240), "black": (20, 20, 20)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 70, 220),
+    "yellow": (230, 210, 40),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+}
 
 
-def _scene(size: int, square: tuple[int, int, int], background: tuple[int, int, int],
-           box: tuple[int, int, int, int]) -> Image.Image:
+def _scene(
+    size: int, square: tuple[int, int, int], background: tuple[int, int, int], box: tuple[int, int, int, int]
+) -> Image.Image:
     img = Image.new("RGB", (size, size), background)
     ImageDraw.Draw(img).rectangle(box, fill=square)
     return img
@@ -46,13 +53,24 @@ def synthetic_sample(index: int, size: int = 64, seed: int = 0, fmt: str = "jpg"
     box = (lo, lo + rng.randint(0, size // 8), hi, hi)
     original = _scene(size, COLOURS[square], COLOURS[background], box)
     if rng.random() < 0.5:
-        edited, instruction = _scene(size, COLOURS[target], COLOURS[background], box), f"make the square {target}"
+        edited, instruction = (
+            _scene(size, COLOURS[target], COLOURS[background], box),
+            f"make the square {target}",
+        )
         output = f"a {target} square on {background}"
     else:
-        edited, instruction = _scene(size, COLOURS[square], COLOURS[target], box), f"make the background {target}"
+        edited, instruction = (
+            _scene(size, COLOURS[square], COLOURS[target], box),
+            f"make the background {target}",
+        )
         output = f"a {square} square on {target}"
-    record = {"input": f"a {square} square on {background}", "edit": instruction, "output": output,
-              "synthetic": True, "index": index}
+    record = {
+        "input": f"a {square} square on {background}",
+        "edit": instruction,
+        "output": output,
+        "synthetic": True,
+        "index": index,
+    }
     return {
         "__key__": f"synthetic{seed:04d}-{index:06d}_{seed}",  # `{triplet}_{seed}` as the pack stage's keys
         f"input.{fmt}": _encode(original, fmt),
@@ -62,14 +80,24 @@ def synthetic_sample(index: int, size: int = 64, seed: int = 0, fmt: str = "jpg"
     }
 
 
-def write_synthetic_shards(folder: str, train_samples: int = 24, val_samples: int = 4, per_shard: int = 8,
-                           size: int = 64, seed: int = 0, fmt: str = "jpg") -> str:
+def write_synthetic_shards(
+    folder: str,
+    train_samples: int = 24,
+    val_samples: int = 4,
+    per_shard: int = 8,
+    size: int = 64,
+    seed: int = 0,
+    fmt: str = "jpg",
+) -> str:
     """Write `train-*.tar` / `val-*.tar` shards and `index.json` under `folder`; return the index URL."""
     shards = []
     start = 0
     for split, count in (("train", train_samples), ("val", val_samples)):
         for n, first in enumerate(range(0, count, per_shard)):
-            samples = [synthetic_sample(start + i, size, seed, fmt) for i in range(first, min(count, first + per_shard))]
+            samples = [
+                synthetic_sample(start + i, size, seed, fmt)
+                for i in range(first, min(count, first + per_shard))
+            ]
             url = storage.url_join(folder, f"{split}-{n:06d}.tar")
             write_shard(url, samples)
             shards.append({"url": url, "split": split, "samples": len(samples), "partition_id": 0})
@@ -77,9 +105,13 @@ def write_synthetic_shards(folder: str, train_samples: int = 24, val_samples: in
     index = {
         "format": "webdataset",
         "sample_layout": {"image_format": fmt, "keys": ["input", "edited", "instruction.txt", "json"]},
-        "splits": {split: {"shards": [s["url"] for s in shards if s["split"] == split],
-                           "samples": sum(s["samples"] for s in shards if s["split"] == split)}
-                   for split in ("train", "val")},
+        "splits": {
+            split: {
+                "shards": [s["url"] for s in shards if s["split"] == split],
+                "samples": sum(s["samples"] for s in shards if s["split"] == split),
+            }
+            for split in ("train", "val")
+        },
         "shards": shards,
         "config_hash": f"synthetic-{seed}-{train_samples}-{val_samples}-{size}-{fmt}",
     }
@@ -88,7 +120,9 @@ def write_synthetic_shards(folder: str, train_samples: int = 24, val_samples: in
     return index_url
 
 
-def write_tiny_editing_model(folder: str, sdxl: bool = False, image_weight_scale: float = 0.1, seed: int = 0) -> str:
+def write_tiny_editing_model(
+    folder: str, sdxl: bool = False, image_weight_scale: float = 0.1, seed: int = 0
+) -> str:
     """An untrained (SDXL) InstructPix2Pix pipeline folder on the `tiny` (`tiny-sdxl`) components, in seconds.
 
     `conv_in`'s image channels get seeded random weights (`image_weight_scale`; zero is what training starts

@@ -56,8 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from tasks.train.loop import train_editing_model
 
-        result = train_editing_model(spec["train"], spec["models"], spec["train_urls"], workdir,
-                                     run_key=spec["run_key"], logger=log, on_step=_check_launcher)
+        result = train_editing_model(
+            spec["train"],
+            spec["models"],
+            spec["train_urls"],
+            workdir,
+            run_key=spec["run_key"],
+            logger=log,
+            on_step=_check_launcher,
+        )
         if rank == 0:
             tmp = workdir / f".{RESULT_FILE}.tmp"
             tmp.write_text(json.dumps(result.to_json()))

@@ -20,9 +20,27 @@ def test_gpu_checks_cpu_smoke(tmp_path):
     out = tmp_path / "gpu_checks.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu" / "checks.py"), "--device", "cpu", "--preset", "tiny",
-         "--size", "64", "--steps", "3", "--samples", "2", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu" / "checks.py"),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--size",
+            "64",
+            "--steps",
+            "3",
+            "--samples",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("gpu_checks: ") and "->" in line]
@@ -48,5 +66,10 @@ def test_gpu_checks_cpu_smoke(tmp_path):
         assert dtype[name]["weights_match_float32"] is True
         assert math.isfinite(dtype[name]["max_abs_pixel_diff"])
         assert dtype[name]["max_abs_pixel_diff"] <= 1e-5  # same dtype on CPU, same weights, same seeds
-        assert set(dtype[name]["max_abs_clip_metric_diff"]) == {"clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image"}
+        assert set(dtype[name]["max_abs_clip_metric_diff"]) == {
+            "clip_sim_0",
+            "clip_sim_1",
+            "clip_sim_dir",
+            "clip_sim_image",
+        }
     assert result["summary"] in summary[-1]

@@ -26,16 +26,26 @@ def test_the_world_truth_tells_drawn_edits_from_wrong_ones():
     accuracy = bench.oracle_accuracy(120)
     assert accuracy["drawn_pairs_good"] >= 0.97  # the world's own before/after pairs are good edits
     assert accuracy["other_triplet_after_rejected"] >= 0.95  # another scene as the after image is not
-    assert accuracy["wrong_edit_after_rejected"] >= 0.85  # another edit of the same scene mostly not (style: unseen)
+    assert (
+        accuracy["wrong_edit_after_rejected"] >= 0.85
+    )  # another edit of the same scene mostly not (style: unseen)
     from tasks.world.edits import sample_triplet
     from tasks.world.scene import image_array
 
     t = sample_triplet(3, 7, "background")
     good = bench.world_label(image_array(t.before), image_array(t.after), t.input, t.edit, t.output)
     swapped = bench.world_label(image_array(t.after), image_array(t.before), t.input, t.edit, t.output)
-    other = bench.world_label(image_array(t.before), image_array(t.after), t.input, "make it striped", t.output)
-    unknown = bench.world_label(image_array(t.before), image_array(t.after), t.input, "do something", t.output)
-    assert [good[0], swapped[0], other[0], unknown[0]] == ["good", "wrong", "wrong", "unsure"], (good, swapped, other)
+    other = bench.world_label(
+        image_array(t.before), image_array(t.after), t.input, "make it striped", t.output
+    )
+    unknown = bench.world_label(
+        image_array(t.before), image_array(t.after), t.input, "do something", t.output
+    )
+    assert [good[0], swapped[0], other[0], unknown[0]] == ["good", "wrong", "wrong", "unsure"], (
+        good,
+        swapped,
+        other,
+    )
 
 
 def test_review_world_smoke(tmp_path):

@@ -18,10 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.component
 def test_scale_smoke_on_s3(tmp_path):
     out = tmp_path / "scale.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--smoke", "--stores", "s3", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--smoke", "--stores", "s3", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert any(line.startswith("scale: ") for line in proc.stdout.splitlines()), proc.stdout
     (run,) = json.loads(out.read_text())["runs"]
@@ -29,4 +39,12 @@ def test_scale_smoke_on_s3(tmp_path):
     per = run["requests_per_completion"]
     assert per["child_dashboard_max"] <= 2 and per["dashboard_and_driver_mean"] <= 10, per
     assert run["poll"]["requests_max"] <= 200 and run["prefect_db"]["bytes_per_partition"] > 0
-    assert set(run["rss"]["driver_by_stage"]) == {"captions", "finetune", "text", "render", "judge", "filter", "pack"}
+    assert set(run["rss"]["driver_by_stage"]) == {
+        "captions",
+        "finetune",
+        "text",
+        "render",
+        "judge",
+        "filter",
+        "pack",
+    }

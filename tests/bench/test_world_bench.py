@@ -22,12 +22,32 @@ def _bench(name: str):
 
 def _samples(path: Path) -> Path:
     rows = []
-    cases = {"aaaa": ("a red circle on a black background, flat style", "a blue circle on a black background, flat style", 3),
-             "bbbb": ("a red circle on a black background, flat style", "a red circle on a pink background, flat style", 1),
-             "cccc": ("a red circle on a black background, flat style", "a red circle on a black background, striped style", 0)}
+    cases = {
+        "aaaa": (
+            "a red circle on a black background, flat style",
+            "a blue circle on a black background, flat style",
+            3,
+        ),
+        "bbbb": (
+            "a red circle on a black background, flat style",
+            "a red circle on a pink background, flat style",
+            1,
+        ),
+        "cccc": (
+            "a red circle on a black background, flat style",
+            "a red circle on a black background, striped style",
+            0,
+        ),
+    }
     for cid, (a, b, passed) in cases.items():
-        rows += [{"caption_id": cid, "input": a, "output": b, "passed": i < passed, "attention": "ip2p"} for i in range(4)]
-        rows += [{"caption_id": cid, "input": a, "output": b, "passed": True, "attention": "none"} for _ in range(4)]
+        rows += [
+            {"caption_id": cid, "input": a, "output": b, "passed": i < passed, "attention": "ip2p"}
+            for i in range(4)
+        ]
+        rows += [
+            {"caption_id": cid, "input": a, "output": b, "passed": True, "attention": "none"}
+            for _ in range(4)
+        ]
     pd.DataFrame(rows).to_parquet(path)
     return path
 
@@ -35,7 +55,11 @@ def _samples(path: Path) -> Path:
 def test_measured_pass_rates_per_triplet_and_kind(tmp_path):
     bench = _bench("render_throughput")
     rates = bench.measured_pass_rates([str(_samples(tmp_path / "s.parquet"))]).set_index("caption_id")
-    assert rates["pass_rate"].to_dict() == {"aaaa": 0.75, "bbbb": 0.25, "cccc": 0.0}  # the attention=none rows left out
+    assert rates["pass_rate"].to_dict() == {
+        "aaaa": 0.75,
+        "bbbb": 0.25,
+        "cccc": 0.0,
+    }  # the attention=none rows left out
     assert rates["kind"].to_dict() == {"aaaa": "colour", "bbbb": "background", "cccc": "style"}
 
 
@@ -43,14 +67,34 @@ def test_measured_pass_rates_per_triplet_and_kind(tmp_path):
 def test_render_throughput_adds_measured_curves(tmp_path):
     bench = _bench("render_throughput")
     out = tmp_path / "rt.json"
-    assert bench.main(["--skip-throughput", "--sim-triplets", "24", "--pass-rates", "0.1", "--hopeless", "0",
-                       "--max-samples", "16", "--measured-pass-rates", str(_samples(tmp_path / "s.parquet")),
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--skip-throughput",
+                "--sim-triplets",
+                "24",
+                "--pass-rates",
+                "0.1",
+                "--hopeless",
+                "0",
+                "--max-samples",
+                "16",
+                "--measured-pass-rates",
+                str(_samples(tmp_path / "s.parquet")),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     measured = {row["kind"]: row for row in result["unet_calls"]["curves"]["measured"]}
     assert set(measured) == {"all", "background", "colour", "style"}
     assert measured["style"]["hopeless_share"] == 1.0 and measured["style"]["fixed_100"]["kept"] == 0
-    assert measured["colour"]["adaptive"]["unet_calls_per_kept_pair"] < measured["colour"]["fixed_100"]["unet_calls_per_kept_pair"]
+    assert (
+        measured["colour"]["adaptive"]["unet_calls_per_kept_pair"]
+        < measured["colour"]["fixed_100"]["unet_calls_per_kept_pair"]
+    )
     assert "hopeless_0" in result["unet_calls"]["curves"]  # the synthetic what-if stays
     assert result["unet_calls"]["assumptions"]["measured_pass_rates"]["triplets"] == 3
 
@@ -61,10 +105,35 @@ def _branched_samples(path: Path) -> Path:
     rows = []
     a, b = "a red circle on a black background, flat style", "a blue circle on a black background, flat style"
     for cid, passing in (("aaaa", True), ("bbbb", False)):
-        rows += [{"caption_id": cid, "input": a, "output": b, "seed": s, "branch": 0, "p2p_p": 0.5,
-                  "passed": passing and s % 2 == 0, "attention": "ip2p", "arm": "independent"} for s in range(4)]
-        rows += [{"caption_id": cid, "input": a, "output": b, "seed": 100 + s, "branch": br, "p2p_p": 0.3 + 0.4 * br,
-                  "passed": passing and br == 1, "attention": "ip2p", "arm": "branches_2"} for s in range(2) for br in range(2)]
+        rows += [
+            {
+                "caption_id": cid,
+                "input": a,
+                "output": b,
+                "seed": s,
+                "branch": 0,
+                "p2p_p": 0.5,
+                "passed": passing and s % 2 == 0,
+                "attention": "ip2p",
+                "arm": "independent",
+            }
+            for s in range(4)
+        ]
+        rows += [
+            {
+                "caption_id": cid,
+                "input": a,
+                "output": b,
+                "seed": 100 + s,
+                "branch": br,
+                "p2p_p": 0.3 + 0.4 * br,
+                "passed": passing and br == 1,
+                "attention": "ip2p",
+                "arm": "branches_2",
+            }
+            for s in range(2)
+            for br in range(2)
+        ]
     pd.DataFrame(rows).to_parquet(path)
     return path
 
@@ -85,14 +154,42 @@ def test_measured_trees_are_the_branched_arms_seeds(tmp_path):
 def test_render_throughput_replays_measured_trees_for_branching_policies(tmp_path):
     bench = _bench("render_throughput")
     out = tmp_path / "rt.json"
-    assert bench.main(["--skip-throughput", "--skip-branching", "--sim-triplets", "16", "--pass-rates", "0.1",
-                       "--hopeless", "0", "--max-samples", "16", "--round-size", "4", "--top-k", "1", "--branches", "2",
-                       "--measured-pass-rates", str(_branched_samples(tmp_path / "b.parquet")), "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--skip-throughput",
+                "--skip-branching",
+                "--sim-triplets",
+                "16",
+                "--pass-rates",
+                "0.1",
+                "--hopeless",
+                "0",
+                "--max-samples",
+                "16",
+                "--round-size",
+                "4",
+                "--top-k",
+                "1",
+                "--branches",
+                "2",
+                "--measured-pass-rates",
+                str(_branched_samples(tmp_path / "b.parquet")),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     row = next(r for r in result["unet_calls"]["curves"]["measured"] if r["kind"] == "all")
     branched, alone = row["adaptive_branches_2"], row["adaptive"]
     # aaaa keeps its pair either way, bbbb never does; a tree of 2 branches costs less than 2 independent seeds
-    assert branched["triplets_with_kept"] == alone["triplets_with_kept"] == row["fixed_100"]["triplets_with_kept"]
+    assert (
+        branched["triplets_with_kept"]
+        == alone["triplets_with_kept"]
+        == row["fixed_100"]["triplets_with_kept"]
+    )
     assert branched["triplets_with_kept_vs_fixed_100"] == 1.0
     assert branched["unet_calls"] < row["fixed_100_branches_2"]["unet_calls"] < row["fixed_100"]["unet_calls"]
     assert branched["ratio_vs_fixed_100"] < 1

@@ -44,14 +44,21 @@ def _header(head: bytes, name: bytes) -> bytes | None:
 
 
 def _with_close(head: bytes) -> bytes:
-    lines = [line for line in head.rstrip(b"\r\n").split(b"\r\n") if not line.lower().startswith(b"connection:")]
+    lines = [
+        line for line in head.rstrip(b"\r\n").split(b"\r\n") if not line.lower().startswith(b"connection:")
+    ]
     return b"\r\n".join([*lines, b"Connection: close"]) + b"\r\n\r\n"
 
 
 class FaultProxy:
-    def __init__(self, upstream_base_url: str, plan: dict[int, str] | None = None,
-                 paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions"),
-                 slow_s: float = 0.05, slow_pieces: int = 6):
+    def __init__(
+        self,
+        upstream_base_url: str,
+        plan: dict[int, str] | None = None,
+        paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/completions"),
+        slow_s: float = 0.05,
+        slow_pieces: int = 6,
+    ):
         bad = {n: f for n, f in (plan or {}).items() if f not in FAULTS}
         if bad:
             raise ValueError(f"unknown faults {bad}: expected {FAULTS}")
@@ -126,7 +133,7 @@ class FaultProxy:
                 if fault == "slow":
                     step = -(-len(answer) // self.slow_pieces)
                     for i in range(0, len(answer), step):
-                        writer.write(answer[i: i + step])
+                        writer.write(answer[i : i + step])
                         await writer.drain()
                         await asyncio.sleep(self.slow_s)
                 else:
@@ -153,9 +160,11 @@ class FaultProxy:
 
     def stop(self) -> None:
         if self._loop is not None:
+
             async def close() -> None:
                 self._server.close()
                 await self._server.wait_closed()
+
             asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:

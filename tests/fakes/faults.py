@@ -35,7 +35,9 @@ class Killed(BaseException):
 
 def chunks_of(stage: str) -> Callable[[str], bool]:
     """Writes of ``stage``'s checkpoint chunks (`{stage}/<hash>/part-N/_progress/<hash>/chunk-*.parquet`)."""
-    return lambda url: f"/{stage}/" in url and "/_progress/" in url and fnmatch.fnmatch(url, "*/chunk-*.parquet")
+    return lambda url: (
+        f"/{stage}/" in url and "/_progress/" in url and fnmatch.fnmatch(url, "*/chunk-*.parquet")
+    )
 
 
 class KillAfterWrites:
@@ -70,7 +72,16 @@ class KillAfterWrites:
 
 def stop_after_writes(after: int, pattern: str, *python_args: str) -> list[str]:
     """The command line that runs ``python python_args...`` and stops it after its ``after``-th matching write."""
-    return [sys.executable, str(Path(__file__).resolve()), "--after", str(after), "--glob", pattern, "--", *python_args]
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--after",
+        str(after),
+        "--glob",
+        pattern,
+        "--",
+        *python_args,
+    ]
 
 
 def wait_stopped(pid: int, deadline_s: float = 600) -> None:
@@ -138,4 +149,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -84,14 +84,16 @@ class Knobs:
     batch_error_rate: float = 0.0
     batch_fail: bool = False
     judge_malformed_rate: float = 0.0  # vision answers that are not the rubric's JSON
-    judge_refuse_words: tuple[str, ...] = ("REFUSED",)  # in the instruction: the vision request is refused (400)
+    judge_refuse_words: tuple[str, ...] = (
+        "REFUSED",
+    )  # in the instruction: the vision request is refused (400)
     answer_limit: int | None = None  # generation requests answered before the rest are held (None: no limit)
     seed: int = 0
 
 
 def _unit(*parts: Any) -> float:
     """A deterministic number in [0, 1) from `parts`."""
-    return int(hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12], 16) / 16 ** 12
+    return int(hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12], 16) / 16**12
 
 
 def fake_completion(caption: str, seed: int | None, malformed_rate: float = 0.0) -> str:
@@ -138,12 +140,28 @@ def fake_judgment(instruction: str, key: str, malformed_rate: float = 0.0) -> st
     scores = [int(_unit(name, instruction, key) * 11) for name in ("instruction", "preservation", "quality")]
     if _unit("judge-malformed", instruction, key) < malformed_rate:
         kind = int(_unit("judge-malformed-kind", key) * 3)
-        return ["The edit looks fine to me, I would give it a 7.",
-                json.dumps({"instruction_followed": scores[0], "preservation": scores[1], "reasoning": "no quality"}),
-                json.dumps({"instruction_followed": 11, "preservation": scores[1], "quality": scores[2],
-                            "reasoning": "out of range"})][kind]
-    return json.dumps({"instruction_followed": scores[0], "preservation": scores[1], "quality": scores[2],
-                       "reasoning": f"fake judge on {key}"})
+        return [
+            "The edit looks fine to me, I would give it a 7.",
+            json.dumps(
+                {"instruction_followed": scores[0], "preservation": scores[1], "reasoning": "no quality"}
+            ),
+            json.dumps(
+                {
+                    "instruction_followed": 11,
+                    "preservation": scores[1],
+                    "quality": scores[2],
+                    "reasoning": "out of range",
+                }
+            ),
+        ][kind]
+    return json.dumps(
+        {
+            "instruction_followed": scores[0],
+            "preservation": scores[1],
+            "quality": scores[2],
+            "reasoning": f"fake judge on {key}",
+        }
+    )
 
 
 def caption_of(body: dict[str, Any]) -> str | None:
@@ -190,12 +208,16 @@ class FakeState:
 
     def log(self, path: str, status: int, caption: str | None = None, **extra: Any) -> None:
         with self.lock:
-            self.requests.append({"path": path, "status": status, "caption": caption, "t": time.time(), **extra})
+            self.requests.append(
+                {"path": path, "status": status, "caption": caption, "t": time.time(), **extra}
+            )
 
     def answered(self) -> Counter[str]:
         """Captions answered with HTTP 200 (online and in batches), with how often."""
         with self.lock:
-            return Counter(r["caption"] for r in self.requests if r["caption"] is not None and r["status"] == 200)
+            return Counter(
+                r["caption"] for r in self.requests if r["caption"] is not None and r["status"] == 200
+            )
 
     def judged(self) -> Counter[str]:
         """Vision requests (by `judge_key`) answered with HTTP 200 (online and in batches), with how often."""
@@ -204,11 +226,15 @@ class FakeState:
 
     def count(self, path: str, status: int | None = None) -> int:
         with self.lock:
-            return sum(1 for r in self.requests if r["path"] == path and (status is None or r["status"] == status))
+            return sum(
+                1 for r in self.requests if r["path"] == path and (status is None or r["status"] == status)
+            )
 
 
 def _error(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "param": None, "code": code}}, status, headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": code, "param": None, "code": code}}, status, headers
+    )
 
 
 def build_app(state: FakeState) -> Starlette:
@@ -232,6 +258,7 @@ def build_app(state: FakeState) -> Starlette:
     def route(path: str, handler, methods: list[str]) -> Route:
         async def endpoint(request: Request) -> Response:
             return await guarded(request, handler)
+
         return Route(path, endpoint, methods=methods)
 
     async def gate(request: Request) -> bool:
@@ -269,7 +296,9 @@ def build_app(state: FakeState) -> Starlette:
             key = judge_key(urls)
             if any(w in instruction_of(body) for w in state.knobs.judge_refuse_words):
                 state.log(request.url.path, 400, None, refused_judge=key)
-                return _error(400, "This request was refused (fake content policy).", "content_policy_violation")
+                return _error(
+                    400, "This request was refused (fake content policy).", "content_policy_violation"
+                )
         elif any(w in caption for w in state.knobs.refuse_words):
             state.log(request.url.path, 400, None, refused=caption)
             return _error(400, "This request was refused (fake content policy).", "content_policy_violation")
@@ -281,11 +310,13 @@ def build_app(state: FakeState) -> Starlette:
         if cut:
             return Response(data[: len(data) // 2], media_type="application/json")
         if state.knobs.trickle_s > 0:
+
             async def pieces():
                 step = -(-len(data) // 8)
                 for i in range(0, len(data), step):
-                    yield data[i: i + step]
+                    yield data[i : i + step]
                     await asyncio.sleep(state.knobs.trickle_s)
+
             return StreamingResponse(pieces(), media_type="application/json")
         return Response(data, media_type="application/json")
 
@@ -294,23 +325,50 @@ def build_app(state: FakeState) -> Starlette:
         if urls:
             text = fake_judgment(instruction_of(body), judge_key(urls), state.knobs.judge_malformed_rate)
             prompt_words = len(render_words(body))
-            usage = {"prompt_tokens": 85 * len(urls) + prompt_words, "completion_tokens": len(text.split()),
-                     "total_tokens": 85 * len(urls) + prompt_words + len(text.split())}
-            return {"id": state.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model"), "usage": usage, "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
+            usage = {
+                "prompt_tokens": 85 * len(urls) + prompt_words,
+                "completion_tokens": len(text.split()),
+                "total_tokens": 85 * len(urls) + prompt_words + len(text.split()),
+            }
+            return {
+                "id": state.new_id("chatcmpl-"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "usage": usage,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+            }
         caption = caption_of(body)
         text = fake_completion(caption, body.get("seed"), state.knobs.malformed_rate)
-        finish = ("length" if any(w in caption for w in state.knobs.truncate_words) else
-                  "content_filter" if any(w in caption for w in state.knobs.filter_words) else "stop")
+        finish = (
+            "length"
+            if any(w in caption for w in state.knobs.truncate_words)
+            else "content_filter"
+            if any(w in caption for w in state.knobs.filter_words)
+            else "stop"
+        )
         usage = {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}
         if path.endswith("chat/completions"):
-            return {"id": state.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
-                    "model": body.get("model"), "usage": usage, "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]}
-        return {"id": state.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
-                "model": body.get("model"), "usage": usage,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": state.new_id("chatcmpl-"),
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "usage": usage,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                ],
+            }
+        return {
+            "id": state.new_id("cmpl-"),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "usage": usage,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        }
 
     async def moderations(request: Request) -> Response:
         body = await request.json()
@@ -318,8 +376,13 @@ def build_app(state: FakeState) -> Starlette:
         results = []
         for text in inputs:
             flagged = any(w in text for w in state.knobs.flag_words)
-            results.append({"flagged": flagged, "categories": {"violence": flagged},
-                            "category_scores": {"violence": 0.99 if flagged else 0.01}})
+            results.append(
+                {
+                    "flagged": flagged,
+                    "categories": {"violence": flagged},
+                    "category_scores": {"violence": 0.99 if flagged else 0.01},
+                }
+            )
         state.log("/v1/moderations", 200, None, n=len(inputs))
         return JSONResponse({"id": state.new_id("modr-"), "model": body.get("model"), "results": results})
 
@@ -330,8 +393,15 @@ def build_app(state: FakeState) -> Starlette:
         parts = {p.get_param("name", header="content-disposition"): p for p in message.iter_parts()}
         data = parts["file"].get_payload(decode=True)
         purpose = parts["purpose"].get_payload(decode=True).decode()
-        obj = {"id": state.new_id("file-"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
-               "filename": parts["file"].get_filename(), "purpose": purpose, "status": "processed"}
+        obj = {
+            "id": state.new_id("file-"),
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": parts["file"].get_filename(),
+            "purpose": purpose,
+            "status": "processed",
+        }
         with state.lock:
             state.files[obj["id"]] = {**obj, "data": data}
         state.log("/v1/files", 200)
@@ -349,12 +419,24 @@ def build_app(state: FakeState) -> Starlette:
         if body.get("training_file") not in state.files:
             return _error(400, f"invalid training_file: {body.get('training_file')}", "invalid_request_error")
         job_id = state.new_id("ftjob-")
-        job = {"id": job_id, "object": "fine_tuning.job", "model": body["model"], "created_at": int(time.time()),
-               "finished_at": None, "fine_tuned_model": None, "organization_id": "org-fake", "result_files": [],
-               "status": "validating_files", "training_file": body["training_file"],
-               "validation_file": body.get("validation_file"), "trained_tokens": None, "error": None,
-               "seed": body.get("seed"), "suffix": body.get("suffix"),
-               "hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}
+        job = {
+            "id": job_id,
+            "object": "fine_tuning.job",
+            "model": body["model"],
+            "created_at": int(time.time()),
+            "finished_at": None,
+            "fine_tuned_model": None,
+            "organization_id": "org-fake",
+            "result_files": [],
+            "status": "validating_files",
+            "training_file": body["training_file"],
+            "validation_file": body.get("validation_file"),
+            "trained_tokens": None,
+            "error": None,
+            "seed": body.get("seed"),
+            "suffix": body.get("suffix"),
+            "hyperparameters": {"n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"},
+        }
         with state.lock:
             state.jobs[job_id] = job
             state.job_events[job_id] = [_event(job_id, "Created fine-tuning job")]
@@ -362,8 +444,14 @@ def build_app(state: FakeState) -> Starlette:
         return JSONResponse(job)
 
     def _event(job_id: str, message: str) -> dict[str, Any]:
-        return {"id": state.new_id("ftevent-"), "object": "fine_tuning.job.event", "created_at": int(time.time()),
-                "level": "info", "message": message, "type": "message"}
+        return {
+            "id": state.new_id("ftevent-"),
+            "object": "fine_tuning.job.event",
+            "created_at": int(time.time()),
+            "level": "info",
+            "message": message,
+            "type": "message",
+        }
 
     async def get_job(request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -377,7 +465,9 @@ def build_app(state: FakeState) -> Starlette:
                 status = "queued" if n <= k else "running" if n <= 2 * k else "done"
                 if status == "running":
                     job["trained_tokens"] = (n - k) * 1000
-                    state.job_events[job_id].append(_event(job_id, f"Step {n - k}/{k}: training loss={1 / (n - k):.3f}"))
+                    state.job_events[job_id].append(
+                        _event(job_id, f"Step {n - k}/{k}: training loss={1 / (n - k):.3f}")
+                    )
                 if status == "done":
                     job["finished_at"] = int(time.time())
                     if state.knobs.job_error:
@@ -385,7 +475,9 @@ def build_app(state: FakeState) -> Starlette:
                         state.job_events[job_id].append(_event(job_id, "Fine-tuning job failed"))
                     else:
                         job["status"] = "succeeded"
-                        job["fine_tuned_model"] = f"ft:{job['model']}:fake-org:{job['suffix'] or 'x'}:{job_id[-6:]}"
+                        job["fine_tuned_model"] = (
+                            f"ft:{job['model']}:fake-org:{job['suffix'] or 'x'}:{job_id[-6:]}"
+                        )
                         job["result_files"] = [state.new_id("file-")]
                         state.job_events[job_id].append(_event(job_id, "The job has successfully completed"))
                 elif status != job["status"]:
@@ -406,11 +498,20 @@ def build_app(state: FakeState) -> Starlette:
         if item is None:
             return _error(400, "invalid input_file_id", "invalid_request_error")
         lines = [json.loads(x) for x in item["data"].decode().splitlines() if x.strip()]
-        batch = {"id": state.new_id("batch_"), "object": "batch", "endpoint": body["endpoint"], "errors": None,
-                 "input_file_id": body["input_file_id"], "completion_window": body["completion_window"],
-                 "status": "validating", "output_file_id": None, "error_file_id": None,
-                 "created_at": int(time.time()), "metadata": body.get("metadata"),
-                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+        batch = {
+            "id": state.new_id("batch_"),
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "errors": None,
+            "input_file_id": body["input_file_id"],
+            "completion_window": body["completion_window"],
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": int(time.time()),
+            "metadata": body.get("metadata"),
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+        }
         with state.lock:
             state.batches[batch["id"]] = {**batch, "_lines": lines}
         state.log("/v1/batches", 200)
@@ -431,8 +532,17 @@ def build_app(state: FakeState) -> Starlette:
                 batch["status"] = "in_progress"
             elif state.knobs.batch_fail:
                 batch["status"] = "failed"
-                batch["errors"] = {"object": "list", "data": [
-                    {"code": "invalid_request", "message": "line 1: unknown model (fake)", "line": 1, "param": "model"}]}
+                batch["errors"] = {
+                    "object": "list",
+                    "data": [
+                        {
+                            "code": "invalid_request",
+                            "message": "line 1: unknown model (fake)",
+                            "line": 1,
+                            "param": "model",
+                        }
+                    ],
+                }
             else:
                 _complete_batch(batch)
         state.log("/v1/batches/get", 200)
@@ -443,15 +553,30 @@ def build_app(state: FakeState) -> Starlette:
         for line in batch["_lines"]:
             cid, body = line["custom_id"], line["body"]
             if _unit("batch-error", cid, state.knobs.seed) < state.knobs.batch_error_rate:
-                err.append({"id": state.new_id("batch_req_"), "custom_id": cid, "response": None,
-                            "error": {"code": "server_error", "message": "fake batch request error"}})
+                err.append(
+                    {
+                        "id": state.new_id("batch_req_"),
+                        "custom_id": cid,
+                        "response": None,
+                        "error": {"code": "server_error", "message": "fake batch request error"},
+                    }
+                )
                 continue
             urls = image_urls(body)
             extra = {"judge": judge_key(urls), "images": len(urls)} if urls else {}
             state.log(f"batch:{line['url']}", 200, caption_of(body), seed=body.get("seed"), **extra)
-            out.append({"id": state.new_id("batch_req_"), "custom_id": cid, "error": None,
-                        "response": {"status_code": 200, "request_id": state.new_id("req_"),
-                                     "body": _answer(line["url"], body)}})
+            out.append(
+                {
+                    "id": state.new_id("batch_req_"),
+                    "custom_id": cid,
+                    "error": None,
+                    "response": {
+                        "status_code": 200,
+                        "request_id": state.new_id("req_"),
+                        "body": _answer(line["url"], body),
+                    },
+                }
+            )
         for key, rows in (("output_file_id", out), ("error_file_id", err)):
             if rows:
                 fid = state.new_id("file-")
@@ -479,21 +604,23 @@ def build_app(state: FakeState) -> Starlette:
         state.reset()
         return JSONResponse({"ok": True})
 
-    return Starlette(routes=[
-        route("/v1/completions", generation, ["POST"]),
-        route("/v1/chat/completions", generation, ["POST"]),
-        route("/v1/moderations", moderations, ["POST"]),
-        route("/v1/files", upload_file, ["POST"]),
-        route("/v1/files/{file_id}/content", file_content, ["GET"]),
-        route("/v1/fine_tuning/jobs", create_job, ["POST"]),
-        route("/v1/fine_tuning/jobs/{job_id}", get_job, ["GET"]),
-        route("/v1/fine_tuning/jobs/{job_id}/events", job_events, ["GET"]),
-        route("/v1/batches", create_batch, ["POST"]),
-        route("/v1/batches/{batch_id}", get_batch, ["GET"]),
-        Route("/_fake/log", control_log, methods=["GET"]),
-        Route("/_fake/knobs", control_knobs, methods=["POST"]),
-        Route("/_fake/reset", control_reset, methods=["POST"]),
-    ])
+    return Starlette(
+        routes=[
+            route("/v1/completions", generation, ["POST"]),
+            route("/v1/chat/completions", generation, ["POST"]),
+            route("/v1/moderations", moderations, ["POST"]),
+            route("/v1/files", upload_file, ["POST"]),
+            route("/v1/files/{file_id}/content", file_content, ["GET"]),
+            route("/v1/fine_tuning/jobs", create_job, ["POST"]),
+            route("/v1/fine_tuning/jobs/{job_id}", get_job, ["GET"]),
+            route("/v1/fine_tuning/jobs/{job_id}/events", job_events, ["GET"]),
+            route("/v1/batches", create_batch, ["POST"]),
+            route("/v1/batches/{batch_id}", get_batch, ["GET"]),
+            Route("/_fake/log", control_log, methods=["GET"]),
+            Route("/_fake/knobs", control_knobs, methods=["POST"]),
+            Route("/_fake/reset", control_reset, methods=["POST"]),
+        ]
+    )
 
 
 @dataclass
@@ -520,8 +647,14 @@ class FakeOpenAIServer:
         return self
 
     def start(self) -> Self:
-        config = uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            build_app(self.state),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fake-openai", daemon=True)
         self._thread.start()
@@ -552,7 +685,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, nargs=2, default=(0.0, 0.0), metavar=("LO", "HI"))
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
-    server = FakeOpenAIServer(Knobs(latency=tuple(args.latency), api_key=args.api_key), port=args.port).start()
+    server = FakeOpenAIServer(
+        Knobs(latency=tuple(args.latency), api_key=args.api_key), port=args.port
+    ).start()
     print(f"READY {server.base_url}", flush=True)
     try:
         while True:

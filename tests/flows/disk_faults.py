@@ -54,7 +54,8 @@ def main(base: Path) -> None:
         result = runner.invoke(app, args)
         results[case] = {"exit": result.exit_code, "output": result.output}
     results["read-only root, a stage's write"] = failure(
-        lambda: storage.write_bytes_atomic(f"{base}/ro/run/captions/x/part-00000/captions.parquet", b"x"))
+        lambda: storage.write_bytes_atomic(f"{base}/ro/run/captions/x/part-00000/captions.parquet", b"x")
+    )
 
     def captions_on_full_disk() -> None:
         from tasks.captions.stage import run

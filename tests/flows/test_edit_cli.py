@@ -58,10 +58,16 @@ def test_a_folder_into_out(tmp_path, model_dir):
     assert result.exit_code == 0, result.output
     assert len(result.output.strip().splitlines()) == 2
     assert sorted(p.name for p in out.iterdir()) == ["a.edited.png", "b.edited.png"]
-    assert Image.open(out / "a.edited.png").size == (64, 48) and Image.open(out / "b.edited.png").size == (40, 32)
+    assert Image.open(out / "a.edited.png").size == (64, 48) and Image.open(out / "b.edited.png").size == (
+        40,
+        32,
+    )
     # editing the folder = editing each image alone (same seed)
     alone = tmp_path / "alone"
-    assert _edit(str(folder / "b.webp"), "make it snowy", "--model", model_dir, "--out", str(alone)).exit_code == 0
+    assert (
+        _edit(str(folder / "b.webp"), "make it snowy", "--model", model_dir, "--out", str(alone)).exit_code
+        == 0
+    )
     assert (alone / "b.edited.png").read_bytes() == (out / "b.edited.png").read_bytes()
 
 
@@ -81,24 +87,29 @@ def test_the_config_trained_model_is_the_default(tmp_path, model_dir, monkeypatc
     import tasks.train.stage as stage
 
     calls = []
-    monkeypatch.setattr(stage, "trained_model", lambda cfg, index, args: calls.append(args) or (model_dir, "h"))
+    monkeypatch.setattr(
+        stage, "trained_model", lambda cfg, index, args: calls.append(args) or (model_dir, "h")
+    )
     src = _image(tmp_path / "p.png", (32, 32))
     result = _edit(str(src), "make it blue", "--set", f"output_root={tmp_path}")
     assert result.exit_code == 0, result.output
     assert calls == [f"--preset demo --set output_root={tmp_path}"] and (tmp_path / "p.edited.png").is_file()
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("missing", "no such file or folder"),
-    ("empty", "no images in this folder"),
-    ("text", "not an image file"),
-    ("corrupt", "not a readable image"),
-    ("t2i", "its model_index.json names StableDiffusionPipeline"),
-    ("unet", "found a single UNet2DConditionModel"),
-    ("untrained", "no trained model for this config yet"),
-    ("noshards", "it has no shards yet"),
-    ("guidance", "image guidance must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("missing", "no such file or folder"),
+        ("empty", "no images in this folder"),
+        ("text", "not an image file"),
+        ("corrupt", "not a readable image"),
+        ("t2i", "its model_index.json names StableDiffusionPipeline"),
+        ("unet", "found a single UNet2DConditionModel"),
+        ("untrained", "no trained model for this config yet"),
+        ("noshards", "it has no shards yet"),
+        ("guidance", "image guidance must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, model_dir, case, needle):
     from tasks.common.config import load_config
     from tasks.common.tiny import ensure_tiny

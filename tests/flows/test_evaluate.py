@@ -23,7 +23,9 @@ def model_dir(tmp_path_factory) -> str:
 def heldout(tmp_path_factory) -> str:
     from tasks.train.synthetic import write_synthetic_shards
 
-    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=4, val_samples=3, per_shard=4)
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards")), train_samples=4, val_samples=3, per_shard=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,15 @@ def test_metrics_plot_parquet_and_artifacts(evaluated):
     assert len({round(r["clip_sim_image"], 6) for r in rows}) == 3  # the image guidance changes the edits
     samples = pd.read_parquet(folder / "eval.parquet")
     assert len(samples) == 9 and set(samples["image_guidance"]) == set(GUIDANCE)
-    assert {"key", "seed", "instruction", "input_caption", "output_caption", "clip_sim_image", "clip_sim_dir"} <= set(samples)
+    assert {
+        "key",
+        "seed",
+        "instruction",
+        "input_caption",
+        "output_caption",
+        "clip_sim_image",
+        "clip_sim_dir",
+    } <= set(samples)
     means = samples.groupby("image_guidance")[["clip_sim_image", "clip_sim_dir"]].mean()
     for r in rows:
         assert means.loc[r["image_guidance"], "clip_sim_dir"] == pytest.approx(r["clip_sim_dir"], abs=1e-9)
@@ -64,9 +74,14 @@ def test_metrics_plot_parquet_and_artifacts(evaluated):
 
     key = artifact_key("evaltest", "eval", result["eval_hash"])
     with get_client(sync_client=True) as client:
-        tables = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-        reports = client.read_latest_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key("evaltest", "eval-report", result["eval_hash"])])))
+        tables = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+        reports = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key("evaltest", "eval-report", result["eval_hash"])])
+            )
+        )
     assert tables and tables[0].type == "table"
     table = json.loads(tables[0].data) if isinstance(tables[0].data, str) else tables[0].data
     assert [r["image_guidance"] for r in table] == GUIDANCE
@@ -100,13 +115,29 @@ def test_image_similarity_is_the_clip_cosine_of_the_two_images(evaluated, model_
     from tasks.pack.index import read_index
 
     _, _, result = evaluated
-    row = pd.read_parquet(Path(result["dir"]) / "eval.parquet").query("sample == 0 and image_guidance == 2.0").iloc[0]
-    sample = next(iter(wds.WebDataset(read_index(heldout)["splits"]["val"]["shards"], shardshuffle=False).decode("pil")))
-    assert sample["__key__"] == row["key"] and sample["input.jpg"].size == (64, 64)  # the demo's 64 px: no resize
-    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(model_dir, safety_checker=None,
-                                                                  requires_safety_checker=False)
-    edited = pipe(sample["instruction.txt"], image=sample["input.jpg"], num_inference_steps=3, guidance_scale=7.5,
-                  image_guidance_scale=2.0, generator=torch.Generator().manual_seed(int(row["seed"]))).images[0]
+    row = (
+        pd.read_parquet(Path(result["dir"]) / "eval.parquet")
+        .query("sample == 0 and image_guidance == 2.0")
+        .iloc[0]
+    )
+    sample = next(
+        iter(wds.WebDataset(read_index(heldout)["splits"]["val"]["shards"], shardshuffle=False).decode("pil"))
+    )
+    assert sample["__key__"] == row["key"] and sample["input.jpg"].size == (
+        64,
+        64,
+    )  # the demo's 64 px: no resize
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    edited = pipe(
+        sample["instruction.txt"],
+        image=sample["input.jpg"],
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        image_guidance_scale=2.0,
+        generator=torch.Generator().manual_seed(int(row["seed"])),
+    ).images[0]
 
     model = open_clip.create_model(f"local-dir:{ensure_tiny('clip')}").eval()
     size = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
@@ -127,21 +158,32 @@ def test_evaluates_the_model_trained_for_the_config(prefect_harness, tmp_path, h
     from flows.evaluate import evaluate
     from flows.train import train
 
-    overrides = [f"output_root={tmp_path}", "name=evaltrained", "train.steps=1", "train.batch_size=2",
-                 "train.sample_steps=1", "train.shuffle_buffer=4"]
+    overrides = [
+        f"output_root={tmp_path}",
+        "name=evaltrained",
+        "train.steps=1",
+        "train.batch_size=2",
+        "train.sample_steps=1",
+        "train.shuffle_buffer=4",
+    ]
     trained = train("demo", overrides, heldout)
     result = evaluate("demo", overrides, index=heldout, image_guidance=[1.5], steps=2, limit=1)
     assert result["model_dir"] == str(tmp_path / trained["model_dir"])
-    assert json.loads(Path(result["files"]["metrics"]).read_text())["model"] == {"train_hash": trained["config_hash"]}
+    assert json.loads(Path(result["files"]["metrics"]).read_text())["model"] == {
+        "train_hash": trained["config_hash"]
+    }
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--image-guidance", "0.5,1.5"], "each must be >= 1"),
-    (["--image-guidance", "1.0,x"], "'x' is not a number"),
-    (["--split", "test"], "split 'test'"),
-    ([], "no trained model for this config: it has no shards yet"),
-    (["--model", "MISSING"], "no such folder"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--image-guidance", "0.5,1.5"], "each must be >= 1"),
+        (["--image-guidance", "1.0,x"], "'x' is not a number"),
+        (["--split", "test"], "split 'test'"),
+        ([], "no trained model for this config: it has no shards yet"),
+        (["--model", "MISSING"], "no such folder"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     from typer.testing import CliRunner
 
@@ -149,4 +191,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
 
     args = [str(tmp_path / "nope") if a == "MISSING" else a for a in args]
     result = CliRunner().invoke(app, ["evaluate", "--set", f"output_root={tmp_path}", *args])
-    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, result.output
+    assert result.exit_code == 2 and needle in result.output and "Traceback" not in result.output, (
+        result.output
+    )

@@ -48,6 +48,7 @@ def standin(monkeypatch):
                 started.set()
                 assert release.wait(300), "the held partition was never released"
             return run(cfg, partition_id, logger=logger)
+
         return held
 
     monkeypatch.setattr(registry, "entry", entry)
@@ -58,8 +59,10 @@ def _deployments(client, pool: str) -> dict[str, str]:
     """The chain's deployments on ``pool`` (no worker polls it): deployment id -> stage."""
     from flows.local_cluster import deploy_chain
 
-    return {str(client.read_deployment_by_name(name).id): name.split("/")[0].removeprefix("editforge-")
-            for name in deploy_chain(client, pool, f"{pool}-{{stage}}")}
+    return {
+        str(client.read_deployment_by_name(name).id): name.split("/")[0].removeprefix("editforge-")
+        for name in deploy_chain(client, pool, f"{pool}-{{stage}}")
+    }
 
 
 def _scheduled(client, deployments: dict[str, str]) -> list:
@@ -73,9 +76,13 @@ def _scheduled(client, deployments: dict[str, str]) -> list:
     from prefect.client.schemas.sorting import FlowRunSort
 
     return client.read_flow_runs(
-        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=["SCHEDULED"]))
+        ),
         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(deployments))),
-        sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=10)
+        sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+        limit=10,
+    )
 
 
 def _run_child(client, deployments: dict[str, str], run) -> bool:
@@ -87,8 +94,12 @@ def _run_child(client, deployments: dict[str, str], run) -> bool:
 
     if client.set_flow_run_state(run.id, Pending()).status.value != "ACCEPT":
         return False
-    run_flow(FLOWS[deployments[str(run.deployment_id)]], flow_run=client.read_flow_run(run.id),
-             parameters=run.parameters, return_type="state")
+    run_flow(
+        FLOWS[deployments[str(run.deployment_id)]],
+        flow_run=client.read_flow_run(run.id),
+        parameters=run.parameters,
+        return_type="state",
+    )
     return True
 
 
@@ -96,8 +107,9 @@ def _runs(client, deployments: dict[str, str]) -> dict[str, list]:
     """Block label -> its child runs, oldest first."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(deployments))),
-                                 limit=200)
+    runs = client.read_flow_runs(
+        deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=list(deployments))), limit=200
+    )
     found: dict[str, list] = {}
     for r in sorted(runs, key=lambda r: r.created):
         found.setdefault(r.idempotency_key.split("/")[1], []).append(r)
@@ -116,7 +128,9 @@ def test_blocks_cover_every_partition_once_and_one_partition_stages_once(tmp_pat
     assert by_stage["finetune"] == [[0]] and "train" not in by_stage
 
 
-def test_a_block_is_ready_when_what_it_reads_is_finished_under_this_config(prefect_harness, tmp_path, standin):
+def test_a_block_is_ready_when_what_it_reads_is_finished_under_this_config(
+    prefect_harness, tmp_path, standin
+):
     """A starting parent knows what is finished from one listing per stage (the dashboard's rows)."""
     from prefect.client.orchestration import get_client
 
@@ -124,7 +138,9 @@ def test_a_block_is_ready_when_what_it_reads_is_finished_under_this_config(prefe
     from flows.fanout import Block, FanOut
 
     cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=4", "run.block_size=2"])
-    other = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=4", "text.finetune_steps=7"])
+    other = load_config(
+        "demo", [f"output_root={tmp_path}", "captions.num_partitions=4", "text.finetune_steps=7"]
+    )
 
     def finish(c, stage, pid):
         dashboard.write_row(c, stage, registry.entry(stage)(c, pid))
@@ -151,12 +167,19 @@ def _parent(api: str, overrides: list[str], out: Path) -> subprocess.Popen:
     args = [sys.executable, "-m", "flows.generate", "--preset", "demo"]
     for item in overrides:
         args += ["--set", item]
-    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **PARENT_ENV, "PREFECT_API_URL": api},
-                            stdout=open(out, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, **PARENT_ENV, "PREFECT_API_URL": api},
+        stdout=open(out, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
-def test_a_parent_killed_at_half_its_blocks_and_started_again_submits_only_what_is_missing(prefect_harness, tmp_path,
-                                                                                            standin):
+def test_a_parent_killed_at_half_its_blocks_and_started_again_submits_only_what_is_missing(
+    prefect_harness, tmp_path, standin
+):
     """Killed (SIGKILL) once 6 of 13 blocks are done and a 7th is mid-work, the parent is started again: it
     adopts the child runs still scheduled or running (not one block submitted twice) and submits only the
     blocks that had no run; every block ends with exactly one completed run."""
@@ -164,9 +187,16 @@ def test_a_parent_killed_at_half_its_blocks_and_started_again_submits_only_what_
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
-    overrides = [f"output_root={tmp_path / 'run'}", "name=restart", "captions.num_partitions=4",
-                 "captions.num_captions=8", "run.mode=fan-out", "run.block_size=2", "run.deployments=restart-{stage}",
-                 "run.poll_s=0.2"]
+    overrides = [
+        f"output_root={tmp_path / 'run'}",
+        "name=restart",
+        "captions.num_partitions=4",
+        "captions.num_captions=8",
+        "run.mode=fan-out",
+        "run.block_size=2",
+        "run.deployments=restart-{stage}",
+        "run.poll_s=0.2",
+    ]
     with get_client(sync_client=True) as client:
         deployments = _deployments(client, "restart")
         first = _parent(api, overrides, tmp_path / "first.log")
@@ -181,7 +211,10 @@ def test_a_parent_killed_at_half_its_blocks_and_started_again_submits_only_what_
             time.sleep(0.1)
         held_run = runs[0]
         stage = deployments[str(held_run.deployment_id)]
-        started, release = standin[(stage, held_run.parameters["partitions"][0])] = (threading.Event(), threading.Event())
+        started, release = standin[(stage, held_run.parameters["partitions"][0])] = (
+            threading.Event(),
+            threading.Event(),
+        )
         worker = threading.Thread(target=_run_child, args=(client, deployments, held_run))
         worker.start()
         assert started.wait(300)  # the 7th block's child is running, its first partition mid-work
@@ -209,8 +242,9 @@ def test_a_parent_killed_at_half_its_blocks_and_started_again_submits_only_what_
     adopted = int(text.split("13 blocks, 6 already finished, ")[1].split(" in flight adopted")[0])
     assert adopted == len(at_kill) - 6 >= 1  # the held run and those scheduled when the parent died
     # every block has exactly one run, completed: those of the first parent kept, new ones for the rest
-    assert len(after) == 13 and all(len(rs) == 1 and rs[0].state_type.value == "COMPLETED" for rs in after.values()), \
-        {b: [r.state_type.value for r in rs] for b, rs in after.items()}
+    assert len(after) == 13 and all(
+        len(rs) == 1 and rs[0].state_type.value == "COMPLETED" for rs in after.values()
+    ), {b: [r.state_type.value for r in rs] for b, rs in after.items()}
     assert all(after[b][0].id == at_kill[b][0].id for b in at_kill)
     from tasks.pack.index import read_index
 
@@ -226,9 +260,16 @@ def test_children_no_worker_takes_make_the_run_name_the_pool_then_fail(prefect_h
     from flows.fanout import NoWorkerError, fan_out
     from tasks.common.layout import artifact_key
 
-    overrides = [f"output_root={tmp_path}", "name=idle", "captions.num_partitions=2", "run.mode=fan-out",
-                 "run.deployments=idle-{stage}", "run.poll_s=0.05", "run.worker_wait_warn_s=0.1",
-                 "run.worker_wait_fail_s=0.2"]
+    overrides = [
+        f"output_root={tmp_path}",
+        "name=idle",
+        "captions.num_partitions=2",
+        "run.mode=fan-out",
+        "run.deployments=idle-{stage}",
+        "run.poll_s=0.05",
+        "run.worker_wait_warn_s=0.1",
+        "run.worker_wait_fail_s=0.2",
+    ]
     cfg = load_config("demo", overrides)
     with get_client(sync_client=True) as client:
         deployments = _deployments(client, "idle")
@@ -238,13 +279,20 @@ def test_children_no_worker_takes_make_the_run_name_the_pool_then_fail(prefect_h
     assert "waited 4 poll rounds" in message and "work pool 'idle'" in message, message
     assert "no worker is online on it: start one (`prefect worker start --pool idle`)" in message
     warned = [r.getMessage() for r in caplog.records if "waited 2 poll rounds" in r.getMessage()]
-    assert len(warned) == 1 and "work pool 'idle'" in warned[0] and "(captions[0-1], finetune[0-0])" in warned[0]
+    assert (
+        len(warned) == 1 and "work pool 'idle'" in warned[0] and "(captions[0-1], finetune[0-0])" in warned[0]
+    )
     with get_client(sync_client=True) as client:
         runs = _runs(client, deployments)
-        status = client.read_latest_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[artifact_key("idle", "status", registry.stage_hash(cfg, "pack"))])))[0]
-    assert {b: [r.state_type.value for r in rs] for b, rs in runs.items()} == {"captions[0-1]": ["CANCELLED"],
-                                                                              "finetune[0-0]": ["CANCELLED"]}
+        status = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key("idle", "status", registry.stage_hash(cfg, "pack"))])
+            )
+        )[0]
+    assert {b: [r.state_type.value for r in rs] for b, rs in runs.items()} == {
+        "captions[0-1]": ["CANCELLED"],
+        "finetune[0-0]": ["CANCELLED"],
+    }
     assert "Waiting for a worker** on work pool `idle`" in status.data
 
 
@@ -254,9 +302,16 @@ def test_a_waiting_run_goes_on_once_a_worker_takes_its_children(prefect_harness,
 
     from flows.fanout import FanOut
 
-    overrides = [f"output_root={tmp_path}", "name=late", "captions.num_partitions=2", "run.mode=fan-out",
-                 "run.deployments=late-{stage}", "run.poll_s=1", "run.worker_wait_warn_s=2",
-                 "run.worker_wait_fail_s=3600"]
+    overrides = [
+        f"output_root={tmp_path}",
+        "name=late",
+        "captions.num_partitions=2",
+        "run.mode=fan-out",
+        "run.deployments=late-{stage}",
+        "run.poll_s=1",
+        "run.worker_wait_warn_s=2",
+        "run.worker_wait_fail_s=3600",
+    ]
     cfg = load_config("demo", overrides)
     registry.prepare(cfg, "captions")
     with get_client(sync_client=True) as client, caplog.at_level(logging.INFO, logger="editforge.test"):

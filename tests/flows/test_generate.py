@@ -15,14 +15,24 @@ from tasks.registry import stage_hash
 
 pytestmark = pytest.mark.flow
 
-SMALL = ["captions.num_captions=8", "text.finetune_steps=150", "text.batch_size=4", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=3", "render.keep.clip_image_threshold=-1",
-         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
+SMALL = [
+    "captions.num_captions=8",
+    "text.finetune_steps=150",
+    "text.batch_size=4",
+    "render.samples_per_triplet=2",
+    "render.batch_samples=2",
+    "render.steps=3",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+]
 
 
 def _shard_hashes(root):
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "pack").rglob("*.tar"))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "pack").rglob("*.tar"))
+    }
 
 
 def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
@@ -55,30 +65,47 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     assert _shard_hashes(tmp_path) == before
 
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="editforge-flowtest")))}
+        keys = {
+            a.key
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="editforge-flowtest"))
+            )
+        }
     key = {s: artifact_key("flowtest", s, stage_hash(cfg, s)) for s in ("render", "pack")}
     assert {key["render"], key["pack"], artifact_key("flowtest", "summary", stage_hash(cfg, "pack"))} <= keys
     with get_client(sync_client=True) as client:
         render_table = client.read_latest_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key["render"]])))[0]
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key["render"]]))
+        )[0]
     rows = json.loads(render_table.data) if isinstance(render_table.data, str) else render_table.data
     # per partition on the dashboard: counts, and the stage's own figures and medians
-    assert {"n_unet_calls", "unet_calls_per_kept_pair", "samples_per_s", "batch_samples",
-            "median_clip_sim_dir"} <= set(rows[0])
+    assert {
+        "n_unet_calls",
+        "unet_calls_per_kept_pair",
+        "samples_per_s",
+        "batch_samples",
+        "median_clip_sim_dir",
+    } <= set(rows[0])
     with get_client(sync_client=True) as client:
-        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+        progress = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+        )
     described = {a.description.split(":")[0]: a.data for a in progress if a.description}
     assert described.get("render part-00000") == 100.0 and described.get("text part-00001") == 100.0
     # the live figures of a partition ride on its progress artifact's description
-    assert any(a.description.startswith("render part-00000: ") and "pass rate" in a.description for a in progress)
+    assert any(
+        a.description.startswith("render part-00000: ") and "pass rate" in a.description for a in progress
+    )
     # each partition task run carries its stage's resource tags (the demo renders on the CPU: no GPU tag)
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition")))
-    assert runs and all({"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags
-                        for r in runs)
+        runs = client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="render-partition"))
+        )
+    assert runs and all(
+        {"editforge", "editforge-render"} <= set(r.tags) and "editforge-gpu" not in r.tags for r in runs
+    )
     _check_dashboard(cfg, key["render"], result, overrides)
 
 
@@ -92,10 +119,14 @@ def _check_dashboard(cfg, render_key, result, overrides):
     from flows.dashboard import read_events
 
     with get_client(sync_client=True) as client:
-        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[render_key])),
-                                         sort=ArtifactSort.CREATED_DESC)[::-1]
+        versions = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[render_key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )[::-1]
         progress_key = artifact_key("flowtest", "progress", stage_hash(cfg, "pack"))
-        progress = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress_key])))
+        progress = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress_key]))
+        )
         events = read_events(client, "flowtest")
     # the render table was published as partition 0 finished (1 row), then with both; the latest is readable
     tables = [json.loads(v.data) if isinstance(v.data, str) else v.data for v in versions]
@@ -103,15 +134,24 @@ def _check_dashboard(cfg, render_key, result, overrides):
     assert list(tables[-1][0])[:6] == ["partition", "status", "in", "out", "pass_rate", "pass_rate_clip"]
     assert progress and progress[0].data == 100.0
     completed = [e for e in events if e["event"] == "editforge.partition.completed"]
-    assert sorted((e["payload"]["stage"], e["payload"]["partition"]) for e in completed if e["payload"]["stage"] == "render") \
-        == [("render", 0), ("render", 1)]
+    assert sorted(
+        (e["payload"]["stage"], e["payload"]["partition"])
+        for e in completed
+        if e["payload"]["stage"] == "render"
+    ) == [("render", 0), ("render", 1)]
     assert {"counts", "pass_rate", "wall_time_s"} <= set(completed[0]["payload"])
     assert [e["event"] for e in events].count("editforge.run.completed") >= 1
     # report.html in Chromium: every figure there and drawn (the run's second pass rebuilt it)
     shot = Path(result["report"]).with_name("screenshot.png")
     seen = look(result["report"], shot)
-    assert {i["alt"] for i in seen["images"] if i["width"] > 100} == {"funnel", "metrics", "pass_rate", "best", "worst",
-                                                                     "loss"}, seen["images"]
+    assert {i["alt"] for i in seen["images"] if i["width"] > 100} == {
+        "funnel",
+        "metrics",
+        "pass_rate",
+        "best",
+        "worst",
+        "loss",
+    }, seen["images"]
     assert "Survival funnel" in seen["text"] and shot.stat().st_size > 10_000
     # `editforge report --html` rebuilds it from disk
     from typer.testing import CliRunner
@@ -119,22 +159,32 @@ def _check_dashboard(cfg, render_key, result, overrides):
     from flows.cli import app
 
     Path(result["report"]).unlink()
-    out = CliRunner().invoke(app, ["report", "--preset", "demo", *(a for o in overrides for a in ("--set", o)), "--html"])
-    assert out.exit_code == 0 and f"report: {result['report']} (6 figures beside it)" in out.output, out.output
+    out = CliRunner().invoke(
+        app, ["report", "--preset", "demo", *(a for o in overrides for a in ("--set", o)), "--html"]
+    )
+    assert out.exit_code == 0 and f"report: {result['report']} (6 figures beside it)" in out.output, (
+        out.output
+    )
     assert Path(result["report"]).stat().st_size > 100_000
 
 
-
 def _laion(path, start, n):
-    pd.DataFrame({"URL": [f"https://example.com/{i}.jpg" for i in range(start, start + n)],
-                  "TEXT": [f"a watercolor painting of a lighthouse number {i}" for i in range(start, start + n)],
-                  "AESTHETIC_SCORE": [7.0] * n}).to_parquet(path)
+    pd.DataFrame(
+        {
+            "URL": [f"https://example.com/{i}.jpg" for i in range(start, start + n)],
+            "TEXT": [f"a watercolor painting of a lighthouse number {i}" for i in range(start, start + n)],
+            "AESTHETIC_SCORE": [7.0] * n,
+        }
+    ).to_parquet(path)
 
 
 def _files(root, stage):
     """Every file of ``stage`` (all versions) with its bytes."""
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / stage).rglob("*"))
-            if p.is_file() and "_leases" not in p.parts}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted((root / stage).rglob("*"))
+        if p.is_file() and "_leases" not in p.parts
+    }
 
 
 def test_a_grown_source_adds_partitions_and_an_experiment_writes_its_own_version(prefect_harness, tmp_path):
@@ -166,10 +216,14 @@ def test_a_grown_source_adds_partitions_and_an_experiment_writes_its_own_version
     text_in = sum(m["counts"]["in"] for m in registry.manifests(cfg, "text", new_parts).values())
     assert text_in == gens[1].record["taken"]
     after = {stage: _files(root, stage) for stage in before}
-    grown = ("index.json", "pack/{}/README.md".format(stage_hash(cfg, "pack")))  # the index and the card list every generation
+    grown = (
+        "index.json",
+        "pack/{}/README.md".format(stage_hash(cfg, "pack")),
+    )  # the index and the card list every generation
     for stage, files in before.items():  # every earlier file, marker and shard byte for byte
-        assert {p: b for p, b in after[stage].items() if p in files and not p.endswith(grown)} == \
-            {p: b for p, b in files.items() if not p.endswith(grown)}, stage
+        assert {p: b for p, b in after[stage].items() if p in files and not p.endswith(grown)} == {
+            p: b for p, b in files.items() if not p.endswith(grown)
+        }, stage
     assert all(after[p.split("/")[0]][p] == b for p, b in markers.items())
     index = json.loads(Path(registry.index_url(cfg)).read_text())
     assert {s["partition_id"] for s in index["shards"]} >= {0, 1}
@@ -184,7 +238,9 @@ def test_a_grown_source_adds_partitions_and_an_experiment_writes_its_own_version
     exp = load_config("demo", experiment)
     assert stage_hash(exp, "filter") != stage_hash(cfg, "filter")
     assert third["index"] == registry.index_url(exp) != registry.index_url(cfg)
-    assert {p: b for p, b in _files(root, "pack").items() if p in after["pack"]} == after["pack"]  # base untouched
+    assert {p: b for p, b in _files(root, "pack").items() if p in after["pack"]} == after[
+        "pack"
+    ]  # base untouched
     assert Path(registry.index_url(cfg)).read_bytes() == base_index
 
 

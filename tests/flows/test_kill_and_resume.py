@@ -19,9 +19,17 @@ from fakes.faults import stop_after_writes, wait_stopped
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["captions.num_captions=12", "text.finetune_steps=150", "text.batch_size=4", "render.samples_per_triplet=4",
-         "render.batch_samples=2", "render.steps=4", "render.keep.clip_image_threshold=-1",
-         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
+SMALL = [
+    "captions.num_captions=12",
+    "text.finetune_steps=150",
+    "text.batch_size=4",
+    "render.samples_per_triplet=4",
+    "render.batch_samples=2",
+    "render.steps=4",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+]
 
 
 def _generate(root: Path, home: Path, stop_after: tuple[int, str] | None = None) -> subprocess.Popen:
@@ -32,18 +40,31 @@ def _generate(root: Path, home: Path, stop_after: tuple[int, str] | None = None)
     for item in SMALL:
         args += ["--set", item]
     command = stop_after_writes(*stop_after, *args) if stop_after else [sys.executable, *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _digests(root: Path, pattern: str) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob(pattern))}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob(pattern))
+    }
 
 
-STAGE_FILES = ("text/*/part-00000/triplets.parquet", "render/*/part-00000/samples.parquet",
-               "filter/*/part-00000/kept.parquet", "render/*/part-00001/samples.parquet",
-               "filter/*/part-00001/kept.parquet")
+STAGE_FILES = (
+    "text/*/part-00000/triplets.parquet",
+    "render/*/part-00000/samples.parquet",
+    "filter/*/part-00000/kept.parquet",
+    "render/*/part-00001/samples.parquet",
+    "filter/*/part-00001/kept.parquet",
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,16 @@ from tasks.common.config import load_config
 pytestmark = pytest.mark.flow
 
 ROOT = Path(__file__).resolve().parents[2]
-KEYMAP = {"1": "good", "g": "good", "2": "wrong", "w": "wrong", "3": "broken", "b": "broken", "4": "unsure",
-          "u": "unsure"}
+KEYMAP = {
+    "1": "good",
+    "g": "good",
+    "2": "wrong",
+    "w": "wrong",
+    "3": "broken",
+    "b": "broken",
+    "4": "unsure",
+    "u": "unsure",
+}
 
 
 def run_stages(cfg, names=("captions", "finetune", "text", "render", "filter")) -> None:
@@ -40,8 +48,14 @@ def run_stages(cfg, names=("captions", "finetune", "text", "render", "filter")) 
 def world(tmp_path_factory):
     """tests/flows/test_world_demo.py's run, smaller (8 captions, one partition), with every pair's images."""
     root = tmp_path_factory.mktemp("review-world")
-    overrides = [f"output_root={root}", "name=reviewtest", "captions.num_captions=8", "captions.num_partitions=1",
-                 "text.finetune_steps=20", "render.save_images=all"]
+    overrides = [
+        f"output_root={root}",
+        "name=reviewtest",
+        "captions.num_captions=8",
+        "captions.num_partitions=1",
+        "text.finetune_steps=20",
+        "render.save_images=all",
+    ]
     cfg = load_config("world", overrides)
     run_stages(cfg)
     return cfg, overrides
@@ -85,7 +99,28 @@ def test_review_page_labels_by_keyboard_persist_and_two_reviewers_keep_theirs(wo
     state = prepare(cfg)
     items = state.items
     assert len(items) > 25 and {i["stratum"] for i in items} >= {"kept", "far"}
-    keys = ["1", "2", "3", "4", "g", "w", "b", "u", "1", "1", "2", "2", "g", "g", "w", "3", "4", "1", "2", "1"]
+    keys = [
+        "1",
+        "2",
+        "3",
+        "4",
+        "g",
+        "w",
+        "b",
+        "u",
+        "1",
+        "1",
+        "2",
+        "2",
+        "g",
+        "g",
+        "w",
+        "3",
+        "4",
+        "1",
+        "2",
+        "1",
+    ]
 
     def saved(page, n: int) -> None:  # selectors, not a script: the page's CSP forbids eval
         page.wait_for_selector(f"#progress[data-mine='{n}']")
@@ -99,10 +134,14 @@ def test_review_page_labels_by_keyboard_persist_and_two_reviewers_keep_theirs(wo
             page = alice.new_page()
             page.goto(server.url)
             page.wait_for_selector("body[data-ready='1']")
-            assert page.get_attribute("#pair", "data-key") == f"{items[0]['partition']}/{items[0]['sample_key']}"
+            assert (
+                page.get_attribute("#pair", "data-key") == f"{items[0]['partition']}/{items[0]['sample_key']}"
+            )
             assert items[0]["edit"] in page.inner_text("#instruction")
             # the next pairs' images were fetched while the first was shown
-            fetched = page.evaluate("performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)")
+            fetched = page.evaluate(
+                "performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)"
+            )
             assert {items[1]["before"], items[1]["after"], items[3]["after"]} <= set(fetched)
             for key in keys:
                 page.keyboard.press(key)
@@ -130,19 +169,34 @@ def test_review_page_labels_by_keyboard_persist_and_two_reviewers_keep_theirs(wo
     by = {r: g for r, g in labels.groupby("reviewer")}
     assert set(by) == {"alice", "bob"}
     assert dict(zip(by["alice"]["sample_key"], by["alice"]["label"])) == {
-        i["sample_key"]: KEYMAP[k] for i, k in zip(items, keys)}
-    assert dict(zip(by["bob"]["sample_key"], by["bob"]["label"])) == {i["sample_key"]: "wrong" for i in items[:5]}
+        i["sample_key"]: KEYMAP[k] for i, k in zip(items, keys)
+    }
+    assert dict(zip(by["bob"]["sample_key"], by["bob"]["label"])) == {
+        i["sample_key"]: "wrong" for i in items[:5]
+    }
     assert (labels["render_hash"] == registry.stage_hash(cfg, "render")).all()
     assert labels["pair_sha256"].notna().all() and labels["weight"].ge(1).all()
     assert (Path(cfg.output_root) / "review-page.png").stat().st_size > 10_000
 
 
 TRAVERSALS = [
-    "/img/0/../../_SUCCESS.json", "/img/0/..%2F..%2F_SUCCESS.json/input", "/img/0/%2e%2e/%2e%2e/samples.parquet",
-    "/img/0/%2e%2e%2f%2e%2e%2fsamples.parquet/input", "/img/0/..%5c..%5csamples.parquet/input",
-    "/static/../review.py", "/static/%2e%2e%2freview.py", "/static/..%2F..%2Fcli.py", "/static/",
-    "/../../../etc/passwd", "//etc/passwd", "/img/0/images/x/input", "/img/00/{key}/input", "/img/0/{key}/samples",
-    "/img/0/{key}%2F..%2F..%2F_SUCCESS.json/input", "/img/1/{key}/input", "/img/0/{key}_input.png",
+    "/img/0/../../_SUCCESS.json",
+    "/img/0/..%2F..%2F_SUCCESS.json/input",
+    "/img/0/%2e%2e/%2e%2e/samples.parquet",
+    "/img/0/%2e%2e%2f%2e%2e%2fsamples.parquet/input",
+    "/img/0/..%5c..%5csamples.parquet/input",
+    "/static/../review.py",
+    "/static/%2e%2e%2freview.py",
+    "/static/..%2F..%2Fcli.py",
+    "/static/",
+    "/../../../etc/passwd",
+    "//etc/passwd",
+    "/img/0/images/x/input",
+    "/img/00/{key}/input",
+    "/img/0/{key}/samples",
+    "/img/0/{key}%2F..%2F..%2F_SUCCESS.json/input",
+    "/img/1/{key}/input",
+    "/img/0/{key}_input.png",
 ]
 
 
@@ -153,8 +207,12 @@ def test_the_server_refuses_paths_outside_the_run_and_leaves_labels_untouched_by
     folder = layout.partition_dir(cfg.output_root, "render", state.render_hash, 0)
     secret = Path(folder) / layout.SAMPLES_FILE
     assert secret.exists()
-    absolute = [quote(str(secret)), "/img/0/" + quote(str(secret), safe="") + "/input",
-                "/img/0/" + quote(str(Path(folder) / "images"), safe="") + "/input", str(secret)]
+    absolute = [
+        quote(str(secret)),
+        "/img/0/" + quote(str(secret), safe="") + "/input",
+        "/img/0/" + quote(str(Path(folder) / "images"), safe="") + "/input",
+        str(secret),
+    ]
     with ReviewServer(state) as server:
         status, headers, body = _request(server.port, "GET", item["before"])
         assert status == 200 and body[:4] == b"\x89PNG" and headers["content-type"] == "image/png"
@@ -167,23 +225,38 @@ def test_the_server_refuses_paths_outside_the_run_and_leaves_labels_untouched_by
         def post(body: bytes, kind: str = "application/json", **headers):
             return _request(server.port, "POST", "/api/labels", body, {"Content-Type": kind, **headers})[0]
 
-        good = {"partition": 0, "sample_key": item["sample_key"], "label": "good", "reviewer": "alice",
-                "session": "test-session-1"}
+        good = {
+            "partition": 0,
+            "sample_key": item["sample_key"],
+            "label": "good",
+            "reviewer": "alice",
+            "session": "test-session-1",
+        }
         assert post(json.dumps(good).encode()) == 200
         labels_dir = layout.labels_dir(cfg.output_root, state.render_hash)
 
         def snapshot():
-            return {name: hashlib.sha256((Path(labels_dir) / name).read_bytes()).hexdigest()
-                    for name in sorted(os.listdir(labels_dir))}
+            return {
+                name: hashlib.sha256((Path(labels_dir) / name).read_bytes()).hexdigest()
+                for name in sorted(os.listdir(labels_dir))
+            }
 
         before = snapshot()
-        bad = [b"not json", b"{", json.dumps([good]).encode(), json.dumps({**good, "label": "meh"}).encode(),
-               json.dumps({**good, "partition": "0"}).encode(), json.dumps({**good, "extra": 1}).encode(),
-               json.dumps({**good, "reviewer": "../../x"}).encode(), json.dumps({**good, "session": "x"}).encode(),
-               json.dumps({**good, "sample_key": "../../_SUCCESS"}).encode(),
-               json.dumps({**good, "pair_sha256": "0" * 64}).encode(),
-               json.dumps({k: v for k, v in good.items() if k != "label"}).encode(),
-               json.dumps({**good, "reviewer": "a" * 5000}).encode(), b"\xff\xfe"]
+        bad = [
+            b"not json",
+            b"{",
+            json.dumps([good]).encode(),
+            json.dumps({**good, "label": "meh"}).encode(),
+            json.dumps({**good, "partition": "0"}).encode(),
+            json.dumps({**good, "extra": 1}).encode(),
+            json.dumps({**good, "reviewer": "../../x"}).encode(),
+            json.dumps({**good, "session": "x"}).encode(),
+            json.dumps({**good, "sample_key": "../../_SUCCESS"}).encode(),
+            json.dumps({**good, "pair_sha256": "0" * 64}).encode(),
+            json.dumps({k: v for k, v in good.items() if k != "label"}).encode(),
+            json.dumps({**good, "reviewer": "a" * 5000}).encode(),
+            b"\xff\xfe",
+        ]
         for body in bad:
             assert post(body) in (400, 413), body[:60]
         assert post(json.dumps(good).encode(), kind="text/plain") == 415
@@ -198,7 +271,9 @@ def test_beyond_loopback_the_page_needs_its_token(world):
     cfg, _ = world
     state = prepare(cfg, token="s3cret-token", host="0.0.0.0")
     assert state.allowed_hosts is None
-    assert prepare(cfg).allowed_hosts is not None and prepare(cfg).token is None  # loopback: no token by default
+    assert (
+        prepare(cfg).allowed_hosts is not None and prepare(cfg).token is None
+    )  # loopback: no token by default
     with ReviewServer(state) as server:  # served on loopback here, guarded as if bound to 0.0.0.0
         port = server.port
         image = state.items[0]["before"]
@@ -224,8 +299,12 @@ def s3():
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec
@@ -260,10 +339,23 @@ def test_review_and_calibration_on_an_object_store(world, s3):
     with ReviewServer(state) as server:
         status, _, body = _request(server.port, "GET", item["after"])
         assert status == 200 and body[:4] == b"\x89PNG"
-        label = {"partition": 0, "sample_key": item["sample_key"], "label": "good", "reviewer": "alice",
-                 "session": "s3-session-1"}
-        assert _request(server.port, "POST", "/api/labels", json.dumps(label).encode(),
-                        {"Content-Type": "application/json"})[0] == 200
+        label = {
+            "partition": 0,
+            "sample_key": item["sample_key"],
+            "label": "good",
+            "reviewer": "alice",
+            "session": "s3-session-1",
+        }
+        assert (
+            _request(
+                server.port,
+                "POST",
+                "/api/labels",
+                json.dumps(label).encode(),
+                {"Content-Type": "application/json"},
+            )[0]
+            == 200
+        )
     # two more servers' stores appending at once, parts of 3 rows: nothing lost
     stores = [LabelStore(state.store.folder, chunk_rows=3) for _ in range(2)]
     start = threading.Barrier(2)
@@ -271,8 +363,20 @@ def test_review_and_calibration_on_an_object_store(world, s3):
     def label_all(store, reviewer):
         start.wait()
         for it in state.items[:10]:
-            store.append([check_label({"partition": 0, "sample_key": it["sample_key"], "label": "wrong",
-                                       "reviewer": reviewer, "session": f"{reviewer}-session"}, state.known)])
+            store.append(
+                [
+                    check_label(
+                        {
+                            "partition": 0,
+                            "sample_key": it["sample_key"],
+                            "label": "wrong",
+                            "reviewer": reviewer,
+                            "session": f"{reviewer}-session",
+                        },
+                        state.known,
+                    )
+                ]
+            )
 
     threads = [threading.Thread(target=label_all, args=(s, r)) for s, r in zip(stores, ("bob", "carol"))]
     for t in threads:
@@ -284,10 +388,16 @@ def test_review_and_calibration_on_an_object_store(world, s3):
     assert state.store.folder.startswith(f"{root}/review/{state.render_hash}/labels.parquet")
     assert s3.glob(f"editforge-review/run/review/{state.render_hash}/labels.parquet/bob-*.parquet")
     result = calibrate(remote, target=0.5, min_passing=1)
-    assert result["labels"]["pairs_decided"] == 10 and result["labels"]["reviewers"] == ["alice", "bob", "carol"]
+    assert result["labels"]["pairs_decided"] == 10 and result["labels"]["reviewers"] == [
+        "alice",
+        "bob",
+        "carol",
+    ]
 
 
-def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_without_rendering(world, tmp_path):
+def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_without_rendering(
+    world, tmp_path
+):
     from typer.testing import CliRunner
 
     from flows.calibrate_filter import calibrate, report_section, summary_lines
@@ -296,8 +406,18 @@ def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_w
     cfg, overrides = world
     truth = _bench().label_all(cfg)  # the world's own labels of every stored pair, through LabelStore
     assert set(truth["label"]) <= {"good", "wrong", "unsure"} and (truth["label"] == "good").sum() >= 5
-    args = ["calibrate-filter", "--preset", "world", *(a for o in overrides for a in ("--set", o)),
-            "--target-precision", "0.5", "--reviewer", "world-truth", "--json", str(tmp_path / "cal.json")]
+    args = [
+        "calibrate-filter",
+        "--preset",
+        "world",
+        *(a for o in overrides for a in ("--set", o)),
+        "--target-precision",
+        "0.5",
+        "--reviewer",
+        "world-truth",
+        "--json",
+        str(tmp_path / "cal.json"),
+    ]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     result = json.loads((tmp_path / "cal.json").read_text())
@@ -305,16 +425,25 @@ def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_w
     for which in ("paper", "current"):
         for rule in ("image-image", "caption (both images)", "direction", "CLIP (all three)"):
             r = rules[(which, rule)]
-            assert r["labelled"] == len(truth[truth["label"] != "unsure"]) and 0 <= r["recall"] <= 1, (which, rule)
-    assert result["thresholds"]["paper"] == {"clip_image_threshold": 0.75, "clip_caption_threshold": 0.2,
-                                             "clip_direction_threshold": 0.2}
+            assert r["labelled"] == len(truth[truth["label"] != "unsure"]) and 0 <= r["recall"] <= 1, (
+                which,
+                rule,
+            )
+    assert result["thresholds"]["paper"] == {
+        "clip_image_threshold": 0.75,
+        "clip_caption_threshold": 0.2,
+        "clip_direction_threshold": 0.2,
+    }
     assert set(result["roc"]) == {"clip_sim_dir", "clip_sim_image", "clip_caption_min"}
     review = layout.review_dir(cfg.output_root, registry.stage_hash(cfg, "render"))
     assert {"calibration.json", "people_vs_filter.png", "filter.set"} <= set(os.listdir(review))
     found = result["search"]["found"]
     assert found is not None and found["precision_low"] >= 0.5, result["search"]
     assert rules[("suggested", "CLIP (all three)")]["precision"] == pytest.approx(found["precision"])
-    assert [c["held_out_half"] for c in result["cross_check"]] == [0, 1]  # each half checks the other's choice
+    assert [c["held_out_half"] for c in result["cross_check"]] == [
+        0,
+        1,
+    ]  # each half checks the other's choice
     lines = (Path(review) / "filter.set").read_text().split()
     assert lines[::2] == ["--set"] * 3 and lines[1::2] == result["set"]
     assert " ".join(lines) in out.output
@@ -331,7 +460,9 @@ def test_calibrate_filter_on_the_world_truth_writes_an_override_that_reselects_w
     section = report_section(cfg)
     everyone = calibrate(cfg, target=0.5)
     assert "People vs filter" in section["html"] and "data:image/png;base64," in section["html"]
-    assert summary_lines(everyone)[0] in section["markdown"] and all(s in section["markdown"] for s in everyone["set"])
+    assert summary_lines(everyone)[0] in section["markdown"] and all(
+        s in section["markdown"] for s in everyone["set"]
+    )
     from flows import report_html
 
     page = Path(report_html.build(cfg)["html"]).read_text()
@@ -348,27 +479,59 @@ def test_label_studio_export_and_import_round_trip(world, tmp_path):
 
     cfg, overrides = world
     base = ["--preset", "world", *(a for o in overrides for a in ("--set", o))]
-    out = CliRunner().invoke(app, ["review", *base, "--export", "label-studio", "--out", str(tmp_path / "t.json")])
+    out = CliRunner().invoke(
+        app, ["review", *base, "--export", "label-studio", "--out", str(tmp_path / "t.json")]
+    )
     assert out.exit_code == 0, out.output
     tasks = json.loads((tmp_path / "t.json").read_text())
     config = (tmp_path / "t.xml").read_text()
-    assert len(tasks) == len(prepare(cfg).items) and '<Choice value="good"' in config and 'hotkey="1"' in config
+    assert (
+        len(tasks) == len(prepare(cfg).items) and '<Choice value="good"' in config and 'hotkey="1"' in config
+    )
     first = tasks[0]["data"]
-    assert first["before"].startswith("/data/local-files/?d=render/") and first["before"].endswith("_input.png")
+    assert first["before"].startswith("/data/local-files/?d=render/") and first["before"].endswith(
+        "_input.png"
+    )
     assert (Path(cfg.output_root) / first["before"].split("?d=", 1)[1]).exists()
     # Label Studio's export: the tasks with an annotation each
-    exported = [{**t, "annotations": [{"result": [{"from_name": "label", "to_name": "after", "type": "choices",
-                                                   "value": {"choices": ["broken"]}}]}]} for t in tasks[:3]]
+    exported = [
+        {
+            **t,
+            "annotations": [
+                {
+                    "result": [
+                        {
+                            "from_name": "label",
+                            "to_name": "after",
+                            "type": "choices",
+                            "value": {"choices": ["broken"]},
+                        }
+                    ]
+                }
+            ],
+        }
+        for t in tasks[:3]
+    ]
     (tmp_path / "export.json").write_text(json.dumps(exported))
-    out = CliRunner().invoke(app, ["review", *base, "--import-label-studio", str(tmp_path / "export.json"),
-                                   "--reviewer", "dora"])
+    out = CliRunner().invoke(
+        app, ["review", *base, "--import-label-studio", str(tmp_path / "export.json"), "--reviewer", "dora"]
+    )
     assert out.exit_code == 0 and "stored 3 labels of dora" in out.output, out.output
     dora = _labels(cfg).query("reviewer == 'dora'")
     assert sorted(dora["sample_key"]) == sorted(t["data"]["sample_key"] for t in tasks[:3])
     assert set(dora["label"]) == {"broken"}
     # a bad export is one error line, exit 2
-    (tmp_path / "bad.json").write_text(json.dumps([{**tasks[0], "data": {**tasks[0]["data"], "pair_sha256": "x"},
-                                                    "annotations": exported[0]["annotations"]}]))
+    (tmp_path / "bad.json").write_text(
+        json.dumps(
+            [
+                {
+                    **tasks[0],
+                    "data": {**tasks[0]["data"], "pair_sha256": "x"},
+                    "annotations": exported[0]["annotations"],
+                }
+            ]
+        )
+    )
     out = CliRunner().invoke(app, ["review", *base, "--import-label-studio", str(tmp_path / "bad.json")])
     assert out.exit_code == 2 and "error:" in out.output and "images" in out.output
 
@@ -381,14 +544,19 @@ def test_bad_review_and_calibration_requests_are_one_error_line(world, tmp_path)
     _, overrides = world
     base = ["--preset", "world", *(a for o in overrides for a in ("--set", o))]
     empty = ["--preset", "world", "--set", f"output_root={tmp_path / 'nothing'}"]
-    cases = [(["review", *base, "--reviewer", "../x"], "--reviewer"),
-             (["review", *base, "--export", "fiftyone", "--out", str(tmp_path / "x.json")], "label-studio"),
-             (["review", *base, "--export", "label-studio"], "--out"),
-             (["review", *empty], "no render partition"),
-             (["calibrate-filter", *empty], "no labels under"),
-             (["calibrate-filter", *base, "--reviewer", "nobody"], "by nobody"),
-             (["calibrate-filter", *base, "--target-precision", "1.5"], "--target-precision")]
+    cases = [
+        (["review", *base, "--reviewer", "../x"], "--reviewer"),
+        (["review", *base, "--export", "fiftyone", "--out", str(tmp_path / "x.json")], "label-studio"),
+        (["review", *base, "--export", "label-studio"], "--out"),
+        (["review", *empty], "no render partition"),
+        (["calibrate-filter", *empty], "no labels under"),
+        (["calibrate-filter", *base, "--reviewer", "nobody"], "by nobody"),
+        (["calibrate-filter", *base, "--target-precision", "1.5"], "--target-precision"),
+    ]
     for args, expected in cases:
         out = CliRunner().invoke(app, args)
-        assert out.exit_code == 2 and out.output.startswith("error:") and expected in out.output, (args, out.output)
+        assert out.exit_code == 2 and out.output.startswith("error:") and expected in out.output, (
+            args,
+            out.output,
+        )
         assert "Traceback" not in out.output

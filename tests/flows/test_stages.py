@@ -14,7 +14,9 @@ def test_every_chain_stage_has_a_flow_and_a_paper_deployment():
     import flows.stages as stages
     from tasks import registry
 
-    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "infra/prefect.yaml").read_text())["deployments"]}
+    deployments = {
+        d["name"]: d for d in yaml.safe_load((ROOT / "infra/prefect.yaml").read_text())["deployments"]
+    }
     for stage in registry.chain():
         flow = getattr(stages, f"{stage.name}_flow")
         assert isinstance(flow, Flow) and flow.name == f"editforge-{stage.name}"
@@ -46,7 +48,9 @@ def test_parallel_partitions_come_from_the_resources_and_the_run_setting(monkeyp
     cfg = load_config("paper")
     assert stages.parallel_partitions(cfg, registry.get("captions"), 455) == 8  # 8 CPUs, 1 per partition
     assert stages.parallel_partitions(cfg, registry.get("captions"), 3) == 3
-    assert stages.parallel_partitions(cfg, registry.get("render"), 455) == 1  # the worker's GPU: one at a time
+    assert (
+        stages.parallel_partitions(cfg, registry.get("render"), 455) == 1
+    )  # the worker's GPU: one at a time
     capped = load_config("paper", ["run.max_parallel_partitions=2"])
     assert stages.parallel_partitions(capped, registry.get("pack"), 455) == 2
     assert stages.parallel_partitions(capped, registry.get("text"), 455) == 1
@@ -76,15 +80,23 @@ def test_a_stage_never_runs_more_partitions_at_once_than_allowed(prefect_harness
                 running[0] -= 1
 
     monkeypatch.setattr(captions_stage, "partition_captions", counted)
-    manifests = FLOWS["captions"]("demo", [f"output_root={tmp_path}", "captions.num_partitions=6",
-                                           "captions.num_captions=24", "run.max_parallel_partitions=2"])
+    manifests = FLOWS["captions"](
+        "demo",
+        [
+            f"output_root={tmp_path}",
+            "captions.num_partitions=6",
+            "captions.num_captions=24",
+            "run.max_parallel_partitions=2",
+        ],
+    )
     assert sorted(m["partition_id"] for m in manifests) == list(range(6)) and peak[0] == 2
 
 
 @pytest.mark.flow
 @pytest.mark.parametrize("error, attempts", [("library", 2), ("permanent", 1)])
-def test_a_partition_is_retried_unless_the_project_called_its_error_permanent(prefect_harness, tmp_path,
-                                                                             monkeypatch, error, attempts):
+def test_a_partition_is_retried_unless_the_project_called_its_error_permanent(
+    prefect_harness, tmp_path, monkeypatch, error, attempts
+):
     """A library's ValueError (pyarrow's, meaning unknown here) is retried; the project's InputError is not."""
     import pyarrow as pa
 

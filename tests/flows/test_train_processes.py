@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 FAULTS = Path(__file__).resolve().parent / "train_faults"  # sitecustomize.py: the kill by count
 EDITFORGE = Path(sys.executable).parent / "editforge"
 # 12 samples in shards of 5, 5 and 2 (uneven); 4 steps of a total batch of 4 = 16 samples: past one epoch
-SMALL = ["train.steps=4", "train.batch_size=2", "train.total_batch_size=4", "train.checkpoint_every=2",
-         "train.sample_steps=2", "train.shuffle_buffer=4", "train.log_samples=true"]
+SMALL = [
+    "train.steps=4",
+    "train.batch_size=2",
+    "train.total_batch_size=4",
+    "train.checkpoint_every=2",
+    "train.sample_steps=2",
+    "train.shuffle_buffer=4",
+    "train.log_samples=true",
+]
 UNET = "model/unet/diffusion_pytorch_model.safetensors"
 
 
@@ -36,11 +43,21 @@ def server(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     log = open(home / "server.log", "w")  # noqa: SIM115 - open while the server runs
-    proc = subprocess.Popen([str(EDITFORGE.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(EDITFORGE.parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180)
         yield env
@@ -54,11 +71,14 @@ def server(tmp_path_factory):
 def index(tmp_path_factory) -> str:
     from tasks.train.synthetic import write_synthetic_shards
 
-    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=12, val_samples=2, per_shard=5)
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards")), train_samples=12, val_samples=2, per_shard=5
+    )
 
 
-def _train(env: dict, index: str, root: Path, *overrides: str, node_rank: int = 0,
-           extra_env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+def _train(
+    env: dict, index: str, root: Path, *overrides: str, node_rank: int = 0, extra_env: dict | None = None
+) -> tuple[subprocess.Popen, Path]:
     """`editforge train` on the demo preset and `index` into `root`; (process, its log file)."""
     args = [str(EDITFORGE), "train", "--preset", "demo", "--index", index, "--set", f"output_root={root}"]
     for item in (*SMALL, *overrides):
@@ -67,8 +87,14 @@ def _train(env: dict, index: str, root: Path, *overrides: str, node_rank: int = 
         args += ["--node-rank", str(node_rank)]
     log = root.parent / f"{root.name}-node{node_rank}-{uuid.uuid4().hex[:6]}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, env={**env, **(extra_env or {})}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**env, **(extra_env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, log
 
 
@@ -97,8 +123,11 @@ def _outputs(root: Path) -> dict[str, bytes]:
         data = (part / name).read_bytes()
         if name == "metrics.json":
             metrics = json.loads(data)
-            metrics["summary"] = {k: v for k, v in metrics["summary"].items()
-                                  if k not in ("steps_per_s", "wall_time_s", "resumed_from")}
+            metrics["summary"] = {
+                k: v
+                for k, v in metrics["summary"].items()
+                if k not in ("steps_per_s", "wall_time_s", "resumed_from")
+            }
             metrics["history"] = [{k: v for k, v in h.items() if k != "time_s"} for h in metrics["history"]]
             data = json.dumps(metrics, sort_keys=True).encode()
         found[name] = data
@@ -144,7 +173,9 @@ def test_two_processes_train_the_samples_losses_and_weights_of_one(one_process, 
     for step in range(1, 5):
         shares = [[k for line in log if line["step"] == step for k in line["keys"]] for log in ranks]
         assert [len(s) for s in shares] == [2, 2] and not set(shares[0]) & set(shares[1])
-        assert Counter(shares[0] + shares[1]) == Counter(k for line in single if line["step"] == step for k in line["keys"])
+        assert Counter(shares[0] + shares[1]) == Counter(
+            k for line in single if line["step"] == step for k in line["keys"]
+        )
     # the first epoch (12 samples in 3 uneven shards) split 6 and 6, every sample once
     first = [[k for line in log for k in line["keys"]][:6] for log in ranks]
     epoch = [k for line in single for k in line["keys"]][:12]
@@ -165,7 +196,10 @@ def _pids_with(token: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and f"EDITFORGE_TEST_TOKEN={token}".encode() in (entry / "environ").read_bytes():
+            if (
+                entry.name.isdigit()
+                and f"EDITFORGE_TEST_TOKEN={token}".encode() in (entry / "environ").read_bytes()
+            ):
                 pids.append(int(entry.name))
         except OSError:
             pass
@@ -173,24 +207,34 @@ def _pids_with(token: str) -> list[int]:
 
 
 def test_a_kill_inside_a_checkpoint_write_of_two_processes_resumes_to_the_uninterrupted_bytes(
-        server, index, two_processes, tmp_path):
+    server, index, two_processes, tmp_path
+):
     root = tmp_path / "killed"
     token = uuid.uuid4().hex
     # rank 0 writes 5 files per checkpoint (model, optimizer, scheduler, RNG states, EMA): the 7th is the
     # second file of checkpoint 4, so the run dies inside that save and resumes from checkpoint 2
-    fault = {"PYTHONPATH": str(FAULTS), "EDITFORGE_TEST_KILL_AT_CHECKPOINT_WRITE": "7", "EDITFORGE_TEST_TOKEN": token}
+    fault = {
+        "PYTHONPATH": str(FAULTS),
+        "EDITFORGE_TEST_KILL_AT_CHECKPOINT_WRITE": "7",
+        "EDITFORGE_TEST_TOKEN": token,
+    }
     rc, out = _wait(_train(server, index, root, "train.processes=2", extra_env=fault))
     assert rc == -signal.SIGKILL, out[-4000:]
     assert _pids_with(token) == []  # nothing of the run is left
     (work,) = root.glob("train/_work/*")
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [".tmp-checkpoint-00000004",
-                                                                          "checkpoint-00000002"]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+        ".tmp-checkpoint-00000004",
+        "checkpoint-00000002",
+    ]
     assert not list(root.glob("train/*/part-00000/_SUCCESS.json"))
 
     out = _finish(_train(server, index, root, "train.processes=2"))
     assert "resumed from checkpoint-00000002 (step 2 of 4, 2 process(es))" in out
     assert _outputs(root) == _outputs(two_processes[0])
-    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["checkpoint-00000002", "checkpoint-00000004"]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [
+        "checkpoint-00000002",
+        "checkpoint-00000004",
+    ]
 
 
 def test_two_nodes_on_loopback_train_one_model(server, index, two_processes, tmp_path):

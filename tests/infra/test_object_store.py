@@ -10,10 +10,22 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["captions.num_captions=8", "text.finetune_steps=150", "text.batch_size=4", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
-         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1", "train.steps=2",
-         "train.batch_size=2", "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0"]
+SMALL = [
+    "captions.num_captions=8",
+    "text.finetune_steps=150",
+    "text.batch_size=4",
+    "render.samples_per_triplet=2",
+    "render.batch_samples=2",
+    "render.steps=2",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.sample_steps=2",
+    "train.shuffle_buffer=4",
+    "train.num_workers=0",
+]
 
 
 def _run_all(cfg) -> list[dict]:
@@ -53,7 +65,9 @@ def test_every_stage_runs_on_an_object_store_and_its_shards_read_back(s3):
 
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    samples = list(wds.DataPipeline(wds.SimpleShardList(urls), _open_with(opened), tar_file_expander, group_by_keys))
+    samples = list(
+        wds.DataPipeline(wds.SimpleShardList(urls), _open_with(opened), tar_file_expander, group_by_keys)
+    )
     assert len(samples) == index["splits"]["train"]["samples"]
     assert all({"input.jpg", "edited.jpg", "instruction.txt", "json"} <= set(s) for s in samples)
     assert json.loads(samples[0]["json"])["caption_id"]
@@ -63,7 +77,9 @@ def test_every_stage_runs_on_an_object_store_and_its_shards_read_back(s3):
 
 def _open_with(opener):
     """A webdataset stage that opens each shard URL with ``opener`` (here: through fsspec)."""
+
     def stage(shards):
         for shard in shards:
             yield {**shard, "stream": opener(shard["url"])}
+
     return stage

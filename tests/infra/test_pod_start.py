@@ -51,8 +51,12 @@ def _dockerfile_runs() -> list[str]:
 
 def _copy_as_the_image_does(dest: Path) -> None:
     """COPY pyproject.toml README.md flows tasks prompts seed_annotations infra (the Dockerfile's list)."""
-    copied = [w for line in (ROOT / "infra" / "Dockerfile").read_text().splitlines() if line.startswith("COPY ")
-              and "requirements.lock" not in line for w in line.split()[1:-1]]
+    copied = [
+        w
+        for line in (ROOT / "infra" / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and "requirements.lock" not in line
+        for w in line.split()[1:-1]
+    ]
     assert {"flows", "tasks", "infra", "pyproject.toml"} <= set(copied), copied
     dest.mkdir(parents=True)
     skip = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
@@ -66,30 +70,56 @@ def test_every_deployment_starts_from_the_images_layout(tmp_path):
     _copy_as_the_image_does(home)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "_editforge_reused_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     runs = _dockerfile_runs()
     install = next(r for r in runs if "--no-deps" in r)  # `pip install ... -e . && pip check`
     check = next(r for r in runs if "flows.deploy_steps" in r)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDITFORGE_HOME", "VIRTUAL_ENV")}
-    env |= {"PATH": f"{venv / 'bin'}:{env['PATH']}", "EDITFORGE_HOME": str(home),  # the Dockerfile's ENV
-            "PREFECT_HOME": str(tmp_path / "home" / ".prefect"), "EDITFORGE_CACHE": str(tmp_path / "home" / "cache"),
-            "PREFECT_API_URL": "", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env |= {
+        "PATH": f"{venv / 'bin'}:{env['PATH']}",
+        "EDITFORGE_HOME": str(home),  # the Dockerfile's ENV
+        "PREFECT_HOME": str(tmp_path / "home" / ".prefect"),
+        "EDITFORGE_CACHE": str(tmp_path / "home" / "cache"),
+        "PREFECT_API_URL": "",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
     env.pop("PREFECT_API_URL")
     (tmp_path / "home" / ".prefect").mkdir(parents=True)  # the image's user's home
-    pip = f"{BIN / 'pip'} --python {venv / 'bin' / 'python'}"  # this venv's pip, installing into the fresh one
+    pip = (
+        f"{BIN / 'pip'} --python {venv / 'bin' / 'python'}"  # this venv's pip, installing into the fresh one
+    )
     t0 = time.monotonic()
-    out = subprocess.run(install.replace("pip ", f"{pip} "), shell=True, cwd=home, env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        install.replace("pip ", f"{pip} "),
+        shell=True,
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(f"install: {time.monotonic() - t0:.1f} s")
 
     assert check == "python -m flows.deploy_steps --start"
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", AFTER, str(ROOT), str(Path(sys.prefix).resolve())],
-                         cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", AFTER, str(ROOT), str(Path(sys.prefix).resolve())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows_line, summary_line = [line for line in out.stdout.splitlines() if line.startswith(("[", "{"))][-2:]
     rows, summary = json.loads(rows_line), json.loads(summary_line)
@@ -104,10 +134,17 @@ def test_every_deployment_starts_from_the_images_layout(tmp_path):
         assert row["pull_steps"] == [{"flows.deploy_steps.set_code_directory": {}}], row  # no path stored
         if row["deployment"] == "paper-evaluate":  # reads a trained model before its first task
             assert row["needs"].startswith("NoTrainedModelError"), row
-        elif row["flow"] in ("editforge-filter", "editforge-pack"):  # check their upstream before the first task
-            assert row["needs"].startswith("MissingInputError") and "to be finished first" in row["needs"], row
+        elif row["flow"] in (
+            "editforge-filter",
+            "editforge-pack",
+        ):  # check their upstream before the first task
+            assert row["needs"].startswith("MissingInputError") and "to be finished first" in row["needs"], (
+                row
+            )
         else:
             assert row["reached"], row
     reached = {r["deployment"]: r["reached"] for r in rows}
-    assert reached["demo-render"] == "task render-partition" and reached["paper-train"] == "task train-partition"
+    assert (
+        reached["demo-render"] == "task render-partition" and reached["paper-train"] == "task train-partition"
+    )
     assert reached["paper"].startswith("child run of editforge-captions/")  # the fan-out driver's first child

@@ -34,16 +34,49 @@ def _restart(settings: dict[str, str]) -> str:
     """Restart the database of Prefect's ``settings`` (the fixture's) as a crash would (immediate stop, recovery
     on start); its new start time."""
     port = settings["PREFECT_SERVER_DATABASE_PORT"]
-    query = ["env", f"PGPASSWORD={settings['PREFECT_SERVER_DATABASE_PASSWORD']}", _pg_bin("psql") or "psql", "-h",
-             "127.0.0.1", "-p", str(port), "-U", "postgres", "-d", "prefect", "-tAc"]
-    data = subprocess.run([*query, "SHOW data_directory"], check=True, capture_output=True, text=True,
-                          timeout=60).stdout.strip()
-    before = subprocess.run([*query, "SELECT pg_postmaster_start_time()"], check=True, capture_output=True, text=True,
-                            timeout=60).stdout.strip()
-    subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("pg_ctl"), "-D", data, "-m", "immediate", "-w", "-l",
-                    f"{data}/server.log", "restart"], check=True, capture_output=True, timeout=120)
-    after = subprocess.run([*query, "SELECT pg_postmaster_start_time()"], check=True, capture_output=True, text=True,
-                           timeout=60).stdout.strip()
+    query = [
+        "env",
+        f"PGPASSWORD={settings['PREFECT_SERVER_DATABASE_PASSWORD']}",
+        _pg_bin("psql") or "psql",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-U",
+        "postgres",
+        "-d",
+        "prefect",
+        "-tAc",
+    ]
+    data = subprocess.run(
+        [*query, "SHOW data_directory"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    before = subprocess.run(
+        [*query, "SELECT pg_postmaster_start_time()"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
+    subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            _pg_bin("pg_ctl"),
+            "-D",
+            data,
+            "-m",
+            "immediate",
+            "-w",
+            "-l",
+            f"{data}/server.log",
+            "restart",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    after = subprocess.run(
+        [*query, "SELECT pg_postmaster_start_time()"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout.strip()
     assert after != before, "the database did not restart"
     return after
 
@@ -51,9 +84,14 @@ def _restart(settings: dict[str, str]) -> str:
 def _data_digests(root: Path) -> dict[str, str]:
     """Every data file of the stages (parquet, shards, images, the shard index) by path, with its sha256 (the
     run's report, which only the flow draws, left out)."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and (p.suffix in (".parquet", ".tar", ".png") or p.name == "index.json")
-            and p.relative_to(root).parts[0] in STAGES and "_progress" not in p.parts}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+        and (p.suffix in (".parquet", ".tar", ".png") or p.name == "index.json")
+        and p.relative_to(root).parts[0] in STAGES
+        and "_progress" not in p.parts
+    }
 
 
 def _clean_run(root: Path) -> None:
@@ -72,16 +110,47 @@ def test_a_database_restart_mid_run_ends_with_the_bytes_of_a_clean_run(postgres,
     _clean_run(clean)
     with prefect_cluster(tmp_path / "prefect-home", workers=1, gpu_workers=1, extra_env=postgres) as cluster:
         root = tmp_path / "run"
-        params = {"preset": "demo", "overrides": [f"output_root={root}", "name=pg", *ONE, "run.mode=fan-out",
-                                                  "run.block_size=1", "run.poll_s=1"]}
-        watch = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "editforge-generate/demo", "--params",
-                                  json.dumps(params), "--watch", "--watch-interval", "3", "--watch-timeout", "900"],
-                                 env=cluster.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        params = {
+            "preset": "demo",
+            "overrides": [
+                f"output_root={root}",
+                "name=pg",
+                *ONE,
+                "run.mode=fan-out",
+                "run.block_size=1",
+                "run.poll_s=1",
+            ],
+        }
+        watch = subprocess.Popen(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "editforge-generate/demo",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-interval",
+                "3",
+                "--watch-timeout",
+                "900",
+            ],
+            env=cluster.env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
-            wait_until(lambda: len(list(root.rglob("_SUCCESS.json"))) >= RESTART_AFTER or watch.poll() is not None,
-                       f"{RESTART_AFTER} finished partitions", deadline_s=900)
+            wait_until(
+                lambda: len(list(root.rglob("_SUCCESS.json"))) >= RESTART_AFTER or watch.poll() is not None,
+                f"{RESTART_AFTER} finished partitions",
+                deadline_s=900,
+            )
             finished_at_restart = len(list(root.rglob("_SUCCESS.json")))
-            assert watch.poll() is None and finished_at_restart < len(STAGES), "the run ended before the restart"
+            assert watch.poll() is None and finished_at_restart < len(STAGES), (
+                "the run ended before the restart"
+            )
             _restart(postgres)
             out = watch.communicate(timeout=960)[0]
         finally:

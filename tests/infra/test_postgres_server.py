@@ -22,13 +22,23 @@ from flows.local_cluster import BIN, ROOT, STAGES, free_port, prefect_cluster
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=3", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
-         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
+SMALL = [
+    "captions.num_captions=6",
+    "text.finetune_steps=150",
+    "text.batch_size=3",
+    "render.samples_per_triplet=2",
+    "render.batch_samples=2",
+    "render.steps=2",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+]
 
 
 def _pg_bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or (
+        [shutil.which(name)] if shutil.which(name) else []
+    )
     return found[-1] if found else None
 
 
@@ -57,40 +67,127 @@ def postgres():
     pwfile = base / "pw"
     pwfile.write_text(PASSWORD + "\n")
     shutil.chown(pwfile, "postgres")
-    subprocess.run([*as_pg, initdb, "-D", str(data), "-A", "scram-sha-256", "--pwfile", str(pwfile), "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-l", str(data / "server.log"), "-w", "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True,
-                   timeout=120)
+    subprocess.run(
+        [*as_pg, initdb, "-D", str(data), "-A", "scram-sha-256", "--pwfile", str(pwfile), "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_pg,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(data / "server.log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
-        subprocess.run([*as_pg, "env", f"PGPASSWORD={PASSWORD}", _pg_bin("createdb") or "createdb", "-h", "127.0.0.1",
-                        "-p", str(port), "-U", "postgres", "prefect"], check=True, capture_output=True, timeout=60)
-        yield {"PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg", "PREFECT_SERVER_DATABASE_HOST": "127.0.0.1",
-               "PREFECT_SERVER_DATABASE_PORT": str(port), "PREFECT_SERVER_DATABASE_USER": "postgres",
-               "PREFECT_SERVER_DATABASE_NAME": "prefect", "PREFECT_SERVER_DATABASE_PASSWORD": PASSWORD}
+        subprocess.run(
+            [
+                *as_pg,
+                "env",
+                f"PGPASSWORD={PASSWORD}",
+                _pg_bin("createdb") or "createdb",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "prefect",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield {
+            "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
+            "PREFECT_SERVER_DATABASE_HOST": "127.0.0.1",
+            "PREFECT_SERVER_DATABASE_PORT": str(port),
+            "PREFECT_SERVER_DATABASE_USER": "postgres",
+            "PREFECT_SERVER_DATABASE_NAME": "prefect",
+            "PREFECT_SERVER_DATABASE_PASSWORD": PASSWORD,
+        }
     finally:
-        subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_pg, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True, timeout=60
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_fan_out_run_on_a_postgresql_backed_server(postgres, tmp_path):
     with prefect_cluster(tmp_path / "prefect-home", workers=1, gpu_workers=1, extra_env=postgres) as cluster:
         root = tmp_path / "run"
-        params = {"preset": "demo", "overrides": [f"output_root={root}", "name=pg", *SMALL, "run.mode=fan-out",
-                                                  "run.block_size=1", "run.poll_s=1"]}
-        out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "editforge-generate/demo", "--params",
-                              json.dumps(params), "--watch", "--watch-interval", "3", "--watch-timeout", "900"],
-                             env=cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=960)
-        assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + \
-            "".join(p.read_text()[-2000:] for p in cluster.logs.iterdir())
+        params = {
+            "preset": "demo",
+            "overrides": [
+                f"output_root={root}",
+                "name=pg",
+                *SMALL,
+                "run.mode=fan-out",
+                "run.block_size=1",
+                "run.poll_s=1",
+            ],
+        }
+        out = subprocess.run(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "editforge-generate/demo",
+                "--params",
+                json.dumps(params),
+                "--watch",
+                "--watch-interval",
+                "3",
+                "--watch-timeout",
+                "900",
+            ],
+            env=cluster.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=960,
+        )
+        assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + "".join(
+            p.read_text()[-2000:] for p in cluster.logs.iterdir()
+        )
         for stage in STAGES:
             ids = [0] if stage == "finetune" else [0, 1]
             assert all(list(root.glob(f"{stage}/*/part-{i:05d}/_SUCCESS.json")) for i in ids), stage
         assert list(root.glob("pack/*/index.json"))
     # the runs are in PostgreSQL (through the password), not in a SQLite file of the server's home
     assert not list((tmp_path / "prefect-home").glob("*.db"))
-    counted = subprocess.run(["runuser", "-u", "postgres", "--", "env", f"PGPASSWORD={PASSWORD}", _pg_bin("psql") or "psql",
-                              "-h", "127.0.0.1", "-p", postgres["PREFECT_SERVER_DATABASE_PORT"], "-U", "postgres", "-d",
-                              "prefect", "-tAc", "select count(*) from flow_run"], capture_output=True, text=True,
-                             timeout=60)
+    counted = subprocess.run(
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            "env",
+            f"PGPASSWORD={PASSWORD}",
+            _pg_bin("psql") or "psql",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            postgres["PREFECT_SERVER_DATABASE_PORT"],
+            "-U",
+            "postgres",
+            "-d",
+            "prefect",
+            "-tAc",
+            "select count(*) from flow_run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert counted.returncode == 0 and int(counted.stdout) > 7, counted.stdout + counted.stderr

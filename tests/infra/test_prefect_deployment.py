@@ -27,9 +27,17 @@ from tasks.registry import stage_hash
 
 pytestmark = pytest.mark.integration
 
-SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=3", "render.samples_per_triplet=2",
-         "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
-         "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
+SMALL = [
+    "captions.num_captions=6",
+    "text.finetune_steps=150",
+    "text.batch_size=3",
+    "render.samples_per_triplet=2",
+    "render.batch_samples=2",
+    "render.steps=2",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+]
 
 
 WORKERS: dict[str, int] = {}  # worker name -> its process group (infra/walkthrough.sh's pid files)
@@ -62,8 +70,14 @@ def webhook():
 
 def _walk(env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """infra/walkthrough.sh as docs/cluster.md shows it."""
-    return subprocess.run(["bash", str(ROOT / "infra" / "walkthrough.sh"), *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(ROOT / "infra" / "walkthrough.sh"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +86,19 @@ def server(tmp_path_factory, webhook, s3):
     walkthrough says, so the workers and their flow runs have them; `down` at the end."""
     home = tmp_path_factory.mktemp("walkthrough")
     url = f"http://127.0.0.1:{free_port()}/api"
-    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_SERVER_HOME": str(home / "server"),
-           "WALKTHROUGH_DIR": str(home / "logs"), "GPU_WORKERS": "2", "CPU_WORKERS": "2",
-           "EDITFORGE_ALERT_WEBHOOK_URL": webhook, "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_HOME": str(home / "server"),
+        "WALKTHROUGH_DIR": str(home / "logs"),
+        "GPU_WORKERS": "2",
+        "CPU_WORKERS": "2",
+        "EDITFORGE_ALERT_WEBHOOK_URL": webhook,
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+        "PYTHONUNBUFFERED": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     for key in ("PREFECT_UI_API_URL", "EDITFORGE_HOME", "GPUS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
         env.pop(key, None)
     try:
@@ -90,17 +113,35 @@ def server(tmp_path_factory, webhook, s3):
 
 
 def _run(env, deployment: str, params: dict, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "prefect"), "deployment", "run", deployment, "--params", json.dumps(params),
-                           "--watch", "--watch-interval", "3", "--watch-timeout", str(timeout)],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout + 60)
+    return subprocess.run(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            deployment,
+            "--params",
+            json.dumps(params),
+            "--watch",
+            "--watch-interval",
+            "3",
+            "--watch-timeout",
+            str(timeout),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 60,
+    )
 
 
 def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     env, logs = server
     overrides = [f"output_root={tmp_path}", "name=itest", *SMALL]
     out = _run(env, "editforge-generate/demo", {"preset": "demo", "overrides": overrides})
-    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout + out.stderr + \
-        "".join(p.read_text()[-3000:] for p in logs.iterdir())
+    assert out.returncode == 0 and "Completed" in out.stdout, (
+        out.stdout + out.stderr + "".join(p.read_text()[-3000:] for p in logs.iterdir())
+    )
     assert list(tmp_path.glob("pack/*/index.json"))
 
     _check_dashboard(env, load_config("demo", overrides), tmp_path)
@@ -108,11 +149,29 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     # two render runs with a new setting, one partition each, submitted together; the threshold makes almost
     # every sample fail: each partition's pass rate is under run.alert_min_pass_rate, so the alert fires
     changed = [*overrides, "render.steps=3", "render.keep.clip_direction_threshold=0.9"]
-    runs = [subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "editforge-render/paper-render", "--params",
-                              json.dumps({"preset": "demo", "overrides": changed, "partitions": [pid]}),
-                              "--watch", "--watch-interval", "3", "--watch-timeout", "500"],
-                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for pid in (0, 1)]
+    runs = [
+        subprocess.Popen(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "editforge-render/paper-render",
+                "--params",
+                json.dumps({"preset": "demo", "overrides": changed, "partitions": [pid]}),
+                "--watch",
+                "--watch-interval",
+                "3",
+                "--watch-timeout",
+                "500",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
     outputs = [r.communicate(timeout=600)[0] for r in runs]
     assert all(r.returncode == 0 and "Completed" in o for r, o in zip(runs, outputs)), outputs
     from tasks.common.contract import read_success
@@ -122,14 +181,19 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     want = stage_hash(cfg, "render")
     assert [read_success(partition_url(cfg, "render", pid))["config_hash"] for pid in (0, 1)] == [want] * 2
     # every worker of the walkthrough is registered with its pool and polling
-    workers = subprocess.run([str(BIN / "python"), "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True,
-                             timeout=60)
-    assert json.loads(workers.stdout) == {"editforge-driver": ["driver-0"], "editforge-cpu": ["cpu-0", "cpu-1"],
-                                          "editforge-gpu": ["gpu-0", "gpu-1"]}, workers.stderr
+    workers = subprocess.run(
+        [str(BIN / "python"), "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert json.loads(workers.stdout) == {
+        "editforge-driver": ["driver-0"],
+        "editforge-cpu": ["cpu-0", "cpu-1"],
+        "editforge-gpu": ["gpu-0", "gpu-1"],
+    }, workers.stderr
     # everything in infra/prefect.yaml was deployed by `make deploy`, each on its pool, with no path in its pull
     # step, and the GPU tag limited to the GPUs (GPUS = the walkthrough's two GPU workers)
-    listed = subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=60)
+    listed = subprocess.run(
+        [str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+    )
     seen = json.loads(listed.stdout)
     pools = seen["pools"]
     assert pools["editforge-generate/paper"] == pools["editforge-generate/demo"] == "editforge-driver"
@@ -140,10 +204,20 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     assert seen["pull_steps"] == [[{"flows.deploy_steps.set_code_directory": {}}]], seen["pull_steps"]
     assert seen["gpu_limit"] == 2
     # the deploy step's automation that crashes flow runs whose heartbeats stopped (a lost worker)
-    zombie = subprocess.run([str(BIN / "python"), "-c", AUTOMATIONS_SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
-    assert json.loads(zombie.stdout) == {"posture": "Proactive", "after": ["prefect.flow-run.heartbeat"],
-                                         "action": "CRASHED", "enabled": True}, zombie.stderr
+    zombie = subprocess.run(
+        [str(BIN / "python"), "-c", AUTOMATIONS_SCRIPT],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert json.loads(zombie.stdout) == {
+        "posture": "Proactive",
+        "after": ["prefect.flow-run.heartbeat"],
+        "action": "CRASHED",
+        "enabled": True,
+    }, zombie.stderr
     # the alert automation (infra/automations/) notified the webhook of each low pass rate
     deadline = time.time() + 90
     while time.time() < deadline and len([a for a in ALERTS if "low-pass-rate" in a["subject"]]) < 2:
@@ -182,10 +256,19 @@ def _check_dashboard(env, cfg, tmp_path):
     from flows.browser import look
     from tasks.common.layout import artifact_key
 
-    keys = [artifact_key("itest", "render", stage_hash(cfg, "render")),
-            artifact_key("itest", "progress", stage_hash(cfg, "pack")), artifact_key("itest", "report", stage_hash(cfg, "pack"))]
-    out = subprocess.run([str(BIN / "python"), "-c", DASHBOARD_SCRIPT, *keys], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    keys = [
+        artifact_key("itest", "render", stage_hash(cfg, "render")),
+        artifact_key("itest", "progress", stage_hash(cfg, "pack")),
+        artifact_key("itest", "report", stage_hash(cfg, "pack")),
+    ]
+    out = subprocess.run(
+        [str(BIN / "python"), "-c", DASHBOARD_SCRIPT, *keys],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout)
     tables = seen["tables"]
@@ -193,11 +276,16 @@ def _check_dashboard(env, cfg, tmp_path):
     assert [t["rows"] for t in tables][:2] == [1, 2] and tables[0]["created"] < seen["render_flow_end"], seen
     assert seen["progress"] == 100.0
     events = seen["events"]
-    assert ["editforge.partition.completed", "render", 0] in events and ["editforge.partition.completed", "render", 1] \
-        in events and ["editforge.run.completed", None, None] in events, events
+    assert (
+        ["editforge.partition.completed", "render", 0] in events
+        and ["editforge.partition.completed", "render", 1] in events
+        and ["editforge.run.completed", None, None] in events
+    ), events
     assert seen["alert"] == "send-notification"
     shot = tmp_path / "prefect-ui-report.png"
-    page = look(f"{URL[0]}/artifacts/artifact/{seen['report']}", shot, wait_for="text=Survival funnel", timeout_s=120)
+    page = look(
+        f"{URL[0]}/artifacts/artifact/{seen['report']}", shot, wait_for="text=Survival funnel", timeout_s=120
+    )
     drawn = {i["alt"] for i in page["images"] if i["width"] > 100 and i["src"].startswith("data:image/")}
     assert {"funnel", "metrics", "pass_rate", "best", "worst", "loss"} <= drawn, page["images"]
     assert shot.stat().st_size > 20_000
@@ -238,11 +326,30 @@ def test_every_work_pool_template_is_created_on_the_server(server):
     env, _ = server
     for path in sorted((ROOT / "infra" / "work-pools").glob("*.json")):
         kind = "kubernetes" if "kubernetes" in path.name else "process"
-        out = subprocess.run([str(BIN / "prefect"), "work-pool", "create", f"template-{path.stem}", "--type", kind,
-                              "--base-job-template", str(path)], env=env, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                str(BIN / "prefect"),
+                "work-pool",
+                "create",
+                f"template-{path.stem}",
+                "--type",
+                kind,
+                "--base-job-template",
+                str(path),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, path.name + out.stdout + out.stderr
-        shown = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", f"template-{path.stem}"], env=env,
-                               capture_output=True, text=True, timeout=60)
+        shown = subprocess.run(
+            [str(BIN / "prefect"), "work-pool", "inspect", f"template-{path.stem}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert shown.returncode == 0 and kind in shown.stdout
 
 
@@ -265,10 +372,21 @@ FOUR = ["captions.num_partitions=4", "captions.num_captions=12"]
 def in_process(tmp_path_factory) -> dict[str, bytes]:
     """The shards of an in-process run of the fan-out tests' config: what every fan-out must end with."""
     root = tmp_path_factory.mktemp("in-process")
-    proc = subprocess.run([sys.executable, "-m", "flows.generate", "--set", f"output_root={root}",
-                           *[a for item in [*SMALL, *FOUR] for a in ("--set", item)]],
-                          cwd=ROOT, env={**os.environ, "PREFECT_HOME": str(root / "home")}, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.generate",
+            "--set",
+            f"output_root={root}",
+            *[a for item in [*SMALL, *FOUR] for a in ("--set", item)],
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PREFECT_HOME": str(root / "home")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return _shards(root)
 
@@ -278,16 +396,27 @@ def _shards(root: Path) -> dict[str, bytes]:
 
 
 def _fan_out_args(root: Path, name: str) -> dict:
-    overrides = [f"output_root={root}", f"name={name}", *SMALL, *FOUR, "run.mode=fan-out", "run.block_size=2",
-                 "run.poll_s=1"]
+    overrides = [
+        f"output_root={root}",
+        f"name={name}",
+        *SMALL,
+        *FOUR,
+        "run.mode=fan-out",
+        "run.block_size=2",
+        "run.poll_s=1",
+    ]
     return {"preset": "demo", "overrides": overrides}
 
 
 def _child_runs(env, name: str) -> list[dict]:
-    listed = subprocess.run([str(BIN / "python"), "-c", FLOW_RUNS_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
-    return [r for r in json.loads(listed.stdout) if f"name={name}" in (r["parameters"].get("overrides") or [])
-            and r["flow"] != "editforge-generate"]
+    listed = subprocess.run(
+        [str(BIN / "python"), "-c", FLOW_RUNS_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    return [
+        r
+        for r in json.loads(listed.stdout)
+        if f"name={name}" in (r["parameters"].get("overrides") or []) and r["flow"] != "editforge-generate"
+    ]
 
 
 SUBMITTED_SCRIPT = """
@@ -307,8 +436,11 @@ print(json.dumps({r["prefect.resource.id"].removeprefix("prefect.flow-run."):
 
 
 def _walk_sets(name: str, block_size: int) -> list[str]:
-    return [a for item in [f"name={name}", *SMALL, *FOUR, f"run.block_size={block_size}", "run.poll_s=1"]
-            for a in ("--set", item)]
+    return [
+        a
+        for item in [f"name={name}", *SMALL, *FOUR, f"run.block_size={block_size}", "run.poll_s=1"]
+        for a in ("--set", item)
+    ]
 
 
 def _s3_snippet() -> str:
@@ -325,26 +457,39 @@ def test_the_walkthrough_fans_out_over_both_gpu_workers_on_disk_and_on_s3(server
     S3 (moto, blocks of 4: the fewest child runs), and the docs' S3 snippet reads them."""
     env, logs = server
     out = _walk(env, "run", str(tmp_path / "fan"), *_walk_sets("walk", 2))
-    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:] + \
-        "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+    assert out.returncode == 0 and "Completed" in out.stdout, (
+        out.stdout[-3000:] + out.stderr[-2000:] + "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+    )
 
     runs = _child_runs(env, "walk")
     by_stage = {s: [r for r in runs if r["flow"] == f"editforge-{s}"] for s in STAGES}
     assert all(r["state"] == "COMPLETED" for r in runs), runs
     assert len(by_stage["finetune"]) == 1  # the LM is fine-tuned once
-    for stage in ("captions", "text", "render", "filter", "pack"):  # every partition exactly once, in 2 blocks
+    for stage in (
+        "captions",
+        "text",
+        "render",
+        "filter",
+        "pack",
+    ):  # every partition exactly once, in 2 blocks
         blocks = sorted(sorted(r["parameters"]["partitions"]) for r in by_stage[stage])
         assert blocks == [[0, 1], [2, 3]], (stage, blocks)
-    listed = subprocess.run([str(BIN / "python"), "-c", SUBMITTED_SCRIPT], env=env, capture_output=True, text=True,
-                            timeout=120)
+    listed = subprocess.run(
+        [str(BIN / "python"), "-c", SUBMITTED_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr[-3000:]
     ran_on = json.loads(listed.stdout)
     pools = {"gpu": ("finetune", "text", "render"), "cpu": ("captions", "judge", "filter", "pack")}
     for prefix, stages in pools.items():  # each child on a worker of its deployment's pool
-        assert all(ran_on[r["id"]].startswith(f"{prefix}-") for st in stages for r in by_stage[st]), (prefix, ran_on)
+        assert all(ran_on[r["id"]].startswith(f"{prefix}-") for st in stages for r in by_stage[st]), (
+            prefix,
+            ran_on,
+        )
     renders = by_stage["render"]
     assert sorted(ran_on[r["id"]] for r in renders) == ["gpu-0", "gpu-1"], ran_on  # both GPU workers rendered
-    assert renders[0]["start"] < renders[1]["end"] and renders[1]["start"] < renders[0]["end"], renders  # at once
+    assert renders[0]["start"] < renders[1]["end"] and renders[1]["start"] < renders[0]["end"], (
+        renders
+    )  # at once
     assert _shards(tmp_path / "fan") == in_process != {}
     assert list((tmp_path / "fan").glob("pack/*/index.json"))
     # the dashboard stays right when the work is split over child runs: one render table of all 4 partitions
@@ -352,18 +497,37 @@ def test_the_walkthrough_fans_out_over_both_gpu_workers_on_disk_and_on_s3(server
     from tasks.common.layout import artifact_key
 
     cfg = load_config("demo", [f"output_root={tmp_path / 'fan'}", "name=walk", *SMALL, *FOUR])
-    listed = subprocess.run([str(BIN / "python"), "-c", LATEST_SCRIPT, artifact_key("walk", "render", stage_hash(cfg, "render")),
-                             artifact_key("walk", "progress", stage_hash(cfg, "pack"))], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [
+            str(BIN / "python"),
+            "-c",
+            LATEST_SCRIPT,
+            artifact_key("walk", "render", stage_hash(cfg, "render")),
+            artifact_key("walk", "progress", stage_hash(cfg, "pack")),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     latest = json.loads(listed.stdout)
-    assert [len(latest[0]), latest[1]] == [4, 100.0] and [r["partition"] for r in latest[0]] == [0, 1, 2, 3], latest
+    assert [len(latest[0]), latest[1]] == [4, 100.0] and [r["partition"] for r in latest[0]] == [
+        0,
+        1,
+        2,
+        3,
+    ], latest
 
     # the same walkthrough run on S3: the workers got the AWS_* variables the walkthrough exports
     root = "s3://editforge-test/walk"
     out = _walk(env, "run", root, *_walk_sets("walk-s3", 4))
     assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
-    on_s3 = {k.removeprefix("editforge-test/walk/"): s3.cat_file(k) for k in s3.find("editforge-test/walk")
-             if k.endswith(".tar")}
+    on_s3 = {
+        k.removeprefix("editforge-test/walk/"): s3.cat_file(k)
+        for k in s3.find("editforge-test/walk")
+        if k.endswith(".tar")
+    }
     assert on_s3 == in_process
     cfg = load_config("demo", [f"output_root={root}", *SMALL, *FOUR])
     from tasks import registry
@@ -371,7 +535,7 @@ def test_the_walkthrough_fans_out_over_both_gpu_workers_on_disk_and_on_s3(server
     index_url = registry.index_url(cfg)
     snippet = _s3_snippet()
     namespace: dict = {}
-    exec(re.sub(r'(?m)^INDEX = .*$', f"INDEX = {index_url!r}", snippet), namespace)
+    exec(re.sub(r"(?m)^INDEX = .*$", f"INDEX = {index_url!r}", snippet), namespace)
     assert namespace["n"] == json.loads(s3.cat_file(index_url))["splits"]["train"]["samples"] > 0
 
 
@@ -412,15 +576,33 @@ def _ancestors(pid: int) -> set[int]:
     return found
 
 
-def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_output(server, tmp_path, in_process):
+def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_output(
+    server, tmp_path, in_process
+):
     import signal
 
     env, logs = server
     root = tmp_path / "lost"
-    watch = subprocess.Popen([str(BIN / "prefect"), "deployment", "run", "editforge-generate/demo", "--params",
-                              json.dumps(_fan_out_args(root, "lostworker")), "--watch", "--watch-interval", "3",
-                              "--watch-timeout", "900"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    watch = subprocess.Popen(
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "editforge-generate/demo",
+            "--params",
+            json.dumps(_fan_out_args(root, "lostworker")),
+            "--watch",
+            "--watch-interval",
+            "3",
+            "--watch-timeout",
+            "900",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline, lease, held = time.time() + 600, None, None
     while time.time() < deadline and lease is None:
         for path in root.glob("render/*/_leases/part-*.json"):
@@ -439,9 +621,13 @@ def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_outp
     assert watch.returncode == 0 and "Completed" in output, output[-3000:]
     renders = [r for r in _child_runs(env, "lostworker") if r["flow"] == "editforge-render"]
     blocks = {(0, 1), (2, 3)}
-    assert {tuple(sorted(r["parameters"]["partitions"])) for r in renders if r["state"] == "COMPLETED"} == blocks
+    assert {
+        tuple(sorted(r["parameters"]["partitions"])) for r in renders if r["state"] == "COMPLETED"
+    } == blocks
     lost = next(b for b in blocks if held in b)
-    assert len([r for r in renders if tuple(sorted(r["parameters"]["partitions"])) == lost]) >= 2, renders  # ran again
+    assert len([r for r in renders if tuple(sorted(r["parameters"]["partitions"])) == lost]) >= 2, (
+        renders
+    )  # ran again
     assert _shards(root) == in_process
 
 
@@ -457,15 +643,33 @@ def test_the_kubernetes_deploy_has_pools_of_its_own(server):
     """docs/cluster.md's `make deploy POOL_TYPE=kubernetes` on the same server: Kubernetes pools beside the
     process pools (no name collides), every deployment pointed at them. Last: it re-points the deployments."""
     env, _ = server
-    out = subprocess.run(["make", "deploy", "POOL_TYPE=kubernetes", "GPUS=4"], env=env, cwd=ROOT, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        ["make", "deploy", "POOL_TYPE=kubernetes", "GPUS=4"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    pools = json.loads(subprocess.run([str(BIN / "python"), "-c", POOLS_SCRIPT], env=env, capture_output=True,
-                                      text=True, timeout=60).stdout)
+    pools = json.loads(
+        subprocess.run(
+            [str(BIN / "python"), "-c", POOLS_SCRIPT], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+    )
     for role in ("driver", "cpu", "gpu"):
-        assert pools[f"editforge-{role}"] == "process" and pools[f"editforge-k8s-{role}"] == "kubernetes", pools
-    seen = json.loads(subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True,
-                                     text=True, timeout=60).stdout)
+        assert pools[f"editforge-{role}"] == "process" and pools[f"editforge-k8s-{role}"] == "kubernetes", (
+            pools
+        )
+    seen = json.loads(
+        subprocess.run(
+            [str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
     assert seen["pools"]["editforge-render/paper-render"] == "editforge-k8s-gpu"
     assert seen["pools"]["editforge-generate/paper"] == "editforge-k8s-driver"
     assert all(p.startswith("editforge-k8s-") for p in seen["pools"].values()) and len(seen["pools"]) == 18

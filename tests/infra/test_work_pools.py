@@ -31,7 +31,9 @@ def _render_all(jobs: dict[str, tuple[str, dict]]) -> dict[str, dict]:
     async def go():
         out = {}
         for key, (template, values) in jobs.items():
-            config = await KubernetesWorkerJobConfiguration.from_template_and_values(_template(template), values)
+            config = await KubernetesWorkerJobConfiguration.from_template_and_values(
+                _template(template), values
+            )
             flow_run = FlowRun(id=uuid.uuid4(), name="render[0-7]", flow_id=uuid.uuid4())
             config.prepare_for_flow_run(flow_run, flow=Flow(id=flow_run.flow_id, name="editforge-render"))
             out[key] = config.job_manifest
@@ -54,13 +56,24 @@ def _deployment_jobs() -> dict[str, tuple[str, dict]]:
     return jobs
 
 
-CUSTOM = {"gpu": 4, "image": "registry.example/editforge:0.1.0", "image_pull_policy": "Always",
-          "image_pull_secrets": [{"name": "regcred"}], "node_selector": {"nvidia.com/gpu.product": "H100"},
-          "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-          "env": {"EDITFORGE_LEASE_TTL_S": "600"}, "env_from": [{"secretRef": {"name": "s3-credentials"}}],
-          "secret_env": [{"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}],
-          "priority_class_name": "editforge-batch", "shm_size": "64Gi", "active_deadline_seconds": 7200,
-          "output_volume": {"name": "output", "emptyDir": {}}, "models_mount_path": "/weights"}
+CUSTOM = {
+    "gpu": 4,
+    "image": "registry.example/editforge:0.1.0",
+    "image_pull_policy": "Always",
+    "image_pull_secrets": [{"name": "regcred"}],
+    "node_selector": {"nvidia.com/gpu.product": "H100"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "env": {"EDITFORGE_LEASE_TTL_S": "600"},
+    "env_from": [{"secretRef": {"name": "s3-credentials"}}],
+    "secret_env": [
+        {"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": "openai", "key": "api-key"}}}
+    ],
+    "priority_class_name": "editforge-batch",
+    "shm_size": "64Gi",
+    "active_deadline_seconds": 7200,
+    "output_volume": {"name": "output", "emptyDir": {}},
+    "models_mount_path": "/weights",
+}
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +103,10 @@ def test_every_deployments_kubernetes_job_is_valid_strictly(jobs, version):
         try:
             _strict(manifest, version)
         except kubernetes_validate.ValidationError as err:
-            raise AssertionError(f"{name} on Kubernetes {version}: {err.message} at "
-                                 f"{'.'.join(str(p) for p in err.caught.absolute_path)}") from None
+            raise AssertionError(
+                f"{name} on Kubernetes {version}: {err.message} at "
+                f"{'.'.join(str(p) for p in err.caught.absolute_path)}"
+            ) from None
 
 
 def test_the_strict_validation_rejects_the_job_fields_in_the_pod_spec(jobs):
@@ -109,15 +124,30 @@ def test_the_job_has_what_the_job_variables_say(jobs):
     spec, pod = manifest["spec"], manifest["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert spec["parallelism"] == spec["completions"] == 1 and "parallelism" not in pod
-    assert spec["activeDeadlineSeconds"] == 7200 and spec["ttlSecondsAfterFinished"] == 3600 and spec["backoffLimit"] == 0
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4 == container["resources"]["requests"]["nvidia.com/gpu"]
-    assert container["image"] == "registry.example/editforge:0.1.0" and container["imagePullPolicy"] == "Always"
+    assert (
+        spec["activeDeadlineSeconds"] == 7200
+        and spec["ttlSecondsAfterFinished"] == 3600
+        and spec["backoffLimit"] == 0
+    )
+    assert (
+        container["resources"]["limits"]["nvidia.com/gpu"]
+        == 4
+        == container["resources"]["requests"]["nvidia.com/gpu"]
+    )
+    assert (
+        container["image"] == "registry.example/editforge:0.1.0" and container["imagePullPolicy"] == "Always"
+    )
     assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["priorityClassName"] == "editforge-batch"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"} and pod["tolerations"][0]["key"] == "dedicated"
+    assert (
+        pod["nodeSelector"] == {"nvidia.com/gpu.product": "H100"}
+        and pod["tolerations"][0]["key"] == "dedicated"
+    )
     assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     env = {e["name"]: e for e in container["env"]}
     assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "openai", "key": "api-key"}
-    assert env["EDITFORGE_LEASE_TTL_S"]["value"] == "600" and "PREFECT__FLOW_RUN_ID" in env  # Prefect's own too
+    assert (
+        env["EDITFORGE_LEASE_TTL_S"]["value"] == "600" and "PREFECT__FLOW_RUN_ID" in env
+    )  # Prefect's own too
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"] == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}
     assert volumes["output"] == {"name": "output", "emptyDir": {}}
@@ -132,15 +162,24 @@ def test_the_defaults_run_non_root_on_a_versioned_image_with_models_read_only_an
         pod = manifest["spec"]["template"]["spec"]
         (container,) = pod["containers"]
         tag = container["image"].rsplit(":", 1)[-1]
-        assert ":" in container["image"] and tag != "latest" and container["imagePullPolicy"] == "IfNotPresent", name
+        assert (
+            ":" in container["image"] and tag != "latest" and container["imagePullPolicy"] == "IfNotPresent"
+        ), name
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
-        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["models"]["persistentVolumeClaim"]["readOnly"] is True
         assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["dshm"]["emptyDir"]["sizeLimit"]
         assert container["envFrom"] == [{"secretRef": {"name": "editforge-env", "optional": True}}]
-        assert not [e for e in container["env"] if any(k in e["name"] for k in ("SECRET", "KEY", "PASSWORD", "TOKEN"))]
-        assert manifest["spec"]["activeDeadlineSeconds"] > 0 and manifest["spec"]["ttlSecondsAfterFinished"] > 0
+        assert not [
+            e for e in container["env"] if any(k in e["name"] for k in ("SECRET", "KEY", "PASSWORD", "TOKEN"))
+        ]
+        assert (
+            manifest["spec"]["activeDeadlineSeconds"] > 0 and manifest["spec"]["ttlSecondsAfterFinished"] > 0
+        )
     gpu, cpu = (jobs[n]["spec"]["template"]["spec"] for n in ("paper-render", "paper-filter"))
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert gpu["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

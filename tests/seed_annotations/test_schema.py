@@ -128,14 +128,22 @@ def test_blank_lines_skipped_and_strings_stripped(tmp_path: Path) -> None:
     assert load_triplets(path) == [Triplet(**GOOD), Triplet(**other)]
 
 
-@pytest.mark.parametrize("record, expected", [
-    ({**GOOD, "edit": "make it\nsummer"}, r"line 2: field 'edit': contains a line break"),
-    ({**GOOD, "output": "A red barn\n##\nin a green field"}, r"line 2: field 'output': contains a line break"),
-    ({**GOOD, "input": "A red barn\nEND"}, r"line 2: field 'input': contains a line break"),
-    ({**GOOD, "edit": "make it %% summer"}, r"line 2: field 'edit': contains '%%'"),
-    ({**GOOD, "edit": "Make it summer."}, r"line 2: the same input and edit as line 1"),
-])
-def test_delimiters_and_repeats_are_rejected_with_file_and_line(tmp_path: Path, record: dict, expected: str) -> None:
+@pytest.mark.parametrize(
+    "record, expected",
+    [
+        ({**GOOD, "edit": "make it\nsummer"}, r"line 2: field 'edit': contains a line break"),
+        (
+            {**GOOD, "output": "A red barn\n##\nin a green field"},
+            r"line 2: field 'output': contains a line break",
+        ),
+        ({**GOOD, "input": "A red barn\nEND"}, r"line 2: field 'input': contains a line break"),
+        ({**GOOD, "edit": "make it %% summer"}, r"line 2: field 'edit': contains '%%'"),
+        ({**GOOD, "edit": "Make it summer."}, r"line 2: the same input and edit as line 1"),
+    ],
+)
+def test_delimiters_and_repeats_are_rejected_with_file_and_line(
+    tmp_path: Path, record: dict, expected: str
+) -> None:
     path = write_jsonl(tmp_path / "seeds.jsonl", json.dumps(GOOD), json.dumps(record))
     with pytest.raises(SeedAnnotationError, match=r"seeds\.jsonl " + expected):
         load_triplets(path)
@@ -145,7 +153,10 @@ def test_invalid_utf8_names_the_line_and_the_byte(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
     first = (json.dumps(GOOD) + "\n").encode()
     path.write_bytes(first + '{"input": "caf\xe9 au lait", "edit": "e", "output": "tea"}\n'.encode("latin-1"))
-    with pytest.raises(SeedAnnotationError, match=rf"line 2: not UTF-8 text \(.* at byte 14 of the line, byte {len(first) + 14} "):
+    with pytest.raises(
+        SeedAnnotationError,
+        match=rf"line 2: not UTF-8 text \(.* at byte 14 of the line, byte {len(first) + 14} ",
+    ):
         load_triplets(path)
 
 

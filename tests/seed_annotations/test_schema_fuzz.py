@@ -26,20 +26,30 @@ from seed_annotations.schema import SeedAnnotationError, Triplet, load_triplets
 LIMIT = 256  # a small text.seed_max_line_bytes, so that over-long lines are cheap to generate
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
 triplet = st.fixed_dictionaries({"input": text, "edit": text, "output": text})
-json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | text,
-                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
-                          max_leaves=12)
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
+    max_leaves=12,
+)
 line = st.one_of(
     triplet.map(json.dumps).map(str.encode),
-    st.dictionaries(st.sampled_from(["input", "caption", "edit", "output", "extra"]), json_value, max_size=5)
-    .map(lambda d: json.dumps(d, ensure_ascii=False).encode()),
+    st.dictionaries(
+        st.sampled_from(["input", "caption", "edit", "output", "extra"]), json_value, max_size=5
+    ).map(lambda d: json.dumps(d, ensure_ascii=False).encode()),
     json_value.map(lambda v: json.dumps(v).encode()),
     text.map(lambda t: t.replace("\n", " ").encode()),
     st.binary(max_size=60).map(lambda b: b.replace(b"\n", b" ")),
-    st.integers(LIMIT - 8, LIMIT + 40).map(lambda n: json.dumps({"input": "a" * n, "edit": "e", "output": "b"}).encode()),
-    st.just(b""), st.just(b"["), st.just(b"]"), st.just(b"{"),
+    st.integers(LIMIT - 8, LIMIT + 40).map(
+        lambda n: json.dumps({"input": "a" * n, "edit": "e", "output": "b"}).encode()
+    ),
+    st.just(b""),
+    st.just(b"["),
+    st.just(b"]"),
+    st.just(b"{"),
 )
-files = st.tuples(st.lists(line, max_size=12), st.sampled_from([b"\n", b"\r\n", b"\r"]), st.booleans(), st.booleans())
+files = st.tuples(
+    st.lists(line, max_size=12), st.sampled_from([b"\n", b"\r\n", b"\r"]), st.booleans(), st.booleans()
+)
 
 
 def _bytes(parts: tuple[list[bytes], bytes, bool, bool]) -> bytes:
@@ -67,7 +77,8 @@ def check(path: Path, data: bytes) -> list[Triplet] | SeedAnnotationError:
 @settings(max_examples=examples("large"))
 @given(files)
 @example(([b'[{"input": "a", "edit": "e", "output": "b"},'], b"\n", False, True)).via(
-    "issue 25: a JSON array got no hint that JSONL is expected")
+    "issue 25: a JSON array got no hint that JSONL is expected"
+)
 @example(([b"[" * 5000], b"\n", False, False)).via("fuzz: deep nesting (json RecursionError)")
 @example(([b'{"input": ' + b"9" * 5000 + b"}"], b"\n", False, False)).via("fuzz: a 5000-digit number")
 def test_any_seed_file_loads_or_fails_naming_the_file_and_line(tmp_path_factory, parts):
@@ -76,7 +87,7 @@ def test_any_seed_file_loads_or_fails_naming_the_file_and_line(tmp_path_factory,
 
 def test_a_json_array_gets_the_jsonl_hint(tmp_path):
     good = json.dumps({"input": "a red barn", "edit": "make it snowy", "output": "a snowy red barn"})
-    for data in (f"[{good}, {good}]", f"[\n{good},\n{good}\n]\n", "{\n  \"input\": \"a\"\n}\n"):
+    for data in (f"[{good}, {good}]", f"[\n{good},\n{good}\n]\n", '{\n  "input": "a"\n}\n'):
         err = check(tmp_path / "array.jsonl", data.encode())
         assert isinstance(err, SeedAnnotationError) and "line 1:" in str(err)
         assert "seed annotations are JSON Lines: one" in str(err), str(err)
@@ -96,8 +107,10 @@ def test_an_enormous_line_is_refused_and_counted_in_bounded_memory(tmp_path, siz
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert str(err.value).startswith(f"{path}: 2 line(s) longer than 16,384 bytes, refused: lines 2 ({size + 41:,} bytes), "
-                                     f"4 ({size // 2:,} bytes); ")
+    assert str(err.value).startswith(
+        f"{path}: 2 line(s) longer than 16,384 bytes, refused: lines 2 ({size + 41:,} bytes), "
+        f"4 ({size // 2:,} bytes); "
+    )
     assert "--set text.seed_max_line_bytes=N" in str(err.value)
     assert peak < 2 * 2**20, peak  # the line is never held whole
 
@@ -113,8 +126,14 @@ def test_the_fine_tune_stage_marks_nothing_done_for_a_rejected_seed_file(tmp_pat
     result = check(seeds, _bytes(parts))
     if not isinstance(result, SeedAnnotationError):
         return  # a valid file would train the LM: the reader's property above covers it
-    cfg = load_config("demo", [f"output_root={folder / 'run'}", f"text.seed_annotations={seeds}",
-                               f"text.seed_max_line_bytes={LIMIT}"])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={folder / 'run'}",
+            f"text.seed_annotations={seeds}",
+            f"text.seed_max_line_bytes={LIMIT}",
+        ],
+    )
     with pytest.raises(SeedAnnotationError) as err:
         run_finetune(cfg)
     assert str(err.value) == str(result)

@@ -23,11 +23,24 @@ from tasks.common.layout import SUCCESS
 
 pytestmark = pytest.mark.component
 
-SMALL = ["captions.num_captions=6", "captions.num_partitions=1", "text.finetune_steps=150", "text.batch_size=3",
-         "render.samples_per_triplet=2", "render.batch_samples=2", "render.steps=2",
-         "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
-         "render.keep.clip_caption_threshold=-1", "train.steps=2", "train.batch_size=2", "train.sample_steps=2",
-         "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=1"]
+SMALL = [
+    "captions.num_captions=6",
+    "captions.num_partitions=1",
+    "text.finetune_steps=150",
+    "text.batch_size=3",
+    "render.samples_per_triplet=2",
+    "render.batch_samples=2",
+    "render.steps=2",
+    "render.keep.clip_image_threshold=-1",
+    "render.keep.clip_direction_threshold=-1",
+    "render.keep.clip_caption_threshold=-1",
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.sample_steps=2",
+    "train.shuffle_buffer=4",
+    "train.num_workers=0",
+    "train.checkpoint_every=1",
+]
 STAGES = list(registry.STAGES)
 STALE = "0000stale0000000"
 

@@ -34,7 +34,8 @@ if _AT:
 
     def _after_write(path) -> None:
         if "/.tmp-checkpoint-" not in str(path) or os.environ.get("RANK", "0") != os.environ.get(
-                "EDITFORGE_TEST_KILL_RANK", "0"):
+            "EDITFORGE_TEST_KILL_RANK", "0"
+        ):
             return
         _seen[0] += 1
         if _seen[0] == int(_AT):
@@ -48,6 +49,7 @@ if _AT:
             result = write(obj, f, *args, **kwargs)
             _after_write(f)
             return result
+
         return wrapped
 
     torch.save = _counting(torch.save)

@@ -25,8 +25,17 @@ from tasks.common.lease import PartitionLease
 
 REQUIRED_COLUMNS = ("URL", "TEXT")
 OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")
-OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
-                  "source_file", "source_row"]
+OUTPUT_COLUMNS = [
+    "caption_id",
+    "text",
+    "url",
+    "aesthetic_score",
+    "width",
+    "height",
+    "source_row_hash",
+    "source_file",
+    "source_row",
+]
 _WS = re.compile(r"\s+")
 # C0 and C1 control characters except the whitespace ones (tab, newlines: collapsed to a space)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -65,7 +74,9 @@ def resolve_sources(source: str | list[str]) -> list[str]:
     urls: list[str] = []
     for item in items:
         if item == "builtin:demo":
-            urls.append(str(resources.files("tasks.captions").joinpath("demo", "laion_aesthetics_demo.parquet")))
+            urls.append(
+                str(resources.files("tasks.captions").joinpath("demo", "laion_aesthetics_demo.parquet"))
+            )
         elif item == "builtin:world":
             urls.append(str(resources.files("tasks.world").joinpath("data", "world_captions.parquet")))
         elif any(ch in item for ch in "*?["):
@@ -161,7 +172,9 @@ def _accept_row(row: dict, cfg: CaptionsConfig, seen: _Seen, stats: Stats) -> di
     }
 
 
-def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = 65536) -> pd.DataFrame:
+def read_captions(
+    sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = 65536
+) -> pd.DataFrame:
     """Stream every source file; return accepted, deduplicated rows (in file then row order)."""
     seen = _Seen(set(), set())
     rows: list[dict] = []
@@ -207,7 +220,7 @@ log = logging.getLogger("editforge")
 
 def priority(seed: int, caption_id: str) -> float:
     """The caption's seeded draw in [0, 1): the lower, the earlier it is taken."""
-    return int(hashlib.sha1(f"{seed}:{caption_id}".encode()).hexdigest()[:16], 16) / 2.0 ** 64
+    return int(hashlib.sha1(f"{seed}:{caption_id}".encode()).hexdigest()[:16], 16) / 2.0**64
 
 
 @dataclass(frozen=True)
@@ -234,11 +247,15 @@ def ledger(cfg: PipelineConfig, config_hash: str | None = None) -> list[Generati
     gens = []
     for url in sorted(storage.list_files(folder, "gen-*.json")):
         record = storage.read_json(url)
-        gens.append(Generation(record["generation"], record["first_partition"], record["num_partitions"], record))
+        gens.append(
+            Generation(record["generation"], record["first_partition"], record["num_partitions"], record)
+        )
     for i, g in enumerate(gens):  # records are written in order under the lease: a gap is damage
         if g.number != i:
-            raise storage.UnreadableFileError(f"{folder}: generation {i} is missing (found {g.number}); "
-                                              "the ledger was edited by hand — restore it or use a new output_root")
+            raise storage.UnreadableFileError(
+                f"{folder}: generation {i} is missing (found {g.number}); "
+                "the ledger was edited by hand — restore it or use a new output_root"
+            )
     return gens
 
 
@@ -248,7 +265,9 @@ def partition_count(cfg: PipelineConfig) -> int:
     return gens[-1].partitions.stop if gens else cfg.captions.num_partitions
 
 
-def generation_of(cfg: PipelineConfig, partition_id: int, config_hash: str | None = None) -> Generation | None:
+def generation_of(
+    cfg: PipelineConfig, partition_id: int, config_hash: str | None = None
+) -> Generation | None:
     return next((g for g in ledger(cfg, config_hash) if partition_id in g.partitions), None)
 
 
@@ -275,8 +294,15 @@ def _partitions_for(cfg: PipelineConfig, new: int, first: bool) -> int:
     return max(1, math.ceil(new / per_partition))
 
 
-def _select(table: pd.DataFrame, taken: pd.DataFrame, threshold: float, total: int, target: int,
-            seed: int, stats: Stats) -> tuple[pd.DataFrame, float]:
+def _select(
+    table: pd.DataFrame,
+    taken: pd.DataFrame,
+    threshold: float,
+    total: int,
+    target: int,
+    seed: int,
+    stats: Stats,
+) -> tuple[pd.DataFrame, float]:
     """The captions a new generation takes from ``table`` (all usable captions), and the new threshold."""
     if len(taken):
         old_ids = set(taken["caption_id"])
@@ -301,7 +327,7 @@ def _select(table: pd.DataFrame, taken: pd.DataFrame, threshold: float, total: i
     if need and len(more) < need:
         threshold = 1.0  # the source ran out: from now on every new caption is taken
     elif len(more):
-        threshold = float(more["priority"].iloc[-1]) + 2.0 ** -64  # the last one taken is under it
+        threshold = float(more["priority"].iloc[-1]) + 2.0**-64  # the last one taken is under it
     return pd.concat([below, more], ignore_index=True), threshold
 
 
@@ -321,33 +347,66 @@ def extend(cfg: PipelineConfig, logger: logging.Logger | None = None) -> Generat
         logger.info("captions: reading %d source file(s)", len(sources))
         with stats.timer("read"):
             table = read_captions(sources, c, stats)
-        taken = (pd.concat([storage.read_parquet(layout.generation_url(cfg.output_root, config_hash, g.number, "parquet"))
-                            for g in gens], ignore_index=True) if gens else table.iloc[:0])
+        taken = (
+            pd.concat(
+                [
+                    storage.read_parquet(
+                        layout.generation_url(cfg.output_root, config_hash, g.number, "parquet")
+                    )
+                    for g in gens
+                ],
+                ignore_index=True,
+            )
+            if gens
+            else table.iloc[:0]
+        )
         total = len(taken)
         threshold = last["threshold"] if last else 0.0
         new, threshold = _select(table, taken, threshold, total, c.num_captions, c.seed, stats)
         number = len(gens)
         first = gens[-1].partitions.stop if gens else 0
-        record = {"generation": number, "sources": prints, "num_captions": max(c.num_captions, last["num_captions"] if last else 0),
-                  "threshold": threshold, "taken": len(new), "total_taken": total + len(new), **stats.summary()}
+        record = {
+            "generation": number,
+            "sources": prints,
+            "num_captions": max(c.num_captions, last["num_captions"] if last else 0),
+            "threshold": threshold,
+            "taken": len(new),
+            "total_taken": total + len(new),
+            **stats.summary(),
+        }
         if not len(new):
             if last:  # remember what was seen so the sources are not read again for nothing
                 logger.info("captions: the sources hold no caption not taken before")
-                storage.write_json_atomic(layout.generation_url(cfg.output_root, config_hash, number - 1, "json"),
-                                          {**last, "sources": prints, "num_captions": record["num_captions"],
-                                           "threshold": threshold})
+                storage.write_json_atomic(
+                    layout.generation_url(cfg.output_root, config_hash, number - 1, "json"),
+                    {
+                        **last,
+                        "sources": prints,
+                        "num_captions": record["num_captions"],
+                        "threshold": threshold,
+                    },
+                )
                 return None
         count = _partitions_for(cfg, len(new), first=not gens)
         parts = [first + int(cid, 16) % count for cid in new["caption_id"]]
         new = new.assign(partition_id=parts, generation=number)
-        storage.write_parquet_atomic(layout.generation_url(cfg.output_root, config_hash, number, "parquet"), new)
+        storage.write_parquet_atomic(
+            layout.generation_url(cfg.output_root, config_hash, number, "parquet"), new
+        )
         record.update(first_partition=first, num_partitions=count)
         storage.write_json_atomic(layout.generation_url(cfg.output_root, config_hash, number, "json"), record)
         if number and len(new):
-            logger.info("captions: generation %d takes %d new caption(s) into partitions %d..%d", number, len(new),
-                        first, first + count - 1)
+            logger.info(
+                "captions: generation %d takes %d new caption(s) into partitions %d..%d",
+                number,
+                len(new),
+                first,
+                first + count - 1,
+            )
         if len(new) + total < c.num_captions:
-            logger.warning("captions: asked for %d captions, only %d usable rows", c.num_captions, len(new) + total)
+            logger.warning(
+                "captions: asked for %d captions, only %d usable rows", c.num_captions, len(new) + total
+            )
         return Generation(number, first, count, record)
 
 
@@ -358,10 +417,10 @@ def partition_captions(cfg: PipelineConfig, partition_id: int, config_hash: str)
         extend(cfg)
         gen = generation_of(cfg, partition_id, config_hash)
     if gen is None:
-        raise ValueError(f"captions part-{partition_id:05d} does not exist: the ledger has "
-                         f"{partition_count(cfg)} partition(s)")
+        raise ValueError(
+            f"captions part-{partition_id:05d} does not exist: the ledger has "
+            f"{partition_count(cfg)} partition(s)"
+        )
     df = storage.read_parquet(layout.generation_url(cfg.output_root, config_hash, gen.number, "parquet"))
     df = df[df["partition_id"] == partition_id].sort_values("caption_id").reset_index(drop=True)
     return df.drop(columns=["partition_id", "generation", "priority"])
-
-

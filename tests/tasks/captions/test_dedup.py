@@ -22,14 +22,14 @@ def test_digest_set_agrees_with_a_python_set_through_growth():
     rng = np.random.default_rng(0)
     box, reference = DigestSet(capacity=8), set()
     for _ in range(12):
-        hi = rng.integers(0, 2 ** 63, 500, dtype=np.uint64)
+        hi = rng.integers(0, 2**63, 500, dtype=np.uint64)
         hi[:50] = hi[0]  # the same upper half with different lower halves: still different digests
-        lo = rng.integers(0, 2 ** 63, 500, dtype=np.uint64)
+        lo = rng.integers(0, 2**63, 500, dtype=np.uint64)
         fresh = np.array([(h, low) not in reference for h, low in zip(hi.tolist(), lo.tolist())])
         box.add(hi[fresh], lo[fresh])
         reference |= set(zip(hi[fresh].tolist(), lo[fresh].tolist()))
-        probe_hi = np.concatenate([hi, rng.integers(0, 2 ** 63, 300, dtype=np.uint64), hi[:20]])
-        probe_lo = np.concatenate([lo, rng.integers(0, 2 ** 63, 300, dtype=np.uint64), lo[:20] + np.uint64(1)])
+        probe_hi = np.concatenate([hi, rng.integers(0, 2**63, 300, dtype=np.uint64), hi[:20]])
+        probe_lo = np.concatenate([lo, rng.integers(0, 2**63, 300, dtype=np.uint64), lo[:20] + np.uint64(1)])
         expected = [(h, low) in reference for h, low in zip(probe_hi.tolist(), probe_lo.tolist())]
         assert box.contains(probe_hi, probe_lo).tolist() == expected
     assert len(box) == len(reference) and 2 * len(box) <= len(box.table)
@@ -43,8 +43,9 @@ def test_digests_are_stable_and_tell_strings_apart():
     for hi, lo in (digests(values), key_digests(values)):
         assert hi[0] == hi[1] and lo[0] == lo[1] and len({(h, low) for h, low in zip(hi, lo)}) == 4
     hi, lo = key_digests(values)  # a key's digest is its SHA-1's first 16 bytes (the caption id's first 8)
-    assert [f"{h:016x}{low:016x}" for h, low in zip(hi.tolist(), lo.tolist())] == \
-        [hashlib.sha1(v.encode()).hexdigest()[:32] for v in values.to_pylist()]
+    assert [f"{h:016x}{low:016x}" for h, low in zip(hi.tolist(), lo.tolist())] == [
+        hashlib.sha1(v.encode()).hexdigest()[:32] for v in values.to_pylist()
+    ]
     assert digest_check()[0] == "sha1-keys/siphash-urls" and len(digest_check()) == 5  # kept in the ledger
 
 
@@ -77,16 +78,31 @@ def test_greedy_rounds_give_the_row_by_row_answer_across_batches(max_rounds):
         cuts = sorted(set(rng.integers(0, n, 3).tolist()) | {0, n})
         for a, b in zip(cuts, cuts[1:]):
             z = np.zeros(b - a, np.uint64)
-            kept, dup_caption, dup_url = greedy(keys[a:b].astype(np.uint64), z, urls[a:b].astype(np.uint64), z + 7,
-                                                state.keys, state.urls, max_rounds=max_rounds)
+            kept, dup_caption, dup_url = greedy(
+                keys[a:b].astype(np.uint64),
+                z,
+                urls[a:b].astype(np.uint64),
+                z + 7,
+                state.keys,
+                state.urls,
+                max_rounds=max_rounds,
+            )
             assert not (kept & dup_caption).any() and (kept | dup_caption | dup_url).all()
             got += ["kept" if k else "caption" if c else "url" for k, c in zip(kept, dup_caption)]
         assert got == expected, trial
 
 
 def test_state_files_round_trip_by_kind():
-    blob = state_bytes({KEPT_KEY: (np.array([1, 2], np.uint64), np.array([3, 4], np.uint64)),
-                        TAKEN_ID: (np.array([9], np.uint64), np.array([0], np.uint64))})
+    blob = state_bytes(
+        {
+            KEPT_KEY: (np.array([1, 2], np.uint64), np.array([3, 4], np.uint64)),
+            TAKEN_ID: (np.array([9], np.uint64), np.array([0], np.uint64)),
+        }
+    )
     state, taken = read_states([blob, state_bytes({})])
-    assert state.keys.contains(np.array([1, 2, 1], np.uint64), np.array([3, 4, 4], np.uint64)).tolist() == [True, True, False]
+    assert state.keys.contains(np.array([1, 2, 1], np.uint64), np.array([3, 4, 4], np.uint64)).tolist() == [
+        True,
+        True,
+        False,
+    ]
     assert len(state.urls) == 0 and len(taken.ids) == 1 and len(taken) == 1

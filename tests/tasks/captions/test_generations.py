@@ -18,26 +18,48 @@ from tasks.registry import stage_hash
 
 def _source(path, rows: range, order=None, text=lambda i: f"a photo of thing number {i}"):
     ids = list(rows) if order is None else order
-    pq.write_table(pa.table({"URL": [f"https://x/{i}.jpg" for i in ids], "TEXT": [text(i) for i in ids],
-                             "AESTHETIC_SCORE": [7.0] * len(ids)}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"https://x/{i}.jpg" for i in ids],
+                "TEXT": [text(i) for i in ids],
+                "AESTHETIC_SCORE": [7.0] * len(ids),
+            }
+        ),
+        path,
+    )
     os.utime(path, ns=(1, 1 + len(ids)))  # a rewrite in the same second still looks changed
     return str(path)
 
 
 def _cfg(root, source, n=20, parts=2, *extra):
-    return load_config("demo", [f"output_root={root}", f"captions.source={source}", f"captions.num_captions={n}",
-                                f"captions.num_partitions={parts}", *extra])
+    return load_config(
+        "demo",
+        [
+            f"output_root={root}",
+            f"captions.source={source}",
+            f"captions.num_captions={n}",
+            f"captions.num_partitions={parts}",
+            *extra,
+        ],
+    )
 
 
 def _taken(cfg) -> list[str]:
-    return sorted(pd.concat([partition_captions(cfg, p, stage_hash(cfg, "captions"))
-                             for p in range(partition_count(cfg))])["caption_id"])
+    return sorted(
+        pd.concat(
+            [partition_captions(cfg, p, stage_hash(cfg, "captions")) for p in range(partition_count(cfg))]
+        )["caption_id"]
+    )
 
 
 def _files(cfg) -> dict[str, bytes]:
     folder = layout.generations_dir(cfg.output_root, stage_hash(cfg, "captions"))
-    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
-            if name.endswith(".parquet")}
+    return {
+        name: open(os.path.join(folder, name), "rb").read()
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".parquet")
+    }
 
 
 def test_first_generation_is_the_lowest_draws_whatever_the_row_order(tmp_path):
@@ -79,14 +101,25 @@ def test_a_grown_source_is_sampled_at_the_same_rate_and_never_twice(tmp_path, mo
 
     calls = []
     real = generations.scan
-    monkeypatch.setattr(generations, "scan", lambda sources, *a, **k: calls.append(list(sources)) or real(sources, *a, **k))
+    monkeypatch.setattr(
+        generations, "scan", lambda sources, *a, **k: calls.append(list(sources)) or real(sources, *a, **k)
+    )
     assert extend(cfg) is None and not calls  # unchanged sources are not read again
 
     # new rows in a new file, plus one that repeats a taken caption with other case and punctuation
-    taken_text = pd.read_parquet(layout.generation_url(cfg.output_root, stage_hash(cfg, "captions"), 0, "parquet"))["text"][0]
-    pq.write_table(pa.table({"URL": [f"https://y/{i}.jpg" for i in range(200)] + ["https://y/dup.jpg"],
-                             "TEXT": [f"a drawing of item {i}" for i in range(200)] + [taken_text.upper() + "."],
-                             "AESTHETIC_SCORE": [7.0] * 201}), folder / "b.parquet")
+    taken_text = pd.read_parquet(
+        layout.generation_url(cfg.output_root, stage_hash(cfg, "captions"), 0, "parquet")
+    )["text"][0]
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"https://y/{i}.jpg" for i in range(200)] + ["https://y/dup.jpg"],
+                "TEXT": [f"a drawing of item {i}" for i in range(200)] + [taken_text.upper() + "."],
+                "AESTHETIC_SCORE": [7.0] * 201,
+            }
+        ),
+        folder / "b.parquet",
+    )
     gen = extend(cfg)
     assert calls == [[str(folder / "b.parquet")]] and gen.number == 1  # appended: only the new file is read
     new = set(_taken(cfg)) - first
@@ -114,16 +147,21 @@ def test_a_change_of_filter_is_a_new_version_next_to_the_old(tmp_path):
     extend(a)
     extend(b)
     assert len(ledger(a)) == len(ledger(b)) == 1
-    assert sorted(os.listdir(tmp_path / "r" / "captions")) == sorted([stage_hash(a, "captions"), stage_hash(b, "captions")])
+    assert sorted(os.listdir(tmp_path / "r" / "captions")) == sorted(
+        [stage_hash(a, "captions"), stage_hash(b, "captions")]
+    )
 
 
 # ------------------------------------------------------------------ the ledger vs the row-by-row one, through growth
 
+
 def _pair(tmp_path, src, n, parts=7):
     from tests.tasks.captions import reference_v1
 
-    return [(module, _cfg(tmp_path / name, f"{src}/*.parquet", n, parts))
-            for module, name in ((reference_v1, "reference"), (generations, "current"))]
+    return [
+        (module, _cfg(tmp_path / name, f"{src}/*.parquet", n, parts))
+        for module, name in ((reference_v1, "reference"), (generations, "current"))
+    ]
 
 
 def _same_ledgers(pair):
@@ -131,8 +169,18 @@ def _same_ledgers(pair):
     la, lb = ref.ledger(a), cur.ledger(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
-        for key in ("generation", "first_partition", "num_partitions", "threshold", "taken", "total_taken",
-                    "num_captions", "sources", "counts", "rejected"):
+        for key in (
+            "generation",
+            "first_partition",
+            "num_partitions",
+            "threshold",
+            "taken",
+            "total_taken",
+            "num_captions",
+            "sources",
+            "counts",
+            "rejected",
+        ):
             assert x.record[key] == y.record[key], (x.number, key)
     config_hash = stage_hash(a, "captions")
     for p in range(partition_count(b)):
@@ -149,17 +197,28 @@ def test_every_generation_matches_the_row_by_row_ledger(tmp_path):
 
     src = tmp_path / "src"
     corpus.mixed_files(src, files=3, rows=1200, seed=1)
-    steps = [(300, None, "full"), (300, None, None), (450, None, "full"),
-             (450, lambda: corpus.mixed_files(src, files=1, rows=800, seed=7, prefix="n"), "incremental"),
-             (450, lambda: corpus.mixed_files(src, files=1, rows=300, seed=8, prefix="a"), "full"),
-             (10 ** 5, None, "full"),
-             (10 ** 5, lambda: corpus.mixed_files(src, files=1, rows=500, seed=9, prefix="z"), "incremental"),
-             (10 ** 5, lambda: (src / "a-000.parquet").unlink(), "full")]
+    steps = [
+        (300, None, "full"),
+        (300, None, None),
+        (450, None, "full"),
+        (450, lambda: corpus.mixed_files(src, files=1, rows=800, seed=7, prefix="n"), "incremental"),
+        (450, lambda: corpus.mixed_files(src, files=1, rows=300, seed=8, prefix="a"), "full"),
+        (10**5, None, "full"),
+        (10**5, lambda: corpus.mixed_files(src, files=1, rows=500, seed=9, prefix="z"), "incremental"),
+        (10**5, lambda: (src / "a-000.parquet").unlink(), "full"),
+    ]
     removed = pq.read_table(tmp_path / "src" / "m-000.parquet").slice(0, 200)
-    steps.append((10 ** 5, lambda: pq.write_table(  # captions of a removed file come back under new URLs
-        removed.set_column(0, "URL", pa.array([f"https://again/{i}" for i in range(200)])), src / "zz-000.parquet"),
-        "incremental"))
-    steps.insert(8, (10 ** 5, lambda: (src / "m-000.parquet").unlink(), "full"))
+    steps.append(
+        (
+            10**5,
+            lambda: pq.write_table(  # captions of a removed file come back under new URLs
+                removed.set_column(0, "URL", pa.array([f"https://again/{i}" for i in range(200)])),
+                src / "zz-000.parquet",
+            ),
+            "incremental",
+        )
+    )
+    steps.insert(8, (10**5, lambda: (src / "m-000.parquet").unlink(), "full"))
     for n, change, mode in steps:
         if change:
             change()
@@ -194,6 +253,7 @@ def test_a_partition_reads_only_its_own_row_group(tmp_path, monkeypatch):
                 original = handle.read
                 handle.read = lambda *a: (data := original(*a), read.append(len(data)))[0]
                 return handle
+
         return Counted(), path
 
     monkeypatch.setattr(generations.storage, "filesystem", counting)

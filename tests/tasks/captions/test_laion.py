@@ -15,9 +15,17 @@ from tasks.common.contract import Stats
 
 def _write(path, **cols):
     n = len(next(iter(cols.values()))) if cols else 3
-    base = {"URL": [f"https://x/{i}.jpg" for i in range(n)], "TEXT": [f"caption {i}" for i in range(n)],
-            "WIDTH": [512] * n, "HEIGHT": [512] * n, "similarity": [0.3] * n, "punsafe": [0.01] * n,
-            "pwatermark": [0.1] * n, "AESTHETIC_SCORE": [7.0] * n, "hash": list(range(n))}
+    base = {
+        "URL": [f"https://x/{i}.jpg" for i in range(n)],
+        "TEXT": [f"caption {i}" for i in range(n)],
+        "WIDTH": [512] * n,
+        "HEIGHT": [512] * n,
+        "similarity": [0.3] * n,
+        "punsafe": [0.01] * n,
+        "pwatermark": [0.1] * n,
+        "AESTHETIC_SCORE": [7.0] * n,
+        "hash": list(range(n)),
+    }
     base.update(cols)
     pq.write_table(pa.table(base), path)
     return str(path)
@@ -30,22 +38,37 @@ def test_caption_id_is_normalised():
 
 
 def test_dedup_across_files_and_reasons(tmp_path):
-    f1 = _write(tmp_path / "a.parquet", TEXT=["A cat", "a dog", None, "", "x" * 600, "a bird"],
-                AESTHETIC_SCORE=[7.0, 7.0, 7.0, 7.0, 7.0, float("nan")])
-    f2 = _write(tmp_path / "b.parquet", TEXT=["a  CAT", "a fish", "a cow"],
-                URL=["https://y/0.jpg", "https://x/1.jpg", "https://y/2.jpg"], AESTHETIC_SCORE=[7.0, 7.0, 5.0])
+    f1 = _write(
+        tmp_path / "a.parquet",
+        TEXT=["A cat", "a dog", None, "", "x" * 600, "a bird"],
+        AESTHETIC_SCORE=[7.0, 7.0, 7.0, 7.0, 7.0, float("nan")],
+    )
+    f2 = _write(
+        tmp_path / "b.parquet",
+        TEXT=["a  CAT", "a fish", "a cow"],
+        URL=["https://y/0.jpg", "https://x/1.jpg", "https://y/2.jpg"],
+        AESTHETIC_SCORE=[7.0, 7.0, 5.0],
+    )
     stats = Stats()
     df = read_captions([f1, f2], CaptionsConfig(), stats)
     assert list(df["text"]) == ["A cat", "a dog"]
-    assert stats.rejected == {"null_caption": 1, "empty_caption": 1, "caption_too_long": 1,
-                              "nan_aesthetic_score": 1, "duplicate_caption": 1, "duplicate_url": 1,
-                              "low_aesthetic_score": 1}
+    assert stats.rejected == {
+        "null_caption": 1,
+        "empty_caption": 1,
+        "caption_too_long": 1,
+        "nan_aesthetic_score": 1,
+        "duplicate_caption": 1,
+        "duplicate_url": 1,
+        "low_aesthetic_score": 1,
+    }
     # every row is accounted for: accepted + rejected == read
     assert len(df) + sum(stats.rejected.values()) == stats.counts["rows_read"] == 9
 
 
 def test_filters_unsafe_watermark_and_size(tmp_path):
-    f = _write(tmp_path / "a.parquet", punsafe=[0.9, 0.0, 0.0], pwatermark=[0.0, 0.9, 0.0], WIDTH=[512, 512, 64])
+    f = _write(
+        tmp_path / "a.parquet", punsafe=[0.9, 0.0, 0.0], pwatermark=[0.0, 0.9, 0.0], WIDTH=[512, 512, 64]
+    )
     stats = Stats()
     cfg = CaptionsConfig(max_punsafe=0.5, max_pwatermark=0.5, min_side=256)
     assert read_captions([f], cfg, stats).empty
@@ -87,7 +110,10 @@ def test_builtin_demo_source_resolves_and_reads():
 def test_glob_source(tmp_path):
     _write(tmp_path / "a.parquet")
     _write(tmp_path / "b.parquet")
-    assert [p.rsplit("/", 1)[-1] for p in resolve_sources(str(tmp_path / "*.parquet"))] == ["a.parquet", "b.parquet"]
+    assert [p.rsplit("/", 1)[-1] for p in resolve_sources(str(tmp_path / "*.parquet"))] == [
+        "a.parquet",
+        "b.parquet",
+    ]
     with pytest.raises(CaptionSourceError, match="matched no file"):
         resolve_sources(str(tmp_path / "*.nothing"))
 
@@ -97,7 +123,9 @@ def test_reads_fsspec_urls_and_globs_across_files(tmp_path):
 
     fs = fsspec.filesystem("memory")
     for name, texts in {"a": ["a cat", "a dog"], "b": ["A CAT", "a bird"]}.items():
-        local = _write(tmp_path / f"{name}.parquet", TEXT=texts, URL=[f"https://{name}/{i}" for i in range(2)])
+        local = _write(
+            tmp_path / f"{name}.parquet", TEXT=texts, URL=[f"https://{name}/{i}" for i in range(2)]
+        )
         fs.pipe(f"/laion-test/{name}.parquet", open(local, "rb").read())
     sources = resolve_sources("memory://laion-test/*.parquet")
     assert len(sources) == 2 and all(s.startswith("memory://") for s in sources)
@@ -107,8 +135,11 @@ def test_reads_fsspec_urls_and_globs_across_files(tmp_path):
 
 
 def test_cleaning_dedups_punctuation_variants_strips_control_chars_and_counts_coercions(tmp_path):
-    f = _write(tmp_path / "a.parquet", TEXT=["A cat.", "a cat", "a\x00 dog\x07", "a bird!!", "A BIRD"],
-               AESTHETIC_SCORE=["7.5", "7.0", "7.0", "7.0", "7.0"])
+    f = _write(
+        tmp_path / "a.parquet",
+        TEXT=["A cat.", "a cat", "a\x00 dog\x07", "a bird!!", "A BIRD"],
+        AESTHETIC_SCORE=["7.5", "7.0", "7.0", "7.0", "7.0"],
+    )
     stats = Stats()
     df = read_captions([f], CaptionsConfig(), stats)
     assert list(df["text"]) == ["A cat.", "a dog", "a bird!!"]
@@ -119,6 +150,7 @@ def test_cleaning_dedups_punctuation_variants_strips_control_chars_and_counts_co
 
 
 # ------------------------------------------------------------------ the vectorised reader vs the row-by-row one
+
 
 def test_whitespace_tables_are_pythons():
     from tasks.captions.laion import PY_WHITESPACE
@@ -134,8 +166,19 @@ def corpus_files(tmp_path_factory):
     return corpus.edge_files(folder / "edge") + corpus.mixed_files(folder / "mix")
 
 
-@pytest.mark.parametrize("settings", [{}, {"min_side": 300, "max_punsafe": 0.5, "max_pwatermark": 0.5,
-                                          "max_caption_chars": 40, "min_aesthetic_score": 6.0}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {
+            "min_side": 300,
+            "max_punsafe": 0.5,
+            "max_pwatermark": 0.5,
+            "max_caption_chars": 40,
+            "min_aesthetic_score": 6.0,
+        },
+    ],
+)
 def test_same_captions_ids_order_and_counts_as_the_row_by_row_reader(corpus_files, settings):
     """Every cleaning and dedup case (tests/tasks/captions/corpus.py) read in batches of 7 rows and whole."""
     import pandas as pd
@@ -160,7 +203,10 @@ def test_optional_columns_missing_everywhere_give_the_same_empty_columns(tmp_pat
 
     path = str(tmp_path / "bare.parquet")
     pq.write_table(pa.table({"URL": ["u1", "u2"], "TEXT": ["a", "b"]}), path)
-    got, expected = read_captions([path], CaptionsConfig(), Stats()), reference_v1.read_captions([path], CaptionsConfig(), Stats())
+    got, expected = (
+        read_captions([path], CaptionsConfig(), Stats()),
+        reference_v1.read_captions([path], CaptionsConfig(), Stats()),
+    )
     pd.testing.assert_frame_equal(got, expected)
     assert got["width"].dtype == object and got["source_row_hash"].isna().all()
 
@@ -168,7 +214,10 @@ def test_optional_columns_missing_everywhere_give_the_same_empty_columns(tmp_pat
 @pytest.mark.parametrize("column, values", [("TEXT", [0, 1, 2]), ("URL", [1.5, 2.5, 3.5])])
 def test_a_column_that_is_not_text_is_refused_naming_file_and_column(tmp_path, column, values):
     path = _write(tmp_path / "numbers.parquet", **{column: values})
-    with pytest.raises(CaptionSourceError, match=rf"numbers\.parquet: column '{column}' holds (int64|double) values, not text"):
+    with pytest.raises(
+        CaptionSourceError,
+        match=rf"numbers\.parquet: column '{column}' holds (int64|double) values, not text",
+    ):
         read_captions([path], CaptionsConfig(), Stats())
 
 
@@ -184,8 +233,16 @@ def test_the_caption_length_bound_is_a_setting_and_counted(tmp_path):
 
 
 def test_an_infinite_size_is_no_size(tmp_path):
-    path = _write(tmp_path / "a.parquet", WIDTH=[float("inf"), 512.0, 640.0], HEIGHT=[512, -float("inf"), 480])
+    path = _write(
+        tmp_path / "a.parquet", WIDTH=[float("inf"), 512.0, 640.0], HEIGHT=[512, -float("inf"), 480]
+    )
     df = read_captions([path], CaptionsConfig(), Stats())
-    assert df["width"].isna().tolist() == [True, False, False] and df["height"].isna().tolist() == [False, True, False]
+    assert df["width"].isna().tolist() == [True, False, False] and df["height"].isna().tolist() == [
+        False,
+        True,
+        False,
+    ]
     stats = Stats()
-    assert len(read_captions([path], CaptionsConfig(min_side=256), stats)) == 1 and stats.rejected == {"too_small": 2}
+    assert len(read_captions([path], CaptionsConfig(min_side=256), stats)) == 1 and stats.rejected == {
+        "too_small": 2
+    }

@@ -30,8 +30,19 @@ from tasks.common.errors import is_permanent
 
 CFG = load_config("demo", ["captions.max_caption_chars=200", "captions.min_aesthetic_score=0"])
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
-TEXT_TYPES = ["string", "large_string", "binary", "dictionary", "int64", "float64", "bool", "null", "list", "struct",
-              "timestamp"]
+TEXT_TYPES = [
+    "string",
+    "large_string",
+    "binary",
+    "dictionary",
+    "int64",
+    "float64",
+    "bool",
+    "null",
+    "list",
+    "struct",
+    "timestamp",
+]
 NOT_TEXT = {"int64", "float64", "bool", "list", "struct", "timestamp"}
 ANY_TEXT_TYPE = st.sampled_from(TEXT_TYPES)
 
@@ -47,11 +58,19 @@ def column(draw, n: int, kind: str, strings=text):
         array = pa.array(values, type=pa.large_string() if kind == "large_string" else pa.string())
         return array.dictionary_encode() if kind == "dictionary" else array
     if kind == "binary":
-        values = [None if null else draw(st.one_of(strings.map(str.encode), st.binary(max_size=40))) for null in nulls]
+        values = [
+            None if null else draw(st.one_of(strings.map(str.encode), st.binary(max_size=40)))
+            for null in nulls
+        ]
         return pa.array(values, type=pa.binary())
-    scalar = {"int64": st.integers(-2**63, 2**63 - 1), "float64": st.floats(), "bool": st.booleans(),
-              "list": st.lists(strings, max_size=3), "struct": st.fixed_dictionaries({"a": strings}),
-              "timestamp": st.integers(0, 2**40)}[kind]
+    scalar = {
+        "int64": st.integers(-(2**63), 2**63 - 1),
+        "float64": st.floats(),
+        "bool": st.booleans(),
+        "list": st.lists(strings, max_size=3),
+        "struct": st.fixed_dictionaries({"a": strings}),
+        "timestamp": st.integers(0, 2**40),
+    }[kind]
     values = [None if null else draw(scalar) for null in nulls]
     return pa.array(values, type=pa.timestamp("ms") if kind == "timestamp" else None)
 
@@ -66,16 +85,29 @@ def parquet_files(draw, text_types=ANY_TEXT_TYPE):
     elif draw(st.booleans()):
         columns["text"] = draw(column(n, "string"))
     if draw(st.integers(0, 9)):
-        columns["URL"] = draw(column(n, draw(st.sampled_from(["string", "string", "binary", "int64", "null"])),
-                                     strings=st.text(max_size=30).map(lambda t: f"https://x/{t}")))
+        columns["URL"] = draw(
+            column(
+                n,
+                draw(st.sampled_from(["string", "string", "binary", "int64", "null"])),
+                strings=st.text(max_size=30).map(lambda t: f"https://x/{t}"),
+            )
+        )
     for name in ("AESTHETIC_SCORE", "punsafe", "pwatermark", "WIDTH", "HEIGHT", "hash", "similarity"):
         if draw(st.booleans()):
-            columns[name] = draw(column(n, draw(st.sampled_from(["float64", "int64", "string", "null", "bool"])),
-                                        strings=st.sampled_from(["7.5", "nan", "x", "", "1e309", "-0"]) | text))
+            columns[name] = draw(
+                column(
+                    n,
+                    draw(st.sampled_from(["float64", "int64", "string", "null", "bool"])),
+                    strings=st.sampled_from(["7.5", "nan", "x", "", "1e309", "-0"]) | text,
+                )
+            )
     table = pa.table(columns) if columns else pa.table({"other": pa.nulls(n)})
-    options = {"compression": draw(st.sampled_from(["snappy", "gzip", "zstd", "none"])),
-               "use_dictionary": draw(st.booleans()), "row_group_size": draw(st.integers(1, 30)),
-               "data_page_size": draw(st.sampled_from([None, 64]))}
+    options = {
+        "compression": draw(st.sampled_from(["snappy", "gzip", "zstd", "none"])),
+        "use_dictionary": draw(st.booleans()),
+        "row_group_size": draw(st.integers(1, 30)),
+        "data_page_size": draw(st.sampled_from([None, 64])),
+    }
     damage = draw(st.sampled_from([None, None, None, "truncate", "flip", "noise"]))
     return kind, table, options, damage, draw(st.integers(0, 2**31))
 
@@ -115,7 +147,11 @@ def check(path: Path, case) -> object:
         if damage is None and missing:
             assert any(f"'{c}'" in str(got) for c in missing), str(got)  # names the column
         return got
-    assert damage is not None or len(got) + sum(stats.rejected.values()) == rows, (len(got), stats.rejected, rows)
+    assert damage is not None or len(got) + sum(stats.rejected.values()) == rows, (
+        len(got),
+        stats.rejected,
+        rows,
+    )
     for caption in got["text"]:
         assert isinstance(caption, str) and caption.strip() and len(caption) <= CFG.captions.max_caption_chars
     assert got["caption_id"].is_unique
@@ -124,23 +160,30 @@ def check(path: Path, case) -> object:
 
 @settings(max_examples=examples("medium"))
 @given(parquet_files())
-@example(("string", pa.table({"TEXT": ["a" * 10_000], "URL": ["https://x/1"]}), {"compression": "none"}, None,
-          0)).via("a caption of 10,000 characters")
-@example(("binary", pa.table({"TEXT": pa.array([b"\xff\xfe"], pa.binary()), "URL": ["https://x/1"]}), {}, None,
-          0)).via("a caption that is not UTF-8")
+@example(
+    ("string", pa.table({"TEXT": ["a" * 10_000], "URL": ["https://x/1"]}), {"compression": "none"}, None, 0)
+).via("a caption of 10,000 characters")
+@example(
+    ("binary", pa.table({"TEXT": pa.array([b"\xff\xfe"], pa.binary()), "URL": ["https://x/1"]}), {}, None, 0)
+).via("a caption that is not UTF-8")
 def test_any_caption_file_gives_captions_or_an_error_naming_it(tmp_path_factory, case):
     check(tmp_path_factory.mktemp("captions") / "laion.parquet", case)
 
 
 @settings(max_examples=examples("small"))
 @given(parquet_files(text_types=st.sampled_from(sorted(NOT_TEXT))))
-@example(("int64", pa.table({"TEXT": list(range(5)), "URL": [f"https://x/{i}" for i in range(5)]}), {}, None,
-          0)).via("issue 25: an integer caption column became captions '0'-'4' with no count")
+@example(
+    ("int64", pa.table({"TEXT": list(range(5)), "URL": [f"https://x/{i}" for i in range(5)]}), {}, None, 0)
+).via("issue 25: an integer caption column became captions '0'-'4' with no count")
 def test_a_caption_column_that_is_not_text_is_refused_or_every_row_counted(tmp_path_factory, case):
     kind, table, options, damage, seed = case
-    assume("TEXT" in table.column_names and damage is None)  # a whole file with a caption column that is not text
+    assume(
+        "TEXT" in table.column_names and damage is None
+    )  # a whole file with a caption column that is not text
     got = check(tmp_path_factory.mktemp("captions") / "laion.parquet", case)
-    if isinstance(got, Exception):  # refused: for its caption column, or first for a missing/non-text URL column
+    if isinstance(
+        got, Exception
+    ):  # refused: for its caption column, or first for a missing/non-text URL column
         assert "'TEXT'" in str(got) or "'URL'" in str(got), got
     else:
         assert len(got) == 0, got
@@ -155,8 +198,15 @@ def test_the_captions_stage_marks_nothing_done_for_a_file_it_refuses(tmp_path_fa
     path = folder / "laion.parquet"
     kind, table, options, damage, seed = case
     write(path, table, options, damage, seed)
-    cfg = load_config("demo", [f"output_root={folder / 'run'}", f"captions.source={path}", "captions.num_captions=4",
-                               "captions.min_aesthetic_score=0"])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={folder / 'run'}",
+            f"captions.source={path}",
+            "captions.num_captions=4",
+            "captions.min_aesthetic_score=0",
+        ],
+    )
     try:
         registry.prepare(cfg, "captions")
         for pid in registry.partition_ids(cfg, "captions"):

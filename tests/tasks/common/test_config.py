@@ -79,8 +79,12 @@ def test_render_keep_owns_render_time_selection_and_filter_re_selects():
     adaptive = ["render.adaptive.enabled=true"]
     base = load_config("demo", adaptive)
     # render.keep decides what render passes, stops at and keeps: it is part of the render hash
-    assert stage_hash(base, "render") != stage_hash(load_config("demo", [*adaptive, "render.keep.top_k=1"]), "render")
-    assert stage_hash(base, "render") != stage_hash(load_config("demo", ["render.keep.clip_direction_threshold=0.3"]), "render")
+    assert stage_hash(base, "render") != stage_hash(
+        load_config("demo", [*adaptive, "render.keep.top_k=1"]), "render"
+    )
+    assert stage_hash(base, "render") != stage_hash(
+        load_config("demo", ["render.keep.clip_direction_threshold=0.3"]), "render"
+    )
     # filter.* only re-selects, whatever the savers: render is untouched, the filter follows
     stricter = load_config("demo", [*adaptive, "filter.top_k=1", "filter.clip_image_threshold=0.9"])
     assert stage_hash(stricter, "render") == stage_hash(base, "render")
@@ -94,18 +98,27 @@ def test_render_keep_owns_render_time_selection_and_filter_re_selects():
         load_config("demo", ["render.save_images=some"])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("render.keep.clip_image_threshold=1.5", "render.keep.clip_image_threshold: Input should be less than or equal to 1"),
-    ("filter.clip_direction_threshold=-7", "filter.clip_direction_threshold: Input should be greater than or equal to -1"),
-    ("render.p_range=[-0.5, 1.7]", "p_range [-0.5, 1.7]: p is the share of steps"),
-    ("render.cfg_range=[0.5, 2]", "cfg_range [0.5, 2.0]: classifier-free guidance scales start at 1"),
-    ("render.height=60", "render.height: Input should be a multiple of 8"),
-    ("train.resolution=66", "train.resolution: Input should be a multiple of 8"),
-    ("render.scheduler=eulr", "render.scheduler: Input should be 'euler_ancestral'"),
-    ("render.device=gpu", "render.device: Value error, unknown device 'gpu'"),
-    ("text.device=cuda0", "text.device: Value error, unknown device 'cuda0'"),
-    ("name=my_run", "name: Value error, 'my_run' is not a valid run name"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "render.keep.clip_image_threshold=1.5",
+            "render.keep.clip_image_threshold: Input should be less than or equal to 1",
+        ),
+        (
+            "filter.clip_direction_threshold=-7",
+            "filter.clip_direction_threshold: Input should be greater than or equal to -1",
+        ),
+        ("render.p_range=[-0.5, 1.7]", "p_range [-0.5, 1.7]: p is the share of steps"),
+        ("render.cfg_range=[0.5, 2]", "cfg_range [0.5, 2.0]: classifier-free guidance scales start at 1"),
+        ("render.height=60", "render.height: Input should be a multiple of 8"),
+        ("train.resolution=66", "train.resolution: Input should be a multiple of 8"),
+        ("render.scheduler=eulr", "render.scheduler: Input should be 'euler_ancestral'"),
+        ("render.device=gpu", "render.device: Value error, unknown device 'gpu'"),
+        ("text.device=cuda0", "text.device: Value error, unknown device 'cuda0'"),
+        ("name=my_run", "name: Value error, 'my_run' is not a valid run name"),
+    ],
+)
 def test_settings_out_of_bounds_fail_at_load_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as err:
         load_config("demo", [override])

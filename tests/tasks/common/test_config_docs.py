@@ -44,9 +44,9 @@ def test_explain_prints_every_setting_with_value_default_and_description():
             assert f"\n{s.key} = " in f"\n{out}", s.key
             assert " ".join(s.info.description.split()[:6]) in " ".join(out.split()), s.key
     # the preset's value, and the default where it differs
-    assert 'render.steps = 100   (the default; int)' in out
+    assert "render.steps = 100   (the default; int)" in out
     assert 'models.diffusion = "sd15"   (default "tiny"; ' in out
-    assert "render.batch_samples = \"auto\"   (default 4; int or one of: auto; operational" in out
+    assert 'render.batch_samples = "auto"   (default 4; int or one of: auto; operational' in out
 
 
 def test_explain_one_key_or_section():

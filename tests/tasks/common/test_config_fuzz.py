@@ -41,11 +41,52 @@ def _keys(model: type[Section], prefix: str = "") -> list[str]:
 
 
 REAL_KEYS = _keys(PipelineConfig)
-TRICKY = ["&a [*a]", "*undefined", "!!python/name:os.system", "!!binary AAAA", "{", "[", "'", '"', "? x", "- - -",
-          "%YAML 1.1", "---", "...", "null", "~", ".nan", "-.inf", "1e999", "0x10", "0o17", "1_000", "9" * 5000,
-          "[" * 200 + "]" * 200, "{a: " * 100 + "1" + "}" * 100, "@x", "`x`", "|", ">", "a: b: c", "!!set {a, b}",
-          "!!omap [a: 1]", "<<: {a: 1}", "\t", "\x00", "\ud800", "\ufeff1", "yes", "NO", "2026-01-01",
-          "[1, &x 2, *x]", "{<<: *x}", "&a {b: *a}", "!!int abc", "!!float x"]
+TRICKY = [
+    "&a [*a]",
+    "*undefined",
+    "!!python/name:os.system",
+    "!!binary AAAA",
+    "{",
+    "[",
+    "'",
+    '"',
+    "? x",
+    "- - -",
+    "%YAML 1.1",
+    "---",
+    "...",
+    "null",
+    "~",
+    ".nan",
+    "-.inf",
+    "1e999",
+    "0x10",
+    "0o17",
+    "1_000",
+    "9" * 5000,
+    "[" * 200 + "]" * 200,
+    "{a: " * 100 + "1" + "}" * 100,
+    "@x",
+    "`x`",
+    "|",
+    ">",
+    "a: b: c",
+    "!!set {a, b}",
+    "!!omap [a: 1]",
+    "<<: {a: 1}",
+    "\t",
+    "\x00",
+    "\ud800",
+    "\ufeff1",
+    "yes",
+    "NO",
+    "2026-01-01",
+    "[1, &x 2, *x]",
+    "{<<: *x}",
+    "&a {b: *a}",
+    "!!int abc",
+    "!!float x",
+]
 
 
 def _flow(value) -> str:
@@ -56,10 +97,14 @@ def _flow(value) -> str:
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
-    max_leaves=25)
-keys = st.one_of(st.sampled_from(REAL_KEYS), st.sampled_from([k.rsplit(".", 1)[0] for k in REAL_KEYS if "." in k]),
-                 st.text(alphabet=string.ascii_lowercase + "._", min_size=1, max_size=30),
-                 st.text(max_size=20).filter(lambda k: "=" not in k))
+    max_leaves=25,
+)
+keys = st.one_of(
+    st.sampled_from(REAL_KEYS),
+    st.sampled_from([k.rsplit(".", 1)[0] for k in REAL_KEYS if "." in k]),
+    st.text(alphabet=string.ascii_lowercase + "._", min_size=1, max_size=30),
+    st.text(max_size=20).filter(lambda k: "=" not in k),
+)
 values = st.one_of(json_values.map(_flow), st.text(max_size=60), st.sampled_from(TRICKY), st.just(""))
 overrides = st.lists(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"), min_size=1, max_size=3)
 
@@ -67,8 +112,12 @@ overrides = st.lists(st.tuples(keys, values).map(lambda kv: f"{kv[0]}={kv[1]}"),
 def _names_where(override: str, message: str) -> bool:
     key = override.split("=", 1)[0].strip()
     parts = key.split(".")
-    return (key in message or repr(key) in message or parts[-1] in message
-            or any(f"{'.'.join(parts[:i])}:" in message for i in range(1, len(parts) + 1)))
+    return (
+        key in message
+        or repr(key) in message
+        or parts[-1] in message
+        or any(f"{'.'.join(parts[:i])}:" in message for i in range(1, len(parts) + 1))
+    )
 
 
 def check_overrides(items: list[str]) -> None:
@@ -118,19 +167,26 @@ def _alias_yaml(levels: int, fanout: int, mapping: bool) -> str:
     lines = [f"a0: &a0 [{', '.join(['x'] * fanout)}]"]
     for i in range(1, levels + 1):
         items = ", ".join([f"*a{i - 1}"] * fanout)
-        lines.append(f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(fanout))}}}" if mapping
-                     else f"a{i}: &a{i} [{items}]")
+        lines.append(
+            f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(fanout))}}}"
+            if mapping
+            else f"a{i}: &a{i} [{items}]"
+        )
     return "\n".join(lines) + "\n"
 
 
 @settings(max_examples=examples("small"))
 @given(st.integers(1, 14), st.integers(1, 12), st.booleans())
 @example(9, 9, False).via("issue 25: the alias bomb grew editforge config to 1.6 GB in 48 s")
-def test_aliases_load_within_the_bound_or_are_refused_in_bounded_memory(tmp_path_factory, levels, fanout, mapping):
+def test_aliases_load_within_the_bound_or_are_refused_in_bounded_memory(
+    tmp_path_factory, levels, fanout, mapping
+):
     path = tmp_path_factory.mktemp("alias") / "aliases.yaml"
     text = _alias_yaml(levels, fanout, mapping)
-    path.write_text("render:\n  steps: 2\nextra_aliases:\n" + "".join(f"  {line}\n" for line in text.splitlines()))
-    expanded = sum(fanout ** i * (2 if mapping and i else 1) for i in range(levels + 2))  # upper bound
+    path.write_text(
+        "render:\n  steps: 2\nextra_aliases:\n" + "".join(f"  {line}\n" for line in text.splitlines())
+    )
+    expanded = sum(fanout**i * (2 if mapping and i else 1) for i in range(levels + 2))  # upper bound
     tracemalloc.start()
     try:
         try:
@@ -142,19 +198,41 @@ def test_aliases_load_within_the_bound_or_are_refused_in_bounded_memory(tmp_path
     finally:
         tracemalloc.stop()
     assert message.startswith(f"{path}: "), message
-    assert ("YAML refused" in message) or ("extra_aliases: Extra inputs are not permitted" in message
-                                            and expanded <= 4 * MAX_YAML_NODES), message
+    assert ("YAML refused" in message) or (
+        "extra_aliases: Extra inputs are not permitted" in message and expanded <= 4 * MAX_YAML_NODES
+    ), message
     assert peak < 64 * 2**20, peak
 
 
 documents = st.one_of(
-    st.dictionaries(st.sampled_from(["name", "output_root", "render", "text", "captions", "judges", "filter",
-                                     "pack", "train", "run", "models", "verify", "cost"]) | st.text(max_size=10),
-                    json_values, max_size=6).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "name",
+                "output_root",
+                "render",
+                "text",
+                "captions",
+                "judges",
+                "filter",
+                "pack",
+                "train",
+                "run",
+                "models",
+                "verify",
+                "cost",
+            ]
+        )
+        | st.text(max_size=10),
+        json_values,
+        max_size=6,
+    ).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
     json_values.map(lambda v: yaml.safe_dump(v, allow_unicode=True)),
     st.text(max_size=400),
-    st.lists(st.sampled_from(TRICKY + ["render:", "  steps: 3", "  keep:", "    top_k: x", "name: x", "- a"]),
-             max_size=12).map("\n".join),
+    st.lists(
+        st.sampled_from(TRICKY + ["render:", "  steps: 3", "  keep:", "    top_k: x", "name: x", "- a"]),
+        max_size=12,
+    ).map("\n".join),
 )
 
 

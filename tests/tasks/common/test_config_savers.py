@@ -8,24 +8,50 @@ from tasks.common.config import FLAT_RENDER_SAVERS, ConfigError, load_config
 from tasks.registry import chain, stage_hash
 
 BEFORE_NESTING = {
-    "demo": {"captions": "6526c4e3f7a17a50", "finetune": "725dff6847b22650", "text": "79323d6267239775",
-             "render": "378deab4fb4223b9", "judge": "2960bf9d4a56ef3d", "filter": "f0de0c2ea0692a75",
-             "pack": "cb584243b98e64b0"},
-    "paper": {"captions": "6526c4e3f7a17a50", "finetune": "b858689096f0cc2b", "text": "80f2d3208033c7c2",
-              "render": "44018ee4f6957421", "judge": "9430b851a5fe5b44", "filter": "a6abc39d27d5c659",
-              "pack": "a03189172a1b3cee"},
-    "world": {"captions": "6526c4e3f7a17a50", "finetune": "1473e9aa967d8126", "text": "ffbbe46260d1ca2c",
-              "render": "fac3b7f83e490c7e", "judge": "842121fd532463c9", "filter": "333589a4dba28c9e",
-              "pack": "e277c3ccce1048f4"},
+    "demo": {
+        "captions": "6526c4e3f7a17a50",
+        "finetune": "725dff6847b22650",
+        "text": "79323d6267239775",
+        "render": "378deab4fb4223b9",
+        "judge": "2960bf9d4a56ef3d",
+        "filter": "f0de0c2ea0692a75",
+        "pack": "cb584243b98e64b0",
+    },
+    "paper": {
+        "captions": "6526c4e3f7a17a50",
+        "finetune": "b858689096f0cc2b",
+        "text": "80f2d3208033c7c2",
+        "render": "44018ee4f6957421",
+        "judge": "9430b851a5fe5b44",
+        "filter": "a6abc39d27d5c659",
+        "pack": "a03189172a1b3cee",
+    },
+    "world": {
+        "captions": "6526c4e3f7a17a50",
+        "finetune": "1473e9aa967d8126",
+        "text": "ffbbe46260d1ca2c",
+        "render": "fac3b7f83e490c7e",
+        "judge": "842121fd532463c9",
+        "filter": "333589a4dba28c9e",
+        "pack": "e277c3ccce1048f4",
+    },
 }
 # every saver away from its default: before nesting, render.adaptive=true render.round_size=4 ... as flat keys
-EVERY_SAVER = ["render.adaptive.enabled=true", "render.adaptive.round_size=4",
-               "render.adaptive.target_passed=3", "render.adaptive.give_up_after=16",
-               "render.early_reject.at=0.3", "render.early_reject.margin=0.02", "render.early_reject.dry_run=true",
-               "render.early_reject.metrics=[clip_sim_dir]"]
-EVERY_SAVER_BEFORE = {"demo": ("b737221b418ac483", "59246a0bbeed3767"),  # (render, pack)
-                      "paper": ("e3228aaa09932911", "bc9543697c033d75"),
-                      "world": ("af2f19e35690e303", "d2e25cfba119173b")}
+EVERY_SAVER = [
+    "render.adaptive.enabled=true",
+    "render.adaptive.round_size=4",
+    "render.adaptive.target_passed=3",
+    "render.adaptive.give_up_after=16",
+    "render.early_reject.at=0.3",
+    "render.early_reject.margin=0.02",
+    "render.early_reject.dry_run=true",
+    "render.early_reject.metrics=[clip_sim_dir]",
+]
+EVERY_SAVER_BEFORE = {
+    "demo": ("b737221b418ac483", "59246a0bbeed3767"),  # (render, pack)
+    "paper": ("e3228aaa09932911", "bc9543697c033d75"),
+    "world": ("af2f19e35690e303", "d2e25cfba119173b"),
+}
 
 
 @pytest.mark.parametrize("preset", sorted(BEFORE_NESTING))
@@ -40,12 +66,20 @@ def test_render_hashes_the_savers_under_their_flat_names():
     fields = load_config("demo", EVERY_SAVER).render.output_fields()
     assert "early_reject" not in fields
     assert {old: fields[old] for old in FLAT_RENDER_SAVERS} == {
-        "adaptive": True, "round_size": 4, "target_passed": 3, "give_up_after": 16, "early_reject_at": 0.3,
-        "early_reject_margin": 0.02, "early_reject_dry_run": True, "early_reject_metrics": ["clip_sim_dir"]}
+        "adaptive": True,
+        "round_size": 4,
+        "target_passed": 3,
+        "give_up_after": 16,
+        "early_reject_at": 0.3,
+        "early_reject_margin": 0.02,
+        "early_reject_dry_run": True,
+        "early_reject_metrics": ["clip_sim_dir"],
+    }
 
 
-MOVES = [(f"render.{old}", f"render.{section}.{field}")
-         for old, (section, field) in FLAT_RENDER_SAVERS.items()]
+MOVES = [
+    (f"render.{old}", f"render.{section}.{field}") for old, (section, field) in FLAT_RENDER_SAVERS.items()
+]
 
 
 @pytest.mark.parametrize("old, new", MOVES)

@@ -14,6 +14,7 @@ def _work_writing(rows, fail_after_write=False):
         run.stats.reject("too_small", 2)
         if fail_after_write:
             raise RuntimeError("crash")
+
     return work
 
 
@@ -61,8 +62,10 @@ def test_outputs_are_hashed_as_written_not_read_back(tmp_path, monkeypatch):
     real_read = storage.read_bytes
     monkeypatch.setattr(storage, "read_bytes", lambda url: read.append(url) or real_read(url))
     outputs = execute_partition("stage", 0, str(tmp_path), "h1", work)["outputs"]
-    assert outputs == {name: hashlib.sha256(data).hexdigest()
-                       for name, data in [("a.bin", b"second"), ("b.bin", b"moved"), ("earlier.bin", b"from before")]}
+    assert outputs == {
+        name: hashlib.sha256(data).hexdigest()
+        for name, data in [("a.bin", b"second"), ("b.bin", b"moved"), ("earlier.bin", b"from before")]
+    }
     assert [url.rsplit("/", 1)[-1] for url in read] == ["earlier.bin"]
 
 
@@ -148,7 +151,9 @@ def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_
     import shutil  # a marker of another config where this one's should be (copied by hand)
 
     shutil.copytree(tmp_path / "up" / "h-other", tmp_path / "up" / "h-up")
-    with pytest.raises(MissingInputError, match=r"produced under another config \(hash h-other.*expects h-up"):
+    with pytest.raises(
+        MissingInputError, match=r"produced under another config \(hash h-other.*expects h-up"
+    ):
         execute_partition("down", 0, str(tmp_path), "h", reader, inputs=inputs)
     shutil.rmtree(tmp_path / "up" / "h-up")
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
@@ -172,8 +177,11 @@ def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
         execute_partition("s", 0, str(tmp_path), "h", work)
     finally:
         PROGRESS_HOOK.reset(token)
-    assert seen == [(0.5, {"done": 2, "expected": 4}), (0.5, {"done": 2, "expected": 4}),
-                    (1.0, {"done": 4, "expected": 4})]
+    assert seen == [
+        (0.5, {"done": 2, "expected": 4}),
+        (0.5, {"done": 2, "expected": 4}),
+        (1.0, {"done": 4, "expected": 4}),
+    ]
 
 
 def _partition(tmp_path, pid=0, config_hash="h1"):
@@ -223,6 +231,7 @@ def test_a_marker_of_another_config_in_the_folder_keeps_its_outputs_until_replac
         def work(run):
             for name in names:
                 storage.write_bytes_atomic(run.output(name), name.encode())
+
         return work
 
     import shutil
@@ -257,7 +266,9 @@ def test_damaged_upstream_outputs_are_a_clear_error(tmp_path):
 
     execute_partition("up", 0, str(tmp_path), "h-up", _work_writing([1]))
     (tmp_path / "up" / "h-up" / "part-00000" / "out.parquet").unlink()
-    with pytest.raises(MissingInputError, match=r"up part-00000, whose outputs are damaged .*out.parquet is missing"):
+    with pytest.raises(
+        MissingInputError, match=r"up part-00000, whose outputs are damaged .*out.parquet is missing"
+    ):
         execute_partition("down", 0, str(tmp_path), "h", lambda run: None, inputs={"up": (0, "h-up")})
 
 
@@ -286,8 +297,14 @@ def test_a_second_process_waits_for_the_partition_then_skips_it(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3]
-    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=root, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)],
+        cwd=root,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(root)},
+    )
     assert first.stdout.readline().strip() == "working"
     chunks = list(_partition(tmp_path).rglob("chunk-*.parquet"))
     waiting = threading.Event()
@@ -301,8 +318,11 @@ def test_a_second_process_waits_for_the_partition_then_skips_it(tmp_path):
     logger.addHandler(Seen())
     logger.setLevel(logging.INFO)
     calls, result = [], {}
-    second = threading.Thread(target=lambda: result.update(
-        execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run), logger)))
+    second = threading.Thread(
+        target=lambda: result.update(
+            execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run), logger)
+        )
+    )
     second.start()
     assert waiting.wait(120), "the second process never waited for the lease"
     first.stdin.write("go on\n")
@@ -323,7 +343,9 @@ def test_a_lease_whose_owner_is_gone_is_taken_over(tmp_path, monkeypatch):
     lease.parent.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()
-    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()}))
+    lease.write_text(
+        json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "x", "heartbeat": time.time()})
+    )
     assert not execute_partition("stage", 0, str(tmp_path), "h1", _work_writing([1]))["skipped"]
     # another host's lease: taken over once its heartbeat is older than the TTL
     monkeypatch.setenv("EDITFORGE_LEASE_TTL_S", "1")
@@ -341,8 +363,19 @@ def test_only_the_projects_own_permanent_errors_are_permanent():
     from tasks.common.errors import InputError, MissingFileError, is_permanent
     from tasks.common.storage import UnreadableFileError, WriteError
 
-    for err in (InputError("x"), MissingFileError("x"), MissingInputError("x"), UnreadableFileError("x"),
-                WriteError("x", 28)):
+    for err in (
+        InputError("x"),
+        MissingFileError("x"),
+        MissingInputError("x"),
+        UnreadableFileError("x"),
+        WriteError("x", 28),
+    ):
         assert is_permanent(err), type(err).__name__
-    for err in (ValueError("x"), FileNotFoundError("x"), KeyError("x"), pa.ArrowInvalid("x"), OSError(28, "x")):
+    for err in (
+        ValueError("x"),
+        FileNotFoundError("x"),
+        KeyError("x"),
+        pa.ArrowInvalid("x"),
+        OSError(28, "x"),
+    ):
         assert not is_permanent(err), type(err).__name__  # a library's: retried unless the project wraps it

@@ -32,7 +32,9 @@ def test_tiny_weights_are_deterministic():
 def test_clip_tokenizer_uses_the_real_clip_vocabulary():
     comps = load_diffusion("tiny")
     text = "A watercolor painting of a red fox in the snow, trending on artstation"
-    ours = comps.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ours = comps.tokenizer(
+        text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     theirs = open_clip.get_tokenizer("ViT-B-32")([text])
     assert len(comps.tokenizer) == 49408
     assert torch.equal(ours[0][: int((theirs[0] != 0).sum())], theirs[0][theirs[0] != 0])
@@ -54,12 +56,15 @@ def test_tiny_lm_keeps_newlines():
     assert model.config.vocab_size == len(tok)
 
 
-@pytest.mark.parametrize("loader, preset, setting", [
-    (load_diffusion, "sd15", "models.diffusion_path"),
-    (load_diffusion, "sdxl", "models.diffusion_path"),
-    (load_clip, "vit-l-14", "models.clip_path"),
-    (load_lm, "Qwen/Qwen2.5-0.5B-Instruct", "models.lm_path"),
-])
+@pytest.mark.parametrize(
+    "loader, preset, setting",
+    [
+        (load_diffusion, "sd15", "models.diffusion_path"),
+        (load_diffusion, "sdxl", "models.diffusion_path"),
+        (load_clip, "vit-l-14", "models.clip_path"),
+        (load_lm, "Qwen/Qwen2.5-0.5B-Instruct", "models.lm_path"),
+    ],
+)
 def test_unavailable_real_weights_name_preset_and_setting(loader, preset, setting):
     with pytest.raises(ModelNotAvailableError) as err:
         loader(preset)
@@ -80,7 +85,9 @@ def test_model_path_errors_tell_missing_corrupt_and_not_downloaded_apart(tmp_pat
     shutil.copytree(ensure_tiny("diffusion"), broken)
     weights = next((broken / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])  # cut short
-    with pytest.raises(ModelNotAvailableError, match=r"could not be loaded .*incomplete or a file is corrupt"):
+    with pytest.raises(
+        ModelNotAvailableError, match=r"could not be loaded .*incomplete or a file is corrupt"
+    ):
         load_diffusion("sd15", str(broken))
     with pytest.raises(ModelNotAvailableError, match="not available offline"):
         load_diffusion("sd15")

@@ -85,7 +85,9 @@ def test_a_folder_whose_config_contradicts_the_preset_is_an_error(tmp_path):
 def test_a_checkpoint_of_another_architecture_and_a_pickle_are_clear_errors(tmp_path):
     other = tmp_path / "tiny.safetensors"
     other.write_bytes((ensure_tiny("clip") / "open_clip_model.safetensors").read_bytes())
-    with pytest.raises(ClipConfigMismatchError, match=r"does not fit models.clip=vit-l-14 \(ViT-L-14-quickgelu\)"):
+    with pytest.raises(
+        ClipConfigMismatchError, match=r"does not fit models.clip=vit-l-14 \(ViT-L-14-quickgelu\)"
+    ):
         load_clip("vit-l-14", str(other))
     pickle = tmp_path / "model.pt"
     pickle.write_bytes(b"not really")

@@ -10,8 +10,16 @@ def _samples():
     rows = []
     for cid, dirs in {"a": [0.5, 0.4, 0.3, 0.25, 0.9], "b": [0.1, 0.6]}.items():
         for seed, d in enumerate(dirs):
-            rows.append({"caption_id": cid, "seed": seed, "clip_sim_dir": d, "clip_sim_0": 0.3, "clip_sim_1": 0.3,
-                         "clip_sim_image": 0.8})
+            rows.append(
+                {
+                    "caption_id": cid,
+                    "seed": seed,
+                    "clip_sim_dir": d,
+                    "clip_sim_0": 0.3,
+                    "clip_sim_1": 0.3,
+                    "clip_sim_image": 0.8,
+                }
+            )
     rows[4]["clip_sim_image"] = 0.5  # a/4 has the best direction but fails the image-image threshold
     return pd.DataFrame(rows)
 

@@ -32,7 +32,10 @@ def test_weighted_precision_counts_each_pair_for_its_stratum():
     unweighted = stats.evaluate(rule, truth, np.ones(6))
     assert unweighted["precision"] == pytest.approx(4 / 5)
     # the interval is that of the effective size (14^2 / 104 ~ 1.9 pairs), much wider than of 5 pairs
-    assert out["precision_high"] - out["precision_low"] > unweighted["precision_high"] - unweighted["precision_low"]
+    assert (
+        out["precision_high"] - out["precision_low"]
+        > unweighted["precision_high"] - unweighted["precision_low"]
+    )
     assert out["passing"] == 5 and out["good"] == 5 and out["labelled"] == 6
 
 
@@ -58,27 +61,45 @@ def test_roc_area_of_a_perfect_a_useless_and_an_inverted_score():
 
 
 def test_people_truth_takes_the_majority_and_leaves_out_ties_and_unsure():
-    rows = [(0, "a", "good", "x"), (0, "a", "good", "y"), (0, "a", "wrong", "z"),   # 2 of 3: good
-            (0, "b", "good", "x"), (0, "b", "broken", "y"),                         # tie: left out
-            (0, "c", "unsure", "x"),                                                 # unsure only: left out
-            (0, "d", "wrong", "x"), (0, "d", "unsure", "y")]                         # wrong
+    rows = [
+        (0, "a", "good", "x"),
+        (0, "a", "good", "y"),
+        (0, "a", "wrong", "z"),  # 2 of 3: good
+        (0, "b", "good", "x"),
+        (0, "b", "broken", "y"),  # tie: left out
+        (0, "c", "unsure", "x"),  # unsure only: left out
+        (0, "d", "wrong", "x"),
+        (0, "d", "unsure", "y"),
+    ]  # wrong
     labels = pd.DataFrame(rows, columns=["partition", "sample_key", "label", "reviewer"]).assign(
-        pair_sha256="h", weight=2.0)
+        pair_sha256="h", weight=2.0
+    )
     truth = stats.people_truth(labels).set_index("sample_key")
     assert truth["good"].to_dict() == {"a": True, "d": False}
     assert truth.loc["a", "reviewers"] == 3 and truth.loc["a", "weight"] == 2.0
     agree = stats.reviewer_agreement(labels, min_shared=1)
-    assert {tuple(a["reviewers"]): a["shared"] for a in agree} == {("x", "y"): 2, ("x", "z"): 1, ("y", "z"): 1}
+    assert {tuple(a["reviewers"]): a["shared"] for a in agree} == {
+        ("x", "y"): 2,
+        ("x", "z"): 1,
+        ("y", "z"): 1,
+    }
 
 
 def _samples(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
     """Samples whose goodness rises with the direction score (and not with the others)."""
     rng = np.random.default_rng(seed)
     d = rng.uniform(0, 1, n)
-    df = pd.DataFrame({"caption_id": [f"c{i // 4}" for i in range(n)], "seed": np.arange(n),
-                       "clip_sim_dir": d, "clip_sim_image": rng.uniform(0.3, 1, n),
-                       "clip_sim_0": rng.uniform(0.5, 1, n), "clip_sim_1": rng.uniform(0.5, 1, n)})
-    good = rng.uniform(0, 1, n) < d ** 2
+    df = pd.DataFrame(
+        {
+            "caption_id": [f"c{i // 4}" for i in range(n)],
+            "seed": np.arange(n),
+            "clip_sim_dir": d,
+            "clip_sim_image": rng.uniform(0.3, 1, n),
+            "clip_sim_0": rng.uniform(0.5, 1, n),
+            "clip_sim_1": rng.uniform(0.5, 1, n),
+        }
+    )
+    good = rng.uniform(0, 1, n) < d**2
     return df, good
 
 
@@ -98,8 +119,16 @@ def test_search_finds_thresholds_that_hold_their_precision_on_held_out_pairs():
 
 def test_search_needs_enough_passing_pairs():
     d = np.linspace(0, 1, 40)
-    df = pd.DataFrame({"caption_id": [f"c{i}" for i in range(40)], "seed": 0, "clip_sim_dir": d,
-                       "clip_sim_image": 0.9, "clip_sim_0": 0.9, "clip_sim_1": 0.9})
+    df = pd.DataFrame(
+        {
+            "caption_id": [f"c{i}" for i in range(40)],
+            "seed": 0,
+            "clip_sim_dir": d,
+            "clip_sim_image": 0.9,
+            "clip_sim_0": 0.9,
+            "clip_sim_1": 0.9,
+        }
+    )
     good = d >= 0.5  # 20 good pairs, the highest directional similarities
     base = Selection(clip_image_threshold=0.3, clip_caption_threshold=0.5, clip_direction_threshold=0.0)
     found = stats.search(df, good, np.ones(40), base, ("clip",), target=0.5, min_passing=25)["found"]
@@ -130,5 +159,6 @@ def test_the_grid_search_and_one_rule_give_the_same_estimate():
     rule = stats.clip_rules(df, base.model_copy(update=found["thresholds"]))["CLIP (all three)"]
     one = stats.evaluate(rule, good, w, groups=groups)
     assert (one["precision"], one["precision_low"], one["recall"]) == pytest.approx(
-        (found["precision"], found["precision_low"], found["recall"]))
+        (found["precision"], found["precision_low"], found["recall"])
+    )
     assert one["passing"] == found["passing"]

@@ -18,18 +18,29 @@ IMAGE = [0.90, 0.76, 0.90, 0.90, 0.90, 0.90]  # the second passes 0.75 but not a
 
 def render_output(root, save_images: str, overrides=()):
     cfg = load_config("paper", [f"output_root={root}", f"render.save_images={save_images}", *overrides])
-    df = pd.DataFrame({
-        "caption_id": "c0", "sample_key": [f"c0_{i}" for i in range(6)], "seed": range(6),
-        "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": DIRS, "clip_sim_image": IMAGE,
-        "early_rejected": False,
-    })
+    df = pd.DataFrame(
+        {
+            "caption_id": "c0",
+            "sample_key": [f"c0_{i}" for i in range(6)],
+            "seed": range(6),
+            "clip_sim_0": 0.3,
+            "clip_sim_1": 0.3,
+            "clip_sim_dir": DIRS,
+            "clip_sim_image": IMAGE,
+            "early_rejected": False,
+        }
+    )
     from tasks.common.selection import passes
 
     df["passed"] = passes(df, cfg.render.keep)
     df["kept"] = select_top_k(df, cfg.render.keep)
-    df["image_stored"] = {"kept": df["kept"], "passed": df["passed"], "all": pd.Series(True, index=df.index)}[save_images]
+    df["image_stored"] = {"kept": df["kept"], "passed": df["passed"], "all": pd.Series(True, index=df.index)}[
+        save_images
+    ]
     storage.write_parquet_atomic(f"{partition_url(cfg, 'render')}/samples.parquet", df)
-    storage.write_json_atomic(f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
+    storage.write_json_atomic(
+        f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")}
+    )
     return cfg
 
 
@@ -63,14 +74,24 @@ def test_selection_beyond_stored_images_is_counted_not_replaced(tmp_path, caplog
     assert "render.save_images=passed" in caplog.text
 
 
-@pytest.mark.parametrize("save_images, expected", [
-    ("passed", ["c0_0", "c0_1", "c0_2", "c0_3", "c0_4"]),          # a larger top-k within the passing ones
-    ("all", ["c0_0", "c0_1", "c0_2", "c0_3", "c0_4", "c0_5"]),     # and looser thresholds too
-])
+@pytest.mark.parametrize(
+    "save_images, expected",
+    [
+        ("passed", ["c0_0", "c0_1", "c0_2", "c0_3", "c0_4"]),  # a larger top-k within the passing ones
+        ("all", ["c0_0", "c0_1", "c0_2", "c0_3", "c0_4", "c0_5"]),  # and looser thresholds too
+    ],
+)
 def test_stored_headroom_allows_larger_selections(tmp_path, save_images, expected):
     render_output(tmp_path, save_images)
-    cfg = load_config("paper", [f"output_root={tmp_path}", f"render.save_images={save_images}", "filter.top_k=6",
-                                "filter.clip_direction_threshold=0.0"])
+    cfg = load_config(
+        "paper",
+        [
+            f"output_root={tmp_path}",
+            f"render.save_images={save_images}",
+            "filter.top_k=6",
+            "filter.clip_direction_threshold=0.0",
+        ],
+    )
     manifest = run_filter(cfg, 0)
     missing = {"passed": 1, "all": 0}[save_images]  # c0_5 failed render's threshold: no image under `passed`
     assert kept(cfg) == expected[: 6 - missing] and manifest["rejected"].get("image_not_stored", 0) == missing

@@ -21,7 +21,12 @@ def test_both_formats_share_the_split_and_the_paper_completion():
     triplets = load_triplets(default_triplets_path())
     train, val = split_train_val(triplets, 0.1, 0)
     files = finetune_files(train, val)
-    assert sorted(files) == ["train.chat.jsonl", "train.completion.jsonl", "val.chat.jsonl", "val.completion.jsonl"]
+    assert sorted(files) == [
+        "train.chat.jsonl",
+        "train.completion.jsonl",
+        "val.chat.jsonl",
+        "val.completion.jsonl",
+    ]
     comp, chat = _lines(files["train.completion.jsonl"]), _lines(files["train.chat.jsonl"])
     assert len(comp) == len(chat) == len(train) and len(_lines(files["val.chat.jsonl"])) == len(val) > 0
     t = train[0]
@@ -37,7 +42,11 @@ def test_both_formats_share_the_split_and_the_paper_completion():
 def test_generation_requests_use_the_same_templates():
     cfg = load_config("demo", ["text.openai.endpoint=chat"])
     body = request_body(cfg.text, "m", "abc", "a cat")
-    assert body["messages"] == chat_messages("a cat") == chat_example("a cat", "make it a dog", "a dog")["messages"][:2]
+    assert (
+        body["messages"]
+        == chat_messages("a cat")
+        == chat_example("a cat", "make it a dog", "a dog")["messages"][:2]
+    )
     assert body["seed"] == caption_seed(cfg.text.seed, "abc") and body["stop"] == ["\nEND"]
     assert (body["temperature"], body["top_p"], body["frequency_penalty"]) == (0.7, 1.0, 0.1)
     comp = request_body(load_config("demo", ["text.openai.endpoint=completions"]).text, "m", "abc", "a cat")

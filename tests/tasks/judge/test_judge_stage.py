@@ -42,15 +42,29 @@ def test_scores_are_parsed_stored_priced_and_filtered(fake, tmp_path):
         instruction = samples.set_index("sample_key").at[row.sample_key, "edit"]
         answer = json.loads(fake_judgment(instruction, row.vlm_input_sha))
         assert (row.vlm_instruction, row.vlm_preservation, row.vlm_quality) == (
-            answer["instruction_followed"], answer["preservation"], answer["quality"])
-        assert row.vlm_score == pytest.approx(math.sqrt(min(row.vlm_instruction, row.vlm_preservation) * row.vlm_quality))
+            answer["instruction_followed"],
+            answer["preservation"],
+            answer["quality"],
+        )
+        assert row.vlm_score == pytest.approx(
+            math.sqrt(min(row.vlm_instruction, row.vlm_preservation) * row.vlm_quality)
+        )
         assert row.vlm_raw == fake_judgment(instruction, row.vlm_input_sha)
         assert row.vlm_prompt_tokens > 170 and row.vlm_completion_tokens > 0  # two images at 85 tokens each
     price = cfg.judges.vlm.prices["gpt-4o-mini"]
-    expected = (got["vlm_prompt_tokens"] * price.input_per_mtok + got["vlm_completion_tokens"] * price.output_per_mtok) / 1e6
+    expected = (
+        got["vlm_prompt_tokens"] * price.input_per_mtok + got["vlm_completion_tokens"] * price.output_per_mtok
+    ) / 1e6
     np.testing.assert_allclose(got["vlm_cost_usd"], expected)
-    assert manifest["counts"]["in"] == manifest["counts"]["vlm_judged"] == manifest["counts"]["out"] == len(cands)
-    assert manifest["vlm_cost_usd"] == pytest.approx(expected.sum()) and manifest["vlm_cost_per_judged_usd"] > 0
+    assert (
+        manifest["counts"]["in"]
+        == manifest["counts"]["vlm_judged"]
+        == manifest["counts"]["out"]
+        == len(cands)
+    )
+    assert (
+        manifest["vlm_cost_usd"] == pytest.approx(expected.sum()) and manifest["vlm_cost_per_judged_usd"] > 0
+    )
     assert manifest["counts"]["requests_answered"] == len(cands) == sum(fake.state.judged().values())
 
     filtered = run_filter(cfg, 0)
@@ -100,7 +114,11 @@ def test_429_and_5xx_storms_are_survived_with_every_candidate_judged_once(fake, 
 
 
 # count-placed faults: chunks of exactly `checkpoint_every` answers (no flush by the clock)
-COUNTED = ("judges.vlm.checkpoint_every=3", "judges.vlm.checkpoint_interval_s=3600", "judges.vlm.concurrency=4")
+COUNTED = (
+    "judges.vlm.checkpoint_every=3",
+    "judges.vlm.checkpoint_interval_s=3600",
+    "judges.vlm.concurrency=4",
+)
 
 
 def _reference(fake, root: Path, *settings: str) -> bytes:
@@ -114,7 +132,9 @@ def _checkpointed(cfg) -> pd.DataFrame:
     from tasks.common.contract import Checkpoint
     from tasks.common.layout import progress_dir
 
-    return Checkpoint(progress_dir(partition_url(cfg, "judge"), stage_hash(cfg, "judge")), "sample_key").load()
+    return Checkpoint(
+        progress_dir(partition_url(cfg, "judge"), stage_hash(cfg, "judge")), "sample_key"
+    ).load()
 
 
 def test_a_kill_mid_run_then_resume_asks_no_judged_sample_again(fake, tmp_path):
@@ -171,10 +191,16 @@ def test_a_sigkill_after_the_second_chunk_then_resume_writes_the_clean_bytes(fak
     cfg = judge_config(fake, root, *COUNTED)
     fake_render(cfg, triplets=12)
     fake.state.reset()
-    args = stop_after_writes(2, "*/judge/*/_progress/*/chunk-*.parquet", "-c", KILLED_JUDGE,
-                             json.dumps(judge_overrides(fake, root, *COUNTED)))
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)},
-                            start_new_session=True)
+    args = stop_after_writes(
+        2,
+        "*/judge/*/_progress/*/chunk-*.parquet",
+        "-c",
+        KILLED_JUDGE,
+        json.dumps(judge_overrides(fake, root, *COUNTED)),
+    )
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)}, start_new_session=True
+    )
     try:
         wait_stopped(proc.pid)
     finally:
@@ -191,7 +217,16 @@ def test_a_sigkill_after_the_second_chunk_then_resume_writes_the_clean_bytes(fak
     assert (Path(partition_url(cfg, "judge")) / "judgments.parquet").read_bytes() == reference
 
 
-PROXY_FAULTS = {1: "reset", 3: "lost", 4: "partial", 6: "slow", 8: "stall", 9: "partial", 12: "reset", 14: "lost"}
+PROXY_FAULTS = {
+    1: "reset",
+    3: "lost",
+    4: "partial",
+    6: "slow",
+    8: "stall",
+    9: "partial",
+    12: "reset",
+    14: "lost",
+}
 
 
 def test_a_fault_proxy_resets_cuts_and_slows_answers_and_the_judgments_are_the_clean_bytes(fake, tmp_path):
@@ -199,8 +234,13 @@ def test_a_fault_proxy_resets_cuts_and_slows_answers_and_the_judgments_are_the_c
     slow stream and one that never comes (the request deadline) — each placed by its request number."""
     reference = _reference(fake, tmp_path / "clean", *COUNTED)
     with FaultProxy(fake.base_url, PROXY_FAULTS) as proxy:
-        cfg = judge_config(fake, tmp_path / "proxied", *COUNTED, f"judges.vlm.base_url={proxy.base_url}",
-                           "judges.vlm.request_timeout_s=3")
+        cfg = judge_config(
+            fake,
+            tmp_path / "proxied",
+            *COUNTED,
+            f"judges.vlm.base_url={proxy.base_url}",
+            "judges.vlm.request_timeout_s=3",
+        )
         fake_render(cfg, triplets=12)
         manifest = run_judge(cfg, 0)
     assert proxy.faults_done() == {"reset": 2, "lost": 2, "partial": 2, "slow": 1, "stall": 1}
@@ -224,7 +264,9 @@ def test_batch_mode_judges_as_online_at_the_batch_price(fake, tmp_path):
     assert b["vlm_batch"].all() and not a["vlm_batch"].any()
     np.testing.assert_allclose(b["vlm_cost_usd"], a["vlm_cost_usd"] * 0.5)
     jobs = -(-len(b) // 4)
-    assert manifest["counts"]["batch_jobs_created"] == jobs and manifest["counts"]["vlm_batch_answered"] == len(b)
+    assert manifest["counts"]["batch_jobs_created"] == jobs and manifest["counts"][
+        "vlm_batch_answered"
+    ] == len(b)
     assert not [r for r in fake.state.requests if r["path"] == "/v1/chat/completions"]  # nothing online
 
 
@@ -247,8 +289,11 @@ def test_missing_key_names_the_variable(fake, tmp_path, monkeypatch):
     cfg = judge_config(fake, tmp_path, "judges.vlm.api_key_env=EDITFORGE_NO_SUCH_JUDGE_KEY")
     fake_render(cfg)
     monkeypatch.delenv("EDITFORGE_NO_SUCH_JUDGE_KEY", raising=False)
-    with pytest.raises(MissingAPIKeyError, match="judges.vlm.api_key_env.*EDITFORGE_NO_SUCH_JUDGE_KEY|"
-                                                 "EDITFORGE_NO_SUCH_JUDGE_KEY.*judges.vlm.api_key_env"):
+    with pytest.raises(
+        MissingAPIKeyError,
+        match="judges.vlm.api_key_env.*EDITFORGE_NO_SUCH_JUDGE_KEY|"
+        "EDITFORGE_NO_SUCH_JUDGE_KEY.*judges.vlm.api_key_env",
+    ):
         run_judge(cfg, 0)
     assert not (Path(partition_url(cfg, "judge")) / "_SUCCESS.json").exists()
 
@@ -284,8 +329,14 @@ def test_a_new_judge_threshold_or_order_re_selects_without_a_render_or_judge_cal
 
 def _overrides(cfg) -> dict[str, str]:
     v = cfg.judges.vlm
-    return {"output_root": cfg.output_root, "render.save_images": "passed", "judges.vlm.enabled": "true",
-            "judges.vlm.base_url": v.base_url, "judges.vlm.api_key_env": v.api_key_env, "judges.vlm.model": v.model}
+    return {
+        "output_root": cfg.output_root,
+        "render.save_images": "passed",
+        "judges.vlm.enabled": "true",
+        "judges.vlm.base_url": v.base_url,
+        "judges.vlm.api_key_env": v.api_key_env,
+        "judges.vlm.model": v.model,
+    }
 
 
 def test_estimate_reports_tokens_and_cost_per_judged_sample_and_kept_pair(fake, tmp_path):
@@ -306,8 +357,13 @@ def test_estimate_reports_tokens_and_cost_per_judged_sample_and_kept_pair(fake, 
 
 def test_recorded_batch_jobs_are_polled_not_created_again(fake, tmp_path):
     fake.knobs.batch_polls = 10_000
-    cfg = judge_config(fake, tmp_path, "judges.vlm.mode=batch", "judges.vlm.batch_max_requests=4",
-                       "judges.vlm.poll_timeout_s=0.2")
+    cfg = judge_config(
+        fake,
+        tmp_path,
+        "judges.vlm.mode=batch",
+        "judges.vlm.batch_max_requests=4",
+        "judges.vlm.poll_timeout_s=0.2",
+    )
     fake_render(cfg)
     with pytest.raises(TimeoutError, match="re-run to keep polling"):
         run_judge(cfg, 0)
@@ -316,7 +372,9 @@ def test_recorded_batch_jobs_are_polled_not_created_again(fake, tmp_path):
     manifest = run_judge(cfg, 0)
     assert manifest["counts"]["batch_jobs_resumed"] == len(created) > 0
     assert "batch_jobs_created" not in manifest["counts"]
-    assert len([r for r in fake.state.requests if r["path"] == "/v1/batches"]) == len(created)  # no new job paid for
+    assert len([r for r in fake.state.requests if r["path"] == "/v1/batches"]) == len(
+        created
+    )  # no new job paid for
     assert (judgments(cfg)["vlm_status"] == "ok").all() and judgments(cfg)["vlm_batch"].all()
 
 
@@ -326,8 +384,11 @@ def test_key_from_a_prefect_secret_block(fake, tmp_path, monkeypatch):
     from prefect.blocks.system import Secret
 
     loaded: list[str] = []
-    monkeypatch.setattr(Secret, "load", staticmethod(lambda name, *a, **k: loaded.append(name)
-                                                     or SimpleNamespace(get=lambda: API_KEY)))
+    monkeypatch.setattr(
+        Secret,
+        "load",
+        staticmethod(lambda name, *a, **k: loaded.append(name) or SimpleNamespace(get=lambda: API_KEY)),
+    )
     monkeypatch.delenv("EDITFORGE_TEST_JUDGE_KEY")
     cfg = judge_config(fake, tmp_path, "judges.vlm.api_key_secret=editforge-judge")
     fake_render(cfg)

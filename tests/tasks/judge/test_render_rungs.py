@@ -20,15 +20,33 @@ from tasks.render.stage import run as run_render
 
 pytestmark = pytest.mark.component
 
-TRIPLETS = pd.DataFrame([
-    {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
-     "output": f"a photo of a dog number {i}", "status": "ok"} for i in range(4)])
+TRIPLETS = pd.DataFrame(
+    [
+        {
+            "caption_id": f"{i:016x}",
+            "input": f"a photo of a cat number {i}",
+            "edit": "make it a dog",
+            "output": f"a photo of a dog number {i}",
+            "status": "ok",
+        }
+        for i in range(4)
+    ]
+)
 
 
 def config(root, *overrides):
-    cfg = load_config("demo", [f"output_root={root}", "render.steps=4", "render.adaptive.enabled=false",
-                               "render.early_reject.at=null", "render.samples_per_triplet=6",
-                               "render.save_images=passed", *overrides])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={root}",
+            "render.steps=4",
+            "render.adaptive.enabled=false",
+            "render.early_reject.at=null",
+            "render.samples_per_triplet=6",
+            "render.save_images=passed",
+            *overrides,
+        ],
+    )
     text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
     storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
@@ -47,14 +65,20 @@ def renderer():
 @pytest.fixture(scope="module")
 def thresholds(tmp_path_factory, renderer) -> list[str]:
     """Thresholds at the medians of what these renders score, so that each rung rejects some."""
-    cfg = config(tmp_path_factory.mktemp("open"), "render.keep.dino_threshold=-1", "render.keep.ssim_min=-1",
-                 "render.keep.ssim_max=1")
+    cfg = config(
+        tmp_path_factory.mktemp("open"),
+        "render.keep.dino_threshold=-1",
+        "render.keep.ssim_min=-1",
+        "render.keep.ssim_max=1",
+    )
     run_render(cfg, 0, renderer=renderer)
     df = samples(cfg)
     scored = df[df["ssim"].notna()]
-    return [f"render.keep.dino_threshold={scored['dino_similarity'].quantile(0.3):.6f}",
-            f"render.keep.ssim_min={scored['ssim'].quantile(0.2):.6f}",
-            f"render.keep.ssim_max={scored['ssim'].quantile(0.9):.6f}"]
+    return [
+        f"render.keep.dino_threshold={scored['dino_similarity'].quantile(0.3):.6f}",
+        f"render.keep.ssim_min={scored['ssim'].quantile(0.2):.6f}",
+        f"render.keep.ssim_max={scored['ssim'].quantile(0.9):.6f}",
+    ]
 
 
 def test_rungs_score_only_what_passed_below_and_count_rejections_by_reason(tmp_path, renderer, thresholds):
@@ -73,8 +97,12 @@ def test_rungs_score_only_what_passed_below_and_count_rejections_by_reason(tmp_p
     assert {"dino_similarity", "ssim_low", "ssim_high"} <= set(reasons)
     assert {k: manifest["rejected"][k] for k in reasons} == reasons
     c = manifest["counts"]
-    assert (c["ladder_clip_in"], c["ladder_clip_passed"], c["ladder_dino_passed"], c["ladder_ssim_passed"]) == (
-        len(df), int(clip_ok.sum()), int(dino_ok.sum()), int(df["passed"].sum()))
+    assert (
+        c["ladder_clip_in"],
+        c["ladder_clip_passed"],
+        c["ladder_dino_passed"],
+        c["ladder_ssim_passed"],
+    ) == (len(df), int(clip_ok.sum()), int(dino_ok.sum()), int(df["passed"].sum()))
     assert manifest["judges"]["dino"] == "tiny" and "torchmetrics" in manifest["judges"]["ssim"]
     assert df["image_stored"].equals(df["passed"])  # save_images=passed: every pair through the ladder
     assert {"dino_similarity", "ssim"} <= set(manifest["quantiles"])

@@ -31,22 +31,51 @@ def _prepare(root, cfg, n=5):
         key = f"{cid}_{seed}"
         storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'input')}", _png(10 * i))
         storage.write_bytes_atomic(f"{render_dir}/{image_name(key, 'edited')}", _png(10 * i + 5))
-        rows.append({"caption_id": cid, "sample_key": key, "seed": seed, "p2p_p": 0.5,
-                     "cfg_scale": 8.0, "clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.25,
-                     "clip_sim_image": 0.8, "input": f"a house {i}", "edit": "make it red", "output": f"a red house {i}"})
+        rows.append(
+            {
+                "caption_id": cid,
+                "sample_key": key,
+                "seed": seed,
+                "p2p_p": 0.5,
+                "cfg_scale": 8.0,
+                "clip_sim_0": 0.3,
+                "clip_sim_1": 0.3,
+                "clip_sim_dir": 0.25,
+                "clip_sim_image": 0.8,
+                "input": f"a house {i}",
+                "edit": "make it red",
+                "output": f"a red house {i}",
+            }
+        )
     storage.write_parquet_atomic(f"{partition_url(cfg, 'filter')}/kept.parquet", pd.DataFrame(rows))
-    storage.write_parquet_atomic(f"{partition_url(cfg, 'captions')}/captions.parquet", pd.DataFrame(
-        {"caption_id": [r["caption_id"] for r in rows], "url": [f"https://x/{i}.jpg" for i in range(n)],
-         "aesthetic_score": [7.0] * n}))
+    storage.write_parquet_atomic(
+        f"{partition_url(cfg, 'captions')}/captions.parquet",
+        pd.DataFrame(
+            {
+                "caption_id": [r["caption_id"] for r in rows],
+                "url": [f"https://x/{i}.jpg" for i in range(n)],
+                "aesthetic_score": [7.0] * n,
+            }
+        ),
+    )
     # the partitions pack reads finished under this config (pack refuses unfinished or stale inputs)
     for stage in ("filter", "render", "captions"):
-        storage.write_json_atomic(f"{partition_url(cfg, stage)}/_SUCCESS.json", {"config_hash": stage_hash(cfg, stage)})
+        storage.write_json_atomic(
+            f"{partition_url(cfg, stage)}/_SUCCESS.json", {"config_hash": stage_hash(cfg, stage)}
+        )
 
 
 @pytest.fixture
 def cfg(tmp_path):
-    return load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.shard_max_samples=2",
-                                "pack.val_fraction=0.0"])
+    return load_config(
+        "demo",
+        [
+            f"output_root={tmp_path}",
+            "captions.num_partitions=1",
+            "pack.shard_max_samples=2",
+            "pack.val_fraction=0.0",
+        ],
+    )
 
 
 def test_shards_are_readable_by_webdataset(cfg, tmp_path):
@@ -96,13 +125,26 @@ def test_split_is_per_triplet_and_deterministic():
 def test_hugging_face_export_has_the_released_columns(tmp_path):
     import pyarrow.parquet as pq
 
-    cfg = load_config("demo", [f"output_root={tmp_path}", "captions.num_partitions=1", "pack.hf_export=true",
-                               "pack.val_fraction=0.0"])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={tmp_path}",
+            "captions.num_partitions=1",
+            "pack.hf_export=true",
+            "pack.val_fraction=0.0",
+        ],
+    )
     _prepare(str(tmp_path), cfg, n=3)
     index = write_index(cfg, [run_pack(cfg, 0)])
     (url,) = index["hf_parquet"]["train"]
     table = pq.read_table(url)
-    assert table.column_names == ["original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"]
+    assert table.column_names == [
+        "original_prompt",
+        "original_image",
+        "edit_prompt",
+        "edited_prompt",
+        "edited_image",
+    ]
     assert b"huggingface" in table.schema.metadata
     row = table.to_pylist()[0]
     assert row["original_prompt"] == "a house 0" and row["edit_prompt"] == "make it red"
@@ -131,6 +173,10 @@ def test_jpeg_quality_defaults_to_the_reference_100():
         return float(np.abs(np.asarray(Image.open(io.BytesIO(data)), dtype=float) - pixels).mean())
 
     assert load_config("paper").pack.quality == 100
-    best, default, low = encode_image(buf.getvalue(), "jpg", 100), encode_image(buf.getvalue(), "jpg"), encode_image(buf.getvalue(), "jpg", 50)
+    best, default, low = (
+        encode_image(buf.getvalue(), "jpg", 100),
+        encode_image(buf.getvalue(), "jpg"),
+        encode_image(buf.getvalue(), "jpg", 50),
+    )
     assert best == default and error(best) < error(low)
     assert encode_image(buf.getvalue(), "png") == buf.getvalue()  # lossless stays byte-identical

@@ -27,7 +27,9 @@ def self_attn():
 @pytest.fixture(scope="module")
 def cross_attn():
     torch.manual_seed(1)
-    return Attention(query_dim=HEADS * DIM_HEAD, cross_attention_dim=CTX_DIM, heads=HEADS, dim_head=DIM_HEAD).eval()
+    return Attention(
+        query_dim=HEADS * DIM_HEAD, cross_attention_dim=CTX_DIM, heads=HEADS, dim_head=DIM_HEAD
+    ).eval()
 
 
 def _control(active):
@@ -101,8 +103,12 @@ def test_control_schedule_p2p_rule():
 
 
 def test_control_select_compacts_in_place():
-    control = AttentionControl.for_samples([0.2, 0.9, 0.5], [0.1, 0.2, 0.3],
-                                           cross_index=torch.arange(12).view(3, 4), cross_alpha=torch.ones(3, 4))
+    control = AttentionControl.for_samples(
+        [0.2, 0.9, 0.5],
+        [0.1, 0.2, 0.3],
+        cross_index=torch.arange(12).view(3, 4),
+        cross_alpha=torch.ones(3, 4),
+    )
     control.begin_step(1, 5)  # 1/4 = 0.25: samples 1 and 2 share
     assert control.active.tolist() == [False, True, True]
     control.select(torch.tensor([True, False, True]))
@@ -144,9 +150,12 @@ def test_inactive_and_cross_attention_untouched(self_attn, cross_attn):
     x = torch.randn(4 * N, SEQ, HEADS * DIM_HEAD)
     ctx = torch.randn(4 * N, CTX, CTX_DIM)
     with torch.inference_mode():
-        assert torch.equal(SharedSelfAttnProcessor(_control([False] * N))(self_attn, x), AttnProcessor2_0()(self_attn, x))
         assert torch.equal(
-            SharedSelfAttnProcessor(_control([True] * N))(cross_attn, x, ctx), AttnProcessor2_0()(cross_attn, x, ctx)
+            SharedSelfAttnProcessor(_control([False] * N))(self_attn, x), AttnProcessor2_0()(self_attn, x)
+        )
+        assert torch.equal(
+            SharedSelfAttnProcessor(_control([True] * N))(cross_attn, x, ctx),
+            AttnProcessor2_0()(cross_attn, x, ctx),
         )
         with pytest.raises(ValueError):
             SharedSelfAttnProcessor(_control([True] * N))(self_attn, x[:8])
@@ -157,7 +166,9 @@ def test_prompt_to_prompt_replace_cross(cross_attn):
     x = torch.randn(4 * N, SEQ, HEADS * DIM_HEAD)
     ctx = torch.randn(4 * N, CTX, CTX_DIM)
     index = torch.arange(CTX).repeat(N, 1)
-    control = AttentionControl.for_samples([0.0] * N, [1.0] * N, cross_index=index, cross_alpha=torch.ones(N, CTX))
+    control = AttentionControl.for_samples(
+        [0.0] * N, [1.0] * N, cross_index=index, cross_alpha=torch.ones(N, CTX)
+    )
     control.begin_step(0, 4)
     control.cross_active = torch.tensor([True, False, True])
     with torch.inference_mode():
@@ -203,9 +214,14 @@ def test_install_and_remove(self_attn):
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, norm_num_groups=8,
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        cross_attention_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        norm_num_groups=8,
     )
     control = AttentionControl.for_samples([0.5])
     install_attention(unet, "ip2p", control)
@@ -235,9 +251,11 @@ def test_layout_without_guidance_is_the_conditional_half(self_attn):
     with torch.inference_mode():
         alone = SharedSelfAttnProcessor(control)(self_attn, x)
         explicit = ExplicitSharedSelfAttnProcessor(control)(self_attn, x)
-        within = SharedSelfAttnProcessor(guided)(self_attn, torch.cat([torch.randn_like(x), x]))[2 * N:]
+        within = SharedSelfAttnProcessor(guided)(self_attn, torch.cat([torch.randn_like(x), x]))[2 * N :]
         default = AttnProcessor2_0()(self_attn, x)
-    torch.testing.assert_close(alone, within, atol=1e-6, rtol=1e-5)  # the same rows as the guided batch's cond half
+    torch.testing.assert_close(
+        alone, within, atol=1e-6, rtol=1e-5
+    )  # the same rows as the guided batch's cond half
     torch.testing.assert_close(alone, explicit, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(alone[1], default[1], atol=1e-4)  # sample 0's after row is shared
     torch.testing.assert_close(alone[3], default[3], atol=1e-6, rtol=1e-5)  # sample 1 is not sharing

@@ -25,8 +25,16 @@ def branches(seed, captions=CAT, k=K, name="cat"):
 
 def settings(**kw):
     # p over [0, 1] and a high cfg: the stop steps spread out and sharing moves the after image visibly
-    return RenderSettings(**{"steps": STEPS, "height": SIZE, "width": SIZE, "p_range": (0.0, 1.0),
-                             "cfg_range": (15.0, 15.0), **kw})
+    return RenderSettings(
+        **{
+            "steps": STEPS,
+            "height": SIZE,
+            "width": SIZE,
+            "p_range": (0.0, 1.0),
+            "cfg_range": (15.0, 15.0),
+            **kw,
+        }
+    )
 
 
 def stops(batch, steps=STEPS):
@@ -44,6 +52,7 @@ def components():
 
 # ---- the draws ----
 
+
 def test_branch_params_are_stratified_from_the_seed():
     for seed in (0, 1234, 2**32 - 5):
         plain = sample_params(seed, (7.5, 15), (0.1, 0.9))
@@ -60,11 +69,18 @@ def test_branch_params_are_stratified_from_the_seed():
 
 # ---- the key property: a branch is the independent render of its (seed, cfg, p) ----
 
-@pytest.mark.parametrize("scheduler, guidance", [("euler_ancestral", True), ("euler_ancestral", False),
-                                                 ("dpmpp_2m", True)])
-def test_a_branched_sample_equals_the_independent_sample_with_its_seed_cfg_and_p(components, scheduler, guidance):
-    comps = components if scheduler == "euler_ancestral" else dataclasses.replace(
-        components, scheduler=make_scheduler(scheduler, components.source))
+
+@pytest.mark.parametrize(
+    "scheduler, guidance", [("euler_ancestral", True), ("euler_ancestral", False), ("dpmpp_2m", True)]
+)
+def test_a_branched_sample_equals_the_independent_sample_with_its_seed_cfg_and_p(
+    components, scheduler, guidance
+):
+    comps = (
+        components
+        if scheduler == "euler_ancestral"
+        else dataclasses.replace(components, scheduler=make_scheduler(scheduler, components.source))
+    )
     s = settings(guidance=guidance)
     requests = [*branches(1234), PairRequest("house", *HOUSE, 77), *branches(99, HOUSE, name="h")]
     tree = render_pairs(comps, requests, s)
@@ -104,6 +120,7 @@ def test_branches_with_one_stop_step_share_one_lane(components):
 
 # ---- UNet calls ----
 
+
 def unet_rows(components):
     seen = []
     return seen, components.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
@@ -128,7 +145,9 @@ def test_unet_call_accounting(components, guidance):
             own = STEPS if i == primary else STEPS - st[i]
             assert tree.unet_steps[i] == own
             assert tree.unet_images[i] == (2 * halves * STEPS if i == primary else halves * own)
-        assert sum(tree.unet_steps[i] for i in group) == STEPS + sum(STEPS - st[i] for i in group if i != primary)
+        assert sum(tree.unet_steps[i] for i in group) == STEPS + sum(
+            STEPS - st[i] for i in group if i != primary
+        )
     assert tree.unet_steps[-1] == STEPS and tree.unet_images[-1] == 2 * halves * STEPS  # a plain sample
     # against the same samples rendered independently
     seen.clear()
@@ -142,6 +161,7 @@ def test_unet_call_accounting(components, guidance):
 
 
 # ---- early rejection drops single branches ----
+
 
 class ContentJudge:
     """Rejects a preview pair iff its after image is within 1e-5 of one of ``targets`` (a function of the
@@ -184,7 +204,8 @@ def test_early_rejection_drops_branches_individually(components, which):
         one = render_pairs(components, [r], settings(), early=EarlyRejection(after, ContentJudge([target])))
         assert one.early_rejected[0] == tree.early_rejected[i]
         assert float(tree.early_metrics["clip_sim_dir"][i]) == pytest.approx(
-            float(one.early_metrics["clip_sim_dir"][0]), abs=1e-6)
+            float(one.early_metrics["clip_sim_dir"][0]), abs=1e-6
+        )
         if not one.early_rejected[0]:
             assert gap(tree.after[i], one.after[0]) < ATOL and gap(tree.before[i], one.before[0]) < ATOL
             assert gap(tree.after[i], full.after[i]) < ATOL
@@ -194,7 +215,9 @@ def test_early_rejection_drops_branches_individually(components, which):
     primary = max(range(K), key=lambda i: (st[i], -i))  # the branch that stops last: the trunk is its row
     if which == "trunk":
         first = forked[0]  # takes the pair's place: solo steps until the drop, pair steps after
-        assert tree.unet_steps[primary] == after and all(tree.unet_steps[b] == 0 for b in riding if b != primary)
+        assert tree.unet_steps[primary] == after and all(
+            tree.unet_steps[b] == 0 for b in riding if b != primary
+        )
         assert tree.unet_steps[first] == STEPS - st[first]
         assert tree.unet_images[first] == 2 * (after - st[first]) + 4 * (STEPS - after)
     else:
@@ -202,6 +225,7 @@ def test_early_rejection_drops_branches_individually(components, which):
 
 
 # ---- the plan: seed groups ----
+
 
 def test_the_plan_keeps_a_seeds_branches_together_and_caps_passes_per_seed():
     policy = SamplingPolicy(max_samples=8, round_size=4, target_passed=2, group=2, per_group=1)

@@ -35,14 +35,24 @@ SELECTION = Selection(clip_image_threshold=0.75, clip_caption_threshold=0.2, cli
 STEPS, AFTER = 10, 2
 # (early direction, final direction) per sample; the other metrics pass comfortably, early and final, so
 # the direction alone decides: final pass <=> final direction >= 0.2
-HAND = [(0.05, 0.05), (0.10, 0.10), (0.12, 0.25), (0.16, 0.10), (0.17, 0.10), (0.18, 0.15), (0.22, 0.30),
-        (0.30, 0.28)]
+HAND = [
+    (0.05, 0.05),
+    (0.10, 0.10),
+    (0.12, 0.25),
+    (0.16, 0.10),
+    (0.17, 0.10),
+    (0.18, 0.15),
+    (0.22, 0.30),
+    (0.30, 0.28),
+]
 
 
 def hand_samples() -> pd.DataFrame:
     rows = [{"early_clip_sim_dir": e, "clip_sim_dir": f} for e, f in HAND]
-    rows += [{"early_clip_sim_dir": 0.01, "clip_sim_dir": np.nan},  # dropped by a real early rejection
-             {"early_clip_sim_dir": np.nan, "clip_sim_dir": 0.30}]  # not scored early
+    rows += [
+        {"early_clip_sim_dir": 0.01, "clip_sim_dir": np.nan},  # dropped by a real early rejection
+        {"early_clip_sim_dir": np.nan, "clip_sim_dir": 0.30},
+    ]  # not scored early
     df = pd.DataFrame(rows)
     for m in ("clip_sim_0", "clip_sim_1"):
         df[m], df[f"early_{m}"] = 0.3, 0.3
@@ -54,19 +64,28 @@ def hand_samples() -> pd.DataFrame:
 
 
 def test_table_by_hand():
-    table = calibration_table(hand_samples(), SELECTION, ["clip_sim_dir"], [0.0, 0.05, 0.09, 0.25], AFTER, STEPS)
+    table = calibration_table(
+        hand_samples(), SELECTION, ["clip_sim_dir"], [0.0, 0.05, 0.09, 0.25], AFTER, STEPS
+    )
     assert list(table.columns) == TABLE_COLUMNS
     assert (table["scored"] == 8).all() and (table["passing"] == 3).all() and (table["failing"] == 5).all()
     by = table.set_index("margin")
     # margin 0 (limit 0.2): drops the 6 samples below 0.2 early, 5 failing + 1 passing (early 0.12 -> final 0.25)
     # calls 2 x 10 + 6 x 2 = 32 of 80; 2 passing kept -> 16 per pass vs 80 / 3 -> 0.6
-    assert by.loc[0.0, ["dropped", "dropped_failing", "dropped_passing", "unet_calls"]].tolist() == [6, 5, 1, 32]
+    assert by.loc[0.0, ["dropped", "dropped_failing", "dropped_passing", "unet_calls"]].tolist() == [
+        6,
+        5,
+        1,
+        32,
+    ]
     assert by.loc[0.0, "recall"] == 1 and by.loc[0.0, "false_drop"] == pytest.approx(1 / 3)
     assert by.loc[0.0, "unet_fraction"] == pytest.approx(0.4) and by.loc[0.0, "unet_calls_per_pass"] == 16
     assert by.loc[0.0, "cost_per_pass"] == pytest.approx(0.6)
     # margin 0.05 (limit 0.15): 0.05, 0.10, 0.12 -> 2 failing + 1 passing; 5 x 10 + 3 x 2 = 56; 28 / (80 / 3)
     assert by.loc[0.05, ["dropped_failing", "dropped_passing", "unet_calls"]].tolist() == [2, 1, 56]
-    assert by.loc[0.05, "recall"] == pytest.approx(0.4) and by.loc[0.05, "cost_per_pass"] == pytest.approx(1.05)
+    assert by.loc[0.05, "recall"] == pytest.approx(0.4) and by.loc[0.05, "cost_per_pass"] == pytest.approx(
+        1.05
+    )
     # margin 0.09 (limit 0.11): 0.05, 0.10 -> 2 failing; 6 x 10 + 2 x 2 = 64; all 3 passing kept -> 64 / 80
     assert by.loc[0.09, ["dropped_failing", "dropped_passing", "unet_calls"]].tolist() == [2, 0, 64]
     assert by.loc[0.09, "false_drop"] == 0 and by.loc[0.09, "unet_fraction"] == pytest.approx(0.8)
@@ -80,10 +99,16 @@ def test_table_by_hand():
     assert recommend(table, -0.1) is None  # none qualifies
     assert recommend(table[table["margin"] < 0.09], 0.1) is None
     # ties (nothing dropped at both): the larger, safer margin
-    assert recommend(calibration_table(hand_samples(), SELECTION, ["clip_sim_dir"], [0.3, 0.25], AFTER, STEPS), 0) == 0.3
+    assert (
+        recommend(
+            calibration_table(hand_samples(), SELECTION, ["clip_sim_dir"], [0.3, 0.25], AFTER, STEPS), 0
+        )
+        == 0.3
+    )
     # the other metrics pass comfortably, so using all four changes nothing
-    pd.testing.assert_frame_equal(calibration_table(hand_samples(), SELECTION, METRICS, table["margin"], AFTER, STEPS),
-                                  table)
+    pd.testing.assert_frame_equal(
+        calibration_table(hand_samples(), SELECTION, METRICS, table["margin"], AFTER, STEPS), table
+    )
 
 
 def test_table_edge_cases():
@@ -96,7 +121,11 @@ def test_table_edge_cases():
     assert every_pass_lost.loc[0, "false_drop"] == 1 and np.isinf(every_pass_lost.loc[0, "cost_per_pass"])
     with pytest.raises(ValueError, match="after_steps"):
         calibration_table(df, SELECTION, ["clip_sim_dir"], [0.0], STEPS, STEPS)
-    assert parse_margins(None) == list(DEFAULT_MARGINS) and DEFAULT_MARGINS[0] == -0.05 and DEFAULT_MARGINS[-1] == 0.3
+    assert (
+        parse_margins(None) == list(DEFAULT_MARGINS)
+        and DEFAULT_MARGINS[0] == -0.05
+        and DEFAULT_MARGINS[-1] == 0.3
+    )
     assert parse_margins("-0.05:0.05:0.025") == [-0.05, -0.025, 0.0, 0.025, 0.05]
     assert parse_margins("0.1,0.2") == [0.1, 0.2]
 
@@ -104,20 +133,41 @@ def test_table_edge_cases():
 # --- tiny models ---------------------------------------------------------------------------------------
 
 RENDER_STEPS, SAMPLES = 4, 6
-TRIPLETS = pd.DataFrame([
-    {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
-     "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
-DRY = ["render.early_reject.at=0.5", "render.early_reject.dry_run=true", "render.early_reject.margin=0.0",
-       "render.keep.clip_direction_threshold=0.15",
-       "render.keep.ssim_max=1.0"]  # the demo's image rungs stay on; these near-identical pairs pass them
+TRIPLETS = pd.DataFrame(
+    [
+        {
+            "caption_id": f"{i:016x}",
+            "input": f"a photo of a cat number {i}",
+            "edit": "make it a dog",
+            "output": f"a photo of a dog number {i}",
+            "status": "ok" if i != 3 else "rejected",
+        }
+        for i in range(5)
+    ]
+)
+DRY = [
+    "render.early_reject.at=0.5",
+    "render.early_reject.dry_run=true",
+    "render.early_reject.margin=0.0",
+    "render.keep.clip_direction_threshold=0.15",
+    "render.keep.ssim_max=1.0",
+]  # the demo's image rungs stay on; these near-identical pairs pass them
 
 
 def overrides(root, *extra) -> list[str]:
     text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
-    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
-    return [f"output_root={root}", f"render.steps={RENDER_STEPS}", "render.adaptive.enabled=false",
-            "render.early_reject.at=null", f"render.samples_per_triplet={SAMPLES}", *extra]
+    storage.write_json_atomic(
+        f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")}
+    )
+    return [
+        f"output_root={root}",
+        f"render.steps={RENDER_STEPS}",
+        "render.adaptive.enabled=false",
+        "render.early_reject.at=null",
+        f"render.samples_per_triplet={SAMPLES}",
+        *extra,
+    ]
 
 
 def config(root, *extra):
@@ -157,13 +207,18 @@ def test_dry_run_calibration_matches_the_render_stage(tmp_path, dry_run, rendere
     # final pass = the stage's own (CLIP and the image rungs render applies)
     assert passes(data.samples, keep, ("clip", *cfg.judges.image_rungs())).equals(data.samples["passed"])
     row = table.set_index("margin").loc[none_dropped]
-    assert row["dropped"] == 0 and row["recall"] == 0 and row["unet_fraction"] == 1 and row["cost_per_pass"] == 1
+    assert (
+        row["dropped"] == 0 and row["recall"] == 0 and row["unet_fraction"] == 1 and row["cost_per_pass"] == 1
+    )
     for margin, row in table.set_index("margin").iterrows():
         drop = ~early_keep(early, keep, margin, used).numpy()
         passed = rendered["passed"].to_numpy()
         assert row["dropped"] == drop.sum() and row["dropped_passing"] == (drop & passed).sum()
         assert row["dropped_failing"] == (drop & ~passed).sum()
-        assert row["unet_calls"] == drop.sum() * early_step_count(0.5, RENDER_STEPS) + (~drop).sum() * RENDER_STEPS
+        assert (
+            row["unet_calls"]
+            == drop.sum() * early_step_count(0.5, RENDER_STEPS) + (~drop).sum() * RENDER_STEPS
+        )
     assert table.set_index("margin").loc[0.0, "dropped"] > 0
 
     # a real early rejection at margin 0 drops exactly the samples the dry run's table drops at margin 0
@@ -188,8 +243,12 @@ def test_errors(tmp_path):
     # a finished partition whose samples were all dropped early (real rejection): no final metrics at all
     dropped = hand_samples().iloc[[8, 8]].assign(early_rejected=True)
     storage.write_parquet_atomic(f"{partition_url(cfg, 'render')}/samples.parquet", dropped)
-    storage.write_json_atomic(f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")})
-    with pytest.raises(CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject.dry_run=true"):
+    storage.write_json_atomic(
+        f"{partition_url(cfg, 'render')}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "render")}
+    )
+    with pytest.raises(
+        CalibrationError, match=r"none of the 2 samples .*2 were dropped.*render.early_reject.dry_run=true"
+    ):
         load_calibration_samples(cfg)
 
 
@@ -208,8 +267,18 @@ def cli() -> typer.Typer:
 def test_cli_prints_recommendation_and_writes_json(tmp_path, dry_run):
     root, sets = dry_run
     out = tmp_path / "calibration.json"
-    args = ["calibrate-early", "--preset", "demo", *(a for s in sets for a in ("--set", s)), "--partitions", "0",
-            "--max-false-drop", "0.5", "--json", str(out)]
+    args = [
+        "calibrate-early",
+        "--preset",
+        "demo",
+        *(a for s in sets for a in ("--set", s)),
+        "--partitions",
+        "0",
+        "--max-false-drop",
+        "0.5",
+        "--json",
+        str(out),
+    ]
     runner = CliRunner(env={"COLUMNS": "200"})  # rich wraps at the terminal width
     result = runner.invoke(cli(), args)
     assert result.exit_code == 0, result.output
@@ -223,6 +292,12 @@ def test_cli_prints_recommendation_and_writes_json(tmp_path, dry_run):
     assert recommend(table, 0.5) == best
 
     strict = runner.invoke(cli(), [*args[:-2], "--max-false-drop", "-1", "--margins", "0,0.05"])
-    assert strict.exit_code == 0 and "no recommendation" in strict.output and "--set render.early_reject.margin" not in strict.output
-    off = runner.invoke(cli(), ["calibrate-early", "--set", f"output_root={root}", "--set", "render.early_reject.at=null"])
+    assert (
+        strict.exit_code == 0
+        and "no recommendation" in strict.output
+        and "--set render.early_reject.margin" not in strict.output
+    )
+    off = runner.invoke(
+        cli(), ["calibrate-early", "--set", f"output_root={root}", "--set", "render.early_reject.at=null"]
+    )
     assert off.exit_code == 2 and "render.early_reject.at is not set" in off.output

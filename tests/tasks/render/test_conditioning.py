@@ -30,22 +30,48 @@ def sdxl() -> DiffusionComponents:
     tokenizer = CLIPTokenizer.from_pretrained(ensure_tiny("diffusion") / "tokenizer")
 
     def text_config(hidden: int) -> CLIPTextConfig:
-        return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=2, max_position_embeddings=77, projection_dim=16,
-                              bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
 
     torch.manual_seed(0)
     encoder, encoder_2 = CLIPTextModel(text_config(16)), CLIPTextModelWithProjection(text_config(24))
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 4, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16 + 24, attention_head_dim=(4, 8), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16,
+        sample_size=SIZE // 4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24,
+        attention_head_dim=(4, 8),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
     )
     for module in (unet, encoder, encoder_2):
         module.eval().requires_grad_(False)
-    return DiffusionComponents(unet, tiny.vae, encoder, tokenizer, copy.deepcopy(tiny.scheduler), encoder_2, tokenizer,
-                               preset="sdxl", source="test")
+    return DiffusionComponents(
+        unet,
+        tiny.vae,
+        encoder,
+        tokenizer,
+        copy.deepcopy(tiny.scheduler),
+        encoder_2,
+        tokenizer,
+        preset="sdxl",
+        source="test",
+    )
 
 
 def settings(**kw) -> RenderSettings:
@@ -60,7 +86,9 @@ def test_conditioning_layout(sdxl):
     assert kwargs["encoder_hidden_states"].shape == (8, 77, 40)
     assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (8, 16)
     assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 8
-    assert not cond.embeddings[:4].any() and not cond.text_embeds[:4].any()  # zero unconditional (SDXL default)
+    assert (
+        not cond.embeddings[:4].any() and not cond.text_embeds[:4].any()
+    )  # zero unconditional (SDXL default)
     torch.testing.assert_close(cond.embeddings[4:], encode_prompts_sdxl(sdxl, ["a", "b", "c", "d"])[0])
     kept = cond.select(torch.tensor([False, True]))
     torch.testing.assert_close(kept.embeddings, cond.embeddings[[2, 3, 6, 7]])
@@ -75,7 +103,9 @@ def test_identical_captions_give_identical_images(sdxl):
     assert torch.isfinite(batch.before).all() and batch.before.shape == (2, 3, SIZE, SIZE)
     torch.testing.assert_close(batch.before, batch.after, atol=1e-6, rtol=0)
     shared = render_pairs(sdxl, REQUESTS, settings(p_range=(0.5, 0.9)))
-    torch.testing.assert_close(shared.before, batch.before, atol=1e-5, rtol=0)  # the before image is never changed
+    torch.testing.assert_close(
+        shared.before, batch.before, atol=1e-5, rtol=0
+    )  # the before image is never changed
     assert (shared.after - shared.before).abs().max() > 1e-3
 
 
@@ -84,16 +114,29 @@ def test_p0_equals_diffusers_sdxl_pipeline(sdxl):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2,
-                                         tokenizer=sdxl.tokenizer, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
-                                         scheduler=copy.deepcopy(sdxl.scheduler), force_zeros_for_empty_prompt=True,
-                                         add_watermarker=False)
+        pipe = StableDiffusionXLPipeline(
+            vae=sdxl.vae,
+            text_encoder=sdxl.text_encoder,
+            text_encoder_2=sdxl.text_encoder_2,
+            tokenizer=sdxl.tokenizer,
+            tokenizer_2=sdxl.tokenizer_2,
+            unet=sdxl.unet,
+            scheduler=copy.deepcopy(sdxl.scheduler),
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     batch = render_pairs(sdxl, REQUESTS, settings(p_range=(0.0, 0.0)))
     for i, req in enumerate(REQUESTS):
-        expected = pipe(req.output_caption, height=SIZE, width=SIZE, num_inference_steps=STEPS,
-                        guidance_scale=batch.params[i].cfg_scale, generator=torch.Generator().manual_seed(req.seed),
-                        output_type="pt").images[0]
+        expected = pipe(
+            req.output_caption,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=batch.params[i].cfg_scale,
+            generator=torch.Generator().manual_seed(req.seed),
+            output_type="pt",
+        ).images[0]
         torch.testing.assert_close(batch.after[i], expected, atol=2e-5, rtol=0)
 
 
@@ -101,8 +144,9 @@ def test_without_guidance_sdxl_is_the_conditional_half_and_equals_the_turbo_call
     """SDXL-Turbo's documented call is guidance_scale=0.0: diffusers then runs the conditional rows only."""
     from diffusers import StableDiffusionXLPipeline
 
-    cond = build_conditioning(sdxl, [("a", "b"), ("c", "d")], SIZE, SIZE, torch.device("cpu"), torch.float32,
-                              guidance=False)
+    cond = build_conditioning(
+        sdxl, [("a", "b"), ("c", "d")], SIZE, SIZE, torch.device("cpu"), torch.float32, guidance=False
+    )
     kwargs = cond.unet_kwargs()
     assert cond.n_samples == 2 and kwargs["encoder_hidden_states"].shape == (4, 77, 40)
     assert kwargs["added_cond_kwargs"]["text_embeds"].shape == (4, 16) and cond.time_ids.shape == (4, 6)
@@ -110,14 +154,28 @@ def test_without_guidance_sdxl_is_the_conditional_half_and_equals_the_turbo_call
     torch.testing.assert_close(cond.select(torch.tensor([False, True])).embeddings, cond.embeddings[[2, 3]])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pipe = StableDiffusionXLPipeline(vae=sdxl.vae, text_encoder=sdxl.text_encoder, text_encoder_2=sdxl.text_encoder_2,
-                                         tokenizer=sdxl.tokenizer, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
-                                         scheduler=copy.deepcopy(sdxl.scheduler), add_watermarker=False)
+        pipe = StableDiffusionXLPipeline(
+            vae=sdxl.vae,
+            text_encoder=sdxl.text_encoder,
+            text_encoder_2=sdxl.text_encoder_2,
+            tokenizer=sdxl.tokenizer,
+            tokenizer_2=sdxl.tokenizer_2,
+            unet=sdxl.unet,
+            scheduler=copy.deepcopy(sdxl.scheduler),
+            add_watermarker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     batch = render_pairs(sdxl, REQUESTS, settings(p_range=(0.0, 0.0), guidance=False))
     for i, req in enumerate(REQUESTS):
-        expected = pipe(req.output_caption, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=0.0,
-                        generator=torch.Generator().manual_seed(req.seed), output_type="pt").images[0]
+        expected = pipe(
+            req.output_caption,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            guidance_scale=0.0,
+            generator=torch.Generator().manual_seed(req.seed),
+            output_type="pt",
+        ).images[0]
         torch.testing.assert_close(batch.after[i], expected, atol=2e-5, rtol=0)
     shared = render_pairs(sdxl, REQUESTS, settings(p_range=(0.5, 0.9), guidance=False))
     torch.testing.assert_close(shared.before, batch.before, atol=1e-5, rtol=0)

@@ -21,7 +21,9 @@ from tasks.render.pairs import PairRequest, RenderSettings, render_pairs
 pytestmark = pytest.mark.component
 
 STEPS, SIZE, AFTER = 6, 64, 2
-REQUESTS = [PairRequest(f"t{i}", f"a photo of a cat {i}", f"a photo of a dog {i}", 1000 + 17 * i) for i in range(4)]
+REQUESTS = [
+    PairRequest(f"t{i}", f"a photo of a cat {i}", f"a photo of a dog {i}", 1000 + 17 * i) for i in range(4)
+]
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +87,12 @@ def test_predict_x0_formula_matches_scheduler(components):
 
 
 def test_select_scheduler_rows_indexes_multistep_state():
-    state = SimpleNamespace(model_outputs=[None, torch.arange(6.).view(6, 1, 1, 1)], last_sample=torch.zeros(6, 1, 1, 1),
-                            sigmas=torch.arange(6.), other=torch.zeros(4, 1, 1, 1))
+    state = SimpleNamespace(
+        model_outputs=[None, torch.arange(6.0).view(6, 1, 1, 1)],
+        last_sample=torch.zeros(6, 1, 1, 1),
+        sigmas=torch.arange(6.0),
+        other=torch.zeros(4, 1, 1, 1),
+    )
     select_scheduler_rows(state, torch.tensor([0, 1, 4, 5]), 6)
     assert state.model_outputs[0] is None and state.model_outputs[1].flatten().tolist() == [0, 1, 4, 5]
     assert state.last_sample.shape[0] == 4 and state.sigmas.shape[0] == 6 and state.other.shape[0] == 4
@@ -100,12 +106,18 @@ def test_rejected_samples_leave_the_batch_survivors_unchanged(components, schedu
     full = render_pairs(comps, REQUESTS, settings())
     seen, widths = [], []
     early = EarlyRejection(AFTER, rejecting({1, 2}, seen))
-    cut = render_pairs(comps, REQUESTS, settings(), early=early, step_callback=lambda i, t, x: widths.append(len(x)))
+    cut = render_pairs(
+        comps, REQUESTS, settings(), early=early, step_callback=lambda i, t, x: widths.append(len(x))
+    )
     assert cut.early_rejected == [False, True, True, False]
     assert cut.unet_steps == [STEPS, AFTER, AFTER, STEPS] and cut.unet_calls == 2 * STEPS + 2 * AFTER
     assert full.unet_steps == [STEPS] * 4 and full.early_rejected == [False] * 4
     assert widths == [8] * (AFTER - 1) + [4] * (STEPS - AFTER + 1)  # survivors only, from the scoring step on
-    assert seen[0][:3] == ([0, 1, 2, 3], (4, 3, SIZE, SIZE), (4, 3, SIZE, SIZE)) and 0 <= seen[0][3] and seen[0][4] <= 1
+    assert (
+        seen[0][:3] == ([0, 1, 2, 3], (4, 3, SIZE, SIZE), (4, 3, SIZE, SIZE))
+        and 0 <= seen[0][3]
+        and seen[0][4] <= 1
+    )
     assert cut.early_metrics["clip_sim_0"].tolist() == [0, 1, 2, 3]  # every scored sample's early metrics
     assert torch.isnan(cut.before[[1, 2]]).all() and torch.isnan(cut.after[[1, 2]]).all()
     for i in (0, 3):
@@ -116,7 +128,9 @@ def test_rejected_samples_leave_the_batch_survivors_unchanged(components, schedu
 
 def test_everything_rejected_stops_the_loop(components):
     seen = []
-    cut = render_pairs(components, REQUESTS[:2], settings(), early=EarlyRejection(AFTER, rejecting({0, 1}, seen)))
+    cut = render_pairs(
+        components, REQUESTS[:2], settings(), early=EarlyRejection(AFTER, rejecting({0, 1}, seen))
+    )
     assert cut.early_rejected == [True, True] and cut.unet_steps == [AFTER, AFTER]
     assert torch.isnan(cut.before).all() and len(seen) == 1
     with pytest.raises(ValueError):

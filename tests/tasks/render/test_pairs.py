@@ -41,9 +41,14 @@ def pipeline(components, scheduler=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = StableDiffusionPipeline(
-            vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-            unet=components.unet, scheduler=copy.deepcopy(scheduler or components.scheduler),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=components.tokenizer,
+            unet=components.unet,
+            scheduler=copy.deepcopy(scheduler or components.scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -51,8 +56,15 @@ def pipeline(components, scheduler=None):
 
 def pipeline_image(pipe, prompt, seed, cfg_scale):
     """An independent generation of `prompt` from the noise of `seed`."""
-    out = pipe(prompt, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=cfg_scale,
-               generator=torch.Generator().manual_seed(seed), output_type="pt")
+    out = pipe(
+        prompt,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=cfg_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    )
     return out.images[0]
 
 
@@ -127,23 +139,32 @@ def test_other_schedulers(components, name):
     comps = dataclasses.replace(components, scheduler=pipe.scheduler)
     batch = render_pairs(comps, REQUESTS[:2], settings())
     assert torch.isfinite(batch.after).all() and batch.after.shape == (2, 3, SIZE, SIZE)
-    same = render_pairs(comps, [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)], settings())
+    same = render_pairs(
+        comps, [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)], settings()
+    )
     assert close(same.before, same.after, 1e-6)
     unshared = render_pairs(comps, REQUESTS[:1], settings(p_range=(0.0, 0.0)))
-    expected = pipeline_image(pipe, REQUESTS[0].output_caption, REQUESTS[0].seed, unshared.params[0].cfg_scale)
+    expected = pipeline_image(
+        pipe, REQUESTS[0].output_caption, REQUESTS[0].seed, unshared.params[0].cfg_scale
+    )
     assert close(unshared.after[0], expected)
 
 
 @pytest.mark.parametrize("mode", ["p2p-replace", "p2p-refine"])
 def test_prompt_to_prompt_modes(components, mode):
     none = render_pairs(components, REQUESTS, settings(attention="none"))
-    off = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=0.0, self_replace_steps=0.0))
+    off = render_pairs(
+        components, REQUESTS, settings(attention=mode, cross_replace_steps=0.0, self_replace_steps=0.0)
+    )
     assert close(off.before, none.before, 1e-6) and close(off.after, none.after, 1e-6)
-    on = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=0.8, self_replace_steps=0.4))
+    on = render_pairs(
+        components, REQUESTS, settings(attention=mode, cross_replace_steps=0.8, self_replace_steps=0.4)
+    )
     assert close(on.before, none.before, 1e-6)
     assert (on.after - none.after).abs().max() > 1e-3
-    cross_only = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=1.0,
-                                                             self_replace_steps=0.0))
+    cross_only = render_pairs(
+        components, REQUESTS, settings(attention=mode, cross_replace_steps=1.0, self_replace_steps=0.0)
+    )
     assert (cross_only.after - none.after).abs().max() > 1e-4
 
 
@@ -164,7 +185,7 @@ def test_refine_alignment_with_clip_tokenizer(components):
     after = tok("a photo of a fluffy cat").input_ids  # BOS a photo of a fluffy cat EOS
     new = after.index(tok.convert_tokens_to_ids("fluffy</w>"))
     assert alpha[new] == 0 and alpha[:new].tolist() == [1.0] * new
-    assert index[: new].tolist() == list(range(new)) and index[new + 1] == new  # "cat" takes before's "cat"
+    assert index[:new].tolist() == list(range(new)) and index[new + 1] == new  # "cat" takes before's "cat"
     assert index[len(after)] == len(after) - 1 and bool((alpha[new + 1 :] == 1).all())
 
 
@@ -177,7 +198,9 @@ def test_persistent_attention_same_results(components):
             expected = render_pairs(components, REQUESTS[:2], settings(attention=mode))
             first = next(iter(components.unet.attn_processors.values()))
             got = render_pairs(components, REQUESTS[:2], settings(attention=mode), persistent_attention=True)
-            again = render_pairs(components, REQUESTS[1:], settings(attention=mode), persistent_attention=True)
+            again = render_pairs(
+                components, REQUESTS[1:], settings(attention=mode), persistent_attention=True
+            )
             assert next(iter(components.unet.attn_processors.values())) is not first  # left installed
             assert torch.equal(got.after, expected.after) and close(again.after[0], expected.after[1], 1e-5)
     finally:
@@ -185,6 +208,7 @@ def test_persistent_attention_same_results(components):
 
 
 # ---- few-step distilled models: no classifier-free guidance, UNet batch 2 per pair ----
+
 
 def unet_batches(components):
     """Record the batch size of every UNet call (and of its text conditioning)."""
@@ -224,14 +248,17 @@ def test_distilled_attention_sharing(components):
     shared = render_pairs(components, REQUESTS, settings(p_range=(0.5, 0.9), guidance=False))
     unshared = render_pairs(components, REQUESTS, settings(p_range=(0.0, 0.0), guidance=False))
     assert close(shared.before, unshared.before, 1e-6)  # the before image is never modified
-    for i in range(len(REQUESTS)):  # smaller than with guidance (no cfg ~ 10 amplifies it), far above float noise
+    for i in range(
+        len(REQUESTS)
+    ):  # smaller than with guidance (no cfg ~ 10 amplifies it), far above float noise
         assert (shared.after[i] - unshared.after[i]).abs().max() > 3e-5
     # guided with cfg = 1 is eps = cond: its conditional half, shared the same way, must give the same pairs
     guided = render_pairs(components, REQUESTS, settings(p_range=(0.5, 0.9), cfg_range=(1.0, 1.0)))
     assert [p.p2p_p for p in guided.params] == [p.p2p_p for p in shared.params]
     assert close(shared.after, guided.after, 2e-6) and close(shared.before, guided.before, 2e-6)
-    explicit = render_pairs(components, REQUESTS, settings(attention="ip2p-explicit", p_range=(0.5, 0.9),
-                                                           guidance=False))
+    explicit = render_pairs(
+        components, REQUESTS, settings(attention="ip2p-explicit", p_range=(0.5, 0.9), guidance=False)
+    )
     assert close(shared.after, explicit.after, 1e-5) and close(shared.before, explicit.before, 1e-5)
     same = [dataclasses.replace(r, output_caption=r.input_caption) for r in REQUESTS]
     ident = render_pairs(components, same, settings(p_range=(0.3, 0.9), guidance=False))
@@ -243,8 +270,11 @@ def test_distilled_attention_sharing(components):
 @pytest.mark.parametrize("mode", ["p2p-replace", "p2p-refine"])
 def test_distilled_prompt_to_prompt(components, mode):
     none = render_pairs(components, REQUESTS, settings(attention="none", guidance=False))
-    on = render_pairs(components, REQUESTS, settings(attention=mode, cross_replace_steps=1.0, self_replace_steps=0.0,
-                                                     guidance=False))
+    on = render_pairs(
+        components,
+        REQUESTS,
+        settings(attention=mode, cross_replace_steps=1.0, self_replace_steps=0.0, guidance=False),
+    )
     assert close(on.before, none.before, 1e-6) and (on.after - none.after).abs().max() > 1e-4
 
 
@@ -253,8 +283,10 @@ def test_distilled_early_rejection_compacts_a_two_row_batch(components):
 
     def judge(indices, before, after):
         keep = torch.tensor([i != 1 for i in indices])
-        return keep, {k: torch.zeros(len(indices)) for k in ("clip_sim_0", "clip_sim_1", "clip_sim_dir",
-                                                               "clip_sim_image")}
+        return keep, {
+            k: torch.zeros(len(indices))
+            for k in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+        }
 
     seen, handle = unet_batches(components)
     try:
@@ -286,19 +318,31 @@ def test_lcm_scheduler_without_guidance(components):
 
     pipe = pipeline(components, make_scheduler("lcm", components.source))
     comps = dataclasses.replace(components, scheduler=pipe.scheduler)
-    same = render_pairs(comps, [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)],
-                        lcm_settings(guidance=False))
+    same = render_pairs(
+        comps,
+        [dataclasses.replace(REQUESTS[0], output_caption=REQUESTS[0].input_caption)],
+        lcm_settings(guidance=False),
+    )
     assert close(same.before, same.after, 1e-6)
     unshared = render_pairs(comps, REQUESTS[:1], lcm_settings(p_range=(0.0, 0.0), guidance=False))
-    out = pipe(REQUESTS[0].output_caption, height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=1.0,
-               generator=torch.Generator().manual_seed(REQUESTS[0].seed), output_type="pt").images[0]
+    out = pipe(
+        REQUESTS[0].output_caption,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(REQUESTS[0].seed),
+        output_type="pt",
+    ).images[0]
     assert close(unshared.after[0], out)
     scored = []
 
     def judge(indices, before, after):
         scored.append(before)
-        return torch.ones(len(indices), dtype=torch.bool), {k: torch.zeros(len(indices)) for k in
-                                                            ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")}
+        return torch.ones(len(indices), dtype=torch.bool), {
+            k: torch.zeros(len(indices))
+            for k in ("clip_sim_0", "clip_sim_1", "clip_sim_dir", "clip_sim_image")
+        }
 
     kept = render_pairs(comps, REQUESTS[:1], lcm_settings(guidance=False), early=EarlyRejection(2, judge))
     assert scored and torch.isfinite(scored[0]).all() and torch.isfinite(kept.after).all()

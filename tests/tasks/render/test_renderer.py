@@ -14,8 +14,10 @@ from tasks.render.renderer import Renderer, settings_from
 
 pytestmark = pytest.mark.component
 
-REQUESTS = [PairRequest("cat", "a photo of a cat", "a photo of a dog", 5),
-            PairRequest("sea", "a house by the sea", "a house by the sea at night", 99)]
+REQUESTS = [
+    PairRequest("cat", "a photo of a cat", "a photo of a dog", 5),
+    PairRequest("sea", "a house by the sea", "a house by the sea at night", 99),
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,9 @@ def test_load_vae_is_none_unset_and_the_folder_when_set(other_vae):
     own = load_diffusion("tiny").vae
     assert not torch.equal(vae.decoder.conv_out.weight, own.decoder.conv_out.weight)
     assert load_vae(cfg.models).config.latent_channels == 4  # the models section alone works too
-    assert stage_hash(cfg, "render") != stage_hash(load_config("demo"), "render")  # it changes what render writes
+    assert stage_hash(cfg, "render") != stage_hash(
+        load_config("demo"), "render"
+    )  # it changes what render writes
 
 
 def test_render_decodes_with_the_vae_path_vae(other_vae):
@@ -47,7 +51,9 @@ def test_render_decodes_with_the_vae_path_vae(other_vae):
     own = Renderer(load_config("demo", overrides))
     settings = settings_from(load_config("demo", overrides))
     latents = []
-    own_pairs = render_pairs(own.diffusion, REQUESTS, settings, step_callback=lambda i, t, x: latents.append(x))
+    own_pairs = render_pairs(
+        own.diffusion, REQUESTS, settings, step_callback=lambda i, t, x: latents.append(x)
+    )
     ft = Renderer(load_config("demo", [*overrides, f"models.vae_path={other_vae}"]))
     calls = []
     hook = ft.diffusion.vae.decoder.register_forward_hook(lambda *a: calls.append(1))
@@ -60,7 +66,9 @@ def test_render_decodes_with_the_vae_path_vae(other_vae):
     for name in ("unet", "text_encoder"):  # the rest of the model is the diffusion model's own
         for a, b in zip(getattr(ft.diffusion, name).parameters(), getattr(own.diffusion, name).parameters()):
             assert torch.equal(a, b)
-    images = decode_latents(ft.diffusion.vae, latents[-1])  # same UNet, same latents: only the decoder differs
+    images = decode_latents(
+        ft.diffusion.vae, latents[-1]
+    )  # same UNet, same latents: only the decoder differs
     torch.testing.assert_close(ft_pairs.before, images[0::2], atol=1e-5, rtol=0)
     torch.testing.assert_close(ft_pairs.after, images[1::2], atol=1e-5, rtol=0)
     assert (ft_pairs.after - own_pairs.after).abs().max() > 1e-2

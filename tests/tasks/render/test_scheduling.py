@@ -9,15 +9,21 @@ from tasks.render.seeds import sample_seeds
 
 # which sample indexes pass, per triplet (everything else fails)
 PASSES = {
-    "a": {1, 5},        # 1 pass after round 0, 2 at the give-up boundary (6) -> satisfied at 6
-    "b": set(),         # nothing -> gives up at 6 (give_up_after)
-    "c": {7},           # passes only after the give-up point -> gave up at 6
-    "d": {0, 2, 3},     # satisfied after round 0 (4)
-    "e": {5, 13},       # 1 pass at the give-up point -> continues; 2 passes at 16 -> satisfied
-    "f": {4},           # one pass, never a second -> exhausted at 20
+    "a": {1, 5},  # 1 pass after round 0, 2 at the give-up boundary (6) -> satisfied at 6
+    "b": set(),  # nothing -> gives up at 6 (give_up_after)
+    "c": {7},  # passes only after the give-up point -> gave up at 6
+    "d": {0, 2, 3},  # satisfied after round 0 (4)
+    "e": {5, 13},  # 1 pass at the give-up point -> continues; 2 passes at 16 -> satisfied
+    "f": {4},  # one pass, never a second -> exhausted at 20
 }
-EXPECTED = {"a": (6, "satisfied"), "b": (6, "gave_up"), "c": (6, "gave_up"), "d": (4, "satisfied"),
-            "e": (16, "satisfied"), "f": (20, "exhausted")}
+EXPECTED = {
+    "a": (6, "satisfied"),
+    "b": (6, "gave_up"),
+    "c": (6, "gave_up"),
+    "d": (4, "satisfied"),
+    "e": (16, "satisfied"),
+    "f": (20, "exhausted"),
+}
 POLICY = SamplingPolicy(max_samples=20, round_size=4, target_passed=2, give_up_after=6)
 
 
@@ -63,8 +69,9 @@ def test_adaptive_stopping_and_give_up_counts(size):
 def test_cohorts_mix_triplets_in_order():
     plan = RenderPlan(sorted(PASSES), POLICY)
     first = plan.next_cohort(10)
-    assert [(s.caption_id, s.index) for s in first] == [("a", i) for i in range(4)] + [("b", i) for i in range(4)] + [
-        ("c", 0), ("c", 1)]
+    assert [(s.caption_id, s.index) for s in first] == [("a", i) for i in range(4)] + [
+        ("b", i) for i in range(4)
+    ] + [("c", 0), ("c", 1)]
     assert {s.round for s in first} == {0}
     assert plan.next_cohort(10) == first  # nothing recorded (e.g. an out-of-memory retry): the same cohort
 

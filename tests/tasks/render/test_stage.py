@@ -21,25 +21,52 @@ from tasks.render.stage import run as run_render
 pytestmark = pytest.mark.component
 
 STEPS, SAMPLES = 4, 6
-TRIPLETS = pd.DataFrame([
-    {"caption_id": f"{i:016x}", "input": f"a photo of a cat number {i}", "edit": "make it a dog",
-     "output": f"a photo of a dog number {i}", "status": "ok" if i != 3 else "rejected"} for i in range(5)])
+TRIPLETS = pd.DataFrame(
+    [
+        {
+            "caption_id": f"{i:016x}",
+            "input": f"a photo of a cat number {i}",
+            "edit": "make it a dog",
+            "output": f"a photo of a dog number {i}",
+            "status": "ok" if i != 3 else "rejected",
+        }
+        for i in range(5)
+    ]
+)
 # adaptive rounds of 2 (target: render.keep.top_k = 2 in the demo), give up after 4, early rejection at half the
 # steps without margin; a stricter direction threshold than the demo's so that some samples fail
-SAVERS = ["render.adaptive.enabled=true", "render.adaptive.round_size=2", "render.adaptive.give_up_after=4",
-          "render.early_reject.at=0.5", "render.early_reject.margin=0.0", "render.keep.clip_direction_threshold=0.15"]
+SAVERS = [
+    "render.adaptive.enabled=true",
+    "render.adaptive.round_size=2",
+    "render.adaptive.give_up_after=4",
+    "render.early_reject.at=0.5",
+    "render.early_reject.margin=0.0",
+    "render.keep.clip_direction_threshold=0.15",
+]
 
 
 def config(root, *overrides):
     text = partition_dir(str(root), "text", stage_hash(load_config("demo"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
-    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")})
+    storage.write_json_atomic(
+        f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo"), "text")}
+    )
     # the reference's policy (every saver off) unless a test turns one on; CLIP alone: the ladder's image
     # rungs (DINOv2, SSIM), on in the demo, are tested in tests/tasks/judge (on 4 steps of "a cat" -> "a dog"
     # the pairs are near-identical, SSIM 0.997, above the demo's ssim_max)
-    return load_config("demo", [f"output_root={root}", f"render.steps={STEPS}", "render.adaptive.enabled=false",
-                                "render.early_reject.at=null", f"render.samples_per_triplet={SAMPLES}",
-                                "judges.dino.enabled=false", "judges.ssim.enabled=false", *overrides])
+    return load_config(
+        "demo",
+        [
+            f"output_root={root}",
+            f"render.steps={STEPS}",
+            "render.adaptive.enabled=false",
+            "render.early_reject.at=null",
+            f"render.samples_per_triplet={SAMPLES}",
+            "judges.dino.enabled=false",
+            "judges.ssim.enabled=false",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +198,12 @@ def test_resume_after_crash_gives_identical_rows(tmp_path, renderer, monkeypatch
     resumed, reference = samples(crashed), samples(clean)
     assert resumed["sample_key"].is_unique
     pd.testing.assert_frame_equal(resumed, reference)
-    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
-    assert sum(flaky.sizes) == len(reference) - 2 * cfg.render.batch_samples  # only the lost cohorts re-rendered
+    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (
+        render_dir(clean) / "samples.parquet"
+    ).read_bytes()
+    assert (
+        sum(flaky.sizes) == len(reference) - 2 * cfg.render.batch_samples
+    )  # only the lost cohorts re-rendered
     assert manifest["counts"]["unet_calls"] == int(reference["unet_steps"].sum())
     stored = sorted(p.name for p in (render_dir(crashed) / "images").iterdir())
     assert stored == sorted(p.name for p in (render_dir(clean) / "images").iterdir())
@@ -182,7 +213,9 @@ def test_oom_halves_the_batch_and_continues(tmp_path, renderer):
     small = tmp_path / "small"
     run_render(config(small, "render.batch_samples=2"), 0, renderer=renderer)
     big = tmp_path / "big"
-    oom = Flaky(renderer, lambda call, n: torch.OutOfMemoryError("CUDA out of memory (fake)") if n > 2 else None)
+    oom = Flaky(
+        renderer, lambda call, n: torch.OutOfMemoryError("CUDA out of memory (fake)") if n > 2 else None
+    )
     manifest = run_render(config(big, "render.batch_samples=8"), 0, renderer=oom)
     assert oom.sizes[:3] == [8, 4, 2] and set(oom.sizes[3:]) == {2}
     assert manifest["batch_samples"] == 2 and manifest["oom_halvings"] == 2
@@ -211,14 +244,20 @@ def test_auto_batch_on_cpu_and_dtype_noop(renderer):
     assert renderer.auto_batch_samples(settings_from(cfg), 3) == 3
     cpu = Renderer(cfg)
     assert cpu.dtype == torch.float32 and not cpu.compiled
-    assert np.isfinite(cpu.score(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), ["a"], ["b"])["clip_sim_0"]).all()
+    assert np.isfinite(
+        cpu.score(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), ["a"], ["b"])["clip_sim_0"]
+    ).all()
 
 
 def test_policy_and_hash_from_config():
     paper = load_config("paper")
-    assert SamplingPolicy.from_config(paper) == SamplingPolicy(max_samples=100)  # the reference: one round of 100
+    assert SamplingPolicy.from_config(paper) == SamplingPolicy(
+        max_samples=100
+    )  # the reference: one round of 100
     fast = load_config("fast")
-    assert SamplingPolicy.from_config(fast) == SamplingPolicy(max_samples=100, round_size=8, target_passed=4, give_up_after=32)
+    assert SamplingPolicy.from_config(fast) == SamplingPolicy(
+        max_samples=100, round_size=8, target_passed=4, give_up_after=32
+    )
     # adaptive with the target taken from render.keep.top_k; the filter's top_k is a re-selection only
     assert stage_hash(fast, "render") != stage_hash(load_config("fast", ["render.keep.top_k=2"]), "render")
     assert stage_hash(fast, "render") == stage_hash(load_config("fast", ["filter.top_k=2"]), "render")
@@ -248,9 +287,19 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
     from tasks.common.models import MODELS
 
     def render(root, *overrides):
-        cfg = load_config("demo", [f"output_root={root}", "render.steps=2", "render.samples_per_triplet=2",
-                                   "render.adaptive.enabled=false", "render.early_reject.at=null", "judges.dino.enabled=false",
-                                   "judges.ssim.enabled=false", *overrides])
+        cfg = load_config(
+            "demo",
+            [
+                f"output_root={root}",
+                "render.steps=2",
+                "render.samples_per_triplet=2",
+                "render.adaptive.enabled=false",
+                "render.early_reject.at=null",
+                "judges.dino.enabled=false",
+                "judges.ssim.enabled=false",
+                *overrides,
+            ],
+        )
         text = partition_dir(str(root), "text", stage_hash(cfg, "text"), 0)
         storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
         storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(cfg, "text")})
@@ -269,7 +318,9 @@ def test_selection_or_sampling_changes_reuse_the_loaded_models(tmp_path):
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 4])
-def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path, renderer, monkeypatch, kill_at):
+def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(
+    tmp_path, renderer, monkeypatch, kill_at
+):
     """Killed after `kill_at` chunks, resumed with new models' caches (as a new process has): the same bytes."""
     clean = tmp_path / "clean"
     run_render(config(clean, *SAVERS), 0, renderer=Renderer(load_config("demo")))
@@ -288,7 +339,9 @@ def test_resume_in_a_fresh_process_is_byte_identical_at_any_checkpoint(tmp_path,
         with pytest.raises(KeyboardInterrupt):
             run_render(cfg, 0, renderer=Renderer(load_config("demo")))
     run_render(cfg, 0, renderer=Renderer(load_config("demo")))
-    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (render_dir(clean) / "samples.parquet").read_bytes()
+    assert (render_dir(crashed) / "samples.parquet").read_bytes() == (
+        render_dir(clean) / "samples.parquet"
+    ).read_bytes()
     images = {p.name: p.read_bytes() for p in (render_dir(clean) / "images").iterdir()}
     assert {p.name: p.read_bytes() for p in (render_dir(crashed) / "images").iterdir()} == images
 
@@ -318,18 +371,31 @@ def test_demo_sdxl_preset_renders_a_partition_offline_with_sdxl_conditioning(tmp
     root = tmp_path / "sdxl"
     text = partition_dir(str(root), "text", stage_hash(load_config("demo-sdxl"), "text"), 0)
     storage.write_parquet_atomic(f"{text}/triplets.parquet", TRIPLETS)
-    storage.write_json_atomic(f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo-sdxl"), "text")})
-    cfg = load_config("demo-sdxl", [f"output_root={root}", "render.steps=3", "render.adaptive.enabled=false",
-                                    "render.early_reject.at=null", "render.samples_per_triplet=2"])
+    storage.write_json_atomic(
+        f"{text}/_SUCCESS.json", {"config_hash": stage_hash(load_config("demo-sdxl"), "text")}
+    )
+    cfg = load_config(
+        "demo-sdxl",
+        [
+            f"output_root={root}",
+            "render.steps=3",
+            "render.adaptive.enabled=false",
+            "render.early_reject.at=null",
+            "render.samples_per_triplet=2",
+        ],
+    )
     renderer = Renderer(cfg)
     assert renderer.diffusion.is_sdxl and renderer.diffusion.preset == "tiny-sdxl"
     seen = []
     handle = renderer.diffusion.unet.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True)
+        lambda m, args, kwargs: seen.append(kwargs["added_cond_kwargs"]["time_ids"]), with_kwargs=True
+    )
     try:
         manifest = run_render(cfg, 0, renderer=renderer)
     finally:
         handle.remove()
-    assert seen and all(t.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 16 for t in seen)  # 4 rows x 4 samples
+    assert seen and all(
+        t.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 16 for t in seen
+    )  # 4 rows x 4 samples
     df = storage.read_parquet(str(Path(cfg.output_root) / manifest["path"] / "samples.parquet"))
     assert len(df) == 4 * 2 and np.isfinite(df["clip_sim_dir"]).all()

@@ -43,10 +43,16 @@ def test_antialias_at_sdxl_size_is_clips_own_preprocessing_and_does_not_alias(cl
 
     vit_l = dataclasses.replace(clip, image_size=224)  # the preprocessing reads only the input size
     antialias, reference = ClipScorer(vit_l, resize="antialias"), ClipScorer(vit_l)
-    checker = ((torch.arange(1024).view(-1, 1) + torch.arange(1024).view(1, -1)) % 2).float().expand(1, 3, -1, -1)
-    flat = antialias.preprocess(checker) * torch.tensor(clip.std).view(1, 3, 1, 1) + torch.tensor(clip.mean).view(1, 3, 1, 1)
+    checker = (
+        ((torch.arange(1024).view(-1, 1) + torch.arange(1024).view(1, -1)) % 2).float().expand(1, 3, -1, -1)
+    )
+    flat = antialias.preprocess(checker) * torch.tensor(clip.std).view(1, 3, 1, 1) + torch.tensor(
+        clip.mean
+    ).view(1, 3, 1, 1)
     assert flat.shape == (1, 3, 224, 224) and (flat - 0.5).abs().max() < 0.02  # a 1-px checkerboard is grey
-    aliased = reference.preprocess(checker) * torch.tensor(clip.std).view(1, 3, 1, 1) + torch.tensor(clip.mean).view(1, 3, 1, 1)
+    aliased = reference.preprocess(checker) * torch.tensor(clip.std).view(1, 3, 1, 1) + torch.tensor(
+        clip.mean
+    ).view(1, 3, 1, 1)
     assert (aliased - 0.5).abs().max() > 0.2
     # open_clip's own eval transform (PIL bicubic resize of the short side + centre crop) on a smooth image
     torch.manual_seed(0)

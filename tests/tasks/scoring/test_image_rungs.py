@@ -20,20 +20,20 @@ def ssim_by_hand(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
     reflection-padded, torchmetrics' convention), averaged over pixels and channels."""
     radius = int(3.5 * sigma + 0.5)
     x = np.arange(-radius, radius + 1)
-    g = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = np.exp(-(x**2) / (2 * sigma**2))
     g /= g.sum()
 
     def blur(img: np.ndarray) -> np.ndarray:  # separable Gaussian, 'valid' region
         rows = np.stack([np.convolve(r, g, mode="valid") for r in img])
         return np.stack([np.convolve(c, g, mode="valid") for c in rows.T]).T
 
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    c1, c2 = 0.01**2, 0.03**2
     values = []
     for ch in range(a.shape[0]):
         x_, y_ = (np.pad(img[ch].astype(np.float64), radius, mode="reflect") for img in (a, b))
         mx, my = blur(x_), blur(y_)
-        vx, vy, cxy = blur(x_ * x_) - mx ** 2, blur(y_ * y_) - my ** 2, blur(x_ * y_) - mx * my
-        values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+        vx, vy, cxy = blur(x_ * x_) - mx**2, blur(y_ * y_) - my**2, blur(x_ * y_) - mx * my
+        values.append(((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
     return float(np.mean(values))
 
 
@@ -85,12 +85,18 @@ def test_each_image_rung_scores_only_what_passed_the_rungs_below():
     before = torch.rand(6, 3, 64, 64)
     after = before.clone()
     after[2:] = (after[2:] + 0.3 * torch.randn_like(after[2:])).clamp(0, 1)  # 0, 1 identical: DINO 1, SSIM 1
-    rows = pd.DataFrame({"clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.1, "clip_sim_image": 0.9}, index=range(6))
+    rows = pd.DataFrame(
+        {"clip_sim_0": 0.3, "clip_sim_1": 0.3, "clip_sim_dir": 0.1, "clip_sim_image": 0.9}, index=range(6)
+    )
     clip_passed = np.array([True, True, True, True, False, True])
     cols = score_image_rungs(rows, before, after, cfg, torch.device("cpu"), clip_passed)
     dino, s = cols["dino_similarity"], cols["ssim"]
     assert np.isnan(dino[4]) and np.isfinite(dino[[0, 1, 2, 3, 5]]).all()  # CLIP failed: never scored
-    assert dino[0] == pytest.approx(1.0, abs=1e-5) and cols["dino_model"][0] == "tiny" and cols["dino_model"][4] is None
+    assert (
+        dino[0] == pytest.approx(1.0, abs=1e-5)
+        and cols["dino_model"][0] == "tiny"
+        and cols["dino_model"][4] is None
+    )
     scored = np.isfinite(s)
     assert (scored == (clip_passed & (np.nan_to_num(dino) >= 0.95))).all()  # SSIM only where DINOv2 passed
     assert s[0] == pytest.approx(1.0, abs=1e-6)

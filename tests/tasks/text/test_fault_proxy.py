@@ -12,10 +12,25 @@ from text_helpers import make_captions, openai_config, write_captions
 from tasks.text.stage import run as run_text
 
 MODEL = "ft:gpt-4o-mini-2024-07-18:fake-org:editforge:abc123"
-SETTINGS = (f"text.openai.model={MODEL}", "text.openai.concurrency=4", "text.openai.checkpoint_every=4",
-            "text.openai.checkpoint_interval_s=3600", "text.max_attempts=2")
-FAULTS = {1: "reset", 2: "lost", 5: "partial", 7: "slow", 9: "stall", 11: "reset", 13: "partial", 17: "lost",
-          20: "slow", 24: "partial"}
+SETTINGS = (
+    f"text.openai.model={MODEL}",
+    "text.openai.concurrency=4",
+    "text.openai.checkpoint_every=4",
+    "text.openai.checkpoint_interval_s=3600",
+    "text.max_attempts=2",
+)
+FAULTS = {
+    1: "reset",
+    2: "lost",
+    5: "partial",
+    7: "slow",
+    9: "stall",
+    11: "reset",
+    13: "partial",
+    17: "lost",
+    20: "slow",
+    24: "partial",
+}
 
 
 def _bytes(root: Path, manifest: dict) -> bytes:
@@ -32,8 +47,9 @@ def test_faults_between_the_client_and_the_server_end_with_the_clean_bytes(fake,
     root = tmp_path / "proxied"
     write_captions(str(root), 0, captions)
     with FaultProxy(fake.base_url, FAULTS) as proxy:
-        cfg = openai_config(fake, root, *SETTINGS, f"text.openai.base_url={proxy.base_url}",
-                            "text.openai.request_timeout_s=3")
+        cfg = openai_config(
+            fake, root, *SETTINGS, f"text.openai.base_url={proxy.base_url}", "text.openai.request_timeout_s=3"
+        )
         manifest = run_text(cfg, 0)
     assert proxy.faults_done() == {"reset": 2, "lost": 2, "partial": 3, "slow": 2, "stall": 1}
     assert _bytes(root, manifest) == _bytes(clean, reference)

@@ -17,7 +17,9 @@ def test_the_paper_presets_refuse_the_tiny_lm_before_any_work(tmp_path, preset):
     from tasks.finetune.stage import run as run_finetune
     from tasks.text.stage import run as run_text
 
-    cfg = load_config(preset, [f"output_root={tmp_path}"])  # loads: `config`, `train`, render-only stages still work
+    cfg = load_config(
+        preset, [f"output_root={tmp_path}"]
+    )  # loads: `config`, `train`, render-only stages still work
     assert cfg.models.lm == "tiny" and cfg.text.max_attempts == 4
     with pytest.raises(ConfigError, match="models.lm is the built-in random-init tiny LM") as refused:
         run_finetune(cfg)
@@ -28,13 +30,16 @@ def test_the_paper_presets_refuse_the_tiny_lm_before_any_work(tmp_path, preset):
     assert not list(tmp_path.glob("finetune*")) and not list(tmp_path.glob("text*"))
 
 
-@pytest.mark.parametrize("overrides", [
-    ["models.lm=tiny"],  # the tiny LM on purpose
-    ["models.lm_path=/models/Qwen2.5-1.5B"],
-    ["models.lm=Qwen/Qwen2.5-1.5B-Instruct"],
-    ["text.backend=openai"],
-    ["text.refuse_tiny_lm=false"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["models.lm=tiny"],  # the tiny LM on purpose
+        ["models.lm_path=/models/Qwen2.5-1.5B"],
+        ["models.lm=Qwen/Qwen2.5-1.5B-Instruct"],
+        ["text.backend=openai"],
+        ["text.refuse_tiny_lm=false"],
+    ],
+)
 def test_naming_an_lm_or_the_openai_backend_is_accepted(overrides):
     assert tiny_lm_refusal(load_config("paper", overrides)) is None
     assert tiny_lm_refusal(load_config("fast", overrides)) is None
@@ -49,9 +54,13 @@ def test_editforge_run_with_the_paper_preset_fails_at_once_with_one_line(tmp_pat
     from flows.cli import app
 
     result = CliRunner().invoke(app, ["run", "--preset", "paper", "--set", f"output_root={tmp_path}"])
-    assert result.exit_code == 2, result.output  # as for any setting (flows/options.py): a retry cannot fix it
+    assert result.exit_code == 2, (
+        result.output
+    )  # as for any setting (flows/options.py): a retry cannot fix it
     lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: preset paper: models.lm is the built-in"), result.output
+    assert len(lines) == 1 and lines[0].startswith("error: preset paper: models.lm is the built-in"), (
+        result.output
+    )
     assert all(fix in lines[0] for fix in FIXES) and "Traceback" not in result.output
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing ran, not even the captions stage
 

@@ -59,7 +59,12 @@ def test_triplet_row_keeps_or_rejects_with_one_reason():
     from tasks.text.format import REJECT_MODERATION, triplet_row
 
     ok = triplet_row("a", "a cat", "make it a dog\n%%\na dog", "m")
-    assert (ok["status"], ok["reject_reason"], ok["edit"], ok["output"]) == ("ok", None, "make it a dog", "a dog")
+    assert (ok["status"], ok["reject_reason"], ok["edit"], ok["output"]) == (
+        "ok",
+        None,
+        "make it a dog",
+        "a dog",
+    )
     bad = triplet_row("b", "a cat", "make it a dog", "m")
     assert (bad["status"], bad["reject_reason"], bad["edit"]) == ("rejected", REJECT_UNPARSEABLE, None)
     same = triplet_row("c", "a cat.", "do nothing\n%%\nA cat", "m")
@@ -77,7 +82,8 @@ def test_duplicate_input_edit_pairs_are_rejected_independently_of_order():
         triplet_row("c3", "A cat on a mat.", "Make it snow\n%%\na cat on a mat in snow", "m"),
         triplet_row("a1", "a cat on a mat", "make it snow!\n%%\na cat on a mat, snowing", "m"),
         triplet_row("b2", "a cat on a mat", "make it night\n%%\na cat on a mat at night", "m"),
-        triplet_row("d4", "a cat on a mat", "make it snow\n%%\nx", "m") | {"status": "rejected", "reject_reason": "x"},
+        triplet_row("d4", "a cat on a mat", "make it snow\n%%\nx", "m")
+        | {"status": "rejected", "reject_reason": "x"},
     ]
     for order in (rows, rows[::-1]):
         df = mark_duplicates(pd.DataFrame(order, columns=TRIPLET_COLUMNS))
@@ -103,13 +109,28 @@ def test_attempt_counts_say_what_each_try_was_rejected_for():
     from tasks.text.format import attempt_counts, rejections_so_far
 
     first = triplet_row("c1", "a red barn", "nonsense", "m")
-    second = triplet_row("c1", "a red barn", "make it winter\n%%\na snowy red barn", "m", attempt=2,
-                         earlier=rejections_so_far(first))
+    second = triplet_row(
+        "c1",
+        "a red barn",
+        "make it winter\n%%\na snowy red barn",
+        "m",
+        attempt=2,
+        earlier=rejections_so_far(first),
+    )
     given_up = triplet_row("c2", "a lake", "a lake", "m", attempt=3, earlier=["empty_part", "unparseable"])
     flagged_caption = triplet_row("c3", "a cat", None, "m", reject_reason="moderation_flag", attempt=0)
     at_once = triplet_row("c4", "a dog", "add a hat\n%%\na dog with a hat", "m")
-    assert second["earlier_rejections"] == "unparseable" and given_up["earlier_rejections"] == "empty_part;unparseable"
+    assert (
+        second["earlier_rejections"] == "unparseable"
+        and given_up["earlier_rejections"] == "empty_part;unparseable"
+    )
     df = pd.DataFrame([second, given_up, flagged_caption, at_once], columns=TRIPLET_COLUMNS)
-    assert attempt_counts(df) == {"accepted_attempt_1": 1, "accepted_attempt_2": 1, "attempt_1_empty_part": 1,
-                                  "attempt_1_unparseable": 1, "attempt_2_unparseable": 1,
-                                  "attempt_3_unparseable": 1, "generation_attempts": 6}
+    assert attempt_counts(df) == {
+        "accepted_attempt_1": 1,
+        "accepted_attempt_2": 1,
+        "attempt_1_empty_part": 1,
+        "attempt_1_unparseable": 1,
+        "attempt_2_unparseable": 1,
+        "attempt_3_unparseable": 1,
+        "generation_attempts": 6,
+    }

@@ -25,8 +25,17 @@ def test_lora_changes_only_the_adapter_weights():
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    figures = finetune(model, tokenizer, load_triplets(default_triplets_path())[:32], [], steps=3, batch_size=4,
-                       lr=1e-2, seed=0, stats=Stats())
+    figures = finetune(
+        model,
+        tokenizer,
+        load_triplets(default_triplets_path())[:32],
+        [],
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        seed=0,
+        stats=Stats(),
+    )
     assert figures["train_examples"] == 32
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -38,8 +47,17 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     from tasks.finetune.stage import run as run_finetune
     from tasks.text.stage import run as run_text
 
-    cfg = load_config("demo", [f"output_root={tmp_path}", "text.finetune_method=lora", "text.finetune_steps=2",
-                               "text.finetune_batch_size=4", "text.max_new_tokens=16", "text.batch_size=4"])
+    cfg = load_config(
+        "demo",
+        [
+            f"output_root={tmp_path}",
+            "text.finetune_method=lora",
+            "text.finetune_steps=2",
+            "text.finetune_batch_size=4",
+            "text.max_new_tokens=16",
+            "text.batch_size=4",
+        ],
+    )
     captions = make_captions(6)
     write_captions(str(tmp_path), 0, captions)
     ft = run_finetune(cfg)
@@ -49,9 +67,14 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     assert {"train.chat.jsonl", "val.completion.jsonl"} <= set(ft["outputs"])
     manifest = run_text(cfg, 0)
     df = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
-    assert sorted(df["caption_id"]) == sorted(captions["caption_id"]) and list(df["caption_id"]) == sorted(df["caption_id"])
+    assert sorted(df["caption_id"]) == sorted(captions["caption_id"]) and list(df["caption_id"]) == sorted(
+        df["caption_id"]
+    )
     assert manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 6
-    assert set(df["status"]) <= {"ok", "rejected"} and df.loc[df.status == "rejected", "reject_reason"].notna().all()
+    assert (
+        set(df["status"]) <= {"ok", "rejected"}
+        and df.loc[df.status == "rejected", "reject_reason"].notna().all()
+    )
     assert json.loads(json.dumps(manifest))["counts"]["batches_generated"] == 2
 
 
@@ -82,8 +105,19 @@ def test_a_killed_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_
             if step == kill_at:
                 raise Killed(step)
 
-        figures = finetune(model, tokenizer, seeds, seeds[:4], steps=12, batch_size=4, lr=1e-3, seed=0, stats=Stats(),
-                           progress=progress, checkpoint=FinetuneCheckpoint(str(folder), every=5))
+        figures = finetune(
+            model,
+            tokenizer,
+            seeds,
+            seeds[:4],
+            steps=12,
+            batch_size=4,
+            lr=1e-3,
+            seed=0,
+            stats=Stats(),
+            progress=progress,
+            checkpoint=FinetuneCheckpoint(str(folder), every=5),
+        )
         return model, figures
 
     reference, ref_figures = tune(tmp_path / "clean")
@@ -99,8 +133,16 @@ def test_a_killed_fine_tune_resumes_from_its_checkpoint_to_the_same_weights(tmp_
 def _local_cfg(root, *overrides):
     # the untrained tiny LM (0 fine-tune steps) writes noise: every completion is rejected, so every
     # caption takes all its tries
-    return load_config("demo", [f"output_root={root}", "text.finetune_steps=0", "text.max_new_tokens=12",
-                                "text.batch_size=4", *overrides])
+    return load_config(
+        "demo",
+        [
+            f"output_root={root}",
+            "text.finetune_steps=0",
+            "text.max_new_tokens=12",
+            "text.batch_size=4",
+            *overrides,
+        ],
+    )
 
 
 def _run_local(cfg, captions):
@@ -128,8 +170,11 @@ def test_local_retries_up_to_max_attempts_with_each_try_counted(tmp_path):
     counts = manifest["counts"]
     for k in (1, 2, 3):  # every caption still rejected after try k-1 was tried a k-th time, each try counted
         tried = (table["attempt"] >= k).sum()
-        assert sum(v for name, v in counts.items() if name.startswith(f"attempt_{k}_")) + \
-            counts.get(f"accepted_attempt_{k}", 0) == tried
+        assert (
+            sum(v for name, v in counts.items() if name.startswith(f"attempt_{k}_"))
+            + counts.get(f"accepted_attempt_{k}", 0)
+            == tried
+        )
     assert counts["generation_attempts"] == table["attempt"].sum()
 
     # each try samples with its own seed: the third try's answers are not the first's
@@ -162,8 +207,10 @@ def test_local_retries_resume_at_a_batch_boundary_with_the_same_bytes(tmp_path, 
     manifest = run_text(cfg, 0)
     assert len(calls) == 1 and manifest["counts"]["batches_generated"] == 2  # the first batch was not redone
     path = "triplets.parquet"
-    assert (tmp_path / "killed" / manifest["path"] / path).read_bytes() == \
-        (tmp_path / "clean" / reference["path"] / path).read_bytes()
+    assert (tmp_path / "killed" / manifest["path"] / path).read_bytes() == (
+        tmp_path / "clean" / reference["path"] / path
+    ).read_bytes()
     assert manifest["rejected"] == reference["rejected"]
-    assert {k: v for k, v in manifest["counts"].items() if k.startswith("attempt_")} == \
-        {k: v for k, v in reference["counts"].items() if k.startswith("attempt_")}
+    assert {k: v for k, v in manifest["counts"].items() if k.startswith("attempt_")} == {
+        k: v for k, v in reference["counts"].items() if k.startswith("attempt_")
+    }

@@ -65,7 +65,9 @@ def test_call_with_retries_counts_and_gives_up():
         raise _status_error(500)
 
     with pytest.raises(openai.InternalServerError):
-        asyncio.run(call_with_retries(always_500, RetryPolicy(2, 0.001, 0.001), random.Random(0), seen.append))
+        asyncio.run(
+            call_with_retries(always_500, RetryPolicy(2, 0.001, 0.001), random.Random(0), seen.append)
+        )
     assert seen.count("5xx") == 3
 
     async def bad_request():
@@ -82,7 +84,9 @@ def test_missing_key_names_the_variable_not_a_value(monkeypatch):
         resolve_api_key(OpenAITextConfig(api_key_env="EDITFORGE_NO_SUCH_KEY"))
     monkeypatch.setenv("EDITFORGE_NO_SUCH_KEY", "sk-x")
     assert resolve_api_key(OpenAITextConfig(api_key_env="EDITFORGE_NO_SUCH_KEY")) == "sk-x"
-    assert redacted_endpoint(OpenAITextConfig(base_url="https://user:pw@host:8000/v1")) == "https://host:8000/v1"
+    assert (
+        redacted_endpoint(OpenAITextConfig(base_url="https://user:pw@host:8000/v1")) == "https://host:8000/v1"
+    )
 
 
 def test_run_sync_works_inside_a_running_loop():

@@ -26,10 +26,17 @@ def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplo
     assert finetuned_model_id(cfg) == ft["model"]
     done = read_success(partition_url(cfg, "finetune"))
     assert done["finetune"]["job_id"] == ft["job_id"]
-    assert json.loads(storage.read_bytes(str(tmp_path / manifest["path"] / OPENAI_MODEL_FILE)))["model"] == ft["model"]
+    assert (
+        json.loads(storage.read_bytes(str(tmp_path / manifest["path"] / OPENAI_MODEL_FILE)))["model"]
+        == ft["model"]
+    )
     statuses = [line for line in caplog.messages if line.startswith(f"fine-tune: job {ft['job_id']} ")]
-    assert [s.split()[3] for s in statuses if "trained tokens" in s] == ["validating_files", "queued", "running",
-                                                                          "succeeded"]
+    assert [s.split()[3] for s in statuses if "trained tokens" in s] == [
+        "validating_files",
+        "queued",
+        "running",
+        "succeeded",
+    ]
     assert any("training loss" in m for m in caplog.messages)  # job events are shown as progress
     # the uploaded training file is the chat-format file with the held-out split
     uploads = [f for f in fake.state.files.values() if f.get("purpose") == "fine-tune"]
@@ -40,7 +47,9 @@ def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplo
 
 
 def test_completion_format_for_completion_models(fake, tmp_path):
-    cfg = openai_config(fake, tmp_path, "text.openai.endpoint=completions", "text.openai.base_model=davinci-002")
+    cfg = openai_config(
+        fake, tmp_path, "text.openai.endpoint=completions", "text.openai.base_model=davinci-002"
+    )
     run_finetune(cfg)
     names = [f["filename"] for f in fake.state.files.values() if f.get("purpose") == "fine-tune"]
     assert names == ["train.completion.jsonl", "val.completion.jsonl"]

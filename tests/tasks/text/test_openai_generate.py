@@ -36,16 +36,22 @@ def _triplets(root) -> pd.DataFrame:
     return storage.read_parquet(str(_only(Path(root).glob("text/*/part-00000/triplets.parquet"))))
 
 
-def expected_rows(cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag_words=(), refuse_words=()) -> pd.DataFrame:
+def expected_rows(
+    cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag_words=(), refuse_words=()
+) -> pd.DataFrame:
     """What the stage must write for `captions`, computed without any request."""
     rows = []
     for cid, text in zip(captions["caption_id"], captions["text"]):
         if any(w in text for w in flag_words):
-            rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION, attempt=0))  # never sent
+            rows.append(
+                triplet_row(cid, text, None, MODEL, reject_reason=REJECT_MODERATION, attempt=0)
+            )  # never sent
         elif any(w in text for w in refuse_words):
             rows.append(triplet_row(cid, text, None, MODEL, reject_reason=REJECT_API))
         else:
-            row = triplet_row(cid, text, fake_completion(text, caption_seed(cfg.text.seed, cid), malformed_rate), MODEL)
+            row = triplet_row(
+                cid, text, fake_completion(text, caption_seed(cfg.text.seed, cid), malformed_rate), MODEL
+            )
             if row["status"] == "ok" and any(w in f"{row['edit']}\n{row['output']}" for w in flag_words):
                 row |= {"status": "rejected", "reject_reason": REJECT_MODERATION}
             rows.append(row)
@@ -53,7 +59,9 @@ def expected_rows(cfg, captions: pd.DataFrame, malformed_rate: float = 0.0, flag
 
 
 def _assert_same(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
-    pd.testing.assert_frame_equal(actual.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        actual.reset_index(drop=True), expected.reset_index(drop=True), check_dtype=False
+    )
 
 
 def test_429_storm_and_500s_still_complete_with_correct_rows(fake, tmp_path):
@@ -61,13 +69,20 @@ def test_429_storm_and_500s_still_complete_with_correct_rows(fake, tmp_path):
     fake.knobs.latency = (0.0, 0.01)
     captions = make_captions(120)
     write_captions(str(tmp_path), 0, captions)
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.concurrency=16",
-                        "text.openai.checkpoint_every=16")
+    cfg = openai_config(
+        fake,
+        tmp_path,
+        f"text.openai.model={MODEL}",
+        "text.openai.concurrency=16",
+        "text.openai.checkpoint_every=16",
+    )
     manifest = run_text(cfg, 0)
     counts = manifest["counts"]
     assert counts["in"] == 120 and counts["out"] + sum(manifest["rejected"].values()) == 120
     assert counts["retries_429"] > 20 and counts["retries_5xx"] > 20 and counts["requests_answered"] == 120
-    assert fake.state.count("/v1/chat/completions", 429) == counts["retries_429"] - _moderation_retries(fake, 429)
+    assert fake.state.count("/v1/chat/completions", 429) == counts["retries_429"] - _moderation_retries(
+        fake, 429
+    )
     _assert_same(_triplets(tmp_path), expected_rows(cfg, captions))
     assert max(fake.state.answered().values()) == 1  # no caption answered twice
 
@@ -148,8 +163,13 @@ def test_a_recorded_batch_is_polled_not_created_again(fake, tmp_path):
     fake.knobs.batch_polls = 10_000
     captions = make_captions(20)
     write_captions(str(tmp_path), 0, captions)
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.mode=batch",
-                        "text.openai.poll_timeout_s=0.2")
+    cfg = openai_config(
+        fake,
+        tmp_path,
+        f"text.openai.model={MODEL}",
+        "text.openai.mode=batch",
+        "text.openai.poll_timeout_s=0.2",
+    )
     with pytest.raises(TimeoutError, match="re-run to keep polling"):
         run_text(cfg, 0)
     fake.knobs.batch_polls = 1
@@ -162,17 +182,26 @@ def test_a_server_without_moderation_gives_a_clear_error(fake, tmp_path):
     from tasks.text import openai_api
 
     write_captions(str(tmp_path), 0, make_captions(3))
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}",
-                        f"text.openai.base_url={fake.base_url.removesuffix('/v1')}/no-such-prefix/v1")
+    cfg = openai_config(
+        fake,
+        tmp_path,
+        f"text.openai.model={MODEL}",
+        f"text.openai.base_url={fake.base_url.removesuffix('/v1')}/no-such-prefix/v1",
+    )
     with pytest.raises(openai_api.ModerationUnavailableError, match="text.openai.moderation=false"):
         run_text(cfg, 0)
 
 
-@pytest.mark.parametrize("setting, status, fix", [
-    ("text.openai.api_key_env=EDITFORGE_WRONG_KEY", 401, "text.openai.api_key_env"),
-    ("text.openai.base_url={base}/no-such-prefix/v1", 404, "text.openai.base_url"),
-])
-def test_auth_and_not_found_stop_the_stage_and_nothing_is_marked_done(fake, tmp_path, monkeypatch, setting, status, fix):
+@pytest.mark.parametrize(
+    "setting, status, fix",
+    [
+        ("text.openai.api_key_env=EDITFORGE_WRONG_KEY", 401, "text.openai.api_key_env"),
+        ("text.openai.base_url={base}/no-such-prefix/v1", 404, "text.openai.base_url"),
+    ],
+)
+def test_auth_and_not_found_stop_the_stage_and_nothing_is_marked_done(
+    fake, tmp_path, monkeypatch, setting, status, fix
+):
     """The documented vLLM set-up (moderation off): a wrong key or URL must not turn into a finished partition."""
     from tasks.text.openai_api import PermanentAPIError
 
@@ -180,8 +209,13 @@ def test_auth_and_not_found_stop_the_stage_and_nothing_is_marked_done(fake, tmp_
     captions = make_captions(12)
     write_captions(str(tmp_path), 0, captions)
     base = fake.base_url.removesuffix("/v1")
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
-                        setting.format(base=base))
+    cfg = openai_config(
+        fake,
+        tmp_path,
+        f"text.openai.model={MODEL}",
+        "text.openai.moderation=false",
+        setting.format(base=base),
+    )
     with pytest.raises(PermanentAPIError, match=rf"HTTP {status} .*{fix}"):
         run_text(cfg, 0)
     assert not list(tmp_path.glob("text/*/part-00000/_SUCCESS.json"))
@@ -205,8 +239,14 @@ def test_truncated_and_filtered_answers_are_rejected_with_their_reason(fake, tmp
 def test_a_trickling_server_hits_the_request_deadline(fake, tmp_path):
     fake.knobs.trickle_s = 0.4  # 8 pieces: ~3 s an answer, each piece well inside a per-read timeout
     write_captions(str(tmp_path), 0, make_captions(2))
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.openai.moderation=false",
-                        "text.openai.request_timeout_s=1", "text.openai.max_retries=1")
+    cfg = openai_config(
+        fake,
+        tmp_path,
+        f"text.openai.model={MODEL}",
+        "text.openai.moderation=false",
+        "text.openai.request_timeout_s=1",
+        "text.openai.max_retries=1",
+    )
     with pytest.raises(Exception, match="timed out"):
         run_text(cfg, 0)
     assert not list(tmp_path.glob("text/*/part-00000/_SUCCESS.json"))
@@ -241,7 +281,9 @@ def expected_retried_rows(cfg, captions: pd.DataFrame, malformed_rate: float, fl
 
 
 def _sent_seeds(fake, path: str) -> set[tuple[str, int]]:
-    return {(r["caption"], r["seed"]) for r in fake.state.requests if r["path"] == path and r["status"] == 200}
+    return {
+        (r["caption"], r["seed"]) for r in fake.state.requests if r["path"] == path and r["status"] == 200
+    }
 
 
 @pytest.mark.parametrize("mode", ["online", "batch"])
@@ -249,8 +291,9 @@ def test_a_rejected_answer_is_asked_again_up_to_max_attempts_with_each_try_count
     fake.knobs.malformed_rate, fake.knobs.flag_words = 0.6, ("FLAGGED", "fireworks")
     captions = make_captions(40)
     write_captions(str(tmp_path), 0, captions)
-    cfg = openai_config(fake, tmp_path, f"text.openai.model={MODEL}", "text.max_attempts=4",
-                        f"text.openai.mode={mode}")
+    cfg = openai_config(
+        fake, tmp_path, f"text.openai.model={MODEL}", "text.max_attempts=4", f"text.openai.mode={mode}"
+    )
     manifest = run_text(cfg, 0)
     expected = expected_retried_rows(cfg, captions, 0.6, fake.knobs.flag_words)
     table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
@@ -260,13 +303,18 @@ def test_a_rejected_answer_is_asked_again_up_to_max_attempts_with_each_try_count
     accepted, rejected = table[table.status == "ok"], table[table.status == "rejected"]
     assert (accepted["attempt"] > 1).sum() >= 5 and (accepted["attempt"] == 1).sum() >= 5
     assert (rejected["attempt"] == 4).any() and table["attempt"].max() == 4
-    assert (table["earlier_rejections"].str.count(";") + (table["earlier_rejections"] != "")
-            == table["attempt"] - 1).all()
+    assert (
+        table["earlier_rejections"].str.count(";") + (table["earlier_rejections"] != "")
+        == table["attempt"] - 1
+    ).all()
     assert "moderation_flag" in ";".join(table["earlier_rejections"])  # a flagged answer was asked again
 
     # one request per try, each with that try's seed (the first try's is the caption's own, as before retries)
-    want = {(text, caption_seed(cfg.text.seed, cid, k))
-            for cid, text, n in zip(table["caption_id"], table["input"], table["attempt"]) for k in range(1, n + 1)}
+    want = {
+        (text, caption_seed(cfg.text.seed, cid, k))
+        for cid, text, n in zip(table["caption_id"], table["input"], table["attempt"])
+        for k in range(1, n + 1)
+    }
     path = "/v1/chat/completions" if mode == "online" else "batch:/v1/chat/completions"
     assert _sent_seeds(fake, path) == want and fake.state.count(path, 200) == table["attempt"].sum()
     if mode == "batch":
@@ -276,8 +324,10 @@ def test_a_rejected_answer_is_asked_again_up_to_max_attempts_with_each_try_count
     per_try = {k: v for k, v in manifest["counts"].items() if k.startswith(("attempt_", "accepted_attempt_"))}
     assert per_try == {k: v for k, v in attempt_counts(expected).items() if k != "generation_attempts"}
     assert manifest["counts"]["generation_attempts"] == table["attempt"].sum()
-    assert sum(v for k, v in per_try.items() if k.startswith("attempt_1_")) == (table["attempt"] > 1).sum() + \
-        ((table["attempt"] == 1) & (table["status"] == "rejected")).sum()
+    assert (
+        sum(v for k, v in per_try.items() if k.startswith("attempt_1_"))
+        == (table["attempt"] > 1).sum() + ((table["attempt"] == 1) & (table["status"] == "rejected")).sum()
+    )
     assert manifest["rejected"] == table["reject_reason"].dropna().value_counts().to_dict()
 
 
@@ -290,6 +340,7 @@ def test_one_attempt_asks_each_caption_once_with_its_own_seed(fake, tmp_path):
     manifest = run_text(cfg, 0)
     table = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))
     assert set(table["attempt"]) == {1} and set(table["earlier_rejections"]) == {""}
-    assert _sent_seeds(fake, "/v1/chat/completions") == {(t, caption_seed(0, c)) for c, t in
-                                                         zip(captions["caption_id"], captions["text"])}
+    assert _sent_seeds(fake, "/v1/chat/completions") == {
+        (t, caption_seed(0, c)) for c, t in zip(captions["caption_id"], captions["text"])
+    }
     assert not any(k.startswith("attempt_") for k in manifest["counts"])  # one try: `rejected` says it all

@@ -46,7 +46,9 @@ def _triplets(root: Path) -> pd.DataFrame:
 
 
 def _answers_since(fake, start: int) -> Counter:
-    return Counter(r["caption"] for r in fake.state.requests[start:] if r["caption"] is not None and r["status"] == 200)
+    return Counter(
+        r["caption"] for r in fake.state.requests[start:] if r["caption"] is not None and r["status"] == 200
+    )
 
 
 def _uninterrupted(fake, tmp_path: Path, captions: pd.DataFrame, *overrides: str) -> pd.DataFrame:
@@ -61,8 +63,12 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
     checkpoint chunk of 8, so exactly the 24 answered captions are kept and none is lost."""
     fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.002, 0.02), 0.1, 0.2
     captions = make_captions(80)
-    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=8", "text.openai.checkpoint_every=8",
-                "text.openai.checkpoint_interval_s=3600")
+    settings = (
+        f"text.openai.model={MODEL}",
+        "text.openai.concurrency=8",
+        "text.openai.checkpoint_every=8",
+        "text.openai.checkpoint_interval_s=3600",
+    )
     reference = _uninterrupted(fake, tmp_path, captions, *settings)
 
     root = tmp_path / "crashed"
@@ -89,7 +95,10 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
     assert not set(again) & {texts[c] for c in kept}  # no answered caption is requested twice
     assert len(again) == 80 - len(kept) and max(again.values()) == 1
     pd.testing.assert_frame_equal(_triplets(root), reference)
-    assert manifest["counts"]["in"] == 80 and manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 80
+    assert (
+        manifest["counts"]["in"] == 80
+        and manifest["counts"]["out"] + sum(manifest["rejected"].values()) == 80
+    )
 
 
 KILLED_RUN = """
@@ -105,18 +114,29 @@ def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_rows(fake, tmp_
     (tests/fakes/faults.py) and is killed there."""
     fake.knobs.latency = (0.002, 0.02)
     captions = make_captions(64)
-    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=4", "text.openai.checkpoint_every=4",
-                "text.openai.checkpoint_interval_s=3600", "text.openai.moderation=false")
+    settings = (
+        f"text.openai.model={MODEL}",
+        "text.openai.concurrency=4",
+        "text.openai.checkpoint_every=4",
+        "text.openai.checkpoint_interval_s=3600",
+        "text.openai.moderation=false",
+    )
     reference = _uninterrupted(fake, tmp_path, captions, *settings)
 
     root = tmp_path / "killed"
     write_captions(str(root), 0, captions)
     openai_config(fake, root, *settings)  # its (no-job) fine-tune finished, as the text stage needs
     start = len(fake.state.requests)
-    args = stop_after_writes(2, "*/text/*/_progress/*/chunk-*.parquet", "-c", KILLED_RUN,
-                             json.dumps(openai_overrides(fake, root, *settings)))
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)},
-                            start_new_session=True)
+    args = stop_after_writes(
+        2,
+        "*/text/*/_progress/*/chunk-*.parquet",
+        "-c",
+        KILLED_RUN,
+        json.dumps(openai_overrides(fake, root, *settings)),
+    )
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)}, start_new_session=True
+    )
     try:
         wait_stopped(proc.pid)
     finally:
@@ -140,8 +160,11 @@ def test_the_api_key_never_appears_in_logs_manifests_or_files(fake, tmp_path, ca
     write_captions(str(tmp_path), 0, make_captions(20, ["a REFUSED scene by the lake"]))
     write_captions(str(tmp_path), 1, make_captions(10))
     cfg = openai_config(fake, tmp_path)
-    manifests = [run_finetune(cfg), run_text(cfg, 0),
-                 run_text(openai_config(fake, tmp_path, "text.openai.mode=batch"), 1)]
+    manifests = [
+        run_finetune(cfg),
+        run_text(cfg, 0),
+        run_text(openai_config(fake, tmp_path, "text.openai.mode=batch"), 1),
+    ]
     assert manifests[1]["counts"]["requests_answered"] == 20  # the fake checks the key: it was sent
     assert manifests[2]["counts"]["batch_answered"] == 10
     blobs = {"log": caplog.text, "manifests": json.dumps(manifests), "config": cfg.model_dump_json()}
@@ -151,8 +174,12 @@ def test_the_api_key_never_appears_in_logs_manifests_or_files(fake, tmp_path, ca
         assert API_KEY not in text and API_KEY[-10:] not in text, f"API key found in {name}"
 
 
-RETRIES = (f"text.openai.model={MODEL}", "text.max_attempts=4", "text.openai.checkpoint_every=4",
-           "text.openai.concurrency=4")
+RETRIES = (
+    f"text.openai.model={MODEL}",
+    "text.max_attempts=4",
+    "text.openai.checkpoint_every=4",
+    "text.openai.concurrency=4",
+)
 
 
 def _triplet_bytes(root: Path, manifest: dict) -> bytes:
@@ -219,7 +246,9 @@ def test_with_retries_a_batch_run_killed_in_its_second_try_resumes_both_jobs(fak
     progress = list(root.rglob("openai-batch*.json"))
     assert sorted(p.name for p in progress) == ["openai-batch-attempt-2.json", "openai-batch.json"]
     manifest = run_text(cfg, 0)
-    assert manifest["counts"]["batch_jobs_resumed"] == 2  # the first two tries' jobs read again, not paid again
+    assert (
+        manifest["counts"]["batch_jobs_resumed"] == 2
+    )  # the first two tries' jobs read again, not paid again
     assert fake.state.count("/v1/batches") - start_jobs == jobs
     assert _triplet_bytes(root, manifest) == _triplet_bytes(clean, reference)
     assert not list(root.rglob("openai-batch*.json"))

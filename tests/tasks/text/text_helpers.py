@@ -19,14 +19,43 @@ from tasks.registry import stage_hash
 
 API_KEY = "sk-editforge-test-DO-NOT-LEAK-4f9c2a"
 KEY_ENV = "EDITFORGE_TEST_OPENAI_KEY"
-SUBJECTS = ["a red barn", "a lighthouse", "an old bicycle", "a mountain lake", "a city street", "a teapot",
-            "a sailing boat", "a cat on a sofa", "a forest path", "a desert road", "a snowy cabin", "a bridge"]
-PLACES = ["at dawn", "in the rain", "by the sea", "in a field", "under a tree", "on a table", "in autumn",
-          "in a museum", "at noon", "in the fog", "near a river", "on a hill", "in spring", "at sunset"]
+SUBJECTS = [
+    "a red barn",
+    "a lighthouse",
+    "an old bicycle",
+    "a mountain lake",
+    "a city street",
+    "a teapot",
+    "a sailing boat",
+    "a cat on a sofa",
+    "a forest path",
+    "a desert road",
+    "a snowy cabin",
+    "a bridge",
+]
+PLACES = [
+    "at dawn",
+    "in the rain",
+    "by the sea",
+    "in a field",
+    "under a tree",
+    "on a table",
+    "in autumn",
+    "in a museum",
+    "at noon",
+    "in the fog",
+    "near a river",
+    "on a hill",
+    "in spring",
+    "at sunset",
+]
 
 
 def make_captions(n: int, extra: list[str] | None = None) -> pd.DataFrame:
-    texts = [f"{SUBJECTS[i % len(SUBJECTS)]} {PLACES[(i // len(SUBJECTS)) % len(PLACES)]}, photo {i}" for i in range(n)]
+    texts = [
+        f"{SUBJECTS[i % len(SUBJECTS)]} {PLACES[(i // len(SUBJECTS)) % len(PLACES)]}, photo {i}"
+        for i in range(n)
+    ]
     texts += extra or []
     return pd.DataFrame({"caption_id": [caption_id(t) for t in texts], "text": texts})
 
@@ -44,10 +73,17 @@ def write_captions(root: str, partition_id: int, df: pd.DataFrame, preset: str =
 def openai_overrides(fake: FakeOpenAIServer, root: Path | str, *overrides: str) -> list[str]:
     """Overrides of the demo preset for the openai backend pointed at the fake, with fast polling and retries."""
     return [
-        f"output_root={root}", "text.backend=openai", f"text.openai.base_url={fake.base_url}",
-        f"text.openai.api_key_env={KEY_ENV}", "text.openai.poll_interval_s=0.01",
-        "text.openai.backoff_initial_s=0.005", "text.openai.backoff_max_s=0.05", "text.openai.max_retries=30",
-        "text.openai.checkpoint_interval_s=0.2", "text.openai.request_timeout_s=20", *overrides,
+        f"output_root={root}",
+        "text.backend=openai",
+        f"text.openai.base_url={fake.base_url}",
+        f"text.openai.api_key_env={KEY_ENV}",
+        "text.openai.poll_interval_s=0.01",
+        "text.openai.backoff_initial_s=0.005",
+        "text.openai.backoff_max_s=0.05",
+        "text.openai.max_retries=30",
+        "text.openai.checkpoint_interval_s=0.2",
+        "text.openai.request_timeout_s=20",
+        *overrides,
     ]
 
 

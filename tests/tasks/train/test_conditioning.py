@@ -72,7 +72,9 @@ def test_sdxl_null_text_is_the_sdxl_pipelines_unconditional_prompt():
     hidden, pooled = null_text(comps)
     assert hidden.shape == (1, 77, 16 + 24) and pooled.shape == (1, 16)
     pipe = build_pipeline(comps)
-    cond, uncond, cond_pooled, uncond_pooled = pipe.encode_prompt("make it red", device="cpu", do_classifier_free_guidance=True)
+    cond, uncond, cond_pooled, uncond_pooled = pipe.encode_prompt(
+        "make it red", device="cpu", do_classifier_free_guidance=True
+    )
     torch.testing.assert_close(uncond, hidden)
     torch.testing.assert_close(uncond_pooled, pooled)
     ids = tokenize(comps.tokenizer, ["make it red"]), tokenize(comps.tokenizer_2, ["make it red"])

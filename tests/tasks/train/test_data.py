@@ -30,7 +30,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=20, val_samples=3, per_shard=6)
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards")), train_samples=20, val_samples=3, per_shard=6
+    )
 
 
 def _png(img: Image.Image) -> bytes:
@@ -48,7 +50,9 @@ def _half_and_half(size: int = 72) -> Image.Image:
 
 
 def test_batches_have_the_right_shapes_range_and_tokens(index, tokenizer):
-    loader = make_train_loader(shard_urls(index), tokenizer, Augment(64), batch_size=4, seed=0, shuffle_buffer=8)
+    loader = make_train_loader(
+        shard_urls(index), tokenizer, Augment(64), batch_size=4, seed=0, shuffle_buffer=8
+    )
     batch = next(loader)
     for name in ("original_pixel_values", "edited_pixel_values"):
         x = batch[name]
@@ -62,12 +66,22 @@ def test_batches_have_the_right_shapes_range_and_tokens(index, tokenizer):
 
 def test_both_images_get_the_same_resize_crop_and_flip(tmp_path, tokenizer):
     img = _png(_half_and_half())
-    samples = [{"__key__": f"k{i:03d}", "input.png": img, "edited.png": img, "instruction.txt": b"same", "json": b"{}"}
-               for i in range(8)]
+    samples = [
+        {
+            "__key__": f"k{i:03d}",
+            "input.png": img,
+            "edited.png": img,
+            "instruction.txt": b"same",
+            "json": b"{}",
+        }
+        for i in range(8)
+    ]
     write_shard(str(tmp_path / "train-000000.tar"), samples)
     urls = [str(tmp_path / "train-000000.tar")]
     for flip_prob, left_is_dark in ((0.0, True), (1.0, False)):
-        batch = next(make_train_loader(urls, tokenizer, Augment(64, 288 / 256, flip_prob), 8, seed=3, shuffle_buffer=4))
+        batch = next(
+            make_train_loader(urls, tokenizer, Augment(64, 288 / 256, flip_prob), 8, seed=3, shuffle_buffer=4)
+        )
         original, edited = batch["original_pixel_values"], batch["edited_pixel_values"]
         assert torch.equal(original, edited)
         left, right = original[..., :16].mean().item(), original[..., -16:].mean().item()
@@ -97,7 +111,9 @@ def test_order_is_seeded_and_resume_skips_exactly(index, tokenizer):
     urls = shard_urls(index)
 
     def keys(seed, n, skip=0):
-        loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=seed, shuffle_buffer=8, skip_batches=skip)
+        loader = make_train_loader(
+            urls, tokenizer, Augment(64), 4, seed=seed, shuffle_buffer=8, skip_batches=skip
+        )
         return [next(loader) for _ in range(n)]
 
     full = keys(0, 7)
@@ -130,8 +146,18 @@ def test_the_batches_are_the_same_for_any_number_of_workers_and_processes(index,
     assert [b["batch"] for b in reference] == list(range(9))
     for world, workers, skip in ((1, 2, 0), (3, 0, 0), (3, 2, 1)):
         for rank in range(world):
-            loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=0, shuffle_buffer=4, num_workers=workers,
-                                       rank=rank, world_size=world, skip_batches=skip)
+            loader = make_train_loader(
+                urls,
+                tokenizer,
+                Augment(64),
+                4,
+                seed=0,
+                shuffle_buffer=4,
+                num_workers=workers,
+                rank=rank,
+                world_size=world,
+                skip_batches=skip,
+            )
             for local in range(skip, 9 // world):
                 batch, j = next(loader), local * world + rank
                 assert batch["batch"] == j and batch["keys"] == reference[j]["keys"], (world, workers, rank)
@@ -140,19 +166,22 @@ def test_the_batches_are_the_same_for_any_number_of_workers_and_processes(index,
 
 @pytest.mark.parametrize("per_shard", [20, 7, 3])  # 1 shard, 3 uneven shards, 7 shards
 @pytest.mark.parametrize("world", [2, 3])
-def test_every_process_gets_a_disjoint_equal_share_of_each_epoch_for_any_shard_count(tmp_path, per_shard, world):
+def test_every_process_gets_a_disjoint_equal_share_of_each_epoch_for_any_shard_count(
+    tmp_path, per_shard, world
+):
     """The split is below the shard: 18 samples, any shard count, 2 or 3 processes of 3 per micro-batch —
     each epoch's 18 samples once, 18 / world per process (keys only: no image is decoded)."""
     from tasks.train.data import SAMPLING, epoch_order, index_samples
 
-    urls = shard_urls(write_synthetic_shards(str(tmp_path), train_samples=18, val_samples=0, per_shard=per_shard,
-                                             size=16))
+    urls = shard_urls(
+        write_synthetic_shards(str(tmp_path), train_samples=18, val_samples=0, per_shard=per_shard, size=16)
+    )
     samples = index_samples(urls)
     assert len(samples) == 18 and len(set(samples.keys)) == 18 and "per_pair" in SAMPLING
     batch = 3
     for epoch in range(2):
         order = [samples.keys[i] for i in epoch_order(samples, 0, epoch, 4)]
-        batches = [order[j * batch:(j + 1) * batch] for j in range(18 // batch)]
+        batches = [order[j * batch : (j + 1) * batch] for j in range(18 // batch)]
         shares = [[k for j, b in enumerate(batches) if j % world == r for k in b] for r in range(world)]
         assert [len(s) for s in shares] == [18 // world] * world
         assert sorted(k for s in shares for k in s) == sorted(samples.keys)
@@ -167,9 +196,12 @@ def test_sample_index_reads_each_sample_from_its_own_bytes_and_refuses_duplicate
     assert samples.keys == [s["__key__"] for s in streamed] and len(samples.urls) == 4
     for i in (0, 5, len(samples) - 1):
         got = read_sample(samples, i)
-        assert {k: v for k, v in got.items() if k != "__url__"} == \
-            {k: v for k, v in streamed[i].items() if k not in ("__url__", "__local_path__")}
-    write_shard(str(tmp_path / "again.tar"), [{"__key__": samples.keys[3], "instruction.txt": b"x", "json": b"{}"}])
+        assert {k: v for k, v in got.items() if k != "__url__"} == {
+            k: v for k, v in streamed[i].items() if k not in ("__url__", "__local_path__")
+        }
+    write_shard(
+        str(tmp_path / "again.tar"), [{"__key__": samples.keys[3], "instruction.txt": b"x", "json": b"{}"}]
+    )
     with pytest.raises(ValueError, match=f"sample key '{samples.keys[3]}' appears twice"):
         index_samples([*urls, str(tmp_path / "again.tar")])
 
@@ -196,7 +228,7 @@ def _triplet_shards(folder, pairs: dict[str, int], per_shard: int = 3) -> list[s
     urls = []
     for n, first in enumerate(range(0, len(samples), per_shard)):
         url = str(folder / f"train-{n:06d}.tar")
-        write_shard(url, samples[first: first + per_shard])
+        write_shard(url, samples[first : first + per_shard])
         urls.append(url)
     return urls
 
@@ -266,5 +298,7 @@ def test_sdxl_time_ids_are_the_source_size_the_crop_corner_and_the_target_size()
     # 96x72 -> shorter side 64: 85x64, the crop's left edge anywhere in [0, 21], top 0
     h, w, top, left, th, tw = view
     assert (h, w, top, th, tw) == (72, 96, 0, 64, 64) and 0 <= left <= 85 - 64
-    corners = {augment_pair_with_geometry(wide, wide, Augment(64), random.Random(s))[2][2:4] for s in range(30)}
+    corners = {
+        augment_pair_with_geometry(wide, wide, Augment(64), random.Random(s))[2][2:4] for s in range(30)
+    }
     assert len(corners) > 5  # the corner follows each sample's random crop, not a fixed (0, 0)

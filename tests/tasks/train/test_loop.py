@@ -15,8 +15,19 @@ from tasks.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.component
 
-CFG = TrainConfig(steps=4, batch_size=2, total_batch_size=4, resolution=64, num_workers=0, device="cpu",
-                  checkpoint_every=2, shuffle_buffer=8, use_ema=True, ema_decay=0.9, log_every=1)
+CFG = TrainConfig(
+    steps=4,
+    batch_size=2,
+    total_batch_size=4,
+    resolution=64,
+    num_workers=0,
+    device="cpu",
+    checkpoint_every=2,
+    shuffle_buffer=8,
+    use_ema=True,
+    ema_decay=0.9,
+    log_every=1,
+)
 
 
 class Killed(RuntimeError):
@@ -25,7 +36,9 @@ class Killed(RuntimeError):
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=12, val_samples=2, per_shard=4)
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards")), train_samples=12, val_samples=2, per_shard=4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +66,9 @@ def test_training_runs_and_saves_a_pipeline_that_edits(uninterrupted, index):
     assert out.size == (64, 64)
 
 
-def test_killed_run_resumes_at_its_checkpoint_and_matches_the_uninterrupted_run(uninterrupted, index, tmp_path):
+def test_killed_run_resumes_at_its_checkpoint_and_matches_the_uninterrupted_run(
+    uninterrupted, index, tmp_path
+):
     def kill_at_3(record):
         if record["step"] == 3:
             raise Killed("simulated crash after step 3")
@@ -79,14 +94,18 @@ def test_checkpoints_of_another_config_are_not_resumed(tmp_path):
     folder = tmp_path / "checkpoints"
     for step, key in ((2, "old"), (4, "old"), (3, "new")):
         (folder / f"checkpoint-{step:08d}").mkdir(parents=True)
-        (folder / f"checkpoint-{step:08d}" / "trainer_state.json").write_text(f'{{"step": {step}, "run_key": "{key}"}}')
+        (folder / f"checkpoint-{step:08d}" / "trainer_state.json").write_text(
+            f'{{"step": {step}, "run_key": "{key}"}}'
+        )
     (folder / ".tmp-checkpoint-00000005").mkdir()  # an interrupted save is never a checkpoint
     assert latest_checkpoint(folder, "new").name == "checkpoint-00000003"
     assert [s for s, _ in list_checkpoints(folder)] == [3]
 
 
 def _files(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_model_folder_is_the_base_model_plus_the_trained_unet(uninterrupted):
@@ -128,11 +147,27 @@ def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index,
     from tasks.train.model import load_editing_model
 
     models = ModelsConfig(diffusion="sdxl", diffusion_path=str(tiny_sdxl))
-    cfg = CFG.model_copy(update={"steps": 8, "total_batch_size": 2, "learning_rate": 1e-3,
-                                 "use_ema": False, "checkpoint_every": 8})
+    cfg = CFG.model_copy(
+        update={
+            "steps": 8,
+            "total_batch_size": 2,
+            "learning_rate": 1e-3,
+            "use_ema": False,
+            "checkpoint_every": 8,
+        }
+    )
     comps = load_editing_model("sdxl", str(tiny_sdxl))
-    batch = next(make_train_loader(shard_urls(index), comps.tokenizer, Augment(64), 8, seed=5, shuffle_buffer=8,
-                                   tokenizer_2=comps.tokenizer_2))
+    batch = next(
+        make_train_loader(
+            shard_urls(index),
+            comps.tokenizer,
+            Augment(64),
+            8,
+            seed=5,
+            shuffle_buffer=8,
+            tokenizer_2=comps.tokenizer_2,
+        )
+    )
     assert batch["input_ids_2"].shape == (8, 77) and batch["time_ids"].shape == (8, 6)
     assert (batch["time_ids"][:, [0, 1, 4, 5]] == 64).all()  # 64² sources, 64² crops
     noise_scheduler = DDPMScheduler.from_config(comps.scheduler.config)
@@ -140,13 +175,17 @@ def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index,
     def fixed_batch_loss(unet) -> float:
         with torch.no_grad():
             gen = torch.Generator().manual_seed(1)
-            return batch_loss(batch, gen, 0.0, comps, unet, noise_scheduler, null_text(comps), torch.float32).item()
+            return batch_loss(
+                batch, gen, 0.0, comps, unet, noise_scheduler, null_text(comps), torch.float32
+            ).item()
 
     before = fixed_batch_loss(comps.unet)
     result = train_editing_model(cfg, models, shard_urls(index), tmp_path, run_key="xl")
     from diffusers import StableDiffusionXLInstructPix2PixPipeline
 
-    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(result.model_dir)  # plain diffusers, as a user would
+    pipe = StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
+        result.model_dir
+    )  # plain diffusers, as a user would
     pipe.set_progress_bar_config(disable=True)
     assert type(load_pipeline(result.model_dir)).__name__ == "StableDiffusionXLInstructPix2PixPipeline"
     assert pipe.unet.config.in_channels == 8 and not pipe.config.force_zeros_for_empty_prompt
@@ -166,8 +205,9 @@ def _unet_bytes(model_dir):
     return (model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
-def test_a_kill_inside_a_checkpoint_write_resumes_to_the_uninterrupted_bytes(uninterrupted, index, tmp_path,
-                                                                             monkeypatch):
+def test_a_kill_inside_a_checkpoint_write_resumes_to_the_uninterrupted_bytes(
+    uninterrupted, index, tmp_path, monkeypatch
+):
     """Killed right after the 7th file accelerate writes into a checkpoint (5 per checkpoint: model, optimizer,
     scheduler, RNG states, EMA; the 7th is the optimizer of checkpoint 4), then resumed: checkpoint 2 is
     taken, the half-written one is not, and the model has the uninterrupted run's bytes."""
@@ -182,17 +222,22 @@ def test_a_kill_inside_a_checkpoint_write_resumes_to_the_uninterrupted_bytes(uni
                 written.append(str(f))
                 if len(written) == 7:
                     raise Killed(f"killed after writing {f}")
+
         return wrapped
 
     # the two writers accelerate's checkpoint uses: safetensors (the model) and torch.save (everything else)
-    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", counting(accelerate.utils.other.safe_save_file))
+    monkeypatch.setattr(
+        accelerate.utils.other, "safe_save_file", counting(accelerate.utils.other.safe_save_file)
+    )
     monkeypatch.setattr(torch, "save", counting(torch.save))
     with pytest.raises(Killed):
         train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
     monkeypatch.undo()
     assert len({f.rsplit("/", 2)[-2] for f in written}) == 2  # inside the second checkpoint's save
     partial = tmp_path / "checkpoints" / ".tmp-checkpoint-00000004"
-    assert len(list(partial.iterdir())) == 2 and [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+    assert len(list(partial.iterdir())) == 2 and [
+        s for s, _ in list_checkpoints(tmp_path / "checkpoints")
+    ] == [2]
 
     resumed = train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
     assert resumed.resumed_from == 2 and not partial.exists()
@@ -208,14 +253,19 @@ def test_a_checkpoint_of_another_process_count_is_refused_unless_asked(uninterru
 
     from tasks.train.loop import ProcessCountChangedError
 
-    shutil.copytree(uninterrupted.model_dir.parent / "checkpoints" / "checkpoint-00000002",
-                    tmp_path / "checkpoints" / "checkpoint-00000002")
+    shutil.copytree(
+        uninterrupted.model_dir.parent / "checkpoints" / "checkpoint-00000002",
+        tmp_path / "checkpoints" / "checkpoint-00000002",
+    )
     state_file = tmp_path / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state["processes"] == 1
     state_file.write_text(json.dumps({**state, "processes": 8}))
-    with pytest.raises(ProcessCountChangedError, match=r"written by 8 process\(es\), this run has 1: resume with 8 .*"
-                                                       r"train.resume_other_processes=true"):
+    with pytest.raises(
+        ProcessCountChangedError,
+        match=r"written by 8 process\(es\), this run has 1: resume with 8 .*"
+        r"train.resume_other_processes=true",
+    ):
         train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
     cfg = CFG.model_copy(update={"resume_other_processes": True})
     resumed = train_editing_model(cfg, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
@@ -233,5 +283,7 @@ def test_8bit_adam_without_bitsandbytes_says_what_to_install(index, tmp_path, mo
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     cfg = CFG.model_copy(update={"steps": 1, "use_8bit_adam": True})
-    with pytest.raises(ConfigError, match=r"train.use_8bit_adam needs bitsandbytes: pip install 'editforge\[cluster\]'"):
+    with pytest.raises(
+        ConfigError, match=r"train.use_8bit_adam needs bitsandbytes: pip install 'editforge\[cluster\]'"
+    ):
         train_editing_model(cfg, ModelsConfig(), shard_urls(index), tmp_path, run_key="8bit")

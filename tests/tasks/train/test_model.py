@@ -21,7 +21,11 @@ def test_widened_conv_in_copies_weights_zeroes_new_channels_and_keeps_bias(tiny)
     unet = widen_conv_in(copy.deepcopy(tiny.unet))
     old, new = original.conv_in, unet.conv_in
     assert new.in_channels == EDIT_IN_CHANNELS and unet.config.in_channels == EDIT_IN_CHANNELS
-    assert new.out_channels == old.out_channels and new.kernel_size == old.kernel_size and new.padding == old.padding
+    assert (
+        new.out_channels == old.out_channels
+        and new.kernel_size == old.kernel_size
+        and new.padding == old.padding
+    )
     assert torch.equal(new.weight[:, :4], old.weight)
     assert torch.count_nonzero(new.weight[:, 4:]) == 0
     assert old.bias is not None and torch.count_nonzero(old.bias) > 0
@@ -100,12 +104,23 @@ def test_models_vae_path_replaces_the_vae_in_training_and_in_the_saved_model(tin
     assert any(not torch.equal(v, own[k]) for k, v in comps.vae.state_dict().items())
 
     index = write_synthetic_shards(str(tmp_path / "shards"), train_samples=4, val_samples=1, per_shard=4)
-    cfg = TrainConfig(steps=1, batch_size=2, total_batch_size=2, resolution=64, num_workers=0,
-                      device="cpu", shuffle_buffer=4, use_ema=False)
-    result = train_editing_model(cfg, ModelsConfig(vae_path=str(other_vae)), shard_urls(index), tmp_path / "w")
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=2,
+        total_batch_size=2,
+        resolution=64,
+        num_workers=0,
+        device="cpu",
+        shuffle_buffer=4,
+        use_ema=False,
+    )
+    result = train_editing_model(
+        cfg, ModelsConfig(vae_path=str(other_vae)), shard_urls(index), tmp_path / "w"
+    )
     saved = result.model_dir / "vae"
-    assert (saved / "diffusion_pytorch_model.safetensors").read_bytes() == \
-        (other_vae / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (saved / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        other_vae / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()
 
 
 def test_a_bad_vae_path_names_the_setting(tmp_path):
@@ -115,6 +130,8 @@ def test_a_bad_vae_path_names_the_setting(tmp_path):
     with pytest.raises(Exception, match=r"models.vae_path=.*does not exist") as missing:
         load_editing_model("tiny", vae_path=str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match=r"the weights at .*empty could not be loaded.*models.vae_path") as empty:
+    with pytest.raises(
+        Exception, match=r"the weights at .*empty could not be loaded.*models.vae_path"
+    ) as empty:
         load_editing_model("tiny", vae_path=str(tmp_path / "empty"))
     assert is_permanent(missing.value) and is_permanent(empty.value)

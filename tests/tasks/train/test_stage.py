@@ -13,13 +13,21 @@ from tasks.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.component
 
-SMALL = ["train.steps=2", "train.batch_size=2", "train.checkpoint_every=1", "train.sample_steps=2",
-         "train.shuffle_buffer=4", "train.log_every=1"]
+SMALL = [
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.checkpoint_every=1",
+    "train.sample_steps=2",
+    "train.shuffle_buffer=4",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
 def index(tmp_path_factory):
-    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), train_samples=8, val_samples=2, per_shard=4)
+    return write_synthetic_shards(
+        str(tmp_path_factory.mktemp("shards")), train_samples=8, val_samples=2, per_shard=4
+    )
 
 
 def test_hashes_ignore_operational_settings_and_split_sampling_from_weights(index):
@@ -31,15 +39,21 @@ def test_hashes_ignore_operational_settings_and_split_sampling_from_weights(inde
     sampling = load_config("demo", ["train.guidance_scale=5.0"])
     weights = load_config("demo", ["train.learning_rate=0.001"])
     assert train_hash(ops, idx) == train_hash(base, idx) and weights_key(ops, idx) == weights_key(base, idx)
-    assert train_hash(sampling, idx) != train_hash(base, idx) and weights_key(sampling, idx) == weights_key(base, idx)
+    assert train_hash(sampling, idx) != train_hash(base, idx) and weights_key(sampling, idx) == weights_key(
+        base, idx
+    )
     assert weights_key(weights, idx) != weights_key(base, idx)
     other = {**idx, "config_hash": "other-data"}
     assert weights_key(base, other) != weights_key(base, idx)
     # where it runs is not what it trains: the total batch is hashed, not how the processes make it up
-    where = load_config("demo", ["train.batch_size=2", "train.processes=2", "train.num_workers=3", "train.nodes=1"])
+    where = load_config(
+        "demo", ["train.batch_size=2", "train.processes=2", "train.num_workers=3", "train.nodes=1"]
+    )
     assert weights_key(where, idx) == weights_key(load_config("demo", ["train.batch_size=2"]), idx)
     assert weights_key(load_config("demo", ["train.total_batch_size=8"]), idx) != weights_key(base, idx)
-    assert weights_key(load_config("demo", ["train.batch_size=2"]), idx) != weights_key(base, idx)  # other draws
+    assert weights_key(load_config("demo", ["train.batch_size=2"]), idx) != weights_key(
+        base, idx
+    )  # other draws
     # the generation chain's hashes do not depend on the train section
     assert stage_hash(weights, "pack") == stage_hash(base, "pack")
 
@@ -51,8 +65,12 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     assert not manifest["skipped"] and manifest["train"]["steps"] == 2
     success = json.loads((part / "_SUCCESS.json").read_text())
     assert success["config_hash"] == manifest["config_hash"] and success["counts"]["steps"] == 2
-    assert {"model/model_index.json", "model/unet/diffusion_pytorch_model.safetensors", "metrics.json",
-            "sample_edit.png"} <= set(success["outputs"])
+    assert {
+        "model/model_index.json",
+        "model/unet/diffusion_pytorch_model.safetensors",
+        "metrics.json",
+        "sample_edit.png",
+    } <= set(success["outputs"])
     assert Image.open(part / "sample_edit.png").size == (3 * 64, 64)
     metrics = json.loads((part / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
@@ -61,7 +79,9 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     assert run_train(cfg, index_url=index)["skipped"]
 
     # only the sample-edit settings changed: re-sampled from the final checkpoint, no new training step
-    resampled = run_train(load_config("demo", [f"output_root={tmp_path}", *SMALL, "train.guidance_scale=3.0"]), index_url=index)
+    resampled = run_train(
+        load_config("demo", [f"output_root={tmp_path}", *SMALL, "train.guidance_scale=3.0"]), index_url=index
+    )
     assert not resampled["skipped"] and resampled["train"]["resumed_from"] == 2
     assert resampled["train"]["steps"] == 2 and resampled["sample"]["guidance_scale"] == 3.0
 
