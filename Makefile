@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker compat clean
+.PHONY: install browser demo demo-tiny world-models test test-fast lint bench reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -64,24 +64,36 @@ bench: $(STAMP)
 reliability: $(STAMP)
 	$(PY) bench/reliability.py
 
-# A trial cluster on one box (README "Run on a cluster"): a Prefect server, the pools and deployments, workers.
-PREFECT_URL ?= http://127.0.0.1:4200/api
+# A cluster (docs/cluster.md; infra/walkthrough.sh runs these in order). Every target talks to the server
+# an exported PREFECT_API_URL names (default http://127.0.0.1:4200/api); `make server` listens on its host and
+# port, with PREFECT_UI_API_URL (default: the same URL) set before it starts and its state in
+# PREFECT_SERVER_HOME. GPUS: GPU partitions at once across the server (the editforge-gpu tag's limit);
+# POOL_TYPE=kubernetes: the Kubernetes pools editforge-k8s-*; POOL / NAME: the pool and name of a worker.
+API_URL     := $(or $(PREFECT_API_URL),http://127.0.0.1:4200/api)
+UI_API_URL  := $(or $(PREFECT_UI_API_URL),$(API_URL))
+API_HOSTPORT := $(firstword $(subst /, ,$(patsubst https://%,%,$(patsubst http://%,%,$(API_URL)))))
+SERVER_HOST ?= $(firstword $(subst :, ,$(API_HOSTPORT)))
+SERVER_PORT ?= $(or $(word 2,$(subst :, ,$(API_HOSTPORT))),4200)
+PREFECT_SERVER_HOME ?= $(CURDIR)/.prefect-server
+GPUS      ?= 1
+POOL_TYPE ?= process
+POOL      ?= editforge-cpu
 server: $(STAMP)
-	PREFECT_HOME=$(CURDIR)/.prefect-server $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_HOME=$(PREFECT_SERVER_HOME) PREFECT_API_URL=$(API_URL) PREFECT_UI_API_URL=$(UI_API_URL) \
+		$(VENV)/bin/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 deploy: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect work-pool create editforge-cpu --type process \
-		--base-job-template infra/work-pools/process.json --overwrite
-	PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect work-pool create editforge-gpu --type process \
-		--base-job-template infra/work-pools/process.json --overwrite
-	-PREFECT_API_URL=$(PREFECT_URL) $(VENV)/bin/prefect concurrency-limit create editforge-gpu 1
-	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all \
-		--prefect-file infra/prefect.yaml
-	PREFECT_API_URL=$(PREFECT_URL) $(PY) -m flows.automations
+	PREFECT_API_URL=$(API_URL) $(PY) -m flows.deploy --gpus $(GPUS) $(if $(filter kubernetes,$(POOL_TYPE)),--kubernetes)
 
 worker: $(STAMP)
-	PREFECT_API_URL=$(PREFECT_URL) EDITFORGE_HOME=$(CURDIR) $(VENV)/bin/prefect worker start \
-		--pool $(or $(POOL),editforge-cpu) --limit 1
+	PREFECT_API_URL=$(API_URL) $(VENV)/bin/prefect worker start --pool $(POOL) --limit 1 $(if $(NAME),--name $(NAME))
+
+# infra/requirements.lock (the image's pinned packages) from this venv's resolved versions, after a pyproject change
+# (the image-only packages the dev venv lacks, e.g. bitsandbytes, are installed aside into .cache/lock-extras)
+lock: $(STAMP)
+	@missing="$$($(PY) infra/lock.py --missing)"; [ -z "$$missing" ] || \
+		eval $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target .cache/lock-extras $$missing
+	PYTHONPATH=$(CURDIR)/.cache/lock-extras $(PY) infra/lock.py
 
 # The demo's trained model on an older stack: transformers 4.x and diffusers 0.32 (no deps: torch and the rest
 # are the project's) in .compat/, ahead of the project's own on PYTHONPATH (infra/compat_check.py).

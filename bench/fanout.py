@@ -1,9 +1,10 @@
 """Fan-out on one box: the demo DAG through one worker vs two, and the orchestration cost per block.
 
-Starts a real Prefect server on 127.0.0.1 with the process pool and three workers (`--limit 1`): one
-holds the `editforge-generate/demo` parent flow run, the others run its child flow runs. The pool's
-concurrency limit decides how many children run at once (limit 2: one child worker; 3: two), so
-both measurements use the same processes, side by side in one run:
+Starts a real Prefect server on 127.0.0.1 with the process pools and workers (`--limit 1`): one on the
+driver pool holds the `editforge-generate/demo` parent flow run, two on the CPU pool and two on the GPU
+pool run its child flow runs. The stage pools' concurrency limits decide how many children of a pool
+run at once (1: one worker each; 2: two), so both measurements use the same processes, side by side
+in one run:
 
 - **one vs two workers**: wall time of ONE `prefect deployment run editforge-generate/demo` with
   ``run.mode=fan-out`` on a fresh output root, blocks of one partition;
@@ -39,7 +40,7 @@ SIZES = {
 }
 COMMON = ["text.batch_size=4", "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
           "render.keep.clip_caption_threshold=-1", "run.mode=fan-out", "run.block_size=1", "run.poll_s=0.5"]
-POOL = "editforge-cpu"
+POOLS = ("editforge-cpu", "editforge-gpu")  # the stage pools (the parent has the driver pool to itself)
 CHILDREN = """
 import json, sys
 from prefect.client.orchestration import get_client
@@ -55,8 +56,9 @@ print(json.dumps([{"flow": flows.get(r.flow_id), "state": r.state_type.value, "o
 
 
 def pool_limit(env: dict, n: int) -> None:
-    subprocess.run([str(BIN / "prefect"), "work-pool", "set-concurrency-limit", POOL, str(n)], env=env, check=True,
-                   capture_output=True, timeout=60)
+    for pool in POOLS:
+        subprocess.run([str(BIN / "prefect"), "work-pool", "set-concurrency-limit", pool, str(n)], env=env, check=True,
+                       capture_output=True, timeout=60)
 
 
 def deployment_run(env: dict, root: Path, name: str, size: str, timeout: int = 900) -> dict:
@@ -87,10 +89,10 @@ def deployment_run(env: dict, root: Path, name: str, size: str, timeout: int = 9
 
 def measure(env: dict, workdir: Path, size: str, one_worker: bool = True) -> dict:
     """Two workers on a fresh root, (one worker on another,) then the no-op re-run; the figures as a dict."""
-    pool_limit(env, 3)  # the parent + two children
+    pool_limit(env, 2)  # two children of each stage pool at once
     two = deployment_run(env, workdir / "two", "bench-two", size)
     one = None
-    pool_limit(env, 2)  # the parent + one child
+    pool_limit(env, 1)  # one child of each stage pool
     if one_worker:
         one = deployment_run(env, workdir / "one", "bench-one", size)
     noop = deployment_run(env, workdir / "two", "bench-noop", size)  # everything done: each block only skips
@@ -103,7 +105,7 @@ def measure(env: dict, workdir: Path, size: str, one_worker: bool = True) -> dic
         "overhead_per_block_s": round(noop["parent_run_s"] / blocks, 2) if blocks else None,
         "goals": {"overhead_per_block_s": "< 3", "speedup_two_vs_one": ">= 1.5"},
     }
-    pool_limit(env, 3)
+    pool_limit(env, 2)
     return report
 
 
@@ -114,7 +116,7 @@ def main() -> int:
     args = parser.parse_args()
     size = "smoke" if args.smoke else "full"
     with tempfile.TemporaryDirectory(prefix="editforge-fanout-") as tmp:
-        with prefect_cluster(Path(tmp) / "home", workers=3) as cluster:
+        with prefect_cluster(Path(tmp) / "home", workers=2, gpu_workers=2) as cluster:
             report = measure(cluster.env, Path(tmp), size, one_worker=not args.smoke)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -3,11 +3,14 @@
     python bench/reliability.py                # 20 kill points per stage (make reliability)
     python bench/reliability.py --smoke        # 2 per stage, for the test suite
 
-One small demo run is made uninterrupted, stage by stage through the registry's own entries. Then,
+One small demo run — the VLM judge rung on, against the OpenAI-compatible fake served in this process
+(`tests/fakes/openai_server.py`), so the judge stage asks and checkpoints answers — is made
+uninterrupted, stage by stage through the registry's own entries. Then,
 for each stage, a copy of that run without the stage (and what follows) is made, and the stage is
 run with a crash at the k-th *kill point* — a write through `tasks.common.storage` (before it, or in
 the middle of it: the temporary file is left behind as a SIGKILL would leave it), or, for training,
-an optimizer step — the points drawn with a seeded RNG from all of the stage's kill points. The
+an optimizer step — the points drawn with a seeded RNG from all of the stage's kill points; from the
+kill point on, every write fails as it would in a dead process (the judge's pool cannot flush). The
 crashed stage is then run again in the same process with fresh model caches (what a new process
 has) and its outputs are compared with the uninterrupted run's: every file the manifest lists, byte
 for byte, the rows of its parquet outputs (lost, duplicated) and what was left over (temporary
@@ -55,6 +58,13 @@ FULL = ["captions.num_captions=24", "captions.num_partitions=10", "text.finetune
         "render.steps=2", "render.keep.clip_image_threshold=-1", "render.keep.clip_direction_threshold=-1",
         "render.keep.clip_caption_threshold=-1", "pack.shard_max_samples=1", "train.steps=24", "train.batch_size=2",
         "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0", "train.checkpoint_every=2"]
+# the VLM judge rung against the in-process fake: chunks of exactly 3 answers (a kill point per chunk); its
+# threshold 0 keeps what it judged (the fake's scores are arbitrary: the small runs would pack no shard)
+JUDGE_KEY_ENV = "EDITFORGE_BENCH_JUDGE_KEY"
+VLM = ["render.save_images=passed", "judges.vlm.enabled=true", f"judges.vlm.api_key_env={JUDGE_KEY_ENV}",
+       "judges.vlm.model=gpt-4o-mini-2024-07-18", "judges.vlm.concurrency=4", "judges.vlm.checkpoint_every=3",
+       "judges.vlm.checkpoint_interval_s=3600", "judges.vlm.backoff_initial_s=0.005", "judges.vlm.backoff_max_s=0.05",
+       "render.keep.vlm_threshold=0"]
 # the rows of a stage's parquet output, by their key column
 ROW_KEYS = {"captions.parquet": "caption_id", "triplets.parquet": "caption_id", "samples.parquet": "sample_key",
             "judgments.parquet": "sample_key", "kept.parquet": "sample_key"}
@@ -85,6 +95,11 @@ class KillSwitch:
         return self.at is not None and self.seen == self.at
 
     def write(self, url: str, data: bytes) -> None:
+        if self.at is not None and self.seen >= self.at:  # dead: a killed process writes nothing more
+            raise Killed(f"after kill point {self.at}: writing {url}")
+        if "/_leases/" in url:  # a lease's heartbeat comes from a timer thread: never a kill point (not counted)
+            self._write(url, data)
+            return
         if self.point():
             fs, path = storage.filesystem(url)
             if self.mid_write and url.startswith("/"):  # a kill inside the write leaves its temporary file
@@ -165,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     table = []
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fakes.openai_server import FakeOpenAIServer, Knobs
+
+    fake = FakeOpenAIServer(Knobs(api_key="sk-editforge-bench-judge")).start()
+    os.environ[JUDGE_KEY_ENV] = fake.knobs.api_key
+    size = [*size, *VLM, f"judges.vlm.base_url={fake.base_url}"]
     with tempfile.TemporaryDirectory(prefix="editforge-reliability-") as tmp:
         clean = Path(tmp) / "clean"
         points = {}
@@ -179,20 +200,24 @@ def main(argv: list[str] | None = None) -> int:
             kills = sorted(rng.sample(range(1, points[name] + 1), min(args.kills, points[name])))
             result = {"stage": name, "kill_points": points[name], "kills": 0, "resumed": 0, "identical": 0,
                       "rows_lost": 0, "rows_duplicated": 0, "leftover_temp_files": 0, "leftover_checkpoints": 0,
-                      "different": []}
+                      "answers_asked_again": 0, "different": []}
             for i, at in enumerate(kills):
                 root = Path(tmp) / f"{name}-{i}"
                 without(clean, root, later)
                 cfg = load_config("demo", [f"output_root={root}", *size])
                 fresh_process_state()
+                asked_from = len(fake.state.requests)
                 try:
                     with KillSwitch(at, mid_write=bool(i % 2)) as switch:
                         run_stage(cfg, name, switch)
+                    result.setdefault("not_reached", []).append(at)  # the run wrote less than the clean one
                 except Killed:
                     result["kills"] += 1
                 fresh_process_state()
                 run_stage(cfg, name)
                 result["resumed"] += 1
+                asked = [r["judge"] for r in fake.state.requests[asked_from:] if r.get("judge") and r["status"] == 200]
+                result["answers_asked_again"] += len(asked) - len(set(asked))  # answered, lost with the kill
                 got, got_rows = outputs(root, name), rows(root, name)
                 same = got == reference
                 result["identical"] += same
@@ -208,11 +233,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:9s} kills {result['kills']:3d}  resumed {result['resumed']:3d}  identical "
                   f"{result['identical']:3d}  rows lost {result['rows_lost']}  duplicated {result['rows_duplicated']}  "
                   f"temp files left {result['leftover_temp_files']}  checkpoints left {result['leftover_checkpoints']}"
-                  f"  (of {result['kill_points']} kill points)", flush=True)
+                  f"  answers asked again {result['answers_asked_again']}  (of {result['kill_points']} kill points)",
+                  flush=True)
+    fake.stop()
     ok = all(r["identical"] == r["resumed"] == r["kills"] and not (r["rows_lost"] or r["rows_duplicated"]
              or r["leftover_temp_files"] or r["leftover_checkpoints"]) for r in table)
     report = {"benchmark": "reliability", "seed": args.seed, "kills_per_stage": args.kills, "stages": table,
-              "all_identical": ok, "wall_s": round(time.perf_counter() - t0, 1), "config": size}
+              "all_identical": ok, "wall_s": round(time.perf_counter() - t0, 1),
+              "config": [item for item in size if "base_url" not in item],
+              "judge_requests_answered": sum(fake.state.judged().values())}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

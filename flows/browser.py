@@ -33,7 +33,9 @@ def look(url: str, screenshot: str | Path | None = None, wait_for: str | None = 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page(viewport={"width": width, "height": 1000}, device_scale_factor=scale)
+            # bypass_csp: the waits below are scripts, which a strict page (the review page's CSP) forbids
+            page = browser.new_page(viewport={"width": width, "height": 1000}, device_scale_factor=scale,
+                                    bypass_csp=True)
             page.goto(target, timeout=timeout_s * 1000)
             if wait_for:
                 page.wait_for_selector(wait_for, timeout=timeout_s * 1000)

@@ -89,7 +89,7 @@ def calibrate_early(
     from tasks.registry import stage_hash
     from tasks.render.calibrate import CalibrationError, calibrate, calibration_settings, recommend
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="read")  # reads render partitions; writes only --json
     try:
         grid = parse_margins(margins)
     except ValueError as err:

@@ -10,6 +10,8 @@
     editforge verify --preset demo
     editforge index --preset demo
     editforge calibrate-early --preset paper --set render.early_reject_at=0.4 --set render.early_reject_dry_run=true
+    editforge review --preset world                    # label pairs in a browser (docs/review.md)
+    editforge calibrate-filter --preset world --target-precision 0.8
     editforge estimate --preset paper --from-preset demo --partitions 0
 """
 
@@ -24,10 +26,12 @@ import typer
 import yaml
 
 from flows.calibrate_cli import calibrate_early
+from flows.calibrate_filter import calibrate_filter
 from flows.estimate import estimate_command
 from flows.edit import edit_command
 from flows.evaluate import evaluate_command
 from flows.generate import run
+from flows.review import review_command
 from flows.options import (
     Debug,
     Overrides,
@@ -50,6 +54,8 @@ app.command("evaluate")(evaluate_command)
 app.command("edit")(edit_command)
 app.command("calibrate-early")(calibrate_early)
 app.command("estimate")(estimate_command)
+app.command("review")(review_command)
+app.command("calibrate-filter")(calibrate_filter)
 
 CHAIN = [s.name for s in registry.chain()]
 
@@ -100,7 +106,7 @@ def verify(preset: Preset = "demo", overrides: Overrides = None) -> None:
 
     from tasks.common.contract import output_problems, read_success
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="read")
     table = Table(title=f"EditForge run '{cfg.name}' — {cfg.output_root}: outputs against their manifests")
     for column in ("stage", "partitions", "finished", "verified", "damaged"):
         table.add_column(column)
@@ -136,7 +142,7 @@ def presets() -> None:
 @app.command()
 def config(preset: Preset = "demo", overrides: Overrides = None) -> None:
     """Print the resolved config, each stage's resources and config hash."""
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="none")
     with reported(False):
         hashes = {s: registry.stage_hash(cfg, s) for s in CHAIN}
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -156,7 +162,7 @@ def report(preset: Preset = "demo", overrides: Overrides = None,
     from flows.report import current_manifests, render_report
     from tasks.common import storage
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="read")
     index_url = registry.index_url(cfg)
     index = storage.read_json(index_url) if storage.exists(index_url) else None
     render_report(cfg, current_manifests(cfg), index)

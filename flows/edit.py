@@ -66,14 +66,35 @@ def output_paths(inputs: list[Path], out: Path | None) -> dict[Path, Path]:
     return dests
 
 
+# what `edit` takes, checked from the file's header before any pixel is decoded: the model works on
+# multiples of 8 pixels (the VAE), and a picture above 4096² is more than a UNet edits in one piece
+MIN_EDIT_SIDE = 8
+MAX_EDIT_PIXELS = 4096 * 4096
+
+
 def open_image(path: Path):
+    """The image as RGB, once its header says it is an editable size (no decoding before that)."""
     from PIL import Image, UnidentifiedImageError
 
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own, lower, limit is checked below
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        img = Image.open(path)  # reads the header only
     except (UnidentifiedImageError, OSError) as err:
         raise EditInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
+    with img:
+        w, h = img.size
+        if min(w, h) < MIN_EDIT_SIDE:
+            raise EditInputError(f"{path}: {w}x{h} pixels is too small to edit: at least {MIN_EDIT_SIDE}x{MIN_EDIT_SIDE} "
+                                 f"(the model works on multiples of {MIN_EDIT_SIDE} pixels)")
+        if w * h > MAX_EDIT_PIXELS:
+            raise EditInputError(f"{path}: {w}x{h} pixels ({w * h / 1e6:.0f} megapixels by its header) is larger than "
+                                 f"editforge edit takes ({MAX_EDIT_PIXELS / 1e6:.1f} megapixels); resize it first")
+        try:
+            return img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as err:  # a header that lies about its data
+            raise EditInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def edit_command(
@@ -93,7 +114,7 @@ def edit_command(
     """Edit an image, or every image in a folder, with the trained model (or --model PATH)."""
     from flows.evaluate import check_device
 
-    cfg = load_or_exit(preset, overrides)
+    cfg = load_or_exit(preset, overrides, root="none")  # the model's run is read by resolve_model, if at all
     with reported(debug):
         from tasks.train.evaluate import command_args, resolve_model
 
@@ -109,8 +130,8 @@ def edit_command(
         if out is not None and out.exists() and not out.is_dir():
             raise EditInputError(f"--out {out}: exists and is not a folder")
         dests = output_paths(inputs, out)
+        images = {src: open_image(src) for src in inputs}  # every input readable before the model is looked for
         folder, _ = resolve_model(cfg, model, None, command_args(preset, overrides))
-        images = {src: open_image(src) for src in inputs}  # every input readable before the model loads
 
         from tasks.common.devices import torch_device
         from tasks.train.evaluate import quiet_loading

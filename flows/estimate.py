@@ -813,7 +813,8 @@ def estimate_command(
     if from_preset is None and from_overrides is None:
         pilot, pilot_overrides = target, list(overrides or [])
     else:
-        pilot, pilot_overrides = load_or_exit(from_preset or preset, from_overrides), list(from_overrides or [])
+        pilot, pilot_overrides = (load_or_exit(from_preset or preset, from_overrides, root="none"),
+                                   list(from_overrides or []))
     ids = parse_partitions(partitions)
     if unet_calls_per_s is not None and not unet_calls_per_s > 0:
         raise typer.BadParameter(f"{unet_calls_per_s}: a rate above 0", param_hint="--unet-calls-per-s")

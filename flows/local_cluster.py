@@ -1,8 +1,10 @@
-"""A Prefect cluster on one box, on 127.0.0.1: a real `prefect server`, the process work pool of
-infra/work-pools/process.json, workers (`--limit 1`) and deployments from infra/prefect.yaml.
+"""A Prefect cluster on one box, on 127.0.0.1: a real `prefect server`, the three process pools and every
+deployment of infra/prefect.yaml as `make deploy` makes them (flows/deploy.py), and workers (`--limit 1`):
+one on the driver pool for the `editforge-generate` runs, CPU-pool and GPU-pool ones for the stages.
 
-What the integration tests and `bench/fanout.py` run against (the manual equivalent is `make server`,
-`make deploy`, `make worker`); everything it starts is stopped when the context ends.
+What the integration tests and `bench/fanout.py` run against (the manual equivalent, and what a test runs
+as written, is infra/walkthrough.sh: `make server`, `make deploy`, `make worker`); everything it starts is
+stopped when the context ends.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("captions", "finetune", "text", "render", "judge", "filter", "pack")
-CPU_POOL, GPU_POOL = "editforge-cpu", "editforge-gpu"
+DRIVER_POOL, CPU_POOL, GPU_POOL = "editforge-driver", "editforge-cpu", "editforge-gpu"
 
 
 def free_port() -> int:
@@ -52,16 +54,20 @@ class Cluster:
 
 
 @contextmanager
-def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0,
-                    extra_env: dict[str, str] | None = None, ui: bool = False) -> Iterator[Cluster]:
-    """Start the server (state under ``home``; with ``ui`` its web UI at ``Cluster.url``), both pools
-    (process type), ``workers`` workers on the CPU pool and ``gpu_workers`` on the GPU one, and deploy
-    everything in infra/prefect.yaml in one command."""
+def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0, extra_env: dict[str, str] | None = None,
+                    ui: bool = False, driver_workers: int = 1, gpu_limit: int = 0) -> Iterator[Cluster]:
+    """Start the server (state under ``home``; with ``ui`` its web UI at ``Cluster.url``), the pools,
+    ``driver_workers`` workers on the driver pool (`driver-<i>`), ``workers`` on the CPU pool (`worker-<i>`)
+    and ``gpu_workers`` on the GPU one (`gpu-worker-<i>`), and deploy everything in infra/prefect.yaml
+    in one command. ``gpu_limit``: the `editforge-gpu` tag's concurrency limit (0: none)."""
+    from flows.deploy import create_pools, deploy_all
+
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "EDITFORGE_HOME": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1",
            "PREFECT_UI_ENABLED": "true" if ui else "false", **(extra_env or {})}
+    env.pop("EDITFORGE_HOME", None)  # the deployments find the code where the worker runs (flows/deploy_steps.py)
     logs = home / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     procs = [subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -69,32 +75,25 @@ def prefect_cluster(home: Path, workers: int, gpu_workers: int = 0,
     cluster = Cluster(env, logs, url=f"http://127.0.0.1:{port}")
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 180)
-        for pool in (CPU_POOL, GPU_POOL):  # a single box: the GPU pool is a process pool too (README)
-            subprocess.run([str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process",
-                            "--base-job-template", str(ROOT / "infra/work-pools/process.json")],
-                           env=env, check=True, capture_output=True, timeout=120)
-        for pool, count, prefix in ((CPU_POOL, workers, "worker"), (GPU_POOL, gpu_workers, "gpu-worker")):
+        create_pools(env, gpus=gpu_limit, echo=False)  # a single box: process pools (docs/cluster.md)
+        for pool, count, prefix in ((DRIVER_POOL, driver_workers, "driver"), (CPU_POOL, workers, "worker"),
+                                    (GPU_POOL, gpu_workers, "gpu-worker")):
             for i in range(count):
                 cluster.workers.append(subprocess.Popen(
                     [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{prefix}-{i}",
-                     "--limit", "1"], env=env, cwd=ROOT, stdout=open(logs / f"{prefix}-{i}.log", "w"),
+                     "--limit", "1"], env=env, cwd=home, stdout=open(logs / f"{prefix}-{i}.log", "w"),
                     stderr=subprocess.STDOUT))
         procs += cluster.workers
-        out = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file",
-                              str(ROOT / "infra/prefect.yaml")], env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"prefect deploy --all failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
-        out = subprocess.run([str(BIN / "python"), "-m", "flows.automations"], env=env, cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"creating the automations failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        deploy_all(env, echo=False)
         yield cluster
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    finally:  # the workers first, then the server; a Prefect worker takes its time to shut down: 15 s in all
+        for group in (procs[1:], procs[:1]):
+            for p in group:
+                p.terminate()
+            deadline = time.monotonic() + 15
+            for p in group:
+                try:
+                    p.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()

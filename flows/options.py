@@ -2,10 +2,11 @@
 
 `editforge run|stage|train|config|report|calibrate-early` and `python -m flows.generate` /
 `python -m flows.train` all take `--preset` and `--set KEY=VALUE` through these definitions and load
-the config through :func:`load_or_exit`, so a bad key or a bad `name` fails at once, before Prefect
-starts, with one message naming it and exit code 2; :func:`reported` does the same for a failure
-during the run (one `error:` line, exit 2 when a retry cannot fix it, else 1; `--debug` shows the
-tracebacks instead).
+the config through :func:`load_or_exit`, so a bad key, a bad `name`, an `output_root` that cannot be
+written (or, for a command that reads a run, that holds nothing) or a bad `EDITFORGE_LEASE_TTL_S` fails
+at once, before Prefect starts, with one message naming it and exit code 2; :func:`reported` does the
+same for a failure during the run (one `error:` line, exit 2 when a retry cannot fix it, else 1;
+`--debug` shows the tracebacks instead).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from tasks.common.config import ConfigError, PipelineConfig, load_config
-from tasks.common.errors import is_permanent
+from tasks.common.config import PipelineConfig, load_config
+from tasks.common.errors import PermanentError, is_permanent
 
 Preset = Annotated[str, typer.Option("--preset", "-p", help="preset name (demo, paper, fast, ...) or a YAML file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="KEY=VALUE override, e.g. render.steps=20 "
@@ -27,13 +28,28 @@ Partitions = Annotated[str | None, typer.Option(help="e.g. 0,3,10-19 (default: a
 Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks (Prefect's and the error's) instead of one line")]
 
 
-def load_or_exit(preset: str, overrides: list[str] | None) -> PipelineConfig:
-    """The validated config, or the error naming the key on stderr and exit code 2."""
+def load_or_exit(preset: str, overrides: list[str] | None,
+                 root: Literal["write", "read", "none"] = "write") -> PipelineConfig:
+    """The validated config, or the error naming the key on stderr and exit code 2.
+
+    ``root``: what the command does with ``output_root`` — ``write`` (it must be writable or creatable, its
+    bucket there; the lease settings valid), ``read`` (a run must be there) or ``none`` (not used)."""
+    from tasks.common import storage
+    from tasks.common.lease import lease_ttl_s
+
     try:
-        return load_config(preset, overrides or [])
-    except ConfigError as err:
+        cfg = load_config(preset, overrides or [])
+        if root == "write":
+            lease_ttl_s()
+        if root != "none":
+            storage.check_output_root(cfg.output_root, write=root == "write")
+        return cfg
+    except PermanentError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    except OSError as err:  # an object store that cannot be reached: may pass on a retry
+        typer.echo(f"error: output_root: cannot reach it ({type(err).__name__}: {str(err)[:300]})", err=True)
+        raise typer.Exit(1) from None
 
 
 Verify = Annotated[bool, typer.Option("--verify", help="before skipping a finished partition, check its outputs' "

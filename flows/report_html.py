@@ -79,18 +79,22 @@ def build(cfg: PipelineConfig, max_partitions: int = 20) -> dict:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     sections = "".join(f'<h2 id="{name}">{html.escape(title)}</h2><img alt="{name}" src="{_uri(pngs[name])}">'
                        for name, (title, _, _) in figures.FIGURES.items())
+    from flows.calibrate_filter import report_section  # "People vs filter", when the run has labels
+
+    people = report_section(cfg) or {"html": "", "markdown": ""}
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>EditForge {html.escape(cfg.name)}</title>"
             f"<style>{CSS}</style></head><body><h1>EditForge run <code>{html.escape(cfg.name)}</code></h1>"
             f"<p>{html.escape(cfg.output_root)} — built {stamp} from the files on disk "
             f"(<code>editforge report --html</code>)</p>"
             f"<h2>Stages</h2>{_table_html(_stage_rows(data))}<h2>Progress</h2>{_table_html(progress)}"
-            f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}</body></html>")
+            f"<h2>Settings</h2>{_table_html(_facts(cfg))}{sections}{people['html']}</body></html>")
     html_url = storage.url_join(folder, "report.html")
     storage.write_bytes_atomic(html_url, page.encode())
     markdown = "\n\n".join([
         f"# EditForge run `{cfg.name}`", f"`{cfg.output_root}`, built {stamp}; the same page as `{html_url}`.",
         "## Stages", _table_md(_stage_rows(data)), "## Settings", _table_md(_facts(cfg)),
-        *(f"## {title}\n\n![{name}]({_uri(pngs[name])})" for name, (title, _, _) in figures.FIGURES.items())])
+        *(f"## {title}\n\n![{name}]({_uri(pngs[name])})" for name, (title, _, _) in figures.FIGURES.items()),
+        *([people["markdown"]] if people["markdown"] else [])])
     return {"html": html_url, "images": files, "markdown": markdown}
 
 

@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 TRIPLETS_FILENAME = "triplets.jsonl"
+# a line longer than this is refused (text.seed_max_line_bytes): a seed triplet is two captions and an edit
+DEFAULT_MAX_LINE_BYTES = 16384
+JSONL_HINT = ("seed annotations are JSON Lines: one {\"input\": ..., \"edit\": ..., \"output\": ...} object per line, "
+              "not one JSON array or an object written over several lines")
 _KNOWN_KEYS = frozenset({"input", "caption", "edit", "output"})
 # the fine-tune format's delimiters ("{input}\n##\n", "{edit}\n%%\n{output}\nEND"): a field holding one
 # trains the model on an example the completion parser rejects
@@ -98,13 +102,16 @@ def _describe_validation_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _parse_line(raw: str, where: str, strict: bool) -> Triplet:
+def _parse_line(raw: str, where: str, strict: bool, hint: bool = False) -> Triplet:
+    more = f" ({JSONL_HINT})" if hint else ""
     try:
         record: Any = json.loads(raw.strip())
     except json.JSONDecodeError as exc:
-        raise SeedAnnotationError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise SeedAnnotationError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno}){more}") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to read, nesting too deep
+        raise SeedAnnotationError(f"{where}: invalid JSON: {str(exc)[:160]}{more}") from None
     if not isinstance(record, dict):
-        raise SeedAnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise SeedAnnotationError(f"{where}: expected a JSON object, got {type(record).__name__}{more}")
     if "input" in record and "caption" in record:
         raise SeedAnnotationError(
             f"{where}: field 'caption': give either 'input' or its alias 'caption', not both"
@@ -117,40 +124,80 @@ def _parse_line(raw: str, where: str, strict: bool) -> Triplet:
         raise SeedAnnotationError(f"{where}: {_describe_validation_error(exc)}") from None
 
 
+def _physical_lines(handle, max_bytes: int):
+    """(bytes of each line, or None when longer than ``max_bytes``; its length in bytes), read a bounded
+    piece at a time so that one enormous line never sits in memory."""
+    while True:
+        piece = handle.readline(max_bytes + 2)  # room for the line's own \r\n
+        if not piece:
+            return
+        if piece.endswith(b"\n") or len(piece) < max_bytes + 2:
+            yield piece, len(piece)
+            continue
+        length = len(piece)
+        while not piece.endswith(b"\n"):
+            piece = handle.readline(1 << 16)
+            if not piece:
+                break
+            length += len(piece)
+        yield None, length - (2 if piece.endswith(b"\r\n") else 1 if piece.endswith(b"\n") else 0)
+
+
 def load_triplets(
-    path: str | os.PathLike[str], *, strict: bool = True, source: str | None = None
+    path: str | os.PathLike[str], *, strict: bool = True, source: str | None = None,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
 ) -> list[Triplet]:
     """Read and validate a JSONL file of triplets (a local path or any fsspec URL).
 
     Blank lines are skipped. Any malformed line raises :class:`SeedAnnotationError` whose message
     reads ``"<file> line <n>: field '<name>': <problem>"``: invalid JSON or UTF-8, a missing or empty
     field, a field with a line break (or ``%%`` in edit / output: the fine-tune format's delimiters),
-    an output equal to its input, a repeat of an earlier line's input and edit. With ``strict=False`` keys other than
-    ``input``/``caption``/``edit``/``output`` are ignored instead of rejected (for third-party files
-    such as the paper's release). ``source`` overrides the file name used in messages.
+    an output equal to its input, a repeat of an earlier line's input and edit, a line longer than
+    ``max_line_bytes`` (all such lines counted in the message; the file is read a bounded piece at a
+    time). A file that starts as a JSON array gets a hint that JSON Lines is expected. With
+    ``strict=False`` keys other than ``input``/``caption``/``edit``/``output`` are ignored instead of
+    rejected (for third-party files such as the paper's release). ``source`` overrides the file name
+    used in messages.
     """
     name = source if source is not None else os.fspath(path)
     triplets: list[Triplet] = []
     first_seen: dict[tuple[str, str], int] = {}
+    too_long: list[tuple[int, int]] = []
+    offset, number, first_content = 0, 0, None
     with fsspec.open(os.fspath(path), "rb") as handle:
-        data = handle.read()
-    offset = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark
-    for number, raw_bytes in enumerate(data[offset:].splitlines(keepends=True), start=1):
-        try:
-            raw = raw_bytes.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise SeedAnnotationError(f"{name} line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} of "
-                                      f"the line, byte {offset + exc.start} of the file)") from None
-        offset += len(raw_bytes)
-        if not raw.strip():
-            continue
-        triplet = _parse_line(raw, f"{name} line {number}", strict)
-        key = (comparable_caption(triplet.input), comparable_caption(triplet.edit))
-        if key in first_seen:
-            raise SeedAnnotationError(f"{name} line {number}: the same input and edit as line {first_seen[key]} "
-                                      "(case and trailing .!? ignored); keep one of them")
-        first_seen[key] = number
-        triplets.append(triplet)
+        for piece, length in _physical_lines(handle, max_line_bytes):
+            if piece is None:
+                number += 1
+                too_long.append((number, length))
+                offset += length
+                continue
+            if offset == 0 and piece.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+                piece, offset = piece[3:], 3
+            for raw_bytes in piece.splitlines(keepends=True):
+                number += 1
+                try:
+                    raw = raw_bytes.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise SeedAnnotationError(f"{name} line {number}: not UTF-8 text ({exc.reason} at byte {exc.start} "
+                                              f"of the line, byte {offset + exc.start} of the file)") from None
+                offset += len(raw_bytes)
+                if not raw.strip() or too_long:
+                    continue
+                if first_content is None:
+                    first_content = number
+                    hint = raw.strip() in ("[", "{") or raw.lstrip().startswith("[")
+                triplet = _parse_line(raw, f"{name} line {number}", strict, hint and number == first_content)
+                key = (comparable_caption(triplet.input), comparable_caption(triplet.edit))
+                if key in first_seen:
+                    raise SeedAnnotationError(f"{name} line {number}: the same input and edit as line {first_seen[key]} "
+                                              "(case and trailing .!? ignored); keep one of them")
+                first_seen[key] = number
+                triplets.append(triplet)
+    if too_long:
+        lines = ", ".join(f"{n} ({size:,} bytes)" for n, size in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
+        raise SeedAnnotationError(f"{name}: {len(too_long)} line(s) longer than {max_line_bytes:,} bytes, refused: "
+                                  f"line{'s' if len(too_long) > 1 else ''} {lines}; a seed triplet is two captions and an edit — fix the file, or raise the "
+                                  "limit with --set text.seed_max_line_bytes=N")
     if not triplets:
         raise SeedAnnotationError(f"{name}: contains no triplets")
     return triplets

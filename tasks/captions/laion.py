@@ -1,66 +1,61 @@
-"""Read LAION-Aesthetics V2 style parquet, filter, normalise, deduplicate and sample captions.
+"""Read LAION-Aesthetics V2 style parquet, filter, normalise and deduplicate captions, batch by batch.
 
 Input columns: `URL, TEXT, WIDTH, HEIGHT, similarity, punsafe, pwatermark, AESTHETIC_SCORE, hash`
-(`URL` and `TEXT` are required; the rest are used when present). Files are streamed batch by batch
-with pyarrow through fsspec, so local paths, globs and `s3://…` URLs work alike.
+(`URL` and `TEXT` are required and must hold text; the rest are used when present). Files are streamed
+record batch by record batch with pyarrow through fsspec (local paths, globs and `s3://…` alike); each
+batch is filtered with pyarrow compute and NumPy (:mod:`tasks.captions.clean`; Python touches only the
+rows that are not plain printable ASCII, and the SHA-1 of the captions' ids), then deduplicated
+against every row kept before (:mod:`tasks.captions.dedup`).
 
-Every row is either accepted or counted under a rejection reason; a file that cannot be read, or
-lacks a required column, is an error naming the file (and the column). Cleaning is counted too:
-control characters removed from a caption (`cleaned_control_chars`), numbers read from strings
-(`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
-whitespace and trailing punctuation ignored).
+Every row is either kept or counted under a rejection reason; a file that cannot be read, lacks a
+required column or holds a non-text `TEXT`/`URL` column is an error naming the file and the column.
+Cleaning is counted too: control characters removed (`cleaned_control_chars`), numbers read from
+strings (`coerced_<column>`). Two captions are duplicates when their :func:`dedup_key` agrees (case,
+whitespace and trailing punctuation ignored); a URL seen before is a duplicate too
+(:mod:`tasks.captions.dedup`: the first row in file then row order is kept).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-import unicodedata
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
 from importlib import resources
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.captions.clean import (  # noqa: F401  (what a caption is, also read from here)
+    BATCH_ROWS,
+    PY_WHITESPACE,
+    caption_id,
+    caption_key,
+    dedup_key,
+    dedup_keys,
+    filter_batch,
+    normalise_caption,
+)
+from tasks.captions.dedup import DedupState, digests, greedy, halves, hex16, key_digests, sha1_digests
 from tasks.common import storage
 from tasks.common.config import CaptionsConfig
 from tasks.common.contract import Stats
 
 REQUIRED_COLUMNS = ("URL", "TEXT")
 OPTIONAL_COLUMNS = ("WIDTH", "HEIGHT", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")
+READ_COLUMNS = ("URL", "TEXT", "WIDTH", "HEIGHT", "punsafe", "pwatermark", "AESTHETIC_SCORE", "hash")  # used
 OUTPUT_COLUMNS = ["caption_id", "text", "url", "aesthetic_score", "width", "height", "source_row_hash",
                   "source_file", "source_row"]
-_WS = re.compile(r"\s+")
-# C0 and C1 control characters except the whitespace ones (tab, newlines: collapsed to a space)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_TRAILING_PUNCT = re.compile(r"[\s.,;:!?…]+$")
-
-
 class CaptionSourceError(ValueError):
     """A caption source file is unreadable or lacks a required column; the message names file and column."""
 
 
-def normalise_caption(text: str) -> str:
-    """Unicode NFC, whitespace collapsed, stripped (case is kept: it is part of the caption)."""
-    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
-
-
-def caption_key(text: str) -> str:
-    """The dedup key: the normalised caption, case-folded."""
-    return normalise_caption(text).casefold()
-
-
-def dedup_key(text: str) -> str:
-    """The form two captions are compared in: the caption key without trailing punctuation
-    ("A cat." and "a cat" are one caption)."""
-    return _TRAILING_PUNCT.sub("", caption_key(text))
-
-
-def caption_id(text: str) -> str:
-    """Stable item id: first 16 hex of sha1 of the normalised, case-folded caption."""
-    return hashlib.sha1(caption_key(text).encode("utf-8")).hexdigest()[:16]
+def ascii_strings(chars: np.ndarray) -> pa.Array:
+    """An (n, w) uint8 array of ASCII characters as a large_string array."""
+    n, width = chars.shape
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(chars.tobytes())])
+    return fixed.cast(pa.large_binary()).cast(pa.large_string())
 
 
 def resolve_sources(source: str | list[str]) -> list[str]:
@@ -85,119 +80,184 @@ def resolve_sources(source: str | list[str]) -> list[str]:
     return urls
 
 
-def _float(value, stats: Stats | None = None, column: str = "") -> float:
-    if isinstance(value, str) and stats is not None:
-        stats.add(f"coerced_{column}")  # a number given as text: read, and counted
-    try:
-        return float(value) if value is not None else math.nan
-    except (TypeError, ValueError):
-        return math.nan
+@dataclass
+class Kept:
+    """Rows that passed the filters and the dedup, in file then row order (``file``: the index of the
+    source file in the list :func:`scan` read; ``ids``/``hex``: the caption ids as uint64 and as (n, 16)
+    hex characters; ``key``: the caption key, dropped when not needed)."""
 
+    text: pa.Array
+    key: pa.Array | None
+    url: pa.Array
+    score: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    row_hash: pa.Array
+    file: np.ndarray
+    rows: np.ndarray
+    key_hi: np.ndarray
+    key_lo: np.ndarray
+    url_hi: np.ndarray
+    url_lo: np.ndarray
+    ids: np.ndarray
+    hex: np.ndarray
 
-def _decode_text(value) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")  # raises UnicodeDecodeError: counted by the caller
-    return value
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _values(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def take(self, idx: np.ndarray) -> Kept:
+        if len(idx) == len(self) and (idx == np.arange(len(self))).all():
+            return self
+        pick = pa.array(idx, pa.int64())
+        return Kept(*(None if v is None else v.take(pick) if isinstance(v, pa.Array) else v[idx]
+                      for v in self._values()))
+
+    def without_key(self) -> Kept:
+        return Kept(*(None if f.name == "key" else getattr(self, f.name) for f in fields(self)))
+
+    @staticmethod
+    def concat(parts: list[Kept]) -> Kept:
+        if len(parts) == 1:
+            return parts[0]
+        columns = zip(*(p._values() for p in parts))
+        return Kept(*(None if c[0] is None else pa.concat_arrays(list(c)) if isinstance(c[0], pa.Array)
+                      else np.concatenate(c) for c in columns))
 
 
 @dataclass
-class _Seen:
-    keys: set[str]
-    urls: set[str]
+class Shapes:
+    """Which optional values the kept rows had: the output columns' types follow them (an all-missing
+    width is an empty column, a partly missing one is float)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("rows", "width_missing", "height_missing", "hash_missing"), 0))
+
+    def update(self, kept: Kept) -> None:
+        self.counts["rows"] += len(kept)
+        self.counts["width_missing"] += int(np.isnan(kept.width).sum())
+        self.counts["height_missing"] += int(np.isnan(kept.height).sum())
+        self.counts["hash_missing"] += kept.row_hash.null_count
+
+    def merge(self, other: dict[str, int]) -> None:
+        for k, v in other.items():
+            self.counts[k] = self.counts.get(k, 0) + int(v)
 
 
-def _accept_row(row: dict, cfg: CaptionsConfig, seen: _Seen, stats: Stats) -> dict | None:
+def _check_text_type(url: str, schema: pa.Schema, name: str) -> None:
+    t = schema.field(name).type
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_null(t)):
+        raise CaptionSourceError(f"{url}: column {name!r} holds {t} values, not text: captions and URLs must be "
+                                 "UTF-8 strings — write the column as strings (or drop the file from captions.source)")
+
+
+def _open(url: str):
+    fs, path = storage.filesystem(url)
     try:
-        text = _decode_text(row.get("TEXT"))
-        url = _decode_text(row.get("URL"))
-    except UnicodeDecodeError:
-        stats.reject("invalid_utf8")
-        return None
-    if text is None:
-        stats.reject("null_caption")
-        return None
-    if url is None or not str(url).strip():
-        stats.reject("null_url")
-        return None
-    text, control = _CONTROL.subn("", str(text))
-    if control:
-        stats.add("cleaned_control_chars")
-    text = normalise_caption(text)
-    if not text:
-        stats.reject("empty_caption")
-        return None
-    if len(text) > cfg.max_caption_chars:
-        stats.reject("caption_too_long")
-        return None
-    score = _float(row.get("AESTHETIC_SCORE"), stats, "AESTHETIC_SCORE")
-    if "AESTHETIC_SCORE" in row and math.isnan(score):
-        stats.reject("nan_aesthetic_score")
-        return None
-    if not math.isnan(score) and score < cfg.min_aesthetic_score:
-        stats.reject("low_aesthetic_score")
-        return None
-    if _float(row.get("punsafe"), stats, "punsafe") > cfg.max_punsafe:
-        stats.reject("unsafe")
-        return None
-    if _float(row.get("pwatermark"), stats, "pwatermark") > cfg.max_pwatermark:
-        stats.reject("watermark")
-        return None
-    width, height = _float(row.get("WIDTH"), stats, "WIDTH"), _float(row.get("HEIGHT"), stats, "HEIGHT")
-    if cfg.min_side and (math.isnan(width) or math.isnan(height) or min(width, height) < cfg.min_side):
-        stats.reject("too_small")
-        return None
-    key, url = caption_key(text), str(url).strip()
-    if dedup_key(text) in seen.keys:
-        stats.reject("duplicate_caption")
-        return None
-    if url in seen.urls:
-        stats.reject("duplicate_url")
-        return None
-    seen.keys.add(dedup_key(text))
-    seen.urls.add(url)
-    return {
-        "caption_id": hashlib.sha1(key.encode("utf-8")).hexdigest()[:16],
-        "text": text,
-        "url": url,
-        "aesthetic_score": score,
-        "width": None if math.isnan(width) else int(width),
-        "height": None if math.isnan(height) else int(height),
-        "source_row_hash": None if row.get("hash") is None else str(row.get("hash")),
-    }
-
-
-def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = 65536) -> pd.DataFrame:
-    """Stream every source file; return accepted, deduplicated rows (in file then row order)."""
-    seen = _Seen(set(), set())
-    rows: list[dict] = []
-    for url in sources:
-        fs, path = storage.filesystem(url)
+        handle = fs.open(path, "rb")
+        pf = pq.ParquetFile(handle)
+    except FileNotFoundError as err:
+        raise CaptionSourceError(f"{url}: file not found") from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise CaptionSourceError(f"{url}: not a readable parquet file ({err})") from err
+    names = set(pf.schema_arrow.names)
+    for col in REQUIRED_COLUMNS:
+        if col not in names:
+            handle.close()
+            raise CaptionSourceError(f"{url}: missing required column {col!r} (has {sorted(names)})")
         try:
-            handle = fs.open(path, "rb")
-            pf = pq.ParquetFile(handle)
-        except FileNotFoundError as err:
-            raise CaptionSourceError(f"{url}: file not found") from err
-        except (pa.ArrowInvalid, OSError) as err:
-            raise CaptionSourceError(f"{url}: not a readable parquet file ({err})") from err
-        names = set(pf.schema_arrow.names)
-        for col in REQUIRED_COLUMNS:
-            if col not in names:
-                raise CaptionSourceError(f"{url}: missing required column {col!r} (has {sorted(names)})")
-        columns = [c for c in REQUIRED_COLUMNS + OPTIONAL_COLUMNS if c in names]
-        row_no = 0
+            _check_text_type(url, pf.schema_arrow, col)
+        except CaptionSourceError:
+            handle.close()
+            raise
+    return handle, pf, [c for c in READ_COLUMNS if c in names]
+
+
+def scan(sources: list[str], cfg: CaptionsConfig, stats: Stats, state: DedupState | None = None,
+         batch_size: int = BATCH_ROWS) -> Iterator[Kept]:
+    """Stream every source file (in order); yield each batch's kept rows after the global dedup.
+
+    ``state`` holds the keys and URLs kept before (an earlier generation's files); it is updated.
+    """
+    state = state or DedupState()
+    sized = False
+    for number, url in enumerate(sources):
+        handle, pf, columns = _open(url)
+        row0 = 0
         try:
             for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                for row in batch.to_pylist():
-                    stats.add("rows_read")
-                    accepted = _accept_row(row, cfg, seen, stats)
-                    if accepted:
-                        accepted.update(source_file=url, source_row=row_no)
-                        rows.append(accepted)
-                    row_no += 1
+                text, key, dkey, curl, score, width, height, row_hash, rows = filter_batch(batch, cfg, stats)
+                sha1 = sha1_digests(key)  # the caption ids, and the dedup keys' digests where key == dedup key
+                ids = halves(sha1)[0]
+                key_hi, key_lo = key_digests(dkey, sha1, np.asarray(pc.equal(key, dkey).to_numpy(zero_copy_only=False), bool))
+                url_hi, url_lo = digests(curl)
+                kept, dup_caption, dup_url = greedy(key_hi, key_lo, url_hi, url_lo, state.keys, state.urls)
+                if dup_caption.any():
+                    stats.reject("duplicate_caption", int(dup_caption.sum()))
+                if dup_url.any():
+                    stats.reject("duplicate_url", int(dup_url.sum()))
+                idx = np.flatnonzero(kept)
+                if len(idx):
+                    stats.add("rows_accepted", len(idx))
+                if not sized and batch.num_rows:  # size the dedup state once (files alike): no rehash later
+                    sized, rate = True, len(idx) / batch.num_rows
+                    state.reserve(len(state.keys) + int(1.25 * rate * pf.metadata.num_rows * len(sources)))
+                yield Kept(text, key, curl, score, width, height, row_hash, np.full(len(rows), number, np.int32),
+                           row0 + rows, key_hi, key_lo, url_hi, url_lo, ids, hex16(sha1)).take(idx)
+                row0 += batch.num_rows
         except (pa.ArrowInvalid, OSError) as err:
-            raise CaptionSourceError(f"{url}: corrupt parquet data after row {row_no} ({err})") from err
+            raise CaptionSourceError(f"{url}: corrupt parquet data after row {row0} ({err})") from err
         finally:
             handle.close()
         stats.add("files_read")
-    stats.add("rows_accepted", len(rows))
-    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+    stats.add("rows_accepted", 0)  # the count is there even when nothing was kept
+
+
+def frame(parts: list[Kept], ids: list[pa.Array], shapes: Shapes, sources: list[str]) -> pd.DataFrame:
+    """The kept rows as the caption table (:data:`OUTPUT_COLUMNS`), typed as pandas types a list of rows:
+    ``width`` int, or float when some rows lack it, or empty objects when all do (``shapes`` decides)."""
+    if not shapes.counts["rows"]:
+        return pd.DataFrame([], columns=OUTPUT_COLUMNS)
+    c = shapes.counts
+
+    def size(values: np.ndarray, missing: int):
+        if missing == c["rows"]:
+            return pd.Series([None] * len(values), dtype=object)
+        if missing:
+            return pd.Series(np.trunc(values), dtype=np.float64)
+        return pd.Series(values.astype(np.int64))
+
+    def strings(chunks: list[pa.Array]) -> pd.Series:
+        return pa.chunked_array(chunks, pa.large_string()).to_pandas().reset_index(drop=True)
+
+    width = np.concatenate([p.width for p in parts]) if parts else np.zeros(0)
+    height = np.concatenate([p.height for p in parts]) if parts else np.zeros(0)
+    hashes = [p.row_hash for p in parts]
+    row_hash = pd.Series([None] * len(width), dtype=object) if c["hash_missing"] == c["rows"] else strings(hashes)
+    return pd.DataFrame({
+        "caption_id": strings(ids),
+        "text": strings([p.text for p in parts]),
+        "url": strings([p.url for p in parts]),
+        "aesthetic_score": np.concatenate([p.score for p in parts]) if parts else np.zeros(0),
+        "width": size(width, c["width_missing"]),
+        "height": size(height, c["height_missing"]),
+        "source_row_hash": row_hash,
+        "source_file": strings([pa.array(sources, pa.large_string()).take(pa.array(p.file)) for p in parts]),
+        "source_row": np.concatenate([p.rows for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64),
+    })
+
+
+def read_captions(sources: list[str], cfg: CaptionsConfig, stats: Stats, batch_size: int = BATCH_ROWS) -> pd.DataFrame:
+    """Every kept row of the sources (in file then row order), as one table: for small sources and tests;
+    the ledger (:mod:`tasks.captions.generations`) keeps only what it may take."""
+    parts, ids, shapes = [], [], Shapes()
+    for kept in scan(sources, cfg, stats, batch_size=batch_size):
+        parts.append(kept)
+        ids.append(ascii_strings(kept.hex))
+        kept = kept.without_key()
+        shapes.update(kept)
+    return frame(parts, ids, shapes, sources)

@@ -104,7 +104,8 @@ class CaptionsConfig(Section):
     max_punsafe: float = 1.0
     max_pwatermark: float = 1.0
     min_side: int = Field(0, ge=0)
-    max_caption_chars: int = Field(500, ge=1)
+    max_caption_chars: int = Field(500, ge=1, description="captions longer than this (in characters, once "
+                                   "normalised) are rejected and counted as caption_too_long")
 
 
 class OpenAIClientConfig(Section):
@@ -178,6 +179,9 @@ class TextConfig(Section):
     seed_annotations: str | None = Field(
         None, description="JSONL of (input, edit, output) seed triplets; default: the project's own; "
                           "builtin:world: the synthetic world's (tasks/world/data/seed_triplets.jsonl)")
+    # an error-only bound (a seed file with a longer line is refused, never trimmed): not hashed
+    seed_max_line_bytes: int = operational(
+        16384, ge=64, description="a seed file line longer than this many bytes is refused with its line number")
     finetune_method: Literal["full", "lora"] = "full"
     finetune_steps: int = Field(300, ge=0)
     finetune_batch_size: int = Field(16, ge=1)
@@ -534,17 +538,41 @@ class TrainConfig(Section):
       AdamW's betas / weight decay / epsilon (0.9, 0.999, 1e-2, 1e-8) are PyTorch's defaults, which the
       reference (`AdamW(params, lr)`) and diffusers' example both use; float32 (`mixed_precision: "no"`);
     - diffusers' `train_instruct_pix2pix(_sdxl).py`, where the reference has no equivalent: the LR scheduler
-      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing` as a switch; diffusers' own
+      names and warm-up, `mixed_precision` fp16/bf16, `gradient_checkpointing`, `use_8bit_adam` and `allow_tf32`
+      as switches (off, as there); diffusers' own
       `max_grad_norm: 1.0` and one item per pair (`sampling: per_pair`) are switches here, off by default;
     - SDXL (`models.diffusion: sdxl`): both text encoders (penultimate hidden states concatenated, the
       second one's pooled projection), `add_time_ids` = (original height, width, crop top, left, target
       height, width) per sample, the VAE in float32 unless `models.vae_path` names an fp16-safe one.
     Not part of the generation chain: its hash covers this section, the diffusion model, the VAE and the shards it trains on.
+
+    The batch: ``total_batch_size`` (hashed; the paper's 1024) = ``batch_size`` per process x the accumulation
+    x ``processes`` x ``nodes``; the accumulation is derived from the others (a ``gradient_accumulation_steps``
+    that disagrees is an error naming both), so the same config trains on the same samples, in the same
+    order, with the same noise on 1, 2 or 8 GPUs (``docs/training.md``). The flow launches the processes
+    itself (torchrun); the settings that only say where it runs are operational.
     """
 
     steps: int = Field(10_000, ge=1, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="samples per device per micro-batch")
-    gradient_accumulation_steps: int = Field(4, ge=1)
+    batch_size: int = Field(32, ge=1, description="samples per process per micro-batch")
+    total_batch_size: int = Field(1024, ge=1, description="samples per optimizer step over every process (the paper: "
+                                  "1024 = 32 x 4 accumulation x 8 GPUs): batch_size x accumulation x processes x nodes")
+    gradient_accumulation_steps: int | None = operational(
+        None, ge=1, description="micro-batches per process per optimizer step; null: derived, total_batch_size / "
+        "(batch_size x processes x nodes); a number is checked against that")
+    processes: int | Literal["auto"] = operational(
+        "auto", description="training processes per node, one per GPU, launched by the flow (torchrun); auto: every "
+        "visible GPU (1 on the CPU)")
+    nodes: int = operational(1, ge=1, description="machines training together; node 0 runs the flow, the others run "
+                             "`editforge train --node-rank K` (docs/training.md)")
+    rdzv_endpoint: str | None = operational(
+        None, description="host:port of node 0 where the nodes meet (torchrun's static rendezvous) when nodes > 1; "
+        "default: $EDITFORGE_RDZV_ENDPOINT")
+    resume_other_processes: bool = operational(
+        False, description="resume a checkpoint written by another number of processes (same samples and noise; "
+        "the weights then differ from an uninterrupted run by float rounding)")
+    log_samples: bool = operational(False, description="write the sample keys of every micro-batch, per process, to "
+                                    "the work folder (samples-rank-NNNNN.jsonl)")
     learning_rate: float = Field(1e-4, gt=0)
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
@@ -559,6 +587,9 @@ class TrainConfig(Section):
         "per_pair: every kept pair once per epoch (diffusers' example)")
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    use_8bit_adam: bool = Field(False, description="bitsandbytes' 8-bit AdamW (diffusers' --use_8bit_adam): optimizer "
+                                "state in 8 bits, about 3/4 of its memory saved")
+    allow_tf32: bool = Field(False, description="TF32 matmuls on Ampere and newer GPUs (diffusers' --allow_tf32)")
     use_ema: bool = True
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     resolution: int = Field(256, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
@@ -567,7 +598,8 @@ class TrainConfig(Section):
     flip_prob: float = Field(0.5, ge=0, le=1)
     conditioning_dropout: float = Field(0.05, ge=0, le=1 / 3, description="5%: text only, both, image only")
     shuffle_buffer: int = Field(1000, ge=1, description="samples in the WebDataset shuffle buffer")
-    num_workers: int = Field(4, ge=0, description="DataLoader workers (part of the data order)")
+    num_workers: int = operational(4, ge=0, description="DataLoader workers per process (the data order does not "
+                                   "depend on it)")
     seed: int = 0
     device: Device = operational("auto")
     checkpoint_every: int = operational(500, ge=1)
@@ -585,7 +617,34 @@ class TrainConfig(Section):
     def _warmup(self) -> TrainConfig:
         if self.lr_warmup_steps > 0 and self.lr_scheduler == "constant":
             raise ValueError("lr_warmup_steps > 0 needs lr_scheduler constant_with_warmup, linear or cosine")
+        if self.processes != "auto":
+            if self.processes < 1:
+                raise ValueError(f"processes must be >= 1 or auto, got {self.processes}")
+            self.accumulation(self.processes * self.nodes)
         return self
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per process per optimizer step on `world_size` processes in all; a total batch they do not
+        divide, or a `gradient_accumulation_steps` that disagrees, is a ValueError naming the settings."""
+        per_micro = self.batch_size * world_size
+        procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+        if self.total_batch_size % per_micro:
+            raise ValueError(f"total_batch_size {self.total_batch_size} is not a multiple of batch_size x processes = "
+                             f"{self.batch_size} x {procs} = {per_micro}: change train.total_batch_size or "
+                             "train.batch_size (or the process count)")
+        accum = self.total_batch_size // per_micro
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps != accum:
+            raise ValueError(f"gradient_accumulation_steps {self.gradient_accumulation_steps} disagrees with "
+                             f"total_batch_size {self.total_batch_size} = {self.batch_size} x {accum} x {procs}: "
+                             "leave train.gradient_accumulation_steps unset (it is derived) or change "
+                             "train.total_batch_size")
+        return accum
+
+    def batch_line(self, world_size: int) -> str:
+        """'total batch 1024 = 32 × 4 × 8 processes': the batch as it will train on `world_size` processes."""
+        procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+        nodes = f" ({self.nodes} nodes × {world_size // self.nodes})" if self.nodes > 1 else ""
+        return f"total batch {self.total_batch_size} = {self.batch_size} × {self.accumulation(world_size)} × {procs}{nodes}"
 
 
 class RunConfig(Section):
@@ -603,9 +662,39 @@ class RunConfig(Section):
     max_block_attempts: int = operational(3, ge=1)
     deployments: str = operational("{preset}-{stage}")
     poll_s: float = operational(5.0, gt=0)
+    max_parallel_partitions: int | None = operational(
+        None, ge=1, description="partitions of a stage run at once in one process (in-process runs and each fan-out "
+        "block); None: the available CPUs over the CPUs a partition takes (the stage's resources); stages that hold "
+        "a GPU or an API quota run one at a time whatever this says")
     # the dashboard's alert: a render partition whose pass rate (passed / samples drawn) falls below this
     # emits `editforge.partition.low-pass-rate` (infra/automations/ notifies on it); None: never
     alert_min_pass_rate: float | None = operational(0.01, ge=0, le=1)
+
+
+class ReviewConfig(Section):
+    """People's review of a run's pairs (`editforge review`) and the filter calibrated on their labels
+    (`editforge calibrate-filter`). Never part of a stage hash (no stage reads it; every field is
+    operational). The page shows a stratified sample of the rendered pairs whose images are stored: the
+    kept pairs, the passing ones top-k left out, for each rejection reason the rejected pairs within
+    ``band`` below its threshold, and the rest (``far``); each label carries its stratum's weight (pairs
+    in the stratum / pairs sampled), so the precision and recall estimated from the labels are those of
+    every pair of the partitions read, not of the sample.
+    """
+
+    kept_pairs: int = operational(100, ge=0, description="kept pairs sampled for review")
+    passed_pairs: int = operational(25, ge=0, description="passing pairs top-k left out, sampled for review")
+    near_pairs: int = operational(50, ge=0, description="rejected pairs sampled per rejection reason, within band "
+                                  "below its threshold")
+    far_pairs: int = operational(25, ge=0, description="other rejected pairs sampled for review")
+    band: float = operational(0.1, gt=0, description="how far below a threshold a rejected pair is near it (score "
+                              "units: cosine / SSIM; the VLM's 0-10 score: ten times this)")
+    max_partitions: int = operational(8, ge=1, description="render partitions read for review and calibration, "
+                                      "spread over the run (the whole run: one sample of them)")
+    target_precision: float = operational(0.9, gt=0, lt=1, description="calibrate-filter: the precision (share of "
+                                          "passing pairs people call good edits) the suggested thresholds reach")
+    confidence: float = operational(0.95, gt=0, lt=1, description="calibrate-filter: the Wilson intervals' level; a "
+                                    "suggestion must reach the target at the interval's lower end")
+    min_passing: int = operational(10, ge=1, description="calibrate-filter: labelled pairs a suggestion must pass at least")
 
 
 class CostConfig(Section):
@@ -640,7 +729,8 @@ class CostConfig(Section):
 
 class PipelineConfig(Section):
     name: str = Field("demo", description="the run's name: lowercase letters, digits and dashes (dashboard keys)")
-    output_root: str = "runs/demo"
+    output_root: str = Field("runs/demo", description="the run's folder or object-store URL (s3://bucket/prefix); "
+                             "checked at load: not empty, not a file (writable, the bucket there: flows.options)")
     verify: Literal["size", "sha256"] = Field(
         "size", description="before skipping a finished partition, check its outputs' sizes, or also their sha256")
     models: ModelsConfig = ModelsConfig()
@@ -653,6 +743,7 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
     cost: CostConfig = operational(CostConfig(), description="prices for editforge estimate (never hashed)")
+    review: ReviewConfig = operational(ReviewConfig(), description="editforge review / calibrate-filter (never hashed)")
 
     def selection(self) -> Selection:
         """The filter stage's effective selection (``filter`` over ``render.keep``)."""
@@ -662,6 +753,15 @@ class PipelineConfig(Section):
     @classmethod
     def _name(cls, value: str) -> str:
         return check_name(value)
+
+    @field_validator("output_root")
+    @classmethod
+    def _output_root(cls, value: str) -> str:
+        from tasks.common.storage import output_root_problem
+
+        if problem := output_root_problem(value):
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _ladder(self) -> PipelineConfig:
@@ -695,13 +795,94 @@ def preset_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+# A preset file or `--set` value is YAML from a person: bounded in size, in nodes once its aliases are
+# expanded (an alias bomb: nine aliases of nine aliases... is a few hundred bytes and billions of nodes) and
+# in depth; a recursive alias is refused.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+MAX_REPORTED_ERRORS = 20
+
+
+class _YAMLTooBig(Exception):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], path: set[int], depth: int = 0) -> int:
+    """The nodes ``node`` stands for once every alias is expanded (each shared node counted each time it
+    is used), computed once per distinct node; stops as soon as a bound is passed."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in path:
+        raise _YAMLTooBig("a recursive alias (an anchor used inside itself)")
+    if depth > MAX_YAML_DEPTH:
+        raise _YAMLTooBig(f"nested deeper than {MAX_YAML_DEPTH} levels")
+    path.add(id(node))
+    children = ([v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else
+                node.value if isinstance(node, yaml.SequenceNode) else [])
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, path, depth + 1)
+        if total > MAX_YAML_NODES:
+            raise _YAMLTooBig(f"more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded")
+    path.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def load_yaml(text: str, origin: str) -> Any:
+    """``yaml.safe_load`` of a person's YAML, bounded (see above); any problem is a :class:`ConfigError`
+    naming ``origin`` (the file, or the override)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{origin}: {len(text):,} characters, more than a config takes ({MAX_YAML_BYTES:,})")
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses non-printable characters at once
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set())
+        return loader.construct_document(node)
+    except _YAMLTooBig as err:
+        raise ConfigError(f"{origin}: YAML refused: {err}; write the values out instead of using anchors and "
+                          "aliases") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: YAML refused: nested too deeply") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: invalid YAML: {_one_line(str(err))}") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError) as err:  # a constructor meeting a bad scalar
+        raise ConfigError(f"{origin}: invalid YAML value ({type(err).__name__}: {_one_line(str(err))})") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _preset_text(preset: str) -> tuple[str, str]:
+    if "\0" in preset:
+        raise ConfigError(f"preset {preset!r}: contains a NUL character")
     path = Path(preset)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path.read_text(encoding="utf-8"), str(path)
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            if not path.exists():
+                raise ConfigError(f"{path}: no such file (a preset is one of {preset_names()} or a YAML file)")
+            if not path.is_file():
+                raise ConfigError(f"{path}: not a file (a preset is one of {preset_names()} or a YAML file)")
+            if (size := path.stat().st_size) > MAX_YAML_BYTES:
+                raise ConfigError(f"{path}: {size:,} bytes, more than a config takes ({MAX_YAML_BYTES:,})")
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
     res = resources.files("tasks.common").joinpath("presets", f"{preset}.yaml")
-    if not res.is_file():
-        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a path to a YAML file")
+    if not preset or "/" in preset or "\\" in preset or not res.is_file():
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {preset_names()} or a path to a YAML file "
+                          "(.yaml or .yml)")
     return res.read_text(encoding="utf-8"), f"preset {preset}"
 
 
@@ -716,18 +897,27 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> (key, the value read as YAML; an empty value is the empty string)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. render.steps=20")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: no key before '=': expected KEY=VALUE, e.g. render.steps=20")
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: {key!r} has an empty part between dots: expected a dotted key such "
+                          "as render.keep.top_k")
+    return key, load_yaml(raw, f"override {key!r}") if raw.strip() else ""
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
 
 
 def load_config(preset: str = "demo", overrides: list[str] | None = None) -> PipelineConfig:
     text, origin = _preset_text(preset)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{origin}: invalid YAML: {err}") from err
+    data = load_yaml(text, origin) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections (name, output_root, render, ...), "
                           f"got {type(data).__name__}")
@@ -738,6 +928,10 @@ def load_config(preset: str = "demo", overrides: list[str] | None = None) -> Pip
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
+        errors = err.errors()
         lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                 + ("" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})") for e in err.errors()]
+                 + ("" if isinstance(e.get("input"), dict) else f" (got {_shown(e.get('input'))})")
+                 for e in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            lines.append(f"... and {len(errors) - MAX_REPORTED_ERRORS} more")
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(lines)) from None

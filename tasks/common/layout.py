@@ -17,6 +17,11 @@ never over it, and what did not change is reused (a new filter threshold reads t
     {output_root}/train/_work/<weights key>/checkpoints/ training's checkpoints (shared by versions that
                                                         differ only in the sample-edit settings)
     {output_root}/report/{pack hash}/report.html, *.png  the run's report (plots, pair grids)
+    {output_root}/review/{render hash}/labels.parquet/<reviewer>-<writer>-<session>-<chunk>.parquet
+                                                        people's labels of rendered pairs (`editforge review`):
+                                                        a parquet dataset, one part per writing session
+    {output_root}/review/{render hash}/calibration.json, filter.set, people_vs_filter.png
+                                                        `editforge calibrate-filter`'s figures and override
     {output_root}/eval/{hash}/{metrics.json,eval.parquet,eval.png,examples.png}
                                                         an evaluation of an editing model (hash: model,
                                                         held-out shards, CLIP model, settings)
@@ -49,6 +54,12 @@ EVAL_METRICS = "metrics.json"
 EVAL_SAMPLES = "eval.parquet"
 EVAL_PLOT = "eval.png"
 EVAL_EXAMPLES = "examples.png"
+# people's review of a render version (`editforge review`, `editforge calibrate-filter`), in review_dir
+REVIEW = "review"
+LABELS_DIR = "labels.parquet"  # a folder of parquet parts (pyarrow/pandas read it as one table)
+CALIBRATION_FILE = "calibration.json"
+FILTER_OVERRIDES_FILE = "filter.set"
+PEOPLE_PLOT = "people_vs_filter.png"
 
 # a run's name is part of its dashboard keys; Prefect allows lowercase letters, digits and dashes there
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
@@ -134,6 +145,17 @@ def index_url(output_root: str, pack_hash: str) -> str:
 def report_dir(output_root: str, pack_hash: str) -> str:
     """`report/<pack hash>/`: the run's `report.html` and its PNGs (`editforge report --html`)."""
     return storage.url_join(output_root, "report", pack_hash)
+
+
+def review_dir(output_root: str, render_hash: str) -> str:
+    """`review/<render hash>/`: labels and calibrations of the pairs one render version drew (the images are
+    that version's, so a label never meets another version's pair)."""
+    return storage.url_join(output_root, REVIEW, render_hash)
+
+
+def labels_dir(output_root: str, render_hash: str) -> str:
+    """`review/<render hash>/labels.parquet/`: one parquet part per writing session, never rewritten by another."""
+    return storage.url_join(review_dir(output_root, render_hash), LABELS_DIR)
 
 
 def sample_key(caption_id: str, seed: int, branch: int | None = None) -> str:

@@ -21,12 +21,31 @@ import uuid
 from typing import Any
 
 from tasks.common import storage
+from tasks.common.errors import PermanentError
 
 log = logging.getLogger("editforge")
+TTL_ENV = "EDITFORGE_LEASE_TTL_S"
+DEFAULT_TTL_S = 600.0
+
+
+class LeaseSettingError(PermanentError, ValueError):
+    """``EDITFORGE_LEASE_TTL_S`` is not a positive number of seconds (the message names it)."""
 
 
 def lease_ttl_s() -> float:
-    return float(os.environ.get("EDITFORGE_LEASE_TTL_S", "600"))
+    """Seconds without a heartbeat after which a lease is taken over (``EDITFORGE_LEASE_TTL_S``, 600)."""
+    raw = os.environ.get(TTL_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TTL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        shown = raw if len(raw) <= 40 else raw[:37] + "..."
+        raise LeaseSettingError(f"{TTL_ENV}={shown!r}: expected a positive number of seconds (e.g. 600, the default "
+                                f"when it is unset); unset it or set e.g. {TTL_ENV}=600")
+    return value
 
 
 def read_lease(url: str) -> dict[str, Any] | None:

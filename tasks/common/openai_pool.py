@@ -77,9 +77,13 @@ async def serve(items: Sequence[Item], handle: Callable[[Item], Awaitable[Iterab
     queue: asyncio.Queue[Item] = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
+    # set when the run stops: no worker takes another item. Cancelling is not enough: Python 3.11's
+    # asyncio.wait_for returns the answer and drops a cancellation that arrives with it, so a worker could
+    # go on to drain the whole queue after a failure (seen: a crashed partition finished in full)
+    stopping = asyncio.Event()
 
     async def worker() -> None:
-        while True:
+        while not stopping.is_set():
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -114,6 +118,7 @@ async def serve(items: Sequence[Item], handle: Callable[[Item], Awaitable[Iterab
                 if task is tick or (not task.cancelled() and task.exception() is not None):
                     raise (None if task.cancelled() else task.exception()) or RuntimeError("the checkpoint ticker stopped")
     except BaseException:
+        stopping.set()
         for task in workers:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)

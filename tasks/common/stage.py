@@ -40,7 +40,8 @@ GPU_TAG = "editforge-gpu"
 
 @dataclass(frozen=True)
 class Resources:
-    """One partition task's needs: ``gpus`` is 0 or 1 (a partition never spans GPUs)."""
+    """One partition task's needs: ``gpus`` is 0 or 1 (a partition never spans GPUs), except training's (its
+    processes per node, `train.processes`)."""
 
     cpus: int
     gpus: int

@@ -3,10 +3,16 @@
 Writes are atomic: on a local filesystem the bytes go to a temporary name in the same folder and are
 renamed into place; on object stores a single PUT is already all-or-nothing. A reader therefore sees
 either the whole file or no file — never a partial one.
+
+A write that cannot succeed on a retry (disk full, read-only file system, permission denied, a file
+where a folder should be, a bucket that does not exist) raises :class:`WriteError`, a permanent error
+whose message names the path and what to do; :func:`output_root_problem` and :func:`check_output_root`
+find the same problems of a run's ``output_root`` before anything is written.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -25,6 +31,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from tasks.common.errors import PermanentError
 
 # url -> sha256 of the bytes this process wrote there, while a `recording_writes()` block is open
 _WRITTEN: ContextVar[dict[str, str] | None] = ContextVar("editforge_written", default=None)
@@ -73,22 +81,28 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if isinstance(fs, LocalFileSystem):
-        os.makedirs(parent or ".", exist_ok=True)
-        _remove_dead_temps(path)
         tmp = f"{path}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            os.makedirs(parent or ".", exist_ok=True)
+            _remove_dead_temps(path)
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        except OSError as err:
+            raise write_error(url, err) from None
     else:
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        fs.pipe_file(path, data)
+        try:
+            if parent and not _bucket_store(url):  # a bucket store has no folders; makedirs would create the bucket
+                fs.makedirs(parent, exist_ok=True)
+            fs.pipe_file(path, data)
+        except OSError as err:
+            raise write_error(url, err) from None
     if record is not None:
         record[url] = hashlib.sha256(data).hexdigest()
 
@@ -245,22 +259,170 @@ def create_exclusive(url: str, data: bytes) -> bool:
     mode (``xb``) where it has one, else an existence check before the write (a small race window).
     """
     fs, path = filesystem(url)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            return True
+        if fs.exists(path):
+            return False
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with fs.open(path, "xb") as fh:
+                fh.write(data)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        except (ValueError, NotImplementedError):  # no exclusive mode on this filesystem
+            fs.pipe_file(path, data)
         return True
-    if fs.exists(path):
-        return False
+    except OSError as err:
+        raise write_error(url, err) from None
+
+
+class WriteError(PermanentError, OSError):
+    """A write a retry cannot fix (see the module doc); ``str()`` is the message naming the path."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(code, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class OutputRootError(PermanentError, ValueError):
+    """The run's ``output_root`` cannot be used as it is (the message names it and what to do)."""
+
+
+# errors of a write that a retry meets again, with what a person does about them
+_WRITE_FIXES = {
+    errno.ENOSPC: "no space left on the device (disk full): free space there or point output_root at a disk with "
+                  "room; finished partitions are kept and a re-run resumes",
+    errno.EDQUOT: "disk quota exceeded: free space there or point output_root at a disk with room; finished "
+                  "partitions are kept and a re-run resumes",
+    errno.EROFS: "read-only file system: point output_root at a writable folder",
+    errno.EACCES: "permission denied: make the folder writable for this user or point output_root elsewhere",
+    errno.EPERM: "operation not permitted: make the folder writable for this user or point output_root elsewhere",
+    errno.ENOTDIR: "a file is in the way where a folder should be: point output_root at a folder",
+    errno.EEXIST: "a file is in the way where a folder should be: point output_root at a folder",
+    errno.EISDIR: "a folder is in the way where a file should be: remove it or point output_root elsewhere",
+    errno.ENAMETOOLONG: "the path is too long for the file system: use a shorter output_root",
+    errno.EFBIG: "the file is larger than the file system (or this process's limit) allows",
+}
+
+
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs")
+
+
+def _bucket_store(url: str) -> bool:
+    return url.split("://", 1)[0] in BUCKET_PROTOCOLS if "://" in url else False
+
+
+def _bucket(url: str) -> str | None:
+    if "://" not in url:
+        return None
+    return url.split("://", 1)[1].split("/", 1)[0] or None
+
+
+def write_error(url: str, err: BaseException) -> BaseException:
+    """``err`` (raised writing ``url``) as :class:`WriteError` when a retry cannot fix it, else unchanged."""
+    code = getattr(err, "errno", None)
+    text = str(err)
+    if "://" in url and ("NoSuchBucket" in text or "bucket does not exist" in text.lower()):
+        bucket = _bucket(url)
+        return WriteError(f"cannot write {url}: the bucket {bucket!r} does not exist: create it, or set output_root "
+                          "to a bucket this process can write to", code)
+    if code in _WRITE_FIXES:
+        where = getattr(err, "filename", None) or url
+        return WriteError(f"cannot write {url}: {_WRITE_FIXES[code]}"
+                          + (f" (at {where})" if str(where) != url else ""), code)
+    if isinstance(err, PermissionError):  # an object store refusing the credentials
+        return WriteError(f"cannot write {url}: access denied ({text[:200]}): check the credentials, or set "
+                          "output_root to a place this process can write to", code)
+    return err
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (lstat errors other than 'missing' propagate)."""
+    for candidate in (path, *path.parents):
+        try:
+            candidate.lstat()
+            return candidate
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:  # an ancestor is a file: find it
+            continue
+    return Path(path.anchor or ".")
+
+
+def _local_path(url: str) -> Path | None:
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    return None if "://" in url else Path(url)
+
+
+def output_root_problem(url: str) -> str | None:
+    """What makes ``url`` unusable as a run's ``output_root`` without touching the network or writing
+    anything (None when nothing does): empty, a NUL, an unknown protocol, no bucket, a file where the
+    folder (or one of its parents) should be."""
+    if not url.strip():
+        return ("output_root is empty: set it to a folder or an object-store URL (e.g. --set output_root=runs/demo "
+                "or s3://bucket/run)")
+    if "\0" in url:
+        return "output_root contains a NUL character"
+    local = _local_path(url)
+    if local is None:
+        protocol = url.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as err:
+            return f"output_root {url!r}: {err}"
+        if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss") and not _bucket(url):
+            return f"output_root {url!r}: no bucket: expected {protocol}://bucket/prefix"
+        return None
     try:
-        with fs.open(path, "xb") as fh:
-            fh.write(data)
-    except FileExistsError:
-        return False
-    except (ValueError, NotImplementedError):  # no exclusive mode on this filesystem
-        fs.pipe_file(path, data)
-    return True
+        found = _nearest_existing(local.absolute())
+        if not found.is_dir():
+            where = "is a file" if found == local.absolute() else f"is under {found}, which is a file"
+            return f"output_root {url} {where}, not a folder: point output_root at a folder (a new one is created)"
+    except OSError as err:
+        return f"output_root {url}: {err.strerror or err}"
+    return None
+
+
+def check_output_root(url: str, *, write: bool) -> None:
+    """Raise :class:`OutputRootError` when ``url`` cannot be this command's ``output_root``: with ``write``,
+    when it (or the folder it would be created in) is not writable, or its bucket does not exist; without,
+    when nothing is there (a command that reads a run). Object stores are asked over the network."""
+    if problem := output_root_problem(url):
+        raise OutputRootError(problem)
+    local = _local_path(url)
+    if local is not None:
+        if not write:
+            if not local.is_dir():
+                raise OutputRootError(f"no run at output_root {url}: nothing has been written there (check --preset "
+                                      "and --set output_root, or start the run with editforge run)")
+            return
+        found = _nearest_existing(local.absolute())
+        if not os.access(found, os.W_OK | os.X_OK):
+            readonly = bool(os.statvfs(found).f_flag & os.ST_RDONLY)
+            why = "is on a read-only file system" if readonly else "is not writable by this user"
+            where = "" if found == local.absolute() else f" (the folder it would be created in, {found})"
+            raise OutputRootError(f"output_root {url}{where} {why}: point output_root at a writable folder "
+                                  f"(--set output_root=...)")
+        return
+    fs, path = filesystem(url)
+    bucket = _bucket(url)
+    try:
+        if bucket and _bucket_store(url) and not fs.exists(bucket):
+            raise OutputRootError(f"output_root {url}: the bucket {bucket!r} does not exist (or this process may not "
+                                  "see it): create it, or set output_root to a bucket you can write to")
+        if not write and not fs.exists(path):
+            raise OutputRootError(f"no run at output_root {url}: nothing has been written there (check --preset and "
+                                  "--set output_root, or start the run with editforge run)")
+    except PermissionError as err:
+        raise OutputRootError(f"output_root {url}: access denied ({str(err)[:200]}): check the credentials") from None

@@ -39,7 +39,8 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | 
     check_text_lm(cfg, "finetune")  # the tiny LM refused before any work (paper, fast)
     seed_path = cfg.text.seed_annotations_path()
     # the same validation as `python -m seed_annotations.download`: keys besides input/edit/output are ignored
-    train, val = split_train_val(load_triplets(seed_path, strict=False), cfg.text.val_fraction, cfg.text.seed)
+    seeds = load_triplets(seed_path, strict=False, max_line_bytes=cfg.text.seed_max_line_bytes)
+    train, val = split_train_val(seeds, cfg.text.val_fraction, cfg.text.seed)
     t = cfg.text
 
     def work(run: PartitionRun) -> None:

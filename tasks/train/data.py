@@ -10,28 +10,35 @@ Augmentation follows the reference `edit_dataset.py` (paper: "images are first r
 The reference squashes to size x size; here the shorter side goes to that size (identical for the square
 images the render stage writes). The instruction is tokenized with the model's CLIP tokenizer (padded to 77).
 
-Order is a pure function of the seed, so a resumed run sees exactly the data an uninterrupted run would:
+Order is a pure function of the seed, and the same for any number of processes and DataLoader workers,
+so a resumed run sees exactly the data an uninterrupted run would, on 1 or N GPUs:
 
-- epoch `e` shuffles the shard list with `Random(seed, e)`, then samples pass a seeded shuffle buffer;
-- each data slot (process x DataLoader worker) reads every `n`-th shard (or every `n`-th sample when
-  there are fewer shards than slots); torch's DataLoader takes batches from its workers round-robin;
+- the samples are listed once from the tar headers (:class:`SampleIndex`: key, shard, byte range; no image
+  decoded); keys must be unique;
+- epoch `e` shuffles the shard list with `Random(seed, e)`, then the samples pass a seeded shuffle buffer
+  (webdataset's): one global sequence per epoch, and the epochs follow each other forever (training is
+  counted in steps);
 - with `sampling="per_triplet"` (the reference `edit_dataset.py`: one item per triplet, a random one of its
   kept pairs each time) epoch `e` keeps one pair per triplet, drawn with `Random(seed, e, triplet)` from
   the triplet's pairs in key order; the triplet of a sample is its key without the `_<seed>` suffix
-  (`{caption_id}_{seed}`, the pack stage's keys). The keys are listed once from the tar headers;
-  `per_pair` keeps every pair (diffusers' example: a triplet with 4 kept pairs is seen 4 times as often);
-- each sample's augmentation draws from `Random(seed, epoch, key)`, independent of what came before;
-- the stream repeats epochs forever (training is counted in steps); `skip_batches` fast-forwards a
-  resumed run past the batches already trained on without decoding them.
+  (`{caption_id}_{seed}`, the pack stage's keys); `per_pair` keeps every pair (diffusers' example: a
+  triplet with 4 kept pairs is seen 4 times as often);
+- the sequence is cut into global micro-batches of `batch_size`; with N processes, process r trains
+  global batches r, r + N, r + 2N, ... and its DataLoader workers take its batches round-robin, each
+  reading only its own samples' bytes (split below the shard: any shard count gives every process a
+  disjoint, equal share of each epoch); `skip_batches` starts a resumed process past its batches already
+  trained on, without reading them;
+- each sample's augmentation draws from `Random(seed, epoch, key)`, independent of what came before.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import count
 from typing import Any
 
 import fsspec
@@ -40,7 +47,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from tasks.common import storage
 
@@ -165,24 +172,7 @@ def triplet_of(key: str) -> str:
 
 def sample_keys(urls: list[str]) -> list[str]:
     """Every sample key of `urls`, in shard order, from the tar member names (no image is decoded)."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    keys: list[str] = []
-    for url in urls:
-        with fsspec.open(url, "rb") as stream:
-            # a seekable file (local, object stores through fsspec): headers only, seeking past the images
-            seekable = getattr(stream, "seekable", lambda: False)()
-            tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|")
-            for member in tar:
-                if not member.isfile():
-                    continue
-                prefix, _ = base_plus_ext(member.name)
-                if prefix is not None and (not keys or keys[-1] != prefix):
-                    keys.append(prefix)
-            tar.close()
-    return keys
+    return index_samples(urls).keys
 
 
 def pairs_by_triplet(keys: list[str]) -> dict[str, list[str]]:
@@ -198,35 +188,107 @@ def choose_pairs(groups: dict[str, list[str]], seed: int, epoch: int) -> set[str
     return {random.Random(f"{seed}/pair/{epoch}/{t}").choice(ks) for t, ks in groups.items()}
 
 
-def epoch_samples(urls: list[str], seed: int, epoch: int, shuffle_buffer: int, slot: int = 0,
-                  num_slots: int = 1, keep: set[str] | None = None) -> Iterator[dict[str, Any]]:
-    """One epoch of raw samples for data slot `slot` of `num_slots`, in the seeded order.
+TAR_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skipped meta files
 
-    `keep`: only these keys (the epoch's `choose_pairs` under `per_triplet`); None keeps every sample."""
-    shards = list(urls)
-    random.Random(f"{seed}/shards/{epoch}").shuffle(shards)
-    by_shard = len(shards) >= num_slots
-    mine = shards[slot::num_slots] if by_shard else shards
-    stream = raw_samples(mine)
-    if keep is not None:
-        stream = (s for s in stream if s["__key__"] in keep)
-    if not by_shard:
-        stream = (s for i, s in enumerate(stream) if i % num_slots == slot)
-    rng = random.Random(f"{seed}/samples/{epoch}/{slot}")
-    yield from _shuffle(iter(stream), bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng)
+
+@dataclass
+class SampleIndex:
+    """Every sample of the shards, from their tar headers: its key, shard and byte range (header of its first
+    file to the end of its last), in shard order. What every process and worker computes the order from."""
+
+    urls: list[str]
+    keys: list[str]
+    shard: np.ndarray  # int32, index into urls
+    start: np.ndarray  # int64
+    end: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def by_shard(self) -> list[np.ndarray]:
+        """The sample indices of each shard, in order."""
+        bounds = np.searchsorted(self.shard, np.arange(len(self.urls) + 1))
+        return [np.arange(bounds[i], bounds[i + 1]) for i in range(len(self.urls))]
+
+
+def index_samples(urls: list[str]) -> SampleIndex:
+    """List the samples of `urls` from the tar headers (seeking past the images where the file allows it).
+
+    Files are grouped into samples as webdataset does (consecutive files with the same key, meta files
+    skipped); a key found twice is a ValueError naming it and its shards."""
+    import tarfile
+
+    keys: list[str] = []
+    shard: list[int] = []
+    start: list[int] = []
+    end: list[int] = []
+    where: dict[str, str] = {}
+    for n, url in enumerate(urls):
+        with fsspec.open(url, "rb") as stream:
+            seekable = getattr(stream, "seekable", lambda: False)()
+            tar = tarfile.open(fileobj=stream, mode="r:" if seekable else "r|")
+            for member in tar:
+                if not member.isreg() or _META.match(member.name):
+                    continue
+                prefix, _ = base_plus_ext(member.name)
+                if prefix is None:
+                    continue
+                if not keys or shard[-1] != n or keys[-1] != prefix:
+                    if prefix in where:
+                        raise ValueError(f"sample key {prefix!r} appears twice (in {where[prefix]} and {url}): "
+                                         "the training shards need unique keys")
+                    where[prefix] = url
+                    keys.append(prefix)
+                    shard.append(n)
+                    start.append(member.offset)
+                    end.append(0)
+                end[-1] = member.offset_data + member.size
+            tar.close()
+    return SampleIndex(list(urls), keys, np.asarray(shard, dtype=np.int32), np.asarray(start, dtype=np.int64),
+                       np.asarray(end, dtype=np.int64))
+
+
+def read_sample(index: SampleIndex, i: int) -> dict[str, Any]:
+    """The raw sample `i` of `index` (`__key__` plus bytes per extension), reading only its byte range."""
+    url = index.urls[int(index.shard[i])]
+    fs, path = storage.filesystem(url)
+    begin, finish = int(index.start[i]), int(index.end[i])
+    blob = fs.cat_file(path, start=begin, end=finish + (-(finish - begin) % TAR_BLOCK))
+    samples = list(group_by_keys(tar_file_expander(iter([{"url": url, "stream": io.BytesIO(blob)}]))))
+    if len(samples) != 1 or samples[0]["__key__"] != index.keys[i]:
+        raise ValueError(f"{url}: bytes {begin}-{finish} do not hold sample {index.keys[i]!r} any more (was the "
+                         "shard rewritten while training?)")
+    return samples[0]
+
+
+def epoch_order(index: SampleIndex, seed: int, epoch: int, shuffle_buffer: int,
+                groups: dict[str, list[str]] | None = None) -> list[int]:
+    """The sample indices of epoch `epoch` in training order: shards shuffled with `Random(seed, epoch)`, then
+    webdataset's shuffle buffer; with `groups` (`per_triplet`) only the epoch's `choose_pairs`."""
+    order = list(range(len(index.urls)))
+    random.Random(f"{seed}/shards/{epoch}").shuffle(order)
+    per_shard = index.by_shard()
+    refs = [int(i) for s in order for i in per_shard[s]]
+    if groups is not None:
+        keep = choose_pairs(groups, seed, epoch)
+        refs = [i for i in refs if index.keys[i] in keep]
+    rng = random.Random(f"{seed}/samples/{epoch}/0")
+    return list(_shuffle(iter(refs), bufsize=shuffle_buffer, initial=shuffle_buffer, rng=rng))
 
 
 class EditPairStream(IterableDataset):
-    """Endless seeded stream of training batches (dicts of tensors), split across processes and workers.
+    """Endless seeded stream of training batches (dicts of tensors) for one process of `world_size`.
 
     A batch: `original_pixel_values`, `edited_pixel_values` (B, 3, res, res) in [-1, 1], `input_ids`
     (B, 77) (and `input_ids_2` with a second tokenizer, SDXL), `time_ids` (B, 6: SDXL's original size,
-    crop corner, target size of each view), `keys`, `instructions`, `epochs` (each sample's epoch).
+    crop corner, target size of each view), `keys`, `instructions`, `epochs` (each sample's epoch),
+    `batch` (its global micro-batch index: the same samples whatever the process count).
     """
 
     def __init__(self, urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
                  shuffle_buffer: int = 1000, skip_batches: int = 0, rank: int = 0, world_size: int = 1,
-                 sampling: str = "per_triplet", tokenizer_2=None):
+                 sampling: str = "per_triplet", tokenizer_2=None, index: SampleIndex | None = None):
         super().__init__()
         if not urls:
             raise ValueError("no training shards")
@@ -235,29 +297,37 @@ class EditPairStream(IterableDataset):
         self.urls, self.tokenizer, self.tokenizer_2, self.aug = list(urls), tokenizer, tokenizer_2, aug
         self.batch_size, self.seed, self.shuffle_buffer = batch_size, seed, shuffle_buffer
         self.skip_batches, self.rank, self.world_size = skip_batches, rank, world_size
-        self.groups = pairs_by_triplet(sample_keys(self.urls)) if sampling == "per_triplet" else None
+        self.index = index if index is not None else index_samples(self.urls)
+        self.groups = pairs_by_triplet(self.index.keys) if sampling == "per_triplet" else None
+        self.epoch_size = len(self.groups) if self.groups is not None else len(self.index)
+        if self.epoch_size == 0:
+            raise ValueError(f"no training samples in {len(self.urls)} shard(s)")
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # at most the previous one
+            self._orders[epoch] = epoch_order(self.index, self.seed, epoch, self.shuffle_buffer, self.groups)
+        return self._orders[epoch]
+
+    def global_batch(self, j: int) -> list[tuple[int, EditExample]]:
+        """Global micro-batch `j`: the `batch_size` samples from position `j * batch_size` of the endless
+        sequence of epochs, each with its epoch."""
+        items = []
+        for position in range(j * self.batch_size, (j + 1) * self.batch_size):
+            epoch, at = divmod(position, self.epoch_size)
+            items.append((epoch, decode(read_sample(self.index, self.order(epoch)[at]))))
+        return items
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, num_slots = self.rank * workers + worker, self.world_size * workers
-        # the DataLoader takes batch i from worker i % workers: this worker's share of the skipped batches
-        skip = len(range(worker, self.skip_batches, workers)) * self.batch_size
-        batch: list[tuple[int, EditExample]] = []
-        for epoch in count():
-            seen = 0
-            keep = None if self.groups is None else choose_pairs(self.groups, self.seed, epoch)
-            for raw in epoch_samples(self.urls, self.seed, epoch, self.shuffle_buffer, slot, num_slots, keep):
-                seen += 1
-                if skip:
-                    skip -= 1
-                    continue
-                batch.append((epoch, decode(raw)))
-                if len(batch) == self.batch_size:
-                    yield self.collate(batch)
-                    batch = []
-            if seen == 0:
-                raise ValueError(f"data slot {slot}/{num_slots} got no samples from {len(self.urls)} shard(s)")
+        # the DataLoader takes this process's batch i from worker i % workers, counting from the first it yields
+        local = self.skip_batches + worker
+        while True:
+            j = local * self.world_size + self.rank
+            yield {**self.collate(self.global_batch(j)), "batch": j}
+            local += workers
 
     def collate(self, items: list[tuple[int, EditExample]]) -> dict[str, Any]:
         originals, editeds, views = [], [], []
@@ -284,10 +354,11 @@ class EditPairStream(IterableDataset):
 def make_train_loader(urls: list[str], tokenizer, aug: Augment, batch_size: int, seed: int,
                       shuffle_buffer: int = 1000, num_workers: int = 0, skip_batches: int = 0,
                       rank: int = 0, world_size: int = 1, sampling: str = "per_triplet",
-                      tokenizer_2=None) -> Iterator[dict[str, Any]]:
-    """An endless iterator of batches; `num_workers` DataLoader processes decode and augment in parallel."""
+                      tokenizer_2=None, index: SampleIndex | None = None) -> Iterator[dict[str, Any]]:
+    """An endless iterator of this process's batches; `num_workers` DataLoader processes decode and augment in
+    parallel (the batches are the same for any number); `index`: the shards' :class:`SampleIndex`, if listed."""
     dataset = EditPairStream(urls, tokenizer, aug, batch_size, seed, shuffle_buffer, skip_batches, rank, world_size,
-                             sampling, tokenizer_2)
+                             sampling, tokenizer_2, index)
     if num_workers == 0:
         return iter(dataset)
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,

@@ -10,8 +10,11 @@ from tasks.world.weights import hash_extra as world_models
 
 def resources(cfg) -> Resources:
     t = cfg.train
-    return Resources(1, gpus_for(t.device), f"{t.batch_size} x {t.gradient_accumulation_steps} accumulation",
-                     "one process; multi-GPU through `accelerate launch`")
+    procs = t.processes if t.processes != "auto" else None
+    gpus = gpus_for(t.device) * (procs or 1)
+    per_node = f"{procs} process(es)" if procs else "a process per visible GPU (processes: auto)"
+    return Resources(1, gpus, f"total {t.total_batch_size} = {t.batch_size} per process x accumulation x processes",
+                     f"{per_node} x {t.nodes} node(s), launched by the flow (torchrun)")
 
 
 STAGE = Stage(

@@ -18,6 +18,10 @@ Checkpoints are kept by weights key in `{output_root}/train/_work/<weights key>/
 versions, and the outputs are moved into the version's partition at the end. `accelerate` checkpoints need
 a local folder: for an object-store `output_root` the run trains in `$EDITFORGE_CACHE/train-work/<key>/`
 (resumable on the same machine) and uploads the outputs at the end.
+
+With more than one process (`train.processes` x `train.nodes`) the partition's run launches them
+(`tasks.train.launch`) and waits, holding the lease; `join` is what another node runs instead: the same
+inputs and work folder, its workers only, nothing of the contract.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,15 +122,22 @@ def _sample_edit(cfg: TrainConfig, model_dir: Path, urls: list[str], dest: Path)
             "image_guidance_scale": cfg.image_guidance_scale, "steps": cfg.sample_steps}
 
 
-def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = None,
-        logger: logging.Logger | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
-        ) -> dict[str, Any]:
-    """Train the editing model on the shards of `index_url` (default `{output_root}/pack/<hash>/index.json`)."""
-    from tasks.train.loop import train_editing_model
+@dataclass(frozen=True)
+class _Inputs:
+    own: bool  # the run's own index (not --index)
+    index_url: str
+    index: dict[str, Any]  # as stored: what the hashes cover
+    train_urls: list[str]
+    val_urls: list[str]
+    key: str  # weights key
+    local: bool  # output_root is a local folder
+    workdir: Path
 
+
+def _inputs(cfg: PipelineConfig, index_url: str | None) -> _Inputs:
     own = index_url is None
     index_url = index_url or layout.index_url(cfg.output_root, stage_hash(cfg, "pack"))
-    index = read_index(index_url, resolved=False)  # the entries as stored: what the hashes cover
+    index = read_index(index_url, resolved=False)
     if own and index.get("config_hash") != stage_hash(cfg, "pack"):
         raise MissingInputError(
             f"train reads {index_url}, which the pack stage wrote under another config (hash "
@@ -135,14 +147,51 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = N
     train_urls = list(urls["train"]["shards"])
     val_urls = list(urls.get("val", {}).get("shards", [])) or train_urls
     key = weights_key(cfg, index)
+    local = isinstance(storage.filesystem(cfg.output_root)[0], LocalFileSystem)
+    # checkpoints live by weights key, beside the versions: a new sample-edit setting (a new version)
+    # resumes from the final checkpoint instead of training again
+    workdir = Path(layout.train_work_dir(cfg.output_root, key)) if local else cache_root() / "train-work" / key
+    return _Inputs(own, index_url, index, train_urls, val_urls, key, local, workdir)
+
+
+def _train(cfg: PipelineConfig, inputs: _Inputs, logger: logging.Logger | None,
+           on_step: Callable[[dict[str, Any]], None] | None):
+    """One process: in this one; more: launched on this node (node 0) and waited for."""
+    from tasks.train import launch
+
+    if launch.check(cfg.train) == 1:
+        from tasks.train.loop import train_editing_model
+
+        return train_editing_model(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, run_key=inputs.key,
+                                   logger=logger, on_step=on_step)
+    launch.run_workers(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, inputs.key, 0, logger)
+    return launch.read_result(inputs.workdir)
+
+
+def join(cfg: PipelineConfig, node_rank: int, *, index_url: str | None = None,
+         logger: logging.Logger | None = None) -> None:
+    """Node `node_rank` (>= 1) of a multi-node training: launch this node's workers on the same inputs and work
+    folder as node 0's flow run, and wait; no lease, no contract (node 0 writes the outputs)."""
+    from tasks.train import launch
+
+    if not 1 <= node_rank < cfg.train.nodes:
+        raise ValueError(f"--node-rank {node_rank}: the nodes of train.nodes={cfg.train.nodes} other than the flow's "
+                         f"node 0 are 1..{cfg.train.nodes - 1}")
+    launch.check(cfg.train)
+    inputs = _inputs(cfg, index_url)
+    launch.run_workers(cfg.train, cfg.models, inputs.train_urls, inputs.workdir, inputs.key, node_rank, logger)
+
+
+def run(cfg: PipelineConfig, partition_id: int = 0, *, index_url: str | None = None,
+        logger: logging.Logger | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
+        ) -> dict[str, Any]:
+    """Train the editing model on the shards of `index_url` (default `{output_root}/pack/<hash>/index.json`)."""
+    inputs = _inputs(cfg, index_url)
+    own, index_url, index, key, local = inputs.own, inputs.index_url, inputs.index, inputs.key, inputs.local
+    val_urls, workdir = inputs.val_urls, inputs.workdir
 
     def work(run: PartitionRun) -> None:
-        local = isinstance(storage.filesystem(run.dir)[0], LocalFileSystem)
-        # checkpoints live by weights key, beside the versions: a new sample-edit setting (a new version)
-        # resumes from the final checkpoint instead of training again
-        workdir = Path(layout.train_work_dir(cfg.output_root, key)) if local else cache_root() / "train-work" / key
-        result = train_editing_model(cfg.train, cfg.models, train_urls, workdir, run_key=key, logger=logger,
-                                     on_step=on_step)
+        result = _train(cfg, inputs, logger, on_step)
         summary = result.summary()
         (workdir / "metrics.json").write_text(json.dumps({"summary": summary, "history": result.history}, indent=1))
         sample = _sample_edit(cfg.train, result.model_dir, val_urls, workdir / "sample_edit.png")

@@ -15,7 +15,9 @@ an image plus the text's words. Each vision request is logged with its `judge` k
 answered ones); latency, 429/500 storms and the API key apply as to every request.
 
 Knobs (`Knobs`, changeable while serving): 429 with a `Retry-After` header and 500 at given rates on
-every `/v1` endpoint, a latency range on generation requests, fine-tuning jobs that spend
+every `/v1` endpoint, a latency range on generation requests, `answer_limit` (answer that many generation
+requests, then hold the others until it is raised or set to None: a crash test's exact place; a held
+request whose client goes away is logged with status 499 and never answered), fine-tuning jobs that spend
 `job_polls_per_status` polls in `queued` and in `running` then succeed or fail with `job_error`,
 batches that take `batch_polls` polls per status, per-request batch errors, words that moderation
 flags, and an API key that requests must carry. Every request is logged (`requests`); a generation
@@ -83,6 +85,7 @@ class Knobs:
     batch_fail: bool = False
     judge_malformed_rate: float = 0.0  # vision answers that are not the rubric's JSON
     judge_refuse_words: tuple[str, ...] = ("REFUSED",)  # in the instruction: the vision request is refused (400)
+    answer_limit: int | None = None  # generation requests answered before the rest are held (None: no limit)
     seed: int = 0
 
 
@@ -179,6 +182,8 @@ class FakeState:
             self.job_events: dict[str, list[dict[str, Any]]] = {}
             self.batches: dict[str, dict[str, Any]] = {}
             self.batch_polls: Counter[str] = Counter()
+            self.passed_gate = 0  # generation requests let through `answer_limit`
+            self.held = 0  # generation requests waiting at `answer_limit` now
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self.ids):06d}"
@@ -229,8 +234,32 @@ def build_app(state: FakeState) -> Starlette:
             return await guarded(request, handler)
         return Route(path, endpoint, methods=methods)
 
+    async def gate(request: Request) -> bool:
+        """Wait while `answer_limit` generation requests have been let through; False: the client went away
+        (checked before the limit, so that a request abandoned while held is never answered later)."""
+        held = False
+        try:
+            while True:
+                if held and await request.is_disconnected():
+                    state.log(request.url.path, 499, None, held=True)
+                    return False
+                with state.lock:
+                    limit = state.knobs.answer_limit
+                    if limit is None or state.passed_gate < limit:
+                        state.passed_gate += 1
+                        return True
+                    if not held:
+                        held, state.held = True, state.held + 1
+                await asyncio.sleep(0.02)
+        finally:
+            if held:
+                with state.lock:
+                    state.held -= 1
+
     async def generation(request: Request) -> Response:
         body = await request.json()
+        if not await gate(request):
+            return Response(status_code=499)
         lo, hi = state.knobs.latency
         if hi > 0:
             await asyncio.sleep(random.uniform(lo, hi))

@@ -69,6 +69,12 @@ CONFIG_CASES = [  # (--set, what the message says)
     ("verify=md5", "verify: Input should be 'size' or 'sha256'"),
     ("render.steps", "override 'render.steps': expected KEY=VALUE"),
     ("render.steps.x=1", "override 'render.steps.x': 'steps' is not a section"),
+    ("=5", "override '=5': no key before '='"),
+    ("render..steps=5", "override 'render..steps=5': 'render..steps' has an empty part between dots"),
+    ("render.steps=[1,", "override 'render.steps': invalid YAML"),
+    ("render.steps=!!python/object:os.system", "override 'render.steps': invalid YAML"),
+    ("output_root=", "output_root: Value error, output_root is empty"),
+    ("judges.vlm.prices=&a {x: *a}", "override 'judges.vlm.prices': YAML refused: a recursive alias"),
 ]
 
 
@@ -164,6 +170,11 @@ def _run_cases(root: Path) -> list[tuple[str, list[str], str]]:
         "seeds: no triplets": (_seeds(data, "blank.jsonl", "", "  "), "blank.jsonl: contains no triplets"),
         "seeds: both input and caption": (_seeds(data, "alias.jsonl", '{"input": "a", "caption": "b", "edit": "e", "output": "c"}'),
                                           "alias.jsonl line 1: field 'caption': give either 'input'"),
+        "seeds: a JSON array": (_seeds(data, "array.jsonl", "[" + GOOD + ",", GOOD.replace("snowy", "rainy") + "]"),
+                                ("array.jsonl line 1: invalid JSON", "seed annotations are JSON Lines: one")),
+        "seeds: a 4.8 MB line": (_seeds(data, "long.jsonl", GOOD, json.dumps({"input": "x" * 4_800_000, "edit": "e",
+                                                                            "output": "y"})),
+                                 "long.jsonl: 1 line(s) longer than 16,384 bytes, refused: line 2 (4,800,"),
     }
     for case, (path, message) in seed_cases.items():
         target = path or data / "missing-seeds.jsonl"
@@ -202,7 +213,8 @@ def test_bad_inputs_inside_a_run_give_one_message_exit_2_and_no_traceback(prefec
             result = runner.invoke(app, args)
             logged = "\n".join(keep.format(r) + (f"\n{r.exc_text}" if r.exc_text else "") for r in records[before:])
             retried = any("Retry" in r.getMessage() and "will start" in r.getMessage() for r in records[before:])
-            if result.exit_code != 2 or message not in result.output or "Traceback" in result.output + logged \
+            messages = message if isinstance(message, tuple) else (message,)
+            if result.exit_code != 2 or any(m not in result.output for m in messages) or "Traceback" in result.output + logged \
                     or any(r.exc_info for r in records[before:]) or retried:
                 failures.append(f"{case}: exit {result.exit_code}, retried={retried}\n{result.output[-800:]}")
     finally:
@@ -227,3 +239,175 @@ def test_the_table_has_sixty_cases(tmp_path):
     count = len(CONFIG_CASES) + 3 + 8 + len(_run_cases(tmp_path))
     assert count >= 60, count
     assert pd.Series([c[0] for c in CONFIG_CASES]).is_unique
+
+
+# The edges (issue 25; docs/reliability.md "Bad input at the edges"): one test per case, each through the CLI
+# as a user meets it and, where a deployment's worker meets it without the CLI, through the stage too.
+
+def _nine(name: str, item: str) -> str:
+    return f"{name}: &{name} [{', '.join([item] * 9)}]"
+
+
+# 9 levels of 9 aliases: about 600 bytes, 9**9 (387 million) values once expanded
+ALIAS_BOMB = "\n".join([_nine("l0", '"lol"'), *(_nine(f"l{i}", f"*l{i - 1}") for i in range(1, 9))]) + "\n"
+
+
+def test_an_empty_output_root_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    from tasks.common.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["stage", "captions", "--set", "output_root="])
+    assert result.exit_code == 2 and "output_root: Value error, output_root is empty" in result.output, result.output
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="output_root is empty"):  # a deployment's flow loads it the same way
+        load_config("demo", ["output_root=   "])
+
+
+def test_a_yaml_alias_bomb_is_refused_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    inline = "{" + ", ".join(ALIAS_BOMB.splitlines()) + "}"
+    tracemalloc.start()
+    try:
+        results = [runner.invoke(app, ["config", "--preset", str(bomb)]),
+                   runner.invoke(app, ["config", "--set", f"judges.vlm.prices={inline}"])]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for result, where in zip(results, (f"{bomb}: YAML refused", "override 'judges.vlm.prices': YAML refused")):
+        assert result.exit_code == 2 and where in result.output and "once its aliases" in result.output, result.output
+    assert peak < 64 * 2**20, peak  # nothing was expanded
+
+
+def test_an_output_root_that_is_a_file_names_the_setting(tmp_path):
+    a_file = tmp_path / "run"
+    a_file.write_text("not a folder")
+    for root, what in ((a_file, "is a file"), (a_file / "below", f"is under {a_file}, which is a file")):
+        result = runner.invoke(app, ["stage", "captions", "--set", f"output_root={root}"])
+        assert result.exit_code == 2 and f"output_root {root} {what}, not a folder" in result.output, result.output
+    assert a_file.read_text() == "not a folder"
+
+
+def test_a_read_only_root_and_a_full_disk_name_the_path_exit_2_and_mark_nothing(tmp_path):
+    """In a private mount namespace: a read-only tmpfs and one filled to the last byte (tests/flows/disk_faults.py)."""
+    import shutil
+
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("needs a private mount namespace (unshare -rm: util-linux, user namespaces)")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "ro").mkdir()
+    script = (f"mount -t tmpfs -o size=64k tmpfs {tmp_path}/full && mount -t tmpfs -o ro tmpfs {tmp_path}/ro && "
+              f"exec {sys.executable} {ROOT}/tests/flows/disk_faults.py {tmp_path}")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    at_load = got["read-only root, at load"]
+    assert at_load["exit"] == 2 and f"output_root {tmp_path}/ro/run" in at_load["output"] \
+        and "is on a read-only file system" in at_load["output"], at_load
+    full = got["disk full, a command's write"]
+    assert full["exit"] == 2 and f"cannot write {tmp_path}/full/run/pack/" in full["output"] \
+        and "no space left on the device" in full["output"], full
+    for case, where, what in (("read-only root, a stage's write", f"{tmp_path}/ro/run/captions/", "read-only file system"),
+                              ("disk full, a stage's write", f"{tmp_path}/full/stage/captions/", "no space left")):
+        failed = got[case]
+        assert failed["type"] == "WriteError" and failed["permanent"], failed  # permanent: never retried
+        assert failed["error"].startswith(f"cannot write {where}") and what in failed["error"], failed
+    assert got["markers"] == []
+
+
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """moto's S3 server on loopback, this process pointed at it; one bucket, `have`."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    from flows.local_cluster import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("have")
+    try:
+        yield fs
+    finally:
+        server.stop()
+        fsspec.filesystem("s3").clear_instance_cache()
+
+
+def test_a_missing_bucket_names_the_bucket_and_the_setting(moto_s3):
+    from tasks import registry
+    from tasks.common.config import load_config
+    from tasks.common.errors import is_permanent
+    from tasks.common.storage import WriteError
+
+    result = runner.invoke(app, ["stage", "captions", "--set", "output_root=s3://no-such-bucket/run"])
+    assert result.exit_code == 2, result.output
+    assert "output_root s3://no-such-bucket/run: the bucket 'no-such-bucket' does not exist" in result.output
+    verify = runner.invoke(app, ["verify", "--set", "output_root=s3://have/never"])
+    assert verify.exit_code == 2 and "no run at output_root s3://have/never" in verify.output, verify.output
+    # a deployment's worker (no CLI check): the first write names them, is not retried, creates no bucket
+    cfg = load_config("demo", ["output_root=s3://no-such-bucket/run"])
+    with pytest.raises(WriteError, match="the bucket 'no-such-bucket' does not exist: create it, or set output_root") as err:
+        registry.prepare(cfg, "captions")
+    assert is_permanent(err.value) and not moto_s3.exists("no-such-bucket")
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf"])
+def test_a_bad_lease_ttl_names_the_variable(tmp_path, monkeypatch, value):
+    from tasks import registry
+    from tasks.common.config import load_config
+    from tasks.common.errors import is_permanent
+
+    monkeypatch.setenv("EDITFORGE_LEASE_TTL_S", value)
+    result = runner.invoke(app, ["stage", "captions", "--set", f"output_root={tmp_path / 'run'}"])
+    assert result.exit_code == 2 and f"EDITFORGE_LEASE_TTL_S={value!r}: expected a positive number of seconds" \
+        in result.output, result.output
+    with pytest.raises(ValueError, match="EDITFORGE_LEASE_TTL_S") as err:  # a worker's environment: same error
+        registry.prepare(load_config("demo", [f"output_root={tmp_path / 'run'}"]), "captions")
+    assert is_permanent(err.value) and not (tmp_path / "run").exists()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (its data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("name, size, message", [
+    ("tiny.png", (1, 1), "1x1 pixels is too small to edit: at least 8x8"),
+    ("huge.png", (20000, 20000), "20000x20000 pixels (400 megapixels by its header) is larger than editforge edit takes"),
+])
+def test_edit_names_an_image_too_small_or_too_large_by_its_header(tmp_path, name, size, message):
+    from PIL import Image
+
+    path = tmp_path / name
+    if max(size) > 100:
+        path.write_bytes(_png_header(*size))
+    else:
+        Image.new("RGB", size, (10, 200, 10)).save(path)
+    result = runner.invoke(app, ["edit", str(path), "make it snowy", "--set", f"output_root={tmp_path / 'no-run'}"])
+    assert result.exit_code == 2 and f"error: {path}: {message}" in result.output, result.output
+    assert "Traceback" not in result.output and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("command", ["verify", "report"])
+def test_verify_and_report_on_a_missing_output_root_say_so(tmp_path, command):
+    result = runner.invoke(app, [command, "--set", f"output_root={tmp_path / 'never-run'}"])
+    assert result.exit_code == 2, result.output
+    assert f"error: no run at output_root {tmp_path / 'never-run'}: nothing has been written there" in result.output
+    assert "finished" not in result.output and not (tmp_path / "never-run").exists()  # no table of zeros

@@ -8,10 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `fakes`
+
+from fakes.faults import stop_after_writes, wait_stopped
 
 pytestmark = pytest.mark.integration
 
@@ -21,12 +24,15 @@ SMALL = ["captions.num_captions=12", "text.finetune_steps=150", "text.batch_size
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
-def _generate(root: Path, home: Path) -> subprocess.Popen:
+def _generate(root: Path, home: Path, stop_after: tuple[int, str] | None = None) -> subprocess.Popen:
+    """`python -m flows.generate` on the small demo; with ``stop_after`` (n, glob) it stops itself right after
+    its n-th write matching glob (tests/fakes/faults.py), for a SIGKILL placed by that count."""
     env = {**os.environ, "PREFECT_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "flows.generate", "--preset", "demo", "--set", f"output_root={root}"]
+    args = ["-m", "flows.generate", "--preset", "demo", "--set", f"output_root={root}"]
     for item in SMALL:
         args += ["--set", item]
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    command = stop_after_writes(*stop_after, *args) if stop_after else [sys.executable, *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -61,13 +67,14 @@ def _assert_same_outputs(run: Path, clean: Path) -> None:
 def test_kill_during_render_then_rerun_equals_uninterrupted(tmp_path, clean):
     home = tmp_path / "prefect-home"
     crashed = tmp_path / "crashed"
-    proc = _generate(crashed, home)
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(crashed.glob("render/*/part-00000/_progress/*/chunk-*.parquet")):
-        assert proc.poll() is None, "the run ended before render started"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a node loss would
+    # placed by a count: right after render part-00000's first checkpoint chunk is written, not after a delay
+    proc = _generate(crashed, home, stop_after=(1, "*/render/*/part-00000/_progress/*/chunk-*.parquet"))
+    try:
+        wait_stopped(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group, as a node loss would
     proc.wait(timeout=60)
+    assert len(list(crashed.glob("render/*/part-00000/_progress/*/chunk-*.parquet"))) == 1
     assert not list(crashed.glob("render/*/part-00000/_SUCCESS.json"))
     assert not (crashed / "pack").exists()
 

@@ -1,8 +1,43 @@
-"""The integration tier's shared helpers (prefect_cluster.py, beside this file) on the import path."""
+"""The integration tier's shared helpers (prefect_cluster.py, beside this file) on the import path, and the
+S3 API the object-store and walkthrough tests write to (moto's server on loopback)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flows.local_cluster import free_port
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on loopback, the process pointed at it (AWS_ENDPOINT_URL), one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir("editforge-test")
+    try:
+        yield fs
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        fsspec.filesystem("s3").clear_instance_cache()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
-
-from flows.local_cluster import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -17,35 +14,6 @@ SMALL = ["captions.num_captions=8", "text.finetune_steps=150", "text.batch_size=
          "render.batch_samples=2", "render.steps=2", "render.keep.clip_image_threshold=-1",
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1", "train.steps=2",
          "train.batch_size=2", "train.sample_steps=2", "train.shuffle_buffer=4", "train.num_workers=0"]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on loopback, the process pointed at it (AWS_ENDPOINT_URL), one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("editforge-test")
-    try:
-        yield fs
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        fsspec.filesystem("s3").clear_instance_cache()
 
 
 def _run_all(cfg) -> list[dict]:

@@ -1,15 +1,19 @@
-"""Integration tier: a real `prefect server`, a process work pool, three workers, `prefect deployment run`.
+"""Integration tier: the cluster of docs/cluster.md, built by its own script (infra/walkthrough.sh up: a
+real `prefect server` on a free port through `make server`, `make deploy`, and `make worker` for a driver,
+two GPU-pool and two CPU-pool workers), then `prefect deployment run` against it.
 
 Deploys from `infra/prefect.yaml` (so the shipped deployment file is what is tested), runs the whole
 DAG through a deployment, then two render runs on different partitions at once — split between the
-workers — and checks their outputs; then ONE deployment run that fans the DAG out over the stage
-deployments and the workers. Everything listens on 127.0.0.1 only.
+GPU workers — and checks their outputs; then the walkthrough's own fan-out runs (`infra/walkthrough.sh
+run`) on local disk and on S3 (moto on loopback), a worker lost mid-render, and the fan-out bench.
+Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.local_cluster import BIN, ROOT, STAGES, prefect_cluster
+from flows.local_cluster import BIN, ROOT, STAGES, free_port
 from tasks.common.config import load_config
 from tasks.registry import stage_hash
 
@@ -28,7 +32,7 @@ SMALL = ["captions.num_captions=6", "text.finetune_steps=150", "text.batch_size=
          "render.keep.clip_direction_threshold=-1", "render.keep.clip_caption_threshold=-1"]
 
 
-WORKERS: list[subprocess.Popen] = []
+WORKERS: dict[str, int] = {}  # worker name -> its process group (infra/walkthrough.sh's pid files)
 URL: list[str] = []
 
 
@@ -56,13 +60,33 @@ def webhook():
     httpd.shutdown()
 
 
+def _walk(env: dict, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """infra/walkthrough.sh as docs/cluster.md shows it."""
+    return subprocess.run(["bash", str(ROOT / "infra" / "walkthrough.sh"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, webhook):
-    with prefect_cluster(tmp_path_factory.mktemp("prefect-home"), workers=3, gpu_workers=1, ui=True,
-                         extra_env={"EDITFORGE_ALERT_WEBHOOK_URL": webhook}) as cluster:
-        WORKERS[:] = cluster.workers  # (the worker processes, for the node-loss test)
-        URL[:] = [cluster.url]
-        yield cluster.env, cluster.logs
+def server(tmp_path_factory, webhook, s3):
+    """`infra/walkthrough.sh up` on a free port, with the S3 credentials and endpoint exported (moto's) as the
+    walkthrough says, so the workers and their flow runs have them; `down` at the end."""
+    home = tmp_path_factory.mktemp("walkthrough")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_SERVER_HOME": str(home / "server"),
+           "WALKTHROUGH_DIR": str(home / "logs"), "GPU_WORKERS": "2", "CPU_WORKERS": "2",
+           "EDITFORGE_ALERT_WEBHOOK_URL": webhook, "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "5", "PYTHONUNBUFFERED": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    for key in ("PREFECT_UI_API_URL", "EDITFORGE_HOME", "GPUS", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"):
+        env.pop(key, None)
+    try:
+        up = _walk(env, "up", timeout=600)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        logs = home / "logs"
+        WORKERS.update({p.stem: int(p.read_text()) for p in logs.glob("*.pid") if p.stem != "server"})
+        URL[:] = [url.removesuffix("/api")]
+        yield env, logs
+    finally:
+        _walk(env, "down", timeout=120)
 
 
 def _run(env, deployment: str, params: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -97,19 +121,24 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
     cfg = load_config("demo", changed)
     want = stage_hash(cfg, "render")
     assert [read_success(partition_url(cfg, "render", pid))["config_hash"] for pid in (0, 1)] == [want] * 2
-    # both workers are registered with the pool and polling (either may pick up either run)
-    listing = subprocess.run([str(BIN / "prefect"), "work-pool", "inspect", "editforge-cpu"], env=env,
-                             capture_output=True, text=True, timeout=60)
-    assert listing.returncode == 0
+    # every worker of the walkthrough is registered with its pool and polling
     workers = subprocess.run([str(BIN / "python"), "-c", WORKERS_SCRIPT], env=env, capture_output=True, text=True,
                              timeout=60)
-    assert sorted(json.loads(workers.stdout)) == ["worker-0", "worker-1", "worker-2"], workers.stderr
-    # everything in infra/prefect.yaml was deployed by one `prefect deploy --all`, each on its pool
+    assert json.loads(workers.stdout) == {"editforge-driver": ["driver-0"], "editforge-cpu": ["cpu-0", "cpu-1"],
+                                          "editforge-gpu": ["gpu-0", "gpu-1"]}, workers.stderr
+    # everything in infra/prefect.yaml was deployed by `make deploy`, each on its pool, with no path in its pull
+    # step, and the GPU tag limited to the GPUs (GPUS = the walkthrough's two GPU workers)
     listed = subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True, text=True,
                             timeout=60)
-    pools = json.loads(listed.stdout)
-    assert pools["editforge-generate/paper"] == "editforge-cpu" and pools["editforge-render/paper-render"] == "editforge-gpu"
-    assert pools["editforge-filter/paper-filter"] == "editforge-cpu" and len(pools) >= 15, pools
+    seen = json.loads(listed.stdout)
+    pools = seen["pools"]
+    assert pools["editforge-generate/paper"] == pools["editforge-generate/demo"] == "editforge-driver"
+    assert pools["editforge-render/paper-render"] == pools["editforge-render/demo-render"] == "editforge-gpu"
+    assert pools["editforge-text/demo-text"] == pools["editforge-finetune/demo-finetune"] == "editforge-gpu"
+    assert pools["editforge-filter/paper-filter"] == pools["editforge-judge/demo-judge"] == "editforge-cpu"
+    assert len(pools) == 18, pools
+    assert seen["pull_steps"] == [[{"flows.deploy_steps.set_code_directory": {}}]], seen["pull_steps"]
+    assert seen["gpu_limit"] == 2
     # the deploy step's automation that crashes flow runs whose heartbeats stopped (a lost worker)
     zombie = subprocess.run([str(BIN / "python"), "-c", AUTOMATIONS_SCRIPT], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
@@ -179,7 +208,10 @@ import json
 from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as c:
     flows = {f.id: f.name for f in c.read_flows(limit=200)}
-    print(json.dumps({f"{flows[d.flow_id]}/{d.name}": d.work_pool_name for d in c.read_deployments(limit=200)}))
+    deployments = c.read_deployments(limit=200)
+    print(json.dumps({"pools": {f"{flows[d.flow_id]}/{d.name}": d.work_pool_name for d in deployments},
+                      "pull_steps": list({json.dumps(d.pull_steps): d.pull_steps for d in deployments}.values()),
+                      "gpu_limit": c.read_concurrency_limit_by_tag("editforge-gpu").concurrency_limit}))
 """
 
 
@@ -197,7 +229,8 @@ WORKERS_SCRIPT = """
 import json
 from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as c:
-    print(json.dumps([w.name for w in c.read_workers_for_work_pool("editforge-cpu") if w.status.value == "ONLINE"]))
+    print(json.dumps({pool: sorted(w.name for w in c.read_workers_for_work_pool(pool) if w.status.value == "ONLINE")
+                      for pool in ("editforge-driver", "editforge-cpu", "editforge-gpu")}))
 """
 
 
@@ -257,37 +290,89 @@ def _child_runs(env, name: str) -> list[dict]:
             and r["flow"] != "editforge-generate"]
 
 
-def test_one_deployment_run_fans_the_dag_out_over_the_workers(server, tmp_path, in_process):
-    env, logs = server
-    out = _run(env, "editforge-generate/demo", _fan_out_args(tmp_path / "fan", "fanout"), timeout=900)
-    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:] + \
-        "".join(p.read_text()[-3000:] for p in logs.iterdir())
+SUBMITTED_SCRIPT = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:  # which worker submitted each flow run: the workers' own events
+    body = {"filter": {"event": {"name": ["prefect.worker.submitted-flow-run"]}}, "limit": 50}
+    page = c.request("POST", "/events/filter", json=body).json()
+    events = list(page["events"])
+    while page.get("next_page"):
+        page = c._client.get(page["next_page"]).json()
+        events += page["events"]
+print(json.dumps({r["prefect.resource.id"].removeprefix("prefect.flow-run."):
+                  e["resource"]["prefect.resource.id"].removeprefix("prefect.worker.process.")
+                  for e in events for r in e["related"] if r["prefect.resource.role"] == "flow-run"}))
+"""
 
-    runs = _child_runs(env, "fanout")
+
+def _walk_sets(name: str, block_size: int) -> list[str]:
+    return [a for item in [f"name={name}", *SMALL, *FOUR, f"run.block_size={block_size}", "run.poll_s=1"]
+            for a in ("--set", item)]
+
+
+def _s3_snippet() -> str:
+    """docs/cluster.md's snippet that reads the shards from S3 (webdataset through fsspec)."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    (snippet,) = [b for b in blocks if "s3://" in b and "WebDataset" in b]
+    return snippet
+
+
+def test_the_walkthrough_fans_out_over_both_gpu_workers_on_disk_and_on_s3(server, tmp_path, in_process, s3):
+    """`infra/walkthrough.sh run` as docs/cluster.md shows it: 4 partitions in blocks of 2, so the two render
+    blocks run at once on the two GPU-pool workers; the shards equal the in-process run's, on local disk and on
+    S3 (moto, blocks of 4: the fewest child runs), and the docs' S3 snippet reads them."""
+    env, logs = server
+    out = _walk(env, "run", str(tmp_path / "fan"), *_walk_sets("walk", 2))
+    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:] + \
+        "".join(p.read_text()[-3000:] for p in logs.glob("*.log"))
+
+    runs = _child_runs(env, "walk")
     by_stage = {s: [r for r in runs if r["flow"] == f"editforge-{s}"] for s in STAGES}
     assert all(r["state"] == "COMPLETED" for r in runs), runs
     assert len(by_stage["finetune"]) == 1  # the LM is fine-tuned once
     for stage in ("captions", "text", "render", "filter", "pack"):  # every partition exactly once, in 2 blocks
         blocks = sorted(sorted(r["parameters"]["partitions"]) for r in by_stage[stage])
         assert blocks == [[0, 1], [2, 3]], (stage, blocks)
-    worker_logs = {p.name: p.read_text() for p in logs.iterdir() if p.name.startswith("worker-")}
-    ran_on = {r["id"]: [w for w, text in worker_logs.items() if r["id"] in text] for r in runs}
-    assert len({w for ws in ran_on.values() for w in ws}) >= 2, ran_on  # the children spread over the workers
-    overlapped = [s for s, rs in by_stage.items() if len(rs) == 2 and rs[0]["start"] < rs[1]["end"]
-                  and rs[1]["start"] < rs[0]["end"]]
-    assert overlapped, by_stage  # two blocks of one stage ran at the same time
+    listed = subprocess.run([str(BIN / "python"), "-c", SUBMITTED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    ran_on = json.loads(listed.stdout)
+    pools = {"gpu": ("finetune", "text", "render"), "cpu": ("captions", "judge", "filter", "pack")}
+    for prefix, stages in pools.items():  # each child on a worker of its deployment's pool
+        assert all(ran_on[r["id"]].startswith(f"{prefix}-") for st in stages for r in by_stage[st]), (prefix, ran_on)
+    renders = by_stage["render"]
+    assert sorted(ran_on[r["id"]] for r in renders) == ["gpu-0", "gpu-1"], ran_on  # both GPU workers rendered
+    assert renders[0]["start"] < renders[1]["end"] and renders[1]["start"] < renders[0]["end"], renders  # at once
     assert _shards(tmp_path / "fan") == in_process != {}
     assert list((tmp_path / "fan").glob("pack/*/index.json"))
     # the dashboard stays right when the work is split over child runs: one render table of all 4 partitions
     # (published by two blocks' runs), and the run-wide progress at 100%
     from tasks.common.layout import artifact_key
 
-    cfg = load_config("demo", _fan_out_args(tmp_path / "fan", "fanout")["overrides"])
-    listed = subprocess.run([str(BIN / "python"), "-c", LATEST_SCRIPT, artifact_key("fanout", "render", stage_hash(cfg, "render")),
-                             artifact_key("fanout", "progress", stage_hash(cfg, "pack"))], env=env, cwd=ROOT,
+    cfg = load_config("demo", [f"output_root={tmp_path / 'fan'}", "name=walk", *SMALL, *FOUR])
+    listed = subprocess.run([str(BIN / "python"), "-c", LATEST_SCRIPT, artifact_key("walk", "render", stage_hash(cfg, "render")),
+                             artifact_key("walk", "progress", stage_hash(cfg, "pack"))], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     latest = json.loads(listed.stdout)
     assert [len(latest[0]), latest[1]] == [4, 100.0] and [r["partition"] for r in latest[0]] == [0, 1, 2, 3], latest
+
+    # the same walkthrough run on S3: the workers got the AWS_* variables the walkthrough exports
+    root = "s3://editforge-test/walk"
+    out = _walk(env, "run", root, *_walk_sets("walk-s3", 4))
+    assert out.returncode == 0 and "Completed" in out.stdout, out.stdout[-3000:] + out.stderr[-2000:]
+    on_s3 = {k.removeprefix("editforge-test/walk/"): s3.cat_file(k) for k in s3.find("editforge-test/walk")
+             if k.endswith(".tar")}
+    assert on_s3 == in_process
+    cfg = load_config("demo", [f"output_root={root}", *SMALL, *FOUR])
+    from tasks import registry
+
+    index_url = registry.index_url(cfg)
+    snippet = _s3_snippet()
+    namespace: dict = {}
+    exec(re.sub(r'(?m)^INDEX = .*$', f"INDEX = {index_url!r}", snippet), namespace)
+    assert namespace["n"] == json.loads(s3.cat_file(index_url))["splits"]["train"]["samples"] > 0
 
 
 LATEST_SCRIPT = """
@@ -299,6 +384,21 @@ with get_client(sync_client=True) as c:
             for k in sys.argv[1:]]
 print(json.dumps([json.loads(d) if isinstance(d, str) else d for d in data]))
 """
+
+
+def test_fanout_bench_smoke_measures_blocks_and_overhead(server, tmp_path):
+    """`bench/fanout.py` at its smoke size on this cluster (so it cannot rot): the no-op re-run skips every block."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fanout_bench", ROOT / "bench" / "fanout.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    env, _ = server
+    report = bench.measure(env, tmp_path, "smoke", one_worker=False)
+    assert report["two_workers"]["states"] == report["noop_rerun"]["states"] == ["COMPLETED"]
+    assert report["noop_rerun"]["child_runs"] == report["two_workers"]["child_runs"] > 0
+    assert report["overhead_per_block_s"] > 0
+    assert bench.summary(report).startswith("fanout: smoke: two workers ")
 
 
 def _ancestors(pid: int) -> set[int]:
@@ -331,9 +431,10 @@ def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_outp
         time.sleep(0.2)
     assert lease, "no render partition started"
     owner = lease["pid"]
-    (worker,) = [w for w in WORKERS if w.pid in _ancestors(owner)]
+    (worker,) = [name for name, group in WORKERS.items() if group in _ancestors(owner)]
+    assert worker.startswith("gpu-"), worker  # render runs on the GPU pool
     os.kill(owner, signal.SIGKILL)  # the machine is gone: the flow run's process and its worker
-    worker.kill()
+    os.killpg(WORKERS.pop(worker), signal.SIGKILL)
     output = watch.communicate(timeout=1200)[0]
     assert watch.returncode == 0 and "Completed" in output, output[-3000:]
     renders = [r for r in _child_runs(env, "lostworker") if r["flow"] == "editforge-render"]
@@ -344,16 +445,28 @@ def test_a_worker_lost_mid_render_has_its_block_run_elsewhere_with_the_same_outp
     assert _shards(root) == in_process
 
 
-def test_fanout_bench_smoke_measures_blocks_and_overhead(server, tmp_path):
-    """`bench/fanout.py` at its smoke size on this cluster (so it cannot rot): the no-op re-run skips every block."""
-    import importlib.util
+POOLS_SCRIPT = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    print(json.dumps({p.name: p.type for p in c.read_work_pools()}))
+"""
 
-    spec = importlib.util.spec_from_file_location("fanout_bench", ROOT / "bench" / "fanout.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+
+def test_the_kubernetes_deploy_has_pools_of_its_own(server):
+    """docs/cluster.md's `make deploy POOL_TYPE=kubernetes` on the same server: Kubernetes pools beside the
+    process pools (no name collides), every deployment pointed at them. Last: it re-points the deployments."""
     env, _ = server
-    report = bench.measure(env, tmp_path, "smoke", one_worker=False)
-    assert report["two_workers"]["states"] == report["noop_rerun"]["states"] == ["COMPLETED"]
-    assert report["noop_rerun"]["child_runs"] == report["two_workers"]["child_runs"] > 0
-    assert report["overhead_per_block_s"] > 0
-    assert bench.summary(report).startswith("fanout: smoke: two workers ")
+    out = subprocess.run(["make", "deploy", "POOL_TYPE=kubernetes", "GPUS=4"], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    pools = json.loads(subprocess.run([str(BIN / "python"), "-c", POOLS_SCRIPT], env=env, capture_output=True,
+                                      text=True, timeout=60).stdout)
+    for role in ("driver", "cpu", "gpu"):
+        assert pools[f"editforge-{role}"] == "process" and pools[f"editforge-k8s-{role}"] == "kubernetes", pools
+    seen = json.loads(subprocess.run([str(BIN / "python"), "-c", DEPLOYMENTS_SCRIPT], env=env, capture_output=True,
+                                     text=True, timeout=60).stdout)
+    assert seen["pools"]["editforge-render/paper-render"] == "editforge-k8s-gpu"
+    assert seen["pools"]["editforge-generate/paper"] == "editforge-k8s-driver"
+    assert all(p.startswith("editforge-k8s-") for p in seen["pools"].values()) and len(seen["pools"]) == 18
+    assert seen["gpu_limit"] == 4

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,12 +35,13 @@ PAGES: dict[str, bytes] = {
     "/malformed.jsonl": GOOD_BODY + b'{"input": "a cat", "edit": "", "output": "a dog"}\n',
 }
 SLOW_PATH = "/slow.jsonl"
+RELEASE_SLOW = threading.Event()  # the slow page answers only when the server shuts down: never in time
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == SLOW_PATH:
-            time.sleep(1.5)
+            RELEASE_SLOW.wait()
         body = PAGES.get(self.path)
         if body is None:
             self.send_error(404, "Not Found")
@@ -69,9 +69,11 @@ def server() -> Iterator[str]:
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
+    RELEASE_SLOW.clear()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
+        RELEASE_SLOW.set()
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)

@@ -116,3 +116,76 @@ def test_cleaning_dedups_punctuation_variants_strips_control_chars_and_counts_co
     assert stats.counts["cleaned_control_chars"] == 1 and stats.counts["coerced_AESTHETIC_SCORE"] == 5
     assert df["aesthetic_score"].tolist() == [7.5, 7.0, 7.0]
     assert len(df) + sum(stats.rejected.values()) == stats.counts["rows_read"] == 5
+
+
+# ------------------------------------------------------------------ the vectorised reader vs the row-by-row one
+
+def test_whitespace_tables_are_pythons():
+    from tasks.captions.laion import PY_WHITESPACE
+
+    assert set(PY_WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
+
+
+@pytest.fixture(scope="module")
+def corpus_files(tmp_path_factory):
+    from tests.tasks.captions import corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    return corpus.edge_files(folder / "edge") + corpus.mixed_files(folder / "mix")
+
+
+@pytest.mark.parametrize("settings", [{}, {"min_side": 300, "max_punsafe": 0.5, "max_pwatermark": 0.5,
+                                          "max_caption_chars": 40, "min_aesthetic_score": 6.0}])
+def test_same_captions_ids_order_and_counts_as_the_row_by_row_reader(corpus_files, settings):
+    """Every cleaning and dedup case (tests/tasks/captions/corpus.py) read in batches of 7 rows and whole."""
+    import pandas as pd
+
+    from tests.tasks.captions import reference_v1
+
+    cfg = CaptionsConfig(**settings)
+    ref_stats = Stats()
+    expected = reference_v1.read_captions(corpus_files, cfg, ref_stats)
+    for batch_size in (7, 131072):
+        stats = Stats()
+        got = read_captions(corpus_files, cfg, stats, batch_size=batch_size)
+        pd.testing.assert_frame_equal(got, expected)
+        assert (stats.counts, stats.rejected) == (ref_stats.counts, ref_stats.rejected)
+    assert len(expected) > 300 and len(ref_stats.rejected) >= 9
+
+
+def test_optional_columns_missing_everywhere_give_the_same_empty_columns(tmp_path):
+    import pandas as pd
+
+    from tests.tasks.captions import reference_v1
+
+    path = str(tmp_path / "bare.parquet")
+    pq.write_table(pa.table({"URL": ["u1", "u2"], "TEXT": ["a", "b"]}), path)
+    got, expected = read_captions([path], CaptionsConfig(), Stats()), reference_v1.read_captions([path], CaptionsConfig(), Stats())
+    pd.testing.assert_frame_equal(got, expected)
+    assert got["width"].dtype == object and got["source_row_hash"].isna().all()
+
+
+@pytest.mark.parametrize("column, values", [("TEXT", [0, 1, 2]), ("URL", [1.5, 2.5, 3.5])])
+def test_a_column_that_is_not_text_is_refused_naming_file_and_column(tmp_path, column, values):
+    path = _write(tmp_path / "numbers.parquet", **{column: values})
+    with pytest.raises(CaptionSourceError, match=rf"numbers\.parquet: column '{column}' holds (int64|double) values, not text"):
+        read_captions([path], CaptionsConfig(), Stats())
+
+
+def test_the_caption_length_bound_is_a_setting_and_counted(tmp_path):
+    from tasks.common.config import load_config
+
+    path = _write(tmp_path / "a.parquet", TEXT=["short one", "a caption of thirty characters", "  x  " * 3])
+    cfg = load_config("demo", ["captions.max_caption_chars=12"]).captions
+    stats = Stats()
+    assert list(read_captions([path], cfg, stats)["text"]) == ["short one", "x x x"]
+    assert stats.rejected == {"caption_too_long": 1}
+    assert "caption_too_long" in type(cfg).model_fields["max_caption_chars"].description
+
+
+def test_an_infinite_size_is_no_size(tmp_path):
+    path = _write(tmp_path / "a.parquet", WIDTH=[float("inf"), 512.0, 640.0], HEIGHT=[512, -float("inf"), 480])
+    df = read_captions([path], CaptionsConfig(), Stats())
+    assert df["width"].isna().tolist() == [True, False, False] and df["height"].isna().tolist() == [False, True, False]
+    stats = Stats()
+    assert len(read_captions([path], CaptionsConfig(min_side=256), stats)) == 1 and stats.rejected == {"too_small": 2}

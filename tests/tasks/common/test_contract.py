@@ -262,7 +262,7 @@ def test_damaged_upstream_outputs_are_a_clear_error(tmp_path):
 
 
 HOLDER = """
-import sys, time
+import sys
 import pandas as pd
 from tasks.common import storage
 from tasks.common.contract import execute_partition
@@ -270,7 +270,7 @@ from tasks.common.contract import execute_partition
 def work(run):
     run.checkpoint("k").append("a", pd.DataFrame({"k": ["a"]}))
     print("working", flush=True)
-    time.sleep(3)
+    sys.stdin.readline()  # holds the partition until the test says go on
     storage.write_bytes_atomic(run.output("out.bin"), b"from the first process")
 
 execute_partition("stage", 0, sys.argv[1], "h1", work)
@@ -278,21 +278,38 @@ execute_partition("stage", 0, sys.argv[1], "h1", work)
 
 
 def test_a_second_process_waits_for_the_partition_then_skips_it(tmp_path):
+    """No clock: the first process holds the partition until the second has said it is waiting for it."""
+    import logging
     import subprocess
     import sys
-    import time
+    import threading
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[3]
-    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=root, stdout=subprocess.PIPE,
-                             text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=root, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert first.stdout.readline().strip() == "working"
     chunks = list(_partition(tmp_path).rglob("chunk-*.parquet"))
-    calls = []
-    t0 = time.monotonic()
-    second = execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run))
-    assert first.wait(timeout=60) == 0
-    assert second["skipped"] and not calls and time.monotonic() - t0 > 1  # it waited, then found it done
+    waiting = threading.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("waiting for"):
+                waiting.set()
+
+    logger = logging.getLogger("editforge.test-lease-wait")
+    logger.addHandler(Seen())
+    logger.setLevel(logging.INFO)
+    calls, result = [], {}
+    second = threading.Thread(target=lambda: result.update(
+        execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run), logger)))
+    second.start()
+    assert waiting.wait(120), "the second process never waited for the lease"
+    first.stdin.write("go on\n")
+    first.stdin.flush()
+    assert first.wait(timeout=120) == 0
+    second.join(120)
+    assert result["skipped"] and not calls  # it waited, then found it done
     assert chunks and (_partition(tmp_path) / "out.bin").read_bytes() == b"from the first process"
     assert not (tmp_path / "stage" / "h1" / "_leases" / "part-00000.json").exists()
 

@@ -23,3 +23,18 @@ def test_local_dir_atomic_replaces_keeps_or_leaves_nothing(tmp_path):
         raise RuntimeError("killed mid-build")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left
+
+
+def test_a_write_a_retry_cannot_fix_names_the_path_and_is_permanent(tmp_path):
+    from tasks.common.errors import is_permanent
+    from tasks.common.storage import WriteError, create_exclusive, write_bytes_atomic
+
+    blocker = tmp_path / "run"
+    blocker.write_text("a file where the run's folder should be")
+    for write, url in ((write_bytes_atomic, f"{blocker}/captions/part-00000/x.parquet"),
+                       (write_bytes_atomic, f"{blocker}/x.json"),
+                       (create_exclusive, f"{blocker}/_leases/part-00000.json")):
+        with pytest.raises(WriteError, match="a file is in the way where a folder should be") as err:
+            write(url, b"{}")
+        assert str(err.value).startswith(f"cannot write {url}: ") and is_permanent(err.value)
+    assert blocker.read_text() == "a file where the run's folder should be"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from fakes.fault_proxy import FaultProxy
+from fakes.faults import Killed, stop_after_writes, wait_stopped, wait_until
 from fakes.openai_server import fake_judgment
 from judge_helpers import API_KEY, MODEL, fake_render, judge_config, judgments, kept
 
@@ -21,9 +23,7 @@ from tasks.filter.stage import run as run_filter
 from tasks.judge.stage import run as run_judge
 from tasks.registry import partition_url, stage_hash
 
-
-class Crash(RuntimeError):
-    pass
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _candidates(df: pd.DataFrame) -> pd.DataFrame:
@@ -99,40 +99,114 @@ def test_429_and_5xx_storms_are_survived_with_every_candidate_judged_once(fake, 
     assert {200, 429, 500} <= statuses
 
 
-def test_a_kill_mid_run_then_resume_asks_no_judged_sample_again(fake, tmp_path):
-    fake.knobs.latency, fake.knobs.rate_429 = (0.002, 0.02), 0.1
-    settings = ("judges.vlm.checkpoint_every=3", "judges.vlm.concurrency=4")
-    clean = judge_config(fake, tmp_path / "clean", *settings)
+# count-placed faults: chunks of exactly `checkpoint_every` answers (no flush by the clock)
+COUNTED = ("judges.vlm.checkpoint_every=3", "judges.vlm.checkpoint_interval_s=3600", "judges.vlm.concurrency=4")
+
+
+def _reference(fake, root: Path, *settings: str) -> bytes:
+    clean = judge_config(fake, root, *settings)
     fake_render(clean, triplets=12)
     run_judge(clean, 0)
-    reference = (Path(partition_url(clean, "judge")) / "judgments.parquet").read_bytes()
+    return (Path(partition_url(clean, "judge")) / "judgments.parquet").read_bytes()
 
-    cfg = judge_config(fake, tmp_path / "crashed", *settings)
-    fake_render(cfg, triplets=12)
-    fake.state.reset()
 
-    def crash_after_two_chunks(n: int) -> None:
-        if n == 2:
-            raise Crash("simulated kill")
-
-    with pytest.raises(Crash):
-        run_judge(cfg, 0, on_chunk=crash_after_two_chunks)
-    import time
-
-    time.sleep(0.1)  # the fake still answers the requests the crash abandoned
+def _checkpointed(cfg) -> pd.DataFrame:
     from tasks.common.contract import Checkpoint
     from tasks.common.layout import progress_dir
 
-    folder = partition_url(cfg, "judge")
-    checkpointed = Checkpoint(progress_dir(folder, stage_hash(cfg, "judge")), "sample_key").load()
-    assert 6 <= len(checkpointed) < len(judgments(clean))
+    return Checkpoint(progress_dir(partition_url(cfg, "judge"), stage_hash(cfg, "judge")), "sample_key").load()
+
+
+def test_a_kill_mid_run_then_resume_asks_no_judged_sample_again(fake, tmp_path):
+    """Placed by counts: the fake answers 6 requests and holds the rest; the run is killed (a BaseException no
+    `except Exception` catches) right after its 2nd checkpoint chunk of 3: exactly 6 judged samples kept."""
+    fake.knobs.latency, fake.knobs.rate_429 = (0.002, 0.02), 0.1
+    reference = _reference(fake, tmp_path / "clean", *COUNTED)
+    total = len(judgments(judge_config(fake, tmp_path / "clean", *COUNTED)))
+
+    cfg = judge_config(fake, tmp_path / "crashed", *COUNTED)
+    fake_render(cfg, triplets=12)
+    fake.state.reset()
+    fake.knobs.answer_limit = 6
+
+    def killed_after_two_chunks(n: int) -> None:
+        if n == 2:
+            raise Killed("simulated kill after the 2nd chunk")
+
+    with pytest.raises(Killed):
+        run_judge(cfg, 0, on_chunk=killed_after_two_chunks)
+    wait_until(lambda: fake.state.held == 0, "the fake to see the held requests abandoned")
+    checkpointed = _checkpointed(cfg)
+    assert len(checkpointed) == 6 < total and sum(fake.state.judged().values()) == 6
+    fake.knobs.answer_limit = None
     before = len(fake.state.requests)
     manifest = run_judge(cfg, 0)
-    asked_after = {r["judge"] for r in fake.state.requests[before:] if r.get("judge")}
-    assert not asked_after & set(checkpointed["vlm_input_sha"])  # no judged sample asked again
-    assert asked_after  # the rest were
-    assert (Path(folder) / "judgments.parquet").read_bytes() == reference  # the uninterrupted run's bytes
-    assert manifest["counts"]["out"] == len(judgments(clean))
+    asked_after = [r["judge"] for r in fake.state.requests[before:] if r.get("judge") and r["status"] == 200]
+    assert not set(asked_after) & set(checkpointed["vlm_input_sha"])  # no judged sample asked again
+    assert len(asked_after) == len(set(asked_after)) == total - 6  # the rest were, once each
+    assert (Path(partition_url(cfg, "judge")) / "judgments.parquet").read_bytes() == reference
+    assert manifest["counts"]["out"] == total
+
+
+KILLED_JUDGE = """
+import json, sys
+from tasks.common.config import load_config
+from tasks.judge.stage import run
+run(load_config("demo", json.loads(sys.argv[1])), 0)
+"""
+
+
+def test_a_sigkill_after_the_second_chunk_then_resume_writes_the_clean_bytes(fake, tmp_path):
+    """A real SIGKILL of a judging process, placed by a count: the process stops itself right after its 2nd
+    checkpoint chunk is written (tests/fakes/faults.py), then is killed there."""
+    import os
+    import signal
+    import subprocess
+
+    from judge_helpers import KEY_ENV, judge_overrides
+
+    fake.knobs.latency = (0.002, 0.02)
+    reference = _reference(fake, tmp_path / "clean", *COUNTED)
+    root = tmp_path / "killed"
+    cfg = judge_config(fake, root, *COUNTED)
+    fake_render(cfg, triplets=12)
+    fake.state.reset()
+    args = stop_after_writes(2, "*/judge/*/_progress/*/chunk-*.parquet", "-c", KILLED_JUDGE,
+                             json.dumps(judge_overrides(fake, root, *COUNTED)))
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)
+    try:
+        wait_stopped(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    checkpointed = _checkpointed(cfg)
+    assert len(checkpointed) == 6 and not list(root.glob("judge/*/part-00000/_SUCCESS.json"))
+    lost = set(fake.state.judged()) - set(checkpointed["vlm_input_sha"])
+    assert len(lost) <= 4 + 2  # answered but never written: the requests in flight and an unflushed chunk
+    before = len(fake.state.requests)
+    run_judge(cfg, 0)
+    asked_after = {r["judge"] for r in fake.state.requests[before:] if r.get("judge") and r["status"] == 200}
+    assert not asked_after & set(checkpointed["vlm_input_sha"])
+    assert (Path(partition_url(cfg, "judge")) / "judgments.parquet").read_bytes() == reference
+
+
+PROXY_FAULTS = {1: "reset", 3: "lost", 4: "partial", 6: "slow", 8: "stall", 9: "partial", 12: "reset", 14: "lost"}
+
+
+def test_a_fault_proxy_resets_cuts_and_slows_answers_and_the_judgments_are_the_clean_bytes(fake, tmp_path):
+    """Between the judge and the fake: connections reset before and after the answer, answers cut in half, a
+    slow stream and one that never comes (the request deadline) — each placed by its request number."""
+    reference = _reference(fake, tmp_path / "clean", *COUNTED)
+    with FaultProxy(fake.base_url, PROXY_FAULTS) as proxy:
+        cfg = judge_config(fake, tmp_path / "proxied", *COUNTED, f"judges.vlm.base_url={proxy.base_url}",
+                           "judges.vlm.request_timeout_s=3")
+        fake_render(cfg, triplets=12)
+        manifest = run_judge(cfg, 0)
+    assert proxy.faults_done() == {"reset": 2, "lost": 2, "partial": 2, "slow": 1, "stall": 1}
+    assert (Path(partition_url(cfg, "judge")) / "judgments.parquet").read_bytes() == reference
+    c = manifest["counts"]
+    assert c.get("retries_connection", 0) + c.get("retries_deadline", 0) + c.get("retries_timeout", 0) == 7, c
 
 
 def test_batch_mode_judges_as_online_at_the_batch_price(fake, tmp_path):

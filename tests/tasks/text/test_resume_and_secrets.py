@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from fakes.faults import stop_after_writes, wait_stopped, wait_until
 from text_helpers import (
     API_KEY,
     KEY_ENV,
@@ -57,11 +57,12 @@ def _uninterrupted(fake, tmp_path: Path, captions: pd.DataFrame, *overrides: str
 
 
 def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_path):
-    # answers slow enough that the rest of the 80 cannot all finish between the crash and the workers
-    # stopping (at 2-20 ms a loaded machine once answered every caption first: 80 kept)
-    fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.02, 0.05), 0.1, 0.2
+    """Placed by counts: the fake answers 24 requests and holds the rest; the run crashes right after its 3rd
+    checkpoint chunk of 8, so exactly the 24 answered captions are kept and none is lost."""
+    fake.knobs.latency, fake.knobs.rate_429, fake.knobs.malformed_rate = (0.002, 0.02), 0.1, 0.2
     captions = make_captions(80)
-    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=8", "text.openai.checkpoint_every=8")
+    settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=8", "text.openai.checkpoint_every=8",
+                "text.openai.checkpoint_interval_s=3600")
     reference = _uninterrupted(fake, tmp_path, captions, *settings)
 
     root = tmp_path / "crashed"
@@ -73,15 +74,15 @@ def test_crash_mid_run_then_resume_sends_no_answered_caption_again(fake, tmp_pat
             raise Crash("simulated crash")
 
     start = len(fake.state.requests)
+    fake.knobs.answer_limit = fake.state.passed_gate + 24
     with pytest.raises(Crash):
         run_text_partition(cfg, 0, on_chunk=crash_after_three_chunks)
-    time.sleep(0.1)  # the fake still answers the requests the crash abandoned (they count as lost)
+    wait_until(lambda: fake.state.held == 0, "the fake to see the held requests abandoned")
     kept = checkpointed_ids(root)
-    assert 24 <= len(kept) < 80
     texts = dict(zip(captions["caption_id"], captions["text"]))
-    lost = set(_answers_since(fake, start)) - {texts[c] for c in kept}
-    assert len(lost) <= 8  # at most the requests in flight when the crash came
+    assert len(kept) == 24 and set(_answers_since(fake, start)) == {texts[c] for c in kept}  # none lost
 
+    fake.knobs.answer_limit = None
     resumed_from = len(fake.state.requests)
     manifest = run_text_partition(cfg, 0)
     again = _answers_since(fake, resumed_from)
@@ -100,28 +101,31 @@ run_text_partition(load_config("demo", json.loads(sys.argv[1])), 0)
 
 
 def test_sigkill_mid_run_then_resume_ends_with_the_uninterrupted_rows(fake, tmp_path):
-    fake.knobs.latency = (0.04, 0.08)
+    """A real SIGKILL placed by a count: the process stops itself right after its 2nd checkpoint chunk of 4
+    (tests/fakes/faults.py) and is killed there."""
+    fake.knobs.latency = (0.002, 0.02)
     captions = make_captions(64)
     settings = (f"text.openai.model={MODEL}", "text.openai.concurrency=4", "text.openai.checkpoint_every=4",
-                "text.openai.moderation=false")
+                "text.openai.checkpoint_interval_s=3600", "text.openai.moderation=false")
     reference = _uninterrupted(fake, tmp_path, captions, *settings)
 
     root = tmp_path / "killed"
     write_captions(str(root), 0, captions)
     openai_config(fake, root, *settings)  # its (no-job) fine-tune finished, as the text stage needs
     start = len(fake.state.requests)
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(openai_overrides(fake, root, *settings))],
-                            cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 120
-    while len(checkpointed_ids(root)) < 8 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    assert proc.wait() == -9, "the run finished before it could be killed"
-    time.sleep(0.2)  # the fake still answers the dead client's requests in flight (they count as lost)
+    args = stop_after_writes(2, "*/text/*/_progress/*/chunk-*.parquet", "-c", KILLED_RUN,
+                             json.dumps(openai_overrides(fake, root, *settings)))
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, KEY_ENV: API_KEY, "PYTHONPATH": str(ROOT)},
+                            start_new_session=True)
+    try:
+        wait_stopped(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
     kept = checkpointed_ids(root)
     texts = dict(zip(captions["caption_id"], captions["text"]))
     lost = set(_answers_since(fake, start)) - {texts[c] for c in kept}
-    assert 8 <= len(kept) < 64 and len(lost) <= 4 + 4  # in flight + one unflushed chunk at most
+    assert len(kept) == 8 and len(lost) <= 4 + 3  # in flight + one unflushed chunk at most
 
     resumed_from = len(fake.state.requests)
     run_text_partition(openai_config(fake, root, *settings), 0)
@@ -156,30 +160,33 @@ def _triplet_bytes(root: Path, manifest: dict) -> bytes:
 
 
 def test_with_retries_a_crash_then_resume_writes_the_uninterrupted_bytes(fake, tmp_path):
+    """Placed by counts: the fake answers 60 requests (at least 12 captions finished: 4 in progress hold at
+    most 3 answers each) and holds the rest; the run crashes right after its 3rd chunk of 4."""
     fake.knobs.malformed_rate, fake.knobs.flag_words = 0.6, ("FLAGGED", "fireworks")
-    fake.knobs.latency = (0.01, 0.03)  # answers slower than the checkpoints: the crash usually leaves work to resume
+    fake.knobs.latency = (0.002, 0.02)
     captions = make_captions(48)
+    settings = (*RETRIES, "text.openai.checkpoint_interval_s=3600")
     clean = tmp_path / "uninterrupted"
     write_captions(str(clean), 0, captions)
-    reference = run_text_partition(openai_config(fake, clean, *RETRIES), 0)
-    assert reference["counts"]["accepted_attempt_2"] > 0 and reference["counts"]["generation_attempts"] > 48
+    reference = run_text_partition(openai_config(fake, clean, *settings), 0)
+    assert reference["counts"]["accepted_attempt_2"] > 0 and reference["counts"]["generation_attempts"] > 60
 
     root = tmp_path / "crashed"
     write_captions(str(root), 0, captions)
-    cfg = openai_config(fake, root, *RETRIES)
+    cfg = openai_config(fake, root, *settings)
 
     def crash(n: int) -> None:
         if n == 3:
             raise Crash("simulated crash")
 
+    fake.knobs.answer_limit = fake.state.passed_gate + 60
     with pytest.raises(Crash):
         run_text_partition(cfg, 0, on_chunk=crash)
-    time.sleep(0.1)
+    wait_until(lambda: fake.state.held == 0, "the fake to see the held requests abandoned")
     kept = checkpointed_ids(root)  # checkpoints hold finished captions only, each with every try it took
-    # at least the three chunks before the crash; the answers buffered when it came are written on the way
-    # out, which on a fast machine can be all of them (then the resume below only assembles)
-    assert 12 <= len(kept) <= 48
+    assert 12 <= len(kept) <= 12 + 3 < 48  # the three chunks, and what was buffered when the crash came
     texts = dict(zip(captions["caption_id"], captions["text"]))
+    fake.knobs.answer_limit = None
     resumed_from = len(fake.state.requests)
     manifest = run_text_partition(cfg, 0)
     assert not set(_answers_since(fake, resumed_from)) & {texts[c] for c in kept}

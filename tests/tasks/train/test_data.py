@@ -121,16 +121,57 @@ def test_epochs_cover_every_sample_once_and_reshuffle(index, tokenizer):
     assert epochs == [0] * 20 + [1] * 20
 
 
-def test_workers_split_shards_deterministically(index, tokenizer):
+def test_the_batches_are_the_same_for_any_number_of_workers_and_processes(index, tokenizer):
+    """Global micro-batch j is the same samples and pixels whether 1 process or 3 train, with 0 or 2 workers
+    each; process r of N trains batches r, r + N, ... and a resumed one starts past its own."""
     urls = shard_urls(index)
+    whole = make_train_loader(urls, tokenizer, Augment(64), 4, seed=0, shuffle_buffer=4)
+    reference = [next(whole) for _ in range(9)]
+    assert [b["batch"] for b in reference] == list(range(9))
+    for world, workers, skip in ((1, 2, 0), (3, 0, 0), (3, 2, 1)):
+        for rank in range(world):
+            loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=0, shuffle_buffer=4, num_workers=workers,
+                                       rank=rank, world_size=world, skip_batches=skip)
+            for local in range(skip, 9 // world):
+                batch, j = next(loader), local * world + rank
+                assert batch["batch"] == j and batch["keys"] == reference[j]["keys"], (world, workers, rank)
+                assert torch.equal(batch["original_pixel_values"], reference[j]["original_pixel_values"])
 
-    def run():
-        loader = make_train_loader(urls, tokenizer, Augment(64), 4, seed=0, shuffle_buffer=4, num_workers=2)
-        return [next(loader)["keys"] for _ in range(5)]
 
-    first = run()
-    assert first == run()
-    assert len({k for b in first for k in b}) == 20  # 20 samples, each seen once in the first epoch
+@pytest.mark.parametrize("per_shard", [20, 7, 3])  # 1 shard, 3 uneven shards, 7 shards
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_process_gets_a_disjoint_equal_share_of_each_epoch_for_any_shard_count(tmp_path, per_shard, world):
+    """The split is below the shard: 18 samples, any shard count, 2 or 3 processes of 3 per micro-batch —
+    each epoch's 18 samples once, 18 / world per process (keys only: no image is decoded)."""
+    from tasks.train.data import SAMPLING, epoch_order, index_samples
+
+    urls = shard_urls(write_synthetic_shards(str(tmp_path), train_samples=18, val_samples=0, per_shard=per_shard,
+                                             size=16))
+    samples = index_samples(urls)
+    assert len(samples) == 18 and len(set(samples.keys)) == 18 and "per_pair" in SAMPLING
+    batch = 3
+    for epoch in range(2):
+        order = [samples.keys[i] for i in epoch_order(samples, 0, epoch, 4)]
+        batches = [order[j * batch:(j + 1) * batch] for j in range(18 // batch)]
+        shares = [[k for j, b in enumerate(batches) if j % world == r for k in b] for r in range(world)]
+        assert [len(s) for s in shares] == [18 // world] * world
+        assert sorted(k for s in shares for k in s) == sorted(samples.keys)
+
+
+def test_sample_index_reads_each_sample_from_its_own_bytes_and_refuses_duplicate_keys(index, tmp_path):
+    from tasks.train.data import index_samples, raw_samples, read_sample
+
+    urls = shard_urls(index)
+    samples = index_samples(urls)
+    streamed = list(raw_samples(urls))
+    assert samples.keys == [s["__key__"] for s in streamed] and len(samples.urls) == 4
+    for i in (0, 5, len(samples) - 1):
+        got = read_sample(samples, i)
+        assert {k: v for k, v in got.items() if k != "__url__"} == \
+            {k: v for k, v in streamed[i].items() if k not in ("__url__", "__local_path__")}
+    write_shard(str(tmp_path / "again.tar"), [{"__key__": samples.keys[3], "instruction.txt": b"x", "json": b"{}"}])
+    with pytest.raises(ValueError, match=f"sample key '{samples.keys[3]}' appears twice"):
+        index_samples([*urls, str(tmp_path / "again.tar")])
 
 
 def test_val_examples_and_index_errors(index):

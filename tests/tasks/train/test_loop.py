@@ -15,7 +15,7 @@ from tasks.train.synthetic import write_synthetic_shards
 
 pytestmark = pytest.mark.component
 
-CFG = TrainConfig(steps=4, batch_size=2, gradient_accumulation_steps=2, resolution=64, num_workers=0, device="cpu",
+CFG = TrainConfig(steps=4, batch_size=2, total_batch_size=4, resolution=64, num_workers=0, device="cpu",
                   checkpoint_every=2, shuffle_buffer=8, use_ema=True, ema_decay=0.9, log_every=1)
 
 
@@ -101,7 +101,7 @@ def test_model_folder_is_the_base_model_plus_the_trained_unet(uninterrupted):
 def test_gradient_clipping_is_off_by_default_and_a_switch(index, tmp_path):
     """conv_in's image channels start at zero (no weight decay pull): their first update is Adam's ~lr step,
     unless the gradient is clipped to almost nothing (max_grad_norm tiny: the update drops below Adam's eps)."""
-    one = CFG.model_copy(update={"steps": 1, "gradient_accumulation_steps": 1, "use_ema": False, "checkpoint_every": 1})
+    one = CFG.model_copy(update={"steps": 1, "total_batch_size": 2, "use_ema": False, "checkpoint_every": 1})
     moved = {}
     for name, norm in (("default", None), ("clipped", 1e-12)):
         cfg = one.model_copy(update={"max_grad_norm": norm})
@@ -128,7 +128,7 @@ def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index,
     from tasks.train.model import load_editing_model
 
     models = ModelsConfig(diffusion="sdxl", diffusion_path=str(tiny_sdxl))
-    cfg = CFG.model_copy(update={"steps": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+    cfg = CFG.model_copy(update={"steps": 8, "total_batch_size": 2, "learning_rate": 1e-3,
                                  "use_ema": False, "checkpoint_every": 8})
     comps = load_editing_model("sdxl", str(tiny_sdxl))
     batch = next(make_train_loader(shard_urls(index), comps.tokenizer, Augment(64), 8, seed=5, shuffle_buffer=8,
@@ -160,3 +160,78 @@ def test_sdxl_training_lowers_the_loss_and_saves_an_sdxl_editing_pipeline(index,
     for component in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"):
         assert _files(model / component) == _files(tiny_sdxl / component), component
     assert {"vocab.json", "merges.txt"} <= set(_files(model / "tokenizer_2"))
+
+
+def _unet_bytes(model_dir):
+    return (model_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_a_kill_inside_a_checkpoint_write_resumes_to_the_uninterrupted_bytes(uninterrupted, index, tmp_path,
+                                                                             monkeypatch):
+    """Killed right after the 7th file accelerate writes into a checkpoint (5 per checkpoint: model, optimizer,
+    scheduler, RNG states, EMA; the 7th is the optimizer of checkpoint 4), then resumed: checkpoint 2 is
+    taken, the half-written one is not, and the model has the uninterrupted run's bytes."""
+    import accelerate.utils.other
+
+    written = []
+
+    def counting(write):
+        def wrapped(obj, f, *args, **kwargs):
+            write(obj, f, *args, **kwargs)
+            if ".tmp-checkpoint-" in str(f):
+                written.append(str(f))
+                if len(written) == 7:
+                    raise Killed(f"killed after writing {f}")
+        return wrapped
+
+    # the two writers accelerate's checkpoint uses: safetensors (the model) and torch.save (everything else)
+    monkeypatch.setattr(accelerate.utils.other, "safe_save_file", counting(accelerate.utils.other.safe_save_file))
+    monkeypatch.setattr(torch, "save", counting(torch.save))
+    with pytest.raises(Killed):
+        train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
+    monkeypatch.undo()
+    assert len({f.rsplit("/", 2)[-2] for f in written}) == 2  # inside the second checkpoint's save
+    partial = tmp_path / "checkpoints" / ".tmp-checkpoint-00000004"
+    assert len(list(partial.iterdir())) == 2 and [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]
+
+    resumed = train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
+    assert resumed.resumed_from == 2 and not partial.exists()
+    assert _unet_bytes(resumed.model_dir) == _unet_bytes(uninterrupted.model_dir)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in uninterrupted.history]
+
+
+def test_a_checkpoint_of_another_process_count_is_refused_unless_asked(uninterrupted, index, tmp_path):
+    """The samples, order and draws do not depend on the process count, the rounding of the summed gradients
+    does: resuming on another count is refused, or continues with `resume_other_processes`."""
+    import json
+    import shutil
+
+    from tasks.train.loop import ProcessCountChangedError
+
+    shutil.copytree(uninterrupted.model_dir.parent / "checkpoints" / "checkpoint-00000002",
+                    tmp_path / "checkpoints" / "checkpoint-00000002")
+    state_file = tmp_path / "checkpoints" / "checkpoint-00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 8}))
+    with pytest.raises(ProcessCountChangedError, match=r"written by 8 process\(es\), this run has 1: resume with 8 .*"
+                                                       r"train.resume_other_processes=true"):
+        train_editing_model(CFG, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
+    cfg = CFG.model_copy(update={"resume_other_processes": True})
+    resumed = train_editing_model(cfg, ModelsConfig(), shard_urls(index), tmp_path, run_key="k1")
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    # one process of 8 before: the same samples and draws, so here (one process both times) the same bytes
+    assert _unet_bytes(resumed.model_dir) == _unet_bytes(uninterrupted.model_dir)
+
+
+def test_8bit_adam_without_bitsandbytes_says_what_to_install(index, tmp_path, monkeypatch):
+    """bitsandbytes comes with the `cluster` extra (the GPU image), not with the test environment: importing it
+    makes every diffusers model load print two warnings offline."""
+    import sys
+
+    from tasks.common.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    cfg = CFG.model_copy(update={"steps": 1, "use_8bit_adam": True})
+    with pytest.raises(ConfigError, match=r"train.use_8bit_adam needs bitsandbytes: pip install 'editforge\[cluster\]'"):
+        train_editing_model(cfg, ModelsConfig(), shard_urls(index), tmp_path, run_key="8bit")

@@ -100,7 +100,7 @@ def test_models_vae_path_replaces_the_vae_in_training_and_in_the_saved_model(tin
     assert any(not torch.equal(v, own[k]) for k, v in comps.vae.state_dict().items())
 
     index = write_synthetic_shards(str(tmp_path / "shards"), train_samples=4, val_samples=1, per_shard=4)
-    cfg = TrainConfig(steps=1, batch_size=2, gradient_accumulation_steps=1, resolution=64, num_workers=0,
+    cfg = TrainConfig(steps=1, batch_size=2, total_batch_size=2, resolution=64, num_workers=0,
                       device="cpu", shuffle_buffer=4, use_ema=False)
     result = train_editing_model(cfg, ModelsConfig(vae_path=str(other_vae)), shard_urls(index), tmp_path / "w")
     saved = result.model_dir / "vae"

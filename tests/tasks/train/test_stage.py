@@ -35,6 +35,11 @@ def test_hashes_ignore_operational_settings_and_split_sampling_from_weights(inde
     assert weights_key(weights, idx) != weights_key(base, idx)
     other = {**idx, "config_hash": "other-data"}
     assert weights_key(base, other) != weights_key(base, idx)
+    # where it runs is not what it trains: the total batch is hashed, not how the processes make it up
+    where = load_config("demo", ["train.batch_size=2", "train.processes=2", "train.num_workers=3", "train.nodes=1"])
+    assert weights_key(where, idx) == weights_key(load_config("demo", ["train.batch_size=2"]), idx)
+    assert weights_key(load_config("demo", ["train.total_batch_size=8"]), idx) != weights_key(base, idx)
+    assert weights_key(load_config("demo", ["train.batch_size=2"]), idx) != weights_key(base, idx)  # other draws
     # the generation chain's hashes do not depend on the train section
     assert stage_hash(weights, "pack") == stage_hash(base, "pack")
 
