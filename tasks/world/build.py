@@ -1,6 +1,6 @@
 """Train the world's small models, once, deterministically, on a CPU; write them in the libraries' formats.
 
-    python -m tasks.world.build                       # all four into tasks/world/weights/ (~10 CPU-minutes)
+    python -m tasks.world.build                       # all four into tasks/world/weights/ (~18 CPU-minutes)
     python -m tasks.world.build --out /tmp/w --scale 0.02   # a seconds-long build (tests)
 
 What is trained, in order, on scenes and edit triplets of world seed :data:`tasks.world.data.TRAIN_SEED`:
@@ -9,17 +9,20 @@ What is trained, in order, on scenes and edit triplets of world seed :data:`task
    ``tiny`` CLIP uses and ``open_clip.create_model("local-dir:…")`` reads): a ViT (64², patch 8) and a
    text transformer, contrastive (InfoNCE, learned temperature) on the before and after images of edit
    triplets with their captions, so every batch holds pairs that differ in one attribute (hard
-   negatives); half of each batch blurred (the renders it will score are soft-edged). The filter
-   scores pairs with it.
+   negatives), plus an image-image term that tells a pair from the same two scenes with their shapes
+   moved (so image-image similarity sees layout); half of each batch blurred (the renders it will score
+   are soft-edged). The filter scores pairs with it. Tokenizer: CLIP's BPE cut down to the world's words
+   (:func:`tasks.world.clip_text.build_world_tokenizer`).
 2. **VAE** (``diffusion/vae``): diffusers ``AutoencoderKL``, 64² RGB to 16²x4 latents, L1 + MSE (shape
    pixels weighted 8x the background's) with a small KL term; its ``scaling_factor`` is set to 1 / std
    of the training latents, as SD's.
-3. **UNet** (``diffusion/unet``): diffusers ``UNet2DConditionModel`` with self- and cross-attention
-   (Prompt-to-Prompt sharing applies to its self-attention layers), v-prediction on SD 1.x's noise
+3. **UNet** (``diffusion/unet``): diffusers ``UNet2DConditionModel`` with self- and cross-attention at
+   16² and 8², 8 heads, self-attention started as feature similarity (:func:`world_unet`; Prompt-to-Prompt
+   sharing applies to its self-attention layers, whose maps must carry the layout), v-prediction on SD 1.x's noise
    schedule (scaled-linear betas 0.00085-0.012, 1000 steps), min-SNR-5 loss weights, 10% of the
    captions dropped to "" (classifier-free guidance), EMA weights. Its text encoder
    (``diffusion/text_encoder``) is the CLIP's text tower as a transformers ``CLIPTextModel``, frozen —
-   as SD 1.5 conditions on OpenAI CLIP's (:mod:`tasks.world.clip_text`); tokenizer: the real CLIP BPE.
+   as SD 1.5 conditions on OpenAI CLIP's (:mod:`tasks.world.clip_text`); tokenizer: the CLIP's.
    Scheduler: Euler ancestral with those betas. Folder: ``StableDiffusionPipeline`` layout.
 4. **LM** (``lm/``): a GPT-2-sized causal LM (2 layers, width 128; rotary positions, transformers'
    ``LlamaForCausalLM``) with its own byte-level BPE, pre-trained on world triplets in the paper's

@@ -260,7 +260,7 @@ def sign_test(differences: np.ndarray) -> float:
 
 def p_quarters(p: np.ndarray, lo: float = 0.1, hi: float = 0.9, bins: int = 4) -> np.ndarray:
     """The quarter (0..bins-1) of [lo, hi] each p falls in."""
-    edges = np.linspace(lo, hi, bins + 1)
+    edges = np.round(np.linspace(lo, hi, bins + 1), 9)  # 0.3, not 0.30000000000000004
     return np.clip(np.searchsorted(edges, np.asarray(p, dtype=float), side="right") - 1, 0, bins - 1)
 
 
