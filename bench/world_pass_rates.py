@@ -8,7 +8,9 @@ Rendering goes through the render stage's own engine (`tasks.world.evaluate.rend
 Prompt-to-Prompt sharing, the stage's seeds and CLIP scoring) with the preset's `render.*` settings, on
 triplets drawn by the world generator (`tasks.world.edits`), balanced over the five edit kinds. For each
 triplet the same seeds are also rendered with `render.attention=none` (two independent generations from
-the same noise), so the share of image-image similarity that shared attention buys is measured too. The
+the same noise), so what shared attention buys is measured too (`sharing` in the JSON: CLIP image-image
+similarity, SSIM and pixel RMSE of each pair in both arms, a paired sign test per metric, all of it by
+quarter of p with the filter's pass rate in both arms, and kept pairs per 1,000 UNet calls). The
 world's own drawn pairs are scored as well: the ground truth, what a perfect renderer would get.
 
 Writes `bench/results/world_pass_rates.json` (tables by kind, quantiles of every metric for ip2p, none
@@ -176,6 +178,37 @@ def branching_arm(cfg, renderer, triplets, seeds: int, branches: int, independen
     return branched, summary
 
 
+def sharing_arms(cfg, renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame,
+                 none_images: list) -> dict:
+    """What sharing buys, from the ip2p and none arms (same seeds): how much closer the pair is (CLIP
+    image-image, SSIM, pixel RMSE) with a sign test each, overall and by quarter of p; the filter's pass
+    rate by quarter of p in both arms; kept pairs per 1,000 UNet calls of both arms (top_k per triplet)."""
+    import torch
+
+    from tasks.world.evaluate import sharing_summary, sharing_table
+
+    pairs = sharing_table(renderer, shared, shared_images, none, none_images)
+    summary = sharing_summary(pairs, tuple(cfg.render.p_range))
+    with torch.inference_mode():
+        emb = {arm: renderer.scorer.embed_images(torch.stack([a for _, a in images]))
+               for arm, images in (("ip2p", shared_images), ("none", none_images))}
+    summary["kept"] = {"ip2p": _kept_diversity(shared, emb["ip2p"], cfg.render.keep, None),
+                       "none": _kept_diversity(none, emb["none"], cfg.render.keep, None)}
+    summary["pass_rate"] = {"ip2p": round(float(pairs["passed_shared"].mean()), 4),
+                            "none": round(float(pairs["passed_none"].mean()), 4)}
+    m = summary["metrics"]
+    print(f"sharing vs none, {len(pairs)} pairs from the same noise: " + "; ".join(
+        f"{k} {v['none']:.3f} -> {v['shared']:.3f} ({v['share_closer']:.0%} closer, sign test p={v['sign_test_p']:.2g})"
+        for k, v in m.items()))
+    print("  by quarter of p: " + "; ".join(
+        f"[{q['p_from']:.1f},{q['p_to']:.1f}) clip gain {q['clip_sim_image_mean_gain']:+.3f}, pass "
+        f"{q['pass_rate_none']:.0%} -> {q['pass_rate_shared']:.0%}" for q in summary["by_p_quarter"] if q["pairs"]))
+    k = summary["kept"]
+    print(f"  kept per 1000 UNet calls: none {k['none']['kept_per_1000_unet_calls']}, ip2p {k['ip2p']['kept_per_1000_unet_calls']}; "
+          f"triplets with a kept pair: none {k['none']['triplets_with_kept']}, ip2p {k['ip2p']['triplets_with_kept']}")
+    return summary
+
+
 def print_table(title: str, table: pd.DataFrame) -> None:
     cols = ["kind", "triplets", "samples", "pass_rate", "triplets_with_a_pass", "pass_clip_sim_image", "pass_clip_sim_dir",
             "pass_clip_sim_0", "pass_clip_sim_1", "median_clip_sim_image", "median_clip_sim_dir"]
@@ -233,15 +266,15 @@ def main(argv: list[str] | None = None) -> int:
                    "quantiles": {"ip2p": quantiles(samples)}}
         frames = [samples]
         if not args.no_none and cfg.render.attention != "none":
-            none = render_triplets(cfg, triplets, args.samples, attention="none", renderer=renderer).assign(
-                attention="none", arm="independent")
+            none_images: list = []
+            none = render_triplets(cfg, triplets, args.samples, attention="none", renderer=renderer,
+                                   images=none_images).assign(attention="none", arm="independent")
             none_table = by_kind(none, selection)
             print_table("none (independent generations from the same noise):", none_table)
             result["by_kind_attention_none"] = _table(none_table)
             result["quantiles"]["none"] = quantiles(none)
-            paired = samples["clip_sim_image"].to_numpy() - none["clip_sim_image"].to_numpy()
-            result["ip2p_minus_none_clip_sim_image"] = {"mean": round(float(paired.mean()), 4),
-                                                        "share_higher": round(float((paired > 0).mean()), 4)}
+            result["sharing"] = sharing_arms(cfg, renderer, samples, ip2p_images, none, none_images)
+            result["ip2p_minus_none_clip_sim_image"] = result["sharing"]["metrics"]["clip_sim_image"]
             frames.append(none)
         if args.branches > 1:
             seeds = args.branch_seeds or args.samples

@@ -7,23 +7,95 @@ the same: its text encoder is the text tower of the world's open_clip model, wit
 to transformers' names (``in_proj`` split into q/k/v, ``c_fc``/``c_proj`` to ``fc1``/``fc2``,
 ``ln_final`` to ``final_layer_norm``) — the hidden states are the same numbers
 (:func:`check_same_hidden_states`).
+
+Both towers read one tokenizer (:func:`build_world_tokenizer`): CLIP's own BPE (its byte alphabet and
+merge ranks) restricted to the merges that the world's words use, saved as a transformers
+``CLIPTokenizer`` in the CLIP folder (open_clip reads it there: ``hf_tokenizer_name`` in
+``open_clip_config.json``) and in the diffusion folder. A world word tokenizes as under the full CLIP
+vocabulary; any other word falls back to shorter pieces down to single bytes. 700 tokens instead
+of 49,408 keep the token embeddings, and so the shipped text towers, small.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
 import torch
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bpe(word: str, rank: dict[tuple[str, str], int]) -> tuple[list[str], list[tuple[str, str]]]:
+    """CLIP's BPE of one (byte-encoded) word: its tokens and the merges applied, in order."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    used = []
+    while len(parts) > 1:
+        best = min(zip(parts, parts[1:]), key=lambda pair: rank.get(pair, len(rank)))
+        if best not in rank:
+            break
+        used.append(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return parts, used
+
+
+def world_vocab_and_merges(texts: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's vocabulary cut down to ``texts``: the 512 byte tokens, the merges the texts' words use (in
+    CLIP's rank order) and their tokens, then the start and end tokens (the end token has the highest id,
+    as in CLIP: open_clip's text tower pools at the argmax token id)."""
+    from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode
+
+    from tasks.common.tiny import clip_vocab_and_merges
+
+    _, merges = clip_vocab_and_merges()
+    rank = {m: i for i, m in enumerate(merges)}
+    clip = SimpleTokenizer()
+    encoder = bytes_to_unicode()
+    words = {word for text in texts for word in clip.pat.findall(text.strip().lower())}
+    used: set[tuple[str, str]] = set()
+    for word in words:
+        used.update(_bpe("".join(encoder[b] for b in word.encode("utf-8")), rank)[1])
+    kept = sorted(used, key=rank.__getitem__)
+    alphabet = list(encoder.values())
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in kept] + [START, END]
+    return {t: i for i, t in enumerate(tokens)}, kept
+
+
+def build_world_tokenizer(dest: Path, texts: Iterable[str]):
+    """Save the world's ``CLIPTokenizer`` (:func:`world_vocab_and_merges`) in ``dest`` (also as
+    ``vocab.json`` + ``merges.txt``, the files SD's repositories hold); return it."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = world_vocab_and_merges(texts)
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = 77
+    tok.save_pretrained(dest)
+    (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+                                     encoding="utf-8")
+    return tok
 
 
 def text_config(model_cfg: dict):
     from transformers import CLIPTextConfig
 
     t = model_cfg["text_cfg"]
-    width = t["width"]
+    width, vocab = t["width"], t["vocab_size"]
     return CLIPTextConfig(
-        vocab_size=t["vocab_size"], hidden_size=width, intermediate_size=int(width * t.get("mlp_ratio", 4.0)),
+        vocab_size=vocab, hidden_size=width, intermediate_size=int(width * t.get("mlp_ratio", 4.0)),
         num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
         projection_dim=model_cfg["embed_dim"], hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, layer_norm_eps=1e-5,
+        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, layer_norm_eps=1e-5,
     )
 
 
@@ -75,17 +147,15 @@ def open_clip_hidden_states(clip_model, tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def check_same_hidden_states(clip_model, encoder, tokenizer, texts: list[str], atol: float = 1e-5) -> float:
     """Max |difference| of the two towers' hidden states on ``texts`` up to each text's end token (the
-    positions after it are padding: open_clip pads with 0, the SD tokenizer with the end token; causal
-    attention keeps them out of every earlier position). Raises if above ``atol``."""
-    import open_clip
-
+    positions after it are padding; causal attention keeps them out of every earlier position). Raises if
+    above ``atol``."""
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     ours = encoder(ids)[0]
-    theirs = open_clip_hidden_states(clip_model, open_clip.tokenize(texts, context_length=ids.shape[1]))
+    theirs = open_clip_hidden_states(clip_model, ids)
     worst = 0.0
     for i, row in enumerate(ids.tolist()):
-        end = row.index(49407) + 1
+        end = row.index(tokenizer.eos_token_id) + 1
         worst = max(worst, float((ours[i, :end] - theirs[i, :end]).abs().max()))
     if worst > atol:
         raise RuntimeError(f"CLIPTextModel differs from the open_clip text tower by {worst:g} (> {atol:g})")

@@ -182,3 +182,107 @@ def equal_error_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[f
         if max(miss, accept) < best[1]:
             best = (float(v), max(miss, accept))
     return best
+
+
+# --------------------------------------------------------------------------- what Prompt-to-Prompt sharing buys
+
+SHARING_METRICS = ("clip_sim_image", "ssim", "rmse")  # rmse: lower is closer; the other two: higher
+
+
+def pair_closeness(renderer, before, after) -> dict[str, np.ndarray]:
+    """How close each after image is to its before image: the world CLIP's image-image cosine, SSIM (the
+    judge's, :func:`tasks.judge.image_rungs.ssim`) and pixel RMSE in [0, 1] units."""
+    import torch
+
+    from tasks.judge.image_rungs import ssim
+
+    with torch.inference_mode():
+        e0, e1 = renderer.scorer.embed_images(before), renderer.scorer.embed_images(after)
+    return {"clip_sim_image": torch.nn.functional.cosine_similarity(e0, e1).float().numpy(),
+            "ssim": ssim(before, after).numpy(),
+            "rmse": (after.float() - before.float()).pow(2).mean((1, 2, 3)).sqrt().numpy()}
+
+
+def sharing_pairs(cfg: PipelineConfig, triplets: Sequence, samples: int, renderer=None,
+                  images: dict | None = None) -> pd.DataFrame:
+    """The same seeds rendered twice: with the config's attention sharing and with ``attention=none`` (two
+    independent generations from the same noise, the same cfg); :func:`sharing_table` of the two.
+    ``images``, a dict, receives each arm's ``(rows, images)`` under ``"shared"`` and ``"none"``."""
+    from tasks.render.renderer import Renderer
+
+    renderer = renderer or Renderer(cfg)
+    arms = images if images is not None else {}
+    for arm, attention in (("shared", None), ("none", "none")):
+        drawn: list = []
+        rows = render_triplets(cfg, triplets, samples, attention=attention, renderer=renderer, images=drawn)
+        arms[arm] = (rows, drawn)
+    return sharing_table(renderer, *arms["shared"], *arms["none"])
+
+
+def sharing_table(renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame,
+                  none_images: list) -> pd.DataFrame:
+    """One row per sample of two arms rendered from the same seeds (``render_triplets`` rows and their
+    ``(before, after)`` images): ``caption_id``, ``seed``, ``p2p_p``, ``cfg_scale``, ``kind``, each of
+    :data:`SHARING_METRICS` for both arms (``<metric>_shared``, ``<metric>_none``) and their difference
+    (``<metric>_gain``, signed so that positive means the shared pair is closer), and each arm's
+    ``passed``. Raises if the arms did not start from the same noise (their before images differ)."""
+    import torch
+
+    closeness, befores = {}, {}
+    for arm, images in (("shared", shared_images), ("none", none_images)):
+        before, after = torch.stack([b for b, _ in images]), torch.stack([a for _, a in images])
+        closeness[arm], befores[arm] = pair_closeness(renderer, before, after), before
+    if list(shared["seed"]) != list(none["seed"]) or (befores["shared"] - befores["none"]).abs().max() > 1e-3:
+        raise AssertionError("the two arms did not start from the same noise (their before images differ)")
+    out = shared[["caption_id", "seed", "p2p_p", "cfg_scale", "kind", "input", "output"]].reset_index(drop=True)
+    for m in SHARING_METRICS:
+        out[f"{m}_shared"], out[f"{m}_none"] = closeness["shared"][m], closeness["none"][m]
+        sign = -1.0 if m == "rmse" else 1.0
+        out[f"{m}_gain"] = sign * (out[f"{m}_shared"] - out[f"{m}_none"])
+    out["passed_shared"] = shared["passed"].to_numpy(dtype=bool)
+    out["passed_none"] = none["passed"].to_numpy(dtype=bool)
+    return out
+
+
+def sign_test(differences: np.ndarray) -> float:
+    """Two-sided exact sign test of paired differences (ties dropped): the probability, if a positive and a
+    negative difference were equally likely, of a split at least as uneven as the one observed."""
+    from math import comb
+
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    n, k = len(d), int((d > 0).sum())
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(0, min(k, n - k) + 1))
+    return float(min(1.0, 2 * tail / 2**n))
+
+
+def p_quarters(p: np.ndarray, lo: float = 0.1, hi: float = 0.9, bins: int = 4) -> np.ndarray:
+    """The quarter (0..bins-1) of [lo, hi] each p falls in."""
+    edges = np.round(np.linspace(lo, hi, bins + 1), 9)  # 0.3, not 0.30000000000000004
+    return np.clip(np.searchsorted(edges, np.asarray(p, dtype=float), side="right") - 1, 0, bins - 1)
+
+
+def sharing_summary(pairs: pd.DataFrame, p_range: tuple[float, float] = (0.1, 0.9)) -> dict:
+    """Per metric: both arms' means, the mean gain, the share of pairs closer with sharing, the sign test's
+    p-value; and the same by quarter of ``p_range`` (the effect should grow with p), plus the filter's pass
+    rate of both arms by quarter."""
+    quarter = p_quarters(pairs["p2p_p"].to_numpy(), *p_range)
+    out: dict = {"pairs": len(pairs), "metrics": {}, "by_p_quarter": []}
+    for m in SHARING_METRICS:
+        gain = pairs[f"{m}_gain"].to_numpy()
+        out["metrics"][m] = {"shared": round(float(pairs[f"{m}_shared"].mean()), 4),
+                             "none": round(float(pairs[f"{m}_none"].mean()), 4),
+                             "mean_gain": round(float(gain.mean()), 4), "share_closer": round(float((gain > 0).mean()), 4),
+                             "sign_test_p": sign_test(gain)}
+    edges = np.linspace(*p_range, 5)
+    for q in range(4):
+        rows = pairs[quarter == q]
+        entry = {"p_from": round(float(edges[q]), 3), "p_to": round(float(edges[q + 1]), 3), "pairs": len(rows),
+                 "pass_rate_shared": round(float(rows["passed_shared"].mean()), 4) if len(rows) else None,
+                 "pass_rate_none": round(float(rows["passed_none"].mean()), 4) if len(rows) else None}
+        for m in SHARING_METRICS:
+            entry[f"{m}_mean_gain"] = round(float(rows[f"{m}_gain"].mean()), 4) if len(rows) else None
+        out["by_p_quarter"].append(entry)
+    return out

@@ -1,11 +1,17 @@
-"""A grid of a run's kept pairs (before | after, the instruction, the scores), drawn with matplotlib.
+"""Figures of the world: a run's kept pairs, and what Prompt-to-Prompt sharing does, drawn with matplotlib.
 
     python -m tasks.world.figure                          # the `world` run -> docs/world-pairs.png
     python -m tasks.world.figure --preset world --set output_root=/tmp/w --out /tmp/pairs.png
+    python -m tasks.world.figure --sharing                # -> docs/world-sharing.png (renders; ~1 CPU-minute)
 
-Reads the finished render partitions of the config (``samples.parquet`` and the PNGs of the kept
-pairs, ``render.save_images``) and shows up to ``--pairs`` kept pairs, spread over the edit kinds
+Kept pairs: reads the finished render partitions of the config (``samples.parquet`` and the PNGs of the
+kept pairs, ``render.save_images``) and shows up to ``--pairs`` kept pairs, spread over the edit kinds
 (:func:`tasks.world.grammar.edit_kind` of the captions), best directional similarity first within a kind.
+
+Sharing (``--sharing``): world triplets of every edit kind (world seed 3, which the models never trained
+on), each rendered from one seed and one CFG scale as the render stage renders it (its ``Renderer``):
+the before image, the after image without sharing (``attention=none``), and the after image with the
+before image's self-attention shared for the first p of the steps, for a few p.
 """
 
 from __future__ import annotations
@@ -82,15 +88,84 @@ def draw_grid(cfg: PipelineConfig, pairs: pd.DataFrame, out: Path, columns: int 
     return out
 
 
+SHARING_OUT = DEFAULT_OUT.with_name("world-sharing.png")
+SHARING_PS = (0.3, 0.5, 0.7, 0.9)
+
+
+def render_sharing(cfg: PipelineConfig, per_kind: int = 2, ps: tuple[float, ...] = SHARING_PS, seed: int = 3):
+    """(triplets, seeds, cfg scales, before, {column: after}) for :func:`draw_sharing`: ``per_kind`` triplets of
+    each edit kind, one seed each, rendered without sharing and with sharing at each p (the same seed, so
+    the same noise and CFG scale; the before image is the same in every column)."""
+    from dataclasses import replace
+
+    import torch
+
+    from tasks.render.pairs import PairRequest
+    from tasks.render.renderer import Renderer, settings_from
+    from tasks.render.sampling import sample_seeds
+    from tasks.world.evaluate import balanced_triplets, triplet_id
+
+    triplets = balanced_triplets(seed, per_kind)
+    renderer = Renderer(cfg)
+    base = settings_from(cfg)
+    requests = [PairRequest(triplet_id(t.input, t.output), t.input, t.output,
+                            sample_seeds(triplet_id(t.input, t.output), 1, cfg.render.base_seed)[0]) for t in triplets]
+    columns: dict[str, torch.Tensor] = {}
+    before = None
+    for name, settings in [("no sharing", replace(base, attention="none")),
+                           *((f"shared, p = {p:g}", replace(base, attention="ip2p", p_range=(p, p))) for p in ps)]:
+        pairs = renderer.render(requests, settings)
+        before = pairs.before if before is None else before
+        columns[name] = pairs.after
+        cfgs = [q.cfg_scale for q in pairs.params]
+    return triplets, [r.seed for r in requests], cfgs, before, columns
+
+
+def draw_sharing(triplets, seeds, cfgs, before, columns: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["before", *columns]
+    fig, axes = plt.subplots(len(triplets), len(names), figsize=(1.45 * len(names) + 2.6, 1.5 * len(triplets)),
+                             squeeze=False)
+    for i, t in enumerate(triplets):
+        images = [before[i], *(columns[n][i] for n in columns)]
+        for j, (ax, image) in enumerate(zip(axes[i], images)):
+            ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(names[j], fontsize=8)
+        axes[i][0].set_ylabel(f"[{t.kind}] cfg {cfgs[i]:.1f}", fontsize=7)
+        axes[i][-1].yaxis.set_label_position("right")
+        axes[i][-1].set_ylabel(t.edit, fontsize=7, rotation=0, ha="left", va="center")
+    fig.suptitle("one seed, one CFG scale per row: the after image without and with shared self-attention", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="world")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--columns", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_OUT} ({SHARING_OUT} with --sharing)")
+    parser.add_argument("--sharing", action="store_true", help="render the with / without sharing figure")
+    parser.add_argument("--per-kind", type=int, default=2, help="--sharing: triplets of each edit kind")
     args = parser.parse_args(argv)
     cfg = load_config(args.preset, args.overrides)
+    if args.sharing:
+        out = draw_sharing(*render_sharing(cfg, args.per_kind), args.out or SHARING_OUT)
+        print(f"wrote {out}: {args.per_kind} triplets of each edit kind, without sharing and at p = "
+              + ", ".join(f"{p:g}" for p in SHARING_PS))
+        return 0
+    args.out = args.out or DEFAULT_OUT
     kept = kept_pairs(cfg)
     pairs = pick(kept, args.pairs)
     draw_grid(cfg, pairs, args.out, args.columns)

@@ -218,5 +218,21 @@ def image_array(scene: Scene, size: int = WORLD_IMAGE_SIZE) -> np.ndarray:
     return np.asarray(draw(scene, size), dtype=np.uint8)
 
 
+def relayout(scene: Scene, rng: np.random.Generator, tries: int = 50) -> Scene:
+    """The same shapes at new free places, in the same left-to-right order: another picture with the same
+    caption (the scene itself when no such placement is found in ``tries``)."""
+    for _ in range(tries):
+        shapes: tuple[Shape, ...] = ()
+        for s in scene.shapes:
+            place = free_position(rng, s.size, shapes)
+            if place is None:
+                break
+            shapes += (replace(s, x=place[0], y=place[1]),)
+        moved = with_shapes(scene, shapes)
+        if len(shapes) == len(scene.shapes) and caption(moved) == caption(scene):
+            return moved
+    return scene
+
+
 def with_shapes(scene: Scene, shapes: tuple[Shape, ...], **changes) -> Scene:
     return replace(scene, shapes=shapes, meta={}, **changes)

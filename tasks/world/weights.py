@@ -38,7 +38,7 @@ def model_dir(kind: str, root: Path | None = None) -> Path:
 def missing_message(kind: str, setting: str) -> str:
     return (f"model preset 'world': {model_dir(kind)} is missing; it ships with the repository "
             f"(git checkout tasks/world/weights), or rebuild it with `python -m tasks.world.build` "
-            f"(about 10 CPU-minutes), or point {setting} at a build's {kind}/ folder")
+            f"(about 18 CPU-minutes), or point {setting} at a build's {kind}/ folder")
 
 
 @cache

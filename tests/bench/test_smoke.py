@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
                                          ("render_throughput", {"throughput", "unet_calls", "goals", "p_branching"}),
                                          ("judge_throughput", {"speedup_per_item", "samples_judged_twice"}),
                                          ("world_pass_rates", {"by_kind", "p_branching", "equal_error_thresholds",
-                                                               "ip2p_minus_none_clip_sim_image"})])
+                                                               "ip2p_minus_none_clip_sim_image", "sharing"})])
 def test_benchmark_smoke(tmp_path, bench, keys):
     out = tmp_path / f"{bench}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

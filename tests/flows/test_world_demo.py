@@ -22,7 +22,7 @@ def test_world_demo_keeps_recognisable_world_edits_and_draws_its_grid(prefect_ha
     cfg = load_config("world", overrides)
     kept = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "filter").rglob("kept.parquet"))])
     assert len(kept) == stages["pack"]["out"]
-    # the caption LM writes world edits, and the kept pairs pass the world thresholds (0.4 / 0.75 / 0.6)
+    # the caption LM writes world edits, and the kept pairs pass the world thresholds (world.yaml)
     kinds = [edit_kind(a, b) for a, b in zip(kept["input"], kept["output"])]
     assert sum(k in EDIT_KINDS for k in kinds) >= 0.5 * len(kinds), kinds
     keep = cfg.render.keep

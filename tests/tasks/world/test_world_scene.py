@@ -92,3 +92,32 @@ def test_unknown_builtin_seed_annotations_is_a_config_error():
 
     with pytest.raises(ConfigError, match="builtin:world"):
         load_config("demo", ["text.seed_annotations=builtin:nothing"])
+
+
+def test_relayout_moves_the_shapes_and_keeps_the_caption():
+    from tasks.world.scene import relayout, rng_for
+
+    moved = 0
+    for i in range(40):
+        scene = sample_scene(0, i)
+        other = relayout(scene, rng_for(0, i, 5))
+        assert caption(other) == caption(scene)
+        moved += [(s.x, s.y) for s in other.shapes] != [(s.x, s.y) for s in scene.shapes]
+    assert moved >= 36
+
+
+def test_the_world_tokenizer_keeps_clips_tokens_for_world_words_and_reads_any_text(tmp_path):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from tasks.world.clip_text import build_world_tokenizer
+
+    texts = [caption(sample_scene(0, i)) for i in range(100)]
+    tok = build_world_tokenizer(tmp_path, texts)
+    assert len(tok) < 1000 and tok.eos_token_id == len(tok) - 1  # open_clip pools at the argmax token id
+    clip = SimpleTokenizer()
+    for text in texts[:20]:
+        ours = tok.convert_ids_to_tokens(tok(text).input_ids)
+        assert ours[1:-1] == [clip.decoder[i] for i in clip.encode(text)]
+    other = tok("a golden retriever on a porch").input_ids  # words the world never uses: smaller pieces
+    # (CLIP's unknown token is its end token: none inside the text)
+    assert other[0] == tok.bos_token_id and other[-1] == tok.eos_token_id and tok.eos_token_id not in other[1:-1]
