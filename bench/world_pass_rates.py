@@ -61,7 +61,10 @@ EVAL_SEED = 3  # world seed of the evaluation triplets (the models train on seed
 
 
 def _table(df: pd.DataFrame) -> list[dict]:
-    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()} for row in df.to_dict("records")]
+    return [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        for row in df.to_dict("records")
+    ]
 
 
 def from_run(cfg) -> pd.DataFrame:
@@ -71,11 +74,16 @@ def from_run(cfg) -> pd.DataFrame:
     from tasks.registry import partition_ids, stage_hash
 
     h = stage_hash(cfg, "render")
-    frames = [storage.read_parquet(partition_file(cfg.output_root, "render", h, i, SAMPLES_FILE))
-              for i in partition_ids(cfg, "render") if finished(partition_dir(cfg.output_root, "render", h, i), h)]
+    frames = [
+        storage.read_parquet(partition_file(cfg.output_root, "render", h, i, SAMPLES_FILE))
+        for i in partition_ids(cfg, "render")
+        if finished(partition_dir(cfg.output_root, "render", h, i), h)
+    ]
     if not frames:
-        raise SystemExit(f"no finished render partition under {cfg.output_root} (render hash {h}); "
-                         f"run `editforge run --preset {cfg.name}` first")
+        raise SystemExit(
+            f"no finished render partition under {cfg.output_root} (render hash {h}); "
+            f"run `editforge run --preset {cfg.name}` first"
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -91,20 +99,31 @@ def _kept_diversity(df: pd.DataFrame, embeddings, selection, per_seed: int | Non
     spreads = []
     for _cid, rows in df[kept].groupby("caption_id"):
         if len(rows) > 1:
-            e = torch.nn.functional.normalize(embeddings[torch.from_numpy(rows.index.to_numpy(copy=True))], dim=-1)
+            e = torch.nn.functional.normalize(
+                embeddings[torch.from_numpy(rows.index.to_numpy(copy=True))], dim=-1
+            )
             sims = e @ e.T
             n = len(rows)
             spreads.append(float((1 - sims)[~torch.eye(n, dtype=torch.bool)].mean()))
     calls = int(df["unet_steps"].sum())
     n_kept = int(kept.sum())
-    return {"samples": len(df), "unet_calls": calls, "unet_images": int(df["unet_images"].sum()), "kept": n_kept,
-            "kept_per_1000_unet_calls": round(1000 * n_kept / calls, 3) if calls else None,
-            "kept_per_1000_unet_image_calls": round(4000 * n_kept / int(df["unet_images"].sum()), 3) if calls else None,
-            "triplets_with_kept": int(df[kept]["caption_id"].nunique()), "triplets": int(df["caption_id"].nunique()),
-            "distinct_seeds_per_kept_pair": round(df[kept].groupby(["caption_id", "seed"]).ngroups / n_kept, 4)
-            if n_kept else None,
-            "kept_after_image_spread": round(float(np.mean(spreads)), 4) if spreads else None,
-            "triplets_with_2_kept": len(spreads)}
+    return {
+        "samples": len(df),
+        "unet_calls": calls,
+        "unet_images": int(df["unet_images"].sum()),
+        "kept": n_kept,
+        "kept_per_1000_unet_calls": round(1000 * n_kept / calls, 3) if calls else None,
+        "kept_per_1000_unet_image_calls": round(4000 * n_kept / int(df["unet_images"].sum()), 3)
+        if calls
+        else None,
+        "triplets_with_kept": int(df[kept]["caption_id"].nunique()),
+        "triplets": int(df["caption_id"].nunique()),
+        "distinct_seeds_per_kept_pair": round(df[kept].groupby(["caption_id", "seed"]).ngroups / n_kept, 4)
+        if n_kept
+        else None,
+        "kept_after_image_spread": round(float(np.mean(spreads)), 4) if spreads else None,
+        "triplets_with_2_kept": len(spreads),
+    }
 
 
 def _seed_correlation(df: pd.DataFrame, passed: np.ndarray) -> dict:
@@ -127,27 +146,42 @@ def _seed_correlation(df: pd.DataFrame, passed: np.ndarray) -> dict:
             return None
         return round(float(np.corrcoef(x[:, 0], x[:, 1])[0, 1]), 4)
 
-    return {"same_seed_branches": phi(same), "different_seeds_same_triplet": phi(other),
-            "pairs_same_seed": len(same), "pairs_different_seeds": len(other)}
+    return {
+        "same_seed_branches": phi(same),
+        "different_seeds_same_triplet": phi(other),
+        "pairs_same_seed": len(same),
+        "pairs_different_seeds": len(other),
+    }
 
 
 def _pass_rate_by_p(df: pd.DataFrame, passed: np.ndarray, bins: int = 4) -> list[dict]:
     lo, hi = float(df["p2p_p"].min()), float(df["p2p_p"].max())
     edges = np.linspace(lo, hi, bins + 1)
     which = np.clip(np.searchsorted(edges, df["p2p_p"].to_numpy(), side="right") - 1, 0, bins - 1)
-    return [{"p_from": round(float(edges[i]), 3), "p_to": round(float(edges[i + 1]), 3), "samples": int((which == i).sum()),
-             "pass_rate": round(float(passed[which == i].mean()), 4) if (which == i).any() else None} for i in range(bins)]
+    return [
+        {
+            "p_from": round(float(edges[i]), 3),
+            "p_to": round(float(edges[i + 1]), 3),
+            "samples": int((which == i).sum()),
+            "pass_rate": round(float(passed[which == i].mean()), 4) if (which == i).any() else None,
+        }
+        for i in range(bins)
+    ]
 
 
-def branching_arm(cfg, renderer, triplets, seeds: int, branches: int, independent: pd.DataFrame,
-                  independent_images: list) -> tuple[pd.DataFrame, dict]:
+def branching_arm(
+    cfg, renderer, triplets, seeds: int, branches: int, independent: pd.DataFrame, independent_images: list
+) -> tuple[pd.DataFrame, dict]:
     """The same triplets rendered with p-branching (``seeds`` seeds x ``branches``) against the independent arm
     (one sample per seed): kept pairs per 1,000 UNet calls, triplets with a pair, diversity."""
     import torch
 
     from tasks.common.selection import passes
+
     images: list = []
-    branched = render_triplets(cfg, triplets, seeds * branches, branches=branches, renderer=renderer, images=images)
+    branched = render_triplets(
+        cfg, triplets, seeds * branches, branches=branches, renderer=renderer, images=images
+    )
     selection = cfg.render.keep
     with torch.inference_mode():
         emb_b = renderer.scorer.embed_images(torch.stack([a for _, a in images]))
@@ -157,29 +191,43 @@ def branching_arm(cfg, renderer, triplets, seeds: int, branches: int, independen
     n_independent = int(independent.groupby("caption_id").size().iloc[0])
     # the same number of samples as the independent arm: each triplet's first n_independent / K seeds
     first = branched[branched.groupby("caption_id").cumcount() < n_independent]
-    arms = {"independent": _kept_diversity(independent, emb_i, selection, None),
-            f"branches_{branches}_keep_per_seed_1_same_samples": _kept_diversity(first, emb_b, selection, 1),
-            f"branches_{branches}_keep_per_seed_1": _kept_diversity(branched, emb_b, selection, 1),
-            f"branches_{branches}_keep_all": _kept_diversity(branched, emb_b, selection, None)}
+    arms = {
+        "independent": _kept_diversity(independent, emb_i, selection, None),
+        f"branches_{branches}_keep_per_seed_1_same_samples": _kept_diversity(first, emb_b, selection, 1),
+        f"branches_{branches}_keep_per_seed_1": _kept_diversity(branched, emb_b, selection, 1),
+        f"branches_{branches}_keep_all": _kept_diversity(branched, emb_b, selection, None),
+    }
     base = arms["independent"]
     for arm in arms.values():
         if base["kept_per_1000_unet_calls"]:
-            arm["kept_per_1000_unet_calls_vs_independent"] = round(arm["kept_per_1000_unet_calls"] / base["kept_per_1000_unet_calls"], 4)
-    summary = {"branches": branches, "seeds_per_triplet": seeds, "samples_per_triplet": seeds * branches,
-               "independent_samples_per_triplet": n_independent,
-               "note": "kept pairs are capped at render.keep.top_k per triplet, so kept per 1,000 UNet calls compares "
-                       "arms only at the same samples per triplet (independent vs *_same_samples); the full arm's "
-                       "seeds are what render_throughput.py --measured-pass-rates replays for the branching policies",
-               "pass_rate": {"independent": round(float(passed_i.mean()), 4), "branched": round(float(passed_b.mean()), 4)},
-               "pass_outcome_correlation": _seed_correlation(branched, passed_b),
-               "pass_rate_by_p": {"independent": _pass_rate_by_p(independent, passed_i),
-                                  "branched": _pass_rate_by_p(branched, passed_b)},
-               "arms": arms}
+            arm["kept_per_1000_unet_calls_vs_independent"] = round(
+                arm["kept_per_1000_unet_calls"] / base["kept_per_1000_unet_calls"], 4
+            )
+    summary = {
+        "branches": branches,
+        "seeds_per_triplet": seeds,
+        "samples_per_triplet": seeds * branches,
+        "independent_samples_per_triplet": n_independent,
+        "note": "kept pairs are capped at render.keep.top_k per triplet, so kept per 1,000 UNet calls compares "
+        "arms only at the same samples per triplet (independent vs *_same_samples); the full arm's "
+        "seeds are what render_throughput.py --measured-pass-rates replays for the branching policies",
+        "pass_rate": {
+            "independent": round(float(passed_i.mean()), 4),
+            "branched": round(float(passed_b.mean()), 4),
+        },
+        "pass_outcome_correlation": _seed_correlation(branched, passed_b),
+        "pass_rate_by_p": {
+            "independent": _pass_rate_by_p(independent, passed_i),
+            "branched": _pass_rate_by_p(branched, passed_b),
+        },
+        "arms": arms,
+    }
     return branched, summary
 
 
-def sharing_arms(cfg, renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame,
-                 none_images: list) -> dict:
+def sharing_arms(
+    cfg, renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame, none_images: list
+) -> dict:
     """What sharing buys, from the ip2p and none arms (same seeds): how much closer the pair is (CLIP
     image-image, SSIM, pixel RMSE) with a sign test each, overall and by quarter of p; the filter's pass
     rate by quarter of p in both arms; kept pairs per 1,000 UNet calls of both arms (top_k per triplet)."""
@@ -190,49 +238,95 @@ def sharing_arms(cfg, renderer, shared: pd.DataFrame, shared_images: list, none:
     pairs = sharing_table(renderer, shared, shared_images, none, none_images)
     summary = sharing_summary(pairs, tuple(cfg.render.p_range))
     with torch.inference_mode():
-        emb = {arm: renderer.scorer.embed_images(torch.stack([a for _, a in images]))
-               for arm, images in (("ip2p", shared_images), ("none", none_images))}
-    summary["kept"] = {"ip2p": _kept_diversity(shared, emb["ip2p"], cfg.render.keep, None),
-                       "none": _kept_diversity(none, emb["none"], cfg.render.keep, None)}
-    summary["pass_rate"] = {"ip2p": round(float(pairs["passed_shared"].mean()), 4),
-                            "none": round(float(pairs["passed_none"].mean()), 4)}
+        emb = {
+            arm: renderer.scorer.embed_images(torch.stack([a for _, a in images]))
+            for arm, images in (("ip2p", shared_images), ("none", none_images))
+        }
+    summary["kept"] = {
+        "ip2p": _kept_diversity(shared, emb["ip2p"], cfg.render.keep, None),
+        "none": _kept_diversity(none, emb["none"], cfg.render.keep, None),
+    }
+    summary["pass_rate"] = {
+        "ip2p": round(float(pairs["passed_shared"].mean()), 4),
+        "none": round(float(pairs["passed_none"].mean()), 4),
+    }
     m = summary["metrics"]
-    print(f"sharing vs none, {len(pairs)} pairs from the same noise: " + "; ".join(
-        f"{k} {v['none']:.3f} -> {v['shared']:.3f} ({v['share_closer']:.0%} closer, sign test p={v['sign_test_p']:.2g})"
-        for k, v in m.items()))
-    print("  by quarter of p: " + "; ".join(
-        f"[{q['p_from']:.1f},{q['p_to']:.1f}) clip gain {q['clip_sim_image_mean_gain']:+.3f}, pass "
-        f"{q['pass_rate_none']:.0%} -> {q['pass_rate_shared']:.0%}" for q in summary["by_p_quarter"] if q["pairs"]))
+    print(
+        f"sharing vs none, {len(pairs)} pairs from the same noise: "
+        + "; ".join(
+            f"{k} {v['none']:.3f} -> {v['shared']:.3f} ({v['share_closer']:.0%} closer, sign test p={v['sign_test_p']:.2g})"
+            for k, v in m.items()
+        )
+    )
+    print(
+        "  by quarter of p: "
+        + "; ".join(
+            f"[{q['p_from']:.1f},{q['p_to']:.1f}) clip gain {q['clip_sim_image_mean_gain']:+.3f}, pass "
+            f"{q['pass_rate_none']:.0%} -> {q['pass_rate_shared']:.0%}"
+            for q in summary["by_p_quarter"]
+            if q["pairs"]
+        )
+    )
     k = summary["kept"]
-    print(f"  kept per 1000 UNet calls: none {k['none']['kept_per_1000_unet_calls']}, ip2p {k['ip2p']['kept_per_1000_unet_calls']}; "
-          f"triplets with a kept pair: none {k['none']['triplets_with_kept']}, ip2p {k['ip2p']['triplets_with_kept']}")
+    print(
+        f"  kept per 1000 UNet calls: none {k['none']['kept_per_1000_unet_calls']}, ip2p {k['ip2p']['kept_per_1000_unet_calls']}; "
+        f"triplets with a kept pair: none {k['none']['triplets_with_kept']}, ip2p {k['ip2p']['triplets_with_kept']}"
+    )
     return summary
 
 
 def print_table(title: str, table: pd.DataFrame) -> None:
-    cols = ["kind", "triplets", "samples", "pass_rate", "triplets_with_a_pass", "pass_clip_sim_image", "pass_clip_sim_dir",
-            "pass_clip_sim_0", "pass_clip_sim_1", "median_clip_sim_image", "median_clip_sim_dir"]
+    cols = [
+        "kind",
+        "triplets",
+        "samples",
+        "pass_rate",
+        "triplets_with_a_pass",
+        "pass_clip_sim_image",
+        "pass_clip_sim_dir",
+        "pass_clip_sim_0",
+        "pass_clip_sim_1",
+        "median_clip_sim_image",
+        "median_clip_sim_dir",
+    ]
     print(title)
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="world")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--per-kind", type=int, default=8, help="world triplets of each edit kind")
     parser.add_argument("--samples", type=int, default=8, help="samples per triplet (seeds)")
     parser.add_argument("--no-none", action="store_true", help="skip the render.attention=none comparison")
-    parser.add_argument("--branches", type=int, default=4,
-                        help="also render the triplets with p-branching, K branches per seed; 1: skip")
-    parser.add_argument("--branch-seeds", type=int, default=0,
-                        help="seeds per triplet of the p-branching arm (default: --samples, as many seeds as the "
-                             "independent arm; its measured seeds are what render_throughput replays)")
-    parser.add_argument("--from-run", action="store_true", help="summarise the preset's finished render partitions")
+    parser.add_argument(
+        "--branches",
+        type=int,
+        default=4,
+        help="also render the triplets with p-branching, K branches per seed; 1: skip",
+    )
+    parser.add_argument(
+        "--branch-seeds",
+        type=int,
+        default=0,
+        help="seeds per triplet of the p-branching arm (default: --samples, as many seeds as the "
+        "independent arm; its measured seeds are what render_throughput replays)",
+    )
+    parser.add_argument(
+        "--from-run", action="store_true", help="summarise the preset's finished render partitions"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_pass_rates.json"))
-    parser.add_argument("--samples-out", default=None,
-                        help="the per-sample parquet (default: world_samples.parquet beside --out)")
-    parser.add_argument("--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)")
+    parser.add_argument(
+        "--samples-out",
+        default=None,
+        help="the per-sample parquet (default: world_samples.parquet beside --out)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)"
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.per_kind, args.samples, args.branches = 1, 4, 2
@@ -242,10 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result: dict = {"command": " ".join(["world_pass_rates.py", *(argv if argv is not None else sys.argv[1:])]),
-                    "preset": cfg.name, "thresholds": selection.model_dump(),
-                    "render": {k: getattr(cfg.render, k) for k in ("steps", "height", "width", "scheduler", "attention")}
-                    | {"cfg_range": list(cfg.render.cfg_range), "p_range": list(cfg.render.p_range)}}
+    result: dict = {
+        "command": " ".join(["world_pass_rates.py", *(argv if argv is not None else sys.argv[1:])]),
+        "preset": cfg.name,
+        "thresholds": selection.model_dump(),
+        "render": {k: getattr(cfg.render, k) for k in ("steps", "height", "width", "scheduler", "attention")}
+        | {"cfg_range": list(cfg.render.cfg_range), "p_range": list(cfg.render.p_range)},
+    }
     if args.from_run:
         samples = from_run(cfg)
         table = by_kind(samples, selection)
@@ -258,17 +355,24 @@ def main(argv: list[str] | None = None) -> int:
 
         renderer = Renderer(cfg)  # one model load for every arm
         samples = render_triplets(cfg, triplets, args.samples, renderer=renderer, images=ip2p_images).assign(
-            attention=cfg.render.attention, arm="independent")
+            attention=cfg.render.attention, arm="independent"
+        )
         table = by_kind(samples, selection)
         print_table(f"{cfg.render.attention}: {len(triplets)} world triplets x {args.samples} samples", table)
-        result |= {"source": "world triplets", "world_seed": EVAL_SEED, "per_kind": args.per_kind,
-                   "samples_per_triplet": args.samples, "by_kind": _table(table),
-                   "quantiles": {"ip2p": quantiles(samples)}}
+        result |= {
+            "source": "world triplets",
+            "world_seed": EVAL_SEED,
+            "per_kind": args.per_kind,
+            "samples_per_triplet": args.samples,
+            "by_kind": _table(table),
+            "quantiles": {"ip2p": quantiles(samples)},
+        }
         frames = [samples]
         if not args.no_none and cfg.render.attention != "none":
             none_images: list = []
-            none = render_triplets(cfg, triplets, args.samples, attention="none", renderer=renderer,
-                                   images=none_images).assign(attention="none", arm="independent")
+            none = render_triplets(
+                cfg, triplets, args.samples, attention="none", renderer=renderer, images=none_images
+            ).assign(attention="none", arm="independent")
             none_table = by_kind(none, selection)
             print_table("none (independent generations from the same noise):", none_table)
             result["by_kind_attention_none"] = _table(none_table)
@@ -278,17 +382,23 @@ def main(argv: list[str] | None = None) -> int:
             frames.append(none)
         if args.branches > 1:
             seeds = args.branch_seeds or args.samples
-            branched, summary = branching_arm(cfg, renderer, triplets, seeds, args.branches, samples, ip2p_images)
+            branched, summary = branching_arm(
+                cfg, renderer, triplets, seeds, args.branches, samples, ip2p_images
+            )
             frames.append(branched.assign(attention=cfg.render.attention, arm=f"branches_{args.branches}"))
             result["p_branching"] = summary
             arms = summary["arms"]
-            print(f"p-branching K={args.branches} ({seeds} seeds x {args.branches} vs {args.samples} "
-                  "seeds x 1 per triplet): " + "; ".join(
-                      f"{name}: {a['kept']} kept, {a['kept_per_1000_unet_calls']} per 1000 UNet calls, "
-                      f"{a['triplets_with_kept']}/{a['triplets']} triplets, spread {a['kept_after_image_spread']}"
-                      for name, a in arms.items())
-                  + f"; pass correlation same seed {summary['pass_outcome_correlation']['same_seed_branches']} vs "
-                    f"other seeds {summary['pass_outcome_correlation']['different_seeds_same_triplet']}")
+            print(
+                f"p-branching K={args.branches} ({seeds} seeds x {args.branches} vs {args.samples} "
+                "seeds x 1 per triplet): "
+                + "; ".join(
+                    f"{name}: {a['kept']} kept, {a['kept_per_1000_unet_calls']} per 1000 UNet calls, "
+                    f"{a['triplets_with_kept']}/{a['triplets']} triplets, spread {a['kept_after_image_spread']}"
+                    for name, a in arms.items()
+                )
+                + f"; pass correlation same seed {summary['pass_outcome_correlation']['same_seed_branches']} vs "
+                f"other seeds {summary['pass_outcome_correlation']['different_seeds_same_triplet']}"
+            )
         truth = ground_truth_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
         negative = negative_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
         result["quantiles"]["ground_truth"] = quantiles(truth)
@@ -297,14 +407,24 @@ def main(argv: list[str] | None = None) -> int:
         result["equal_error_thresholds"] = {}
         for metric in ("clip_sim_image", "clip_sim_0", "clip_sim_dir"):
             value, error = equal_error_threshold(truth[metric].to_numpy(), negative[metric].to_numpy())
-            result["equal_error_thresholds"][metric] = {"threshold": round(value, 4), "error": round(error, 4)}
-        print("ground truth vs negatives, equal-error thresholds: " + ", ".join(
-            f"{m} {v['threshold']:.3f} (error {v['error']:.1%})" for m, v in result["equal_error_thresholds"].items()))
+            result["equal_error_thresholds"][metric] = {
+                "threshold": round(value, 4),
+                "error": round(error, 4),
+            }
+        print(
+            "ground truth vs negatives, equal-error thresholds: "
+            + ", ".join(
+                f"{m} {v['threshold']:.3f} (error {v['error']:.1%})"
+                for m, v in result["equal_error_thresholds"].items()
+            )
+        )
         samples_out = Path(args.samples_out) if args.samples_out else out.with_name("world_samples.parquet")
         pd.concat(frames, ignore_index=True).to_parquet(samples_out, index=False)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"world_pass_rates: {result['wall_s']} s -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    print(
+        f"world_pass_rates: {result['wall_s']} s -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
+    )
     return 0
 
 

@@ -79,18 +79,37 @@ def open_clip_config(vocab_size: int) -> dict:
         "model_cfg": {
             "embed_dim": 64,
             "quick_gelu": True,
-            "vision_cfg": {"image_size": WORLD_IMAGE_SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": vocab_size, "width": TEXT_WIDTH, "heads": 2, "layers": 2,
-                         "hf_tokenizer_name": "."},
+            "vision_cfg": {
+                "image_size": WORLD_IMAGE_SIZE,
+                "layers": 2,
+                "width": 64,
+                "head_width": 32,
+                "patch_size": 8,
+            },
+            "text_cfg": {
+                "context_length": 77,
+                "vocab_size": vocab_size,
+                "width": TEXT_WIDTH,
+                "heads": 2,
+                "layers": 2,
+                "hf_tokenizer_name": ".",
+            },
         },
         "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
     }
+
+
 LATENT_FACTOR = 4  # the VAE downsamples 64² to 16²
 LM_LAYERS = 2
 # SD 1.x's noise schedule; v-prediction (SD 2's): at high noise the target is the image, so the text's
 # global facts (background, colours) are learned within the CPU budget (epsilon prediction left them out)
-BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-         "prediction_type": "v_prediction"}
+BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "v_prediction",
+}
 
 
 @dataclass(frozen=True)
@@ -114,7 +133,9 @@ class BuildPlan:
     unet_heads: int = 8
     unet_qk_init: float = 2.0
     lm_triplets: int = 3000
-    lm_steps: int = 3500  # copying the input caption into the output emerges after ~1500 steps; 3500: 80% world edits
+    lm_steps: int = (
+        3500  # copying the input caption into the output emerges after ~1500 steps; 3500: 80% world edits
+    )
     lm_batch: int = 32
     lm_lr: float = 3e-3
     seed: int = 0
@@ -122,10 +143,14 @@ class BuildPlan:
     def scaled(self, factor: float) -> BuildPlan:
         if factor == 1:
             return self
-        steps = {k: max(2, int(round(getattr(self, k) * factor))) for k in
-                 ("clip_steps", "vae_steps", "unet_steps", "lm_steps")}
-        sizes = {k: max(64, int(round(getattr(self, k) * factor))) for k in
-                 ("clip_triplets", "vae_images", "unet_images", "lm_triplets")}
+        steps = {
+            k: max(2, int(round(getattr(self, k) * factor)))
+            for k in ("clip_steps", "vae_steps", "unet_steps", "lm_steps")
+        }
+        sizes = {
+            k: max(64, int(round(getattr(self, k) * factor)))
+            for k in ("clip_triplets", "vae_images", "unet_images", "lm_triplets")
+        }
         return replace(self, **steps, **sizes)
 
 
@@ -137,7 +162,10 @@ class Timer:
     def __call__(self, name: str) -> Iterator[None]:
         wall, cpu = time.perf_counter(), time.process_time()
         yield
-        self.figures[name] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        self.figures[name] = {
+            "wall_s": round(time.perf_counter() - wall, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
+        }
 
 
 @contextlib.contextmanager
@@ -151,12 +179,17 @@ def deterministic() -> Iterator[None]:
 
 
 def cosine(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
-    return lambda s: min(1.0, (s + 1) / max(1, warmup)) * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return lambda s: (
+        min(1.0, (s + 1) / max(1, warmup))
+        * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    )
 
 
 def _curve(losses: list[float], points: int = 20) -> list[list[float]]:
     every = max(1, len(losses) // points)
-    return [[i + every, round(float(np.mean(losses[i: i + every])), 5)] for i in range(0, len(losses), every)]
+    return [
+        [i + every, round(float(np.mean(losses[i : i + every])), 5)] for i in range(0, len(losses), every)
+    ]
 
 
 def to_unit(images: np.ndarray) -> torch.Tensor:
@@ -180,8 +213,13 @@ def tokenizer_texts() -> list[str]:
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
@@ -203,8 +241,13 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     triplets = sample_triplets(TRAIN_SEED, plan.clip_triplets)
     held_out = max(32, plan.clip_triplets // 16)
     images = np.stack([image_array(s) for t in triplets for s in (t.before, t.after)])
-    moved = np.stack([image_array(relayout(s, rng_for(TRAIN_SEED, i, side, 5)))
-                      for i, t in enumerate(triplets) for side, s in enumerate((t.before, t.after))])
+    moved = np.stack(
+        [
+            image_array(relayout(s, rng_for(TRAIN_SEED, i, side, 5)))
+            for i, t in enumerate(triplets)
+            for side, s in enumerate((t.before, t.after))
+        ]
+    )
     captions = [c for t in triplets for c in (t.input, t.output)]
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     x_all = (to_unit(images) - mean) / std
@@ -217,8 +260,12 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     _zero_unused_tokens(model.token_embedding, tokens.unique())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=plan.clip_lr, betas=(0.9, 0.98), eps=1e-6)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+        lr=plan.clip_lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, cosine(plan.clip_steps // 10, plan.clip_steps, 0.0))
     gen = torch.Generator().manual_seed(plan.seed + 11)
     losses = []
@@ -238,15 +285,19 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
         ft = model.encode_text(tok, normalize=True)
         scale = model.logit_scale.exp()
         logits = scale * fi @ ft.T
-        same = (tok.unsqueeze(1) == tok.unsqueeze(0)).all(-1).float()  # a caption twice in a batch: both right
+        same = (
+            (tok.unsqueeze(1) == tok.unsqueeze(0)).all(-1).float()
+        )  # a caption twice in a batch: both right
         target = same / same.sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         if plan.clip_image_weight:
             fm = model.encode_image(blurred(x_moved[idx]), normalize=True)
             before, after, moved_b, moved_a = fi[0::2], fi[1::2], fm[0::2], fm[1::2]
             right = torch.arange(len(before))
-            image_loss = (F.cross_entropy(scale * before @ torch.cat([after, moved_a, moved_b]).T, right)
-                          + F.cross_entropy(scale * after @ torch.cat([before, moved_b, moved_a]).T, right)) / 2
+            image_loss = (
+                F.cross_entropy(scale * before @ torch.cat([after, moved_a, moved_b]).T, right)
+                + F.cross_entropy(scale * after @ torch.cat([before, moved_b, moved_a]).T, right)
+            ) / 2
             loss = loss + plan.clip_image_weight * image_loss
         loss.backward()
         opt.step()
@@ -266,15 +317,26 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
         edit = (fi[0::2] * fi[1::2]).sum(-1)  # before . after: same layout, one attribute edited
         moved_edit = (fi[0::2] * fm[1::2]).sum(-1)  # before . the after image's shapes moved
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return {"steps": plan.clip_steps, "batch": plan.clip_batch, "train_images": n_train, "vocab": len(tokenizer),
-            "loss_first": losses[0], "loss_last10": float(np.mean(losses[-10:])),
-            "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
-            "held_out_image_to_text_top1": round(top1, 4), "held_out_images": len(fi),
-            "held_out_image_similarity": {"edit_same_layout": round(float(edit.mean()), 4),
-                                          "edit_moved": round(float(moved_edit.mean()), 4),
-                                          "same_layout_above_moved": round(float((edit > moved_edit).float().mean()), 4)},
-            "loss_curve": _curve(losses)}
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
+    return {
+        "steps": plan.clip_steps,
+        "batch": plan.clip_batch,
+        "train_images": n_train,
+        "vocab": len(tokenizer),
+        "loss_first": losses[0],
+        "loss_last10": float(np.mean(losses[-10:])),
+        "logit_scale": round(float(model.logit_scale.detach().exp()), 3),
+        "held_out_image_to_text_top1": round(top1, 4),
+        "held_out_images": len(fi),
+        "held_out_image_similarity": {
+            "edit_same_layout": round(float(edit.mean()), 4),
+            "edit_moved": round(float(moved_edit.mean()), 4),
+            "same_layout_above_moved": round(float((edit > moved_edit).float().mean()), 4),
+        },
+        "loss_curve": _curve(losses),
+    }
 
 
 # --------------------------------------------------------------------------- VAE
@@ -285,11 +347,20 @@ def world_vae(seed: int):
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        sample_size=WORLD_IMAGE_SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4, layers_per_block=1, norm_num_groups=8, mid_block_add_attention=False,
+        sample_size=WORLD_IMAGE_SIZE,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
     )
-    with torch.no_grad():  # start with a near-deterministic posterior (std e^-4): reconstruction learns at once
+    with (
+        torch.no_grad()
+    ):  # start with a near-deterministic posterior (std e^-4): reconstruction learns at once
         vae.quant_conv.weight[4:] = 0.0
         vae.quant_conv.bias[4:] = -8.0
     return vae
@@ -300,7 +371,11 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
 
     scenes = [sample_scene(TRAIN_SEED, i) for i in range(plan.vae_images)]
     x_all = to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1
-    backgrounds = torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(-1, 3, 1, 1) / 127.5 - 1
+    backgrounds = (
+        torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(-1, 3, 1, 1)
+        / 127.5
+        - 1
+    )
     held_out = max(16, plan.vae_images // 32)
     n_train = len(x_all) - held_out
     vae = world_vae(plan.seed + 2)
@@ -328,16 +403,25 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
             log(f"vae step {step}/{plan.vae_steps}: loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(x_all[i: i + 256]).latent_dist.mode() for i in range(0, n_train, 256)])
+        latents = torch.cat(
+            [vae.encode(x_all[i : i + 256]).latent_dist.mode() for i in range(0, n_train, 256)]
+        )
         scale = 1.0 / float(latents.std())
         test = x_all[n_train:]
         recon = vae.decode(vae.encode(test).latent_dist.mode()).sample.clamp(-1, 1)
         test_l1 = float((recon - test).abs().mean()) / 2  # in [0, 1] units
     vae.register_to_config(scaling_factor=round(scale, 6))
-    figures = {"steps": plan.vae_steps, "batch": plan.vae_batch, "train_images": n_train,
-               "loss_first": losses[0], "loss_last10": float(np.mean(losses[-10:])),
-               "held_out_l1_per_pixel": round(test_l1, 5), "scaling_factor": round(scale, 6),
-               "latent_mean": round(float(latents.mean()), 4), "loss_curve": _curve(losses)}
+    figures = {
+        "steps": plan.vae_steps,
+        "batch": plan.vae_batch,
+        "train_images": n_train,
+        "loss_first": losses[0],
+        "loss_last10": float(np.mean(losses[-10:])),
+        "held_out_l1_per_pixel": round(test_l1, 5),
+        "scaling_factor": round(scale, 6),
+        "latent_mean": round(float(latents.mean()), 4),
+        "loss_curve": _curve(losses),
+    }
     return vae, figures
 
 
@@ -356,10 +440,16 @@ def world_unet(seed: int, channels: tuple[int, int], heads: int = 8, qk_init: fl
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=WORLD_IMAGE_SIZE // LATENT_FACTOR, in_channels=4, out_channels=4, block_out_channels=channels,
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
-        attention_head_dim=heads, norm_num_groups=16,  # diffusers' legacy name: the number of heads
+        sample_size=WORLD_IMAGE_SIZE // LATENT_FACTOR,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=heads,
+        norm_num_groups=16,  # diffusers' legacy name: the number of heads
     )
     if qk_init:
         with torch.no_grad():
@@ -398,10 +488,13 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
     with torch.no_grad():
         x_all = to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1
         scale = vae.config.scaling_factor
-        latents = torch.cat([vae.encode(x_all[i: i + 256]).latent_dist.mode() for i in range(0, len(x_all), 256)]) * scale
+        latents = (
+            torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mode() for i in range(0, len(x_all), 256)])
+            * scale
+        )
         unique = sorted(set(captions)) + [""]
         ids = tokenize(tokenizer, unique)
-        hidden = torch.cat([encoder(ids[i: i + 256])[0] for i in range(0, len(ids), 256)])
+        hidden = torch.cat([encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
         where = {c: i for i, c in enumerate(unique)}
         caption_index = torch.tensor([where[c] for c in captions])
         null = where[""]
@@ -449,17 +542,35 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     save_text_encoder(encoder, folder / "text_encoder")
     EulerAncestralDiscreteScheduler(**BETAS).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }, indent=2) + "\n")
-    return {"steps": plan.unet_steps, "batch": plan.unet_batch, "train_images": n, "distinct_captions": len(unique) - 1,
-            "channels": list(plan.unet_channels), "heads": plan.unet_heads,
-            "parameters": sum(p.numel() for p in unet.parameters()),
-            "loss_first": losses[0], "loss_last10": float(np.mean(losses[-10:])), "loss_curve": _curve(losses)}
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerAncestralDiscreteScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return {
+        "steps": plan.unet_steps,
+        "batch": plan.unet_batch,
+        "train_images": n,
+        "distinct_captions": len(unique) - 1,
+        "channels": list(plan.unet_channels),
+        "heads": plan.unet_heads,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "loss_first": losses[0],
+        "loss_last10": float(np.mean(losses[-10:])),
+        "loss_curve": _curve(losses),
+    }
 
 
 # --------------------------------------------------------------------------- LM
@@ -471,13 +582,17 @@ def lm_corpus(plan: BuildPlan) -> list[tuple[str, str]]:
     from prompts.templates import finetune_completion, finetune_prompt
     from seed_annotations.schema import default_triplets_path
 
-    texts = [(finetune_prompt(t.input), finetune_completion(t.edit, t.output))
-             for t in sample_triplets(TRAIN_SEED, plan.lm_triplets, start=1_000_000)]
+    texts = [
+        (finetune_prompt(t.input), finetune_completion(t.edit, t.output))
+        for t in sample_triplets(TRAIN_SEED, plan.lm_triplets, start=1_000_000)
+    ]
     for line in default_triplets_path().read_text(encoding="utf-8").splitlines():
         if line.strip():
             row = json.loads(line)
             texts.append((finetune_prompt(row["input"]), finetune_completion(row["edit"], row["output"])))
-    texts += [("", caption(sample_scene(TRAIN_SEED, 2_000_000 + i))) for i in range(max(64, plan.lm_triplets // 8))]
+    texts += [
+        ("", caption(sample_scene(TRAIN_SEED, 2_000_000 + i))) for i in range(max(64, plan.lm_triplets // 8))
+    ]
     return texts
 
 
@@ -487,10 +602,21 @@ def world_lm(vocab: int, eos: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=LM_LAYERS, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-        tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=LM_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
@@ -499,10 +625,19 @@ def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
 
     texts = lm_corpus(plan)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([p + c for p, c in texts], vocab_size=1024, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        [p + c for p, c in texts],
+        vocab_size=1024,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
     tok.model_max_length = 256
     encoded = []
     for prompt, completion in texts:
@@ -522,7 +657,11 @@ def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
         labels = torch.full((len(batch), width), -100)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, (row, lab) in enumerate(batch):
-            ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(lab), 1
+            ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = (
+                torch.tensor(row),
+                torch.tensor(lab),
+                1,
+            )
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -537,17 +676,27 @@ def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(folder)
     model.save_pretrained(folder, safe_serialization=True)
-    return {"steps": plan.lm_steps, "batch": plan.lm_batch, "corpus_texts": len(texts), "vocab": len(tok),
-            "parameters": sum(p.numel() for p in model.parameters()), "loss_first": losses[0],
-            "loss_last10": float(np.mean(losses[-10:])), "loss_curve": _curve(losses)}
+    return {
+        "steps": plan.lm_steps,
+        "batch": plan.lm_batch,
+        "corpus_texts": len(texts),
+        "vocab": len(tok),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first": losses[0],
+        "loss_last10": float(np.mean(losses[-10:])),
+        "loss_curve": _curve(losses),
+    }
 
 
 # --------------------------------------------------------------------------- all of it
 
 
 def file_hashes(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def versions() -> dict[str, str]:
@@ -556,9 +705,15 @@ def versions() -> dict[str, str]:
     import tokenizers
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "open_clip": open_clip.__version__,
-            "tokenizers": tokenizers.__version__, "numpy": np.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "open_clip": open_clip.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], None] = print) -> dict:
@@ -575,28 +730,45 @@ def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], Non
                 figures["unet"] = build_diffusion(tmp, plan, vae, log)
             with timer("lm"):
                 figures["lm"] = build_lm(tmp, plan, log)
-        manifest = {"build_version": WORLD_BUILD_VERSION, "plan": asdict(plan), "threads": torch.get_num_threads(),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "versions": versions(),
-                    "seconds": timer.figures, "figures": figures, "files": file_hashes(tmp)}
+        manifest = {
+            "build_version": WORLD_BUILD_VERSION,
+            "plan": asdict(plan),
+            "threads": torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "versions": versions(),
+            "seconds": timer.figures,
+            "figures": figures,
+            "files": file_hashes(tmp),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=weights_dir(), help="folder to (re)write (default: the shipped weights)")
-    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (tests: 0.02)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (0: as OMP_NUM_THREADS sets); these small models train in half the "
-                             "CPU-seconds on one thread as on two, and the bytes depend on the count")
+    parser.add_argument(
+        "--out", type=Path, default=weights_dir(), help="folder to (re)write (default: the shipped weights)"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply every step count and data size (tests: 0.02)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: as OMP_NUM_THREADS sets); these small models train in half the "
+        "CPU-seconds on one thread as on two, and the bytes depend on the count",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
         torch.set_num_interop_threads(args.threads)
     manifest = build_all(args.out, BuildPlan().scaled(args.scale))
     seconds = manifest["seconds"]
-    print(f"built the world models in {args.out}: " + ", ".join(
-        f"{k} {v['wall_s']:.0f} s ({v['cpu_s']:.0f} CPU-s)" for k, v in seconds.items()))
+    print(
+        f"built the world models in {args.out}: "
+        + ", ".join(f"{k} {v['wall_s']:.0f} s ({v['cpu_s']:.0f} CPU-s)" for k, v in seconds.items())
+    )
     return 0
 
 

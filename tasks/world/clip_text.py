@@ -81,8 +81,9 @@ def build_world_tokenizer(dest: Path, texts: Iterable[str]):
     tok.model_max_length = 77
     tok.save_pretrained(dest)
     (dest / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (dest / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                     encoding="utf-8")
+    (dest / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
     return tok
 
 
@@ -92,10 +93,18 @@ def text_config(model_cfg: dict):
     t = model_cfg["text_cfg"]
     width, vocab = t["width"], t["vocab_size"]
     return CLIPTextConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=int(width * t.get("mlp_ratio", 4.0)),
-        num_hidden_layers=t["layers"], num_attention_heads=t["heads"], max_position_embeddings=t["context_length"],
-        projection_dim=model_cfg["embed_dim"], hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
-        bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, layer_norm_eps=1e-5,
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=int(width * t.get("mlp_ratio", 4.0)),
+        num_hidden_layers=t["layers"],
+        num_attention_heads=t["heads"],
+        max_position_embeddings=t["context_length"],
+        projection_dim=model_cfg["embed_dim"],
+        hidden_act="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        layer_norm_eps=1e-5,
     )
 
 
@@ -116,19 +125,29 @@ def to_transformers(clip_model, model_cfg: dict):
         q, k, v = src[a + "attn.in_proj_weight"].chunk(3)
         qb, kb, vb = src[a + "attn.in_proj_bias"].chunk(3)
         out |= {
-            b + "self_attn.q_proj.weight": q, b + "self_attn.q_proj.bias": qb,
-            b + "self_attn.k_proj.weight": k, b + "self_attn.k_proj.bias": kb,
-            b + "self_attn.v_proj.weight": v, b + "self_attn.v_proj.bias": vb,
+            b + "self_attn.q_proj.weight": q,
+            b + "self_attn.q_proj.bias": qb,
+            b + "self_attn.k_proj.weight": k,
+            b + "self_attn.k_proj.bias": kb,
+            b + "self_attn.v_proj.weight": v,
+            b + "self_attn.v_proj.bias": vb,
             b + "self_attn.out_proj.weight": src[a + "attn.out_proj.weight"],
             b + "self_attn.out_proj.bias": src[a + "attn.out_proj.bias"],
-            b + "layer_norm1.weight": src[a + "ln_1.weight"], b + "layer_norm1.bias": src[a + "ln_1.bias"],
-            b + "layer_norm2.weight": src[a + "ln_2.weight"], b + "layer_norm2.bias": src[a + "ln_2.bias"],
-            b + "mlp.fc1.weight": src[a + "mlp.c_fc.weight"], b + "mlp.fc1.bias": src[a + "mlp.c_fc.bias"],
-            b + "mlp.fc2.weight": src[a + "mlp.c_proj.weight"], b + "mlp.fc2.bias": src[a + "mlp.c_proj.bias"],
+            b + "layer_norm1.weight": src[a + "ln_1.weight"],
+            b + "layer_norm1.bias": src[a + "ln_1.bias"],
+            b + "layer_norm2.weight": src[a + "ln_2.weight"],
+            b + "layer_norm2.bias": src[a + "ln_2.bias"],
+            b + "mlp.fc1.weight": src[a + "mlp.c_fc.weight"],
+            b + "mlp.fc1.bias": src[a + "mlp.c_fc.bias"],
+            b + "mlp.fc2.weight": src[a + "mlp.c_proj.weight"],
+            b + "mlp.fc2.bias": src[a + "mlp.c_proj.bias"],
         }
     own = encoder.state_dict()
     prefixed = any(k.startswith("text_model.") for k in own)  # transformers 4 keeps the prefix, 5 does not
-    state = {(k if prefixed else k.removeprefix("text_model.")): v.detach().clone().contiguous() for k, v in out.items()}
+    state = {
+        (k if prefixed else k.removeprefix("text_model.")): v.detach().clone().contiguous()
+        for k, v in out.items()
+    }
     # the position ids buffer (when a transformers version keeps one) stays the model's own
     missing = [k for k in own if k not in state and not k.endswith("position_ids")]
     if missing:
@@ -149,8 +168,13 @@ def check_same_hidden_states(clip_model, encoder, tokenizer, texts: list[str], a
     """Max |difference| of the two towers' hidden states on ``texts`` up to each text's end token (the
     positions after it are padding; causal attention keeps them out of every earlier position). Raises if
     above ``atol``."""
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     ours = encoder(ids)[0]
     theirs = open_clip_hidden_states(clip_model, ids)
     worst = 0.0

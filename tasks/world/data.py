@@ -42,9 +42,19 @@ URL_PREFIX = "https://world.editforge.invalid"
 CAPTIONS_FILE = "world_captions.parquet"
 SEEDS_FILE = "seed_triplets.jsonl"
 
-SCHEMA = pa.schema([("URL", pa.string()), ("TEXT", pa.string()), ("WIDTH", pa.int64()), ("HEIGHT", pa.int64()),
-                    ("similarity", pa.float64()), ("punsafe", pa.float64()), ("pwatermark", pa.float64()),
-                    ("AESTHETIC_SCORE", pa.float64()), ("hash", pa.int64())])
+SCHEMA = pa.schema(
+    [
+        ("URL", pa.string()),
+        ("TEXT", pa.string()),
+        ("WIDTH", pa.int64()),
+        ("HEIGHT", pa.int64()),
+        ("similarity", pa.float64()),
+        ("punsafe", pa.float64()),
+        ("pwatermark", pa.float64()),
+        ("AESTHETIC_SCORE", pa.float64()),
+        ("hash", pa.int64()),
+    ]
+)
 _URL = re.compile(rf"^{re.escape(URL_PREFIX)}/(\d+)/(\d+)\.png$")
 
 
@@ -130,8 +140,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     captions_file, seeds_file = write(args.out)
     texts = pq.read_table(captions_file).column("TEXT").to_pylist()
-    print(f"wrote {captions_file}: {len(texts)} rows, {len(set(texts))} distinct captions; "
-          f"{seeds_file}: {len(seed_rows())} seed triplets")
+    print(
+        f"wrote {captions_file}: {len(texts)} rows, {len(set(texts))} distinct captions; "
+        f"{seeds_file}: {len(seed_rows())} seed triplets"
+    )
 
 
 if __name__ == "__main__":

@@ -38,13 +38,26 @@ from tasks.world.scene import (
 EDIT_KINDS = ("colour", "add", "remove", "background", "style")
 
 TEMPLATES = {
-    "colour": ("make the {kind} {colour}", "turn the {kind} {colour}", "change the colour of the {kind} to {colour}",
-               "paint the {kind} {colour}"),
+    "colour": (
+        "make the {kind} {colour}",
+        "turn the {kind} {colour}",
+        "change the colour of the {kind} to {colour}",
+        "paint the {kind} {colour}",
+    ),
     "add": ("add {phrase}", "put {phrase} in the picture", "draw {phrase} too", "add {phrase} to the image"),
     "remove": ("remove the {kind}", "take away the {kind}", "delete the {kind}", "get rid of the {kind}"),
-    "background": ("make the background {background}", "change the background to {background}",
-                   "put the shapes on {a_background} {background} background", "paint the background {background}"),
-    "style": ("make it {style}", "change the style to {style}", "make the shapes {style}", "turn it into {style} style"),
+    "background": (
+        "make the background {background}",
+        "change the background to {background}",
+        "put the shapes on {a_background} {background} background",
+        "paint the background {background}",
+    ),
+    "style": (
+        "make it {style}",
+        "change the style to {style}",
+        "make the shapes {style}",
+        "turn it into {style} style",
+    ),
 }
 
 
@@ -75,7 +88,9 @@ def applicable(scene: Scene) -> list[str]:
 
 
 def _backgrounds(scene: Scene) -> list[str]:
-    return [b for b in BACKGROUNDS if b != scene.background and all(colour_ok(s.colour, b) for s in scene.shapes)]
+    return [
+        b for b in BACKGROUNDS if b != scene.background and all(colour_ok(s.colour, b) for s in scene.shapes)
+    ]
 
 
 def apply_edit(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[Scene, dict] | None:
@@ -104,8 +119,10 @@ def apply_edit(scene: Scene, kind: str, rng: np.random.Generator) -> tuple[Scene
         if not options:
             return None
         background = options[int(rng.integers(len(options)))]
-        return with_shapes(scene, shapes, background=background), {"background": background,
-                                                                   "a_background": article(background)}
+        return with_shapes(scene, shapes, background=background), {
+            "background": background,
+            "a_background": article(background),
+        }
     if kind == "style":
         styles = [s for s in STYLES if s != scene.style]
         style = styles[int(rng.integers(len(styles)))]

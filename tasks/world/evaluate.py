@@ -32,9 +32,17 @@ def balanced_triplets(seed: int, per_kind: int, start: int = 0) -> list[WorldTri
     return [sample_triplet(seed, start + i, kind) for kind in EDIT_KINDS for i in range(per_kind)]
 
 
-def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, attention: str | None = None,
-                    batch: int | None = None, renderer=None, images: list | None = None,
-                    branches: int = 1) -> pd.DataFrame:
+def render_triplets(
+    cfg: PipelineConfig,
+    triplets: Sequence,
+    samples: int,
+    *,
+    attention: str | None = None,
+    batch: int | None = None,
+    renderer=None,
+    images: list | None = None,
+    branches: int = 1,
+) -> pd.DataFrame:
     """Render and score ``samples`` pairs of each triplet (objects with ``input``, ``edit``, ``output``);
     ``images``, a list, receives each sample's (before, after) tensors in row order.
 
@@ -54,24 +62,38 @@ def render_triplets(cfg: PipelineConfig, triplets: Sequence, samples: int, *, at
     requests = []
     for t in triplets:
         cid = triplet_id(t.input, t.output)
-        requests += [PairRequest(cid, t.input, t.output, s, b, branches)
-                     for s in sample_seeds(cid, samples // branches, cfg.render.base_seed) for b in range(branches)]
+        requests += [
+            PairRequest(cid, t.input, t.output, s, b, branches)
+            for s in sample_seeds(cid, samples // branches, cfg.render.base_seed)
+            for b in range(branches)
+        ]
     size = batch or (cfg.render.batch_samples if cfg.render.batch_samples != "auto" else 8)
     size = max(branches, size - size % branches)  # whole seeds per batch, as the stage's cohorts
     rows = []
     info = {triplet_id(t.input, t.output): t for t in triplets}
     for i in range(0, len(requests), size):
-        chunk = requests[i: i + size]
+        chunk = requests[i : i + size]
         scored = renderer.render_scored(chunk, settings, cfg.render.keep)
         if images is not None:
             images += list(zip(scored.pairs.before, scored.pairs.after))
         for j, (r, p) in enumerate(zip(chunk, scored.pairs.params)):
             t = info[r.key]
-            rows.append({"caption_id": r.key, "seed": r.seed, "branch": r.branch, "p2p_p": p.p2p_p, "cfg_scale": p.cfg_scale,
-                         "unet_steps": scored.pairs.unet_steps[j], "unet_images": scored.pairs.unet_images[j],
-                         **{m: float(scored.metrics[m][j]) for m in METRICS},
-                         "input": t.input, "edit": t.edit, "output": t.output,
-                         "kind": getattr(t, "kind", None) or edit_kind(t.input, t.output)})
+            rows.append(
+                {
+                    "caption_id": r.key,
+                    "seed": r.seed,
+                    "branch": r.branch,
+                    "p2p_p": p.p2p_p,
+                    "cfg_scale": p.cfg_scale,
+                    "unet_steps": scored.pairs.unet_steps[j],
+                    "unet_images": scored.pairs.unet_images[j],
+                    **{m: float(scored.metrics[m][j]) for m in METRICS},
+                    "input": t.input,
+                    "edit": t.edit,
+                    "output": t.output,
+                    "kind": getattr(t, "kind", None) or edit_kind(t.input, t.output),
+                }
+            )
     df = pd.DataFrame(rows)
     df["passed"] = passes(df, cfg.render.keep).to_numpy() if len(df) else []
     return df
@@ -96,17 +118,25 @@ def by_kind(samples: pd.DataFrame, selection: Selection) -> pd.DataFrame:
     rows = []
     for kind, group in [*samples.groupby("kind", sort=True), ("all", samples)]:
         per_triplet = group.groupby("caption_id")["_passed"].mean()
-        row = {"kind": kind, "triplets": int(group["caption_id"].nunique()), "samples": len(group),
-               "pass_rate": float(group["_passed"].mean()),
-               "triplets_with_a_pass": float((per_triplet > 0).mean()),
-               "per_triplet_pass_rate_q25": float(per_triplet.quantile(0.25)),
-               "per_triplet_pass_rate_q75": float(per_triplet.quantile(0.75))}
+        row = {
+            "kind": kind,
+            "triplets": int(group["caption_id"].nunique()),
+            "samples": len(group),
+            "pass_rate": float(group["_passed"].mean()),
+            "triplets_with_a_pass": float((per_triplet > 0).mean()),
+            "per_triplet_pass_rate_q25": float(per_triplet.quantile(0.25)),
+            "per_triplet_pass_rate_q75": float(per_triplet.quantile(0.75)),
+        }
         for m in METRICS:
             row[f"pass_{m}"] = float((group[m] >= limits[m]).mean())
             row[f"median_{m}"] = float(np.nanmedian(group[m])) if group[m].notna().any() else float("nan")
         rows.append(row)
     order = {k: i for i, k in enumerate((*EDIT_KINDS, "other", "none", "unparseable", "all"))}
-    return pd.DataFrame(rows).sort_values("kind", key=lambda s: s.map(lambda k: order.get(k, 50))).reset_index(drop=True)
+    return (
+        pd.DataFrame(rows)
+        .sort_values("kind", key=lambda s: s.map(lambda k: order.get(k, 50)))
+        .reset_index(drop=True)
+    )
 
 
 def per_triplet_pass_rates(samples: pd.DataFrame, selection: Selection | None = None) -> pd.Series:
@@ -124,18 +154,35 @@ def ground_truth_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet]) 
     from tasks.scoring.clip import ClipScorer
     from tasks.world.scene import image_array
 
-    scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize)
+    scorer = ClipScorer(
+        load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize
+    )
     size = cfg.render.height
-    before = torch.from_numpy(np.stack([image_array(t.before, size) for t in triplets])).permute(0, 3, 1, 2) / 255.0
-    after = torch.from_numpy(np.stack([image_array(t.after, size) for t in triplets])).permute(0, 3, 1, 2) / 255.0
-    metrics = scorer.score_pairs(before.float(), after.float(), [t.input for t in triplets], [t.output for t in triplets])
-    return pd.DataFrame({"kind": [t.kind for t in triplets], "input": [t.input for t in triplets],
-                         "output": [t.output for t in triplets], **{m: metrics[m].numpy() for m in METRICS}})
+    before = (
+        torch.from_numpy(np.stack([image_array(t.before, size) for t in triplets])).permute(0, 3, 1, 2)
+        / 255.0
+    )
+    after = (
+        torch.from_numpy(np.stack([image_array(t.after, size) for t in triplets])).permute(0, 3, 1, 2) / 255.0
+    )
+    metrics = scorer.score_pairs(
+        before.float(), after.float(), [t.input for t in triplets], [t.output for t in triplets]
+    )
+    return pd.DataFrame(
+        {
+            "kind": [t.kind for t in triplets],
+            "input": [t.input for t in triplets],
+            "output": [t.output for t in triplets],
+            **{m: metrics[m].numpy() for m in METRICS},
+        }
+    )
 
 
 def quantiles(df: pd.DataFrame, qs: Sequence[float] = (0.1, 0.25, 0.5, 0.75, 0.9)) -> dict:
     """{metric: {"q10": ..., ...}} over the rows with the metric (NaN left out)."""
-    return {m: {f"q{round(q * 100)}": round(float(df[m].quantile(q)), 4) for q in qs} for m in METRICS if m in df}
+    return {
+        m: {f"q{round(q * 100)}": round(float(df[m].quantile(q)), 4) for q in qs} for m in METRICS if m in df
+    }
 
 
 def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed: int = 0) -> pd.DataFrame:
@@ -151,25 +198,42 @@ def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed
     from tasks.world.edits import wrong_edit
     from tasks.world.scene import image_array
 
-    scorer = ClipScorer(load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize)
+    scorer = ClipScorer(
+        load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize
+    )
     size = cfg.render.height
 
     def images(scenes):
-        return torch.from_numpy(np.stack([image_array(s, size) for s in scenes])).permute(0, 3, 1, 2).float() / 255.0
+        return (
+            torch.from_numpy(np.stack([image_array(s, size) for s in scenes])).permute(0, 3, 1, 2).float()
+            / 255.0
+        )
 
     n = len(triplets)
     shift = np.random.default_rng(seed).permutation(n)
     shift = np.where(shift == np.arange(n), (shift + 1) % n, shift)  # never a triplet with itself
     with torch.inference_mode():
-        i0, i1 = scorer.embed_images(images([t.before for t in triplets])), scorer.embed_images(images([t.after for t in triplets]))
-        t0, t1 = scorer.embed_texts([t.input for t in triplets]), scorer.embed_texts([t.output for t in triplets])
+        i0, i1 = (
+            scorer.embed_images(images([t.before for t in triplets])),
+            scorer.embed_images(images([t.after for t in triplets])),
+        )
+        t0, t1 = (
+            scorer.embed_texts([t.input for t in triplets]),
+            scorer.embed_texts([t.output for t in triplets]),
+        )
         wrong = scorer.embed_texts([wrong_edit(t, seed).output for t in triplets])
         unrelated = clip_metrics(i0, i1[shift], t0, t1[shift])
         mismatched = clip_metrics(i0, i1, t0[shift], t1[shift])
         wrong_dir = clip_metrics(i0, i1, t0, wrong)["clip_sim_dir"]
-    return pd.DataFrame({"kind": [t.kind for t in triplets], "clip_sim_image": unrelated["clip_sim_image"].numpy(),
-                         "clip_sim_0": mismatched["clip_sim_0"].numpy(), "clip_sim_1": mismatched["clip_sim_1"].numpy(),
-                         "clip_sim_dir": wrong_dir.numpy()})
+    return pd.DataFrame(
+        {
+            "kind": [t.kind for t in triplets],
+            "clip_sim_image": unrelated["clip_sim_image"].numpy(),
+            "clip_sim_0": mismatched["clip_sim_0"].numpy(),
+            "clip_sim_1": mismatched["clip_sim_1"].numpy(),
+            "clip_sim_dir": wrong_dir.numpy(),
+        }
+    )
 
 
 def equal_error_threshold(positive: np.ndarray, negative: np.ndarray) -> tuple[float, float]:
@@ -198,13 +262,16 @@ def pair_closeness(renderer, before, after) -> dict[str, np.ndarray]:
 
     with torch.inference_mode():
         e0, e1 = renderer.scorer.embed_images(before), renderer.scorer.embed_images(after)
-    return {"clip_sim_image": torch.nn.functional.cosine_similarity(e0, e1).float().numpy(),
-            "ssim": ssim(before, after).numpy(),
-            "rmse": (after.float() - before.float()).pow(2).mean((1, 2, 3)).sqrt().numpy()}
+    return {
+        "clip_sim_image": torch.nn.functional.cosine_similarity(e0, e1).float().numpy(),
+        "ssim": ssim(before, after).numpy(),
+        "rmse": (after.float() - before.float()).pow(2).mean((1, 2, 3)).sqrt().numpy(),
+    }
 
 
-def sharing_pairs(cfg: PipelineConfig, triplets: Sequence, samples: int, renderer=None,
-                  images: dict | None = None) -> pd.DataFrame:
+def sharing_pairs(
+    cfg: PipelineConfig, triplets: Sequence, samples: int, renderer=None, images: dict | None = None
+) -> pd.DataFrame:
     """The same seeds rendered twice: with the config's attention sharing and with ``attention=none`` (two
     independent generations from the same noise, the same cfg); :func:`sharing_table` of the two.
     ``images``, a dict, receives each arm's ``(rows, images)`` under ``"shared"`` and ``"none"``."""
@@ -219,8 +286,9 @@ def sharing_pairs(cfg: PipelineConfig, triplets: Sequence, samples: int, rendere
     return sharing_table(renderer, *arms["shared"], *arms["none"])
 
 
-def sharing_table(renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame,
-                  none_images: list) -> pd.DataFrame:
+def sharing_table(
+    renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame, none_images: list
+) -> pd.DataFrame:
     """One row per sample of two arms rendered from the same seeds (``render_triplets`` rows and their
     ``(before, after)`` images): ``caption_id``, ``seed``, ``p2p_p``, ``cfg_scale``, ``kind``, each of
     :data:`SHARING_METRICS` for both arms (``<metric>_shared``, ``<metric>_none``) and their difference
@@ -234,7 +302,9 @@ def sharing_table(renderer, shared: pd.DataFrame, shared_images: list, none: pd.
         closeness[arm], befores[arm] = pair_closeness(renderer, before, after), before
     if list(shared["seed"]) != list(none["seed"]) or (befores["shared"] - befores["none"]).abs().max() > 1e-3:
         raise AssertionError("the two arms did not start from the same noise (their before images differ)")
-    out = shared[["caption_id", "seed", "p2p_p", "cfg_scale", "kind", "input", "output"]].reset_index(drop=True)
+    out = shared[["caption_id", "seed", "p2p_p", "cfg_scale", "kind", "input", "output"]].reset_index(
+        drop=True
+    )
     for m in SHARING_METRICS:
         out[f"{m}_shared"], out[f"{m}_none"] = closeness["shared"][m], closeness["none"][m]
         sign = -1.0 if m == "rmse" else 1.0
@@ -272,16 +342,23 @@ def sharing_summary(pairs: pd.DataFrame, p_range: tuple[float, float] = (0.1, 0.
     out: dict = {"pairs": len(pairs), "metrics": {}, "by_p_quarter": []}
     for m in SHARING_METRICS:
         gain = pairs[f"{m}_gain"].to_numpy()
-        out["metrics"][m] = {"shared": round(float(pairs[f"{m}_shared"].mean()), 4),
-                             "none": round(float(pairs[f"{m}_none"].mean()), 4),
-                             "mean_gain": round(float(gain.mean()), 4), "share_closer": round(float((gain > 0).mean()), 4),
-                             "sign_test_p": sign_test(gain)}
+        out["metrics"][m] = {
+            "shared": round(float(pairs[f"{m}_shared"].mean()), 4),
+            "none": round(float(pairs[f"{m}_none"].mean()), 4),
+            "mean_gain": round(float(gain.mean()), 4),
+            "share_closer": round(float((gain > 0).mean()), 4),
+            "sign_test_p": sign_test(gain),
+        }
     edges = np.linspace(*p_range, 5)
     for q in range(4):
         rows = pairs[quarter == q]
-        entry = {"p_from": round(float(edges[q]), 3), "p_to": round(float(edges[q + 1]), 3), "pairs": len(rows),
-                 "pass_rate_shared": round(float(rows["passed_shared"].mean()), 4) if len(rows) else None,
-                 "pass_rate_none": round(float(rows["passed_none"].mean()), 4) if len(rows) else None}
+        entry = {
+            "p_from": round(float(edges[q]), 3),
+            "p_to": round(float(edges[q + 1]), 3),
+            "pairs": len(rows),
+            "pass_rate_shared": round(float(rows["passed_shared"].mean()), 4) if len(rows) else None,
+            "pass_rate_none": round(float(rows["passed_none"].mean()), 4) if len(rows) else None,
+        }
         for m in SHARING_METRICS:
             entry[f"{m}_mean_gain"] = round(float(rows[f"{m}_gain"].mean()), 4) if len(rows) else None
         out["by_p_quarter"].append(entry)

@@ -43,7 +43,9 @@ def kept_pairs(cfg: PipelineConfig) -> pd.DataFrame:
             df = storage.read_parquet(partition_file(cfg.output_root, "render", h, i, SAMPLES_FILE))
             frames.append(df[df["kept"].astype(bool) & df["image_stored"].astype(bool)].assign(partition=i))
     if not frames:
-        raise SystemExit(f"no finished render partition under {cfg.output_root}: run `editforge run --preset {cfg.name}`")
+        raise SystemExit(
+            f"no finished render partition under {cfg.output_root}: run `editforge run --preset {cfg.name}`"
+        )
     return with_kinds(pd.concat(frames, ignore_index=True))
 
 
@@ -79,8 +81,12 @@ def draw_grid(cfg: PipelineConfig, pairs: pd.DataFrame, out: Path, columns: int 
         before, after = _image(cfg, row, "input"), _image(cfg, row, "edited")
         gap = np.full((before.shape[0], 3, 3), 255, dtype=np.uint8)
         ax.imshow(np.concatenate([before, gap, after], axis=1), interpolation="nearest")
-        ax.set_title(f"{row.edit}\n[{row.kind}] dir {row.clip_sim_dir:.2f}  img {row.clip_sim_image:.2f}", fontsize=7.5)
-    fig.suptitle(f"{cfg.name}: kept pairs (before | after), render {stage_hash(cfg, 'render')[:8]}", fontsize=9)
+        ax.set_title(
+            f"{row.edit}\n[{row.kind}] dir {row.clip_sim_dir:.2f}  img {row.clip_sim_image:.2f}", fontsize=7.5
+        )
+    fig.suptitle(
+        f"{cfg.name}: kept pairs (before | after), render {stage_hash(cfg, 'render')[:8]}", fontsize=9
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -108,12 +114,21 @@ def render_sharing(cfg: PipelineConfig, per_kind: int = 2, ps: tuple[float, ...]
     triplets = balanced_triplets(seed, per_kind)
     renderer = Renderer(cfg)
     base = settings_from(cfg)
-    requests = [PairRequest(triplet_id(t.input, t.output), t.input, t.output,
-                            sample_seeds(triplet_id(t.input, t.output), 1, cfg.render.base_seed)[0]) for t in triplets]
+    requests = [
+        PairRequest(
+            triplet_id(t.input, t.output),
+            t.input,
+            t.output,
+            sample_seeds(triplet_id(t.input, t.output), 1, cfg.render.base_seed)[0],
+        )
+        for t in triplets
+    ]
     columns: dict[str, torch.Tensor] = {}
     before = None
-    for name, settings in [("no sharing", replace(base, attention="none")),
-                           *((f"shared, p = {p:g}", replace(base, attention="ip2p", p_range=(p, p))) for p in ps)]:
+    for name, settings in [
+        ("no sharing", replace(base, attention="none")),
+        *((f"shared, p = {p:g}", replace(base, attention="ip2p", p_range=(p, p))) for p in ps),
+    ]:
         pairs = renderer.render(requests, settings)
         before = pairs.before if before is None else before
         columns[name] = pairs.after
@@ -128,8 +143,9 @@ def draw_sharing(triplets, seeds, cfgs, before, columns: dict, out: Path) -> Pat
     import matplotlib.pyplot as plt
 
     names = ["before", *columns]
-    fig, axes = plt.subplots(len(triplets), len(names), figsize=(1.45 * len(names) + 2.6, 1.5 * len(triplets)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(triplets), len(names), figsize=(1.45 * len(names) + 2.6, 1.5 * len(triplets)), squeeze=False
+    )
     for i, t in enumerate(triplets):
         images = [before[i], *(columns[n][i] for n in columns)]
         for j, (ax, image) in enumerate(zip(axes[i], images)):
@@ -141,7 +157,9 @@ def draw_sharing(triplets, seeds, cfgs, before, columns: dict, out: Path) -> Pat
         axes[i][0].set_ylabel(f"[{t.kind}] cfg {cfgs[i]:.1f}", fontsize=7)
         axes[i][-1].yaxis.set_label_position("right")
         axes[i][-1].set_ylabel(t.edit, fontsize=7, rotation=0, ha="left", va="center")
-    fig.suptitle("one seed, one CFG scale per row: the after image without and with shared self-attention", fontsize=9)
+    fig.suptitle(
+        "one seed, one CFG scale per row: the after image without and with shared self-attention", fontsize=9
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -155,22 +173,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--columns", type=int, default=4)
-    parser.add_argument("--out", type=Path, default=None, help=f"default: {DEFAULT_OUT} ({SHARING_OUT} with --sharing)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help=f"default: {DEFAULT_OUT} ({SHARING_OUT} with --sharing)"
+    )
     parser.add_argument("--sharing", action="store_true", help="render the with / without sharing figure")
     parser.add_argument("--per-kind", type=int, default=2, help="--sharing: triplets of each edit kind")
     args = parser.parse_args(argv)
     cfg = load_config(args.preset, args.overrides)
     if args.sharing:
         out = draw_sharing(*render_sharing(cfg, args.per_kind), args.out or SHARING_OUT)
-        print(f"wrote {out}: {args.per_kind} triplets of each edit kind, without sharing and at p = "
-              + ", ".join(f"{p:g}" for p in SHARING_PS))
+        print(
+            f"wrote {out}: {args.per_kind} triplets of each edit kind, without sharing and at p = "
+            + ", ".join(f"{p:g}" for p in SHARING_PS)
+        )
         return 0
     args.out = args.out or DEFAULT_OUT
     kept = kept_pairs(cfg)
     pairs = pick(kept, args.pairs)
     draw_grid(cfg, pairs, args.out, args.columns)
-    print(f"wrote {args.out}: {len(pairs)} of {len(kept)} kept pairs "
-          f"({', '.join(f'{k} {n}' for k, n in pairs['kind'].value_counts().sort_index().items())})")
+    print(
+        f"wrote {args.out}: {len(pairs)} of {len(kept)} kept pairs "
+        f"({', '.join(f'{k} {n}' for k, n in pairs['kind'].value_counts().sort_index().items())})"
+    )
     return 0
 
 

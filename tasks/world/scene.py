@@ -113,7 +113,9 @@ def rng_for(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *(int(k) for k in key)])
 
 
-def free_position(rng: np.random.Generator, size: str, others: tuple[Shape, ...], tries: int = 200) -> tuple[float, float] | None:
+def free_position(
+    rng: np.random.Generator, size: str, others: tuple[Shape, ...], tries: int = 200
+) -> tuple[float, float] | None:
     """A centre where a ``size`` shape fits inside the image and overlaps none of ``others`` (None if none found)."""
     r = RADIUS[size]
     for _ in range(tries):
@@ -123,8 +125,9 @@ def free_position(rng: np.random.Generator, size: str, others: tuple[Shape, ...]
     return None
 
 
-def random_shape(rng: np.random.Generator, background: str, others: tuple[Shape, ...],
-                 kinds: tuple[str, ...] = SHAPES) -> Shape | None:
+def random_shape(
+    rng: np.random.Generator, background: str, others: tuple[Shape, ...], kinds: tuple[str, ...] = SHAPES
+) -> Shape | None:
     """A new shape of a kind not in ``others``, a colour that shows on ``background``, at a free place."""
     free_kinds = [k for k in kinds if k not in {o.kind for o in others}]
     colours = [c for c in COLOURS if colour_ok(c, background)]
@@ -161,9 +164,20 @@ def _polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, flo
         return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in (-np.pi / 2, np.pi / 6, 5 * np.pi / 6)]
     if kind == "cross":
         a, b = r, r * 0.36
-        return [(cx - b, cy - a), (cx + b, cy - a), (cx + b, cy - b), (cx + a, cy - b), (cx + a, cy + b),
-                (cx + b, cy + b), (cx + b, cy + a), (cx - b, cy + a), (cx - b, cy + b), (cx - a, cy + b),
-                (cx - a, cy - b), (cx - b, cy - b)]
+        return [
+            (cx - b, cy - a),
+            (cx + b, cy - a),
+            (cx + b, cy - b),
+            (cx + a, cy - b),
+            (cx + a, cy + b),
+            (cx + b, cy + b),
+            (cx + b, cy + a),
+            (cx - b, cy + a),
+            (cx - b, cy + b),
+            (cx - a, cy + b),
+            (cx - a, cy - b),
+            (cx - b, cy - b),
+        ]
     raise ValueError(f"unknown shape {kind!r}")
 
 

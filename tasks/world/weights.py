@@ -36,9 +36,11 @@ def model_dir(kind: str, root: Path | None = None) -> Path:
 
 
 def missing_message(kind: str, setting: str) -> str:
-    return (f"model preset 'world': {model_dir(kind)} is missing; it ships with the repository "
-            f"(git checkout tasks/world/weights), or rebuild it with `python -m tasks.world.build` "
-            f"(about 18 CPU-minutes), or point {setting} at a build's {kind}/ folder")
+    return (
+        f"model preset 'world': {model_dir(kind)} is missing; it ships with the repository "
+        f"(git checkout tasks/world/weights), or rebuild it with `python -m tasks.world.build` "
+        f"(about 18 CPU-minutes), or point {setting} at a build's {kind}/ folder"
+    )
 
 
 @cache
@@ -65,7 +67,9 @@ def folder_hash(folder: Path) -> str:
         return "missing"
     digest = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        digest.update(
+            f.relative_to(folder).as_posix().encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest()
+        )
     return digest.hexdigest()[:16]
 
 

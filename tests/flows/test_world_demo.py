@@ -15,8 +15,13 @@ def test_world_demo_keeps_recognisable_world_edits_and_draws_its_grid(prefect_ha
     from flows.generate import generate
     from tasks.world import figure
 
-    overrides = [f"output_root={tmp_path}", "name=worldtest", "captions.num_captions=12", "captions.num_partitions=1",
-                 "text.finetune_steps=20"]
+    overrides = [
+        f"output_root={tmp_path}",
+        "name=worldtest",
+        "captions.num_captions=12",
+        "captions.num_partitions=1",
+        "text.finetune_steps=20",
+    ]
     stages = generate("world", overrides)["stages"]
     assert stages["captions"]["out"] == 12 and stages["render"]["out"] > 0
     cfg = load_config("world", overrides)
@@ -33,6 +38,21 @@ def test_world_demo_keeps_recognisable_world_edits_and_draws_its_grid(prefect_ha
     assert sample["input.png"].size == (64, 64) and sample["instruction.txt"]
     # the README's grid is redrawn from a run on disk
     out = tmp_path / "pairs.png"
-    assert figure.main(["--set", f"output_root={tmp_path}", "--set", "captions.num_captions=12",
-                        "--set", "captions.num_partitions=1", "--set", "text.finetune_steps=20", "--out", str(out)]) == 0
+    assert (
+        figure.main(
+            [
+                "--set",
+                f"output_root={tmp_path}",
+                "--set",
+                "captions.num_captions=12",
+                "--set",
+                "captions.num_partitions=1",
+                "--set",
+                "text.finetune_steps=20",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert out.stat().st_size > 10_000

@@ -25,9 +25,14 @@ def builds(tmp_path_factory):
 def test_a_build_is_deterministic(builds):
     root, first, second = builds
     assert first["files"] == second["files"]
-    assert {"clip/open_clip_model.safetensors", "diffusion/unet/diffusion_pytorch_model.safetensors",
-            "diffusion/vae/diffusion_pytorch_model.safetensors", "diffusion/text_encoder/model.safetensors",
-            "lm/model.safetensors", "diffusion/model_index.json"} <= set(first["files"])
+    assert {
+        "clip/open_clip_model.safetensors",
+        "diffusion/unet/diffusion_pytorch_model.safetensors",
+        "diffusion/vae/diffusion_pytorch_model.safetensors",
+        "diffusion/text_encoder/model.safetensors",
+        "lm/model.safetensors",
+        "diffusion/model_index.json",
+    } <= set(first["files"])
     assert json.loads((root / "a" / "build.json").read_text())["plan"]["unet_steps"] == TINY_PLAN.unet_steps
 
 
@@ -36,8 +41,14 @@ def test_a_build_loads_through_the_model_paths(builds):
     from tasks.registry import stage_hash
 
     root, _, _ = builds
-    cfg = load_config("world", [f"models.diffusion_path={root / 'a' / 'diffusion'}",
-                                f"models.clip_path={root / 'a' / 'clip'}", f"models.lm_path={root / 'a' / 'lm'}"])
+    cfg = load_config(
+        "world",
+        [
+            f"models.diffusion_path={root / 'a' / 'diffusion'}",
+            f"models.clip_path={root / 'a' / 'clip'}",
+            f"models.lm_path={root / 'a' / 'lm'}",
+        ],
+    )
     comps = load_diffusion(cfg.models.diffusion, cfg.models.diffusion_path)
     assert comps.unet.config.cross_attention_dim == comps.text_encoder.config.hidden_size
     assert load_clip(cfg.models.clip, cfg.models.clip_path).image_size == 64
@@ -45,6 +56,8 @@ def test_a_build_loads_through_the_model_paths(builds):
     from tasks.world.weights import identity
 
     # the render hash covers the world weights' bytes (besides the path): two identical builds, one identity
-    assert identity("diffusion", str(root / "a" / "diffusion")) == identity("diffusion", str(root / "b" / "diffusion"))
+    assert identity("diffusion", str(root / "a" / "diffusion")) == identity(
+        "diffusion", str(root / "b" / "diffusion")
+    )
     assert identity("diffusion", str(root / "a" / "diffusion")) != identity("diffusion")
     assert stage_hash(cfg, "render") != stage_hash(load_config("world"), "render")

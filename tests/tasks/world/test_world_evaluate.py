@@ -15,14 +15,28 @@ from tasks.world.evaluate import SHARING_METRICS, p_quarters, sharing_summary, s
 def test_sign_test_is_the_exact_binomial_tail_and_drops_ties():
     assert sign_test(np.array([1.0] * 10)) == pytest.approx(2 / 2**10)
     # 8 of 10 positive: P(X <= 2) + P(X >= 8) under Binomial(10, 1/2)
-    assert sign_test(np.array([1.0] * 8 + [-1.0] * 2)) == pytest.approx(2 * sum(comb(10, i) for i in range(3)) / 2**10)
-    assert sign_test(np.array([1.0] * 8 + [-1.0] * 2 + [0.0] * 5)) == sign_test(np.array([1.0] * 8 + [-1.0] * 2))
+    assert sign_test(np.array([1.0] * 8 + [-1.0] * 2)) == pytest.approx(
+        2 * sum(comb(10, i) for i in range(3)) / 2**10
+    )
+    assert sign_test(np.array([1.0] * 8 + [-1.0] * 2 + [0.0] * 5)) == sign_test(
+        np.array([1.0] * 8 + [-1.0] * 2)
+    )
     assert sign_test(np.array([1.0, -1.0] * 50)) == 1.0
     assert sign_test(np.zeros(4)) == 1.0
 
 
 def test_p_quarters_split_the_range_into_four():
-    assert list(p_quarters(np.array([0.1, 0.29, 0.3, 0.5, 0.69, 0.7, 0.9, 0.95, 0.05]))) == [0, 0, 1, 2, 2, 3, 3, 3, 0]
+    assert list(p_quarters(np.array([0.1, 0.29, 0.3, 0.5, 0.69, 0.7, 0.9, 0.95, 0.05]))) == [
+        0,
+        0,
+        1,
+        2,
+        2,
+        3,
+        3,
+        3,
+        0,
+    ]
 
 
 def test_sharing_summary_reports_each_metric_overall_and_by_quarter():

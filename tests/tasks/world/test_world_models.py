@@ -57,15 +57,23 @@ def test_world_models_load_through_the_registry_like_any_local_folder(tmp_path):
     comps = load_diffusion("world")
     assert comps.source == str(model_dir("diffusion"))
     assert comps.scheduler.config.prediction_type == "v_prediction" and comps.vae_scale_factor == 4
-    assert {type(comps.unet).__name__, type(comps.text_encoder).__name__} == {"UNet2DConditionModel", "CLIPTextModel"}
+    assert {type(comps.unet).__name__, type(comps.text_encoder).__name__} == {
+        "UNet2DConditionModel",
+        "CLIPTextModel",
+    }
     clip = load_clip("world")
     assert clip.source == f"local-dir:{model_dir('clip')}" and clip.image_size == 64
     model, tokenizer = load_lm("world")
     assert type(model).__name__ == "LlamaForCausalLM" and tokenizer.eos_token == "<|endoftext|>"
     # the diffusion model's text encoder is the filter CLIP's text tower (as SD 1.5's is OpenAI CLIP's)
     open_clip_model, _ = _clip_model(model_dir("clip"))
-    check_same_hidden_states(open_clip_model, comps.text_encoder, comps.tokenizer,
-                             ["a red circle and a small blue square on a green background, flat style"], atol=1e-4)
+    check_same_hidden_states(
+        open_clip_model,
+        comps.text_encoder,
+        comps.tokenizer,
+        ["a red circle and a small blue square on a green background, flat style"],
+        atol=1e-4,
+    )
     # a copy elsewhere loads through models.diffusion_path, the path for real weights
     copy = shutil.copytree(model_dir("diffusion"), tmp_path / "diffusion")
     other = load_diffusion("world", str(copy))
@@ -81,14 +89,18 @@ def test_manifest_lists_every_shipped_file_and_names_the_stage_versions():
     from tasks.registry import stage_hash
 
     assert identity("diffusion") != identity("clip")
-    assert stage_hash(world, "render") != stage_hash(load_config("world", ["models.diffusion_path=/elsewhere"]), "render")
+    assert stage_hash(world, "render") != stage_hash(
+        load_config("world", ["models.diffusion_path=/elsewhere"]), "render"
+    )
     assert "world_models" not in json.dumps(stage_hash(tiny, "render"))
 
 
 def test_shared_attention_is_applied_to_the_after_image_only(rendered):
     shared, independent, *_ = rendered
     assert list(shared["seed"]) == list(independent["seed"])  # the same noise, pair by pair
-    assert np.allclose(shared["clip_sim_0"], independent["clip_sim_0"], atol=1e-5)  # the before image: untouched
+    assert np.allclose(
+        shared["clip_sim_0"], independent["clip_sim_0"], atol=1e-5
+    )  # the before image: untouched
     assert not np.allclose(shared["clip_sim_1"], independent["clip_sim_1"], atol=1e-3)  # the after image: not
 
 

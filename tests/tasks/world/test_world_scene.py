@@ -36,7 +36,9 @@ def test_captions_parse_back_and_list_shapes_left_to_right():
         assert [k for k, _, _ in described.shapes] == [s.kind for s in scene.ordered()]
         assert (described.background, described.style) == (scene.background, scene.style)
     assert parse_caption("a red circle and a small blue square on a green background, flat style").shapes == (
-        ("circle", "red", "regular"), ("square", "blue", "small"))
+        ("circle", "red", "regular"),
+        ("square", "blue", "small"),
+    )
     assert parse_caption("a golden retriever on a porch") is None
     assert parse_caption("a red circle and a blue circle on a green background, flat style") is None
 
@@ -59,7 +61,9 @@ def test_an_edit_keeps_the_rest_of_the_scene():
     assert bg.mean() > 0.5 and np.all(after[bg] == BACKGROUNDS[t.after.background])
     assert np.array_equal(before[~bg & np.all(after == before, -1)], after[~bg & np.all(after == before, -1)])
     style = sample_triplet(0, 9, "style")
-    assert [(s.kind, s.colour, s.x) for s in style.before.shapes] == [(s.kind, s.colour, s.x) for s in style.after.shapes]
+    assert [(s.kind, s.colour, s.x) for s in style.before.shapes] == [
+        (s.kind, s.colour, s.x) for s in style.after.shapes
+    ]
     other = wrong_edit(t, seed=0)
     assert other.input == t.input and other.kind != t.kind
 
@@ -120,4 +124,6 @@ def test_the_world_tokenizer_keeps_clips_tokens_for_world_words_and_reads_any_te
         assert ours[1:-1] == [clip.decoder[i] for i in clip.encode(text)]
     other = tok("a golden retriever on a porch").input_ids  # words the world never uses: smaller pieces
     # (CLIP's unknown token is its end token: none inside the text)
-    assert other[0] == tok.bos_token_id and other[-1] == tok.eos_token_id and tok.eos_token_id not in other[1:-1]
+    assert (
+        other[0] == tok.bos_token_id and other[-1] == tok.eos_token_id and tok.eos_token_id not in other[1:-1]
+    )
