@@ -189,7 +189,7 @@ def _open(url: str):
         pf = pq.ParquetFile(handle)
     except FileNotFoundError as err:
         raise CaptionSourceError(f"{url}: file not found") from err
-    except (pa.ArrowInvalid, OSError) as err:
+    except (pa.ArrowInvalid, UnicodeDecodeError, OSError) as err:  # a damaged footer can hold non-UTF-8 names
         raise CaptionSourceError(f"{url}: not a readable parquet file ({err})") from err
     names = set(pf.schema_arrow.names)
     for col in REQUIRED_COLUMNS:

@@ -255,10 +255,10 @@ SHARING_METRICS = ("clip_sim_image", "ssim", "rmse")  # rmse: lower is closer; t
 
 def pair_closeness(renderer, before, after) -> dict[str, np.ndarray]:
     """How close each after image is to its before image: the world CLIP's image-image cosine, SSIM (the
-    judge's, :func:`tasks.judge.image_rungs.ssim`) and pixel RMSE in [0, 1] units."""
+    judge's, :func:`tasks.scoring.image_rungs.ssim`) and pixel RMSE in [0, 1] units."""
     import torch
 
-    from tasks.judge.image_rungs import ssim
+    from tasks.scoring.image_rungs import ssim
 
     with torch.inference_mode():
         e0, e1 = renderer.scorer.embed_images(before), renderer.scorer.embed_images(after)

@@ -214,3 +214,15 @@ def test_the_captions_stage_marks_nothing_done_for_a_file_it_refuses(tmp_path_fa
     except Exception as err:  # noqa: BLE001
         assert is_permanent(err) and str(path) in str(err), f"{type(err).__name__}: {err}"
         assert not list(folder.rglob("_SUCCESS.json"))
+
+
+def test_a_column_name_that_is_not_utf8_in_the_footer_is_refused_naming_the_file(tmp_path):
+    """Found by the fuzz above (a flipped byte in a footer's column name: pyarrow raised UnicodeDecodeError)."""
+    path = tmp_path / "laion.parquet"
+    pq.write_table(
+        pa.table({"TEXT": ["a red circle"], "URL": ["https://x/1"], "AESTHETIC_SCORE": [7.0]}), path
+    )
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"AESTHETIC_SCORE", b"\xbeESTHETIC_SCORE"))  # every copy in the footer
+    got, _ = read(path)
+    assert isinstance(got, Exception) and "not a readable parquet file" in str(got)
