@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flows.local_cluster import free_port
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +18,16 @@ def s3():
     """A moto S3 server on loopback, the process pointed at it (AWS_ENDPOINT_URL), one bucket."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(
+        ip_address="127.0.0.1", port=0, verbose=False
+    )  # port 0: the OS picks a free one
     server.start()
+    port = server.get_host_and_port()[1]
+    # moto's backends are global to the process: a module before this one (same pytest worker) may have left
+    # its buckets there; start from none
+    urllib.request.urlopen(
+        urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=30
+    )
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
