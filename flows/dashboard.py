@@ -336,6 +336,17 @@ def live_partition(
     token = PROGRESS_HOOK.set(hook)
     try:
         yield
+    except BaseException as err:  # this attempt's bar says so (a retry shows its own)
+        try:
+            _patch_artifact(
+                artifact_id,
+                {"description": f"{describe(stage, partition_id, None)}: failed ({type(err).__name__})"},
+            )
+        except Exception as patch_err:
+            log.warning(
+                "dashboard: the failure of %s part-%05d was not shown (%s)", stage, partition_id, patch_err
+            )
+        raise
     finally:
         PROGRESS_HOOK.reset(token)
         if board is not None:

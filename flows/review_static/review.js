@@ -95,14 +95,22 @@ function show() {
 }
 
 function preload() {
-  state.preloaded = [];
+  // the next pairs' images, fetched while this one is shown; #pair[data-preloaded] counts those loaded
+  const images = [];
+  state.preloaded = images;
+  $("pair").dataset.preloaded = "0";
+  const loaded = () => {
+    if (state.preloaded === images) $("pair").dataset.preloaded = String(images.filter((i) => i.complete).length);
+  };
   for (let k = 1; k <= PRELOAD; k++) {
     const next = state.items[state.i + k];
     if (!next) break;
     for (const src of [next.before, next.after]) {
       const image = new Image();
+      image.onload = loaded;
+      image.onerror = loaded;
       image.src = src;
-      state.preloaded.push(image);
+      images.push(image);
     }
   }
 }

@@ -473,41 +473,13 @@ def test_a_read_only_root_and_a_full_disk_name_the_path_exit_2_and_mark_nothing(
     assert got["markers"] == []
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    """moto's S3 server on loopback, this process pointed at it; one bucket, `have`."""
-    import fsspec
-    from moto.server import ThreadedMotoServer
-
-    from flows.local_cluster import free_port
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("have")
-    try:
-        yield fs
-    finally:
-        server.stop()
-        fsspec.filesystem("s3").clear_instance_cache()
-
-
-def test_a_missing_bucket_names_the_bucket_and_the_setting(moto_s3):
+def test_a_missing_bucket_names_the_bucket_and_the_setting(s3):
     from tasks import registry
     from tasks.common.config import load_config
     from tasks.common.errors import is_permanent
     from tasks.common.storage import WriteError
 
+    s3.mkdir("have")
     result = runner.invoke(app, ["stage", "captions", "--set", "output_root=s3://no-such-bucket/run"])
     assert result.exit_code == 2, result.output
     assert "output_root s3://no-such-bucket/run: the bucket 'no-such-bucket' does not exist" in result.output
@@ -519,7 +491,7 @@ def test_a_missing_bucket_names_the_bucket_and_the_setting(moto_s3):
         WriteError, match="the bucket 'no-such-bucket' does not exist: create it, or set output_root"
     ) as err:
         registry.prepare(cfg, "captions")
-    assert is_permanent(err.value) and not moto_s3.exists("no-such-bucket")
+    assert is_permanent(err.value) and not s3.exists("no-such-bucket")
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf"])

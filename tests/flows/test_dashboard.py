@@ -222,66 +222,44 @@ print("finished 5, 6, 7")
 """
 
 
-def test_another_process_finishing_partitions_on_an_s3_api_is_seen_by_the_next_listing(tmp_path):
+def test_another_process_finishing_partitions_on_an_s3_api_is_seen_by_the_next_listing(s3):
     """The stale-listing bug: s3fs kept listings with no expiry, so a partition listed while in progress was
     never seen finished by that process. Two processes on moto's S3 server: this one lists, the other
     finishes three partitions, this one lists again."""
-    import fsspec
-    from moto.server import ThreadedMotoServer
-
-    from flows.local_cluster import free_port
     from tasks import registry
     from tasks.common import contract, layout, storage
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fsspec.get_filesystem_class("s3").clear_instance_cache()
-    try:
-        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("stale")
-        overrides = ["output_root=s3://stale/run", "captions.num_partitions=8"]
-        cfg = load_config("demo", overrides)
-        h = registry.stage_hash(cfg, "captions")
-        for pid in range(5):
-            dashboard.write_row(cfg, "captions", registry.execute(cfg, "captions", pid, lambda run: None))
-        storage.write_bytes_atomic(
-            layout.partition_file(cfg.output_root, "captions", h, 5, "half.bin"), b"in progress"
-        )
-        assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == [0, 1, 2, 3, 4]
-        assert (
-            storage.list_files(layout.partition_dir(cfg.output_root, "captions", h, 5)) != []
-        )  # listed mid-work
-        assert not contract.finished(layout.partition_dir(cfg.output_root, "captions", h, 5), h)
+    s3.mkdir("stale")
+    overrides = ["output_root=s3://stale/run", "captions.num_partitions=8"]
+    cfg = load_config("demo", overrides)
+    h = registry.stage_hash(cfg, "captions")
+    for pid in range(5):
+        dashboard.write_row(cfg, "captions", registry.execute(cfg, "captions", pid, lambda run: None))
+    storage.write_bytes_atomic(
+        layout.partition_file(cfg.output_root, "captions", h, 5, "half.bin"), b"in progress"
+    )
+    assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == [0, 1, 2, 3, 4]
+    assert (
+        storage.list_files(layout.partition_dir(cfg.output_root, "captions", h, 5)) != []
+    )  # listed mid-work
+    assert not contract.finished(layout.partition_dir(cfg.output_root, "captions", h, 5), h)
 
-        out = subprocess.run(
-            [sys.executable, "-c", S3_WRITER, *overrides],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0 and "finished 5, 6, 7" in out.stdout, out.stderr[-3000:]
+    out = subprocess.run(
+        [sys.executable, "-c", S3_WRITER, *overrides],
+        cwd=ROOT,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "finished 5, 6, 7" in out.stdout, out.stderr[-3000:]
 
-        assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == list(range(8))
-        assert contract.finished(
-            layout.partition_dir(cfg.output_root, "captions", h, 5), h
-        )  # its folder was listed before it finished
-        board = dashboard.Board(cfg)
-        assert board.sync("captions") == 8 and board.sync("captions") == 0  # each row read once
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    assert sorted(dashboard.finished_ids(cfg.output_root, "captions", h)) == list(range(8))
+    assert contract.finished(
+        layout.partition_dir(cfg.output_root, "captions", h, 5), h
+    )  # its folder was listed before it finished
+    board = dashboard.Board(cfg)
+    assert board.sync("captions") == 8 and board.sync("captions") == 0  # each row read once
 
 
 def test_an_alert_without_a_notification_block_is_left_out_saying_how_to_add_one(
@@ -296,3 +274,24 @@ def test_an_alert_without_a_notification_block_is_left_out_saying_how_to_add_one
     (alert,) = alert_automations()[0]
     assert alert.trigger.expect == {"editforge.partition.failed", "editforge.partition.low-pass-rate"}
     assert alert.actions[0].type == "send-notification" and alert.actions[0].block_document_id
+
+
+def test_a_partitions_progress_bar_says_failed_when_its_attempt_fails_and_100_when_it_finishes(
+    prefect_harness,
+):
+    """A retried partition leaves one bar per attempt: the failed attempt's says so instead of staying at
+    its last percentage as if still running; the attempt that finished shows 100."""
+    from prefect.client.orchestration import get_client
+
+    with pytest.raises(OSError), dashboard.live_partition("render", 41):
+        dashboard.PROGRESS_HOOK.get()(0.5, None)
+        raise OSError("lost the disk")
+    with dashboard.live_partition("render", 41):
+        pass
+    with get_client(sync_client=True) as client:
+        bars = [a for a in client.read_artifacts() if (a.description or "").startswith("render part-00041")]
+    bars.sort(key=lambda a: a.created)
+    assert [(a.description, a.data) for a in bars] == [
+        ("render part-00041: failed (OSError)", 50.0),
+        ("render part-00041", 100.0),
+    ]

@@ -123,8 +123,9 @@ def test_review_page_labels_by_keyboard_persist_and_two_reviewers_keep_theirs(wo
     ]
 
     def saved(page, n: int) -> None:  # selectors, not a script: the page's CSP forbids eval
-        page.wait_for_selector(f"#progress[data-mine='{n}']")
         page.wait_for_selector("#saving[data-pending='0']")
+        mine, message = page.get_attribute("#progress", "data-mine"), page.inner_text("#message")
+        assert mine == str(n), f"{mine} of {n} labels saved; the page says: {message!r}"
 
     with ReviewServer(state) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox", "--disable-gpu"])
@@ -139,6 +140,7 @@ def test_review_page_labels_by_keyboard_persist_and_two_reviewers_keep_theirs(wo
             )
             assert items[0]["edit"] in page.inner_text("#instruction")
             # the next pairs' images were fetched while the first was shown
+            page.wait_for_selector("#pair[data-preloaded='6']")
             fetched = page.evaluate(
                 "performance.getEntriesByType('resource').map(e => new URL(e.name).pathname)"
             )
@@ -289,49 +291,14 @@ def test_beyond_loopback_the_page_needs_its_token(world):
         assert _request(port, "GET", "/api/queue", headers={"X-Review-Token": "nope"})[0] == 401
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on loopback, the process pointed at it (AWS_ENDPOINT_URL), one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    from flows.local_cluster import free_port
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-
-    fsspec.filesystem("s3").clear_instance_cache()
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("editforge-review")
-    try:
-        yield fs
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        fsspec.filesystem("s3").clear_instance_cache()
-
-
 def test_review_and_calibration_on_an_object_store(world, s3):
     from flows.calibrate_filter import calibrate
     from tasks.filter.labels import LabelStore, check_label
 
     cfg, overrides = world
-    root = "s3://editforge-review/run"
+    root = "s3://editforge-test/run"
     for stage in ("captions", "render"):  # what review reads: the ledger (partitions) and the render version
-        s3.put(str(Path(cfg.output_root) / stage), f"editforge-review/run/{stage}", recursive=True)
+        s3.put(str(Path(cfg.output_root) / stage), f"editforge-test/run/{stage}", recursive=True)
     remote = load_config("world", [*overrides, f"output_root={root}"])
     state = prepare(remote)
     assert len(state.items) == len(prepare(cfg).items)
@@ -386,7 +353,7 @@ def test_review_and_calibration_on_an_object_store(world, s3):
     read = LabelStore(state.store.folder).read()
     assert read.groupby("reviewer").size().to_dict() == {"alice": 1, "bob": 10, "carol": 10}
     assert state.store.folder.startswith(f"{root}/review/{state.render_hash}/labels.parquet")
-    assert s3.glob(f"editforge-review/run/review/{state.render_hash}/labels.parquet/bob-*.parquet")
+    assert s3.glob(f"editforge-test/run/review/{state.render_hash}/labels.parquet/bob-*.parquet")
     result = calibrate(remote, target=0.5, min_passing=1)
     assert result["labels"]["pairs_decided"] == 10 and result["labels"]["reviewers"] == [
         "alice",

@@ -227,14 +227,23 @@ def test_deployment_runs_dag_and_workers_split_partitions(server, tmp_path):
 
 
 DASHBOARD_SCRIPT = """
-import json, sys
+import json, sys, time
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 from flows.dashboard import read_events
 render_key, progress_key, report_key = sys.argv[1:4]
+WANTED = [["editforge.partition.completed", "render", 0], ["editforge.partition.completed", "render", 1],
+          ["editforge.run.completed", None, None]]
 with get_client(sync_client=True) as c:
+    # the server stores events in batches, after the run that sent them ended: wait for the last ones
+    deadline = time.time() + 120
+    while True:
+        events = [[e["event"], e["payload"].get("stage"), e["payload"].get("partition")] for e in read_events(c, "itest")]
+        if all(w in events for w in WANTED) or time.time() > deadline:
+            break
+        time.sleep(1)
     versions = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[render_key])),
                                 sort=ArtifactSort.CREATED_DESC)[::-1]
     first_run = c.read_flow_run(versions[0].flow_run_id)
@@ -244,7 +253,7 @@ with get_client(sync_client=True) as c:
                     "flow_run": str(v.flow_run_id)} for v in versions],
         "render_flow_end": first_run.end_time.timestamp(), "render_flow": first_run.name,
         "progress": latest(progress_key)[0].data, "report": str(latest(report_key)[0].latest_id),
-        "events": [[e["event"], e["payload"].get("stage"), e["payload"].get("partition")] for e in read_events(c, "itest")],
+        "events": events,
         "alert": Automation.read(name="editforge: render partition failed or pass rate low").actions[0].type,
     }))
 """
