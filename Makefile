@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW := ignore
 export EDITFORGE_CACHE := $(CURDIR)/.cache/editforge
 
-.PHONY: install browser demo demo-tiny config-docs world-models test test-fast lint docs docs-build bench reliability server deploy worker lock compat clean
+.PHONY: install browser demo demo-tiny config-docs world-models test test-fast lint docs docs-build bench bench-scale bench-captions bench-fanout bench-world reliability server deploy worker lock compat clean
 
 install: $(STAMP)
 
@@ -75,9 +75,24 @@ docs: $(STAMP)
 docs-build: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict
 
+# The throughput benchmarks (minutes); the scale rehearsals have their own targets (tens of minutes each).
 bench: $(STAMP)
 	$(PY) bench/text_throughput.py
 	$(PY) bench/render_throughput.py
+	$(PY) bench/judge_throughput.py
+
+bench-scale: $(STAMP)
+	$(PY) bench/scale.py
+
+bench-captions: $(STAMP)
+	$(PY) bench/captions_scale.py
+
+bench-fanout: $(STAMP)
+	$(PY) bench/fanout.py
+
+bench-world: $(STAMP)
+	$(PY) bench/world_pass_rates.py
+	$(PY) bench/review_world.py
 
 # Kill every stage at 20 seeded points, resume, compare every output byte (bench/reliability.py).
 reliability: $(STAMP)
