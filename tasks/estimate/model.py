@@ -8,42 +8,8 @@ partitions finished under the pilot config's hashes count (``--partitions`` rest
 No Prefect and no model is needed: :func:`estimate` reads the pilot's ``_SUCCESS.json`` manifests, its
 ``samples.parquet`` / ``triplets.parquet`` and the captions ledger, and returns a dict (the JSON file).
 
-The rules, stage by stage (every figure is an expectation; the 95% intervals cover the uncertainty of
-the pilot's rates — Wilson for proportions, mean +- 1.96 standard errors over the pilot's triplets for
-the per-triplet figures, the two relative half-widths added in quadrature for a rate times the
-predicted triplets — not the run-to-run noise of the target, which is small at scale, and never the
-extrapolation error when the settings differ):
-
-- **captions -> triplets.** Text acceptance ``a`` = pilot text out / in (Wilson interval). With
-  ``text.target_triplets`` the generate flow tops the ledger up by the shortfall / ``a`` + 10%
-  (:mod:`flows.target`), so captions = ``num_captions`` + that top-up and triplets = ``num_captions`` x
-  ``a`` + 1.1 x shortfall; without a target, triplets = ``num_captions`` x ``a``. A different
-  ``text.max_attempts`` is replayed on the pilot's ``triplets.parquet``: fewer tries cut each caption's
-  history at the target's last try (exact); more tries give the captions still rejected for a retryable
-  reason at the pilot's last try more tries, each accepted with the pilot's retry acceptance (an
-  extrapolation, warned).
-- **text tokens** (openai backend; the manifests record no usage): prompt and completion lengths from
-  the pilot's ``triplets.parquet`` at OpenAI's rule of thumb of 4 characters per token
-  (``TOKEN_RULE``), plus 3 tokens per chat message and 3 for the reply (OpenAI's cookbook count for
-  chat models); every try is billed like the answer kept. The local backend costs GPU time instead:
-  the pilot's ``generate`` seconds per try.
-- **render.** With the target's sampling policy equal to the pilot's (``samples_per_triplet``, rounds,
-  ``adaptive.target_passed``, ``adaptive.give_up_after``, ``keep``, early rejection): the pilot's samples, passes, kept
-  pairs and triplets with a kept pair per triplet, and UNet calls per triplet x target steps / pilot
-  steps (a sample costs one call per step; an early-rejected one ``early_reject.at`` of them). With
-  another policy the target's :class:`~tasks.render.scheduling.SamplingPolicy` is replayed exactly
-  (a dynamic programme over rounds) with each pilot triplet's own pass rate (its passed / drawn; under
-  the target's ``keep`` when that differs), kept = min(top_k, passed), and early rejection dropping the
-  pilot's measured share of failing samples (none assumed when the pilot had no early rejection:
-  ``editforge calibrate-early`` measures it). A pilot rendered with another model, scheduler, step
-  count, size, dtype, guidance or attention is WARNED: its pass rates and speed are then an
-  extrapolation.
-- **GPU-hours** = UNet calls / (UNet calls per second) / 3600. The rate is the pilot's, per render
-  partition process (= per GPU): its UNet calls over its render seconds (``unet_calls_per_s``), or
-  ``--unet-calls-per-s`` for other hardware. ``wall`` figures use the partitions' whole wall time
-  instead (model loading, CLIP, image writes). Other stages scale their wall time per item.
-- **money**: GPU-hours x ``cost.gpu_hour_usd``, CPU-hours x ``cost.cpu_hour_usd``, tokens x
-  ``cost.text_*`` (see :class:`tasks.common.config.CostConfig`).
+The rules, stage by stage (captions → triplets, text tokens, render, GPU-hours, money) and how their 95%
+intervals are made: docs/estimate.md, "The rules".
 """
 
 from __future__ import annotations
