@@ -109,11 +109,14 @@ API_HOSTPORT := $(firstword $(subst /, ,$(patsubst https://%,%,$(patsubst http:/
 SERVER_HOST ?= $(firstword $(subst :, ,$(API_HOSTPORT)))
 SERVER_PORT ?= $(or $(word 2,$(subst :, ,$(API_HOSTPORT))),4200)
 PREFECT_SERVER_HOME ?= $(CURDIR)/.prefect-server
+# the flow runs' heartbeats (every 30 s each, for the zombie automation) kept an hour (docs/monitoring.md)
+HEARTBEAT_RETENTION := {"prefect.flow-run.heartbeat": 3600}
 GPUS      ?= 1
 POOL_TYPE ?= process
 POOL      ?= editforge-cpu
 server: $(STAMP)
 	PREFECT_HOME=$(PREFECT_SERVER_HOME) PREFECT_API_URL=$(API_URL) PREFECT_UI_API_URL=$(UI_API_URL) \
+		PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES='$(HEARTBEAT_RETENTION)' \
 		$(VENV)/bin/prefect server start --host $(SERVER_HOST) --port $(SERVER_PORT)
 
 deploy: $(STAMP)

@@ -5,8 +5,9 @@ real `prefect server` (SQLite) — with each stage's work replaced by a stand-in
 Real: the Prefect server (its own process, its own SQLite database), the stage registry and hashes, the
 captions ledger (`prepare` over a LAION-shaped source of 2 rows per partition), the stage flows of
 flows/stages.py run by Prefect's engine, the contract (leases, input checks, `_SUCCESS.json`), the
-dashboard (rows, artifacts, events), the driver (flows/fanout.py `FanOut`, polled as `fan_out` polls it)
-and the shard index; S3 is moto's server (its own process) on 127.0.0.1.
+dashboard (rows, artifacts, events), the driver (flows/fanout.py `FanOut`, polled as `fan_out` polls it, in
+a flow run of its own as in `editforge-generate`: each child a subflow) and the shard index; the runs log to
+the API at `--log-level` (INFO, Prefect's default); S3 is moto's server (its own process) on 127.0.0.1.
 Bench-only stand-ins (this file; never a product mode or a setting): each stage's partition work
 (`STANDINS`: real-shaped outputs and manifest figures, milliseconds each) and the workers (`--worker`
 subprocesses that claim the scheduled child runs and run them in-process with Prefect's engine, instead
@@ -21,7 +22,8 @@ Measured, per store and size (JSON, and one summary line):
 - the Prefect database: SQLite growth over the run (file + WAL, checkpointed), per partition, by table;
 - peak RSS of the driver's process as each stage's last block finishes, and of the worker processes.
 
-    python bench/scale.py [--smoke] [--sizes 50,455,1000] [--stores local,s3] [--out bench/results/scale.json]
+    python bench/scale.py [--smoke] [--sizes 50,455,1000] [--stores local,s3] [--log-level INFO]
+        [--out bench/results/scale.json]
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ ROWS_PER_PARTITION = 2  # captions per partition in the bench's ledger
 BLOCK = 8  # the paper's run.block_size
 WORKERS = 2
 POLL_S = 0.5
+HEARTBEATS_KEPT = '{"prefect.flow-run.heartbeat": 3600}'  # the servers of infra/ and the Makefile
+LOG_LEVEL = ["INFO"]  # what the runs log to the Prefect API (--log-level; INFO: Prefect's default)
 RENDER_S = float(
     os.environ.get("EDITFORGE_BENCH_RENDER_S", "0")
 )  # --screenshots: render partitions that take time
@@ -466,6 +470,7 @@ def prefect_server(home: Path, ui: bool = False) -> Iterator[str]:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # SQLite on a loaded 2-core box: wait, don't answer 503
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_EVENT_RETENTION_OVERRIDES": HEARTBEATS_KEPT,  # as `make server`
         "PREFECT_UI_ENABLED": str(ui).lower(),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
@@ -556,6 +561,8 @@ def db_shares(db: Path, partitions: int) -> dict[str, float]:
         "artifact events": ("event LIKE 'prefect.artifact%'", ()),
         "task runs and their states": ("0", ("task_run_state", "task_run")),
         "artifacts": ("0", ("artifact", "artifact_collection")),
+        "logs": ("0", ("log",)),
+        "flow runs and their states": ("0", ("flow_run_state", "flow_run")),
     }
     shares = {}
     for name, (where, tables) in kinds.items():
@@ -623,6 +630,7 @@ def _run(
     n: int, store: str, workdir: Path, home: Path, api: str, extra: dict, workers: int, block: int, watch
 ) -> dict:
     import fsspec
+    from prefect import flow, get_run_logger
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -653,6 +661,8 @@ def _run(
     stop.unlink(missing_ok=True)
     records.unlink(missing_ok=True)
     logger = logging.getLogger("editforge.bench.driver")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # the parent's run loggers, as the workers'
+        logging.getLogger(name).setLevel(LOG_LEVEL[0])
     polls, phases, stage_rss = [], {}, {}
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         deployments = {
@@ -668,7 +678,7 @@ def _run(
             **os.environ,
             **extra,
             "PREFECT_API_URL": api,
-            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "PREFECT_LOGGING_LEVEL": LOG_LEVEL[0],
             "EDITFORGE_LEASE_TTL_S": "3600",
         }
         procs = [
@@ -697,11 +707,13 @@ def _run(
             for i in range(workers)
         ]
         t0 = time.perf_counter()
-        try:
-            driver = FanOut(cfg, "demo", overrides, logger, client)
+        parent: dict = {}
+
+        def drive() -> dict:  # the parent's loop, as `fan_out` runs it in `editforge-generate`'s flow run
+            driver = FanOut(cfg, "demo", overrides, get_run_logger(), client)
             before = REQUESTS.total
             driver.start()
-            start_requests = REQUESTS.total - before
+            parent["start"] = REQUESTS.total - before
             while True:
                 before = REQUESTS.total
                 done = driver.poll()
@@ -724,10 +736,16 @@ def _run(
                 time.sleep(POLL_S)
             before, kinds = REQUESTS.total, dict(REQUESTS.by_kind)
             manifests = driver.finish()
-            finish_requests = REQUESTS.total - before
-            finish_kinds = {
+            parent["finish"] = REQUESTS.total - before
+            parent["finish_kinds"] = {
                 k: v - kinds.get(k, 0) for k, v in REQUESTS.by_kind.items() if v != kinds.get(k, 0)
             }
+            return manifests
+
+        try:  # in a flow run: each child run is submitted as its subflow (a task run of the parent's each)
+            manifests = flow(name="bench-parent", validate_parameters=False)(drive)()
+            start_requests, finish_requests = parent["start"], parent["finish"]
+            finish_kinds = parent["finish_kinds"]
         finally:
             stop.touch()
             outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -878,6 +896,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="50,455,1000", help="partitions per stage, comma-separated")
     parser.add_argument("--stores", default="local,s3")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.json"))
+    parser.add_argument(
+        "--log-level", default="INFO", help="the runs' log level (PREFECT_LOGGING_LEVEL); INFO as deployed"
+    )
     parser.add_argument("--keep", help="keep the runs, servers' databases and logs in this folder")
     parser.add_argument(
         "--screenshots", help="take the README's screenshots of the UI mid-render into this folder"
@@ -905,9 +926,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="editforge-shots-") as tmp:
             print("\n".join(screenshots(Path(args.screenshots), Path(tmp))))
         return 0
+    LOG_LEVEL[0] = args.log_level.upper()
     sizes = [40] if args.smoke else [int(s) for s in args.sizes.split(",")]
     stores = args.stores.split(",")
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the runs' INFO lines go to the API only
     report = {"smoke": args.smoke, "runs": []}
     with (
         contextlib.nullcontext(args.keep)

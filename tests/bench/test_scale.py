@@ -38,7 +38,11 @@ def test_scale_smoke_on_s3(tmp_path):
     assert run["store"] == "s3" and run["partitions"] == 6 * 40 + 1 and run["child_runs"] >= 31
     per = run["requests_per_completion"]
     assert per["child_dashboard_max"] <= 2 and per["dashboard_and_driver_mean"] <= 10, per
-    assert run["poll"]["requests_max"] <= 200 and run["prefect_db"]["bytes_per_partition"] > 0
+    assert run["poll"]["requests_max"] <= 200
+    # Prefect's database per partition (bytes, counted): ~19.8 KB here (blocks of 8, INFO logs), 18.5 KB at 455
+    # partitions per stage; a task run per partition again (~+35 KB) or the progress artifacts' client events
+    # (~+5 KB) would fail this
+    assert 0 < run["prefect_db"]["bytes_per_partition"] <= 23_000, run["prefect_db"]
     assert set(run["rss"]["driver_by_stage"]) == {
         "captions",
         "finetune",

@@ -120,3 +120,59 @@ def test_a_partition_is_retried_unless_the_project_called_its_error_permanent(
         with pytest.raises(InputError, match="a bad setting"):
             FLOWS["captions"]("demo", overrides)
     assert calls == [0] * attempts
+
+
+@pytest.mark.flow
+def test_one_task_run_per_block_and_a_retry_goes_on_from_the_unfinished_partitions(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Blocks of `run.block_size` partitions, each one task run with the stage's tags (Prefect stores three
+    state events per task run); a transient error in a block's second partition retries the block from it."""
+    import time
+
+    import pyarrow as pa
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.events.worker import EventsWorker
+
+    import tasks.captions.stage as captions_stage
+    from flows.stages import FLOWS
+
+    calls, real = [], captions_stage.partition_captions
+
+    def flaky(cfg, partition_id, config_hash):
+        calls.append(partition_id)
+        if calls == [0, 1]:
+            raise pa.ArrowInvalid("flaky read")
+        return real(cfg, partition_id, config_hash)
+
+    monkeypatch.setattr(captions_stage, "partition_captions", flaky)
+    overrides = [
+        f"output_root={tmp_path}",
+        "captions.num_partitions=3",
+        "captions.num_captions=12",
+        "run.block_size=2",
+        "run.max_parallel_partitions=1",
+    ]
+    state = FLOWS["captions"]("demo", overrides, return_state=True)
+    manifests = state.result()
+    assert [(m["partition_id"], m.get("skipped", False)) for m in manifests] == [(i, False) for i in range(3)]
+    assert calls == [0, 1, 1, 2]  # partition 0, finished before the error, is not run again
+    EventsWorker.drain_all()  # the task runs' state events sent; the server records them as they come
+    with get_client(sync_client=True) as client:
+        for _ in range(600):  # until the server has recorded both blocks' ends
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+            blocks = sorted(
+                (r.name, r.run_count, r.state_type.value, tuple(sorted(r.tags)))
+                for r in runs
+                if "-partitions" in r.name
+            )
+            if [b[2] for b in blocks] == ["COMPLETED", "COMPLETED"]:
+                break
+            time.sleep(0.1)
+    assert blocks == [
+        ("captions-partitions[0-1]", 2, "COMPLETED", ("editforge", "editforge-captions")),
+        ("captions-partitions[2-2]", 1, "COMPLETED", ("editforge", "editforge-captions")),
+    ]
