@@ -3,6 +3,7 @@
     python bench/world_pass_rates.py                      # render 8 world triplets of each kind x 8 samples
     python bench/world_pass_rates.py --from-run           # summarise the `world` run's render partitions
     python bench/world_pass_rates.py --per-kind 4 --samples 4 --set render.steps=10   # a quicker look
+    python bench/world_pass_rates.py --branches 1 --world-seed 7 --early-at 0.5   # held-out seed; early margin
 
 Rendering goes through the render stage's own engine (`tasks.world.evaluate.render_triplets`: `Renderer`,
 Prompt-to-Prompt sharing, the stage's seeds and CLIP scoring) with the preset's `render.*` settings, on
@@ -26,6 +27,11 @@ pair, diversity (distinct seeds per kept pair; the mean pairwise 1 - cosine of a
 images under the world CLIP), the correlation of two branches' pass outcomes within a seed against two
 samples of different seeds, and the pass rate against p. `render_throughput.py --measured-pass-rates`
 replays the measured seed trees for the branching policies.
+
+`--early-at F` also scores the ip2p arm's x0 prediction after F of the steps (the render stage's dry run)
+and calibrates `render.early_reject.margin` on it as `editforge calibrate-early` does: the
+`early_rejection` entry and `world_calibrate_early.json` beside `--out` (`render_throughput.py
+--er-calibration` reads it).
 """
 
 from __future__ import annotations
@@ -225,6 +231,46 @@ def branching_arm(
     return branched, summary
 
 
+def early_calibration(cfg, samples: pd.DataFrame, at: float, out: Path) -> dict:
+    """The early-rejection margin calibrated on the ip2p arm's dry-run early metrics, as `editforge
+    calibrate-early` does on a run (its table and recommendation, the render stage's drop rule), written
+    as world_calibrate_early.json beside ``out``."""
+    from tasks.render.calibrate import DEFAULT_MARGINS, calibration_table, recommend
+    from tasks.render.early import early_step_count
+
+    used = tuple(cfg.render.early_reject.metrics)
+    after, steps = early_step_count(at, cfg.render.steps), cfg.render.steps
+    margins = sorted({*DEFAULT_MARGINS, *(round(0.05 * i, 6) for i in range(13))})
+    table = calibration_table(samples, cfg.render.keep, used, margins, after, steps)
+    best = recommend(table, 0.05)
+    report = {
+        "config": cfg.name,
+        "source": "bench/world_pass_rates.py --early-at (world triplets, ip2p arm)",
+        "early_reject_at": at,
+        "after_steps": after,
+        "steps": steps,
+        "metrics": list(used),
+        "max_false_drop": 0.05,
+        "recommended_margin": best,
+        "table": [
+            {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+            for row in table.to_dict(orient="records")
+        ],
+    }
+    path = out.with_name("world_calibrate_early.json")
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    if best is not None:
+        row = table[table["margin"] == best].iloc[0]
+        print(
+            f"early rejection at {at:g} of {steps} steps: margin {best:g} catches {row['recall']:.1%} of the "
+            f"failing samples, loses {row['false_drop']:.1%} of the passing ones, UNet calls per passing pair "
+            f"x{row['cost_per_pass']:.3f} -> {path}"
+        )
+    else:
+        print(f"early rejection at {at:g}: no margin loses at most 5% of the passing samples -> {path}")
+    return report
+
+
 def sharing_arms(
     cfg, renderer, shared: pd.DataFrame, shared_images: list, none: pd.DataFrame, none_images: list
 ) -> dict:
@@ -233,7 +279,7 @@ def sharing_arms(
     rate by quarter of p in both arms; kept pairs per 1,000 UNet calls of both arms (top_k per triplet)."""
     import torch
 
-    from tasks.world.evaluate import sharing_summary, sharing_table
+    from tasks.world.evaluate import sharing_summary, sharing_table, sign_test
 
     pairs = sharing_table(renderer, shared, shared_images, none, none_images)
     summary = sharing_summary(pairs, tuple(cfg.render.p_range))
@@ -246,9 +292,14 @@ def sharing_arms(
         "ip2p": _kept_diversity(shared, emb["ip2p"], cfg.render.keep, None),
         "none": _kept_diversity(none, emb["none"], cfg.render.keep, None),
     }
+    shared_only = int((pairs["passed_shared"] & ~pairs["passed_none"]).sum())
+    none_only = int((pairs["passed_none"] & ~pairs["passed_shared"]).sum())
     summary["pass_rate"] = {
         "ip2p": round(float(pairs["passed_shared"].mean()), 4),
         "none": round(float(pairs["passed_none"].mean()), 4),
+        "ip2p_only": shared_only,
+        "none_only": none_only,
+        "sign_test_p": sign_test(np.array([1.0] * shared_only + [-1.0] * none_only)),
     }
     m = summary["metrics"]
     print(
@@ -266,6 +317,11 @@ def sharing_arms(
             for q in summary["by_p_quarter"]
             if q["pairs"]
         )
+    )
+    r = summary["pass_rate"]
+    print(
+        f"  filter pass rate none {r['none']:.1%} -> ip2p {r['ip2p']:.1%} (passes only with sharing "
+        f"{r['ip2p_only']}, only without {r['none_only']}, sign test p={r['sign_test_p']:.2g})"
     )
     k = summary["kept"]
     print(
@@ -301,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--per-kind", type=int, default=8, help="world triplets of each edit kind")
     parser.add_argument("--samples", type=int, default=8, help="samples per triplet (seeds)")
+    parser.add_argument(
+        "--world-seed",
+        type=int,
+        default=EVAL_SEED,
+        help=f"world seed of the evaluation triplets (default {EVAL_SEED}; the models train on seed 0)",
+    )
     parser.add_argument("--no-none", action="store_true", help="skip the render.attention=none comparison")
     parser.add_argument(
         "--branches",
@@ -314,6 +376,22 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="seeds per triplet of the p-branching arm (default: --samples, as many seeds as the "
         "independent arm; its measured seeds are what render_throughput replays)",
+    )
+    parser.add_argument(
+        "--early-at",
+        type=float,
+        default=None,
+        help="also score the ip2p arm's x0 prediction after this fraction of the steps (the render stage's "
+        "early-rejection dry run) and calibrate render.early_reject.margin on it: world_calibrate_early.json "
+        "beside --out, in the shape of `editforge calibrate-early --json` (render_throughput --er-calibration)",
+    )
+    parser.add_argument(
+        "--early-from",
+        nargs="+",
+        default=None,
+        metavar="PARQUET",
+        help="calibrate the early-rejection margin on the ip2p rows of earlier --early-at runs' "
+        "world_samples.parquet files together, at the preset's thresholds; renders nothing",
     )
     parser.add_argument(
         "--from-run", action="store_true", help="summarise the preset's finished render partitions"
@@ -330,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.per_kind, args.samples, args.branches = 1, 4, 2
+        args.early_at = 0.5 if args.early_at is None else args.early_at
         args.overrides = [*args.overrides, "render.steps=4"]
     cfg = load_config(args.preset, args.overrides)
     selection = cfg.render.keep
@@ -343,25 +422,32 @@ def main(argv: list[str] | None = None) -> int:
         "render": {k: getattr(cfg.render, k) for k in ("steps", "height", "width", "scheduler", "attention")}
         | {"cfg_range": list(cfg.render.cfg_range), "p_range": list(cfg.render.p_range)},
     }
-    if args.from_run:
+    if args.early_from:
+        rows = pd.concat([pd.read_parquet(f) for f in args.early_from], ignore_index=True)
+        rows = rows[(rows["attention"] != "none") & (rows["arm"] == "independent")]
+        at = result["early_rejection_at"] = args.early_at if args.early_at is not None else 0.5
+        result |= {"source": args.early_from, "early_rejection": early_calibration(cfg, rows, at, out)}
+    elif args.from_run:
         samples = from_run(cfg)
         table = by_kind(samples, selection)
         print_table(f"{cfg.name} run, {len(samples)} samples (edit kind from the captions):", table)
         result |= {"source": "run", "by_kind": _table(table), "quantiles": quantiles(samples)}
     else:
-        triplets = balanced_triplets(EVAL_SEED, args.per_kind)
+        triplets = balanced_triplets(args.world_seed, args.per_kind)
         ip2p_images: list = []
         from tasks.render.renderer import Renderer
 
         renderer = Renderer(cfg)  # one model load for every arm
-        samples = render_triplets(cfg, triplets, args.samples, renderer=renderer, images=ip2p_images).assign(
-            attention=cfg.render.attention, arm="independent"
-        )
+        samples = render_triplets(
+            cfg, triplets, args.samples, renderer=renderer, images=ip2p_images, early_at=args.early_at
+        ).assign(attention=cfg.render.attention, arm="independent")
+        if args.early_at is not None:
+            result["early_rejection"] = early_calibration(cfg, samples, args.early_at, out)
         table = by_kind(samples, selection)
         print_table(f"{cfg.render.attention}: {len(triplets)} world triplets x {args.samples} samples", table)
         result |= {
             "source": "world triplets",
-            "world_seed": EVAL_SEED,
+            "world_seed": args.world_seed,
             "per_kind": args.per_kind,
             "samples_per_triplet": args.samples,
             "by_kind": _table(table),
@@ -399,18 +485,39 @@ def main(argv: list[str] | None = None) -> int:
                 + f"; pass correlation same seed {summary['pass_outcome_correlation']['same_seed_branches']} vs "
                 f"other seeds {summary['pass_outcome_correlation']['different_seeds_same_triplet']}"
             )
-        truth = ground_truth_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
-        negative = negative_metrics(cfg, balanced_triplets(EVAL_SEED, max(args.per_kind, 32)))
+        truth = ground_truth_metrics(cfg, balanced_triplets(args.world_seed, max(args.per_kind, 32)))
+        negative = negative_metrics(cfg, balanced_triplets(args.world_seed, max(args.per_kind, 32)))
         result["quantiles"]["ground_truth"] = quantiles(truth)
         result["quantiles"]["negatives"] = quantiles(negative)
         result["ground_truth_by_kind"] = {k: quantiles(g) for k, g in truth.groupby("kind")}
         result["equal_error_thresholds"] = {}
-        for metric in ("clip_sim_image", "clip_sim_0", "clip_sim_dir"):
-            value, error = equal_error_threshold(truth[metric].to_numpy(), negative[metric].to_numpy())
+        for metric, against in (
+            ("clip_sim_image", "clip_sim_image"),
+            ("clip_sim_image_relayout", "clip_sim_image_relayout"),
+            ("clip_sim_0", "clip_sim_0"),
+            ("clip_sim_dir", "clip_sim_dir"),
+        ):
+            value, error = equal_error_threshold(
+                truth[metric if metric in truth else "clip_sim_image"].to_numpy(),
+                negative[against].to_numpy(),
+            )
             result["equal_error_thresholds"][metric] = {
                 "threshold": round(value, 4),
                 "error": round(error, 4),
             }
+        # the caption check on the renderer's own images (as the paper's 0.2 sits between SD images' cosine with
+        # their own caption and with another one under ViT-L/14): rendered images vs the drawn negatives
+        rendered = [samples["clip_sim_0"], samples["clip_sim_1"]]
+        if "sharing" in result:
+            rendered.append(none["clip_sim_1"])
+        value, error = equal_error_threshold(
+            pd.concat(rendered).dropna().to_numpy(),
+            np.concatenate([negative["clip_sim_0"].to_numpy(), negative["clip_sim_1"].to_numpy()]),
+        )
+        result["equal_error_thresholds"]["clip_sim_0_rendered"] = {
+            "threshold": round(value, 4),
+            "error": round(error, 4),
+        }
         print(
             "ground truth vs negatives, equal-error thresholds: "
             + ", ".join(

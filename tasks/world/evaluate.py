@@ -42,13 +42,17 @@ def render_triplets(
     renderer=None,
     images: list | None = None,
     branches: int = 1,
+    early_at: float | None = None,
 ) -> pd.DataFrame:
     """Render and score ``samples`` pairs of each triplet (objects with ``input``, ``edit``, ``output``);
-    ``images``, a list, receives each sample's (before, after) tensors in row order.
+    ``images``, a list, receives each sample's (before, after) tensors in row order. ``early_at``: also score
+    the x0 prediction after that fraction of the steps as the render stage's early-rejection dry run does
+    (``early_clip_sim_*`` columns, nothing dropped), to calibrate the margin on.
 
     ``branches`` K > 1: p-branching as the render stage does it (``render.p_branches``): ``samples / K``
     seeds, each rendered as one tree of K stratified p values (columns ``branch``; ``unet_steps`` and
     ``unet_images`` hold each sample's exact share of the compute, as in ``samples.parquet``)."""
+    from tasks.render.early import early_step_count
     from tasks.render.pairs import PairRequest
     from tasks.render.renderer import Renderer, settings_from
     from tasks.render.seeds import sample_seeds
@@ -71,9 +75,13 @@ def render_triplets(
     size = max(branches, size - size % branches)  # whole seeds per batch, as the stage's cohorts
     rows = []
     info = {triplet_id(t.input, t.output): t for t in triplets}
+    early_after = early_step_count(early_at, settings.steps)
     for i in range(0, len(requests), size):
         chunk = requests[i : i + size]
-        scored = renderer.render_scored(chunk, settings, cfg.render.keep)
+        scored = renderer.render_scored(
+            chunk, settings, cfg.render.keep, early_after=early_after, early_margin=0.0, early_drop=False
+        )
+        early = scored.pairs.early_metrics
         if images is not None:
             images += list(zip(scored.pairs.before, scored.pairs.after))
         for j, (r, p) in enumerate(zip(chunk, scored.pairs.params)):
@@ -92,6 +100,7 @@ def render_triplets(
                     "edit": t.edit,
                     "output": t.output,
                     "kind": getattr(t, "kind", None) or edit_kind(t.input, t.output),
+                    **({f"early_{m}": float(early[m][j]) for m in METRICS} if early else {}),
                 }
             )
     df = pd.DataFrame(rows)
@@ -189,14 +198,16 @@ def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed
     """What each metric gives when the pair is wrong, on drawn images (the negatives to set thresholds against):
     ``clip_sim_image`` of two unrelated scenes (the after image drifted to another picture), ``clip_sim_0`` /
     ``clip_sim_1`` of an image and another triplet's caption, ``clip_sim_dir`` of the right pair under a wrong
-    edit of the same input (:func:`tasks.world.edits.wrong_edit`)."""
+    edit of the same input (:func:`tasks.world.edits.wrong_edit`); and ``clip_sim_image_relayout``, the before
+    image against its after scene with the shapes moved (:func:`tasks.world.scene.relayout`: the right edit,
+    another picture: the pair the paper's image-image threshold is there to reject)."""
     import torch
 
     from tasks.common.models import load_clip
     from tasks.scoring.clip import ClipScorer
     from tasks.scoring.metrics import clip_metrics
     from tasks.world.edits import wrong_edit
-    from tasks.world.scene import image_array
+    from tasks.world.scene import image_array, relayout, rng_for
 
     scorer = ClipScorer(
         load_clip(cfg.models.clip, cfg.models.clip_path), "cpu", resize=cfg.render.clip_resize
@@ -225,6 +236,10 @@ def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed
         unrelated = clip_metrics(i0, i1[shift], t0, t1[shift])
         mismatched = clip_metrics(i0, i1, t0[shift], t1[shift])
         wrong_dir = clip_metrics(i0, i1, t0, wrong)["clip_sim_dir"]
+        moved = scorer.embed_images(
+            images([relayout(t.after, rng_for(seed, i, 7)) for i, t in enumerate(triplets)])
+        )
+        relayouted = torch.nn.functional.cosine_similarity(i0, moved)
     return pd.DataFrame(
         {
             "kind": [t.kind for t in triplets],
@@ -232,6 +247,7 @@ def negative_metrics(cfg: PipelineConfig, triplets: Sequence[WorldTriplet], seed
             "clip_sim_0": mismatched["clip_sim_0"].numpy(),
             "clip_sim_1": mismatched["clip_sim_1"].numpy(),
             "clip_sim_dir": wrong_dir.numpy(),
+            "clip_sim_image_relayout": relayouted.float().numpy(),
         }
     )
 

@@ -22,7 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
         ("judge_throughput", {"speedup_per_item", "samples_judged_twice"}),
         (
             "world_pass_rates",
-            {"by_kind", "p_branching", "equal_error_thresholds", "ip2p_minus_none_clip_sim_image", "sharing"},
+            {
+                "by_kind",
+                "p_branching",
+                "equal_error_thresholds",
+                "ip2p_minus_none_clip_sim_image",
+                "sharing",
+                "early_rejection",
+            },
         ),
     ],
 )

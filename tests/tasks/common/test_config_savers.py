@@ -26,15 +26,16 @@ BEFORE_NESTING = {
         "filter": "a6abc39d27d5c659",
         "pack": "a03189172a1b3cee",
     },
-    # the world preset re-pinned when its models were rebuilt (world v2): the weights' sha256 enter its hashes
+    # the world preset re-pinned when its models were rebuilt (world v2: the weights' sha256 enter its hashes)
+    # and when its CLIP thresholds were recalibrated on v2 (0.68/0.22/0.28: render and every stage after it)
     "world": {
         "captions": "6526c4e3f7a17a50",
         "finetune": "b7af449b69e71751",
         "text": "11069c790e911227",
-        "render": "91dbf866d9120a3d",
-        "judge": "79af87676cb6bb66",
-        "filter": "0b2673c77886e016",
-        "pack": "accfce67c6dba80d",
+        "render": "4757cae2220c73d5",
+        "judge": "f8dec378d3e10ccb",
+        "filter": "a8ec419a8c991ba0",
+        "pack": "ab2873035a15a749",
     },
 }
 # every saver away from its default: before nesting, render.adaptive=true render.round_size=4 ... as flat keys
@@ -51,7 +52,7 @@ EVERY_SAVER = [
 EVERY_SAVER_BEFORE = {
     "demo": ("b737221b418ac483", "59246a0bbeed3767"),  # (render, pack)
     "paper": ("e3228aaa09932911", "bc9543697c033d75"),
-    "world": ("04f07e6f1b6cee42", "50f806f92b377298"),  # world v2 (see above)
+    "world": ("889bd372aee3b9af", "98f39d668bdc7053"),  # world v2, thresholds 0.68/0.22/0.28 (see above)
 }
 
 
