@@ -178,6 +178,8 @@ def test_the_status_shows_what_is_in_flight_the_blocks_throughput_and_a_pool_wit
     assert "1 running, 2 queued on a pool, 1 retried, 1 failed once or more" in text
     assert "3 kept pairs/h · 0.1 UNet calls/s · 2.1 samples/s in flight · projected finish" in text
     assert "(in 2.0 h)" in text  # render's ETA: the slowest stage with an ETA
+    # what each stage's pass rate is, from the records (Stage.dashboard), not from names in the dashboard
+    assert "pass rate: render's passed / samples drawn; text, judge, filter: out / in." in text
     assert "Waiting for a worker** on work pool `editforge-gpu`: no worker is online on it" in text
 
 
