@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.common import storage
 from tasks.common.config import load_config
+from tasks.common.contract import figures
 from tasks.common.layout import SAMPLES_FILE, image_name
 from tasks.judge.stage import run as run_judge
 from tasks.registry import partition_url, stage_hash
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             "ideal_judged_per_s": round(args.concurrency / mean_latency, 3),
             "counts": manifest["counts"],
             "rejected": manifest["rejected"],
-            "vlm_cost_usd": manifest.get("vlm_cost_usd"),
-            "vlm_cost_per_judged_usd": manifest.get("vlm_cost_per_judged_usd"),
+            "vlm_cost_usd": figures(manifest).get("vlm_cost_usd"),
+            "vlm_cost_per_judged_usd": figures(manifest).get("vlm_cost_per_judged_usd"),
         },
         "speedup_per_item": round(conc_rate / seq_rate, 2),
         "ideal_speedup": args.concurrency,

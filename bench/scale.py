@@ -115,7 +115,7 @@ def _standin_work(stage: str, cfg, pid: int):
             storage.write_json_atomic(run.output("model/config.json"), {"model_type": "stand-in"})
             run.stats.add("finetune_examples", 160)
             run.stats.add("out", 1)
-            run.extra["finetune"] = {
+            run.figures["finetune"] = {
                 "backend": "local",
                 "base_model": "stand-in",
                 "train_examples": 160,
@@ -203,7 +203,7 @@ def _standin_work(stage: str, cfg, pid: int):
             for name, n in counts.items():
                 run.stats.add(name, n)
             run.stats.reject("clip_direction", samples - passed)
-            run.extra.update(
+            run.figures.update(
                 {
                     "pass_rate": round(passed / samples, 4),
                     "samples_per_s": 2.5,
@@ -224,7 +224,7 @@ def _standin_work(stage: str, cfg, pid: int):
             storage.write_parquet_atomic(run.output(layout.JUDGMENTS_FILE), pd.DataFrame({"sample_key": ids}))
             run.stats.add("in", 2 * k)
             run.stats.add("out", 2 * k)
-            run.extra["vlm"] = "off"
+            run.figures["vlm"] = "off"
         elif stage == "filter":
             storage.write_parquet_atomic(
                 run.output(layout.KEPT_FILE),
@@ -267,7 +267,7 @@ def _standin_work(stage: str, cfg, pid: int):
             run.stats.add("out", 2 * k)
             run.stats.add("train_samples", 2 * k)
             run.stats.add("shards", 1)
-            run.extra["shards"] = [{"name": "train-000000.tar", "split": "train", "samples": 2 * k}]
+            run.figures["shards"] = [{"name": "train-000000.tar", "split": "train", "samples": 2 * k}]
 
     return work
 

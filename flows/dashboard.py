@@ -27,23 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks import registry
-from tasks.common import layout, storage
+from tasks.common import contract, layout, storage
 from tasks.common.config import PipelineConfig
 from tasks.common.contract import PROGRESS_HOOK
+from tasks.common.stage import Dashboard
 
 log = logging.getLogger("editforge")
 ETA_WINDOW = 20  # the ETA's rate: the last this many finished partitions of the stage
 FIRST = ("partition", "status", "in", "out")
-SPEED = ("samples_per_s",)
 SCREEN = 12  # a stage table's leading columns: what fits a screen
 HEADLINE_MAX = 6  # of them, the stage's headline figures
 STATUS_EVERY_S = 10.0  # the in-process status is refreshed at most this often by live figures
 IN_FLIGHT_SHOWN = 30  # rows of the status's in-flight table
-PASS_RATE = (
-    "text",
-    "judge",
-    "filter",
-)  # stages whose out / in is a pass rate (render: passed / samples drawn)
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -79,11 +74,21 @@ def finished(cfg: PipelineConfig, stage: str, config_hash: str | None = None) ->
     return [m for m in found if m]
 
 
+def shown(stage: str) -> Dashboard:
+    """What the dashboard shows of ``stage``: its record's :class:`tasks.common.stage.Dashboard`."""
+    return registry.get(stage).dashboard
+
+
 def pass_rate(stage: str, manifest: dict) -> float | None:
-    """Render: passed / samples drawn; another stage: out / in."""
-    if "pass_rate" in manifest:
-        return manifest["pass_rate"]
-    counts = manifest.get("counts", {})
+    """The stage's own pass-rate figure when it declares one (render: passed / samples drawn), else out / in."""
+    own = shown(stage).pass_rate
+    figures = contract.figures(manifest)
+    if own is not None and own in figures:
+        return figures[own]
+    return _out_rate(manifest.get("counts", {}))
+
+
+def _out_rate(counts: dict) -> float | None:
     return round(counts["out"] / counts["in"], 4) if counts.get("in") else None
 
 
@@ -92,28 +97,21 @@ def pass_rate(stage: str, manifest: dict) -> float | None:
 
 def flat_row(stage: str, manifest: dict, skipped: bool | None = None) -> dict[str, Any]:
     """Every figure of one partition's manifest as one flat row (`n_<count>`, `rejected_<reason>`,
-    the stage's own figures, `median_<metric>`)."""
+    the stage's own numeric figures — those of a figure named after the stage too: finetune's summary —,
+    `median_<metric>`)."""
     counts = manifest.get("counts", {})
     rejected = manifest.get("rejected", {})
-    nested = {
-        k: v
-        for section in ("finetune", "train")
-        if isinstance(manifest.get(section), dict)
-        for k, v in manifest[section].items()
-    }
+    own = contract.figures(manifest)
+    nested = own[stage] if isinstance(own.get(stage), dict) else {}
     figures = {
-        k: v
-        for k, v in {**nested, **manifest}.items()
-        if k not in ("partition_id", "wall_time_s", "finished_at")
-        and isinstance(v, int | float)
-        and not isinstance(v, bool)
+        k: v for k, v in {**nested, **own}.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
     row = {
         "partition": manifest["partition_id"],
         "status": "skipped" if (skipped if skipped is not None else manifest.get("skipped")) else "done",
         "in": counts.get("in", counts.get("finetune_examples")),
         "out": counts.get("out"),
-        "out_rate": pass_rate("text", {"counts": counts}) if stage != "render" else None,
+        "out_rate": _out_rate(counts) if shown(stage).pass_rate is None else None,
         **{f"n_{k}": v for k, v in counts.items()},
         **{f"rejected_{k}": v for k, v in rejected.items()},
         **figures,
@@ -132,10 +130,10 @@ def flat_row(stage: str, manifest: dict, skipped: bool | None = None) -> dict[st
 
 def leading(stage: str, present: Iterable[str]) -> list[str]:
     """The columns a stage table starts with (at most ``SCREEN``): partition, status, in, out, the stage's
-    first headline figures, its speed and the wall time."""
+    first headline figures, its speed figures and the wall time."""
     present = set(present)
-    headline = [h for h in registry.get(stage).headline if h in present and h not in FIRST][:HEADLINE_MAX]
-    tail = [c for c in (*SPEED, "wall_time_s") if c in present and c not in headline]
+    headline = [h for h in shown(stage).headline if h in present and h not in FIRST][:HEADLINE_MAX]
+    tail = [c for c in (*shown(stage).speed, "wall_time_s") if c in present and c not in headline]
     return [*FIRST, *headline, *tail][:SCREEN]
 
 
@@ -221,8 +219,8 @@ def rate_per_s(manifests: list[dict], figure: str, now: float | None = None) -> 
 
 
 def kept_pairs(stage: str, manifests: list[dict]) -> int | None:
-    """Pairs kept so far by a stage that keeps pairs (render, filter, pack), else None."""
-    if stage not in ("render", "filter", "pack"):
+    """Pairs kept so far by a stage that keeps pairs (its record says so: render, filter, pack), else None."""
+    if not shown(stage).keeps_pairs:
         return None
     return sum(m.get("counts", {}).get("out", 0) for m in manifests)
 
@@ -245,22 +243,14 @@ def _clock(t: float) -> str:
 
 
 def describe(stage: str, partition_id: int, figures: dict | None) -> str:
-    """One line of running figures for the partition's progress artifact."""
+    """One line of running figures for the partition's progress artifact: the stage's own description
+    (its record's ``dashboard.live``), else the checkpoint's done / expected, ok and rate."""
     head = f"{stage} {layout.partition_name(partition_id)}"
     if not figures:
         return head
-    if "samples" in figures:  # render
-        rate = figures.get("pass_rate")
-        parts = [
-            f"{figures['triplets_done']}/{figures['triplets']} triplets",
-            f"{figures['samples']} samples",
-            f"pass rate {rate:.1%}" if rate is not None else "",
-            f"{figures['kept_so_far']} pairs kept so far",
-            f"{figures['unet_calls_per_kept_pair']} UNet calls/kept pair"
-            if figures.get("unet_calls_per_kept_pair")
-            else "",
-            f"{figures['samples_per_s']} samples/s" if figures.get("samples_per_s") else "",
-        ]
+    live = shown(stage).live
+    if live is not None:
+        parts = live(figures)
     else:
         parts = [
             f"{figures.get('done')}/{figures.get('expected')} done",
@@ -447,13 +437,13 @@ class Board:
 
     # the figures
     def _timed(self, stage: str) -> list[dict]:
+        calls = shown(stage).throughput
         return [
             {
                 "finished_at": r.get("finished_at"),
                 "wall_time_s": r["row"].get("wall_time_s"),
                 "out": r["row"].get("out"),
-                "unet_calls": r["row"].get("n_unet_calls"),
-                "samples": r["row"].get("n_samples"),
+                "calls": r["row"].get(calls.calls) if calls else None,
             }
             for r in self.rows[stage].values()
         ]
@@ -465,14 +455,10 @@ class Board:
         for stage in self.hashes:
             rows = [r["row"] for r in self.rows[stage].values()]
             total = max(self.total(stage), len(rows))
-            ins = sum(r.get("in") or 0 for r in rows)
-            if stage == "render":
-                drawn = sum(r.get("n_samples") or 0 for r in rows)
-                rate = sum(r.get("n_passed") or 0 for r in rows) / drawn if drawn else None
-            elif stage in PASS_RATE:
-                rate = sum(r.get("out") or 0 for r in rows) / ins if ins else None
-            else:
-                rate = None
+            rate = None
+            if shown(stage).run_pass_rate is not None:
+                passed, drawn = (sum(r.get(c) or 0 for r in rows) for c in shown(stage).run_pass_rate)
+                rate = passed / drawn if drawn else None
             out.append(
                 {
                     "stage": stage,
@@ -483,29 +469,32 @@ class Board:
                         self.extra.get("running", {}).get(stage, 0),
                         sum(1 for s, _ in self.live if s == stage),
                     ),
-                    "kept_pairs": sum(r.get("out") or 0 for r in rows)
-                    if stage in ("render", "filter", "pack")
-                    else None,
+                    "kept_pairs": sum(r.get("out") or 0 for r in rows) if shown(stage).keeps_pairs else None,
                     "pass_rate": rate,
                     "eta_s": eta_s(self._timed(stage), max(0, total - len(rows)), now),
                 }
             )
         return out
 
+    def throughput_stage(self) -> str | None:
+        """The chain stage whose record declares the status's throughput (render)."""
+        return next((s for s in self.hashes if shown(s).throughput is not None), None)
+
     def throughput(self, stages: list[dict], now: float | None = None) -> dict:
-        """Kept pairs per hour and UNet calls per second (render's last finished partitions, plus what is in
-        flight), and the projected finish: now + the slowest unfinished stage's ETA."""
+        """Kept pairs per hour and work per second (:meth:`throughput_stage`'s last finished partitions,
+        plus its running figure in flight), and the projected finish: now + the slowest unfinished
+        stage's ETA."""
         now = now if now is not None else time.time()
-        timed = self._timed("render") if "render" in self.hashes else []
-        pairs, calls = rate_per_s(timed, "out", now), rate_per_s(timed, "unet_calls", now)
-        live_samples = sum(
-            (r["figures"].get("samples_per_s") or 0) for (s, _), r in self.live.items() if s == "render"
-        )
+        stage = self.throughput_stage()
+        timed = self._timed(stage) if stage else []
+        pairs, calls = rate_per_s(timed, "out", now), rate_per_s(timed, "calls", now)
+        figure = shown(stage).throughput.live if stage else None
+        live = sum((r["figures"].get(figure) or 0) for (s, _), r in self.live.items() if s == stage)
         etas = [s["eta_s"] for s in stages if s["done"] < s["total"] and s["eta_s"] is not None]
         return {
             "pairs_per_h": None if pairs is None else round(pairs * 3600, 1),
-            "unet_calls_per_s": None if calls is None else round(calls, 2),
-            "live_samples_per_s": round(live_samples, 2) if live_samples else None,
+            "calls_per_s": None if calls is None else round(calls, 2),
+            "live_per_s": round(live, 2) if live else None,
             "finish": now + max(etas)
             if etas
             else (now if all(s["done"] >= s["total"] for s in stages) else None),
@@ -526,15 +515,18 @@ class Board:
             b = self.extra["blocks"]
             lines += ["**Blocks**: " + ", ".join(f"{v} {k}" for k, v in b.items()), ""]
         pairs = "-" if speed["pairs_per_h"] is None else f"{speed['pairs_per_h']:,.0f}"
-        calls = "-" if speed["unet_calls_per_s"] is None else f"{speed['unet_calls_per_s']:,.1f}"
+        calls = "-" if speed["calls_per_s"] is None else f"{speed['calls_per_s']:,.1f}"
         finish = (
             "-"
             if speed["finish"] is None
             else f"{_clock(speed['finish'])} (in {_duration(speed['finish'] - now)})"
         )
+        through = self.throughput_stage()
+        labels = shown(through).throughput if through else None
         lines += [
-            f"**Throughput**: {pairs} kept pairs/h · {calls} UNet calls/s"
-            + (f" · {speed['live_samples_per_s']} samples/s in flight" if speed["live_samples_per_s"] else "")
+            f"**Throughput**: {pairs} kept pairs/h"
+            + (f" · {calls} {labels.calls_label}" if labels else "")
+            + (f" · {speed['live_per_s']} {labels.live_label}" if labels and speed["live_per_s"] else "")
             + f" · projected finish {finish}",
             "",
         ]
@@ -566,22 +558,32 @@ class Board:
             ]
             for r in live[:IN_FLIGHT_SHOWN]:
                 f = r["figures"]
-                rate = f.get("pass_rate")
+                done, rate_of, kept, per_s = shown(r["stage"]).in_flight
+                rate = f.get(rate_of)
                 lines.append(
                     f"| {r['stage']} {layout.partition_name(r['partition'])} | {100 * r['fraction']:.0f}% | "
-                    f"{f.get('samples', f.get('done', '-'))} | {'-' if rate is None else f'{rate:.1%}'} | "
-                    f"{f.get('kept_so_far', f.get('ok', '-'))} | {f.get('samples_per_s', f.get('per_s', '-'))} | "
+                    f"{f.get(done, '-')} | {'-' if rate is None else f'{rate:.1%}'} | "
+                    f"{f.get(kept, '-')} | {f.get(per_s, '-')} | "
                     f"{_duration(max(0.0, now - r['updated_at']))} ago |"
                 )
             if len(live) > IN_FLIGHT_SHOWN:
                 lines.append(f"| … {len(live) - IN_FLIGHT_SHOWN} more | | | | | | |")
         lines += [
             "",
-            f"ETA: the rate of each stage's last {ETA_WINDOW} finished partitions; pass rate: render's "
-            "passed / samples drawn; text, judge, filter: out / in. Every partition's figures: the stage tables "
-            "and each partition's `_SUCCESS.json`.",
+            f"ETA: the rate of each stage's last {ETA_WINDOW} finished partitions; pass rate: "
+            f"{self.pass_rate_note()}. Every partition's figures: the stage tables and each partition's "
+            "`_SUCCESS.json`.",
         ]
         return "\n".join(lines)
+
+    def pass_rate_note(self) -> str:
+        """What the status's pass rate is per stage, from the records ("render's passed / samples drawn;
+        text, judge, filter: out / in")."""
+        rated = [s for s in self.hashes if shown(s).run_pass_rate is not None]
+        default = Dashboard().pass_rate_label
+        own = [f"{s}'s {shown(s).pass_rate_label}" for s in rated if shown(s).pass_rate_label != default]
+        plain = [s for s in rated if shown(s).pass_rate_label == default]
+        return "; ".join(own + ([f"{', '.join(plain)}: {default}"] if plain else [])) or "-"
 
     # publishing
     def _publish(
@@ -767,8 +769,8 @@ def partition_completed(cfg: PipelineConfig, stage: str, manifest: dict) -> None
             "path": manifest.get("path"),
         }
         _emit("editforge.partition.completed", _resource(cfg, stage, pid), payload)
-        floor = cfg.run.alert_min_pass_rate
-        if stage == "render" and floor is not None and rate is not None and rate < floor:
+        floor = cfg.run.alert_min_pass_rate  # on a stage's own pass-rate figure (render's)
+        if shown(stage).pass_rate is not None and floor is not None and rate is not None and rate < floor:
             _emit(
                 "editforge.partition.low-pass-rate",
                 _resource(cfg, stage, pid),

@@ -25,7 +25,7 @@ from PIL import Image  # noqa: E402
 
 from flows.dashboard import finished  # noqa: E402
 from tasks import registry  # noqa: E402
-from tasks.common import layout, storage  # noqa: E402
+from tasks.common import contract, layout, storage  # noqa: E402
 from tasks.common.config import PipelineConfig  # noqa: E402
 from tasks.common.selection import METRICS, RUNGS, thresholds  # noqa: E402
 
@@ -333,14 +333,14 @@ def pairs_figure(data: RunData, best: bool, n: int = 6) -> bytes:
 
 def loss_figure(data: RunData) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    finetune = next(iter(data.manifests.get("finetune", [])), {}).get("finetune", {})
+    finetune = contract.figures(next(iter(data.manifests.get("finetune", [])), {})).get("finetune", {})
     curves = (
         (
             axes[0],
             finetune.get("loss_curve") or [],
             f"caption LM fine-tune ({finetune.get('base_model', '-')})",
         ),
-        (axes[1], (data.train or {}).get("loss_curve") or [], "editing model training"),
+        (axes[1], contract.figures(data.train or {}).get("loss_curve") or [], "editing model training"),
     )
     for ax, curve, title in curves:
         if curve:

@@ -7,13 +7,11 @@ finished under this config's hashes, never those another config left in the same
 
 from __future__ import annotations
 
-from collections import Counter
-
 from rich.console import Console
 from rich.table import Table
 
 from tasks import registry
-from tasks.common import layout
+from tasks.common import contract, layout
 from tasks.common.config import PipelineConfig
 from tasks.filter.stage import funnel_line
 
@@ -47,11 +45,8 @@ def summarise(manifests: dict[str, list[dict]]) -> list[dict]:
     for stage, items in manifests.items():
         if registry.get(stage).partitions != "all":
             continue
-        counts: Counter = Counter()
-        rejected: Counter = Counter()
-        for m in items:
-            counts.update(m.get("counts", {}))
-            rejected.update(m.get("rejected", {}))
+        total = sum(map(contract.Stats.of, items), contract.Stats())
+        counts, rejected = total.counts, total.rejected
         rows.append(
             {
                 "stage": stage,
@@ -166,8 +161,8 @@ def summary_lines(
     printed at the end of a run and written into the dashboard's summary artifact."""
     lines = []
     finetune = next(iter(manifests.get("finetune", [])), None)
-    if finetune and "finetune" in finetune:
-        f = finetune["finetune"]
+    if finetune and "finetune" in contract.figures(finetune):
+        f = contract.figures(finetune)["finetune"]
         loss = (
             f"train loss {f['train_loss_first10']:.2f} -> {f['train_loss_last10']:.2f}"
             if f.get("train_loss_first10") is not None

@@ -23,7 +23,7 @@ from flows.options import Debug, Overrides, Preset, load_or_exit, reported, run_
 from flows import report_html
 from flows.stages import retry_unless_permanent
 from tasks import registry
-from tasks.common import layout, storage
+from tasks.common import contract, layout, storage
 from tasks.common.config import ConfigError, PipelineConfig, load_config
 from tasks.train import launch
 
@@ -43,14 +43,14 @@ def train_task(cfg: PipelineConfig, index_url: str | None) -> dict:
 def publish_training(cfg: PipelineConfig, manifest: dict) -> None:
     """The loss curve as a keyed table artifact (`editforge-<name>-train`) for the dashboard."""
     key = layout.artifact_key(cfg.name, STAGE.name, manifest["config_hash"])
-    summary = manifest.get("train", {})
-    sample = manifest.get("sample", {})
+    own = contract.figures(manifest)
+    summary, sample = own.get("train", {}), own.get("sample", {})
     description = (
         f"EditForge `{cfg.name}` — editing-model training: {summary.get('steps')} steps, loss "
         f"{summary.get('loss_first')} → {summary.get('loss_last')}; sample edit "
         f"{sample.get('instruction')!r} in {sample.get('png')}"
     )
-    create_table_artifact(manifest.get("loss_curve", []), key=key, description=description)
+    create_table_artifact(own.get("loss_curve", []), key=key, description=description)
 
 
 @flow(name="editforge-train", log_prints=True)
@@ -64,18 +64,18 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     publish_training(cfg, manifest)
     if index is None:  # the run's own shards: its report gains the training loss curve
         report_html.build_and_publish(cfg, get_run_logger())
-    summary = manifest.get("train", {})
+    own = contract.figures(manifest)
+    summary = own.get("train", {})
     print(
         f"train: {summary.get('steps')} steps, loss {summary.get('loss_first')} -> {summary.get('loss_last')}, "
         f"{summary.get('steps_per_s')} steps/s{' (already done, skipped)' if manifest.get('skipped') else ''}"
     )
     model, png = (
-        storage.url_join(cfg.output_root, p)
-        for p in (manifest.get("model_dir"), manifest.get("sample", {}).get("png"))
+        storage.url_join(cfg.output_root, p) for p in (own.get("model_dir"), own.get("sample", {}).get("png"))
     )
     print(f"model: {model}  sample edit: {png}")
     return {
-        k: manifest.get(k)
+        k: (own if k in ("model_dir", "train", "sample", "index") else manifest).get(k)
         for k in ("path", "model_dir", "config_hash", "skipped", "train", "sample", "index")
     }
 

@@ -4,8 +4,9 @@ A stage's work for one partition is ``work(run: PartitionRun) -> None``; :func:`
 (stages call it through ``tasks.common.stage.execute``): one process per partition (a lease); a partition
 finished under the same config hash skipped (:func:`finished`, the one answer to "finished under this
 config?"); inputs checked (``MissingInputError``); checkpoints through ``run.checkpoint``; and
-``_SUCCESS.json`` written last with every output's sha256 and size. The manifest returned is small (paths
-and counts): Prefect results never hold the data.
+``_SUCCESS.json`` written last with every output's sha256 and size, the generic figures (:class:`Stats`) at
+its top and the stage's own under ``figures`` (:func:`figures` reads them). The manifest returned is small
+(paths and counts): Prefect results never hold the data.
 
 Each rule in full: docs/running.md ("In the code"); what it guarantees: docs/reliability.md.
 """
@@ -94,6 +95,30 @@ class Stats:
     def timer(self, name: str) -> _Timer:
         return _Timer(self, name)
 
+    def __add__(self, other: Stats) -> Stats:
+        """Partitions' stats merged (datatrove's way): counts, rejections and timings add, values join."""
+        if not isinstance(other, Stats):
+            return NotImplemented
+        return Stats(
+            _added(self.counts, other.counts),
+            _added(self.rejected, other.rejected),
+            _added(self.timings, other.timings),
+            {k: [*self.values.get(k, []), *other.values.get(k, [])] for k in {**self.values, **other.values}},
+        )
+
+    def __radd__(self, other: Any) -> Stats:
+        """``sum(stats)`` starts from 0."""
+        return self + Stats() if other == 0 else NotImplemented
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> Stats:
+        """The counts, rejections and timings a partition's manifest holds (its values are quantiles only)."""
+        return cls(
+            dict(manifest.get("counts") or {}),
+            dict(manifest.get("rejected") or {}),
+            dict(manifest.get("timings_s") or {}),
+        )
+
     def summary(self) -> dict[str, Any]:
         quantiles = {
             name: {f"q{int(q * 100):02d}": float(np.quantile(v, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
@@ -107,6 +132,10 @@ class Stats:
             "timings_s": {k: round(v, 3) for k, v in sorted(self.timings.items())},
             "quantiles": quantiles,
         }
+
+
+def _added(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 class _Timer:
@@ -126,7 +155,8 @@ class Checkpoint:
 
     Each chunk is written atomically under a name derived from its first key, so a re-run that
     rewrites the same batch overwrites the same chunk (no duplicates) and a crash loses at most the
-    batch in flight.
+    batch in flight. With ``expected`` keys each append reports progress (keys done); with ``ok`` =
+    (column, value), the rows whose column holds the value are counted too (the running figure `ok`).
     """
 
     def __init__(
@@ -135,13 +165,15 @@ class Checkpoint:
         key_column: str,
         expected: int | None = None,
         on_progress: Callable[[float, dict[str, Any] | None], None] | None = None,
+        ok: tuple[str, Any] | None = None,
     ):
         self.dir = progress_dir
         self.key_column = key_column
         self.expected = expected
         self.on_progress = on_progress
+        self.ok = ok
         self._keys: set[str] | None = None
-        self._ok = 0  # rows whose `status` is ok (text): the running figure shown with the progress
+        self._ok = 0  # rows counted as ok: the running figure shown with the progress
 
     def chunks(self) -> list[str]:
         return storage.list_files(self.dir, "chunk-*.parquet")
@@ -159,15 +191,16 @@ class Checkpoint:
         storage.write_parquet_atomic(storage.url_join(self.dir, f"chunk-{name}.parquet"), df)
         if self.expected and self.on_progress:
             keys = df[self.key_column].astype(str)
+            column, value = self.ok or (None, None)
             if self._keys is None:  # the first append of this process: what is on disk (this chunk included)
                 earlier = self.load()
                 self._keys = set(earlier[self.key_column].astype(str)) if len(earlier) else set()
-                self._ok = int((earlier["status"] == "ok").sum()) if "status" in earlier else 0
-            elif "status" in df:
-                self._ok += int((df.loc[~keys.isin(self._keys).to_numpy(), "status"] == "ok").sum())
+                self._ok = int((earlier[column] == value).sum()) if column in earlier else 0
+            elif column in df:
+                self._ok += int((df.loc[~keys.isin(self._keys).to_numpy(), column] == value).sum())
             self._keys.update(keys)
             figures: dict[str, Any] = {"done": len(self._keys), "expected": self.expected}
-            if "status" in df:
+            if column in df:
                 figures["ok"] = self._ok
             self.on_progress(len(self._keys) / self.expected, figures)
 
@@ -180,7 +213,7 @@ class PartitionRun:
     config_hash: str
     stats: Stats = field(default_factory=Stats)
     outputs: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # the stage's own: the manifest's `figures`
     # upstream stage -> (its partition this run reads, the config hash it must be finished under)
     inputs: dict[str, tuple[int, str]] = field(default_factory=dict)
 
@@ -206,11 +239,14 @@ class PartitionRun:
         """URL of ``name`` in the partition of upstream ``stage`` this run reads."""
         return storage.url_join(self.input_dir(stage), name)
 
-    def checkpoint(self, key_column: str, expected: int | None = None) -> Checkpoint:
-        """Append-only chunks for this run; with `expected` keys, each append reports progress."""
+    def checkpoint(
+        self, key_column: str, expected: int | None = None, ok: tuple[str, Any] | None = None
+    ) -> Checkpoint:
+        """Append-only chunks for this run; with `expected` keys, each append reports progress (and with
+        ``ok`` = (column, value), how many rows hold that value)."""
         # keyed by config hash: chunks written under another config are never reused
         return Checkpoint(
-            progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress
+            progress_dir(self.dir, self.config_hash), key_column, expected, self.report_progress, ok
         )
 
     def report_progress(self, fraction: float, figures: dict[str, Any] | None = None) -> None:
@@ -246,6 +282,37 @@ def read_success(run_dir: str, logger: logging.Logger | None = None) -> dict[str
     except (ValueError, UnicodeDecodeError) as err:
         (logger or log).warning("%s cannot be read (%s): the partition counts as not done", url, err)
         return None
+
+
+# what every manifest holds (:func:`_execute`), beside the stage's own figures
+GENERIC = frozenset(
+    {
+        "stage",
+        "partition_id",
+        "path",
+        "config_hash",
+        "code_version",
+        "wall_time_s",
+        "finished_at",
+        "outputs",
+        "sizes",
+        "counts",
+        "rejected",
+        "timings_s",
+        "quantiles",
+        "skipped",  # in the manifest a run returns
+    }
+)
+
+
+def figures(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A partition's own figures (its stage's: render's pass rates, pack's shards, finetune's summary):
+    the manifest's ``figures`` section, or, in a manifest written before it had one, every top-level
+    key that is not generic (:data:`GENERIC`). The one place that reads them."""
+    own = manifest.get("figures")
+    if isinstance(own, dict):
+        return own
+    return {k: v for k, v in manifest.items() if k not in GENERIC}
 
 
 def output_problems(run_dir: str, manifest: dict[str, Any], verify: str = "size") -> list[str]:
@@ -365,7 +432,7 @@ def _execute(run: PartitionRun, work: PartitionWork, logger: logging.Logger, ver
         "outputs": sha,
         "sizes": {name: on_disk[name] for name in run.outputs},
         **run.stats.summary(),
-        **run.extra,
+        "figures": dict(run.figures),
     }
     storage.write_json_atomic(run.path(SUCCESS), manifest)
     storage.remove(run.path(PROGRESS), recursive=True)

@@ -18,8 +18,10 @@ adding a stage is one record.
   first generation, more as it grows; :func:`tasks.registry.partition_ids` asks it) or ``one`` (``part-00000``);
 - ``prepare`` / ``finalize``: ``"module:function"`` run once before / after the partitions
   (the captions plan; the shard index);
-- ``headline``: the dashboard table's first columns after partition, status, in, out (the figures a
-  reader looks for; every other figure of the manifest follows them, :mod:`flows.dashboard`).
+- ``dashboard``: what the dashboard shows of the stage (:class:`Dashboard`): its table's leading figures,
+  its speed figures, which figure is its pass rate, its live one-line description. The dashboard
+  (:mod:`flows.dashboard`) asks the record and names no stage; the figures themselves are the
+  ``figures`` section of each partition's manifest (:func:`tasks.common.contract.figures`).
 
 Strings, not functions, name the code so that reading the registry imports no torch. :func:`stage_hash`
 and :func:`execute` work from a record, so a stage's code runs itself without the registry above it.
@@ -68,6 +70,45 @@ def gpus_for(device: str) -> int:
 
 
 @dataclass(frozen=True)
+class Throughput:
+    """The status's throughput line, from the stage that declares it: its kept pairs per hour, ``calls`` (a
+    table column: work done) per second, and ``live`` (a running figure) summed over partitions in flight."""
+
+    calls: str
+    calls_label: str
+    live: str
+    live_label: str
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    """What the dashboard (:mod:`flows.dashboard`) shows of a stage; every field names figures of its
+    table rows (`n_<count>`, the manifest's figures) or of its running figures (``report_progress``).
+
+    - ``headline``: the table's first figures after partition, status, in, out; ``speed``: the speed
+      figures after them (before the wall time);
+    - ``pass_rate``: the figure that is one partition's pass rate (render's: passed / samples drawn); None:
+      its out / in (the `out_rate` column); a stage with its own is watched by the low-pass-rate alert;
+    - ``run_pass_rate``: the (passed, drawn) columns summed over finished partitions for the status's pass
+      rate, described by ``pass_rate_label``; None: the status shows none;
+    - ``keeps_pairs``: the stage's `out` counts kept pairs; ``throughput``: :class:`Throughput`;
+    - ``live``: the parts of the live one-line description from the running figures (None: the checkpoint's
+      done / expected, ok, per s); ``in_flight``: the running figures in the status's in-flight table
+      (done, pass rate, kept, per s).
+    """
+
+    headline: tuple[str, ...] = ()
+    speed: tuple[str, ...] = ()
+    pass_rate: str | None = None
+    run_pass_rate: tuple[str, str] | None = None
+    pass_rate_label: str = "out / in"
+    keeps_pairs: bool = False
+    throughput: Throughput | None = None
+    live: Callable[[dict[str, Any]], list[str]] | None = None
+    in_flight: tuple[str, str, str, str] = ("done", "pass_rate", "ok", "per_s")
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     entry: str
@@ -85,7 +126,7 @@ class Stage:
     retries: int = 1
     one_at_a_time: bool = False
     progress: bool = False
-    headline: tuple[str, ...] = ()
+    dashboard: Dashboard = Dashboard()
 
     def upstream_stages(self, cfg: PipelineConfig) -> tuple[Stage, ...]:
         """The stages this one reads under ``cfg``: ``reads`` and those ``reads_when`` switches on."""

@@ -24,6 +24,7 @@ import pandas as pd
 from tasks import registry
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
+from tasks.common.contract import figures
 from tasks.common.errors import PermanentError
 from tasks.render.scheduling import STATUSES, SamplingPolicy
 
@@ -609,8 +610,10 @@ def _speed(
     warnings: list[str],
 ) -> dict:
     ms = data.manifests.get("render", [])
-    timed = [m for m in ms if m.get("unet_calls_this_run") and m.get("timings_s", {}).get("render")]
-    calls = sum(int(m["unet_calls_this_run"]) for m in timed)  # a resumed partition: what this run rendered
+    timed = [m for m in ms if figures(m).get("unet_calls_this_run") and m.get("timings_s", {}).get("render")]
+    calls = sum(
+        int(figures(m)["unet_calls_this_run"]) for m in timed
+    )  # a resumed partition: what this run rendered
     seconds = sum(float(m["timings_s"]["render"]) for m in timed)
     wall = sum(float(m.get("wall_time_s", 0.0)) for m in timed)
     measured = calls / seconds if seconds else None
@@ -801,7 +804,7 @@ def _judge(target: PipelineConfig, data: PilotData, kept_pairs: float | None, wa
             "cost is not included"
         )
         return {"judged": 0, "projected_cost_usd": None}
-    if target.judges.vlm.model not in {m.get("vlm_model") for m in judged} - {None}:
+    if target.judges.vlm.model not in {figures(m).get("vlm_model") for m in judged} - {None}:
         warnings.append(
             f"judges.vlm.model: the pilot's judge tokens are priced for {target.judges.vlm.model!r}"
         )

@@ -7,7 +7,7 @@ part of this one's.
 """
 
 from tasks.common.layout import KEPT_FILE
-from tasks.common.stage import Resources, Stage
+from tasks.common.stage import Dashboard, Resources, Stage
 from tasks.judge.spec import STAGE as JUDGE
 from tasks.render.spec import STAGE as RENDER
 
@@ -33,14 +33,18 @@ STAGE = Stage(
     hash_extra=selection_inputs,
     outputs=(KEPT_FILE,),
     resources=lambda cfg: Resources(1, 0, "-", "re-selection from samples.parquet (+ judgments.parquet)"),
-    headline=(
-        "n_triplets_in",
-        "n_triplets_kept",
-        "pass_rate_clip",
-        "pass_rate_dino",
-        "pass_rate_ssim",
-        "pass_rate_vlm",
-        "vlm_cost_per_kept_pair_usd",
-        "median_kept_clip_sim_dir",
+    dashboard=Dashboard(
+        headline=(
+            "n_triplets_in",
+            "n_triplets_kept",
+            "pass_rate_clip",
+            "pass_rate_dino",
+            "pass_rate_ssim",
+            "pass_rate_vlm",
+            "vlm_cost_per_kept_pair_usd",
+            "median_kept_clip_sim_dir",
+        ),
+        run_pass_rate=("out", "in"),
+        keeps_pairs=True,
     ),
 )

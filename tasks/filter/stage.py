@@ -94,7 +94,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
         if "vlm" in rungs:
             record_vlm_cost(run, samples, len(kept))
         if cfg.filter.note:
-            run.extra["note"] = cfg.filter.note
+            run.figures["note"] = cfg.filter.note
 
     return execute(cfg, FILTER, partition_id, work, logger)
 
@@ -125,10 +125,10 @@ def record_vlm_cost(run: PartitionRun, samples: pd.DataFrame, kept: int) -> None
     run.stats.add("vlm_judged", totals["judged"])
     run.stats.add("vlm_prompt_tokens", totals["prompt_tokens"])
     run.stats.add("vlm_completion_tokens", totals["completion_tokens"])
-    run.extra["vlm_cost_usd"] = totals["cost_usd"]
+    run.figures["vlm_cost_usd"] = totals["cost_usd"]
     if kept:
-        run.extra["vlm_tokens_per_kept_pair"] = round(
+        run.figures["vlm_tokens_per_kept_pair"] = round(
             (totals["prompt_tokens"] + totals["completion_tokens"]) / kept, 1
         )
         if totals["cost_usd"] is not None:
-            run.extra["vlm_cost_per_kept_pair_usd"] = round(totals["cost_usd"] / kept, 10)
+            run.figures["vlm_cost_per_kept_pair_usd"] = round(totals["cost_usd"] / kept, 10)

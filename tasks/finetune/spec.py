@@ -13,7 +13,7 @@ from typing import Any
 
 from tasks.common import storage
 from tasks.common.layout import FINETUNED_MODEL, OPENAI_MODEL_FILE
-from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.common.stage import Dashboard, Resources, Stage, gpus_for
 
 FINETUNE_COMMON = ("text.backend", "text.val_fraction", "text.seed")
 FINETUNE_LOCAL = (
@@ -69,7 +69,9 @@ def finetune_resources(cfg) -> Resources:
 
 FINETUNE = Stage(
     name="finetune",
-    headline=("train_loss_first10", "train_loss_last10", "val_loss", "train_examples", "val_examples"),
+    dashboard=Dashboard(
+        headline=("train_loss_first10", "train_loss_last10", "val_loss", "train_examples", "val_examples")
+    ),
     entry="tasks.finetune.stage:run",
     summary="fine-tune the caption LM on the seed triplets (local or the fine-tuning API)",
     reads=(),

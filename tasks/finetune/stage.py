@@ -24,6 +24,7 @@ from seed_annotations.schema import SeedAnnotationError, load_triplets, split_tr
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, check_text_lm
 from tasks.common.contract import PartitionRun, finished
+from tasks.common.contract import figures as contract_figures
 from tasks.common.errors import MissingFileError, PermanentError
 from tasks.common.models import MODELS, load_lm
 from tasks.common.stage import execute, stage_hash
@@ -64,7 +65,7 @@ def run(cfg: PipelineConfig, partition_id: int = 0, *, logger: logging.Logger | 
         else:
             figures = _finetune_openai(cfg, run, logger)
             storage.write_json_atomic(run.output(layout.OPENAI_MODEL_FILE), figures)
-        run.extra["finetune"] = figures | {
+        run.figures["finetune"] = figures | {
             "seed_annotations": seed_path,
             "backend": t.backend,
             "train_examples": len(train),
@@ -154,12 +155,13 @@ def finetuned_model_id(cfg: PipelineConfig) -> str:
         return cfg.text.openai.model
     h = stage_hash(cfg, FINETUNE)
     done = finished(layout.partition_dir(cfg.output_root, STAGE, h, 0), h)
-    if not done or "finetune" not in done or not done["finetune"].get("model"):
+    summary = contract_figures(done).get("finetune") if done else None
+    if not isinstance(summary, dict) or not summary.get("model"):
         raise RuntimeError(
             f"text: no fine-tuned model recorded under {cfg.output_root}/{STAGE}; "
             f"run the finetune stage first (editforge stage finetune)"
         )
-    return done["finetune"]["model"]
+    return summary["model"]
 
 
 def finetuned_model(cfg: PipelineConfig) -> tuple:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.config import TokenPrice, VLMJudgeConfig
+from tasks.common.contract import figures
 
 
 def price_for(model: str, prices: Mapping[str, TokenPrice]) -> TokenPrice | None:
@@ -65,7 +66,8 @@ def estimate(
         judged += c.get("vlm_judged", 0)
         prompt += c.get("vlm_prompt_tokens", 0)
         completion += c.get("vlm_completion_tokens", 0)
-        cost = None if cost is None or m.get("vlm_cost_usd") is None else cost + m["vlm_cost_usd"]
+        usd = figures(m).get("vlm_cost_usd")
+        cost = None if cost is None or usd is None else cost + usd
     kept = sum(m.get("counts", {}).get("out", 0) for m in filter_manifests)
     per_pair = cost / kept if cost is not None and kept else None
     return {

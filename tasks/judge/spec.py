@@ -7,7 +7,7 @@ judge off the stage writes an empty ``judgments.parquet`` per partition and asks
 """
 
 from tasks.common.layout import JUDGMENTS_FILE
-from tasks.common.stage import Resources, Stage
+from tasks.common.stage import Dashboard, Resources, Stage
 from tasks.render.spec import STAGE as RENDER
 
 
@@ -43,4 +43,5 @@ STAGE = Stage(
     retries=2,
     one_at_a_time=True,  # the API quota (or the worker's GPU serving the judge) is shared
     progress=True,
+    dashboard=Dashboard(run_pass_rate=("out", "in")),
 )

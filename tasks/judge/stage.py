@@ -65,7 +65,7 @@ def run(
         if not v.enabled:  # the rung is off: nothing is asked, every candidate passes through it
             storage.write_parquet_atomic(run.output(JUDGMENTS_FILE), pd.DataFrame(columns=COLUMNS))
             run.stats.add("out", len(cands))
-            run.extra["vlm"] = "off"
+            run.figures["vlm"] = "off"
             return
         checkpoint = run.checkpoint("sample_key", expected=len(cands))
         done = checkpoint.done_keys()
@@ -303,13 +303,13 @@ def _assemble(run: PartitionRun, checkpoint: Checkpoint, cands: pd.DataFrame, v:
     run.stats.add("vlm_completion_tokens", totals["completion_tokens"])
     run.stats.add("vlm_batch_answered", int(rows["vlm_batch"].astype(bool).sum()) if len(rows) else 0)
     run.stats.observe("vlm_score", rows["vlm_score"].to_numpy(dtype=float))
-    run.extra.update({"vlm_model": v.model, "vlm_rubric": RUBRIC, "vlm_cost_usd": totals["cost_usd"]})
+    run.figures.update({"vlm_model": v.model, "vlm_rubric": RUBRIC, "vlm_cost_usd": totals["cost_usd"]})
     if totals["judged"] and totals["cost_usd"] is not None:
-        run.extra["vlm_cost_per_judged_usd"] = round(totals["cost_usd"] / totals["judged"], 10)
+        run.figures["vlm_cost_per_judged_usd"] = round(totals["cost_usd"] / totals["judged"], 10)
     if totals["judged"]:
-        run.extra["vlm_tokens_per_judged"] = round(
+        run.figures["vlm_tokens_per_judged"] = round(
             (totals["prompt_tokens"] + totals["completion_tokens"]) / totals["judged"], 1
         )
     seconds = run.stats.timings.get("judge", 0.0)
     if seconds > 0 and run.stats.counts.get("requests_answered"):
-        run.extra["judged_per_s"] = round(run.stats.counts["requests_answered"] / seconds, 3)
+        run.figures["judged_per_s"] = round(run.stats.counts["requests_answered"] / seconds, 3)

@@ -16,6 +16,7 @@ from typing import Any
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig
+from tasks.common.contract import figures
 from tasks.common.errors import InputError, MissingFileError
 from tasks.common.stage import stage_hash
 from tasks.pack.card import write_card
@@ -41,13 +42,13 @@ def write_index(cfg: PipelineConfig, manifests: list[dict], logger: logging.Logg
             "partition_id": m["partition_id"],
         }
         for m in sorted(manifests, key=lambda m: m["partition_id"])
-        for s in m.get("shards", [])
+        for s in figures(m).get("shards", [])
     ]
     hf = (
         [
             _relative(m, f"hf/{s['name'].replace('.tar', '.parquet')}")
             for m in sorted(manifests, key=lambda m: m["partition_id"])
-            for s in m.get("shards", [])
+            for s in figures(m).get("shards", [])
         ]
         if cfg.pack.hf_export
         else []

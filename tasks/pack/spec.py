@@ -1,7 +1,7 @@
 """The pack stage's record (see :mod:`tasks.common.stage`)."""
 
 from tasks.captions.spec import STAGE as CAPTIONS
-from tasks.common.stage import Resources, Stage
+from tasks.common.stage import Dashboard, Resources, Stage
 from tasks.filter.spec import STAGE as FILTER
 from tasks.render.spec import STAGE as RENDER
 
@@ -16,5 +16,5 @@ STAGE = Stage(
         1, 0, f"{cfg.pack.shard_max_samples} samples per shard", "JPEG/PNG encoding"
     ),
     finalize="tasks.pack.index:write_index",
-    headline=("n_train_samples", "n_val_samples", "n_shards"),
+    dashboard=Dashboard(headline=("n_train_samples", "n_val_samples", "n_shards"), keeps_pairs=True),
 )

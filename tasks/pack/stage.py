@@ -39,7 +39,7 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
     def work(run: PartitionRun) -> None:
         kept = storage.read_parquet(run.input_path("filter", layout.KEPT_FILE))
         run.stats.add("in", len(kept))
-        run.extra["shards"] = []
+        run.figures["shards"] = []
         if kept.empty:
             run.stats.add("out", 0)
             return
@@ -61,6 +61,6 @@ def run(cfg: PipelineConfig, partition_id: int, *, logger: logging.Logger | None
                 run.stats.add(f"{split}_samples", len(chunk))
         run.stats.add("out", len(kept))
         run.stats.add("shards", len(shards))
-        run.extra["shards"] = shards
+        run.figures["shards"] = shards
 
     return execute(cfg, PACK, partition_id, work, logger)

@@ -6,7 +6,7 @@ rungs that are on (``judges.dino`` with ``models.dino*``, ``judges.ssim``).
 """
 
 from tasks.common.layout import SAMPLES_FILE
-from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.common.stage import Dashboard, Resources, Stage, Throughput, gpus_for
 from tasks.text.spec import TEXT
 from tasks.world.weights import hash_extra as world_models
 
@@ -32,6 +32,21 @@ def sections(cfg) -> tuple[str, ...]:
         *(("models.dino", "models.dino_path", "judges.dino") if "dino" in rungs else ()),
         *(("judges.ssim",) if "ssim" in rungs else ()),
     )
+
+
+def live(figures: dict) -> list[str]:
+    """The live one-line description of a partition from :class:`tasks.render.stage.LiveFigures`."""
+    rate = figures.get("pass_rate")
+    return [
+        f"{figures['triplets_done']}/{figures['triplets']} triplets",
+        f"{figures['samples']} samples",
+        f"pass rate {rate:.1%}" if rate is not None else "",
+        f"{figures['kept_so_far']} pairs kept so far",
+        f"{figures['unet_calls_per_kept_pair']} UNet calls/kept pair"
+        if figures.get("unet_calls_per_kept_pair")
+        else "",
+        f"{figures['samples_per_s']} samples/s" if figures.get("samples_per_s") else "",
+    ]
 
 
 def render_inputs(cfg) -> dict:
@@ -60,21 +75,31 @@ STAGE = Stage(
     retries=2,
     one_at_a_time=True,  # one partition at a time on the worker's GPU; workers split partitions
     progress=True,
-    headline=(
-        "pass_rate",
-        "pass_rate_clip",
-        "pass_rate_dino",
-        "pass_rate_ssim",
-        "n_samples",
-        "n_passed",
-        "n_triplets_with_kept_pair",
-        "unet_calls_per_kept_pair",
-        "samples_per_s",
-        "pass_rate_clip_sim_dir",
-        "pass_rate_clip_sim_image",
-        "pass_rate_clip_sim_0",
-        "pass_rate_clip_sim_1",
-        "median_clip_sim_dir",
-        "median_clip_sim_image",
+    dashboard=Dashboard(
+        headline=(
+            "pass_rate",
+            "pass_rate_clip",
+            "pass_rate_dino",
+            "pass_rate_ssim",
+            "n_samples",
+            "n_passed",
+            "n_triplets_with_kept_pair",
+            "unet_calls_per_kept_pair",
+            "samples_per_s",
+            "pass_rate_clip_sim_dir",
+            "pass_rate_clip_sim_image",
+            "pass_rate_clip_sim_0",
+            "pass_rate_clip_sim_1",
+            "median_clip_sim_dir",
+            "median_clip_sim_image",
+        ),
+        speed=("samples_per_s",),
+        pass_rate="pass_rate",
+        run_pass_rate=("n_passed", "n_samples"),
+        pass_rate_label="passed / samples drawn",
+        keeps_pairs=True,
+        throughput=Throughput("n_unet_calls", "UNet calls/s", "samples_per_s", "samples/s in flight"),
+        live=live,
+        in_flight=("samples", "pass_rate", "kept_so_far", "samples_per_s"),
     ),
 )

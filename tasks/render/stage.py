@@ -327,7 +327,9 @@ def run(
         if not plan.finished:
             nonlocal renderer
             renderer = renderer or get_renderer(cfg, logger)
-            run.extra.update(render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger, previous))
+            run.figures.update(
+                render_cohorts(run, cfg, plan, triplets, renderer, checkpoint, logger, previous)
+            )
 
         samples = load_rows(checkpoint, logger)
         if not len(samples):
@@ -372,7 +374,7 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
         run.stats.add(f"ladder_{step['rung']}_in", step["in"])
         run.stats.add(f"ladder_{step['rung']}_passed", step["passed"])
     if len(rungs) > 1:
-        run.extra["judges"] = {
+        run.figures["judges"] = {
             "dino": cfg.models.dino_path or cfg.models.dino if "dino" in rungs else None,
             "ssim": SSIM_LIBRARY if "ssim" in rungs else None,
         }
@@ -380,15 +382,15 @@ def record_stats(run: PartitionRun, cfg: PipelineConfig, plan: RenderPlan, sampl
         run.stats.observe(col, samples[col].to_numpy(dtype=float))
     # pass rates: of every sample drawn, and per criterion of those scored at the end (not early-rejected)
     if len(samples):
-        run.extra["pass_rate"] = round(float(samples["passed"].astype(bool).mean()), 4)
+        run.figures["pass_rate"] = round(float(samples["passed"].astype(bool).mean()), 4)
     scored = samples[~early]
     if len(scored):
         limits = thresholds(cfg.render.keep)
         for col in METRICS:
-            run.extra[f"pass_rate_{col}"] = round(float((scored[col] >= limits[col]).mean()), 4)
+            run.figures[f"pass_rate_{col}"] = round(float((scored[col] >= limits[col]).mean()), 4)
     if kept.any():
-        run.extra["unet_calls_per_kept_pair"] = round(unet_calls / int(kept.sum()), 2)
+        run.figures["unet_calls_per_kept_pair"] = round(unet_calls / int(kept.sum()), 2)
     seconds = run.stats.timings.get("render", 0.0)
-    if seconds > 0 and run.extra.get("samples_this_run"):
-        run.extra["samples_per_s"] = round(run.extra["samples_this_run"] / seconds, 3)
-        run.extra["unet_calls_per_s"] = round(run.extra["unet_calls_this_run"] / seconds, 3)
+    if seconds > 0 and run.figures.get("samples_this_run"):
+        run.figures["samples_per_s"] = round(run.figures["samples_this_run"] / seconds, 3)
+        run.figures["unet_calls_per_s"] = round(run.figures["unet_calls_this_run"] / seconds, 3)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tasks.captions.spec import STAGE as CAPTIONS
 from tasks.common.layout import TRIPLETS_FILE
-from tasks.common.stage import Resources, Stage, gpus_for
+from tasks.common.stage import Dashboard, Resources, Stage, gpus_for
 from tasks.finetune.spec import FINETUNE
 
 
@@ -34,5 +34,7 @@ TEXT = Stage(
     retries=2,
     one_at_a_time=True,  # the worker's GPU (or the API quota) is shared
     progress=True,
-    headline=("out_rate", "n_batches_generated", "n_retried_captions"),
+    dashboard=Dashboard(
+        headline=("out_rate", "n_batches_generated", "n_retried_captions"), run_pass_rate=("out", "in")
+    ),
 )

@@ -49,7 +49,7 @@ def run(
     def work(run: PartitionRun) -> None:
         captions = storage.read_parquet(run.input_path("captions", layout.CAPTIONS_FILE))
         run.stats.add("in", len(captions))
-        checkpoint = run.checkpoint("caption_id", expected=len(captions))
+        checkpoint = run.checkpoint("caption_id", expected=len(captions), ok=("status", "ok"))
         if cfg.text.backend == "local":
             generate_partition(
                 cfg, captions, checkpoint, run.stats, lambda: finetuned_model(cfg), partition_id, logger

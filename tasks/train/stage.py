@@ -22,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from tasks.common import layout, storage
 from tasks.common.config import PipelineConfig, TrainConfig
-from tasks.common.contract import MissingInputError, PartitionRun, finished
+from tasks.common.contract import MissingInputError, PartitionRun, figures, finished
 from tasks.common.devices import torch_device
 from tasks.common.errors import InputError
 from tasks.common.stage import execute, stage_hash
@@ -89,12 +89,12 @@ def trained_model(
     config_hash = train_hash(cfg, read_index(url, resolved=False))
     folder = layout.partition_dir(cfg.output_root, STAGE, config_hash, 0)
     done = finished(folder, config_hash)
-    if not done or not done.get("model_dir"):
+    if not done or not figures(done).get("model_dir"):
         raise NoTrainedModelError(
             f"no trained model for this config yet ({folder} holds no finished training); "
             f"run `{train_cmd}` first, or pass --model PATH"
         )
-    return storage.url_join(cfg.output_root, done["model_dir"]), config_hash
+    return storage.url_join(cfg.output_root, figures(done)["model_dir"]), config_hash
 
 
 def loss_curve(history: list[dict[str, Any]], max_points: int = MAX_CURVE_POINTS) -> list[dict[str, Any]]:
@@ -255,7 +255,7 @@ def run(
         run.stats.add("samples_seen", summary["samples_seen"])
         run.stats.observe("loss", [h["loss"] for h in result.history])
         run.stats.timings["train"] = result.wall_time_s
-        run.extra.update(
+        run.figures.update(
             {
                 "index": storage.url_join("pack", stage_hash(cfg, PACK), layout.INDEX_FILE)
                 if own

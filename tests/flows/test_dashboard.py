@@ -75,6 +75,31 @@ def test_a_stage_table_is_led_by_a_screen_of_columns_then_every_figure_with_the_
     assert rows[0]["rejected"] == "clip_direction: 6"
 
 
+def _new_format(manifest):
+    """The same manifest as written since the stage's figures have their own section."""
+    generic = {"partition_id", "config_hash", "counts", "rejected", "quantiles", "wall_time_s", "finished_at"}
+    return {k: v for k, v in manifest.items() if k in generic} | {
+        "figures": {k: v for k, v in manifest.items() if k not in generic}
+    }
+
+
+def test_a_manifest_with_a_figures_section_and_one_written_before_it_show_the_same_rows():
+    old = [_render(0, 10, 4, 3), {**_render(1, 8, 2, 2), "oom_halvings": 1}]
+    new = [_new_format(m) for m in old]
+    assert "pass_rate" not in new[0] and new[0]["figures"]["pass_rate"] == 0.4
+    assert dashboard.table("render", new, skipped={1: True}) == dashboard.table(
+        "render", old, skipped={1: True}
+    )
+    assert dashboard.pass_rate("render", new[1]) == dashboard.pass_rate("render", old[1]) == 0.25
+    finetune = {"partition_id": 0, "counts": {"finetune_examples": 4, "out": 1}, "wall_time_s": 1.0}
+    summary = {"finetune": {"train_loss_first10": 6.9, "val_loss": 5.0, "loss_curve": [], "backend": "local"}}
+    rows = [
+        dashboard.flat_row("finetune", m) for m in ({**finetune, **summary}, {**finetune, "figures": summary})
+    ]
+    assert rows[0] == rows[1] and rows[0]["train_loss_first10"] == 6.9 and "loss_curve" not in rows[0]
+    assert dashboard.kept_pairs("render", new) == 5 and dashboard.kept_pairs("text", new) is None
+
+
 def test_the_eta_counts_parallel_workers_and_is_zero_when_done():
     # three partitions of 10 s one after another: 10 s each, 2 left -> 20 s
     serial = [_render(i, 10, 1, 1, finished_at=100.0 + 10 * (i + 1)) for i in range(3)]
@@ -153,6 +178,8 @@ def test_the_status_shows_what_is_in_flight_the_blocks_throughput_and_a_pool_wit
     assert "1 running, 2 queued on a pool, 1 retried, 1 failed once or more" in text
     assert "3 kept pairs/h · 0.1 UNet calls/s · 2.1 samples/s in flight · projected finish" in text
     assert "(in 2.0 h)" in text  # render's ETA: the slowest stage with an ETA
+    # what each stage's pass rate is, from the records (Stage.dashboard), not from names in the dashboard
+    assert "pass rate: render's passed / samples drawn; text, judge, filter: out / in." in text
     assert "Waiting for a worker** on work pool `editforge-gpu`: no worker is online on it" in text
 
 

@@ -60,6 +60,11 @@ def test_whole_dag_then_rerun_skips_everything(prefect_harness, tmp_path):
     assert all("." not in s["__key__"] and s["input.jpg"].size == (64, 64) for s in samples)
 
     before = _shard_hashes(tmp_path)
+    # as if finished by a version that wrote the stages' figures at the manifests' top level: still done,
+    # and the dashboard rows and report below are built from those manifests
+    for success in tmp_path.rglob("_SUCCESS.json"):
+        m = json.loads(success.read_text())
+        success.write_text(json.dumps({k: v for k, v in m.items() if k != "figures"} | m["figures"]))
     again = generate("demo", overrides)
     assert all(s["skipped"] == 2 for s in again["stages"].values())
     assert _shard_hashes(tmp_path) == before

@@ -164,7 +164,7 @@ def test_two_processes_train_the_samples_losses_and_weights_of_one(one_process, 
     root, out = two_processes
     assert "total batch 4 = 2 × 1 × 2 processes" in out
     assert "launching 2 process(es) on node 0 of 1" in out
-    summary = json.loads((_partition(root) / "_SUCCESS.json").read_text())["train"]
+    summary = json.loads((_partition(root) / "_SUCCESS.json").read_text())["figures"]["train"]
     assert summary["processes"] == 2 and summary["samples_seen"] == 16
 
     # each step: rank 0 and rank 1 trained one micro-batch of 2 each, disjoint, together the 1-process step's 4

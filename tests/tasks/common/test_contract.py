@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from tasks.common import storage
-from tasks.common.contract import PROGRESS, SUCCESS, Stats, execute_partition
+from tasks.common.contract import GENERIC, PROGRESS, SUCCESS, Stats, execute_partition, figures
 
 
 def _work_writing(rows, fail_after_write=False):
@@ -136,6 +136,44 @@ def test_stats_summary_quantiles():
     assert out["quantiles"]["v"]["q50"] == 2.0 and out["quantiles"]["v"]["n"] == 5
 
 
+def test_partition_stats_merge_with_plus_and_sum_into_stage_totals():
+    a, b = Stats(), Stats()
+    a.add("out", 3), a.reject("blurry", 1), a.observe("v", [1.0]), a.timings.update(render=1.5)
+    b.add("out", 2), b.add("in", 9), b.reject("blurry", 2), b.reject("dark"), b.observe("v", [2.0, 3.0])
+    b.timings.update(render=0.5, decode=1.0)
+    total = a + b
+    assert total.counts == {"out": 5, "in": 9} and total.rejected == {"blurry": 3, "dark": 1}
+    assert total.timings == {"render": 2.0, "decode": 1.0} and total.values == {"v": [1.0, 2.0, 3.0]}
+    assert a.counts == {"out": 3} and b.values == {"v": [2.0, 3.0]}  # the terms are left as they were
+    assert sum([a, b]) == total and sum([a]) == a and sum([], Stats()) == Stats()
+    assert Stats.of({"counts": {"out": 1}, "rejected": {"dark": 1}, "timings_s": {"render": 0.5}}) == Stats(
+        {"out": 1}, {"dark": 1}, {"render": 0.5}
+    )
+
+
+def _old_format(manifest):
+    """A manifest as versions before the `figures` section wrote it: the stage's figures at the top level."""
+    return {k: v for k, v in manifest.items() if k not in ("figures", "skipped")} | manifest["figures"]
+
+
+def test_a_stages_figures_sit_in_their_own_section_and_a_manifest_written_before_it_still_reads(tmp_path):
+    def work(run):
+        _work_writing([1, 2])(run)
+        run.figures.update(pass_rate=0.5, shards=[{"name": "a.tar"}], summary={"loss": 1.0})
+
+    m = execute_partition("stage", 0, str(tmp_path), "h1", work)
+    success = json.loads((_partition(tmp_path) / SUCCESS).read_text())
+    assert set(success) == (GENERIC - {"skipped"}) | {"figures"}  # generic fields at the top, nothing else
+    own = {"pass_rate": 0.5, "shards": [{"name": "a.tar"}], "summary": {"loss": 1.0}}
+    assert figures(success) == figures(m) == success["figures"] == own
+
+    # a run directory finished by an older version (figures at the top level): still done, same figures
+    (_partition(tmp_path) / SUCCESS).write_text(json.dumps(_old_format(success)))
+    calls = []
+    again = execute_partition("stage", 0, str(tmp_path), "h1", lambda run: calls.append(run))
+    assert again["skipped"] and calls == [] and "figures" not in again and figures(again) == own
+
+
 def test_reading_an_unfinished_or_stale_upstream_partition_is_a_clear_error(tmp_path):
     from tasks.common.contract import MissingInputError
 
@@ -182,6 +220,26 @@ def test_checkpoint_appends_report_progress_through_the_hook(tmp_path):
         (0.5, {"done": 2, "expected": 4}),
         (1.0, {"done": 4, "expected": 4}),
     ]
+
+
+def test_a_checkpoint_counts_the_rows_its_stage_calls_ok(tmp_path):
+    from tasks.common.contract import PROGRESS_HOOK
+
+    seen = []
+
+    def work(run):
+        ck = run.checkpoint("k", expected=3, ok=("state", "good"))
+        ck.append("a", pd.DataFrame({"k": ["a", "b"], "state": ["good", "bad"]}))
+        ck.append("a", pd.DataFrame({"k": ["a", "b"], "state": ["good", "bad"]}))  # not counted twice
+        ck.append("c", pd.DataFrame({"k": ["c"], "state": ["good"]}))
+        storage.write_bytes_atomic(run.output("x"), b"x")
+
+    token = PROGRESS_HOOK.set(lambda fraction, figures: seen.append(figures))
+    try:
+        execute_partition("s", 0, str(tmp_path), "h", work)
+    finally:
+        PROGRESS_HOOK.reset(token)
+    assert [f["ok"] for f in seen] == [1, 1, 2] and seen[-1]["done"] == 3
 
 
 def _partition(tmp_path, pid=0, config_hash="h1"):

@@ -63,7 +63,8 @@ def test_scores_are_parsed_stored_priced_and_filtered(fake, tmp_path):
         == len(cands)
     )
     assert (
-        manifest["vlm_cost_usd"] == pytest.approx(expected.sum()) and manifest["vlm_cost_per_judged_usd"] > 0
+        manifest["figures"]["vlm_cost_usd"] == pytest.approx(expected.sum())
+        and manifest["figures"]["vlm_cost_per_judged_usd"] > 0
     )
     assert manifest["counts"]["requests_answered"] == len(cands) == sum(fake.state.judged().values())
 
@@ -75,8 +76,10 @@ def test_scores_are_parsed_stored_priced_and_filtered(fake, tmp_path):
     c = filtered["counts"]
     assert c["ladder_vlm_in"] == len(cands) and c["ladder_vlm_passed"] == len(cands) - low
     assert c["ladder_clip_in"] == len(samples) and c["ladder_dino_in"] == c["ladder_clip_passed"]
-    assert filtered["vlm_cost_usd"] == pytest.approx(expected.sum())
-    assert filtered["vlm_cost_per_kept_pair_usd"] == pytest.approx(expected.sum() / len(k), rel=1e-3)
+    assert filtered["figures"]["vlm_cost_usd"] == pytest.approx(expected.sum())
+    assert filtered["figures"]["vlm_cost_per_kept_pair_usd"] == pytest.approx(
+        expected.sum() / len(k), rel=1e-3
+    )
     assert {"vlm_rubric", "vlm_raw", "vlm_model", "dino_similarity", "ssim"} <= set(k.columns)
 
 
@@ -348,8 +351,10 @@ def test_estimate_reports_tokens_and_cost_per_judged_sample_and_kept_pair(fake, 
     judged, filtered = run_judge(cfg, 0), run_filter(cfg, 0)
     e = estimate([judged], [filtered], 1_000_000)  # what `editforge estimate` adds as its judge stage
     assert e["judged"] == judged["counts"]["vlm_judged"] and e["kept_pairs"] == filtered["counts"]["out"]
-    assert e["cost_usd"] == pytest.approx(judged["vlm_cost_usd"])
-    assert e["cost_per_kept_pair_usd"] == pytest.approx(judged["vlm_cost_usd"] / filtered["counts"]["out"])
+    assert e["cost_usd"] == pytest.approx(judged["figures"]["vlm_cost_usd"])
+    assert e["cost_per_kept_pair_usd"] == pytest.approx(
+        judged["figures"]["vlm_cost_usd"] / filtered["counts"]["out"]
+    )
     assert e["projected_cost_usd"] == pytest.approx(e["cost_per_kept_pair_usd"] * 1_000_000)
     line = funnel_line(filtered["counts"])
     assert line.startswith("judge ladder (filter): clip ") and " vlm " in line

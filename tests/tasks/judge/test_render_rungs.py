@@ -103,7 +103,8 @@ def test_rungs_score_only_what_passed_below_and_count_rejections_by_reason(tmp_p
         c["ladder_dino_passed"],
         c["ladder_ssim_passed"],
     ) == (len(df), int(clip_ok.sum()), int(dino_ok.sum()), int(df["passed"].sum()))
-    assert manifest["judges"]["dino"] == "tiny" and "torchmetrics" in manifest["judges"]["ssim"]
+    judges = manifest["figures"]["judges"]
+    assert judges["dino"] == "tiny" and "torchmetrics" in judges["ssim"]
     assert df["image_stored"].equals(df["passed"])  # save_images=passed: every pair through the ladder
     assert {"dino_similarity", "ssim"} <= set(manifest["quantiles"])
 

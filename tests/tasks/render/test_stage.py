@@ -218,7 +218,7 @@ def test_oom_halves_the_batch_and_continues(tmp_path, renderer):
     )
     manifest = run_render(config(big, "render.batch_samples=8"), 0, renderer=oom)
     assert oom.sizes[:3] == [8, 4, 2] and set(oom.sizes[3:]) == {2}
-    assert manifest["batch_samples"] == 2 and manifest["oom_halvings"] == 2
+    assert manifest["figures"]["batch_samples"] == 2 and manifest["figures"]["oom_halvings"] == 2
     pd.testing.assert_frame_equal(samples(big), samples(small))
     broken = Flaky(renderer, lambda call, n: ValueError("not an OOM"))
     with pytest.raises(ValueError):

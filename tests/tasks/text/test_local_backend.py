@@ -63,7 +63,8 @@ def test_local_stage_with_lora_writes_one_row_per_caption(tmp_path):
     ft = run_finetune(cfg)
     model_dir = tmp_path / ft["path"] / "model"
     assert (model_dir / "adapter_config.json").exists() and not (model_dir / "model.safetensors").exists()
-    assert ft["finetune"]["method"] == "lora" and ft["finetune"]["trainable_parameters"] < 50_000
+    summary = ft["figures"]["finetune"]
+    assert summary["method"] == "lora" and summary["trainable_parameters"] < 50_000
     assert {"train.chat.jsonl", "val.completion.jsonl"} <= set(ft["outputs"])
     manifest = run_text(cfg, 0)
     df = storage.read_parquet(str(tmp_path / manifest["path"] / "triplets.parquet"))

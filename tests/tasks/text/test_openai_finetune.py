@@ -19,13 +19,13 @@ def test_job_runs_queued_running_succeeded_and_is_recorded(fake, tmp_path, caplo
     cfg = openai_config(fake, tmp_path, "text.openai.finetune_epochs=3")
     caplog.set_level("INFO", logger="editforge")
     manifest = run_finetune(cfg)
-    ft = manifest["finetune"]
+    ft = manifest["figures"]["finetune"]
     assert ft["model"].startswith("ft:gpt-4o-mini-2024-07-18:") and ft["status"] == "succeeded"
     assert ft["job_id"].startswith("ftjob-") and ft["trained_tokens"] and not ft["resumed"]
     assert ft["train_examples"] > ft["val_examples"] > 0
     assert finetuned_model_id(cfg) == ft["model"]
     done = read_success(partition_url(cfg, "finetune"))
-    assert done["finetune"]["job_id"] == ft["job_id"]
+    assert done["figures"]["finetune"]["job_id"] == ft["job_id"]
     assert (
         json.loads(storage.read_bytes(str(tmp_path / manifest["path"] / OPENAI_MODEL_FILE)))["model"]
         == ft["model"]
@@ -62,7 +62,7 @@ def test_failed_job_surfaces_its_error_and_is_not_resumed(fake, tmp_path):
         run_finetune(cfg)
     assert read_success(partition_url(cfg, "finetune")) is None
     fake.knobs.job_error = None
-    assert run_finetune(cfg)["finetune"]["status"] == "succeeded"
+    assert run_finetune(cfg)["figures"]["finetune"]["status"] == "succeeded"
     assert fake.state.count("/v1/fine_tuning/jobs") == 2  # the failed job is not polled again: a new one
 
 
@@ -74,12 +74,12 @@ def test_a_running_job_is_resumed_not_created_twice(fake, tmp_path):
     assert fake.state.count("/v1/fine_tuning/jobs") == 1
     fake.knobs.job_polls_per_status = 3  # the job moves on
     manifest = run_finetune(cfg)
-    assert manifest["finetune"]["resumed"] and manifest["counts"]["finetune_jobs_resumed"] == 1
+    assert manifest["figures"]["finetune"]["resumed"] and manifest["counts"]["finetune_jobs_resumed"] == 1
     assert fake.state.count("/v1/fine_tuning/jobs") == 1
     assert fake.state.count("/v1/files") == 2  # the training files were not uploaded again
 
 
 def test_a_served_model_needs_no_job(fake, tmp_path):
     cfg = openai_config(fake, tmp_path, "text.openai.model=Qwen/Qwen2.5-1.5B-Instruct")
-    assert run_finetune(cfg)["finetune"]["model"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert run_finetune(cfg)["figures"]["finetune"]["model"] == "Qwen/Qwen2.5-1.5B-Instruct"
     assert fake.state.count("/v1/fine_tuning/jobs") == 0 and fake.state.count("/v1/files") == 0

@@ -62,7 +62,7 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     cfg = load_config("demo", [f"output_root={tmp_path}", *SMALL])
     manifest = run_train(cfg, index_url=index)
     part = tmp_path / manifest["path"]
-    assert not manifest["skipped"] and manifest["train"]["steps"] == 2
+    assert not manifest["skipped"] and manifest["figures"]["train"]["steps"] == 2
     success = json.loads((part / "_SUCCESS.json").read_text())
     assert success["config_hash"] == manifest["config_hash"] and success["counts"]["steps"] == 2
     assert {
@@ -74,7 +74,7 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     assert Image.open(part / "sample_edit.png").size == (3 * 64, 64)
     metrics = json.loads((part / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [1, 2]
-    assert [r["step"] for r in manifest["loss_curve"]] == [1, 2]
+    assert [r["step"] for r in manifest["figures"]["loss_curve"]] == [1, 2]
 
     assert run_train(cfg, index_url=index)["skipped"]
 
@@ -82,8 +82,9 @@ def test_stage_writes_model_metrics_sample_and_skips_or_resamples(index, tmp_pat
     resampled = run_train(
         load_config("demo", [f"output_root={tmp_path}", *SMALL, "train.guidance_scale=3.0"]), index_url=index
     )
-    assert not resampled["skipped"] and resampled["train"]["resumed_from"] == 2
-    assert resampled["train"]["steps"] == 2 and resampled["sample"]["guidance_scale"] == 3.0
+    own = resampled["figures"]
+    assert not resampled["skipped"] and own["train"]["resumed_from"] == 2
+    assert own["train"]["steps"] == 2 and own["sample"]["guidance_scale"] == 3.0
 
 
 def test_missing_index_names_the_generate_flow(tmp_path):
