@@ -5,7 +5,7 @@
     python bench/world_pass_rates.py --per-kind 4 --samples 4 --set render.steps=10   # a quicker look
     python bench/world_pass_rates.py --branches 1 --world-seed 7 --early-at 0.5   # held-out seed; early margin
 
-Rendering goes through the render stage's own engine (`tasks.world.evaluate.render_triplets`: `Renderer`,
+Rendering goes through the render stage's own engine (`tasks.world_eval.evaluate.render_triplets`: `Renderer`,
 Prompt-to-Prompt sharing, the stage's seeds and CLIP scoring) with the preset's `render.*` settings, on
 triplets drawn by the world generator (`tasks.world.edits`), balanced over the five edit kinds. For each
 triplet the same seeds are also rendered with `render.attention=none` (two independent generations from
@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.config import load_config
-from tasks.world.evaluate import (
+from tasks.world_eval.evaluate import (
     balanced_triplets,
     by_kind,
     equal_error_threshold,
@@ -279,7 +279,7 @@ def sharing_arms(
     rate by quarter of p in both arms; kept pairs per 1,000 UNet calls of both arms (top_k per triplet)."""
     import torch
 
-    from tasks.world.evaluate import sharing_summary, sharing_table, sign_test
+    from tasks.world_eval.evaluate import sharing_summary, sharing_table, sign_test
 
     pairs = sharing_table(renderer, shared, shared_images, none, none_images)
     summary = sharing_summary(pairs, tuple(cfg.render.p_range))

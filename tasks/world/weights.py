@@ -35,14 +35,6 @@ def model_dir(kind: str, root: Path | None = None) -> Path:
     return (root or weights_dir()) / kind
 
 
-def missing_message(kind: str, setting: str) -> str:
-    return (
-        f"model preset 'world': {model_dir(kind)} is missing; it ships with the repository "
-        f"(git checkout tasks/world/weights), or rebuild it with `python -m tasks.world.build` "
-        f"(about 18 CPU-minutes), or point {setting} at a build's {kind}/ folder"
-    )
-
-
 @cache
 def _manifest(root: str) -> dict:
     path = Path(root) / MANIFEST

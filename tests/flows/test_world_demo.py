@@ -13,7 +13,7 @@ pytestmark = pytest.mark.flow
 
 def test_world_demo_keeps_recognisable_world_edits_and_draws_its_grid(prefect_harness, tmp_path):
     from flows.generate import generate
-    from tasks.world import figure
+    from tasks.world_eval import figure
 
     overrides = [
         f"output_root={tmp_path}",

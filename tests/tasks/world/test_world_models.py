@@ -17,7 +17,7 @@ from tasks.scoring.metrics import clip_metrics
 from tasks.world.build import _clip_model, file_hashes
 from tasks.world.clip_text import check_same_hidden_states
 from tasks.world.edits import EDIT_KINDS, wrong_edit
-from tasks.world.evaluate import (
+from tasks.world_eval.evaluate import (
     SHARING_METRICS,
     balanced_triplets,
     ground_truth_metrics,

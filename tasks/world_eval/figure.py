@@ -1,8 +1,8 @@
 """Figures of the world: a run's kept pairs, and what Prompt-to-Prompt sharing does, drawn with matplotlib.
 
-    python -m tasks.world.figure                          # the `world` run -> docs/world-pairs.png
-    python -m tasks.world.figure --preset world --set output_root=/tmp/w --out /tmp/pairs.png
-    python -m tasks.world.figure --sharing                # -> docs/world-sharing.png (renders; ~1 CPU-minute)
+    python -m tasks.world_eval.figure                          # the `world` run -> docs/world-pairs.png
+    python -m tasks.world_eval.figure --preset world --set output_root=/tmp/w --out /tmp/pairs.png
+    python -m tasks.world_eval.figure --sharing                # -> docs/world-sharing.png (renders; ~1 CPU-minute)
 
 Kept pairs: reads the finished render partitions of the config (``samples.parquet`` and the PNGs of the
 kept pairs, ``render.save_images``) and shows up to ``--pairs`` kept pairs, spread over the edit kinds
@@ -29,7 +29,7 @@ from tasks.common.config import PipelineConfig, load_config
 from tasks.common.contract import finished
 from tasks.common.layout import SAMPLES_FILE, image_name, partition_dir, partition_file
 from tasks.registry import partition_ids, stage_hash
-from tasks.world.evaluate import with_kinds
+from tasks.world_eval.evaluate import with_kinds
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "world-pairs.png"
 
@@ -109,7 +109,7 @@ def render_sharing(cfg: PipelineConfig, per_kind: int = 2, ps: tuple[float, ...]
     from tasks.render.pairs import PairRequest
     from tasks.render.renderer import Renderer, settings_from
     from tasks.render.sampling import sample_seeds
-    from tasks.world.evaluate import balanced_triplets, triplet_id
+    from tasks.world_eval.evaluate import balanced_triplets, triplet_id
 
     triplets = balanced_triplets(seed, per_kind)
     renderer = Renderer(cfg)

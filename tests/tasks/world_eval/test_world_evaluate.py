@@ -1,4 +1,4 @@
-"""The statistics of what Prompt-to-Prompt sharing buys (tasks.world.evaluate): the paired sign test and the
+"""The statistics of what Prompt-to-Prompt sharing buys (tasks.world_eval.evaluate): the paired sign test and the
 summary by quarter of p that the world models' test and bench/world_pass_rates.py report."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.world.evaluate import SHARING_METRICS, p_quarters, sharing_summary, sign_test
+from tasks.world_eval.evaluate import SHARING_METRICS, p_quarters, sharing_summary, sign_test
 
 
 def test_sign_test_is_the_exact_binomial_tail_and_drops_ties():
