@@ -17,6 +17,7 @@ from tasks.scoring.metrics import clip_metrics
 from tasks.world.build import _clip_model, file_hashes
 from tasks.world.clip_text import check_same_hidden_states
 from tasks.world.edits import EDIT_KINDS, wrong_edit
+from tasks.world.weights import MANIFEST, identity, model_dir, weights_dir
 from tasks.world_eval.evaluate import (
     SHARING_METRICS,
     balanced_triplets,
@@ -24,7 +25,6 @@ from tasks.world_eval.evaluate import (
     sharing_pairs,
     sharing_summary,
 )
-from tasks.world.weights import MANIFEST, identity, model_dir, weights_dir
 
 pytestmark = pytest.mark.component
 SAMPLES = 5  # x 40 triplets: 200 pairs from the same noise
