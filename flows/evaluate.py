@@ -145,7 +145,7 @@ def evaluate(
     settings = settings_for(cfg, image_guidance, text_guidance, steps, seed, resolution, limit, split)
     plan = plan_evaluation(cfg, settings, model, index, command_args(preset, overrides))
     resources = Resources(1, gpus_for(device or cfg.train.device), f"{batch_size} edits per pipeline call")
-    with tags(*resources.tags(layout.EVAL)):
+    with tags(*resources.tags()):
         result = evaluate_task(cfg, plan, device, batch_size)
     publish_evaluation(cfg, result)
     print(

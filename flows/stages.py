@@ -163,7 +163,7 @@ def run_stage(
     cfg = load_config(preset, overrides or [])
     stage = registry.get(name)
     prepare_task, partition_task, finalize_task = TASKS[name]
-    with tags(*stage.resources(cfg).tags(name)):  # `editforge-gpu` on the task runs that hold a GPU
+    with tags(*stage.resources(cfg).tags()):  # `editforge-gpu` on the task runs that hold a GPU
         if stage.prepare and not (cfg.run.mode == "fan-out" and partitions is not None):
             prepare_task(cfg, name)  # (a fan-out child's parent prepared the stage before submitting it)
         ids = partition_ids(

@@ -59,7 +59,7 @@ def train(preset: str = "demo", overrides: list[str] | None = None, index: str |
     launch.refuse_launcher()
     cfg = load_config(preset, overrides or [])
     print(f"train: {batch_line(cfg)}")
-    with tags(*STAGE.resources(cfg).tags(STAGE.name)):
+    with tags(*STAGE.resources(cfg).tags()):
         manifest = train_task(cfg, index)
     publish_training(cfg, manifest)
     if index is None:  # the run's own shards: its report gains the training loss curve

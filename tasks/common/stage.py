@@ -56,9 +56,11 @@ class Resources:
     batch: str
     note: str = ""
 
-    def tags(self, stage: str) -> list[str]:
-        """Prefect task-run tags: the stage, and the GPU tag when a GPU is held."""
-        return ["editforge", f"editforge-{stage}", *([GPU_TAG] if self.gpus else [])]
+    def tags(self) -> list[str]:
+        """Prefect task-run tags: the GPU tag when a GPU is held, else none. Every tag is a related
+        resource of each of the task run's state events (a row and index entries apiece in Prefect's
+        database); the stage is in the task run's name (``render-partitions[16-23]``) and its flow's."""
+        return [GPU_TAG] if self.gpus else []
 
     def as_dict(self) -> dict:
         return asdict(self)
