@@ -608,6 +608,14 @@ def main(argv: list[str] | None = None) -> int:
         "--from-run", action="store_true", help="summarise the preset's finished render partitions"
     )
     parser.add_argument(
+        "--p-sweep-from",
+        nargs="+",
+        default=None,
+        metavar="PARQUET",
+        help="summarise earlier --p-sweep runs' world_p_sweep_samples.parquet files together (the same p "
+        "values; checks as recorded at their thresholds); renders nothing",
+    )
+    parser.add_argument(
         "--p-sweep",
         default=None,
         metavar="P,P,...",
@@ -656,24 +664,27 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[(rows["attention"] != "none") & (rows["arm"] == "independent")]
         at = result["early_rejection_at"] = args.early_at if args.early_at is not None else 0.5
         result |= {"source": args.early_from, "early_rejection": early_calibration(cfg, rows, at, out)}
-    elif ps:
-        from tasks.render.renderer import Renderer
+    elif ps or args.p_sweep_from:
+        if args.p_sweep_from:
+            rows = pd.concat([pd.read_parquet(f) for f in args.p_sweep_from], ignore_index=True)
+            result |= {"source": args.p_sweep_from}
+        else:
+            from tasks.render.renderer import Renderer
 
-        triplets = balanced_triplets(args.world_seed, args.per_kind)
-        rows = render_p_sweep(cfg, Renderer(cfg), triplets, args.samples, ps)
-        sweep = p_sweep_summary(rows, selection)
+            triplets = balanced_triplets(args.world_seed, args.per_kind)
+            rows = render_p_sweep(cfg, Renderer(cfg), triplets, args.samples, ps)
+            result |= {
+                "source": "world triplets, paired p-sweep",
+                "world_seed": args.world_seed,
+                "per_kind": args.per_kind,
+                "samples_per_triplet": args.samples,
+            }
+            samples_out = (
+                Path(args.samples_out) if args.samples_out else out.with_name("world_p_sweep_samples.parquet")
+            )
+            rows.to_parquet(samples_out, index=False)
+        sweep = result["p_sweep"] = p_sweep_summary(rows, selection)
         print_p_sweep(sweep)
-        result |= {
-            "source": "world triplets, paired p-sweep",
-            "world_seed": args.world_seed,
-            "per_kind": args.per_kind,
-            "samples_per_triplet": args.samples,
-            "p_sweep": sweep,
-        }
-        samples_out = (
-            Path(args.samples_out) if args.samples_out else out.with_name("world_p_sweep_samples.parquet")
-        )
-        rows.to_parquet(samples_out, index=False)
         arms = sweep["arms"]
         print(
             "p-sweep pass rate: "

@@ -311,6 +311,13 @@ def test_world_p_sweep_smoke_renders_every_p_from_the_same_noise(tmp_path, capsy
         assert list(by_arm[arm]["cfg_scale"]) == list(by_arm["none"]["cfg_scale"])
     # the input image does not depend on p: its caption score is the same in every arm
     assert np.allclose(by_arm["p=0.8"]["clip_sim_0"], by_arm["none"]["clip_sim_0"], atol=1e-4)
+    # the stored rows summarise to the same sweep without rendering
+    again = tmp_path / "again.json"
+    assert (
+        bench.main(["--p-sweep-from", str(tmp_path / "world_p_sweep_samples.parquet"), "--out", str(again)])
+        == 0
+    )
+    assert json.loads(again.read_text())["p_sweep"] == sweep
 
 
 def test_world_p_sweep_rejects_a_bad_p_list(capsys):
