@@ -378,7 +378,7 @@ def render_p_sweep(cfg, renderer, triplets, samples: int, ps: list[float]) -> pd
         else:
             pinned = cfg.model_copy(update={"render": cfg.render.model_copy(update={"p_range": (p, p)})})
             rows = render_triplets(pinned, triplets, samples, renderer=renderer, images=images)
-        before, after = torch_stack(images)
+        before, after = _stack_pairs(images)
         close = pair_closeness(renderer, before, after)
         if first_before is None:
             first_before, reference = before, rows
@@ -409,7 +409,7 @@ def render_p_sweep(cfg, renderer, triplets, samples: int, ps: list[float]) -> pd
     return pd.concat(frames, ignore_index=True)
 
 
-def torch_stack(images: list):
+def _stack_pairs(images: list):
     import torch
 
     return torch.stack([b for b, _ in images]), torch.stack([a for _, a in images])
