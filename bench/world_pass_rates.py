@@ -4,6 +4,7 @@
     python bench/world_pass_rates.py --from-run           # summarise the `world` run's render partitions
     python bench/world_pass_rates.py --per-kind 4 --samples 4 --set render.steps=10   # a quicker look
     python bench/world_pass_rates.py --branches 1 --world-seed 7 --early-at 0.5   # held-out seed; early margin
+    python bench/world_pass_rates.py --per-kind 8 --samples 4 --world-seed 7 --p-sweep 0.1,0.3,0.5,0.7,0.9
 
 Rendering goes through the render stage's own engine (`tasks.world_eval.evaluate.render_triplets`: `Renderer`,
 Prompt-to-Prompt sharing, the stage's seeds and CLIP scoring) with the preset's `render.*` settings, on
@@ -27,6 +28,13 @@ pair, diversity (distinct seeds per kept pair; the mean pairwise 1 - cosine of a
 images under the world CLIP), the correlation of two branches' pass outcomes within a seed against two
 samples of different seeds, and the pass rate against p. `render_throughput.py --measured-pass-rates`
 replays the measured seed trees for the branching policies.
+
+`--p-sweep P,P,...` (the paired p-curve; renders nothing else): every sample (triplet, seed, CFG scale) is
+rendered from the same noise at each listed p with sharing (`render.p_range` pinned to (p, p)) and once
+with `attention=none`. Per arm: the mean CLIP metrics, SSIM and pixel RMSE against the input image, each
+filter check's pass rate and the filter's, kept pairs per 1,000 UNet calls; per p the paired differences
+against `none` and against the previous p (sign tests; McNemar's exact test for the checks), each sample's
+slope over p, and all of it by edit kind (`p_sweep` in the JSON, rows in `world_p_sweep_samples.parquet`).
 
 `--early-at F` also scores the ip2p arm's x0 prediction after F of the steps (the render stage's dry run)
 and calibrates `render.early_reject.margin` on it as `editforge calibrate-early` does: the
@@ -53,6 +61,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.config import load_config
+from tasks.common.selection import thresholds
 from tasks.world_eval.evaluate import (
     balanced_triplets,
     by_kind,
@@ -61,6 +70,8 @@ from tasks.world_eval.evaluate import (
     negative_metrics,
     quantiles,
     render_triplets,
+    sign_test,
+    with_kinds,
 )
 
 EVAL_SEED = 3  # world seed of the evaluation triplets (the models train on seed 0)
@@ -331,6 +342,206 @@ def sharing_arms(
     return summary
 
 
+# --------------------------------------------------------------------------- the paired p-sweep
+
+SWEEP_METRICS = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1", "ssim", "rmse")
+SWEEP_CHECKS = ("image", "caption_0", "caption_1", "direction", "filter")
+
+
+def parse_ps(text: str) -> list[float]:
+    """``0.1,0.3,0.5`` -> [0.1, 0.3, 0.5]: distinct values in [0, 1], increasing."""
+    try:
+        ps = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        ps = []
+    if not ps or any(not 0 <= p <= 1 for p in ps) or sorted(set(ps)) != ps:
+        raise ValueError(f"--p-sweep {text!r}: give distinct increasing p values in [0, 1], e.g. 0.1,0.5,0.9")
+    return ps
+
+
+def render_p_sweep(cfg, renderer, triplets, samples: int, ps: list[float]) -> pd.DataFrame:
+    """Every sample (triplet, seed, CFG scale) rendered with the same noise once per p in ``ps`` with the
+    config's attention sharing (``render.p_range`` pinned to (p, p): the seed's noise and CFG draw do not
+    change) and once with ``attention=none``. One row per sample and arm (``arm``: ``none`` or ``p=<p>``):
+    the render rows plus SSIM and pixel RMSE of the after image against the before image and each filter
+    check's outcome (``check_*``). Raises if two arms did not start from the same noise."""
+    from tasks.world_eval.evaluate import pair_closeness
+
+    if cfg.render.attention == "none":
+        raise ValueError("--p-sweep needs render.attention to share (ip2p), not none")
+    limits = thresholds(cfg.render.keep)
+    frames, first_before = [], None
+    for p in [None, *ps]:
+        images: list = []
+        if p is None:
+            rows = render_triplets(cfg, triplets, samples, attention="none", renderer=renderer, images=images)
+        else:
+            pinned = cfg.model_copy(update={"render": cfg.render.model_copy(update={"p_range": (p, p)})})
+            rows = render_triplets(pinned, triplets, samples, renderer=renderer, images=images)
+        before, after = _stack_pairs(images)
+        close = pair_closeness(renderer, before, after)
+        if first_before is None:
+            first_before, reference = before, rows
+        elif (
+            list(rows["seed"]) != list(reference["seed"])
+            or not np.allclose(rows["cfg_scale"], reference["cfg_scale"])
+            or (before - first_before).abs().max() > 1e-3
+        ):
+            raise AssertionError(
+                f"arm p={p} did not start from the none arm's noise (its before images differ)"
+            )
+        rows = rows.assign(
+            arm="none" if p is None else f"p={p:g}",
+            p=np.nan if p is None else p,
+            attention="none" if p is None else cfg.render.attention,
+            ssim=close["ssim"],
+            rmse=close["rmse"],
+            check_image=rows["clip_sim_image"] >= limits["clip_sim_image"],
+            check_caption_0=rows["clip_sim_0"] >= limits["clip_sim_0"],
+            check_caption_1=rows["clip_sim_1"] >= limits["clip_sim_1"],
+            check_direction=rows["clip_sim_dir"] >= limits["clip_sim_dir"],
+            check_filter=rows["passed"].astype(bool),
+        )
+        frames.append(rows)
+        print(
+            f"  p-sweep arm {rows['arm'].iloc[0]}: {len(rows)} samples, pass rate {rows['passed'].mean():.1%}"
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def _stack_pairs(images: list):
+    import torch
+
+    return torch.stack([b for b, _ in images]), torch.stack([a for _, a in images])
+
+
+def _arm_stats(rows: pd.DataFrame, selection) -> dict:
+    from tasks.common.selection import select_top_k
+
+    kept = select_top_k(rows.reset_index(drop=True), selection).to_numpy(dtype=bool)
+    calls = int(rows["unet_steps"].sum())
+    return {
+        "samples": len(rows),
+        **{f"mean_{m}": round(float(rows[m].mean()), 4) for m in SWEEP_METRICS},
+        **{f"pass_{c}": round(float(rows[f"check_{c}"].mean()), 4) for c in SWEEP_CHECKS},
+        "kept": int(kept.sum()),
+        "unet_calls": calls,
+        "kept_per_1000_unet_calls": round(1000 * float(kept.sum()) / calls, 3) if calls else None,
+        "triplets_with_kept": int(rows[kept]["caption_id"].nunique()),
+        "triplets": int(rows["caption_id"].nunique()),
+    }
+
+
+def _paired(a: pd.DataFrame, b: pd.DataFrame) -> dict:
+    """``a`` against ``b``, the same samples in the same order: per metric the mean difference a - b, the
+    share of samples where a is higher and a sign test; per check the pass-rate difference, the samples
+    passing in one arm only and a sign test over them (McNemar's exact test)."""
+    out: dict = {}
+    for m in SWEEP_METRICS:
+        d = a[m].to_numpy(dtype=float) - b[m].to_numpy(dtype=float)
+        d = d[np.isfinite(d)]
+        out[m] = {
+            "mean_diff": round(float(d.mean()), 4),
+            "share_higher": round(float((d > 0).mean()), 4),
+            "sign_test_p": sign_test(d),
+        }
+    for c in SWEEP_CHECKS:
+        x, y = a[f"check_{c}"].to_numpy(dtype=bool), b[f"check_{c}"].to_numpy(dtype=bool)
+        only_a, only_b = int((x & ~y).sum()), int((y & ~x).sum())
+        out[f"pass_{c}"] = {
+            "diff": round(float(x.mean() - y.mean()), 4),
+            "only_this": only_a,
+            "only_other": only_b,
+            "sign_test_p": sign_test(np.array([1.0] * only_a + [-1.0] * only_b)),
+        }
+    return out
+
+
+def _trend(arms: list[pd.DataFrame], ps: list[float]) -> dict:
+    """Per sample, the least-squares slope of each metric (and of each check's pass) over the swept p values;
+    the mean slope (per unit of p), the share of samples whose slope is negative and a sign test."""
+    x = np.asarray(ps, dtype=float) - np.mean(ps)
+    out = {}
+    for col in [*SWEEP_METRICS, *(f"check_{c}" for c in SWEEP_CHECKS)]:
+        y = np.stack([a[col].to_numpy(dtype=float) for a in arms], axis=1)
+        slope = (y - y.mean(axis=1, keepdims=True)) @ x / float(x @ x)
+        slope = slope[np.isfinite(slope)]
+        out[col.removeprefix("check_")] = {
+            "mean_slope": round(float(slope.mean()), 4),
+            "share_falling": round(float((slope < 0).mean()), 4),
+            "share_rising": round(float((slope > 0).mean()), 4),
+            "sign_test_p": sign_test(slope),
+        }
+    return out
+
+
+def p_sweep_summary(rows: pd.DataFrame, selection) -> dict:
+    """From :func:`render_p_sweep`'s rows: each arm's means, check pass rates and kept pairs; every p's paired
+    differences against ``none`` and against the previous p; the within-sample trend over p; the same by
+    edit kind."""
+
+    def summary(df: pd.DataFrame) -> dict:
+        df = df.sort_values(["arm", "caption_id", "seed"], kind="stable")
+        none = df[df["arm"] == "none"].reset_index(drop=True)
+        ps = sorted(df["p"].dropna().unique())
+        arms = [df[df["p"] == p].reset_index(drop=True) for p in ps]
+        for a in arms:
+            assert list(a["caption_id"]) == list(none["caption_id"]) and list(a["seed"]) == list(none["seed"])
+        out = {
+            "arms": [{"arm": "none", "p": None, **_arm_stats(none, selection)}]
+            + [{"arm": f"p={p:g}", "p": float(p), **_arm_stats(a, selection)} for p, a in zip(ps, arms)],
+            "vs_none": [{"p": float(p), **_paired(a, none)} for p, a in zip(ps, arms)],
+            "vs_previous_p": [
+                {"p": float(ps[i]), "previous_p": float(ps[i - 1]), **_paired(arms[i], arms[i - 1])}
+                for i in range(1, len(ps))
+            ],
+        }
+        if len(ps) > 1:
+            out["trend"] = _trend(arms, ps)
+        return out
+
+    result = {
+        "ps": sorted(float(p) for p in rows["p"].dropna().unique()),
+        "samples_per_arm": int((rows["arm"] == "none").sum()),
+        "triplets": int(rows["caption_id"].nunique()),
+        **summary(rows),
+        "by_kind": {kind: summary(group) for kind, group in with_kinds(rows).groupby("kind", sort=False)},
+    }
+    return result
+
+
+def print_p_sweep(sweep: dict) -> None:
+    cols = ["arm", "pass_filter", "pass_image", "pass_caption_0", "pass_caption_1", "pass_direction"]
+    cols += [f"mean_{m}" for m in SWEEP_METRICS] + ["kept_per_1000_unet_calls"]
+    table = pd.DataFrame(sweep["arms"])[cols]
+    table.columns = [c.removeprefix("mean_").removeprefix("pass_") for c in cols[:1]] + [
+        c.replace("pass_", "ok_").removeprefix("mean_") for c in cols[1:]
+    ]
+    print(f"p-sweep, {sweep['samples_per_arm']} samples per arm ({sweep['triplets']} triplets), same noise:")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for name in ("vs_none", "vs_previous_p"):
+        for e in sweep[name]:
+            ref = "none" if name == "vs_none" else f"p={e['previous_p']:g}"
+            print(
+                f"  p={e['p']:g} vs {ref}: "
+                + ", ".join(
+                    f"{m} {e[m]['mean_diff']:+.3f} (sign p={e[m]['sign_test_p']:.2g})"
+                    for m in ("clip_sim_dir", "clip_sim_image", "ssim")
+                )
+                + f", pass {e['pass_filter']['diff']:+.1%} ({e['pass_filter']['only_this']}/"
+                f"{e['pass_filter']['only_other']}, p={e['pass_filter']['sign_test_p']:.2g})"
+            )
+    print("  by kind, clip_sim_dir / direction check / filter pass per arm (none, then each p):")
+    for kind, k in sweep["by_kind"].items():
+        print(
+            f"    {kind:<11} "
+            + "  ".join(
+                f"{a['mean_clip_sim_dir']:.3f}/{a['pass_direction']:.0%}/{a['pass_filter']:.0%}"
+                for a in k["arms"]
+            )
+        )
+
+
 def print_table(title: str, table: pd.DataFrame) -> None:
     cols = [
         "kind",
@@ -396,6 +607,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-run", action="store_true", help="summarise the preset's finished render partitions"
     )
+    parser.add_argument(
+        "--p-sweep-from",
+        nargs="+",
+        default=None,
+        metavar="PARQUET",
+        help="summarise earlier --p-sweep runs' world_p_sweep_samples.parquet files together (the same p "
+        "values; checks as recorded at their thresholds); renders nothing",
+    )
+    parser.add_argument(
+        "--p-sweep",
+        default=None,
+        metavar="P,P,...",
+        help="the paired p-curve: render every sample (triplet, seed, CFG) with the same noise at each listed "
+        "p with sharing, and once with attention=none; per p the metrics, each filter check's pass rate, kept "
+        "pairs per 1,000 UNet calls, paired tests against none and the previous p, by edit kind "
+        "(`p_sweep` in the JSON, rows in world_p_sweep_samples.parquet beside --out)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_pass_rates.json"))
     parser.add_argument(
         "--samples-out",
@@ -406,11 +634,20 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="a seconds-long size for the test suite (figures mean little)"
     )
     args = parser.parse_args(argv)
-    if args.smoke:
+    try:
+        ps = parse_ps(args.p_sweep) if args.p_sweep is not None else None
+    except ValueError as err:
+        parser.error(str(err))
+    if args.smoke and ps:
+        args.per_kind, args.samples = 1, 2
+        args.overrides = [*args.overrides, "render.steps=4"]
+    elif args.smoke:
         args.per_kind, args.samples, args.branches = 1, 4, 2
         args.early_at = 0.5 if args.early_at is None else args.early_at
         args.overrides = [*args.overrides, "render.steps=4"]
     cfg = load_config(args.preset, args.overrides)
+    if ps and cfg.render.attention == "none":
+        parser.error("--p-sweep compares sharing with attention=none: set render.attention=ip2p")
     selection = cfg.render.keep
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +664,34 @@ def main(argv: list[str] | None = None) -> int:
         rows = rows[(rows["attention"] != "none") & (rows["arm"] == "independent")]
         at = result["early_rejection_at"] = args.early_at if args.early_at is not None else 0.5
         result |= {"source": args.early_from, "early_rejection": early_calibration(cfg, rows, at, out)}
+    elif ps or args.p_sweep_from:
+        if args.p_sweep_from:
+            rows = pd.concat([pd.read_parquet(f) for f in args.p_sweep_from], ignore_index=True)
+            result |= {"source": args.p_sweep_from}
+        else:
+            from tasks.render.renderer import Renderer
+
+            triplets = balanced_triplets(args.world_seed, args.per_kind)
+            rows = render_p_sweep(cfg, Renderer(cfg), triplets, args.samples, ps)
+            result |= {
+                "source": "world triplets, paired p-sweep",
+                "world_seed": args.world_seed,
+                "per_kind": args.per_kind,
+                "samples_per_triplet": args.samples,
+            }
+            samples_out = (
+                Path(args.samples_out) if args.samples_out else out.with_name("world_p_sweep_samples.parquet")
+            )
+            rows.to_parquet(samples_out, index=False)
+        sweep = result["p_sweep"] = p_sweep_summary(rows, selection)
+        print_p_sweep(sweep)
+        arms = sweep["arms"]
+        print(
+            "p-sweep pass rate: "
+            + ", ".join(f"{a['arm']} {a['pass_filter']:.1%}" for a in arms)
+            + "; clip_sim_dir: "
+            + ", ".join(f"{a['arm']} {a['mean_clip_sim_dir']:.3f}" for a in arms)
+        )
     elif args.from_run:
         samples = from_run(cfg)
         table = by_kind(samples, selection)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -210,3 +211,117 @@ def test_beta_prior_takes_the_binomial_noise_out_of_the_spread():
     split = pd.DataFrame({"pass_rate": [0.0, 1.0] * 10, "samples": [16] * 20})
     a, b = bench.beta_prior(split)
     assert a < 1 and b < 1 and a / (a + b) == pytest.approx(0.5)
+
+
+def _sweep_rows() -> pd.DataFrame:
+    """Two triplets x 3 seeds in three arms from the same noise: with p the direction falls and SSIM rises;
+    p=0.8's first sample fails the direction check that it passes at p=0.2 and without sharing."""
+    rows = []
+    a, b = "a red circle on a black background, flat style", "a blue circle on a black background, flat style"
+    for arm, p in (("none", None), ("p=0.2", 0.2), ("p=0.8", 0.8)):
+        shift = 0.0 if p is None else p
+        for t, cid in enumerate(("aaaa", "bbbb")):
+            for s in range(3):
+                direction = 0.40 - 0.2 * shift + 0.01 * s
+                rows.append(
+                    {
+                        "caption_id": cid,
+                        "seed": 10 * t + s,
+                        "arm": arm,
+                        "p": np.nan if p is None else p,
+                        "input": a,
+                        "output": b,
+                        "kind": "colour",
+                        "clip_sim_image": 0.6 + 0.1 * shift,
+                        "clip_sim_dir": direction,
+                        "clip_sim_0": 0.3,
+                        "clip_sim_1": 0.3,
+                        "ssim": 0.5 + 0.2 * shift + 0.01 * s,
+                        "rmse": 0.2 - 0.05 * shift,
+                        "unet_steps": 20,
+                    }
+                )
+    df = pd.DataFrame(rows)
+    limits = {"clip_sim_image": 0.55, "clip_sim_0": 0.2, "clip_sim_1": 0.2, "clip_sim_dir": 0.245}
+    for check, m in (("image", "clip_sim_image"), ("caption_0", "clip_sim_0"), ("caption_1", "clip_sim_1")):
+        df[f"check_{check}"] = df[m] >= limits[m]
+    df["check_direction"] = df["clip_sim_dir"] >= limits["clip_sim_dir"]
+    df["check_filter"] = df[[f"check_{c}" for c in ("image", "caption_0", "caption_1", "direction")]].all(
+        axis=1
+    )
+    df["passed"] = df["check_filter"]
+    return df
+
+
+def test_p_sweep_summary_pairs_each_p_with_none_and_the_previous_p():
+    from tasks.common.config import Selection
+
+    bench = _bench("world_pass_rates")
+    selection = Selection(
+        clip_image_threshold=0.55, clip_caption_threshold=0.2, clip_direction_threshold=0.245, top_k=2
+    )
+    sweep = bench.p_sweep_summary(_sweep_rows(), selection)
+    assert sweep["ps"] == [0.2, 0.8] and sweep["samples_per_arm"] == 6 and sweep["triplets"] == 2
+    arms = {a["arm"]: a for a in sweep["arms"]}
+    assert list(arms) == ["none", "p=0.2", "p=0.8"]
+    # direction 0.40/0.41/0.42 without sharing, 0.36.. at p=0.2, 0.24/0.25/0.26 at p=0.8
+    assert arms["none"]["pass_direction"] == arms["p=0.2"]["pass_direction"] == 1.0
+    assert arms["p=0.8"]["pass_direction"] == pytest.approx(4 / 6, abs=1e-4)
+    assert (
+        arms["p=0.8"]["pass_filter"] == pytest.approx(4 / 6, abs=1e-4) and arms["none"]["pass_filter"] == 1.0
+    )
+    # kept: top 2 of 3 passing per triplet; at p=0.8 each triplet's seed 0 fails, two are left
+    assert [arms[k]["kept"] for k in arms] == [4, 4, 4]
+    assert arms["none"]["kept_per_1000_unet_calls"] == pytest.approx(1000 * 4 / 120, abs=1e-3)
+    late = sweep["vs_previous_p"][0]
+    assert (late["p"], late["previous_p"]) == (0.8, 0.2)
+    assert late["clip_sim_dir"]["mean_diff"] == pytest.approx(-0.12)
+    assert late["clip_sim_dir"]["share_higher"] == 0.0 and late["clip_sim_dir"][
+        "sign_test_p"
+    ] == pytest.approx(2 / 64)
+    assert late["ssim"]["mean_diff"] == pytest.approx(0.12)
+    assert late["pass_direction"] == {
+        "diff": pytest.approx(-2 / 6, abs=1e-4),
+        "only_this": 0,
+        "only_other": 2,
+        "sign_test_p": 0.5,
+    }
+    assert [e["p"] for e in sweep["vs_none"]] == [0.2, 0.8]
+    assert sweep["vs_none"][0]["rmse"]["mean_diff"] == pytest.approx(-0.01)
+    assert sweep["trend"]["clip_sim_dir"]["share_falling"] == 1.0
+    assert sweep["trend"]["ssim"]["share_rising"] == 1.0
+    assert sweep["trend"]["filter"]["share_falling"] == pytest.approx(2 / 6, abs=1e-4)
+    assert set(sweep["by_kind"]) == {"colour"} and sweep["by_kind"]["colour"]["arms"] == sweep["arms"]
+
+
+@pytest.mark.component
+def test_world_p_sweep_smoke_renders_every_p_from_the_same_noise(tmp_path, capsys):
+    bench = _bench("world_pass_rates")
+    out = tmp_path / "w.json"
+    assert bench.main(["--smoke", "--p-sweep", "0.2,0.8", "--out", str(out)]) == 0
+    assert any(line.startswith("world_pass_rates: ") for line in capsys.readouterr().out.splitlines())
+    sweep = json.loads(out.read_text())["p_sweep"]
+    assert [a["arm"] for a in sweep["arms"]] == ["none", "p=0.2", "p=0.8"] and sweep["samples_per_arm"] == 10
+    assert len(sweep["by_kind"]) == 5 and {"vs_none", "vs_previous_p", "trend"} <= set(sweep)
+    rows = pd.read_parquet(tmp_path / "world_p_sweep_samples.parquet")
+    by_arm = {arm: g.reset_index(drop=True) for arm, g in rows.groupby("arm")}
+    for arm, p in (("p=0.2", 0.2), ("p=0.8", 0.8)):
+        assert (by_arm[arm]["p2p_p"] == p).all()
+        assert list(by_arm[arm]["seed"]) == list(by_arm["none"]["seed"])
+        assert list(by_arm[arm]["cfg_scale"]) == list(by_arm["none"]["cfg_scale"])
+    # the input image does not depend on p: its caption score is the same in every arm
+    assert np.allclose(by_arm["p=0.8"]["clip_sim_0"], by_arm["none"]["clip_sim_0"], atol=1e-4)
+    # the stored rows summarise to the same sweep without rendering
+    again = tmp_path / "again.json"
+    assert (
+        bench.main(["--p-sweep-from", str(tmp_path / "world_p_sweep_samples.parquet"), "--out", str(again)])
+        == 0
+    )
+    assert json.loads(again.read_text())["p_sweep"] == sweep
+
+
+def test_world_p_sweep_rejects_a_bad_p_list(capsys):
+    bench = _bench("world_pass_rates")
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--p-sweep", "0.9,0.1"])
+    assert exit_.value.code == 2 and "error: --p-sweep '0.9,0.1'" in capsys.readouterr().err
