@@ -1,6 +1,6 @@
 """Train the world's small models, once, deterministically, on a CPU; write them in the libraries' formats.
 
-    python -m tasks.world.build                       # all four into tasks/world/weights/ (~18 CPU-minutes)
+    python -m tasks.world.build                       # all four into tasks/world/weights/ (~17 CPU-minutes)
     python -m tasks.world.build --out /tmp/w --scale 0.02   # a seconds-long build (tests)
 
 What is trained, in order, on scenes and edit triplets of world seed :data:`tasks.world.data.TRAIN_SEED`:
@@ -53,6 +53,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ import torch.nn.functional as F
 from tasks.common.storage import local_dir_atomic
 from tasks.world.data import TRAIN_SEED
 from tasks.world.edits import sample_triplets
-from tasks.world.scene import WORLD_IMAGE_SIZE, caption, image_array, sample_scene
+from tasks.world.scene import WORLD_IMAGE_SIZE, Scene, caption, image_array, sample_scene
 from tasks.world.weights import MANIFEST, weights_dir
 
 WORLD_BUILD_VERSION = "2"
@@ -207,9 +208,17 @@ def _zero_unused_tokens(embedding: torch.nn.Embedding, used: torch.Tensor) -> No
         embedding.weight[~keep] = 0.0
 
 
-def tokenizer_texts() -> list[str]:
+@cache
+def train_scenes(n: int) -> tuple[Scene, ...]:
+    """Scenes 0..n-1 of the world's training seed (drawn once per process: the tokenizers, the VAE and
+    the UNet all read the first 4096)."""
+    return tuple(sample_scene(TRAIN_SEED, i) for i in range(n))
+
+
+@cache
+def tokenizer_texts() -> tuple[str, ...]:
     """The texts whose words the world tokenizer keeps (:func:`tasks.world.clip_text.build_world_tokenizer`)."""
-    return [caption(sample_scene(TRAIN_SEED, i)) for i in range(TOKENIZER_TEXTS)]
+    return tuple(caption(s) for s in train_scenes(TOKENIZER_TEXTS))
 
 
 def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -342,6 +351,13 @@ def build_clip(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
 # --------------------------------------------------------------------------- VAE
 
 
+def encode_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's posterior modes of images ``x`` (unscaled), in chunks of 256 from the first: the UNet
+    trains on the chunks the VAE build encoded (the same numbers, not encoded twice)."""
+    with torch.no_grad():
+        return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mode() for i in range(0, len(x), 256)])
+
+
 def world_vae(seed: int):
     from diffusers import AutoencoderKL
 
@@ -369,7 +385,7 @@ def world_vae(seed: int):
 def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
     from tasks.world.scene import BACKGROUNDS
 
-    scenes = [sample_scene(TRAIN_SEED, i) for i in range(plan.vae_images)]
+    scenes = train_scenes(plan.vae_images)
     x_all = to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1
     backgrounds = (
         torch.tensor([BACKGROUNDS[s.background] for s in scenes], dtype=torch.float32).view(-1, 3, 1, 1)
@@ -403,9 +419,9 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
             log(f"vae step {step}/{plan.vae_steps}: loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(x_all[i : i + 256]).latent_dist.mode() for i in range(0, n_train, 256)]
-        )
+        encoded = encode_latents(vae, x_all)
+        # the statistic reads the chunks that start below n_train (so far always every image)
+        latents = encoded[: min(len(x_all), -(-n_train // 256) * 256)]
         scale = 1.0 / float(latents.std())
         test = x_all[n_train:]
         recon = vae.decode(vae.encode(test).latent_dist.mode()).sample.clamp(-1, 1)
@@ -422,7 +438,7 @@ def build_vae(out: Path, plan: BuildPlan, log: Callable[[str], None]):
         "latent_mean": round(float(latents.mean()), 4),
         "loss_curve": _curve(losses),
     }
-    return vae, figures
+    return vae, figures, encoded
 
 
 # --------------------------------------------------------------------------- UNet (+ text encoder, tokenizer, scheduler)
@@ -471,7 +487,12 @@ def _clip_model(folder: Path):
     return model.eval(), config["model_cfg"]
 
 
-def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None]) -> dict:
+def build_diffusion(
+    out: Path, plan: BuildPlan, vae, log: Callable[[str], None], encoded: torch.Tensor | None = None
+) -> dict:
+    """The UNet, its text encoder, tokenizer and scheduler (see the module doc). ``encoded``: the
+    unscaled latents of the first ``len(encoded)`` training scenes as :func:`encode_latents` gave them
+    in the VAE build; used when they are the UNet's images, else the images are drawn and encoded here."""
     from diffusers import DDPMScheduler, EulerAncestralDiscreteScheduler
 
     from tasks.common.tiny import save_text_encoder
@@ -482,23 +503,19 @@ def build_diffusion(out: Path, plan: BuildPlan, vae, log: Callable[[str], None])
     tokenizer = build_world_tokenizer(folder / "tokenizer", tokenizer_texts())
     clip, model_cfg = _clip_model(out / "clip")
     encoder = to_transformers(clip, model_cfg).requires_grad_(False)
-    scenes = [sample_scene(TRAIN_SEED, i) for i in range(plan.unet_images)]
+    scenes = train_scenes(plan.unet_images)
     captions = [caption(s) for s in scenes]
     check_same_hidden_states(clip, encoder, tokenizer, captions[:8])
+    if encoded is None or len(encoded) != len(scenes):
+        encoded = encode_latents(vae, to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1)
     with torch.no_grad():
-        x_all = to_unit(np.stack([image_array(s) for s in scenes])) * 2 - 1
-        scale = vae.config.scaling_factor
-        latents = (
-            torch.cat([vae.encode(x_all[i : i + 256]).latent_dist.mode() for i in range(0, len(x_all), 256)])
-            * scale
-        )
+        latents = encoded * vae.config.scaling_factor
         unique = sorted(set(captions)) + [""]
         ids = tokenize(tokenizer, unique)
         hidden = torch.cat([encoder(ids[i : i + 256])[0] for i in range(0, len(ids), 256)])
         where = {c: i for i, c in enumerate(unique)}
         caption_index = torch.tensor([where[c] for c in captions])
         null = where[""]
-    del x_all
 
     unet = world_unet(plan.seed + 3, plan.unet_channels, plan.unet_heads, plan.unet_qk_init)
     ema = [p.detach().clone() for p in unet.parameters()]
@@ -725,9 +742,10 @@ def build_all(out: Path, plan: BuildPlan = BuildPlan(), log: Callable[[str], Non
             with timer("clip"):
                 figures["clip"] = build_clip(tmp, plan, log)
             with timer("vae"):
-                vae, figures["vae"] = build_vae(tmp, plan, log)
+                vae, figures["vae"], encoded = build_vae(tmp, plan, log)
             with timer("unet"):
-                figures["unet"] = build_diffusion(tmp, plan, vae, log)
+                figures["unet"] = build_diffusion(tmp, plan, vae, log, encoded)
+            del vae, encoded
             with timer("lm"):
                 figures["lm"] = build_lm(tmp, plan, log)
         manifest = {
