@@ -348,6 +348,16 @@ SWEEP_METRICS = ("clip_sim_image", "clip_sim_dir", "clip_sim_0", "clip_sim_1", "
 SWEEP_CHECKS = ("image", "caption_0", "caption_1", "direction", "filter")
 
 
+def _grid(text: str) -> tuple[float, float, float]:
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected START:STOP:STEP, e.g. 0.5:0.86:0.025") from None
+    if step <= 0 or stop <= start:
+        raise argparse.ArgumentTypeError(f"{text!r}: STOP must exceed START and STEP be positive")
+    return start, stop, step
+
+
 def parse_ps(text: str) -> list[float]:
     """``0.1,0.3,0.5`` -> [0.1, 0.3, 0.5]: distinct values in [0, 1], increasing."""
     try:
@@ -542,6 +552,62 @@ def print_p_sweep(sweep: dict) -> None:
         )
 
 
+def fall_over_thresholds(rows: pd.DataFrame, selection, image: np.ndarray, direction: np.ndarray) -> dict:
+    """Whether any thresholds make the p-curve fall (the paper's "no edit" at large p): for every (image-image,
+    direction) pair on the grid, the caption check at the preset's threshold, the filter's pass rate at each
+    swept p; the p where it peaks and how far it falls from there to the largest p, with a McNemar sign test
+    between those two arms (the same samples). Reports the grid point with the largest fall, overall and by
+    edit kind."""
+    limits = thresholds(selection)
+
+    def grid(df: pd.DataFrame) -> dict:
+        arms = [
+            g.sort_values(["caption_id", "seed"], kind="stable")
+            for _, g in df.dropna(subset=["p"]).groupby("p")
+        ]
+        ps = [float(a["p"].iloc[0]) for a in arms]
+        caption_ok = [
+            ((a["clip_sim_0"] >= limits["clip_sim_0"]) & (a["clip_sim_1"] >= limits["clip_sim_1"])).to_numpy()
+            for a in arms
+        ]
+        points = []
+        for ti in image:
+            for td in direction:
+                passed = [
+                    ok & (a["clip_sim_image"].to_numpy() >= ti) & (a["clip_sim_dir"].to_numpy() >= td)
+                    for a, ok in zip(arms, caption_ok)
+                ]
+                rates = np.array([x.mean() for x in passed])
+                peak = int(rates.argmax())
+                x, y = passed[peak], passed[-1]
+                only_peak, only_last = int((x & ~y).sum()), int((y & ~x).sum())
+                points.append(
+                    {
+                        "clip_sim_image": round(float(ti), 4),
+                        "clip_sim_dir": round(float(td), 4),
+                        "pass_by_p": [round(float(r), 4) for r in rates],
+                        "peak_p": ps[peak],
+                        "fall": round(float(rates[peak] - rates[-1]), 4),
+                        "only_at_peak": only_peak,
+                        "only_at_largest_p": only_last,
+                        "sign_test_p": sign_test(np.array([1.0] * only_peak + [-1.0] * only_last)),
+                    }
+                )
+        return {
+            "ps": ps,
+            "grid_points": len(points),
+            "falling_share": round(float(np.mean([q["fall"] > 0 for q in points])), 4),
+            "falls_below_p_0_05": sum(q["fall"] > 0 and q["sign_test_p"] < 0.05 for q in points),
+            "largest_fall": max(points, key=lambda q: (q["fall"], -q["sign_test_p"])),
+        }
+
+    return {
+        "caption_threshold": limits["clip_sim_0"],
+        **grid(rows),
+        "by_kind": {kind: grid(group) for kind, group in with_kinds(rows).groupby("kind", sort=False)},
+    }
+
+
 def print_table(title: str, table: pd.DataFrame) -> None:
     cols = [
         "kind",
@@ -624,6 +690,16 @@ def main(argv: list[str] | None = None) -> int:
         "pairs per 1,000 UNet calls, paired tests against none and the previous p, by edit kind "
         "(`p_sweep` in the JSON, rows in world_p_sweep_samples.parquet beside --out)",
     )
+    parser.add_argument(
+        "--threshold-grid",
+        nargs=2,
+        type=_grid,
+        default=None,
+        metavar="START:STOP:STEP",
+        help="with --p-sweep or --p-sweep-from: the image-image and the direction thresholds to try (e.g. "
+        "0.5:0.86:0.025 0.1:0.6:0.025); for each pair the pass rate over p and its fall from the peak to the "
+        "largest p, with a paired test (`p_sweep.threshold_grid` in the JSON)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "world_pass_rates.json"))
     parser.add_argument(
         "--samples-out",
@@ -638,6 +714,8 @@ def main(argv: list[str] | None = None) -> int:
         ps = parse_ps(args.p_sweep) if args.p_sweep is not None else None
     except ValueError as err:
         parser.error(str(err))
+    if args.threshold_grid and not (ps or args.p_sweep_from):
+        parser.error("--threshold-grid reads a p-sweep: add --p-sweep P,P,... or --p-sweep-from PARQUET")
     if args.smoke and ps:
         args.per_kind, args.samples = 1, 2
         args.overrides = [*args.overrides, "render.steps=4"]
@@ -685,6 +763,22 @@ def main(argv: list[str] | None = None) -> int:
             rows.to_parquet(samples_out, index=False)
         sweep = result["p_sweep"] = p_sweep_summary(rows, selection)
         print_p_sweep(sweep)
+        if args.threshold_grid:
+            image, direction = (np.arange(*spec) for spec in args.threshold_grid)
+            grid = sweep["threshold_grid"] = fall_over_thresholds(rows, selection, image, direction)
+            b = grid["largest_fall"]
+            print(
+                f"threshold grid, {grid['grid_points']} (image-image, direction) pairs: the largest fall from the "
+                f"peak to p={grid['ps'][-1]:g} is {b['fall']:.1%} at {b['clip_sim_image']:.3f} / "
+                f"{b['clip_sim_dir']:.3f} (peak p={b['peak_p']:g}, {b['only_at_peak']} vs "
+                f"{b['only_at_largest_p']} samples, sign test p={b['sign_test_p']:.2g}); "
+                f"{grid['falls_below_p_0_05']} points fall at p < 0.05; by kind, points falling at p < 0.05 "
+                "(largest fall): "
+                + ", ".join(
+                    f"{k} {g['falls_below_p_0_05']} ({g['largest_fall']['fall']:.1%})"
+                    for k, g in grid["by_kind"].items()
+                )
+            )
         arms = sweep["arms"]
         print(
             "p-sweep pass rate: "

@@ -325,3 +325,45 @@ def test_world_p_sweep_rejects_a_bad_p_list(capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main(["--p-sweep", "0.9,0.1"])
     assert exit_.value.code == 2 and "error: --p-sweep '0.9,0.1'" in capsys.readouterr().err
+
+
+def test_threshold_grid_finds_where_the_p_curve_falls(tmp_path, capsys):
+    from tasks.common.config import Selection
+
+    bench = _bench("world_pass_rates")
+    selection = Selection(
+        clip_image_threshold=0.55, clip_caption_threshold=0.2, clip_direction_threshold=0.245, top_k=2
+    )
+    rows = _sweep_rows()
+    grid = bench.fall_over_thresholds(rows, selection, np.array([0.55, 0.7]), np.array([0.1, 0.245]))
+    assert grid["ps"] == [0.2, 0.8] and grid["grid_points"] == 4 and grid["caption_threshold"] == 0.2
+    # direction 0.36-0.38 at p=0.2 and 0.24-0.26 at p=0.8: at 0.245 the seed-0 samples fail only at p=0.8;
+    # image-image 0.62 / 0.68 never passes 0.7
+    assert grid["largest_fall"] == {
+        "clip_sim_image": 0.55,
+        "clip_sim_dir": 0.245,
+        "pass_by_p": [1.0, pytest.approx(4 / 6, abs=1e-4)],
+        "peak_p": 0.2,
+        "fall": pytest.approx(1 / 3, abs=1e-4),
+        "only_at_peak": 2,
+        "only_at_largest_p": 0,
+        "sign_test_p": 0.5,
+    }
+    assert grid["falling_share"] == 0.25 and grid["falls_below_p_0_05"] == 0
+    assert (
+        list(grid["by_kind"]) == ["colour"]
+        and grid["by_kind"]["colour"]["largest_fall"] == grid["largest_fall"]
+    )
+    # from stored rows on the command line
+    rows.to_parquet(tmp_path / "sweep.parquet")
+    out = tmp_path / "g.json"
+    argv = ["--p-sweep-from", str(tmp_path / "sweep.parquet"), "--threshold-grid", "0.55:0.56:0.1"]
+    assert bench.main([*argv, "0.1:0.3:0.145", "--out", str(out)]) == 0
+    assert "the largest fall from the peak to p=0.8 is 33.3% at 0.550 / 0.245" in capsys.readouterr().out
+    assert json.loads(out.read_text())["p_sweep"]["threshold_grid"]["grid_points"] == 2
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--threshold-grid", "0.5:0.9:0.1", "0.1:0.5:0.1"])
+    assert exit_.value.code == 2 and "--threshold-grid reads a p-sweep" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*argv, "0.3:0.1:0.1"])
+    assert exit_.value.code == 2 and "STOP must exceed START" in capsys.readouterr().err
