@@ -1,6 +1,6 @@
 """Train the world's small models, once, deterministically, on a CPU; write them in the libraries' formats.
 
-    python -m tasks.world.build                       # all four into tasks/world/weights/ (~17 CPU-minutes)
+    python -m tasks.world.build                       # all four into tasks/world/weights/ (~15 CPU-minutes)
     python -m tasks.world.build --out /tmp/w --scale 0.02   # a seconds-long build (tests)
 
 What is trained, in order, on scenes and edit triplets of world seed :data:`tasks.world.data.TRAIN_SEED`:
@@ -135,9 +135,9 @@ class BuildPlan:
     unet_heads: int = 8
     unet_qk_init: float = 2.0
     lm_triplets: int = 3000
-    lm_steps: int = (
-        3500  # copying the input caption into the output emerges after ~1500 steps; 3500: 80% world edits
-    )
+    # copying the input caption into the output emerges after ~1500 steps; 3500: ~80% world edits
+    # (bench/world_lm.py)
+    lm_steps: int = 3500
     lm_batch: int = 32
     lm_lr: float = 3e-3
     seed: int = 0
