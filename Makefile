@@ -41,7 +41,7 @@ demo-tiny: $(STAMP)
 config-docs: $(STAMP)
 	$(PY) -m tasks.common.config_docs > docs/config.md
 
-# Rebuild the shipped world models (deterministic; about 17 CPU-minutes).
+# Rebuild the shipped world models (deterministic; about 15 CPU-minutes).
 world-models: $(STAMP)
 	$(PY) -m tasks.world.build
 

@@ -104,7 +104,7 @@ def _world_dir(kind: str, setting: str) -> Path:
     if not folder.is_dir():
         raise ModelNotAvailableError(
             f"model preset 'world': {folder} is missing; it ships with the repository (git checkout "
-            f"tasks/world/weights), or rebuild it with `python -m tasks.world.build` (about 17 CPU-minutes), "
+            f"tasks/world/weights), or rebuild it with `python -m tasks.world.build` (about 15 CPU-minutes), "
             f"or point {setting} at a build's {kind}/ folder"
         )
     return folder

@@ -1,6 +1,6 @@
 """Train the world's small models, once, deterministically, on a CPU; write them in the libraries' formats.
 
-    python -m tasks.world.build                       # all four into tasks/world/weights/ (~17 CPU-minutes)
+    python -m tasks.world.build                       # all four into tasks/world/weights/ (~15 CPU-minutes)
     python -m tasks.world.build --out /tmp/w --scale 0.02   # a seconds-long build (tests)
 
 What is trained, in order, on scenes and edit triplets of world seed :data:`tasks.world.data.TRAIN_SEED`:
@@ -26,7 +26,8 @@ What is trained, in order, on scenes and edit triplets of world seed :data:`task
    Scheduler: Euler ancestral with those betas. Folder: ``StableDiffusionPipeline`` layout.
 4. **LM** (``lm/``): a GPT-2-sized causal LM (2 layers, width 128; rotary positions, transformers'
    ``LlamaForCausalLM``) with its own byte-level BPE, pre-trained on world triplets in the paper's
-   fine-tune format (loss on the completion) plus the project's seed triplets and world captions; the
+   fine-tune format (loss on the completion; each batch run in four parts of similar length, the vocabulary
+   head on the completions only: :func:`lm_loss`) plus the project's seed triplets and world captions; the
    pipeline's fine-tune stage then fine-tunes it on ``builtin:world`` seeds (:mod:`tasks.world.data`).
 
 Token embeddings of the two CLIP-vocabulary text towers start at zero for tokens that appear in no
@@ -134,9 +135,9 @@ class BuildPlan:
     unet_heads: int = 8
     unet_qk_init: float = 2.0
     lm_triplets: int = 3000
-    lm_steps: int = (
-        3500  # copying the input caption into the output emerges after ~1500 steps; 3500: 80% world edits
-    )
+    # copying the input caption into the output emerges after ~1500 steps; 3500: ~80% world edits
+    # (bench/world_lm.py)
+    lm_steps: int = 3500
     lm_batch: int = 32
     lm_lr: float = 3e-3
     seed: int = 0
@@ -636,6 +637,37 @@ def world_lm(vocab: int, eos: int, seed: int):
     )
 
 
+def lm_loss(model, batch: list[tuple[list[int], list[int]]], pad: int, groups: int = 4) -> float:
+    """Backpropagate the batch's mean next-token cross-entropy over the completions' tokens (the loss
+    ``LlamaForCausalLM(labels=…)`` computes) and return it. The batch runs as ``groups`` parts of texts of
+    similar length, each padded to its own longest text, and the vocabulary head runs on the scored
+    positions only; the gradient is the whole batch's, up to floating-point reassociation."""
+    order = sorted(range(len(batch)), key=lambda i: len(batch[i][0]))
+    n = len(batch)
+    parts = [[batch[i] for i in order[k * n // groups : (k + 1) * n // groups]] for k in range(groups)]
+    parts = [part for part in parts if part]
+    scored_total = sum(sum(t != -100 for t in lab[1:]) for _, lab in batch)
+    total = 0.0
+    for part in parts:
+        width = max(len(ids) for ids, _ in part)
+        ids = torch.full((len(part), width), pad)
+        labels = torch.full((len(part), width), -100)
+        mask = torch.zeros((len(part), width), dtype=torch.long)
+        for i, (row, lab) in enumerate(part):
+            ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = (
+                torch.tensor(row),
+                torch.tensor(lab),
+                1,
+            )
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        scored = target != -100
+        loss = F.cross_entropy(model.lm_head(hidden[scored]).float(), target[scored], reduction="sum")
+        (loss / scored_total).backward()
+        total += loss.item()
+    return total / scored_total
+
+
 def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -669,25 +701,14 @@ def build_lm(out: Path, plan: BuildPlan, log: Callable[[str], None]) -> dict:
     model.train()
     for step in range(plan.lm_steps):
         batch = [encoded[i] for i in torch.randint(0, len(encoded), (plan.lm_batch,), generator=gen).tolist()]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), tok.eos_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (row, lab) in enumerate(batch):
-            ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = (
-                torch.tensor(row),
-                torch.tensor(lab),
-                1,
-            )
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        loss = lm_loss(model, batch, tok.eos_token_id)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         schedule.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         if step % 100 == 0:
-            log(f"lm step {step}/{plan.lm_steps}: loss {loss.item():.3f}")
+            log(f"lm step {step}/{plan.lm_steps}: loss {loss:.3f}")
     model.eval()
     folder = out / "lm"
     folder.mkdir(parents=True, exist_ok=True)

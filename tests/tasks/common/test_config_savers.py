@@ -28,14 +28,15 @@ BEFORE_NESTING = {
     },
     # the world preset re-pinned when its models were rebuilt (world v2: the weights' sha256 enter its hashes)
     # and when its CLIP thresholds were recalibrated on v2 (0.68/0.22/0.28: render and every stage after it)
+    # and when its LM was rebuilt with the faster loss (fine-tune and every stage after it)
     "world": {
         "captions": "6526c4e3f7a17a50",
-        "finetune": "b7af449b69e71751",
-        "text": "11069c790e911227",
-        "render": "4757cae2220c73d5",
-        "judge": "f8dec378d3e10ccb",
-        "filter": "a8ec419a8c991ba0",
-        "pack": "ab2873035a15a749",
+        "finetune": "6ddd4e6ca5a960a2",
+        "text": "0231aeafb3a0ef6a",
+        "render": "3f4a048b287d772d",
+        "judge": "fd98dc0b9b3d6198",
+        "filter": "abf15393d0477f18",
+        "pack": "2155de9d611b3b40",
     },
 }
 # every saver away from its default: before nesting, render.adaptive=true render.round_size=4 ... as flat keys
@@ -52,7 +53,7 @@ EVERY_SAVER = [
 EVERY_SAVER_BEFORE = {
     "demo": ("b737221b418ac483", "59246a0bbeed3767"),  # (render, pack)
     "paper": ("e3228aaa09932911", "bc9543697c033d75"),
-    "world": ("889bd372aee3b9af", "98f39d668bdc7053"),  # world v2, thresholds 0.68/0.22/0.28 (see above)
+    "world": ("40b36eea968bd926", "4dbde841cb4ee7d4"),  # world v2, thresholds 0.68/0.22/0.28 (see above)
 }
 
 

@@ -61,3 +61,36 @@ def test_a_build_loads_through_the_model_paths(builds):
     )
     assert identity("diffusion", str(root / "a" / "diffusion")) != identity("diffusion")
     assert stage_hash(cfg, "render") != stage_hash(load_config("world"), "render")
+
+
+def test_the_lm_loss_in_parts_is_the_whole_batch_loss_of_transformers():
+    """lm_loss (parts of similar length, the head on the completions only) against LlamaForCausalLM's own
+    loss on the batch padded as a whole: the same value and the same gradient."""
+    import torch
+
+    from tasks.world.build import lm_loss, world_lm
+
+    model = world_lm(vocab=64, eos=0, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(11):  # not a multiple of the parts
+        prompt, completion = (torch.randint(0, 20, (2,), generator=gen) + torch.tensor([0, 1])).tolist()
+        ids = torch.randint(1, 64, (prompt + completion,), generator=gen).tolist()
+        batch.append((ids, [-100] * prompt + ids[prompt:]))
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (row, lab) in enumerate(batch):
+        ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = (
+            torch.tensor(row),
+            torch.tensor(lab),
+            1,
+        )
+    reference = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    assert lm_loss(model, batch, pad=0, groups=4) == pytest.approx(reference.item(), rel=1e-6)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-5, atol=1e-7, msg=name)
