@@ -25,7 +25,7 @@ def test_the_shipped_world_lm_writes_world_edits(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["captions"] == 20 and sum(result["kinds"].values()) == 20
     # most completions are one world edit (the build's LM: 81.5% of 400 captions of world seed 3)
-    assert result["world_edits"] >= 0.6, result["kinds"]
+    assert result["world_edits"] > 0.5, result["kinds"]
     assert result["accepted"] >= result["world_edits"]
     assert "world LM, 20 captions of world seed 3: " in capsys.readouterr().out
 
