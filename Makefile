@@ -93,6 +93,7 @@ bench-fanout: $(STAMP)
 bench-world: $(STAMP)
 	$(PY) bench/world_pass_rates.py
 	$(PY) bench/review_world.py
+	$(PY) bench/world_lm.py
 
 # Kill every stage at 20 seeded points, resume, compare every output byte (bench/reliability.py).
 reliability: $(STAMP)
