@@ -7,7 +7,7 @@
 The LM as the build writes it (before the pipeline's short fine-tune), sampled as the text stage samples
 it (:func:`tasks.text.local_backend.generate`, the `world` preset's temperature, top_p, frequency penalty
 and max_new_tokens) on captions of a world seed the build does not train on; each completion parsed and
-validated as the text stage does (:mod:`tasks.text.format`) and the accepted ones classified by
+validated as the text stage does (:func:`tasks.text.format.triplet_row`) and the accepted ones classified by
 :func:`tasks.world.grammar.edit_kind`. ``world_edits`` is the share of all captions whose completion is
 accepted and is exactly one world edit (colour, add, remove, background, style): what a build change
 must keep.
@@ -31,10 +31,8 @@ from tasks.common.config import load_config  # noqa: E402
 
 
 def measure(lm_path: str | None, captions: int, world_seed: int, seed: int, batch: int) -> dict:
-    import torch
-
     from tasks.common.models import load_lm
-    from tasks.text.format import parse_completion, validate_triplet
+    from tasks.text.format import triplet_row
     from tasks.text.local_backend import generate
     from tasks.world.edits import EDIT_KINDS
     from tasks.world.grammar import edit_kind
@@ -45,23 +43,22 @@ def measure(lm_path: str | None, captions: int, world_seed: int, seed: int, batc
     model.eval()
     texts = [caption(sample_scene(world_seed, i)) for i in range(captions)]
     kinds: Counter = Counter()
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch):
-            chunk = texts[start : start + batch]
-            completions = generate(
-                model,
-                tokenizer,
-                chunk,
-                temperature=t.temperature,
-                top_p=t.top_p,
-                frequency_penalty=t.frequency_penalty,
-                max_new_tokens=t.max_new_tokens,
-                seed=seed + start,
-            )
-            for text, completion in zip(chunk, completions):
-                parsed = parse_completion(completion)
-                reason = parsed.reject_reason or validate_triplet(text, parsed.edit, parsed.output)
-                kinds[f"rejected: {reason}" if reason else edit_kind(text, parsed.output)] += 1
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        completions = generate(
+            model,
+            tokenizer,
+            chunk,
+            temperature=t.temperature,
+            top_p=t.top_p,
+            frequency_penalty=t.frequency_penalty,
+            max_new_tokens=t.max_new_tokens,
+            seed=seed + start,
+        )
+        for i, (text, completion) in enumerate(zip(chunk, completions), start):
+            row = triplet_row(str(i), text, completion, "world", t.max_edit_words)
+            reason = row["reject_reason"]
+            kinds[f"rejected: {reason}" if reason else edit_kind(text, row["output"])] += 1
     world = sum(kinds[k] for k in EDIT_KINDS)
     accepted = sum(v for k, v in kinds.items() if not k.startswith("rejected"))
     return {
